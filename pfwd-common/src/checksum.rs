@@ -1,0 +1,190 @@
+//! Internet checksum arithmetic (RFC 1071) and incremental updates (RFC 1624).
+//!
+//! The TC programs use the kernel's `bpf_l4_csum_replace` for L4 checksums (it knows about partial checksums from
+//! local sockets), but fix the IPv4 header checksum themselves with [`replace_u32`], and XDP has no checksum helpers
+//! at all. Userspace tests check these functions against full recomputation.
+
+/// Folds a 32-bit one's-complement accumulator into 16 bits.
+#[inline(always)]
+pub const fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// One's-complement sum of `data` read as big-endian 16-bit words (odd trailing byte padded with zero), added to
+/// `initial`. Not folded and not complemented.
+pub fn sum_bytes(initial: u32, data: &[u8]) -> u32 {
+    let mut sum = initial as u64;
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u16::from_be_bytes([c[0], c[1]]) as u64;
+    }
+    if let [last] = chunks.remainder() {
+        sum += (*last as u64) << 8;
+    }
+    while sum >> 32 != 0 {
+        sum = (sum & 0xffff_ffff) + (sum >> 32);
+    }
+    sum as u32
+}
+
+/// The full Internet checksum of `data` (as stored in a header: complemented, big-endian value).
+pub fn checksum(data: &[u8]) -> u16 {
+    !fold(sum_bytes(0, data))
+}
+
+/// RFC 1624 eqn. 3: the new checksum `HC' = ~(~HC + ~m + m')` after a 16-bit word changes from `old` to `new`.
+/// All values are the big-endian numeric values of the fields.
+#[inline(always)]
+pub const fn replace_u16(check: u16, old: u16, new: u16) -> u16 {
+    let sum = (!check as u32) + (!old as u32 & 0xffff) + new as u32;
+    !fold(sum)
+}
+
+/// The new checksum after a 32-bit field (an IPv4 address) changes from `old` to `new` (big-endian numeric values).
+#[inline(always)]
+pub const fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
+    let sum = (!check as u32)
+        + (!(old >> 16) & 0xffff)
+        + (!old & 0xffff)
+        + (new >> 16)
+        + (new & 0xffff);
+    !fold(sum)
+}
+
+/// UDP over IPv4: a transmitted checksum of 0 means "no checksum"; a computed 0 is sent as 0xffff (RFC 768).
+/// Applies to a checksum that was updated incrementally: keep 0 when it was 0, and never produce 0 otherwise.
+#[inline(always)]
+pub const fn udp_replace_u32(check: u16, old: u32, new: u32) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match replace_u32(check, old, new) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+/// As [`udp_replace_u32`] for a 16-bit field (a port).
+#[inline(always)]
+pub const fn udp_replace_u16(check: u16, old: u16, new: u16) -> u16 {
+    if check == 0 {
+        return 0;
+    }
+    match replace_u16(check, old, new) {
+        0 => 0xffff,
+        c => c,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use etherparse::{Ipv4Header, PacketBuilder};
+    use std::vec::Vec;
+
+    /// Tiny deterministic PRNG so the property tests need no extra crate and are reproducible.
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    fn ipv4_header(rng: &mut XorShift) -> Ipv4Header {
+        let mut h = Ipv4Header::new(
+            (rng.next() % 1400) as u16,
+            (rng.next() % 255 + 1) as u8,
+            etherparse::IpNumber::TCP,
+            (rng.next() as u32).to_be_bytes(),
+            (rng.next() as u32).to_be_bytes(),
+        )
+        .unwrap();
+        h.identification = rng.next() as u16;
+        h.header_checksum = h.calc_header_checksum();
+        h
+    }
+
+    #[test]
+    fn full_checksum_matches_etherparse() {
+        let mut rng = XorShift(0x1234_5678_9abc_def1);
+        for _ in 0..2000 {
+            let h = ipv4_header(&mut rng);
+            let mut bytes = h.to_bytes().to_vec();
+            bytes[10] = 0;
+            bytes[11] = 0;
+            assert_eq!(checksum(&bytes), h.calc_header_checksum());
+        }
+    }
+
+    #[test]
+    fn incremental_address_update_equals_recomputation() {
+        let mut rng = XorShift(42);
+        for _ in 0..20_000 {
+            let mut h = ipv4_header(&mut rng);
+            let old = u32::from_be_bytes(h.destination);
+            // Include the edge values that break naive implementations (0, all ones, equal halves).
+            let new = match rng.next() % 4 {
+                0 => 0,
+                1 => u32::MAX,
+                2 => old,
+                _ => rng.next() as u32,
+            };
+            let updated = replace_u32(h.header_checksum, old, new);
+            h.destination = new.to_be_bytes();
+            assert_eq!(updated, h.calc_header_checksum(), "old {old:#x} new {new:#x}");
+        }
+    }
+
+    #[test]
+    fn incremental_port_update_equals_recomputation_for_tcp_and_udp() {
+        let mut rng = XorShift(7);
+        for i in 0..5_000 {
+            let src = (rng.next() as u32).to_be_bytes();
+            let dst = (rng.next() as u32).to_be_bytes();
+            let (sport, dport, new_port) = (rng.next() as u16, rng.next() as u16, rng.next() as u16);
+            let new_dst = (rng.next() as u32).to_be_bytes();
+            let payload: Vec<u8> = (0..(i % 37)).map(|_| rng.next() as u8).collect();
+            let build = |d: [u8; 4], dp: u16, udp: bool| {
+                let b = PacketBuilder::ipv4(src, d, 64);
+                let mut out = Vec::new();
+                if udp {
+                    b.udp(sport, dp).write(&mut out, &payload).unwrap();
+                } else {
+                    b.tcp(sport, dp, 1, 1000).write(&mut out, &payload).unwrap();
+                }
+                out
+            };
+            for udp in [false, true] {
+                let before = build(dst, dport, udp);
+                let after = build(new_dst, new_port, udp);
+                let off = if udp { 20 + 6 } else { 20 + 16 };
+                let check = u16::from_be_bytes([before[off], before[off + 1]]);
+                let expect = u16::from_be_bytes([after[off], after[off + 1]]);
+                let (a, b) = (u32::from_be_bytes(dst), u32::from_be_bytes(new_dst));
+                let got = if udp {
+                    udp_replace_u16(udp_replace_u32(check, a, b), dport, new_port)
+                } else {
+                    replace_u16(replace_u32(check, a, b), dport, new_port)
+                };
+                // 0x0000 and 0xffff are the same one's-complement value; TCP may legitimately produce either.
+                if udp {
+                    assert_eq!(got, expect);
+                } else {
+                    assert!(got == expect || (got ^ expect) == 0xffff && (got == 0 || expect == 0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn udp_zero_checksum_stays_zero() {
+        assert_eq!(udp_replace_u32(0, 0x0a000001, 0x7f000001), 0);
+        assert_eq!(udp_replace_u16(0, 80, 3000), 0);
+    }
+}

@@ -1,0 +1,313 @@
+//! BPF map names, keys and values. Both sides use these definitions, so the layout is defined exactly once.
+
+/// Map names as they appear in the object file and under the pin directory.
+pub mod names {
+    pub const RULES: &str = "PFWD_RULES";
+    pub const BUCKETS: &str = "PFWD_BUCKETS";
+    pub const CONNTRACK: &str = "PFWD_CT";
+    pub const RULE_COUNTERS: &str = "PFWD_RULE_CNT";
+    pub const STATS: &str = "PFWD_STATS";
+    pub const IFACES: &str = "PFWD_IFACES";
+    pub const CONFIG: &str = "PFWD_CONFIG";
+}
+
+/// Rule slots in the rules array (rule bodies are addressed by slot; the user-facing id is stored inside).
+pub const MAX_RULES: u32 = 16_384;
+/// Rules sharing one bucket (same interface, protocol and destination port). Checked in one bounded loop.
+pub const BUCKET_SLOTS: usize = 8;
+/// (interface, protocol, port) buckets. Port ranges are expanded into one bucket per port.
+pub const MAX_BUCKETS: u32 = 262_144;
+/// Default conntrack size: two entries per flow, so this holds 256k concurrent flows.
+pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
+pub const MAX_IFACES: u32 = 256;
+
+pub const PROTO_ANY: u8 = 0;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// What a rule does to the first packet of a flow.
+pub mod kind {
+    /// Rewrite the destination to `to_addr[:to_port]`.
+    pub const DNAT: u8 = 1;
+    /// Rewrite the destination to the incoming interface's primary address and `to_port`.
+    pub const REDIRECT: u8 = 2;
+}
+
+/// Bucket levels: which of (interface, protocol, port) a bucket key fixes. A packet is looked up at every level that
+/// has rules (`Config::level_mask`), and the matching rule with the lowest rank wins, so precedence is decided by
+/// userspace alone (the same order the iptables export uses).
+pub mod level {
+    pub const IF_PROTO_PORT: u32 = 1 << 0;
+    pub const PROTO_PORT: u32 = 1 << 1;
+    pub const IF_PROTO: u32 = 1 << 2;
+    pub const PROTO: u32 = 1 << 3;
+    pub const IF: u32 = 1 << 4;
+    pub const ANY: u32 = 1 << 5;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BucketKey {
+    /// 0 = any interface.
+    pub ifindex: u32,
+    /// 0 = any port.
+    pub dport: u16,
+    /// 0 = any protocol.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    pub len: u32,
+    /// Rule slots (indices into the rules array); the first `len` are valid.
+    pub slots: [u32; BUCKET_SLOTS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleEntry {
+    /// Precedence: among matching rules the lowest rank wins.
+    pub rank: u32,
+    /// The user-facing rule id (`pfwd list`).
+    pub id: u32,
+    /// Source and destination filters, network order; a zero mask matches everything.
+    pub src_net: u32,
+    pub src_mask: u32,
+    pub dst_net: u32,
+    pub dst_mask: u32,
+    /// DNAT target address, network order (unused by REDIRECT).
+    pub to_addr: u32,
+    /// Target port; 0 keeps the original port.
+    pub to_port: u16,
+    pub kind: u8,
+    /// Rule protocol (PROTO_ANY matches every protocol).
+    pub proto: u8,
+    /// 0 = any interface.
+    pub ifindex: u32,
+}
+
+/// Per-rule counters (a per-CPU array indexed by rule slot; userspace sums the CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounters {
+    /// Packets translated by this rule, both directions.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Flows (connections) this rule created.
+    pub flows: u64,
+}
+
+/// Global counters (per-CPU array), indexed by these constants.
+pub mod stat {
+    /// Packets of a known flow translated.
+    pub const XLATED: u32 = 0;
+    /// New flows created.
+    pub const NEW_FLOWS: u32 = 1;
+    /// IPv4 fragments passed untranslated (ports are unknown in them).
+    pub const FRAGMENTS: u32 = 2;
+    /// Truncated or malformed IPv4/L4 headers passed untouched.
+    pub const MALFORMED: u32 = 3;
+    /// REDIRECT on an interface without an IPv4 address: dropped, as iptables does.
+    pub const NO_IFACE_ADDR: u32 = 4;
+    /// Conntrack insert failed (new flow passed untranslated).
+    pub const CT_INSERT_FAILED: u32 = 5;
+    /// Replies of expired flows dropped instead of leaking the internal address.
+    pub const EXPIRED_REPLY_DROPS: u32 = 6;
+    pub const COUNT: u32 = 8;
+    pub const NAMES: [&str; COUNT as usize] = [
+        "translated_packets",
+        "new_flows",
+        "fragments_passed",
+        "malformed_passed",
+        "redirect_no_address_drops",
+        "conntrack_insert_failed",
+        "expired_reply_drops",
+        "reserved",
+    ];
+}
+
+/// One attached interface. The programs only translate on interfaces present in this map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceInfo {
+    /// Primary IPv4 address (network order), used by REDIRECT; 0 when the interface has none.
+    pub addr: u32,
+    pub flags: u32,
+}
+
+/// `Config::flags` bits.
+pub mod config_flag {
+    /// Emit a log event for every new flow and every drop (set by `pfwd run`, which has a reader).
+    pub const LOG_EVENTS: u32 = 1 << 0;
+    /// Also log every translated packet (very verbose; `pfwd run --trace`).
+    pub const LOG_PACKETS: u32 = 1 << 1;
+}
+
+/// Single-entry array holding the instance's settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Which bucket levels hold rules (see [`level`]).
+    pub level_mask: u32,
+    pub flags: u32,
+    /// Idle timeouts, in seconds.
+    pub tcp_syn_timeout: u32,
+    pub tcp_established_timeout: u32,
+    pub tcp_close_timeout: u32,
+    pub udp_timeout: u32,
+    pub other_timeout: u32,
+    pub _pad: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            level_mask: 0,
+            flags: 0,
+            tcp_syn_timeout: 60,
+            tcp_established_timeout: 6 * 3600,
+            tcp_close_timeout: 10,
+            udp_timeout: 60,
+            other_timeout: 30,
+            _pad: 0,
+        }
+    }
+}
+
+/// A flow tuple. Addresses network order, ports host order. For protocols without ports, ports are 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl Tuple {
+    /// The same flow seen from the other end.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Tuple {
+        Tuple {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Conntrack entry direction.
+pub mod dir {
+    /// Keyed by the tuple as it arrived (before translation); applied at ingress.
+    pub const ORIGINAL: u8 = 0;
+    /// Keyed by the reply tuple as the backend sends it; applied at egress.
+    pub const REPLY: u8 = 1;
+}
+
+/// Conntrack state bits (kept identical in both entries of a flow).
+pub mod ct_state {
+    pub const SEEN_REPLY: u8 = 1 << 0;
+    pub const FIN_ORIGINAL: u8 = 1 << 1;
+    pub const FIN_REPLY: u8 = 1 << 2;
+    pub const RST: u8 = 1 << 3;
+}
+
+/// A conntrack entry: the packet whose tuple equals the key is rewritten to `xlat`. The other direction's key is
+/// `xlat.reversed()`, so the pair can refresh each other without storing a back-pointer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    pub xlat: Tuple,
+    /// Rule slot that created the flow (for counters).
+    pub rule_slot: u32,
+    pub dir: u8,
+    pub state: u8,
+    pub _pad: u16,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of creation and of the last packet (refreshed at most once a second).
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+}
+
+impl CtEntry {
+    /// Idle timeout for this entry's protocol and state, in nanoseconds.
+    #[inline(always)]
+    pub fn timeout_ns(&self, cfg: &Config) -> u64 {
+        let secs = match self.xlat.proto {
+            PROTO_TCP => {
+                let closed = self.state & ct_state::RST != 0
+                    || self.state & (ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY)
+                        == (ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY);
+                if closed {
+                    cfg.tcp_close_timeout
+                } else if self.state & ct_state::SEEN_REPLY == 0 {
+                    cfg.tcp_syn_timeout
+                } else {
+                    cfg.tcp_established_timeout
+                }
+            }
+            PROTO_UDP => cfg.udp_timeout,
+            _ => cfg.other_timeout,
+        };
+        secs as u64 * 1_000_000_000
+    }
+
+    #[inline(always)]
+    pub fn expired(&self, now_ns: u64, cfg: &Config) -> bool {
+        now_ns.wrapping_sub(self.last_seen_ns) > self.timeout_ns(cfg)
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] plain integers with explicit padding fields, so every byte pattern is valid.
+    unsafe impl aya::Pod for BucketKey {}
+    unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for RuleEntry {}
+    unsafe impl aya::Pod for RuleCounters {}
+    unsafe impl aya::Pod for IfaceInfo {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Tuple {}
+    unsafe impl aya::Pod for CtEntry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<BucketKey>(), 8);
+        assert_eq!(size_of::<Bucket>(), 4 + 4 * BUCKET_SLOTS);
+        assert_eq!(size_of::<RuleEntry>(), 36);
+        assert_eq!(size_of::<Tuple>(), 16);
+        assert_eq!(size_of::<CtEntry>(), 40);
+        assert_eq!(size_of::<Config>(), 32);
+    }
+
+    #[test]
+    fn tcp_timeouts_follow_state() {
+        let cfg = Config::default();
+        let mut e = CtEntry { xlat: Tuple { proto: PROTO_TCP, ..Default::default() }, ..Default::default() };
+        assert_eq!(e.timeout_ns(&cfg), 60_000_000_000);
+        e.state = ct_state::SEEN_REPLY;
+        assert_eq!(e.timeout_ns(&cfg), 6 * 3600 * 1_000_000_000);
+        e.state |= ct_state::FIN_ORIGINAL;
+        assert_eq!(e.timeout_ns(&cfg), 6 * 3600 * 1_000_000_000, "half-close keeps the flow");
+        e.state |= ct_state::FIN_REPLY;
+        assert_eq!(e.timeout_ns(&cfg), 10_000_000_000);
+        e.state = ct_state::SEEN_REPLY | ct_state::RST;
+        assert_eq!(e.timeout_ns(&cfg), 10_000_000_000);
+        assert!(e.expired(e.last_seen_ns + 10_000_000_001, &cfg));
+        assert!(!e.expired(e.last_seen_ns + 9_000_000_000, &cfg));
+    }
+}
