@@ -45,11 +45,7 @@ pub const fn replace_u16(check: u16, old: u16, new: u16) -> u16 {
 /// The new checksum after a 32-bit field (an IPv4 address) changes from `old` to `new` (big-endian numeric values).
 #[inline(always)]
 pub const fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
-    let sum = (!check as u32)
-        + (!(old >> 16) & 0xffff)
-        + (!old & 0xffff)
-        + (new >> 16)
-        + (new & 0xffff);
+    let sum = (!check as u32) + (!(old >> 16) & 0xffff) + (!old & 0xffff) + (new >> 16) + (new & 0xffff);
     !fold(sum)
 }
 

@@ -1,0 +1,52 @@
+//! The instance's BPF maps. All are pinned by name, so every pfwd command (and every program load) of one network
+//! namespace shares them through bpffs.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use pfwd_common::{
+    Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, IfaceInfo, MAX_BUCKETS, MAX_IFACES, MAX_RULES,
+    RuleCounters, RuleEntry, Tuple, stat,
+};
+
+#[map(name = "PFWD_RULES")]
+pub static RULES: Array<RuleEntry> = Array::pinned(MAX_RULES, 0);
+
+#[map(name = "PFWD_BUCKETS")]
+pub static BUCKETS: HashMap<BucketKey, Bucket> = HashMap::pinned(MAX_BUCKETS, 0);
+
+#[map(name = "PFWD_CT")]
+pub static CONNTRACK: LruHashMap<Tuple, CtEntry> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);
+
+#[map(name = "PFWD_RULE_CNT")]
+pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::pinned(MAX_RULES, 0);
+
+#[map(name = "PFWD_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+
+#[map(name = "PFWD_IFACES")]
+pub static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(MAX_IFACES, 0);
+
+#[map(name = "PFWD_CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[inline(always)]
+pub fn count(stat: u32) {
+    if let Some(v) = STATS.get_ptr_mut(stat) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { *v += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_rule(slot: u32, bytes: u32, new_flow: bool) {
+    if let Some(c) = RULE_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: as above.
+        let c = unsafe { &mut *c };
+        c.packets += 1;
+        c.bytes += bytes as u64;
+        if new_flow {
+            c.flows += 1;
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! Command-line interface: argument parsing (clap), and human or JSON output of each command.
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+use pfwd_common::config_flag;
+use serde_json::Value;
+
+use crate::{
+    control::{self, AttachOptions, Mode},
+    loader::Kernel,
+    rules::{self, PortRange, Proto, Rule, Target},
+};
+
+const ABOUT: &str = "Port forwarding and NAT in eBPF, driven like `iptables -t nat`.";
+const LONG_ABOUT: &str = "\
+Port forwarding and NAT in eBPF, driven like `iptables -t nat`.
+
+pfwd attaches small TC (tcx) programs to network interfaces. They translate the first packet of each flow by the
+best matching rule, remember the translation in a BPF connection-tracking table, and translate the rest of the flow
+and its replies. The programs stay attached after pfwd exits; state is pinned per network namespace.
+
+Typical use:
+  pfwd attach eth0                                              # load and attach
+  pfwd add redirect -p tcp --dport 80 --to-port 3000            # iptables ... -j REDIRECT --to-port 3000
+  pfwd add dnat -i eth0 -p tcp --dport 3306 --to 127.0.0.1:3306 # DNAT to a loopback-only service
+  pfwd add dnat -p tcp --dport 8000-8099 --to 10.0.2.2          # forward a port range, keeping the port
+  pfwd status                                                   # rules with counters, conntrack
+  pfwd detach                                                   # remove everything, restore sysctls
+
+When several rules match, the most specific wins (port, then protocol, interface, source prefix, destination
+prefix, then the older rule); `pfwd list` shows rules in that order's ids.";
+
+#[derive(Parser)]
+#[command(name = "pfwd", version, about = ABOUT, long_about = LONG_ABOUT)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load pfwd in this network namespace and attach it to interfaces (keeps working after pfwd exits).
+    Attach(AttachArgs),
+    /// Like attach, but stay in the foreground: stream new flows, drops and counters; detach on Ctrl-C/SIGTERM.
+    Run(RunArgs),
+    /// Add a rule.
+    #[command(subcommand)]
+    Add(AddCmd),
+    /// Delete a rule by id (see `pfwd list`). Flows already translated keep going until they end.
+    Del {
+        /// Rule id.
+        id: u32,
+    },
+    /// List the rules.
+    List {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show mode, interfaces, rules with counters, conntrack and the sysctls pfwd changed.
+    Status {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every program, pin and setting pfwd made in this namespace; restore changed sysctls.
+    Detach,
+}
+
+#[derive(Args)]
+struct AttachArgs {
+    /// Interfaces to attach to (TC ingress and egress).
+    #[arg(required = true, value_name = "IFACE")]
+    ifaces: Vec<String>,
+    /// TOML file of rules to add (see README: [[rule]] tables with kind, iface, proto, src, dst, dport, to, to_port).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data path to use.
+    #[arg(long, value_enum, default_value = "ebpf")]
+    mode: Mode,
+    /// Connection-tracking capacity in entries (two per flow); used when the instance is first created.
+    #[arg(long, value_name = "ENTRIES", default_value_t = pfwd_common::DEFAULT_CT_ENTRIES)]
+    ct_size: u32,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    attach: AttachArgs,
+    /// Also log every translated packet (verbose; slows the data path).
+    #[arg(long)]
+    trace: bool,
+    /// Seconds between counter lines.
+    #[arg(long, default_value_t = 5, value_name = "SECS")]
+    interval: u64,
+}
+
+#[derive(Subcommand)]
+enum AddCmd {
+    /// Rewrite the destination (iptables -t nat -A PREROUTING ... -j DNAT --to-destination ADDR[:PORT]).
+    Dnat {
+        #[command(flatten)]
+        m: MatchArgs,
+        /// New destination: ADDR keeps the port, ADDR:PORT also rewrites it (needs -p).
+        #[arg(long, alias = "to-destination", value_name = "ADDR[:PORT]", value_parser = parse_to)]
+        to: (Ipv4Addr, Option<u16>),
+    },
+    /// Send to this machine, on the incoming interface's address (iptables ... -j REDIRECT --to-ports PORT).
+    Redirect {
+        #[command(flatten)]
+        m: MatchArgs,
+        /// New destination port.
+        #[arg(long, alias = "to-ports", value_name = "PORT", value_parser = rules::parse_port)]
+        to_port: u16,
+    },
+}
+
+#[derive(Args)]
+struct MatchArgs {
+    /// Only packets arriving on this (attached) interface.
+    #[arg(short = 'i', long = "in-interface", value_name = "IFACE")]
+    iface: Option<String>,
+    /// Only this protocol (required with --dport, redirect and --to ADDR:PORT). Omit to match all protocols.
+    #[arg(short = 'p', long = "protocol", value_name = "tcp|udp")]
+    proto: Option<Proto>,
+    /// Only from this source address or CIDR.
+    #[arg(short = 's', long = "source", value_name = "CIDR", value_parser = rules::parse_cidr)]
+    src: Option<Ipv4Net>,
+    /// Only to this destination address or CIDR.
+    #[arg(short = 'd', long = "destination", value_name = "ADDR[/LEN]", value_parser = rules::parse_cidr)]
+    dst: Option<Ipv4Net>,
+    /// Only to this destination port or range (PORT or LO-HI).
+    #[arg(long, alias = "destination-port", value_name = "PORT[-PORT]")]
+    dport: Option<PortRange>,
+}
+
+fn parse_to(s: &str) -> Result<(Ipv4Addr, Option<u16>), String> {
+    rules::parse_to(s).map_err(|e| e.to_string())
+}
+
+impl MatchArgs {
+    fn into_rule(self, target: Target) -> Rule {
+        let mut r = Rule {
+            id: 0,
+            iface: self.iface,
+            proto: self.proto,
+            src: self.src,
+            dst: self.dst,
+            dport: self.dport,
+            target,
+        };
+        r.normalize();
+        r
+    }
+}
+
+fn read_config(path: &Option<PathBuf>) -> Result<Vec<Rule>> {
+    let Some(path) = path else { return Ok(vec![]) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    rules::parse_config(&text).with_context(|| format!("in config {}", path.display()))
+}
+
+fn attach_opts(a: &AttachArgs) -> AttachOptions {
+    AttachOptions { mode: a.mode, ct_entries: a.ct_size, ..Default::default() }
+}
+
+fn print_notes(notes: &[String]) {
+    for n in notes {
+        println!("{n}");
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pfwd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Attach(a) => {
+            let rules = read_config(&a.config)?;
+            print_notes(&control::attach(&a.ifaces, rules, &attach_opts(&a))?);
+        }
+        Cmd::Run(r) => run_foreground(r)?,
+        Cmd::Add(add) => {
+            let rule = match add {
+                AddCmd::Dnat { m, to: (addr, port) } => m.into_rule(Target::Dnat { addr, port }),
+                AddCmd::Redirect { m, to_port } => m.into_rule(Target::Redirect { port: to_port }),
+            };
+            let (id, notes) = control::add(rule)?;
+            println!("{id}");
+            for n in notes {
+                eprintln!("pfwd: {n}");
+            }
+        }
+        Cmd::Del { id } => {
+            let (rule, notes) = control::del(id)?;
+            println!("deleted rule {id}: {rule}");
+            print_notes(&notes);
+        }
+        Cmd::List { json } => {
+            let rules = control::list()?;
+            if json {
+                let v: Vec<Value> = rules.iter().map(|r| control::rule_json(r, None)).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if rules.is_empty() {
+                println!("no rules");
+            } else {
+                for r in &rules {
+                    println!("{:>4}  {r}", r.id);
+                }
+            }
+        }
+        Cmd::Status { json } => {
+            let s = control::status()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+        }
+        Cmd::Detach => print_notes(&control::detach()?),
+    }
+    Ok(())
+}
+
+fn print_status(s: &Value) {
+    if s["attached"] != true {
+        println!("pfwd is not attached in this network namespace");
+        return;
+    }
+    let ifaces: Vec<String> = s["interfaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| format!("{} ({})", i["name"].as_str().unwrap_or("?"), i["address"].as_str().unwrap_or("no IPv4")))
+        .collect();
+    println!("mode:       {} ({})", s["mode"].as_str().unwrap_or("?"), s["mode_reason"].as_str().unwrap_or(""));
+    println!("interfaces: {}", ifaces.join(", "));
+    let rules = s["rules"].as_array().cloned().unwrap_or_default();
+    if rules.is_empty() {
+        println!("rules:      none (add one with `pfwd add dnat|redirect ...`)");
+    } else {
+        println!("rules:");
+        println!("  {:>4}  {:>7}  {:>9}  {:>11}  RULE", "ID", "FLOWS", "PACKETS", "BYTES");
+        for r in &rules {
+            println!(
+                "  {:>4}  {:>7}  {:>9}  {:>11}  {}",
+                r["id"],
+                r["flows"],
+                r["packets"],
+                r["bytes"],
+                r["text"].as_str().unwrap_or("")
+            );
+        }
+    }
+    let ct = &s["conntrack"];
+    println!("conntrack:  {} live entries ({} flows), capacity {} entries", ct["entries"], ct["flows"], ct["capacity"]);
+    let stats: Vec<String> = s["stats"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| v.as_u64() != Some(0))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !stats.is_empty() {
+        println!("counters:   {}", stats.join(" "));
+    }
+    for c in s["sysctls"].as_array().into_iter().flatten() {
+        println!(
+            "sysctl:     {} (was {}): {}",
+            c["key"].as_str().unwrap_or("").replace('/', "."),
+            c["previous"].as_str().unwrap_or(""),
+            c["reason"].as_str().unwrap_or("")
+        );
+    }
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// `pfwd run`: attach, stream log events and counters, detach on Ctrl-C or SIGTERM.
+fn run_foreground(r: RunArgs) -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
+    if control::status()?["attached"] == true {
+        anyhow::bail!("pfwd is already attached in this network namespace (see `pfwd status`); `pfwd detach` first");
+    }
+    let rules = read_config(&r.attach.config)?;
+    for n in control::attach(&r.attach.ifaces, rules, &attach_opts(&r.attach))? {
+        log::info!("{n}");
+    }
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let result = stream(&r);
+    for n in control::detach()? {
+        log::info!("{n}");
+    }
+    result
+}
+
+fn stream(r: &RunArgs) -> Result<()> {
+    let flags = config_flag::LOG_EVENTS | if r.trace { config_flag::LOG_PACKETS } else { 0 };
+    control::set_flags(flags)?;
+    let inst = crate::instance::Instance::current()?;
+    let mut logger = aya_log::EbpfLogger::init_from_id(Kernel::new(&inst).ingress_program_id()?)
+        .context("opening the programs' log ring buffer")?;
+    log::info!("streaming events; Ctrl-C detaches and restores everything");
+    let interval = Duration::from_secs(r.interval.max(1));
+    let mut last = Instant::now();
+    while !STOP.load(Ordering::SeqCst) {
+        let mut fds = [libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&logger), events: libc::POLLIN, revents: 0 }];
+        // SAFETY: one valid pollfd; EINTR (our signal) just ends the wait.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 500) };
+        logger.flush();
+        if last.elapsed() >= interval {
+            last = Instant::now();
+            let s = control::status()?;
+            let per_rule: Vec<String> = s["rules"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| format!("#{}: {} flows {} pkts", x["id"], x["flows"], x["packets"]))
+                .collect();
+            log::info!("conntrack {} flows | {}", s["conntrack"]["flows"], per_rule.join(" | "));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! pfwd: port forwarding and NAT for Linux in eBPF, driven like `iptables -t nat`.
+//!
+//! One module per job: [`rules`] (the rule model, syntaxes, precedence, compilation to map data), [`loader`] (the
+//! eBPF programs and their maps), [`instance`] and [`state`] (where an instance lives and what it remembers),
+//! [`sysctl`] and [`netif`] (the system settings and interface facts it depends on), [`control`] (the operations
+//! behind each command) and [`cli`] (argument parsing and output).
+pub mod cli;
+pub mod control;
+pub mod instance;
+pub mod loader;
+pub mod netif;
+pub mod rules;
+pub mod state;
+pub mod sysctl;

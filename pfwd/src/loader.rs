@@ -1,0 +1,242 @@
+//! The eBPF side of an instance: loading the embedded programs, pinning them with their maps, attaching them to
+//! interfaces with tcx links (pinned, so they keep working after pfwd exits), filling the maps from the rules and
+//! reading counters and conntrack back.
+//!
+//! Pin layout under the instance's pin directory: one file per map (by map name), `prog_ingress`, `prog_egress`,
+//! and `link_<iface>_<ingress|egress>` per attached interface.
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
+    },
+    util::nr_cpus,
+};
+use pfwd_common::{Bucket, BucketKey, Config, CtEntry, IfaceInfo, RuleCounters, RuleEntry, Tuple, names, stat};
+
+use crate::{instance::Instance, rules, state::StoredRule};
+
+/// The compiled eBPF object, embedded so the binary is self-contained.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pfwd"));
+
+const PROGRAMS: [(&str, TcAttachType, &str); 2] =
+    [("pfwd_ingress", TcAttachType::Ingress, "ingress"), ("pfwd_egress", TcAttachType::Egress, "egress")];
+
+/// Handle on the pinned state of one instance.
+pub struct Kernel {
+    dir: PathBuf,
+}
+
+impl Kernel {
+    pub fn new(inst: &Instance) -> Self {
+        Self::at(inst.pin_dir.clone())
+    }
+
+    /// A handle on pins in `dir` (tests use a private directory).
+    pub fn at(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        self.dir.join("prog_ingress").exists()
+    }
+
+    /// Loads the programs and creates (pins) the maps, with `ct_entries` conntrack slots.
+    pub fn load(&self, ct_entries: u32, cfg: &Config) -> Result<()> {
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&self.dir)
+            .map_max_entries(names::CONNTRACK, ct_entries)
+            .load(OBJECT)
+            .context("loading the eBPF object (maps)")?;
+        for (name, _, dir) in PROGRAMS {
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
+            prog.load().with_context(|| format!("loading the {name} program (verifier)"))?;
+            prog.pin(self.dir.join(format!("prog_{dir}"))).with_context(|| format!("pinning {name}"))?;
+        }
+        self.set_config(cfg)?;
+        Ok(())
+    }
+
+    fn link_pin(&self, iface: &str, dir: &str) -> PathBuf {
+        self.dir.join(format!("link_{iface}_{dir}"))
+    }
+
+    /// Attaches both programs to `iface` (idempotent: an existing link for the same interface is kept).
+    pub fn attach(&self, iface: &str, ifindex: u32, addr: u32) -> Result<()> {
+        self.set_iface(ifindex, addr)?;
+        for (_, attach_type, dir) in PROGRAMS {
+            let pin = self.link_pin(iface, dir);
+            if pin.exists() {
+                continue;
+            }
+            let mut prog = SchedClassifier::from_pin(self.dir.join(format!("prog_{dir}")))
+                .with_context(|| format!("opening pinned {dir} program"))?;
+            let id = prog
+                .attach_with_options(iface, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .with_context(|| format!("attaching tcx {dir} on {iface}"))?;
+            let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| anyhow!("tcx link: {e:?}"))?;
+            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the links of `iface` (which detaches the programs from it) and forgets it.
+    pub fn detach(&self, iface: &str, ifindex: u32) -> Result<()> {
+        for (_, _, dir) in PROGRAMS {
+            let pin = self.link_pin(iface, dir);
+            if pin.exists() {
+                // Unpinning drops the last reference to the link, which detaches it.
+                match PinnedLink::from_pin(&pin) {
+                    Ok(l) => drop(l.unpin()),
+                    Err(_) => fs::remove_file(&pin)?,
+                }
+            }
+        }
+        let mut ifaces: HashMap<MapData, u32, IfaceInfo> = self.map(names::IFACES)?;
+        let _ = ifaces.remove(&ifindex);
+        Ok(())
+    }
+
+    /// Removes every pin of the instance (links first, so programs detach), then the directory.
+    pub fn unload(&self) -> Result<()> {
+        if !self.dir.exists() {
+            return Ok(());
+        }
+        let mut entries: Vec<PathBuf> = fs::read_dir(&self.dir)?.filter_map(|e| Some(e.ok()?.path())).collect();
+        entries.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
+        for p in entries {
+            fs::remove_file(&p).with_context(|| format!("removing pin {}", p.display()))?;
+        }
+        fs::remove_dir(&self.dir).with_context(|| format!("removing {}", self.dir.display()))?;
+        // Leave no empty /sys/fs/bpf/pfwd behind.
+        if let Some(parent) = self.dir.parent() {
+            let _ = fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+
+    fn map<T: TryFrom<Map>>(&self, name: &str) -> Result<T>
+    where
+        T::Error: std::error::Error + Send + Sync + 'static,
+    {
+        let path = self.dir.join(name);
+        let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+        let map = Map::from_map_data(data)?;
+        T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        let cfg: Array<MapData, Config> = self.map(names::CONFIG)?;
+        Ok(cfg.get(&0, 0)?)
+    }
+
+    pub fn set_config(&self, cfg: &Config) -> Result<()> {
+        let mut map: Array<MapData, Config> = self.map(names::CONFIG)?;
+        map.set(0, cfg, 0)?;
+        Ok(())
+    }
+
+    pub fn set_iface(&self, ifindex: u32, addr: u32) -> Result<()> {
+        let mut ifaces: HashMap<MapData, u32, IfaceInfo> = self.map(names::IFACES)?;
+        ifaces.insert(ifindex, IfaceInfo { addr, flags: 0 }, 0)?;
+        Ok(())
+    }
+
+    /// Makes the kernel's rule tables match `rules`: rule bodies by slot, buckets rebuilt, stale buckets removed,
+    /// then the level mask. Each rule keeps its slot, so packets in flight never see a slot change meaning.
+    pub fn sync_rules(&self, rules: &[StoredRule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<()> {
+        let plain: Vec<rules::Rule> = rules.iter().map(|r| r.rule.clone()).collect();
+        let compiled = rules::compile(&plain, ifindex)?;
+        // compile() numbers slots by position; map them to the rules' stable slots.
+        let slot_of = |i: u32| rules[i as usize].slot;
+        let mut rule_map: Array<MapData, RuleEntry> = self.map(names::RULES)?;
+        for (i, entry) in &compiled.entries {
+            rule_map.set(slot_of(*i), entry, 0)?;
+        }
+        let mut buckets: HashMap<MapData, BucketKey, Bucket> = self.map(names::BUCKETS)?;
+        let wanted: StdHashMap<BucketKey, Bucket> = compiled
+            .buckets
+            .iter()
+            .map(|(k, b)| {
+                let mut b = *b;
+                for s in b.slots.iter_mut().take(b.len as usize) {
+                    *s = slot_of(*s);
+                }
+                (*k, b)
+            })
+            .collect();
+        let existing: HashSet<BucketKey> = buckets.keys().filter_map(Result::ok).collect();
+        for (k, b) in &wanted {
+            if buckets.get(k, 0).ok().as_ref() != Some(b) {
+                buckets.insert(k, b, 0)?;
+            }
+        }
+        for k in existing.iter().filter(|k| !wanted.contains_key(k)) {
+            buckets.remove(k)?;
+        }
+        let mut cfg = self.config()?;
+        cfg.level_mask = compiled.level_mask;
+        self.set_config(&cfg)
+    }
+
+    /// Clears the counters of a freed slot so its next rule starts from zero.
+    pub fn reset_counters(&self, slot: u32) -> Result<()> {
+        let mut map: PerCpuArray<MapData, RuleCounters> = self.map(names::RULE_COUNTERS)?;
+        let zeros = PerCpuValues::try_from(vec![RuleCounters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
+        map.set(slot, zeros, 0)?;
+        Ok(())
+    }
+
+    /// Counters of `slot`, summed over CPUs.
+    pub fn rule_counters(&self, slot: u32) -> Result<RuleCounters> {
+        let map: PerCpuArray<MapData, RuleCounters> = self.map(names::RULE_COUNTERS)?;
+        let per_cpu = map.get(&slot, 0)?;
+        Ok(per_cpu.iter().fold(RuleCounters::default(), |a, c| RuleCounters {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+            flows: a.flows + c.flows,
+        }))
+    }
+
+    /// Global counters by name, summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>> {
+        let map: PerCpuArray<MapData, u64> = self.map(names::STATS)?;
+        (0..stat::COUNT)
+            .filter(|i| stat::NAMES[*i as usize] != "reserved")
+            .map(|i| Ok((stat::NAMES[i as usize], map.get(&i, 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// Every conntrack entry (both directions).
+    pub fn conntrack(&self) -> Result<Vec<(Tuple, CtEntry)>> {
+        let map: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK)?;
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Conntrack capacity (entries; two per flow).
+    pub fn conntrack_capacity(&self) -> Result<u32> {
+        let data = MapData::from_pin(self.dir.join(names::CONNTRACK))?;
+        Ok(data.info()?.max_entries())
+    }
+
+    /// Program id of the pinned ingress program (for reading its log events).
+    pub fn ingress_program_id(&self) -> Result<u32> {
+        let prog = SchedClassifier::from_pin(self.dir.join("prog_ingress"))?;
+        Ok(prog.info()?.id())
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
+    }
+}

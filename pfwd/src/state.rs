@@ -1,0 +1,128 @@
+//! The controller's persistent state (`state.json`): the rules with their ids and map slots, the attached
+//! interfaces, the sysctls pfwd changed (with their earlier values), and how the mode was chosen. Every command
+//! takes an exclusive lock on the instance while it reads and writes this, so concurrent commands serialize.
+use std::{
+    fs::{self, File, OpenOptions},
+    io::Write,
+    os::fd::AsRawFd,
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{instance::Instance, rules::Rule};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SavedSysctl {
+    /// Path under /proc/sys, e.g. `net/ipv4/conf/eth0/route_localnet`.
+    pub key: String,
+    /// Value before pfwd changed it.
+    pub previous: String,
+    /// Why pfwd changed it (shown by `status`).
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttachedIface {
+    pub name: String,
+    pub ifindex: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoredRule {
+    #[serde(flatten)]
+    pub rule: Rule,
+    /// Index in the kernel's rule array (stable for the rule's life, so updates never renumber live rules).
+    pub slot: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    pub netns_cookie: u64,
+    /// "ebpf" (the fallback issue adds "iptables").
+    pub mode: String,
+    /// Why this mode was chosen.
+    pub mode_reason: String,
+    pub interfaces: Vec<AttachedIface>,
+    pub rules: Vec<StoredRule>,
+    pub next_id: u32,
+    /// Next slot to try when allocating (round robin, so a freed slot is not reused at once).
+    pub next_slot: u32,
+    pub sysctls: Vec<SavedSysctl>,
+}
+
+impl State {
+    pub fn new(cookie: u64, mode: &str, reason: &str) -> Self {
+        Self {
+            netns_cookie: cookie,
+            mode: mode.into(),
+            mode_reason: reason.into(),
+            interfaces: vec![],
+            rules: vec![],
+            next_id: 1,
+            next_slot: 0,
+            sysctls: vec![],
+        }
+    }
+
+    pub fn rules(&self) -> Vec<Rule> {
+        self.rules.iter().map(|r| r.rule.clone()).collect()
+    }
+}
+
+/// An exclusive lock on the instance's state directory, held for the duration of one command.
+pub struct Lock {
+    _file: File,
+    pub inst: Instance,
+}
+
+impl Lock {
+    pub fn acquire(inst: &Instance) -> Result<Self> {
+        // One lock file for all namespaces, never removed (removing a lock file races with its waiters); the
+        // state directory itself only exists while an instance does.
+        let root = inst.state_dir.parent().context("state directory has no parent")?;
+        fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+        let path = root.join(".lock");
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        // SAFETY: valid fd; flock blocks until the other command finishes.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("locking pfwd state");
+        }
+        Ok(Self { _file: file, inst: inst.clone() })
+    }
+
+    /// The current state, or None when no instance is attached in this namespace. State left by a dead namespace
+    /// that had the same inode number (cookie mismatch) reads as None; the caller cleans its pins.
+    pub fn load(&self) -> Result<Option<State>> {
+        let path = self.inst.state_file();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let state: State = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+        Ok((state.netns_cookie == self.inst.netns_cookie).then_some(state))
+    }
+
+    pub fn save(&self, state: &State) -> Result<()> {
+        fs::create_dir_all(&self.inst.state_dir)
+            .with_context(|| format!("creating {}", self.inst.state_dir.display()))?;
+        let path = self.inst.state_file();
+        let tmp = path.with_extension("json.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(serde_json::to_string_pretty(state)?.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Removes the state directory (after detach).
+    pub fn remove(self) -> Result<()> {
+        let dir = self.inst.state_dir.clone();
+        drop(self);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! The sysctls pfwd needs and their restoration: `route_localnet` on interfaces whose rules DNAT to 127.0.0.0/8
+//! (otherwise the stack drops such packets as martians), and `ip_forward` when a rule sends traffic to another host.
+//! Earlier values are saved in the state the first time pfwd changes them and restored when no longer needed.
+use std::{fs, net::Ipv4Addr};
+
+use anyhow::{Context, Result};
+
+use crate::{netif, rules::Rule, rules::Target, state::SavedSysctl};
+
+pub fn read(key: &str) -> Result<String> {
+    let path = format!("/proc/sys/{key}");
+    Ok(fs::read_to_string(&path).with_context(|| format!("reading {path}"))?.trim().to_string())
+}
+
+pub fn write(key: &str, value: &str) -> Result<()> {
+    let path = format!("/proc/sys/{key}");
+    fs::write(&path, value).with_context(|| format!("writing {value} to {path}"))
+}
+
+/// The sysctls the rules need on the attached interfaces: (key, value, reason).
+pub fn wanted(rules: &[Rule], ifaces: &[String]) -> Vec<(String, String, String)> {
+    let mut out: Vec<(String, String, String)> = vec![];
+    let locals = netif::local_addrs();
+    for r in rules {
+        let Target::Dnat { addr, .. } = r.target else { continue };
+        if addr.is_loopback() {
+            for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| ri == *i)) {
+                let key = format!("net/ipv4/conf/{i}/route_localnet");
+                if !out.iter().any(|(k, ..)| *k == key) {
+                    out.push((key, "1".into(), format!("rule {} DNATs to loopback {addr} on {i}", r.id)));
+                }
+            }
+        } else if !locals.contains(&addr) && addr != Ipv4Addr::UNSPECIFIED {
+            let key = "net/ipv4/ip_forward".to_string();
+            if !out.iter().any(|(k, ..)| *k == key) {
+                out.push((key, "1".into(), format!("rule {} forwards to another host ({addr})", r.id)));
+            }
+        }
+    }
+    out
+}
+
+/// Brings the system to `wanted`: sets what is missing (saving the old value) and restores what is no longer
+/// wanted. Returns human-readable lines describing each change.
+pub fn reconcile(saved: &mut Vec<SavedSysctl>, wanted: &[(String, String, String)]) -> Result<Vec<String>> {
+    let mut notes = vec![];
+    for (key, value, reason) in wanted {
+        let current = read(key)?;
+        if let Some(s) = saved.iter_mut().find(|s| s.key == *key) {
+            s.reason = reason.clone();
+            if current != *value {
+                write(key, value)?;
+            }
+            continue;
+        }
+        if current != *value {
+            write(key, value)?;
+            notes.push(format!("set {} = {value} (was {current}): {reason}", key.replace('/', ".")));
+            saved.push(SavedSysctl { key: key.clone(), previous: current, reason: reason.clone() });
+        }
+    }
+    let mut keep = vec![];
+    for s in saved.drain(..) {
+        if wanted.iter().any(|(k, ..)| *k == s.key) {
+            keep.push(s);
+        } else {
+            restore_one(&s, &mut notes);
+        }
+    }
+    *saved = keep;
+    Ok(notes)
+}
+
+/// Restores every saved sysctl (detach). Failures are reported, not fatal: an interface may be gone.
+pub fn restore_all(saved: &[SavedSysctl]) -> Vec<String> {
+    let mut notes = vec![];
+    // Reverse order, so that a key changed twice ends at its first saved value.
+    for s in saved.iter().rev() {
+        restore_one(s, &mut notes);
+    }
+    notes
+}
+
+fn restore_one(s: &SavedSysctl, notes: &mut Vec<String>) {
+    match write(&s.key, &s.previous) {
+        Ok(()) => notes.push(format!("restored {} = {}", s.key.replace('/', "."), s.previous)),
+        Err(e) => notes.push(format!("could not restore {}: {e:#}", s.key.replace('/', "."))),
+    }
+}
