@@ -95,6 +95,7 @@ pub struct RuleEntry {
 pub struct RuleCounters {
     /// Packets translated by this rule, both directions.
     pub packets: u64,
+    /// Their IP bytes (IP header and payload, as iptables counts).
     pub bytes: u64,
     /// Flows (connections) this rule created.
     pub flows: u64,
@@ -114,9 +115,14 @@ pub mod stat {
     pub const NO_IFACE_ADDR: u32 = 4;
     /// Conntrack insert failed (new flow passed untranslated).
     pub const CT_INSERT_FAILED: u32 = 5;
-    /// Replies of expired flows dropped instead of leaking the internal address.
-    pub const EXPIRED_REPLY_DROPS: u32 = 6;
-    pub const COUNT: u32 = 8;
+    /// Expired flows removed on lookup (their packets then pass untranslated, as new traffic).
+    pub const EXPIRED_REMOVED: u32 = 6;
+    /// New flows dropped because a live flow already translates to the same tuple (replies would be ambiguous).
+    pub const CT_CLASH: u32 = 7;
+    /// TCP SYN-ACKs matching the reply entry of a closed flow: a new, untranslated connection on the same ports;
+    /// the stale flow is removed and the packet passes.
+    pub const STALE_REMOVED: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const NAMES: [&str; COUNT as usize] = [
         "translated_packets",
         "new_flows",
@@ -124,8 +130,9 @@ pub mod stat {
         "malformed_passed",
         "redirect_no_address_drops",
         "conntrack_insert_failed",
-        "expired_reply_drops",
-        "reserved",
+        "expired_flows_removed",
+        "conntrack_clash_drops",
+        "stale_flows_removed",
     ];
 }
 

@@ -1,10 +1,13 @@
 //! Connection tracking: two LRU-hash entries per flow (original and reply tuple), created by the first packet,
 //! refreshed lazily (at most once a second, or when the TCP state changes), expired on lookup by idle time.
+//!
+//! The entries of a flow find each other through `xlat.reversed()`. An entry is only treated as the peer of another
+//! if it points back, so a stale entry left by an earlier flow on the same ports can never change a live one.
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
-use pfwd_common::{Config, CtEntry, PROTO_TCP, Tuple, ct_state, dir};
+use pfwd_common::{Config, CtEntry, PROTO_TCP, Tuple, ct_state, dir, stat};
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{CONNTRACK, count},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -19,7 +22,7 @@ pub fn now_ns() -> u64 {
 /// A TCP SYN without ACK: the only TCP packet that may start a new translated flow.
 #[inline(always)]
 pub fn is_tcp_open(pkt: &Packet) -> bool {
-    pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
+    pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
 }
 
 #[inline(always)]
@@ -28,16 +31,32 @@ pub fn is_closed(e: &CtEntry) -> bool {
         || e.state & (ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY) == (ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY)
 }
 
-/// The live entry for `tuple`, if any. Expired entries are removed (both directions) and reported as absent.
+/// The other direction's entry of the flow `key` belongs to, if it still points back to `key`.
+#[inline(always)]
+fn peer(key: &Tuple, e: &CtEntry) -> Option<*mut CtEntry> {
+    let p = CONNTRACK.get_ptr_mut(&e.xlat.reversed())?;
+    // SAFETY: map value pointer.
+    (unsafe { (*p).xlat.reversed() } == *key).then_some(p)
+}
+
+/// Removes the flow `key` belongs to: its entry, and the peer entry when that is still the same flow's.
+#[inline(always)]
+pub fn remove_flow(key: &Tuple, e: &CtEntry) {
+    if peer(key, e).is_some() {
+        let _ = CONNTRACK.remove(&e.xlat.reversed());
+    }
+    let _ = CONNTRACK.remove(key);
+}
+
+/// The live entry for `tuple`, if any. Expired flows are removed and reported as absent.
 #[inline(always)]
 pub fn lookup(tuple: &Tuple, now: u64, cfg: &Config) -> Option<*mut CtEntry> {
     let e = CONNTRACK.get_ptr_mut(tuple)?;
     // SAFETY: map value pointer; concurrent writers only store whole-field updates of the same flow.
     let entry = unsafe { &*e };
     if entry.expired(now, cfg) {
-        let peer = entry.xlat.reversed();
-        let _ = CONNTRACK.remove(tuple);
-        let _ = CONNTRACK.remove(&peer);
+        remove_flow(tuple, entry);
+        count(stat::EXPIRED_REMOVED);
         return None;
     }
     Some(e)
@@ -45,7 +64,7 @@ pub fn lookup(tuple: &Tuple, now: u64, cfg: &Config) -> Option<*mut CtEntry> {
 
 /// Records what this packet tells about the flow's state and refreshes both entries when needed.
 #[inline(always)]
-pub fn track(e: *mut CtEntry, pkt: &Packet, now: u64) {
+pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
     // SAFETY: see lookup.
     let entry = unsafe { &mut *e };
     let mut state = entry.state;
@@ -66,7 +85,7 @@ pub fn track(e: *mut CtEntry, pkt: &Packet, now: u64) {
     }
     entry.state = state;
     entry.last_seen_ns = now;
-    if let Some(p) = CONNTRACK.get_ptr_mut(&entry.xlat.reversed()) {
+    if let Some(p) = peer(key, entry) {
         // SAFETY: see lookup.
         let peer = unsafe { &mut *p };
         peer.state = state;
@@ -75,12 +94,29 @@ pub fn track(e: *mut CtEntry, pkt: &Packet, now: u64) {
 }
 
 /// Creates both entries of a new flow: `orig` is translated to `xlat`, and replies (`xlat` reversed) back to `orig`
-/// reversed. Returns false if the table refused the insert.
+/// reversed. Fails (with the stat to count) when the table refuses the insert, or when a live flow already owns the
+/// reply tuple: two flows translated to the same tuple could not tell their replies apart.
 #[inline(always)]
-pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64) -> bool {
+pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config) -> Result<(), u32> {
+    let reply_key = xlat.reversed();
+    if let Some(p) = CONNTRACK.get_ptr_mut(&reply_key) {
+        // SAFETY: map value pointer.
+        let other = unsafe { &*p };
+        if other.xlat != orig.reversed() {
+            if !other.expired(now, cfg) && !is_closed(other) {
+                return Err(stat::CT_CLASH);
+            }
+            remove_flow(&reply_key, other);
+        }
+    }
     let forward =
         CtEntry { xlat: *xlat, rule_slot, dir: dir::ORIGINAL, state: 0, _pad: 0, created_ns: now, last_seen_ns: now };
     let backward = CtEntry { xlat: orig.reversed(), dir: dir::REPLY, ..forward };
-    CONNTRACK.insert(&xlat.reversed(), &backward, BPF_ANY as u64).is_ok()
+    if CONNTRACK.insert(&reply_key, &backward, BPF_ANY as u64).is_ok()
         && CONNTRACK.insert(orig, &forward, BPF_ANY as u64).is_ok()
+    {
+        Ok(())
+    } else {
+        Err(stat::CT_INSERT_FAILED)
+    }
 }

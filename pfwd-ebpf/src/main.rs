@@ -28,7 +28,7 @@ mod programs {
         conntrack,
         maps::{CONFIG, IFACES, count, count_rule},
         nat,
-        parse::{self, Packet},
+        parse::{self, Packet, TCP_SYN},
         rules,
     };
 
@@ -55,17 +55,18 @@ mod programs {
         if let Some(e) = conntrack::lookup(&pkt.tuple, now, cfg) {
             // SAFETY: map value pointer from lookup.
             let entry = unsafe { &*e };
-            // A new TCP connection reusing the ports of a closed one starts over with the rules.
-            let reopen = pkt.tuple.proto == PROTO_TCP && conntrack::is_tcp_open(&pkt) && conntrack::is_closed(entry);
-            if entry.dir == dir::ORIGINAL && !reopen {
-                let (xlat, slot) = (entry.xlat, entry.rule_slot);
-                conntrack::track(e, &pkt, now);
-                return apply(&ctx, &pkt, &xlat, slot, false, cfg);
-            }
             if entry.dir == dir::REPLY {
                 // Replies are restored where they leave (egress); restoring here could give them a local source
                 // address, which the stack drops as martian.
                 return NEXT;
+            }
+            if conntrack::is_tcp_open(&pkt) && conntrack::is_closed(entry) {
+                // A new connection reusing the ports of a closed one starts over with the current rules.
+                conntrack::remove_flow(&pkt.tuple, entry);
+            } else {
+                let (xlat, slot) = (entry.xlat, entry.rule_slot);
+                conntrack::track(&pkt.tuple, e, &pkt, now);
+                return apply(&ctx, &pkt, &xlat, slot, false, cfg);
             }
         }
         new_flow(&ctx, &pkt, now, cfg)
@@ -82,8 +83,14 @@ mod programs {
         if entry.dir != dir::REPLY {
             return NEXT;
         }
+        if pkt.tcp_flags & TCP_SYN != 0 && conntrack::is_closed(entry) {
+            // A SYN-ACK on the ports of a closed translated flow answers a new connection that is not ours.
+            conntrack::remove_flow(&pkt.tuple, entry);
+            count(stat::STALE_REMOVED);
+            return NEXT;
+        }
         let (xlat, slot) = (entry.xlat, entry.rule_slot);
-        conntrack::track(e, &pkt, now);
+        conntrack::track(&pkt.tuple, e, &pkt, now);
         apply(&ctx, &pkt, &xlat, slot, false, cfg)
     }
 
@@ -109,8 +116,14 @@ mod programs {
         if rule.to_port != 0 && pkt.l4_csum_off().is_some() {
             xlat.dport = rule.to_port;
         }
-        if !conntrack::create(&pkt.tuple, &xlat, slot, now) {
-            count(stat::CT_INSERT_FAILED);
+        if let Err(reason) = conntrack::create(&pkt.tuple, &xlat, slot, now, cfg) {
+            count(reason);
+            if reason == stat::CT_CLASH {
+                if cfg.flags & config_flag::LOG_EVENTS != 0 {
+                    warn!(ctx, "drop: another live flow already translates to {:i}:{}", ip(xlat.daddr), xlat.dport);
+                }
+                return DROP;
+            }
             return NEXT;
         }
         count(stat::NEW_FLOWS);
@@ -140,7 +153,7 @@ mod programs {
             return DROP;
         }
         count(stat::XLATED);
-        count_rule(slot, pkt.len, new_flow);
+        count_rule(slot, pkt.ip_len, new_flow);
         if cfg.flags & config_flag::LOG_PACKETS != 0 {
             info!(
                 ctx,

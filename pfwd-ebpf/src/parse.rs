@@ -21,7 +21,8 @@ pub struct Packet {
     /// Offset of the L4 header (after IP options).
     pub l4_off: usize,
     pub tcp_flags: u8,
-    pub len: u32,
+    /// IP total length (what the rule byte counters count, as iptables does).
+    pub ip_len: u32,
 }
 
 impl Packet {
@@ -123,5 +124,5 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         }
         _ => {}
     }
-    Some(Packet { tuple, l4_off, tcp_flags, len: ctx.len() })
+    Some(Packet { tuple, l4_off, tcp_flags, ip_len: tot_len as u32 })
 }

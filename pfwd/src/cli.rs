@@ -83,8 +83,9 @@ struct AttachArgs {
     /// TOML file of rules to add (see README: [[rule]] tables with kind, iface, proto, src, dst, dport, to, to_port).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Data path to use.
-    #[arg(long, value_enum, default_value = "ebpf")]
+    /// Data path: auto = eBPF, or iptables when the kernel has no BTF (PFWD_BTF_PATH overrides where to look)
+    /// or eBPF fails to load or attach.
+    #[arg(long, value_enum, default_value = "auto")]
     mode: Mode,
     /// Connection-tracking capacity in entries (two per flow); used when the instance is first created.
     #[arg(long, value_name = "ENTRIES", default_value_t = pfwd_common::DEFAULT_CT_ENTRIES)]
@@ -319,19 +320,32 @@ fn run_foreground(r: RunArgs) -> Result<()> {
 }
 
 fn stream(r: &RunArgs) -> Result<()> {
-    let flags = config_flag::LOG_EVENTS | if r.trace { config_flag::LOG_PACKETS } else { 0 };
-    control::set_flags(flags)?;
-    let inst = crate::instance::Instance::current()?;
-    let mut logger = aya_log::EbpfLogger::init_from_id(Kernel::new(&inst).ingress_program_id()?)
-        .context("opening the programs' log ring buffer")?;
+    // Kernel log events exist only in eBPF mode; iptables mode streams counters alone.
+    let mut logger = if control::status()?["mode"] == "ebpf" {
+        let flags = config_flag::LOG_EVENTS | if r.trace { config_flag::LOG_PACKETS } else { 0 };
+        control::set_flags(flags)?;
+        let inst = crate::instance::Instance::current()?;
+        Some(
+            aya_log::EbpfLogger::init_from_id(Kernel::new(&inst).ingress_program_id()?)
+                .context("opening the programs' log ring buffer")?,
+        )
+    } else {
+        None
+    };
     log::info!("streaming events; Ctrl-C detaches and restores everything");
     let interval = Duration::from_secs(r.interval.max(1));
     let mut last = Instant::now();
     while !STOP.load(Ordering::SeqCst) {
-        let mut fds = [libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&logger), events: libc::POLLIN, revents: 0 }];
-        // SAFETY: one valid pollfd; EINTR (our signal) just ends the wait.
-        unsafe { libc::poll(fds.as_mut_ptr(), 1, 500) };
-        logger.flush();
+        match &mut logger {
+            Some(logger) => {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(logger);
+                let mut fds = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+                // SAFETY: one valid pollfd; EINTR (our signal) just ends the wait.
+                unsafe { libc::poll(fds.as_mut_ptr(), 1, 500) };
+                logger.flush();
+            }
+            None => std::thread::sleep(Duration::from_millis(500)),
+        }
         if last.elapsed() >= interval {
             last = Instant::now();
             let s = control::status()?;

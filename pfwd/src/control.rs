@@ -7,6 +7,7 @@ use pfwd_common::{Config, RuleCounters, dir};
 use serde_json::{Value, json};
 
 use crate::{
+    fallback,
     instance::{self, Instance},
     loader::Kernel,
     netif,
@@ -18,8 +19,91 @@ use crate::{
 /// How the data path is provided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
+    /// eBPF unless the kernel has no BTF or loading/attaching fails; then iptables (and say why).
+    Auto,
     /// TC (tcx) programs with BPF-map connection tracking.
     Ebpf,
+    /// iptables NAT rules in pfwd's own chains (the fallback).
+    Iptables,
+}
+
+/// Where `auto` looks for kernel BTF; tests point it elsewhere to simulate a kernel without BTF.
+pub const ENV_BTF_PATH: &str = "PFWD_BTF_PATH";
+const DEFAULT_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+/// The data path of an instance, chosen at attach and recorded in the state.
+enum Backend {
+    Ebpf(Kernel),
+    Iptables,
+}
+
+impl Backend {
+    fn of(state: &State, inst: &Instance) -> Self {
+        match state.mode.as_str() {
+            "iptables" => Backend::Iptables,
+            _ => Backend::Ebpf(Kernel::new(inst)),
+        }
+    }
+
+    /// Creates the data path (programs and maps, or pfwd's chains), attaches the interfaces and applies the rules.
+    fn bring_up(&self, fresh: bool, state: &mut State, opts: &AttachOptions) -> Result<Vec<String>> {
+        match self {
+            Backend::Ebpf(kernel) => {
+                if fresh {
+                    kernel.load(opts.ct_entries, &opts.config)?;
+                }
+                for i in &state.interfaces {
+                    kernel.attach(&i.name, i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
+                }
+            }
+            Backend::Iptables => {
+                fallback::available()?;
+                if fresh {
+                    let existing = fallback::existing_tables()?;
+                    state.created_tables = fallback::TABLES
+                        .iter()
+                        .filter(|t| !existing.iter().any(|e| e == *t))
+                        .map(|t| t.to_string())
+                        .collect();
+                }
+                // Chains first, so the hooks never jump to a missing chain.
+                fallback::sync_rules(&state.rules())?;
+                for i in &state.interfaces {
+                    fallback::attach(&i.name)?;
+                }
+            }
+        }
+        apply(self, state)
+    }
+
+    fn sync_rules(&self, state: &State) -> Result<()> {
+        match self {
+            Backend::Ebpf(kernel) => {
+                // REDIRECT uses each interface's primary address: refresh it whenever rules change.
+                for i in &state.interfaces {
+                    kernel.set_iface(i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
+                }
+                kernel.sync_rules(&state.rules, &ifindex_lookup(state))
+            }
+            Backend::Iptables => fallback::sync_rules(&state.rules()),
+        }
+    }
+
+    /// Best-effort removal of one interface (rollback).
+    fn detach_iface(&self, name: &str, ifindex: u32) {
+        match self {
+            Backend::Ebpf(kernel) => drop(kernel.detach(name, ifindex)),
+            Backend::Iptables => drop(fallback::detach(name)),
+        }
+    }
+
+    /// Removes everything the data path added.
+    fn unload(&self, state: Option<&State>) -> Result<()> {
+        match self {
+            Backend::Ebpf(kernel) => kernel.unload(),
+            Backend::Iptables => fallback::unload(state.map(|s| s.created_tables.as_slice()).unwrap_or_default()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -32,7 +116,7 @@ pub struct AttachOptions {
 
 impl Default for AttachOptions {
     fn default() -> Self {
-        Self { mode: Mode::Ebpf, ct_entries: pfwd_common::DEFAULT_CT_ENTRIES, config: Config::default() }
+        Self { mode: Mode::Auto, ct_entries: pfwd_common::DEFAULT_CT_ENTRIES, config: Config::default() }
     }
 }
 
@@ -68,15 +152,38 @@ fn push_rule(state: &mut State, mut rule: Rule) -> Result<u32> {
     Ok(id)
 }
 
-/// Applies the state's rules and sysctls to the kernel. Returns notes about sysctl changes.
-fn apply(kernel: &Kernel, state: &mut State) -> Result<Vec<String>> {
-    kernel.sync_rules(&state.rules, &ifindex_lookup(state))?;
+/// Applies the state's rules and sysctls to the data path. Returns notes about sysctl changes.
+fn apply(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
+    backend.sync_rules(state)?;
     let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
     let wanted = sysctl::wanted(&state.rules(), &names);
     sysctl::reconcile(&mut state.sysctls, &wanted)
 }
 
-/// `pfwd attach`: loads the programs (once per namespace), attaches them to `ifaces`, adds `rules`.
+/// The mode a new instance starts in, and why.
+fn choose_mode(requested: Mode) -> (Mode, String) {
+    match requested {
+        Mode::Ebpf => (Mode::Ebpf, "eBPF (--mode ebpf)".into()),
+        Mode::Iptables => (Mode::Iptables, "iptables (--mode iptables)".into()),
+        Mode::Auto => {
+            let btf = std::env::var(ENV_BTF_PATH).unwrap_or_else(|_| DEFAULT_BTF_PATH.into());
+            if std::path::Path::new(&btf).exists() {
+                (Mode::Ebpf, format!("auto: kernel BTF found at {btf}"))
+            } else {
+                (Mode::Iptables, format!("auto: no kernel BTF at {btf}, so the eBPF data path is not used"))
+            }
+        }
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Iptables => "iptables",
+        _ => "ebpf",
+    }
+}
+
+/// `pfwd attach`: creates the instance (once per namespace), attaches `ifaces`, adds `rules`.
 /// Idempotent: attaching an interface twice or adding a rule that already exists changes nothing.
 pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Result<Vec<String>> {
     if ifaces.is_empty() {
@@ -89,15 +196,20 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
         resolved.push((name.clone(), netif::ifindex(name)?));
     }
     let lock = open()?;
-    let kernel = Kernel::new(&lock.inst);
     let existing = lock.load()?;
     let fresh = existing.is_none();
-    let mut state = match existing {
-        Some(s) => s,
+    let state = match existing {
+        Some(s) => {
+            if opts.mode != Mode::Auto && mode_name(opts.mode) != s.mode {
+                bail!("pfwd is already attached here in {} mode; `pfwd detach` first to change the mode", s.mode);
+            }
+            s
+        }
         None => {
             // Pins without state: left by a crash or by a dead namespace with the same inode number.
-            kernel.unload().context("removing stale pfwd pins")?;
-            State::new(lock.inst.netns_cookie, "ebpf", "eBPF selected (--mode ebpf)")
+            Kernel::new(&lock.inst).unload().context("removing stale pfwd pins")?;
+            let (mode, reason) = choose_mode(opts.mode);
+            State::new(lock.inst.netns_cookie, mode_name(mode), &reason)
         }
     };
     let mut planned = state.clone();
@@ -118,39 +230,56 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
     // Compile now, so a rule naming an interface that is not attached fails before anything changes.
     rules::compile(&planned.rules(), &ifindex_lookup(&planned))?;
 
-    let result = (|| -> Result<Vec<String>> {
+    let mut result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts);
+    if let Err(e) = &result
+        && fresh
+        && opts.mode == Mode::Auto
+        && planned.mode == "ebpf"
+    {
+        // auto: eBPF could not be loaded or attached here; fall back to iptables and say why.
+        planned.mode = "iptables".into();
+        planned.mode_reason = format!("auto: eBPF failed ({e:#}); using iptables");
+        result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts);
+    }
+    let mut notes = result?;
+    let what = if planned.mode == "ebpf" { "tcx ingress + egress" } else { "iptables PFWD-* chains" };
+    for (name, _) in resolved.iter().rev() {
+        notes.insert(0, format!("attached to {name} ({what})"));
+    }
+    if fresh {
+        notes.insert(0, format!("mode {}: {}", planned.mode, planned.mode_reason));
+    }
+    for id in &added {
+        notes.push(format!("added rule {id}: {}", planned.rules.iter().find(|r| r.rule.id == *id).unwrap().rule));
+    }
+    Ok(notes)
+}
+
+/// Brings `planned` up and saves it; on failure restores `previous` (a fresh instance is removed entirely).
+fn bring_up_or_roll_back(
+    lock: &Lock,
+    fresh: bool,
+    previous: &State,
+    planned: &mut State,
+    opts: &AttachOptions,
+) -> Result<Vec<String>> {
+    let backend = Backend::of(planned, &lock.inst);
+    let result = backend.bring_up(fresh, planned, opts).and_then(|notes| lock.save(planned).map(|_| notes));
+    if result.is_err() {
+        sysctl::restore_all(&planned.sysctls);
+        planned.sysctls.clear();
         if fresh {
-            kernel.load(opts.ct_entries, &opts.config)?;
-        }
-        for i in &planned.interfaces {
-            kernel.attach(&i.name, i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
-        }
-        let mut notes: Vec<String> =
-            resolved.iter().map(|(name, _)| format!("attached to {name} (tcx ingress + egress)")).collect();
-        notes.extend(apply(&kernel, &mut planned)?);
-        lock.save(&planned)?;
-        for id in &added {
-            notes.push(format!("added rule {id}: {}", planned.rules.iter().find(|r| r.rule.id == *id).unwrap().rule));
-        }
-        Ok(notes)
-    })();
-    match result {
-        Ok(notes) => Ok(notes),
-        Err(e) => {
-            // Roll back to the previous state: a fresh instance is removed entirely.
-            if fresh {
-                sysctl::restore_all(&planned.sysctls);
-                let _ = kernel.unload();
-                let _ = lock.remove();
-            } else {
-                for i in planned.interfaces.iter().filter(|p| !state.interfaces.contains(p)) {
-                    let _ = kernel.detach(&i.name, i.ifindex);
-                }
-                let _ = apply(&kernel, &mut state).map(|_| lock.save(&state));
+            let _ = backend.unload(Some(planned));
+            let _ = std::fs::remove_dir_all(&lock.inst.state_dir);
+        } else {
+            let mut previous = previous.clone();
+            for i in planned.interfaces.iter().filter(|p| !previous.interfaces.contains(p)) {
+                backend.detach_iface(&i.name, i.ifindex);
             }
-            Err(e)
+            let _ = apply(&backend, &mut previous).map(|_| lock.save(&previous));
         }
     }
+    result
 }
 
 /// `pfwd add`: adds one rule; returns its id and notes.
@@ -168,16 +297,17 @@ pub fn add(rule: Rule) -> Result<(u32, Vec<String>)> {
         ),
         e => e.into(),
     })?;
-    let kernel = Kernel::new(&lock.inst);
-    let slot = planned.rules.last().unwrap().slot;
-    kernel.reset_counters(slot)?;
-    match apply(&kernel, &mut planned) {
+    let backend = Backend::of(&state, &lock.inst);
+    if let Backend::Ebpf(kernel) = &backend {
+        kernel.reset_counters(planned.rules.last().unwrap().slot)?;
+    }
+    match apply(&backend, &mut planned) {
         Ok(notes) => {
             lock.save(&planned)?;
             Ok((id, notes))
         }
         Err(e) => {
-            let _ = apply(&kernel, &mut state);
+            let _ = apply(&backend, &mut state);
             Err(e)
         }
     }
@@ -196,31 +326,32 @@ pub fn del(id: u32) -> Result<(Rule, Vec<String>)> {
         );
     };
     let removed = state.rules.remove(pos);
-    let kernel = Kernel::new(&lock.inst);
-    let notes = apply(&kernel, &mut state)?;
+    let notes = apply(&Backend::of(&state, &lock.inst), &mut state)?;
     lock.save(&state)?;
     Ok((removed.rule, notes))
 }
 
-/// `pfwd detach`: removes every program, pin and setting of the instance and restores the sysctls.
+/// `pfwd detach`: removes every program, pin, chain and setting of the instance and restores the sysctls.
 pub fn detach() -> Result<Vec<String>> {
     let lock = open()?;
     let kernel = Kernel::new(&lock.inst);
-    let state = lock.load()?;
-    if state.is_none() && !kernel.pin_dir().exists() {
-        let _ = lock.remove();
+    let Some(state) = lock.load()? else {
+        if kernel.pin_dir().exists() {
+            kernel.unload()?;
+            let _ = std::fs::remove_dir_all(&lock.inst.state_dir);
+            return Ok(vec!["removed stale pfwd pins".into()]);
+        }
         return Ok(vec!["pfwd is not attached in this network namespace; nothing to do".into()]);
-    }
-    kernel.unload()?;
-    let mut notes = vec![];
-    if let Some(state) = &state {
-        notes.push(format!(
-            "detached from {}",
-            state.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
-        ));
-        notes.extend(sysctl::restore_all(&state.sysctls));
-    }
-    lock.remove()?;
+    };
+    Backend::of(&state, &lock.inst).unload(Some(&state))?;
+    let mut notes = vec![format!(
+        "detached from {} ({} mode)",
+        state.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", "),
+        state.mode
+    )];
+    notes.extend(sysctl::restore_all(&state.sysctls));
+    std::fs::remove_dir_all(&lock.inst.state_dir)
+        .with_context(|| format!("removing {}", lock.inst.state_dir.display()))?;
     Ok(notes)
 }
 
@@ -275,40 +406,61 @@ pub fn status() -> Result<Value> {
             "conntrack": { "entries": 0, "flows": 0 },
         }));
     };
-    let kernel = Kernel::new(&lock.inst);
-    let cfg = kernel.config()?;
-    let rules: Vec<Value> = state
-        .rules
-        .iter()
-        .map(|s| Ok(rule_json(&s.rule, Some(&kernel.rule_counters(s.slot)?))))
-        .collect::<Result<_>>()?;
-    let now = monotonic_ns();
-    let ct = kernel.conntrack()?;
-    let live: Vec<_> = ct.iter().filter(|(_, e)| !e.expired(now, &cfg)).collect();
-    let flows = live.iter().filter(|(_, e)| e.dir == dir::ORIGINAL).count();
-    let capacity = kernel.conntrack_capacity()?;
-    let stats: serde_json::Map<String, Value> =
-        kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v.into())).collect();
+    let (rules, conntrack, stats) = match Backend::of(&state, &lock.inst) {
+        Backend::Ebpf(kernel) => {
+            let cfg = kernel.config()?;
+            let rules: Vec<Value> = state
+                .rules
+                .iter()
+                .map(|s| Ok(rule_json(&s.rule, Some(&kernel.rule_counters(s.slot)?))))
+                .collect::<Result<_>>()?;
+            let now = monotonic_ns();
+            let ct = kernel.conntrack()?;
+            let live: Vec<_> = ct.iter().filter(|(_, e)| !e.expired(now, &cfg)).collect();
+            let flows = live.iter().filter(|(_, e)| e.dir == dir::ORIGINAL).count();
+            let conntrack = json!({
+                "entries": live.len(),
+                "flows": flows,
+                "capacity": kernel.conntrack_capacity()?,
+                "timeouts_s": {
+                    "tcp_syn": cfg.tcp_syn_timeout, "tcp_established": cfg.tcp_established_timeout,
+                    "tcp_close": cfg.tcp_close_timeout, "udp": cfg.udp_timeout, "other": cfg.other_timeout,
+                },
+            });
+            let stats: serde_json::Map<String, Value> =
+                kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v.into())).collect();
+            (rules, conntrack, Value::Object(stats))
+        }
+        Backend::Iptables => {
+            let counters = fallback::counters()?;
+            let rules = state
+                .rules
+                .iter()
+                .map(|s| {
+                    let c = counters.iter().find(|(id, _)| *id == s.rule.id).map(|(_, c)| *c).unwrap_or_default();
+                    rule_json(&s.rule, Some(&c))
+                })
+                .collect();
+            let n = fallback::conntrack_count();
+            let conntrack = json!({
+                "entries": n, "flows": null, "capacity": null,
+                "note": "netfilter conntrack: every connection in this namespace, translated or not",
+            });
+            (rules, conntrack, json!({}))
+        }
+    };
     Ok(json!({
         "attached": true,
         "mode": state.mode,
         "mode_reason": state.mode_reason,
         "netns": { "inode": lock.inst.netns_inode, "cookie": state.netns_cookie },
-        "pin_dir": lock.inst.pin_dir,
+        "pin_dir": (state.mode == "ebpf").then_some(&lock.inst.pin_dir),
         "interfaces": state.interfaces.iter().map(|i| json!({
             "name": i.name, "ifindex": i.ifindex,
             "address": netif::primary_ipv4(&i.name).map(|a| a.to_string()),
         })).collect::<Vec<_>>(),
         "rules": rules,
-        "conntrack": {
-            "entries": live.len(),
-            "flows": flows,
-            "capacity": capacity,
-            "timeouts_s": {
-                "tcp_syn": cfg.tcp_syn_timeout, "tcp_established": cfg.tcp_established_timeout,
-                "tcp_close": cfg.tcp_close_timeout, "udp": cfg.udp_timeout, "other": cfg.other_timeout,
-            },
-        },
+        "conntrack": conntrack,
         "stats": stats,
         "sysctls": state.sysctls,
     }))

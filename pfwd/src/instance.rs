@@ -83,13 +83,19 @@ pub fn ensure_bpffs() -> Result<()> {
     if is_bpffs(BPFFS) {
         return Ok(());
     }
+    // `ip netns exec` runs in a private mount namespace. Where /proc/1/ns/mnt is readable that shows directly; where
+    // it is not (some sandboxes), a named network namespace without bpffs is taken as the same case.
     let own_mnt = fs::read_link("/proc/self/ns/mnt").ok();
     let init_mnt = fs::read_link("/proc/1/ns/mnt").ok();
-    if own_mnt.is_some() && init_mnt.is_some() && own_mnt != init_mnt {
+    let private_mounts = match (&own_mnt, &init_mnt) {
+        (Some(a), Some(b)) => a != b,
+        _ => in_named_netns(),
+    };
+    if private_mounts {
         bail!(
-            "bpffs is not mounted at {BPFFS} in this mount namespace (typical of `ip netns exec`, which remounts /sys).\n\
-             pfwd keeps its state pinned in bpffs, so it must see the system's bpffs: run it with\n  \
-             nsenter --net=/run/netns/NAME pfwd ...\ninstead of `ip netns exec NAME pfwd ...`"
+            "bpffs is not mounted at {BPFFS} here. pfwd keeps its state pinned in the system's bpffs, which\n\
+             `ip netns exec` hides (it remounts /sys in a private mount namespace): run\n  \
+             nsenter --net=/run/netns/NAME pfwd ...\ninstead. Otherwise mount it: mount -t bpf bpf {BPFFS}"
         );
     }
     fs::create_dir_all(BPFFS).ok();
@@ -97,6 +103,17 @@ pub fn ensure_bpffs() -> Result<()> {
         .with_context(|| format!("bpffs is not mounted at {BPFFS} and mounting it failed"))?;
     eprintln!("pfwd: mounted bpffs at {BPFFS}");
     Ok(())
+}
+
+/// Whether the current network namespace is one of `ip netns`'s named namespaces.
+fn in_named_netns() -> bool {
+    let Ok(own) = fs::metadata("/proc/self/ns/net") else { return false };
+    fs::read_dir("/run/netns")
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .any(|e| fs::metadata(e.path()).is_ok_and(|m| m.ino() == own.ino() && m.dev() == own.dev()))
+        })
+        .unwrap_or(false)
 }
 
 /// Fails with a clear message unless running as root (BPF, tcx and sysctls all need it).

@@ -1,12 +1,15 @@
 //! pfwd: port forwarding and NAT for Linux in eBPF, driven like `iptables -t nat`.
 //!
 //! One module per job: [`rules`] (the rule model, syntaxes, precedence, compilation to map data), [`loader`] (the
-//! eBPF programs and their maps), [`instance`] and [`state`] (where an instance lives and what it remembers),
+//! eBPF programs and their maps), [`fallback`] and [`iptables`] (the iptables data path, export and import),
+//! [`instance`] and [`state`] (where an instance lives and what it remembers),
 //! [`sysctl`] and [`netif`] (the system settings and interface facts it depends on), [`control`] (the operations
 //! behind each command) and [`cli`] (argument parsing and output).
 pub mod cli;
 pub mod control;
+pub mod fallback;
 pub mod instance;
+pub mod iptables;
 pub mod loader;
 pub mod netif;
 pub mod rules;

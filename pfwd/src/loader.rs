@@ -212,10 +212,7 @@ impl Kernel {
     /// Global counters by name, summed over CPUs.
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>> {
         let map: PerCpuArray<MapData, u64> = self.map(names::STATS)?;
-        (0..stat::COUNT)
-            .filter(|i| stat::NAMES[*i as usize] != "reserved")
-            .map(|i| Ok((stat::NAMES[i as usize], map.get(&i, 0)?.iter().sum())))
-            .collect()
+        (0..stat::COUNT).map(|i| Ok((stat::NAMES[i as usize], map.get(&i, 0)?.iter().sum()))).collect()
     }
 
     /// Every conntrack entry (both directions).

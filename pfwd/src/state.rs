@@ -49,6 +49,9 @@ pub struct State {
     /// Next slot to try when allocating (round robin, so a freed slot is not reused at once).
     pub next_slot: u32,
     pub sysctls: Vec<SavedSysctl>,
+    /// iptables mode: tables that did not exist before attach (removed again on detach).
+    #[serde(default)]
+    pub created_tables: Vec<String>,
 }
 
 impl State {
@@ -62,6 +65,7 @@ impl State {
             next_id: 1,
             next_slot: 0,
             sysctls: vec![],
+            created_tables: vec![],
         }
     }
 
@@ -113,16 +117,6 @@ impl Lock {
         f.write_all(serde_json::to_string_pretty(state)?.as_bytes())?;
         f.sync_all()?;
         fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
-    }
-
-    /// Removes the state directory (after detach).
-    pub fn remove(self) -> Result<()> {
-        let dir = self.inst.state_dir.clone();
-        drop(self);
-        if dir.exists() {
-            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        }
         Ok(())
     }
 }

@@ -1,0 +1,150 @@
+//! The iptables data path (`--mode iptables`, and what `auto` falls back to): pfwd's rules as iptables NAT rules in
+//! pfwd's own chains, hooked from the built-in chains of the attached interfaces only.
+//!
+//! Chain contents are applied with `iptables-restore --noflush`, which replaces pfwd's chains atomically and never
+//! touches rules or chains it does not own. Detach deletes exactly the hooks and chains pfwd added, and the tables
+//! too when pfwd created them, so `iptables-save` reads as it did before attach.
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+use pfwd_common::RuleCounters;
+
+use crate::{iptables, rules::Rule};
+
+/// Every chain pfwd owns starts with this (PFWD-PREROUTING, PFWD-FORWARD, ...).
+const CHAIN_PREFIX: &str = "PFWD-";
+
+/// Tables pfwd writes to.
+pub const TABLES: [&str; 2] = ["nat", "filter"];
+
+fn run(cmd: &str, args: &[String], stdin: Option<&str>) -> Result<String> {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd} (is the iptables package installed?)"))?;
+    if let Some(input) = stdin {
+        child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn iptables(args: &[String]) -> Result<String> {
+    // -w: wait for the xtables lock instead of failing when another command holds it.
+    let mut all = vec!["-w".to_string(), "10".to_string()];
+    all.extend_from_slice(args);
+    run("iptables", &all, None)
+}
+
+/// Whether the iptables command and a NAT-capable kernel are usable here.
+pub fn available() -> Result<()> {
+    run("iptables", &["--version".into()], None).map(|_| ())
+}
+
+/// Tables that exist now. Plain `iptables-save` lists only existing tables (with `-t` it prints an empty one).
+pub fn existing_tables() -> Result<Vec<String>> {
+    let dump = run("iptables-save", &[], None)?;
+    Ok(TABLES.iter().filter(|t| dump.lines().any(|l| l == format!("*{t}"))).map(|t| t.to_string()).collect())
+}
+
+/// Replaces the contents of pfwd's chains with `rules` (creating the chains when missing).
+pub fn sync_rules(rules: &[Rule]) -> Result<()> {
+    run("iptables-restore", &["-w".into(), "10".into(), "--noflush".into()], Some(&iptables::nat_chain_script(rules)))
+        .context("applying pfwd's iptables chains")?;
+    Ok(())
+}
+
+/// Adds the jumps into pfwd's chains for `iface` (idempotent).
+pub fn attach(iface: &str) -> Result<()> {
+    for hook in iptables::hook_rules(Some(&[iface.to_string()])) {
+        if iptables(&hook.check_args()).is_err() {
+            iptables(&hook.append_args())?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the jumps for `iface`.
+pub fn detach(iface: &str) -> Result<()> {
+    for hook in iptables::hook_rules(Some(&[iface.to_string()])) {
+        if iptables(&hook.check_args()).is_ok() {
+            iptables(&hook.delete_args())?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything pfwd added: hooks (for any interface), then its chains, then the tables it created.
+pub fn unload(created_tables: &[String]) -> Result<()> {
+    let mut errors = vec![];
+    // Hooks are found by their target, so a hook for an interface that has since disappeared goes too.
+    for table in TABLES {
+        let listing = run("iptables-save", &["-t".into(), table.into()], None).unwrap_or_default();
+        for line in listing.lines() {
+            let Some(rest) = line.strip_prefix("-A ") else { continue };
+            let args: Vec<String> = rest.split_whitespace().map(String::from).collect();
+            let builtin = args.first().is_some_and(|c| !c.starts_with(CHAIN_PREFIX));
+            let jumps_to_pfwd = args.windows(2).any(|w| w[0] == "-j" && w[1].starts_with(CHAIN_PREFIX));
+            if builtin && jumps_to_pfwd {
+                let mut del = vec!["-t".to_string(), table.to_string(), "-D".to_string()];
+                del.extend(args);
+                if let Err(e) = iptables(&del) {
+                    errors.push(format!("{e:#}"));
+                }
+            }
+        }
+        for line in listing.lines() {
+            let Some(chain) = line.strip_prefix(':').and_then(|l| l.split_whitespace().next()) else { continue };
+            if chain.starts_with(CHAIN_PREFIX) {
+                for op in ["-F", "-X"] {
+                    if let Err(e) = iptables(&["-t".into(), table.into(), op.into(), chain.into()]) {
+                        errors.push(format!("{e:#}"));
+                    }
+                }
+            }
+        }
+        if created_tables.iter().any(|t| t == table) {
+            let listing = run("iptables-save", &["-t".into(), table.into()], None).unwrap_or_default();
+            let has_rules = listing.lines().any(|l| l.starts_with("-A "));
+            if !has_rules {
+                // iptables cannot delete a table; nft can, and iptables-nft tables are nft tables.
+                let _ = run("nft", &["delete".into(), "table".into(), "ip".into(), table.into()], None);
+            }
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { bail!("removing pfwd's iptables rules: {}", errors.join("; ")) }
+}
+
+/// Per-rule counters from the nat rules (`pfwd:ID` comments). netfilter consults NAT rules only for the first
+/// packet of a connection, so packets == flows here.
+pub fn counters() -> Result<Vec<(u32, RuleCounters)>> {
+    let dump = run("iptables-save", &["-c".into(), "-t".into(), "nat".into()], None)?;
+    let mut out = vec![];
+    for line in dump.lines() {
+        let Some((counts, rest)) = line.strip_prefix('[').and_then(|l| l.split_once(']')) else { continue };
+        let Some(id) = rest.split(|c: char| c == '"' || c.is_whitespace()).find_map(|t| t.strip_prefix("pfwd:")) else {
+            continue;
+        };
+        let (Ok(id), Some((p, b))) = (id.parse::<u32>(), counts.split_once(':')) else { continue };
+        let (packets, bytes) = (p.parse().unwrap_or(0), b.parse().unwrap_or(0));
+        out.push((id, RuleCounters { packets, bytes, flows: packets }));
+    }
+    Ok(out)
+}
+
+/// netfilter's connection count in this namespace (all connections, not only translated ones).
+pub fn conntrack_count() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}

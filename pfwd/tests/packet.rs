@@ -1,0 +1,1127 @@
+//! Packet-level tests of the eBPF data path: real packets through the loaded `pfwd_ingress`/`pfwd_egress` programs
+//! with BPF_PROG_TEST_RUN, checked against packets built independently with etherparse (never with pfwd's own
+//! checksum code).
+//!
+//! In BPF_PROG_TEST_RUN a tc program sees the packet on the loopback device, so every fixture registers interface 1
+//! (lo) with the address 10.0.1.1 and rules use `-i lo` or no interface. Needs root (BPF); each test pins into its own
+//! directory, so tests run in parallel.
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use etherparse::{
+    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header,
+    NetHeaders, PacketBuilder, PacketHeaders, TcpHeader, TransportHeader, UdpHeader,
+};
+use pfwd::{loader::Kernel, rules, state::StoredRule};
+use pfwd_common::{Config, CtEntry, PROTO_ICMP, PROTO_TCP, PROTO_UDP, RuleCounters, Tuple, ct_state, dir};
+
+/// TCX_NEXT as the test run reports it (the programs return -1 for passed and translated packets alike).
+const NEXT: u32 = u32::MAX;
+const DROP: u32 = 2;
+
+const LO: u32 = 1;
+/// lo's address in the fixture: REDIRECT's target, and the address clients connect to.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const BACKEND2: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 7);
+const CPORT: u16 = 40_000;
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const ACK: u8 = 0x10;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fixture
+// ---------------------------------------------------------------------------------------------------------------
+
+static FIXTURES: AtomicU32 = AtomicU32::new(0);
+
+/// Removes the pins when dropped, also when the test panics or loading failed halfway.
+struct Pins(Kernel);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let dir = self.0.pin_dir().to_path_buf();
+        if let Err(e) = self.0.unload() {
+            eprintln!("unloading {}: {e:#}", dir.display());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// One private pfwd instance: programs and maps pinned in a unique directory, lo registered, `rules` loaded.
+struct Fixture {
+    ingress: SchedClassifier,
+    egress: SchedClassifier,
+    pins: Pins,
+}
+
+fn lo_index(name: &str) -> Option<u32> {
+    (name == "lo").then_some(LO)
+}
+
+/// Map values hold addresses in network order: the bytes as they sit in the packet.
+fn ne(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+impl Fixture {
+    fn new(rules: &[StoredRule]) -> Self {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("the packet tests load eBPF programs and need root: run them with sudo (CI runs them as root)");
+        }
+        pfwd::instance::ensure_bpffs().expect("bpffs at /sys/fs/bpf");
+        let n = FIXTURES.fetch_add(1, Ordering::Relaxed);
+        let dir = PathBuf::from(format!("/sys/fs/bpf/pfwd-test-{}-{n}", std::process::id()));
+        let pins = Pins(Kernel::at(dir.clone()));
+        pins.0.load(4096, &Config::default()).expect("loading the eBPF programs");
+        pins.0.set_iface(LO, ne(ROUTER)).expect("set_iface");
+        pins.0.sync_rules(rules, &lo_index).expect("sync_rules");
+        let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).expect("pinned ingress program");
+        let egress = SchedClassifier::from_pin(dir.join("prog_egress")).expect("pinned egress program");
+        Self { ingress, egress, pins }
+    }
+
+    fn kernel(&self) -> &Kernel {
+        &self.pins.0
+    }
+
+    fn sync(&self, rules: &[StoredRule]) {
+        self.kernel().sync_rules(rules, &lo_index).expect("sync_rules");
+    }
+
+    fn ingress(&self, pkt: &[u8]) -> Run {
+        run(&self.ingress, pkt)
+    }
+
+    fn egress(&self, pkt: &[u8]) -> Run {
+        run(&self.egress, pkt)
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        let stats = self.kernel().stats().expect("stats");
+        stats.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no stat {name}: {stats:?}")).1
+    }
+
+    fn conntrack(&self) -> Vec<(Tuple, CtEntry)> {
+        self.kernel().conntrack().expect("conntrack")
+    }
+
+    /// Changes the idle timeouts (keeping the level mask that sync_rules wrote).
+    fn timeouts(&self, set: impl FnOnce(&mut Config)) {
+        let mut cfg = self.kernel().config().expect("config");
+        set(&mut cfg);
+        self.kernel().set_config(&cfg).expect("set_config");
+    }
+
+    fn counters(&self, slot: u32) -> RuleCounters {
+        self.kernel().rule_counters(slot).expect("rule_counters")
+    }
+}
+
+/// A rule from CLI syntax, with its id; the slot is deliberately not its list position, so the test also covers
+/// sync_rules' position-to-slot mapping.
+fn rule(id: u32, args: &str) -> StoredRule {
+    let argv: Vec<&str> = args.split_whitespace().collect();
+    let mut rule = rules::parse_args(&argv).unwrap_or_else(|e| panic!("{args}: {e}"));
+    rule.id = id;
+    StoredRule { rule, slot: slot_of(id) }
+}
+
+fn slot_of(id: u32) -> u32 {
+    100 + id
+}
+
+struct Run {
+    ret: u32,
+    data: Vec<u8>,
+}
+
+fn run(prog: &SchedClassifier, pkt: &[u8]) -> Run {
+    let mut out = vec![0u8; 2048];
+    let r = prog
+        .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() })
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {} bytes {pkt:02x?}: {e}", pkt.len()));
+    out.truncate(r.data_size_out as usize);
+    Run { ret: r.return_value, data: out }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Packets
+// ---------------------------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+    },
+    /// `csum: false` sends the checksum as 0 ("no checksum").
+    Udp {
+        sport: u16,
+        dport: u16,
+        csum: bool,
+    },
+    Echo {
+        id: u16,
+        seq: u16,
+        reply: bool,
+    },
+}
+
+/// An Ethernet + IPv4 packet description; `bytes()` serializes it with every checksum computed by etherparse.
+#[derive(Clone, Debug)]
+struct Pkt {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    l4: L4,
+    payload: Vec<u8>,
+    ttl: u8,
+    ident: u16,
+    options: Vec<u8>,
+    df: bool,
+    mf: bool,
+    frag_offset: u16,
+}
+
+impl Pkt {
+    fn new(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Self {
+        Pkt {
+            src,
+            dst,
+            l4,
+            payload: b"pfwd test payload".to_vec(),
+            ttl: 61,
+            ident: 0x4d2c,
+            options: vec![],
+            df: false,
+            mf: false,
+            frag_offset: 0,
+        }
+    }
+
+    fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Self {
+        let ack = if flags & ACK != 0 { 0x0bad_cafe } else { 0 };
+        Pkt::new(src, dst, L4::Tcp { sport, dport, seq: 0x1234_5678, ack, flags })
+    }
+
+    /// A client SYN to `dst:dport` (with data, so the payload is checked too).
+    fn syn(dst: Ipv4Addr, dport: u16) -> Self {
+        Pkt::tcp(CLIENT, CPORT, dst, dport, SYN)
+    }
+
+    fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
+        Pkt::new(src, dst, L4::Udp { sport, dport, csum: true })
+    }
+
+    fn echo(src: Ipv4Addr, dst: Ipv4Addr, reply: bool) -> Self {
+        Pkt::new(src, dst, L4::Echo { id: 0x77, seq: 3, reply })
+    }
+
+    fn ports(&self) -> (u16, u16) {
+        match self.l4 {
+            L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport, .. } => (sport, dport),
+            L4::Echo { .. } => (0, 0),
+        }
+    }
+
+    fn set_ports(&mut self, s: u16, d: u16) {
+        match &mut self.l4 {
+            L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport, .. } => (*sport, *dport) = (s, d),
+            L4::Echo { .. } => assert!(s == 0 && d == 0, "ICMP has no ports"),
+        }
+    }
+
+    /// The same packet with another destination (what DNAT should produce).
+    fn to(&self, dst: Ipv4Addr, dport: u16) -> Self {
+        let mut p = self.clone();
+        p.dst = dst;
+        p.set_ports(self.ports().0, dport);
+        p
+    }
+
+    /// The same packet with another source (what reply translation should produce).
+    fn from(&self, src: Ipv4Addr, sport: u16) -> Self {
+        let mut p = self.clone();
+        p.src = src;
+        p.set_ports(sport, self.ports().1);
+        p
+    }
+
+    fn flags(mut self, f: u8) -> Self {
+        if let L4::Tcp { flags, ack, .. } = &mut self.l4 {
+            *flags = f;
+            *ack = if f & ACK != 0 { 0x0bad_cafe } else { 0 };
+        }
+        self
+    }
+
+    fn payload(mut self, p: &[u8]) -> Self {
+        self.payload = p.to_vec();
+        self
+    }
+
+    fn ip_header(&self, proto: IpNumber, l4_len: usize) -> Ipv4Header {
+        let mut ip = Ipv4Header::new(0, self.ttl, proto, self.src.octets(), self.dst.octets()).unwrap();
+        ip.identification = self.ident;
+        ip.dont_fragment = self.df;
+        ip.more_fragments = self.mf;
+        ip.fragment_offset = IpFragOffset::try_new(self.frag_offset).unwrap();
+        ip.options = self.options.as_slice().try_into().expect("IPv4 options: a multiple of 4, at most 40 bytes");
+        ip.set_payload_len(l4_len + self.payload.len()).unwrap();
+        ip.header_checksum = ip.calc_header_checksum();
+        ip
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let (proto, hdr_len) = match self.l4 {
+            L4::Tcp { .. } => (IpNumber::TCP, TcpHeader::MIN_LEN),
+            L4::Udp { .. } => (IpNumber::UDP, UdpHeader::LEN),
+            L4::Echo { .. } => (IpNumber::ICMP, 8),
+        };
+        let ip = self.ip_header(proto, hdr_len);
+        let l4: Vec<u8> = match self.l4 {
+            L4::Tcp { sport, dport, seq, ack, flags } => {
+                let mut t = TcpHeader::new(sport, dport, seq, 29_200);
+                t.acknowledgment_number = ack;
+                t.fin = flags & FIN != 0;
+                t.syn = flags & SYN != 0;
+                t.rst = flags & RST != 0;
+                t.psh = flags & PSH != 0;
+                t.ack = flags & ACK != 0;
+                t.checksum = t.calc_checksum_ipv4(&ip, &self.payload).unwrap();
+                t.to_bytes().to_vec()
+            }
+            L4::Udp { sport, dport, csum } => {
+                let mut u = UdpHeader::without_ipv4_checksum(sport, dport, self.payload.len()).unwrap();
+                if csum {
+                    u.checksum = u.calc_checksum_ipv4(&ip, &self.payload).unwrap();
+                }
+                u.to_bytes().to_vec()
+            }
+            L4::Echo { id, seq, reply } => {
+                let echo = IcmpEchoHeader { id, seq };
+                let ty = if reply { Icmpv4Type::EchoReply(echo) } else { Icmpv4Type::EchoRequest(echo) };
+                Icmpv4Header::with_checksum(ty, &self.payload).to_bytes().to_vec()
+            }
+        };
+        let mut out = eth(EtherType::IPV4).to_vec();
+        ip.write_raw(&mut out).unwrap();
+        out.extend_from_slice(&l4);
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+fn eth(ty: EtherType) -> [u8; 14] {
+    Ethernet2Header { source: [2, 0, 0, 0, 0, 1], destination: [2, 0, 0, 0, 0, 2], ether_type: ty }.to_bytes()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Checks
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Headers of a frame, for failure messages.
+fn describe(frame: &[u8]) -> String {
+    match PacketHeaders::from_ethernet_slice(frame) {
+        Ok(h) => format!("{:?}\n{:?}\npayload {:02x?}", h.net, h.transport, h.payload.slice()),
+        Err(e) => format!("unparsable ({e}): {frame:02x?}"),
+    }
+}
+
+/// Recomputes every checksum of `frame` with etherparse and compares it with the one in the packet.
+fn assert_checksums_valid(frame: &[u8]) {
+    let h = PacketHeaders::from_ethernet_slice(frame).unwrap_or_else(|e| panic!("unparsable output: {e}"));
+    let Some(NetHeaders::Ipv4(ip, _)) = &h.net else { panic!("no IPv4 header in {}", describe(frame)) };
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 header checksum of {}", describe(frame));
+    let payload = h.payload.slice();
+    match &h.transport {
+        Some(TransportHeader::Tcp(t)) => {
+            assert_eq!(t.checksum, t.calc_checksum_ipv4(ip, payload).unwrap(), "TCP checksum of {}", describe(frame))
+        }
+        // 0 means "no checksum"; etherparse sends a computed 0 as 0xffff, as RFC 768 requires.
+        Some(TransportHeader::Udp(u)) if u.checksum != 0 => {
+            assert_eq!(u.checksum, u.calc_checksum_ipv4(ip, payload).unwrap(), "UDP checksum of {}", describe(frame))
+        }
+        Some(TransportHeader::Icmpv4(i)) => {
+            let expect = Icmpv4Header::with_checksum(i.icmp_type.clone(), payload).checksum;
+            assert_eq!(i.checksum, expect, "ICMP checksum of {}", describe(frame))
+        }
+        _ => {}
+    }
+}
+
+/// The program translated `input` into exactly `expected` (built independently, so this checks every rewritten
+/// field, every field that must not change and all checksums) and let it continue.
+#[track_caller]
+fn assert_translated(r: &Run, expected: &Pkt) {
+    assert_eq!(r.ret, NEXT, "return value (translated packets continue)");
+    assert_checksums_valid(&r.data);
+    let want = expected.bytes();
+    assert!(r.data == want, "wrong translation\n got: {}\nwant: {}", describe(&r.data), describe(&want));
+}
+
+/// The program passed `input` byte for byte.
+#[track_caller]
+fn assert_untouched(r: &Run, input: &[u8]) {
+    assert_eq!(r.ret, NEXT, "return value (untranslated packets continue)");
+    assert!(r.data == input, "packet was modified\n got: {}\nwant: {}", describe(&r.data), describe(input));
+}
+
+/// Sends `pkt` through ingress and expects it translated to `to:dport`.
+#[track_caller]
+fn expect_dnat(f: &Fixture, pkt: &Pkt, to: Ipv4Addr, dport: u16) {
+    assert_translated(&f.ingress(&pkt.bytes()), &pkt.to(to, dport));
+}
+
+#[track_caller]
+fn expect_no_dnat(f: &Fixture, pkt: &Pkt) {
+    let bytes = pkt.bytes();
+    assert_untouched(&f.ingress(&bytes), &bytes);
+}
+
+fn tuple(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> Tuple {
+    Tuple { saddr: ne(src), daddr: ne(dst), sport, dport, proto, _pad: [0; 3] }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 1. Each rule kind on a new flow
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn dnat_with_port_rewrites_address_and_port() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080), BACKEND, 9000);
+}
+
+#[test]
+fn dnat_of_udp_with_port() {
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5555, ROUTER, 53), BACKEND, 5353);
+}
+
+#[test]
+fn dnat_without_port_keeps_the_port() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2")]);
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080), BACKEND, 8080);
+}
+
+#[test]
+fn redirect_goes_to_the_interface_address() {
+    let f = Fixture::new(&[rule(1, "redirect -i lo -p tcp --dport 80 --to-port 3128")]);
+    // A transparent proxy: the client talks to some outside address.
+    expect_dnat(&f, &Pkt::syn(Ipv4Addr::new(203, 0, 113, 5), 80), ROUTER, 3128);
+}
+
+#[test]
+fn redirect_on_an_interface_without_address_drops() {
+    let f = Fixture::new(&[rule(1, "redirect -p tcp --dport 80 --to-port 3128")]);
+    f.kernel().set_iface(LO, 0).unwrap();
+    let r = f.ingress(&Pkt::syn(ROUTER, 80).bytes());
+    assert_eq!(r.ret, DROP);
+    assert_eq!(f.stat("redirect_no_address_drops"), 1);
+    assert!(f.conntrack().is_empty());
+}
+
+#[test]
+fn dnat_to_localhost() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 127.0.0.1:17355")]);
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080), Ipv4Addr::LOCALHOST, 17355);
+}
+
+#[test]
+fn port_range_to_one_port() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8000-8099 --to 10.0.2.2:9000")]);
+    for (i, port) in [8000, 8042, 8099].into_iter().enumerate() {
+        // A new client port per packet: each is a new flow.
+        let pkt = Pkt::syn(ROUTER, port).from(CLIENT, CPORT + i as u16);
+        expect_dnat(&f, &pkt, BACKEND, 9000);
+    }
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 7999));
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 8100));
+}
+
+#[test]
+fn port_range_keeping_the_port() {
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 8000-8099 --to 10.0.2.2")]);
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5000, ROUTER, 8042), BACKEND, 8042);
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5001, ROUTER, 8099), BACKEND, 8099);
+}
+
+#[test]
+fn address_only_dnat_applies_to_tcp_udp_and_icmp() {
+    let f = Fixture::new(&[rule(1, "dnat -d 10.0.1.1 --to 10.0.2.2")]);
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080), BACKEND, 8080);
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5000, ROUTER, 53), BACKEND, 53);
+    // ICMP's checksum has no pseudo-header: only the IP header checksum changes.
+    expect_dnat(&f, &Pkt::echo(CLIENT, ROUTER, false), BACKEND, 0);
+    assert_eq!(f.stat("new_flows"), 3);
+    let ct = f.conntrack();
+    for (key, xlat) in [
+        (tuple(CLIENT, 5000, ROUTER, 53, PROTO_UDP), tuple(CLIENT, 5000, BACKEND, 53, PROTO_UDP)),
+        (tuple(CLIENT, 0, ROUTER, 0, PROTO_ICMP), tuple(CLIENT, 0, BACKEND, 0, PROTO_ICMP)),
+    ] {
+        assert!(ct.iter().any(|(t, e)| *t == key && e.xlat == xlat && e.dir == dir::ORIGINAL), "{key:?} in {ct:#?}");
+    }
+    // The echo reply gets its source restored.
+    let reply = Pkt::echo(BACKEND, CLIENT, true);
+    assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, 0));
+}
+
+#[test]
+fn dont_fragment_packets_are_translated() {
+    // DF is not a fragment: only MF and the offset are.
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    let mut pkt = Pkt::syn(ROUTER, 8080);
+    pkt.df = true;
+    expect_dnat(&f, &pkt, BACKEND, 9000);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 2. Established flows, and TCP without a SYN
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn later_packets_of_a_flow_are_translated_the_same_way() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080), BACKEND, 9000);
+    let data = Pkt::syn(ROUTER, 8080).flags(ACK | PSH).payload(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    expect_dnat(&f, &data, BACKEND, 9000);
+    expect_dnat(&f, &data.clone().flags(ACK).payload(b""), BACKEND, 9000);
+    assert_eq!(f.stat("new_flows"), 1);
+    assert_eq!(f.stat("translated_packets"), 3);
+}
+
+#[test]
+fn mid_stream_tcp_without_a_flow_is_not_translated() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    for flags in [ACK, ACK | PSH, SYN | ACK, RST, RST | ACK, FIN | ACK, SYN | RST] {
+        expect_no_dnat(&f, &Pkt::syn(ROUTER, 8080).flags(flags));
+    }
+    assert!(f.conntrack().is_empty(), "no flow may be created by mid-stream packets");
+    assert_eq!(f.stat("new_flows"), 0);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 3. Replies
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn reply_source_is_restored_at_egress() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080), BACKEND, 9000);
+    let syn_ack = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, SYN | ACK).payload(b"");
+    assert_translated(&f.egress(&syn_ack.bytes()), &syn_ack.from(ROUTER, 8080));
+    let data = syn_ack.clone().flags(ACK | PSH).payload(b"HTTP/1.1 200 OK\r\n\r\n");
+    assert_translated(&f.egress(&data.bytes()), &data.from(ROUTER, 8080));
+}
+
+#[test]
+fn reply_of_a_udp_flow_is_restored() {
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5555, ROUTER, 53), BACKEND, 5353);
+    let reply = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
+    assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, 53));
+}
+
+#[test]
+fn reply_without_a_flow_passes_unchanged() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    let syn_ack = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, SYN | ACK).bytes();
+    assert_untouched(&f.egress(&syn_ack), &syn_ack);
+    // A flow exists, but for another client port.
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080), BACKEND, 9000);
+    let other = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT + 1, SYN | ACK).bytes();
+    assert_untouched(&f.egress(&other), &other);
+}
+
+#[test]
+fn each_direction_is_only_translated_on_its_own_hook() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    let syn = Pkt::syn(ROUTER, 8080);
+    expect_dnat(&f, &syn, BACKEND, 9000);
+    // The original direction seen at egress, and a reply seen at ingress, are left alone.
+    let original = syn.clone().flags(ACK).bytes();
+    assert_untouched(&f.egress(&original), &original);
+    let reply = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, SYN | ACK).bytes();
+    assert_untouched(&f.ingress(&reply), &reply);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 4. Conntrack and counters
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn new_flow_creates_both_conntrack_entries() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080), BACKEND, 9000);
+
+    let ct = f.conntrack();
+    assert_eq!(ct.len(), 2, "{ct:#?}");
+    let find = |k: Tuple| ct.iter().find(|(t, _)| *t == k).unwrap_or_else(|| panic!("no entry {k:?} in {ct:#?}")).1;
+    let orig = find(tuple(CLIENT, CPORT, ROUTER, 8080, PROTO_TCP));
+    assert_eq!(orig.xlat, tuple(CLIENT, CPORT, BACKEND, 9000, PROTO_TCP));
+    assert_eq!((orig.dir, orig.rule_slot, orig.state), (dir::ORIGINAL, slot_of(1), 0));
+    let reply = find(tuple(BACKEND, 9000, CLIENT, CPORT, PROTO_TCP));
+    assert_eq!(reply.xlat, tuple(ROUTER, 8080, CLIENT, CPORT, PROTO_TCP));
+    assert_eq!((reply.dir, reply.rule_slot, reply.state), (dir::REPLY, slot_of(1), 0));
+    assert!(orig.created_ns != 0 && orig.last_seen_ns >= orig.created_ns);
+
+    // The reply marks both entries.
+    let syn_ack = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, SYN | ACK);
+    assert_translated(&f.egress(&syn_ack.bytes()), &syn_ack.from(ROUTER, 8080));
+    for (t, e) in f.conntrack() {
+        assert_eq!(e.state, ct_state::SEEN_REPLY, "{t:?}");
+    }
+}
+
+#[test]
+fn counters_count_packets_bytes_and_flows() {
+    let f =
+        Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000"), rule(2, "dnat -p udp --to 10.0.2.3")]);
+    let syn = Pkt::syn(ROUTER, 8080).bytes();
+    let syn_ack = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, SYN | ACK).payload(b"").bytes();
+    let ack = Pkt::syn(ROUTER, 8080).flags(ACK).payload(b"").bytes();
+    assert_eq!(f.ingress(&syn).ret, NEXT);
+    assert_eq!(f.egress(&syn_ack).ret, NEXT);
+    assert_eq!(f.ingress(&ack).ret, NEXT);
+
+    // Bytes are skb->len at tc, which includes the Ethernet header.
+    let bytes = (syn.len() + syn_ack.len() + ack.len()) as u64;
+    assert_eq!(f.counters(slot_of(1)), RuleCounters { packets: 3, bytes, flows: 1 });
+    assert_eq!(f.counters(slot_of(2)), RuleCounters::default(), "the udp rule saw nothing");
+    assert_eq!(f.stat("new_flows"), 1);
+    assert_eq!(f.stat("translated_packets"), 3);
+
+    // A second flow of the same rule.
+    let syn2 = Pkt::syn(ROUTER, 8080).from(CLIENT, CPORT + 1).bytes();
+    assert_eq!(f.ingress(&syn2).ret, NEXT);
+    let c = f.counters(slot_of(1));
+    assert_eq!((c.packets, c.bytes, c.flows), (4, bytes + syn2.len() as u64, 2));
+    assert_eq!(f.stat("new_flows"), 2);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 5. Filters and precedence
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn source_prefix_filter() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp -s 192.168.1.0/24 --dport 8080 --to 10.0.2.2:9000")]);
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080), BACKEND, 9000);
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 8080).from(Ipv4Addr::new(192, 168, 2, 7), CPORT));
+}
+
+#[test]
+fn source_address_filter() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp -s 192.168.1.1 --dport 8080 --to 10.0.2.2:9000")]);
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080).from(Ipv4Addr::new(192, 168, 1, 1), CPORT), BACKEND, 9000);
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 8080).from(Ipv4Addr::new(192, 168, 1, 2), CPORT));
+}
+
+#[test]
+fn destination_filters() {
+    let f = Fixture::new(&[
+        rule(1, "dnat -p tcp -d 10.9.0.0/16 --dport 80 --to 10.0.2.2:9000"),
+        rule(2, "dnat -p tcp -d 10.0.1.1 --dport 81 --to 10.0.2.2:9001"),
+    ]);
+    expect_dnat(&f, &Pkt::syn(Ipv4Addr::new(10, 9, 3, 4), 80), BACKEND, 9000);
+    expect_no_dnat(&f, &Pkt::syn(Ipv4Addr::new(10, 8, 3, 4), 80));
+    expect_dnat(&f, &Pkt::syn(ROUTER, 81), BACKEND, 9001);
+    expect_no_dnat(&f, &Pkt::syn(Ipv4Addr::new(10, 0, 1, 2), 81));
+}
+
+#[test]
+fn protocol_filter() {
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2"), rule(2, "dnat -p tcp --to 10.0.2.3")]);
+    expect_no_dnat(&f, &Pkt::echo(CLIENT, ROUTER, false));
+    expect_dnat(&f, &Pkt::syn(ROUTER, 53), BACKEND2, 53);
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5000, ROUTER, 53), BACKEND, 53);
+    expect_no_dnat(&f, &Pkt::udp(CLIENT, 5000, ROUTER, 54));
+}
+
+#[test]
+fn most_specific_rule_wins() {
+    // Listed least specific first, so list order cannot be what decides.
+    let x = Ipv4Addr::new(10, 0, 3, 1);
+    let y = Ipv4Addr::new(10, 0, 3, 2);
+    let z = Ipv4Addr::new(10, 0, 3, 3);
+    let w = Ipv4Addr::new(10, 0, 3, 4);
+    let f = Fixture::new(&[
+        rule(1, "dnat -d 10.0.1.1 --to 10.0.3.3"),
+        rule(2, "dnat -p tcp --dport 8000-8099 --to 10.0.3.2"),
+        rule(3, "dnat -p tcp --dport 8080 --to 10.0.3.1:9000"),
+        rule(4, "dnat -p tcp -s 192.168.5.0/24 --dport 8080 --to 10.0.3.4"),
+        rule(5, "dnat -i lo -p tcp --dport 8081 --to 10.0.3.4"),
+    ]);
+    let from = |n: u16| Pkt::syn(ROUTER, 1).from(CLIENT, CPORT + n);
+    expect_dnat(&f, &from(1).to(ROUTER, 8080), x, 9000);
+    expect_dnat(&f, &from(2).to(ROUTER, 8085), y, 8085);
+    expect_dnat(&f, &from(3).to(ROUTER, 9999), z, 9999);
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5000, ROUTER, 8080), z, 8080);
+    // A source prefix beats none; an interface beats none (both at equal port width).
+    expect_dnat(&f, &from(4).to(ROUTER, 8080).from(Ipv4Addr::new(192, 168, 5, 9), CPORT), w, 8080);
+    expect_dnat(&f, &from(5).to(ROUTER, 8081), w, 8081);
+    // Same match, different targets: the older rule (lower id) wins whatever the list order.
+    let f = Fixture::new(&[
+        rule(7, "dnat -p tcp --dport 80 --to 10.0.3.2"),
+        rule(6, "dnat -p tcp --dport 80 --to 10.0.3.1"),
+    ]);
+    expect_dnat(&f, &Pkt::syn(ROUTER, 80), x, 80);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 6. UDP checksum edge cases
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn udp_without_checksum_keeps_it_zero() {
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    let mut pkt = Pkt::udp(CLIENT, 5555, ROUTER, 53);
+    pkt.l4 = L4::Udp { sport: 5555, dport: 53, csum: false };
+    let r = f.ingress(&pkt.bytes());
+    assert_translated(&r, &pkt.to(BACKEND, 5353));
+    assert_eq!(&r.data[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
+    // The reply, also without checksum.
+    let mut reply = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
+    reply.l4 = L4::Udp { sport: 5353, dport: 5555, csum: false };
+    assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, 53));
+}
+
+#[test]
+fn udp_checksum_computing_to_zero_is_sent_as_ffff() {
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    // Pick the first payload word so that the translated packet's one's-complement sum is 0xffff (checksum 0): with
+    // the word at 0 the checksum is c = ~sum, and adding c to the sum gives 0xffff.
+    let mut pkt = Pkt::udp(CLIENT, 5555, ROUTER, 53).payload(&[0, 0, 1, 2, 3, 4]);
+    let c = {
+        let out = pkt.to(BACKEND, 5353).bytes();
+        u16::from_be_bytes([out[14 + 26], out[14 + 27]])
+    };
+    assert_ne!(c, 0xffff, "construction assumes a non-zero checksum with the word at 0");
+    pkt.payload[..2].copy_from_slice(&c.to_be_bytes());
+    let expected = pkt.to(BACKEND, 5353);
+    let want = expected.bytes();
+    assert_eq!(&want[14 + 26..14 + 28], &[0xff, 0xff], "construction: the translated checksum computes to 0");
+    let r = f.ingress(&pkt.bytes());
+    assert_translated(&r, &expected);
+}
+
+#[test]
+fn udp_checksum_sent_as_ffff_is_updated_correctly() {
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    // As above, but the incoming packet is the one whose checksum computes to 0 (so it carries 0xffff, "-0").
+    let mut pkt = Pkt::udp(CLIENT, 5555, ROUTER, 53).payload(&[0, 0, 9, 8, 7]);
+    let c = {
+        let out = pkt.bytes();
+        u16::from_be_bytes([out[14 + 26], out[14 + 27]])
+    };
+    pkt.payload[..2].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(&pkt.bytes()[14 + 26..14 + 28], &[0xff, 0xff], "construction: the input checksum computes to 0");
+    assert_translated(&f.ingress(&pkt.bytes()), &pkt.to(BACKEND, 5353));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 7. IP options
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn ip_options_move_the_ports_and_stay_untouched() {
+    let f =
+        Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000"), rule(2, "dnat -p udp --to 10.0.2.3")]);
+    let mut syn = Pkt::syn(ROUTER, 8080);
+    syn.options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
+    expect_dnat(&f, &syn, BACKEND, 9000);
+    let mut reply = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, SYN | ACK);
+    reply.options = vec![1, 1, 1, 0];
+    assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, 8080));
+
+    // The longest header (IHL 15) with a timestamp-like option, on UDP.
+    let mut udp = Pkt::udp(CLIENT, 5000, ROUTER, 53);
+    udp.options = (0..40).map(|i| if i < 36 { 1 } else { 0 }).collect();
+    udp.options[..4].copy_from_slice(&[0x44, 4, 5, 0]);
+    expect_dnat(&f, &udp, BACKEND2, 53);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 8. Fragments
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn fragments_pass_untouched() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000"), rule(2, "dnat --to 10.0.2.3")]);
+    // First fragment: has the ports, but its later fragments could not follow.
+    let mut first = Pkt::syn(ROUTER, 8080);
+    first.mf = true;
+    // A later fragment (offset 8 bytes); its "TCP header" is really data.
+    let mut later = Pkt::syn(ROUTER, 8080);
+    later.frag_offset = 1;
+    // Last fragment of a UDP datagram.
+    let mut last = Pkt::udp(CLIENT, 5000, ROUTER, 53);
+    last.frag_offset = 100;
+    for p in [&first, &later, &last] {
+        expect_no_dnat(&f, p);
+    }
+    assert_eq!(f.stat("fragments_passed"), 3);
+    assert!(f.conntrack().is_empty());
+    // Also on the reply path, with a flow in place.
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080).from(CLIENT, 1234), BACKEND, 9000);
+    let mut reply = Pkt::tcp(BACKEND, 9000, CLIENT, 1234, SYN | ACK);
+    reply.mf = true;
+    let bytes = reply.bytes();
+    assert_untouched(&f.egress(&bytes), &bytes);
+    assert_eq!(f.stat("fragments_passed"), 4);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 9. Malformed and foreign packets
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Sets the IPv4 total length and fixes the header checksum (so only the field under test is wrong).
+fn set_tot_len(frame: &mut [u8], len: u16) {
+    frame[16..18].copy_from_slice(&len.to_be_bytes());
+    fix_ip_checksum(frame);
+}
+
+fn fix_ip_checksum(frame: &mut [u8]) {
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let end = (14 + ihl.max(20)).min(frame.len());
+    let sum =
+        frame[14..end].chunks(2).fold(0u32, |s, c| s + u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32);
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let csum = !(((folded & 0xffff) + (folded >> 16)) as u16);
+    frame[24..26].copy_from_slice(&csum.to_be_bytes());
+}
+
+/// The frame passes byte for byte or is dropped, never rewritten.
+#[track_caller]
+fn expect_passed_or_dropped(name: &str, r: &Run, frame: &[u8]) {
+    match r.ret {
+        NEXT => assert!(r.data == frame, "{name}: modified\n got: {:02x?}\nwant: {frame:02x?}", r.data),
+        DROP => {}
+        other => panic!("{name}: unexpected return value {other}"),
+    }
+}
+
+/// Broken variants of a well-formed TCP frame without options (and of `udp`, a UDP one), each wrong in one way.
+fn malformed_variants(tcp: &[u8], udp: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    // (An IPv4 frame shorter than an IP header cannot be tested: BPF_PROG_TEST_RUN refuses it with EINVAL.)
+    let variant = |base: &[u8], edit: &dyn Fn(&mut Vec<u8>)| {
+        let mut t = base.to_vec();
+        edit(&mut t);
+        t
+    };
+    vec![
+        (
+            "truncated TCP header",
+            variant(tcp, &|t| {
+                t.truncate(14 + 20 + 10);
+                set_tot_len(t, 30);
+            }),
+        ),
+        (
+            "IHL 4",
+            variant(tcp, &|t| {
+                t[14] = 0x44;
+                fix_ip_checksum(t);
+            }),
+        ),
+        ("IHL 0", variant(tcp, &|t| t[14] = 0x40)),
+        (
+            "tot_len beyond the packet",
+            variant(tcp, &|t| {
+                let len = t.len() - 14 + 10;
+                set_tot_len(t, len as u16)
+            }),
+        ),
+        ("tot_len below the IHL", variant(tcp, &|t| set_tot_len(t, 16))),
+        ("TCP doff 4", variant(tcp, &|t| t[14 + 20 + 12] = 0x40)),
+        ("TCP doff 0", variant(tcp, &|t| t[14 + 20 + 12] = 0x00)),
+        ("IP version 6 in an IPv4 ethertype", variant(tcp, &|t| t[14] = 0x65)),
+        (
+            // IHL 6 claims the TCP ports as an option word, leaving 16 bytes for TCP.
+            "IHL 6 with a 16-byte TCP header",
+            variant(tcp, &|t| {
+                t[14] = 0x46;
+                set_tot_len(t, 40);
+            }),
+        ),
+        (
+            "truncated UDP header",
+            variant(udp, &|t| {
+                t.truncate(14 + 20 + 4);
+                set_tot_len(t, 24);
+            }),
+        ),
+    ]
+}
+
+#[test]
+fn malformed_ipv4_passes_untouched() {
+    // Rules that would translate these packets if they were well formed, including a catch-all.
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000"), rule(2, "dnat --to 10.0.2.3")]);
+    // Flows, so that the broken replies at egress have entries to (wrongly) match.
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080).payload(b""), BACKEND, 9000);
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5000, ROUTER, 53).payload(b""), BACKEND2, 53);
+    let ct_before = f.conntrack().len();
+    let malformed_before = f.stat("malformed_passed");
+
+    let client = malformed_variants(
+        &Pkt::syn(ROUTER, 8080).from(CLIENT, 999).payload(b"").bytes(),
+        &Pkt::udp(CLIENT, 5001, ROUTER, 53).payload(b"").bytes(),
+    );
+    for (name, frame) in &client {
+        expect_passed_or_dropped(&format!("{name} at ingress"), &f.ingress(frame), frame);
+    }
+    let replies = malformed_variants(
+        &Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, SYN | ACK).payload(b"").bytes(),
+        &Pkt::udp(BACKEND2, 53, CLIENT, 5000).payload(b"").bytes(),
+    );
+    for (name, frame) in &replies {
+        expect_passed_or_dropped(&format!("{name} at egress"), &f.egress(frame), frame);
+    }
+    assert_eq!(f.conntrack().len(), ct_before, "no flow from a malformed packet");
+    assert_eq!(f.stat("malformed_passed") - malformed_before, (client.len() + replies.len()) as u64);
+}
+
+#[test]
+fn non_ipv4_passes_untouched() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000"), rule(2, "dnat --to 10.0.2.3")]);
+    let mut arp = eth(EtherType::ARP).to_vec();
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 1]);
+    arp.extend_from_slice(&CLIENT.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&ROUTER.octets());
+    let mut ipv6 = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv6(
+            [0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7],
+            [0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            64,
+        )
+        .tcp(CPORT, 8080, 1, 1000)
+        .syn()
+        .write(&mut ipv6, b"")
+        .unwrap();
+    // An IPv4 packet behind a VLAN tag is not parsed either.
+    let mut vlan = eth(EtherType::VLAN_TAGGED_FRAME).to_vec();
+    vlan.extend_from_slice(&[0, 5, 8, 0]);
+    vlan.extend_from_slice(&Pkt::syn(ROUTER, 8080).bytes()[14..]);
+    for (name, frame) in [("ARP", arp), ("IPv6", ipv6), ("VLAN", vlan)] {
+        let r = f.ingress(&frame);
+        assert_eq!(r.ret, NEXT, "{name}");
+        assert!(r.data == frame, "{name} modified");
+        let r = f.egress(&frame);
+        assert_eq!(r.ret, NEXT, "{name}");
+        assert!(r.data == frame, "{name} modified at egress");
+    }
+    assert!(f.conntrack().is_empty());
+}
+
+#[test]
+fn ethernet_padding_is_kept() {
+    // Short frames are padded to 60 bytes; the padding is outside the IP packet and must not affect checksums.
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    let pkt = Pkt::udp(CLIENT, 5555, ROUTER, 53).payload(b"hi");
+    let mut frame = pkt.bytes();
+    frame.resize(60, 0xa5);
+    let r = f.ingress(&frame);
+    assert_eq!(r.ret, NEXT);
+    let mut want = pkt.to(BACKEND, 5353).bytes();
+    want.resize(60, 0xa5);
+    assert!(r.data == want, "got: {:02x?}\nwant: {want:02x?}", r.data);
+    assert_checksums_valid(&r.data);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 10. TCP state and rule changes
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn closed_flow_reopens_with_the_current_rule_while_live_flows_keep_theirs() {
+    let old = [rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")];
+    let f = Fixture::new(&old);
+    let closing = Pkt::syn(ROUTER, 8080).from(CLIENT, 41_000);
+    let live = Pkt::syn(ROUTER, 8080).from(CLIENT, 42_000);
+    for p in [&closing, &live] {
+        expect_dnat(&f, p, BACKEND, 9000);
+        let syn_ack = Pkt::tcp(BACKEND, 9000, CLIENT, p.ports().0, SYN | ACK);
+        assert_translated(&f.egress(&syn_ack.bytes()), &syn_ack.from(ROUTER, 8080));
+    }
+    // Both sides close `closing`.
+    expect_dnat(&f, &closing.clone().flags(FIN | ACK), BACKEND, 9000);
+    let fin_back = Pkt::tcp(BACKEND, 9000, CLIENT, 41_000, FIN | ACK);
+    assert_translated(&f.egress(&fin_back.bytes()), &fin_back.from(ROUTER, 8080));
+    let closed = ct_state::SEEN_REPLY | ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY;
+    let states: Vec<u8> =
+        f.conntrack().iter().filter(|(t, _)| t.sport == 41_000 || t.dport == 41_000).map(|(_, e)| e.state).collect();
+    assert_eq!(states, [closed, closed]);
+
+    // Same rule (same slot), new target.
+    f.sync(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.3:9100")]);
+    expect_dnat(&f, &closing, BACKEND2, 9100);
+    let syn_ack = Pkt::tcp(BACKEND2, 9100, CLIENT, 41_000, SYN | ACK);
+    assert_translated(&f.egress(&syn_ack.bytes()), &syn_ack.from(ROUTER, 8080));
+    // The live flow keeps its translation both ways.
+    expect_dnat(&f, &live.clone().flags(ACK | PSH), BACKEND, 9000);
+    let reply = Pkt::tcp(BACKEND, 9000, CLIENT, 42_000, ACK | PSH);
+    assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, 8080));
+    assert_eq!(f.stat("new_flows"), 3);
+}
+
+#[test]
+fn half_closed_flow_is_not_reopened() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    let syn = Pkt::syn(ROUTER, 8080);
+    expect_dnat(&f, &syn, BACKEND, 9000);
+    expect_dnat(&f, &syn.clone().flags(FIN | ACK), BACKEND, 9000);
+    f.sync(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.3")]);
+    // Only one side finished: a SYN (e.g. a retransmission) still belongs to the old flow.
+    expect_dnat(&f, &syn, BACKEND, 9000);
+    assert_eq!(f.stat("new_flows"), 1);
+}
+
+#[test]
+fn reset_flow_reopens() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    let syn = Pkt::syn(ROUTER, 8080);
+    expect_dnat(&f, &syn, BACKEND, 9000);
+    let rst = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, RST | ACK).payload(b"");
+    assert_translated(&f.egress(&rst.bytes()), &rst.from(ROUTER, 8080));
+    f.sync(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.3")]);
+    expect_dnat(&f, &syn, BACKEND2, 8080);
+}
+
+#[test]
+fn removing_a_rule_keeps_live_flows() {
+    let f = Fixture::new(&[
+        rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000"),
+        rule(2, "dnat -p udp --dport 53 --to 10.0.2.2:5353"),
+    ]);
+    let syn = Pkt::syn(ROUTER, 8080);
+    let dns = Pkt::udp(CLIENT, 5555, ROUTER, 53);
+    expect_dnat(&f, &syn, BACKEND, 9000);
+    expect_dnat(&f, &dns, BACKEND, 5353);
+    f.sync(&[]);
+    expect_dnat(&f, &syn.clone().flags(ACK), BACKEND, 9000);
+    expect_dnat(&f, &dns, BACKEND, 5353);
+    // New flows are no longer translated.
+    expect_no_dnat(&f, &syn.from(CLIENT, CPORT + 1));
+    expect_no_dnat(&f, &dns.from(CLIENT, 5556));
+    // A flow that was never translated has no conntrack entry.
+    assert_eq!(f.conntrack().len(), 4);
+    assert_eq!(f.stat("new_flows"), 2);
+}
+
+#[test]
+fn expired_flow_starts_over_with_the_current_rule() {
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    f.timeouts(|c| c.udp_timeout = 1);
+    let dns = Pkt::udp(CLIENT, 5555, ROUTER, 53);
+    expect_dnat(&f, &dns, BACKEND, 5353);
+    f.sync(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.3")]);
+    // Within the timeout the flow keeps its translation...
+    expect_dnat(&f, &dns, BACKEND, 5353);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // ...after it, the next packet is a new flow under the current rule.
+    expect_dnat(&f, &dns, BACKEND2, 53);
+    assert_eq!(f.stat("new_flows"), 2);
+}
+
+#[test]
+#[ignore = "bug: the expired_reply_drops stat is documented but egress passes such replies untranslated"]
+fn reply_of_an_expired_flow_is_dropped() {
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    f.timeouts(|c| c.udp_timeout = 1);
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5555, ROUTER, 53), BACKEND, 5353);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Passing it would leak the backend's address to the client (stat::EXPIRED_REPLY_DROPS).
+    let reply = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
+    assert_eq!(f.egress(&reply.bytes()).ret, DROP);
+    assert_eq!(f.stat("expired_reply_drops"), 1);
+}
+
+/// Opens client:41000 -> router:8080 (rule target 10.0.2.2:9000), closes it from both sides, moves the rule to
+/// 10.0.2.3:9100 and reopens the same ports, which now go to the new backend.
+fn reopen_to_a_new_backend(f: &Fixture) -> Pkt {
+    let syn = Pkt::syn(ROUTER, 8080).from(CLIENT, 41_000);
+    expect_dnat(f, &syn, BACKEND, 9000);
+    let syn_ack = Pkt::tcp(BACKEND, 9000, CLIENT, 41_000, SYN | ACK);
+    assert_translated(&f.egress(&syn_ack.bytes()), &syn_ack.from(ROUTER, 8080));
+    expect_dnat(f, &syn.clone().flags(FIN | ACK), BACKEND, 9000);
+    let fin = Pkt::tcp(BACKEND, 9000, CLIENT, 41_000, FIN | ACK);
+    assert_translated(&f.egress(&fin.bytes()), &fin.from(ROUTER, 8080));
+    f.sync(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.3:9100")]);
+    expect_dnat(f, &syn, BACKEND2, 9100);
+    let syn_ack = Pkt::tcp(BACKEND2, 9100, CLIENT, 41_000, SYN | ACK);
+    assert_translated(&f.egress(&syn_ack.bytes()), &syn_ack.from(ROUTER, 8080));
+    syn
+}
+
+#[test]
+#[ignore = "bug: a late packet of the closed flow's old backend rewrites the reopened flow's conntrack state"]
+fn late_packet_of_the_old_backend_does_not_touch_the_reopened_flow() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    let syn = reopen_to_a_new_backend(&f);
+    // The old backend retransmits its FIN (the client's last ACK was lost) after a retransmission timeout, i.e.
+    // after the once-a-second refresh throttle that would otherwise skip the update.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let fin = Pkt::tcp(BACKEND, 9000, CLIENT, 41_000, FIN | ACK);
+    assert_eq!(f.egress(&fin.bytes()).ret, NEXT);
+    let ct = f.conntrack();
+    let orig = ct.iter().find(|(t, _)| *t == tuple(CLIENT, 41_000, ROUTER, 8080, PROTO_TCP)).expect("flow").1;
+    assert_eq!(orig.xlat, tuple(CLIENT, 41_000, BACKEND2, 9100, PROTO_TCP));
+    assert_eq!(orig.state, ct_state::SEEN_REPLY, "the new connection is open, not closed: {orig:?}");
+    expect_dnat(&f, &syn.flags(ACK), BACKEND2, 9100);
+}
+
+#[test]
+#[ignore = "bug: expiring the closed flow's stale reply entry deletes the reopened flow's original entry"]
+fn expiry_of_the_old_flow_does_not_delete_the_reopened_flow() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    f.timeouts(|c| c.tcp_close_timeout = 1);
+    let syn = reopen_to_a_new_backend(&f);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // A late packet of the old backend finds its (expired) entry and removes it, and with it its "peer".
+    let late = Pkt::tcp(BACKEND, 9000, CLIENT, 41_000, FIN | ACK).bytes();
+    assert_untouched(&f.egress(&late), &late);
+    // The new connection (established, 6 h timeout) must still be translated.
+    expect_dnat(&f, &syn.flags(ACK | PSH), BACKEND2, 9100);
+}
+
+#[test]
+#[ignore = "bug: two flows translated to the same tuple share one reply entry; the first flow's replies go wrong"]
+fn flows_translated_to_the_same_tuple_keep_their_own_replies() {
+    let f = Fixture::new(&[
+        rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000"),
+        rule(2, "dnat -p tcp --dport 8081 --to 10.0.2.2:9000"),
+    ]);
+    // One client port to two services (Linux reuses a local port for different destinations).
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080), BACKEND, 9000);
+    let second = Pkt::syn(ROUTER, 8081).bytes();
+    let r = f.ingress(&second);
+    // Translating the second flow would clash with the first; it may be dropped or passed, but the first flow's
+    // replies must still come from router:8080.
+    assert!(r.ret == DROP || r.data == second, "second flow translated into the first one's tuple");
+    let syn_ack = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, SYN | ACK);
+    assert_translated(&f.egress(&syn_ack.bytes()), &syn_ack.from(ROUTER, 8080));
+}
+
+#[test]
+fn interface_without_pfwd_is_not_translated() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    f.kernel().detach("lo", LO).unwrap();
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 8080));
+    assert!(f.conntrack().is_empty());
+}
