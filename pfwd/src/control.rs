@@ -441,10 +441,12 @@ pub fn status() -> Result<Value> {
                     rule_json(&s.rule, Some(&c))
                 })
                 .collect();
-            let n = fallback::conntrack_count();
             let conntrack = json!({
-                "entries": n, "flows": null, "capacity": null,
-                "note": "netfilter conntrack: every connection in this namespace, translated or not",
+                "entries": fallback::conntrack_count(),
+                "flows": fallback::dnat_flows(),
+                "capacity": std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok()),
+                "note": "netfilter conntrack: entries counts every connection in this namespace, flows the DNATed ones",
             });
             (rules, conntrack, json!({}))
         }

@@ -56,9 +56,23 @@ pub fn existing_tables() -> Result<Vec<String>> {
     Ok(TABLES.iter().filter(|t| dump.lines().any(|l| l == format!("*{t}"))).map(|t| t.to_string()).collect())
 }
 
-/// Replaces the contents of pfwd's chains with `rules` (creating the chains when missing).
+/// Replaces the contents of pfwd's chains with `rules` (creating the chains when missing). Counters of rules that
+/// stay are carried over (`iptables-restore -c`), so adding or removing one rule does not zero the others.
 pub fn sync_rules(rules: &[Rule]) -> Result<()> {
-    run("iptables-restore", &["-w".into(), "10".into(), "--noflush".into()], Some(&iptables::nat_chain_script(rules)))
+    let counters = counters().unwrap_or_default();
+    let script: String = iptables::nat_chain_script(rules)
+        .lines()
+        .map(|line| {
+            let id = line
+                .split(|c: char| c == '"' || c.is_whitespace())
+                .find_map(|t| t.strip_prefix(iptables::COMMENT_PREFIX));
+            match counters.iter().find(|(i, _)| Some(i.to_string().as_str()) == id) {
+                Some((_, c)) if line.starts_with("-A ") => format!("[{}:{}] {line}\n", c.packets, c.bytes),
+                _ => format!("{line}\n"),
+            }
+        })
+        .collect();
+    run("iptables-restore", &["-w".into(), "10".into(), "-c".into(), "--noflush".into()], Some(&script))
         .context("applying pfwd's iptables chains")?;
     Ok(())
 }
@@ -147,4 +161,11 @@ pub fn conntrack_count() -> u64 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Connections netfilter translated by destination (what pfwd's rules create), from the `conntrack` tool;
+/// None when the tool is missing.
+pub fn dnat_flows() -> Option<u64> {
+    let out = run("conntrack", &["-L".into(), "--dst-nat".into()], None).ok()?;
+    Some(out.lines().filter(|l| !l.trim().is_empty()).count() as u64)
 }

@@ -199,8 +199,8 @@ pub fn export_iptables(rules: &[Rule], ifaces: Option<&[String]>) -> String {
     let mut out = format!(
         "# pfwd rules for iptables ({} rules, most specific first: iptables' first match is pfwd's choice).\n\
          # Apply with: iptables-restore --noflush < FILE\n\
-         # This only touches pfwd's own chains, {}: with --noflush every other chain is kept, and\n\
-         # declaring a pfwd chain flushes it, so its rules are replaced as a whole.\n\
+         # It only touches pfwd's own chains, {}:\n\
+         # --noflush keeps every other chain, and declaring a pfwd chain flushes it, so its rules are replaced.\n\
          # The -A {} lines add the jumps into pfwd's chains. Applying the file again adds\n\
          # them again (harmless, but duplicated): to re-apply, leave those lines out.\n",
         rules.len(),
@@ -693,6 +693,16 @@ fn parse_spec<'a>(toks: &[&'a str]) -> Res<Spec<'a>> {
             "--to-ports" | "--to-port" => &mut s.to_ports,
             "-m" | "--match" => {
                 let value = take_value(toks, &mut i, tok, inline)?;
+                // Now rather than later: the match's own options would otherwise be reported as unknown.
+                if !matches!(value, "tcp" | "udp" | "comment" | "multiport") {
+                    return Err(bad(
+                        value,
+                        format!(
+                            "match -m {value} is not supported: pfwd matches interface, protocol, addresses and \
+                             destination ports"
+                        ),
+                    ));
+                }
                 s.matches.push(Opt { name, value });
                 continue;
             }
@@ -765,15 +775,7 @@ fn build_rules(s: &Spec, command_tok: &str) -> Res<Vec<Rule>> {
             "tcp" | "udp" if proto_name.as_deref() != Some(m.value) => {
                 return Err(bad(m.value, format!("-m {0} needs -p {0}", m.value)));
             }
-            "tcp" | "udp" | "comment" | "multiport" => {}
-            v => {
-                return Err(bad(
-                    v,
-                    format!(
-                        "match -m {v} is not supported: pfwd matches interface, protocol, addresses and destination ports"
-                    ),
-                ));
-            }
+            _ => {}
         }
     }
     if let Some(c) = s.comment.filter(|_| !has_match("comment")) {
@@ -1614,8 +1616,8 @@ COMMIT
             ("-p tcp --sport 1024 -j REDIRECT --to-port 3000", "--sport", "source ports are not supported"),
             ("-p tcp -m state --state NEW -j REDIRECT --to-port 3000", "state", "match -m state is not supported"),
             (
-                "-p tcp -m multiport --dports 1,2,3,4,5,6,7,8,9,10,11,12,13,14:15 -j REDIRECT --to-port 1",
-                "1,2,3,4,5,6,7,8,9,10,11,12,13,14:15",
+                "-p tcp -m multiport --dports 1,2,3,4,5,6,7,8,9,10,11,12,13,14,15:16 -j REDIRECT --to-port 1",
+                "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15:16",
                 "too many ports",
             ),
             ("-p tcp --dport 80 -j REDIRECT --to-ports 8000-8010", "8000-8010", "port ranges in --to-ports"),
@@ -1730,8 +1732,13 @@ COMMIT
         }
     }
 
+    /// The rules of pfwd's chains, chain by chain (iptables-save prints the tables in its own order).
     fn pfwd_lines(save: &str) -> Vec<&str> {
-        save.lines().filter(|l| l.starts_with("-A PFWD-")).collect()
+        let in_chain = |c: &PfwdChain| {
+            let prefix = format!("-A {} ", c.name);
+            save.lines().filter(move |l| l.starts_with(&prefix))
+        };
+        CHAINS.iter().flat_map(in_chain).collect()
     }
 
     #[test]
@@ -1773,7 +1780,7 @@ COMMIT
             assert_same_rules(&import(&save).unwrap().rules, &rules);
             assert_eq!(save.matches("-A PREROUTING -i eth0 -j PFWD-PREROUTING\n").count(), 1, "{save}");
 
-            let nft = export_nft(&rules, if rules.len() % 2 == 0 { None } else { Some(&ifaces) });
+            let nft = export_nft(&rules, if rules.len().is_multiple_of(2) { None } else { Some(&ifaces) });
             ns.run(&["nft", "-c", "-f", "-"], &nft);
         }
 

@@ -237,14 +237,15 @@ fn destination_filter(mode: &str) {
     let id = add(&lab, &["dnat", "-d", "203.0.113.10", "--to", "10.0.2.2"]);
     expect_tcp(&lab, None, "203.0.113.10:9000", "server", 9000, "10.0.1.2");
     expect_udp(&lab, None, "203.0.113.10:9000", "server", 9000, "10.0.1.2");
-    let before = rule_of(&status(&lab), id)["packets"].as_u64().unwrap();
+    // Flows count the same in both modes (iptables' NAT rules see only the first packet of each connection).
+    let before = rule_of(&status(&lab), id)["flows"].as_u64().unwrap();
     assert_eq!(
         icmp_echo(&lab, Node::Client, public, TIMEOUT),
         Some(public),
         "ICMP echo to 203.0.113.10 must be answered (by the server) from 203.0.113.10"
     );
-    let after = rule_of(&status(&lab), id)["packets"].as_u64().unwrap();
-    assert!(after >= before + 2, "the echo request and reply must be counted by the rule ({before} -> {after})");
+    let after = rule_of(&status(&lab), id)["flows"].as_u64().unwrap();
+    assert_eq!(after, before + 1, "the echo must be counted as one flow of the rule");
     // The rule's destination does not cover the router's other address.
     expect_tcp_fails(&lab, "10.0.1.1:9000");
     expect_tcp(&lab, None, "10.0.1.1:8080", "router", 8080, "10.0.1.2");
@@ -724,75 +725,90 @@ fn attach_idempotent(mode: &str) {
     assert_eq!(stable(&status(&lab))["interfaces"], stable(&st)["interfaces"]);
 }
 
+fn detach_keeps_user_iptables_rules(mode: &str) {
+    let lab = lab("e2e-userrules");
+    let _srv = server(&lab, Node::Server, "10.0.2.2:9000", "server");
+    // Rules pfwd does not own, in the tables it writes to: they must survive attach and detach untouched.
+    sh(
+        &lab,
+        Node::Router,
+        "iptables -w -t nat -A PREROUTING -p tcp --dport 2222 -j DNAT --to-destination 10.0.2.2:22 && \
+         iptables -w -t nat -A POSTROUTING -o eth9 -j MASQUERADE && \
+         iptables -w -A INPUT -p tcp --dport 9999 -j ACCEPT",
+    );
+    let before = snapshot(&lab);
+    let guard = attach(&lab, mode, &["eth0", "eth1"]);
+    add(&lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
+    let during = sh(&lab, Node::Router, "iptables-save");
+    for user_rule in ["--dport 2222", "-o eth9 -j MASQUERADE", "--dport 9999 -j ACCEPT"] {
+        assert!(during.contains(user_rule), "user rule {user_rule:?} missing while attached:\n{during}");
+    }
+    let notes = guard.detach();
+    let after = snapshot(&lab);
+    assert_eq!(after.iptables, before.iptables, "iptables-save must read as before attach (detach said: {notes})");
+    assert_eq!(after, before);
+}
+
+/// `--mode auto` with kernel BTF hidden (PFWD_BTF_PATH pointing nowhere) falls back to iptables, says why, and
+/// forwards the same traffic.
+#[test]
+fn auto_mode_falls_back_to_iptables_without_btf() {
+    let lab = lab("e2e-auto");
+    let _srv = server(&lab, Node::Server, "10.0.2.2:9000", "server");
+    let guard = Detach::new(&lab);
+    let mut cmd = lab.pfwd(["attach", "eth0", "eth1"]).expect("pfwd command");
+    cmd.env("PFWD_BTF_PATH", "/nonexistent/vmlinux");
+    let out = run_bounded(cmd, PFWD_TIMEOUT);
+    assert!(out.success, "attach failed: {}", out.stderr);
+    assert!(out.stdout.contains("no kernel BTF at /nonexistent/vmlinux"), "attach must say why: {}", out.stdout);
+    let st = status(&lab);
+    assert_eq!(st["mode"], "iptables");
+    assert!(st["mode_reason"].as_str().unwrap().contains("no kernel BTF"), "{st}");
+    add(&lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
+    assert!(sh(&lab, Node::Router, "iptables-save -t nat").contains("PFWD-PREROUTING"));
+    drop(guard);
+}
+
+/// `--mode auto` on this kernel (BTF present) picks eBPF.
+#[test]
+fn auto_mode_uses_ebpf_with_btf() {
+    let lab = lab("e2e-autoebpf");
+    let _guard = attach(&lab, "auto", &["eth0"]);
+    let st = status(&lab);
+    assert_eq!(st["mode"], "ebpf", "{st}");
+    assert!(st["mode_reason"].as_str().unwrap().contains("BTF found"), "{st}");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// Mode wrappers.
+// Mode wrappers: every scenario runs on the eBPF data path and on the iptables fallback with the same assertions.
 
-#[test]
-fn redirect_ebpf() {
-    redirect("ebpf")
+macro_rules! in_both_modes {
+    ($($scenario:ident),* $(,)?) => {
+        mod ebpf {
+            $(#[test] fn $scenario() { super::$scenario("ebpf") })*
+        }
+        mod iptables {
+            $(#[test] fn $scenario() { super::$scenario("iptables") })*
+        }
+    };
 }
 
-#[test]
-fn dnat_loopback_ebpf() {
-    dnat_loopback("ebpf")
-}
-
-#[test]
-fn dnat_to_server_ebpf() {
-    dnat_to_server("ebpf")
-}
-
-#[test]
-fn source_filter_ebpf() {
-    source_filter("ebpf")
-}
-
-#[test]
-fn destination_filter_ebpf() {
-    destination_filter("ebpf")
-}
-
-#[test]
-fn port_ranges_ebpf() {
-    port_ranges("ebpf")
-}
-
-#[test]
-fn many_connections_ebpf() {
-    many_connections("ebpf")
-}
-
-#[test]
-fn detach_restores_state_ebpf() {
-    detach_restores_state("ebpf")
-}
-
-#[test]
-fn detach_keeps_preexisting_sysctls_ebpf() {
-    detach_keeps_preexisting_sysctls("ebpf")
-}
-
-#[test]
-fn two_instances_ebpf() {
-    two_instances("ebpf")
-}
-
-#[test]
-fn cli_errors_ebpf() {
-    cli_errors("ebpf")
-}
-
-#[test]
-fn ip_netns_exec_ebpf() {
-    ip_netns_exec("ebpf")
-}
-
-#[test]
-fn ip_netns_exec_attach_ebpf() {
-    ip_netns_exec_attach("ebpf")
-}
-
-#[test]
-fn attach_idempotent_ebpf() {
-    attach_idempotent("ebpf")
-}
+in_both_modes!(
+    redirect,
+    dnat_loopback,
+    dnat_to_server,
+    source_filter,
+    destination_filter,
+    port_ranges,
+    many_connections,
+    detach_restores_state,
+    detach_keeps_preexisting_sysctls,
+    detach_keeps_user_iptables_rules,
+    two_instances,
+    cli_errors,
+    ip_netns_exec,
+    ip_netns_exec_attach,
+    attach_idempotent,
+);

@@ -9,8 +9,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::step;
 
-const PACKAGES: [&str; 8] =
-    ["llvm-22-dev", "iproute2", "iptables", "nftables", "ethtool", "bpftool", "iperf3", "netsniff-ng"];
+const PACKAGES: [&str; 9] =
+    ["llvm-22-dev", "iproute2", "iptables", "nftables", "conntrack", "ethtool", "bpftool", "iperf3", "netsniff-ng"];
 
 pub fn setup() -> Result<()> {
     step("setup");

@@ -409,7 +409,11 @@ pub fn icmp_echo(lab: &Lab, node: Node, to: Ipv4Addr, timeout: Duration) -> Opti
         .in_ns(node, || Socket::new(Domain::IPV4, Type::from(libc::SOCK_RAW), Some(Protocol::ICMPV4)))
         .expect("entering the namespace")
         .expect("raw ICMP socket");
-    let id = (std::process::id() as u16) ^ 0x5a5a;
+    // A new identifier per echo, as separate ping runs have: netfilter would otherwise keep treating them as one
+    // flow, tracked (untranslated) since before a rule existed.
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let id =
+        ((std::process::id() as u16) ^ 0x5a5a).wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut pkt = vec![8u8, 0, 0, 0];
     pkt.extend_from_slice(&id.to_be_bytes());
