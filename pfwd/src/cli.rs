@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::{
     control::{self, AttachOptions, Mode},
+    iptables,
     loader::Kernel,
     rules::{self, PortRange, Proto, Rule, Target},
 };
@@ -35,8 +36,11 @@ Typical use:
   pfwd status                                                   # rules with counters, conntrack
   pfwd detach                                                   # remove everything, restore sysctls
 
-When several rules match, the most specific wins (port, then protocol, interface, source prefix, destination
-prefix, then the older rule); `pfwd list` shows rules in that order's ids.";
+When several rules match, the most specific wins: a rule with a (narrower) --dport, then with -p, with -i, the
+longer -s prefix, the longer -d prefix, then the older rule. The iptables export uses the same order.
+
+Modes: eBPF (tcx programs) by default; iptables rules in pfwd's own chains where eBPF cannot run (`--mode auto`
+falls back by itself and says why). `pfwd export` and `pfwd import` convert to and from iptables syntax.";
 
 #[derive(Parser)]
 #[command(name = "pfwd", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -73,6 +77,34 @@ enum Cmd {
     },
     /// Remove every program, pin and setting pfwd made in this namespace; restore changed sysctls.
     Detach,
+    /// Print the rules (of this instance, or of --config) as iptables-restore input or an nftables script.
+    Export {
+        /// Output format.
+        #[arg(value_enum)]
+        format: ExportFormat,
+        /// Export this TOML file's rules instead of the running instance's.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Read iptables NAT rules (iptables-save output or `iptables -t nat -A ...` lines) and add them.
+    ///
+    /// All or nothing: one bad line rejects the whole input, naming the line and the token. Rules already present
+    /// are skipped. With --dry-run, print the rules in pfwd's syntax and change nothing.
+    Import {
+        /// File to read; `-` or nothing reads stdin.
+        file: Option<PathBuf>,
+        /// Only print the converted rules.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// iptables-restore input for `iptables-restore --noflush` (only pfwd's own chains and hooks).
+    Iptables,
+    /// An nftables script in its own table (`nft -f`).
+    Nft,
 }
 
 #[derive(Args)]
@@ -235,7 +267,61 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Detach => print_notes(&control::detach()?),
+        Cmd::Export { format, config } => {
+            let (rules, ifaces) = match &config {
+                // A file's rules have no ids yet: number them in file order, as `attach --config` would.
+                Some(_) => (
+                    read_config(&config)?
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, mut r)| {
+                            if r.id == 0 {
+                                r.id = i as u32 + 1;
+                            }
+                            r
+                        })
+                        .collect(),
+                    None,
+                ),
+                None => control::current()?.map(|(r, i)| (r, Some(i))).context(
+                    "pfwd is not attached in this network namespace: attach it, or export a file with --config FILE",
+                )?,
+            };
+            let ifaces = ifaces.as_deref();
+            print!(
+                "{}",
+                match format {
+                    ExportFormat::Iptables => iptables::export_iptables(&rules, ifaces),
+                    ExportFormat::Nft => iptables::export_nft(&rules, ifaces),
+                }
+            );
+        }
+        Cmd::Import { file, dry_run } => import(file, dry_run)?,
     }
+    Ok(())
+}
+
+fn import(file: Option<PathBuf>, dry_run: bool) -> Result<()> {
+    let text = match file.as_deref() {
+        None => std::io::read_to_string(std::io::stdin()).context("reading stdin")?,
+        Some(p) if p.as_os_str() == "-" => std::io::read_to_string(std::io::stdin()).context("reading stdin")?,
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+    };
+    let imported = iptables::import(&text)?;
+    for w in &imported.warnings {
+        eprintln!("pfwd: warning: {w}");
+    }
+    if dry_run {
+        for r in &imported.rules {
+            println!("pfwd add {r}");
+        }
+        return Ok(());
+    }
+    let (ids, notes) = control::add_many(imported.rules, true)?;
+    for n in notes {
+        eprintln!("pfwd: {n}");
+    }
+    println!("imported {} rule(s){}", ids.len(), if ids.is_empty() { String::new() } else { format!(": ids {ids:?}") });
     Ok(())
 }
 

@@ -284,12 +284,31 @@ fn bring_up_or_roll_back(
 
 /// `pfwd add`: adds one rule; returns its id and notes.
 pub fn add(rule: Rule) -> Result<(u32, Vec<String>)> {
-    rule.validate()?;
+    let (ids, notes) = add_many(vec![rule], false)?;
+    Ok((ids[0], notes))
+}
+
+/// Adds `rules` all or nothing. With `skip_duplicates` (import), rules that already exist are skipped;
+/// otherwise a duplicate is an error. Returns the new ids and notes.
+pub fn add_many(rules: Vec<Rule>, skip_duplicates: bool) -> Result<(Vec<u32>, Vec<String>)> {
+    for r in &rules {
+        r.validate()?;
+    }
     let lock = open()?;
     let mut state = lock.load()?.context(NOT_ATTACHED)?;
-    rules::check_duplicate(&state.rules(), &rule)?;
     let mut planned = state.clone();
-    let id = push_rule(&mut planned, rule)?;
+    let mut ids = vec![];
+    let mut notes = vec![];
+    for rule in rules {
+        if let Err(e) = rules::check_duplicate(&planned.rules(), &rule) {
+            if skip_duplicates {
+                notes.push(format!("skipped `{rule}`: {e}"));
+                continue;
+            }
+            return Err(e.into());
+        }
+        ids.push(push_rule(&mut planned, rule)?);
+    }
     rules::compile(&planned.rules(), &ifindex_lookup(&planned)).map_err(|e| match e {
         rules::RuleError::IfaceNotAttached { iface, .. } => anyhow::anyhow!(
             "-i {iface}: pfwd is not attached to {iface} (attached: {}); run `pfwd attach {iface}` first",
@@ -299,18 +318,27 @@ pub fn add(rule: Rule) -> Result<(u32, Vec<String>)> {
     })?;
     let backend = Backend::of(&state, &lock.inst);
     if let Backend::Ebpf(kernel) = &backend {
-        kernel.reset_counters(planned.rules.last().unwrap().slot)?;
+        for r in planned.rules.iter().filter(|r| ids.contains(&r.rule.id)) {
+            kernel.reset_counters(r.slot)?;
+        }
     }
     match apply(&backend, &mut planned) {
-        Ok(notes) => {
+        Ok(more) => {
             lock.save(&planned)?;
-            Ok((id, notes))
+            notes.extend(more);
+            Ok((ids, notes))
         }
         Err(e) => {
             let _ = apply(&backend, &mut state);
             Err(e)
         }
     }
+}
+
+/// The rules and interfaces of the running instance (for export), or None when not attached.
+pub fn current() -> Result<Option<(Vec<Rule>, Vec<String>)>> {
+    let lock = open()?;
+    Ok(lock.load()?.map(|s| (s.rules(), s.interfaces.iter().map(|i| i.name.clone()).collect())))
 }
 
 /// `pfwd del`: removes a rule. Flows it already translated keep their translation until they end, as with

@@ -72,7 +72,7 @@ fn netns_cookie() -> Result<u64> {
 }
 
 fn is_bpffs(path: &str) -> bool {
-    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 as i64 == BPFFS_MAGIC).unwrap_or(false)
+    nix::sys::statfs::statfs(path).map(|s| s.filesystem_type().0 == BPFFS_MAGIC).unwrap_or(false)
 }
 
 /// Makes sure bpffs is mounted at /sys/fs/bpf, mounting it when it is missing.

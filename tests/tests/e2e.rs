@@ -750,6 +750,56 @@ fn detach_keeps_user_iptables_rules(mode: &str) {
     assert_eq!(after, before);
 }
 
+/// Migration: the classic iptables commands imported into a running instance forward the same traffic, bad input
+/// changes nothing, and the export reads back to the same rules.
+fn import_and_export(mode: &str) {
+    let lab = lab("e2e-import");
+    let _srv = server(&lab, Node::Server, "10.0.2.2:9000", "server");
+    let _web = server(&lab, Node::Router, "10.0.1.1:80", "router-web");
+    let _guard = attach(&lab, mode, &["eth0", "eth1"]);
+    let dir = std::env::temp_dir().join(format!("pfwd-e2e-import-{}-{mode}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let bad = write(
+        "bad.sh",
+        "iptables -t nat -A PREROUTING -p tcp --dport 59999 -j REDIRECT --to-port 80\n\
+         iptables -t nat -A PREROUTING -p tcp \u{2013}dport 8080 -j DNAT --to 10.0.2.2:9000\n",
+    );
+    let out = pfwd_err(&lab, &["import", &bad], &["line 2", "\u{2013}dport"]);
+    assert!(out.stderr.contains("--dport"), "the error should suggest --dport: {}", out.stderr);
+    assert_eq!(list(&lab), serde_json::json!([]), "a rejected import must add nothing");
+
+    let good = write(
+        "classic.sh",
+        "# port forwarding, the iptables way\n\
+         sudo iptables -t nat -A PREROUTING -p tcp --dport 59999 -j REDIRECT --to-port 80\n\
+         iptables -t nat -A PREROUTING -i eth0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.0.2.2:9000\n",
+    );
+    let dry = pfwd_ok(&lab, &["import", "--dry-run", &good]);
+    assert!(dry.contains("redirect -p tcp --dport 59999 --to-port 80"), "{dry}");
+    assert_eq!(list(&lab), serde_json::json!([]), "--dry-run must add nothing");
+    pfwd_ok(&lab, &["import", &good]);
+    assert_eq!(list(&lab).as_array().unwrap().len(), 2);
+    expect_tcp(&lab, None, "10.0.1.1:59999", "router-web", 80, "10.0.1.2");
+    expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
+    // Importing again skips what is already there.
+    pfwd_ok(&lab, &["import", &good]);
+    assert_eq!(list(&lab).as_array().unwrap().len(), 2);
+
+    let export = pfwd_ok(&lab, &["export", "iptables"]);
+    let reimport = pfwd_ok(&lab, &["import", "--dry-run", &write("export.rules", &export)]);
+    let mut got: Vec<&str> = reimport.lines().collect();
+    let mut want: Vec<&str> = dry.lines().collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "export then import must give back the same rules");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--mode auto` with kernel BTF hidden (PFWD_BTF_PATH pointing nowhere) falls back to iptables, says why, and
 /// forwards the same traffic.
 #[test]
@@ -811,4 +861,5 @@ in_both_modes!(
     ip_netns_exec,
     ip_netns_exec_attach,
     attach_idempotent,
+    import_and_export,
 );
