@@ -28,10 +28,23 @@ pub const PROTO_UDP: u8 = 17;
 
 /// What a rule does to the first packet of a flow.
 pub mod kind {
-    /// Rewrite the destination to `to_addr[:to_port]`.
+    /// Rewrite the destination to `to_addr[:to_port]` (prerouting, at ingress).
     pub const DNAT: u8 = 1;
     /// Rewrite the destination to the incoming interface's primary address and `to_port`.
     pub const REDIRECT: u8 = 2;
+    /// Rewrite the source to `to_addr`, the port kept or allocated in `to_port..=to_port_hi` (postrouting, at
+    /// egress of the outgoing interface).
+    pub const SNAT: u8 = 3;
+    /// SNAT to the outgoing interface's current primary address.
+    pub const MASQUERADE: u8 = 4;
+}
+
+/// Which hook a bucket belongs to (`BucketKey::hook`).
+pub mod hook {
+    /// DNAT / REDIRECT rules, matched at ingress (iptables PREROUTING).
+    pub const PREROUTING: u8 = 0;
+    /// SNAT / MASQUERADE rules, matched at egress (iptables POSTROUTING).
+    pub const POSTROUTING: u8 = 1;
 }
 
 /// Bucket levels: which of (interface, protocol, port) a bucket key fixes. A packet is looked up at every level that
@@ -49,13 +62,14 @@ pub mod level {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct BucketKey {
-    /// 0 = any interface.
+    /// 0 = any interface (the incoming one for PREROUTING rules, the outgoing one for POSTROUTING rules).
     pub ifindex: u32,
     /// 0 = any port.
     pub dport: u16,
     /// 0 = any protocol.
     pub proto: u8,
-    pub _pad: u8,
+    /// [`hook`]: PREROUTING or POSTROUTING.
+    pub hook: u8,
 }
 
 #[repr(C)]
@@ -78,14 +92,18 @@ pub struct RuleEntry {
     pub src_mask: u32,
     pub dst_net: u32,
     pub dst_mask: u32,
-    /// DNAT target address, network order (unused by REDIRECT).
+    /// DNAT / SNAT target address, network order (unused by REDIRECT and MASQUERADE).
     pub to_addr: u32,
-    /// Target port; 0 keeps the original port.
+    /// DNAT / REDIRECT: the target port, 0 keeps the original port. SNAT / MASQUERADE: the low end of the source
+    /// port range; 0 = keep the source port when free, else allocate from 1024-65535.
     pub to_port: u16,
+    /// SNAT / MASQUERADE: the high end of the source port range.
+    pub to_port_hi: u16,
     pub kind: u8,
     /// Rule protocol (PROTO_ANY matches every protocol).
     pub proto: u8,
-    /// 0 = any interface.
+    pub _pad: [u8; 2],
+    /// 0 = any interface; the incoming one for DNAT/REDIRECT, the outgoing one for SNAT/MASQUERADE.
     pub ifindex: u32,
 }
 
@@ -99,6 +117,8 @@ pub struct RuleCounters {
     pub bytes: u64,
     /// Flows (connections) this rule created.
     pub flows: u64,
+    /// New flows this rule had to drop (SNAT: no free port in the range; REDIRECT: no interface address).
+    pub drops: u64,
 }
 
 /// Global counters (per-CPU array), indexed by these constants.
@@ -157,8 +177,10 @@ pub mod config_flag {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
-    /// Which bucket levels hold rules (see [`level`]).
+    /// Which bucket levels hold PREROUTING rules (see [`level`]).
     pub level_mask: u32,
+    /// Which bucket levels hold POSTROUTING rules.
+    pub snat_level_mask: u32,
     pub flags: u32,
     /// Idle timeouts, in seconds.
     pub tcp_syn_timeout: u32,
@@ -166,20 +188,19 @@ pub struct Config {
     pub tcp_close_timeout: u32,
     pub udp_timeout: u32,
     pub other_timeout: u32,
-    pub _pad: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             level_mask: 0,
+            snat_level_mask: 0,
             flags: 0,
             tcp_syn_timeout: 60,
             tcp_established_timeout: 6 * 3600,
             tcp_close_timeout: 10,
             udp_timeout: 60,
             other_timeout: 30,
-            _pad: 0,
         }
     }
 }
@@ -219,6 +240,13 @@ pub mod dir {
     pub const REPLY: u8 = 1;
 }
 
+/// Where a conntrack entry is applied. DNAT flows: original direction at ingress, replies at egress. SNAT flows:
+/// original direction at egress (after routing), replies at ingress.
+pub mod ct_hook {
+    pub const INGRESS: u8 = 0;
+    pub const EGRESS: u8 = 1;
+}
+
 /// Conntrack state bits (kept identical in both entries of a flow).
 pub mod ct_state {
     pub const SEEN_REPLY: u8 = 1 << 0;
@@ -235,9 +263,12 @@ pub struct CtEntry {
     pub xlat: Tuple,
     /// Rule slot that created the flow (for counters).
     pub rule_slot: u32,
+    /// [`dir`]: which way the flow's packets go (for TCP state: who sent the FIN).
     pub dir: u8,
     pub state: u8,
-    pub _pad: u16,
+    /// [`ct_hook`]: where this entry is applied.
+    pub hook: u8,
+    pub _pad: u8,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of creation and of the last packet (refreshed at most once a second).
     pub created_ns: u64,
     pub last_seen_ns: u64,
@@ -295,7 +326,7 @@ mod tests {
         use core::mem::size_of;
         assert_eq!(size_of::<BucketKey>(), 8);
         assert_eq!(size_of::<Bucket>(), 4 + 4 * BUCKET_SLOTS);
-        assert_eq!(size_of::<RuleEntry>(), 36);
+        assert_eq!(size_of::<RuleEntry>(), 40);
         assert_eq!(size_of::<Tuple>(), 16);
         assert_eq!(size_of::<CtEntry>(), 40);
         assert_eq!(size_of::<Config>(), 32);
