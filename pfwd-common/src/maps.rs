@@ -131,7 +131,7 @@ pub mod stat {
     pub const FRAGMENTS: u32 = 2;
     /// Truncated or malformed IPv4/L4 headers passed untouched.
     pub const MALFORMED: u32 = 3;
-    /// REDIRECT on an interface without an IPv4 address: dropped, as iptables does.
+    /// REDIRECT or MASQUERADE on an interface without an IPv4 address: dropped, as iptables does.
     pub const NO_IFACE_ADDR: u32 = 4;
     /// Conntrack insert failed (new flow passed untranslated).
     pub const CT_INSERT_FAILED: u32 = 5;
@@ -142,7 +142,11 @@ pub mod stat {
     /// TCP SYN-ACKs matching the reply entry of a closed flow: a new, untranslated connection on the same ports;
     /// the stale flow is removed and the packet passes.
     pub const STALE_REMOVED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// New SNAT/MASQUERADE flows dropped: no free port in the rule's range.
+    pub const SNAT_EXHAUSTED: u32 = 9;
+    /// ICMP errors about translated flows, translated (outer and embedded headers).
+    pub const ICMP_ERRORS_XLATED: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const NAMES: [&str; COUNT as usize] = [
         "translated_packets",
         "new_flows",
@@ -153,6 +157,8 @@ pub mod stat {
         "expired_flows_removed",
         "conntrack_clash_drops",
         "stale_flows_removed",
+        "snat_port_exhausted_drops",
+        "icmp_errors_translated",
     ];
 }
 

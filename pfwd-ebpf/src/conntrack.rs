@@ -3,12 +3,15 @@
 //!
 //! The entries of a flow find each other through `xlat.reversed()`. An entry is only treated as the peer of another
 //! if it points back, so a stale entry left by an earlier flow on the same ports can never change a live one.
-use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
-use pfwd_common::{Config, CtEntry, PROTO_TCP, Tuple, ct_state, dir, stat};
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+};
+use pfwd_common::{Config, CtEntry, PROTO_TCP, Tuple, ct_hook, ct_state, dir, stat};
 
 use crate::{
     maps::{CONNTRACK, count},
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Packet, TCP_FIN, TCP_RST},
 };
 
 const REFRESH_NS: u64 = 1_000_000_000;
@@ -17,12 +20,6 @@ const REFRESH_NS: u64 = 1_000_000_000;
 pub fn now_ns() -> u64 {
     // SAFETY: plain helper call without arguments.
     unsafe { bpf_ktime_get_ns() }
-}
-
-/// A TCP SYN without ACK: the only TCP packet that may start a new translated flow.
-#[inline(always)]
-pub fn is_tcp_open(pkt: &Packet) -> bool {
-    pkt.tuple.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN
 }
 
 #[inline(always)]
@@ -93,30 +90,50 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
     }
 }
 
-/// Creates both entries of a new flow: `orig` is translated to `xlat`, and replies (`xlat` reversed) back to `orig`
-/// reversed. Fails (with the stat to count) when the table refuses the insert, or when a live flow already owns the
-/// reply tuple: two flows translated to the same tuple could not tell their replies apart.
+/// Creates both entries of a new flow: `orig` (applied at `hook`) is translated to `xlat`, and replies (`xlat`
+/// reversed, applied at the other hook) back to `orig` reversed. Fails with the stat to count when the table refuses
+/// the insert, or with `CT_CLASH` when a live flow already owns the reply tuple: two flows translated to the same
+/// tuple could not tell their replies apart (SNAT port allocation then tries another port).
 #[inline(always)]
-pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config) -> Result<(), u32> {
+pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config, hook: u8) -> Result<(), u32> {
     let reply_key = xlat.reversed();
+    let ours = orig.reversed();
     if let Some(p) = CONNTRACK.get_ptr_mut(&reply_key) {
         // SAFETY: map value pointer.
         let other = unsafe { &*p };
-        if other.xlat != orig.reversed() {
+        if other.xlat != ours {
             if !other.expired(now, cfg) && !is_closed(other) {
                 return Err(stat::CT_CLASH);
             }
             remove_flow(&reply_key, other);
         }
     }
-    let forward =
-        CtEntry { xlat: *xlat, rule_slot, dir: dir::ORIGINAL, state: 0, _pad: 0, created_ns: now, last_seen_ns: now };
-    let backward = CtEntry { xlat: orig.reversed(), dir: dir::REPLY, ..forward };
-    if CONNTRACK.insert(&reply_key, &backward, BPF_ANY as u64).is_ok()
-        && CONNTRACK.insert(orig, &forward, BPF_ANY as u64).is_ok()
-    {
-        Ok(())
-    } else {
-        Err(stat::CT_INSERT_FAILED)
+    // One entry value on the stack, filled for the reply direction first, then reused for the original one.
+    let mut entry = CtEntry {
+        xlat: ours,
+        rule_slot,
+        dir: dir::REPLY,
+        state: 0,
+        hook: if hook == ct_hook::INGRESS { ct_hook::EGRESS } else { ct_hook::INGRESS },
+        _pad: 0,
+        created_ns: now,
+        last_seen_ns: now,
+    };
+    // NOEXIST claims the reply tuple atomically against another CPU allocating the same one; losing that race to
+    // the same flow (its other packet) is fine, losing it to a different flow is a clash.
+    if CONNTRACK.insert(&reply_key, &entry, BPF_NOEXIST as u64).is_err() {
+        let same_flow = CONNTRACK.get_ptr_mut(&reply_key).is_some_and(|p| unsafe { (*p).xlat } == ours);
+        if !same_flow {
+            return Err(stat::CT_CLASH);
+        }
+        let _ = CONNTRACK.insert(&reply_key, &entry, BPF_ANY as u64);
     }
+    entry.xlat = *xlat;
+    entry.dir = dir::ORIGINAL;
+    entry.hook = hook;
+    if CONNTRACK.insert(orig, &entry, BPF_ANY as u64).is_err() {
+        let _ = CONNTRACK.remove(&reply_key);
+        return Err(stat::CT_INSERT_FAILED);
+    }
+    Ok(())
 }

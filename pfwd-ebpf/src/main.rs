@@ -1,8 +1,9 @@
-//! pfwd's kernel programs: TC (tcx) ingress and egress classifiers doing DNAT/REDIRECT with connection tracking.
+//! pfwd's kernel programs: TC (tcx) ingress and egress classifiers doing DNAT/REDIRECT (ingress, before routing) and
+//! SNAT/MASQUERADE (egress, after routing) with connection tracking.
 //!
-//! Ingress: a packet of a known flow (original direction) gets its destination rewritten; the first packet of a new
-//! flow picks a rule, and both conntrack entries are created. Egress: replies get their source restored.
-//! Everything else passes untouched (TCX_NEXT, so other programs on the hook still run).
+//! The first packet of a new flow picks a rule and creates both conntrack entries; later packets only look up and
+//! rewrite; replies are translated back at the opposite hook; ICMP errors about translated flows are translated in
+//! their outer and embedded headers. Everything else passes untouched (TCX_NEXT, so other programs still run).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -16,20 +17,22 @@ mod nat;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod rules;
+#[cfg(target_arch = "bpf")]
+mod snat;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{macros::classifier, programs::TcContext};
     use aya_log_ebpf::{info, warn};
     use core::net::Ipv4Addr;
-    use pfwd_common::{Config, PROTO_TCP, Tuple, config_flag, dir, kind, stat};
+    use pfwd_common::{Config, PROTO_TCP, Tuple, config_flag, ct_hook, dir, hook, kind, stat};
 
     use crate::{
         conntrack,
-        maps::{CONFIG, IFACES, count, count_rule},
+        maps::{CONFIG, IFACES, count, count_rule, count_rule_drop},
         nat,
-        parse::{self, Packet, TCP_SYN},
-        rules,
+        parse::{self, Embedded, Icmp, Packet, TCP_SYN},
+        rules, snat,
     };
 
     /// Let the next program on the hook (or the stack) have the packet.
@@ -47,102 +50,156 @@ mod programs {
         unsafe { (*ctx.skb.skb).ifindex }
     }
 
+    #[inline(always)]
+    fn logging(cfg: &Config) -> bool {
+        cfg.flags & config_flag::LOG_EVENTS != 0
+    }
+
+    /// What to do with a packet. Each program has a single place that rewrites, so the verifier sees the rewrite
+    /// code once per program.
+    enum Verdict {
+        Pass,
+        Drop,
+        Translate { xlat: Tuple, slot: u32, new_flow: bool },
+    }
+
+    /// Ingress: original direction of DNAT/REDIRECT flows (and their first packet), replies of SNAT flows.
     #[classifier]
     pub fn pfwd_ingress(ctx: TcContext) -> i32 {
+        run(&ctx, ct_hook::INGRESS)
+    }
+
+    /// Egress: replies of DNAT/REDIRECT flows, original direction of SNAT flows (and their first packet).
+    #[classifier]
+    pub fn pfwd_egress(ctx: TcContext) -> i32 {
+        run(&ctx, ct_hook::EGRESS)
+    }
+
+    #[inline(always)]
+    fn run(ctx: &TcContext, at: u8) -> i32 {
         let Some(cfg) = CONFIG.get(0) else { return NEXT };
-        let Some(pkt) = parse::parse(&ctx) else { return NEXT };
+        let Some(pkt) = parse::parse(ctx) else { return NEXT };
+        if let Icmp::Error(emb) = pkt.icmp {
+            return icmp_error(ctx, &pkt, &emb, at, cfg);
+        }
+        match verdict(ctx, &pkt, at, cfg) {
+            Verdict::Pass => NEXT,
+            Verdict::Drop => DROP,
+            Verdict::Translate { xlat, slot, new_flow } => {
+                if new_flow && logging(cfg) {
+                    let t = &pkt.tuple;
+                    info!(
+                        ctx,
+                        "new flow {:i}:{} -> {:i}:{} proto {} => {:i}:{} -> {:i}:{}",
+                        ip(t.saddr),
+                        t.sport,
+                        ip(t.daddr),
+                        t.dport,
+                        t.proto,
+                        ip(xlat.saddr),
+                        xlat.sport,
+                        ip(xlat.daddr),
+                        xlat.dport
+                    );
+                }
+                apply(ctx, &pkt, &xlat, slot, new_flow, cfg)
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn verdict(ctx: &TcContext, pkt: &Packet, at: u8, cfg: &Config) -> Verdict {
         let now = conntrack::now_ns();
         if let Some(e) = conntrack::lookup(&pkt.tuple, now, cfg) {
             // SAFETY: map value pointer from lookup.
             let entry = unsafe { &*e };
-            if entry.dir == dir::REPLY {
-                // Replies are restored where they leave (egress); restoring here could give them a local source
-                // address, which the stack drops as martian.
-                return NEXT;
+            if entry.hook != at {
+                // A known flow, translated at the other hook.
+                return Verdict::Pass;
             }
-            if conntrack::is_tcp_open(&pkt) && conntrack::is_closed(entry) {
-                // A new connection reusing the ports of a closed one starts over with the current rules.
+            let closed = pkt.tuple.proto == PROTO_TCP && conntrack::is_closed(entry);
+            if closed && entry.dir == dir::REPLY && pkt.tcp_flags & TCP_SYN != 0 {
+                // A SYN(-ACK) on the ports of a closed translated flow belongs to a new connection that is not ours.
                 conntrack::remove_flow(&pkt.tuple, entry);
-            } else {
-                let (xlat, slot) = (entry.xlat, entry.rule_slot);
-                conntrack::track(&pkt.tuple, e, &pkt, now);
-                return apply(&ctx, &pkt, &xlat, slot, false, cfg);
+                count(stat::STALE_REMOVED);
+                return Verdict::Pass;
             }
-        }
-        new_flow(&ctx, &pkt, now, cfg)
-    }
-
-    #[classifier]
-    pub fn pfwd_egress(ctx: TcContext) -> i32 {
-        let Some(cfg) = CONFIG.get(0) else { return NEXT };
-        let Some(pkt) = parse::parse(&ctx) else { return NEXT };
-        let now = conntrack::now_ns();
-        let Some(e) = conntrack::lookup(&pkt.tuple, now, cfg) else { return NEXT };
-        // SAFETY: map value pointer from lookup.
-        let entry = unsafe { &*e };
-        if entry.dir != dir::REPLY {
-            return NEXT;
-        }
-        if pkt.tcp_flags & TCP_SYN != 0 && conntrack::is_closed(entry) {
-            // A SYN-ACK on the ports of a closed translated flow answers a new connection that is not ours.
+            if !(closed && entry.dir == dir::ORIGINAL && pkt.can_open()) {
+                let (xlat, slot) = (entry.xlat, entry.rule_slot);
+                conntrack::track(&pkt.tuple, e, pkt, now);
+                return Verdict::Translate { xlat, slot, new_flow: false };
+            }
+            // A new connection reusing the ports of a closed one starts over with the current rules.
             conntrack::remove_flow(&pkt.tuple, entry);
-            count(stat::STALE_REMOVED);
-            return NEXT;
         }
-        let (xlat, slot) = (entry.xlat, entry.rule_slot);
-        conntrack::track(&pkt.tuple, e, &pkt, now);
-        apply(&ctx, &pkt, &xlat, slot, false, cfg)
-    }
-
-    #[inline(always)]
-    fn new_flow(ctx: &TcContext, pkt: &Packet, now: u64, cfg: &Config) -> i32 {
-        if pkt.tuple.proto == PROTO_TCP && !conntrack::is_tcp_open(pkt) {
-            // Mid-stream TCP without a flow: not ours to translate.
-            return NEXT;
+        let (hook, mask) = if at == ct_hook::INGRESS {
+            (hook::PREROUTING, cfg.level_mask)
+        } else {
+            (hook::POSTROUTING, cfg.snat_level_mask)
+        };
+        if mask == 0 || !pkt.can_open() {
+            return Verdict::Pass;
         }
         let ifindex = ifindex(ctx);
-        let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else { return NEXT };
-        let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, cfg) else { return NEXT };
-        let to_addr = if rule.kind == kind::REDIRECT { iface.addr } else { rule.to_addr };
-        if to_addr == 0 {
-            count(stat::NO_IFACE_ADDR);
-            if cfg.flags & config_flag::LOG_EVENTS != 0 {
-                warn!(ctx, "drop: REDIRECT (rule {}) on interface {} without an IPv4 address", rule.id, ifindex);
+        // Only interfaces pfwd is attached to (and knows the address of).
+        let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else { return Verdict::Pass };
+        let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, mask) else { return Verdict::Pass };
+        let created = if at == ct_hook::INGRESS {
+            let to_addr = if rule.kind == kind::REDIRECT { iface.addr } else { rule.to_addr };
+            let mut xlat = pkt.tuple;
+            xlat.daddr = to_addr;
+            // ICMP echo identifiers are not ports: DNAT keeps them.
+            if rule.to_port != 0 && pkt.l4_csum_off().is_some() {
+                xlat.dport = rule.to_port;
             }
-            return DROP;
-        }
-        let mut xlat = pkt.tuple;
-        xlat.daddr = to_addr;
-        if rule.to_port != 0 && pkt.l4_csum_off().is_some() {
-            xlat.dport = rule.to_port;
-        }
-        if let Err(reason) = conntrack::create(&pkt.tuple, &xlat, slot, now, cfg) {
-            count(reason);
-            if reason == stat::CT_CLASH {
-                if cfg.flags & config_flag::LOG_EVENTS != 0 {
-                    warn!(ctx, "drop: another live flow already translates to {:i}:{}", ip(xlat.daddr), xlat.dport);
+            if to_addr == 0 {
+                Err(stat::NO_IFACE_ADDR)
+            } else {
+                conntrack::create(&pkt.tuple, &xlat, slot, now, cfg, ct_hook::INGRESS).map(|_| xlat)
+            }
+        } else {
+            snat::allocate(ctx, pkt, slot, rule, ifindex, iface, now, cfg)
+        };
+        match created {
+            Ok(xlat) => {
+                count(stat::NEW_FLOWS);
+                Verdict::Translate { xlat, slot, new_flow: true }
+            }
+            Err(reason) => {
+                count(reason);
+                if reason == stat::CT_INSERT_FAILED {
+                    // The table refused the entry: the flow passes untranslated rather than being cut.
+                    return Verdict::Pass;
                 }
-                return DROP;
+                count_rule_drop(slot);
+                if logging(cfg) {
+                    warn!(ctx, "drop: new flow refused by rule {} (reason: stat {})", rule.id, reason);
+                }
+                Verdict::Drop
             }
+        }
+    }
+
+    /// An ICMP error about a flow translated at this hook: translate the embedded packet back to what its sender
+    /// sent, and the outer header with it. The flow is found by the embedded packet's reply tuple.
+    #[inline(always)]
+    fn icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, at: u8, cfg: &Config) -> i32 {
+        let now = conntrack::now_ns();
+        let key = emb.tuple.reversed();
+        let Some(e) = conntrack::lookup(&key, now, cfg) else { return NEXT };
+        // SAFETY: map value pointer from lookup.
+        let entry = unsafe { &*e };
+        if entry.hook != at {
             return NEXT;
         }
-        count(stat::NEW_FLOWS);
-        if cfg.flags & config_flag::LOG_EVENTS != 0 {
-            let t = &pkt.tuple;
-            info!(
-                ctx,
-                "new flow proto {} {:i}:{} -> {:i}:{} => {:i}:{} (rule {})",
-                t.proto,
-                ip(t.saddr),
-                t.sport,
-                ip(t.daddr),
-                t.dport,
-                ip(xlat.daddr),
-                xlat.dport,
-                rule.id
-            );
+        let new_inner = entry.xlat.reversed();
+        if !nat::rewrite_icmp_error(ctx, pkt, emb, &new_inner) {
+            count(stat::MALFORMED);
+            return DROP;
         }
-        apply(ctx, pkt, &xlat, slot, true, cfg)
+        count(stat::ICMP_ERRORS_XLATED);
+        count_rule(entry.rule_slot, pkt.ip_len, false);
+        NEXT
     }
 
     #[inline(always)]

@@ -39,6 +39,14 @@ pub fn count(stat: u32) {
 }
 
 #[inline(always)]
+pub fn count_rule_drop(slot: u32) {
+    if let Some(c) = RULE_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { (*c).drops += 1 };
+    }
+}
+
+#[inline(always)]
 pub fn count_rule(slot: u32, bytes: u32, new_flow: bool) {
     if let Some(c) = RULE_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: as above.

@@ -1,39 +1,65 @@
 //! Rewriting a packet's addresses and ports to a translated tuple, with checksum fixups.
 //!
 //! Fields are written directly into the packet and the IPv4 header checksum is updated by hand (RFC 1624, shared
-//! with userspace tests in `pfwd-common`). The L4 checksum goes through `bpf_l4_csum_replace`, which knows about
-//! partial checksums (CHECKSUM_PARTIAL) from local sockets and keeps a UDP checksum of 0 at 0 (BPF_F_MARK_MANGLED_0).
+//! with userspace tests in `pfwd-common`). TCP/UDP checksums go through `bpf_l4_csum_replace`, which knows about
+//! partial checksums (CHECKSUM_PARTIAL) from local sockets and keeps a UDP checksum of 0 at 0
+//! (BPF_F_MARK_MANGLED_0). ICMP checksums cover no pseudo-header and are never partial: updated by hand.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
 use network_types::ip::Ipv4Hdr;
-use pfwd_common::{PROTO_UDP, Tuple, checksum};
+use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, Tuple, checksum};
 
-use crate::parse::{ETH_LEN, Packet, ptr_at};
+use crate::parse::{ETH_LEN, Embedded, Packet, ptr_at};
+
+/// Offset of the identifier in an ICMP echo header, and of the ICMP checksum.
+const ICMP_ID: usize = 4;
+const ICMP_CHECK: usize = 2;
+
+/// Rewrites the addresses of the IPv4 header at `ip_off` from `from` to `to`, fixing its checksum. Returns the old
+/// and new header checksums (an ICMP error embedding this header must account for both changes), or None if the
+/// header is out of bounds.
+#[inline(always)]
+fn rewrite_ip(ctx: &TcContext, ip_off: usize, from: &Tuple, to: &Tuple) -> Option<(u16, u16)> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off)?;
+    // SAFETY: bounds checked by ptr_at; nothing else aliases the packet while we run.
+    let ip = unsafe { &mut *ip };
+    let old = u16::from_be_bytes(ip.check);
+    let mut check = old;
+    if from.saddr != to.saddr {
+        check = checksum::replace_u32(check, u32::from_be(from.saddr), u32::from_be(to.saddr));
+        ip.src_addr = to.saddr.to_ne_bytes();
+    }
+    if from.daddr != to.daddr {
+        check = checksum::replace_u32(check, u32::from_be(from.daddr), u32::from_be(to.daddr));
+        ip.dst_addr = to.daddr.to_ne_bytes();
+    }
+    ip.check = check.to_be_bytes();
+    Some((old, check))
+}
 
 /// Rewrites the packet (whose tuple is `pkt.tuple`) so its tuple becomes `to`. Returns false if the packet could not
 /// be written (then it must be dropped: it may be half-rewritten).
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, to: &Tuple) -> bool {
     let from = &pkt.tuple;
-    let addr_changed = from.saddr != to.saddr || from.daddr != to.daddr;
+    if (from.saddr != to.saddr || from.daddr != to.daddr) && rewrite_ip(ctx, ETH_LEN, from, to).is_none() {
+        return false;
+    }
     let ports_changed = from.sport != to.sport || from.dport != to.dport;
-
-    if addr_changed {
-        let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN) else { return false };
-        // SAFETY: bounds checked by ptr_at; nothing else aliases the packet while we run.
-        let ip = unsafe { &mut *ip };
-        let mut check = u16::from_be_bytes(ip.check);
-        if from.saddr != to.saddr {
-            check = checksum::replace_u32(check, u32::from_be(from.saddr), u32::from_be(to.saddr));
-            ip.src_addr = to.saddr.to_ne_bytes();
+    if from.proto == PROTO_ICMP {
+        // Echo: the identifier stands in for both ports (sport == dport in echo tuples).
+        if ports_changed {
+            let Some(hdr) = ptr_at::<[u8; 8]>(ctx, pkt.l4_off) else { return false };
+            // SAFETY: bounds checked by ptr_at.
+            let hdr = unsafe { &mut *hdr };
+            let check = u16::from_be_bytes([hdr[ICMP_CHECK], hdr[ICMP_CHECK + 1]]);
+            let check = checksum::replace_u16(check, from.sport, to.sport);
+            hdr[ICMP_CHECK..ICMP_CHECK + 2].copy_from_slice(&check.to_be_bytes());
+            hdr[ICMP_ID..ICMP_ID + 2].copy_from_slice(&to.sport.to_be_bytes());
         }
-        if from.daddr != to.daddr {
-            check = checksum::replace_u32(check, u32::from_be(from.daddr), u32::from_be(to.daddr));
-            ip.dst_addr = to.daddr.to_ne_bytes();
-        }
-        ip.check = check.to_be_bytes();
+        return true;
     }
     if ports_changed {
         let Some(ports) = ptr_at::<[u8; 4]>(ctx, pkt.l4_off) else { return false };
@@ -48,13 +74,101 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, to: &Tuple) -> bool {
     let mangled0 = if from.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     let addr_flags = BPF_F_PSEUDO_HDR as u64 | mangled0 | 4;
     let port_flags = mangled0 | 2;
-    let ok = (from.saddr == to.saddr
-        || ctx.l4_csum_replace(csum_off, from.saddr as u64, to.saddr as u64, addr_flags).is_ok())
+    (from.saddr == to.saddr || ctx.l4_csum_replace(csum_off, from.saddr as u64, to.saddr as u64, addr_flags).is_ok())
         && (from.daddr == to.daddr
             || ctx.l4_csum_replace(csum_off, from.daddr as u64, to.daddr as u64, addr_flags).is_ok())
         && (from.sport == to.sport
             || ctx.l4_csum_replace(csum_off, from.sport.to_be() as u64, to.sport.to_be() as u64, port_flags).is_ok())
         && (from.dport == to.dport
-            || ctx.l4_csum_replace(csum_off, from.dport.to_be() as u64, to.dport.to_be() as u64, port_flags).is_ok());
-    ok
+            || ctx.l4_csum_replace(csum_off, from.dport.to_be() as u64, to.dport.to_be() as u64, port_flags).is_ok())
+}
+
+/// Accumulates 16-bit and 32-bit field changes into an ICMP checksum.
+struct IcmpCheck(u16);
+
+impl IcmpCheck {
+    #[inline(always)]
+    fn u16(&mut self, old: u16, new: u16) {
+        self.0 = checksum::replace_u16(self.0, old, new);
+    }
+    #[inline(always)]
+    fn addr(&mut self, old: u32, new: u32) {
+        self.0 = checksum::replace_u32(self.0, u32::from_be(old), u32::from_be(new));
+    }
+}
+
+/// Translates an ICMP error about a translated flow: the embedded packet (as the translated side sent it) becomes
+/// `new_inner`, its IP checksum and (where present) its L4 checksum follow, the outer addresses that named the
+/// embedded packet's endpoints follow them, and the outer IP and ICMP checksums account for everything.
+/// Returns false if the packet could not be written.
+#[inline(always)]
+pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inner: &Tuple) -> bool {
+    let inner = &emb.tuple;
+    let Some(check) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + ICMP_CHECK) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    let mut icmp = IcmpCheck(u16::from_be_bytes(unsafe { *check }));
+
+    // Embedded IP header: addresses and its checksum are all inside the ICMP payload.
+    let Some((old_check, new_check)) = rewrite_ip(ctx, emb.ip_off, inner, new_inner) else { return false };
+    icmp.addr(inner.saddr, new_inner.saddr);
+    icmp.addr(inner.daddr, new_inner.daddr);
+    icmp.u16(old_check, new_check);
+
+    // Embedded L4: ports (or echo identifier), and the UDP/TCP checksum when the error carries it.
+    let end = ETH_LEN + pkt.ip_len as usize;
+    match inner.proto {
+        PROTO_TCP | PROTO_UDP => {
+            let csum_at = if inner.proto == PROTO_UDP { 6 } else { 16 };
+            if emb.l4_off + csum_at + 2 <= end {
+                let Some(c) = ptr_at::<[u8; 2]>(ctx, emb.l4_off + csum_at) else { return false };
+                // SAFETY: bounds checked by ptr_at.
+                let c = unsafe { &mut *c };
+                let old = u16::from_be_bytes(*c);
+                // A UDP checksum of 0 means "none" and stays 0.
+                if !(inner.proto == PROTO_UDP && old == 0) {
+                    let mut new = checksum::replace_u32(old, u32::from_be(inner.saddr), u32::from_be(new_inner.saddr));
+                    new = checksum::replace_u32(new, u32::from_be(inner.daddr), u32::from_be(new_inner.daddr));
+                    new = checksum::replace_u16(new, inner.sport, new_inner.sport);
+                    new = checksum::replace_u16(new, inner.dport, new_inner.dport);
+                    if inner.proto == PROTO_UDP && new == 0 {
+                        new = 0xffff;
+                    }
+                    *c = new.to_be_bytes();
+                    icmp.u16(old, new);
+                }
+            }
+            let Some(ports) = ptr_at::<[u8; 4]>(ctx, emb.l4_off) else { return false };
+            let [s0, s1] = new_inner.sport.to_be_bytes();
+            let [d0, d1] = new_inner.dport.to_be_bytes();
+            // SAFETY: bounds checked by ptr_at.
+            unsafe { *ports = [s0, s1, d0, d1] };
+            icmp.u16(inner.sport, new_inner.sport);
+            icmp.u16(inner.dport, new_inner.dport);
+        }
+        PROTO_ICMP => {
+            // The embedded echo's own checksum is only partly present; like Linux, leave it and fix the id.
+            let Some(id) = ptr_at::<[u8; 2]>(ctx, emb.l4_off + ICMP_ID) else { return false };
+            // SAFETY: bounds checked by ptr_at.
+            unsafe { *id = new_inner.sport.to_be_bytes() };
+            icmp.u16(inner.sport, new_inner.sport);
+        }
+        _ => {}
+    }
+
+    // Outer header: the error's endpoints that were the embedded packet's endpoints follow the translation (a router
+    // on the path keeps its own source address).
+    let mut outer = pkt.tuple;
+    if outer.daddr == inner.saddr {
+        outer.daddr = new_inner.saddr;
+    }
+    if outer.saddr == inner.daddr {
+        outer.saddr = new_inner.daddr;
+    }
+    if rewrite_ip(ctx, ETH_LEN, &pkt.tuple, &outer).is_none() {
+        return false;
+    }
+    let Some(check) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + ICMP_CHECK) else { return false };
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { *check = icmp.0.to_be_bytes() };
+    true
 }

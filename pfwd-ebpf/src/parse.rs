@@ -1,7 +1,7 @@
 //! Packet parsing: Ethernet + IPv4 + the TCP/UDP ports, with every bound checked for the verifier.
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use pfwd_common::{PROTO_TCP, PROTO_UDP, Tuple, stat};
+use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, Tuple, stat};
 
 use crate::maps::count;
 
@@ -15,6 +15,35 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROB: u8 = 12;
+/// ICMP header: type, code, checksum, then identifier/sequence (echo) or unused/MTU (errors).
+pub const ICMP_HLEN: usize = 8;
+
+/// What kind of ICMP message a packet is (for other protocols: `NotIcmp`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Icmp {
+    NotIcmp,
+    /// Echo request: may start a flow; its identifier is translated like a port (tuple ports = identifier).
+    EchoRequest,
+    EchoReply,
+    /// An error about another packet, whose IP header and first 8 L4 bytes it embeds (tuple ports = 0).
+    Error(Embedded),
+    /// Other ICMP (ports 0): only IP-level translation.
+    Other,
+}
+
+/// The packet embedded in an ICMP error: offsets in the outer packet and its tuple as written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Embedded {
+    pub ip_off: usize,
+    pub l4_off: usize,
+    pub tuple: Tuple,
+}
+
 /// What the NAT code needs to know about a packet.
 pub struct Packet {
     pub tuple: Tuple,
@@ -23,6 +52,7 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// IP total length (what the rule byte counters count, as iptables does).
     pub ip_len: u32,
+    pub icmp: Icmp,
 }
 
 impl Packet {
@@ -33,6 +63,23 @@ impl Packet {
             PROTO_TCP => Some(self.l4_off + 16),
             PROTO_UDP => Some(self.l4_off + 6),
             _ => None,
+        }
+    }
+
+    /// Whether the tuple has ports (TCP, UDP) or an identifier standing in for them (ICMP echo).
+    #[inline(always)]
+    pub fn has_ports(&self) -> bool {
+        matches!(self.tuple.proto, PROTO_TCP | PROTO_UDP) || matches!(self.icmp, Icmp::EchoRequest | Icmp::EchoReply)
+    }
+
+    /// Whether this packet may start a new translated flow: a TCP SYN (no ACK), an ICMP echo request, any UDP or
+    /// other-protocol packet. Mid-stream TCP, echo replies and ICMP errors never do.
+    #[inline(always)]
+    pub fn can_open(&self) -> bool {
+        match self.tuple.proto {
+            PROTO_TCP => self.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN,
+            PROTO_ICMP => self.icmp == Icmp::EchoRequest,
+            _ => true,
         }
     }
 }
@@ -98,6 +145,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
     let l4_off = ETH_LEN + ihl;
     let l4_len = tot_len - ihl;
     let mut tcp_flags = 0;
+    let mut icmp = Icmp::NotIcmp;
     match tuple.proto {
         PROTO_TCP | PROTO_UDP => {
             let hdr_len = if tuple.proto == PROTO_TCP { 20 } else { 8 };
@@ -122,7 +170,75 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
                 tcp_flags = flags;
             }
         }
+        PROTO_ICMP => {
+            if l4_len < ICMP_HLEN || !ensure_linear(ctx, l4_off + ICMP_HLEN) {
+                count(stat::MALFORMED);
+                return None;
+            }
+            let hdr: *const [u8; ICMP_HLEN] = ptr_at(ctx, l4_off)?;
+            // SAFETY: bounds checked by ptr_at.
+            let hdr = unsafe { *hdr };
+            icmp = match hdr[0] {
+                ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY => {
+                    let id = u16::from_be_bytes([hdr[4], hdr[5]]);
+                    tuple.sport = id;
+                    tuple.dport = id;
+                    if hdr[0] == ICMP_ECHO_REQUEST { Icmp::EchoRequest } else { Icmp::EchoReply }
+                }
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB => {
+                    // An error whose embedded packet cannot be read is passed as plain ICMP, untranslated.
+                    embedded(ctx, l4_off + ICMP_HLEN, ETH_LEN + tot_len).map_or(Icmp::Other, Icmp::Error)
+                }
+                _ => Icmp::Other,
+            };
+        }
         _ => {}
     }
-    Some(Packet { tuple, l4_off, tcp_flags, ip_len: tot_len as u32 })
+    Some(Packet { tuple, l4_off, tcp_flags, ip_len: tot_len as u32, icmp })
+}
+
+/// Parses the packet embedded in an ICMP error at `ip_off`: an IPv4 header and at least 8 bytes of L4 (RFC 792),
+/// all before `end` (the outer packet's end).
+#[inline(always)]
+fn embedded(ctx: &TcContext, ip_off: usize, end: usize) -> Option<Embedded> {
+    if ip_off + Ipv4Hdr::LEN + 8 > end || !ensure_linear(ctx, ip_off + Ipv4Hdr::LEN) {
+        return None;
+    }
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ip_off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let ihl = (ip.vihl & 0x0f) as usize * 4;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return None;
+    }
+    let l4_off = ip_off + ihl;
+    let mut tuple = Tuple {
+        saddr: u32::from_ne_bytes(ip.src_addr),
+        daddr: u32::from_ne_bytes(ip.dst_addr),
+        sport: 0,
+        dport: 0,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    if l4_off + 8 > end || !ensure_linear(ctx, l4_off + 8) {
+        return None;
+    }
+    let l4: *const [u8; 8] = ptr_at(ctx, l4_off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let l4 = unsafe { *l4 };
+    match tuple.proto {
+        PROTO_TCP | PROTO_UDP => {
+            tuple.sport = u16::from_be_bytes([l4[0], l4[1]]);
+            tuple.dport = u16::from_be_bytes([l4[2], l4[3]]);
+        }
+        PROTO_ICMP if l4[0] == ICMP_ECHO_REQUEST || l4[0] == ICMP_ECHO_REPLY => {
+            let id = u16::from_be_bytes([l4[4], l4[5]]);
+            tuple.sport = id;
+            tuple.dport = id;
+        }
+        // Errors about ICMP errors are never generated (RFC 1122); other protocols have no ports.
+        PROTO_ICMP => return None,
+        _ => {}
+    }
+    Some(Embedded { ip_off, l4_off, tuple })
 }

@@ -77,6 +77,12 @@ enum Cmd {
     },
     /// Remove every program, pin and setting pfwd made in this namespace; restore changed sysctls.
     Detach,
+    /// List live translations, like `conntrack -L`: original and translated tuples, rule, age, state.
+    Conntrack {
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the rules (of this instance, or of --config) as iptables-restore input or an nftables script.
     Export {
         /// Output format.
@@ -122,6 +128,11 @@ struct AttachArgs {
     /// Connection-tracking capacity in entries (two per flow); used when the instance is first created.
     #[arg(long, value_name = "ENTRIES", default_value_t = pfwd_common::DEFAULT_CT_ENTRIES)]
     ct_size: u32,
+    /// Idle timeout of a conntrack state, in seconds (repeatable; eBPF mode): tcp_syn (60), tcp_established
+    /// (21600), tcp_close (10), udp (60), other (30, ICMP included). In iptables mode netfilter's own
+    /// nf_conntrack_* sysctls apply.
+    #[arg(long, value_name = "NAME=SECS", value_parser = control::parse_timeout)]
+    ct_timeout: Vec<(String, u32)>,
 }
 
 #[derive(Args)]
@@ -154,6 +165,31 @@ enum AddCmd {
         #[arg(long, alias = "to-ports", value_name = "PORT", value_parser = rules::parse_port)]
         to_port: u16,
     },
+    /// Rewrite the source where packets leave through an attached interface (iptables -t nat -A POSTROUTING ...
+    /// -j SNAT --to-source ADDR[:PORTS]).
+    ///
+    /// Matches packets by the interface they leave through (-o), protocol, source and destination; the first packet
+    /// of each flow picks the translation, and replies are translated back automatically. The source port is kept
+    /// when free, else a free one is taken from the range (1024-65535 without one).
+    Snat {
+        #[command(flatten)]
+        m: PostMatchArgs,
+        /// New source: ADDR, or ADDR:LO-HI to take source ports from that range (ADDR:PORT for one; needs -p).
+        #[arg(long, alias = "to-source", value_name = "ADDR[:LO-HI]", value_parser = rules::parse_snat_to)]
+        to: (Ipv4Addr, Option<PortRange>),
+    },
+    /// SNAT to the outgoing interface's current address, for dynamic addresses (iptables ... -j MASQUERADE).
+    ///
+    /// The address is the interface's primary IPv4 address when the flow starts; replies are translated back
+    /// automatically. The source port is kept when free, else a free one is taken from --to-ports (1024-65535
+    /// without it).
+    Masquerade {
+        #[command(flatten)]
+        m: PostMatchArgs,
+        /// Source ports to use when the original one is taken: LO-HI, or one PORT (needs -p).
+        #[arg(long, alias = "to-port", value_name = "LO-HI")]
+        to_ports: Option<PortRange>,
+    },
 }
 
 #[derive(Args)]
@@ -173,6 +209,32 @@ struct MatchArgs {
     /// Only to this destination port or range (PORT or LO-HI).
     #[arg(long, alias = "destination-port", value_name = "PORT[-PORT]")]
     dport: Option<PortRange>,
+    /// Accepted only to be refused with a hint (DNAT happens where packets arrive: -i).
+    #[arg(short = 'o', long = "out-interface", value_name = "IFACE", hide = true)]
+    oface: Option<String>,
+}
+
+/// The match of snat and masquerade: they apply where packets leave, so the interface is the outgoing one.
+#[derive(Args)]
+struct PostMatchArgs {
+    /// Only packets leaving through this (attached) interface.
+    #[arg(short = 'o', long = "out-interface", value_name = "IFACE")]
+    oface: Option<String>,
+    /// Only this protocol (required with a port range). Omit to match all protocols.
+    #[arg(short = 'p', long = "protocol", value_name = "tcp|udp")]
+    proto: Option<Proto>,
+    /// Only from this source address or CIDR.
+    #[arg(short = 's', long = "source", value_name = "CIDR", value_parser = rules::parse_cidr)]
+    src: Option<Ipv4Net>,
+    /// Only to this destination address or CIDR.
+    #[arg(short = 'd', long = "destination", value_name = "ADDR[/LEN]", value_parser = rules::parse_cidr)]
+    dst: Option<Ipv4Net>,
+    /// Accepted only to be refused with a hint (SNAT happens where packets leave: -o).
+    #[arg(short = 'i', long = "in-interface", value_name = "IFACE", hide = true)]
+    iface: Option<String>,
+    /// Accepted only to be refused with a hint (snat/masquerade match -o, -p, -s, -d).
+    #[arg(long, alias = "destination-port", value_name = "PORT[-PORT]", hide = true)]
+    dport: Option<PortRange>,
 }
 
 fn parse_to(s: &str) -> Result<(Ipv4Addr, Option<u16>), String> {
@@ -184,6 +246,25 @@ impl MatchArgs {
         let mut r = Rule {
             id: 0,
             iface: self.iface,
+            oface: self.oface,
+            proto: self.proto,
+            src: self.src,
+            dst: self.dst,
+            dport: self.dport,
+            target,
+        };
+        r.normalize();
+        r
+    }
+}
+
+impl PostMatchArgs {
+    /// The hidden -i/--dport are carried into the rule so validation refuses them with the hint.
+    fn into_rule(self, target: Target) -> Rule {
+        let mut r = Rule {
+            id: 0,
+            iface: self.iface,
+            oface: self.oface,
             proto: self.proto,
             src: self.src,
             dst: self.dst,
@@ -202,7 +283,11 @@ fn read_config(path: &Option<PathBuf>) -> Result<Vec<Rule>> {
 }
 
 fn attach_opts(a: &AttachArgs) -> AttachOptions {
-    AttachOptions { mode: a.mode, ct_entries: a.ct_size, ..Default::default() }
+    let mut config = pfwd_common::Config::default();
+    for (name, secs) in &a.ct_timeout {
+        control::set_timeout(&mut config, name, *secs);
+    }
+    AttachOptions { mode: a.mode, ct_entries: a.ct_size, config, timeouts: a.ct_timeout.clone() }
 }
 
 fn print_notes(notes: &[String]) {
@@ -233,6 +318,8 @@ fn run(cli: Cli) -> Result<()> {
             let rule = match add {
                 AddCmd::Dnat { m, to: (addr, port) } => m.into_rule(Target::Dnat { addr, port }),
                 AddCmd::Redirect { m, to_port } => m.into_rule(Target::Redirect { port: to_port }),
+                AddCmd::Snat { m, to: (addr, ports) } => m.into_rule(Target::Snat { addr, ports }),
+                AddCmd::Masquerade { m, to_ports } => m.into_rule(Target::Masquerade { ports: to_ports }),
             };
             let (id, notes) = control::add(rule)?;
             println!("{id}");
@@ -297,6 +384,36 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Import { file, dry_run } => import(file, dry_run)?,
+        Cmd::Conntrack { json } => {
+            let flows = control::conntrack_list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&flows)?);
+            } else if flows.is_empty() {
+                println!("no live translations");
+            } else {
+                let t = |v: &Value| {
+                    format!(
+                        "{}:{} -> {}:{}",
+                        v["src"].as_str().unwrap_or("?"),
+                        v["sport"],
+                        v["dst"].as_str().unwrap_or("?"),
+                        v["dport"]
+                    )
+                };
+                for f in &flows {
+                    println!(
+                        "{:<4} {:<4} {:<44} => {:<44} rule {:<5} {:<12} idle {:.0}s",
+                        f["proto"].as_str().unwrap_or("?"),
+                        f["nat"].as_str().unwrap_or("?"),
+                        t(&f["original"]),
+                        if f["translated"].is_null() { t(&f["reply"]) } else { t(&f["translated"]) },
+                        f["rule"].to_string(),
+                        f["state"].as_str().unwrap_or("-"),
+                        f["idle_s"].as_f64().unwrap_or(0.0)
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -340,23 +457,33 @@ fn print_status(s: &Value) {
     println!("interfaces: {}", ifaces.join(", "));
     let rules = s["rules"].as_array().cloned().unwrap_or_default();
     if rules.is_empty() {
-        println!("rules:      none (add one with `pfwd add dnat|redirect ...`)");
+        println!("rules:      none (add one with `pfwd add dnat|redirect|snat|masquerade ...`)");
     } else {
         println!("rules:");
-        println!("  {:>4}  {:>7}  {:>9}  {:>11}  RULE", "ID", "FLOWS", "PACKETS", "BYTES");
+        println!("  {:>4}  {:>7}  {:>9}  {:>11}  {:>6}  RULE", "ID", "FLOWS", "PACKETS", "BYTES", "DROPS");
         for r in &rules {
+            // serde_json's Display ignores width: format the numbers as strings.
+            let n = |k: &str| r[k].to_string();
             println!(
-                "  {:>4}  {:>7}  {:>9}  {:>11}  {}",
-                r["id"],
-                r["flows"],
-                r["packets"],
-                r["bytes"],
+                "  {:>4}  {:>7}  {:>9}  {:>11}  {:>6}  {}",
+                n("id"),
+                n("flows"),
+                n("packets"),
+                n("bytes"),
+                n("drops"),
                 r["text"].as_str().unwrap_or("")
             );
         }
     }
     let ct = &s["conntrack"];
-    println!("conntrack:  {} live entries ({} flows), capacity {} entries", ct["entries"], ct["flows"], ct["capacity"]);
+    let mem = ct["maps_memory_bytes"].as_u64().map(|b| format!(", BPF maps {:.1} MiB", b as f64 / 1048576.0));
+    println!(
+        "conntrack:  {} live entries ({} flows), capacity {} entries{}",
+        ct["entries"],
+        ct["flows"],
+        ct["capacity"],
+        mem.unwrap_or_default()
+    );
     let stats: Vec<String> = s["stats"]
         .as_object()
         .into_iter()

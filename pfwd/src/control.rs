@@ -51,6 +51,12 @@ impl Backend {
             Backend::Ebpf(kernel) => {
                 if fresh {
                     kernel.load(opts.ct_entries, &opts.config)?;
+                } else if !opts.timeouts.is_empty() {
+                    let mut cfg = kernel.config()?;
+                    for (name, secs) in &opts.timeouts {
+                        set_timeout(&mut cfg, name, *secs);
+                    }
+                    kernel.set_config(&cfg)?;
                 }
                 for i in &state.interfaces {
                     kernel.attach(&i.name, i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
@@ -111,12 +117,46 @@ pub struct AttachOptions {
     pub mode: Mode,
     /// Conntrack capacity in entries (two per flow). Only used when the instance is created.
     pub ct_entries: u32,
+    /// The kernel settings of a new instance (timeouts already applied).
     pub config: Config,
+    /// Timeouts given on the command line (also applied to an existing instance).
+    pub timeouts: Vec<(String, u32)>,
 }
 
 impl Default for AttachOptions {
     fn default() -> Self {
-        Self { mode: Mode::Auto, ct_entries: pfwd_common::DEFAULT_CT_ENTRIES, config: Config::default() }
+        Self {
+            mode: Mode::Auto,
+            ct_entries: pfwd_common::DEFAULT_CT_ENTRIES,
+            config: Config::default(),
+            timeouts: vec![],
+        }
+    }
+}
+
+const TIMEOUT_NAMES: [&str; 5] = ["tcp_syn", "tcp_established", "tcp_close", "udp", "other"];
+
+/// Parses `NAME=SECS` for `--ct-timeout`.
+pub fn parse_timeout(s: &str) -> Result<(String, u32), String> {
+    let (name, secs) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected NAME=SECS, e.g. udp=30"))?;
+    if !TIMEOUT_NAMES.contains(&name) {
+        return Err(format!("unknown timeout {name:?}: one of {}", TIMEOUT_NAMES.join(", ")));
+    }
+    let secs: u32 = secs.parse().map_err(|_| format!("{s:?}: {secs:?} is not a number of seconds"))?;
+    if secs == 0 {
+        return Err(format!("{s:?}: a timeout must be at least 1 second"));
+    }
+    Ok((name.to_string(), secs))
+}
+
+/// Sets one named timeout (names checked by `parse_timeout`).
+pub fn set_timeout(cfg: &mut Config, name: &str, secs: u32) {
+    match name {
+        "tcp_syn" => cfg.tcp_syn_timeout = secs,
+        "tcp_established" => cfg.tcp_established_timeout = secs,
+        "tcp_close" => cfg.tcp_close_timeout = secs,
+        "udp" => cfg.udp_timeout = secs,
+        _ => cfg.other_timeout = secs,
     }
 }
 
@@ -401,26 +441,31 @@ pub fn list() -> Result<Vec<Rule>> {
 
 /// One rule as JSON: its fields flattened, its pfwd syntax and, when given, its counters.
 pub fn rule_json(r: &Rule, counters: Option<&RuleCounters>) -> Value {
-    let (to, to_port) = match r.target {
-        Target::Dnat { addr, port } => (Some(addr.to_string()), port),
-        Target::Redirect { port } => (None, Some(port)),
+    let (to, to_port, to_ports) = match r.target {
+        Target::Dnat { addr, port } => (Some(addr.to_string()), port, None),
+        Target::Redirect { port } => (None, Some(port), None),
+        Target::Snat { addr, ports } => (Some(addr.to_string()), None, ports.map(|p| p.to_string())),
+        Target::Masquerade { ports } => (None, None, ports.map(|p| p.to_string())),
     };
     let mut v = json!({
         "id": r.id,
         "kind": r.kind_name(),
         "iface": r.iface,
+        "oface": r.oface,
         "proto": r.proto.map(|p| p.to_string()),
         "src": r.src.map(|n| n.to_string()),
         "dst": r.dst.map(|n| n.to_string()),
         "dport": r.dport.map(|p| p.to_string()),
         "to": to,
         "to_port": to_port,
+        "to_ports": to_ports,
         "text": r.to_string(),
     });
     if let Some(c) = counters {
         v["packets"] = c.packets.into();
         v["bytes"] = c.bytes.into();
         v["flows"] = c.flows.into();
+        v["drops"] = c.drops.into();
     }
     v
 }
@@ -446,10 +491,13 @@ pub fn status() -> Result<Value> {
             let ct = kernel.conntrack()?;
             let live: Vec<_> = ct.iter().filter(|(_, e)| !e.expired(now, &cfg)).collect();
             let flows = live.iter().filter(|(_, e)| e.dir == dir::ORIGINAL).count();
+            let memory = kernel.map_memory()?;
             let conntrack = json!({
                 "entries": live.len(),
                 "flows": flows,
                 "capacity": kernel.conntrack_capacity()?,
+                "memory_bytes": memory.iter().find(|(n, _)| n == pfwd_common::names::CONNTRACK).map(|(_, b)| *b),
+                "maps_memory_bytes": memory.iter().map(|(_, b)| *b).sum::<u64>(),
                 "timeouts_s": {
                     "tcp_syn": cfg.tcp_syn_timeout, "tcp_established": cfg.tcp_established_timeout,
                     "tcp_close": cfg.tcp_close_timeout, "udp": cfg.udp_timeout, "other": cfg.other_timeout,
@@ -502,4 +550,76 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32).as_nanos() as u64
+}
+
+fn tcp_state_name(e: &pfwd_common::CtEntry) -> &'static str {
+    use pfwd_common::ct_state::*;
+    if e.state & RST != 0 {
+        "CLOSE (reset)"
+    } else if e.state & (FIN_ORIGINAL | FIN_REPLY) == FIN_ORIGINAL | FIN_REPLY {
+        "CLOSE"
+    } else if e.state & (FIN_ORIGINAL | FIN_REPLY) != 0 {
+        "FIN_WAIT"
+    } else if e.state & SEEN_REPLY != 0 {
+        "ESTABLISHED"
+    } else {
+        "SYN_SENT"
+    }
+}
+
+fn tuple_json(t: &pfwd_common::Tuple) -> Value {
+    let a = |x: u32| Ipv4Addr::from(u32::from_be(x)).to_string();
+    json!({ "src": a(t.saddr), "dst": a(t.daddr), "sport": t.sport, "dport": t.dport })
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        pfwd_common::PROTO_TCP => "tcp".into(),
+        pfwd_common::PROTO_UDP => "udp".into(),
+        pfwd_common::PROTO_ICMP => "icmp".into(),
+        n => n.to_string(),
+    }
+}
+
+/// `pfwd conntrack`: the live translations, like `conntrack -L`: per flow, the original tuple as it arrived, the
+/// tuple it was translated to, the reply tuple expected back, the rule, age, idle time and state.
+pub fn conntrack_list() -> Result<Vec<Value>> {
+    let lock = open()?;
+    let state = lock.load()?.context(NOT_ATTACHED)?;
+    match Backend::of(&state, &lock.inst) {
+        Backend::Ebpf(kernel) => {
+            let cfg = kernel.config()?;
+            let now = monotonic_ns();
+            let mut out = vec![];
+            for (key, e) in kernel.conntrack()? {
+                if e.dir != dir::ORIGINAL || e.expired(now, &cfg) {
+                    continue;
+                }
+                let rule = state.rules.iter().find(|r| r.slot == e.rule_slot).map(|r| r.rule.id);
+                let nat = if e.hook == pfwd_common::ct_hook::INGRESS { "dnat" } else { "snat" };
+                let st = if e.xlat.proto == pfwd_common::PROTO_TCP {
+                    tcp_state_name(&e)
+                } else if e.state & pfwd_common::ct_state::SEEN_REPLY != 0 {
+                    "REPLIED"
+                } else {
+                    "UNREPLIED"
+                };
+                let secs = |ns: u64| ns as f64 / 1e9;
+                out.push(json!({
+                    "proto": proto_name(e.xlat.proto),
+                    "nat": nat,
+                    "original": tuple_json(&key),
+                    "translated": tuple_json(&e.xlat),
+                    "reply": tuple_json(&e.xlat.reversed()),
+                    "rule": rule,
+                    "state": st,
+                    "age_s": secs(now.saturating_sub(e.created_ns)),
+                    "idle_s": secs(now.saturating_sub(e.last_seen_ns)),
+                    "expires_in_s": secs((e.last_seen_ns + e.timeout_ns(&cfg)).saturating_sub(now)),
+                }));
+            }
+            Ok(out)
+        }
+        Backend::Iptables => Ok(fallback::conntrack_list()),
+    }
 }

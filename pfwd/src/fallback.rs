@@ -150,7 +150,7 @@ pub fn counters() -> Result<Vec<(u32, RuleCounters)>> {
         };
         let (Ok(id), Some((p, b))) = (id.parse::<u32>(), counts.split_once(':')) else { continue };
         let (packets, bytes) = (p.parse().unwrap_or(0), b.parse().unwrap_or(0));
-        out.push((id, RuleCounters { packets, bytes, flows: packets }));
+        out.push((id, RuleCounters { packets, bytes, flows: packets, drops: 0 }));
     }
     Ok(out)
 }
@@ -168,4 +168,37 @@ pub fn conntrack_count() -> u64 {
 pub fn dnat_flows() -> Option<u64> {
     let out = run("conntrack", &["-L".into(), "--dst-nat".into()], None).ok()?;
     Some(out.lines().filter(|l| !l.trim().is_empty()).count() as u64)
+}
+
+/// netfilter's translated connections (`conntrack -L --dst-nat` and `--src-nat`), in the shape of
+/// `control::conntrack_list`; empty when the conntrack tool is missing.
+pub fn conntrack_list() -> Vec<serde_json::Value> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = vec![];
+    for (flag, nat) in [("--dst-nat", "dnat"), ("--src-nat", "snat")] {
+        let Ok(text) = run("conntrack", &["-L".into(), flag.into()], None) else { continue };
+        for line in text.lines().filter(|l| seen.insert(l.to_string())) {
+            // e.g. "tcp 6 431999 ESTABLISHED src=A dst=B sport=1 dport=2 src=C dst=D sport=3 dport=4 [ASSURED] ..."
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let field =
+                |k: &str, nth: usize| words.iter().filter_map(|w| w.strip_prefix(k)).nth(nth).map(str::to_string);
+            let tuple = |nth: usize| {
+                serde_json::json!({
+                    "src": field("src=", nth), "dst": field("dst=", nth),
+                    "sport": field("sport=", nth).and_then(|p| p.parse::<u16>().ok()),
+                    "dport": field("dport=", nth).and_then(|p| p.parse::<u16>().ok()),
+                })
+            };
+            let state = words.get(3).filter(|w| !w.contains('=')).map(|w| w.to_string());
+            out.push(serde_json::json!({
+                "proto": words.first(),
+                "nat": nat,
+                "original": tuple(0),
+                "reply": tuple(1),
+                "state": state,
+                "expires_in_s": words.get(2).and_then(|w| w.parse::<f64>().ok()),
+            }));
+        }
+    }
+    out
 }

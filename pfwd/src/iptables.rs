@@ -1,14 +1,15 @@
 //! iptables and nftables interop: export pfwd's rules as `iptables-restore` / `nft -f` input (the iptables fallback
 //! data path, inspection, migration away from pfwd) and import what iptables users already have (`iptables-save`
-//! dumps and `iptables -t nat -A PREROUTING ...` command lines).
+//! dumps and `iptables -t nat -A PREROUTING|POSTROUTING ...` command lines).
 //!
 //! Everything here is text in, text out; running the tools is the caller's job.
 //!
 //! # Export
 //!
 //! pfwd keeps its rules in chains of its own ([`CHAINS`]) that built-in chains jump to ([`hook_rules`]), so applying
-//! or removing them never touches anyone else's rules. Rules are emitted in [`precedence_order`], which makes
-//! iptables' first match the rule pfwd itself would pick. Each rule carries `-m comment --comment "pfwd:ID"`, placed
+//! or removing them never touches anyone else's rules. DNAT/REDIRECT rules go into `PFWD-PREROUTING`, SNAT/MASQUERADE
+//! rules into `PFWD-POSTROUTING`, each in [`precedence_order`], which makes iptables' first match the rule pfwd itself
+//! would pick. Each rule carries `-m comment --comment "pfwd:ID"`, placed
 //! where `iptables-save` prints it (after the matches, before `-j`), so counters can be mapped back to rule ids.
 //!
 //! # Import
@@ -20,11 +21,13 @@
 use ipnet::Ipv4Net;
 
 use crate::rules::{
-    PortRange, Proto, Rule, Target, parse_cidr, parse_port, parse_to, precedence_order, validate_iface,
+    PortRange, Proto, Rule, Target, parse_cidr, parse_port, parse_snat_to, parse_to, precedence_order, validate_iface,
 };
 
 /// pfwd's nat chain for DNAT/REDIRECT, jumped to from `PREROUTING`.
 pub const PREROUTING_CHAIN: &str = "PFWD-PREROUTING";
+/// pfwd's nat chain for SNAT/MASQUERADE, jumped to from `POSTROUTING`.
+pub const POSTROUTING_CHAIN: &str = "PFWD-POSTROUTING";
 /// pfwd's filter chain, jumped to from `FORWARD`.
 pub const FORWARD_CHAIN: &str = "PFWD-FORWARD";
 /// Comment prefix tagging each exported rule with its id: `pfwd:7`.
@@ -40,10 +43,12 @@ pub struct PfwdChain {
     pub iface_options: &'static [&'static str],
 }
 
-/// pfwd's chains in script order. A new chain (e.g. `PFWD-POSTROUTING` hooked with `-o`) is one entry here plus its
-/// body in `chain_specs`; the scripts, hooks and the importer's bookkeeping check pick it up.
+/// pfwd's chains in script order. A new chain is one entry here plus its body in `chain_specs`; the scripts, hooks
+/// and the importer's bookkeeping check pick it up.
 pub const CHAINS: &[PfwdChain] = &[
     PfwdChain { table: "nat", name: PREROUTING_CHAIN, builtin: "PREROUTING", iface_options: &["-i"] },
+    // iptables refuses -i in POSTROUTING: SNAT is tied to the interface packets leave through.
+    PfwdChain { table: "nat", name: POSTROUTING_CHAIN, builtin: "POSTROUTING", iface_options: &["-o"] },
     PfwdChain { table: "filter", name: FORWARD_CHAIN, builtin: "FORWARD", iface_options: &["-i", "-o"] },
 ];
 
@@ -97,7 +102,8 @@ impl Hook {
 }
 
 /// The jumps into pfwd's chains: without `-i`/`-o` when `ifaces` is `None`, else one per interface and option
-/// (nat `PREROUTING -i IF`; filter `FORWARD -i IF` and `-o IF`). An empty list means no jumps at all.
+/// (nat `PREROUTING -i IF` and `POSTROUTING -o IF`; filter `FORWARD -i IF` and `-o IF`). An empty list means no jumps
+/// at all.
 pub fn hook_rules(ifaces: Option<&[String]>) -> Vec<Hook> {
     let mut hooks = Vec::new();
     for c in CHAINS {
@@ -136,6 +142,9 @@ fn rule_spec(r: &Rule) -> String {
     if let Some(i) = &r.iface {
         s.push(format!("-i {i}"));
     }
+    if let Some(o) = &r.oface {
+        s.push(format!("-o {o}"));
+    }
     if let Some(p) = r.proto {
         s.push(format!("-p {p}"));
         if let Some(d) = r.dport {
@@ -148,14 +157,25 @@ fn rule_spec(r: &Rule) -> String {
         Target::Dnat { addr, port: Some(p) } => format!("-j DNAT --to-destination {addr}:{p}"),
         Target::Dnat { addr, port: None } => format!("-j DNAT --to-destination {addr}"),
         Target::Redirect { port } => format!("-j REDIRECT --to-ports {port}"),
+        // PortRange prints `LO-HI` (or one port), the form iptables-save uses for both targets.
+        Target::Snat { addr, ports: Some(r) } => format!("-j SNAT --to-source {addr}:{r}"),
+        Target::Snat { addr, ports: None } => format!("-j SNAT --to-source {addr}"),
+        Target::Masquerade { ports: Some(r) } => format!("-j MASQUERADE --to-ports {r}"),
+        Target::Masquerade { ports: None } => "-j MASQUERADE".to_string(),
     });
     s.join(" ")
+}
+
+/// Indices of the rules of one hook (PREROUTING or POSTROUTING), most specific first.
+fn hook_order(rules: &[Rule], postrouting: bool) -> Vec<usize> {
+    precedence_order(rules).into_iter().filter(|&i| rules[i].is_postrouting() == postrouting).collect()
 }
 
 /// The body of one of pfwd's chains: rule specs without the leading `-A CHAIN`.
 fn chain_specs(chain: &PfwdChain, rules: &[Rule]) -> Vec<String> {
     match chain.name {
-        PREROUTING_CHAIN => precedence_order(rules).into_iter().map(|i| rule_spec(&rules[i])).collect(),
+        PREROUTING_CHAIN => hook_order(rules, false).into_iter().map(|i| rule_spec(&rules[i])).collect(),
+        POSTROUTING_CHAIN => hook_order(rules, true).into_iter().map(|i| rule_spec(&rules[i])).collect(),
         // A packet conntrack cannot track is never NATed; dropping it keeps it from leaving with the original
         // (untranslated) addresses.
         FORWARD_CHAIN => vec!["-m conntrack --ctstate INVALID -j DROP".to_string()],
@@ -226,6 +246,9 @@ fn nft_rule(r: &Rule) -> String {
     if let Some(i) = &r.iface {
         s.push(format!("iifname \"{i}\""));
     }
+    if let Some(o) = &r.oface {
+        s.push(format!("oifname \"{o}\""));
+    }
     if let Some(n) = r.src.filter(|n| n.prefix_len() > 0) {
         s.push(format!("ip saddr {}", nft_net(n)));
     }
@@ -241,6 +264,10 @@ fn nft_rule(r: &Rule) -> String {
         Target::Dnat { addr, port: Some(p) } => format!("dnat to {addr}:{p}"),
         Target::Dnat { addr, port: None } => format!("dnat to {addr}"),
         Target::Redirect { port } => format!("redirect to :{port}"),
+        Target::Snat { addr, ports: Some(r) } => format!("snat to {addr}:{r}"),
+        Target::Snat { addr, ports: None } => format!("snat to {addr}"),
+        Target::Masquerade { ports: Some(r) } => format!("masquerade to :{r}"),
+        Target::Masquerade { ports: None } => "masquerade".to_string(),
     });
     s.push(format!("comment \"{COMMENT_PREFIX}{}\"", r.id));
     s.join(" ")
@@ -248,29 +275,34 @@ fn nft_rule(r: &Rule) -> String {
 
 /// The same rules as an nftables script in its own table `ip pfwd` (`nft -f FILE`). It starts by creating and
 /// deleting the table, so applying it again replaces the previous copy. With `ifaces`, the NAT rules and the
-/// invalid-packet drop only apply to those interfaces, like the iptables jumps.
+/// invalid-packet drop only apply to those interfaces (incoming for prerouting, outgoing for postrouting), like the
+/// iptables jumps.
 pub fn export_nft(rules: &[Rule], ifaces: Option<&[String]>) -> String {
     let mut out = format!(
         "# pfwd rules for nftables ({} rules, most specific first). Apply with: nft -f FILE\n\
          # Everything lives in table ip pfwd; the next two lines remove a previous copy, so re-applying replaces it.\n\
          table ip pfwd {{}}\n\
          delete table ip pfwd\n\n\
-         table ip pfwd {{\n\
-         \tchain prerouting {{\n\
-         \t\ttype nat hook prerouting priority dstnat; policy accept;\n",
+         table ip pfwd {{\n",
         rules.len()
     );
-    match ifaces {
-        None => {}
-        // nft has no empty anonymous sets; an unconditional accept means "no NAT" like having no jumps.
-        Some([]) => out.push_str("\t\taccept comment \"pfwd: no interfaces\"\n"),
-        // accept ends this chain only: the packet goes on un-NATed, like iptables without a jump for it.
-        Some(list) => out.push_str(&format!("\t\tiifname != {} accept\n", nft_iface_set(list))),
+    for (name, priority, iface_key, postrouting) in
+        [("prerouting", "dstnat", "iifname", false), ("postrouting", "srcnat", "oifname", true)]
+    {
+        out.push_str(&format!("\tchain {name} {{\n\t\ttype nat hook {name} priority {priority}; policy accept;\n"));
+        match ifaces {
+            None => {}
+            // nft has no empty anonymous sets; an unconditional accept means "no NAT" like having no jumps.
+            Some([]) => out.push_str("\t\taccept comment \"pfwd: no interfaces\"\n"),
+            // accept ends this chain only: the packet goes on un-NATed, like iptables without a jump for it.
+            Some(list) => out.push_str(&format!("\t\t{iface_key} != {} accept\n", nft_iface_set(list))),
+        }
+        for i in hook_order(rules, postrouting) {
+            out.push_str(&format!("\t\t{}\n", nft_rule(&rules[i])));
+        }
+        out.push_str("\t}\n\n");
     }
-    for i in precedence_order(rules) {
-        out.push_str(&format!("\t\t{}\n", nft_rule(&rules[i])));
-    }
-    out.push_str("\t}\n\n\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n");
+    out.push_str("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n");
     match ifaces {
         None => out.push_str("\t\tct state invalid drop\n"),
         Some([]) => {}
@@ -324,14 +356,15 @@ const NAT_TABLE: &str = "nat";
 const TABLES: &[&str] = &["filter", "nat", "mangle", "raw", "security"];
 
 /// Reads `iptables-save` output (with or without `-c` counters; any tables) and/or lines of
-/// `[sudo] iptables [-w] -t nat -A|-I PREROUTING ...` commands (`\` continuations, blank lines and `#` comments are
-/// fine). nat `PREROUTING` and `PFWD-PREROUTING` rules with `-j DNAT` or `-j REDIRECT` become pfwd rules; pfwd's own
-/// chain declarations and jumps are skipped; rules of other tables are skipped with a warning; everything else
-/// (negation, unsupported matches or targets, SNAT/MASQUERADE, and whatever iptables itself would reject) is an
-/// error naming the line.
+/// `[sudo] iptables [-w] -t nat -A|-I PREROUTING|POSTROUTING ...` commands (`\` continuations, blank lines and `#`
+/// comments are fine). nat `PREROUTING` and `PFWD-PREROUTING` rules with `-j DNAT` or `-j REDIRECT`, and nat
+/// `POSTROUTING` and `PFWD-POSTROUTING` rules with `-j SNAT` or `-j MASQUERADE`, become pfwd rules; pfwd's own chain
+/// declarations and jumps are skipped; rules of other tables are skipped with a warning; everything else (negation,
+/// unsupported matches or targets, nat OUTPUT/INPUT, and whatever iptables itself would reject) is an error naming
+/// the line.
 ///
-/// Rules are returned in iptables' first-match order (`-I` inserts, pfwd's chain sits where PREROUTING jumps to
-/// it). A later exact duplicate of a rule (same match and target) is dropped with a warning: iptables would keep
+/// Rules are returned in iptables' first-match order, PREROUTING rules first, then POSTROUTING ones (`-I` inserts,
+/// pfwd's chains sit where the built-in chain jumps to them). A later exact duplicate of a rule (same match and target) is dropped with a warning: iptables would keep
 /// it, but it can never match since the first copy catches every packet it would.
 ///
 /// iptables takes the first matching rule, pfwd the most specific one ([`precedence_order`]). When a rule that
@@ -618,10 +651,11 @@ struct Opt<'a> {
     value: &'a str,
 }
 
-/// The options of a nat PREROUTING rule, unchecked.
+/// The options of a nat PREROUTING or POSTROUTING rule, unchecked.
 #[derive(Debug, Default)]
 struct Spec<'a> {
     iface: Option<Opt<'a>>,
+    oface: Option<Opt<'a>>,
     proto: Option<Opt<'a>>,
     src: Option<Opt<'a>>,
     dst: Option<Opt<'a>>,
@@ -631,24 +665,30 @@ struct Spec<'a> {
     matches: Vec<Opt<'a>>,
     jump: Option<Opt<'a>>,
     to_dest: Option<Opt<'a>>,
+    to_source: Option<Opt<'a>>,
+    /// `--to`: iptables' abbreviation of `--to-destination` (DNAT) or `--to-source` (SNAT).
+    to: Option<Opt<'a>>,
     to_ports: Option<Opt<'a>>,
 }
 
-const UNDERSTOOD: &str = "pfwd reads -i, -p, -s, -d, --dport, -m tcp|udp|comment|multiport, \
-                          -j DNAT --to-destination and -j REDIRECT --to-ports";
+const UNDERSTOOD: &str = "pfwd reads -i, -o, -p, -s, -d, --dport, -m tcp|udp|comment|multiport, \
+                          -j DNAT --to-destination, -j REDIRECT --to-ports, -j SNAT --to-source and \
+                          -j MASQUERADE --to-ports";
 
-fn unknown_option(tok: &str) -> Bad {
+/// `jump`: the `-j` target seen so far (target options come after it).
+fn unknown_option(tok: &str, jump: Option<&str>) -> Bad {
     let (name, _) = split_inline(tok);
     let message = match name {
-        "-o" | "--out-interface" => "iptables: Can't use -o with PREROUTING".to_string(),
         "--sport" | "--source-port" | "--sports" | "--source-ports" | "--ports" => {
             "source ports are not supported: pfwd matches destination ports (--dport, --dports)".to_string()
         }
-        "--to-source" => "valid iptables, but pfwd does not support SNAT yet".to_string(),
+        "--random" | "--random-fully" | "--persistent" if matches!(jump, Some("SNAT" | "MASQUERADE")) => {
+            format!("{name} is not supported: pfwd keeps the source port when free, else picks a free one in the range")
+        }
         "--random" | "--random-fully" | "--persistent" => {
             format!("{name} is not supported: pfwd translates to exactly one destination")
         }
-        "-g" | "--goto" => "--goto is not supported; use -j DNAT or -j REDIRECT".to_string(),
+        "-g" | "--goto" => "--goto is not supported; use -j DNAT, REDIRECT, SNAT or MASQUERADE".to_string(),
         "-f" | "--fragment" => "fragment matching is not supported".to_string(),
         _ if name.starts_with('-') => format!("unknown option {name}; {UNDERSTOOD}"),
         _ => format!("unexpected argument {name:?} (a value without its option?); {UNDERSTOOD}"),
@@ -656,7 +696,8 @@ fn unknown_option(tok: &str) -> Bad {
     bad(tok, message)
 }
 
-/// Parses the rule options of a nat PREROUTING line. Checks that need the whole rule come later, in `build_rules`.
+/// Parses the rule options of a nat PREROUTING or POSTROUTING line. Checks that need the whole rule come later, in
+/// `build_rules`.
 fn parse_spec<'a>(toks: &[&'a str]) -> Res<Spec<'a>> {
     let mut s = Spec::default();
     let mut i = 0;
@@ -676,12 +717,19 @@ fn parse_spec<'a>(toks: &[&'a str]) -> Res<Spec<'a>> {
             i += 2;
             continue;
         }
-        let is_target_option = matches!(name, "--to-destination" | "--to" | "--to-ports" | "--to-port");
-        if is_target_option && s.jump.is_none() {
-            return Err(bad(tok, format!("{name} is a target option: it goes after -j DNAT or -j REDIRECT")));
+        let targets = match name {
+            "--to-destination" => Some("-j DNAT"),
+            "--to-source" => Some("-j SNAT"),
+            "--to" => Some("-j DNAT or -j SNAT"),
+            "--to-ports" | "--to-port" => Some("-j REDIRECT or -j MASQUERADE"),
+            _ => None,
+        };
+        if let Some(targets) = targets.filter(|_| s.jump.is_none()) {
+            return Err(bad(tok, format!("{name} is a target option: it goes after {targets}")));
         }
         let slot = match name {
             "-i" | "--in-interface" => &mut s.iface,
+            "-o" | "--out-interface" => &mut s.oface,
             "-p" | "--protocol" => &mut s.proto,
             "-s" | "--source" | "--src" => &mut s.src,
             "-d" | "--destination" | "--dst" => &mut s.dst,
@@ -689,7 +737,9 @@ fn parse_spec<'a>(toks: &[&'a str]) -> Res<Spec<'a>> {
             "--dports" | "--destination-ports" => &mut s.dports,
             "--comment" => &mut s.comment,
             "-j" | "--jump" => &mut s.jump,
-            "--to-destination" | "--to" => &mut s.to_dest,
+            "--to-destination" => &mut s.to_dest,
+            "--to-source" => &mut s.to_source,
+            "--to" => &mut s.to,
             "--to-ports" | "--to-port" => &mut s.to_ports,
             "-m" | "--match" => {
                 let value = take_value(toks, &mut i, tok, inline)?;
@@ -706,7 +756,7 @@ fn parse_spec<'a>(toks: &[&'a str]) -> Res<Spec<'a>> {
                 s.matches.push(Opt { name, value });
                 continue;
             }
-            _ => return Err(unknown_option(tok)),
+            _ => return Err(unknown_option(tok, s.jump.map(|j| j.value))),
         };
         let value = take_value(toks, &mut i, tok, inline)?;
         if slot.is_some() {
@@ -747,19 +797,38 @@ fn net_opt(o: Option<Opt>) -> Res<Option<Ipv4Net>> {
     Ok(Some(net).filter(|n| n.prefix_len() > 0))
 }
 
-/// Turns a parsed nat PREROUTING rule into pfwd rules: one, or one per port of `-m multiport --dports`.
-fn build_rules(s: &Spec, command_tok: &str) -> Res<Vec<Rule>> {
-    let jump = s.jump.ok_or_else(|| bad(command_tok, "no target: expected -j DNAT or -j REDIRECT"))?;
-    let is_dnat = match jump.value {
-        "DNAT" => true,
-        "REDIRECT" => false,
-        v if v.eq_ignore_ascii_case("dnat") || v.eq_ignore_ascii_case("redirect") => {
+/// Turns a parsed nat rule into pfwd rules: one, or one per port of `-m multiport --dports`. `post`: the rule is in
+/// POSTROUTING (or pfwd's chain jumped to from there).
+fn build_rules(s: &Spec, command_tok: &str, post: bool) -> Res<Vec<Rule>> {
+    let expected = if post { "-j SNAT or -j MASQUERADE" } else { "-j DNAT or -j REDIRECT" };
+    let jump = s.jump.ok_or_else(|| bad(command_tok, format!("no target: expected {expected}")))?;
+    let (here, there) = if post { ("POSTROUTING", "PREROUTING") } else { ("PREROUTING", "POSTROUTING") };
+    let kind = match jump.value {
+        v @ ("DNAT" | "REDIRECT") if !post => v,
+        v @ ("SNAT" | "MASQUERADE") if post => v,
+        v @ ("DNAT" | "REDIRECT" | "SNAT" | "MASQUERADE") => {
+            return Err(bad(
+                v,
+                format!(
+                    "{v} only works in nat {there} (iptables: RULE_APPEND failed (Invalid argument): rule in chain {here})"
+                ),
+            ));
+        }
+        v if ["dnat", "redirect", "snat", "masquerade"].iter().any(|k| v.eq_ignore_ascii_case(k)) => {
             return Err(bad(v, format!("target names are upper case: -j {}", v.to_ascii_uppercase())));
         }
         v @ ("ACCEPT" | "RETURN") => {
             return Err(bad(v, "exceptions (-j ACCEPT/RETURN in nat) are not supported: every pfwd rule translates"));
         }
-        v => return Err(bad(v, format!("target {v} is not supported: pfwd converts -j DNAT and -j REDIRECT"))),
+        v => {
+            return Err(bad(
+                v,
+                format!(
+                    "target {v} is not supported: pfwd converts -j DNAT and -j REDIRECT (PREROUTING), -j SNAT and \
+                     -j MASQUERADE (POSTROUTING)"
+                ),
+            ));
+        }
     };
     let proto = match s.proto {
         None => None,
@@ -780,6 +849,13 @@ fn build_rules(s: &Spec, command_tok: &str) -> Res<Vec<Rule>> {
     }
     if let Some(c) = s.comment.filter(|_| !has_match("comment")) {
         return Err(bad(c.name, "needs -m comment before it (iptables: unknown option \"--comment\")"));
+    }
+    // iptables takes --dport in POSTROUTING, but pfwd's SNAT buckets have no port level.
+    if let Some(d) = s.dport.or(s.dports).filter(|_| post) {
+        return Err(bad(
+            d.name,
+            "destination ports in POSTROUTING are not supported: pfwd's SNAT/MASQUERADE rules match -o, -p, -s and -d",
+        ));
     }
     let mut dports: Vec<Option<PortRange>> = vec![None];
     if let Some(d) = s.dport {
@@ -811,44 +887,99 @@ fn build_rules(s: &Spec, command_tok: &str) -> Res<Vec<Rule>> {
     if s.proto.is_none() && has_match("multiport") {
         return Err(bad("multiport", "multiport needs -p tcp or -p udp"));
     }
-    let iface = match s.iface {
-        Some(o) => {
-            validate_iface(o.value).map_err(|e| bad(o.value, e.to_string()))?;
-            Some(o.value.to_string())
+    let iface_opt = |o: Option<Opt>| -> Res<Option<String>> {
+        match o {
+            Some(o) => {
+                validate_iface(o.value).map_err(|e| bad(o.value, e.to_string()))?;
+                Ok(Some(o.value.to_string()))
+            }
+            None => Ok(None),
         }
-        None => None,
     };
+    let (iface, oface) = (iface_opt(s.iface)?, iface_opt(s.oface)?);
     let (src, dst) = (net_opt(s.src)?, net_opt(s.dst)?);
-    let target = if is_dnat {
-        if let Some(o) = s.to_ports {
-            return Err(bad(o.name, "is for -j REDIRECT; DNAT takes --to-destination ADDR[:PORT]"));
+    // `--to` abbreviates --to-destination or --to-source, so it may not come with either.
+    let full = match kind {
+        "DNAT" => s.to_dest,
+        "SNAT" => s.to_source,
+        _ => None,
+    };
+    if let (Some(to), Some(_)) = (s.to, full) {
+        return Err(bad(to.name, format!("given twice (iptables: {kind}: option \"--to\" can only be used once)")));
+    }
+    let addr_opt = full.or(s.to);
+    // Options of the other targets, named with what this one takes instead.
+    let (takes, foreign) = match kind {
+        "DNAT" => (
+            "DNAT takes --to-destination ADDR[:PORT]",
+            vec![(s.to_source, "-j SNAT"), (s.to_ports, "-j REDIRECT and -j MASQUERADE")],
+        ),
+        "SNAT" => (
+            "SNAT takes --to-source ADDR[:LO-HI]",
+            vec![(s.to_dest, "-j DNAT"), (s.to_ports, "-j REDIRECT and -j MASQUERADE")],
+        ),
+        "REDIRECT" => (
+            "REDIRECT takes --to-ports PORT",
+            vec![(s.to_dest, "-j DNAT"), (s.to_source, "-j SNAT"), (s.to, "-j DNAT and -j SNAT")],
+        ),
+        _ => (
+            "MASQUERADE takes --to-ports LO-HI and uses the outgoing interface's address",
+            vec![(s.to_dest, "-j DNAT"), (s.to_source, "-j SNAT"), (s.to, "-j DNAT and -j SNAT")],
+        ),
+    };
+    if let Some((o, targets)) = foreign.into_iter().find_map(|(o, t)| o.map(|o| (o, t))) {
+        return Err(bad(o.name, format!("is for {targets}; {takes}")));
+    }
+    let target = match kind {
+        "DNAT" => {
+            let to = addr_opt.ok_or_else(|| bad(jump.value, "DNAT needs --to-destination ADDR[:PORT]"))?;
+            let (addr, port) = parse_to(to.value).map_err(|e| bad(to.value, e.to_string()))?;
+            if port.is_some() && proto.is_none() {
+                return Err(bad(to.name, format!("a port needs -p tcp or -p udp ({NEED_PROTO})")));
+            }
+            Target::Dnat { addr, port }
         }
-        let to = s.to_dest.ok_or_else(|| bad(jump.value, "DNAT needs --to-destination ADDR[:PORT]"))?;
-        let (addr, port) = parse_to(to.value).map_err(|e| bad(to.value, e.to_string()))?;
-        if port.is_some() && proto.is_none() {
-            return Err(bad(to.name, format!("a port needs -p tcp or -p udp ({NEED_PROTO})")));
+        "SNAT" => {
+            let to = addr_opt.ok_or_else(|| bad(jump.value, "SNAT needs --to-source ADDR[:LO-HI]"))?;
+            let (addr, ports) = parse_snat_to(to.value).map_err(|e| bad(to.value, e.to_string()))?;
+            if ports.is_some() && proto.is_none() {
+                return Err(bad(to.name, format!("a port needs -p tcp or -p udp ({NEED_PROTO})")));
+            }
+            Target::Snat { addr, ports }
         }
-        Target::Dnat { addr, port }
-    } else {
-        if let Some(o) = s.to_dest {
-            return Err(bad(o.name, "is for -j DNAT; REDIRECT takes --to-ports PORT"));
+        "REDIRECT" => {
+            let to = s.to_ports.ok_or_else(|| {
+                bad(jump.value, "REDIRECT without --to-ports keeps the original port; pfwd needs --to-ports PORT")
+            })?;
+            if to.value.contains(['-', ':']) {
+                return Err(bad(to.value, "port ranges in --to-ports are not supported: pfwd redirects to one port"));
+            }
+            let port = parse_port(to.value).map_err(|e| bad(to.value, e.to_string()))?;
+            if proto.is_none() {
+                return Err(bad(to.name, format!("needs -p tcp or -p udp ({NEED_PROTO})")));
+            }
+            Target::Redirect { port }
         }
-        let to = s.to_ports.ok_or_else(|| {
-            bad(jump.value, "REDIRECT without --to-ports keeps the original port; pfwd needs --to-ports PORT")
-        })?;
-        if to.value.contains(['-', ':']) {
-            return Err(bad(to.value, "port ranges in --to-ports are not supported: pfwd redirects to one port"));
+        _ => {
+            let ports = match s.to_ports {
+                None => None,
+                Some(to) => {
+                    if to.value.contains(':') {
+                        return Err(bad(to.value, "iptables: Invalid port:port syntax - use dash"));
+                    }
+                    if proto.is_none() {
+                        return Err(bad(to.name, format!("needs -p tcp or -p udp ({NEED_PROTO})")));
+                    }
+                    Some(to.value.parse().map_err(|e: crate::rules::RuleError| bad(to.value, e.to_string()))?)
+                }
+            };
+            Target::Masquerade { ports }
         }
-        let port = parse_port(to.value).map_err(|e| bad(to.value, e.to_string()))?;
-        if proto.is_none() {
-            return Err(bad(to.name, format!("needs -p tcp or -p udp ({NEED_PROTO})")));
-        }
-        Target::Redirect { port }
     };
     dports
         .into_iter()
         .map(|dport| {
-            let mut rule = Rule { id: 0, iface: iface.clone(), proto, src, dst, dport, target };
+            let mut rule = Rule { id: 0, iface: iface.clone(), oface: oface.clone(), proto, src, dst, dport, target };
             rule.normalize();
             rule.validate().map_err(|e| bad(command_tok, e.to_string()))?;
             Ok(rule)
@@ -872,6 +1003,9 @@ struct Importer {
     /// nat `PREROUTING` and `PFWD-PREROUTING` in iptables' order.
     prerouting: Vec<Entry>,
     pfwd_chain: Vec<Entry>,
+    /// nat `POSTROUTING` and `PFWD-POSTROUTING` in iptables' order.
+    postrouting: Vec<Entry>,
+    pfwd_post_chain: Vec<Entry>,
     warnings: Vec<String>,
 }
 
@@ -947,41 +1081,64 @@ impl Importer {
             Command::Query => return Err(bad(tok, "does not add a rule (give pfwd iptables-save -t nat output)")),
         }
         let chain = head.chain.unwrap_or_default();
-        // SNAT first: the message should name what the user wrote, not the chain it lives in.
-        if let Some(j @ ("SNAT" | "MASQUERADE" | "NETMAP")) = jump_of(&head.spec) {
-            return Err(bad(j, format!("valid iptables, but pfwd does not support {j} yet (only DNAT and REDIRECT)")));
+        // NETMAP first: the message should name what the user wrote, not the chain it lives in.
+        if let Some(j @ "NETMAP") = jump_of(&head.spec) {
+            return Err(bad(
+                j,
+                format!("valid iptables, but pfwd does not support {j} yet (only DNAT, REDIRECT, SNAT and MASQUERADE)"),
+            ));
         }
-        match chain {
-            "PREROUTING" | PREROUTING_CHAIN => {}
-            "OUTPUT" | "POSTROUTING" | "INPUT" => {
+        let post = match chain {
+            "PREROUTING" | PREROUTING_CHAIN => false,
+            "POSTROUTING" | POSTROUTING_CHAIN => true,
+            "OUTPUT" | "INPUT" => {
                 return Err(bad(
                     chain,
-                    format!("valid iptables, but pfwd does not support nat {chain} rules yet (only PREROUTING)"),
+                    format!(
+                        "valid iptables, but pfwd does not support nat {chain} rules yet (only PREROUTING and \
+                         POSTROUTING)"
+                    ),
                 ));
             }
-            c if c.eq_ignore_ascii_case("PREROUTING") => {
-                return Err(bad(c, "chain names are case-sensitive: PREROUTING"));
+            c if c.eq_ignore_ascii_case("PREROUTING") || c.eq_ignore_ascii_case("POSTROUTING") => {
+                return Err(bad(c, format!("chain names are case-sensitive: {}", c.to_ascii_uppercase())));
             }
             c => {
                 return Err(bad(
                     c,
-                    format!("rules in chain {c} are not supported; pfwd imports nat PREROUTING rules (put them there)"),
+                    format!(
+                        "rules in chain {c} are not supported; pfwd imports nat PREROUTING and POSTROUTING rules \
+                         (put them there)"
+                    ),
                 ));
             }
-        }
+        };
         let spec = parse_spec(&head.spec)?;
+        // iptables' own checks: the incoming interface is unknown after routing, the outgoing one before it.
+        match (post, spec.iface, spec.oface) {
+            (true, Some(i), _) => return Err(bad(i.name, "iptables: Can't use -i with POSTROUTING")),
+            (false, _, Some(o)) => return Err(bad(o.name, "iptables: Can't use -o with PREROUTING")),
+            _ => {}
+        }
+        let (builtin, pfwd_chain) =
+            if post { ("POSTROUTING", POSTROUTING_CHAIN) } else { ("PREROUTING", PREROUTING_CHAIN) };
         let entry = match spec.jump {
-            Some(j) if j.value == PREROUTING_CHAIN && chain == "PREROUTING" => Entry::Jump,
+            Some(j) if j.value == pfwd_chain && chain == builtin => Entry::Jump,
             _ => {
                 let mut ids = Vec::new();
-                for rule in build_rules(&spec, tok)? {
+                for rule in build_rules(&spec, tok, post)? {
                     self.rules.push((rule, line_no));
                     ids.push(self.rules.len() - 1);
                 }
                 Entry::Rules(ids)
             }
         };
-        let list = if chain == PREROUTING_CHAIN { &mut self.pfwd_chain } else { &mut self.prerouting };
+        let list = match (post, chain == pfwd_chain) {
+            (false, false) => &mut self.prerouting,
+            (false, true) => &mut self.pfwd_chain,
+            (true, false) => &mut self.postrouting,
+            (true, true) => &mut self.pfwd_post_chain,
+        };
         let at = match head.position {
             Some(n) if n > list.len() + 1 => {
                 return Err(bad(&n.to_string(), "iptables: Index of insertion too big."));
@@ -1019,30 +1176,16 @@ impl Importer {
             return Err(bad(c, format!("the filter table has no {c} chain: add -t nat")));
         }
         self.warnings.push(format!(
-            "line {line_no}: not imported ({} table; pfwd converts nat PREROUTING DNAT/REDIRECT rules): {line}",
+            "line {line_no}: not imported ({} table; pfwd converts nat PREROUTING DNAT/REDIRECT and POSTROUTING \
+             SNAT/MASQUERADE rules): {line}",
             head.table
         ));
         Ok(())
     }
 
     fn finish(mut self) -> Import {
-        // iptables' order: PREROUTING, with pfwd's chain where the first jump to it is (or after everything).
-        let mut order: Vec<usize> = Vec::new();
-        let pfwd: Vec<usize> = self.pfwd_chain.iter().flat_map(entry_rules).collect();
-        let mut jumped = false;
-        for e in &self.prerouting {
-            match e {
-                Entry::Rules(ids) => order.extend(ids),
-                Entry::Jump if !jumped => {
-                    jumped = true;
-                    order.extend(&pfwd);
-                }
-                Entry::Jump => {}
-            }
-        }
-        if !jumped {
-            order.extend(&pfwd);
-        }
+        let mut order = chain_order(&self.prerouting, &self.pfwd_chain);
+        order.extend(chain_order(&self.postrouting, &self.pfwd_post_chain));
 
         let mut kept: Vec<(Rule, usize)> = Vec::new();
         for i in order {
@@ -1076,6 +1219,28 @@ impl Importer {
     }
 }
 
+/// iptables' order of one hook: the built-in chain, with pfwd's chain where the first jump to it is (or after
+/// everything).
+fn chain_order(builtin: &[Entry], pfwd_chain: &[Entry]) -> Vec<usize> {
+    let mut order: Vec<usize> = Vec::new();
+    let pfwd: Vec<usize> = pfwd_chain.iter().flat_map(entry_rules).collect();
+    let mut jumped = false;
+    for e in builtin {
+        match e {
+            Entry::Rules(ids) => order.extend(ids),
+            Entry::Jump if !jumped => {
+                jumped = true;
+                order.extend(&pfwd);
+            }
+            Entry::Jump => {}
+        }
+    }
+    if !jumped {
+        order.extend(&pfwd);
+    }
+    order
+}
+
 fn entry_rules(e: &Entry) -> Vec<usize> {
     match e {
         Entry::Rules(ids) => ids.clone(),
@@ -1096,7 +1261,10 @@ fn may_overlap(a: &Rule, b: &Rule) -> bool {
         (Some(x), Some(y)) => x.lo <= y.hi && y.lo <= x.hi,
         _ => true,
     };
-    either_or_equal(&a.iface, &b.iface)
+    // PREROUTING and POSTROUTING rules never see the same lookup.
+    a.is_postrouting() == b.is_postrouting()
+        && either_or_equal(&a.iface, &b.iface)
+        && either_or_equal(&a.oface, &b.oface)
         && either_or_equal(&a.proto, &b.proto)
         && ports
         && nets(a.src, b.src)
@@ -1140,9 +1308,12 @@ mod tests {
         ]
     }
 
-    /// Rules in precedence order, compared by match and target (ids are not imported).
+    /// Rules in precedence order, PREROUTING ones first (the import's order: chain by chain), compared by match and
+    /// target (ids are not imported).
     fn assert_same_rules(got: &[Rule], want: &[Rule]) {
-        let want: Vec<&Rule> = precedence_order(want).into_iter().map(|i| &want[i]).collect();
+        let (pre, post): (Vec<usize>, Vec<usize>) =
+            precedence_order(want).into_iter().partition(|&i| !want[i].is_postrouting());
+        let want: Vec<&Rule> = pre.into_iter().chain(post).map(|i| &want[i]).collect();
         let same = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g.same_match_and_target(w));
         let show = |rs: Vec<&Rule>| rs.iter().map(|r| r.to_string()).collect::<Vec<_>>();
         assert!(same, "got {:#?}\nwant {:#?}", show(got.iter().collect()), show(want));
@@ -1157,6 +1328,7 @@ mod tests {
             nat_chain_script(&sample()),
             "*nat\n\
              :PFWD-PREROUTING - [0:0]\n\
+             :PFWD-POSTROUTING - [0:0]\n\
              -A PFWD-PREROUTING -i eth0 -p tcp -m tcp --dport 59999 -m comment --comment \"pfwd:4\" -j DNAT --to-destination 127.0.0.1:17355\n\
              -A PFWD-PREROUTING -s 192.168.1.0/24 -p udp -m udp --dport 53 -m comment --comment \"pfwd:5\" -j DNAT --to-destination 10.0.2.3:5353\n\
              -A PFWD-PREROUTING -p tcp -m tcp --dport 80 -m comment --comment \"pfwd:1\" -j REDIRECT --to-ports 3000\n\
@@ -1169,7 +1341,10 @@ mod tests {
              COMMIT\n"
         );
         // No rules: the chains are still declared, which empties them.
-        assert!(nat_chain_script(&[]).starts_with("*nat\n:PFWD-PREROUTING - [0:0]\nCOMMIT\n*filter\n"));
+        assert!(
+            nat_chain_script(&[])
+                .starts_with("*nat\n:PFWD-PREROUTING - [0:0]\n:PFWD-POSTROUTING - [0:0]\nCOMMIT\n*filter\n")
+        );
         // A /0 prefix matches everything; iptables-save would drop it, so the export does too.
         let mut any = with_id(9, "dnat -p tcp --to 10.0.0.1");
         any.src = Some("0.0.0.0/0".parse().unwrap());
@@ -1180,9 +1355,10 @@ mod tests {
     fn hooks() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let all = hook_rules(None);
-        assert_eq!(all.len(), 2);
+        assert_eq!(all.len(), 3);
         assert_eq!(all[0].append_args(), s(&["-t", "nat", "-A", "PREROUTING", "-j", "PFWD-PREROUTING"]));
-        assert_eq!(all[1].check_args(), s(&["-t", "filter", "-C", "FORWARD", "-j", "PFWD-FORWARD"]));
+        assert_eq!(all[1].append_args(), s(&["-t", "nat", "-A", "POSTROUTING", "-j", "PFWD-POSTROUTING"]));
+        assert_eq!(all[2].check_args(), s(&["-t", "filter", "-C", "FORWARD", "-j", "PFWD-FORWARD"]));
         let ifaces = s(&["eth0", "wg0"]);
         let some = hook_rules(Some(&ifaces));
         let lines: Vec<String> = some.iter().map(|h| format!("{} {}", h.table, h.restore_line())).collect();
@@ -1191,13 +1367,19 @@ mod tests {
             [
                 "nat -A PREROUTING -i eth0 -j PFWD-PREROUTING",
                 "nat -A PREROUTING -i wg0 -j PFWD-PREROUTING",
+                "nat -A POSTROUTING -o eth0 -j PFWD-POSTROUTING",
+                "nat -A POSTROUTING -o wg0 -j PFWD-POSTROUTING",
                 "filter -A FORWARD -i eth0 -j PFWD-FORWARD",
                 "filter -A FORWARD -o eth0 -j PFWD-FORWARD",
                 "filter -A FORWARD -i wg0 -j PFWD-FORWARD",
                 "filter -A FORWARD -o wg0 -j PFWD-FORWARD",
             ]
         );
-        assert_eq!(some[3].delete_args(), s(&["-t", "filter", "-D", "FORWARD", "-o", "eth0", "-j", "PFWD-FORWARD"]));
+        assert_eq!(some[5].delete_args(), s(&["-t", "filter", "-D", "FORWARD", "-o", "eth0", "-j", "PFWD-FORWARD"]));
+        assert_eq!(
+            some[2].delete_args(),
+            s(&["-t", "nat", "-D", "POSTROUTING", "-o", "eth0", "-j", "PFWD-POSTROUTING"])
+        );
         assert!(hook_rules(Some(&[])).is_empty());
     }
 
@@ -1208,7 +1390,16 @@ mod tests {
         assert!(text.starts_with("# pfwd rules for iptables (5 rules"), "{text}");
         assert!(text.contains("# Apply with: iptables-restore --noflush < FILE\n"));
         let body: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
-        assert_eq!(body[..3], ["*nat", ":PFWD-PREROUTING - [0:0]", "-A PREROUTING -i eth0 -j PFWD-PREROUTING"]);
+        assert_eq!(
+            body[..5],
+            [
+                "*nat",
+                ":PFWD-PREROUTING - [0:0]",
+                ":PFWD-POSTROUTING - [0:0]",
+                "-A PREROUTING -i eth0 -j PFWD-PREROUTING",
+                "-A POSTROUTING -o eth0 -j PFWD-POSTROUTING",
+            ]
+        );
         let filter = body.iter().position(|l| *l == "*filter").unwrap();
         assert_eq!(
             body[filter..],
@@ -1246,6 +1437,9 @@ mod tests {
                     \t\tmeta l4proto udp redirect to :53 comment \"pfwd:6\"\n\
                     \t\tip daddr 203.0.113.10 dnat to 10.0.2.2 comment \"pfwd:2\"\n\
                     \t}\n\n\
+                    \tchain postrouting {\n\
+                    \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+                    \t}\n\n\
                     \tchain forward {\n\
                     \t\ttype filter hook forward priority filter; policy accept;\n\
                     \t\tct state invalid drop\n\
@@ -1259,6 +1453,185 @@ mod tests {
         assert!(text.contains(
             "\t\tiifname { \"eth0\", \"wg0\" } ct state invalid drop\n\t\toifname { \"eth0\", \"wg0\" } ct state invalid drop\n"
         ));
+    }
+
+    /// SNAT/MASQUERADE rules of each shape, ids after [`sample`]'s.
+    fn post_sample() -> Vec<Rule> {
+        vec![
+            with_id(6, "masquerade -o eth0"),
+            with_id(7, "snat -o eth0 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099"),
+            with_id(8, "masquerade -o wg0 -p udp --to-ports 1024-1027"),
+            with_id(9, "snat -d 198.51.100.0/24 --to 203.0.113.6"),
+            with_id(10, "snat -p tcp --to 203.0.113.7:5000"),
+        ]
+    }
+
+    fn with_post() -> Vec<Rule> {
+        sample().into_iter().chain(post_sample()).collect()
+    }
+
+    #[test]
+    fn postrouting_export_formats() {
+        let ifaces = vec!["eth0".to_string()];
+        let text = export_iptables(&with_post(), Some(&ifaces));
+        let body: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("-A POSTROUTING") || l.starts_with("-A PFWD-POST")).collect();
+        assert_eq!(
+            body,
+            [
+                "-A POSTROUTING -o eth0 -j PFWD-POSTROUTING",
+                "-A PFWD-POSTROUTING -s 10.0.2.0/24 -o eth0 -p tcp -m comment --comment \"pfwd:7\" -j SNAT --to-source 203.0.113.5:20000-20099",
+                "-A PFWD-POSTROUTING -o wg0 -p udp -m comment --comment \"pfwd:8\" -j MASQUERADE --to-ports 1024-1027",
+                "-A PFWD-POSTROUTING -p tcp -m comment --comment \"pfwd:10\" -j SNAT --to-source 203.0.113.7:5000",
+                "-A PFWD-POSTROUTING -o eth0 -m comment --comment \"pfwd:6\" -j MASQUERADE",
+                "-A PFWD-POSTROUTING -d 198.51.100.0/24 -m comment --comment \"pfwd:9\" -j SNAT --to-source 203.0.113.6",
+            ]
+        );
+        // The PREROUTING chain is unchanged by POSTROUTING rules.
+        let pre = |t: &str| t.lines().filter(|l| l.starts_with("-A PFWD-PRE")).map(String::from).collect::<Vec<_>>();
+        assert_eq!(pre(&text), pre(&nat_chain_script(&sample())));
+        assert!(text.starts_with("# pfwd rules for iptables (10 rules"), "{text}");
+
+        let nft = export_nft(&with_post(), Some(&ifaces));
+        let want = "\tchain postrouting {\n\
+                    \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+                    \t\toifname != { \"eth0\" } accept\n\
+                    \t\toifname \"eth0\" ip saddr 10.0.2.0/24 meta l4proto tcp snat to 203.0.113.5:20000-20099 comment \"pfwd:7\"\n\
+                    \t\toifname \"wg0\" meta l4proto udp masquerade to :1024-1027 comment \"pfwd:8\"\n\
+                    \t\tmeta l4proto tcp snat to 203.0.113.7:5000 comment \"pfwd:10\"\n\
+                    \t\toifname \"eth0\" masquerade comment \"pfwd:6\"\n\
+                    \t\tip daddr 198.51.100.0/24 snat to 203.0.113.6 comment \"pfwd:9\"\n\
+                    \t}\n\n\
+                    \tchain forward {\n";
+        assert!(nft.contains(want), "{nft}");
+        // No POSTROUTING rule ever lands in the prerouting chain, and vice versa.
+        let prerouting = &nft[nft.find("chain prerouting").unwrap()..nft.find("chain postrouting").unwrap()];
+        assert!(!prerouting.contains("snat") && !prerouting.contains("masquerade"), "{prerouting}");
+        assert_eq!(prerouting.matches("comment \"pfwd:").count(), sample().len());
+        assert!(
+            export_nft(&post_sample(), Some(&[]))
+                .contains("priority srcnat; policy accept;\n\t\taccept comment \"pfwd: no interfaces\"\n")
+        );
+    }
+
+    #[test]
+    fn import_snat_masquerade() {
+        for (line, want) in [
+            ("iptables -t nat -A POSTROUTING -o eth0 -j MASQUERADE", "masquerade -o eth0"),
+            (
+                "iptables -t nat -A POSTROUTING -s 10.0.2.0/24 -o eth1 -p tcp -j SNAT --to-source 203.0.113.5:20000-20099",
+                "snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099",
+            ),
+            (
+                "iptables -t nat -A POSTROUTING -d 198.51.100.0/24 -j SNAT --to 203.0.113.6",
+                "snat -d 198.51.100.0/24 --to 203.0.113.6",
+            ),
+            (
+                "sudo iptables -w -t nat -I POSTROUTING --out-interface wg0 --protocol udp --jump MASQUERADE --to-ports 1024-1027",
+                "masquerade -o wg0 -p udp --to-ports 1024-1027",
+            ),
+            ("-A POSTROUTING -p tcp -m tcp -j MASQUERADE --to-ports 5000", "masquerade -p tcp --to-ports 5000"),
+            (
+                "iptables -t nat -A POSTROUTING -p tcp -j SNAT --to-source=203.0.113.7:5000",
+                "snat -p tcp --to 203.0.113.7:5000",
+            ),
+        ] {
+            let got = ok(line);
+            assert_eq!(got.rules, vec![rule(want)], "{line}");
+            assert!(got.warnings.is_empty(), "{line}: {:?}", got.warnings);
+        }
+
+        // An iptables-save dump: PREROUTING rules come first, each hook in its own first-match order with pfwd's
+        // chain where the jump is; the hooks never warn about each other.
+        let dump = "\
+*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:PFWD-PREROUTING - [0:0]
+:PFWD-POSTROUTING - [0:0]
+[1:60] -A POSTROUTING -s 10.9.0.0/16 -o eth0 -j MASQUERADE
+-A POSTROUTING -o eth0 -j PFWD-POSTROUTING
+-A POSTROUTING -j MASQUERADE
+-A PREROUTING -i eth0 -j PFWD-PREROUTING
+-A PFWD-POSTROUTING -s 10.9.2.0/24 -o eth0 -p tcp -m comment --comment \"pfwd:7\" -j SNAT --to-source 203.0.113.5:20000-20099
+-A PFWD-PREROUTING -p tcp -m tcp --dport 80 -m comment --comment \"pfwd:1\" -j REDIRECT --to-ports 3000
+COMMIT
+";
+        let got = ok(dump);
+        let want = [
+            "redirect -p tcp --dport 80 --to-port 3000",
+            "masquerade -o eth0 -s 10.9.0.0/16",
+            "snat -o eth0 -p tcp -s 10.9.2.0/24 --to 203.0.113.5:20000-20099",
+            "masquerade",
+        ];
+        assert_eq!(got.rules, want.map(rule));
+        // pfwd ranks -p above -s: the SNAT rule wins over the earlier MASQUERADE where both match.
+        assert_eq!(got.warnings.len(), 1, "{:#?}", got.warnings);
+        assert!(got.warnings[0].starts_with("line 10 (\"snat -o eth0 -p tcp"), "{}", got.warnings[0]);
+        assert!(got.warnings[0].contains("overlaps line 6 (\"masquerade -o eth0 -s 10.9.0.0/16\")"));
+        // Already in pfwd's order: nothing to say, whatever the other hook holds.
+        let got = ok("iptables -t nat -A POSTROUTING -o eth0 -p tcp -j MASQUERADE\n\
+                      iptables -t nat -A POSTROUTING -j MASQUERADE\n\
+                      iptables -t nat -A PREROUTING -j DNAT --to 10.0.0.1\n");
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+        assert_eq!(got.rules.len(), 3);
+        assert!(!got.rules[0].is_postrouting() && got.rules[1].is_postrouting());
+    }
+
+    #[test]
+    fn import_postrouting_rejections() {
+        const A: &str = "iptables -t nat -A POSTROUTING";
+        for (body, token, message) in [
+            ("-i eth0 -j MASQUERADE", "-i", "iptables: Can't use -i with POSTROUTING"),
+            ("--in-interface eth0 -j MASQUERADE", "--in-interface", "Can't use -i with POSTROUTING"),
+            ("-p tcp --dport 80 -j MASQUERADE", "--dport", "destination ports in POSTROUTING are not supported"),
+            ("-p tcp -m multiport --dports 80,81 -j MASQUERADE", "--dports", "destination ports in POSTROUTING"),
+            ("-p tcp -j MASQUERADE --to-ports 1000:1002", "1000:1002", "Invalid port:port syntax - use dash"),
+            ("-j MASQUERADE --to-ports 1000-1002", "--to-ports", "Need TCP, UDP, SCTP or DCCP with port specification"),
+            ("-j SNAT --to-source 1.2.3.4:1000", "--to-source", "Need TCP, UDP, SCTP or DCCP"),
+            ("-p tcp -j MASQUERADE --to-ports 0-5", "0-5", "port 0"),
+            ("-j SNAT", "SNAT", "SNAT needs --to-source ADDR[:LO-HI]"),
+            ("-o eth0", "-A", "no target: expected -j SNAT or -j MASQUERADE"),
+            ("-j DNAT --to 10.0.2.2", "DNAT", "DNAT only works in nat PREROUTING"),
+            ("-p tcp -j REDIRECT --to-ports 80", "REDIRECT", "REDIRECT only works in nat PREROUTING"),
+            ("-j snat --to 1.2.3.4", "snat", "upper case: -j SNAT"),
+            ("-j SNAT --to-source 1.2.3.4-1.2.3.9", "1.2.3.4-1.2.3.9", "address ranges"),
+            ("-p tcp -j SNAT --to-source 1.2.3.4:1000:2000", "1.2.3.4:1000:2000", "bad --to"),
+            ("-j SNAT --to-destination 1.2.3.4", "--to-destination", "is for -j DNAT; SNAT takes --to-source"),
+            ("-p tcp -j SNAT --to-source 1.2.3.4 --to-ports 80", "--to-ports", "SNAT takes --to-source"),
+            ("-j SNAT --to 1.2.3.4 --to-source 1.2.3.5", "--to", "given twice"),
+            ("-j SNAT --to-source 1.2.3.4 --to-source 1.2.3.5", "--to-source", "given twice"),
+            ("-j MASQUERADE --to 1.2.3.4", "--to", "MASQUERADE takes --to-ports LO-HI"),
+            ("-j MASQUERADE --random", "--random", "pfwd keeps the source port when free"),
+            ("-j SNAT --to-source 1.2.3.4 --persistent", "--persistent", "keeps the source port"),
+            ("--to-source 1.2.3.4 -j SNAT", "--to-source", "goes after -j SNAT"),
+            ("-o eth+ -j MASQUERADE", "eth+", "wildcards"),
+            ("! -o eth0 -j MASQUERADE", "!", "negation"),
+            ("-j ACCEPT", "ACCEPT", "exceptions"),
+        ] {
+            let text = format!("{A} -o eth9 -j MASQUERADE\n{A} {body}\n");
+            let e = err(&text);
+            assert_eq!((e.line_no, e.token.as_str()), (2, token), "{body}: {e}");
+            assert!(e.message.contains(message), "{body}: {e}");
+        }
+        for (line, token, message) in [
+            ("iptables -t nat -A PREROUTING -j SNAT --to 1.2.3.4", "SNAT", "SNAT only works in nat POSTROUTING"),
+            ("iptables -t nat -A PREROUTING -j MASQUERADE", "MASQUERADE", "only works in nat POSTROUTING"),
+            (
+                "iptables -t nat -A PREROUTING --out-interface eth0 -j DNAT --to 1.2.3.4",
+                "--out-interface",
+                "-o with PREROUTING",
+            ),
+            ("iptables -t nat -A postrouting -j MASQUERADE", "postrouting", "case-sensitive: POSTROUTING"),
+            ("iptables -t nat -A OUTPUT -j MASQUERADE", "OUTPUT", "nat OUTPUT rules yet"),
+            ("iptables -A POSTROUTING -j MASQUERADE", "MASQUERADE", "only valid in the nat table"),
+            ("iptables -A POSTROUTING -j ACCEPT", "POSTROUTING", "the filter table has no POSTROUTING chain"),
+            ("-A PFWD-POSTROUTING -i eth0 -j MASQUERADE", "-i", "Can't use -i with POSTROUTING"),
+        ] {
+            let e = err(&format!("\n{line}\n"));
+            assert_eq!((e.line_no, e.token.as_str()), (2, token), "{line}: {e}");
+            assert!(e.message.contains(message), "{line}: {e}");
+        }
     }
 
     // ---- round trip ----
@@ -1283,9 +1656,11 @@ mod tests {
         }
     }
 
-    /// A random valid rule; half the time from a small value space so rules overlap and collide.
+    /// A random valid rule, a third of them SNAT/MASQUERADE; half the time from a small value space so rules overlap
+    /// and collide.
     fn random_rule(rng: &mut Rng) -> Rule {
         let small = rng.chance(50);
+        let post = rng.chance(33);
         let proto = [None, Some(Proto::Tcp), Some(Proto::Udp)][rng.below(3) as usize];
         let port = |rng: &mut Rng| if small { 79 + rng.below(4) as u16 } else { (rng.below(65535) + 1) as u16 };
         let net = |rng: &mut Rng| {
@@ -1294,12 +1669,21 @@ mod tests {
                 if small { Ipv4Addr::new(10, 1, 2, rng.below(3) as u8) } else { Ipv4Addr::from(rng.next() as u32) };
             Ipv4Net::new(addr, len).unwrap().trunc()
         };
-        let dport = (proto.is_some() && rng.chance(60)).then(|| {
+        let range = |rng: &mut Rng| {
             let (a, b) = (port(rng), if rng.chance(50) { None } else { Some(port(rng)) });
             let b = b.unwrap_or(a);
             PortRange { lo: a.min(b), hi: a.max(b) }
-        });
-        let target = if proto.is_some() && rng.chance(40) {
+        };
+        let dport = (!post && proto.is_some() && rng.chance(60)).then(|| range(rng));
+        let iface = rng.chance(40).then(|| ["eth0", "wg0", "veth-a.1", "br_lan"][rng.below(4) as usize].to_string());
+        let target = if post {
+            let ports = (proto.is_some() && rng.chance(60)).then(|| range(rng));
+            if rng.chance(50) {
+                Target::Snat { addr: Ipv4Addr::from((rng.below(0xdfff_fffe) + 1) as u32), ports }
+            } else {
+                Target::Masquerade { ports }
+            }
+        } else if proto.is_some() && rng.chance(40) {
             Target::Redirect { port: port(rng) }
         } else {
             let addr = Ipv4Addr::from((rng.below(0xdfff_fffe) + 1) as u32);
@@ -1307,7 +1691,8 @@ mod tests {
         };
         Rule {
             id: rng.below(50) as u32 + 1,
-            iface: rng.chance(40).then(|| ["eth0", "wg0", "veth-a.1", "br_lan"][rng.below(4) as usize].to_string()),
+            iface: iface.clone().filter(|_| !post),
+            oface: iface.filter(|_| post),
             proto,
             src: rng.chance(50).then(|| net(rng)),
             dst: rng.chance(50).then(|| net(rng)),
@@ -1646,16 +2031,11 @@ COMMIT
                 "valid iptables, but pfwd does not support nat OUTPUT rules yet",
             ),
             (
-                "iptables -t nat -A POSTROUTING -o eth0 -j MASQUERADE",
-                "MASQUERADE",
-                "valid iptables, but pfwd does not support MASQUERADE yet",
+                "iptables -t nat -A POSTROUTING -o eth0 -j NETMAP --to 10.9.0.0/16",
+                "NETMAP",
+                "valid iptables, but pfwd does not support NETMAP yet",
             ),
-            (
-                "iptables -t nat -A POSTROUTING -s 10.0.0.0/8 -j SNAT --to-source 192.0.2.1",
-                "SNAT",
-                "does not support SNAT yet",
-            ),
-            ("iptables -t nat -A POSTROUTING -d 10.0.2.2 -j ACCEPT", "POSTROUTING", "nat POSTROUTING rules yet"),
+            ("iptables -t nat -A INPUT -d 10.0.2.2 -j ACCEPT", "INPUT", "nat INPUT rules yet"),
             ("iptables -t nat -A prerouting -p tcp -j DNAT --to 10.0.2.2", "prerouting", "case-sensitive"),
             ("iptables -t nat -A DOCKER -p tcp -j DNAT --to 10.0.2.2", "DOCKER", "rules in chain DOCKER"),
             (
@@ -1752,7 +2132,7 @@ COMMIT
             return;
         };
         let ifaces = vec!["eth0".to_string(), "wg0".to_string()];
-        let rules = sample();
+        let rules = with_post();
         let export = export_iptables(&rules, Some(&ifaces));
         ns.run(&["iptables-restore", "--noflush", "--test"], &export);
         ns.run(&["iptables-restore", "--noflush"], &export);
@@ -1785,13 +2165,15 @@ COMMIT
         }
 
         // nft: check, then apply twice (the second run replaces the first).
-        let nft = export_nft(&sample(), Some(&ifaces));
+        let nft = export_nft(&with_post(), Some(&ifaces));
         ns.run(&["nft", "-c", "-f", "-"], &nft);
         ns.run(&["nft", "-f", "-"], &nft);
         ns.run(&["nft", "-f", "-"], &nft);
         let listed = ns.run(&["nft", "list", "table", "ip", "pfwd"], "");
-        assert_eq!(listed.matches("comment \"pfwd:").count(), sample().len(), "{listed}");
-        assert_eq!(export_nft(&[], Some(&[])).matches("accept").count(), 3);
+        assert_eq!(listed.matches("comment \"pfwd:").count(), with_post().len(), "{listed}");
+        assert!(listed.contains("type nat hook postrouting priority srcnat; policy accept;"), "{listed}");
+        // Two "policy accept" and "accept comment" per NAT chain, and the forward chain's policy.
+        assert_eq!(export_nft(&[], Some(&[])).matches("accept").count(), 5);
         ns.run(&["nft", "-c", "-f", "-"], &export_nft(&[], Some(&[])));
     }
 }

@@ -187,6 +187,7 @@ impl Kernel {
         }
         let mut cfg = self.config()?;
         cfg.level_mask = compiled.level_mask;
+        cfg.snat_level_mask = compiled.snat_level_mask;
         self.set_config(&cfg)
     }
 
@@ -206,6 +207,7 @@ impl Kernel {
             packets: a.packets + c.packets,
             bytes: a.bytes + c.bytes,
             flows: a.flows + c.flows,
+            drops: a.drops + c.drops,
         }))
     }
 
@@ -225,6 +227,31 @@ impl Kernel {
     pub fn conntrack_capacity(&self) -> Result<u32> {
         let data = MapData::from_pin(self.dir.join(names::CONNTRACK))?;
         Ok(data.info()?.max_entries())
+    }
+
+    /// Kernel memory of each pinned map (the `memlock` the kernel accounts for it), by name.
+    pub fn map_memory(&self) -> Result<Vec<(String, u64)>> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let mut out = vec![];
+        for name in [
+            names::RULES,
+            names::BUCKETS,
+            names::CONNTRACK,
+            names::RULE_COUNTERS,
+            names::STATS,
+            names::IFACES,
+            names::CONFIG,
+        ] {
+            let data = MapData::from_pin(self.dir.join(name))?;
+            let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", data.fd().as_fd().as_raw_fd()))?;
+            let bytes = fdinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            out.push((name.to_string(), bytes));
+        }
+        Ok(out)
     }
 
     /// Program id of the pinned ingress program (for reading its log events).

@@ -1,9 +1,11 @@
 //! Forwarding rules: the data model, the CLI and TOML syntaxes, precedence, and compilation into the BPF map layout.
 //!
-//! A rule is what a user would write as `iptables -t nat -A PREROUTING ... -j DNAT/REDIRECT`, restricted to what the
-//! kernel program can match: optional interface, protocol (tcp/udp), source and destination prefixes and destination
-//! port range. The same [`Rule`] is produced by the CLI ([`parse_args`]), the config file ([`parse_config`]) and the
-//! JSON state file (serde), so all three agree on validation.
+//! A rule is what a user would write as `iptables -t nat -A PREROUTING ... -j DNAT/REDIRECT` (a PREROUTING rule,
+//! matched where packets arrive) or `iptables -t nat -A POSTROUTING ... -j SNAT/MASQUERADE` (a POSTROUTING rule,
+//! matched where packets leave), restricted to what the kernel program can match: optional interface (incoming `-i`
+//! for PREROUTING, outgoing `-o` for POSTROUTING), protocol (tcp/udp), source and destination prefixes and, for
+//! PREROUTING, a destination port range. The same [`Rule`] is produced by the CLI ([`parse_args`]), the config file
+//! ([`parse_config`]) and the JSON state file (serde), so all three agree on validation.
 //!
 //! # Precedence
 //!
@@ -13,13 +15,14 @@
 //!
 //! 1. a rule with `--dport` beats one without; between two, the narrower range (fewer ports) wins;
 //! 2. a rule with `-p` beats one without;
-//! 3. a rule with `-i` beats one without;
+//! 3. a rule with `-i` (PREROUTING) or `-o` (POSTROUTING) beats one without;
 //! 4. the longer source prefix wins (no `-s` counts as `/0`);
 //! 5. the longer destination prefix wins (no `-d` counts as `/0`);
 //! 6. the older rule (lower id) wins; rules with equal ids (e.g. 0, not yet assigned) keep their list order.
 //!
 //! The rank of a rule is its position in that order. The kernel picks the matching rule with the lowest rank; the
-//! iptables export emits rules in the same order, so iptables' first match is the same rule.
+//! iptables export emits rules in the same order, so iptables' first match is the same rule. PREROUTING and
+//! POSTROUTING rules share one order but never compete: each hook only looks at its own rules.
 //!
 //! Two rules with the same match and the same target are duplicates and are rejected. Two rules with the same match
 //! but different targets are allowed: rule 6 above makes the older one win and the newer one is shadowed (never used
@@ -33,7 +36,8 @@ use std::str::FromStr;
 
 use ipnet::Ipv4Net;
 use pfwd_common::maps::{
-    BUCKET_SLOTS, Bucket, BucketKey, MAX_BUCKETS, MAX_RULES, PROTO_ANY, PROTO_TCP, PROTO_UDP, RuleEntry, kind, level,
+    BUCKET_SLOTS, Bucket, BucketKey, MAX_BUCKETS, MAX_RULES, PROTO_ANY, PROTO_TCP, PROTO_UDP, RuleEntry, hook, kind,
+    level,
 };
 use serde::{Deserialize, Serialize};
 
@@ -52,7 +56,7 @@ pub enum RuleError {
     BadIface { input: String, reason: String },
     #[error("bad --to {input:?}: {reason}")]
     BadTo { input: String, reason: String },
-    #[error("bad rule kind {input:?}: expected \"dnat\" or \"redirect\"")]
+    #[error("bad rule kind {input:?}: expected {KINDS}")]
     BadKind { input: String },
     #[error("unknown option {0:?}")]
     UnknownOption(String),
@@ -64,7 +68,7 @@ pub enum RuleError {
     Repeated(String),
     #[error("{0}")]
     Unsupported(String),
-    #[error("missing rule kind: expected \"dnat\" or \"redirect\"")]
+    #[error("missing rule kind: expected {KINDS}")]
     MissingKind,
     #[error("{kind} needs {what}")]
     MissingTarget { kind: &'static str, what: &'static str },
@@ -78,6 +82,8 @@ pub enum RuleError {
         "--to with a port needs -p tcp or -p udp (iptables: \"Need TCP, UDP, SCTP or DCCP with port specification\")"
     )]
     ToPortNeedsProto,
+    #[error("--to-ports needs -p tcp or -p udp (iptables: \"Need TCP, UDP, SCTP or DCCP with port specification\")")]
+    ToPortsNeedsProto,
     #[error("duplicate of rule {of}")]
     Duplicate { of: u32 },
     #[error("no rule with id {0}")]
@@ -107,6 +113,8 @@ pub enum RuleError {
     #[error("[[rule]] #{index}{}: {error}", field_label(.field))]
     Config { index: usize, field: Option<&'static str>, error: Box<RuleError> },
 }
+
+const KINDS: &str = "\"dnat\", \"redirect\", \"snat\" or \"masquerade\"";
 
 fn field_label(field: &Option<&'static str>) -> String {
     field.map(|f| format!(", field {f}")).unwrap_or_default()
@@ -268,6 +276,11 @@ pub enum Target {
     Dnat { addr: Ipv4Addr, port: Option<u16> },
     /// `-j REDIRECT --to-ports PORT`: to the incoming interface's primary address.
     Redirect { port: u16 },
+    /// `-j SNAT --to-source ADDR[:LO-HI]`: the source becomes `addr`; the source port is kept when free, else taken
+    /// from `ports` (`None`: from 1024-65535).
+    Snat { addr: Ipv4Addr, ports: Option<PortRange> },
+    /// `-j MASQUERADE [--to-ports LO-HI]`: SNAT to the outgoing interface's current primary address.
+    Masquerade { ports: Option<PortRange> },
 }
 
 impl Target {
@@ -275,17 +288,30 @@ impl Target {
         match self {
             Target::Dnat { .. } => "dnat",
             Target::Redirect { .. } => "redirect",
+            Target::Snat { .. } => "snat",
+            Target::Masquerade { .. } => "masquerade",
         }
+    }
+
+    /// SNAT and MASQUERADE rewrite the source where packets leave (iptables POSTROUTING); DNAT and REDIRECT the
+    /// destination where they arrive (PREROUTING).
+    pub fn is_postrouting(&self) -> bool {
+        matches!(self, Target::Snat { .. } | Target::Masquerade { .. })
     }
 }
 
-/// The target in CLI syntax: `--to ADDR[:PORT]` or `--to-port PORT`.
+/// The target in CLI syntax: `--to ADDR[:PORT]`, `--to-port PORT`, `--to ADDR[:LO-HI]`, `[--to-ports LO-HI]`
+/// (empty for a masquerade without ports).
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Target::Dnat { addr, port: Some(p) } => write!(f, "--to {addr}:{p}"),
             Target::Dnat { addr, port: None } => write!(f, "--to {addr}"),
             Target::Redirect { port } => write!(f, "--to-port {port}"),
+            Target::Snat { addr, ports: Some(r) } => write!(f, "--to {addr}:{r}"),
+            Target::Snat { addr, ports: None } => write!(f, "--to {addr}"),
+            Target::Masquerade { ports: Some(r) } => write!(f, "--to-ports {r}"),
+            Target::Masquerade { ports: None } => Ok(()),
         }
     }
 }
@@ -296,8 +322,12 @@ pub struct Rule {
     /// User-facing id (`pfwd list`); 0 means not yet assigned.
     #[serde(default)]
     pub id: u32,
+    /// Incoming interface (`-i`); PREROUTING rules only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iface: Option<String>,
+    /// Outgoing interface (`-o`); POSTROUTING rules only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oface: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto: Option<Proto>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -335,10 +365,33 @@ impl Rule {
         self.target.kind_name()
     }
 
+    /// A SNAT/MASQUERADE rule (matched at egress, iptables POSTROUTING) rather than DNAT/REDIRECT (PREROUTING).
+    pub fn is_postrouting(&self) -> bool {
+        self.target.is_postrouting()
+    }
+
+    /// The interface the rule is tied to: the incoming one for PREROUTING rules, the outgoing one for POSTROUTING.
+    pub fn hook_iface(&self) -> Option<&str> {
+        if self.is_postrouting() { self.oface.as_deref() } else { self.iface.as_deref() }
+    }
+
     /// Checks the combinations iptables rejects, and field values a hand-written state file could get wrong.
     pub fn validate(&self) -> Result<(), RuleError> {
         if let Some(i) = &self.iface {
             validate_iface(i)?;
+        }
+        if let Some(o) = &self.oface {
+            validate_iface(o)?;
+        }
+        let post = self.is_postrouting();
+        if post && self.iface.is_some() {
+            return Err(wrong_hook(&self.target, "-i"));
+        }
+        if post && self.dport.is_some() {
+            return Err(wrong_hook(&self.target, "--dport"));
+        }
+        if !post && self.oface.is_some() {
+            return Err(wrong_hook(&self.target, "-o"));
         }
         if let Some(p) = &self.dport {
             p.check()?;
@@ -371,6 +424,24 @@ impl Rule {
                     return Err(RuleError::ToPortNeedsProto);
                 }
             }
+            Target::Snat { addr, ports } => {
+                check_to_addr(addr)
+                    .map_err(|r| RuleError::BadTo { input: self.target.to_string(), reason: r.into() })?;
+                if let Some(r) = ports {
+                    r.check()?;
+                    if self.proto.is_none() {
+                        return Err(RuleError::ToPortNeedsProto);
+                    }
+                }
+            }
+            Target::Masquerade { ports } => {
+                if let Some(r) = ports {
+                    r.check()?;
+                    if self.proto.is_none() {
+                        return Err(RuleError::ToPortsNeedsProto);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -379,6 +450,7 @@ impl Rule {
     /// duplicate. Same match with a different target is not a duplicate: precedence picks the older rule.
     pub fn same_match_and_target(&self, other: &Rule) -> bool {
         self.iface == other.iface
+            && self.oface == other.oface
             && self.proto == other.proto
             && net_mask(self.src) == net_mask(other.src)
             && net_mask(self.dst) == net_mask(other.dst)
@@ -400,7 +472,8 @@ fn precedence_key(r: &Rule) -> PrecedenceKey {
         r.dport.is_none(),
         r.dport.map_or(0, |p| p.width()),
         r.proto.is_none(),
-        r.iface.is_none(),
+        // `-o` ranks like `-i`: a rule only ever has the one of its hook.
+        r.hook_iface().is_none(),
         Reverse(prefix_len(r.src)),
         Reverse(prefix_len(r.dst)),
         r.id,
@@ -414,6 +487,26 @@ pub fn precedence_order(rules: &[Rule]) -> Vec<usize> {
     // Stable sort: equal keys keep list order, which is the documented final tie-break.
     order.sort_by_cached_key(|&i| precedence_key(&rules[i]));
     order
+}
+
+/// The error for `-i`/`--dport` on a SNAT/MASQUERADE rule or `-o` on a DNAT/REDIRECT one (`option` as written, or
+/// the TOML field). iptables refuses `-i` in POSTROUTING and `-o` in PREROUTING; pfwd's POSTROUTING rules have no
+/// port level.
+fn wrong_hook(target: &Target, option: &str) -> RuleError {
+    let hint = match (target, option) {
+        (Target::Snat { .. }, "iface") => "SNAT happens where packets leave: use oface",
+        (Target::Masquerade { .. }, "iface") => "MASQUERADE happens where packets leave: use oface",
+        (Target::Snat { .. }, "-i" | "--in-interface") => "SNAT happens where packets leave: use -o",
+        (Target::Masquerade { .. }, "-i" | "--in-interface") => "MASQUERADE happens where packets leave: use -o",
+        (Target::Snat { .. } | Target::Masquerade { .. }, _) => {
+            "snat and masquerade rules match -o, -p, -s and -d (the source port is what they rewrite)"
+        }
+        (Target::Dnat { .. }, "oface") => "DNAT happens where packets arrive: use iface",
+        (Target::Redirect { .. }, "oface") => "REDIRECT happens where packets arrive: use iface",
+        (Target::Dnat { .. }, _) => "DNAT happens where packets arrive: use -i",
+        (Target::Redirect { .. }, _) => "REDIRECT happens where packets arrive: use -i",
+    };
+    RuleError::WrongTarget { option: option.to_string(), kind: target.kind_name(), hint }
 }
 
 /// Checks an interface name the way the kernel does (`dev_valid_name`); whether it exists is checked at attach time.
@@ -496,18 +589,49 @@ pub fn parse_to(s: &str) -> Result<(Ipv4Addr, Option<u16>), RuleError> {
     Ok((addr, port))
 }
 
+/// SNAT `--to` value: `ADDR`, `ADDR:PORT` or `ADDR:LO-HI`, the ports being the range new source ports come from.
+pub fn parse_snat_to(s: &str) -> Result<(Ipv4Addr, Option<PortRange>), RuleError> {
+    let bad = |reason: &str| RuleError::BadTo { input: s.to_string(), reason: reason.to_string() };
+    let (addr, ports) = match s.split_once(':') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    // iptables spreads over `ADDR-ADDR`; pfwd's kernel side allocates ports for one address.
+    if addr.contains('-') {
+        return Err(bad("address ranges are not supported"));
+    }
+    let addr = parse_ipv4(addr).map_err(bad)?;
+    check_to_addr(addr).map_err(bad)?;
+    let ports = match ports {
+        None => None,
+        Some(p) => {
+            let (lo, hi) = p.split_once('-').unwrap_or((p, p));
+            let (lo, hi) = (port_number(lo).map_err(bad)?, port_number(hi).map_err(bad)?);
+            if lo > hi {
+                return Err(bad("the low port is above the high port"));
+            }
+            Some(PortRange { lo, hi })
+        }
+    };
+    Ok((addr, ports))
+}
+
 fn fmt_net(n: &Ipv4Net) -> String {
     let n = n.trunc();
     if n.prefix_len() == 32 { n.addr().to_string() } else { n.to_string() }
 }
 
 /// The rule in pfwd CLI syntax (without the id), e.g.
-/// `dnat -i eth0 -p tcp -s 192.168.1.0/24 --dport 59999 --to 127.0.0.1:17355`. [`parse_args`] reads it back.
+/// `dnat -i eth0 -p tcp -s 192.168.1.0/24 --dport 59999 --to 127.0.0.1:17355` or
+/// `snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099`. [`parse_args`] reads it back.
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.kind_name())?;
         if let Some(i) = &self.iface {
             write!(f, " -i {i}")?;
+        }
+        if let Some(o) = &self.oface {
+            write!(f, " -o {o}")?;
         }
         if let Some(p) = self.proto {
             write!(f, " -p {p}")?;
@@ -521,26 +645,35 @@ impl fmt::Display for Rule {
         if let Some(p) = self.dport {
             write!(f, " --dport {p}")?;
         }
-        write!(f, " {}", self.target)
+        match self.target {
+            Target::Masquerade { ports: None } => Ok(()),
+            t => write!(f, " {t}"),
+        }
     }
 }
 
 /// Parses the CLI syntax: `dnat|redirect [-i IF] [-p tcp|udp] [-s NET] [-d NET] [--dport P[-P]]` followed by
-/// `--to ADDR[:PORT]` (dnat) or `--to-port PORT` (redirect). iptables' long option names and `--opt=value` work too.
-/// The result is validated and has id 0.
+/// `--to ADDR[:PORT]` (dnat) or `--to-port PORT` (redirect), or `snat|masquerade [-o IF] [-p tcp|udp] [-s NET]
+/// [-d NET]` followed by `--to ADDR[:LO-HI]` (snat) or an optional `--to-ports LO-HI` (masquerade). iptables' long
+/// option names and `--opt=value` work too. The result is validated and has id 0.
 pub fn parse_args(args: &[&str]) -> Result<Rule, RuleError> {
     let (&kind, rest) = args.split_first().ok_or(RuleError::MissingKind)?;
-    let is_dnat = match kind {
-        "dnat" | "DNAT" => true,
-        "redirect" | "REDIRECT" => false,
+    // A placeholder target of the right kind, so hook and option checks can name it; replaced below.
+    let placeholder = Ipv4Addr::UNSPECIFIED;
+    let mut target = match kind {
+        "dnat" | "DNAT" => Target::Dnat { addr: placeholder, port: None },
+        "redirect" | "REDIRECT" => Target::Redirect { port: 0 },
+        "snat" | "SNAT" => Target::Snat { addr: placeholder, ports: None },
+        "masquerade" | "MASQUERADE" => Target::Masquerade { ports: None },
         _ => {
             return Err(RuleError::BadKind { input: kind.to_string() });
         }
     };
-    let kind_name = if is_dnat { "dnat" } else { "redirect" };
+    let kind_name = target.kind_name();
     let mut rule = Rule {
         id: 0,
         iface: None,
+        oface: None,
         proto: None,
         src: None,
         dst: None,
@@ -549,8 +682,7 @@ pub fn parse_args(args: &[&str]) -> Result<Rule, RuleError> {
     };
     // Each option may appear once; `seen` holds the canonical names given so far.
     let mut seen: Vec<&'static str> = Vec::new();
-    let mut to: Option<(Ipv4Addr, Option<u16>)> = None;
-    let mut to_port: Option<u16> = None;
+    let mut to_given = false;
     let mut it = rest.iter();
     while let Some(&arg) = it.next() {
         if arg == "!" || arg.starts_with('!') {
@@ -562,11 +694,12 @@ pub fn parse_args(args: &[&str]) -> Result<Rule, RuleError> {
         };
         let canon = match opt {
             "-i" | "--in-interface" => "-i",
+            "-o" | "--out-interface" => "-o",
             "-p" | "--protocol" => "-p",
             "-s" | "--source" | "--src" => "-s",
             "-d" | "--destination" | "--dst" => "-d",
             "--dport" | "--destination-port" => "--dport",
-            "--to" | "--to-destination" => "--to",
+            "--to" | "--to-destination" | "--to-source" => "--to",
             "--to-port" | "--to-ports" => "--to-port",
             _ if opt.starts_with('-') => return Err(RuleError::UnknownOption(opt.to_string())),
             _ => return Err(RuleError::UnexpectedArgument(arg.to_string())),
@@ -585,48 +718,70 @@ pub fn parse_args(args: &[&str]) -> Result<Rule, RuleError> {
             return Err(RuleError::Repeated(opt.to_string()));
         }
         seen.push(canon);
-        match canon {
-            "-i" => {
+        let wrong = |hint| RuleError::WrongTarget { option: opt.to_string(), kind: kind_name, hint };
+        match (canon, &mut target) {
+            // Caught here rather than by validate() so the error names the option as written.
+            ("-i" | "--dport", Target::Snat { .. } | Target::Masquerade { .. }) => {
+                return Err(wrong_hook(&target, opt));
+            }
+            ("-o", Target::Dnat { .. } | Target::Redirect { .. }) => return Err(wrong_hook(&target, opt)),
+            ("-i", _) => {
                 validate_iface(value)?;
                 rule.iface = Some(value.to_string());
             }
-            "-p" => rule.proto = parse_proto_opt(value)?,
-            "-s" => rule.src = Some(parse_cidr(value)?),
-            "-d" => rule.dst = Some(parse_cidr(value)?),
-            "--dport" => rule.dport = Some(value.parse()?),
-            "--to" if is_dnat => to = Some(parse_to(value)?),
-            "--to" => {
-                return Err(RuleError::WrongTarget {
-                    option: opt.to_string(),
-                    kind: kind_name,
-                    hint: "redirect takes --to-port PORT",
-                });
+            ("-o", _) => {
+                validate_iface(value)?;
+                rule.oface = Some(value.to_string());
             }
-            _ if !is_dnat => {
+            ("-p", _) => rule.proto = parse_proto_opt(value)?,
+            ("-s", _) => rule.src = Some(parse_cidr(value)?),
+            ("-d", _) => rule.dst = Some(parse_cidr(value)?),
+            ("--dport", _) => rule.dport = Some(value.parse()?),
+            ("--to", Target::Dnat { .. }) if opt == "--to-source" => {
+                return Err(wrong("dnat takes --to ADDR[:PORT] (--to-destination)"));
+            }
+            ("--to", Target::Snat { .. }) if opt == "--to-destination" => {
+                return Err(wrong("snat takes --to ADDR[:LO-HI] (--to-source)"));
+            }
+            ("--to", Target::Dnat { addr, port }) => {
+                (*addr, *port) = parse_to(value)?;
+                to_given = true;
+            }
+            ("--to", Target::Snat { addr, ports }) => {
+                (*addr, *ports) = parse_snat_to(value)?;
+                to_given = true;
+            }
+            ("--to", Target::Redirect { .. }) => return Err(wrong("redirect takes --to-port PORT")),
+            ("--to", Target::Masquerade { .. }) => {
+                return Err(wrong("masquerade uses the outgoing interface's address; ports: --to-ports LO-HI"));
+            }
+            (_, Target::Redirect { port }) => {
                 if value.contains(['-', ':']) {
                     return Err(RuleError::BadPort {
                         input: value.into(),
                         reason: "port ranges are not supported".into(),
                     });
                 }
-                to_port = Some(parse_port(value)?);
+                *port = parse_port(value)?;
+                to_given = true;
             }
-            _ => {
-                return Err(RuleError::WrongTarget {
-                    option: opt.to_string(),
-                    kind: kind_name,
-                    hint: "dnat takes --to ADDR[:PORT]",
-                });
-            }
+            (_, Target::Masquerade { ports }) => *ports = Some(value.parse()?),
+            (_, Target::Dnat { .. }) => return Err(wrong("dnat takes --to ADDR[:PORT]")),
+            (_, Target::Snat { .. }) => return Err(wrong("snat takes --to ADDR[:LO-HI]")),
         }
     }
-    rule.target = if is_dnat {
-        let (addr, port) = to.ok_or(RuleError::MissingTarget { kind: "dnat", what: "--to ADDR[:PORT]" })?;
-        Target::Dnat { addr, port }
-    } else {
-        let port = to_port.ok_or(RuleError::MissingTarget { kind: "redirect", what: "--to-port PORT" })?;
-        Target::Redirect { port }
-    };
+    if !to_given {
+        match target {
+            Target::Dnat { .. } => return Err(RuleError::MissingTarget { kind: "dnat", what: "--to ADDR[:PORT]" }),
+            Target::Redirect { .. } => {
+                return Err(RuleError::MissingTarget { kind: "redirect", what: "--to-port PORT" });
+            }
+            Target::Snat { .. } => return Err(RuleError::MissingTarget { kind: "snat", what: "--to ADDR[:LO-HI]" }),
+            // The address is the interface's and the port is kept when free: nothing is required.
+            Target::Masquerade { .. } => {}
+        }
+    }
+    rule.target = target;
     rule.validate()?;
     Ok(rule)
 }
@@ -656,11 +811,13 @@ pub fn remove_by_id(rules: &mut Vec<Rule>, id: u32) -> Result<Rule, RuleError> {
 // TOML config
 // ---------------------------------------------------------------------------------------------------------------
 
-const CONFIG_FIELDS: &[&str] = &["id", "kind", "iface", "proto", "src", "dst", "dport", "to", "to_port"];
+const CONFIG_FIELDS: &[&str] =
+    &["id", "kind", "iface", "oface", "proto", "src", "dst", "dport", "to", "to_port", "to_ports"];
 
-/// Parses a config file of `[[rule]]` tables (fields: `kind`, `iface`, `proto`, `src`, `dst`, `dport`, `to` for
-/// dnat, `to_port` for redirect, and an optional `id`). Every rule is validated; duplicates and repeated ids are
-/// rejected. Errors name the 1-based `[[rule]]` position and the field.
+/// Parses a config file of `[[rule]]` tables (fields: `kind`, `iface` (dnat, redirect), `oface` (snat, masquerade),
+/// `proto`, `src`, `dst`, `dport` (dnat, redirect), `to` for dnat (`ADDR[:PORT]`) and snat (`ADDR[:LO-HI]`),
+/// `to_port` for redirect, `to_ports` for masquerade, and an optional `id`). Every rule is validated; duplicates and
+/// repeated ids are rejected. Errors name the 1-based `[[rule]]` position and the field.
 pub fn parse_config(text: &str) -> Result<Vec<Rule>, RuleError> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| RuleError::Toml(e.to_string()))?;
     let mut rules = Vec::new();
@@ -736,23 +893,36 @@ fn rule_from_table(t: &toml::Table) -> Result<Rule, FieldError> {
             return Err((Some("id"), RuleError::Invalid(format!("expected an integer, got {}", v.type_str()))));
         }
     };
-    let is_dnat = match string("kind")? {
-        Some("dnat") => true,
-        Some("redirect") => false,
+    let kind = string("kind")?;
+    let placeholder = Ipv4Addr::UNSPECIFIED;
+    let mut target = match kind {
+        Some("dnat") => Target::Dnat { addr: placeholder, port: None },
+        Some("redirect") => Target::Redirect { port: 0 },
+        Some("snat") => Target::Snat { addr: placeholder, ports: None },
+        Some("masquerade") => Target::Masquerade { ports: None },
         Some(k) => {
             return Err((Some("kind"), RuleError::BadKind { input: k.to_string() }));
         }
         None => {
-            return Err((Some("kind"), RuleError::Invalid("missing; expected \"dnat\" or \"redirect\"".into())));
+            return Err((Some("kind"), RuleError::Invalid(format!("missing; expected {KINDS}"))));
         }
     };
-    let iface = match string("iface")? {
-        Some(i) => {
-            at("iface", validate_iface(i))?;
-            Some(i.to_string())
+    // Interface and port fields of the other hook, named by their TOML field.
+    let misplaced: &[&str] = if target.is_postrouting() { &["iface", "dport"] } else { &["oface"] };
+    if let Some(&f) = misplaced.iter().find(|f| t.contains_key(**f)) {
+        return Err((Some(f), wrong_hook(&target, f)));
+    }
+    let iface_field = |field: &'static str| -> Result<Option<String>, FieldError> {
+        match string(field)? {
+            Some(i) => {
+                at(field, validate_iface(i))?;
+                Ok(Some(i.to_string()))
+            }
+            None => Ok(None),
         }
-        None => None,
     };
+    let iface = iface_field("iface")?;
+    let oface = iface_field("oface")?;
     let proto = match string("proto")? {
         Some(p) => at("proto", parse_proto_opt(p))?,
         None => None,
@@ -762,23 +932,48 @@ fn rule_from_table(t: &toml::Table) -> Result<Rule, FieldError> {
     let dport = number_or_string("dport")?.map(|s| at("dport", s.parse::<PortRange>())).transpose()?;
     let to = string("to")?;
     let to_port = number_or_string("to_port")?;
-    let target = if is_dnat {
-        if to_port.is_some() {
-            let e = RuleError::Invalid("to_port is for redirect; for dnat write to = \"ADDR:PORT\"".into());
-            return Err((Some("to_port"), e));
-        }
-        let to = to.ok_or((Some("to"), RuleError::MissingTarget { kind: "dnat", what: "to = \"ADDR[:PORT]\"" }))?;
-        let (addr, port) = at("to", parse_to(to))?;
-        Target::Dnat { addr, port }
-    } else {
-        if to.is_some() {
-            return Err((Some("to"), RuleError::Invalid("to is for dnat; redirect takes to_port = PORT".into())));
-        }
-        let p =
-            to_port.ok_or((Some("to_port"), RuleError::MissingTarget { kind: "redirect", what: "to_port = PORT" }))?;
-        Target::Redirect { port: at("to_port", parse_port(&p))? }
+    let to_ports = number_or_string("to_ports")?;
+    // Which target fields this kind takes; the others are errors that say where they belong.
+    let (wants_to, wants_to_port, wants_to_ports) = match target {
+        Target::Dnat { .. } | Target::Snat { .. } => (true, false, false),
+        Target::Redirect { .. } => (false, true, false),
+        Target::Masquerade { .. } => (false, false, true),
     };
-    let rule = Rule { id, iface, proto, src, dst, dport, target };
+    let instead = match target {
+        Target::Dnat { .. } => "for dnat write to = \"ADDR:PORT\"",
+        Target::Redirect { .. } => "redirect takes to_port = PORT",
+        Target::Snat { .. } => "for snat write to = \"ADDR:LO-HI\"",
+        Target::Masquerade { .. } => "masquerade takes to_ports = \"LO-HI\"",
+    };
+    if to.is_some() && !wants_to {
+        return Err((Some("to"), RuleError::Invalid(format!("to is for dnat and snat; {instead}"))));
+    }
+    if to_port.is_some() && !wants_to_port {
+        return Err((Some("to_port"), RuleError::Invalid(format!("to_port is for redirect; {instead}"))));
+    }
+    if to_ports.is_some() && !wants_to_ports {
+        return Err((Some("to_ports"), RuleError::Invalid(format!("to_ports is for masquerade; {instead}"))));
+    }
+    match &mut target {
+        Target::Dnat { addr, port } => {
+            let to = to.ok_or((Some("to"), RuleError::MissingTarget { kind: "dnat", what: "to = \"ADDR[:PORT]\"" }))?;
+            (*addr, *port) = at("to", parse_to(to))?;
+        }
+        Target::Redirect { port } => {
+            let p = to_port
+                .ok_or((Some("to_port"), RuleError::MissingTarget { kind: "redirect", what: "to_port = PORT" }))?;
+            *port = at("to_port", parse_port(&p))?;
+        }
+        Target::Snat { addr, ports } => {
+            let to =
+                to.ok_or((Some("to"), RuleError::MissingTarget { kind: "snat", what: "to = \"ADDR[:LO-HI]\"" }))?;
+            (*addr, *ports) = at("to", parse_snat_to(to))?;
+        }
+        Target::Masquerade { ports } => {
+            *ports = to_ports.map(|p| at("to_ports", p.parse::<PortRange>())).transpose()?;
+        }
+    }
+    let rule = Rule { id, iface, oface, proto, src, dst, dport, target };
     rule.validate().map_err(|e| (None, e))?;
     Ok(rule)
 }
@@ -798,6 +993,9 @@ pub fn to_config(rules: &[Rule]) -> String {
         if let Some(i) = &r.iface {
             out.push_str(&format!("iface = {}\n", q(i)));
         }
+        if let Some(o) = &r.oface {
+            out.push_str(&format!("oface = {}\n", q(o)));
+        }
         if let Some(p) = r.proto {
             out.push_str(&format!("proto = {}\n", q(&p.to_string())));
         }
@@ -816,6 +1014,10 @@ pub fn to_config(rules: &[Rule]) -> String {
             Target::Dnat { addr, port: Some(p) } => out.push_str(&format!("to = {}\n", q(&format!("{addr}:{p}")))),
             Target::Dnat { addr, port: None } => out.push_str(&format!("to = {}\n", q(&addr.to_string()))),
             Target::Redirect { port } => out.push_str(&format!("to_port = {port}\n")),
+            Target::Snat { addr, ports: Some(r) } => out.push_str(&format!("to = {}\n", q(&format!("{addr}:{r}")))),
+            Target::Snat { addr, ports: None } => out.push_str(&format!("to = {}\n", q(&addr.to_string()))),
+            Target::Masquerade { ports: Some(r) } => out.push_str(&format!("to_ports = {}\n", q(&r.to_string()))),
+            Target::Masquerade { ports: None } => {}
         }
     }
     out
@@ -825,25 +1027,30 @@ pub fn to_config(rules: &[Rule]) -> String {
 // Compilation to map data
 // ---------------------------------------------------------------------------------------------------------------
 
-/// The contents of the rules array, the bucket hash map and `Config::level_mask`.
+/// The contents of the rules array, the bucket hash map and `Config::level_mask` / `Config::snat_level_mask`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Compiled {
     /// `(slot, entry)`, one per rule, in slot order; slot = index in the input.
     pub entries: Vec<(u32, RuleEntry)>,
-    /// Slots within a bucket are in rank order (best first).
+    /// Slots within a bucket are in rank order (best first). PREROUTING and POSTROUTING rules have separate buckets
+    /// (`BucketKey::hook`).
     pub buckets: HashMap<BucketKey, Bucket>,
-    /// [`level`] bits of the levels that have at least one bucket.
+    /// [`level`] bits of the levels that have at least one PREROUTING bucket.
     pub level_mask: u32,
+    /// [`level`] bits of the levels that have at least one POSTROUTING bucket (only IF_PROTO, PROTO, IF, ANY: these
+    /// rules have no port).
+    pub snat_level_mask: u32,
 }
 
-fn bucket_key(ifindex: u32, proto: u8, dport: u16) -> BucketKey {
-    BucketKey { ifindex, dport, proto, _pad: 0 }
+fn bucket_key(hook: u8, ifindex: u32, proto: u8, dport: u16) -> BucketKey {
+    BucketKey { ifindex, dport, proto, hook }
 }
 
 /// Builds the kernel's view of `rules`. Slot = index in `rules`; rank = position in [`precedence_order`].
 /// `ifindex` maps an interface name to its index, or `None` when pfwd is not attached to it (an error: the rule
-/// could never match). Each rule goes into the bucket(s) of its own (interface, protocol, port) level; a port range
-/// takes one bucket per port.
+/// could never match). Each rule goes into the bucket(s) of its own (interface, protocol, port) level of its hook; a
+/// port range takes one bucket per port. The interface is the incoming one (`-i`) for DNAT/REDIRECT, the outgoing
+/// one (`-o`) for SNAT/MASQUERADE.
 pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<Compiled, RuleError> {
     if rules.len() > MAX_RULES as usize {
         return Err(RuleError::TooManyRules(rules.len()));
@@ -861,7 +1068,7 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
     let mut ifindexes: HashMap<&str, u32> = HashMap::new();
     let mut rule_ifindex = vec![0u32; rules.len()];
     for (slot, r) in rules.iter().enumerate() {
-        if let Some(name) = r.iface.as_deref() {
+        if let Some(name) = r.hook_iface() {
             let idx = match ifindexes.get(name) {
                 Some(&i) => i,
                 None => {
@@ -881,9 +1088,14 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
     for (slot, r) in rules.iter().enumerate() {
         let (src_net, src_mask) = net_mask(r.src);
         let (dst_net, dst_mask) = net_mask(r.dst);
-        let (kind, to_addr, to_port) = match r.target {
-            Target::Dnat { addr, port } => (kind::DNAT, u32::from_ne_bytes(addr.octets()), port.unwrap_or(0)),
-            Target::Redirect { port } => (kind::REDIRECT, 0, port),
+        let be = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+        // SNAT/MASQUERADE ports 0..=0 tell the kernel "keep the source port when free, else 1024-65535".
+        let range = |p: Option<PortRange>| p.map_or((0, 0), |p| (p.lo, p.hi));
+        let (kind, to_addr, (to_port, to_port_hi)) = match r.target {
+            Target::Dnat { addr, port } => (kind::DNAT, be(addr), (port.unwrap_or(0), 0)),
+            Target::Redirect { port } => (kind::REDIRECT, 0, (port, 0)),
+            Target::Snat { addr, ports } => (kind::SNAT, be(addr), range(ports)),
+            Target::Masquerade { ports } => (kind::MASQUERADE, 0, range(ports)),
         };
         // Map values are network order: the bytes as they sit in the packet.
         let ne = |v: u32| u32::from_ne_bytes(v.to_be_bytes());
@@ -896,21 +1108,29 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
             dst_mask: ne(dst_mask),
             to_addr,
             to_port,
+            to_port_hi,
             kind,
             proto: r.proto.map_or(PROTO_ANY, Proto::code),
+            _pad: [0; 2],
             ifindex: rule_ifindex[slot],
         };
         entries.push((slot as u32, entry));
     }
 
     let mut buckets: HashMap<BucketKey, Bucket> = HashMap::with_capacity(rules.len());
-    let mut level_mask = 0;
+    let (mut level_mask, mut snat_level_mask) = (0, 0);
     // Filling in precedence order keeps each bucket's slots sorted by rank.
     for &slot in &order {
         let r = &rules[slot];
         let ifx = rule_ifindex[slot];
         let proto = r.proto.map_or(PROTO_ANY, Proto::code);
-        level_mask |= match (ifx != 0, proto != PROTO_ANY, r.dport.is_some()) {
+        let (hook, mask) = if r.is_postrouting() {
+            (hook::POSTROUTING, &mut snat_level_mask)
+        } else {
+            (hook::PREROUTING, &mut level_mask)
+        };
+        // validate() keeps --dport off POSTROUTING rules, so they land on the four portless levels.
+        *mask |= match (ifx != 0, proto != PROTO_ANY, r.dport.is_some()) {
             (true, true, true) => level::IF_PROTO_PORT,
             (false, true, true) => level::PROTO_PORT,
             (true, true, false) => level::IF_PROTO,
@@ -920,7 +1140,7 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
         };
         let (lo, hi) = r.dport.map_or((0, 0), |p| (p.lo, p.hi));
         for port in lo..=hi {
-            let key = bucket_key(ifx, proto, port);
+            let key = bucket_key(hook, ifx, proto, port);
             if buckets.len() >= MAX_BUCKETS as usize && !buckets.contains_key(&key) {
                 return Err(RuleError::TooManyBuckets);
             }
@@ -929,7 +1149,7 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
                 let mut ids: Vec<String> = b.slots.iter().map(|&s| rules[s as usize].id.to_string()).collect();
                 ids.push(r.id.to_string());
                 return Err(RuleError::BucketFull {
-                    iface: r.iface.clone().unwrap_or_else(|| "any".into()),
+                    iface: r.hook_iface().map_or_else(|| "any".into(), |i| i.to_string()),
                     proto: r.proto.map_or_else(|| "any".into(), |p| p.to_string()),
                     port: if port == 0 { "any".into() } else { port.to_string() },
                     ids: ids.join(", "),
@@ -939,7 +1159,7 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
             b.len += 1;
         }
     }
-    Ok(Compiled { entries, buckets, level_mask })
+    Ok(Compiled { entries, buckets, level_mask, snat_level_mask })
 }
 
 #[cfg(test)]
@@ -992,8 +1212,9 @@ mod tests {
         }
     }
 
-    /// Random valid rule over the whole value space (for syntax round trips).
+    /// Random valid rule over the whole value space (for syntax round trips), PREROUTING or POSTROUTING.
     fn random_rule(rng: &mut Rng) -> Rule {
+        let post = rng.chance(30);
         let proto = match rng.below(3) {
             0 => None,
             1 => Some(Proto::Tcp),
@@ -1004,27 +1225,33 @@ mod tests {
             Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), len).unwrap().trunc()
         };
         let port = |rng: &mut Rng| (rng.below(65535) + 1) as u16;
-        let dport = if proto.is_some() && rng.chance(60) {
+        let range = |rng: &mut Rng| {
             let a = port(rng);
             let b = if rng.chance(50) { a } else { port(rng) };
-            Some(PortRange { lo: a.min(b), hi: a.max(b) })
-        } else {
-            None
+            PortRange { lo: a.min(b), hi: a.max(b) }
         };
-        let target = if proto.is_some() && rng.chance(40) {
+        let dport = if !post && proto.is_some() && rng.chance(60) { Some(range(rng)) } else { None };
+        let iface =
+            if rng.chance(40) { Some(rng.pick(&["eth0", "wg0", "veth-a.1", "br_lan", "x"]).into()) } else { None };
+        let target = if post {
+            let ports = if proto.is_some() && rng.chance(60) { Some(range(rng)) } else { None };
+            if rng.chance(50) {
+                Target::Snat { addr: Ipv4Addr::from((rng.below(0xdfff_ffff) + 1) as u32), ports }
+            } else {
+                Target::Masquerade { ports }
+            }
+        } else if proto.is_some() && rng.chance(40) {
             Target::Redirect { port: port(rng) }
         } else {
             let addr = Ipv4Addr::from((rng.below(0xdfff_ffff) + 1) as u32);
             let port = if proto.is_some() && rng.chance(60) { Some(port(rng)) } else { None };
             Target::Dnat { addr, port }
         };
+        let (iface, oface) = if post { (None, iface) } else { (iface, None) };
         Rule {
             id: rng.below(1000) as u32 + 1,
-            iface: if rng.chance(40) {
-                Some(rng.pick(&["eth0", "wg0", "veth-a.1", "br_lan", "x"]).into())
-            } else {
-                None
-            },
+            iface,
+            oface,
             proto,
             src: if rng.chance(50) { Some(rand_net(rng)) } else { None },
             dst: if rng.chance(50) { Some(rand_net(rng)) } else { None },
@@ -1158,7 +1385,10 @@ mod tests {
     fn grammar_errors_name_the_input() {
         for (cmd, want) in [
             ("", "missing rule kind"),
-            ("masquerade --to 1.2.3.4", "bad rule kind \"masquerade\""),
+            (
+                "netmap --to 1.2.3.4",
+                "bad rule kind \"netmap\": expected \"dnat\", \"redirect\", \"snat\" or \"masquerade\"",
+            ),
             ("dnat -p tcp --sport 80 --to 1.2.3.4", "unknown option \"--sport\""),
             ("dnat -p tcp 80 --to 1.2.3.4", "unexpected argument \"80\""),
             ("dnat -p tcp --to", "--to needs a value"),
@@ -1205,6 +1435,7 @@ mod tests {
         let r = Rule {
             id: 0,
             iface: None,
+            oface: None,
             proto: None,
             src: None,
             dst: None,
@@ -1447,7 +1678,7 @@ to = "127.0.0.1:17355"
             ("kind = \"dnat\"\niface = \"a/b\"\nto = \"1.2.3.4\"", "field iface: bad interface name \"a/b\""),
             ("kind = \"dnat\"\nproto = \"icmp\"\nto = \"1.2.3.4\"", "field proto: bad protocol \"icmp\""),
             ("proto = \"tcp\"\nto = \"1.2.3.4\"", "[[rule]] #2, field kind: missing"),
-            ("kind = \"snat\"\nto = \"1.2.3.4\"", "field kind: bad rule kind \"snat\""),
+            ("kind = \"netmap\"\nto = \"1.2.3.4\"", "field kind: bad rule kind \"netmap\""),
             ("kind = \"dnat\"\nproto = \"tcp\"", "field to: dnat needs to = \"ADDR[:PORT]\""),
             ("kind = \"dnat\"\nto = \"1.2.3.4:80\"", "[[rule]] #2: --to with a port needs -p tcp or -p udp"),
             ("kind = \"dnat\"\nto = \"1.2.3.4\"\nto_port = 80", "field to_port: to_port is for redirect"),
@@ -1534,8 +1765,10 @@ to = "127.0.0.1:17355"
                 dst_mask: 0,
                 to_addr: u32::from_ne_bytes([127, 0, 0, 1]),
                 to_port: 17355,
+                to_port_hi: 0,
                 kind: kind::DNAT,
                 proto: PROTO_TCP,
+                _pad: [0; 2],
                 ifindex: 2,
             }
         );
@@ -1543,7 +1776,7 @@ to = "127.0.0.1:17355"
         assert_eq!((e(2).proto, e(2).dst_mask, e(2).to_port), (PROTO_ANY, u32::MAX, 0));
         assert_eq!(e(2).dst_net, u32::from_ne_bytes([203, 0, 113, 20]));
         let slots = |ifx, proto, port| {
-            let b = c.buckets[&bucket_key(ifx, proto, port)];
+            let b = c.buckets[&bucket_key(hook::PREROUTING, ifx, proto, port)];
             b.slots[..b.len as usize].to_vec()
         };
         assert_eq!(c.buckets.len(), 1 + 1 + 1 + 3);
@@ -1603,6 +1836,7 @@ to = "127.0.0.1:17355"
             .map(|i| Rule {
                 id: i + 1,
                 iface: None,
+                oface: None,
                 proto: Some(if i % 2 == 0 { Proto::Tcp } else { Proto::Udp }),
                 src: None,
                 dst: None,
@@ -1620,9 +1854,314 @@ to = "127.0.0.1:17355"
         }
     }
 
+    // ---- SNAT / MASQUERADE ----
+
+    #[test]
+    fn snat_to_parsing() {
+        let r = |lo, hi| Some(PortRange { lo, hi });
+        assert_eq!(parse_snat_to("203.0.113.5").unwrap(), (ip("203.0.113.5"), None));
+        assert_eq!(parse_snat_to("203.0.113.5:20000-20099").unwrap(), (ip("203.0.113.5"), r(20000, 20099)));
+        assert_eq!(parse_snat_to("203.0.113.5:1024").unwrap(), (ip("203.0.113.5"), r(1024, 1024)));
+        for (bad, why) in [
+            ("203.0.113.5:0", "port 0"),
+            ("203.0.113.5:0-10", "port 0"),
+            ("203.0.113.5:2000-1000", "low port is above"),
+            ("203.0.113.5:1000:2000", "expected a port"),
+            ("203.0.113.5:1000-70000", "out of range"),
+            ("203.0.113.5:", "expected a port"),
+            ("203.0.113.5-203.0.113.9", "address ranges"),
+            ("0.0.0.0", "not a unicast"),
+            ("gw", "not an IPv4 address"),
+        ] {
+            let e = parse_snat_to(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("bad --to {bad:?}: ")) && e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn snat_masquerade_grammar() {
+        let r = ok("snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099");
+        assert_eq!(r.to_string(), "snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099");
+        assert_eq!(
+            (r.oface.as_deref(), r.iface.as_deref(), r.target),
+            (
+                Some("eth1"),
+                None,
+                Target::Snat { addr: ip("203.0.113.5"), ports: Some(PortRange { lo: 20000, hi: 20099 }) }
+            )
+        );
+        assert!(r.is_postrouting() && r.target.is_postrouting());
+        assert_eq!((r.kind_name(), r.hook_iface()), ("snat", Some("eth1")));
+        let r = ok("masquerade -o eth1");
+        assert_eq!(r.to_string(), "masquerade -o eth1");
+        assert_eq!(r.target, Target::Masquerade { ports: None });
+        let r = ok("masquerade -o eth1 -p udp --to-ports 1024-1027");
+        assert_eq!(r.to_string(), "masquerade -o eth1 -p udp --to-ports 1024-1027");
+        assert_eq!(r.target, Target::Masquerade { ports: Some(PortRange { lo: 1024, hi: 1027 }) });
+        assert_eq!(ok("masquerade").to_string(), "masquerade");
+        assert_eq!(
+            ok("snat -d 198.51.100.0/24 --to 203.0.113.5").to_string(),
+            "snat -d 198.51.100.0/24 --to 203.0.113.5"
+        );
+        // iptables spellings, single ports as one-port ranges, --opt=value.
+        let a = ok("SNAT --out-interface eth1 --protocol tcp --source 10.0.2.0/24 --to-source 203.0.113.5:20000");
+        let b = ok("snat --to=203.0.113.5:20000-20000 -s 10.0.2.5/24 -p tcp -o eth1");
+        assert_eq!(a, b);
+        assert_eq!(a.to_string(), "snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000");
+        let m = ok("MASQUERADE -p tcp --to-port 5000");
+        assert_eq!(m.target, Target::Masquerade { ports: Some(PortRange::single(5000)) });
+        assert_eq!(m.to_string(), "masquerade -p tcp --to-ports 5000");
+        assert!(!ok("dnat --to 10.0.0.1").is_postrouting());
+        assert_eq!(ok("dnat -i eth0 --to 10.0.0.1").hook_iface(), Some("eth0"));
+    }
+
+    #[test]
+    fn snat_masquerade_errors() {
+        for (cmd, want) in [
+            ("snat -i eth0 --to 1.2.3.4", "-i does not apply to snat; SNAT happens where packets leave: use -o"),
+            ("snat --in-interface eth0 --to 1.2.3.4", "--in-interface does not apply to snat; SNAT happens where"),
+            ("masquerade -i eth0", "-i does not apply to masquerade; MASQUERADE happens where packets leave: use -o"),
+            (
+                "snat -p tcp --dport 80 --to 1.2.3.4",
+                "--dport does not apply to snat; snat and masquerade rules match -o",
+            ),
+            ("masquerade -p tcp --destination-port 80", "--destination-port does not apply to masquerade"),
+            ("dnat -o eth1 --to 1.2.3.4", "-o does not apply to dnat; DNAT happens where packets arrive: use -i"),
+            ("redirect -p tcp --out-interface eth1 --to-port 80", "--out-interface does not apply to redirect"),
+            ("snat --to 1.2.3.4:1000-2000", "--to with a port needs -p tcp or -p udp (iptables: \"Need TCP, UDP"),
+            ("snat --to 1.2.3.4:1000", "Need TCP, UDP, SCTP or DCCP with port specification"),
+            ("masquerade --to-ports 1024-1027", "--to-ports needs -p tcp or -p udp (iptables: \"Need TCP, UDP"),
+            ("snat -p tcp", "snat needs --to ADDR[:LO-HI]"),
+            ("snat -p tcp --to-port 80", "--to-port does not apply to snat; snat takes --to ADDR[:LO-HI]"),
+            ("snat --to-destination 1.2.3.4", "--to-destination does not apply to snat"),
+            ("dnat --to-source 1.2.3.4", "--to-source does not apply to dnat"),
+            ("masquerade --to 1.2.3.4", "--to does not apply to masquerade"),
+            ("masquerade -p tcp --to-ports 2000-1000", "bad port range \"2000-1000\""),
+            ("masquerade -p tcp --to-ports 0", "bad port range \"0\""),
+            ("snat -p tcp --to 1.2.3.4:9-1", "bad --to \"1.2.3.4:9-1\""),
+            ("snat --to 255.255.255.255", "not a unicast"),
+            ("snat -o eth+ --to 1.2.3.4", "bad interface name \"eth+\""),
+            ("snat -o eth0 -o eth1 --to 1.2.3.4", "-o given twice"),
+            ("snat --to 1.2.3.4 --to-source 1.2.3.5", "--to-source given twice"),
+        ] {
+            let e = err(cmd);
+            assert!(e.contains(want), "{cmd:?}: got {e:?}, want {want:?}");
+        }
+        // Hand-built rules (state file) get the same checks.
+        let mut r = ok("snat -o eth1 -p tcp --to 1.2.3.4:1000-2000");
+        r.iface = Some("eth0".into());
+        assert_eq!(
+            r.validate().unwrap_err().to_string(),
+            "-i does not apply to snat; SNAT happens where packets leave: use -o"
+        );
+        r.iface = None;
+        r.proto = None;
+        assert_eq!(r.validate().unwrap_err(), RuleError::ToPortNeedsProto);
+        r.target = Target::Masquerade { ports: Some(PortRange { lo: 0, hi: 5 }) };
+        assert!(r.validate().unwrap_err().to_string().contains("bad port range \"0-5\""));
+        r.target = Target::Masquerade { ports: Some(PortRange { lo: 1, hi: 5 }) };
+        assert_eq!(r.validate().unwrap_err(), RuleError::ToPortsNeedsProto);
+        r.target = Target::Snat { addr: ip("224.0.0.1"), ports: None };
+        assert!(r.validate().unwrap_err().to_string().contains("not a unicast"));
+        let mut d = ok("dnat --to 10.0.0.1");
+        d.oface = Some("eth1".into());
+        assert!(d.validate().unwrap_err().to_string().starts_with("-o does not apply to dnat"));
+    }
+
+    #[test]
+    fn snat_json_state_format() {
+        let r = Rule { id: 5, ..ok("snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099") };
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({"id": 5, "oface": "eth1", "proto": "tcp", "src": "10.0.2.0/24",
+                               "target": {"kind": "snat", "addr": "203.0.113.5", "ports": "20000-20099"}})
+        );
+        let m = Rule { id: 6, ..ok("masquerade -o eth1") };
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": 6, "oface": "eth1", "target": {"kind": "masquerade", "ports": null}})
+        );
+        assert_eq!(serde_json::from_value::<Rule>(json).unwrap(), m);
+        // Old state files (no oface, no ports) still read.
+        let back: Rule =
+            serde_json::from_value(serde_json::json!({"id": 7, "target": {"kind": "masquerade"}})).unwrap();
+        assert_eq!(back, Rule { id: 7, ..ok("masquerade") });
+    }
+
+    #[test]
+    fn snat_duplicates_and_precedence() {
+        let a = Rule { id: 1, ..ok("snat -o eth1 --to 203.0.113.5") };
+        let b = Rule { id: 2, ..ok("snat -o eth1 --to 203.0.113.5") };
+        let c = Rule { id: 3, ..ok("snat -o eth0 --to 203.0.113.5") };
+        let d = Rule { id: 4, ..ok("masquerade -o eth1") };
+        assert!(a.same_match_and_target(&b));
+        assert!(!a.same_match_and_target(&c), "another out interface");
+        assert!(!a.same_match_and_target(&d), "same match, other target");
+        assert_eq!(check_duplicate(&[a.clone(), c.clone()], &b).unwrap_err(), RuleError::Duplicate { of: 1 });
+        // -o ranks like -i: after -p, before the prefixes.
+        let rules: Vec<Rule> = [
+            (1, "masquerade"),
+            (2, "masquerade -s 10.0.0.0/8"),
+            (3, "masquerade -o eth1"),
+            (4, "masquerade -o eth1 -p tcp"),
+            (5, "snat -p udp -s 10.1.0.0/16 --to 203.0.113.5"),
+        ]
+        .iter()
+        .map(|(id, s)| Rule { id: *id, ..ok(s) })
+        .collect();
+        assert_eq!(precedence_order(&rules), vec![3, 4, 2, 1, 0]);
+    }
+
+    const SNAT_TOML: &str = r#"
+[[rule]]
+kind = "snat"
+oface = "eth1"
+proto = "tcp"
+src = "10.0.2.0/24"
+to = "203.0.113.5:20000-20099"
+
+[[rule]]
+kind = "snat"
+dst = "198.51.100.0/24"
+to = "203.0.113.6"
+
+[[rule]]
+kind = "masquerade"
+oface = "eth1"
+
+[[rule]]
+kind = "masquerade"
+oface = "eth1"
+proto = "udp"
+to_ports = "1024-1027"
+
+[[rule]]
+kind = "masquerade"
+proto = "tcp"
+to_ports = 5000
+"#;
+
+    #[test]
+    fn toml_snat_masquerade() {
+        let rules = parse_config(SNAT_TOML).unwrap();
+        let shown: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099",
+                "snat -d 198.51.100.0/24 --to 203.0.113.6",
+                "masquerade -o eth1",
+                "masquerade -o eth1 -p udp --to-ports 1024-1027",
+                "masquerade -p tcp --to-ports 5000",
+            ]
+        );
+        assert_eq!(rules[4].target, Target::Masquerade { ports: Some(PortRange::single(5000)) });
+        let text = to_config(&rules);
+        assert!(text.contains("kind = \"snat\"\noface = \"eth1\"\n"), "{text}");
+        assert!(text.contains("to = \"203.0.113.5:20000-20099\"\n") && text.contains("to_ports = \"1024-1027\"\n"));
+        assert_eq!(parse_config(&text).unwrap(), rules);
+
+        let one = |body: &str| parse_config(&format!("[[rule]]\nkind = \"masquerade\"\n[[rule]]\n{body}"));
+        for (body, want) in [
+            (
+                "kind = \"snat\"\niface = \"eth0\"\nto = \"1.2.3.4\"",
+                "[[rule]] #2, field iface: iface does not apply to snat; SNAT happens where packets leave: use oface",
+            ),
+            ("kind = \"masquerade\"\nproto = \"tcp\"\ndport = 80", "field dport: dport does not apply to masquerade"),
+            (
+                "kind = \"dnat\"\noface = \"eth1\"\nto = \"1.2.3.4\"",
+                "field oface: oface does not apply to dnat; DNAT happens where packets arrive: use iface",
+            ),
+            ("kind = \"snat\"\noface = \"a/b\"\nto = \"1.2.3.4\"", "field oface: bad interface name \"a/b\""),
+            ("kind = \"snat\"\nproto = \"tcp\"", "field to: snat needs to = \"ADDR[:LO-HI]\""),
+            ("kind = \"snat\"\nto = \"1.2.3.4:80-90\"", "[[rule]] #2: --to with a port needs -p tcp or -p udp"),
+            ("kind = \"snat\"\nto = \"1.2.3.4\"\nto_ports = \"1-2\"", "field to_ports: to_ports is for masquerade"),
+            ("kind = \"masquerade\"\nto = \"1.2.3.4\"", "field to: to is for dnat and snat; masquerade takes to_ports"),
+            ("kind = \"masquerade\"\nproto = \"tcp\"\nto_port = 80", "field to_port: to_port is for redirect"),
+            ("kind = \"masquerade\"\nto_ports = \"1024-1027\"", "[[rule]] #2: --to-ports needs -p tcp or -p udp"),
+            ("kind = \"masquerade\"\nproto = \"tcp\"\nto_ports = \"9-1\"", "field to_ports: bad port range \"9-1\""),
+            ("kind = \"dnat\"\nproto = \"tcp\"\nto = \"1.2.3.4\"\nto_ports = 80", "field to_ports: to_ports is for"),
+            ("kind = \"masquerade\"", "[[rule]] #2: duplicate of [[rule]] #1"),
+        ] {
+            let e = one(body).unwrap_err().to_string();
+            assert!(e.contains(want), "{body:?}: got {e:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn compile_postrouting() {
+        let rules = vec![
+            Rule { id: 1, ..ok("dnat -p tcp --dport 80 --to 10.0.0.1") },
+            Rule { id: 2, ..ok("snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099") },
+            Rule { id: 3, ..ok("masquerade -o eth1") },
+            Rule { id: 4, ..ok("masquerade -p udp --to-ports 1024-1027") },
+            Rule { id: 5, ..ok("snat -d 198.51.100.0/24 --to 203.0.113.6") },
+            Rule { id: 6, ..ok("dnat --to 10.0.0.2") },
+        ];
+        let c = compile(&rules, &ifindex).unwrap();
+        assert_eq!(c.level_mask, level::PROTO_PORT | level::ANY);
+        assert_eq!(c.snat_level_mask, level::IF_PROTO | level::PROTO | level::IF | level::ANY);
+        let e = |slot: usize| c.entries[slot].1;
+        assert_eq!(
+            e(1),
+            RuleEntry {
+                rank: e(1).rank,
+                id: 2,
+                src_net: u32::from_ne_bytes([10, 0, 2, 0]),
+                src_mask: u32::from_ne_bytes([255, 255, 255, 0]),
+                dst_net: 0,
+                dst_mask: 0,
+                to_addr: u32::from_ne_bytes([203, 0, 113, 5]),
+                to_port: 20000,
+                to_port_hi: 20099,
+                kind: kind::SNAT,
+                proto: PROTO_TCP,
+                _pad: [0; 2],
+                ifindex: 3,
+            }
+        );
+        assert_eq!(
+            (e(2).kind, e(2).to_addr, e(2).to_port, e(2).to_port_hi, e(2).ifindex),
+            (kind::MASQUERADE, 0, 0, 0, 3)
+        );
+        assert_eq!((e(3).to_port, e(3).to_port_hi, e(3).proto, e(3).ifindex), (1024, 1027, PROTO_UDP, 0));
+        assert_eq!((e(4).kind, e(4).to_port, e(4).to_port_hi), (kind::SNAT, 0, 0), "no range: the kernel's default");
+        assert_eq!(e(4).dst_net, u32::from_ne_bytes([198, 51, 100, 0]));
+        assert_eq!((e(0).kind, e(0).to_port, e(0).to_port_hi), (kind::DNAT, 0, 0), "hi unused by DNAT");
+        let slots = |at, ifx, proto| {
+            let b = c.buckets[&bucket_key(at, ifx, proto, 0)];
+            b.slots[..b.len as usize].to_vec()
+        };
+        let post = hook::POSTROUTING;
+        assert_eq!(c.buckets.len(), 2 + 4);
+        assert_eq!(slots(post, 3, PROTO_TCP), vec![1]);
+        assert_eq!(slots(post, 3, PROTO_ANY), vec![2]);
+        assert_eq!(slots(post, 0, PROTO_UDP), vec![3]);
+        // The catch-all DNAT and the SNAT without -o/-p share (0, 0, 0) but not the hook.
+        assert_eq!(slots(post, 0, PROTO_ANY), vec![4]);
+        assert_eq!(slots(hook::PREROUTING, 0, PROTO_ANY), vec![5]);
+        assert_eq!(c.buckets[&bucket_key(hook::PREROUTING, 0, PROTO_TCP, 80)].slots[0], 0);
+
+        // -o must name an attached interface, like -i.
+        let r = Rule { id: 9, ..ok("masquerade -o eth9") };
+        assert_eq!(compile(&[r], &ifindex).unwrap_err().to_string(), "interface \"eth9\" (rule 9) is not attached");
+        // Nine rules in one POSTROUTING bucket.
+        let rules: Vec<Rule> =
+            (1..=9).map(|i| Rule { id: i, ..ok(&format!("snat -o eth1 -s 10.0.0.{i} --to 203.0.113.1")) }).collect();
+        compile(&rules[..8], &ifindex).unwrap();
+        let e = compile(&rules, &ifindex).unwrap_err().to_string();
+        assert!(e.contains("interface eth1, protocol any, port any") && e.contains("at most 8"), "{e}");
+        // ...which does not fill the PREROUTING bucket of the same key.
+        let mut mixed: Vec<Rule> = rules[..8].to_vec();
+        mixed.extend((1..=8).map(|i| Rule { id: 10 + i, ..ok(&format!("dnat -i eth1 -s 10.0.0.{i} --to 10.9.0.1")) }));
+        compile(&mixed, &ifindex).unwrap();
+    }
+
     // ---- kernel simulation: the kernel and the iptables export agree ----
 
     struct Packet {
+        /// The incoming interface at PREROUTING, the outgoing one at POSTROUTING.
         ifindex: u32,
         proto: u8,
         dport: u16,
@@ -1630,25 +2169,42 @@ to = "127.0.0.1:17355"
         daddr: Ipv4Addr,
     }
 
-    /// What the BPF program does: look up every level in `level_mask`, check each slot, lowest rank wins.
-    fn kernel_lookup(c: &Compiled, pkt: &Packet) -> Option<usize> {
+    /// What the BPF programs do: at ingress (PREROUTING) look up every level in `level_mask`, at egress
+    /// (POSTROUTING) the four portless levels in `snat_level_mask` with the outgoing interface; check each slot,
+    /// lowest rank wins.
+    fn kernel_lookup(c: &Compiled, at: u8, pkt: &Packet) -> Option<usize> {
         let with_ports = pkt.proto == PROTO_TCP || pkt.proto == PROTO_UDP;
-        let levels = [
-            (level::IF_PROTO_PORT, pkt.ifindex, pkt.proto, pkt.dport, with_ports),
-            (level::PROTO_PORT, 0, pkt.proto, pkt.dport, with_ports),
-            (level::IF_PROTO, pkt.ifindex, pkt.proto, 0, with_ports),
-            (level::PROTO, 0, pkt.proto, 0, with_ports),
-            (level::IF, pkt.ifindex, 0, 0, true),
-            (level::ANY, 0, 0, 0, true),
-        ];
+        let (mask, levels) = if at == hook::PREROUTING {
+            (
+                c.level_mask,
+                vec![
+                    (level::IF_PROTO_PORT, pkt.ifindex, pkt.proto, pkt.dport, with_ports),
+                    (level::PROTO_PORT, 0, pkt.proto, pkt.dport, with_ports),
+                    (level::IF_PROTO, pkt.ifindex, pkt.proto, 0, with_ports),
+                    (level::PROTO, 0, pkt.proto, 0, with_ports),
+                    (level::IF, pkt.ifindex, 0, 0, true),
+                    (level::ANY, 0, 0, 0, true),
+                ],
+            )
+        } else {
+            (
+                c.snat_level_mask,
+                vec![
+                    (level::IF_PROTO, pkt.ifindex, pkt.proto, 0, true),
+                    (level::PROTO, 0, pkt.proto, 0, true),
+                    (level::IF, pkt.ifindex, 0, 0, true),
+                    (level::ANY, 0, 0, 0, true),
+                ],
+            )
+        };
         let saddr = u32::from_ne_bytes(pkt.saddr.octets());
         let daddr = u32::from_ne_bytes(pkt.daddr.octets());
         let mut best: Option<(u32, usize)> = None;
         for (bit, ifx, proto, port, applies) in levels {
-            if !applies || c.level_mask & bit == 0 {
+            if !applies || mask & bit == 0 {
                 continue;
             }
-            let Some(b) = c.buckets.get(&bucket_key(ifx, proto, port)) else {
+            let Some(b) = c.buckets.get(&bucket_key(at, ifx, proto, port)) else {
                 continue;
             };
             for &slot in &b.slots[..b.len as usize] {
@@ -1665,12 +2221,13 @@ to = "127.0.0.1:17355"
         best.map(|(_, slot)| slot)
     }
 
-    /// What iptables does with the exported order: the first rule that matches.
-    fn first_match(rules: &[Rule], order: &[usize], ifname: Option<&str>, pkt: &Packet) -> Option<usize> {
+    /// What iptables does with the exported order: the first rule of the hook's chain that matches. `ifname` is
+    /// the incoming interface for PREROUTING (`-i`), the outgoing one for POSTROUTING (`-o`).
+    fn first_match(rules: &[Rule], order: &[usize], post: bool, ifname: Option<&str>, pkt: &Packet) -> Option<usize> {
         let in_net = |n: &Option<Ipv4Net>, a: Ipv4Addr| n.is_none_or(|n| n.contains(&a));
-        order.iter().copied().find(|&i| {
+        order.iter().copied().filter(|&i| rules[i].is_postrouting() == post).find(|&i| {
             let r = &rules[i];
-            (r.iface.is_none() || r.iface.as_deref() == ifname)
+            (r.hook_iface().is_none() || r.hook_iface() == ifname)
                 && r.proto.is_none_or(|p| p.code() == pkt.proto)
                 && r.dport.is_none_or(|d| d.contains(pkt.dport))
                 && in_net(&r.src, pkt.saddr)
@@ -1686,25 +2243,34 @@ to = "127.0.0.1:17355"
         let ranges = [None, Some("80"), Some("81"), Some("80-81"), Some("79-82"), Some("1-100")];
         let addrs = ["10.1.2.3", "10.1.2.4", "10.2.0.1", "192.168.0.1"].map(ip);
         let mut rng = Rng(7);
-        let (mut sets, mut packets, mut matched) = (0, 0, 0);
+        let (mut sets, mut packets, mut matched) = (0, [0; 2], [0; 2]);
         while sets < 300 {
-            let n = 1 + rng.below(24) as usize;
+            // Up to 24 rules per hook: SNAT/MASQUERADE rules share ranks with the DNAT rules, interleaved in the
+            // list, but live in their own hook.
+            let n = 1 + rng.below(48) as usize;
             let rules: Vec<Rule> = (0..n)
                 .map(|i| {
                     let proto = rng.pick(&[None, Some(Proto::Tcp), Some(Proto::Udp)]);
-                    let dport = if proto.is_some() { rng.pick(&ranges).map(|s| s.parse().unwrap()) } else { None };
+                    let post = i % 2 == 1;
+                    let dport =
+                        if !post && proto.is_some() { rng.pick(&ranges).map(|s| s.parse().unwrap()) } else { None };
+                    let iface = rng.pick(&ifaces).map(String::from);
+                    let port = Some(i as u16 + 1).filter(|_| proto.is_some());
+                    let target = match (post, rng.chance(50)) {
+                        (false, _) => Target::Dnat { addr: ip("192.0.2.1"), port },
+                        (true, true) => Target::Snat { addr: ip("192.0.2.1"), ports: port.map(PortRange::single) },
+                        (true, false) => Target::Masquerade { ports: port.map(PortRange::single) },
+                    };
                     Rule {
                         // Some equal ids, to exercise the list-order tie-break.
                         id: rng.below(n as u64) as u32,
-                        iface: rng.pick(&ifaces).map(String::from),
+                        iface: iface.clone().filter(|_| !post),
+                        oface: iface.filter(|_| post),
                         proto,
                         src: rng.pick(&nets).map(net),
                         dst: rng.pick(&nets).map(net),
                         dport,
-                        target: Target::Dnat {
-                            addr: ip("192.0.2.1"),
-                            port: Some(i as u16 + 1).filter(|_| proto.is_some()),
-                        },
+                        target,
                     }
                 })
                 .collect();
@@ -1716,23 +2282,24 @@ to = "127.0.0.1:17355"
             sets += 1;
             let order = precedence_order(&rules);
             for _ in 0..200 {
-                let (ifname, ifx) = rng.pick(&[("eth0", 2), ("eth1", 3)]);
-                let pkt = Packet {
-                    ifindex: ifx,
-                    proto: rng.pick(&[PROTO_TCP, PROTO_UDP, 1]),
-                    dport: rng.pick(&[0, 1, 79, 80, 81, 82, 100, 101, 443]),
-                    saddr: rng.pick(&addrs),
-                    daddr: rng.pick(&addrs),
-                };
-                let dport = if pkt.proto == 1 { 0 } else { pkt.dport };
-                let pkt = Packet { dport, ..pkt };
-                let want = first_match(&rules, &order, Some(ifname), &pkt);
-                assert_eq!(kernel_lookup(&c, &pkt), want, "rules: {rules:#?}");
-                packets += 1;
-                matched += want.is_some() as u32;
+                let proto = rng.pick(&[PROTO_TCP, PROTO_UDP, 1]);
+                let dport = rng.pick(&[0, 1, 79, 80, 81, 82, 100, 101, 443]);
+                let (saddr, daddr) = (rng.pick(&addrs), rng.pick(&addrs));
+                let dport = if proto == 1 { 0 } else { dport };
+                for (h, at) in [hook::PREROUTING, hook::POSTROUTING].into_iter().enumerate() {
+                    let (ifname, ifx) = rng.pick(&[("eth0", 2), ("eth1", 3)]);
+                    let pkt = Packet { ifindex: ifx, proto, dport, saddr, daddr };
+                    let post = at == hook::POSTROUTING;
+                    let want = first_match(&rules, &order, post, Some(ifname), &pkt);
+                    assert_eq!(kernel_lookup(&c, at, &pkt), want, "hook {at}, rules: {rules:#?}");
+                    packets[h] += 1;
+                    matched[h] += want.is_some() as u32;
+                }
             }
         }
-        // Guard against a vacuous test: most packets should hit something.
-        assert!(matched > packets / 2, "{matched}/{packets}");
+        // Guard against a vacuous test: most packets should hit something, in both hooks.
+        for h in 0..2 {
+            assert!(matched[h] > packets[h] / 2, "hook {h}: {matched:?}/{packets:?}");
+        }
     }
 }

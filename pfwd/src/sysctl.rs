@@ -21,20 +21,32 @@ pub fn write(key: &str, value: &str) -> Result<()> {
 pub fn wanted(rules: &[Rule], ifaces: &[String]) -> Vec<(String, String, String)> {
     let mut out: Vec<(String, String, String)> = vec![];
     let locals = netif::local_addrs();
+    let mut want = |key: String, reason: String| {
+        if !out.iter().any(|(k, ..)| *k == key) {
+            out.push((key, "1".into(), reason));
+        }
+    };
     for r in rules {
-        let Target::Dnat { addr, .. } = r.target else { continue };
-        if addr.is_loopback() {
-            for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| ri == *i)) {
-                let key = format!("net/ipv4/conf/{i}/route_localnet");
-                if !out.iter().any(|(k, ..)| *k == key) {
-                    out.push((key, "1".into(), format!("rule {} DNATs to loopback {addr} on {i}", r.id)));
+        match r.target {
+            Target::Dnat { addr, .. } if addr.is_loopback() => {
+                for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| ri == *i)) {
+                    want(
+                        format!("net/ipv4/conf/{i}/route_localnet"),
+                        format!("rule {} DNATs to loopback {addr} on {i}", r.id),
+                    );
                 }
             }
-        } else if !locals.contains(&addr) && addr != Ipv4Addr::UNSPECIFIED {
-            let key = "net/ipv4/ip_forward".to_string();
-            if !out.iter().any(|(k, ..)| *k == key) {
-                out.push((key, "1".into(), format!("rule {} forwards to another host ({addr})", r.id)));
+            Target::Dnat { addr, .. } if !locals.contains(&addr) && addr != Ipv4Addr::UNSPECIFIED => {
+                want("net/ipv4/ip_forward".into(), format!("rule {} forwards to another host ({addr})", r.id));
             }
+            // Source NAT is what a router does for the hosts behind it: their packets must be forwarded.
+            Target::Snat { .. } | Target::Masquerade { .. } => {
+                want(
+                    "net/ipv4/ip_forward".into(),
+                    format!("rule {} ({}) translates forwarded traffic", r.id, r.kind_name()),
+                );
+            }
+            _ => {}
         }
     }
     out

@@ -1,5 +1,6 @@
 //! `cargo xtask`: developer tasks for pfwd (setup, build, test, run, demo, bench).
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -42,10 +43,14 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         pfwd: Option<PathBuf>,
     },
-    /// Benchmark pfwd against plain routing and iptables (not implemented yet).
+    /// Benchmark pfwd (eBPF and iptables modes) against plain routing in a namespace lab; writes target/bench/.
     Bench {
+        /// Short run for smoke tests (under a minute).
         #[arg(long)]
         quick: bool,
+        /// Use this pfwd binary instead of building a release one.
+        #[arg(long, value_name = "PATH")]
+        pfwd: Option<PathBuf>,
     },
 }
 
@@ -61,11 +66,6 @@ fn main() -> ExitCode {
 }
 
 fn run(cmd: Cmd) -> Result<ExitCode> {
-    if let Cmd::Bench { quick: _ } = cmd {
-        // TODO(issue 5): build the bench on tests::Lab (plain routing vs pfwd vs iptables, ratios).
-        eprintln!("bench: not implemented yet (issue 5)");
-        return Ok(ExitCode::FAILURE);
-    }
     if let Some(code) = reexec_as_root()? {
         return Ok(code);
     }
@@ -105,7 +105,14 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             };
             demo::demo(&bin)?;
         }
-        Cmd::Bench { .. } => unreachable!("handled above"),
+        Cmd::Bench { quick, pfwd } => {
+            setup::setup()?;
+            let bin = match pfwd {
+                Some(bin) => std::path::absolute(bin)?,
+                None => build(true)?,
+            };
+            bench::bench(&bin, quick)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -195,6 +202,6 @@ mod tests {
         };
         assert_eq!(args, ["list", "--json"]);
         assert!(matches!(parse(&["build", "--release"]), Cmd::Build { release: true }));
-        assert!(matches!(parse(&["bench", "--quick"]), Cmd::Bench { quick: true }));
+        assert!(matches!(parse(&["bench", "--quick"]), Cmd::Bench { quick: true, pfwd: None }));
     }
 }

@@ -1,0 +1,119 @@
+//! Source NAT for new flows leaving through an attached interface: the SNAT or MASQUERADE address, and the source
+//! port (or ICMP echo identifier) allocation.
+//!
+//! Port allocation follows Cilium's scheme: keep the original port when it is free, else start at a random offset in
+//! the range and probe a bounded number of ports. A port is taken when a live flow already owns the *reply* tuple
+//! (destination, SNAT address, destination port, port), so one port serves many destinations. Claims are atomic
+//! (conntrack::create inserts the reply entry with BPF_NOEXIST), and a full range drops the new flow only.
+use aya_ebpf::{
+    bindings::bpf_fib_lookup,
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32},
+    programs::TcContext,
+};
+use pfwd_common::{Config, IfaceInfo, PROTO_ICMP, RuleEntry, Tuple, ct_hook, kind, stat};
+
+use crate::{conntrack, maps::CONNTRACK, parse::Packet};
+
+/// Ports probed before a new flow is dropped for lack of a free one.
+const PROBES: u32 = 32;
+/// The range used when a rule gives none and the original port is taken (the unprivileged ports, as Linux uses).
+const DEFAULT_LO: u16 = 1024;
+const DEFAULT_HI: u16 = 65535;
+const AF_INET: u8 = 2;
+
+/// The address MASQUERADE uses now: the source the kernel would choose for this destination through `ifindex`
+/// (bpf_fib_lookup with BPF_FIB_LOOKUP_SRC, Linux 6.8+), so a changed interface address is followed with no daemon;
+/// else the interface address pfwd recorded.
+#[inline(always)]
+fn masquerade_addr(ctx: &TcContext, t: &Tuple, ifindex: u32, iface: &IfaceInfo) -> u32 {
+    // SAFETY: zeroed plain-old-data parameter block.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = t.proto;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_4.ipv4_dst = t.daddr;
+    let flags = BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC;
+    // SAFETY: valid context and parameter block of the size passed.
+    let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
+    // SAFETY: union field written by the helper on success.
+    let src = unsafe { p.__bindgen_anon_3.ipv4_src };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && src != 0 && p.ifindex == ifindex { src } else { iface.addr }
+}
+
+/// Whether `port` is free for the flow `t` translated to `addr`: no live flow of another origin owns the reply
+/// tuple it would have.
+#[inline(always)]
+fn port_free(t: &Tuple, addr: u32, port: u16, icmp: bool, now: u64, cfg: &Config) -> bool {
+    let reply_key = Tuple {
+        saddr: t.daddr,
+        daddr: addr,
+        sport: if icmp { port } else { t.dport },
+        dport: port,
+        proto: t.proto,
+        _pad: [0; 3],
+    };
+    match CONNTRACK.get_ptr(&reply_key) {
+        None => true,
+        // SAFETY: map value pointer.
+        Some(p) => {
+            let e = unsafe { &*p };
+            e.xlat == t.reversed() || e.expired(now, cfg) || conntrack::is_closed(e)
+        }
+    }
+}
+
+/// Translates the first packet of a flow leaving through `ifindex` by `rule` (SNAT or MASQUERADE): picks the address
+/// and a free port, creates the flow. Returns the translated tuple, or the stat explaining the drop.
+#[inline(always)]
+pub fn allocate(
+    ctx: &TcContext,
+    pkt: &Packet,
+    slot: u32,
+    rule: &RuleEntry,
+    ifindex: u32,
+    iface: &IfaceInfo,
+    now: u64,
+    cfg: &Config,
+) -> Result<Tuple, u32> {
+    let t = &pkt.tuple;
+    let addr = if rule.kind == kind::MASQUERADE { masquerade_addr(ctx, t, ifindex, iface) } else { rule.to_addr };
+    if addr == 0 {
+        return Err(stat::NO_IFACE_ADDR);
+    }
+    let mut xlat = *t;
+    xlat.saddr = addr;
+    if pkt.has_ports() {
+        let icmp = t.proto == PROTO_ICMP;
+        let (lo, hi) = if rule.to_port == 0 { (DEFAULT_LO, DEFAULT_HI) } else { (rule.to_port, rule.to_port_hi) };
+        let keep =
+            (rule.to_port == 0 || (lo <= t.sport && t.sport <= hi)) && port_free(t, addr, t.sport, icmp, now, cfg);
+        let mut port = t.sport;
+        if !keep {
+            let size = (hi - lo) as u32 + 1;
+            // SAFETY: helper without arguments.
+            let start = unsafe { bpf_get_prandom_u32() } % size;
+            let mut found = false;
+            for i in 0..PROBES {
+                if i >= size {
+                    break;
+                }
+                port = lo + ((start + i) % size) as u16;
+                if port_free(t, addr, port, icmp, now, cfg) {
+                    found = true;
+                    break;
+                }
+            }
+            if !found {
+                return Err(stat::SNAT_EXHAUSTED);
+            }
+        }
+        xlat.sport = port;
+        // An ICMP echo identifier is both "ports" of its tuple.
+        if icmp {
+            xlat.dport = port;
+        }
+    }
+    // A CPU racing for the same port makes this fail with CT_CLASH: the flow's next packet tries again.
+    conntrack::create(t, &xlat, slot, now, cfg, ct_hook::EGRESS).map(|_| xlat)
+}

@@ -1,0 +1,565 @@
+//! `cargo xtask bench`: pfwd's eBPF and iptables modes against plain routing, in one run, in the client / router /
+//! server namespace lab. Variants run interleaved (A B C A B C ...) so drift on the machine hits all of them alike;
+//! the report gives medians, min-max and ratios, and writes `target/bench/latest.{md,json}`.
+
+mod net;
+mod prog;
+mod run;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::step;
+use net::{Env, RuleSet, Variant};
+
+/// Sizes of one bench run.
+struct Params {
+    reps: usize,
+    udp_packets: u64,
+    udp_flows: u32,
+    rules_extra: u32,
+    tcp_threads: usize,
+    tcp_secs: u64,
+    iperf_secs: u32,
+    prog_reps: usize,
+    prog_repeat: u32,
+    prog_singles: usize,
+}
+
+const FULL: Params = Params {
+    reps: 5,
+    udp_packets: 1_000_000,
+    udp_flows: 50_000,
+    rules_extra: 9_999,
+    tcp_threads: 4,
+    tcp_secs: 2,
+    iperf_secs: 3,
+    prog_reps: 3,
+    prog_repeat: 1_000_000,
+    prog_singles: 20_000,
+};
+
+/// Smoke test: every workload once, small.
+const QUICK: Params = Params {
+    reps: 1,
+    udp_packets: 100_000,
+    udp_flows: 10_000,
+    rules_extra: 9_999,
+    tcp_threads: 4,
+    tcp_secs: 1,
+    iperf_secs: 1,
+    prog_reps: 1,
+    prog_repeat: 100_000,
+    prog_singles: 2_000,
+};
+
+/// Source ports of the multi-flow workload start here; the one-flow workload uses a port outside that range.
+const SPORT_BASE: u16 = 10_000;
+const ONE_FLOW_SPORT: u16 = 7_000;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Better {
+    Higher,
+    Lower,
+}
+
+/// One workload x variant: its samples.
+struct Series {
+    group: &'static str,
+    title: String,
+    variant: &'static str,
+    unit: &'static str,
+    better: Better,
+    samples: Vec<f64>,
+}
+
+#[derive(Default)]
+struct Results {
+    series: Vec<Series>,
+    /// Peak RSS of pfwd commands, KiB (max over runs).
+    rss: BTreeMap<&'static str, u64>,
+    notes: Vec<String>,
+}
+
+impl Results {
+    fn add(
+        &mut self,
+        group: &'static str,
+        title: &str,
+        variant: &'static str,
+        unit: &'static str,
+        better: Better,
+        v: f64,
+    ) {
+        match self.series.iter_mut().find(|s| s.group == group && s.variant == variant) {
+            Some(s) => s.samples.push(v),
+            None => {
+                self.series.push(Series { group, title: title.to_string(), variant, unit, better, samples: vec![v] })
+            }
+        }
+    }
+
+    fn rss(&mut self, what: &'static str, kib: u64) {
+        let e = self.rss.entry(what).or_default();
+        *e = (*e).max(kib);
+    }
+
+    fn median(&self, group: &str, variant: &str) -> Option<f64> {
+        self.series.iter().find(|s| s.group == group && s.variant == variant).map(|s| stats(&s.samples).0)
+    }
+}
+
+/// (median, min, max).
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+    (median, s[0], s[n - 1])
+}
+
+pub fn bench(pfwd: &Path, quick: bool) -> Result<()> {
+    run::install_signal_handlers();
+    let p = if quick { &QUICK } else { &FULL };
+    let started = std::time::Instant::now();
+    step(&format!("bench: {} run with {}", if quick { "quick" } else { "full" }, pfwd.display()));
+    step("bench: creating the client / router / server lab");
+    let env = Env::new(pfwd, p.rules_extra)?;
+    let mut r = Results::default();
+
+    udp_many(&env, p, &mut r)?;
+    udp_one(&env, p, &mut r)?;
+    tcp_rate(&env, p, &mut r)?;
+    tcp_throughput(&env, p, &mut r)?;
+    import(&env, p, &mut r)?;
+    step(&format!(
+        "bench: per-packet cost in BPF_PROG_TEST_RUN (repeat {}, {} interleaved runs)",
+        p.prog_repeat, p.prog_reps
+    ));
+    let costs = prog::measure(&env, p.prog_reps, p.prog_repeat, p.prog_singles)?;
+    drop(env);
+
+    let machine = machine();
+    let (md, json) = report(p, quick, &machine, &r, &costs, started.elapsed());
+    let dir = crate::root().join("target").join("bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("latest.md"), &md)?;
+    std::fs::write(dir.join("latest.json"), serde_json::to_string_pretty(&json)?)?;
+    println!("\n{md}");
+    step(&format!(
+        "bench: wrote {} and latest.json ({:.0} s)",
+        dir.join("latest.md").display(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn fmt_n(v: f64) -> String {
+    let s = format!("{:.0}", v);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 && c.is_ascii_digit() {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Workloads 1 and 5: UDP over many flows, with 1 and with 10,000 rules; also the install times.
+fn udp_many(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
+    let title = format!("UDP 60 B, {} flows, {} packets", fmt_n(p.udp_flows.into()), fmt_n(p.udp_packets as f64));
+    step(&format!("bench: {title} (workloads 1 and 5), {} rounds", p.reps));
+    let variants = [Variant::Plain, Variant::Iptables, Variant::Ebpf, Variant::Iptables10k, Variant::Ebpf10k];
+    for rep in 0..p.reps {
+        for v in variants {
+            let setup = env.setup(v, RuleSet::Udp)?;
+            if let Some(a) = &setup.attach {
+                let ms = a.wall.as_secs_f64() * 1e3;
+                let (group, what, rss) = match v {
+                    Variant::Iptables10k => ("install", "10k", "attach --config 10k rules (iptables)"),
+                    Variant::Ebpf10k => ("install", "10k", "attach --config 10k rules (eBPF)"),
+                    Variant::Ebpf => ("attach1", "1", "attach, 1 rule (eBPF)"),
+                    _ => ("attach1", "1", "attach, 1 rule (iptables)"),
+                };
+                let key = v.mode().unwrap_or("?");
+                let t = if what == "10k" {
+                    format!("pfwd attach --config, {} rules (wall)", p.rules_extra + 1)
+                } else {
+                    "pfwd attach --config, 1 rule (wall)".to_string()
+                };
+                r.add(group, &t, key, "ms", Better::Lower, ms);
+                r.rss(rss, a.maxrss_kib);
+            }
+            if rep == 0 && v == Variant::Iptables10k {
+                let tail = env.lab.sh(tests::Node::Router, "iptables -t nat -S PFWD-PREROUTING | tail -n 2")?;
+                let last = tail.lines().last().unwrap_or("").to_string();
+                r.notes.push(format!("iptables order check, last rule of PFWD-PREROUTING: `{last}`"));
+                if !last.contains(&format!("--dport {}", net::UDP_PORT)) {
+                    eprintln!("    warning: the matching rule is not last in PFWD-PREROUTING: {last}");
+                }
+            }
+            if rep == 0 && v == Variant::Ebpf10k {
+                let st = env.pfwd(&["status", "--json"])?;
+                r.rss("status --json, 10k rules (eBPF)", st.maxrss_kib);
+            }
+            let (pps, sent, delivered) = env.udp(v.target(), p.udp_flows, p.udp_packets, SPORT_BASE)?;
+            drop(setup);
+            println!(
+                "    [{}/{}] {:<13} {:>10} pps  (delivered {}/{}{})",
+                rep + 1,
+                p.reps,
+                v.key(),
+                fmt_n(pps),
+                fmt_n(delivered as f64),
+                fmt_n(sent as f64),
+                if delivered * 10 < sent * 9 { ", LOSSY" } else { "" }
+            );
+            r.add("udp-many", &title, v.key(), "pps", Better::Higher, pps);
+        }
+    }
+    Ok(())
+}
+
+/// Workload 2: the same with one flow.
+fn udp_one(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
+    let title = format!("UDP 60 B, 1 flow, {} packets", fmt_n(p.udp_packets as f64));
+    step(&format!("bench: {title} (workload 2), {} rounds", p.reps));
+    for rep in 0..p.reps {
+        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf] {
+            let setup = env.setup(v, RuleSet::Udp)?;
+            let (pps, sent, delivered) = env.udp(v.target(), 1, p.udp_packets, ONE_FLOW_SPORT)?;
+            drop(setup);
+            println!(
+                "    [{}/{}] {:<13} {:>10} pps  (delivered {}/{})",
+                rep + 1,
+                p.reps,
+                v.key(),
+                fmt_n(pps),
+                fmt_n(delivered as f64),
+                fmt_n(sent as f64)
+            );
+            r.add("udp-one", &title, v.key(), "pps", Better::Higher, pps);
+        }
+    }
+    Ok(())
+}
+
+/// Workload 3: TCP connection rate.
+fn tcp_rate(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
+    let title = format!("TCP connect + 1 B request + 1 B reply + close, {} threads, {} s", p.tcp_threads, p.tcp_secs);
+    step(&format!("bench: {title} (workload 3), {} rounds", p.reps));
+    for rep in 0..p.reps {
+        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf] {
+            let setup = env.setup(v, RuleSet::Tcp)?;
+            let cps = env.tcp_rate(v.target(), p.tcp_threads, Duration::from_secs(p.tcp_secs))?;
+            drop(setup);
+            println!("    [{}/{}] {:<13} {:>10} conn/s", rep + 1, p.reps, v.key(), fmt_n(cps));
+            r.add("tcp-cps", &title, v.key(), "conn/s", Better::Higher, cps);
+        }
+    }
+    Ok(())
+}
+
+/// Workload 4: TCP throughput with iperf3, one and four streams.
+fn tcp_throughput(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
+    step(&format!(
+        "bench: TCP throughput, iperf3 -t {} with -P 1 and -P 4 (workload 4), {} rounds",
+        p.iperf_secs, p.reps
+    ));
+    for rep in 0..p.reps {
+        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf] {
+            let setup = env.setup(v, RuleSet::Tcp)?;
+            let one = env.iperf(v.target(), 1, p.iperf_secs)?;
+            let four = env.iperf(v.target(), 4, p.iperf_secs)?;
+            drop(setup);
+            println!(
+                "    [{}/{}] {:<13} {:>6.2} Gbit/s (1 stream) {:>6.2} Gbit/s (4 streams)",
+                rep + 1,
+                p.reps,
+                v.key(),
+                one,
+                four
+            );
+            let t1 = format!("TCP throughput, 1 stream (iperf3 -t {})", p.iperf_secs);
+            let t4 = format!("TCP throughput, 4 streams (iperf3 -t {} -P 4)", p.iperf_secs);
+            r.add("tcp-1", &t1, v.key(), "Gbit/s", Better::Higher, one);
+            r.add("tcp-4", &t4, v.key(), "Gbit/s", Better::Higher, four);
+        }
+    }
+    Ok(())
+}
+
+/// Workload 5, install time the other way: `pfwd import` of the 9,999 extra rules onto an attached instance.
+fn import(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
+    let title = format!("pfwd import of {} rules onto a 1-rule instance (wall)", p.rules_extra);
+    step(&format!("bench: {title}, {} rounds", p.reps));
+    let file = env.tmp.join("import.rules");
+    let file = file.to_str().context("temp path is not UTF-8")?;
+    for rep in 0..p.reps {
+        for v in [Variant::Iptables, Variant::Ebpf] {
+            let _setup = env.setup(v, RuleSet::Udp)?;
+            let out = env.pfwd(&["import", file])?;
+            let ms = out.wall.as_secs_f64() * 1e3;
+            println!("    [{}/{}] {:<13} {:>8.1} ms", rep + 1, p.reps, v.key(), ms);
+            r.add("import", &title, v.key(), "ms", Better::Lower, ms);
+            r.rss(
+                if v == Variant::Ebpf { "import 9,999 rules (eBPF)" } else { "import 9,999 rules (iptables)" },
+                out.maxrss_kib,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let date = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().ok();
+    let date = date.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    json!({ "cpu": cpu, "cpus": cpus, "kernel": kernel, "date": date })
+}
+
+/// A target line: (what, measured text, met, shortfall text).
+struct Target {
+    what: String,
+    measured: String,
+    verdict: String,
+}
+
+/// `value` must be >= `min` (ratios).
+fn at_least(what: &str, value: Option<f64>, min: f64) -> Target {
+    match value {
+        None => Target { what: what.into(), measured: "n/a".into(), verdict: "not measured".into() },
+        Some(v) => Target {
+            what: what.into(),
+            measured: format!("{v:.2}x"),
+            verdict: if v >= min {
+                "met".into()
+            } else {
+                format!("MISSED by {:.2}x ({:.0}% short)", min - v, (min - v) / min * 100.0)
+            },
+        },
+    }
+}
+
+fn report(
+    p: &Params,
+    quick: bool,
+    machine: &Value,
+    r: &Results,
+    costs: &prog::ProgCosts,
+    took: Duration,
+) -> (String, Value) {
+    let mut md = String::new();
+    let _ =
+        writeln!(md, "# pfwd bench ({})\n", if quick { "quick: smoke-test sizes, not for comparison" } else { "full" });
+    let _ = writeln!(
+        md,
+        "Machine: {} ({} CPUs), kernel {}, {}. Took {:.0} s.\n",
+        machine["cpu"].as_str().unwrap_or("?"),
+        machine["cpus"],
+        machine["kernel"].as_str().unwrap_or("?"),
+        machine["date"].as_str().unwrap_or(""),
+        took.as_secs_f64()
+    );
+    let _ = writeln!(
+        md,
+        "Lab: client 10.0.1.2 <- veth -> router <- veth -> server, offloads off, permanent neighbours. Variants run \
+         interleaved, {} round(s), each run on a fresh setup (attach ... detach, conntrack flushed). plain = router \
+         with ip_forward=1, no NAT, no netfilter, client sends to 10.0.2.2; iptables / ebpf = `pfwd attach eth0 eth1 \
+         --mode iptables|ebpf` with DNAT 10.0.1.1 -> 10.0.2.2. UDP: trafgen (1 process) in the client, packets counted \
+         at the server's eth0 (rx_packets) over the delivery window; a bound, unread UDP socket absorbs them. -10k = \
+         9,999 non-matching `-i eth0 -p udp --dport 20000+i` rules ahead of the matching one (iptables order: \
+         matching rule last).\n",
+        p.reps
+    );
+    let _ = writeln!(md, "| Workload | Variant | Median | Min - max | x iptables | x plain | Runs |");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+    let mut series_json = vec![];
+    // Workloads in order, variants in run order within each.
+    const ORDER: [&str; 8] = ["udp-many", "udp-one", "tcp-cps", "tcp-1", "tcp-4", "attach1", "install", "import"];
+    let mut ordered: Vec<&Series> = r.series.iter().collect();
+    ordered.sort_by_key(|s| ORDER.iter().position(|g| *g == s.group).unwrap_or(ORDER.len()));
+    for s in ordered {
+        let (med, min, max) = stats(&s.samples);
+        let ipt_key = if s.variant.ends_with("-10k") { "iptables-10k" } else { "iptables" };
+        let vs_ipt = r.median(s.group, ipt_key).filter(|&b| b > 0.0).map(|b| med / b);
+        let vs_plain = r.median(s.group, "plain").filter(|&b| b > 0.0).map(|b| med / b);
+        let ratio = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}x"));
+        let num = |x: f64| if s.unit == "Gbit/s" || s.unit == "ms" { format!("{x:.2}") } else { fmt_n(x) };
+        let better = if s.better == Better::Lower { " (lower is better)" } else { "" };
+        let _ = writeln!(
+            md,
+            "| {}{} | {} | {} {} | {} - {} | {} | {} | {} |",
+            s.title,
+            better,
+            s.variant,
+            num(med),
+            s.unit,
+            num(min),
+            num(max),
+            ratio(vs_ipt),
+            ratio(vs_plain),
+            s.samples.len()
+        );
+        series_json.push(json!({
+            "group": s.group, "workload": s.title, "variant": s.variant, "unit": s.unit,
+            "higher_is_better": s.better == Better::Higher, "samples": s.samples,
+            "median": med, "min": min, "max": max, "ratio_to_iptables": vs_ipt, "ratio_to_plain": vs_plain,
+        }));
+    }
+
+    // Workload 6.
+    let mut by_case: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for (k, v) in &costs.samples {
+        by_case.entry(k).or_default().push(*v);
+    }
+    let med = |k: &str| by_case.get(k).map(|v| stats(v).0);
+    let _ = writeln!(
+        md,
+        "\n## Per-packet cost in BPF_PROG_TEST_RUN (R = {}, S = {})\n\nRepeat R: the kernel reruns the program on \
+         the packet it rewrote, so two mirror rules (10.0.1.1:9000 -> 10.0.2.2:9000 and back) make each repetition an \
+         established-flow DNAT (reply: un-DNAT) of the other flow; an odd R is checked to end translated. A new flow \
+         cannot repeat (the second run is established), so it is the median of S single runs (repeat=1), each from a \
+         new source port; compare it with the empty program measured the same way (that floor includes the test-run \
+         timer overhead).\n",
+        p.prog_repeat, p.prog_singles
+    );
+    let _ = writeln!(md, "| Case | ns/packet (median) | Min - max | x empty (same method) |");
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    let mut prog_json = vec![];
+    for (key, label) in prog::CASES {
+        let Some(v) = by_case.get(key) else { continue };
+        let (m, lo, hi) = stats(v);
+        let floor = if key.ends_with("-1") { med("empty-1") } else { med("empty") };
+        let x = floor.filter(|&f| f > 0.0).map_or("-".into(), |f| format!("{:.2}x", m / f));
+        let _ = writeln!(
+            md,
+            "| {} | {m:.1} | {lo:.1} - {hi:.1} | {x} |",
+            label.replace(" R", &format!(" {}", p.prog_repeat))
+        );
+        prog_json.push(json!({"case": key, "label": label, "samples": v, "median_ns": m}));
+    }
+    for n in &costs.notes {
+        let _ = writeln!(md, "\n`{n}`");
+    }
+
+    // Memory.
+    let _ = writeln!(md, "\n## Memory\n\n| What | Size |\n|---|---:|");
+    let total: u64 = costs.maps.iter().map(|m| m.3).sum();
+    for (name, ty, entries, bytes) in &costs.maps {
+        let _ = writeln!(
+            md,
+            "| map {name} ({ty}, {} entries) | {:.1} MiB |",
+            fmt_n(*entries as f64),
+            *bytes as f64 / 1048576.0
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| **all maps, default sizes (bpftool bytes_memlock)** | **{:.1} MiB** |",
+        total as f64 / 1048576.0
+    );
+    for (what, kib) in &r.rss {
+        let _ = writeln!(md, "| peak RSS: pfwd {what} | {:.1} MiB |", *kib as f64 / 1024.0);
+    }
+
+    // Targets.
+    let ratio = |g: &str, a: &str, b: &str| Some(r.median(g, a)? / r.median(g, b)?);
+    let mut targets = vec![
+        at_least("UDP many flows: eBPF >= 0.9x plain routing", ratio("udp-many", "ebpf", "plain"), 0.9),
+        at_least(
+            "UDP many flows: eBPF well ahead of iptables (read as >= 1.2x)",
+            ratio("udp-many", "ebpf", "iptables"),
+            1.2,
+        ),
+        at_least("10k rules: eBPF >= 0.9x its own 1-rule figure", ratio("udp-many", "ebpf-10k", "ebpf"), 0.9),
+        at_least("10k rules: eBPF >= 5x iptables mode (10k rules)", ratio("udp-many", "ebpf-10k", "iptables-10k"), 5.0),
+    ];
+    for (mode, label) in [("ebpf", "eBPF"), ("iptables", "iptables")] {
+        let (full, one) = (r.median("install", mode), r.median("attach1", mode));
+        let what = format!("10k rules installed in < 0.1 s, {label} mode (attach --config 10k minus attach 1 rule)");
+        targets.push(match (full, one) {
+            (Some(f), Some(o)) => {
+                let ms = f - o;
+                Target {
+                    what,
+                    measured: format!("{ms:.0} ms (whole attach {f:.0} ms)"),
+                    verdict: if ms < 100.0 { "met".into() } else { format!("MISSED by {:.0} ms", ms - 100.0) },
+                }
+            }
+            _ => Target { what, measured: "n/a".into(), verdict: "not measured".into() },
+        });
+    }
+    targets.push(at_least("TCP connection rate: eBPF >= 1.3x iptables", ratio("tcp-cps", "ebpf", "iptables"), 1.3));
+    targets.push(at_least(
+        "TCP throughput, 1 stream: eBPF no worse than iptables (>= 0.97x, run-to-run noise)",
+        ratio("tcp-1", "ebpf", "iptables"),
+        0.97,
+    ));
+    targets.push(at_least(
+        "TCP throughput, 4 streams: eBPF no worse than iptables (>= 0.97x, run-to-run noise)",
+        ratio("tcp-4", "ebpf", "iptables"),
+        0.97,
+    ));
+    let est = med("established").zip(med("empty")).map(|(e, z)| e / z);
+    targets.push(match est {
+        Some(x) => Target {
+            what: format!("established flow <= 3x the empty program (repeat {})", p.prog_repeat),
+            measured: format!(
+                "{x:.2}x ({:.1} vs {:.1} ns)",
+                med("established").unwrap_or(0.0),
+                med("empty").unwrap_or(0.0)
+            ),
+            verdict: if x <= 3.0 { "met".into() } else { format!("MISSED by {:.2}x", x - 3.0) },
+        },
+        None => Target {
+            what: "established flow <= 3x empty".into(),
+            measured: "n/a".into(),
+            verdict: "not measured".into(),
+        },
+    });
+    let _ = writeln!(md, "\n## Targets\n\n| Target | Measured | Result |\n|---|---|---|");
+    for t in &targets {
+        let _ = writeln!(md, "| {} | {} | {} |", t.what, t.measured, t.verdict);
+    }
+    if !r.notes.is_empty() {
+        let _ = writeln!(md);
+        for n in &r.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
+
+    let json = json!({
+        "quick": quick,
+        "machine": machine,
+        "params": {
+            "reps": p.reps, "udp_packets": p.udp_packets, "udp_flows": p.udp_flows, "rules": p.rules_extra + 1,
+            "tcp_threads": p.tcp_threads, "tcp_secs": p.tcp_secs, "iperf_secs": p.iperf_secs,
+            "prog_repeat": p.prog_repeat, "prog_singles": p.prog_singles,
+        },
+        "series": series_json,
+        "prog_test_run": prog_json,
+        "maps": costs.maps.iter().map(|(n, t, e, b)| json!({"name": n, "type": t, "max_entries": e, "bytes": b})).collect::<Vec<_>>(),
+        "maps_total_bytes": total,
+        "peak_rss_kib": r.rss,
+        "targets": targets.iter().map(|t| json!({"target": t.what, "measured": t.measured, "result": t.verdict})).collect::<Vec<_>>(),
+        "notes": r.notes,
+        "seconds": took.as_secs_f64(),
+    });
+    (md, json)
+}

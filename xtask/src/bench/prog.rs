@@ -1,0 +1,280 @@
+//! Workload 6: the per-packet cost of pfwd's programs in BPF_PROG_TEST_RUN, against an empty classifier; and the
+//! memory of pfwd's maps at default sizes.
+
+use std::ffi::CString;
+use std::net::Ipv4Addr;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use etherparse::{PacketBuilder, SlicedPacket};
+
+use super::net::Env;
+use super::run::check_interrupted;
+
+/// TCX_NEXT as the test run reports it: pfwd returns it for passed and translated packets alike.
+const NEXT: u32 = u32::MAX;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const PORT: u16 = 9000;
+
+pub struct ProgCosts {
+    /// (case key, ns per packet) for each repetition.
+    pub samples: Vec<(&'static str, f64)>,
+    pub notes: Vec<String>,
+    /// pfwd's maps at default sizes: (name, type, max entries, bytes).
+    pub maps: Vec<(String, String, u64, u64)>,
+}
+
+pub const CASES: [(&str, &str); 8] = [
+    ("empty", "empty program (mov r0,-1; exit), repeat R"),
+    ("no-rule", "no rule matching, repeat R"),
+    ("established", "established flow (ingress DNAT), repeat R"),
+    ("reply", "reply (egress un-DNAT), repeat R"),
+    ("empty-1", "empty program, repeat=1, median of S calls"),
+    ("established-1", "established flow, repeat=1, median of S calls"),
+    ("new-1", "new flow, repeat=1, median of S calls (distinct source ports)"),
+    ("no-rule-1", "no rule matching, repeat=1, median of S calls"),
+];
+
+/// Attaches pfwd (eBPF mode, default sizes) to the router namespace's `lo` (test runs see packets on lo) and
+/// measures. Two rules make the established and reply cases stable under `repeat`: the kernel reruns the program on
+/// the packet it rewrote, so flow A (10.0.1.1 -> 10.0.2.2) and flow B (10.0.2.2 -> 10.0.1.1) turn each packet
+/// into the other flow's, and every repetition is an established-flow translation with address and checksum rewrite.
+pub fn measure(env: &Env, reps: usize, repeat: u32, singles: usize) -> Result<ProgCosts> {
+    let _setup = LoSetup::attach(env)?;
+    let dir = env.pin_dir();
+    let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).context("pinned prog_ingress")?;
+    let egress = SchedClassifier::from_pin(dir.join("prog_egress")).context("pinned prog_egress")?;
+    let empty = EmptyProg::load()?;
+    let maps = map_memory(env, &dir)?;
+    let mut notes = vec![];
+    for name in ["prog_ingress", "prog_egress"] {
+        if let Ok(o) =
+            env.lab.sh(tests::Node::Router, &format!("bpftool prog show pinned {}", dir.join(name).display()))
+        {
+            notes.push(format!("{name}: {}", o.split_whitespace().collect::<Vec<_>>().join(" ")));
+        }
+    }
+
+    let a = udp(CLIENT, 40_000, ROUTER, PORT);
+    let b = udp(CLIENT, 40_000, SERVER, PORT);
+    let reply = udp(SERVER, PORT, CLIENT, 40_000);
+    let no_rule = udp(CLIENT, 40_000, ROUTER, 9999);
+    // Create flows A and B, and check that A is translated.
+    let out = run(&ingress, &a, 1)?;
+    ensure!(dst_of(&out.1)? == SERVER, "pfwd did not DNAT the test packet (got dst {})", dst_of(&out.1)?);
+    run(&ingress, &b, 1)?;
+
+    let mut samples = vec![];
+    for rep in 0..reps {
+        check_interrupted()?;
+        println!("    test run {}/{reps}: repeat {repeat}", rep + 1);
+        samples.push(("empty", run(&empty.prog, &a, repeat)?.0));
+        samples.push(("no-rule", run(&ingress, &no_rule, repeat)?.0));
+        // An odd repeat count ends on the translated form: proof that every step translated.
+        let odd = repeat | 1;
+        let (ns, data) = run(&ingress, &a, odd)?;
+        ensure!(dst_of(&data)? == SERVER, "established repeat did not end translated");
+        samples.push(("established", ns));
+        let (ns, data) = run(&egress, &reply, odd)?;
+        ensure!(src_of(&data)? == ROUTER, "reply repeat did not end translated");
+        samples.push(("reply", ns));
+    }
+    println!("    test run: {singles} single runs per case");
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let single = |prog: &SchedClassifier, pkt: &dyn Fn(usize) -> Vec<u8>| -> Result<f64> {
+        let mut v = Vec::with_capacity(singles);
+        for i in 0..singles {
+            if i % 1000 == 0 {
+                check_interrupted()?;
+            }
+            v.push(run(prog, &pkt(i), 1)?.0);
+        }
+        Ok(median(&mut v))
+    };
+    samples.push(("empty-1", single(&empty.prog, &|_| a.clone())?));
+    samples.push(("established-1", single(&ingress, &|_| a.clone())?));
+    samples.push(("no-rule-1", single(&ingress, &|_| no_rule.clone())?));
+    // Each call a new source (port, and address past 60,000) so every run creates a flow.
+    let new = |i: usize| {
+        let src = Ipv4Addr::new(10, 0, 3 + (i / 60_000) as u8, 2);
+        udp(src, 1024 + (i % 60_000) as u16, ROUTER, PORT)
+    };
+    samples.push(("new-1", single(&ingress, &new)?));
+    Ok(ProgCosts { samples, notes, maps })
+}
+
+/// (ns per run, output packet).
+fn run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> Result<(f64, Vec<u8>)> {
+    let mut out = vec![0u8; 256];
+    let r = prog
+        .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), repeat, ..Default::default() })
+        .context("BPF_PROG_TEST_RUN")?;
+    ensure!(r.return_value == NEXT, "program returned {} (expected TCX_NEXT)", r.return_value);
+    out.truncate(r.data_size_out as usize);
+    Ok((r.duration.as_nanos() as f64, out))
+}
+
+fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut v = vec![];
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.octets(), dst.octets(), 64)
+        .udp(sport, dport)
+        .write(&mut v, &[0x41; 18])
+        .expect("writing to a Vec");
+    v
+}
+
+fn ips(pkt: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    let p = SlicedPacket::from_ethernet(pkt).context("parsing the output packet")?;
+    match p.net {
+        Some(etherparse::NetSlice::Ipv4(ip)) => Ok((ip.header().source_addr(), ip.header().destination_addr())),
+        _ => bail!("output is not IPv4"),
+    }
+}
+
+fn dst_of(pkt: &[u8]) -> Result<Ipv4Addr> {
+    Ok(ips(pkt)?.1)
+}
+
+fn src_of(pkt: &[u8]) -> Result<Ipv4Addr> {
+    Ok(ips(pkt)?.0)
+}
+
+/// pfwd attached (eBPF, default sizes) to the router namespace's lo with the two test rules; detached on drop.
+struct LoSetup<'a>(&'a Env);
+
+impl<'a> LoSetup<'a> {
+    fn attach(env: &'a Env) -> Result<Self> {
+        env.pfwd(&["attach", "lo", "--mode", "ebpf"])?;
+        let guard = LoSetup(env);
+        let (r, s) = (ROUTER.to_string(), SERVER.to_string());
+        let (to_s, to_r) = (format!("{s}:{PORT}"), format!("{r}:{PORT}"));
+        let port = PORT.to_string();
+        for (d, to) in [(&r, &to_s), (&s, &to_r)] {
+            env.pfwd(&["add", "dnat", "-i", "lo", "-p", "udp", "-d", d, "--dport", &port, "--to", to])?;
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for LoSetup<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.pfwd(&["detach"]) {
+            eprintln!("    warning: pfwd detach: {e:#}");
+        }
+    }
+}
+
+/// A two-instruction classifier (`r0 = -1; exit`, i.e. TCX_NEXT like pfwd's pass path), pinned so aya can run it
+/// like pfwd's programs; the pin is removed on drop.
+struct EmptyProg {
+    prog: SchedClassifier,
+    pin: PathBuf,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjPinAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+impl EmptyProg {
+    fn load() -> Result<Self> {
+        // mov64 r0, -1 (opcode 0xb7, imm -1); exit (0x95).
+        let insns: [u64; 2] = [0xffff_ffff_0000_00b7, 0x95];
+        let license = c"GPL";
+        let mut attr = ProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_SCHED_CLS,
+            insn_cnt: 2,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            ..Default::default()
+        };
+        attr.prog_name[..10].copy_from_slice(b"pfwd_empty");
+        // SAFETY: attr is a valid, fully initialized prefix of bpf_attr; the kernel reads `size` bytes.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const _, std::mem::size_of::<ProgLoadAttr>())
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("BPF_PROG_LOAD of the empty classifier");
+        }
+        // SAFETY: a new fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let pin = PathBuf::from(format!("/sys/fs/bpf/pfwd-bench-empty-{}", std::process::id()));
+        let path = CString::new(pin.to_str().context("pin path")?)?;
+        let attr = ObjPinAttr {
+            pathname: path.as_ptr() as u64,
+            bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+            ..Default::default()
+        };
+        // SAFETY: valid attr prefix for BPF_OBJ_PIN.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, &attr as *const _, std::mem::size_of::<ObjPinAttr>()) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("pinning the empty classifier");
+        }
+        match SchedClassifier::from_pin(&pin) {
+            Ok(prog) => Ok(Self { prog, pin }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&pin);
+                Err(e).context("opening the pinned empty classifier")
+            }
+        }
+    }
+}
+
+impl Drop for EmptyProg {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.pin);
+    }
+}
+
+/// (map name, type, max entries, bytes) of every map pinned in `dir`, via bpftool.
+pub fn map_memory(env: &Env, dir: &Path) -> Result<Vec<(String, String, u64, u64)>> {
+    let mut maps = vec![];
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("prog_") || name.starts_with("link_") {
+            continue;
+        }
+        let out =
+            env.lab.sh(tests::Node::Router, &format!("bpftool -j map show pinned {}", dir.join(&name).display()))?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("bpftool JSON")?;
+        maps.push((
+            name,
+            v["type"].as_str().unwrap_or("?").to_string(),
+            v["max_entries"].as_u64().unwrap_or(0),
+            v["bytes_memlock"].as_u64().unwrap_or(0),
+        ));
+    }
+    maps.sort();
+    Ok(maps)
+}
