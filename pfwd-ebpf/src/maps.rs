@@ -1,6 +1,7 @@
 //! The instance's BPF maps. All are pinned by name, so every pfwd command (and every program load) of one network
 //! namespace shares them through bpffs.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
@@ -12,8 +13,9 @@ use pfwd_common::{
 #[map(name = "PFWD_RULES")]
 pub static RULES: Array<RuleEntry> = Array::pinned(MAX_RULES, 0);
 
+/// Not preallocated: most instances use a few buckets out of the quarter million allowed.
 #[map(name = "PFWD_BUCKETS")]
-pub static BUCKETS: HashMap<BucketKey, Bucket> = HashMap::pinned(MAX_BUCKETS, 0);
+pub static BUCKETS: HashMap<BucketKey, Bucket> = HashMap::pinned(MAX_BUCKETS, BPF_F_NO_PREALLOC as u32);
 
 #[map(name = "PFWD_CT")]
 pub static CONNTRACK: LruHashMap<Tuple, CtEntry> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);

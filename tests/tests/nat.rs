@@ -391,7 +391,7 @@ fn port_exhaustion(mode: &str) {
     let to = sa("10.0.2.2:9000");
 
     let _guard = if mode == "ebpf" {
-        attach(&lab, mode, &["eth0", "eth1"])
+        attach_with(&lab, mode, &["eth0", "eth1"], &["--ct-timeout", "udp=3"])
     } else {
         let g = attach(&lab, mode, &["eth0", "eth1"]);
         // iptables mode: the flows are netfilter's, so their lifetime is netfilter's UDP timeouts (per namespace;
