@@ -9,6 +9,7 @@ pub mod names {
     pub const STATS: &str = "PFWD_STATS";
     pub const IFACES: &str = "PFWD_IFACES";
     pub const CONFIG: &str = "PFWD_CONFIG";
+    pub const SOCKETS: &str = "PFWD_SOCKETS";
 }
 
 /// Rule slots in the rules array (rule bodies are addressed by slot; the user-facing id is stored inside).
@@ -45,6 +46,9 @@ pub mod hook {
     pub const PREROUTING: u8 = 0;
     /// SNAT / MASQUERADE rules, matched at egress (iptables POSTROUTING).
     pub const POSTROUTING: u8 = 1;
+    /// `--local` DNAT / REDIRECT rules for connections of local processes, matched at connect/sendmsg by cgroup
+    /// socket hooks (iptables OUTPUT).
+    pub const OUTPUT: u8 = 2;
 }
 
 /// Bucket levels: which of (interface, protocol, port) a bucket key fixes. A packet is looked up at every level that
@@ -187,6 +191,8 @@ pub struct Config {
     pub level_mask: u32,
     /// Which bucket levels hold POSTROUTING rules.
     pub snat_level_mask: u32,
+    /// Which bucket levels hold OUTPUT (`--local`) rules.
+    pub local_level_mask: u32,
     pub flags: u32,
     /// Idle timeouts, in seconds.
     pub tcp_syn_timeout: u32,
@@ -194,6 +200,10 @@ pub struct Config {
     pub tcp_close_timeout: u32,
     pub udp_timeout: u32,
     pub other_timeout: u32,
+    pub _pad: u32,
+    /// The instance's network namespace cookie: the cgroup socket hooks see every namespace's sockets and must act
+    /// only in this one.
+    pub netns_cookie: u64,
 }
 
 impl Default for Config {
@@ -201,12 +211,15 @@ impl Default for Config {
         Self {
             level_mask: 0,
             snat_level_mask: 0,
+            local_level_mask: 0,
             flags: 0,
             tcp_syn_timeout: 60,
             tcp_established_timeout: 6 * 3600,
             tcp_close_timeout: 10,
             udp_timeout: 60,
             other_timeout: 30,
+            _pad: 0,
+            netns_cookie: 0,
         }
     }
 }
@@ -309,6 +322,29 @@ impl CtEntry {
     }
 }
 
+/// Local-socket translations (`--local` rules): a socket (by cookie) and the address it was sent to after
+/// translation, so replies (`recvmsg`) and `getpeername` can show the address the application asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    /// Translated address (network order) and port (host order).
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The original destination of a local-socket translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOrig {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+pub const MAX_SOCKETS: u32 = 65_536;
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -321,6 +357,8 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for Tuple {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockOrig {}
 }
 
 #[cfg(test)]
@@ -335,7 +373,9 @@ mod tests {
         assert_eq!(size_of::<RuleEntry>(), 40);
         assert_eq!(size_of::<Tuple>(), 16);
         assert_eq!(size_of::<CtEntry>(), 40);
-        assert_eq!(size_of::<Config>(), 32);
+        assert_eq!(size_of::<Config>(), 48);
+        assert_eq!(size_of::<SockKey>(), 16);
+        assert_eq!(size_of::<SockOrig>(), 8);
     }
 
     #[test]

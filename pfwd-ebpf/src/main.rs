@@ -19,6 +19,8 @@ mod parse;
 mod rules;
 #[cfg(target_arch = "bpf")]
 mod snat;
+#[cfg(target_arch = "bpf")]
+mod sockaddr;
 
 #[cfg(target_arch = "bpf")]
 mod programs {

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use pfwd_common::{
-    Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, IfaceInfo, MAX_BUCKETS, MAX_IFACES, MAX_RULES,
-    RuleCounters, RuleEntry, Tuple, stat,
+    Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, IfaceInfo, MAX_BUCKETS, MAX_IFACES, MAX_RULES, MAX_SOCKETS,
+    RuleCounters, RuleEntry, SockKey, SockOrig, Tuple, stat,
 };
 
 #[map(name = "PFWD_RULES")]
@@ -31,6 +31,9 @@ pub static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(MAX_IFACES, 0);
 
 #[map(name = "PFWD_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "PFWD_SOCKETS")]
+pub static SOCKETS: LruHashMap<SockKey, SockOrig> = LruHashMap::pinned(MAX_SOCKETS, 0);
 
 #[inline(always)]
 pub fn count(stat: u32) {

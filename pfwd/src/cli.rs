@@ -212,6 +212,12 @@ struct MatchArgs {
     /// Accepted only to be refused with a hint (DNAT happens where packets arrive: -i).
     #[arg(short = 'o', long = "out-interface", value_name = "IFACE", hide = true)]
     oface: Option<String>,
+    /// Apply to connections made by local processes (the iptables OUTPUT chain) instead of arriving packets.
+    /// eBPF mode translates TCP and UDP at connect/send time with cgroup socket hooks (applications still see the
+    /// address they asked for); ICMP and raw sockets are not covered there (use --mode iptables for those).
+    /// Not with -i or -s.
+    #[arg(long)]
+    local: bool,
 }
 
 /// The match of snat and masquerade: they apply where packets leave, so the interface is the outgoing one.
@@ -251,6 +257,7 @@ impl MatchArgs {
             src: self.src,
             dst: self.dst,
             dport: self.dport,
+            local: self.local,
             target,
         };
         r.normalize();
@@ -269,6 +276,7 @@ impl PostMatchArgs {
             src: self.src,
             dst: self.dst,
             dport: self.dport,
+            local: false,
             target,
         };
         r.normalize();

@@ -50,7 +50,13 @@ impl Backend {
         match self {
             Backend::Ebpf(kernel) => {
                 if fresh {
-                    kernel.load(opts.ct_entries, &opts.config)?;
+                    let cfg = Config { netns_cookie: state.netns_cookie, ..opts.config };
+                    kernel.load(opts.ct_entries, &cfg)?;
+                    // The --local socket hooks need cgroup2; without it pfwd still works, minus --local rules.
+                    if let Some(root) = instance::cgroup2_root() {
+                        kernel.attach_cgroup(&root)?;
+                        state.cgroup = Some(root.to_string_lossy().into_owned());
+                    }
                 } else if !opts.timeouts.is_empty() {
                     let mut cfg = kernel.config()?;
                     for (name, secs) in &opts.timeouts {
@@ -356,6 +362,12 @@ pub fn add_many(rules: Vec<Rule>, skip_duplicates: bool) -> Result<(Vec<u32>, Ve
         ),
         e => e.into(),
     })?;
+    if state.mode == "ebpf" && state.cgroup.is_none() && planned.rules.iter().any(|r| r.rule.local) {
+        bail!(
+            "--local rules need the cgroup socket hooks, and no cgroup2 is mounted (looked at /sys/fs/cgroup and \
+             /sys/fs/cgroup/unified): mount cgroup2, or use pfwd in --mode iptables"
+        );
+    }
     let backend = Backend::of(&state, &lock.inst);
     if let Backend::Ebpf(kernel) = &backend {
         for r in planned.rules.iter().filter(|r| ids.contains(&r.rule.id)) {

@@ -123,3 +123,13 @@ pub fn require_root() -> Result<()> {
     }
     Ok(())
 }
+
+/// The root of the cgroup2 hierarchy, where the `--local` socket hooks attach: `/sys/fs/cgroup` on unified systems,
+/// `/sys/fs/cgroup/unified` on hybrid ones. None when cgroup2 is not mounted.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    const CGROUP2_MAGIC: i64 = 0x63677270;
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 == CGROUP2_MAGIC).unwrap_or(false))
+}

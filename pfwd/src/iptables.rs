@@ -979,7 +979,17 @@ fn build_rules(s: &Spec, command_tok: &str, post: bool) -> Res<Vec<Rule>> {
     dports
         .into_iter()
         .map(|dport| {
-            let mut rule = Rule { id: 0, iface: iface.clone(), oface: oface.clone(), proto, src, dst, dport, target };
+            let mut rule = Rule {
+                id: 0,
+                iface: iface.clone(),
+                oface: oface.clone(),
+                proto,
+                src,
+                dst,
+                dport,
+                local: false,
+                target,
+            };
             rule.normalize();
             rule.validate().map_err(|e| bad(command_tok, e.to_string()))?;
             Ok(rule)

@@ -15,7 +15,8 @@ use aya::{
     EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        cgroup_sock_addr::CgroupSockAddrAttachType,
         links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
     },
@@ -30,6 +31,14 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 const PROGRAMS: [(&str, TcAttachType, &str); 2] =
     [("pfwd_ingress", TcAttachType::Ingress, "ingress"), ("pfwd_egress", TcAttachType::Egress, "egress")];
+
+/// The cgroup socket hooks of `--local` rules: (program, hook, pin suffix).
+const SOCK_PROGRAMS: [(&str, CgroupSockAddrAttachType, &str); 4] = [
+    ("pfwd_connect4", CgroupSockAddrAttachType::Connect4, "connect4"),
+    ("pfwd_sendmsg4", CgroupSockAddrAttachType::UDPSendMsg4, "sendmsg4"),
+    ("pfwd_recvmsg4", CgroupSockAddrAttachType::UDPRecvMsg4, "recvmsg4"),
+    ("pfwd_getpeername4", CgroupSockAddrAttachType::GetPeerName4, "getpeername4"),
+];
 
 /// Handle on the pinned state of one instance.
 pub struct Kernel {
@@ -64,7 +73,34 @@ impl Kernel {
             prog.load().with_context(|| format!("loading the {name} program (verifier)"))?;
             prog.pin(self.dir.join(format!("prog_{dir}"))).with_context(|| format!("pinning {name}"))?;
         }
+        for (name, _, hook) in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr =
+                ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
+            prog.load().with_context(|| format!("loading the {name} program (cgroup socket hook)"))?;
+            prog.pin(self.dir.join(format!("prog_{hook}"))).with_context(|| format!("pinning {name}"))?;
+        }
         self.set_config(cfg)?;
+        Ok(())
+    }
+
+    /// Attaches the socket hooks of `--local` rules to the cgroup2 directory `cgroup` (the root: every process).
+    /// They act only in this instance's namespace (netns cookie in the config). Idempotent.
+    pub fn attach_cgroup(&self, cgroup: &Path) -> Result<()> {
+        let dir = fs::File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for (_, attach_type, hook) in SOCK_PROGRAMS {
+            let pin = self.dir.join(format!("link_cgroup_{hook}"));
+            if pin.exists() {
+                continue;
+            }
+            let mut prog = CgroupSockAddr::from_pin(self.dir.join(format!("prog_{hook}")), attach_type)
+                .with_context(|| format!("opening pinned {hook} program"))?;
+            let id = prog
+                // Link-based cgroup attachments always coexist with others; the kernel wants no flags with them.
+                .attach(&dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching the {hook} socket hook to {}", cgroup.display()))?;
+            let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| anyhow!("cgroup link: {e:?}"))?;
+            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+        }
         Ok(())
     }
 
@@ -188,6 +224,7 @@ impl Kernel {
         let mut cfg = self.config()?;
         cfg.level_mask = compiled.level_mask;
         cfg.snat_level_mask = compiled.snat_level_mask;
+        cfg.local_level_mask = compiled.local_level_mask;
         self.set_config(&cfg)
     }
 
@@ -241,6 +278,7 @@ impl Kernel {
             names::STATS,
             names::IFACES,
             names::CONFIG,
+            names::SOCKETS,
         ] {
             let data = MapData::from_pin(self.dir.join(name))?;
             let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", data.fd().as_fd().as_raw_fd()))?;

@@ -336,6 +336,9 @@ pub struct Rule {
     pub dst: Option<Ipv4Net>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dport: Option<PortRange>,
+    /// `--local`: applies to connections made by local processes (iptables OUTPUT) instead of arriving packets.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
     pub target: Target,
 }
 
@@ -392,6 +395,25 @@ impl Rule {
         }
         if !post && self.oface.is_some() {
             return Err(wrong_hook(&self.target, "-o"));
+        }
+        if self.local {
+            if post {
+                return Err(RuleError::Unsupported(format!(
+                    "--local applies to dnat and redirect (locally generated connections), not {}",
+                    self.kind_name()
+                )));
+            }
+            if self.iface.is_some() {
+                return Err(RuleError::Unsupported(
+                    "-i does not apply to --local rules: local connections do not arrive on an interface".into(),
+                ));
+            }
+            if self.src.is_some() {
+                return Err(RuleError::Unsupported(
+                    "-s is not supported with --local: a local connection's source is chosen after it is translated"
+                        .into(),
+                ));
+            }
         }
         if let Some(p) = &self.dport {
             p.check()?;
@@ -455,6 +477,7 @@ impl Rule {
             && net_mask(self.src) == net_mask(other.src)
             && net_mask(self.dst) == net_mask(other.dst)
             && self.dport == other.dport
+            && self.local == other.local
             && self.target == other.target
     }
 }
@@ -627,6 +650,9 @@ fn fmt_net(n: &Ipv4Net) -> String {
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.kind_name())?;
+        if self.local {
+            f.write_str(" --local")?;
+        }
         if let Some(i) = &self.iface {
             write!(f, " -i {i}")?;
         }
@@ -678,6 +704,7 @@ pub fn parse_args(args: &[&str]) -> Result<Rule, RuleError> {
         src: None,
         dst: None,
         dport: None,
+        local: false,
         target: Target::Redirect { port: 0 },
     };
     // Each option may appear once; `seen` holds the canonical names given so far.
@@ -687,6 +714,13 @@ pub fn parse_args(args: &[&str]) -> Result<Rule, RuleError> {
     while let Some(&arg) = it.next() {
         if arg == "!" || arg.starts_with('!') {
             return Err(RuleError::Unsupported("negation (!) is not supported".into()));
+        }
+        if arg == "--local" {
+            if rule.local {
+                return Err(RuleError::Repeated(arg.to_string()));
+            }
+            rule.local = true;
+            continue;
         }
         let (opt, inline) = match arg.split_once('=') {
             Some((o, v)) if o.starts_with("--") => (o, Some(v)),
@@ -812,7 +846,7 @@ pub fn remove_by_id(rules: &mut Vec<Rule>, id: u32) -> Result<Rule, RuleError> {
 // ---------------------------------------------------------------------------------------------------------------
 
 const CONFIG_FIELDS: &[&str] =
-    &["id", "kind", "iface", "oface", "proto", "src", "dst", "dport", "to", "to_port", "to_ports"];
+    &["id", "kind", "local", "iface", "oface", "proto", "src", "dst", "dport", "to", "to_port", "to_ports"];
 
 /// Parses a config file of `[[rule]]` tables (fields: `kind`, `iface` (dnat, redirect), `oface` (snat, masquerade),
 /// `proto`, `src`, `dst`, `dport` (dnat, redirect), `to` for dnat (`ADDR[:PORT]`) and snat (`ADDR[:LO-HI]`),
@@ -973,7 +1007,12 @@ fn rule_from_table(t: &toml::Table) -> Result<Rule, FieldError> {
             *ports = to_ports.map(|p| at("to_ports", p.parse::<PortRange>())).transpose()?;
         }
     }
-    let rule = Rule { id, iface, oface, proto, src, dst, dport, target };
+    let local = match t.get("local") {
+        None => false,
+        Some(toml::Value::Boolean(b)) => *b,
+        Some(_) => return Err((Some("local"), RuleError::Invalid("local must be true or false".into()))),
+    };
+    let rule = Rule { id, iface, oface, proto, src, dst, dport, local, target };
     rule.validate().map_err(|e| (None, e))?;
     Ok(rule)
 }
@@ -990,6 +1029,9 @@ pub fn to_config(rules: &[Rule]) -> String {
             out.push_str(&format!("id = {}\n", r.id));
         }
         out.push_str(&format!("kind = {}\n", q(r.kind_name())));
+        if r.local {
+            out.push_str("local = true\n");
+        }
         if let Some(i) = &r.iface {
             out.push_str(&format!("iface = {}\n", q(i)));
         }
@@ -1040,6 +1082,8 @@ pub struct Compiled {
     /// [`level`] bits of the levels that have at least one POSTROUTING bucket (only IF_PROTO, PROTO, IF, ANY: these
     /// rules have no port).
     pub snat_level_mask: u32,
+    /// [`level`] bits of the levels that have at least one OUTPUT (`--local`) bucket.
+    pub local_level_mask: u32,
 }
 
 fn bucket_key(hook: u8, ifindex: u32, proto: u8, dport: u16) -> BucketKey {
@@ -1118,7 +1162,7 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
     }
 
     let mut buckets: HashMap<BucketKey, Bucket> = HashMap::with_capacity(rules.len());
-    let (mut level_mask, mut snat_level_mask) = (0, 0);
+    let (mut level_mask, mut snat_level_mask, mut local_level_mask) = (0, 0, 0);
     // Filling in precedence order keeps each bucket's slots sorted by rank.
     for &slot in &order {
         let r = &rules[slot];
@@ -1126,6 +1170,8 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
         let proto = r.proto.map_or(PROTO_ANY, Proto::code);
         let (hook, mask) = if r.is_postrouting() {
             (hook::POSTROUTING, &mut snat_level_mask)
+        } else if r.local {
+            (hook::OUTPUT, &mut local_level_mask)
         } else {
             (hook::PREROUTING, &mut level_mask)
         };
@@ -1159,7 +1205,7 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
             b.len += 1;
         }
     }
-    Ok(Compiled { entries, buckets, level_mask, snat_level_mask })
+    Ok(Compiled { entries, buckets, level_mask, snat_level_mask, local_level_mask })
 }
 
 #[cfg(test)]

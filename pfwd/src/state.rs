@@ -52,6 +52,9 @@ pub struct State {
     /// iptables mode: tables that did not exist before attach (removed again on detach).
     #[serde(default)]
     pub created_tables: Vec<String>,
+    /// eBPF mode: the cgroup2 directory the `--local` socket hooks are attached to (None: no cgroup2 found).
+    #[serde(default)]
+    pub cgroup: Option<String>,
 }
 
 impl State {
@@ -66,6 +69,7 @@ impl State {
             next_slot: 0,
             sysctls: vec![],
             created_tables: vec![],
+            cgroup: None,
         }
     }
 

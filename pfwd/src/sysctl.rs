@@ -26,7 +26,8 @@ pub fn wanted(rules: &[Rule], ifaces: &[String]) -> Vec<(String, String, String)
             out.push((key, "1".into(), reason));
         }
     };
-    for r in rules {
+    // --local rules translate sockets of this host: nothing arrives on an interface or is forwarded.
+    for r in rules.iter().filter(|r| !r.local) {
         match r.target {
             Target::Dnat { addr, .. } if addr.is_loopback() => {
                 for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| ri == *i)) {
