@@ -1,6 +1,10 @@
 //! The operations behind the commands. Each one takes the instance lock, validates everything it was given before
 //! changing anything, and either completes or leaves the instance as it found it.
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail};
 use pfwd_common::{Config, RuleCounters, dir};
@@ -182,20 +186,42 @@ fn addr_u32(a: Option<Ipv4Addr>) -> u32 {
     a.map_or(0, |a| u32::from_ne_bytes(a.octets()))
 }
 
-/// Gives `rule` the next id and a free slot, and appends it.
-fn push_rule(state: &mut State, mut rule: Rule) -> Result<u32> {
-    let used: std::collections::HashSet<u32> = state.rules.iter().map(|r| r.slot).collect();
-    let max = pfwd_common::MAX_RULES;
-    let slot = (0..max)
-        .map(|i| (state.next_slot + i) % max)
-        .find(|s| !used.contains(s))
-        .with_context(|| format!("all {max} rule slots are in use"))?;
-    state.next_slot = (slot + 1) % max;
-    rule.id = state.next_id;
-    state.next_id += 1;
-    let id = rule.id;
-    state.rules.push(StoredRule { rule, slot });
-    Ok(id)
+/// Adds rules to a planned state: ids, free slots (round robin, so a freed slot is not reused at once) and
+/// duplicate detection, in constant time per rule (a config file may bring 10,000 rules at once).
+struct RuleAdder {
+    used_slots: HashSet<u32>,
+    keys: HashMap<rules::DedupKey, u32>,
+}
+
+impl RuleAdder {
+    fn new(state: &State) -> Self {
+        Self {
+            used_slots: state.rules.iter().map(|r| r.slot).collect(),
+            keys: state.rules.iter().map(|r| (r.rule.dedup_key(), r.rule.id)).collect(),
+        }
+    }
+
+    /// The id of an existing rule with the same match and target.
+    fn duplicate_of(&self, rule: &Rule) -> Option<u32> {
+        self.keys.get(&rule.dedup_key()).copied()
+    }
+
+    /// Gives `rule` the next id and a free slot, and appends it to `state`.
+    fn push(&mut self, state: &mut State, mut rule: Rule) -> Result<u32> {
+        let max = pfwd_common::MAX_RULES;
+        let slot = (0..max)
+            .map(|i| (state.next_slot + i) % max)
+            .find(|s| !self.used_slots.contains(s))
+            .with_context(|| format!("all {max} rule slots are in use"))?;
+        self.used_slots.insert(slot);
+        state.next_slot = (slot + 1) % max;
+        rule.id = state.next_id;
+        state.next_id += 1;
+        self.keys.insert(rule.dedup_key(), rule.id);
+        let id = rule.id;
+        state.rules.push(StoredRule { rule, slot });
+        Ok(id)
+    }
 }
 
 /// Applies the state's rules and sysctls to the data path. Returns notes about sysctl changes.
@@ -266,12 +292,12 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
         }
     }
     let mut added = vec![];
+    let mut adder = RuleAdder::new(&planned);
     for r in rules {
         r.validate()?;
-        if planned.rules.iter().any(|s| s.rule.same_match_and_target(&r)) {
-            continue;
+        if adder.duplicate_of(&r).is_none() {
+            added.push(adder.push(&mut planned, r)?);
         }
-        added.push(push_rule(&mut planned, r)?);
     }
     // Compile now, so a rule naming an interface that is not attached fails before anything changes.
     rules::compile(&planned.rules(), &ifindex_lookup(&planned))?;
@@ -295,8 +321,12 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
     if fresh {
         notes.insert(0, format!("mode {}: {}", planned.mode, planned.mode_reason));
     }
-    for id in &added {
-        notes.push(format!("added rule {id}: {}", planned.rules.iter().find(|r| r.rule.id == *id).unwrap().rule));
+    // New rules are the last ones of the list; name them unless there are very many.
+    let new_rules = &planned.rules[planned.rules.len() - added.len()..];
+    if new_rules.len() <= 20 {
+        notes.extend(new_rules.iter().map(|r| format!("added rule {}: {}", r.rule.id, r.rule)));
+    } else {
+        notes.push(format!("added {} rules (ids {}-{})", new_rules.len(), added[0], added[added.len() - 1]));
     }
     Ok(notes)
 }
@@ -345,15 +375,17 @@ pub fn add_many(rules: Vec<Rule>, skip_duplicates: bool) -> Result<(Vec<u32>, Ve
     let mut planned = state.clone();
     let mut ids = vec![];
     let mut notes = vec![];
+    let mut adder = RuleAdder::new(&planned);
     for rule in rules {
-        if let Err(e) = rules::check_duplicate(&planned.rules(), &rule) {
+        if let Some(of) = adder.duplicate_of(&rule) {
+            let e = rules::RuleError::Duplicate { of };
             if skip_duplicates {
                 notes.push(format!("skipped `{rule}`: {e}"));
                 continue;
             }
             return Err(e.into());
         }
-        ids.push(push_rule(&mut planned, rule)?);
+        ids.push(adder.push(&mut planned, rule)?);
     }
     rules::compile(&planned.rules(), &ifindex_lookup(&planned)).map_err(|e| match e {
         rules::RuleError::IfaceNotAttached { iface, .. } => anyhow::anyhow!(
@@ -369,11 +401,6 @@ pub fn add_many(rules: Vec<Rule>, skip_duplicates: bool) -> Result<(Vec<u32>, Ve
         );
     }
     let backend = Backend::of(&state, &lock.inst);
-    if let Backend::Ebpf(kernel) = &backend {
-        for r in planned.rules.iter().filter(|r| ids.contains(&r.rule.id)) {
-            kernel.reset_counters(r.slot)?;
-        }
-    }
     match apply(&backend, &mut planned) {
         Ok(more) => {
             lock.save(&planned)?;
@@ -406,7 +433,13 @@ pub fn del(id: u32) -> Result<(Rule, Vec<String>)> {
         );
     };
     let removed = state.rules.remove(pos);
-    let notes = apply(&Backend::of(&state, &lock.inst), &mut state)?;
+    let backend = Backend::of(&state, &lock.inst);
+    let notes = apply(&backend, &mut state)?;
+    // Clear the slot's counters now, so a later rule given this slot starts from zero (flows the deleted rule
+    // translated keep going until they end, and may add a little to them meanwhile).
+    if let Backend::Ebpf(kernel) = &backend {
+        kernel.reset_counters(removed.slot)?;
+    }
     lock.save(&state)?;
     Ok((removed.rule, notes))
 }

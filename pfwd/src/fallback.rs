@@ -87,9 +87,10 @@ pub fn attach(iface: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes the jumps for `iface`.
+/// Removes the jumps for `iface`. Jumps shared by all interfaces (nat `OUTPUT -j PFWD-OUTPUT`) stay: other
+/// interfaces are still attached; `unload` removes them with everything else.
 pub fn detach(iface: &str) -> Result<()> {
-    for hook in iptables::hook_rules(Some(&[iface.to_string()])) {
+    for hook in iptables::hook_rules(Some(&[iface.to_string()])).into_iter().filter(|h| !h.is_shared()) {
         if iptables(&hook.check_args()).is_ok() {
             iptables(&hook.delete_args())?;
         }
@@ -170,35 +171,45 @@ pub fn dnat_flows() -> Option<u64> {
     Some(out.lines().filter(|l| !l.trim().is_empty()).count() as u64)
 }
 
-/// netfilter's translated connections (`conntrack -L --dst-nat` and `--src-nat`), in the shape of
-/// `control::conntrack_list`; empty when the conntrack tool is missing.
+/// netfilter's translated connections (from `conntrack -L`), in the shape of `control::conntrack_list`: entries
+/// whose reply tuple is not simply the original reversed. Empty when the conntrack tool is missing.
 pub fn conntrack_list() -> Vec<serde_json::Value> {
-    let mut seen = std::collections::HashSet::new();
+    let Ok(text) = run("conntrack", &["-L".into()], None) else { return vec![] };
     let mut out = vec![];
-    for (flag, nat) in [("--dst-nat", "dnat"), ("--src-nat", "snat")] {
-        let Ok(text) = run("conntrack", &["-L".into(), flag.into()], None) else { continue };
-        for line in text.lines().filter(|l| seen.insert(l.to_string())) {
-            // e.g. "tcp 6 431999 ESTABLISHED src=A dst=B sport=1 dport=2 src=C dst=D sport=3 dport=4 [ASSURED] ..."
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let field =
-                |k: &str, nth: usize| words.iter().filter_map(|w| w.strip_prefix(k)).nth(nth).map(str::to_string);
-            let tuple = |nth: usize| {
-                serde_json::json!({
-                    "src": field("src=", nth), "dst": field("dst=", nth),
-                    "sport": field("sport=", nth).and_then(|p| p.parse::<u16>().ok()),
-                    "dport": field("dport=", nth).and_then(|p| p.parse::<u16>().ok()),
-                })
+    for line in text.lines() {
+        // e.g. "tcp 6 431999 ESTABLISHED src=A dst=B sport=1 dport=2 src=C dst=D sport=3 dport=4 [ASSURED] ..."
+        // or   "icmp 1 29 src=A dst=B type=8 code=0 id=7 src=C dst=D type=0 code=0 id=9 mark=0 ..."
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let field = |k: &str, nth: usize| words.iter().filter_map(|w| w.strip_prefix(k)).nth(nth).map(str::to_string);
+        let port = |k: &str, nth: usize| field(k, nth).and_then(|p| p.parse::<u16>().ok());
+        let tuple = |nth: usize| {
+            // An ICMP echo's identifier stands in for both ports, as in pfwd's own tables.
+            let (sport, dport) = match field("id=", nth) {
+                Some(id) => (id.parse::<u16>().ok(), id.parse::<u16>().ok()),
+                None => (port("sport=", nth), port("dport=", nth)),
             };
-            let state = words.get(3).filter(|w| !w.contains('=')).map(|w| w.to_string());
-            out.push(serde_json::json!({
-                "proto": words.first(),
-                "nat": nat,
-                "original": tuple(0),
-                "reply": tuple(1),
-                "state": state,
-                "expires_in_s": words.get(2).and_then(|w| w.parse::<f64>().ok()),
-            }));
+            (field("src=", nth), field("dst=", nth), sport, dport)
+        };
+        let (o, r) = (tuple(0), tuple(1));
+        let dnat = r.0 != o.1 || r.2 != o.3;
+        let snat = r.1 != o.0 || r.3 != o.2;
+        if !dnat && !snat {
+            continue;
         }
+        let json = |t: &(Option<String>, Option<String>, Option<u16>, Option<u16>)| serde_json::json!({ "src": t.0, "dst": t.1, "sport": t.2, "dport": t.3 });
+        // What the original packets were translated to: the reply tuple reversed.
+        let translated = (r.1.clone(), r.0.clone(), r.3, r.2);
+        let state = words.get(3).filter(|w| !w.contains('=')).map(|w| w.to_string());
+        out.push(serde_json::json!({
+            "proto": words.first(),
+            "nat": match (dnat, snat) { (true, true) => "dnat+snat", (true, false) => "dnat", _ => "snat" },
+            "original": json(&o),
+            "translated": json(&translated),
+            "reply": json(&r),
+            "rule": null,
+            "state": state,
+            "expires_in_s": words.get(2).and_then(|w| w.parse::<f64>().ok()),
+        }));
     }
     out
 }

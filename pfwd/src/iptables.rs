@@ -1,6 +1,6 @@
 //! iptables and nftables interop: export pfwd's rules as `iptables-restore` / `nft -f` input (the iptables fallback
 //! data path, inspection, migration away from pfwd) and import what iptables users already have (`iptables-save`
-//! dumps and `iptables -t nat -A PREROUTING|POSTROUTING ...` command lines).
+//! dumps and `iptables -t nat -A PREROUTING|POSTROUTING|OUTPUT ...` command lines).
 //!
 //! Everything here is text in, text out; running the tools is the caller's job.
 //!
@@ -8,8 +8,9 @@
 //!
 //! pfwd keeps its rules in chains of its own ([`CHAINS`]) that built-in chains jump to ([`hook_rules`]), so applying
 //! or removing them never touches anyone else's rules. DNAT/REDIRECT rules go into `PFWD-PREROUTING`, SNAT/MASQUERADE
-//! rules into `PFWD-POSTROUTING`, each in [`precedence_order`], which makes iptables' first match the rule pfwd itself
-//! would pick. Each rule carries `-m comment --comment "pfwd:ID"`, placed
+//! rules into `PFWD-POSTROUTING`, `--local` DNAT/REDIRECT rules (connections made by local processes) into
+//! `PFWD-OUTPUT`, each in [`precedence_order`], which makes iptables' first match the rule pfwd itself would pick.
+//! Each rule carries `-m comment --comment "pfwd:ID"`, placed
 //! where `iptables-save` prints it (after the matches, before `-j`), so counters can be mapped back to rule ids.
 //!
 //! # Import
@@ -28,6 +29,8 @@ use crate::rules::{
 pub const PREROUTING_CHAIN: &str = "PFWD-PREROUTING";
 /// pfwd's nat chain for SNAT/MASQUERADE, jumped to from `POSTROUTING`.
 pub const POSTROUTING_CHAIN: &str = "PFWD-POSTROUTING";
+/// pfwd's nat chain for `--local` DNAT/REDIRECT (connections made by local processes), jumped to from `OUTPUT`.
+pub const OUTPUT_CHAIN: &str = "PFWD-OUTPUT";
 /// pfwd's filter chain, jumped to from `FORWARD`.
 pub const FORWARD_CHAIN: &str = "PFWD-FORWARD";
 /// Comment prefix tagging each exported rule with its id: `pfwd:7`.
@@ -40,6 +43,7 @@ pub struct PfwdChain {
     pub name: &'static str,
     pub builtin: &'static str,
     /// Interface options of the jump when pfwd is restricted to some interfaces: one jump per interface and option.
+    /// Empty: the chain is not tied to an interface, and one jump without options serves every interface.
     pub iface_options: &'static [&'static str],
 }
 
@@ -49,6 +53,8 @@ pub const CHAINS: &[PfwdChain] = &[
     PfwdChain { table: "nat", name: PREROUTING_CHAIN, builtin: "PREROUTING", iface_options: &["-i"] },
     // iptables refuses -i in POSTROUTING: SNAT is tied to the interface packets leave through.
     PfwdChain { table: "nat", name: POSTROUTING_CHAIN, builtin: "POSTROUTING", iface_options: &["-o"] },
+    // Local connections do not arrive on an interface, and iptables refuses -i in OUTPUT: one jump for all.
+    PfwdChain { table: "nat", name: OUTPUT_CHAIN, builtin: "OUTPUT", iface_options: &[] },
     PfwdChain { table: "filter", name: FORWARD_CHAIN, builtin: "FORWARD", iface_options: &["-i", "-o"] },
 ];
 
@@ -89,6 +95,12 @@ impl Hook {
         self.argv("-D")
     }
 
+    /// Whether the jump carries no `-i`/`-o` (nat `OUTPUT`, or every jump of `hook_rules(None)`): it is shared by
+    /// all attached interfaces, so detaching one interface must leave it in place.
+    pub fn is_shared(&self) -> bool {
+        !self.args.iter().any(|a| a == "-i" || a == "-o")
+    }
+
     /// The jump as an `iptables-restore` line inside `*TABLE`.
     pub fn restore_line(&self) -> String {
         format!("-A {} {}", self.chain, self.args.join(" "))
@@ -102,8 +114,9 @@ impl Hook {
 }
 
 /// The jumps into pfwd's chains: without `-i`/`-o` when `ifaces` is `None`, else one per interface and option
-/// (nat `PREROUTING -i IF` and `POSTROUTING -o IF`; filter `FORWARD -i IF` and `-o IF`). An empty list means no jumps
-/// at all.
+/// (nat `PREROUTING -i IF` and `POSTROUTING -o IF`; filter `FORWARD -i IF` and `-o IF`) plus the one jump of a chain
+/// without interface options (nat `OUTPUT -j PFWD-OUTPUT`), whatever the list holds. An empty list means no jumps at
+/// all.
 pub fn hook_rules(ifaces: Option<&[String]>) -> Vec<Hook> {
     let mut hooks = Vec::new();
     for c in CHAINS {
@@ -113,6 +126,11 @@ pub fn hook_rules(ifaces: Option<&[String]>) -> Vec<Hook> {
         };
         match ifaces {
             None => hooks.push(hook(Vec::new())),
+            Some(list) if c.iface_options.is_empty() => {
+                if !list.is_empty() {
+                    hooks.push(hook(Vec::new()));
+                }
+            }
             Some(list) => {
                 for iface in list {
                     for opt in c.iface_options {
@@ -166,21 +184,47 @@ fn rule_spec(r: &Rule) -> String {
     s.join(" ")
 }
 
-/// Indices of the rules of one hook (PREROUTING or POSTROUTING), most specific first.
-fn hook_order(rules: &[Rule], postrouting: bool) -> Vec<usize> {
-    precedence_order(rules).into_iter().filter(|&i| rules[i].is_postrouting() == postrouting).collect()
+/// The netfilter hook a rule is matched at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NatHook {
+    /// DNAT/REDIRECT of arriving packets.
+    Prerouting,
+    /// SNAT/MASQUERADE of leaving packets.
+    Postrouting,
+    /// `--local` DNAT/REDIRECT of connections made by local processes.
+    Output,
+}
+
+/// In the import's order (and the order of the nat chains in the scripts).
+const NAT_HOOKS: [NatHook; 3] = [NatHook::Prerouting, NatHook::Postrouting, NatHook::Output];
+
+fn nat_hook(r: &Rule) -> NatHook {
+    if r.is_postrouting() {
+        NatHook::Postrouting
+    } else if r.local {
+        NatHook::Output
+    } else {
+        NatHook::Prerouting
+    }
+}
+
+/// Indices of the rules of one hook, most specific first.
+fn hook_order(rules: &[Rule], hook: NatHook) -> Vec<usize> {
+    precedence_order(rules).into_iter().filter(|&i| nat_hook(&rules[i]) == hook).collect()
 }
 
 /// The body of one of pfwd's chains: rule specs without the leading `-A CHAIN`.
 fn chain_specs(chain: &PfwdChain, rules: &[Rule]) -> Vec<String> {
-    match chain.name {
-        PREROUTING_CHAIN => hook_order(rules, false).into_iter().map(|i| rule_spec(&rules[i])).collect(),
-        POSTROUTING_CHAIN => hook_order(rules, true).into_iter().map(|i| rule_spec(&rules[i])).collect(),
+    let hook = match chain.name {
+        PREROUTING_CHAIN => NatHook::Prerouting,
+        POSTROUTING_CHAIN => NatHook::Postrouting,
+        OUTPUT_CHAIN => NatHook::Output,
         // A packet conntrack cannot track is never NATed; dropping it keeps it from leaving with the original
         // (untranslated) addresses.
-        FORWARD_CHAIN => vec!["-m conntrack --ctstate INVALID -j DROP".to_string()],
-        _ => Vec::new(),
-    }
+        FORWARD_CHAIN => return vec!["-m conntrack --ctstate INVALID -j DROP".to_string()],
+        _ => return Vec::new(),
+    };
+    hook_order(rules, hook).into_iter().map(|i| rule_spec(&rules[i])).collect()
 }
 
 fn restore_script(rules: &[Rule], hooks: &[Hook]) -> String {
@@ -276,7 +320,8 @@ fn nft_rule(r: &Rule) -> String {
 /// The same rules as an nftables script in its own table `ip pfwd` (`nft -f FILE`). It starts by creating and
 /// deleting the table, so applying it again replaces the previous copy. With `ifaces`, the NAT rules and the
 /// invalid-packet drop only apply to those interfaces (incoming for prerouting, outgoing for postrouting), like the
-/// iptables jumps.
+/// iptables jumps; the `--local` rules (chain output) apply to every local connection, whatever the list (an empty
+/// list means no NAT at all, as without jumps).
 pub fn export_nft(rules: &[Rule], ifaces: Option<&[String]>) -> String {
     let mut out = format!(
         "# pfwd rules for nftables ({} rules, most specific first). Apply with: nft -f FILE\n\
@@ -286,18 +331,24 @@ pub fn export_nft(rules: &[Rule], ifaces: Option<&[String]>) -> String {
          table ip pfwd {{\n",
         rules.len()
     );
-    for (name, priority, iface_key, postrouting) in
-        [("prerouting", "dstnat", "iifname", false), ("postrouting", "srcnat", "oifname", true)]
-    {
+    for hook in NAT_HOOKS {
+        // -100 is dstnat's value; nft 1.0.6 refuses the keyword dstnat in the output hook.
+        let (name, priority, iface_key) = match hook {
+            NatHook::Prerouting => ("prerouting", "dstnat", Some("iifname")),
+            NatHook::Postrouting => ("postrouting", "srcnat", Some("oifname")),
+            NatHook::Output => ("output", "-100", None),
+        };
         out.push_str(&format!("\tchain {name} {{\n\t\ttype nat hook {name} priority {priority}; policy accept;\n"));
-        match ifaces {
-            None => {}
+        match (ifaces, iface_key) {
+            (None, _) => {}
             // nft has no empty anonymous sets; an unconditional accept means "no NAT" like having no jumps.
-            Some([]) => out.push_str("\t\taccept comment \"pfwd: no interfaces\"\n"),
+            (Some([]), _) => out.push_str("\t\taccept comment \"pfwd: no interfaces\"\n"),
             // accept ends this chain only: the packet goes on un-NATed, like iptables without a jump for it.
-            Some(list) => out.push_str(&format!("\t\t{iface_key} != {} accept\n", nft_iface_set(list))),
+            (Some(list), Some(key)) => out.push_str(&format!("\t\t{key} != {} accept\n", nft_iface_set(list))),
+            // Like the single OUTPUT jump: local connections are not tied to an attached interface.
+            (Some(_), None) => {}
         }
-        for i in hook_order(rules, postrouting) {
+        for i in hook_order(rules, hook) {
             out.push_str(&format!("\t\t{}\n", nft_rule(&rules[i])));
         }
         out.push_str("\t}\n\n");
@@ -356,16 +407,18 @@ const NAT_TABLE: &str = "nat";
 const TABLES: &[&str] = &["filter", "nat", "mangle", "raw", "security"];
 
 /// Reads `iptables-save` output (with or without `-c` counters; any tables) and/or lines of
-/// `[sudo] iptables [-w] -t nat -A|-I PREROUTING|POSTROUTING ...` commands (`\` continuations, blank lines and `#`
-/// comments are fine). nat `PREROUTING` and `PFWD-PREROUTING` rules with `-j DNAT` or `-j REDIRECT`, and nat
-/// `POSTROUTING` and `PFWD-POSTROUTING` rules with `-j SNAT` or `-j MASQUERADE`, become pfwd rules; pfwd's own chain
-/// declarations and jumps are skipped; rules of other tables are skipped with a warning; everything else (negation,
-/// unsupported matches or targets, nat OUTPUT/INPUT, and whatever iptables itself would reject) is an error naming
+/// `[sudo] iptables [-w] -t nat -A|-I PREROUTING|POSTROUTING|OUTPUT ...` commands (`\` continuations, blank lines and
+/// `#` comments are fine). nat `PREROUTING` and `PFWD-PREROUTING` rules with `-j DNAT` or `-j REDIRECT`, nat
+/// `POSTROUTING` and `PFWD-POSTROUTING` rules with `-j SNAT` or `-j MASQUERADE`, and nat `OUTPUT` and `PFWD-OUTPUT`
+/// rules with `-j DNAT` or `-j REDIRECT` (which become `--local` rules) are imported; pfwd's own chain declarations
+/// and jumps are skipped; rules of other tables are skipped with a warning; everything else (negation, unsupported
+/// matches or targets, `-o`/`-s` in OUTPUT, nat INPUT, and whatever iptables itself would reject) is an error naming
 /// the line.
 ///
-/// Rules are returned in iptables' first-match order, PREROUTING rules first, then POSTROUTING ones (`-I` inserts,
-/// pfwd's chains sit where the built-in chain jumps to them). A later exact duplicate of a rule (same match and target) is dropped with a warning: iptables would keep
-/// it, but it can never match since the first copy catches every packet it would.
+/// Rules are returned in iptables' first-match order, PREROUTING rules first, then POSTROUTING ones, then OUTPUT ones
+/// (`-I` inserts, pfwd's chains sit where the built-in chain jumps to them). A later exact duplicate of a rule (same
+/// match and target) is dropped with a warning: iptables would keep it, but it can never match since the first copy
+/// catches every packet it would.
 ///
 /// iptables takes the first matching rule, pfwd the most specific one ([`precedence_order`]). When a rule that
 /// iptables checks later would win in pfwd over an earlier one that can match the same packets and does something
@@ -651,7 +704,7 @@ struct Opt<'a> {
     value: &'a str,
 }
 
-/// The options of a nat PREROUTING or POSTROUTING rule, unchecked.
+/// The options of a nat PREROUTING, POSTROUTING or OUTPUT rule, unchecked.
 #[derive(Debug, Default)]
 struct Spec<'a> {
     iface: Option<Opt<'a>>,
@@ -696,8 +749,8 @@ fn unknown_option(tok: &str, jump: Option<&str>) -> Bad {
     bad(tok, message)
 }
 
-/// Parses the rule options of a nat PREROUTING or POSTROUTING line. Checks that need the whole rule come later, in
-/// `build_rules`.
+/// Parses the rule options of a nat PREROUTING, POSTROUTING or OUTPUT line. Checks that need the whole rule come
+/// later, in `build_rules`.
 fn parse_spec<'a>(toks: &[&'a str]) -> Res<Spec<'a>> {
     let mut s = Spec::default();
     let mut i = 0;
@@ -797,16 +850,22 @@ fn net_opt(o: Option<Opt>) -> Res<Option<Ipv4Net>> {
     Ok(Some(net).filter(|n| n.prefix_len() > 0))
 }
 
-/// Turns a parsed nat rule into pfwd rules: one, or one per port of `-m multiport --dports`. `post`: the rule is in
-/// POSTROUTING (or pfwd's chain jumped to from there).
-fn build_rules(s: &Spec, command_tok: &str, post: bool) -> Res<Vec<Rule>> {
+/// Turns a parsed nat rule into pfwd rules: one, or one per port of `-m multiport --dports`. `hook`: the built-in
+/// chain the rule is in (or that jumps to pfwd's chain holding it).
+fn build_rules(s: &Spec, command_tok: &str, hook: NatHook) -> Res<Vec<Rule>> {
+    let post = hook == NatHook::Postrouting;
     let expected = if post { "-j SNAT or -j MASQUERADE" } else { "-j DNAT or -j REDIRECT" };
     let jump = s.jump.ok_or_else(|| bad(command_tok, format!("no target: expected {expected}")))?;
-    let (here, there) = if post { ("POSTROUTING", "PREROUTING") } else { ("PREROUTING", "POSTROUTING") };
+    let here = match hook {
+        NatHook::Prerouting => "PREROUTING",
+        NatHook::Postrouting => "POSTROUTING",
+        NatHook::Output => "OUTPUT",
+    };
     let kind = match jump.value {
         v @ ("DNAT" | "REDIRECT") if !post => v,
         v @ ("SNAT" | "MASQUERADE") if post => v,
         v @ ("DNAT" | "REDIRECT" | "SNAT" | "MASQUERADE") => {
+            let there = if post { "PREROUTING and OUTPUT" } else { "POSTROUTING" };
             return Err(bad(
                 v,
                 format!(
@@ -824,8 +883,8 @@ fn build_rules(s: &Spec, command_tok: &str, post: bool) -> Res<Vec<Rule>> {
             return Err(bad(
                 v,
                 format!(
-                    "target {v} is not supported: pfwd converts -j DNAT and -j REDIRECT (PREROUTING), -j SNAT and \
-                     -j MASQUERADE (POSTROUTING)"
+                    "target {v} is not supported: pfwd converts -j DNAT and -j REDIRECT (PREROUTING, OUTPUT), -j SNAT \
+                     and -j MASQUERADE (POSTROUTING)"
                 ),
             ));
         }
@@ -976,20 +1035,28 @@ fn build_rules(s: &Spec, command_tok: &str, post: bool) -> Res<Vec<Rule>> {
             Target::Masquerade { ports }
         }
     };
+    // Valid iptables (checked last, so iptables' own errors come first) that pfwd's --local rules cannot express: they
+    // translate in the socket hooks (connect, sendmsg), before routing picks the outgoing interface and the source.
+    let local = hook == NatHook::Output;
+    if let Some(o) = s.oface.filter(|_| local) {
+        return Err(bad(
+            o.name,
+            "valid iptables, but pfwd does not support -o in OUTPUT: local connections are translated when they are \
+             made, before routing picks the outgoing interface",
+        ));
+    }
+    if let Some(o) = s.src.filter(|_| local && src.is_some()) {
+        return Err(bad(
+            o.name,
+            "valid iptables, but pfwd does not support -s in OUTPUT: local connections are translated when they are \
+             made, and the source address is chosen after that (by routing, for the new destination)",
+        ));
+    }
     dports
         .into_iter()
         .map(|dport| {
-            let mut rule = Rule {
-                id: 0,
-                iface: iface.clone(),
-                oface: oface.clone(),
-                proto,
-                src,
-                dst,
-                dport,
-                local: false,
-                target,
-            };
+            let mut rule =
+                Rule { id: 0, iface: iface.clone(), oface: oface.clone(), proto, src, dst, dport, local, target };
             rule.normalize();
             rule.validate().map_err(|e| bad(command_tok, e.to_string()))?;
             Ok(rule)
@@ -1016,6 +1083,9 @@ struct Importer {
     /// nat `POSTROUTING` and `PFWD-POSTROUTING` in iptables' order.
     postrouting: Vec<Entry>,
     pfwd_post_chain: Vec<Entry>,
+    /// nat `OUTPUT` and `PFWD-OUTPUT` in iptables' order.
+    output: Vec<Entry>,
+    pfwd_output_chain: Vec<Entry>,
     warnings: Vec<String>,
 }
 
@@ -1098,56 +1168,64 @@ impl Importer {
                 format!("valid iptables, but pfwd does not support {j} yet (only DNAT, REDIRECT, SNAT and MASQUERADE)"),
             ));
         }
-        let post = match chain {
-            "PREROUTING" | PREROUTING_CHAIN => false,
-            "POSTROUTING" | POSTROUTING_CHAIN => true,
-            "OUTPUT" | "INPUT" => {
+        let hook = match chain {
+            "PREROUTING" | PREROUTING_CHAIN => NatHook::Prerouting,
+            "POSTROUTING" | POSTROUTING_CHAIN => NatHook::Postrouting,
+            "OUTPUT" | OUTPUT_CHAIN => NatHook::Output,
+            "INPUT" => {
                 return Err(bad(
                     chain,
                     format!(
-                        "valid iptables, but pfwd does not support nat {chain} rules yet (only PREROUTING and \
-                         POSTROUTING)"
+                        "valid iptables, but pfwd does not support nat {chain} rules yet (only PREROUTING, \
+                         POSTROUTING and OUTPUT)"
                     ),
                 ));
             }
-            c if c.eq_ignore_ascii_case("PREROUTING") || c.eq_ignore_ascii_case("POSTROUTING") => {
+            c if ["PREROUTING", "POSTROUTING", "OUTPUT"].iter().any(|b| c.eq_ignore_ascii_case(b)) => {
                 return Err(bad(c, format!("chain names are case-sensitive: {}", c.to_ascii_uppercase())));
             }
             c => {
                 return Err(bad(
                     c,
                     format!(
-                        "rules in chain {c} are not supported; pfwd imports nat PREROUTING and POSTROUTING rules \
-                         (put them there)"
+                        "rules in chain {c} are not supported; pfwd imports nat PREROUTING, POSTROUTING and OUTPUT \
+                         rules (put them there)"
                     ),
                 ));
             }
         };
         let spec = parse_spec(&head.spec)?;
-        // iptables' own checks: the incoming interface is unknown after routing, the outgoing one before it.
-        match (post, spec.iface, spec.oface) {
-            (true, Some(i), _) => return Err(bad(i.name, "iptables: Can't use -i with POSTROUTING")),
-            (false, _, Some(o)) => return Err(bad(o.name, "iptables: Can't use -o with PREROUTING")),
+        // iptables' own checks: the incoming interface is unknown after routing and for local connections, the
+        // outgoing one before routing.
+        match (hook, spec.iface, spec.oface) {
+            (NatHook::Postrouting, Some(i), _) => return Err(bad(i.name, "iptables: Can't use -i with POSTROUTING")),
+            (NatHook::Output, Some(i), _) => return Err(bad(i.name, "iptables: Can't use -i with OUTPUT")),
+            (NatHook::Prerouting, _, Some(o)) => return Err(bad(o.name, "iptables: Can't use -o with PREROUTING")),
             _ => {}
         }
-        let (builtin, pfwd_chain) =
-            if post { ("POSTROUTING", POSTROUTING_CHAIN) } else { ("PREROUTING", PREROUTING_CHAIN) };
+        let (builtin, pfwd_chain) = match hook {
+            NatHook::Prerouting => ("PREROUTING", PREROUTING_CHAIN),
+            NatHook::Postrouting => ("POSTROUTING", POSTROUTING_CHAIN),
+            NatHook::Output => ("OUTPUT", OUTPUT_CHAIN),
+        };
         let entry = match spec.jump {
             Some(j) if j.value == pfwd_chain && chain == builtin => Entry::Jump,
             _ => {
                 let mut ids = Vec::new();
-                for rule in build_rules(&spec, tok, post)? {
+                for rule in build_rules(&spec, tok, hook)? {
                     self.rules.push((rule, line_no));
                     ids.push(self.rules.len() - 1);
                 }
                 Entry::Rules(ids)
             }
         };
-        let list = match (post, chain == pfwd_chain) {
-            (false, false) => &mut self.prerouting,
-            (false, true) => &mut self.pfwd_chain,
-            (true, false) => &mut self.postrouting,
-            (true, true) => &mut self.pfwd_post_chain,
+        let list = match (hook, chain == pfwd_chain) {
+            (NatHook::Prerouting, false) => &mut self.prerouting,
+            (NatHook::Prerouting, true) => &mut self.pfwd_chain,
+            (NatHook::Postrouting, false) => &mut self.postrouting,
+            (NatHook::Postrouting, true) => &mut self.pfwd_post_chain,
+            (NatHook::Output, false) => &mut self.output,
+            (NatHook::Output, true) => &mut self.pfwd_output_chain,
         };
         let at = match head.position {
             Some(n) if n > list.len() + 1 => {
@@ -1186,8 +1264,8 @@ impl Importer {
             return Err(bad(c, format!("the filter table has no {c} chain: add -t nat")));
         }
         self.warnings.push(format!(
-            "line {line_no}: not imported ({} table; pfwd converts nat PREROUTING DNAT/REDIRECT and POSTROUTING \
-             SNAT/MASQUERADE rules): {line}",
+            "line {line_no}: not imported ({} table; pfwd converts nat PREROUTING and OUTPUT DNAT/REDIRECT and \
+             POSTROUTING SNAT/MASQUERADE rules): {line}",
             head.table
         ));
         Ok(())
@@ -1196,6 +1274,7 @@ impl Importer {
     fn finish(mut self) -> Import {
         let mut order = chain_order(&self.prerouting, &self.pfwd_chain);
         order.extend(chain_order(&self.postrouting, &self.pfwd_post_chain));
+        order.extend(chain_order(&self.output, &self.pfwd_output_chain));
 
         let mut kept: Vec<(Rule, usize)> = Vec::new();
         for i in order {
@@ -1271,8 +1350,8 @@ fn may_overlap(a: &Rule, b: &Rule) -> bool {
         (Some(x), Some(y)) => x.lo <= y.hi && y.lo <= x.hi,
         _ => true,
     };
-    // PREROUTING and POSTROUTING rules never see the same lookup.
-    a.is_postrouting() == b.is_postrouting()
+    // Rules of different hooks (PREROUTING, POSTROUTING, OUTPUT) never see the same lookup.
+    nat_hook(a) == nat_hook(b)
         && either_or_equal(&a.iface, &b.iface)
         && either_or_equal(&a.oface, &b.oface)
         && either_or_equal(&a.proto, &b.proto)
@@ -1318,12 +1397,10 @@ mod tests {
         ]
     }
 
-    /// Rules in precedence order, PREROUTING ones first (the import's order: chain by chain), compared by match and
-    /// target (ids are not imported).
+    /// Rules in precedence order, PREROUTING ones first, then POSTROUTING, then OUTPUT (the import's order: chain by
+    /// chain), compared by match and target (ids are not imported).
     fn assert_same_rules(got: &[Rule], want: &[Rule]) {
-        let (pre, post): (Vec<usize>, Vec<usize>) =
-            precedence_order(want).into_iter().partition(|&i| !want[i].is_postrouting());
-        let want: Vec<&Rule> = pre.into_iter().chain(post).map(|i| &want[i]).collect();
+        let want: Vec<&Rule> = NAT_HOOKS.into_iter().flat_map(|h| hook_order(want, h)).map(|i| &want[i]).collect();
         let same = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g.same_match_and_target(w));
         let show = |rs: Vec<&Rule>| rs.iter().map(|r| r.to_string()).collect::<Vec<_>>();
         assert!(same, "got {:#?}\nwant {:#?}", show(got.iter().collect()), show(want));
@@ -1339,6 +1416,7 @@ mod tests {
             "*nat\n\
              :PFWD-PREROUTING - [0:0]\n\
              :PFWD-POSTROUTING - [0:0]\n\
+             :PFWD-OUTPUT - [0:0]\n\
              -A PFWD-PREROUTING -i eth0 -p tcp -m tcp --dport 59999 -m comment --comment \"pfwd:4\" -j DNAT --to-destination 127.0.0.1:17355\n\
              -A PFWD-PREROUTING -s 192.168.1.0/24 -p udp -m udp --dport 53 -m comment --comment \"pfwd:5\" -j DNAT --to-destination 10.0.2.3:5353\n\
              -A PFWD-PREROUTING -p tcp -m tcp --dport 80 -m comment --comment \"pfwd:1\" -j REDIRECT --to-ports 3000\n\
@@ -1351,10 +1429,9 @@ mod tests {
              COMMIT\n"
         );
         // No rules: the chains are still declared, which empties them.
-        assert!(
-            nat_chain_script(&[])
-                .starts_with("*nat\n:PFWD-PREROUTING - [0:0]\n:PFWD-POSTROUTING - [0:0]\nCOMMIT\n*filter\n")
-        );
+        assert!(nat_chain_script(&[]).starts_with(
+            "*nat\n:PFWD-PREROUTING - [0:0]\n:PFWD-POSTROUTING - [0:0]\n:PFWD-OUTPUT - [0:0]\nCOMMIT\n*filter\n"
+        ));
         // A /0 prefix matches everything; iptables-save would drop it, so the export does too.
         let mut any = with_id(9, "dnat -p tcp --to 10.0.0.1");
         any.src = Some("0.0.0.0/0".parse().unwrap());
@@ -1365,10 +1442,12 @@ mod tests {
     fn hooks() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let all = hook_rules(None);
-        assert_eq!(all.len(), 3);
+        assert_eq!(all.len(), 4);
         assert_eq!(all[0].append_args(), s(&["-t", "nat", "-A", "PREROUTING", "-j", "PFWD-PREROUTING"]));
         assert_eq!(all[1].append_args(), s(&["-t", "nat", "-A", "POSTROUTING", "-j", "PFWD-POSTROUTING"]));
-        assert_eq!(all[2].check_args(), s(&["-t", "filter", "-C", "FORWARD", "-j", "PFWD-FORWARD"]));
+        assert_eq!(all[2].append_args(), s(&["-t", "nat", "-A", "OUTPUT", "-j", "PFWD-OUTPUT"]));
+        assert_eq!(all[3].check_args(), s(&["-t", "filter", "-C", "FORWARD", "-j", "PFWD-FORWARD"]));
+        assert!(all.iter().all(Hook::is_shared));
         let ifaces = s(&["eth0", "wg0"]);
         let some = hook_rules(Some(&ifaces));
         let lines: Vec<String> = some.iter().map(|h| format!("{} {}", h.table, h.restore_line())).collect();
@@ -1379,18 +1458,29 @@ mod tests {
                 "nat -A PREROUTING -i wg0 -j PFWD-PREROUTING",
                 "nat -A POSTROUTING -o eth0 -j PFWD-POSTROUTING",
                 "nat -A POSTROUTING -o wg0 -j PFWD-POSTROUTING",
+                "nat -A OUTPUT -j PFWD-OUTPUT",
                 "filter -A FORWARD -i eth0 -j PFWD-FORWARD",
                 "filter -A FORWARD -o eth0 -j PFWD-FORWARD",
                 "filter -A FORWARD -i wg0 -j PFWD-FORWARD",
                 "filter -A FORWARD -o wg0 -j PFWD-FORWARD",
             ]
         );
-        assert_eq!(some[5].delete_args(), s(&["-t", "filter", "-D", "FORWARD", "-o", "eth0", "-j", "PFWD-FORWARD"]));
+        assert_eq!(some[6].delete_args(), s(&["-t", "filter", "-D", "FORWARD", "-o", "eth0", "-j", "PFWD-FORWARD"]));
         assert_eq!(
             some[2].delete_args(),
             s(&["-t", "nat", "-D", "POSTROUTING", "-o", "eth0", "-j", "PFWD-POSTROUTING"])
         );
         assert!(hook_rules(Some(&[])).is_empty());
+        // The OUTPUT jump is one for any non-empty list, and the only jump shared by the interfaces.
+        for n in 1..=3 {
+            let list: Vec<String> = (0..n).map(|i| format!("eth{i}")).collect();
+            let hooks = hook_rules(Some(&list));
+            let output: Vec<&Hook> = hooks.iter().filter(|h| h.chain == "OUTPUT").collect();
+            assert_eq!(output.len(), 1, "{hooks:?}");
+            assert_eq!(output[0].delete_args(), s(&["-t", "nat", "-D", "OUTPUT", "-j", "PFWD-OUTPUT"]));
+            assert_eq!(hooks.iter().filter(|h| h.is_shared()).collect::<Vec<_>>(), output);
+            assert_eq!(hooks.len(), 1 + 4 * n);
+        }
     }
 
     #[test]
@@ -1401,13 +1491,15 @@ mod tests {
         assert!(text.contains("# Apply with: iptables-restore --noflush < FILE\n"));
         let body: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
-            body[..5],
+            body[..7],
             [
                 "*nat",
                 ":PFWD-PREROUTING - [0:0]",
                 ":PFWD-POSTROUTING - [0:0]",
+                ":PFWD-OUTPUT - [0:0]",
                 "-A PREROUTING -i eth0 -j PFWD-PREROUTING",
                 "-A POSTROUTING -o eth0 -j PFWD-POSTROUTING",
+                "-A OUTPUT -j PFWD-OUTPUT",
             ]
         );
         let filter = body.iter().position(|l| *l == "*filter").unwrap();
@@ -1449,6 +1541,9 @@ mod tests {
                     \t}\n\n\
                     \tchain postrouting {\n\
                     \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+                    \t}\n\n\
+                    \tchain output {\n\
+                    \t\ttype nat hook output priority -100; policy accept;\n\
                     \t}\n\n\
                     \tchain forward {\n\
                     \t\ttype filter hook forward priority filter; policy accept;\n\
@@ -1512,7 +1607,7 @@ mod tests {
                     \t\toifname \"eth0\" masquerade comment \"pfwd:6\"\n\
                     \t\tip daddr 198.51.100.0/24 snat to 203.0.113.6 comment \"pfwd:9\"\n\
                     \t}\n\n\
-                    \tchain forward {\n";
+                    \tchain output {\n";
         assert!(nft.contains(want), "{nft}");
         // No POSTROUTING rule ever lands in the prerouting chain, and vice versa.
         let prerouting = &nft[nft.find("chain prerouting").unwrap()..nft.find("chain postrouting").unwrap()];
@@ -1633,10 +1728,212 @@ COMMIT
                 "-o with PREROUTING",
             ),
             ("iptables -t nat -A postrouting -j MASQUERADE", "postrouting", "case-sensitive: POSTROUTING"),
-            ("iptables -t nat -A OUTPUT -j MASQUERADE", "OUTPUT", "nat OUTPUT rules yet"),
+            ("iptables -t nat -A OUTPUT -j MASQUERADE", "MASQUERADE", "MASQUERADE only works in nat POSTROUTING"),
             ("iptables -A POSTROUTING -j MASQUERADE", "MASQUERADE", "only valid in the nat table"),
             ("iptables -A POSTROUTING -j ACCEPT", "POSTROUTING", "the filter table has no POSTROUTING chain"),
             ("-A PFWD-POSTROUTING -i eth0 -j MASQUERADE", "-i", "Can't use -i with POSTROUTING"),
+        ] {
+            let e = err(&format!("\n{line}\n"));
+            assert_eq!((e.line_no, e.token.as_str()), (2, token), "{line}: {e}");
+            assert!(e.message.contains(message), "{line}: {e}");
+        }
+    }
+
+    /// `--local` rules of each shape, ids after [`post_sample`]'s.
+    fn local_sample() -> Vec<Rule> {
+        vec![
+            with_id(11, "dnat --local -p tcp -d 198.51.100.13 --dport 1111 --to 127.0.0.1:80"),
+            with_id(12, "redirect --local -p tcp --dport 8080 --to-port 80"),
+            with_id(13, "dnat --local -d 198.51.100.0/24 --to 10.0.2.13"),
+            with_id(14, "dnat --local -p udp --dport 5000-5009 --to 10.0.2.4"),
+            with_id(15, "redirect --local -p udp --to-port 53"),
+        ]
+    }
+
+    /// Rules of all three hooks.
+    fn with_local() -> Vec<Rule> {
+        with_post().into_iter().chain(local_sample()).collect()
+    }
+
+    #[test]
+    fn local_export_formats() {
+        let ifaces = vec!["eth0".to_string(), "wg0".to_string()];
+        let text = export_iptables(&with_local(), Some(&ifaces));
+        let output: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && l.contains("OUTPUT")).collect();
+        assert_eq!(
+            output,
+            [
+                ":PFWD-OUTPUT - [0:0]",
+                "-A OUTPUT -j PFWD-OUTPUT",
+                "-A PFWD-OUTPUT -d 198.51.100.13/32 -p tcp -m tcp --dport 1111 -m comment --comment \"pfwd:11\" -j DNAT --to-destination 127.0.0.1:80",
+                "-A PFWD-OUTPUT -p tcp -m tcp --dport 8080 -m comment --comment \"pfwd:12\" -j REDIRECT --to-ports 80",
+                "-A PFWD-OUTPUT -p udp -m udp --dport 5000:5009 -m comment --comment \"pfwd:14\" -j DNAT --to-destination 10.0.2.4",
+                "-A PFWD-OUTPUT -p udp -m comment --comment \"pfwd:15\" -j REDIRECT --to-ports 53",
+                "-A PFWD-OUTPUT -d 198.51.100.0/24 -m comment --comment \"pfwd:13\" -j DNAT --to-destination 10.0.2.13",
+            ]
+        );
+        assert!(text.starts_with("# pfwd rules for iptables (15 rules"), "{text}");
+        assert!(text.contains("# The -A PREROUTING/POSTROUTING/OUTPUT/FORWARD lines add the jumps"), "{text}");
+        // The other chains are exactly what they are without local rules: a local rule never lands in PREROUTING.
+        let others = |t: &str| {
+            t.lines().filter(|l| l.starts_with("-A ") && !l.contains("OUTPUT")).map(String::from).collect::<Vec<_>>()
+        };
+        assert_eq!(others(&text), others(&export_iptables(&with_post(), Some(&ifaces))));
+        // The chain script holds the same lines, without the jump.
+        let script = nat_chain_script(&with_local());
+        let script_output: Vec<&str> = script.lines().filter(|l| l.contains("OUTPUT")).collect();
+        assert_eq!(script_output, [&output[..1], &output[2..]].concat());
+        // Only local rules: PFWD-PREROUTING stays empty.
+        assert!(!nat_chain_script(&local_sample()).contains("-A PFWD-PREROUTING"));
+
+        let nft = export_nft(&with_local(), Some(&ifaces));
+        let want = "\tchain output {\n\
+                    \t\ttype nat hook output priority -100; policy accept;\n\
+                    \t\tip daddr 198.51.100.13 tcp dport 1111 dnat to 127.0.0.1:80 comment \"pfwd:11\"\n\
+                    \t\ttcp dport 8080 redirect to :80 comment \"pfwd:12\"\n\
+                    \t\tudp dport 5000-5009 dnat to 10.0.2.4 comment \"pfwd:14\"\n\
+                    \t\tmeta l4proto udp redirect to :53 comment \"pfwd:15\"\n\
+                    \t\tip daddr 198.51.100.0/24 dnat to 10.0.2.13 comment \"pfwd:13\"\n\
+                    \t}\n\n\
+                    \tchain forward {\n";
+        assert!(nft.contains(want), "{nft}");
+        // Not filtered by interface (no accept line), the same without an interface list.
+        assert!(export_nft(&with_local(), None).contains(want));
+        let prerouting = &nft[nft.find("chain prerouting").unwrap()..nft.find("chain postrouting").unwrap()];
+        assert_eq!(prerouting.matches("comment \"pfwd:").count(), sample().len(), "{prerouting}");
+        // No interfaces: no NAT at all, local connections included (like iptables without jumps).
+        assert!(
+            export_nft(&local_sample(), Some(&[]))
+                .contains("priority -100; policy accept;\n\t\taccept comment \"pfwd: no interfaces\"\n")
+        );
+    }
+
+    #[test]
+    fn import_local_rules() {
+        for (line, want) in [
+            // The classic forms: connections this host makes to a port or an address go elsewhere.
+            (
+                "iptables -t nat -A OUTPUT -p tcp --dport 1111 -j DNAT --to-destination 127.0.0.1:80",
+                "dnat --local -p tcp --dport 1111 --to 127.0.0.1:80",
+            ),
+            (
+                "iptables -t nat -A OUTPUT -d 211.45.70.13 -j DNAT --to 192.168.255.151",
+                "dnat --local -d 211.45.70.13 --to 192.168.255.151",
+            ),
+            (
+                "sudo iptables -t nat -I OUTPUT -p tcp -d 127.0.0.1 --dport 80 -j REDIRECT --to-ports 8080",
+                "redirect --local -p tcp -d 127.0.0.1 --dport 80 --to-port 8080",
+            ),
+            (
+                "iptables -t nat -A OUTPUT -p udp -m multiport --dports 53 -j DNAT --to-destination 10.0.2.3:5353",
+                "dnat --local -p udp --dport 53 --to 10.0.2.3:5353",
+            ),
+            (
+                "-A OUTPUT -d 198.51.100.13/32 -p tcp -m tcp --dport 1111 -j DNAT --to-destination 127.0.0.1:80",
+                "dnat --local -p tcp -d 198.51.100.13 --dport 1111 --to 127.0.0.1:80",
+            ),
+            (
+                "-A PFWD-OUTPUT -p udp -m comment --comment \"pfwd:15\" -j REDIRECT --to-ports 53",
+                "redirect --local -p udp --to-port 53",
+            ),
+        ] {
+            let got = ok(line);
+            assert_eq!(got.rules, vec![rule(want)], "{line}");
+            assert!(got.rules[0].local, "{line}");
+            assert!(got.warnings.is_empty(), "{line}: {:?}", got.warnings);
+        }
+
+        // A dump: PREROUTING, then POSTROUTING, then OUTPUT rules, each hook in its own first-match order with
+        // pfwd's chain where the jump is; overlap warnings only within one hook.
+        let dump = "\
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:PFWD-OUTPUT - [0:0]
+-A OUTPUT -d 10.9.0.0/16 -j DNAT --to-destination 10.0.2.9
+-A OUTPUT -j PFWD-OUTPUT
+-A OUTPUT -d 192.0.2.0/24 -p tcp -m tcp --dport 22 -j DNAT --to-destination 10.0.2.8
+-A PREROUTING -j DNAT --to-destination 10.0.2.1
+-A POSTROUTING -j MASQUERADE
+-A PFWD-OUTPUT -d 10.9.1.0/24 -p tcp -m tcp --dport 80 -m comment --comment \"pfwd:11\" -j REDIRECT --to-ports 8080
+COMMIT
+";
+        let got = ok(dump);
+        let want = [
+            "dnat --to 10.0.2.1",
+            "masquerade",
+            "dnat --local -d 10.9.0.0/16 --to 10.0.2.9",
+            "redirect --local -p tcp -d 10.9.1.0/24 --dport 80 --to-port 8080",
+            "dnat --local -p tcp -d 192.0.2.0/24 --dport 22 --to 10.0.2.8",
+        ];
+        assert_eq!(got.rules, want.map(rule));
+        // The port rule is more specific than the OUTPUT rule before it that covers its addresses; the PREROUTING
+        // catch-all, which every OUTPUT rule would beat in one hook, is not mentioned.
+        assert_eq!(
+            got.warnings,
+            ["line 11 (\"redirect --local -p tcp -d 10.9.1.0/24 --dport 80 --to-port 8080\") overlaps line 6 (\"dnat \
+                 --local -d 10.9.0.0/16 --to 10.0.2.9\"): iptables uses line 6 for packets both match, pfwd the more \
+                 specific line 11"]
+        );
+        // -I and positions work in OUTPUT like elsewhere; PREROUTING and OUTPUT rules with the same match are not
+        // duplicates.
+        let got = ok("iptables -t nat -A OUTPUT -p tcp --dport 1 -j REDIRECT --to-ports 1\n\
+                      iptables -t nat -I OUTPUT -p tcp --dport 2 -j REDIRECT --to-ports 2\n\
+                      iptables -t nat -I OUTPUT 2 -p tcp --dport 3 -j REDIRECT --to-ports 3\n\
+                      iptables -t nat -A PREROUTING -p tcp --dport 1 -j REDIRECT --to-ports 1\n\
+                      iptables -t nat -A OUTPUT -p tcp --dport 1 -j REDIRECT --to-ports 1\n");
+        let ports: Vec<(bool, u16)> = got.rules.iter().map(|r| (r.local, r.dport.unwrap().lo)).collect();
+        assert_eq!(ports, [(false, 1), (true, 2), (true, 3), (true, 1)]);
+        assert_eq!(got.warnings.len(), 1, "{:?}", got.warnings);
+        assert!(got.warnings[0].starts_with("line 5: duplicate of line 1 (\"redirect --local -p tcp --dport 1"));
+    }
+
+    #[test]
+    fn import_output_rejections() {
+        const A: &str = "iptables -t nat -A OUTPUT";
+        for (body, token, message) in [
+            // What iptables itself rejects.
+            ("-i eth0 -j DNAT --to 10.0.2.2", "-i", "iptables: Can't use -i with OUTPUT"),
+            ("--in-interface lo -j DNAT --to 10.0.2.2", "--in-interface", "Can't use -i with OUTPUT"),
+            (
+                "-j SNAT --to-source 1.2.3.4",
+                "SNAT",
+                "SNAT only works in nat POSTROUTING (iptables: RULE_APPEND failed (Invalid argument): rule in chain \
+                 OUTPUT)",
+            ),
+            ("-s 10.0.0.1 -j MASQUERADE", "MASQUERADE", "MASQUERADE only works in nat POSTROUTING"),
+            ("-p tcp -j REDIRECT", "REDIRECT", "pfwd needs --to-ports PORT"),
+            ("-j REDIRECT --to-ports 80", "--to-ports", "Need TCP, UDP, SCTP or DCCP"),
+            ("-d 10.0.0.1 -j DNAT --to 10.0.2.2:80", "--to", "Need TCP, UDP"),
+            ("-d 10.0.0.1", "-A", "no target: expected -j DNAT or -j REDIRECT"),
+            ("-o eth0 -s 10.0.0.1 -j SNAT --to 1.2.3.4", "SNAT", "SNAT only works in nat POSTROUTING"),
+            // Valid iptables that pfwd's --local rules cannot express.
+            ("-o eth0 -j DNAT --to 10.0.2.2", "-o", "valid iptables, but pfwd does not support -o in OUTPUT"),
+            ("--out-interface lo -p tcp -j REDIRECT --to-ports 80", "--out-interface", "does not support -o in OUTPUT"),
+            (
+                "-s 10.0.0.1 -j DNAT --to 10.0.2.2",
+                "-s",
+                "valid iptables, but pfwd does not support -s in OUTPUT: local connections are translated when they \
+                 are made, and the source address is chosen after that",
+            ),
+            ("--source 10.0.0.0/8 -p tcp --dport 80 -j REDIRECT --to-ports 8080", "--source", "-s in OUTPUT"),
+            ("! -d 10.0.0.1 -j DNAT --to 10.0.2.2", "!", "negation"),
+            ("-j NETMAP --to 10.9.0.0/16", "NETMAP", "does not support NETMAP yet"),
+        ] {
+            let text = format!("{A} -p tcp --dport 1 -j REDIRECT --to-ports 2\n{A} {body}\n");
+            let e = err(&text);
+            assert_eq!((e.line_no, e.token.as_str()), (2, token), "{body}: {e}");
+            assert!(e.message.contains(message), "{body}: {e}");
+        }
+        // -s 0.0.0.0/0 matches every source: nothing to refuse.
+        assert!(ok(&format!("{A} -s 0.0.0.0/0 -d 10.0.0.1 -j DNAT --to 10.0.2.2")).rules[0].local);
+        for (line, token, message) in [
+            ("-A PFWD-OUTPUT -i eth0 -j DNAT --to 10.0.2.2", "-i", "Can't use -i with OUTPUT"),
+            ("-A PFWD-OUTPUT -s 10.0.0.1 -j DNAT --to 10.0.2.2", "-s", "-s in OUTPUT"),
+            ("iptables -t nat -A output -j DNAT --to 10.0.2.2", "output", "case-sensitive: OUTPUT"),
+            ("iptables -A OUTPUT -j DNAT --to 10.0.2.2", "DNAT", "only valid in the nat table: add -t nat"),
+            ("iptables -t nat -A POSTROUTING -j DNAT --to 10.0.2.2", "DNAT", "only works in nat PREROUTING and OUTPUT"),
         ] {
             let e = err(&format!("\n{line}\n"));
             assert_eq!((e.line_no, e.token.as_str()), (2, token), "{line}: {e}");
@@ -1666,11 +1963,12 @@ COMMIT
         }
     }
 
-    /// A random valid rule, a third of them SNAT/MASQUERADE; half the time from a small value space so rules overlap
-    /// and collide.
+    /// A random valid rule, a third of them SNAT/MASQUERADE and a fifth of the others `--local`; half the time from a
+    /// small value space so rules overlap and collide.
     fn random_rule(rng: &mut Rng) -> Rule {
         let small = rng.chance(50);
         let post = rng.chance(33);
+        let local = !post && rng.chance(20);
         let proto = [None, Some(Proto::Tcp), Some(Proto::Udp)][rng.below(3) as usize];
         let port = |rng: &mut Rng| if small { 79 + rng.below(4) as u16 } else { (rng.below(65535) + 1) as u16 };
         let net = |rng: &mut Rng| {
@@ -1699,14 +1997,17 @@ COMMIT
             let addr = Ipv4Addr::from((rng.below(0xdfff_fffe) + 1) as u32);
             Target::Dnat { addr, port: (proto.is_some() && rng.chance(60)).then(|| port(rng)) }
         };
+        let src = rng.chance(50).then(|| net(rng));
         Rule {
             id: rng.below(50) as u32 + 1,
-            iface: iface.clone().filter(|_| !post),
+            // --local rules have neither -i nor -s.
+            iface: iface.clone().filter(|_| !post && !local),
             oface: iface.filter(|_| post),
             proto,
-            src: rng.chance(50).then(|| net(rng)),
+            src: src.filter(|_| !local),
             dst: rng.chance(50).then(|| net(rng)),
             dport,
+            local,
             target,
         }
     }
@@ -1728,10 +2029,11 @@ COMMIT
     fn export_import_round_trip_property() {
         let mut rng = Rng(0x5eed_1234);
         let ifaces = [vec![], vec!["eth0".to_string()], vec!["eth0".to_string(), "wg0".to_string()]];
-        let mut total = 0;
+        let (mut total, mut local) = (0, 0);
         for case in 0..3000 {
             let rules = random_rules(&mut rng, 12);
             total += rules.len();
+            local += rules.iter().filter(|r| r.local).count();
             let hooks = match case % 4 {
                 0 => None,
                 n => Some(&ifaces[n - 1][..]),
@@ -1744,6 +2046,7 @@ COMMIT
             }
         }
         assert!(total > 10_000, "{total}");
+        assert!(local > 1_000, "{local}");
     }
 
     // ---- import: what users have ----
@@ -2036,9 +2339,9 @@ COMMIT
             ("iptables -P FORWARD", "-P", "-P requires a chain and a policy"),
             ("iptables -t nat -P PREROUTING DROP", "DROP", "not supported"),
             (
-                "iptables -t nat -A OUTPUT -p tcp --dport 80 -j DNAT --to 10.0.2.2:8080",
-                "OUTPUT",
-                "valid iptables, but pfwd does not support nat OUTPUT rules yet",
+                "iptables -t nat -A OUTPUT -o eth0 -p tcp --dport 80 -j DNAT --to 10.0.2.2:8080",
+                "-o",
+                "valid iptables, but pfwd does not support -o in OUTPUT",
             ),
             (
                 "iptables -t nat -A POSTROUTING -o eth0 -j NETMAP --to 10.9.0.0/16",
@@ -2046,6 +2349,7 @@ COMMIT
                 "valid iptables, but pfwd does not support NETMAP yet",
             ),
             ("iptables -t nat -A INPUT -d 10.0.2.2 -j ACCEPT", "INPUT", "nat INPUT rules yet"),
+            ("iptables -t nat -A INPUT -j SNAT --to 1.2.3.4", "INPUT", "nat INPUT rules yet"),
             ("iptables -t nat -A prerouting -p tcp -j DNAT --to 10.0.2.2", "prerouting", "case-sensitive"),
             ("iptables -t nat -A DOCKER -p tcp -j DNAT --to 10.0.2.2", "DOCKER", "rules in chain DOCKER"),
             (
@@ -2142,7 +2446,7 @@ COMMIT
             return;
         };
         let ifaces = vec!["eth0".to_string(), "wg0".to_string()];
-        let rules = with_post();
+        let rules = with_local();
         let export = export_iptables(&rules, Some(&ifaces));
         ns.run(&["iptables-restore", "--noflush", "--test"], &export);
         ns.run(&["iptables-restore", "--noflush"], &export);
@@ -2156,6 +2460,28 @@ COMMIT
             let argv = hook.check_args();
             let argv: Vec<&str> = std::iter::once("iptables").chain(argv.iter().map(String::as_str)).collect();
             ns.run(&argv, "");
+        }
+        assert_eq!(save.matches("-A OUTPUT -j PFWD-OUTPUT\n").count(), 1, "{save}");
+        assert_eq!(pfwd_lines(&save).iter().filter(|l| l.starts_with("-A PFWD-OUTPUT ")).count(), local_sample().len());
+        // The classic OUTPUT commands, applied by iptables itself, read back as --local rules.
+        for (argv, want) in [
+            (
+                "-t nat -A OUTPUT -p tcp --dport 1111 -j DNAT --to-destination 127.0.0.1:80",
+                "dnat --local -p tcp --dport 1111 --to 127.0.0.1:80",
+            ),
+            (
+                "-t nat -A OUTPUT -d 211.45.70.13 -j DNAT --to 192.168.255.151",
+                "dnat --local -d 211.45.70.13 --to 192.168.255.151",
+            ),
+        ] {
+            let argv: Vec<&str> = std::iter::once("iptables").chain(argv.split(' ')).collect();
+            ns.run(&argv, "");
+            let save = ns.run(&["iptables-save", "-t", "nat"], "");
+            let back = import(&save).unwrap_or_else(|e| panic!("{e}\n{save}"));
+            assert!(back.rules.iter().any(|r| r.same_match_and_target(&rule(want))), "{want}: {save}");
+            let mut del = argv.clone();
+            del[3] = "-D";
+            ns.run(&del, "");
         }
 
         // Re-applying the chain script replaces pfwd's rules and leaves the jumps alone; random sets check the
@@ -2175,15 +2501,18 @@ COMMIT
         }
 
         // nft: check, then apply twice (the second run replaces the first).
-        let nft = export_nft(&with_post(), Some(&ifaces));
+        let nft = export_nft(&with_local(), Some(&ifaces));
         ns.run(&["nft", "-c", "-f", "-"], &nft);
         ns.run(&["nft", "-f", "-"], &nft);
         ns.run(&["nft", "-f", "-"], &nft);
         let listed = ns.run(&["nft", "list", "table", "ip", "pfwd"], "");
-        assert_eq!(listed.matches("comment \"pfwd:").count(), with_post().len(), "{listed}");
+        assert_eq!(listed.matches("comment \"pfwd:").count(), with_local().len(), "{listed}");
         assert!(listed.contains("type nat hook postrouting priority srcnat; policy accept;"), "{listed}");
-        // Two "policy accept" and "accept comment" per NAT chain, and the forward chain's policy.
-        assert_eq!(export_nft(&[], Some(&[])).matches("accept").count(), 5);
+        assert!(listed.contains("type nat hook output priority -100; policy accept;"), "{listed}");
+        assert!(listed.contains("tcp dport 8080 redirect to :80 comment \"pfwd:12\""), "{listed}");
+        // Two "policy accept" and "accept comment" per NAT chain (prerouting, postrouting, output), and the forward
+        // chain's policy.
+        assert_eq!(export_nft(&[], Some(&[])).matches("accept").count(), 7);
         ns.run(&["nft", "-c", "-f", "-"], &export_nft(&[], Some(&[])));
     }
 }

@@ -214,7 +214,8 @@ impl Kernel {
             .collect();
         let existing: HashSet<BucketKey> = buckets.keys().filter_map(Result::ok).collect();
         for (k, b) in &wanted {
-            if buckets.get(k, 0).ok().as_ref() != Some(b) {
+            // Reading back first saves a write for unchanged buckets; new ones are written straight away.
+            if !existing.contains(k) || buckets.get(k, 0).ok().as_ref() != Some(b) {
                 buckets.insert(k, b, 0)?;
             }
         }

@@ -291,7 +291,23 @@ fn masquerade_many_clients(mode: &str) {
             snat.iter().any(|e| e["proto"] == "icmp"),
             "the ICMP echo is not listed in conntrack --json: {snat:#?}"
         );
+        // translated and reply agree on the router's side of the flow.
+        for e in &snat {
+            let t = &e["translated"];
+            assert_eq!((&t["src"], &t["sport"]), (&e["reply"]["dst"], &e["reply"]["dport"]), "{e:#}");
+        }
     }
+    // Both modes: the reply tuple of the flow whose port was taken shows the port the server saw.
+    let moved = ct
+        .iter()
+        .find(|e| e["proto"] == "udp" && e["original"]["src"] == "10.0.1.11" && e["original"]["sport"] == 40000)
+        .unwrap_or_else(|| panic!("no udp entry from 10.0.1.11:40000 in conntrack --json: {ct:#?}"));
+    assert_eq!(moved["nat"], "snat", "{moved:#}");
+    assert_eq!(moved["reply"]["dst"], "10.0.2.1", "{moved:#}");
+    assert_eq!(moved["reply"]["dport"], pb.port(), "the server saw {pb}: {moved:#}");
+    // Only a masquerade rule exists, so every translation listed is a source NAT, whatever its protocol.
+    let not_snat: Vec<&Value> = ct.iter().filter(|e| e["nat"] != "snat").collect();
+    assert!(not_snat.is_empty(), "conntrack --json lists non-snat entries with only a masquerade rule: {not_snat:#?}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
