@@ -127,8 +127,8 @@ pub struct RuleCounters {
 
 /// Global counters (per-CPU array), indexed by these constants.
 pub mod stat {
-    /// Packets of a known flow translated.
-    pub const XLATED: u32 = 0;
+    /// Unused (per-packet totals are the sum of the rule counters).
+    pub const UNUSED: u32 = 0;
     /// New flows created.
     pub const NEW_FLOWS: u32 = 1;
     /// IPv4 fragments passed untranslated (ports are unknown in them).
@@ -152,7 +152,7 @@ pub mod stat {
     pub const ICMP_ERRORS_XLATED: u32 = 10;
     pub const COUNT: u32 = 11;
     pub const NAMES: [&str; COUNT as usize] = [
-        "translated_packets",
+        "",
         "new_flows",
         "fragments_passed",
         "malformed_passed",
@@ -181,6 +181,8 @@ pub mod config_flag {
     pub const LOG_EVENTS: u32 = 1 << 0;
     /// Also log every translated packet (very verbose; `pfwd run --trace`).
     pub const LOG_PACKETS: u32 = 1 << 1;
+    /// Forwarded packets of pfwd's flows skip the IP stack (FIB lookup + `bpf_redirect_neigh`); `--fast-forward`.
+    pub const FAST_FORWARD: u32 = 1 << 2;
 }
 
 /// Single-entry array holding the instance's settings.
@@ -288,7 +290,8 @@ pub struct CtEntry {
     /// [`ct_hook`]: where this entry is applied.
     pub hook: u8,
     pub _pad: u8,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of creation and of the last packet (refreshed at most once a second).
+    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of creation and of the last packet (refreshed at most
+    /// once a second).
     pub created_ns: u64,
     pub last_seen_ns: u64,
 }

@@ -10,6 +10,8 @@
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
+mod forward;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
@@ -30,7 +32,7 @@ mod programs {
     use pfwd_common::{Config, PROTO_TCP, Tuple, config_flag, ct_hook, dir, hook, kind, stat};
 
     use crate::{
-        conntrack,
+        conntrack, forward,
         maps::{CONFIG, IFACES, count, count_rule, count_rule_drop},
         nat,
         parse::{self, Embedded, Icmp, Packet, TCP_SYN},
@@ -61,8 +63,14 @@ mod programs {
     /// code once per program.
     enum Verdict {
         Pass,
+        /// A packet of a flow pfwd translates at the other hook: nothing to do here, but it may be fast-forwarded.
+        Known,
         Drop,
-        Translate { xlat: Tuple, slot: u32, new_flow: bool },
+        Translate {
+            xlat: Tuple,
+            slot: u32,
+            new_flow: bool,
+        },
     }
 
     /// Ingress: original direction of DNAT/REDIRECT flows (and their first packet), replies of SNAT flows.
@@ -86,6 +94,8 @@ mod programs {
         }
         match verdict(ctx, &pkt, at, cfg) {
             Verdict::Pass => NEXT,
+            Verdict::Known if at == ct_hook::INGRESS => forward::redirect(ctx, &pkt.tuple, cfg).unwrap_or(NEXT),
+            Verdict::Known => NEXT,
             Verdict::Drop => DROP,
             Verdict::Translate { xlat, slot, new_flow } => {
                 if new_flow && logging(cfg) {
@@ -104,7 +114,11 @@ mod programs {
                         xlat.dport
                     );
                 }
-                apply(ctx, &pkt, &xlat, slot, new_flow, cfg)
+                let ret = apply(ctx, &pkt, &xlat, slot, new_flow, cfg);
+                if ret == NEXT && at == ct_hook::INGRESS {
+                    return forward::redirect(ctx, &xlat, cfg).unwrap_or(NEXT);
+                }
+                ret
             }
         }
     }
@@ -117,7 +131,7 @@ mod programs {
             let entry = unsafe { &*e };
             if entry.hook != at {
                 // A known flow, translated at the other hook.
-                return Verdict::Pass;
+                return Verdict::Known;
             }
             let closed = pkt.tuple.proto == PROTO_TCP && conntrack::is_closed(entry);
             if closed && entry.dir == dir::REPLY && pkt.tcp_flags & TCP_SYN != 0 {
@@ -211,7 +225,6 @@ mod programs {
             count(stat::MALFORMED);
             return DROP;
         }
-        count(stat::XLATED);
         count_rule(slot, pkt.ip_len, new_flow);
         if cfg.flags & config_flag::LOG_PACKETS != 0 {
             info!(

@@ -133,6 +133,11 @@ struct AttachArgs {
     /// nf_conntrack_* sysctls apply.
     #[arg(long, value_name = "NAME=SECS", value_parser = control::parse_timeout)]
     ct_timeout: Vec<(String, u32)>,
+    /// Forwarded packets of translated flows skip the IP stack (FIB lookup, TTL decrement, bpf_redirect_neigh to
+    /// the next hop): routing speed with NAT. They then also skip netfilter (your FORWARD rules, conntrack,
+    /// tcpdump on the way in sees them, on the way out may not), which is why it is off by default. eBPF mode only.
+    #[arg(long)]
+    fast_forward: bool,
 }
 
 #[derive(Args)]
@@ -295,7 +300,16 @@ fn attach_opts(a: &AttachArgs) -> AttachOptions {
     for (name, secs) in &a.ct_timeout {
         control::set_timeout(&mut config, name, *secs);
     }
-    AttachOptions { mode: a.mode, ct_entries: a.ct_size, config, timeouts: a.ct_timeout.clone() }
+    if a.fast_forward {
+        config.flags |= pfwd_common::config_flag::FAST_FORWARD;
+    }
+    AttachOptions {
+        mode: a.mode,
+        ct_entries: a.ct_size,
+        config,
+        timeouts: a.ct_timeout.clone(),
+        fast_forward: a.fast_forward,
+    }
 }
 
 fn print_notes(notes: &[String]) {
@@ -305,6 +319,9 @@ fn print_notes(notes: &[String]) {
 }
 
 pub fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away (`pfwd status | head`).
+    // SAFETY: restoring the default disposition of a signal before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -463,6 +480,9 @@ fn print_status(s: &Value) {
         .collect();
     println!("mode:       {} ({})", s["mode"].as_str().unwrap_or("?"), s["mode_reason"].as_str().unwrap_or(""));
     println!("interfaces: {}", ifaces.join(", "));
+    if s["fast_forward"] == true {
+        println!("fast path:  on (forwarded packets of translated flows skip the IP stack and netfilter)");
+    }
     let rules = s["rules"].as_array().cloned().unwrap_or_default();
     if rules.is_empty() {
         println!("rules:      none (add one with `pfwd add dnat|redirect|snat|masquerade ...`)");
@@ -544,7 +564,7 @@ fn stream(r: &RunArgs) -> Result<()> {
     // Kernel log events exist only in eBPF mode; iptables mode streams counters alone.
     let mut logger = if control::status()?["mode"] == "ebpf" {
         let flags = config_flag::LOG_EVENTS | if r.trace { config_flag::LOG_PACKETS } else { 0 };
-        control::set_flags(flags)?;
+        control::set_log_flags(flags)?;
         let inst = crate::instance::Instance::current()?;
         Some(
             aya_log::EbpfLogger::init_from_id(Kernel::new(&inst).ingress_program_id()?)

@@ -61,10 +61,13 @@ impl Backend {
                         kernel.attach_cgroup(&root)?;
                         state.cgroup = Some(root.to_string_lossy().into_owned());
                     }
-                } else if !opts.timeouts.is_empty() {
+                } else if !opts.timeouts.is_empty() || opts.fast_forward {
                     let mut cfg = kernel.config()?;
                     for (name, secs) in &opts.timeouts {
                         set_timeout(&mut cfg, name, *secs);
+                    }
+                    if opts.fast_forward {
+                        cfg.flags |= pfwd_common::config_flag::FAST_FORWARD;
                     }
                     kernel.set_config(&cfg)?;
                 }
@@ -131,6 +134,8 @@ pub struct AttachOptions {
     pub config: Config,
     /// Timeouts given on the command line (also applied to an existing instance).
     pub timeouts: Vec<(String, u32)>,
+    /// `--fast-forward` (also switched on in an existing instance).
+    pub fast_forward: bool,
 }
 
 impl Default for AttachOptions {
@@ -140,6 +145,7 @@ impl Default for AttachOptions {
             ct_entries: pfwd_common::DEFAULT_CT_ENTRIES,
             config: Config::default(),
             timeouts: vec![],
+            fast_forward: false,
         }
     }
 }
@@ -468,13 +474,14 @@ pub fn detach() -> Result<Vec<String>> {
     Ok(notes)
 }
 
-/// Sets or clears `Config::flags` bits (log events for `pfwd run`).
-pub fn set_flags(flags: u32) -> Result<()> {
+/// Sets the logging bits of `Config::flags` (for `pfwd run`), keeping the others.
+pub fn set_log_flags(flags: u32) -> Result<()> {
+    use pfwd_common::config_flag::{LOG_EVENTS, LOG_PACKETS};
     let lock = open()?;
     let kernel = Kernel::new(&lock.inst);
     lock.load()?.context(NOT_ATTACHED)?;
     let mut cfg = kernel.config()?;
-    cfg.flags = flags;
+    cfg.flags = (cfg.flags & !(LOG_EVENTS | LOG_PACKETS)) | (flags & (LOG_EVENTS | LOG_PACKETS));
     kernel.set_config(&cfg)
 }
 
@@ -524,7 +531,7 @@ pub fn status() -> Result<Value> {
             "conntrack": { "entries": 0, "flows": 0 },
         }));
     };
-    let (rules, conntrack, stats) = match Backend::of(&state, &lock.inst) {
+    let (rules, conntrack, stats, fast_forward) = match Backend::of(&state, &lock.inst) {
         Backend::Ebpf(kernel) => {
             let cfg = kernel.config()?;
             let rules: Vec<Value> = state
@@ -550,7 +557,7 @@ pub fn status() -> Result<Value> {
             });
             let stats: serde_json::Map<String, Value> =
                 kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v.into())).collect();
-            (rules, conntrack, Value::Object(stats))
+            (rules, conntrack, Value::Object(stats), cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0)
         }
         Backend::Iptables => {
             let counters = fallback::counters()?;
@@ -569,7 +576,7 @@ pub fn status() -> Result<Value> {
                     .and_then(|s| s.trim().parse::<u64>().ok()),
                 "note": "netfilter conntrack: entries counts every connection in this namespace, flows the DNATed ones",
             });
-            (rules, conntrack, json!({}))
+            (rules, conntrack, json!({}), false)
         }
     };
     Ok(json!({
@@ -582,6 +589,7 @@ pub fn status() -> Result<Value> {
             "name": i.name, "ifindex": i.ifindex,
             "address": netif::primary_ipv4(&i.name).map(|a| a.to_string()),
         })).collect::<Vec<_>>(),
+        "fast_forward": fast_forward,
         "rules": rules,
         "conntrack": conntrack,
         "stats": stats,
@@ -589,11 +597,11 @@ pub fn status() -> Result<Value> {
     }))
 }
 
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, for conntrack ages.
+/// CLOCK_MONOTONIC_COARSE in ns: the clock of `bpf_ktime_get_coarse_ns`, for conntrack ages.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32).as_nanos() as u64
 }
 

@@ -500,7 +500,7 @@ fn later_packets_of_a_flow_are_translated_the_same_way() {
     expect_dnat(&f, &data, BACKEND, 9000);
     expect_dnat(&f, &data.clone().flags(ACK).payload(b""), BACKEND, 9000);
     assert_eq!(f.stat("new_flows"), 1);
-    assert_eq!(f.stat("translated_packets"), 3);
+    assert_eq!(f.counters(slot_of(1)).packets, 3, "every packet of the flow counts to its rule");
 }
 
 #[test]
@@ -603,7 +603,6 @@ fn counters_count_packets_bytes_and_flows() {
     assert_eq!(f.counters(slot_of(1)), RuleCounters { packets: 3, bytes, flows: 1, drops: 0 });
     assert_eq!(f.counters(slot_of(2)), RuleCounters::default(), "the udp rule saw nothing");
     assert_eq!(f.stat("new_flows"), 1);
-    assert_eq!(f.stat("translated_packets"), 3);
 
     // A second flow of the same rule.
     let syn2 = Pkt::syn(ROUTER, 8080).from(CLIENT, CPORT + 1).bytes();

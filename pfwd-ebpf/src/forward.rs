@@ -1,0 +1,65 @@
+//! `--fast-forward`: packets of pfwd's flows that the router forwards skip the IP stack. After translation, a FIB
+//! lookup finds the next hop; the program decrements the TTL itself and hands the packet to the egress interface with
+//! `bpf_redirect_neigh` (which resolves the neighbour). The egress programs still run there (SNAT of a full NAT).
+//! This skips netfilter (FORWARD rules, conntrack) for these packets, which is why it is opt-in.
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use network_types::ip::Ipv4Hdr;
+use pfwd_common::{Config, Tuple, checksum, config_flag};
+
+use crate::parse::{ETH_LEN, ptr_at};
+
+const AF_INET: u8 = 2;
+
+/// Redirects the packet (whose tuple is now `t`) to its next hop if it is forwarded; None lets the stack have it
+/// (local delivery, TTL about to expire, MTU exceeded, no route, forwarding disabled, fast path off).
+#[inline(always)]
+pub fn redirect(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i32> {
+    if cfg.flags & config_flag::FAST_FORWARD == 0 {
+        return None;
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let (ttl, proto, tot_len) = unsafe { ((*ip).ttl, (*ip).proto, u16::from_be_bytes((*ip).tot_len)) };
+    if ttl <= 1 {
+        // The stack sends the time-exceeded error.
+        return None;
+    }
+    // SAFETY: zeroed plain-old-data parameter block.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = t.proto;
+    p.sport = t.sport.to_be();
+    p.dport = t.dport.to_be();
+    p.__bindgen_anon_1.tot_len = tot_len;
+    // SAFETY: the context's __sk_buff is valid for the program's run.
+    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    p.__bindgen_anon_3.ipv4_src = t.saddr;
+    p.__bindgen_anon_4.ipv4_dst = t.daddr;
+    // SAFETY: valid context and parameter block of the size passed.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SKIP_NEIGH,
+        )
+    };
+    // Success means a forwarding route within the MTU, with forwarding enabled on the way in.
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return None;
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &mut *ip };
+    // TTL and protocol share one 16-bit word of the header checksum.
+    let old = u16::from_be_bytes([ttl, proto]);
+    let new = u16::from_be_bytes([ttl - 1, proto]);
+    ip.ttl = ttl - 1;
+    ip.check = checksum::replace_u16(u16::from_be_bytes(ip.check), old, new).to_be_bytes();
+    // SAFETY: plain helper call; NULL params make the kernel resolve the neighbour of the route's next hop.
+    Some(unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32)
+}
