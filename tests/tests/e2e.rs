@@ -601,7 +601,8 @@ fn cli_errors(mode: &str) {
         (vec!["add", "redirect", "--dport", "80", "--to-port", "3000"], vec!["-p"]),
         (vec!["add", "redirect", "-p", "tcp", "--dport", "80", "--to-port", "0"], vec!["port 0"]),
         (vec!["add", "redirect", "-p", "tcp", "--dport", "80", "--to-port", "65536"], vec!["65536"]),
-        (vec!["add", "masquerade", "-p", "tcp"], vec!["masquerade"]),
+        (vec!["add", "netmap", "--to", "10.0.2.0/24"], vec!["netmap"]),
+        (vec!["add", "masquerade", "--to-ports", "1024-2047"], vec!["-p"]),
         (vec!["del", "99"], vec!["99"]),
         (vec!["del", "abc"], vec!["abc"]),
     ];
@@ -715,7 +716,8 @@ fn attach_idempotent(mode: &str) {
         let want = pfwd_tcx();
         assert_eq!(tcx_programs(&lab, "eth1"), want, "one ingress and one egress program on eth1");
         let pins = files_in(&pin_dir(&lab));
-        assert_eq!(pins.iter().filter(|p| p.starts_with("link_")).count(), 4, "link pins: {pins:?}");
+        assert_eq!(pins.iter().filter(|p| p.starts_with("link_eth")).count(), 4, "interface link pins: {pins:?}");
+        assert_eq!(pins.iter().filter(|p| p.starts_with("link_cgroup_")).count(), 4, "socket hook pins: {pins:?}");
     }
     expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
     assert_eq!(rule_of(&status(&lab), id)["flows"], 3);

@@ -79,7 +79,8 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             setup::setup()?;
             // The e2e tests run target/debug/pfwd, which `cargo test` alone does not always build.
             build(false)?;
-            let mut cargo_args: Vec<OsString> = vec!["test".into()];
+            // --no-fail-fast: one failing test binary should not hide the results of the others.
+            let mut cargo_args: Vec<OsString> = vec!["test".into(), "--no-fail-fast".into()];
             // `--workspace` together with `-p` would test everything anyway: let `-p` narrow it.
             if !args.iter().any(|a| a == "-p" || a == "--package") {
                 cargo_args.push("--workspace".into());
