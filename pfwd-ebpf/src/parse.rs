@@ -107,6 +107,19 @@ fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
     ctx.pull_data(len as u32).is_ok() && ctx.data() + len <= ctx.data_end()
 }
 
+/// The addresses and protocol of an IPv4 header as a tuple without ports.
+#[inline(always)]
+fn addresses(ip: &Ipv4Hdr) -> Tuple {
+    Tuple {
+        saddr: u32::from_ne_bytes(ip.src_addr),
+        daddr: u32::from_ne_bytes(ip.dst_addr),
+        sport: 0,
+        dport: 0,
+        proto: ip.proto,
+        _pad: [0; 3],
+    }
+}
+
 /// Parses an IPv4 TCP/UDP/other packet. `None` means "not ours, pass untouched" (non-IPv4, fragments, malformed).
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Option<Packet> {
@@ -134,14 +147,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         count(stat::FRAGMENTS);
         return None;
     }
-    let mut tuple = Tuple {
-        saddr: u32::from_ne_bytes(ip.src_addr),
-        daddr: u32::from_ne_bytes(ip.dst_addr),
-        sport: 0,
-        dport: 0,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let mut tuple = addresses(ip);
     let l4_off = ETH_LEN + ihl;
     let l4_len = tot_len - ihl;
     let mut tcp_flags = 0;
@@ -212,14 +218,7 @@ fn embedded(ctx: &TcContext, ip_off: usize, end: usize) -> Option<Embedded> {
         return None;
     }
     let l4_off = ip_off + ihl;
-    let mut tuple = Tuple {
-        saddr: u32::from_ne_bytes(ip.src_addr),
-        daddr: u32::from_ne_bytes(ip.dst_addr),
-        sport: 0,
-        dport: 0,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let mut tuple = addresses(ip);
     if l4_off + 8 > end || !ensure_linear(ctx, l4_off + 8) {
         return None;
     }

@@ -273,19 +273,16 @@ impl MatchArgs {
 impl PostMatchArgs {
     /// The hidden -i/--dport are carried into the rule so validation refuses them with the hint.
     fn into_rule(self, target: Target) -> Rule {
-        let mut r = Rule {
-            id: 0,
+        MatchArgs {
             iface: self.iface,
-            oface: self.oface,
             proto: self.proto,
             src: self.src,
             dst: self.dst,
             dport: self.dport,
+            oface: self.oface,
             local: false,
-            target,
-        };
-        r.normalize();
-        r
+        }
+        .into_rule(target)
     }
 }
 

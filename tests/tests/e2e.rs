@@ -8,6 +8,7 @@
 //!
 //! Needs root and a built pfwd: `cargo build -p pfwd && PFWD_BIN=target/debug/pfwd cargo test -p tests --test e2e`.
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeMap;
@@ -835,17 +836,6 @@ fn auto_mode_uses_ebpf_with_btf() {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Mode wrappers: every scenario runs on the eBPF data path and on the iptables fallback with the same assertions.
-
-macro_rules! in_both_modes {
-    ($($scenario:ident),* $(,)?) => {
-        mod ebpf {
-            $(#[test] fn $scenario() { super::$scenario("ebpf") })*
-        }
-        mod iptables {
-            $(#[test] fn $scenario() { super::$scenario("iptables") })*
-        }
-    };
-}
 
 in_both_modes!(
     redirect,

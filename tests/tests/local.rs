@@ -4,6 +4,7 @@
 //!
 //! Run as root; every test builds its own lab and detaches pfwd through a guard, also on failure.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
@@ -120,17 +121,6 @@ fn local_errors(mode: &str) {
     pfwd_err(&lab, &["add", "dnat", "--local", "-s", "10.0.1.0/24", "--to", "10.0.2.2"], &["-s", "--local"]);
     pfwd_err(&lab, &["add", "masquerade", "--local"], &["--local"]);
     assert_eq!(list(&lab), serde_json::json!([]));
-}
-
-macro_rules! in_both_modes {
-    ($($scenario:ident),* $(,)?) => {
-        mod ebpf {
-            $(#[test] fn $scenario() { super::$scenario("ebpf") })*
-        }
-        mod iptables {
-            $(#[test] fn $scenario() { super::$scenario("iptables") })*
-        }
-    };
 }
 
 in_both_modes!(local_port_to_loopback, local_moved_server, local_two_instances, local_errors);

@@ -9,6 +9,7 @@
 //!
 //! Needs root and a built pfwd: `cargo build -p pfwd && PFWD_BIN=target/debug/pfwd cargo test -p tests --test nat`.
 
+#[macro_use]
 mod common;
 
 use std::io::ErrorKind;
@@ -617,17 +618,6 @@ fn detach_restores(mode: &str) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Mode wrappers: every scenario runs on the eBPF data path and on the iptables fallback.
-
-macro_rules! in_both_modes {
-    ($($scenario:ident),* $(,)?) => {
-        mod ebpf {
-            $(#[test] fn $scenario() { super::$scenario("ebpf") })*
-        }
-        mod iptables {
-            $(#[test] fn $scenario() { super::$scenario("iptables") })*
-        }
-    };
-}
 
 in_both_modes!(
     masquerade_many_clients,

@@ -4,7 +4,7 @@
 
 mod net;
 mod prog;
-mod run;
+pub(crate) mod run;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -175,7 +175,8 @@ fn fmt_n(v: f64) -> String {
 fn udp_many(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
     let title = format!("UDP 60 B, {} flows, {} packets", fmt_n(p.udp_flows.into()), fmt_n(p.udp_packets as f64));
     step(&format!("bench: {title} (workloads 1 and 5), {} rounds", p.reps));
-    let variants = [Variant::Plain, Variant::Iptables, Variant::Ebpf, Variant::Iptables10k, Variant::Ebpf10k];
+    let variants =
+        [Variant::Plain, Variant::Iptables, Variant::Ebpf, Variant::EbpfFast, Variant::Iptables10k, Variant::Ebpf10k];
     for rep in 0..p.reps {
         for v in variants {
             let setup = env.setup(v, RuleSet::Udp)?;
@@ -185,6 +186,7 @@ fn udp_many(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
                     Variant::Iptables10k => ("install", "10k", "attach --config 10k rules (iptables)"),
                     Variant::Ebpf10k => ("install", "10k", "attach --config 10k rules (eBPF)"),
                     Variant::Ebpf => ("attach1", "1", "attach, 1 rule (eBPF)"),
+                    Variant::EbpfFast => ("attach1-ff", "1", "attach, 1 rule (eBPF, --fast-forward)"),
                     _ => ("attach1", "1", "attach, 1 rule (iptables)"),
                 };
                 let key = v.mode().unwrap_or("?");
@@ -231,7 +233,7 @@ fn udp_one(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
     let title = format!("UDP 60 B, 1 flow, {} packets", fmt_n(p.udp_packets as f64));
     step(&format!("bench: {title} (workload 2), {} rounds", p.reps));
     for rep in 0..p.reps {
-        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf] {
+        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf, Variant::EbpfFast] {
             let setup = env.setup(v, RuleSet::Udp)?;
             let (pps, sent, delivered) = env.udp(v.target(), 1, p.udp_packets, ONE_FLOW_SPORT)?;
             drop(setup);
@@ -255,7 +257,7 @@ fn tcp_rate(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
     let title = format!("TCP connect + 1 B request + 1 B reply + close, {} threads, {} s", p.tcp_threads, p.tcp_secs);
     step(&format!("bench: {title} (workload 3), {} rounds", p.reps));
     for rep in 0..p.reps {
-        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf] {
+        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf, Variant::EbpfFast] {
             let setup = env.setup(v, RuleSet::Tcp)?;
             let cps = env.tcp_rate(v.target(), p.tcp_threads, Duration::from_secs(p.tcp_secs))?;
             drop(setup);
@@ -273,7 +275,7 @@ fn tcp_throughput(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
         p.iperf_secs, p.reps
     ));
     for rep in 0..p.reps {
-        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf] {
+        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf, Variant::EbpfFast] {
             let setup = env.setup(v, RuleSet::Tcp)?;
             let one = env.iperf(v.target(), 1, p.iperf_secs)?;
             let four = env.iperf(v.target(), 4, p.iperf_secs)?;
@@ -487,6 +489,11 @@ fn report(
             ratio("udp-many", "ebpf", "iptables"),
             1.2,
         ),
+        at_least(
+            "UDP many flows: eBPF --fast-forward >= 0.9x plain routing",
+            ratio("udp-many", "ebpf-ff", "plain"),
+            0.9,
+        ),
         at_least("10k rules: eBPF >= 0.9x its own 1-rule figure", ratio("udp-many", "ebpf-10k", "ebpf"), 0.9),
         at_least("10k rules: eBPF >= 5x iptables mode (10k rules)", ratio("udp-many", "ebpf-10k", "iptables-10k"), 5.0),
     ];
@@ -506,6 +513,11 @@ fn report(
         });
     }
     targets.push(at_least("TCP connection rate: eBPF >= 1.3x iptables", ratio("tcp-cps", "ebpf", "iptables"), 1.3));
+    targets.push(at_least(
+        "TCP connection rate: eBPF --fast-forward >= 1.3x iptables",
+        ratio("tcp-cps", "ebpf-ff", "iptables"),
+        1.3,
+    ));
     targets.push(at_least(
         "TCP throughput, 1 stream: eBPF no worse than iptables (>= 0.97x, run-to-run noise)",
         ratio("tcp-1", "ebpf", "iptables"),

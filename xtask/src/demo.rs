@@ -1,13 +1,11 @@
 //! `cargo xtask demo`: pfwd forwarding real TCP/UDP traffic in a client / router / server lab.
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use tests::lab::Reply;
 use tests::{Lab, Node, TIMEOUT};
 
@@ -133,46 +131,8 @@ fn request(lab: &Lab, case: &Case) -> bool {
 }
 
 /// Runs a command with a deadline; stdout on success, an error with stderr otherwise.
-fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<String> {
-    let shown = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {shown}"))?;
-    // Drain both pipes on threads so a chatty child cannot block on a full pipe.
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_string(&mut s);
-            }
-            s
-        })
-    };
-    let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("{shown} did not finish within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    let (out, err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
-    if !status.success() {
-        bail!("{shown} failed ({status}): {}", err.trim());
-    }
-    if !err.trim().is_empty() {
-        print_indented(&err);
-    }
-    Ok(out)
+fn run_bounded(cmd: Command, timeout: Duration) -> Result<String> {
+    crate::bench::run::run(cmd, timeout, false).map(|f| f.stdout)
 }
 
 fn print_indented(text: &str) {

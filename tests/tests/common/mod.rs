@@ -22,6 +22,20 @@ pub const PFWD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a request that must *not* be forwarded is given before it counts as not answered.
 pub const SHORT: Duration = Duration::from_millis(500);
 
+/// Runs each scenario `fn name(mode: &str)` as two tests, `ebpf::name` and `iptables::name`: the same assertions
+/// on both data paths prove the fallback equivalent.
+#[allow(unused_macros)] // fastpath.rs is eBPF-only.
+macro_rules! in_both_modes {
+    ($($scenario:ident),* $(,)?) => {
+        mod ebpf {
+            $(#[test] fn $scenario() { super::$scenario("ebpf") })*
+        }
+        mod iptables {
+            $(#[test] fn $scenario() { super::$scenario("iptables") })*
+        }
+    };
+}
+
 pub fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|e| panic!("bad socket address literal {s:?}: {e}"))
 }

@@ -39,6 +39,8 @@ pub enum Variant {
     Plain,
     Iptables,
     Ebpf,
+    /// eBPF mode with `--fast-forward`: forwarded packets skip the router's IP stack.
+    EbpfFast,
     /// The mode with 9,999 non-matching rules ahead of the matching one.
     Iptables10k,
     Ebpf10k,
@@ -50,6 +52,7 @@ impl Variant {
             Variant::Plain => "plain",
             Variant::Iptables => "iptables",
             Variant::Ebpf => "ebpf",
+            Variant::EbpfFast => "ebpf-ff",
             Variant::Iptables10k => "iptables-10k",
             Variant::Ebpf10k => "ebpf-10k",
         }
@@ -59,7 +62,7 @@ impl Variant {
         match self {
             Variant::Plain => None,
             Variant::Iptables | Variant::Iptables10k => Some("iptables"),
-            Variant::Ebpf | Variant::Ebpf10k => Some("ebpf"),
+            Variant::Ebpf | Variant::EbpfFast | Variant::Ebpf10k => Some("ebpf"),
         }
     }
 
@@ -208,7 +211,11 @@ impl Env {
                 };
                 let cfg = self.config(cfg);
                 let cfg = cfg.to_str().context("temp path is not UTF-8")?;
-                guard.attach = Some(self.pfwd(&["attach", "eth0", "eth1", "--mode", mode, "--config", cfg])?);
+                let mut args = vec!["attach", "eth0", "eth1", "--mode", mode, "--config", cfg];
+                if variant == Variant::EbpfFast {
+                    args.push("--fast-forward");
+                }
+                guard.attach = Some(self.pfwd(&args)?);
                 if mode == "ebpf" {
                     self.warn_if_netfilter();
                 }
