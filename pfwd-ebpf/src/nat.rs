@@ -146,10 +146,15 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
             icmp.u16(inner.dport, new_inner.dport);
         }
         PROTO_ICMP => {
-            // The embedded echo's own checksum is only partly present; like Linux, leave it and fix the id.
-            let Some(id) = ptr_at::<[u8; 2]>(ctx, emb.l4_off + ICMP_ID) else { return false };
+            // The embedded echo: its identifier, and its own checksum with it (as Linux's icmp_manip_pkt does).
+            let Some(hdr) = ptr_at::<[u8; 8]>(ctx, emb.l4_off) else { return false };
             // SAFETY: bounds checked by ptr_at.
-            unsafe { *id = new_inner.sport.to_be_bytes() };
+            let hdr = unsafe { &mut *hdr };
+            let old = u16::from_be_bytes([hdr[ICMP_CHECK], hdr[ICMP_CHECK + 1]]);
+            let new = checksum::replace_u16(old, inner.sport, new_inner.sport);
+            hdr[ICMP_CHECK..ICMP_CHECK + 2].copy_from_slice(&new.to_be_bytes());
+            hdr[ICMP_ID..ICMP_ID + 2].copy_from_slice(&new_inner.sport.to_be_bytes());
+            icmp.u16(old, new);
             icmp.u16(inner.sport, new_inner.sport);
         }
         _ => {}

@@ -460,7 +460,12 @@ fn import(file: Option<PathBuf>, dry_run: bool) -> Result<()> {
     for n in notes {
         eprintln!("pfwd: {n}");
     }
-    println!("imported {} rule(s){}", ids.len(), if ids.is_empty() { String::new() } else { format!(": ids {ids:?}") });
+    // Ids are consecutive: name the range, not ten thousand numbers.
+    match (ids.first(), ids.last()) {
+        (Some(a), Some(b)) if a == b => println!("imported 1 rule: id {a}"),
+        (Some(a), Some(b)) => println!("imported {} rules: ids {a}-{b}", ids.len()),
+        _ => println!("imported 0 rules (all were already there)"),
+    }
     Ok(())
 }
 

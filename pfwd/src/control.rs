@@ -85,8 +85,8 @@ impl Backend {
                         .map(|t| t.to_string())
                         .collect();
                 }
-                // Chains first, so the hooks never jump to a missing chain.
-                fallback::sync_rules(&state.rules())?;
+                // Empty chains first, so the hooks never jump to a missing chain; `apply` below fills them once.
+                fallback::sync_rules(&[])?;
                 for i in &state.interfaces {
                     fallback::attach(&i.name)?;
                 }
