@@ -4,32 +4,22 @@
 //! etherparse, and every checksum is checked with etherparse or the plain one's-complement sum in this file, never
 //! with pfwd's own checksum code.
 //!
-//! The fixture is a copy of the one in `packet.rs` (integration test files cannot share code without a module): in
-//! BPF_PROG_TEST_RUN a tc program sees the packet on lo (ifindex 1), so every fixture registers lo with the address
+//! The fixture is shared with `packet.rs` (tests/common): in BPF_PROG_TEST_RUN a tc program sees the packet on lo
+//! (ifindex 1), so every fixture registers lo with the address
 //! 10.0.1.1 and the rules use `-o lo` or no interface. Needs root (BPF); each test pins into its own directory.
-use std::{
-    net::Ipv4Addr,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
-};
+mod common;
 
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use common::*;
+use std::{net::Ipv4Addr, time::Duration};
+
 use etherparse::{
     EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, Ipv4HeaderSlice,
     NetHeaders, PacketHeaders, TcpHeader, TransportHeader, UdpHeader,
     icmpv4::{DestUnreachableHeader, ParameterProblemHeader, TimeExceededCode},
 };
-use pfwd::{loader::Kernel, rules, state::StoredRule};
-use pfwd_common::{Config, CtEntry, PROTO_ICMP, PROTO_TCP, RuleCounters, Tuple, ct_hook, dir};
+use pfwd_common::{PROTO_ICMP, PROTO_TCP, Tuple, ct_hook, dir};
 
 /// TCX_NEXT as the test run reports it (the programs return -1 for passed and translated packets alike).
-const NEXT: u32 = u32::MAX;
-const DROP: u32 = 2;
-
-const LO: u32 = 1;
-/// lo's address in the fixture: what MASQUERADE falls back to, and the address DNAT clients connect to.
-const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
 const CLIENT2: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 3);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
@@ -41,125 +31,6 @@ const PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
 /// A router on the path (sends time-exceeded errors).
 const HOP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 const CPORT: u16 = 40_000;
-
-const SYN: u8 = 0x02;
-const PSH: u8 = 0x08;
-const ACK: u8 = 0x10;
-
-// ---------------------------------------------------------------------------------------------------------------
-// Fixture (as in packet.rs)
-// ---------------------------------------------------------------------------------------------------------------
-
-static FIXTURES: AtomicU32 = AtomicU32::new(0);
-
-/// Removes the pins when dropped, also when the test panics or loading failed halfway.
-struct Pins(Kernel);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let dir = self.0.pin_dir().to_path_buf();
-        if let Err(e) = self.0.unload() {
-            eprintln!("unloading {}: {e:#}", dir.display());
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
-/// One private pfwd instance: programs and maps pinned in a unique directory, lo registered, `rules` loaded.
-struct Fixture {
-    ingress: SchedClassifier,
-    egress: SchedClassifier,
-    pins: Pins,
-}
-
-fn lo_index(name: &str) -> Option<u32> {
-    (name == "lo").then_some(LO)
-}
-
-/// Map values hold addresses in network order: the bytes as they sit in the packet.
-fn ne(a: Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(a.octets())
-}
-
-impl Fixture {
-    fn new(rules: &[StoredRule]) -> Self {
-        if !nix::unistd::geteuid().is_root() {
-            panic!("the packet tests load eBPF programs and need root: run them with sudo (CI runs them as root)");
-        }
-        pfwd::instance::ensure_bpffs().expect("bpffs at /sys/fs/bpf");
-        let n = FIXTURES.fetch_add(1, Ordering::Relaxed);
-        let dir = PathBuf::from(format!("/sys/fs/bpf/pfwd-test-nat-{}-{n}", std::process::id()));
-        let pins = Pins(Kernel::at(dir.clone()));
-        pins.0.load(4096, &Config::default()).expect("loading the eBPF programs");
-        pins.0.set_iface(LO, ne(ROUTER)).expect("set_iface");
-        pins.0.sync_rules(rules, &lo_index).expect("sync_rules");
-        let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).expect("pinned ingress program");
-        let egress = SchedClassifier::from_pin(dir.join("prog_egress")).expect("pinned egress program");
-        Self { ingress, egress, pins }
-    }
-
-    fn kernel(&self) -> &Kernel {
-        &self.pins.0
-    }
-
-    fn ingress(&self, pkt: &[u8]) -> Run {
-        run(&self.ingress, pkt)
-    }
-
-    fn egress(&self, pkt: &[u8]) -> Run {
-        run(&self.egress, pkt)
-    }
-
-    fn stat(&self, name: &str) -> u64 {
-        let stats = self.kernel().stats().expect("stats");
-        stats.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no stat {name}: {stats:?}")).1
-    }
-
-    fn conntrack(&self) -> Vec<(Tuple, CtEntry)> {
-        self.kernel().conntrack().expect("conntrack")
-    }
-
-    /// Changes the idle timeouts (keeping the level masks that sync_rules wrote).
-    fn timeouts(&self, set: impl FnOnce(&mut Config)) {
-        let mut cfg = self.kernel().config().expect("config");
-        set(&mut cfg);
-        self.kernel().set_config(&cfg).expect("set_config");
-    }
-
-    fn counters(&self, slot: u32) -> RuleCounters {
-        self.kernel().rule_counters(slot).expect("rule_counters")
-    }
-}
-
-/// A rule from CLI syntax, with its id; the slot is deliberately not its list position.
-fn rule(id: u32, args: &str) -> StoredRule {
-    let argv: Vec<&str> = args.split_whitespace().collect();
-    let mut rule = rules::parse_args(&argv).unwrap_or_else(|e| panic!("{args}: {e}"));
-    rule.id = id;
-    StoredRule { rule, slot: slot_of(id) }
-}
-
-fn slot_of(id: u32) -> u32 {
-    100 + id
-}
-
-struct Run {
-    ret: u32,
-    data: Vec<u8>,
-}
-
-fn run(prog: &SchedClassifier, pkt: &[u8]) -> Run {
-    let mut out = vec![0u8; 2048];
-    let r = prog
-        .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() })
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {} bytes {pkt:02x?}: {e}", pkt.len()));
-    out.truncate(r.data_size_out as usize);
-    Run { ret: r.return_value, data: out }
-}
-
-fn tuple(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> Tuple {
-    Tuple { saddr: ne(src), daddr: ne(dst), sport, dport, proto, _pad: [0; 3] }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Packets

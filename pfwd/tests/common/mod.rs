@@ -1,0 +1,147 @@
+//! The fixture shared by the packet test files: a private pfwd instance (programs and maps pinned in a unique
+//! directory, lo registered with 10.0.1.1), rules from CLI syntax, and BPF_PROG_TEST_RUN of one packet.
+//!
+//! In BPF_PROG_TEST_RUN a tc program sees the packet on the loopback device, so every fixture registers interface 1
+//! (lo) and rules use `-i lo`/`-o lo` or no interface. Needs root (BPF); each fixture pins into its own directory,
+//! so tests run in parallel.
+#![allow(dead_code)] // Each test file uses a different part.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use pfwd::{loader::Kernel, rules, state::StoredRule};
+use pfwd_common::{Config, CtEntry, RuleCounters, Tuple};
+
+/// TCX_NEXT as the test run reports it (the programs return -1 for passed and translated packets alike).
+pub const NEXT: u32 = u32::MAX;
+pub const DROP: u32 = 2;
+
+pub const LO: u32 = 1;
+/// lo's address in the fixture: REDIRECT's and MASQUERADE's address, and the address DNAT clients connect to.
+pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+pub const ACK: u8 = 0x10;
+
+static FIXTURES: AtomicU32 = AtomicU32::new(0);
+
+/// Removes the pins when dropped, also when the test panics or loading failed halfway.
+pub struct Pins(Kernel);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let dir = self.0.pin_dir().to_path_buf();
+        if let Err(e) = self.0.unload() {
+            eprintln!("unloading {}: {e:#}", dir.display());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// One private pfwd instance: programs and maps pinned in a unique directory, lo registered, `rules` loaded.
+pub struct Fixture {
+    pub ingress: SchedClassifier,
+    pub egress: SchedClassifier,
+    pub pins: Pins,
+}
+
+pub fn lo_index(name: &str) -> Option<u32> {
+    (name == "lo").then_some(LO)
+}
+
+/// Map values hold addresses in network order: the bytes as they sit in the packet.
+pub fn ne(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+impl Fixture {
+    pub fn new(rules: &[StoredRule]) -> Self {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("the packet tests load eBPF programs and need root: run them with sudo (CI runs them as root)");
+        }
+        pfwd::instance::ensure_bpffs().expect("bpffs at /sys/fs/bpf");
+        let n = FIXTURES.fetch_add(1, Ordering::Relaxed);
+        let dir = PathBuf::from(format!("/sys/fs/bpf/pfwd-test-{}-{n}", std::process::id()));
+        let pins = Pins(Kernel::at(dir.clone()));
+        pins.0.load(4096, &Config::default()).expect("loading the eBPF programs");
+        pins.0.set_iface(LO, ne(ROUTER)).expect("set_iface");
+        pins.0.sync_rules(rules, &lo_index).expect("sync_rules");
+        let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).expect("pinned ingress program");
+        let egress = SchedClassifier::from_pin(dir.join("prog_egress")).expect("pinned egress program");
+        Self { ingress, egress, pins }
+    }
+
+    pub fn kernel(&self) -> &Kernel {
+        &self.pins.0
+    }
+
+    pub fn sync(&self, rules: &[StoredRule]) {
+        self.kernel().sync_rules(rules, &lo_index).expect("sync_rules");
+    }
+
+    pub fn ingress(&self, pkt: &[u8]) -> Run {
+        run(&self.ingress, pkt)
+    }
+
+    pub fn egress(&self, pkt: &[u8]) -> Run {
+        run(&self.egress, pkt)
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        let stats = self.kernel().stats().expect("stats");
+        stats.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no stat {name}: {stats:?}")).1
+    }
+
+    pub fn conntrack(&self) -> Vec<(Tuple, CtEntry)> {
+        self.kernel().conntrack().expect("conntrack")
+    }
+
+    /// Changes the idle timeouts (keeping the level mask that sync_rules wrote).
+    pub fn timeouts(&self, set: impl FnOnce(&mut Config)) {
+        let mut cfg = self.kernel().config().expect("config");
+        set(&mut cfg);
+        self.kernel().set_config(&cfg).expect("set_config");
+    }
+
+    pub fn counters(&self, slot: u32) -> RuleCounters {
+        self.kernel().rule_counters(slot).expect("rule_counters")
+    }
+}
+
+/// A rule from CLI syntax, with its id; the slot is deliberately not its list position, so the test also covers
+/// sync_rules' position-to-slot mapping.
+pub fn rule(id: u32, args: &str) -> StoredRule {
+    let argv: Vec<&str> = args.split_whitespace().collect();
+    let mut rule = rules::parse_args(&argv).unwrap_or_else(|e| panic!("{args}: {e}"));
+    rule.id = id;
+    StoredRule { rule, slot: slot_of(id) }
+}
+
+pub fn slot_of(id: u32) -> u32 {
+    100 + id
+}
+
+pub struct Run {
+    pub ret: u32,
+    pub data: Vec<u8>,
+}
+
+pub fn run(prog: &SchedClassifier, pkt: &[u8]) -> Run {
+    let mut out = vec![0u8; 2048];
+    let r = prog
+        .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() })
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {} bytes {pkt:02x?}: {e}", pkt.len()));
+    out.truncate(r.data_size_out as usize);
+    Run { ret: r.return_value, data: out }
+}
+
+pub fn tuple(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> Tuple {
+    Tuple { saddr: ne(src), daddr: ne(dst), sport, dport, proto, _pad: [0; 3] }
+}
