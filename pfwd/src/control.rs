@@ -85,8 +85,11 @@ impl Backend {
                         .map(|t| t.to_string())
                         .collect();
                 }
-                // Empty chains first, so the hooks never jump to a missing chain; `apply` below fills them once.
-                fallback::sync_rules(&[])?;
+                if fresh {
+                    // Empty chains first, so the hooks never jump to a missing chain; `apply` below fills them
+                    // once. An existing instance has its chains (and their counters, which must survive).
+                    fallback::sync_rules(&[])?;
+                }
                 for i in &state.interfaces {
                     fallback::attach(&i.name)?;
                 }
