@@ -75,6 +75,8 @@ pub fn demo(pfwd: &Path) -> Result<()> {
 
         step("demo: pfwd status");
         print_indented(&run(&["status"])?);
+        step("demo: pfwd conntrack (live translations)");
+        print_indented(&run(&["conntrack"])?);
         step("demo: pfwd list");
         print_indented(&run(&["list"])?);
         Ok(ok)
