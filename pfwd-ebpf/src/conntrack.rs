@@ -88,6 +88,16 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
         let peer = unsafe { &mut *p };
         peer.state = state;
         peer.last_seen_ns = now;
+    } else {
+        // The LRU evicted the other direction of this live flow (a full table): put it back, unless another flow
+        // took that tuple meanwhile.
+        let other = CtEntry {
+            xlat: key.reversed(),
+            dir: if reply { dir::ORIGINAL } else { dir::REPLY },
+            hook: if entry.hook == ct_hook::INGRESS { ct_hook::EGRESS } else { ct_hook::INGRESS },
+            ..*entry
+        };
+        let _ = CONNTRACK.insert(&entry.xlat.reversed(), &other, BPF_NOEXIST as u64);
     }
 }
 
@@ -129,10 +139,15 @@ pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config
         }
         let _ = CONNTRACK.insert(&reply_key, &entry, BPF_ANY as u64);
     }
+    // In a full LRU table a fresh entry that was never looked up is the first candidate for eviction, and the next
+    // insert could push it out: look it up (which marks it referenced) before inserting its partner, and make sure
+    // both are there at the end. A flow with only one of its entries would send replies out untranslated.
+    let _ = CONNTRACK.get_ptr(&reply_key);
     entry.xlat = *xlat;
     entry.dir = dir::ORIGINAL;
     entry.hook = hook;
-    if CONNTRACK.insert(orig, &entry, BPF_ANY as u64).is_err() {
+    if CONNTRACK.insert(orig, &entry, BPF_ANY as u64).is_err() || CONNTRACK.get_ptr(&reply_key).is_none() {
+        let _ = CONNTRACK.remove(orig);
         let _ = CONNTRACK.remove(&reply_key);
         return Err(stat::CT_INSERT_FAILED);
     }

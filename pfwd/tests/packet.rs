@@ -988,3 +988,53 @@ fn interface_without_pfwd_is_not_translated() {
     expect_no_dnat(&f, &Pkt::syn(ROUTER, 8080));
     assert!(f.conntrack().is_empty());
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// 11. A full conntrack table
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Many more flows than the table holds: the LRU evicts old entries, and no packet is ever translated wrongly. Each
+/// flow's destination port picks its backend, so a packet of an evicted flow (recreated from the rules) and a packet
+/// of a live flow must both reach the right one, and every reply must be restored to its own flow's address.
+#[test]
+fn a_full_table_evicts_old_flows_and_never_corrupts_live_ones() {
+    let f = Fixture::with_conntrack(
+        &[rule(1, "dnat -p udp --dport 8000-8001 --to 10.0.2.2"), rule(2, "dnat -p udp --dport 8002 --to 10.0.2.3:53")],
+        64,
+    );
+    let backend = |dport: u16| if dport == 8002 { (BACKEND2, 53) } else { (BACKEND, dport) };
+    let flows: Vec<(u16, u16)> = (0..600u16).map(|i| (10_000 + i, 8000 + i % 3)).collect();
+    for &(sport, dport) in &flows {
+        let (to, port) = backend(dport);
+        expect_dnat(&f, &Pkt::udp(CLIENT, sport, ROUTER, dport), to, port);
+    }
+    let entries = f.conntrack().len();
+    assert!(entries <= 64 + 16, "the table grew past its size: {entries} entries");
+    // Every flow again, old (evicted, recreated) and recent (live) alike, then its reply.
+    for &(sport, dport) in flows.iter().rev().chain(flows.iter()) {
+        let (to, port) = backend(dport);
+        expect_dnat(&f, &Pkt::udp(CLIENT, sport, ROUTER, dport), to, port);
+        let reply = Pkt::udp(to, port, CLIENT, sport);
+        assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, dport));
+    }
+    assert!(f.stat("new_flows") > 600, "old flows must have been evicted and recreated");
+}
+
+/// If the table evicted just one direction of a live flow, the flow's next refresh puts it back, so its replies are
+/// translated again (an eviction must not turn a live flow into one that leaks untranslated replies).
+#[test]
+fn an_evicted_reply_entry_is_restored_by_the_flow() {
+    use aya::maps::{HashMap, Map, MapData};
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    let query = Pkt::udp(CLIENT, 5555, ROUTER, 53);
+    expect_dnat(&f, &query, BACKEND, 5353);
+    let data = MapData::from_pin(f.kernel().pin_dir().join(pfwd_common::names::CONNTRACK)).expect("pinned conntrack");
+    let mut ct: HashMap<MapData, Tuple, pfwd_common::CtEntry> =
+        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
+    ct.remove(&tuple(BACKEND, 5353, CLIENT, 5555, PROTO_UDP)).expect("removing the reply entry");
+    // The flow's next packet after the once-a-second refresh interval repairs it.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    expect_dnat(&f, &query, BACKEND, 5353);
+    let reply = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
+    assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, 53));
+}

@@ -63,6 +63,11 @@ pub fn ne(a: Ipv4Addr) -> u32 {
 
 impl Fixture {
     pub fn new(rules: &[StoredRule]) -> Self {
+        Self::with_conntrack(rules, 4096)
+    }
+
+    /// A fixture whose conntrack table holds only `entries` (two per flow), to test eviction.
+    pub fn with_conntrack(rules: &[StoredRule], entries: u32) -> Self {
         if !nix::unistd::geteuid().is_root() {
             panic!("the packet tests load eBPF programs and need root: run them with sudo (CI runs them as root)");
         }
@@ -70,7 +75,7 @@ impl Fixture {
         let n = FIXTURES.fetch_add(1, Ordering::Relaxed);
         let dir = PathBuf::from(format!("/sys/fs/bpf/pfwd-test-{}-{n}", std::process::id()));
         let pins = Pins(Kernel::at(dir.clone()));
-        pins.0.load(4096, &Config::default()).expect("loading the eBPF programs");
+        pins.0.load(entries, &Config::default()).expect("loading the eBPF programs");
         pins.0.set_iface(LO, ne(ROUTER)).expect("set_iface");
         pins.0.sync_rules(rules, &lo_index).expect("sync_rules");
         let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).expect("pinned ingress program");
