@@ -1943,25 +1943,7 @@ COMMIT
 
     // ---- round trip ----
 
-    /// Tiny deterministic xorshift64 generator: reproducible property tests without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn chance(&mut self, percent: u64) -> bool {
-            self.below(100) < percent
-        }
-    }
+    use crate::rules::tests::Rng;
 
     /// A random valid rule, a third of them SNAT/MASQUERADE and a fifth of the others `--local`; half the time from a
     /// small value space so rules overlap and collide.

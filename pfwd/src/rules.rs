@@ -1230,7 +1230,7 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn p(s: &str) -> Result<Rule, RuleError> {
@@ -1256,11 +1256,12 @@ mod tests {
         s.parse().unwrap()
     }
 
-    /// Tiny deterministic xorshift64 generator: reproducible property tests without a dependency.
-    struct Rng(u64);
+    /// Tiny deterministic xorshift64 generator: reproducible property tests without a dependency (the iptables
+    /// tests use it too).
+    pub(crate) struct Rng(pub(crate) u64);
 
     impl Rng {
-        fn next(&mut self) -> u64 {
+        pub(crate) fn next(&mut self) -> u64 {
             let mut x = self.0;
             x ^= x << 13;
             x ^= x >> 7;
@@ -1268,13 +1269,13 @@ mod tests {
             self.0 = x;
             x
         }
-        fn below(&mut self, n: u64) -> u64 {
+        pub(crate) fn below(&mut self, n: u64) -> u64 {
             self.next() % n
         }
-        fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        pub(crate) fn pick<T: Copy>(&mut self, items: &[T]) -> T {
             items[self.below(items.len() as u64) as usize]
         }
-        fn chance(&mut self, percent: u64) -> bool {
+        pub(crate) fn chance(&mut self, percent: u64) -> bool {
             self.below(100) < percent
         }
     }
