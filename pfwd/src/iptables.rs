@@ -1365,7 +1365,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::rules::parse_args;
+    use crate::cli::parse_rule as parse_args;
 
     fn rule(s: &str) -> Rule {
         parse_args(&s.split_whitespace().collect::<Vec<_>>()).unwrap_or_else(|e| panic!("{s}: {e}"))

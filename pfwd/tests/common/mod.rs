@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use pfwd::{loader::Kernel, rules, state::StoredRule};
+use pfwd::{loader::Kernel, state::StoredRule};
 use pfwd_common::{Config, CtEntry, RuleCounters, Tuple};
 
 /// TCX_NEXT as the test run reports it (the programs return -1 for passed and translated packets alike).
@@ -124,7 +124,7 @@ impl Fixture {
 /// sync_rules' position-to-slot mapping.
 pub fn rule(id: u32, args: &str) -> StoredRule {
     let argv: Vec<&str> = args.split_whitespace().collect();
-    let mut rule = rules::parse_args(&argv).unwrap_or_else(|e| panic!("{args}: {e}"));
+    let mut rule = pfwd::cli::parse_rule(&argv).unwrap_or_else(|e| panic!("{args}: {e}"));
     rule.id = id;
     StoredRule { rule, slot: slot_of(id) }
 }

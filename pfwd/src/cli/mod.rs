@@ -1,6 +1,11 @@
-//! Command-line interface: argument parsing (clap), and human or JSON output of each command.
+//! Command-line interface: argument parsing (clap), and human or JSON output of each command. The rule options of
+//! `pfwd add` live in [`add`].
+
+mod add;
+
+use add::AddCmd;
+pub use add::parse_rule;
 use std::{
-    net::Ipv4Addr,
     path::PathBuf,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
@@ -9,7 +14,6 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ipnet::Ipv4Net;
 use pfwd_common::config_flag;
 use serde_json::Value;
 
@@ -17,7 +21,7 @@ use crate::{
     control::{self, AttachOptions, Mode},
     iptables,
     loader::Kernel,
-    rules::{self, PortRange, Proto, Rule, Target},
+    rules::{self, Rule},
 };
 
 const ABOUT: &str = "Port forwarding and NAT in eBPF, driven like `iptables -t nat`.";
@@ -152,140 +156,6 @@ struct RunArgs {
     interval: u64,
 }
 
-#[derive(Subcommand)]
-enum AddCmd {
-    /// Rewrite the destination (iptables -t nat -A PREROUTING ... -j DNAT --to-destination ADDR[:PORT]).
-    Dnat {
-        #[command(flatten)]
-        m: MatchArgs,
-        /// New destination: ADDR keeps the port, ADDR:PORT also rewrites it (needs -p).
-        #[arg(long, alias = "to-destination", value_name = "ADDR[:PORT]", value_parser = parse_to)]
-        to: (Ipv4Addr, Option<u16>),
-    },
-    /// Send to this machine, on the incoming interface's address (iptables ... -j REDIRECT --to-ports PORT).
-    Redirect {
-        #[command(flatten)]
-        m: MatchArgs,
-        /// New destination port.
-        #[arg(long, alias = "to-ports", value_name = "PORT", value_parser = rules::parse_port)]
-        to_port: u16,
-    },
-    /// Rewrite the source where packets leave through an attached interface (iptables -t nat -A POSTROUTING ...
-    /// -j SNAT --to-source ADDR[:PORTS]).
-    ///
-    /// Matches packets by the interface they leave through (-o), protocol, source and destination; the first packet
-    /// of each flow picks the translation, and replies are translated back automatically. The source port is kept
-    /// when free, else a free one is taken from the range (1024-65535 without one).
-    Snat {
-        #[command(flatten)]
-        m: PostMatchArgs,
-        /// New source: ADDR, or ADDR:LO-HI to take source ports from that range (ADDR:PORT for one; needs -p).
-        #[arg(long, alias = "to-source", value_name = "ADDR[:LO-HI]", value_parser = rules::parse_snat_to)]
-        to: (Ipv4Addr, Option<PortRange>),
-    },
-    /// SNAT to the outgoing interface's current address, for dynamic addresses (iptables ... -j MASQUERADE).
-    ///
-    /// The address is the interface's primary IPv4 address when the flow starts; replies are translated back
-    /// automatically. The source port is kept when free, else a free one is taken from --to-ports (1024-65535
-    /// without it).
-    Masquerade {
-        #[command(flatten)]
-        m: PostMatchArgs,
-        /// Source ports to use when the original one is taken: LO-HI, or one PORT (needs -p).
-        #[arg(long, alias = "to-port", value_name = "LO-HI")]
-        to_ports: Option<PortRange>,
-    },
-}
-
-#[derive(Args)]
-struct MatchArgs {
-    /// Only packets arriving on this (attached) interface.
-    #[arg(short = 'i', long = "in-interface", value_name = "IFACE")]
-    iface: Option<String>,
-    /// Only this protocol (required with --dport, redirect and --to ADDR:PORT). Omit to match all protocols.
-    #[arg(short = 'p', long = "protocol", value_name = "tcp|udp")]
-    proto: Option<Proto>,
-    /// Only from this source address or CIDR.
-    #[arg(short = 's', long = "source", value_name = "CIDR", value_parser = rules::parse_cidr)]
-    src: Option<Ipv4Net>,
-    /// Only to this destination address or CIDR.
-    #[arg(short = 'd', long = "destination", value_name = "ADDR[/LEN]", value_parser = rules::parse_cidr)]
-    dst: Option<Ipv4Net>,
-    /// Only to this destination port or range (PORT or LO-HI).
-    #[arg(long, alias = "destination-port", value_name = "PORT[-PORT]")]
-    dport: Option<PortRange>,
-    /// Accepted only to be refused with a hint (DNAT happens where packets arrive: -i).
-    #[arg(short = 'o', long = "out-interface", value_name = "IFACE", hide = true)]
-    oface: Option<String>,
-    /// Apply to connections made by local processes (the iptables OUTPUT chain) instead of arriving packets.
-    /// eBPF mode translates TCP and UDP at connect/send time with cgroup socket hooks (applications still see the
-    /// address they asked for); ICMP and raw sockets are not covered there (use --mode iptables for those).
-    /// Not with -i or -s.
-    #[arg(long)]
-    local: bool,
-}
-
-/// The match of snat and masquerade: they apply where packets leave, so the interface is the outgoing one.
-#[derive(Args)]
-struct PostMatchArgs {
-    /// Only packets leaving through this (attached) interface.
-    #[arg(short = 'o', long = "out-interface", value_name = "IFACE")]
-    oface: Option<String>,
-    /// Only this protocol (required with a port range). Omit to match all protocols.
-    #[arg(short = 'p', long = "protocol", value_name = "tcp|udp")]
-    proto: Option<Proto>,
-    /// Only from this source address or CIDR.
-    #[arg(short = 's', long = "source", value_name = "CIDR", value_parser = rules::parse_cidr)]
-    src: Option<Ipv4Net>,
-    /// Only to this destination address or CIDR.
-    #[arg(short = 'd', long = "destination", value_name = "ADDR[/LEN]", value_parser = rules::parse_cidr)]
-    dst: Option<Ipv4Net>,
-    /// Accepted only to be refused with a hint (SNAT happens where packets leave: -o).
-    #[arg(short = 'i', long = "in-interface", value_name = "IFACE", hide = true)]
-    iface: Option<String>,
-    /// Accepted only to be refused with a hint (snat/masquerade match -o, -p, -s, -d).
-    #[arg(long, alias = "destination-port", value_name = "PORT[-PORT]", hide = true)]
-    dport: Option<PortRange>,
-}
-
-fn parse_to(s: &str) -> Result<(Ipv4Addr, Option<u16>), String> {
-    rules::parse_to(s).map_err(|e| e.to_string())
-}
-
-impl MatchArgs {
-    fn into_rule(self, target: Target) -> Rule {
-        let mut r = Rule {
-            id: 0,
-            iface: self.iface,
-            oface: self.oface,
-            proto: self.proto,
-            src: self.src,
-            dst: self.dst,
-            dport: self.dport,
-            local: self.local,
-            target,
-        };
-        r.normalize();
-        r
-    }
-}
-
-impl PostMatchArgs {
-    /// The hidden -i/--dport are carried into the rule so validation refuses them with the hint.
-    fn into_rule(self, target: Target) -> Rule {
-        MatchArgs {
-            iface: self.iface,
-            proto: self.proto,
-            src: self.src,
-            dst: self.dst,
-            dport: self.dport,
-            oface: self.oface,
-            local: false,
-        }
-        .into_rule(target)
-    }
-}
-
 fn read_config(path: &Option<PathBuf>) -> Result<Vec<Rule>> {
     let Some(path) = path else { return Ok(vec![]) };
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
@@ -337,12 +207,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Run(r) => run_foreground(r)?,
         Cmd::Add(add) => {
-            let rule = match add {
-                AddCmd::Dnat { m, to: (addr, port) } => m.into_rule(Target::Dnat { addr, port }),
-                AddCmd::Redirect { m, to_port } => m.into_rule(Target::Redirect { port: to_port }),
-                AddCmd::Snat { m, to: (addr, ports) } => m.into_rule(Target::Snat { addr, ports }),
-                AddCmd::Masquerade { m, to_ports } => m.into_rule(Target::Masquerade { ports: to_ports }),
-            };
+            let rule = add.into_rule()?;
             let (id, notes) = control::add(rule)?;
             println!("{id}");
             for n in notes {

@@ -1,0 +1,652 @@
+//! The one rule grammar. Every way of writing a rule (the CLI's `pfwd add`, a TOML `[[rule]]` table, an iptables
+//! `-A PREROUTING ...` line) produces a [`RuleDraft`]: the rule kind plus the options in the order they were given,
+//! each with its value as text and its spelling as written. [`RuleDraft::into_rule`] is the single place that checks
+//! which options a kind takes, parses the values and validates the whole rule, so all front ends accept and reject
+//! the same rules with the same messages (naming the option as the user wrote it).
+//!
+//! [`FIELDS`] lists every option once with its spellings in each syntax: a new option is one entry here, its parsing in
+//! `into_rule`, and its field in [`Rule`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::RuleError;
+use super::model::{PortRange, Rule, Target, wrong_hook};
+use super::value::{parse_cidr, parse_port, parse_proto_opt, parse_snat_to, parse_to, validate_iface};
+
+/// What a rule does: the iptables target it stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Dnat,
+    Redirect,
+    Snat,
+    Masquerade,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Dnat, Kind::Redirect, Kind::Snat, Kind::Masquerade];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Dnat => "dnat",
+            Kind::Redirect => "redirect",
+            Kind::Snat => "snat",
+            Kind::Masquerade => "masquerade",
+        }
+    }
+
+    /// SNAT and MASQUERADE act where packets leave (POSTROUTING), DNAT and REDIRECT where they arrive (PREROUTING).
+    pub fn is_postrouting(self) -> bool {
+        matches!(self, Kind::Snat | Kind::Masquerade)
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Kind {
+    type Err = RuleError;
+    /// `dnat` or iptables' `DNAT` (any case).
+    fn from_str(s: &str) -> Result<Self, RuleError> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| RuleError::BadKind { input: s.to_string() })
+    }
+}
+
+/// Which syntax a draft was written in; decides how options are named in messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Syntax {
+    /// `pfwd add` arguments (and iptables lines, whose option names pfwd's CLI accepts too).
+    Cli,
+    /// A `[[rule]]` table of a config file.
+    Toml,
+}
+
+/// One option of the rule grammar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Field {
+    Local,
+    Iface,
+    Oface,
+    Proto,
+    Src,
+    Dst,
+    Dport,
+    /// DNAT's new destination, SNAT's new source.
+    To,
+    /// REDIRECT's port.
+    ToPort,
+    /// MASQUERADE's source port range.
+    ToPorts,
+}
+
+/// How one [`Field`] is written and which kinds take it.
+#[derive(Debug)]
+pub struct FieldSpec {
+    pub field: Field,
+    /// CLI (and iptables) spellings, the documented one first.
+    pub cli: &'static [&'static str],
+    /// The TOML key.
+    pub toml: &'static str,
+    /// Value placeholder for `--help` and messages; `None` for a flag.
+    pub value: Option<&'static str>,
+    /// Whether the TOML value is a string (quoted in messages) rather than a number or boolean.
+    pub toml_string: bool,
+    pub kinds: &'static [Kind],
+    /// `--help` text.
+    pub help: &'static str,
+}
+
+const PRE: &[Kind] = &[Kind::Dnat, Kind::Redirect];
+const POST: &[Kind] = &[Kind::Snat, Kind::Masquerade];
+const ALL: &[Kind] = &Kind::ALL;
+
+/// Every option of the grammar, in the order `--help` shows them.
+pub const FIELDS: &[FieldSpec] = &[
+    FieldSpec {
+        field: Field::Local,
+        cli: &["--local"],
+        toml: "local",
+        value: None,
+        toml_string: false,
+        kinds: PRE,
+        help: "Apply to connections made by local processes (the iptables OUTPUT chain) instead of arriving \
+               packets. eBPF mode translates TCP and UDP at connect/send time with cgroup socket hooks (applications \
+               still see the address they asked for); ICMP and raw sockets are not covered there (use --mode \
+               iptables for those). Not with -i or -s.",
+    },
+    FieldSpec {
+        field: Field::Iface,
+        cli: &["-i", "--in-interface"],
+        toml: "iface",
+        value: Some("IFACE"),
+        toml_string: true,
+        kinds: PRE,
+        help: "Only packets arriving on this (attached) interface.",
+    },
+    FieldSpec {
+        field: Field::Oface,
+        cli: &["-o", "--out-interface"],
+        toml: "oface",
+        value: Some("IFACE"),
+        toml_string: true,
+        kinds: POST,
+        help: "Only packets leaving through this (attached) interface.",
+    },
+    FieldSpec {
+        field: Field::Proto,
+        cli: &["-p", "--protocol"],
+        toml: "proto",
+        value: Some("tcp|udp|all"),
+        toml_string: true,
+        kinds: ALL,
+        help: "Only this protocol (needed with ports). Omit it, or say all, to match every protocol.",
+    },
+    FieldSpec {
+        field: Field::Src,
+        cli: &["-s", "--source", "--src"],
+        toml: "src",
+        value: Some("ADDR[/LEN]"),
+        toml_string: true,
+        kinds: ALL,
+        help: "Only from this source address or CIDR.",
+    },
+    FieldSpec {
+        field: Field::Dst,
+        cli: &["-d", "--destination", "--dst"],
+        toml: "dst",
+        value: Some("ADDR[/LEN]"),
+        toml_string: true,
+        kinds: ALL,
+        help: "Only to this destination address or CIDR.",
+    },
+    FieldSpec {
+        field: Field::Dport,
+        cli: &["--dport", "--destination-port"],
+        toml: "dport",
+        value: Some("PORT[-PORT]"),
+        toml_string: false,
+        kinds: PRE,
+        help: "Only to this destination port or range (PORT, LO-HI or LO:HI; needs -p).",
+    },
+    FieldSpec {
+        field: Field::To,
+        cli: &["--to", "--to-destination", "--to-source"],
+        toml: "to",
+        value: Some("ADDR[:PORT]"),
+        toml_string: true,
+        kinds: &[Kind::Dnat, Kind::Snat],
+        help: "dnat: the new destination, ADDR (keeps the port) or ADDR:PORT (needs -p). snat: the new source, ADDR, \
+               or ADDR:LO-HI to take source ports from when the original one is taken (needs -p).",
+    },
+    FieldSpec {
+        field: Field::ToPort,
+        cli: &["--to-port", "--to-ports"],
+        toml: "to_port",
+        value: Some("PORT"),
+        toml_string: false,
+        kinds: &[Kind::Redirect],
+        help: "The new destination port.",
+    },
+    FieldSpec {
+        field: Field::ToPorts,
+        cli: &["--to-ports", "--to-port"],
+        toml: "to_ports",
+        value: Some("LO-HI"),
+        toml_string: true,
+        kinds: &[Kind::Masquerade],
+        help: "Source ports to use when the original one is taken: LO-HI, or one PORT (needs -p).",
+    },
+];
+
+/// iptables spellings that belong to one kind only.
+pub const KIND_SPELLINGS: &[(&str, Kind)] = &[("--to-destination", Kind::Dnat), ("--to-source", Kind::Snat)];
+
+pub fn spec(field: Field) -> &'static FieldSpec {
+    FIELDS.iter().find(|s| s.field == field).expect("every field has a spec")
+}
+
+/// The field a CLI spelling stands for in a rule of `kind` (`--to-ports` is redirect's port and masquerade's
+/// range); `None` for a spelling the grammar does not know.
+pub fn cli_field(spelling: &str, kind: Kind) -> Option<Field> {
+    let mut found = FIELDS.iter().filter(|s| s.cli.contains(&spelling));
+    let first = found.next()?;
+    Some(std::iter::once(first).chain(found).find(|s| s.kinds.contains(&kind)).unwrap_or(first).field)
+}
+
+/// The static copy of a CLI spelling (drafts keep `&'static str` so errors can carry them).
+pub fn cli_spelling(spelling: &str) -> Option<&'static str> {
+    FIELDS.iter().flat_map(|s| s.cli.iter().copied()).find(|&s| s == spelling)
+}
+
+/// An error and the option (as written) it is about, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraftError {
+    pub option: Option<&'static str>,
+    pub error: RuleError,
+}
+
+impl From<RuleError> for DraftError {
+    fn from(error: RuleError) -> Self {
+        DraftError { option: None, error }
+    }
+}
+
+impl fmt::Display for DraftError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for DraftError {}
+
+/// A rule as written, not yet checked: see the module docs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleDraft {
+    pub kind: Kind,
+    pub syntax: Syntax,
+    /// An explicit id (config files may fix ids); `None` lets pfwd assign one.
+    pub id: Option<u32>,
+    /// `(field, spelling as written, value)` in the order given; flags have an empty value.
+    options: Vec<(Field, &'static str, String)>,
+}
+
+impl RuleDraft {
+    pub fn new(kind: Kind, syntax: Syntax) -> Self {
+        RuleDraft { kind, syntax, id: None, options: Vec::new() }
+    }
+
+    /// Adds an option. A field given twice is an error naming the second spelling; a value starting with `!`
+    /// (iptables negation) is refused here, for every syntax.
+    pub fn set(&mut self, field: Field, written: &'static str, value: &str) -> Result<(), DraftError> {
+        let at = |error| DraftError { option: Some(written), error };
+        if self.options.iter().any(|(f, _, _)| *f == field) {
+            return Err(at(RuleError::Repeated(written.to_string())));
+        }
+        if value.starts_with('!') {
+            return Err(at(RuleError::Unsupported("negation (!) is not supported".into())));
+        }
+        self.options.push((field, written, value.to_string()));
+        Ok(())
+    }
+
+    /// How `field` is written in this draft's syntax, with its value placeholder: `--to ADDR[:PORT]` or
+    /// `to = "ADDR[:PORT]"`.
+    fn usage(&self, field: Field) -> String {
+        let s = spec(field);
+        let value = match field {
+            Field::To if self.kind == Kind::Snat => "ADDR[:LO-HI]",
+            _ => s.value.unwrap_or(""),
+        };
+        match self.syntax {
+            Syntax::Cli => format!("{} {value}", s.cli[0]),
+            Syntax::Toml if s.toml_string => format!("{} = \"{value}\"", s.toml),
+            Syntax::Toml => format!("{} = {value}", s.toml),
+        }
+    }
+
+    /// What this kind's target looks like in this syntax, for hints.
+    fn target_usage(&self) -> String {
+        match self.kind {
+            Kind::Dnat | Kind::Snat => format!("{} takes {}", self.kind, self.usage(Field::To)),
+            Kind::Redirect => format!("redirect takes {}", self.usage(Field::ToPort)),
+            Kind::Masquerade => {
+                format!("masquerade takes {} (its address is the outgoing interface's)", self.usage(Field::ToPorts))
+            }
+        }
+    }
+
+    /// The error for an option this kind does not take.
+    fn not_for_kind(&self, field: Field, written: &'static str) -> RuleError {
+        if matches!(field, Field::Iface | Field::Oface | Field::Dport) {
+            return wrong_hook(self.kind, written);
+        }
+        if field == Field::Local {
+            return RuleError::Unsupported(format!(
+                "{written} applies to dnat and redirect (locally generated connections), not {}",
+                self.kind
+            ));
+        }
+        let owners: Vec<&str> = spec(field).kinds.iter().map(|k| k.name()).collect();
+        let owners = owners.join(" and ");
+        match self.syntax {
+            Syntax::Cli => {
+                let hint = format!("{} ({written} is for {owners})", self.target_usage());
+                RuleError::WrongTarget { option: written.to_string(), kind: self.kind.name(), hint }
+            }
+            // In a table the field names itself in the error's prefix: say where it belongs.
+            Syntax::Toml => RuleError::Invalid(format!("{written} is for {owners}; {}", self.target_usage())),
+        }
+    }
+
+    /// Checks and parses the draft into a validated, normalized [`Rule`] (id 0 unless the draft has one).
+    pub fn into_rule(self) -> Result<Rule, DraftError> {
+        let kind = self.kind;
+        let mut rule = Rule {
+            id: self.id.unwrap_or(0),
+            iface: None,
+            oface: None,
+            proto: None,
+            src: None,
+            dst: None,
+            dport: None,
+            local: false,
+            target: Target::Masquerade { ports: None },
+        };
+        let (mut to, mut to_port, mut to_ports) = (None, None, None);
+        for (field, written, value) in &self.options {
+            let (field, written) = (*field, *written);
+            let at = |error| DraftError { option: Some(written), error };
+            if !spec(field).kinds.contains(&kind) {
+                return Err(at(self.not_for_kind(field, written)));
+            }
+            if let Some((_, only)) = KIND_SPELLINGS.iter().find(|(s, _)| *s == written)
+                && *only != kind
+            {
+                return Err(at(self.not_for_kind(field, written)));
+            }
+            let value = value.as_str();
+            match field {
+                Field::Local => rule.local = true,
+                Field::Iface => {
+                    validate_iface(value).map_err(at)?;
+                    rule.iface = Some(value.to_string());
+                }
+                Field::Oface => {
+                    validate_iface(value).map_err(at)?;
+                    rule.oface = Some(value.to_string());
+                }
+                Field::Proto => rule.proto = parse_proto_opt(value).map_err(at)?,
+                Field::Src => rule.src = Some(parse_cidr(value).map_err(at)?),
+                Field::Dst => rule.dst = Some(parse_cidr(value).map_err(at)?),
+                Field::Dport => rule.dport = Some(value.parse().map_err(at)?),
+                Field::To => to = Some((written, value)),
+                Field::ToPort => to_port = Some((written, value)),
+                Field::ToPorts => to_ports = Some((written, value)),
+            }
+        }
+        let missing = |field: Field| DraftError {
+            option: Some(match self.syntax {
+                Syntax::Cli => spec(field).cli[0],
+                Syntax::Toml => spec(field).toml,
+            }),
+            error: RuleError::MissingTarget { kind: kind.name(), what: self.usage(field) },
+        };
+        let at = |written: &'static str| move |error| DraftError { option: Some(written), error };
+        rule.target = match kind {
+            Kind::Dnat => {
+                let (w, v) = to.ok_or_else(|| missing(Field::To))?;
+                let (addr, port) = parse_to(v).map_err(at(w))?;
+                Target::Dnat { addr, port }
+            }
+            Kind::Snat => {
+                let (w, v) = to.ok_or_else(|| missing(Field::To))?;
+                let (addr, ports) = parse_snat_to(v).map_err(at(w))?;
+                Target::Snat { addr, ports }
+            }
+            Kind::Redirect => {
+                let (w, v) = to_port.ok_or_else(|| missing(Field::ToPort))?;
+                if v.contains(['-', ':']) {
+                    let reason = "port ranges are not supported".into();
+                    return Err(at(w)(RuleError::BadPort { input: v.into(), reason }));
+                }
+                Target::Redirect { port: parse_port(v).map_err(at(w))? }
+            }
+            // The address is the interface's and the port is kept when free: nothing is required.
+            Kind::Masquerade => {
+                Target::Masquerade { ports: to_ports.map(|(w, v)| v.parse::<PortRange>().map_err(at(w))).transpose()? }
+            }
+        };
+        rule.normalize();
+        rule.validate()?;
+        Ok(rule)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use crate::rules::tests::*;
+    use crate::rules::*;
+
+    #[test]
+    fn display_examples() {
+        let r = ok("dnat -i eth0 -p tcp -s 192.168.1.0/24 --dport 59999 --to 127.0.0.1:17355");
+        assert_eq!(r.to_string(), "dnat -i eth0 -p tcp -s 192.168.1.0/24 --dport 59999 --to 127.0.0.1:17355");
+        let r = ok("redirect -p tcp --dport 80 --to-port 3000");
+        assert_eq!(r.to_string(), "redirect -p tcp --dport 80 --to-port 3000");
+        assert_eq!(r.target, Target::Redirect { port: 3000 });
+        // /32 prints bare; host bits were cleared at parse time.
+        let r = ok("dnat -s 10.0.0.7/32 -d 203.0.113.10/255.255.255.0 --to 10.0.0.2");
+        assert_eq!(r.to_string(), "dnat -s 10.0.0.7 -d 203.0.113.0/24 --to 10.0.0.2");
+    }
+
+    #[test]
+    fn long_forms_and_order() {
+        let a = ok("dnat --in-interface eth0 --protocol tcp --source 192.168.1.0/24 --destination 203.0.113.10 \
+                    --destination-port 8000:8099 --to-destination 10.0.0.2:9000");
+        let b = ok("dnat --to=10.0.0.2:9000 --dport=8000-8099 -d 203.0.113.10 -s 192.168.1.0/24 -p tcp -i eth0");
+        assert_eq!(a, b);
+        assert_eq!(a.dport, Some(PortRange { lo: 8000, hi: 8099 }));
+        assert_eq!(a.dst, Some(net("203.0.113.10/32")));
+        let r = ok("REDIRECT -p udp --to-ports 53");
+        assert_eq!(r.target, Target::Redirect { port: 53 });
+        assert_eq!(r.dport, None);
+    }
+
+    #[test]
+    fn grammar_errors_name_the_input() {
+        for (cmd, want) in [
+            // Without a kind, clap prints the usage with the kinds to choose from.
+            ("", "dnat"),
+            ("", "masquerade"),
+            ("netmap --to 1.2.3.4", "unrecognized subcommand 'netmap'"),
+            ("dnat -p tcp --sport 80 --to 1.2.3.4", "unexpected argument '--sport'"),
+            ("dnat -p tcp 80 --to 1.2.3.4", "unexpected argument \"80\""),
+            ("dnat -p tcp --to", "a value is required for '--to"),
+            ("dnat -p tcp -p udp --to 1.2.3.4", "-p given twice"),
+            ("dnat -p tcp --protocol udp --to 1.2.3.4", "--protocol given twice"),
+            ("dnat ! -s 10.0.0.1 --to 1.2.3.4", "negation"),
+            ("dnat -s !10.0.0.1 --to 1.2.3.4", "negation"),
+            ("dnat -p tcp --dport 80", "dnat needs --to ADDR[:PORT]"),
+            ("redirect -p tcp --dport 80", "redirect needs --to-port PORT"),
+            ("dnat -p tcp --to-port 80", "--to-port does not apply to dnat"),
+            ("redirect -p tcp --to 1.2.3.4", "--to does not apply to redirect"),
+            ("redirect -p tcp --to-port 8000-8010", "bad port \"8000-8010\": port ranges"),
+            ("redirect -p tcp --to-port 0", "bad port \"0\""),
+            ("dnat -p sctp --to 1.2.3.4", "bad protocol \"sctp\""),
+            ("dnat -s 10.0.0.300/24 --to 1.2.3.4", "bad CIDR \"10.0.0.300/24\""),
+            ("dnat -d 10.0.0.0/40 --to 1.2.3.4", "bad CIDR \"10.0.0.0/40\""),
+            ("dnat -p tcp --dport 0 --to 1.2.3.4", "bad port range \"0\""),
+            ("dnat -i eth+ --to 1.2.3.4", "bad interface name \"eth+\""),
+            ("dnat --to 1.2.3.4:99999 -p tcp", "bad --to \"1.2.3.4:99999\""),
+            (
+                "dnat --dport 80 --to 1.2.3.4",
+                "--dport needs -p tcp or -p udp (iptables rejects a port without a protocol)",
+            ),
+            ("redirect --to-port 80", "redirect needs -p tcp or -p udp"),
+            ("dnat --to 1.2.3.4:80", "Need TCP, UDP, SCTP or DCCP with port specification"),
+        ] {
+            let e = err(cmd);
+            assert!(e.contains(want), "{cmd:?}: got {e:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn display_parse_round_trip_property() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..5000 {
+            let r = random_rule(&mut rng);
+            r.validate().unwrap_or_else(|e| panic!("generator made an invalid rule {r}: {e}"));
+            let text = r.to_string();
+            let mut back = p(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            back.id = r.id;
+            assert_eq!(back, r, "{text}");
+            // The state file (JSON) round-trips too.
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(serde_json::from_str::<Rule>(&json).unwrap(), r, "{json}");
+        }
+        zero_prefix_round_trips();
+    }
+
+    /// `0.0.0.0/0` survives a round trip and means the same as no prefix.
+    fn zero_prefix_round_trips() {
+        let r = ok("dnat -s 0.0.0.0/0 --to 10.0.0.1");
+        assert_eq!(r.src, Some(net("0.0.0.0/0")));
+        assert_eq!(p(&r.to_string()).unwrap(), r);
+        assert!(r.same_match_and_target(&ok("dnat --to 10.0.0.1")));
+    }
+
+    #[test]
+    fn snat_masquerade_grammar() {
+        let r = ok("snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099");
+        assert_eq!(r.to_string(), "snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099");
+        assert_eq!(
+            (r.oface.as_deref(), r.iface.as_deref(), r.target),
+            (
+                Some("eth1"),
+                None,
+                Target::Snat { addr: ip("203.0.113.5"), ports: Some(PortRange { lo: 20000, hi: 20099 }) }
+            )
+        );
+        assert!(r.is_postrouting() && r.target.is_postrouting());
+        assert_eq!((r.kind_name(), r.hook_iface()), ("snat", Some("eth1")));
+        let r = ok("masquerade -o eth1");
+        assert_eq!(r.to_string(), "masquerade -o eth1");
+        assert_eq!(r.target, Target::Masquerade { ports: None });
+        let r = ok("masquerade -o eth1 -p udp --to-ports 1024-1027");
+        assert_eq!(r.to_string(), "masquerade -o eth1 -p udp --to-ports 1024-1027");
+        assert_eq!(r.target, Target::Masquerade { ports: Some(PortRange { lo: 1024, hi: 1027 }) });
+        assert_eq!(ok("masquerade").to_string(), "masquerade");
+        assert_eq!(
+            ok("snat -d 198.51.100.0/24 --to 203.0.113.5").to_string(),
+            "snat -d 198.51.100.0/24 --to 203.0.113.5"
+        );
+        // iptables spellings, single ports as one-port ranges, --opt=value.
+        let a = ok("SNAT --out-interface eth1 --protocol tcp --source 10.0.2.0/24 --to-source 203.0.113.5:20000");
+        let b = ok("snat --to=203.0.113.5:20000-20000 -s 10.0.2.5/24 -p tcp -o eth1");
+        assert_eq!(a, b);
+        assert_eq!(a.to_string(), "snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000");
+        let m = ok("MASQUERADE -p tcp --to-port 5000");
+        assert_eq!(m.target, Target::Masquerade { ports: Some(PortRange::single(5000)) });
+        assert_eq!(m.to_string(), "masquerade -p tcp --to-ports 5000");
+        assert!(!ok("dnat --to 10.0.0.1").is_postrouting());
+        assert_eq!(ok("dnat -i eth0 --to 10.0.0.1").hook_iface(), Some("eth0"));
+    }
+
+    #[test]
+    fn snat_masquerade_errors() {
+        for (cmd, want) in [
+            ("snat -i eth0 --to 1.2.3.4", "-i does not apply to snat; SNAT happens where packets leave: use -o"),
+            ("snat --in-interface eth0 --to 1.2.3.4", "--in-interface does not apply to snat; SNAT happens where"),
+            ("masquerade -i eth0", "-i does not apply to masquerade; MASQUERADE happens where packets leave: use -o"),
+            (
+                "snat -p tcp --dport 80 --to 1.2.3.4",
+                "--dport does not apply to snat; snat and masquerade rules match -o",
+            ),
+            ("masquerade -p tcp --destination-port 80", "--destination-port does not apply to masquerade"),
+            ("dnat -o eth1 --to 1.2.3.4", "-o does not apply to dnat; DNAT happens where packets arrive: use -i"),
+            ("redirect -p tcp --out-interface eth1 --to-port 80", "--out-interface does not apply to redirect"),
+            ("snat --to 1.2.3.4:1000-2000", "--to with a port needs -p tcp or -p udp (iptables: \"Need TCP, UDP"),
+            ("snat --to 1.2.3.4:1000", "Need TCP, UDP, SCTP or DCCP with port specification"),
+            ("masquerade --to-ports 1024-1027", "--to-ports needs -p tcp or -p udp (iptables: \"Need TCP, UDP"),
+            ("snat -p tcp", "snat needs --to ADDR[:LO-HI]"),
+            ("snat -p tcp --to-port 80", "--to-port does not apply to snat; snat takes --to ADDR[:LO-HI]"),
+            ("snat --to-destination 1.2.3.4", "--to-destination does not apply to snat"),
+            ("dnat --to-source 1.2.3.4", "--to-source does not apply to dnat"),
+            ("masquerade --to 1.2.3.4", "--to does not apply to masquerade"),
+            ("masquerade -p tcp --to-ports 2000-1000", "bad port range \"2000-1000\""),
+            ("masquerade -p tcp --to-ports 0", "bad port range \"0\""),
+            ("snat -p tcp --to 1.2.3.4:9-1", "bad --to \"1.2.3.4:9-1\""),
+            ("snat --to 255.255.255.255", "not a unicast"),
+            ("snat -o eth+ --to 1.2.3.4", "bad interface name \"eth+\""),
+            ("snat -o eth0 -o eth1 --to 1.2.3.4", "-o given twice"),
+            ("snat --to 1.2.3.4 --to-source 1.2.3.5", "--to-source given twice"),
+        ] {
+            let e = err(cmd);
+            assert!(e.contains(want), "{cmd:?}: got {e:?}, want {want:?}");
+        }
+        // Hand-built rules (state file) get the same checks.
+        let mut r = ok("snat -o eth1 -p tcp --to 1.2.3.4:1000-2000");
+        r.iface = Some("eth0".into());
+        assert_eq!(
+            r.validate().unwrap_err().to_string(),
+            "-i does not apply to snat; SNAT happens where packets leave: use -o"
+        );
+        r.iface = None;
+        r.proto = None;
+        assert_eq!(r.validate().unwrap_err(), RuleError::ToPortNeedsProto);
+        r.target = Target::Masquerade { ports: Some(PortRange { lo: 0, hi: 5 }) };
+        assert!(r.validate().unwrap_err().to_string().contains("bad port range \"0-5\""));
+        r.target = Target::Masquerade { ports: Some(PortRange { lo: 1, hi: 5 }) };
+        assert_eq!(r.validate().unwrap_err(), RuleError::ToPortsNeedsProto);
+        r.target = Target::Snat { addr: ip("224.0.0.1"), ports: None };
+        assert!(r.validate().unwrap_err().to_string().contains("not a unicast"));
+        let mut d = ok("dnat --to 10.0.0.1");
+        d.oface = Some("eth1".into());
+        assert!(d.validate().unwrap_err().to_string().starts_with("-o does not apply to dnat"));
+    }
+
+    /// The same rule spelled the three ways users write rules (CLI, TOML, an iptables line) becomes the same
+    /// [`Rule`]; `-p all` is accepted by all three and means no protocol filter.
+    #[test]
+    fn cli_toml_and_iptables_agree() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "dnat -i eth0 -p tcp -s 192.168.1.0/24 --dport 8000-8099 --to 10.0.0.2:9000",
+                "kind = \"dnat\"\niface = \"eth0\"\nproto = \"tcp\"\nsrc = \"192.168.1.0/24\"\ndport = \"8000-8099\"\n\
+                 to = \"10.0.0.2:9000\"",
+                "-A PREROUTING -i eth0 -p tcp -s 192.168.1.0/24 --dport 8000:8099 -j DNAT --to-destination 10.0.0.2:9000",
+            ),
+            (
+                "redirect -p udp --dport 53 --to-port 5353",
+                "kind = \"redirect\"\nproto = \"udp\"\ndport = 53\nto_port = 5353",
+                "-A PREROUTING -p udp -m udp --dport 53 -j REDIRECT --to-ports 5353",
+            ),
+            (
+                "dnat -p all -d 203.0.113.10 --to 10.0.0.2",
+                "kind = \"dnat\"\nproto = \"all\"\ndst = \"203.0.113.10\"\nto = \"10.0.0.2\"",
+                "-A PREROUTING -p all -d 203.0.113.10 -j DNAT --to-destination 10.0.0.2",
+            ),
+            (
+                "dnat --local -p tcp --dport 1111 --to 127.0.0.1:80",
+                "kind = \"dnat\"\nlocal = true\nproto = \"tcp\"\ndport = 1111\nto = \"127.0.0.1:80\"",
+                "-A OUTPUT -p tcp --dport 1111 -j DNAT --to-destination 127.0.0.1:80",
+            ),
+            (
+                "snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099",
+                "kind = \"snat\"\noface = \"eth1\"\nproto = \"tcp\"\nsrc = \"10.0.2.0/24\"\nto = \"203.0.113.5:20000-20099\"",
+                "-A POSTROUTING -o eth1 -p tcp -s 10.0.2.0/24 -j SNAT --to-source 203.0.113.5:20000-20099",
+            ),
+            (
+                "masquerade -o eth1 -p udp --to-ports 1024-2047",
+                "kind = \"masquerade\"\noface = \"eth1\"\nproto = \"udp\"\nto_ports = \"1024-2047\"",
+                "-A POSTROUTING -o eth1 -p udp -j MASQUERADE --to-ports 1024-2047",
+            ),
+        ];
+        for (cli, toml, ipt) in cases {
+            let from_cli = ok(cli);
+            let from_toml = parse_config(&format!("[[rule]]\n{toml}\n")).unwrap_or_else(|e| panic!("{toml}: {e}"));
+            let from_ipt = crate::iptables::import(&format!("*nat\n{ipt}\nCOMMIT\n"))
+                .unwrap_or_else(|e| panic!("{ipt}: {e:?}"))
+                .rules;
+            assert_eq!(from_toml, [from_cli.clone()], "TOML {toml:?} vs CLI {cli:?}");
+            assert_eq!(from_ipt, [from_cli.clone()], "iptables {ipt:?} vs CLI {cli:?}");
+        }
+        // And the same mistakes are refused by the grammar, with the option named as written.
+        assert!(err("snat -i eth0 --to 1.2.3.4").starts_with("-i does not apply to snat"));
+        let toml = parse_config("[[rule]]\nkind = \"snat\"\niface = \"eth0\"\nto = \"1.2.3.4\"\n").unwrap_err();
+        assert_eq!(
+            toml.to_string(),
+            "[[rule]] #1, field iface: iface does not apply to snat; SNAT happens where packets leave: use oface"
+        );
+    }
+}

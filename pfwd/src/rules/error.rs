@@ -1,0 +1,82 @@
+//! [`RuleError`]: everything that can be wrong with a rule, a rule set or a config file.
+
+use pfwd_common::maps::{BUCKET_SLOTS, MAX_BUCKETS, MAX_RULES};
+
+/// Everything that can be wrong with a rule, a rule set or a config file. Messages quote the offending input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("bad CIDR {input:?}: {reason}")]
+    BadCidr { input: String, reason: String },
+    #[error("bad port {input:?}: {reason}")]
+    BadPort { input: String, reason: String },
+    #[error("bad port range {input:?}: {reason}")]
+    BadPortRange { input: String, reason: String },
+    #[error("bad protocol {input:?}: expected tcp or udp (omit -p to match every protocol)")]
+    BadProto { input: String },
+    #[error("bad interface name {input:?}: {reason}")]
+    BadIface { input: String, reason: String },
+    #[error("bad --to {input:?}: {reason}")]
+    BadTo { input: String, reason: String },
+    #[error("bad rule kind {input:?}: expected {KINDS}")]
+    BadKind { input: String },
+    #[error("unknown option {0:?}")]
+    UnknownOption(String),
+    #[error("unexpected argument {0:?}")]
+    UnexpectedArgument(String),
+    #[error("{0} needs a value")]
+    MissingValue(String),
+    #[error("{0} given twice")]
+    Repeated(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("missing rule kind: expected {KINDS}")]
+    MissingKind,
+    #[error("{kind} needs {what}")]
+    MissingTarget { kind: &'static str, what: String },
+    #[error("{option} does not apply to {kind}; {hint}")]
+    WrongTarget { option: String, kind: &'static str, hint: String },
+    #[error("--dport needs -p tcp or -p udp (iptables rejects a port without a protocol)")]
+    PortNeedsProto,
+    #[error("redirect needs -p tcp or -p udp (it rewrites the destination port)")]
+    RedirectNeedsProto,
+    #[error(
+        "--to with a port needs -p tcp or -p udp (iptables: \"Need TCP, UDP, SCTP or DCCP with port specification\")"
+    )]
+    ToPortNeedsProto,
+    #[error("--to-ports needs -p tcp or -p udp (iptables: \"Need TCP, UDP, SCTP or DCCP with port specification\")")]
+    ToPortsNeedsProto,
+    #[error("duplicate of rule {of}")]
+    Duplicate { of: u32 },
+    #[error("no rule with id {0}")]
+    NoSuchRule(u32),
+    #[error("rule {id}: {error}")]
+    InRule { id: u32, error: Box<RuleError> },
+    #[error("interface {iface:?} (rule {id}) is not attached")]
+    IfaceNotAttached { id: u32, iface: String },
+    #[error(
+        "too many rules share interface {iface}, protocol {proto}, port {port} (rules {ids}): at most {} rules may share one",
+        BUCKET_SLOTS
+    )]
+    BucketFull { iface: String, proto: String, port: String, ids: String },
+    #[error("{0} rules; at most {MAX_RULES} are supported")]
+    TooManyRules(usize),
+    #[error("more than {MAX_BUCKETS} (interface, protocol, port) combinations; each port of a --dport range uses one")]
+    TooManyBuckets,
+    #[error("bad TOML: {0}")]
+    Toml(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("duplicate of [[rule]] #{0} (same match and target)")]
+    DuplicateInFile(usize),
+    #[error("id {id} is already used by [[rule]] #{index}")]
+    DuplicateId { id: u32, index: usize },
+    /// An error in the config file: `index` is the 1-based position of the `[[rule]]`.
+    #[error("[[rule]] #{index}{}: {error}", field_label(.field))]
+    Config { index: usize, field: Option<&'static str>, error: Box<RuleError> },
+}
+
+pub(super) const KINDS: &str = "\"dnat\", \"redirect\", \"snat\" or \"masquerade\"";
+
+fn field_label(field: &Option<&'static str>) -> String {
+    field.map(|f| format!(", field {f}")).unwrap_or_default()
+}

@@ -1,0 +1,580 @@
+//! The rule model: what one rule matches ([`Proto`], [`PortRange`], prefixes, interfaces) and does ([`Target`]),
+//! its checks ([`Rule::validate`]), duplicate detection, and its printing in CLI syntax. Values are parsed in
+//! [`super::value`]; rules are written by users through [`super::draft`].
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use ipnet::Ipv4Net;
+use pfwd_common::maps::{PROTO_TCP, PROTO_UDP};
+use serde::{Deserialize, Serialize};
+
+use super::draft::Kind;
+use super::error::RuleError;
+use super::value::{check_to_addr, port_number, validate_iface};
+
+/// Transport protocol a rule matches. Absent (`None` in [`Rule`]) means every protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// IP protocol number, as stored in [`RuleEntry::proto`] and [`BucketKey::proto`].
+    pub fn code(self) -> u8 {
+        match self {
+            Proto::Tcp => PROTO_TCP,
+            Proto::Udp => PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        })
+    }
+}
+
+impl FromStr for Proto {
+    type Err = RuleError;
+    /// Case-insensitive like iptables, and the protocol numbers are accepted too.
+    fn from_str(s: &str) -> Result<Self, RuleError> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" | "6" => Ok(Proto::Tcp),
+            "udp" | "17" => Ok(Proto::Udp),
+            _ => Err(RuleError::BadProto { input: s.to_string() }),
+        }
+    }
+}
+
+/// A destination port range, inclusive. A single port has `lo == hi`. Port 0 is never valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl PortRange {
+    pub fn single(port: u16) -> Self {
+        PortRange { lo: port, hi: port }
+    }
+
+    /// Number of ports minus one; the precedence key (narrower is more specific).
+    pub fn width(&self) -> u16 {
+        self.hi.saturating_sub(self.lo)
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.lo..=self.hi).contains(&port)
+    }
+
+    fn check(&self) -> Result<(), RuleError> {
+        if self.lo == 0 || self.lo > self.hi {
+            return Err(RuleError::BadPortRange {
+                input: self.to_string(),
+                reason: "expected 1-65535 with low <= high".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi { write!(f, "{}", self.lo) } else { write!(f, "{}-{}", self.lo, self.hi) }
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = RuleError;
+    /// `80`, `8000-8099`, or iptables' `8000:8099`.
+    fn from_str(s: &str) -> Result<Self, RuleError> {
+        let bad = |reason: &str| RuleError::BadPortRange { input: s.to_string(), reason: reason.to_string() };
+        let (lo, hi) = match s.split_once(['-', ':']) {
+            Some((lo, hi)) => (port_number(lo).map_err(bad)?, port_number(hi).map_err(bad)?),
+            None => {
+                let p = port_number(s).map_err(bad)?;
+                (p, p)
+            }
+        };
+        if lo > hi {
+            return Err(bad("the low port is above the high port"));
+        }
+        Ok(PortRange { lo, hi })
+    }
+}
+
+// The state file stores ranges in the same text form the CLI uses; an integer is accepted for a single port.
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = PortRange;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port or port range such as \"80\" or \"8000-8099\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PortRange, E> {
+                v.parse().map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PortRange, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PortRange, E> {
+                self.visit_str(&v.to_string())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What happens to a matching packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Target {
+    /// `-j DNAT --to-destination ADDR[:PORT]`; `port: None` keeps the original destination port.
+    Dnat { addr: Ipv4Addr, port: Option<u16> },
+    /// `-j REDIRECT --to-ports PORT`: to the incoming interface's primary address.
+    Redirect { port: u16 },
+    /// `-j SNAT --to-source ADDR[:LO-HI]`: the source becomes `addr`; the source port is kept when free, else taken
+    /// from `ports` (`None`: from 1024-65535).
+    Snat { addr: Ipv4Addr, ports: Option<PortRange> },
+    /// `-j MASQUERADE [--to-ports LO-HI]`: SNAT to the outgoing interface's current primary address.
+    Masquerade { ports: Option<PortRange> },
+}
+
+impl Target {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Target::Dnat { .. } => Kind::Dnat,
+            Target::Redirect { .. } => Kind::Redirect,
+            Target::Snat { .. } => Kind::Snat,
+            Target::Masquerade { .. } => Kind::Masquerade,
+        }
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// SNAT and MASQUERADE rewrite the source where packets leave (iptables POSTROUTING); DNAT and REDIRECT the
+    /// destination where they arrive (PREROUTING).
+    pub fn is_postrouting(&self) -> bool {
+        self.kind().is_postrouting()
+    }
+}
+
+/// The target in CLI syntax: `--to ADDR[:PORT]`, `--to-port PORT`, `--to ADDR[:LO-HI]`, `[--to-ports LO-HI]`
+/// (empty for a masquerade without ports).
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Dnat { addr, port: Some(p) } => write!(f, "--to {addr}:{p}"),
+            Target::Dnat { addr, port: None } => write!(f, "--to {addr}"),
+            Target::Redirect { port } => write!(f, "--to-port {port}"),
+            Target::Snat { addr, ports: Some(r) } => write!(f, "--to {addr}:{r}"),
+            Target::Snat { addr, ports: None } => write!(f, "--to {addr}"),
+            Target::Masquerade { ports: Some(r) } => write!(f, "--to-ports {r}"),
+            Target::Masquerade { ports: None } => Ok(()),
+        }
+    }
+}
+
+/// One forwarding rule. Absent match fields match everything. Prefixes are kept normalized (host bits cleared).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    /// User-facing id (`pfwd list`); 0 means not yet assigned.
+    #[serde(default)]
+    pub id: u32,
+    /// Incoming interface (`-i`); PREROUTING rules only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iface: Option<String>,
+    /// Outgoing interface (`-o`); POSTROUTING rules only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oface: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<Proto>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src: Option<Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst: Option<Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dport: Option<PortRange>,
+    /// `--local`: applies to connections made by local processes (iptables OUTPUT) instead of arriving packets.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
+    pub target: Target,
+}
+
+/// See [`Rule::dedup_key`]: interfaces, protocol, (network, mask) of source and destination, ports, `--local`, target.
+pub type DedupKey =
+    (Option<String>, Option<String>, Option<Proto>, (u32, u32), (u32, u32), Option<PortRange>, bool, Target);
+
+/// `(network, mask)` in host order; an absent prefix is `0/0`, so `None` and `0.0.0.0/0` behave the same.
+pub(super) fn net_mask(n: Option<Ipv4Net>) -> (u32, u32) {
+    match n {
+        Some(n) => {
+            let mask = u32::from(n.netmask());
+            (u32::from(n.addr()) & mask, mask)
+        }
+        None => (0, 0),
+    }
+}
+
+pub(super) fn prefix_len(n: Option<Ipv4Net>) -> u8 {
+    n.map_or(0, |n| n.prefix_len())
+}
+
+impl Rule {
+    /// Clears host bits of the prefixes (iptables accepts `192.168.1.5/24` and means `192.168.1.0/24`).
+    pub fn normalize(&mut self) {
+        self.src = self.src.map(|n| n.trunc());
+        self.dst = self.dst.map(|n| n.trunc());
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        self.target.kind_name()
+    }
+
+    /// A SNAT/MASQUERADE rule (matched at egress, iptables POSTROUTING) rather than DNAT/REDIRECT (PREROUTING).
+    pub fn is_postrouting(&self) -> bool {
+        self.target.is_postrouting()
+    }
+
+    /// The interface the rule is tied to: the incoming one for PREROUTING rules, the outgoing one for POSTROUTING.
+    pub fn hook_iface(&self) -> Option<&str> {
+        if self.is_postrouting() { self.oface.as_deref() } else { self.iface.as_deref() }
+    }
+
+    /// Checks the combinations iptables rejects, and field values a hand-written state file could get wrong.
+    pub fn validate(&self) -> Result<(), RuleError> {
+        if let Some(i) = &self.iface {
+            validate_iface(i)?;
+        }
+        if let Some(o) = &self.oface {
+            validate_iface(o)?;
+        }
+        let post = self.is_postrouting();
+        if post && self.iface.is_some() {
+            return Err(wrong_hook(self.target.kind(), "-i"));
+        }
+        if post && self.dport.is_some() {
+            return Err(wrong_hook(self.target.kind(), "--dport"));
+        }
+        if !post && self.oface.is_some() {
+            return Err(wrong_hook(self.target.kind(), "-o"));
+        }
+        if self.local {
+            if post {
+                return Err(RuleError::Unsupported(format!(
+                    "--local applies to dnat and redirect (locally generated connections), not {}",
+                    self.kind_name()
+                )));
+            }
+            if self.iface.is_some() {
+                return Err(RuleError::Unsupported(
+                    "-i does not apply to --local rules: local connections do not arrive on an interface".into(),
+                ));
+            }
+            if self.src.is_some() {
+                return Err(RuleError::Unsupported(
+                    "-s is not supported with --local: a local connection's source is chosen after it is translated"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(p) = &self.dport {
+            p.check()?;
+            if self.proto.is_none() {
+                return Err(RuleError::PortNeedsProto);
+            }
+        }
+        match self.target {
+            Target::Redirect { port } => {
+                if port == 0 {
+                    return Err(RuleError::BadPort {
+                        input: "0".into(),
+                        reason: "port 0 is not allowed (1-65535)".into(),
+                    });
+                }
+                if self.proto.is_none() {
+                    return Err(RuleError::RedirectNeedsProto);
+                }
+            }
+            Target::Dnat { addr, port } => {
+                check_to_addr(addr)
+                    .map_err(|r| RuleError::BadTo { input: self.target.to_string(), reason: r.into() })?;
+                if port == Some(0) {
+                    return Err(RuleError::BadTo {
+                        input: self.target.to_string(),
+                        reason: "port 0 is not allowed (1-65535)".into(),
+                    });
+                }
+                if port.is_some() && self.proto.is_none() {
+                    return Err(RuleError::ToPortNeedsProto);
+                }
+            }
+            Target::Snat { addr, ports } => {
+                check_to_addr(addr)
+                    .map_err(|r| RuleError::BadTo { input: self.target.to_string(), reason: r.into() })?;
+                if let Some(r) = ports {
+                    r.check()?;
+                    if self.proto.is_none() {
+                        return Err(RuleError::ToPortNeedsProto);
+                    }
+                }
+            }
+            Target::Masquerade { ports } => {
+                if let Some(r) = ports {
+                    r.check()?;
+                    if self.proto.is_none() {
+                        return Err(RuleError::ToPortsNeedsProto);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A key equal for two rules exactly when [`Rule::same_match_and_target`] holds, so duplicates among many
+    /// rules are found with a hash set instead of comparing every pair.
+    pub fn dedup_key(&self) -> DedupKey {
+        (
+            self.iface.clone(),
+            self.oface.clone(),
+            self.proto,
+            net_mask(self.src),
+            net_mask(self.dst),
+            self.dport,
+            self.local,
+            self.target,
+        )
+    }
+
+    /// True when both rules match the same packets and do the same thing (ids are ignored). Such a pair is a
+    /// duplicate. Same match with a different target is not a duplicate: precedence picks the older rule.
+    pub fn same_match_and_target(&self, other: &Rule) -> bool {
+        self.iface == other.iface
+            && self.oface == other.oface
+            && self.proto == other.proto
+            && net_mask(self.src) == net_mask(other.src)
+            && net_mask(self.dst) == net_mask(other.dst)
+            && self.dport == other.dport
+            && self.local == other.local
+            && self.target == other.target
+    }
+}
+
+/// The error for `-i`/`--dport` on a SNAT/MASQUERADE rule or `-o` on a DNAT/REDIRECT one (`option` as written, or
+/// the TOML field). iptables refuses `-i` in POSTROUTING and `-o` in PREROUTING; pfwd's POSTROUTING rules have no
+/// port level.
+pub(super) fn wrong_hook(kind: Kind, option: &str) -> RuleError {
+    let hint = match (kind, option) {
+        (Kind::Snat, "iface") => "SNAT happens where packets leave: use oface",
+        (Kind::Masquerade, "iface") => "MASQUERADE happens where packets leave: use oface",
+        (Kind::Snat, "-i" | "--in-interface") => "SNAT happens where packets leave: use -o",
+        (Kind::Masquerade, "-i" | "--in-interface") => "MASQUERADE happens where packets leave: use -o",
+        (Kind::Snat | Kind::Masquerade, _) => {
+            "snat and masquerade rules match -o, -p, -s and -d (the source port is what they rewrite)"
+        }
+        (Kind::Dnat, "oface") => "DNAT happens where packets arrive: use iface",
+        (Kind::Redirect, "oface") => "REDIRECT happens where packets arrive: use iface",
+        (Kind::Dnat, _) => "DNAT happens where packets arrive: use -i",
+        (Kind::Redirect, _) => "REDIRECT happens where packets arrive: use -i",
+    };
+    RuleError::WrongTarget { option: option.to_string(), kind: kind.name(), hint: hint.into() }
+}
+
+pub(super) fn fmt_net(n: &Ipv4Net) -> String {
+    let n = n.trunc();
+    if n.prefix_len() == 32 { n.addr().to_string() } else { n.to_string() }
+}
+
+/// The rule in pfwd CLI syntax (without the id), e.g.
+/// `dnat -i eth0 -p tcp -s 192.168.1.0/24 --dport 59999 --to 127.0.0.1:17355` or
+/// `snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099`. `pfwd add` reads it back.
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind_name())?;
+        if self.local {
+            f.write_str(" --local")?;
+        }
+        if let Some(i) = &self.iface {
+            write!(f, " -i {i}")?;
+        }
+        if let Some(o) = &self.oface {
+            write!(f, " -o {o}")?;
+        }
+        if let Some(p) = self.proto {
+            write!(f, " -p {p}")?;
+        }
+        if let Some(s) = &self.src {
+            write!(f, " -s {}", fmt_net(s))?;
+        }
+        if let Some(d) = &self.dst {
+            write!(f, " -d {}", fmt_net(d))?;
+        }
+        if let Some(p) = self.dport {
+            write!(f, " --dport {p}")?;
+        }
+        match self.target {
+            Target::Masquerade { ports: None } => Ok(()),
+            t => write!(f, " {t}"),
+        }
+    }
+}
+
+/// Rejects `new` if it duplicates one of `existing` (used when adding a rule); the error names the existing id.
+pub fn check_duplicate(existing: &[Rule], new: &Rule) -> Result<(), RuleError> {
+    match existing.iter().find(|r| r.same_match_and_target(new)) {
+        Some(r) => Err(RuleError::Duplicate { of: r.id }),
+        None => Ok(()),
+    }
+}
+
+/// The next free id: one above the highest in use, so ids are never reused while their rule exists.
+pub fn next_id(rules: &[Rule]) -> u32 {
+    rules.iter().map(|r| r.id).max().unwrap_or(0).saturating_add(1)
+}
+
+/// Removes and returns the rule with `id`.
+pub fn remove_by_id(rules: &mut Vec<Rule>, id: u32) -> Result<Rule, RuleError> {
+    match rules.iter().position(|r| r.id == id) {
+        Some(i) => Ok(rules.remove(i)),
+        None => Err(RuleError::NoSuchRule(id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use crate::rules::tests::*;
+    use crate::rules::*;
+
+    #[test]
+    fn proto_parsing() {
+        assert_eq!("tcp".parse::<Proto>().unwrap(), Proto::Tcp);
+        assert_eq!("UDP".parse::<Proto>().unwrap(), Proto::Udp);
+        assert_eq!("6".parse::<Proto>().unwrap(), Proto::Tcp);
+        assert_eq!(Proto::Udp.to_string(), "udp");
+        let e = "icmp".parse::<Proto>().unwrap_err().to_string();
+        assert!(e.contains("\"icmp\"") && e.contains("tcp or udp"), "{e}");
+        assert_eq!(ok("dnat -p all --to 10.0.0.1").proto, None);
+    }
+
+    #[test]
+    fn port_range_parsing() {
+        assert_eq!("80".parse::<PortRange>().unwrap(), PortRange::single(80));
+        assert_eq!("8000-8099".parse::<PortRange>().unwrap(), PortRange { lo: 8000, hi: 8099 });
+        assert_eq!("8000:8099".parse::<PortRange>().unwrap(), PortRange { lo: 8000, hi: 8099 });
+        assert_eq!("65535".parse::<PortRange>().unwrap(), PortRange::single(65535));
+        assert_eq!(PortRange { lo: 8000, hi: 8099 }.to_string(), "8000-8099");
+        assert_eq!(PortRange::single(80).to_string(), "80");
+        for bad in ["0", "0-10", "10-5", "abc", "80-", "-80", "+80", "65536", "1-2-3", "", " 80", "80x", "99999999999"]
+        {
+            let e = bad.parse::<PortRange>().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("bad port range {bad:?}")), "{bad}: {e}");
+        }
+        assert!("10-5".parse::<PortRange>().unwrap_err().to_string().contains("low port is above"));
+        assert!("0".parse::<PortRange>().unwrap_err().to_string().contains("port 0"));
+    }
+
+    #[test]
+    fn validation_rules() {
+        // IP-only DNAT: no protocol needed when the port is kept.
+        let r = ok("dnat -d 203.0.113.10 --to 10.0.0.2");
+        assert_eq!(r.proto, None);
+        // Hand-built rules (e.g. from a state file) are checked the same way.
+        let mut r = ok("redirect -p tcp --dport 80 --to-port 3000");
+        r.dport = Some(PortRange { lo: 90, hi: 80 });
+        assert!(r.validate().unwrap_err().to_string().contains("bad port range"));
+        r.dport = None;
+        r.proto = None;
+        assert_eq!(r.validate().unwrap_err(), RuleError::RedirectNeedsProto);
+        let r = Rule {
+            id: 0,
+            iface: None,
+            oface: None,
+            proto: None,
+            src: None,
+            dst: None,
+            dport: None,
+            local: false,
+            target: Target::Dnat { addr: ip("10.0.0.1"), port: Some(80) },
+        };
+        assert_eq!(r.validate().unwrap_err(), RuleError::ToPortNeedsProto);
+    }
+
+    #[test]
+    fn json_state_format() {
+        let r = Rule { id: 3, ..ok("dnat -i eth0 -p tcp --dport 8000-8099 --to 10.0.0.2") };
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": 3, "iface": "eth0", "proto": "tcp", "dport": "8000-8099",
+                               "target": {"kind": "dnat", "addr": "10.0.0.2", "port": null}})
+        );
+        let back: Rule = serde_json::from_value(serde_json::json!({
+            "id": 4, "proto": "udp", "dport": 53, "src": "10.0.0.0/8", "target": {"kind": "redirect", "port": 5353}
+        }))
+        .unwrap();
+        assert_eq!(back, Rule { id: 4, ..ok("redirect -p udp -s 10.0.0.0/8 --dport 53 --to-port 5353") });
+        let e = serde_json::from_value::<Rule>(
+            serde_json::json!({"dport": "0", "target": {"kind": "redirect", "port": 1}}),
+        );
+        assert!(e.unwrap_err().to_string().contains("bad port range \"0\""));
+    }
+
+    #[test]
+    fn duplicates() {
+        let a = Rule { id: 1, ..ok("dnat -p tcp -s 192.168.1.1 --dport 80 --to 10.0.0.2") };
+        let b = Rule { id: 2, ..ok("dnat -p tcp -s 192.168.1.1/32 --dport 80 --to 10.0.0.2") };
+        assert!(a.same_match_and_target(&b), "ids are ignored, /32 is the bare address");
+        let c = Rule { id: 3, ..ok("dnat -p tcp -s 192.168.1.1 --dport 80 --to 10.0.0.3") };
+        assert!(!a.same_match_and_target(&c), "same match, different target: allowed, precedence decides");
+        let d = Rule { id: 4, ..ok("dnat -p udp -s 192.168.1.1 --dport 80 --to 10.0.0.2") };
+        assert!(!a.same_match_and_target(&d));
+        let rules = vec![a.clone(), c.clone()];
+        assert_eq!(check_duplicate(&rules, &b).unwrap_err().to_string(), "duplicate of rule 1");
+        check_duplicate(&rules, &d).unwrap();
+        // The older of two same-match rules wins.
+        assert_eq!(precedence_order(&[c.clone(), a.clone()]), vec![1, 0]);
+        assert_eq!(next_id(&rules), 4);
+        let mut rules = rules;
+        assert_eq!(remove_by_id(&mut rules, 7).unwrap_err().to_string(), "no rule with id 7");
+        assert_eq!(remove_by_id(&mut rules, 3).unwrap(), c);
+        assert_eq!(rules, vec![a]);
+    }
+
+    #[test]
+    fn snat_json_state_format() {
+        let r = Rule { id: 5, ..ok("snat -o eth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000-20099") };
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({"id": 5, "oface": "eth1", "proto": "tcp", "src": "10.0.2.0/24",
+                               "target": {"kind": "snat", "addr": "203.0.113.5", "ports": "20000-20099"}})
+        );
+        let m = Rule { id: 6, ..ok("masquerade -o eth1") };
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": 6, "oface": "eth1", "target": {"kind": "masquerade", "ports": null}})
+        );
+        assert_eq!(serde_json::from_value::<Rule>(json).unwrap(), m);
+        // Old state files (no oface, no ports) still read.
+        let back: Rule =
+            serde_json::from_value(serde_json::json!({"id": 7, "target": {"kind": "masquerade"}})).unwrap();
+        assert_eq!(back, Rule { id: 7, ..ok("masquerade") });
+    }
+}

@@ -1,0 +1,112 @@
+//! Helpers shared by the rules tests (and the iptables tests): rules spelled the CLI way, parsed through the real
+//! CLI (`pfwd add`), a small deterministic generator and a random valid rule.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::rules::*;
+
+/// `pfwd add <s>` through the real CLI parser and the grammar.
+pub(crate) fn p(s: &str) -> Result<Rule, String> {
+    crate::cli::parse_rule(&s.split_whitespace().collect::<Vec<_>>())
+}
+
+pub(crate) fn ok(s: &str) -> Rule {
+    p(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+}
+
+pub(crate) fn err(s: &str) -> String {
+    match p(s) {
+        Ok(r) => panic!("{s}: accepted as {r}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+pub(crate) fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+pub(crate) fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// Tiny deterministic xorshift64 generator: reproducible property tests without a dependency (the iptables
+/// tests use it too).
+pub(crate) struct Rng(pub(crate) u64);
+
+impl Rng {
+    pub(crate) fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub(crate) fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+    pub(crate) fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// Random valid rule over the whole value space (for syntax round trips), PREROUTING or POSTROUTING.
+pub(crate) fn random_rule(rng: &mut Rng) -> Rule {
+    let post = rng.chance(30);
+    let proto = match rng.below(3) {
+        0 => None,
+        1 => Some(Proto::Tcp),
+        _ => Some(Proto::Udp),
+    };
+    let rand_net = |rng: &mut Rng| {
+        let len = rng.below(33) as u8;
+        Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), len).unwrap().trunc()
+    };
+    let port = |rng: &mut Rng| (rng.below(65535) + 1) as u16;
+    let range = |rng: &mut Rng| {
+        let a = port(rng);
+        let b = if rng.chance(50) { a } else { port(rng) };
+        PortRange { lo: a.min(b), hi: a.max(b) }
+    };
+    let dport = if !post && proto.is_some() && rng.chance(60) { Some(range(rng)) } else { None };
+    let iface = if rng.chance(40) { Some(rng.pick(&["eth0", "wg0", "veth-a.1", "br_lan", "x"]).into()) } else { None };
+    let target = if post {
+        let ports = if proto.is_some() && rng.chance(60) { Some(range(rng)) } else { None };
+        if rng.chance(50) {
+            Target::Snat { addr: Ipv4Addr::from((rng.below(0xdfff_ffff) + 1) as u32), ports }
+        } else {
+            Target::Masquerade { ports }
+        }
+    } else if proto.is_some() && rng.chance(40) {
+        Target::Redirect { port: port(rng) }
+    } else {
+        let addr = Ipv4Addr::from((rng.below(0xdfff_ffff) + 1) as u32);
+        let port = if proto.is_some() && rng.chance(60) { Some(port(rng)) } else { None };
+        Target::Dnat { addr, port }
+    };
+    let (iface, oface) = if post { (None, iface) } else { (iface, None) };
+    Rule {
+        id: rng.below(1000) as u32 + 1,
+        iface,
+        oface,
+        proto,
+        src: if rng.chance(50) { Some(rand_net(rng)) } else { None },
+        dst: if rng.chance(50) { Some(rand_net(rng)) } else { None },
+        dport,
+        local: false,
+        target,
+    }
+}
+
+pub(crate) fn ifindex(name: &str) -> Option<u32> {
+    match name {
+        "eth0" => Some(2),
+        "eth1" => Some(3),
+        _ => None,
+    }
+}

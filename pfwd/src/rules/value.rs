@@ -1,0 +1,232 @@
+//! Value parsers shared by every rule syntax: ports, port ranges, protocols, prefixes, interface names and the
+//! `--to` forms. Each error quotes the input it rejects.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use super::error::RuleError;
+use super::model::{PortRange, Proto};
+
+/// `-p` value: like iptables, `all` means "no protocol filter".
+pub(super) fn parse_proto_opt(s: &str) -> Result<Option<Proto>, RuleError> {
+    if s.eq_ignore_ascii_case("all") { Ok(None) } else { s.parse().map(Some) }
+}
+
+/// Parses a port number 1-65535; returns the reason on failure so callers can name their own input.
+pub(super) fn port_number(s: &str) -> Result<u16, &'static str> {
+    // `u16::from_str` accepts a leading '+', which iptables does not.
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("expected a port number 1-65535");
+    }
+    match s.parse::<u16>() {
+        Ok(0) => Err("port 0 is not allowed (1-65535)"),
+        Ok(p) => Ok(p),
+        Err(_) => Err("out of range (1-65535)"),
+    }
+}
+
+/// Parses a single port 1-65535 (`--to-port`, the port in `--to`).
+pub fn parse_port(s: &str) -> Result<u16, RuleError> {
+    port_number(s).map_err(|r| RuleError::BadPort { input: s.to_string(), reason: r.to_string() })
+}
+
+/// Checks an interface name the way the kernel does (`dev_valid_name`); whether it exists is checked at attach time.
+pub fn validate_iface(name: &str) -> Result<(), RuleError> {
+    let bad = |reason: &str| RuleError::BadIface { input: name.to_string(), reason: reason.to_string() };
+    if name.is_empty() {
+        return Err(bad("empty"));
+    }
+    if name.len() >= 16 {
+        return Err(bad("longer than 15 bytes"));
+    }
+    if name == "." || name == ".." {
+        return Err(bad("not a valid name"));
+    }
+    if name.contains(['/', ':']) || name.chars().any(char::is_whitespace) {
+        return Err(bad("must not contain '/', ':' or whitespace"));
+    }
+    // iptables' `eth+` means every eth*; the data path matches one ifindex, so say so instead of matching nothing.
+    if name.ends_with('+') {
+        return Err(bad("interface wildcards (eth+) are not supported; add one rule per interface"));
+    }
+    Ok(())
+}
+
+pub(super) fn parse_ipv4(s: &str) -> Result<Ipv4Addr, &'static str> {
+    s.parse().map_err(|_| "not an IPv4 address (expected A.B.C.D; names are not resolved)")
+}
+
+pub(super) fn check_to_addr(addr: Ipv4Addr) -> Result<(), &'static str> {
+    if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+        return Err("not a unicast address");
+    }
+    Ok(())
+}
+
+/// `-s`/`-d` value: `A.B.C.D` (= /32), `A.B.C.D/LEN` or `A.B.C.D/M.M.M.M`. Host bits are cleared like iptables does.
+pub fn parse_cidr(s: &str) -> Result<Ipv4Net, RuleError> {
+    let bad = |reason: &str| RuleError::BadCidr { input: s.to_string(), reason: reason.to_string() };
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let addr = parse_ipv4(addr).map_err(bad)?;
+    let len = match len {
+        None => 32,
+        Some(l) if l.contains('.') => {
+            let m = u32::from(parse_ipv4(l).map_err(|_| bad("bad netmask"))?);
+            // Only contiguous masks can be expressed as a prefix (and matched by the kernel's mask-and-compare).
+            if m.leading_ones() + m.trailing_zeros() != 32 {
+                return Err(bad("netmask is not contiguous"));
+            }
+            m.leading_ones() as u8
+        }
+        Some(l) => match l.parse::<u8>() {
+            Ok(n) if n <= 32 && l.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => return Err(bad("prefix length must be 0-32")),
+        },
+    };
+    Ok(Ipv4Net::new(addr, len).map_err(|_| bad("prefix length must be 0-32"))?.trunc())
+}
+
+/// DNAT `--to` value: `ADDR` (keep the port) or `ADDR:PORT`.
+pub fn parse_to(s: &str) -> Result<(Ipv4Addr, Option<u16>), RuleError> {
+    let bad = |reason: &str| RuleError::BadTo { input: s.to_string(), reason: reason.to_string() };
+    let (addr, port) = match s.split_once(':') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    // iptables takes `ADDR-ADDR` and `:PORT-PORT` for load spreading; pfwd translates to exactly one destination.
+    if addr.contains('-') {
+        return Err(bad("address ranges are not supported"));
+    }
+    let addr = parse_ipv4(addr).map_err(bad)?;
+    check_to_addr(addr).map_err(bad)?;
+    let port = match port {
+        None => None,
+        Some(p) if p.contains('-') => return Err(bad("port ranges are not supported")),
+        Some(p) => Some(port_number(p).map_err(bad)?),
+    };
+    Ok((addr, port))
+}
+
+/// SNAT `--to` value: `ADDR`, `ADDR:PORT` or `ADDR:LO-HI`, the ports being the range new source ports come from.
+pub fn parse_snat_to(s: &str) -> Result<(Ipv4Addr, Option<PortRange>), RuleError> {
+    let bad = |reason: &str| RuleError::BadTo { input: s.to_string(), reason: reason.to_string() };
+    let (addr, ports) = match s.split_once(':') {
+        Some((a, p)) => (a, Some(p)),
+        None => (s, None),
+    };
+    // iptables spreads over `ADDR-ADDR`; pfwd's kernel side allocates ports for one address.
+    if addr.contains('-') {
+        return Err(bad("address ranges are not supported"));
+    }
+    let addr = parse_ipv4(addr).map_err(bad)?;
+    check_to_addr(addr).map_err(bad)?;
+    let ports = match ports {
+        None => None,
+        Some(p) => {
+            let (lo, hi) = p.split_once('-').unwrap_or((p, p));
+            let (lo, hi) = (port_number(lo).map_err(bad)?, port_number(hi).map_err(bad)?);
+            if lo > hi {
+                return Err(bad("the low port is above the high port"));
+            }
+            Some(PortRange { lo, hi })
+        }
+    };
+    Ok((addr, ports))
+}
+
+#[cfg(test)]
+mod tests {
+
+    use crate::rules::tests::*;
+    use crate::rules::*;
+
+    #[test]
+    fn cidr_parsing() {
+        assert_eq!(parse_cidr("192.168.1.1").unwrap(), net("192.168.1.1/32"));
+        assert_eq!(parse_cidr("192.168.1.0/24").unwrap(), net("192.168.1.0/24"));
+        assert_eq!(parse_cidr("192.168.1.5/24").unwrap(), net("192.168.1.0/24"), "host bits cleared like iptables");
+        assert_eq!(parse_cidr("10.1.2.3/255.255.0.0").unwrap(), net("10.1.0.0/16"));
+        assert_eq!(parse_cidr("0.0.0.0/0").unwrap(), net("0.0.0.0/0"));
+        for (bad, why) in [
+            ("10.0.0.300/24", "not an IPv4 address"),
+            ("10.0.0.0/33", "0-32"),
+            ("10.0.0.0/", "0-32"),
+            ("10.0.0.0/+8", "0-32"),
+            ("example.com", "names are not resolved"),
+            ("10.0.0", "not an IPv4 address"),
+            ("10.0.0.0/255.0.255.0", "not contiguous"),
+            ("", "not an IPv4 address"),
+        ] {
+            let e = parse_cidr(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("bad CIDR {bad:?}: ")) && e.contains(why), "{bad}: {e}");
+        }
+        assert_eq!(
+            parse_cidr("10.0.0.300/24").unwrap_err().to_string(),
+            "bad CIDR \"10.0.0.300/24\": not an IPv4 address (expected A.B.C.D; names are not resolved)"
+        );
+    }
+
+    #[test]
+    fn to_parsing() {
+        assert_eq!(parse_to("127.0.0.1:17355").unwrap(), (ip("127.0.0.1"), Some(17355)));
+        assert_eq!(parse_to("10.0.0.2").unwrap(), (ip("10.0.0.2"), None));
+        for (bad, why) in [
+            ("10.0.0.2:0", "port 0"),
+            ("10.0.0.2:65536", "out of range"),
+            ("10.0.0.2:", "expected a port"),
+            ("10.0.0.2:80-90", "port ranges"),
+            ("10.0.0.1-10.0.0.5", "address ranges"),
+            ("host:80", "not an IPv4 address"),
+            ("0.0.0.0", "not a unicast"),
+            ("224.0.0.1:80", "not a unicast"),
+        ] {
+            let e = parse_to(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("bad --to {bad:?}: ")) && e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn iface_validation() {
+        for good in ["eth0", "wg0", "veth-a.1", "123456789012345"] {
+            validate_iface(good).unwrap();
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("1234567890123456", "15 bytes"),
+            ("eth0/1", "'/'"),
+            ("eth0:1", "':'"),
+            ("et h0", "whitespace"),
+            ("..", "not a valid"),
+            ("eth+", "wildcards"),
+        ] {
+            let e = validate_iface(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("bad interface name {bad:?}: ")) && e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn snat_to_parsing() {
+        let r = |lo, hi| Some(PortRange { lo, hi });
+        assert_eq!(parse_snat_to("203.0.113.5").unwrap(), (ip("203.0.113.5"), None));
+        assert_eq!(parse_snat_to("203.0.113.5:20000-20099").unwrap(), (ip("203.0.113.5"), r(20000, 20099)));
+        assert_eq!(parse_snat_to("203.0.113.5:1024").unwrap(), (ip("203.0.113.5"), r(1024, 1024)));
+        for (bad, why) in [
+            ("203.0.113.5:0", "port 0"),
+            ("203.0.113.5:0-10", "port 0"),
+            ("203.0.113.5:2000-1000", "low port is above"),
+            ("203.0.113.5:1000:2000", "expected a port"),
+            ("203.0.113.5:1000-70000", "out of range"),
+            ("203.0.113.5:", "expected a port"),
+            ("203.0.113.5-203.0.113.9", "address ranges"),
+            ("0.0.0.0", "not a unicast"),
+            ("gw", "not an IPv4 address"),
+        ] {
+            let e = parse_snat_to(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("bad --to {bad:?}: ")) && e.contains(why), "{bad}: {e}");
+        }
+    }
+}
