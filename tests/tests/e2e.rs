@@ -824,6 +824,54 @@ fn auto_mode_falls_back_to_iptables_without_btf() {
     drop(guard);
 }
 
+/// One grammar: the same rules spelled on the CLI, in a TOML config and as iptables lines give identical
+/// `pfwd list --json` (`-p all` included: accepted by all three).
+fn grammar_equivalence(mode: &str) {
+    let lab = lab("e2e-gram");
+    let dir = std::env::temp_dir().join(format!("pfwd-e2e-grammar-{}-{mode}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cli: [&[&str]; 4] = [
+        &["dnat", "-i", "eth0", "-p", "tcp", "-s", "10.0.1.0/24", "--dport", "8000-8099", "--to", "10.0.2.2:9000"],
+        &["redirect", "-p", "udp", "--dport", "5353", "--to-port", "5000"],
+        &["dnat", "-p", "all", "-d", "10.0.1.1", "--to", "10.0.2.2"],
+        &["masquerade", "-o", "eth1", "-p", "tcp", "--to-ports", "20000-20099"],
+    ];
+    let toml = "[[rule]]\nkind = \"dnat\"\niface = \"eth0\"\nproto = \"tcp\"\nsrc = \"10.0.1.0/24\"\n\
+                dport = \"8000-8099\"\nto = \"10.0.2.2:9000\"\n\
+                [[rule]]\nkind = \"redirect\"\nproto = \"udp\"\ndport = 5353\nto_port = 5000\n\
+                [[rule]]\nkind = \"dnat\"\nproto = \"all\"\ndst = \"10.0.1.1\"\nto = \"10.0.2.2\"\n\
+                [[rule]]\nkind = \"masquerade\"\noface = \"eth1\"\nproto = \"tcp\"\nto_ports = \"20000-20099\"\n";
+    let ipt = "iptables -t nat -A PREROUTING -i eth0 -p tcp -s 10.0.1.0/24 --dport 8000:8099 -j DNAT \
+               --to-destination 10.0.2.2:9000\n\
+               iptables -t nat -A PREROUTING -p udp -m udp --dport 5353 -j REDIRECT --to-ports 5000\n\
+               iptables -t nat -A PREROUTING -p all -d 10.0.1.1 -j DNAT --to-destination 10.0.2.2\n\
+               iptables -t nat -A POSTROUTING -o eth1 -p tcp -j MASQUERADE --to-ports 20000-20099\n";
+    let toml_file = dir.join("rules.toml");
+    let ipt_file = dir.join("rules.sh");
+    std::fs::write(&toml_file, toml).unwrap();
+    std::fs::write(&ipt_file, ipt).unwrap();
+
+    let guard = attach(&lab, mode, &["eth0", "eth1"]);
+    for args in cli {
+        add(&lab, args);
+    }
+    let from_cli = list(&lab);
+    guard.detach();
+    let guard = Detach::new(&lab);
+    pfwd_ok(&lab, &["attach", "eth0", "eth1", "--mode", mode, "--config", toml_file.to_str().unwrap()]);
+    let from_toml = list(&lab);
+    guard.detach();
+    let guard = attach(&lab, mode, &["eth0", "eth1"]);
+    pfwd_ok(&lab, &["import", ipt_file.to_str().unwrap()]);
+    let from_ipt = list(&lab);
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert_eq!(from_cli.as_array().map(Vec::len), Some(4), "{from_cli}");
+    assert_eq!(from_toml, from_cli, "TOML and CLI disagree");
+    assert_eq!(from_ipt, from_cli, "iptables import and CLI disagree");
+}
+
 /// `--mode auto` on this kernel (BTF present) picks eBPF.
 #[test]
 fn auto_mode_uses_ebpf_with_btf() {
@@ -854,4 +902,5 @@ in_both_modes!(
     ip_netns_exec_attach,
     attach_idempotent,
     import_and_export,
+    grammar_equivalence,
 );
