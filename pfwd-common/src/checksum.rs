@@ -1,8 +1,19 @@
 //! Internet checksum arithmetic (RFC 1071) and incremental updates (RFC 1624).
 //!
 //! The TC programs use the kernel's `bpf_l4_csum_replace` for L4 checksums (it knows about partial checksums from
-//! local sockets), but fix the IPv4 header checksum themselves with [`replace_u32`], and XDP has no checksum helpers
-//! at all. Userspace tests check these functions against full recomputation.
+//! local sockets), but fix the IPv4 header checksum, ICMP checksums and the checksums inside ICMP errors themselves
+//! with these functions. Userspace tests check them against full recomputation (etherparse).
+
+/// Offset of the checksum in the L4 header of `proto`, for the protocols whose checksum covers the IPv4
+/// pseudo-header (TCP, UDP): the checksums an address change affects.
+#[inline(always)]
+pub const fn l4_csum_offset(proto: u8) -> Option<usize> {
+    match proto {
+        crate::PROTO_TCP => Some(16),
+        crate::PROTO_UDP => Some(6),
+        _ => None,
+    }
+}
 
 /// Folds a 32-bit one's-complement accumulator into 16 bits.
 #[inline(always)]
@@ -159,7 +170,8 @@ mod tests {
             for udp in [false, true] {
                 let before = build(dst, dport, udp);
                 let after = build(new_dst, new_port, udp);
-                let off = if udp { 20 + 6 } else { 20 + 16 };
+                let proto = if udp { crate::PROTO_UDP } else { crate::PROTO_TCP };
+                let off = 20 + l4_csum_offset(proto).unwrap();
                 let check = u16::from_be_bytes([before[off], before[off + 1]]);
                 let expect = u16::from_be_bytes([after[off], after[off + 1]]);
                 let (a, b) = (u32::from_be_bytes(dst), u32::from_be_bytes(new_dst));

@@ -1,6 +1,14 @@
-//! BPF map names, keys and values. Both sides use these definitions, so the layout is defined exactly once.
+//! BPF map names, keys and values, the global counters and the conntrack entry's state logic. Both sides use these
+//! definitions, so the layout is defined exactly once.
+//!
+//! Every key and value derives `bytemuck::{Pod, Zeroable}`: the derive refuses a type with implicit padding or a
+//! field that is not plain data, so the padding is always explicit (`_pad` fields, zeroed) and the bytes the kernel
+//! hashes are exactly the ones both sides wrote. aya's `Pod` (the `user` feature) is implemented from it.
+use bytemuck::{Pod, Zeroable};
 
-/// Map names as they appear in the object file and under the pin directory.
+/// Map and program names as they appear in the object file. The kernel side must spell them in its attributes
+/// (`#[map(name = ...)]`, the program function names); the loader uses these constants, and a test of the loader
+/// checks that the embedded object has every one of them.
 pub mod names {
     pub const RULES: &str = "PFWD_RULES";
     pub const BUCKETS: &str = "PFWD_BUCKETS";
@@ -10,6 +18,17 @@ pub mod names {
     pub const IFACES: &str = "PFWD_IFACES";
     pub const CONFIG: &str = "PFWD_CONFIG";
     pub const SOCKETS: &str = "PFWD_SOCKETS";
+    /// Every map, in the order `pfwd status` reports their memory.
+    pub const MAPS: [&str; 8] = [RULES, BUCKETS, CONNTRACK, RULE_COUNTERS, STATS, IFACES, CONFIG, SOCKETS];
+
+    /// The tcx programs (`#[classifier]` functions of pfwd-ebpf).
+    pub const PROG_INGRESS: &str = "pfwd_ingress";
+    pub const PROG_EGRESS: &str = "pfwd_egress";
+    /// The cgroup socket hooks of `--local` rules (`#[cgroup_sock_addr]` functions).
+    pub const PROG_CONNECT4: &str = "pfwd_connect4";
+    pub const PROG_SENDMSG4: &str = "pfwd_sendmsg4";
+    pub const PROG_RECVMSG4: &str = "pfwd_recvmsg4";
+    pub const PROG_GETPEERNAME4: &str = "pfwd_getpeername4";
 }
 
 /// Rule slots in the rules array (rule bodies are addressed by slot; the user-facing id is stored inside).
@@ -64,7 +83,7 @@ pub mod level {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct BucketKey {
     /// 0 = any interface (the incoming one for PREROUTING rules, the outgoing one for POSTROUTING rules).
     pub ifindex: u32,
@@ -77,7 +96,7 @@ pub struct BucketKey {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Bucket {
     pub len: u32,
     /// Rule slots (indices into the rules array); the first `len` are valid.
@@ -85,7 +104,7 @@ pub struct Bucket {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RuleEntry {
     /// Precedence: among matching rules the lowest rank wins.
     pub rank: u32,
@@ -113,7 +132,7 @@ pub struct RuleEntry {
 
 /// Per-rule counters (a per-CPU array indexed by rule slot; userspace sums the CPUs).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RuleCounters {
     /// Packets translated by this rule, both directions.
     pub packets: u64,
@@ -125,50 +144,82 @@ pub struct RuleCounters {
     pub drops: u64,
 }
 
-/// Global counters (per-CPU array), indexed by these constants.
-pub mod stat {
+/// The global counters (a per-CPU array indexed by the variant's value): why a packet passed untranslated or was
+/// dropped, and the other events of the data path. The kernel counts them and returns them as the reason a new flow
+/// was refused; `pfwd status` prints them by [`Stat::name`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stat {
     /// Unused (per-packet totals are the sum of the rule counters).
-    pub const UNUSED: u32 = 0;
+    Unused = 0,
     /// New flows created.
-    pub const NEW_FLOWS: u32 = 1;
+    NewFlows = 1,
     /// IPv4 fragments passed untranslated (ports are unknown in them).
-    pub const FRAGMENTS: u32 = 2;
+    Fragments = 2,
     /// Truncated or malformed IPv4/L4 headers passed untouched.
-    pub const MALFORMED: u32 = 3;
+    Malformed = 3,
     /// REDIRECT or MASQUERADE on an interface without an IPv4 address: dropped, as iptables does.
-    pub const NO_IFACE_ADDR: u32 = 4;
+    NoIfaceAddr = 4,
     /// Conntrack insert failed (new flow passed untranslated).
-    pub const CT_INSERT_FAILED: u32 = 5;
+    CtInsertFailed = 5,
     /// Expired flows removed on lookup (their packets then pass untranslated, as new traffic).
-    pub const EXPIRED_REMOVED: u32 = 6;
+    ExpiredRemoved = 6,
     /// New flows dropped because a live flow already translates to the same tuple (replies would be ambiguous).
-    pub const CT_CLASH: u32 = 7;
+    CtClash = 7,
     /// TCP SYN-ACKs matching the reply entry of a closed flow: a new, untranslated connection on the same ports;
     /// the stale flow is removed and the packet passes.
-    pub const STALE_REMOVED: u32 = 8;
+    StaleRemoved = 8,
     /// New SNAT/MASQUERADE flows dropped: no free port in the rule's range.
-    pub const SNAT_EXHAUSTED: u32 = 9;
+    SnatExhausted = 9,
     /// ICMP errors about translated flows, translated (outer and embedded headers).
-    pub const ICMP_ERRORS_XLATED: u32 = 10;
+    IcmpErrorsXlated = 10,
+}
+
+impl Stat {
+    /// Entries of the stats array.
     pub const COUNT: u32 = 11;
-    pub const NAMES: [&str; COUNT as usize] = [
-        "",
-        "new_flows",
-        "fragments_passed",
-        "malformed_passed",
-        "redirect_no_address_drops",
-        "conntrack_insert_failed",
-        "expired_flows_removed",
-        "conntrack_clash_drops",
-        "stale_flows_removed",
-        "snat_port_exhausted_drops",
-        "icmp_errors_translated",
+    /// Every counter, in index order (`ALL[i] as u32 == i`).
+    pub const ALL: [Stat; Self::COUNT as usize] = [
+        Stat::Unused,
+        Stat::NewFlows,
+        Stat::Fragments,
+        Stat::Malformed,
+        Stat::NoIfaceAddr,
+        Stat::CtInsertFailed,
+        Stat::ExpiredRemoved,
+        Stat::CtClash,
+        Stat::StaleRemoved,
+        Stat::SnatExhausted,
+        Stat::IcmpErrorsXlated,
     ];
+
+    /// Index in the stats array.
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self as u32
+    }
+
+    /// The name `pfwd status` (and its `--json`) shows.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::Unused => "",
+            Stat::NewFlows => "new_flows",
+            Stat::Fragments => "fragments_passed",
+            Stat::Malformed => "malformed_passed",
+            Stat::NoIfaceAddr => "redirect_no_address_drops",
+            Stat::CtInsertFailed => "conntrack_insert_failed",
+            Stat::ExpiredRemoved => "expired_flows_removed",
+            Stat::CtClash => "conntrack_clash_drops",
+            Stat::StaleRemoved => "stale_flows_removed",
+            Stat::SnatExhausted => "snat_port_exhausted_drops",
+            Stat::IcmpErrorsXlated => "icmp_errors_translated",
+        }
+    }
 }
 
 /// One attached interface. The programs only translate on interfaces present in this map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct IfaceInfo {
     /// Primary IPv4 address (network order), used by REDIRECT; 0 when the interface has none.
     pub addr: u32,
@@ -187,7 +238,7 @@ pub mod config_flag {
 
 /// Single-entry array holding the instance's settings.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Config {
     /// Which bucket levels hold PREROUTING rules (see [`level`]).
     pub level_mask: u32,
@@ -228,7 +279,7 @@ impl Default for Config {
 
 /// A flow tuple. Addresses network order, ports host order. For protocols without ports, ports are 0.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct Tuple {
     pub saddr: u32,
     pub daddr: u32,
@@ -279,7 +330,7 @@ pub mod ct_state {
 /// A conntrack entry: the packet whose tuple equals the key is rewritten to `xlat`. The other direction's key is
 /// `xlat.reversed()`, so the pair can refresh each other without storing a back-pointer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtEntry {
     pub xlat: Tuple,
     /// Rule slot that created the flow (for counters).
@@ -297,15 +348,20 @@ pub struct CtEntry {
 }
 
 impl CtEntry {
+    /// Whether the TCP flow is over: reset, or closed from both sides (the state bits are only set for TCP).
+    #[inline(always)]
+    pub const fn is_closed(&self) -> bool {
+        self.state & ct_state::RST != 0
+            || self.state & (ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY)
+                == (ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY)
+    }
+
     /// Idle timeout for this entry's protocol and state, in nanoseconds.
     #[inline(always)]
     pub fn timeout_ns(&self, cfg: &Config) -> u64 {
         let secs = match self.xlat.proto {
             PROTO_TCP => {
-                let closed = self.state & ct_state::RST != 0
-                    || self.state & (ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY)
-                        == (ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY);
-                if closed {
+                if self.is_closed() {
                     cfg.tcp_close_timeout
                 } else if self.state & ct_state::SEEN_REPLY == 0 {
                     cfg.tcp_syn_timeout
@@ -328,7 +384,7 @@ impl CtEntry {
 /// Local-socket translations (`--local` rules): a socket (by cookie) and the address it was sent to after
 /// translation, so replies (`recvmsg`) and `getpeername` can show the address the application asked for.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct SockKey {
     pub cookie: u64,
     /// Translated address (network order) and port (host order).
@@ -339,7 +395,7 @@ pub struct SockKey {
 
 /// The original destination of a local-socket translation.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SockOrig {
     pub addr: u32,
     pub port: u16,
@@ -351,17 +407,32 @@ pub const MAX_SOCKETS: u32 = 65_536;
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all of these are #[repr(C)] plain integers with explicit padding fields, so every byte pattern is valid.
-    unsafe impl aya::Pod for BucketKey {}
-    unsafe impl aya::Pod for Bucket {}
-    unsafe impl aya::Pod for RuleEntry {}
-    unsafe impl aya::Pod for RuleCounters {}
-    unsafe impl aya::Pod for IfaceInfo {}
-    unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for Tuple {}
-    unsafe impl aya::Pod for CtEntry {}
-    unsafe impl aya::Pod for SockKey {}
-    unsafe impl aya::Pod for SockOrig {}
+
+    /// Implements `aya::Pod` for types that are `bytemuck::Pod`, which the compiler checks here.
+    macro_rules! aya_pod_from_bytemuck {
+        ($($t:ty),* $(,)?) => {$(
+            const _: () = {
+                const fn is_bytemuck_pod<T: bytemuck::Pod>() {}
+                is_bytemuck_pod::<$t>()
+            };
+            // SAFETY: the type is bytemuck::Pod (checked just above): #[repr(C)], no padding, every field plain
+            // data, so every byte pattern is a valid value — what aya::Pod requires.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    aya_pod_from_bytemuck!(
+        BucketKey,
+        Bucket,
+        RuleEntry,
+        RuleCounters,
+        IfaceInfo,
+        Config,
+        Tuple,
+        CtEntry,
+        SockKey,
+        SockOrig
+    );
 }
 
 #[cfg(test)]
@@ -379,6 +450,52 @@ mod tests {
         assert_eq!(size_of::<Config>(), 48);
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<SockOrig>(), 8);
+    }
+
+    #[test]
+    fn stats_are_indexed_by_their_value_and_keep_their_names() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(s.index(), i as u32, "{s:?}");
+        }
+        // The names are output (`pfwd status`, `--json`): changing one breaks scripts.
+        let names = Stat::ALL.map(Stat::name);
+        assert_eq!(
+            names,
+            [
+                "",
+                "new_flows",
+                "fragments_passed",
+                "malformed_passed",
+                "redirect_no_address_drops",
+                "conntrack_insert_failed",
+                "expired_flows_removed",
+                "conntrack_clash_drops",
+                "stale_flows_removed",
+                "snat_port_exhausted_drops",
+                "icmp_errors_translated",
+            ]
+        );
+    }
+
+    #[test]
+    fn closed_means_reset_or_fin_both_ways() {
+        let e = |state| CtEntry { state, ..Default::default() };
+        assert!(!e(0).is_closed());
+        assert!(!e(ct_state::SEEN_REPLY).is_closed());
+        assert!(!e(ct_state::SEEN_REPLY | ct_state::FIN_ORIGINAL).is_closed());
+        assert!(!e(ct_state::FIN_REPLY).is_closed());
+        assert!(e(ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY).is_closed());
+        assert!(e(ct_state::RST).is_closed());
+        assert!(e(ct_state::SEEN_REPLY | ct_state::RST).is_closed());
+    }
+
+    #[test]
+    fn zeroed_values_are_the_zero_defaults() {
+        // Zeroable and Default agree wherever Default is derived (Config's defaults are real timeouts).
+        assert_eq!(bytemuck::bytes_of(&Tuple::zeroed()), bytemuck::bytes_of(&Tuple::default()));
+        assert_eq!(CtEntry::zeroed(), CtEntry::default());
+        assert_eq!(RuleEntry::zeroed(), RuleEntry::default());
+        assert_eq!(Config::zeroed().tcp_syn_timeout, 0);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_coarse_ns,
 };
-use pfwd_common::{Config, CtEntry, PROTO_TCP, Tuple, ct_hook, ct_state, dir, stat};
+use pfwd_common::{Config, CtEntry, PROTO_TCP, Stat, Tuple, ct_hook, ct_state, dir};
 
 use crate::{
     maps::{CONNTRACK, count},
@@ -21,12 +21,6 @@ const REFRESH_NS: u64 = 1_000_000_000;
 pub fn now_ns() -> u64 {
     // SAFETY: plain helper call without arguments.
     unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-#[inline(always)]
-pub fn is_closed(e: &CtEntry) -> bool {
-    e.state & ct_state::RST != 0
-        || e.state & (ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY) == (ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY)
 }
 
 /// The other direction's entry of the flow `key` belongs to, if it still points back to `key`.
@@ -54,7 +48,7 @@ pub fn lookup(tuple: &Tuple, now: u64, cfg: &Config) -> Option<*mut CtEntry> {
     let entry = unsafe { &*e };
     if entry.expired(now, cfg) {
         remove_flow(tuple, entry);
-        count(stat::EXPIRED_REMOVED);
+        count(Stat::ExpiredRemoved);
         return None;
     }
     Some(e)
@@ -102,19 +96,19 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
 }
 
 /// Creates both entries of a new flow: `orig` (applied at `hook`) is translated to `xlat`, and replies (`xlat`
-/// reversed, applied at the other hook) back to `orig` reversed. Fails with the stat to count when the table refuses
-/// the insert, or with `CT_CLASH` when a live flow already owns the reply tuple: two flows translated to the same
+/// reversed, applied at the other hook) back to `orig` reversed. Fails with `CtInsertFailed` when the table refuses
+/// the insert, or with `CtClash` when a live flow already owns the reply tuple: two flows translated to the same
 /// tuple could not tell their replies apart (SNAT port allocation then tries another port).
 #[inline(always)]
-pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config, hook: u8) -> Result<(), u32> {
+pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config, hook: u8) -> Result<(), Stat> {
     let reply_key = xlat.reversed();
     let ours = orig.reversed();
     if let Some(p) = CONNTRACK.get_ptr_mut(&reply_key) {
         // SAFETY: map value pointer.
         let other = unsafe { &*p };
         if other.xlat != ours {
-            if !other.expired(now, cfg) && !is_closed(other) {
-                return Err(stat::CT_CLASH);
+            if !other.expired(now, cfg) && !other.is_closed() {
+                return Err(Stat::CtClash);
             }
             remove_flow(&reply_key, other);
         }
@@ -135,7 +129,7 @@ pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config
     if CONNTRACK.insert(&reply_key, &entry, BPF_NOEXIST as u64).is_err() {
         let same_flow = CONNTRACK.get_ptr_mut(&reply_key).is_some_and(|p| unsafe { (*p).xlat } == ours);
         if !same_flow {
-            return Err(stat::CT_CLASH);
+            return Err(Stat::CtClash);
         }
         let _ = CONNTRACK.insert(&reply_key, &entry, BPF_ANY as u64);
     }
@@ -149,7 +143,7 @@ pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config
     if CONNTRACK.insert(orig, &entry, BPF_ANY as u64).is_err() || CONNTRACK.get_ptr(&reply_key).is_none() {
         let _ = CONNTRACK.remove(orig);
         let _ = CONNTRACK.remove(&reply_key);
-        return Err(stat::CT_INSERT_FAILED);
+        return Err(Stat::CtInsertFailed);
     }
     Ok(())
 }

@@ -2,17 +2,14 @@
 //! lookup finds the next hop; the program decrements the TTL itself and hands the packet to the egress interface with
 //! `bpf_redirect_neigh` (which resolves the neighbour). The egress programs still run there (SNAT of a full NAT).
 //! This skips netfilter (FORWARD rules, conntrack) for these packets, which is why it is opt-in.
-use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_SKIP_NEIGH, bpf_fib_lookup},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh},
-    programs::TcContext,
-};
+use aya_ebpf::{bindings::BPF_FIB_LOOKUP_SKIP_NEIGH, helpers::bpf_redirect_neigh, programs::TcContext};
 use network_types::ip::Ipv4Hdr;
 use pfwd_common::{Config, Tuple, checksum, config_flag};
 
-use crate::parse::{ETH_LEN, ptr_at};
-
-const AF_INET: u8 = 2;
+use crate::{
+    fib,
+    parse::{ETH_LEN, ifindex, ptr_at},
+};
 
 /// Redirects the packet (whose tuple is now `t`) to its next hop if it is forwarded; None lets the stack have it
 /// (local delivery, TTL about to expire, MTU exceeded, no route, forwarding disabled, fast path off).
@@ -28,28 +25,13 @@ pub fn redirect(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i32> {
         // The stack sends the time-exceeded error.
         return None;
     }
-    // SAFETY: zeroed plain-old-data parameter block.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = t.proto;
+    let mut p = fib::params(t.proto, ifindex(ctx), t.daddr);
     p.sport = t.sport.to_be();
     p.dport = t.dport.to_be();
     p.__bindgen_anon_1.tot_len = tot_len;
-    // SAFETY: the context's __sk_buff is valid for the program's run.
-    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     p.__bindgen_anon_3.ipv4_src = t.saddr;
-    p.__bindgen_anon_4.ipv4_dst = t.daddr;
-    // SAFETY: valid context and parameter block of the size passed.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_SKIP_NEIGH,
-        )
-    };
     // Success means a forwarding route within the MTU, with forwarding enabled on the way in.
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+    if !fib::lookup(ctx, &mut p, BPF_FIB_LOOKUP_SKIP_NEIGH) {
         return None;
     }
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;

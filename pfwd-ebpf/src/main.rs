@@ -1,14 +1,21 @@
 //! pfwd's kernel programs: TC (tcx) ingress and egress classifiers doing DNAT/REDIRECT (ingress, before routing) and
 //! SNAT/MASQUERADE (egress, after routing) with connection tracking.
 //!
-//! The first packet of a new flow picks a rule and creates both conntrack entries; later packets only look up and
-//! rewrite; replies are translated back at the opposite hook; ICMP errors about translated flows are translated in
-//! their outer and embedded headers. Everything else passes untouched (TCX_NEXT, so other programs still run).
+//! The first packet of a new flow picks a rule (`rules`, the walk shared with userspace in `pfwd_common::lookup`)
+//! and creates both conntrack entries (`dnat`, `snat`, `conntrack`); later packets only look up and rewrite (`nat`);
+//! replies are translated back at the opposite hook; ICMP errors about translated flows are translated in their outer
+//! and embedded headers; `--fast-forward` hands forwarded packets to their next hop (`forward`, `fib`). Everything
+//! else passes untouched (TCX_NEXT, so other programs still run). `sockaddr` holds the cgroup socket hooks of
+//! `--local` rules.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod dnat;
+#[cfg(target_arch = "bpf")]
+mod fib;
 #[cfg(target_arch = "bpf")]
 mod forward;
 #[cfg(target_arch = "bpf")]
@@ -26,13 +33,17 @@ mod sockaddr;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use aya_ebpf::{macros::classifier, programs::TcContext};
+    use aya_ebpf::{
+        bindings::tcx_action_base::{TCX_DROP, TCX_NEXT, TCX_PASS, TCX_REDIRECT},
+        macros::classifier,
+        programs::TcContext,
+    };
     use aya_log_ebpf::{info, warn};
     use core::net::Ipv4Addr;
-    use pfwd_common::{Config, PROTO_TCP, Tuple, config_flag, ct_hook, dir, hook, kind, stat};
+    use pfwd_common::{Config, PROTO_TCP, Stat, Tuple, config_flag, ct_hook, dir, hook, tcx};
 
     use crate::{
-        conntrack, forward,
+        conntrack, dnat, forward,
         maps::{CONFIG, IFACES, count, count_rule, count_rule_drop},
         nat,
         parse::{self, Embedded, Icmp, Packet, TCP_SYN},
@@ -40,18 +51,17 @@ mod programs {
     };
 
     /// Let the next program on the hook (or the stack) have the packet.
-    const NEXT: i32 = -1;
-    const DROP: i32 = 2;
+    const NEXT: i32 = TCX_NEXT;
+    const DROP: i32 = TCX_DROP;
+
+    // Userspace (the packet tests) reads the return codes from pfwd_common::tcx: they must be the kernel's.
+    const _: () = assert!(
+        tcx::NEXT == TCX_NEXT && tcx::PASS == TCX_PASS && tcx::DROP == TCX_DROP && tcx::REDIRECT == TCX_REDIRECT
+    );
 
     #[inline(always)]
     fn ip(a: u32) -> Ipv4Addr {
         Ipv4Addr::from(u32::from_be(a))
-    }
-
-    #[inline(always)]
-    fn ifindex(ctx: &TcContext) -> u32 {
-        // SAFETY: the context's __sk_buff is valid for the program's run.
-        unsafe { (*ctx.skb.skb).ifindex }
     }
 
     #[inline(always)]
@@ -133,11 +143,11 @@ mod programs {
                 // A known flow, translated at the other hook.
                 return Verdict::Known;
             }
-            let closed = pkt.tuple.proto == PROTO_TCP && conntrack::is_closed(entry);
+            let closed = pkt.tuple.proto == PROTO_TCP && entry.is_closed();
             if closed && entry.dir == dir::REPLY && pkt.tcp_flags & TCP_SYN != 0 {
                 // A SYN(-ACK) on the ports of a closed translated flow belongs to a new connection that is not ours.
                 conntrack::remove_flow(&pkt.tuple, entry);
-                count(stat::STALE_REMOVED);
+                count(Stat::StaleRemoved);
                 return Verdict::Pass;
             }
             if !(closed && entry.dir == dir::ORIGINAL && pkt.can_open()) {
@@ -156,40 +166,30 @@ mod programs {
         if mask == 0 || !pkt.can_open() {
             return Verdict::Pass;
         }
-        let ifindex = ifindex(ctx);
+        let ifindex = parse::ifindex(ctx);
         // Only interfaces pfwd is attached to (and knows the address of).
+        // SAFETY: plain read of a map value, which stays valid for the program's run.
         let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else { return Verdict::Pass };
         let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, mask) else { return Verdict::Pass };
         let created = if at == ct_hook::INGRESS {
-            let to_addr = if rule.kind == kind::REDIRECT { iface.addr } else { rule.to_addr };
-            let mut xlat = pkt.tuple;
-            xlat.daddr = to_addr;
-            // ICMP echo identifiers are not ports: DNAT keeps them.
-            if rule.to_port != 0 && pkt.l4_csum_off().is_some() {
-                xlat.dport = rule.to_port;
-            }
-            if to_addr == 0 {
-                Err(stat::NO_IFACE_ADDR)
-            } else {
-                conntrack::create(&pkt.tuple, &xlat, slot, now, cfg, ct_hook::INGRESS).map(|_| xlat)
-            }
+            dnat::create(pkt, slot, rule, iface, now, cfg)
         } else {
             snat::allocate(ctx, pkt, slot, rule, ifindex, iface, now, cfg)
         };
         match created {
             Ok(xlat) => {
-                count(stat::NEW_FLOWS);
+                count(Stat::NewFlows);
                 Verdict::Translate { xlat, slot, new_flow: true }
             }
             Err(reason) => {
                 count(reason);
-                if reason == stat::CT_INSERT_FAILED {
+                if reason == Stat::CtInsertFailed {
                     // The table refused the entry: the flow passes untranslated rather than being cut.
                     return Verdict::Pass;
                 }
                 count_rule_drop(slot);
                 if logging(cfg) {
-                    warn!(ctx, "drop: new flow refused by rule {} (reason: stat {})", rule.id, reason);
+                    warn!(ctx, "drop: new flow refused by rule {} (reason: stat {})", rule.id, reason.index());
                 }
                 Verdict::Drop
             }
@@ -210,10 +210,10 @@ mod programs {
         }
         let new_inner = entry.xlat.reversed();
         if !nat::rewrite_icmp_error(ctx, pkt, emb, &new_inner) {
-            count(stat::MALFORMED);
+            count(Stat::Malformed);
             return DROP;
         }
-        count(stat::ICMP_ERRORS_XLATED);
+        count(Stat::IcmpErrorsXlated);
         count_rule(entry.rule_slot, pkt.ip_len, false);
         NEXT
     }
@@ -222,7 +222,7 @@ mod programs {
     fn apply(ctx: &TcContext, pkt: &Packet, xlat: &Tuple, slot: u32, new_flow: bool, cfg: &Config) -> i32 {
         if !nat::rewrite(ctx, pkt, xlat) {
             // Possibly half-written: never let a wrongly rewritten packet out.
-            count(stat::MALFORMED);
+            count(Stat::Malformed);
             return DROP;
         }
         count_rule(slot, pkt.ip_len, new_flow);

@@ -1,5 +1,6 @@
-//! The instance's BPF maps. All are pinned by name, so every pfwd command (and every program load) of one network
-//! namespace shares them through bpffs.
+//! The instance's BPF maps and the counter updates. All are pinned by name, so every pfwd command (and every program
+//! load) of one network namespace shares them through bpffs. The names must equal `pfwd_common::names` (the map
+//! attribute takes only a literal); the loader's tests check the built object has each of them.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
@@ -7,7 +8,7 @@ use aya_ebpf::{
 };
 use pfwd_common::{
     Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, IfaceInfo, MAX_BUCKETS, MAX_IFACES, MAX_RULES, MAX_SOCKETS,
-    RuleCounters, RuleEntry, SockKey, SockOrig, Tuple, stat,
+    RuleCounters, RuleEntry, SockKey, SockOrig, Stat, Tuple,
 };
 
 #[map(name = "PFWD_RULES")]
@@ -24,7 +25,7 @@ pub static CONNTRACK: LruHashMap<Tuple, CtEntry> = LruHashMap::pinned(DEFAULT_CT
 pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::pinned(MAX_RULES, 0);
 
 #[map(name = "PFWD_STATS")]
-pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stat::COUNT, 0);
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 
 #[map(name = "PFWD_IFACES")]
 pub static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(MAX_IFACES, 0);
@@ -35,9 +36,10 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "PFWD_SOCKETS")]
 pub static SOCKETS: LruHashMap<SockKey, SockOrig> = LruHashMap::pinned(MAX_SOCKETS, 0);
 
+/// Counts one event in the global counters.
 #[inline(always)]
-pub fn count(stat: u32) {
-    if let Some(v) = STATS.get_ptr_mut(stat) {
+pub fn count(stat: Stat) {
+    if let Some(v) = STATS.get_ptr_mut(stat.index()) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe { *v += 1 };
     }

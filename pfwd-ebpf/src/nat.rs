@@ -39,6 +39,21 @@ fn rewrite_ip(ctx: &TcContext, ip_off: usize, from: &Tuple, to: &Tuple) -> Optio
     Some((old, check))
 }
 
+/// Rewrites the identifier of the ICMP echo header at `off` from `from` to `to` (host order), and the echo's own
+/// checksum with it. Returns the old and new checksums (an ICMP error embedding this echo must account for both
+/// changes), or None if the header is out of bounds.
+#[inline(always)]
+fn rewrite_echo_id(ctx: &TcContext, off: usize, from: u16, to: u16) -> Option<(u16, u16)> {
+    let hdr = ptr_at::<[u8; 8]>(ctx, off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let hdr = unsafe { &mut *hdr };
+    let old = u16::from_be_bytes([hdr[ICMP_CHECK], hdr[ICMP_CHECK + 1]]);
+    let new = checksum::replace_u16(old, from, to);
+    hdr[ICMP_CHECK..ICMP_CHECK + 2].copy_from_slice(&new.to_be_bytes());
+    hdr[ICMP_ID..ICMP_ID + 2].copy_from_slice(&to.to_be_bytes());
+    Some((old, new))
+}
+
 /// Rewrites the packet (whose tuple is `pkt.tuple`) so its tuple becomes `to`. Returns false if the packet could not
 /// be written (then it must be dropped: it may be half-rewritten).
 #[inline(always)]
@@ -50,16 +65,7 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, to: &Tuple) -> bool {
     let ports_changed = from.sport != to.sport || from.dport != to.dport;
     if from.proto == PROTO_ICMP {
         // Echo: the identifier stands in for both ports (sport == dport in echo tuples).
-        if ports_changed {
-            let Some(hdr) = ptr_at::<[u8; 8]>(ctx, pkt.l4_off) else { return false };
-            // SAFETY: bounds checked by ptr_at.
-            let hdr = unsafe { &mut *hdr };
-            let check = u16::from_be_bytes([hdr[ICMP_CHECK], hdr[ICMP_CHECK + 1]]);
-            let check = checksum::replace_u16(check, from.sport, to.sport);
-            hdr[ICMP_CHECK..ICMP_CHECK + 2].copy_from_slice(&check.to_be_bytes());
-            hdr[ICMP_ID..ICMP_ID + 2].copy_from_slice(&to.sport.to_be_bytes());
-        }
-        return true;
+        return !ports_changed || rewrite_echo_id(ctx, pkt.l4_off, from.sport, to.sport).is_some();
     }
     if ports_changed {
         let Some(ports) = ptr_at::<[u8; 4]>(ctx, pkt.l4_off) else { return false };
@@ -118,8 +124,9 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
     let end = ETH_LEN + pkt.ip_len as usize;
     match inner.proto {
         PROTO_TCP | PROTO_UDP => {
-            let csum_at = if inner.proto == PROTO_UDP { 6 } else { 16 };
-            if emb.l4_off + csum_at + 2 <= end {
+            if let Some(csum_at) = checksum::l4_csum_offset(inner.proto)
+                && emb.l4_off + csum_at + 2 <= end
+            {
                 let Some(c) = ptr_at::<[u8; 2]>(ctx, emb.l4_off + csum_at) else { return false };
                 // SAFETY: bounds checked by ptr_at.
                 let c = unsafe { &mut *c };
@@ -147,13 +154,9 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
         }
         PROTO_ICMP => {
             // The embedded echo: its identifier, and its own checksum with it (as Linux's icmp_manip_pkt does).
-            let Some(hdr) = ptr_at::<[u8; 8]>(ctx, emb.l4_off) else { return false };
-            // SAFETY: bounds checked by ptr_at.
-            let hdr = unsafe { &mut *hdr };
-            let old = u16::from_be_bytes([hdr[ICMP_CHECK], hdr[ICMP_CHECK + 1]]);
-            let new = checksum::replace_u16(old, inner.sport, new_inner.sport);
-            hdr[ICMP_CHECK..ICMP_CHECK + 2].copy_from_slice(&new.to_be_bytes());
-            hdr[ICMP_ID..ICMP_ID + 2].copy_from_slice(&new_inner.sport.to_be_bytes());
+            let Some((old, new)) = rewrite_echo_id(ctx, emb.l4_off, inner.sport, new_inner.sport) else {
+                return false;
+            };
             icmp.u16(old, new);
             icmp.u16(inner.sport, new_inner.sport);
         }

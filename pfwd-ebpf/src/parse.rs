@@ -1,7 +1,8 @@
-//! Packet parsing: Ethernet + IPv4 + the TCP/UDP ports, with every bound checked for the verifier.
+//! Packet parsing: Ethernet + IPv4 + the TCP/UDP ports or ICMP echo identifier, and the packet embedded in an ICMP
+//! error, with every bound checked for the verifier. Also bounds-checked packet pointers for the rewriting code.
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, Tuple, stat};
+use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, Stat, Tuple, checksum};
 
 use crate::maps::count;
 
@@ -56,14 +57,16 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// Offset of the L4 checksum, for protocols whose checksum covers the pseudo-header.
+    /// Offset of the L4 checksum, for protocols whose checksum covers the pseudo-header (TCP, UDP).
     #[inline(always)]
     pub fn l4_csum_off(&self) -> Option<usize> {
-        match self.tuple.proto {
-            PROTO_TCP => Some(self.l4_off + 16),
-            PROTO_UDP => Some(self.l4_off + 6),
-            _ => None,
-        }
+        checksum::l4_csum_offset(self.tuple.proto).map(|o| self.l4_off + o)
+    }
+
+    /// Whether the tuple's ports are real port numbers (TCP, UDP), not an ICMP echo identifier or nothing.
+    #[inline(always)]
+    pub fn has_port_numbers(&self) -> bool {
+        matches!(self.tuple.proto, PROTO_TCP | PROTO_UDP)
     }
 
     /// Whether the tuple has ports (TCP, UDP) or an identifier standing in for them (ICMP echo).
@@ -82,6 +85,13 @@ impl Packet {
             _ => true,
         }
     }
+}
+
+/// The interface the packet is on (incoming at ingress, outgoing at egress).
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context's __sk_buff is valid for the program's run.
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// A pointer to a `T` at `off`, if the linear packet data holds it.
@@ -129,7 +139,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     if !ensure_linear(ctx, ETH_LEN + Ipv4Hdr::LEN) {
-        count(stat::MALFORMED);
+        count(Stat::Malformed);
         return None;
     }
     let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
@@ -138,13 +148,13 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
     let ihl = (ip.vihl & 0x0f) as usize * 4;
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || ETH_LEN + tot_len > ctx.len() as usize {
-        count(stat::MALFORMED);
+        count(Stat::Malformed);
         return None;
     }
     let frags = u16::from_be_bytes(ip.frags);
     if frags & (IP_MF | IP_OFFSET) != 0 {
         // Only the first fragment carries the ports; translating some fragments and not others would be wrong.
-        count(stat::FRAGMENTS);
+        count(Stat::Fragments);
         return None;
     }
     let mut tuple = addresses(ip);
@@ -156,7 +166,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         PROTO_TCP | PROTO_UDP => {
             let hdr_len = if tuple.proto == PROTO_TCP { 20 } else { 8 };
             if l4_len < hdr_len || !ensure_linear(ctx, l4_off + hdr_len) {
-                count(stat::MALFORMED);
+                count(Stat::Malformed);
                 return None;
             }
             // Re-derive: ensure_linear may have moved the data.
@@ -170,7 +180,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
                 // SAFETY: bounds checked by ptr_at.
                 let [doff, flags] = unsafe { *off_flags };
                 if ((doff >> 4) as usize) < 5 {
-                    count(stat::MALFORMED);
+                    count(Stat::Malformed);
                     return None;
                 }
                 tcp_flags = flags;
@@ -178,7 +188,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         }
         PROTO_ICMP => {
             if l4_len < ICMP_HLEN || !ensure_linear(ctx, l4_off + ICMP_HLEN) {
-                count(stat::MALFORMED);
+                count(Stat::Malformed);
                 return None;
             }
             let hdr: *const [u8; ICMP_HLEN] = ptr_at(ctx, l4_off)?;

@@ -1,44 +1,34 @@
-//! Source NAT for new flows leaving through an attached interface: the SNAT or MASQUERADE address, and the source
-//! port (or ICMP echo identifier) allocation.
+//! Source NAT for new flows leaving through an attached interface: the SNAT or MASQUERADE address (MASQUERADE asks
+//! the FIB, `fib`), and the source port (or ICMP echo identifier) allocation. (Destination NAT is `dnat`.)
 //!
 //! Port allocation follows Cilium's scheme: keep the original port when it is free, else start at a random offset in
 //! the range and probe a bounded number of ports. A port is taken when a live flow already owns the *reply* tuple
 //! (destination, SNAT address, destination port, port), so one port serves many destinations. Claims are atomic
 //! (conntrack::create inserts the reply entry with BPF_NOEXIST), and a full range drops the new flow only.
 use aya_ebpf::{
-    bindings::bpf_fib_lookup,
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32},
+    bindings::{BPF_FIB_LOOKUP_OUTPUT, BPF_FIB_LOOKUP_SKIP_NEIGH, BPF_FIB_LOOKUP_SRC},
+    helpers::bpf_get_prandom_u32,
     programs::TcContext,
 };
-use pfwd_common::{Config, IfaceInfo, PROTO_ICMP, RuleEntry, Tuple, ct_hook, kind, stat};
+use pfwd_common::{Config, IfaceInfo, PROTO_ICMP, RuleEntry, Stat, Tuple, ct_hook, kind};
 
-use crate::{conntrack, maps::CONNTRACK, parse::Packet};
+use crate::{conntrack, fib, maps::CONNTRACK, parse::Packet};
 
 /// Ports probed before a new flow is dropped for lack of a free one.
 const PROBES: u32 = 32;
 /// The range used when a rule gives none and the original port is taken (the unprivileged ports, as Linux uses).
 const DEFAULT_LO: u16 = 1024;
 const DEFAULT_HI: u16 = 65535;
-const AF_INET: u8 = 2;
 
 /// The address MASQUERADE uses now: the source the kernel would choose for this destination through `ifindex`
 /// (bpf_fib_lookup with BPF_FIB_LOOKUP_SRC, Linux 6.8+), so a changed interface address is followed with no daemon;
 /// else the interface address pfwd recorded.
 #[inline(always)]
 fn masquerade_addr(ctx: &TcContext, t: &Tuple, ifindex: u32, iface: &IfaceInfo) -> u32 {
-    // SAFETY: zeroed plain-old-data parameter block.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = t.proto;
-    p.ifindex = ifindex;
-    p.__bindgen_anon_4.ipv4_dst = t.daddr;
-    let flags = BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC;
-    // SAFETY: valid context and parameter block of the size passed.
-    let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
-    // SAFETY: union field written by the helper on success.
-    let src = unsafe { p.__bindgen_anon_3.ipv4_src };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && src != 0 && p.ifindex == ifindex { src } else { iface.addr }
+    let mut p = fib::params(t.proto, ifindex, t.daddr);
+    let found = fib::lookup(ctx, &mut p, BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC);
+    let src = fib::src(&p);
+    if found && src != 0 && p.ifindex == ifindex { src } else { iface.addr }
 }
 
 /// Whether `port` is free for the flow `t` translated to `addr`: no live flow of another origin owns the reply
@@ -58,13 +48,13 @@ fn port_free(t: &Tuple, addr: u32, port: u16, icmp: bool, now: u64, cfg: &Config
         // SAFETY: map value pointer.
         Some(p) => {
             let e = unsafe { &*p };
-            e.xlat == t.reversed() || e.expired(now, cfg) || conntrack::is_closed(e)
+            e.xlat == t.reversed() || e.expired(now, cfg) || e.is_closed()
         }
     }
 }
 
 /// Translates the first packet of a flow leaving through `ifindex` by `rule` (SNAT or MASQUERADE): picks the address
-/// and a free port, creates the flow. Returns the translated tuple, or the stat explaining the drop.
+/// and a free port, creates the flow. Returns the translated tuple, or the stat explaining the refusal.
 #[inline(always)]
 pub fn allocate(
     ctx: &TcContext,
@@ -75,11 +65,11 @@ pub fn allocate(
     iface: &IfaceInfo,
     now: u64,
     cfg: &Config,
-) -> Result<Tuple, u32> {
+) -> Result<Tuple, Stat> {
     let t = &pkt.tuple;
     let addr = if rule.kind == kind::MASQUERADE { masquerade_addr(ctx, t, ifindex, iface) } else { rule.to_addr };
     if addr == 0 {
-        return Err(stat::NO_IFACE_ADDR);
+        return Err(Stat::NoIfaceAddr);
     }
     let mut xlat = *t;
     xlat.saddr = addr;
@@ -105,7 +95,7 @@ pub fn allocate(
                 }
             }
             if !found {
-                return Err(stat::SNAT_EXHAUSTED);
+                return Err(Stat::SnatExhausted);
             }
         }
         xlat.sport = port;

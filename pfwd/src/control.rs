@@ -612,7 +612,7 @@ fn tcp_state_name(e: &pfwd_common::CtEntry) -> &'static str {
     use pfwd_common::ct_state::*;
     if e.state & RST != 0 {
         "CLOSE (reset)"
-    } else if e.state & (FIN_ORIGINAL | FIN_REPLY) == FIN_ORIGINAL | FIN_REPLY {
+    } else if e.is_closed() {
         "CLOSE"
     } else if e.state & (FIN_ORIGINAL | FIN_REPLY) != 0 {
         "FIN_WAIT"

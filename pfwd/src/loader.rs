@@ -2,8 +2,11 @@
 //! interfaces with tcx links (pinned, so they keep working after pfwd exits), filling the maps from the rules and
 //! reading counters and conntrack back.
 //!
-//! Pin layout under the instance's pin directory: one file per map (by map name), `prog_ingress`, `prog_egress`,
-//! and `link_<iface>_<ingress|egress>` per attached interface.
+//! Pin layout under the instance's pin directory: one file per map (by map name, `pfwd_common::names`), one per
+//! program (`prog_ingress`, `prog_egress`, and `prog_<hook>` for the socket hooks of `--local` rules: connect4,
+//! sendmsg4, recvmsg4, getpeername4), `link_<iface>_<ingress|egress>` per attached interface and
+//! `link_cgroup_<hook>` per attached socket hook. Map and program names come from `pfwd_common::names`; a test
+//! checks that the embedded object has every one of them.
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     fs,
@@ -22,22 +25,23 @@ use aya::{
     },
     util::nr_cpus,
 };
-use pfwd_common::{Bucket, BucketKey, Config, CtEntry, IfaceInfo, RuleCounters, RuleEntry, Tuple, names, stat};
+use pfwd_common::{Bucket, BucketKey, Config, CtEntry, IfaceInfo, RuleCounters, RuleEntry, Stat, Tuple, names};
 
 use crate::{instance::Instance, rules, state::StoredRule};
 
 /// The compiled eBPF object, embedded so the binary is self-contained.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pfwd"));
 
+/// The tcx programs: (program, attach type, pin suffix).
 const PROGRAMS: [(&str, TcAttachType, &str); 2] =
-    [("pfwd_ingress", TcAttachType::Ingress, "ingress"), ("pfwd_egress", TcAttachType::Egress, "egress")];
+    [(names::PROG_INGRESS, TcAttachType::Ingress, "ingress"), (names::PROG_EGRESS, TcAttachType::Egress, "egress")];
 
 /// The cgroup socket hooks of `--local` rules: (program, hook, pin suffix).
 const SOCK_PROGRAMS: [(&str, CgroupSockAddrAttachType, &str); 4] = [
-    ("pfwd_connect4", CgroupSockAddrAttachType::Connect4, "connect4"),
-    ("pfwd_sendmsg4", CgroupSockAddrAttachType::UDPSendMsg4, "sendmsg4"),
-    ("pfwd_recvmsg4", CgroupSockAddrAttachType::UDPRecvMsg4, "recvmsg4"),
-    ("pfwd_getpeername4", CgroupSockAddrAttachType::GetPeerName4, "getpeername4"),
+    (names::PROG_CONNECT4, CgroupSockAddrAttachType::Connect4, "connect4"),
+    (names::PROG_SENDMSG4, CgroupSockAddrAttachType::UDPSendMsg4, "sendmsg4"),
+    (names::PROG_RECVMSG4, CgroupSockAddrAttachType::UDPRecvMsg4, "recvmsg4"),
+    (names::PROG_GETPEERNAME4, CgroupSockAddrAttachType::GetPeerName4, "getpeername4"),
 ];
 
 /// Handle on the pinned state of one instance.
@@ -252,7 +256,7 @@ impl Kernel {
     /// Global counters by name, summed over CPUs.
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>> {
         let map: PerCpuArray<MapData, u64> = self.map(names::STATS)?;
-        (0..stat::COUNT).map(|i| Ok((stat::NAMES[i as usize], map.get(&i, 0)?.iter().sum()))).collect()
+        Stat::ALL.iter().map(|s| Ok((s.name(), map.get(&s.index(), 0)?.iter().sum()))).collect()
     }
 
     /// Every conntrack entry (both directions).
@@ -271,16 +275,7 @@ impl Kernel {
     pub fn map_memory(&self) -> Result<Vec<(String, u64)>> {
         use std::os::fd::{AsFd, AsRawFd};
         let mut out = vec![];
-        for name in [
-            names::RULES,
-            names::BUCKETS,
-            names::CONNTRACK,
-            names::RULE_COUNTERS,
-            names::STATS,
-            names::IFACES,
-            names::CONFIG,
-            names::SOCKETS,
-        ] {
+        for name in names::MAPS {
             let data = MapData::from_pin(self.dir.join(name))?;
             let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", data.fd().as_fd().as_raw_fd()))?;
             let bytes = fdinfo
@@ -301,5 +296,29 @@ impl Kernel {
 
     pub fn pin_dir(&self) -> &Path {
         &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names the loader asks the object for (needs no root: this only parses the embedded ELF).
+    #[test]
+    fn embedded_object_has_every_map_and_program_the_loader_uses() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("parsing the embedded eBPF object");
+        for name in names::MAPS {
+            assert!(obj.maps.contains_key(name), "map {name} missing; the object has {:?}", obj.maps.keys());
+        }
+        let programs = PROGRAMS.iter().map(|p| p.0).chain(SOCK_PROGRAMS.iter().map(|p| p.0));
+        for name in programs {
+            assert!(
+                obj.programs.contains_key(name),
+                "program {name} missing; the object has {:?}",
+                obj.programs.keys()
+            );
+        }
+        assert_eq!(obj.programs.len(), PROGRAMS.len() + SOCK_PROGRAMS.len(), "a program the loader never loads");
+        assert_eq!(obj.maps.keys().filter(|m| m.starts_with("PFWD_")).count(), names::MAPS.len());
     }
 }

@@ -16,9 +16,10 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use pfwd::{loader::Kernel, state::StoredRule};
 use pfwd_common::{Config, CtEntry, RuleCounters, Tuple};
 
-/// TCX_NEXT as the test run reports it (the programs return -1 for passed and translated packets alike).
-pub const NEXT: u32 = u32::MAX;
-pub const DROP: u32 = 2;
+/// TCX_NEXT as the test run reports it (a u32: the programs return -1 for passed and translated packets alike).
+pub const NEXT: u32 = pfwd_common::tcx::NEXT as u32;
+/// TCX_DROP as the test run reports it.
+pub const DROP: u32 = pfwd_common::tcx::DROP as u32;
 
 pub const LO: u32 = 1;
 /// lo's address in the fixture: REDIRECT's and MASQUERADE's address, and the address DNAT clients connect to.

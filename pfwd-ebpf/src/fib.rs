@@ -1,0 +1,39 @@
+//! IPv4 FIB lookups (`bpf_fib_lookup`): the parameter block and the call, shared by `--fast-forward` (`forward`: the
+//! next hop of a forwarded packet) and MASQUERADE (`snat`: the source address the kernel would choose).
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    helpers::bpf_fib_lookup as fib_lookup,
+    programs::TcContext,
+};
+
+const AF_INET: u8 = 2;
+
+/// A zeroed parameter block for the route of an IPv4 packet of protocol `proto` to `daddr` (network order), on
+/// `ifindex` (the incoming interface, or the outgoing one with BPF_FIB_LOOKUP_OUTPUT). Callers add what else the
+/// lookup should consider.
+#[inline(always)]
+pub fn params(proto: u8, ifindex: u32, daddr: u32) -> bpf_fib_lookup {
+    // SAFETY: zeroed plain-old-data parameter block.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = proto;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    p
+}
+
+/// Runs the lookup with `flags` (BPF_FIB_LOOKUP_*); the helper writes its results into `p`. True when it found a
+/// route (BPF_FIB_LKUP_RET_SUCCESS).
+#[inline(always)]
+pub fn lookup(ctx: &TcContext, p: &mut bpf_fib_lookup, flags: u32) -> bool {
+    // SAFETY: valid context and parameter block of the size passed.
+    let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
+    rc == BPF_FIB_LKUP_RET_SUCCESS as i64
+}
+
+/// The source address a successful lookup with BPF_FIB_LOOKUP_SRC chose (network order).
+#[inline(always)]
+pub fn src(p: &bpf_fib_lookup) -> u32 {
+    // SAFETY: union of the IPv4 and IPv6 source; the IPv4 member is plain data.
+    unsafe { p.__bindgen_anon_3.ipv4_src }
+}
