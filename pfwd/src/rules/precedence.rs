@@ -43,7 +43,6 @@ mod tests {
     use ipnet::Ipv4Net;
     use pfwd_common::maps::*;
 
-    use crate::rules::compile::bucket_key;
     use crate::rules::tests::*;
     use crate::rules::*;
 
@@ -110,52 +109,19 @@ mod tests {
     /// (POSTROUTING) the four portless levels in `snat_level_mask` with the outgoing interface; check each slot,
     /// lowest rank wins.
     fn kernel_lookup(c: &Compiled, at: u8, pkt: &Packet) -> Option<usize> {
-        let with_ports = pkt.proto == PROTO_TCP || pkt.proto == PROTO_UDP;
-        let (mask, levels) = if at == hook::PREROUTING {
-            (
-                c.level_mask,
-                vec![
-                    (level::IF_PROTO_PORT, pkt.ifindex, pkt.proto, pkt.dport, with_ports),
-                    (level::PROTO_PORT, 0, pkt.proto, pkt.dport, with_ports),
-                    (level::IF_PROTO, pkt.ifindex, pkt.proto, 0, with_ports),
-                    (level::PROTO, 0, pkt.proto, 0, with_ports),
-                    (level::IF, pkt.ifindex, 0, 0, true),
-                    (level::ANY, 0, 0, 0, true),
-                ],
-            )
-        } else {
-            (
-                c.snat_level_mask,
-                vec![
-                    (level::IF_PROTO, pkt.ifindex, pkt.proto, 0, true),
-                    (level::PROTO, 0, pkt.proto, 0, true),
-                    (level::IF, pkt.ifindex, 0, 0, true),
-                    (level::ANY, 0, 0, 0, true),
-                ],
-            )
+        let mask = if at == hook::PREROUTING { c.level_mask } else { c.snat_level_mask };
+        let t = pfwd_common::Tuple {
+            saddr: u32::from_ne_bytes(pkt.saddr.octets()),
+            daddr: u32::from_ne_bytes(pkt.daddr.octets()),
+            sport: 0,
+            dport: pkt.dport,
+            proto: pkt.proto,
+            _pad: [0; 3],
         };
-        let saddr = u32::from_ne_bytes(pkt.saddr.octets());
-        let daddr = u32::from_ne_bytes(pkt.daddr.octets());
-        let mut best: Option<(u32, usize)> = None;
-        for (bit, ifx, proto, port, applies) in levels {
-            if !applies || mask & bit == 0 {
-                continue;
-            }
-            let Some(b) = c.buckets.get(&bucket_key(at, ifx, proto, port)) else {
-                continue;
-            };
-            for &slot in &b.slots[..b.len as usize] {
-                let e = &c.entries[slot as usize].1;
-                let hit = (e.ifindex == 0 || e.ifindex == pkt.ifindex)
-                    && (e.proto == PROTO_ANY || e.proto == pkt.proto)
-                    && saddr & e.src_mask == e.src_net
-                    && daddr & e.dst_mask == e.dst_net;
-                if hit && best.is_none_or(|(rank, _)| e.rank < rank) {
-                    best = Some((e.rank, slot as usize));
-                }
-            }
-        }
-        best.map(|(_, slot)| slot)
+        // The kernel program's own walk (pfwd_common::find_rule), over the compiled maps.
+        let bucket = |k: &BucketKey| c.buckets.get(k);
+        let rule = |slot: u32| c.entries.get(slot as usize).map(|(_, e)| e);
+        pfwd_common::find_rule(&t, pkt.ifindex, at, mask, bucket, rule).map(|(slot, _)| slot as usize)
     }
 
     /// What iptables does with the exported order: the first rule of the hook's chain that matches. `ifname` is
