@@ -7,20 +7,23 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use pfwd_common::{Config, RuleCounters, dir};
-use serde_json::{Value, json};
+use pfwd_common::{Config, dir};
 
 use crate::{
     fallback,
     instance::{self, Instance},
     loader::Kernel,
     netif,
-    rules::{self, Rule, Target},
-    state::{AttachedIface, Lock, State, StoredRule},
+    report::{
+        self, ConntrackEntry, ConntrackSummary, EbpfConntrack, FlowTuple, InstanceStatus, InterfaceStatus, Nat,
+        NetfilterConntrack, Netns, RuleReport, RuleStatus, Status,
+    },
+    rules::{self, Rule},
+    state::{AttachedIface, DataPath, Lock, State, StoredRule},
     sysctl,
 };
 
-/// How the data path is provided.
+/// `--mode`: which data path to use, or `auto` to let pfwd choose one ([`DataPath`]) when the instance is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
     /// eBPF unless the kernel has no BTF or loading/attaching fails; then iptables (and say why).
@@ -29,6 +32,17 @@ pub enum Mode {
     Ebpf,
     /// iptables NAT rules in pfwd's own chains (the fallback).
     Iptables,
+}
+
+impl Mode {
+    /// The data path this option asks for; None for `auto`.
+    pub fn data_path(self) -> Option<DataPath> {
+        match self {
+            Mode::Auto => None,
+            Mode::Ebpf => Some(DataPath::Ebpf),
+            Mode::Iptables => Some(DataPath::Iptables),
+        }
+    }
 }
 
 /// Where `auto` looks for kernel BTF; tests point it elsewhere to simulate a kernel without BTF.
@@ -43,9 +57,9 @@ enum Backend {
 
 impl Backend {
     fn of(state: &State, inst: &Instance) -> Self {
-        match state.mode.as_str() {
-            "iptables" => Backend::Iptables,
-            _ => Backend::Ebpf(Kernel::new(inst)),
+        match state.mode {
+            DataPath::Iptables => Backend::Iptables,
+            DataPath::Ebpf => Backend::Ebpf(Kernel::new(inst)),
         }
     }
 
@@ -241,26 +255,19 @@ fn apply(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
     sysctl::reconcile(&mut state.sysctls, &wanted)
 }
 
-/// The mode a new instance starts in, and why.
-fn choose_mode(requested: Mode) -> (Mode, String) {
+/// The data path a new instance starts on, and why.
+fn choose_mode(requested: Mode) -> (DataPath, String) {
     match requested {
-        Mode::Ebpf => (Mode::Ebpf, "eBPF (--mode ebpf)".into()),
-        Mode::Iptables => (Mode::Iptables, "iptables (--mode iptables)".into()),
+        Mode::Ebpf => (DataPath::Ebpf, "eBPF (--mode ebpf)".into()),
+        Mode::Iptables => (DataPath::Iptables, "iptables (--mode iptables)".into()),
         Mode::Auto => {
             let btf = std::env::var(ENV_BTF_PATH).unwrap_or_else(|_| DEFAULT_BTF_PATH.into());
             if std::path::Path::new(&btf).exists() {
-                (Mode::Ebpf, format!("auto: kernel BTF found at {btf}"))
+                (DataPath::Ebpf, format!("auto: kernel BTF found at {btf}"))
             } else {
-                (Mode::Iptables, format!("auto: no kernel BTF at {btf}, so the eBPF data path is not used"))
+                (DataPath::Iptables, format!("auto: no kernel BTF at {btf}, so the eBPF data path is not used"))
             }
         }
-    }
-}
-
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Iptables => "iptables",
-        _ => "ebpf",
     }
 }
 
@@ -281,7 +288,9 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
     let fresh = existing.is_none();
     let state = match existing {
         Some(s) => {
-            if opts.mode != Mode::Auto && mode_name(opts.mode) != s.mode {
+            if let Some(wanted) = opts.mode.data_path()
+                && wanted != s.mode
+            {
                 bail!("pfwd is already attached here in {} mode; `pfwd detach` first to change the mode", s.mode);
             }
             s
@@ -290,7 +299,7 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
             // Pins without state: left by a crash or by a dead namespace with the same inode number.
             Kernel::new(&lock.inst).unload().context("removing stale pfwd pins")?;
             let (mode, reason) = choose_mode(opts.mode);
-            State::new(lock.inst.netns_cookie, mode_name(mode), &reason)
+            State::new(lock.inst.netns_cookie, mode, &reason)
         }
     };
     let mut planned = state.clone();
@@ -315,15 +324,18 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
     if let Err(e) = &result
         && fresh
         && opts.mode == Mode::Auto
-        && planned.mode == "ebpf"
+        && planned.mode == DataPath::Ebpf
     {
         // auto: eBPF could not be loaded or attached here; fall back to iptables and say why.
-        planned.mode = "iptables".into();
+        planned.mode = DataPath::Iptables;
         planned.mode_reason = format!("auto: eBPF failed ({e:#}); using iptables");
         result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts);
     }
     let mut notes = result?;
-    let what = if planned.mode == "ebpf" { "tcx ingress + egress" } else { "iptables PFWD-* chains" };
+    let what = match planned.mode {
+        DataPath::Ebpf => "tcx ingress + egress",
+        DataPath::Iptables => "iptables PFWD-* chains",
+    };
     for (name, _) in resolved.iter().rev() {
         notes.insert(0, format!("attached to {name} ({what})"));
     }
@@ -403,7 +415,7 @@ pub fn add_many(rules: Vec<Rule>, skip_duplicates: bool) -> Result<(Vec<u32>, Ve
         ),
         e => e.into(),
     })?;
-    if state.mode == "ebpf" && state.cgroup.is_none() && planned.rules.iter().any(|r| r.rule.local) {
+    if state.mode == DataPath::Ebpf && state.cgroup.is_none() && planned.rules.iter().any(|r| r.rule.local) {
         bail!(
             "--local rules need the cgroup socket hooks, and no cgroup2 is mounted (looked at /sys/fs/cgroup and \
              /sys/fs/cgroup/unified): mount cgroup2, or use pfwd in --mode iptables"
@@ -488,79 +500,43 @@ pub fn set_log_flags(flags: u32) -> Result<()> {
     kernel.set_config(&cfg)
 }
 
-/// The current rules, or an empty list when not attached.
-pub fn list() -> Result<Vec<Rule>> {
+/// `pfwd list`: the current rules, or an empty list when not attached.
+pub fn list() -> Result<Vec<RuleReport>> {
     let lock = open()?;
-    Ok(lock.load()?.map(|s| s.rules()).unwrap_or_default())
+    Ok(lock.load()?.map(|s| s.rules.iter().map(|r| RuleReport::from(&r.rule)).collect()).unwrap_or_default())
 }
 
-/// One rule as JSON: its fields flattened, its pfwd syntax and, when given, its counters.
-pub fn rule_json(r: &Rule, counters: Option<&RuleCounters>) -> Value {
-    let (to, to_port, to_ports) = match r.target {
-        Target::Dnat { addr, port } => (Some(addr.to_string()), port, None),
-        Target::Redirect { port } => (None, Some(port), None),
-        Target::Snat { addr, ports } => (Some(addr.to_string()), None, ports.map(|p| p.to_string())),
-        Target::Masquerade { ports } => (None, None, ports.map(|p| p.to_string())),
-    };
-    let mut v = json!({
-        "id": r.id,
-        "kind": r.kind_name(),
-        "iface": r.iface,
-        "oface": r.oface,
-        "proto": r.proto.map(|p| p.to_string()),
-        "src": r.src.map(|n| n.to_string()),
-        "dst": r.dst.map(|n| n.to_string()),
-        "dport": r.dport.map(|p| p.to_string()),
-        "to": to,
-        "to_port": to_port,
-        "to_ports": to_ports,
-        "text": r.to_string(),
-    });
-    if let Some(c) = counters {
-        v["packets"] = c.packets.into();
-        v["bytes"] = c.bytes.into();
-        v["flows"] = c.flows.into();
-        v["drops"] = c.drops.into();
-    }
-    v
-}
-
-/// Everything `pfwd status` shows, as one JSON object (the human output is rendered from it).
-pub fn status() -> Result<Value> {
+/// `pfwd status`: mode, interfaces, rules with counters, conntrack, global counters and the sysctls pfwd changed.
+pub fn status() -> Result<Status> {
     let lock = open()?;
     let Some(state) = lock.load()? else {
-        return Ok(json!({
-            "attached": false, "mode": null, "interfaces": [], "rules": [],
-            "conntrack": { "entries": 0, "flows": 0 },
-        }));
+        return Ok(Status::NotAttached);
     };
+    let rule_status =
+        |s: &StoredRule, counters: report::Counters| RuleStatus { rule: RuleReport::from(&s.rule), counters };
     let (rules, conntrack, stats, fast_forward) = match Backend::of(&state, &lock.inst) {
         Backend::Ebpf(kernel) => {
             let cfg = kernel.config()?;
-            let rules: Vec<Value> = state
+            let rules = state
                 .rules
                 .iter()
-                .map(|s| Ok(rule_json(&s.rule, Some(&kernel.rule_counters(s.slot)?))))
+                .map(|s| Ok(rule_status(s, kernel.rule_counters(s.slot)?.into())))
                 .collect::<Result<_>>()?;
             let now = monotonic_ns();
             let ct = kernel.conntrack()?;
             let live: Vec<_> = ct.iter().filter(|(_, e)| !e.expired(now, &cfg)).collect();
             let flows = live.iter().filter(|(_, e)| e.dir == dir::ORIGINAL).count();
             let memory = kernel.map_memory()?;
-            let conntrack = json!({
-                "entries": live.len(),
-                "flows": flows,
-                "capacity": kernel.conntrack_capacity()?,
-                "memory_bytes": memory.iter().find(|(n, _)| n == pfwd_common::names::CONNTRACK).map(|(_, b)| *b),
-                "maps_memory_bytes": memory.iter().map(|(_, b)| *b).sum::<u64>(),
-                "timeouts_s": {
-                    "tcp_syn": cfg.tcp_syn_timeout, "tcp_established": cfg.tcp_established_timeout,
-                    "tcp_close": cfg.tcp_close_timeout, "udp": cfg.udp_timeout, "other": cfg.other_timeout,
-                },
+            let conntrack = ConntrackSummary::Ebpf(EbpfConntrack {
+                capacity: kernel.conntrack_capacity()?,
+                entries: live.len() as u64,
+                flows: flows as u64,
+                maps_memory_bytes: memory.iter().map(|(_, b)| *b).sum(),
+                memory_bytes: memory.iter().find(|(n, _)| n == pfwd_common::names::CONNTRACK).map(|(_, b)| *b),
+                timeouts_s: (&cfg).into(),
             });
-            let stats: serde_json::Map<String, Value> =
-                kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v.into())).collect();
-            (rules, conntrack, Value::Object(stats), cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0)
+            let stats = kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            (rules, conntrack, stats, cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0)
         }
         Backend::Iptables => {
             let counters = fallback::counters()?;
@@ -569,35 +545,40 @@ pub fn status() -> Result<Value> {
                 .iter()
                 .map(|s| {
                     let c = counters.iter().find(|(id, _)| *id == s.rule.id).map(|(_, c)| *c).unwrap_or_default();
-                    rule_json(&s.rule, Some(&c))
+                    rule_status(s, c.into())
                 })
                 .collect();
-            let conntrack = json!({
-                "entries": fallback::conntrack_count(),
-                "flows": fallback::dnat_flows(),
-                "capacity": std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max").ok()
+            let conntrack = ConntrackSummary::Netfilter(NetfilterConntrack {
+                capacity: std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+                    .ok()
                     .and_then(|s| s.trim().parse::<u64>().ok()),
-                "note": "netfilter conntrack: entries counts every connection in this namespace, flows the DNATed ones",
+                entries: fallback::conntrack_count(),
+                flows: fallback::dnat_flows(),
+                note: NetfilterConntrack::NOTE,
             });
-            (rules, conntrack, json!({}), false)
+            (rules, conntrack, Default::default(), false)
         }
     };
-    Ok(json!({
-        "attached": true,
-        "mode": state.mode,
-        "mode_reason": state.mode_reason,
-        "netns": { "inode": lock.inst.netns_inode, "cookie": state.netns_cookie },
-        "pin_dir": (state.mode == "ebpf").then_some(&lock.inst.pin_dir),
-        "interfaces": state.interfaces.iter().map(|i| json!({
-            "name": i.name, "ifindex": i.ifindex,
-            "address": netif::primary_ipv4(&i.name).map(|a| a.to_string()),
-        })).collect::<Vec<_>>(),
-        "fast_forward": fast_forward,
-        "rules": rules,
-        "conntrack": conntrack,
-        "stats": stats,
-        "sysctls": state.sysctls,
-    }))
+    Ok(Status::Attached(Box::new(InstanceStatus {
+        conntrack,
+        fast_forward,
+        interfaces: state
+            .interfaces
+            .iter()
+            .map(|i| InterfaceStatus {
+                address: netif::primary_ipv4(&i.name),
+                ifindex: i.ifindex,
+                name: i.name.clone(),
+            })
+            .collect(),
+        mode: state.mode,
+        mode_reason: state.mode_reason,
+        netns: Netns { cookie: state.netns_cookie, inode: lock.inst.netns_inode },
+        pin_dir: (state.mode == DataPath::Ebpf).then(|| lock.inst.pin_dir.clone()),
+        rules,
+        stats,
+        sysctls: state.sysctls,
+    })))
 }
 
 /// CLOCK_MONOTONIC_COARSE in ns: the clock of `bpf_ktime_get_coarse_ns`, for conntrack ages.
@@ -623,23 +604,9 @@ fn tcp_state_name(e: &pfwd_common::CtEntry) -> &'static str {
     }
 }
 
-fn tuple_json(t: &pfwd_common::Tuple) -> Value {
-    let a = |x: u32| Ipv4Addr::from(u32::from_be(x)).to_string();
-    json!({ "src": a(t.saddr), "dst": a(t.daddr), "sport": t.sport, "dport": t.dport })
-}
-
-fn proto_name(p: u8) -> String {
-    match p {
-        pfwd_common::PROTO_TCP => "tcp".into(),
-        pfwd_common::PROTO_UDP => "udp".into(),
-        pfwd_common::PROTO_ICMP => "icmp".into(),
-        n => n.to_string(),
-    }
-}
-
 /// `pfwd conntrack`: the live translations, like `conntrack -L`: per flow, the original tuple as it arrived, the
 /// tuple it was translated to, the reply tuple expected back, the rule, age, idle time and state.
-pub fn conntrack_list() -> Result<Vec<Value>> {
+pub fn conntrack_list() -> Result<Vec<ConntrackEntry>> {
     let lock = open()?;
     let state = lock.load()?.context(NOT_ATTACHED)?;
     match Backend::of(&state, &lock.inst) {
@@ -652,7 +619,7 @@ pub fn conntrack_list() -> Result<Vec<Value>> {
                     continue;
                 }
                 let rule = state.rules.iter().find(|r| r.slot == e.rule_slot).map(|r| r.rule.id);
-                let nat = if e.hook == pfwd_common::ct_hook::INGRESS { "dnat" } else { "snat" };
+                let nat = if e.hook == pfwd_common::ct_hook::INGRESS { Nat::Dnat } else { Nat::Snat };
                 let st = if e.xlat.proto == pfwd_common::PROTO_TCP {
                     tcp_state_name(&e)
                 } else if e.state & pfwd_common::ct_state::SEEN_REPLY != 0 {
@@ -661,18 +628,18 @@ pub fn conntrack_list() -> Result<Vec<Value>> {
                     "UNREPLIED"
                 };
                 let secs = |ns: u64| ns as f64 / 1e9;
-                out.push(json!({
-                    "proto": proto_name(e.xlat.proto),
-                    "nat": nat,
-                    "original": tuple_json(&key),
-                    "translated": tuple_json(&e.xlat),
-                    "reply": tuple_json(&e.xlat.reversed()),
-                    "rule": rule,
-                    "state": st,
-                    "age_s": secs(now.saturating_sub(e.created_ns)),
-                    "idle_s": secs(now.saturating_sub(e.last_seen_ns)),
-                    "expires_in_s": secs((e.last_seen_ns + e.timeout_ns(&cfg)).saturating_sub(now)),
-                }));
+                out.push(ConntrackEntry {
+                    age_s: Some(secs(now.saturating_sub(e.created_ns))),
+                    expires_in_s: Some(secs((e.last_seen_ns + e.timeout_ns(&cfg)).saturating_sub(now))),
+                    idle_s: Some(secs(now.saturating_sub(e.last_seen_ns))),
+                    nat,
+                    original: FlowTuple::from(&key),
+                    proto: report::proto_name(e.xlat.proto),
+                    reply: FlowTuple::from(&e.xlat.reversed()),
+                    rule,
+                    state: Some(st.to_string()),
+                    translated: FlowTuple::from(&e.xlat),
+                });
             }
             Ok(out)
         }

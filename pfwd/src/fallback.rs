@@ -6,13 +6,18 @@
 //! too when pfwd created them, so `iptables-save` reads as it did before attach.
 use std::{
     io::Write,
+    net::IpAddr,
     process::{Command, Stdio},
 };
 
 use anyhow::{Context, Result, bail};
 use pfwd_common::RuleCounters;
 
-use crate::{iptables, rules::Rule};
+use crate::{
+    iptables,
+    report::{ConntrackEntry, FlowTuple, Nat},
+    rules::Rule,
+};
 
 /// Every chain pfwd owns starts with this (PFWD-PREROUTING, PFWD-FORWARD, ...).
 const CHAIN_PREFIX: &str = "PFWD-";
@@ -171,45 +176,82 @@ pub fn dnat_flows() -> Option<u64> {
     Some(out.lines().filter(|l| !l.trim().is_empty()).count() as u64)
 }
 
-/// netfilter's translated connections (from `conntrack -L`), in the shape of `control::conntrack_list`: entries
-/// whose reply tuple is not simply the original reversed. Empty when the conntrack tool is missing.
-pub fn conntrack_list() -> Vec<serde_json::Value> {
+/// netfilter's translated connections (from `conntrack -L`), as `pfwd conntrack` lists them: entries whose reply
+/// tuple is not simply the original reversed. Empty when the conntrack tool is missing.
+pub fn conntrack_list() -> Vec<ConntrackEntry> {
     let Ok(text) = run("conntrack", &["-L".into()], None) else { return vec![] };
-    let mut out = vec![];
-    for line in text.lines() {
-        // e.g. "tcp 6 431999 ESTABLISHED src=A dst=B sport=1 dport=2 src=C dst=D sport=3 dport=4 [ASSURED] ..."
-        // or   "icmp 1 29 src=A dst=B type=8 code=0 id=7 src=C dst=D type=0 code=0 id=9 mark=0 ..."
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let field = |k: &str, nth: usize| words.iter().filter_map(|w| w.strip_prefix(k)).nth(nth).map(str::to_string);
-        let port = |k: &str, nth: usize| field(k, nth).and_then(|p| p.parse::<u16>().ok());
-        let tuple = |nth: usize| {
-            // An ICMP echo's identifier stands in for both ports, as in pfwd's own tables.
-            let (sport, dport) = match field("id=", nth) {
-                Some(id) => (id.parse::<u16>().ok(), id.parse::<u16>().ok()),
-                None => (port("sport=", nth), port("dport=", nth)),
-            };
-            (field("src=", nth), field("dst=", nth), sport, dport)
+    text.lines().filter_map(parse_conntrack_line).collect()
+}
+
+/// One line of `conntrack -L`, when it is a translated connection.
+fn parse_conntrack_line(line: &str) -> Option<ConntrackEntry> {
+    // e.g. "tcp 6 431999 ESTABLISHED src=A dst=B sport=1 dport=2 src=C dst=D sport=3 dport=4 [ASSURED] ..."
+    // or   "icmp 1 29 src=A dst=B type=8 code=0 id=7 src=C dst=D type=0 code=0 id=9 mark=0 ..."
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let field = |k: &str, nth: usize| words.iter().filter_map(|w| w.strip_prefix(k)).nth(nth);
+    let port = |k: &str, nth: usize| field(k, nth).and_then(|v| v.parse::<u16>().ok());
+    let addr = |k: &str, nth: usize| field(k, nth).and_then(|v| v.parse::<IpAddr>().ok());
+    let tuple = |nth: usize| {
+        // An ICMP echo's identifier stands in for both ports, as in pfwd's own tables.
+        let (sport, dport) = match field("id=", nth) {
+            Some(id) => (id.parse().ok(), id.parse().ok()),
+            None => (port("sport=", nth), port("dport=", nth)),
         };
-        let (o, r) = (tuple(0), tuple(1));
-        let dnat = r.0 != o.1 || r.2 != o.3;
-        let snat = r.1 != o.0 || r.3 != o.2;
-        if !dnat && !snat {
-            continue;
-        }
-        let json = |t: &(Option<String>, Option<String>, Option<u16>, Option<u16>)| serde_json::json!({ "src": t.0, "dst": t.1, "sport": t.2, "dport": t.3 });
+        FlowTuple { dport, dst: addr("dst=", nth), sport, src: addr("src=", nth) }
+    };
+    let (o, r) = (tuple(0), tuple(1));
+    let dnat = r.src != o.dst || r.sport != o.dport;
+    let snat = r.dst != o.src || r.dport != o.sport;
+    let nat = match (dnat, snat) {
+        (true, true) => Nat::DnatSnat,
+        (true, false) => Nat::Dnat,
+        (false, true) => Nat::Snat,
+        (false, false) => return None,
+    };
+    Some(ConntrackEntry {
+        age_s: None,
+        expires_in_s: words.get(2).and_then(|w| w.parse().ok()),
+        idle_s: None,
+        nat,
+        original: o,
+        proto: words.first()?.to_string(),
+        reply: r,
+        rule: None,
+        state: words.get(3).filter(|w| !w.contains('=')).map(|w| w.to_string()),
         // What the original packets were translated to: the reply tuple reversed.
-        let translated = (r.1.clone(), r.0.clone(), r.3, r.2);
-        let state = words.get(3).filter(|w| !w.contains('=')).map(|w| w.to_string());
-        out.push(serde_json::json!({
-            "proto": words.first(),
-            "nat": match (dnat, snat) { (true, true) => "dnat+snat", (true, false) => "dnat", _ => "snat" },
-            "original": json(&o),
-            "translated": json(&translated),
-            "reply": json(&r),
-            "rule": null,
-            "state": state,
-            "expires_in_s": words.get(2).and_then(|w| w.parse::<f64>().ok()),
-        }));
+        translated: FlowTuple { dport: r.sport, dst: r.src, sport: r.dport, src: r.dst },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conntrack_lines() {
+        let dnat = "udp      17 29 src=10.9.0.2 dst=10.9.0.1 sport=45313 dport=5000 [UNREPLIED] src=10.9.0.1 \
+                    dst=10.9.0.2 sport=6000 dport=45313 mark=0 use=1";
+        let e = parse_conntrack_line(dnat).unwrap();
+        assert_eq!((e.nat, e.proto.as_str(), e.state.as_deref(), e.expires_in_s), (Nat::Dnat, "udp", None, Some(29.0)));
+        assert_eq!(e.translated.dport, Some(6000));
+        assert_eq!(e.translated.dst, Some("10.9.0.1".parse().unwrap()));
+        let json = serde_json::to_value(&e).unwrap();
+        assert!(json.get("age_s").is_none() && json["rule"].is_null(), "{json}");
+
+        let tcp = "tcp      6 431999 ESTABLISHED src=10.0.1.2 dst=10.0.1.1 sport=40000 dport=80 src=10.0.2.2 \
+                   dst=10.0.2.1 sport=9000 dport=2000 [ASSURED] mark=0 use=1";
+        let e = parse_conntrack_line(tcp).unwrap();
+        assert_eq!((e.nat, e.state.as_deref()), (Nat::DnatSnat, Some("ESTABLISHED")));
+
+        // An echo's identifier stands for both ports.
+        let echo = "icmp     1 29 src=10.0.1.2 dst=10.0.2.2 type=8 code=0 id=7 src=10.0.2.2 dst=10.0.2.1 type=0 \
+                    code=0 id=7 mark=0 use=1";
+        let e = parse_conntrack_line(echo).unwrap();
+        assert_eq!((e.nat, e.original.sport, e.original.dport), (Nat::Snat, Some(7), Some(7)));
+        assert_eq!(e.translated.src, Some("10.0.2.1".parse().unwrap()));
+
+        let plain =
+            "tcp 6 10 TIME_WAIT src=10.0.0.1 dst=10.0.0.2 sport=1 dport=2 src=10.0.0.2 dst=10.0.0.1 sport=2 dport=1";
+        assert!(parse_conntrack_line(plain).is_none());
     }
-    out
 }

@@ -4,7 +4,8 @@
 //! eBPF programs and their maps), [`fallback`] and [`iptables`] (the iptables data path, export and import),
 //! [`instance`] and [`state`] (where an instance lives and what it remembers),
 //! [`sysctl`] and [`netif`] (the system settings and interface facts it depends on), [`control`] (the operations
-//! behind each command) and [`cli`] (argument parsing and output).
+//! behind each command), [`report`] (what `status`, `list` and `conntrack` report) and [`cli`] (argument parsing and
+//! output).
 pub mod cli;
 pub mod control;
 pub mod fallback;
@@ -12,6 +13,7 @@ pub mod instance;
 pub mod iptables;
 pub mod loader;
 pub mod netif;
+pub mod report;
 pub mod rules;
 pub mod state;
 pub mod sysctl;

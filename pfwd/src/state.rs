@@ -1,6 +1,7 @@
 //! The controller's persistent state (`state.json`): the rules with their ids and map slots, the attached
-//! interfaces, the sysctls pfwd changed (with their earlier values), and how the mode was chosen. Every command
-//! takes an exclusive lock on the instance while it reads and writes this, so concurrent commands serialize.
+//! interfaces, the sysctls pfwd changed (with their earlier values), and the data path with why it was chosen.
+//! Every command takes an exclusive lock on the instance while it reads and writes this, so concurrent commands
+//! serialize.
 use std::{
     fs::{self, File, OpenOptions},
     io::Write,
@@ -11,6 +12,32 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::{instance::Instance, rules::Rule};
+
+/// The data path an instance runs on, chosen at attach (`--mode auto|ebpf|iptables` picks it) and fixed until detach.
+/// Serialized as "ebpf" or "iptables", in `state.json` and in `pfwd status --json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPath {
+    /// TC (tcx) programs with BPF-map connection tracking.
+    Ebpf,
+    /// iptables NAT rules in pfwd's own chains, with netfilter's conntrack.
+    Iptables,
+}
+
+impl DataPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataPath::Ebpf => "ebpf",
+            DataPath::Iptables => "iptables",
+        }
+    }
+}
+
+impl std::fmt::Display for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SavedSysctl {
@@ -39,8 +66,7 @@ pub struct StoredRule {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct State {
     pub netns_cookie: u64,
-    /// "ebpf" (the fallback issue adds "iptables").
-    pub mode: String,
+    pub mode: DataPath,
     /// Why this mode was chosen.
     pub mode_reason: String,
     pub interfaces: Vec<AttachedIface>,
@@ -58,10 +84,10 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(cookie: u64, mode: &str, reason: &str) -> Self {
+    pub fn new(cookie: u64, mode: DataPath, reason: &str) -> Self {
         Self {
             netns_cookie: cookie,
-            mode: mode.into(),
+            mode,
             mode_reason: reason.into(),
             interfaces: vec![],
             rules: vec![],
@@ -122,5 +148,21 @@ impl Lock {
         f.sync_all()?;
         fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `state.json` and `status --json` spell the mode as they always have.
+    #[test]
+    fn data_path_serializes_as_before() {
+        for (m, text) in [(DataPath::Ebpf, "\"ebpf\""), (DataPath::Iptables, "\"iptables\"")] {
+            assert_eq!(serde_json::to_string(&m).unwrap(), text);
+            assert_eq!(serde_json::from_str::<DataPath>(text).unwrap(), m);
+            assert_eq!(format!("\"{m}\""), text);
+        }
+        assert!(serde_json::from_str::<DataPath>("\"auto\"").is_err());
     }
 }

@@ -15,13 +15,14 @@ use std::{
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use pfwd_common::config_flag;
-use serde_json::Value;
 
 use crate::{
     control::{self, AttachOptions, Mode},
     iptables,
     loader::Kernel,
+    report::{ConntrackSummary, FlowTuple, InstanceStatus, Status},
     rules::{self, Rule},
+    state::DataPath,
 };
 
 const ABOUT: &str = "Port forwarding and NAT in eBPF, driven like `iptables -t nat`.";
@@ -222,13 +223,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::List { json } => {
             let rules = control::list()?;
             if json {
-                let v: Vec<Value> = rules.iter().map(|r| control::rule_json(r, None)).collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&rules)?);
             } else if rules.is_empty() {
                 println!("no rules");
             } else {
                 for r in &rules {
-                    println!("{:>4}  {r}", r.id);
+                    println!("{:>4}  {}", r.id, r.text);
                 }
             }
         }
@@ -236,8 +236,10 @@ fn run(cli: Cli) -> Result<()> {
             let s = control::status()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
+            } else if let Status::Attached(s) = &s {
+                print_status(s);
             } else {
-                print_status(&s);
+                println!("pfwd is not attached in this network namespace");
             }
         }
         Cmd::Detach => print_notes(&control::detach()?),
@@ -278,31 +280,31 @@ fn run(cli: Cli) -> Result<()> {
             } else if flows.is_empty() {
                 println!("no live translations");
             } else {
-                let t = |v: &Value| {
-                    format!(
-                        "{}:{} -> {}:{}",
-                        v["src"].as_str().unwrap_or("?"),
-                        v["sport"],
-                        v["dst"].as_str().unwrap_or("?"),
-                        v["dport"]
-                    )
+                let t = |t: &FlowTuple| {
+                    format!("{}:{} -> {}:{}", or(t.src, "?"), or(t.sport, "null"), or(t.dst, "?"), or(t.dport, "null"))
                 };
                 for f in &flows {
                     println!(
                         "{:<4} {:<4} {:<44} => {:<44} rule {:<5} {:<12} idle {:.0}s",
-                        f["proto"].as_str().unwrap_or("?"),
-                        f["nat"].as_str().unwrap_or("?"),
-                        t(&f["original"]),
-                        if f["translated"].is_null() { t(&f["reply"]) } else { t(&f["translated"]) },
-                        f["rule"].to_string(),
-                        f["state"].as_str().unwrap_or("-"),
-                        f["idle_s"].as_f64().unwrap_or(0.0)
+                        f.proto,
+                        f.nat.as_str(),
+                        t(&f.original),
+                        t(&f.translated),
+                        or(f.rule, "null"),
+                        f.state.as_deref().unwrap_or("-"),
+                        f.idle_s.unwrap_or(0.0)
                     );
                 }
             }
         }
     }
     Ok(())
+}
+
+/// A value that may be unknown, or what stands for it (the human output has always shown an unknown number as
+/// `null`, as the JSON does).
+fn or<T: std::fmt::Display>(v: Option<T>, unknown: &str) -> String {
+    v.map_or_else(|| unknown.to_string(), |v| v.to_string())
 }
 
 fn import(file: Option<PathBuf>, dry_run: bool) -> Result<()> {
@@ -334,68 +336,44 @@ fn import(file: Option<PathBuf>, dry_run: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_status(s: &Value) {
-    if s["attached"] != true {
-        println!("pfwd is not attached in this network namespace");
-        return;
-    }
-    let ifaces: Vec<String> = s["interfaces"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|i| format!("{} ({})", i["name"].as_str().unwrap_or("?"), i["address"].as_str().unwrap_or("no IPv4")))
-        .collect();
-    println!("mode:       {} ({})", s["mode"].as_str().unwrap_or("?"), s["mode_reason"].as_str().unwrap_or(""));
+fn print_status(s: &InstanceStatus) {
+    let ifaces: Vec<String> =
+        s.interfaces.iter().map(|i| format!("{} ({})", i.name, or(i.address, "no IPv4"))).collect();
+    println!("mode:       {} ({})", s.mode, s.mode_reason);
     println!("interfaces: {}", ifaces.join(", "));
-    if s["fast_forward"] == true {
+    if s.fast_forward {
         println!("fast path:  on (forwarded packets of translated flows skip the IP stack and netfilter)");
     }
-    let rules = s["rules"].as_array().cloned().unwrap_or_default();
-    if rules.is_empty() {
+    if s.rules.is_empty() {
         println!("rules:      none (add one with `pfwd add dnat|redirect|snat|masquerade ...`)");
     } else {
         println!("rules:");
         println!("  {:>4}  {:>7}  {:>9}  {:>11}  {:>6}  RULE", "ID", "FLOWS", "PACKETS", "BYTES", "DROPS");
-        for r in &rules {
-            // serde_json's Display ignores width: format the numbers as strings.
-            let n = |k: &str| r[k].to_string();
+        for r in &s.rules {
+            let c = &r.counters;
             println!(
                 "  {:>4}  {:>7}  {:>9}  {:>11}  {:>6}  {}",
-                n("id"),
-                n("flows"),
-                n("packets"),
-                n("bytes"),
-                n("drops"),
-                r["text"].as_str().unwrap_or("")
+                r.rule.id, c.flows, c.packets, c.bytes, c.drops, r.rule.text
             );
         }
     }
-    let ct = &s["conntrack"];
-    let mem = ct["maps_memory_bytes"].as_u64().map(|b| format!(", BPF maps {:.1} MiB", b as f64 / 1048576.0));
+    let ct = &s.conntrack;
+    let mem = match ct {
+        ConntrackSummary::Ebpf(c) => format!(", BPF maps {:.1} MiB", c.maps_memory_bytes as f64 / 1048576.0),
+        ConntrackSummary::Netfilter(_) => String::new(),
+    };
     println!(
-        "conntrack:  {} live entries ({} flows), capacity {} entries{}",
-        ct["entries"],
-        ct["flows"],
-        ct["capacity"],
-        mem.unwrap_or_default()
+        "conntrack:  {} live entries ({} flows), capacity {} entries{mem}",
+        ct.entries(),
+        or(ct.flows(), "null"),
+        or(ct.capacity(), "null"),
     );
-    let stats: Vec<String> = s["stats"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(_, v)| v.as_u64() != Some(0))
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let stats: Vec<String> = s.stats.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();
     if !stats.is_empty() {
         println!("counters:   {}", stats.join(" "));
     }
-    for c in s["sysctls"].as_array().into_iter().flatten() {
-        println!(
-            "sysctl:     {} (was {}): {}",
-            c["key"].as_str().unwrap_or("").replace('/', "."),
-            c["previous"].as_str().unwrap_or(""),
-            c["reason"].as_str().unwrap_or("")
-        );
+    for c in &s.sysctls {
+        println!("sysctl:     {} (was {}): {}", c.key.replace('/', "."), c.previous, c.reason);
     }
 }
 
@@ -408,7 +386,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// `pfwd run`: attach, stream log events and counters, detach on Ctrl-C or SIGTERM.
 fn run_foreground(r: RunArgs) -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
-    if control::status()?["attached"] == true {
+    if let Status::Attached(_) = control::status()? {
         anyhow::bail!("pfwd is already attached in this network namespace (see `pfwd status`); `pfwd detach` first");
     }
     let rules = read_config(&r.attach.config)?;
@@ -429,7 +407,7 @@ fn run_foreground(r: RunArgs) -> Result<()> {
 
 fn stream(r: &RunArgs) -> Result<()> {
     // Kernel log events exist only in eBPF mode; iptables mode streams counters alone.
-    let mut logger = if control::status()?["mode"] == "ebpf" {
+    let mut logger = if control::status()?.mode() == Some(DataPath::Ebpf) {
         let flags = config_flag::LOG_EVENTS | if r.trace { config_flag::LOG_PACKETS } else { 0 };
         control::set_log_flags(flags)?;
         let inst = crate::instance::Instance::current()?;
@@ -456,14 +434,18 @@ fn stream(r: &RunArgs) -> Result<()> {
         }
         if last.elapsed() >= interval {
             last = Instant::now();
-            let s = control::status()?;
-            let per_rule: Vec<String> = s["rules"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|x| format!("#{}: {} flows {} pkts", x["id"], x["flows"], x["packets"]))
-                .collect();
-            log::info!("conntrack {} flows | {}", s["conntrack"]["flows"], per_rule.join(" | "));
+            let (flows, per_rule) = match control::status()? {
+                Status::Attached(s) => (
+                    or(s.conntrack.flows(), "null"),
+                    s.rules
+                        .iter()
+                        .map(|r| format!("#{}: {} flows {} pkts", r.rule.id, r.counters.flows, r.counters.packets))
+                        .collect(),
+                ),
+                // Detached under us by another `pfwd detach`.
+                Status::NotAttached => ("0".into(), vec![]),
+            };
+            log::info!("conntrack {flows} flows | {}", per_rule.join(" | "));
         }
     }
     Ok(())

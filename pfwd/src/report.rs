@@ -1,0 +1,458 @@
+//! What `pfwd status`, `pfwd list` and `pfwd conntrack` report, as typed values: [`control`](crate::control) and
+//! [`fallback`](crate::fallback) fill them in, `--json` serializes them and the human output in [`cli`](crate::cli)
+//! reads their fields.
+//!
+//! The JSON is a stable interface (scripts and the end-to-end tests read it by key), so the field names, the nesting
+//! and null versus absent are fixed by these types. Fields are declared in alphabetical order because that is the
+//! order the output has always had (it used to be built with `serde_json::json!`, whose objects sort their keys);
+//! the one exception is a status rule, whose counters follow its fields as a group.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
+
+use ipnet::Ipv4Net;
+use serde::{Serialize, Serializer};
+
+use crate::{
+    rules::{Rule, Target},
+    state::{DataPath, SavedSysctl},
+};
+
+/// `pfwd status`: nothing when pfwd is not attached in this namespace, else everything about the instance.
+#[derive(Debug, Clone)]
+pub enum Status {
+    NotAttached,
+    Attached(Box<InstanceStatus>),
+}
+
+impl Status {
+    /// The data path in use, when attached.
+    pub fn mode(&self) -> Option<DataPath> {
+        match self {
+            Status::NotAttached => None,
+            Status::Attached(s) => Some(s.mode),
+        }
+    }
+}
+
+/// Both shapes carry `"attached"`; not attached, the object still has empty `interfaces` and `rules`, a null `mode`
+/// and a zero conntrack summary, so readers need not test `attached` before reading those.
+impl Serialize for Status {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct WithAttached<'a, T> {
+            attached: bool,
+            #[serde(flatten)]
+            rest: &'a T,
+        }
+        #[derive(Serialize)]
+        struct NotAttached {
+            conntrack: ZeroConntrack,
+            interfaces: [InterfaceStatus; 0],
+            mode: Option<DataPath>,
+            rules: [RuleStatus; 0],
+        }
+        #[derive(Serialize)]
+        struct ZeroConntrack {
+            entries: u64,
+            flows: u64,
+        }
+        match self {
+            Status::NotAttached => {
+                let rest = NotAttached {
+                    conntrack: ZeroConntrack { entries: 0, flows: 0 },
+                    interfaces: [],
+                    mode: None,
+                    rules: [],
+                };
+                WithAttached { attached: false, rest: &rest }.serialize(s)
+            }
+            Status::Attached(st) => WithAttached { attached: true, rest: st.as_ref() }.serialize(s),
+        }
+    }
+}
+
+/// `pfwd status` of an attached instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceStatus {
+    pub conntrack: ConntrackSummary,
+    /// `--fast-forward` is on (eBPF mode only; always false in iptables mode).
+    pub fast_forward: bool,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub mode: DataPath,
+    /// Why this mode was chosen.
+    pub mode_reason: String,
+    pub netns: Netns,
+    /// The bpffs directory of the pinned programs and maps; null in iptables mode.
+    pub pin_dir: Option<PathBuf>,
+    pub rules: Vec<RuleStatus>,
+    /// The kernel programs' global counters by name (empty in iptables mode).
+    pub stats: BTreeMap<String, u64>,
+    /// The sysctls pfwd changed, with their earlier values.
+    pub sysctls: Vec<SavedSysctl>,
+}
+
+/// The network namespace an instance belongs to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Netns {
+    /// SO_NETNS_COOKIE: never reused.
+    pub cookie: u64,
+    /// The inode of /proc/self/ns/net, which names the pin and state directories.
+    pub inode: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InterfaceStatus {
+    /// The primary IPv4 address now (null when it has none).
+    pub address: Option<Ipv4Addr>,
+    pub ifindex: u32,
+    pub name: String,
+}
+
+/// One rule as `pfwd list --json` shows it: its fields flattened, and its pfwd syntax.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleReport {
+    pub dport: Option<String>,
+    pub dst: Option<Ipv4Net>,
+    pub id: u32,
+    pub iface: Option<String>,
+    /// dnat, redirect, snat or masquerade.
+    pub kind: String,
+    pub oface: Option<String>,
+    pub proto: Option<String>,
+    pub src: Option<Ipv4Net>,
+    /// The rule in pfwd's syntax (what `pfwd list` prints).
+    pub text: String,
+    /// DNAT and SNAT: the new address.
+    pub to: Option<Ipv4Addr>,
+    /// DNAT (when it rewrites the port) and REDIRECT: the new destination port.
+    pub to_port: Option<u16>,
+    /// SNAT and MASQUERADE: the source port range, when given.
+    pub to_ports: Option<String>,
+}
+
+impl From<&Rule> for RuleReport {
+    fn from(r: &Rule) -> Self {
+        let (to, to_port, to_ports) = match r.target {
+            Target::Dnat { addr, port } => (Some(addr), port, None),
+            Target::Redirect { port } => (None, Some(port), None),
+            Target::Snat { addr, ports } => (Some(addr), None, ports.map(|p| p.to_string())),
+            Target::Masquerade { ports } => (None, None, ports.map(|p| p.to_string())),
+        };
+        Self {
+            dport: r.dport.map(|p| p.to_string()),
+            dst: r.dst,
+            id: r.id,
+            iface: r.iface.clone(),
+            kind: r.kind_name().to_string(),
+            oface: r.oface.clone(),
+            proto: r.proto.map(|p| p.to_string()),
+            src: r.src,
+            text: r.to_string(),
+            to,
+            to_port,
+            to_ports,
+        }
+    }
+}
+
+/// One rule as `pfwd status` shows it: the rule and its counters, in one flat object.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuleStatus {
+    #[serde(flatten)]
+    pub rule: RuleReport,
+    #[serde(flatten)]
+    pub counters: Counters,
+}
+
+/// A rule's counters. In iptables mode netfilter consults NAT rules for the first packet of a connection only, so
+/// there packets == flows and drops is 0.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Counters {
+    /// IP bytes translated (both directions).
+    pub bytes: u64,
+    /// New flows the rule had to drop.
+    pub drops: u64,
+    /// Flows the rule created.
+    pub flows: u64,
+    /// Packets translated (both directions).
+    pub packets: u64,
+}
+
+impl From<pfwd_common::RuleCounters> for Counters {
+    fn from(c: pfwd_common::RuleCounters) -> Self {
+        Self { bytes: c.bytes, drops: c.drops, flows: c.flows, packets: c.packets }
+    }
+}
+
+/// The connection-tracking part of `pfwd status`: pfwd's own table in eBPF mode, netfilter's in iptables mode.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum ConntrackSummary {
+    Ebpf(EbpfConntrack),
+    Netfilter(NetfilterConntrack),
+}
+
+impl ConntrackSummary {
+    /// Live entries (eBPF: two per flow; netfilter: one per connection).
+    pub fn entries(&self) -> u64 {
+        match self {
+            ConntrackSummary::Ebpf(c) => c.entries,
+            ConntrackSummary::Netfilter(c) => c.entries,
+        }
+    }
+
+    /// Live translated flows (None: unknown, the conntrack tool is missing).
+    pub fn flows(&self) -> Option<u64> {
+        match self {
+            ConntrackSummary::Ebpf(c) => Some(c.flows),
+            ConntrackSummary::Netfilter(c) => c.flows,
+        }
+    }
+
+    /// Capacity in entries (None: unknown).
+    pub fn capacity(&self) -> Option<u64> {
+        match self {
+            ConntrackSummary::Ebpf(c) => Some(c.capacity.into()),
+            ConntrackSummary::Netfilter(c) => c.capacity,
+        }
+    }
+}
+
+/// pfwd's BPF conntrack table.
+#[derive(Debug, Clone, Serialize)]
+pub struct EbpfConntrack {
+    /// Entries the table holds at most (two per flow).
+    pub capacity: u32,
+    /// Live (not expired) entries, both directions.
+    pub entries: u64,
+    /// Live flows (original-direction entries).
+    pub flows: u64,
+    /// Kernel memory of all of pfwd's maps.
+    pub maps_memory_bytes: u64,
+    /// Kernel memory of the conntrack map (None when the kernel does not say).
+    pub memory_bytes: Option<u64>,
+    pub timeouts_s: Timeouts,
+}
+
+/// The idle timeouts of the eBPF conntrack, in seconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Timeouts {
+    pub other: u32,
+    pub tcp_close: u32,
+    pub tcp_established: u32,
+    pub tcp_syn: u32,
+    pub udp: u32,
+}
+
+impl From<&pfwd_common::Config> for Timeouts {
+    fn from(c: &pfwd_common::Config) -> Self {
+        Self {
+            other: c.other_timeout,
+            tcp_close: c.tcp_close_timeout,
+            tcp_established: c.tcp_established_timeout,
+            tcp_syn: c.tcp_syn_timeout,
+            udp: c.udp_timeout,
+        }
+    }
+}
+
+/// netfilter's conntrack (iptables mode).
+#[derive(Debug, Clone, Serialize)]
+pub struct NetfilterConntrack {
+    /// nf_conntrack_max (None when unreadable).
+    pub capacity: Option<u64>,
+    /// Every connection netfilter tracks in this namespace.
+    pub entries: u64,
+    /// The DNATed ones (None when the conntrack tool is missing).
+    pub flows: Option<u64>,
+    pub note: &'static str,
+}
+
+impl NetfilterConntrack {
+    pub const NOTE: &str =
+        "netfilter conntrack: entries counts every connection in this namespace, flows the DNATed ones";
+}
+
+/// One live translation, as `pfwd conntrack` lists it (like `conntrack -L`), in either mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConntrackEntry {
+    /// Seconds since the flow started (eBPF mode only: absent in iptables mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub age_s: Option<f64>,
+    /// Seconds until the entry expires unless more packets come (None: unknown).
+    pub expires_in_s: Option<f64>,
+    /// Seconds since the last packet (eBPF mode only: absent in iptables mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_s: Option<f64>,
+    pub nat: Nat,
+    /// The flow as its first packet arrived.
+    pub original: FlowTuple,
+    /// tcp, udp, icmp (or the protocol number).
+    pub proto: String,
+    /// The reply tuple expected back.
+    pub reply: FlowTuple,
+    /// The rule that made the translation (None in iptables mode, or when it has been deleted).
+    pub rule: Option<u32>,
+    /// The connection state (e.g. ESTABLISHED, UNREPLIED); None when netfilter shows none.
+    pub state: Option<String>,
+    /// What the original packets are translated to.
+    pub translated: FlowTuple,
+}
+
+/// Which addresses a translation rewrites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Nat {
+    #[serde(rename = "dnat")]
+    Dnat,
+    #[serde(rename = "snat")]
+    Snat,
+    /// Both (netfilter only: a DNAT and a MASQUERADE on one connection).
+    #[serde(rename = "dnat+snat")]
+    DnatSnat,
+}
+
+impl Nat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Nat::Dnat => "dnat",
+            Nat::Snat => "snat",
+            Nat::DnatSnat => "dnat+snat",
+        }
+    }
+}
+
+/// Addresses and ports of one direction of a flow; an ICMP echo's identifier stands in for both ports. Fields are
+/// None only where netfilter's listing lacks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FlowTuple {
+    pub dport: Option<u16>,
+    pub dst: Option<IpAddr>,
+    pub sport: Option<u16>,
+    pub src: Option<IpAddr>,
+}
+
+impl From<&pfwd_common::Tuple> for FlowTuple {
+    fn from(t: &pfwd_common::Tuple) -> Self {
+        let addr = |a: u32| Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(a))));
+        Self { dport: Some(t.dport), dst: addr(t.daddr), sport: Some(t.sport), src: addr(t.saddr) }
+    }
+}
+
+/// The name of an IP protocol number, as conntrack shows it.
+pub fn proto_name(p: u8) -> String {
+    match p {
+        pfwd_common::PROTO_TCP => "tcp".into(),
+        pfwd_common::PROTO_UDP => "udp".into(),
+        pfwd_common::PROTO_ICMP => "icmp".into(),
+        n => n.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One rule from a config file's `[[rule]]` table (TOML: the front end least likely to change under this test).
+    fn rule(fields: &str) -> Rule {
+        crate::rules::parse_config(&format!("[[rule]]\nid = 7\n{fields}")).unwrap().remove(0)
+    }
+
+    /// The exact text `--json` printed when it was built with `json!`, key order included.
+    #[test]
+    fn rule_json_is_unchanged() {
+        let r = rule(
+            "kind = \"dnat\"\niface = \"eth0\"\nproto = \"tcp\"\nsrc = \"10.9.0.0/24\"\ndport = \"80-90\"\n\
+             to = \"10.9.0.1:8080\"",
+        );
+        assert_eq!(
+            serde_json::to_string(&RuleReport::from(&r)).unwrap(),
+            r#"{"dport":"80-90","dst":null,"id":7,"iface":"eth0","kind":"dnat","oface":null,"proto":"tcp","#.to_owned()
+                + r#""src":"10.9.0.0/24","text":"dnat -i eth0 -p tcp -s 10.9.0.0/24 --dport 80-90 --to "#
+                + r#"10.9.0.1:8080","to":"10.9.0.1","to_port":8080,"to_ports":null}"#
+        );
+        let r = rule(
+            "kind = \"masquerade\"\noface = \"eth1\"\nproto = \"udp\"\ndst = \"10.8.0.0/16\"\n\
+             to_ports = \"2000-3000\"",
+        );
+        let v = serde_json::to_value(RuleStatus {
+            rule: RuleReport::from(&r),
+            counters: Counters { bytes: 1, drops: 2, flows: 3, packets: 4 },
+        })
+        .unwrap();
+        assert_eq!(v["kind"], "masquerade");
+        assert_eq!(v["to_ports"], "2000-3000");
+        assert_eq!(v["dst"], "10.8.0.0/16");
+        assert!(v["to"].is_null() && v["to_port"].is_null());
+        assert_eq!(
+            (&v["bytes"], &v["drops"], &v["flows"], &v["packets"]),
+            (&1.into(), &2.into(), &3.into(), &4.into())
+        );
+    }
+
+    #[test]
+    fn not_attached_status_is_unchanged() {
+        assert_eq!(
+            serde_json::to_string(&Status::NotAttached).unwrap(),
+            r#"{"attached":false,"conntrack":{"entries":0,"flows":0},"interfaces":[],"mode":null,"rules":[]}"#
+        );
+    }
+
+    #[test]
+    fn conntrack_entry_json_is_unchanged() {
+        let t = FlowTuple {
+            dport: Some(80),
+            dst: Some("10.0.0.1".parse().unwrap()),
+            sport: Some(4000),
+            src: Some("10.0.0.2".parse().unwrap()),
+        };
+        let mut e = ConntrackEntry {
+            age_s: Some(1.5),
+            expires_in_s: Some(8.5),
+            idle_s: Some(0.25),
+            nat: Nat::Dnat,
+            original: t,
+            proto: "tcp".into(),
+            reply: t,
+            rule: Some(2),
+            state: Some("ESTABLISHED".into()),
+            translated: t,
+        };
+        let tj = r#"{"dport":80,"dst":"10.0.0.1","sport":4000,"src":"10.0.0.2"}"#;
+        let want = [
+            r#"{"age_s":1.5,"expires_in_s":8.5,"idle_s":0.25,"nat":"dnat","original":"#,
+            tj,
+            r#","proto":"tcp","reply":"#,
+            tj,
+            r#","rule":2,"state":"ESTABLISHED","translated":"#,
+            tj,
+            "}",
+        ]
+        .concat();
+        assert_eq!(serde_json::to_string(&e).unwrap(), want);
+        // netfilter's listing: no ages, no rule, maybe no state.
+        (e.age_s, e.idle_s, e.rule, e.state, e.nat) = (None, None, None, None, Nat::DnatSnat);
+        let v = serde_json::to_value(&e).unwrap();
+        assert!(v.get("age_s").is_none() && v.get("idle_s").is_none());
+        assert!(v["rule"].is_null() && v["state"].is_null());
+        assert_eq!(v["nat"], "dnat+snat");
+    }
+
+    #[test]
+    fn ebpf_tuple_converts_from_network_order() {
+        let t = pfwd_common::Tuple {
+            saddr: u32::from_ne_bytes([10, 0, 0, 2]),
+            daddr: u32::from_ne_bytes([10, 0, 0, 1]),
+            sport: 4000,
+            dport: 80,
+            proto: pfwd_common::PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let f = FlowTuple::from(&t);
+        assert_eq!(f.src, Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(f.dst, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!((f.sport, f.dport), (Some(4000), Some(80)));
+    }
+}
