@@ -7,7 +7,7 @@
 //! - `chains`: pfwd's own chains ([`CHAINS`]), the jumps into them ([`hook_rules`]), and which hook a rule is for;
 //! - `restore`: the `iptables-restore` export ([`nat_chain_script`], [`export_iptables`]);
 //! - `nft`: the nftables export ([`export_nft`]);
-//! - `import/`: the import ([`import`]): lexer, command parser, spec parser and the importer's bookkeeping.
+//! - `import/`: the import ([`import()`]): lexer, command parser, spec parser and the importer's bookkeeping.
 
 mod chains;
 mod import;

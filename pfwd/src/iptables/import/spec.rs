@@ -204,6 +204,7 @@ impl Jump {
         }
     }
 
+    /// Whether iptables takes the target in the hook's chains.
     fn works_in(self, hook: NatHook) -> bool {
         match self {
             Jump::Dnat | Jump::Redirect => hook != NatHook::Postrouting,
@@ -215,13 +216,13 @@ impl Jump {
 /// Turns a parsed nat rule into pfwd rules: one, or one per port of `-m multiport --dports`. `hook`: the built-in
 /// chain the rule is in (or that jumps to pfwd's chain holding it).
 pub(super) fn build_rules(s: &Spec, command_tok: &str, hook: NatHook) -> Res<Vec<Rule>> {
-    // What iptables itself checks.
+    // iptables' own rules: the target against the chain, matches, -m multiport, each target's options.
     let jump = nat_jump(s, command_tok, hook)?;
     let proto = protocol(s)?;
     check_matches(s, proto)?;
     let dports = dest_ports(s, proto, hook)?;
-    check_target_options(s, jump)?;
-    // The rule.
+    check_target_options(s, jump, proto)?;
+    // The options as a rule, checked; then one rule per destination port, each validated as pfwd validates any rule.
     let rule = rule_fields(s, jump, hook)?;
     check_rule(s, &rule, jump, hook)?;
     dports
@@ -348,7 +349,7 @@ fn to_addr<'a>(s: &Spec<'a>, jump: Jump) -> Option<Opt<'a>> {
 
 /// iptables' rules for target options: each target takes its own, and `--to` may not come with the option it
 /// abbreviates.
-fn check_target_options(s: &Spec, jump: Jump) -> Res<()> {
+fn check_target_options(s: &Spec, jump: Jump, proto: Option<Proto>) -> Res<()> {
     let full = match jump {
         Jump::Dnat => s.to_dest,
         Jump::Snat => s.to_source,
@@ -380,8 +381,13 @@ fn check_target_options(s: &Spec, jump: Jump) -> Res<()> {
     if let Some((o, targets)) = foreign.into_iter().find_map(|(o, t)| o.map(|o| (o, t))) {
         return Err(bad(o.name, format!("is for {targets}; {takes}")));
     }
-    if let Some(to) = s.to_ports.filter(|to| jump == Jump::Masquerade && to.value.contains(':')) {
-        return Err(bad(to.value, "iptables: Invalid port:port syntax - use dash"));
+    if let Some(to) = s.to_ports.filter(|_| jump == Jump::Masquerade) {
+        if to.value.contains(':') {
+            return Err(bad(to.value, "iptables: Invalid port:port syntax - use dash"));
+        }
+        if proto.is_none() {
+            return Err(bad(to.name, format!("needs -p tcp or -p udp ({NEED_PROTO})")));
+        }
     }
     Ok(())
 }
@@ -449,12 +455,9 @@ fn check_rule(s: &Spec, rule: &Rule, jump: Jump, hook: NatHook) -> Res<()> {
             Target::Dnat { port: Some(_), .. } | Target::Snat { ports: Some(_), .. } => {
                 to_addr(s, jump).map(|o| (o, "a port needs -p tcp or -p udp"))
             }
-            Target::Redirect { .. } | Target::Masquerade { ports: Some(_) } => {
-                s.to_ports.map(|o| (o, "needs -p tcp or -p udp"))
-            }
-            Target::Dnat { port: None, .. } | Target::Snat { ports: None, .. } | Target::Masquerade { ports: None } => {
-                None
-            }
+            Target::Redirect { .. } => s.to_ports.map(|o| (o, "needs -p tcp or -p udp")),
+            // MASQUERADE's ports are checked with its other options, before they are read.
+            Target::Dnat { port: None, .. } | Target::Snat { ports: None, .. } | Target::Masquerade { .. } => None,
         };
         if let Some((o, message)) = port_opt {
             return Err(bad(o.name, format!("{message} ({NEED_PROTO})")));
