@@ -1,0 +1,161 @@
+//! The import's lexer: `\`-continued lines joined into logical lines, each split into words like sh would, and the
+//! lexical checks on a word (`iptables-save -c` counters, dashes pasted from word processors, `--opt=value`).
+
+use super::{Res, bad};
+
+/// Joins `\`-continued lines; each logical line keeps the number of its first physical line.
+pub(super) fn logical_lines(text: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    let mut pending: Option<(usize, String)> = None;
+    for (i, raw) in text.lines().enumerate() {
+        let (start, mut acc) = pending.take().unwrap_or((i + 1, String::new()));
+        let part = if acc.is_empty() { raw.trim() } else { raw.trim_start() };
+        // A comment ends at the newline even when it ends in a backslash, as in sh.
+        let continued = part.trim_end().strip_suffix('\\').filter(|_| !(acc.is_empty() && part.starts_with('#')));
+        match continued {
+            Some(body) => {
+                acc.push_str(body.trim_end());
+                acc.push(' ');
+                pending = Some((start, acc));
+            }
+            None => {
+                acc.push_str(part.trim_end());
+                out.push((start, acc));
+            }
+        }
+    }
+    if let Some((start, acc)) = pending {
+        out.push((start, acc.trim_end().to_string()));
+    }
+    out
+}
+
+/// Splits a line like sh does for the cases that occur in iptables scripts: quotes, backslash escapes, and a `#`
+/// comment starting a word.
+pub(super) fn tokenize(line: &str) -> Res<Vec<String>> {
+    let mut tokens = Vec::new();
+    let mut cur = String::new();
+    let mut in_token = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if in_token {
+                    tokens.push(std::mem::take(&mut cur));
+                    in_token = false;
+                }
+            }
+            '#' if !in_token => break,
+            '\'' => {
+                in_token = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(ch) => cur.push(ch),
+                        None => return Err(bad("'", "unterminated quote")),
+                    }
+                }
+            }
+            '"' => {
+                in_token = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(ch @ ('"' | '\\' | '$' | '`')) => cur.push(ch),
+                            Some(ch) => {
+                                cur.push('\\');
+                                cur.push(ch);
+                            }
+                            None => return Err(bad("\"", "unterminated quote")),
+                        },
+                        Some(ch) => cur.push(ch),
+                        None => return Err(bad("\"", "unterminated quote")),
+                    }
+                }
+            }
+            '\\' => {
+                in_token = true;
+                if let Some(ch) = chars.next() {
+                    cur.push(ch);
+                }
+            }
+            c => {
+                in_token = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_token {
+        tokens.push(cur);
+    }
+    Ok(tokens)
+}
+
+/// `[packets:bytes]`, the prefix `iptables-save -c` puts on rules.
+pub(super) fn is_counters(tok: &str) -> bool {
+    tok.strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .and_then(|t| t.split_once(':'))
+        .is_some_and(|(p, b)| !p.is_empty() && !b.is_empty() && p.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit()))
+}
+
+/// Dashes that word processors and web pages substitute for `-`/`--`.
+const FAKE_DASHES: &[(char, &str)] =
+    &[('–', "an en dash"), ('—', "an em dash"), ('−', "a minus sign"), ('‐', "a Unicode hyphen")];
+
+/// Rejects `–dport` and friends with the spelling that works.
+pub(super) fn check_dashes(tok: &str) -> Res<()> {
+    let is_dash = |c: char| c == '-' || FAKE_DASHES.iter().any(|(d, _)| *d == c);
+    let lead: String = tok.chars().take_while(|&c| is_dash(c)).collect();
+    let Some(&(dash, name)) = lead.chars().find_map(|c| FAKE_DASHES.iter().find(|(d, _)| *d == c)) else {
+        return Ok(());
+    };
+    let rest = &tok[lead.len()..];
+    let fix = if rest.chars().count() == 1 { format!("-{rest}") } else { format!("--{rest}") };
+    Err(bad(tok, format!("{name} ({dash}) is not an option prefix; use {fix}")))
+}
+/// `--opt=value` → (`--opt`, `value`); short options never take `=`.
+pub(super) fn split_inline(tok: &str) -> (&str, Option<&str>) {
+    match tok.split_once('=') {
+        Some((name, value)) if name.starts_with("--") => (name, Some(value)),
+        _ => (tok, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::iptables::tests::{err, ok, rule};
+
+    #[test]
+    fn import_script_with_continuations_and_comments() {
+        let text = "#!/bin/sh\n\
+                    # forward the web server\n\
+                    \n\
+                    iptables -t nat -F\n\
+                    iptables -t nat -A PREROUTING -i eth0 \\\n\
+                    \x20   -p tcp --dport 443 \\\n\
+                    \x20   -j DNAT --to-destination 10.0.2.2\n\
+                    iptables -t nat -A PREROUTING -p udp --dport 53 -j REDIRECT --to-ports 5353\r\n";
+        let got = ok(text);
+        let want =
+            [rule("dnat -i eth0 -p tcp --dport 443 --to 10.0.2.2"), rule("redirect -p udp --dport 53 --to-port 5353")];
+        assert_eq!(got.rules, want);
+        // An error in a continued line names its first line and shows it joined.
+        let e = err(
+            "\niptables -t nat -A PREROUTING \\\n  -p tcp --dport 443 \\\n  -j DNAT --to-destination 10.0.2.2:99999\n",
+        );
+        assert_eq!((e.line_no, e.token.as_str()), (2, "10.0.2.2:99999"));
+        assert_eq!(e.line, "iptables -t nat -A PREROUTING -p tcp --dport 443 -j DNAT --to-destination 10.0.2.2:99999");
+    }
+
+    #[test]
+    fn error_display() {
+        let e = err("# port 80\n\niptables -t nat -A PREROUTING -p tcp –dport 80 -j REDIRECT --to-port 3000\n");
+        assert_eq!(
+            e.to_string(),
+            "line 3: iptables -t nat -A PREROUTING -p tcp –dport 80 -j REDIRECT --to-port 3000: \"–dport\": an en dash \
+             (–) is not an option prefix; use --dport"
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! The nftables export: pfwd's rules as an `nft -f` script in a table of its own, `ip pfwd` (inspection, migration
+//! away from pfwd). Same chains and order as the iptables export, in nftables' syntax.
+
+use ipnet::Ipv4Net;
+
+use super::chains::{COMMENT_PREFIX, NAT_HOOKS, NatHook, hook_order};
+use crate::rules::{Rule, Target};
+
+fn nft_net(n: Ipv4Net) -> String {
+    let n = n.trunc();
+    if n.prefix_len() == 32 { n.addr().to_string() } else { n.to_string() }
+}
+
+fn nft_iface_set(ifaces: &[String]) -> String {
+    let names: Vec<String> = ifaces.iter().map(|i| format!("\"{i}\"")).collect();
+    format!("{{ {} }}", names.join(", "))
+}
+
+fn nft_rule(r: &Rule) -> String {
+    let mut s = Vec::new();
+    if let Some(i) = &r.iface {
+        s.push(format!("iifname \"{i}\""));
+    }
+    if let Some(o) = &r.oface {
+        s.push(format!("oifname \"{o}\""));
+    }
+    if let Some(n) = r.src.filter(|n| n.prefix_len() > 0) {
+        s.push(format!("ip saddr {}", nft_net(n)));
+    }
+    if let Some(n) = r.dst.filter(|n| n.prefix_len() > 0) {
+        s.push(format!("ip daddr {}", nft_net(n)));
+    }
+    match (r.proto, r.dport) {
+        (Some(p), Some(d)) => s.push(format!("{p} dport {d}")),
+        (Some(p), None) => s.push(format!("meta l4proto {p}")),
+        (None, _) => {}
+    }
+    s.push(match r.target {
+        Target::Dnat { addr, port: Some(p) } => format!("dnat to {addr}:{p}"),
+        Target::Dnat { addr, port: None } => format!("dnat to {addr}"),
+        Target::Redirect { port } => format!("redirect to :{port}"),
+        Target::Snat { addr, ports: Some(r) } => format!("snat to {addr}:{r}"),
+        Target::Snat { addr, ports: None } => format!("snat to {addr}"),
+        Target::Masquerade { ports: Some(r) } => format!("masquerade to :{r}"),
+        Target::Masquerade { ports: None } => "masquerade".to_string(),
+    });
+    s.push(format!("comment \"{COMMENT_PREFIX}{}\"", r.id));
+    s.join(" ")
+}
+
+/// The same rules as an nftables script in its own table `ip pfwd` (`nft -f FILE`). It starts by creating and
+/// deleting the table, so applying it again replaces the previous copy. With `ifaces`, the NAT rules and the
+/// invalid-packet drop only apply to those interfaces (incoming for prerouting, outgoing for postrouting), like the
+/// iptables jumps; the `--local` rules (chain output) apply to every local connection, whatever the list (an empty
+/// list means no NAT at all, as without jumps).
+pub fn export_nft(rules: &[Rule], ifaces: Option<&[String]>) -> String {
+    let mut out = format!(
+        "# pfwd rules for nftables ({} rules, most specific first). Apply with: nft -f FILE\n\
+         # Everything lives in table ip pfwd; the next two lines remove a previous copy, so re-applying replaces it.\n\
+         table ip pfwd {{}}\n\
+         delete table ip pfwd\n\n\
+         table ip pfwd {{\n",
+        rules.len()
+    );
+    for hook in NAT_HOOKS {
+        // -100 is dstnat's value; nft 1.0.6 refuses the keyword dstnat in the output hook.
+        let (name, priority, iface_key) = match hook {
+            NatHook::Prerouting => ("prerouting", "dstnat", Some("iifname")),
+            NatHook::Postrouting => ("postrouting", "srcnat", Some("oifname")),
+            NatHook::Output => ("output", "-100", None),
+        };
+        out.push_str(&format!("\tchain {name} {{\n\t\ttype nat hook {name} priority {priority}; policy accept;\n"));
+        match (ifaces, iface_key) {
+            (None, _) => {}
+            // nft has no empty anonymous sets; an unconditional accept means "no NAT" like having no jumps.
+            (Some([]), _) => out.push_str("\t\taccept comment \"pfwd: no interfaces\"\n"),
+            // accept ends this chain only: the packet goes on un-NATed, like iptables without a jump for it.
+            (Some(list), Some(key)) => out.push_str(&format!("\t\t{key} != {} accept\n", nft_iface_set(list))),
+            // Like the single OUTPUT jump: local connections are not tied to an attached interface.
+            (Some(_), None) => {}
+        }
+        for i in hook_order(rules, hook) {
+            out.push_str(&format!("\t\t{}\n", nft_rule(&rules[i])));
+        }
+        out.push_str("\t}\n\n");
+    }
+    out.push_str("\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n");
+    match ifaces {
+        None => out.push_str("\t\tct state invalid drop\n"),
+        Some([]) => {}
+        Some(list) => {
+            let set = nft_iface_set(list);
+            out.push_str(&format!(
+                "\t\tiifname {set} ct state invalid drop\n\t\toifname {set} ct state invalid drop\n"
+            ));
+        }
+    }
+    out.push_str("\t}\n}\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iptables::tests::{local_sample, post_sample, sample, with_id, with_local, with_post};
+
+    #[test]
+    fn nft_export_format() {
+        let mut rules = sample();
+        rules.push(with_id(6, "redirect -p udp --to-port 53"));
+        rules.push(with_id(7, "dnat -p tcp -s 10.9.0.0/16 --to 10.0.2.9:22"));
+        let text = export_nft(&rules, None);
+        let want = "table ip pfwd {}\n\
+                    delete table ip pfwd\n\n\
+                    table ip pfwd {\n\
+                    \tchain prerouting {\n\
+                    \t\ttype nat hook prerouting priority dstnat; policy accept;\n\
+                    \t\tiifname \"eth0\" tcp dport 59999 dnat to 127.0.0.1:17355 comment \"pfwd:4\"\n\
+                    \t\tip saddr 192.168.1.0/24 udp dport 53 dnat to 10.0.2.3:5353 comment \"pfwd:5\"\n\
+                    \t\ttcp dport 80 redirect to :3000 comment \"pfwd:1\"\n\
+                    \t\ttcp dport 8000-8099 dnat to 10.0.2.2 comment \"pfwd:3\"\n\
+                    \t\tip saddr 10.9.0.0/16 meta l4proto tcp dnat to 10.0.2.9:22 comment \"pfwd:7\"\n\
+                    \t\tmeta l4proto udp redirect to :53 comment \"pfwd:6\"\n\
+                    \t\tip daddr 203.0.113.10 dnat to 10.0.2.2 comment \"pfwd:2\"\n\
+                    \t}\n\n\
+                    \tchain postrouting {\n\
+                    \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+                    \t}\n\n\
+                    \tchain output {\n\
+                    \t\ttype nat hook output priority -100; policy accept;\n\
+                    \t}\n\n\
+                    \tchain forward {\n\
+                    \t\ttype filter hook forward priority filter; policy accept;\n\
+                    \t\tct state invalid drop\n\
+                    \t}\n\
+                    }\n";
+        assert!(text.starts_with("# pfwd rules for nftables (7 rules"), "{text}");
+        assert!(text.ends_with(want), "{text}");
+        let ifaces = vec!["eth0".to_string(), "wg0".to_string()];
+        let text = export_nft(&rules, Some(&ifaces));
+        assert!(text.contains("policy accept;\n\t\tiifname != { \"eth0\", \"wg0\" } accept\n\t\tiifname \"eth0\" tcp"));
+        assert!(text.contains(
+            "\t\tiifname { \"eth0\", \"wg0\" } ct state invalid drop\n\t\toifname { \"eth0\", \"wg0\" } ct state invalid drop\n"
+        ));
+    }
+
+    #[test]
+    fn postrouting_nft_format() {
+        let ifaces = vec!["eth0".to_string()];
+        let nft = export_nft(&with_post(), Some(&ifaces));
+        let want = "\tchain postrouting {\n\
+                    \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+                    \t\toifname != { \"eth0\" } accept\n\
+                    \t\toifname \"eth0\" ip saddr 10.0.2.0/24 meta l4proto tcp snat to 203.0.113.5:20000-20099 comment \"pfwd:7\"\n\
+                    \t\toifname \"wg0\" meta l4proto udp masquerade to :1024-1027 comment \"pfwd:8\"\n\
+                    \t\tmeta l4proto tcp snat to 203.0.113.7:5000 comment \"pfwd:10\"\n\
+                    \t\toifname \"eth0\" masquerade comment \"pfwd:6\"\n\
+                    \t\tip daddr 198.51.100.0/24 snat to 203.0.113.6 comment \"pfwd:9\"\n\
+                    \t}\n\n\
+                    \tchain output {\n";
+        assert!(nft.contains(want), "{nft}");
+        // No POSTROUTING rule ever lands in the prerouting chain, and vice versa.
+        let prerouting = &nft[nft.find("chain prerouting").unwrap()..nft.find("chain postrouting").unwrap()];
+        assert!(!prerouting.contains("snat") && !prerouting.contains("masquerade"), "{prerouting}");
+        assert_eq!(prerouting.matches("comment \"pfwd:").count(), sample().len());
+        assert!(
+            export_nft(&post_sample(), Some(&[]))
+                .contains("priority srcnat; policy accept;\n\t\taccept comment \"pfwd: no interfaces\"\n")
+        );
+    }
+
+    #[test]
+    fn local_nft_format() {
+        let ifaces = vec!["eth0".to_string(), "wg0".to_string()];
+        let nft = export_nft(&with_local(), Some(&ifaces));
+        let want = "\tchain output {\n\
+                    \t\ttype nat hook output priority -100; policy accept;\n\
+                    \t\tip daddr 198.51.100.13 tcp dport 1111 dnat to 127.0.0.1:80 comment \"pfwd:11\"\n\
+                    \t\ttcp dport 8080 redirect to :80 comment \"pfwd:12\"\n\
+                    \t\tudp dport 5000-5009 dnat to 10.0.2.4 comment \"pfwd:14\"\n\
+                    \t\tmeta l4proto udp redirect to :53 comment \"pfwd:15\"\n\
+                    \t\tip daddr 198.51.100.0/24 dnat to 10.0.2.13 comment \"pfwd:13\"\n\
+                    \t}\n\n\
+                    \tchain forward {\n";
+        assert!(nft.contains(want), "{nft}");
+        // Not filtered by interface (no accept line), the same without an interface list.
+        assert!(export_nft(&with_local(), None).contains(want));
+        let prerouting = &nft[nft.find("chain prerouting").unwrap()..nft.find("chain postrouting").unwrap()];
+        assert_eq!(prerouting.matches("comment \"pfwd:").count(), sample().len(), "{prerouting}");
+        // No interfaces: no NAT at all, local connections included (like iptables without jumps).
+        assert!(
+            export_nft(&local_sample(), Some(&[]))
+                .contains("priority -100; policy accept;\n\t\taccept comment \"pfwd: no interfaces\"\n")
+        );
+    }
+}

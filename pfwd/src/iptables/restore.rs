@@ -1,0 +1,250 @@
+//! The iptables export: pfwd's rules as `iptables-restore` input, for the iptables fallback data path
+//! ([`nat_chain_script`]) and for users ([`export_iptables`]).
+//!
+//! DNAT/REDIRECT rules go into `PFWD-PREROUTING`, SNAT/MASQUERADE rules into `PFWD-POSTROUTING`, `--local`
+//! DNAT/REDIRECT rules (connections made by local processes) into `PFWD-OUTPUT`, each in precedence order, which makes
+//! iptables' first match the rule pfwd itself would pick. Each rule carries `-m comment --comment "pfwd:ID"`, placed
+//! where `iptables-save` prints it (after the matches, before `-j`), so counters can be mapped back to rule ids.
+
+use ipnet::Ipv4Net;
+
+use super::chains::{CHAINS, COMMENT_PREFIX, FORWARD_CHAIN, Hook, NatHook, PfwdChain, hook_order, hook_rules};
+use crate::rules::{Rule, Target};
+
+/// The tables holding pfwd chains, in [`CHAINS`] order.
+fn tables() -> Vec<&'static str> {
+    let mut tables = Vec::new();
+    for c in CHAINS {
+        if !tables.contains(&c.table) {
+            tables.push(c.table);
+        }
+    }
+    tables
+}
+
+/// A prefix as `iptables-save` prints it (`10.0.0.1/32`); `/0` matches everything and iptables-save omits it.
+fn ipt_net(n: Option<Ipv4Net>) -> Option<String> {
+    n.filter(|n| n.prefix_len() > 0).map(|n| n.trunc().to_string())
+}
+
+/// One rule in `iptables-save` canonical form, without the leading `-A CHAIN`.
+fn rule_spec(r: &Rule) -> String {
+    let mut s = Vec::new();
+    if let Some(n) = ipt_net(r.src) {
+        s.push(format!("-s {n}"));
+    }
+    if let Some(n) = ipt_net(r.dst) {
+        s.push(format!("-d {n}"));
+    }
+    if let Some(i) = &r.iface {
+        s.push(format!("-i {i}"));
+    }
+    if let Some(o) = &r.oface {
+        s.push(format!("-o {o}"));
+    }
+    if let Some(p) = r.proto {
+        s.push(format!("-p {p}"));
+        if let Some(d) = r.dport {
+            let port = if d.lo == d.hi { d.lo.to_string() } else { format!("{}:{}", d.lo, d.hi) };
+            s.push(format!("-m {p} --dport {port}"));
+        }
+    }
+    s.push(format!("-m comment --comment \"{COMMENT_PREFIX}{}\"", r.id));
+    s.push(match r.target {
+        Target::Dnat { addr, port: Some(p) } => format!("-j DNAT --to-destination {addr}:{p}"),
+        Target::Dnat { addr, port: None } => format!("-j DNAT --to-destination {addr}"),
+        Target::Redirect { port } => format!("-j REDIRECT --to-ports {port}"),
+        // PortRange prints `LO-HI` (or one port), the form iptables-save uses for both targets.
+        Target::Snat { addr, ports: Some(r) } => format!("-j SNAT --to-source {addr}:{r}"),
+        Target::Snat { addr, ports: None } => format!("-j SNAT --to-source {addr}"),
+        Target::Masquerade { ports: Some(r) } => format!("-j MASQUERADE --to-ports {r}"),
+        Target::Masquerade { ports: None } => "-j MASQUERADE".to_string(),
+    });
+    s.join(" ")
+}
+
+/// The body of one of pfwd's chains: rule specs without the leading `-A CHAIN`.
+fn chain_specs(chain: &PfwdChain, rules: &[Rule]) -> Vec<String> {
+    if chain.name == FORWARD_CHAIN {
+        // A packet conntrack cannot track is never NATed; dropping it keeps it from leaving with the original
+        // (untranslated) addresses.
+        return vec!["-m conntrack --ctstate INVALID -j DROP".to_string()];
+    }
+    let Some(hook) = NatHook::of_pfwd_chain(chain.name) else { return Vec::new() };
+    hook_order(rules, hook).into_iter().map(|i| rule_spec(&rules[i])).collect()
+}
+
+fn restore_script(rules: &[Rule], hooks: &[Hook]) -> String {
+    let mut out = String::new();
+    for table in tables() {
+        let chains: Vec<&PfwdChain> = CHAINS.iter().filter(|c| c.table == table).collect();
+        out.push_str(&format!("*{table}\n"));
+        for c in &chains {
+            out.push_str(&format!(":{} - [0:0]\n", c.name));
+        }
+        for h in hooks.iter().filter(|h| h.table == table) {
+            out.push_str(&format!("{}\n", h.restore_line()));
+        }
+        for c in &chains {
+            for spec in chain_specs(c, rules) {
+                out.push_str(&format!("-A {} {spec}\n", c.name));
+            }
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// `iptables-restore --noflush` input that (re)defines pfwd's chains and nothing else. Under `--noflush`, declaring
+/// an existing user chain flushes it, so applying this replaces pfwd's rules atomically (per table). Jumps into the
+/// chains are not included: see [`hook_rules`].
+pub fn nat_chain_script(rules: &[Rule]) -> String {
+    restore_script(rules, &[])
+}
+
+/// The human-facing iptables export: [`nat_chain_script`] plus the jumps of [`hook_rules`], with a header on how to
+/// apply it.
+pub fn export_iptables(rules: &[Rule], ifaces: Option<&[String]>) -> String {
+    let chains: Vec<String> = CHAINS.iter().map(|c| format!("{} ({})", c.name, c.table)).collect();
+    let builtins: Vec<&str> = CHAINS.iter().map(|c| c.builtin).collect();
+    let mut out = format!(
+        "# pfwd rules for iptables ({} rules, most specific first: iptables' first match is pfwd's choice).\n\
+         # Apply with: iptables-restore --noflush < FILE\n\
+         # It only touches pfwd's own chains, {}:\n\
+         # --noflush keeps every other chain, and declaring a pfwd chain flushes it, so its rules are replaced.\n\
+         # The -A {} lines add the jumps into pfwd's chains. Applying the file again adds\n\
+         # them again (harmless, but duplicated): to re-apply, leave those lines out.\n",
+        rules.len(),
+        chains.join(", "),
+        builtins.join("/"),
+    );
+    out.push_str(&restore_script(rules, &hook_rules(ifaces)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::iptables::tests::{local_sample, sample, with_id, with_local, with_post};
+
+    #[test]
+    fn chain_script_format() {
+        assert_eq!(
+            nat_chain_script(&sample()),
+            "*nat\n\
+             :PFWD-PREROUTING - [0:0]\n\
+             :PFWD-POSTROUTING - [0:0]\n\
+             :PFWD-OUTPUT - [0:0]\n\
+             -A PFWD-PREROUTING -i eth0 -p tcp -m tcp --dport 59999 -m comment --comment \"pfwd:4\" -j DNAT --to-destination 127.0.0.1:17355\n\
+             -A PFWD-PREROUTING -s 192.168.1.0/24 -p udp -m udp --dport 53 -m comment --comment \"pfwd:5\" -j DNAT --to-destination 10.0.2.3:5353\n\
+             -A PFWD-PREROUTING -p tcp -m tcp --dport 80 -m comment --comment \"pfwd:1\" -j REDIRECT --to-ports 3000\n\
+             -A PFWD-PREROUTING -p tcp -m tcp --dport 8000:8099 -m comment --comment \"pfwd:3\" -j DNAT --to-destination 10.0.2.2\n\
+             -A PFWD-PREROUTING -d 203.0.113.10/32 -m comment --comment \"pfwd:2\" -j DNAT --to-destination 10.0.2.2\n\
+             COMMIT\n\
+             *filter\n\
+             :PFWD-FORWARD - [0:0]\n\
+             -A PFWD-FORWARD -m conntrack --ctstate INVALID -j DROP\n\
+             COMMIT\n"
+        );
+        // No rules: the chains are still declared, which empties them.
+        assert!(nat_chain_script(&[]).starts_with(
+            "*nat\n:PFWD-PREROUTING - [0:0]\n:PFWD-POSTROUTING - [0:0]\n:PFWD-OUTPUT - [0:0]\nCOMMIT\n*filter\n"
+        ));
+        // A /0 prefix matches everything; iptables-save would drop it, so the export does too.
+        let mut any = with_id(9, "dnat -p tcp --to 10.0.0.1");
+        any.src = Some("0.0.0.0/0".parse().unwrap());
+        assert!(nat_chain_script(&[any]).contains("-A PFWD-PREROUTING -p tcp -m comment"));
+    }
+
+    #[test]
+    fn iptables_export_has_header_and_hooks() {
+        let ifaces = vec!["eth0".to_string()];
+        let text = export_iptables(&sample(), Some(&ifaces));
+        assert!(text.starts_with("# pfwd rules for iptables (5 rules"), "{text}");
+        assert!(text.contains("# Apply with: iptables-restore --noflush < FILE\n"));
+        let body: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            body[..7],
+            [
+                "*nat",
+                ":PFWD-PREROUTING - [0:0]",
+                ":PFWD-POSTROUTING - [0:0]",
+                ":PFWD-OUTPUT - [0:0]",
+                "-A PREROUTING -i eth0 -j PFWD-PREROUTING",
+                "-A POSTROUTING -o eth0 -j PFWD-POSTROUTING",
+                "-A OUTPUT -j PFWD-OUTPUT",
+            ]
+        );
+        let filter = body.iter().position(|l| *l == "*filter").unwrap();
+        assert_eq!(
+            body[filter..],
+            [
+                "*filter",
+                ":PFWD-FORWARD - [0:0]",
+                "-A FORWARD -i eth0 -j PFWD-FORWARD",
+                "-A FORWARD -o eth0 -j PFWD-FORWARD",
+                "-A PFWD-FORWARD -m conntrack --ctstate INVALID -j DROP",
+                "COMMIT",
+            ]
+        );
+        // The rules are the chain script's, unchanged.
+        for line in nat_chain_script(&sample()).lines() {
+            assert!(body.contains(&line), "{line}");
+        }
+    }
+
+    #[test]
+    fn postrouting_export_formats() {
+        let ifaces = vec!["eth0".to_string()];
+        let text = export_iptables(&with_post(), Some(&ifaces));
+        let body: Vec<&str> =
+            text.lines().filter(|l| l.starts_with("-A POSTROUTING") || l.starts_with("-A PFWD-POST")).collect();
+        assert_eq!(
+            body,
+            [
+                "-A POSTROUTING -o eth0 -j PFWD-POSTROUTING",
+                "-A PFWD-POSTROUTING -s 10.0.2.0/24 -o eth0 -p tcp -m comment --comment \"pfwd:7\" -j SNAT --to-source 203.0.113.5:20000-20099",
+                "-A PFWD-POSTROUTING -o wg0 -p udp -m comment --comment \"pfwd:8\" -j MASQUERADE --to-ports 1024-1027",
+                "-A PFWD-POSTROUTING -p tcp -m comment --comment \"pfwd:10\" -j SNAT --to-source 203.0.113.7:5000",
+                "-A PFWD-POSTROUTING -o eth0 -m comment --comment \"pfwd:6\" -j MASQUERADE",
+                "-A PFWD-POSTROUTING -d 198.51.100.0/24 -m comment --comment \"pfwd:9\" -j SNAT --to-source 203.0.113.6",
+            ]
+        );
+        // The PREROUTING chain is unchanged by POSTROUTING rules.
+        let pre = |t: &str| t.lines().filter(|l| l.starts_with("-A PFWD-PRE")).map(String::from).collect::<Vec<_>>();
+        assert_eq!(pre(&text), pre(&nat_chain_script(&sample())));
+        assert!(text.starts_with("# pfwd rules for iptables (10 rules"), "{text}");
+    }
+
+    #[test]
+    fn local_export_formats() {
+        let ifaces = vec!["eth0".to_string(), "wg0".to_string()];
+        let text = export_iptables(&with_local(), Some(&ifaces));
+        let output: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && l.contains("OUTPUT")).collect();
+        assert_eq!(
+            output,
+            [
+                ":PFWD-OUTPUT - [0:0]",
+                "-A OUTPUT -j PFWD-OUTPUT",
+                "-A PFWD-OUTPUT -d 198.51.100.13/32 -p tcp -m tcp --dport 1111 -m comment --comment \"pfwd:11\" -j DNAT --to-destination 127.0.0.1:80",
+                "-A PFWD-OUTPUT -p tcp -m tcp --dport 8080 -m comment --comment \"pfwd:12\" -j REDIRECT --to-ports 80",
+                "-A PFWD-OUTPUT -p udp -m udp --dport 5000:5009 -m comment --comment \"pfwd:14\" -j DNAT --to-destination 10.0.2.4",
+                "-A PFWD-OUTPUT -p udp -m comment --comment \"pfwd:15\" -j REDIRECT --to-ports 53",
+                "-A PFWD-OUTPUT -d 198.51.100.0/24 -m comment --comment \"pfwd:13\" -j DNAT --to-destination 10.0.2.13",
+            ]
+        );
+        assert!(text.starts_with("# pfwd rules for iptables (15 rules"), "{text}");
+        assert!(text.contains("# The -A PREROUTING/POSTROUTING/OUTPUT/FORWARD lines add the jumps"), "{text}");
+        // The other chains are exactly what they are without local rules: a local rule never lands in PREROUTING.
+        let others = |t: &str| {
+            t.lines().filter(|l| l.starts_with("-A ") && !l.contains("OUTPUT")).map(String::from).collect::<Vec<_>>()
+        };
+        assert_eq!(others(&text), others(&export_iptables(&with_post(), Some(&ifaces))));
+        // The chain script holds the same lines, without the jump.
+        let script = nat_chain_script(&with_local());
+        let script_output: Vec<&str> = script.lines().filter(|l| l.contains("OUTPUT")).collect();
+        assert_eq!(script_output, [&output[..1], &output[2..]].concat());
+        // Only local rules: PFWD-PREROUTING stays empty.
+        assert!(!nat_chain_script(&local_sample()).contains("-A PFWD-PREROUTING"));
+    }
+}
