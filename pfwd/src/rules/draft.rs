@@ -329,6 +329,15 @@ impl RuleDraft {
 
     /// Checks and parses the draft into a validated, normalized [`Rule`] (id 0 unless the draft has one).
     pub fn into_rule(self) -> Result<Rule, DraftError> {
+        let rule = self.parse()?;
+        rule.validate()?;
+        Ok(rule)
+    }
+
+    /// Checks which options the kind takes and parses their values into a normalized [`Rule`], without the
+    /// whole-rule checks of [`Rule::validate`] (for front ends that name their own errors for those first, like the
+    /// iptables import, and then validate).
+    pub fn parse(self) -> Result<Rule, DraftError> {
         let kind = self.kind;
         let mut rule = Rule {
             id: self.id.unwrap_or(0),
@@ -406,7 +415,6 @@ impl RuleDraft {
             }
         };
         rule.normalize();
-        rule.validate()?;
         Ok(rule)
     }
 }
@@ -638,8 +646,8 @@ mod tests {
             let from_ipt = crate::iptables::import(&format!("*nat\n{ipt}\nCOMMIT\n"))
                 .unwrap_or_else(|e| panic!("{ipt}: {e:?}"))
                 .rules;
-            assert_eq!(from_toml, [from_cli.clone()], "TOML {toml:?} vs CLI {cli:?}");
-            assert_eq!(from_ipt, [from_cli.clone()], "iptables {ipt:?} vs CLI {cli:?}");
+            assert_eq!(from_toml, std::slice::from_ref(&from_cli), "TOML {toml:?} vs CLI {cli:?}");
+            assert_eq!(from_ipt, std::slice::from_ref(&from_cli), "iptables {ipt:?} vs CLI {cli:?}");
         }
         // And the same mistakes are refused by the grammar, with the option named as written.
         assert!(err("snat -i eth0 --to 1.2.3.4").starts_with("-i does not apply to snat"));

@@ -10,9 +10,8 @@ use ipnet::Ipv4Net;
 use super::lex::split_inline;
 use super::{Bad, Res, bad};
 use crate::iptables::chains::NatHook;
-use crate::rules::{
-    PortRange, Proto, Rule, RuleError, Target, parse_cidr, parse_port, parse_snat_to, parse_to, validate_iface,
-};
+use crate::rules::draft::{cli_field, cli_spelling, spec};
+use crate::rules::{Field, Kind, PortRange, Proto, Rule, RuleDraft, RuleError, Syntax, Target, parse_cidr};
 
 /// An option as written and its value.
 #[derive(Debug, Clone, Copy)]
@@ -188,6 +187,16 @@ impl Jump {
             Jump::Redirect => "REDIRECT",
             Jump::Snat => "SNAT",
             Jump::Masquerade => "MASQUERADE",
+        }
+    }
+
+    /// The pfwd rule kind this target becomes.
+    fn kind(self) -> Kind {
+        match self {
+            Jump::Dnat => Kind::Dnat,
+            Jump::Redirect => Kind::Redirect,
+            Jump::Snat => Kind::Snat,
+            Jump::Masquerade => Kind::Masquerade,
         }
     }
 
@@ -392,43 +401,39 @@ fn check_target_options(s: &Spec, jump: Jump, proto: Option<Proto>) -> Res<()> {
     Ok(())
 }
 
-/// The one place iptables options become a rule's fields: every field but the destination port, which
-/// `-m multiport` may multiply (see [`dest_ports`]).
+/// The one place iptables options become a rule's fields: they are written into the same [`RuleDraft`] as the CLI's
+/// and the config file's, which parses them. Every field but the destination port, which `-m multiport` may
+/// multiply (see [`dest_ports`]). The iptables-specific forms (`-p 0`, `/0`, address lists, REDIRECT without a
+/// port) are handled here first, with iptables' words.
 fn rule_fields(s: &Spec, jump: Jump, hook: NatHook) -> Res<Rule> {
-    Ok(Rule {
-        id: 0,
-        iface: iface_opt(s.iface)?,
-        oface: iface_opt(s.oface)?,
-        proto: protocol(s)?,
-        src: net_opt(s.src)?,
-        dst: net_opt(s.dst)?,
-        dport: None,
-        // pfwd translates OUTPUT's connections, made by local processes, in its --local rules.
-        local: hook == NatHook::Output,
-        target: target(s, jump)?,
-    })
-}
-
-/// A `-i`/`-o` value.
-fn iface_opt(o: Option<Opt>) -> Res<Option<String>> {
-    let Some(o) = o else { return Ok(None) };
-    validate_iface(o.value).map_err(|e| bad(o.value, e.to_string()))?;
-    Ok(Some(o.value.to_string()))
-}
-
-/// The `-j` target with its options.
-fn target(s: &Spec, jump: Jump) -> Res<Target> {
+    let mut draft = RuleDraft::new(jump.kind(), Syntax::Cli);
+    let mut given: Vec<(Field, Opt)> = Vec::new();
+    given.extend(s.iface.map(|o| (Field::Iface, o)));
+    // -o in OUTPUT is valid iptables that pfwd cannot express: `check_rule` says so, in those words.
+    given.extend(s.oface.filter(|_| hook != NatHook::Output).map(|o| (Field::Oface, o)));
+    if let (Some(o), Some(p)) = (s.proto, protocol(s)?) {
+        let value = match p {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        };
+        given.push((Field::Proto, Opt { name: o.name, value }));
+    }
+    // `/0` matches everything, like no -s/-d at all.
+    if net_opt(s.src)?.is_some() {
+        given.extend(s.src.map(|o| (Field::Src, o)));
+    }
+    if net_opt(s.dst)?.is_some() {
+        given.extend(s.dst.map(|o| (Field::Dst, o)));
+    }
     let j = jump.name();
-    Ok(match jump {
+    match jump {
         Jump::Dnat => {
             let to = to_addr(s, jump).ok_or_else(|| bad(j, "DNAT needs --to-destination ADDR[:PORT]"))?;
-            let (addr, port) = parse_to(to.value).map_err(|e| bad(to.value, e.to_string()))?;
-            Target::Dnat { addr, port }
+            given.push((Field::To, to));
         }
         Jump::Snat => {
             let to = to_addr(s, jump).ok_or_else(|| bad(j, "SNAT needs --to-source ADDR[:LO-HI]"))?;
-            let (addr, ports) = parse_snat_to(to.value).map_err(|e| bad(to.value, e.to_string()))?;
-            Target::Snat { addr, ports }
+            given.push((Field::To, to));
         }
         Jump::Redirect => {
             let to = s.to_ports.ok_or_else(|| {
@@ -437,12 +442,37 @@ fn target(s: &Spec, jump: Jump) -> Res<Target> {
             if to.value.contains(['-', ':']) {
                 return Err(bad(to.value, "port ranges in --to-ports are not supported: pfwd redirects to one port"));
             }
-            Target::Redirect { port: parse_port(to.value).map_err(|e| bad(to.value, e.to_string()))? }
+            given.push((Field::ToPort, to));
         }
-        Jump::Masquerade => {
-            let range = |to: Opt| to.value.parse().map_err(|e: RuleError| bad(to.value, e.to_string()));
-            Target::Masquerade { ports: s.to_ports.map(range).transpose()? }
-        }
+        Jump::Masquerade => given.extend(s.to_ports.map(|o| (Field::ToPorts, o))),
+    }
+    // pfwd translates OUTPUT's connections, made by local processes, in its --local rules.
+    if hook == NatHook::Output {
+        draft.set(Field::Local, "--local", "").map_err(|e| bad(j, e.to_string()))?;
+    }
+    for &(field, o) in &given {
+        // iptables accepts unambiguous abbreviations pfwd's table does not list: name those by the field.
+        let written = cli_spelling(split_inline(o.name).0).unwrap_or(spec(field).cli[0]);
+        draft.set(field, written, o.value).map_err(|e| bad(o.name, e.to_string()))?;
+    }
+    draft.parse().map_err(|e| {
+        // A bad value is named by the value, anything else by the option (or the command).
+        let field = e.option.and_then(|w| cli_field(w, jump.kind()));
+        let opt = given.iter().find(|(f, _)| Some(*f) == field);
+        let token = match (&e.error, opt) {
+            (
+                RuleError::BadCidr { .. }
+                | RuleError::BadPort { .. }
+                | RuleError::BadPortRange { .. }
+                | RuleError::BadProto { .. }
+                | RuleError::BadIface { .. }
+                | RuleError::BadTo { .. },
+                Some((_, o)),
+            ) => o.value,
+            (_, Some((_, o))) => o.name,
+            (_, None) => j,
+        };
+        bad(token, e.error.to_string())
     })
 }
 
