@@ -1,28 +1,25 @@
-//! Command-line interface: argument parsing (clap), and human or JSON output of each command. The rule options of
-//! `pfwd add` live in [`add`].
+//! Command-line interface: the clap definitions of every command and what each prints (human or `--json`). The
+//! rule options of `pfwd add` are in [`add`], `pfwd run`'s foreground loop in [`foreground`], the human status in
+//! [`output`].
 
 mod add;
+mod foreground;
+mod output;
+
+use std::{path::PathBuf, process::ExitCode};
 
 use add::AddCmd;
 pub use add::parse_rule;
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
-};
-
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use pfwd_common::config_flag;
+use foreground::run_foreground;
+use output::{or, print_status};
 
 use crate::{
     control::{self, AttachOptions, Mode},
     iptables,
-    loader::Kernel,
-    report::{ConntrackSummary, FlowTuple, InstanceStatus, Status},
+    report::{FlowTuple, Status},
     rules::{self, Rule},
-    state::DataPath,
 };
 
 const ABOUT: &str = "Port forwarding and NAT in eBPF, driven like `iptables -t nat`.";
@@ -301,12 +298,6 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// A value that may be unknown, or what stands for it (the human output has always shown an unknown number as
-/// `null`, as the JSON does).
-fn or<T: std::fmt::Display>(v: Option<T>, unknown: &str) -> String {
-    v.map_or_else(|| unknown.to_string(), |v| v.to_string())
-}
-
 fn import(file: Option<PathBuf>, dry_run: bool) -> Result<()> {
     let text = match file.as_deref() {
         None => std::io::read_to_string(std::io::stdin()).context("reading stdin")?,
@@ -332,121 +323,6 @@ fn import(file: Option<PathBuf>, dry_run: bool) -> Result<()> {
         (Some(a), Some(b)) if a == b => println!("imported 1 rule: id {a}"),
         (Some(a), Some(b)) => println!("imported {} rules: ids {a}-{b}", ids.len()),
         _ => println!("imported 0 rules (all were already there)"),
-    }
-    Ok(())
-}
-
-fn print_status(s: &InstanceStatus) {
-    let ifaces: Vec<String> =
-        s.interfaces.iter().map(|i| format!("{} ({})", i.name, or(i.address, "no IPv4"))).collect();
-    println!("mode:       {} ({})", s.mode, s.mode_reason);
-    println!("interfaces: {}", ifaces.join(", "));
-    if s.fast_forward {
-        println!("fast path:  on (forwarded packets of translated flows skip the IP stack and netfilter)");
-    }
-    if s.rules.is_empty() {
-        println!("rules:      none (add one with `pfwd add dnat|redirect|snat|masquerade ...`)");
-    } else {
-        println!("rules:");
-        println!("  {:>4}  {:>7}  {:>9}  {:>11}  {:>6}  RULE", "ID", "FLOWS", "PACKETS", "BYTES", "DROPS");
-        for r in &s.rules {
-            let c = &r.counters;
-            println!(
-                "  {:>4}  {:>7}  {:>9}  {:>11}  {:>6}  {}",
-                r.rule.id, c.flows, c.packets, c.bytes, c.drops, r.rule.text
-            );
-        }
-    }
-    let ct = &s.conntrack;
-    let mem = match ct {
-        ConntrackSummary::Ebpf(c) => format!(", BPF maps {:.1} MiB", c.maps_memory_bytes as f64 / 1048576.0),
-        ConntrackSummary::Netfilter(_) => String::new(),
-    };
-    println!(
-        "conntrack:  {} live entries ({} flows), capacity {} entries{mem}",
-        ct.entries(),
-        or(ct.flows(), "null"),
-        or(ct.capacity(), "null"),
-    );
-    let stats: Vec<String> = s.stats.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();
-    if !stats.is_empty() {
-        println!("counters:   {}", stats.join(" "));
-    }
-    for c in &s.sysctls {
-        println!("sysctl:     {} (was {}): {}", c.key.replace('/', "."), c.previous, c.reason);
-    }
-}
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-/// `pfwd run`: attach, stream log events and counters, detach on Ctrl-C or SIGTERM.
-fn run_foreground(r: RunArgs) -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
-    if let Status::Attached(_) = control::status()? {
-        anyhow::bail!("pfwd is already attached in this network namespace (see `pfwd status`); `pfwd detach` first");
-    }
-    let rules = read_config(&r.attach.config)?;
-    for n in control::attach(&r.attach.ifaces, rules, &attach_opts(&r.attach))? {
-        log::info!("{n}");
-    }
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    let result = stream(&r);
-    for n in control::detach()? {
-        log::info!("{n}");
-    }
-    result
-}
-
-fn stream(r: &RunArgs) -> Result<()> {
-    // Kernel log events exist only in eBPF mode; iptables mode streams counters alone.
-    let mut logger = if control::status()?.mode() == Some(DataPath::Ebpf) {
-        let flags = config_flag::LOG_EVENTS | if r.trace { config_flag::LOG_PACKETS } else { 0 };
-        control::set_log_flags(flags)?;
-        let inst = crate::instance::Instance::current()?;
-        Some(
-            aya_log::EbpfLogger::init_from_id(Kernel::new(&inst).ingress_program_id()?)
-                .context("opening the programs' log ring buffer")?,
-        )
-    } else {
-        None
-    };
-    log::info!("streaming events; Ctrl-C detaches and restores everything");
-    let interval = Duration::from_secs(r.interval.max(1));
-    let mut last = Instant::now();
-    while !STOP.load(Ordering::SeqCst) {
-        match &mut logger {
-            Some(logger) => {
-                let fd = std::os::fd::AsRawFd::as_raw_fd(logger);
-                let mut fds = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
-                // SAFETY: one valid pollfd; EINTR (our signal) just ends the wait.
-                unsafe { libc::poll(fds.as_mut_ptr(), 1, 500) };
-                logger.flush();
-            }
-            None => std::thread::sleep(Duration::from_millis(500)),
-        }
-        if last.elapsed() >= interval {
-            last = Instant::now();
-            let (flows, per_rule) = match control::status()? {
-                Status::Attached(s) => (
-                    or(s.conntrack.flows(), "null"),
-                    s.rules
-                        .iter()
-                        .map(|r| format!("#{}: {} flows {} pkts", r.rule.id, r.counters.flows, r.counters.packets))
-                        .collect(),
-                ),
-                // Detached under us by another `pfwd detach`.
-                Status::NotAttached => ("0".into(), vec![]),
-            };
-            log::info!("conntrack {flows} flows | {}", per_rule.join(" | "));
-        }
     }
     Ok(())
 }

@@ -1,0 +1,50 @@
+//! Human output of `pfwd status` (the `--json` form is the [`crate::report`] types serialized).
+
+use crate::report::{ConntrackSummary, InstanceStatus};
+
+/// A value that may be unknown, or what stands for it (the human output has always shown an unknown number as
+/// `null`, as the JSON does).
+pub(super) fn or<T: std::fmt::Display>(v: Option<T>, unknown: &str) -> String {
+    v.map_or_else(|| unknown.to_string(), |v| v.to_string())
+}
+
+pub(super) fn print_status(s: &InstanceStatus) {
+    let ifaces: Vec<String> =
+        s.interfaces.iter().map(|i| format!("{} ({})", i.name, or(i.address, "no IPv4"))).collect();
+    println!("mode:       {} ({})", s.mode, s.mode_reason);
+    println!("interfaces: {}", ifaces.join(", "));
+    if s.fast_forward {
+        println!("fast path:  on (forwarded packets of translated flows skip the IP stack and netfilter)");
+    }
+    if s.rules.is_empty() {
+        println!("rules:      none (add one with `pfwd add dnat|redirect|snat|masquerade ...`)");
+    } else {
+        println!("rules:");
+        println!("  {:>4}  {:>7}  {:>9}  {:>11}  {:>6}  RULE", "ID", "FLOWS", "PACKETS", "BYTES", "DROPS");
+        for r in &s.rules {
+            let c = &r.counters;
+            println!(
+                "  {:>4}  {:>7}  {:>9}  {:>11}  {:>6}  {}",
+                r.rule.id, c.flows, c.packets, c.bytes, c.drops, r.rule.text
+            );
+        }
+    }
+    let ct = &s.conntrack;
+    let mem = match ct {
+        ConntrackSummary::Ebpf(c) => format!(", BPF maps {:.1} MiB", c.maps_memory_bytes as f64 / 1048576.0),
+        ConntrackSummary::Netfilter(_) => String::new(),
+    };
+    println!(
+        "conntrack:  {} live entries ({} flows), capacity {} entries{mem}",
+        ct.entries(),
+        or(ct.flows(), "null"),
+        or(ct.capacity(), "null"),
+    );
+    let stats: Vec<String> = s.stats.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();
+    if !stats.is_empty() {
+        println!("counters:   {}", stats.join(" "));
+    }
+    for c in &s.sysctls {
+        println!("sysctl:     {} (was {}): {}", c.key.replace('/', "."), c.previous, c.reason);
+    }
+}
