@@ -11,6 +11,7 @@ use pfwd_common::{Config, dir};
 
 use crate::{
     fallback,
+    flows::{self, FlowFilter},
     instance::{self, Instance},
     loader::Kernel,
     netif,
@@ -388,16 +389,55 @@ pub fn add(rule: Rule) -> Result<(u32, Vec<String>)> {
 /// Adds `rules` all or nothing. With `skip_duplicates` (import), rules that already exist are skipped;
 /// otherwise a duplicate is an error. Returns the new ids and notes.
 pub fn add_many(rules: Vec<Rule>, skip_duplicates: bool) -> Result<(Vec<u32>, Vec<String>)> {
-    for r in &rules {
+    let change = change_rules(&[], rules, skip_duplicates)?;
+    Ok((change.added, change.notes))
+}
+
+/// What a rule change did.
+pub struct Change {
+    /// The rules removed, in the order asked for.
+    pub removed: Vec<Rule>,
+    /// Ids of the rules added.
+    pub added: Vec<u32>,
+    /// Sysctl changes, skipped duplicates.
+    pub notes: Vec<String>,
+    /// The state before the change (to find the flows of removed rules).
+    before: State,
+}
+
+/// Removes the rules with ids `remove` and adds `add`, all or nothing: every id must exist, every new rule must be
+/// valid and fit, else nothing changes. The one way rules change (add, del, flush, import).
+pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Result<Change> {
+    for r in &add {
         r.validate()?;
     }
     let lock = open()?;
     let mut state = lock.load()?.context(NOT_ATTACHED)?;
+    let missing: Vec<String> =
+        remove.iter().filter(|id| !state.rules.iter().any(|r| r.rule.id == **id)).map(u32::to_string).collect();
+    if !missing.is_empty() {
+        let ids: Vec<String> = state.rules.iter().map(|r| r.rule.id.to_string()).collect();
+        bail!(
+            "no rule with id {} (rule ids: {}; see `pfwd list`); nothing was changed",
+            missing.join(", "),
+            if ids.is_empty() { "none".into() } else { ids.join(", ") }
+        );
+    }
     let mut planned = state.clone();
-    let mut ids = vec![];
-    let mut notes = vec![];
+    // Built from the state before the change, so no new rule takes a slot freed by this change (its counters are
+    // reset below).
     let mut adder = RuleAdder::new(&planned);
-    for rule in rules {
+    let mut removed = Vec::new();
+    for id in remove {
+        if let Some(pos) = planned.rules.iter().position(|r| r.rule.id == *id) {
+            let r = planned.rules.remove(pos);
+            adder.keys.remove(&r.rule.dedup_key());
+            removed.push(r);
+        }
+    }
+    let mut added = vec![];
+    let mut notes = vec![];
+    for rule in add {
         if let Some(of) = adder.duplicate_of(&rule) {
             let e = rules::RuleError::Duplicate { of };
             if skip_duplicates {
@@ -406,7 +446,7 @@ pub fn add_many(rules: Vec<Rule>, skip_duplicates: bool) -> Result<(Vec<u32>, Ve
             }
             return Err(e.into());
         }
-        ids.push(adder.push(&mut planned, rule)?);
+        added.push(adder.push(&mut planned, rule)?);
     }
     rules::compile(&planned.rules(), &ifindex_lookup(&planned)).map_err(|e| match e {
         rules::RuleError::IfaceNotAttached { iface, .. } => anyhow::anyhow!(
@@ -423,16 +463,21 @@ pub fn add_many(rules: Vec<Rule>, skip_duplicates: bool) -> Result<(Vec<u32>, Ve
     }
     let backend = Backend::of(&state, &lock.inst);
     match apply(&backend, &mut planned) {
-        Ok(more) => {
-            lock.save(&planned)?;
-            notes.extend(more);
-            Ok((ids, notes))
-        }
+        Ok(more) => notes.extend(more),
         Err(e) => {
             let _ = apply(&backend, &mut state);
-            Err(e)
+            return Err(e);
         }
     }
+    // Clear the freed slots' counters now, so a later rule given such a slot starts from zero (flows a deleted rule
+    // translated keep going until they end or are flushed, and may add a little to them meanwhile).
+    if let Backend::Ebpf(kernel) = &backend {
+        for r in &removed {
+            kernel.reset_counters(r.slot)?;
+        }
+    }
+    lock.save(&planned)?;
+    Ok(Change { removed: removed.into_iter().map(|r| r.rule).collect(), added, notes, before: state })
 }
 
 /// The rules and interfaces of the running instance (for export), or None when not attached.
@@ -441,28 +486,116 @@ pub fn current() -> Result<Option<(Vec<Rule>, Vec<String>)>> {
     Ok(lock.load()?.map(|s| (s.rules(), s.interfaces.iter().map(|i| i.name.clone()).collect())))
 }
 
-/// `pfwd del`: removes a rule. Flows it already translated keep their translation until they end, as with
-/// iptables, whose NAT decisions live in conntrack.
-pub fn del(id: u32) -> Result<(Rule, Vec<String>)> {
+/// The rule ids `pfwd del` names: each single id must exist; a range stands for the rules that exist in it and must
+/// hold at least one. Errors name every id or range that names nothing.
+pub fn resolve_ids(selection: &[(u32, u32)]) -> Result<Vec<u32>> {
     let lock = open()?;
-    let mut state = lock.load()?.context(NOT_ATTACHED)?;
-    let Some(pos) = state.rules.iter().position(|r| r.rule.id == id) else {
-        let ids: Vec<String> = state.rules.iter().map(|r| r.rule.id.to_string()).collect();
-        bail!(
-            "no rule with id {id} (rule ids: {}; see `pfwd list`)",
-            if ids.is_empty() { "none".into() } else { ids.join(", ") }
-        );
-    };
-    let removed = state.rules.remove(pos);
-    let backend = Backend::of(&state, &lock.inst);
-    let notes = apply(&backend, &mut state)?;
-    // Clear the slot's counters now, so a later rule given this slot starts from zero (flows the deleted rule
-    // translated keep going until they end, and may add a little to them meanwhile).
-    if let Backend::Ebpf(kernel) = &backend {
-        kernel.reset_counters(removed.slot)?;
+    let state = lock.load()?.context(NOT_ATTACHED)?;
+    let mut ids = Vec::new();
+    let mut missing = Vec::new();
+    for &(lo, hi) in selection {
+        let found: Vec<u32> = state.rules.iter().map(|r| r.rule.id).filter(|id| (lo..=hi).contains(id)).collect();
+        match (found.is_empty(), lo == hi) {
+            (true, true) => missing.push(lo.to_string()),
+            (true, false) => missing.push(format!("{lo}-{hi}")),
+            (false, _) => ids.extend(found),
+        }
     }
-    lock.save(&state)?;
-    Ok((removed.rule, notes))
+    if !missing.is_empty() {
+        let have: Vec<String> = state.rules.iter().map(|r| r.rule.id.to_string()).collect();
+        bail!(
+            "no rule with id {} (rule ids: {}; see `pfwd list`); nothing was deleted",
+            missing.join(", "),
+            if have.is_empty() { "none".into() } else { have.join(", ") }
+        );
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// `pfwd del ID...`: removes rules, all or nothing. Flows they already translated keep their translation until they
+/// end, as with iptables, whose NAT decisions live in conntrack, unless `end_flows` (`--flows`) ends them too.
+/// Returns the change and how many live flows were ended.
+pub fn del(ids: &[u32], end_flows: bool) -> Result<(Change, usize)> {
+    let change = change_rules(ids, vec![], false)?;
+    let flows = if end_flows {
+        let filter = FlowFilter { rules: Some(ids.to_vec()), ..Default::default() };
+        end_flows_of(&change.before, &filter)?
+    } else {
+        0
+    };
+    Ok((change, flows))
+}
+
+/// Which rules `pfwd flush` removes: where they act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushScope {
+    All,
+    /// dnat/redirect on arriving packets (PREROUTING).
+    Inbound,
+    /// snat/masquerade (POSTROUTING).
+    Outbound,
+    /// `--local` dnat/redirect (OUTPUT).
+    Local,
+}
+
+impl FlushScope {
+    pub fn covers(self, r: &Rule) -> bool {
+        match self {
+            FlushScope::All => true,
+            FlushScope::Inbound => !r.is_postrouting() && !r.local,
+            FlushScope::Outbound => r.is_postrouting(),
+            FlushScope::Local => r.local,
+        }
+    }
+}
+
+/// `pfwd flush`: removes every rule (or those of one hook) and stays attached; sysctls only the removed rules needed
+/// are restored. Like `iptables -t nat -F`, live flows keep their translation (`pfwd conntrack --flush` ends them).
+pub fn flush(scope: FlushScope) -> Result<Change> {
+    let ids: Vec<u32> = {
+        let lock = open()?;
+        let state = lock.load()?.context(NOT_ATTACHED)?;
+        state.rules.iter().filter(|r| scope.covers(&r.rule)).map(|r| r.rule.id).collect()
+    };
+    change_rules(&ids, vec![], false)
+}
+
+/// `pfwd conntrack --flush`: ends the live translations the filter picks (both directions of each flow); their next
+/// packets are handled by the rules as they are now. Returns how many flows were ended.
+pub fn conntrack_flush(filter: &FlowFilter) -> Result<usize> {
+    let lock = open()?;
+    let state = lock.load()?.context(NOT_ATTACHED)?;
+    if let Some(ids) = &filter.rules {
+        let missing: Vec<String> =
+            ids.iter().filter(|id| !state.rules.iter().any(|r| r.rule.id == **id)).map(u32::to_string).collect();
+        if !missing.is_empty() {
+            bail!("no rule with id {} (see `pfwd list`)", missing.join(", "));
+        }
+    }
+    drop(lock);
+    end_flows_of(&state, filter)
+}
+
+/// Ends the flows `filter` picks; `state` names the rules (as they were when the flows were made).
+fn end_flows_of(state: &State, filter: &FlowFilter) -> Result<usize> {
+    let lock = open()?;
+    match Backend::of(state, &lock.inst) {
+        Backend::Ebpf(kernel) => {
+            let cfg = kernel.config()?;
+            let now = monotonic_ns();
+            let rule_id = |slot: u32| state.rules.iter().find(|r| r.slot == slot).map(|r| r.rule.id);
+            let live = |e: &pfwd_common::CtEntry| !e.expired(now, &cfg);
+            let (keys, flows) = flows::ebpf_select(&kernel.conntrack()?, rule_id, live, filter);
+            kernel.conntrack_delete(&keys)?;
+            Ok(flows)
+        }
+        Backend::Iptables => {
+            let chosen = flows::iptables_select(fallback::conntrack_list(), &state.rules(), filter);
+            fallback::conntrack_delete(&chosen)
+        }
+    }
 }
 
 /// `pfwd detach`: removes every program, pin, chain and setting of the instance and restores the sysctls.

@@ -183,6 +183,19 @@ pub fn conntrack_list() -> Vec<ConntrackEntry> {
     text.lines().filter_map(parse_conntrack_line).collect()
 }
 
+/// Deletes these connections from netfilter's table (each by its exact original tuple); returns how many were
+/// deleted. A connection that ended meanwhile is not an error.
+pub fn conntrack_delete(entries: &[ConntrackEntry]) -> Result<usize> {
+    let mut deleted = 0;
+    for e in entries {
+        // `conntrack -D` exits non-zero when nothing matched (the connection is already gone).
+        if run("conntrack", &crate::flows::conntrack_delete_args(e), None).is_ok() {
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
+}
+
 /// One line of `conntrack -L`, when it is a translated connection.
 fn parse_conntrack_line(line: &str) -> Option<ConntrackEntry> {
     // e.g. "tcp 6 431999 ESTABLISHED src=A dst=B sport=1 dport=2 src=C dst=D sport=3 dport=4 [ASSURED] ..."

@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod control;
 pub mod fallback;
+pub mod flows;
 pub mod instance;
 pub mod iptables;
 pub mod loader;

@@ -265,6 +265,12 @@ impl Kernel {
         Ok(map.iter().filter_map(Result::ok).collect())
     }
 
+    /// Removes conntrack entries; returns how many were there (an entry may have expired and gone meanwhile).
+    pub fn conntrack_delete(&self, keys: &[Tuple]) -> Result<usize> {
+        let mut map: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK)?;
+        Ok(keys.iter().filter(|k| map.remove(k).is_ok()).count())
+    }
+
     /// Conntrack capacity (entries; two per flow).
     pub fn conntrack_capacity(&self) -> Result<u32> {
         let data = MapData::from_pin(self.dir.join(names::CONNTRACK))?;

@@ -277,7 +277,7 @@ impl NetfilterConntrack {
 }
 
 /// One live translation, as `pfwd conntrack` lists it (like `conntrack -L`), in either mode.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ConntrackEntry {
     /// Seconds since the flow started (eBPF mode only: absent in iptables mode).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -60,10 +60,31 @@ enum Cmd {
     /// Add a rule.
     #[command(subcommand)]
     Add(AddCmd),
-    /// Delete a rule by id (see `pfwd list`). Flows already translated keep going until they end.
+    /// Delete rules by id (see `pfwd list`): `pfwd del 3 5-9`. All or nothing: an id that does not exist (or a range
+    /// with no rule in it) changes nothing. Flows already translated keep going until they end, unless --flows.
     Del {
-        /// Rule id.
-        id: u32,
+        /// Rule ids, and ranges LO-HI (which delete the rules that exist in them).
+        #[arg(required = true, value_name = "ID|LO-HI", value_parser = parse_id_range)]
+        ids: Vec<(u32, u32)>,
+        /// Also end the live flows these rules translated (both directions, like `conntrack -D`), so their next
+        /// packets meet the rules as they are now.
+        #[arg(long)]
+        flows: bool,
+    },
+    /// Remove every rule (or those of one hook) and stay attached, like `iptables -t nat -F`.
+    ///
+    /// Sysctls that only the removed rules needed are restored. Live flows keep their translation until they end, as
+    /// after `iptables -t nat -F`: `pfwd conntrack --flush` ends them.
+    Flush {
+        /// Only the dnat/redirect rules on arriving packets (iptables PREROUTING).
+        #[arg(long, group = "scope")]
+        inbound: bool,
+        /// Only the snat/masquerade rules (iptables POSTROUTING).
+        #[arg(long, group = "scope")]
+        outbound: bool,
+        /// Only the --local rules (iptables OUTPUT).
+        #[arg(long, group = "scope")]
+        local: bool,
     },
     /// List the rules.
     List {
@@ -80,10 +101,33 @@ enum Cmd {
     /// Remove every program, pin and setting pfwd made in this namespace; restore changed sysctls.
     Detach,
     /// List live translations, like `conntrack -L`: original and translated tuples, rule, age, state.
+    ///
+    /// With --flush, end live translations instead (both directions of each flow, like `conntrack -D`/`-F`): the
+    /// next packets of those flows meet the rules as they are now. The filters pick which: by the rule that made
+    /// them, and by the flow's original tuple. In eBPF mode an ended TCP connection is cut (a packet in the middle
+    /// of a connection never starts a flow); in iptables mode netfilter may pick it up again under the current rules.
     Conntrack {
         /// Print a JSON array.
         #[arg(long)]
         json: bool,
+        /// End the matching live translations (all of pfwd's, without filters); prints how many.
+        #[arg(long)]
+        flush: bool,
+        /// Only flows translated by this rule (repeatable).
+        #[arg(long, value_name = "ID", requires = "flush")]
+        rule: Vec<u32>,
+        /// Only flows from this source address or CIDR (as the flow's first packet had it).
+        #[arg(short = 's', long = "source", value_name = "ADDR[/LEN]", requires = "flush", value_parser = cidr)]
+        src: Option<ipnet::Ipv4Net>,
+        /// Only flows to this original destination address or CIDR.
+        #[arg(short = 'd', long = "destination", value_name = "ADDR[/LEN]", requires = "flush", value_parser = cidr)]
+        dst: Option<ipnet::Ipv4Net>,
+        /// Only this protocol.
+        #[arg(short = 'p', long = "protocol", value_name = "tcp|udp", requires = "flush")]
+        proto: Option<rules::Proto>,
+        /// Only flows to this original destination port or range.
+        #[arg(long, value_name = "PORT[-PORT]", requires = "flush")]
+        dport: Option<rules::PortRange>,
     },
     /// Print the rules (of this instance, or of --config) as iptables-restore input or an nftables script.
     Export {
@@ -212,10 +256,32 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("pfwd: {n}");
             }
         }
-        Cmd::Del { id } => {
-            let (rule, notes) = control::del(id)?;
-            println!("deleted rule {id}: {rule}");
-            print_notes(&notes);
+        Cmd::Del { ids, flows } => {
+            let ids = control::resolve_ids(&ids)?;
+            let (change, ended) = control::del(&ids, flows)?;
+            for r in &change.removed {
+                println!("deleted rule {}: {r}", r.id);
+            }
+            if flows {
+                println!("ended {ended} live flow{}", if ended == 1 { "" } else { "s" });
+            }
+            print_notes(&change.notes);
+        }
+        Cmd::Flush { inbound, outbound, local } => {
+            let scope = match (inbound, outbound, local) {
+                (true, _, _) => control::FlushScope::Inbound,
+                (_, true, _) => control::FlushScope::Outbound,
+                (_, _, true) => control::FlushScope::Local,
+                _ => control::FlushScope::All,
+            };
+            let change = control::flush(scope)?;
+            if change.removed.is_empty() {
+                println!("no rules to remove");
+            }
+            for r in &change.removed {
+                println!("removed rule {}: {r}", r.id);
+            }
+            print_notes(&change.notes);
         }
         Cmd::List { json } => {
             let rules = control::list()?;
@@ -270,7 +336,16 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Import { file, dry_run } => import(file, dry_run)?,
-        Cmd::Conntrack { json } => {
+        Cmd::Conntrack { flush: true, rule, src, dst, proto, dport, json } => {
+            let filter = crate::flows::FlowFilter { rules: (!rule.is_empty()).then_some(rule), src, dst, proto, dport };
+            let ended = control::conntrack_flush(&filter)?;
+            if json {
+                println!("{}", serde_json::json!({ "flows_ended": ended }));
+            } else {
+                println!("ended {ended} live flow{}", if ended == 1 { "" } else { "s" });
+            }
+        }
+        Cmd::Conntrack { json, .. } => {
             let flows = control::conntrack_list()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&flows)?);
@@ -296,6 +371,21 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A `pfwd del` argument: `ID` or `LO-HI`.
+fn parse_id_range(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("bad rule id {s:?}: expected a number (see `pfwd list`) or a range such as 5-9");
+    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+    let num = |t: &str| t.parse::<u32>().ok().filter(|_| t.bytes().all(|b| b.is_ascii_digit()));
+    match (num(lo), num(hi)) {
+        (Some(lo), Some(hi)) if lo <= hi => Ok((lo, hi)),
+        _ => Err(bad()),
+    }
+}
+
+fn cidr(s: &str) -> Result<ipnet::Ipv4Net, String> {
+    rules::parse_cidr(s).map_err(|e| e.to_string())
 }
 
 fn import(file: Option<PathBuf>, dry_run: bool) -> Result<()> {
