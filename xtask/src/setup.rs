@@ -57,7 +57,8 @@ fn debian_packages() -> Result<bool> {
             missing.join(" ")
         );
     }
-    println!("    installing {} packages: {}", plan.install.len(), plan.install.join(" "));
+    let n = plan.install.len();
+    println!("    installing {n} package{}: {}", if n == 1 { "" } else { "s" }, plan.install.join(" "));
     // --no-remove: should apt's plan differ from the simulation, it stops rather than remove anything.
     sh(sudo::command("apt-get")?
         .env("DEBIAN_FRONTEND", "noninteractive")
