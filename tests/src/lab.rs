@@ -30,11 +30,15 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+
+/// The hash pfwd's build.rs embeds, computed here from the tree.
+#[path = "../../pfwd/build/source_hash.rs"]
+mod source_hash;
 
 /// Default timeout for socket operations in tests.
 pub const TIMEOUT: Duration = Duration::from_secs(2);
@@ -491,17 +495,44 @@ impl Reply {
 
 /// Path of the pfwd binary: `$PFWD_BIN`, else `pfwd` next to the running executable (test binaries
 /// live in `target/<profile>/deps/`, xtask in `target/<profile>/`). Build it with `cargo build -p pfwd`.
+///
+/// The binary must be built from this source tree: its source hash (`pfwd --version`, see
+/// `pfwd/build/source_hash.rs`) must equal the tree's, else this fails rather than test stale code. Checked once per
+/// process.
 pub fn pfwd_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("PFWD_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe()?;
-    let mut dir = exe.parent().context("executable has no parent directory")?;
-    if dir.ends_with("deps") {
-        dir = dir.parent().context("deps has no parent directory")?;
-    }
-    let bin = dir.join("pfwd");
-    ensure!(bin.exists(), "{} not found: build it with `cargo build -p pfwd` (or set PFWD_BIN)", bin.display());
+    static CHECKED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    CHECKED.get_or_init(|| find_pfwd_bin().map_err(|e| format!("{e:#}"))).clone().map_err(|e| anyhow!(e))
+}
+
+fn find_pfwd_bin() -> Result<PathBuf> {
+    let bin = match std::env::var_os("PFWD_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let exe = std::env::current_exe()?;
+            let mut dir = exe.parent().context("executable has no parent directory")?;
+            if dir.ends_with("deps") {
+                dir = dir.parent().context("deps has no parent directory")?;
+            }
+            dir.join("pfwd")
+        }
+    };
+    let rebuild = "build it from this tree with `cargo build -p pfwd` (`cargo xtask test` does)";
+    ensure!(bin.exists(), "{} not found: {rebuild}", bin.display());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("tests is inside the workspace")?;
+    let tree = source_hash::source_hash(root).context("hashing pfwd's sources")?;
+    let out = Command::new(&bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} --version", bin.display()))?;
+    let version = String::from_utf8_lossy(&out.stdout);
+    let built = version.split_once("(source ").and_then(|(_, rest)| rest.split_once(')')).map(|(hash, _)| hash);
+    ensure!(
+        built == Some(tree.as_str()),
+        "{} is stale: built from sources {}, the tree's are {tree}: {rebuild}",
+        bin.display(),
+        built.unwrap_or("(unknown)"),
+    );
     Ok(bin)
 }
 

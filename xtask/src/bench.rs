@@ -150,6 +150,8 @@ pub fn bench(pfwd: &Path, quick: bool) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("latest.md"), &md)?;
     std::fs::write(dir.join("latest.json"), serde_json::to_string_pretty(&json)?)?;
+    // Run as root through sudo (`cargo xtask bench` as a user): the report is the user's, like the rest of target/.
+    crate::sudo::give_back(&[&dir, &dir.join("latest.md"), &dir.join("latest.json")])?;
     println!("\n{md}");
     step(&format!(
         "bench: wrote {} and latest.json ({:.0} s)",

@@ -1,8 +1,12 @@
 //! `cargo xtask`: developer tasks for pfwd (setup, build, test, run, demo, bench).
+//!
+//! Builds run as the invoking user; only what needs root (apt-get, bpffs, running the tests, the demo, the bench and
+//! pfwd itself) goes through sudo (`sudo.rs`), and nothing does when xtask already runs as root (CI).
 
 mod bench;
 mod demo;
 mod setup;
+mod sudo;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -14,6 +18,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "xtask", bin_name = "cargo xtask", about = "pfwd developer tasks")]
 struct Cli {
+    /// Skip the set-up checks: xtask's own re-run as root passes it, the set-up and the build having been done as
+    /// the invoking user.
+    #[arg(long, global = true, hide = true)]
+    no_setup: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -56,7 +64,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli.cmd) {
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -65,53 +73,61 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cmd: Cmd) -> Result<ExitCode> {
-    if let Some(code) = reexec_as_root()? {
-        return Ok(code);
+fn run(cli: Cli) -> Result<ExitCode> {
+    if sudo::is_root() && std::env::var_os("SUDO_USER").is_some() && !cli.no_setup {
+        println!(
+            "note: running as root through sudo, so target/ becomes root's: as your own user, `cargo xtask` uses \
+             sudo only for what needs root"
+        );
     }
-    match cmd {
+    let setup = || if cli.no_setup { Ok(()) } else { setup::setup() };
+    match cli.cmd {
         Cmd::Setup => setup::setup()?,
         Cmd::Build { release } => {
-            setup::setup()?;
+            setup()?;
             build(release)?;
         }
         Cmd::Test { args } => {
-            setup::setup()?;
+            setup()?;
             // The e2e tests run target/debug/pfwd, which `cargo test` alone does not always build.
             build(false)?;
-            // --no-fail-fast: one failing test binary should not hide the results of the others.
-            let mut cargo_args: Vec<OsString> = vec!["test".into(), "--no-fail-fast".into()];
-            // `--workspace` together with `-p` would test everything anyway: let `-p` narrow it.
-            if !args.iter().any(|a| a == "-p" || a == "--package") {
-                cargo_args.push("--workspace".into());
-            }
-            cargo_args.extend(args);
-            step("test: unit, packet and e2e tests (cargo test --workspace)");
-            cargo(&cargo_args)?;
-            step("test: all passed");
+            test(args)?;
         }
         Cmd::Run { args } => {
-            setup::setup()?;
+            setup()?;
             let bin = build(false)?;
-            step(&format!("run: {}", bin.display()));
+            step(&format!("run: {}{}", if sudo::is_root() { "" } else { "sudo " }, bin.display()));
             let status =
-                Command::new(&bin).args(&args).status().with_context(|| format!("running {}", bin.display()))?;
-            return Ok(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8));
+                sudo::command(&bin)?.args(&args).status().with_context(|| format!("running {}", bin.display()))?;
+            return Ok(exit_code(status));
         }
         Cmd::Demo { pfwd } => {
-            setup::setup()?;
+            setup()?;
             let bin = match pfwd {
                 Some(bin) => std::path::absolute(bin)?,
                 None => build(false)?,
             };
+            if !sudo::is_root() {
+                return rerun_as_root(
+                    "the demo runs as root (network namespaces, BPF)",
+                    &["demo".into(), "--pfwd".into(), bin.into()],
+                );
+            }
             demo::demo(&bin)?;
         }
         Cmd::Bench { quick, pfwd } => {
-            setup::setup()?;
+            setup()?;
             let bin = match pfwd {
                 Some(bin) => std::path::absolute(bin)?,
                 None => build(true)?,
             };
+            if !sudo::is_root() {
+                let mut args: Vec<OsString> = vec!["bench".into(), "--pfwd".into(), bin.into()];
+                if quick {
+                    args.push("--quick".into());
+                }
+                return rerun_as_root("the bench runs as root (network namespaces, BPF)", &args);
+            }
             bench::bench(&bin, quick)?;
         }
     }
@@ -123,26 +139,73 @@ pub fn step(msg: &str) {
     println!("==> {msg}");
 }
 
-/// Everything here needs root (apt, BPF, namespaces): re-run the same command through sudo when
-/// not root. Returns the child's exit code when it re-executed.
-fn reexec_as_root() -> Result<Option<ExitCode>> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return Ok(None);
+/// `cargo test --no-fail-fast --workspace <args>`, the test binaries running as root. Not root: cargo builds them as
+/// the invoking user first, then runs them through sudo (cargo's `runner` setting).
+fn test(args: Vec<OsString>) -> Result<()> {
+    // --no-fail-fast: one failing test binary should not hide the results of the others.
+    let mut test_args: Vec<OsString> = vec!["test".into(), "--no-fail-fast".into()];
+    // `--workspace` together with `-p` would test everything anyway: let `-p` narrow it.
+    if !args.iter().any(|a| a == "-p" || a == "--package") {
+        test_args.push("--workspace".into());
     }
-    let Some(sudo) = setup::which("sudo") else {
-        bail!("root is needed (apt, BPF, network namespaces) and sudo is not installed: run as root");
-    };
+    test_args.extend(args);
+    let mut cargo_args: Vec<OsString> = Vec::new();
+    if !sudo::is_root() {
+        step("test: building the tests (cargo test --no-run)");
+        let mut no_run = test_args.clone();
+        no_run.insert(1, "--no-run".into());
+        cargo(&no_run)?;
+        sudo::validate("the test binaries run as root (network namespaces, BPF)")?;
+        let runner: Vec<String> = sudo::prefix()?.iter().map(|w| toml_string(&w.to_string_lossy())).collect();
+        cargo_args.push("--config".into());
+        cargo_args.push(format!("target.{}.runner = [{}]", host_triple()?, runner.join(", ")).into());
+    }
+    cargo_args.extend(test_args);
+    step(&format!(
+        "test: unit, packet and e2e tests (cargo test, as root{})",
+        if sudo::is_root() { "" } else { " through sudo" }
+    ));
+    cargo(&cargo_args)?;
+    step("test: all passed");
+    Ok(())
+}
+
+/// Re-runs this xtask command as root through sudo, without the set-up (done) and with the pfwd binary it built.
+fn rerun_as_root(why: &str, args: &[OsString]) -> Result<ExitCode> {
+    sudo::validate(why)?;
     let exe = std::env::current_exe()?;
-    let mut path = OsString::from("PATH=");
-    path.push(std::env::var_os("PATH").unwrap_or_default());
-    step("not root: re-running through sudo");
-    let status = Command::new(sudo)
-        .args(["-E".into(), "env".into(), path, exe.into_os_string()])
-        .args(std::env::args_os().skip(1))
-        .status()
-        .context("running sudo")?;
-    Ok(Some(ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8)))
+    let status = sudo::command(exe)?.arg("--no-setup").args(args).status().context("running sudo")?;
+    Ok(exit_code(status))
+}
+
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    ExitCode::from(status.code().unwrap_or(1).clamp(0, 255) as u8)
+}
+
+/// The host's target triple (`rustc -vV`), for cargo's `target.<triple>.runner`.
+fn host_triple() -> Result<String> {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let out = Command::new(rustc).arg("-vV").output().context("running rustc -vV")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.lines().find_map(|l| l.strip_prefix("host: ")) {
+        Some(host) if out.status.success() => Ok(host.trim().to_string()),
+        _ => bail!("rustc -vV did not say the host triple ({})", out.status),
+    }
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// `cargo build -p pfwd`; returns the path of the pfwd binary.

@@ -1,4 +1,9 @@
-//! `cargo xtask setup`: idempotent checks that install only what is missing (fast when all is there).
+//! `cargo xtask setup`: idempotent checks that install only what is missing, and say one short line when nothing is.
+//!
+//! Debian packages go in with `--no-install-recommends` after a simulation shows what apt would do: the packages it
+//! would install are listed first, and if it would remove any package, nothing is installed and the error names
+//! them. Toolchains and bpf-linker are per user (rustup, cargo install) and install as the invoking user; apt-get
+//! and mounting bpffs go through sudo when not root.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -7,21 +12,22 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::step;
+use crate::{step, sudo};
 
 const PACKAGES: [&str; 9] =
     ["llvm-22-dev", "iproute2", "iptables", "nftables", "conntrack", "ethtool", "bpftool", "iperf3", "netsniff-ng"];
 
 pub fn setup() -> Result<()> {
-    step("setup");
-    debian_packages()?;
-    nightly()?;
-    bpf_linker()?;
-    bpffs()?;
+    // Each check says something only when it acts.
+    let acted = [debian_packages()?, toolchains()?, bpf_linker()?, bpffs()?];
+    if acted.iter().all(|a| !a) {
+        step("setup: all present (Debian packages, toolchains and components, bpf-linker, bpffs)");
+    }
     Ok(())
 }
 
-fn debian_packages() -> Result<()> {
+/// Installs the missing packages of [`PACKAGES`]; true when it did.
+fn debian_packages() -> Result<bool> {
     // One dpkg-query for all packages; unknown packages only go to stderr, so ignore its exit code.
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${Status}\\n"])
@@ -34,53 +40,107 @@ fn debian_packages() -> Result<()> {
         .filter_map(|l| l.strip_suffix(" install ok installed"))
         .map(str::to_string)
         .collect();
-    let mut missing = Vec::new();
-    for pkg in PACKAGES {
-        if installed.contains(pkg) {
-            println!("    checking {pkg}... ok");
-        } else {
-            println!("    checking {pkg}... missing");
-            missing.push(pkg);
+    let missing: Vec<&str> = PACKAGES.into_iter().filter(|p| !installed.contains(*p)).collect();
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    step(&format!("setup: Debian packages missing: {}", missing.join(" ")));
+    println!("    apt-get update");
+    sh(sudo::command("apt-get")?.args(["update", "-qq"]))?;
+    let plan = AptPlan::simulate(&missing)?;
+    if !plan.remove.is_empty() {
+        bail!(
+            "installing {} would make apt remove {}: nothing installed. Install the missing packages yourself once \
+             you have decided about those (apt-get install --no-install-recommends {})",
+            missing.join(" "),
+            plan.remove.join(" "),
+            missing.join(" ")
+        );
+    }
+    let n = plan.install.len();
+    println!("    installing {n} package{}: {}", if n == 1 { "" } else { "s" }, plan.install.join(" "));
+    // --no-remove: should apt's plan differ from the simulation, it stops rather than remove anything.
+    sh(sudo::command("apt-get")?
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends", "--no-remove"])
+        .args(&missing))?;
+    Ok(true)
+}
+
+/// What `apt-get install --no-install-recommends` would do, from its simulation (`-s`, which needs no root).
+struct AptPlan {
+    /// Packages it would install or upgrade.
+    install: Vec<String>,
+    /// Packages it would remove (or purge).
+    remove: Vec<String>,
+}
+
+impl AptPlan {
+    fn simulate(packages: &[&str]) -> Result<AptPlan> {
+        let out = output(Command::new("apt-get").args(["-s", "install", "--no-install-recommends"]).args(packages))?;
+        Ok(AptPlan::parse(&out))
+    }
+
+    /// Reads `Inst <pkg> ...`, `Remv <pkg> ...` and `Purg <pkg> ...` lines.
+    fn parse(simulation: &str) -> AptPlan {
+        let mut plan = AptPlan { install: Vec::new(), remove: Vec::new() };
+        for line in simulation.lines() {
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("Inst"), Some(pkg)) => plan.install.push(pkg.to_string()),
+                (Some("Remv" | "Purg"), Some(pkg)) => plan.remove.push(pkg.to_string()),
+                _ => {}
+            }
+        }
+        plan
+    }
+}
+
+/// The nightly toolchain with rust-src (the eBPF build) and clippy (CI lints the eBPF crate for its own target), and
+/// clippy on the toolchain that runs us (CI lints the workspace with it); true when it installed something.
+fn toolchains() -> Result<bool> {
+    let mut acted = false;
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        step("setup: installing the nightly toolchain (rustup)");
+        sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        acted = true;
+    }
+    // `None`: the toolchain that runs `cargo clippy` in the workspace (as it runs us).
+    for (toolchain, components) in [(Some("nightly"), &["rust-src", "clippy"][..]), (None, &["clippy"])] {
+        let select: &[&str] = match toolchain {
+            Some(t) => &["--toolchain", t],
+            None => &[],
+        };
+        let installed = output(
+            Command::new("rustup").args(["component", "list", "--installed"]).args(select).current_dir(crate::root()),
+        )?;
+        for component in components {
+            if !installed.lines().any(|l| l.starts_with(component)) {
+                step(&format!(
+                    "setup: adding {component} to the {} toolchain (rustup)",
+                    toolchain.unwrap_or("current")
+                ));
+                sh(Command::new("rustup")
+                    .args(["component", "add", component])
+                    .args(select)
+                    .current_dir(crate::root()))?;
+                acted = true;
+            }
         }
     }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!("    apt-get update...");
-    sh(Command::new("apt-get").arg("update"))?;
-    for pkg in &missing {
-        println!("    installing {pkg}...");
-    }
-    sh(Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y"]).args(&missing))
+    Ok(acted)
 }
 
-fn nightly() -> Result<()> {
-    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
-    if toolchains.lines().any(|l| l.starts_with("nightly")) {
-        println!("    checking nightly toolchain... ok");
-    } else {
-        println!("    installing nightly toolchain...");
-        sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
-    }
-    let components =
-        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
-    if components.lines().any(|l| l.starts_with("rust-src")) {
-        println!("    checking nightly rust-src... ok");
-    } else {
-        println!("    installing nightly rust-src...");
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
-    }
-    Ok(())
-}
-
-fn bpf_linker() -> Result<()> {
+/// bpf-linker (built against LLVM 22) on PATH; true when it installed it.
+fn bpf_linker() -> Result<bool> {
     if which("bpf-linker").is_some() {
-        println!("    checking bpf-linker... ok");
-        return Ok(());
+        return Ok(false);
     }
     let cargo_bin = cargo_home().join("bin");
-    if !cargo_bin.join("bpf-linker").is_file() {
-        println!("    installing bpf-linker (cargo install, takes ~2 minutes)...");
+    let acted = !cargo_bin.join("bpf-linker").is_file();
+    if acted {
+        step("setup: installing bpf-linker (cargo install, takes ~2 minutes)");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         // Without LLVM_PREFIX its build finds the old llvm-config 14 on PATH and fails to link.
         sh(Command::new(cargo).env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
@@ -90,10 +150,8 @@ fn bpf_linker() -> Result<()> {
             "--features",
             "llvm-22",
         ]))?;
-    } else {
-        println!("    checking bpf-linker... ok ({})", cargo_bin.display());
     }
-    // aya-build's cargo needs bpf-linker on PATH.
+    // The eBPF build (pfwd/build.rs) needs bpf-linker on PATH.
     let mut path = OsString::from(cargo_bin);
     if let Some(old) = std::env::var_os("PATH") {
         path.push(":");
@@ -101,22 +159,22 @@ fn bpf_linker() -> Result<()> {
     }
     // SAFETY: setup runs before xtask starts any thread, so nothing reads the environment concurrently.
     unsafe { std::env::set_var("PATH", path) };
-    Ok(())
+    Ok(acted)
 }
 
-fn bpffs() -> Result<()> {
+/// bpffs mounted at /sys/fs/bpf (pfwd pins there); true when it mounted it.
+fn bpffs() -> Result<bool> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
     let mounted = mounts.lines().any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
         f.len() > 2 && f[1] == "/sys/fs/bpf" && f[2] == "bpf"
     });
     if mounted {
-        println!("    checking bpffs at /sys/fs/bpf... ok");
-    } else {
-        println!("    mounting bpffs at /sys/fs/bpf...");
-        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        return Ok(false);
     }
-    Ok(())
+    step("setup: mounting bpffs at /sys/fs/bpf");
+    sh(sudo::command("mount")?.args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    Ok(true)
 }
 
 /// First executable named `name` on PATH.
@@ -151,4 +209,23 @@ fn output(cmd: &mut Command) -> Result<String> {
         bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_apt_simulation() {
+        let sim = "NOTE: This is only a simulation!\n\
+                   Reading package lists...\n\
+                   The following packages will be REMOVED:\n  systemd-timesyncd\n\
+                   Remv systemd-timesyncd [252.39-1~deb12u1]\n\
+                   Inst ntpsec (1.2.2+dfsg1-1+deb12u1 Debian:12.12/stable [amd64])\n\
+                   Inst iperf3 (3.12-1+deb12u2 Debian:12.12/stable [amd64])\n\
+                   Conf ntpsec (1.2.2+dfsg1-1+deb12u1 Debian:12.12/stable [amd64])\n";
+        let plan = AptPlan::parse(sim);
+        assert_eq!(plan.install, ["ntpsec", "iperf3"]);
+        assert_eq!(plan.remove, ["systemd-timesyncd"]);
+    }
 }

@@ -45,7 +45,13 @@ Modes: eBPF (tcx programs) by default; iptables rules in pfwd's own chains where
 falls back by itself and says why). `pfwd export` and `pfwd import` convert to and from iptables syntax.";
 
 #[derive(Parser)]
-#[command(name = "pfwd", version, about = ABOUT, long_about = LONG_ABOUT)]
+#[command(
+    name = "pfwd",
+    // The source hash (pfwd/build.rs) tells which tree a binary was built from; the test lab checks it.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (source ", env!("PFWD_SOURCE_HASH"), ")"),
+    about = ABOUT,
+    long_about = LONG_ABOUT
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -438,7 +438,7 @@ fn one_request(from: Ipv4Addr, to: SocketAddr) -> Result<()> {
             libc::IPPROTO_IP,
             libc::IP_BIND_ADDRESS_NO_PORT,
             (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
     sock.bind(&SocketAddr::V4(SocketAddrV4::new(from, 0)).into())?;

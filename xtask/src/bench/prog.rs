@@ -220,9 +220,7 @@ impl EmptyProg {
         };
         attr.prog_name[..10].copy_from_slice(b"pfwd_empty");
         // SAFETY: attr is a valid, fully initialized prefix of bpf_attr; the kernel reads `size` bytes.
-        let fd = unsafe {
-            libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const _, std::mem::size_of::<ProgLoadAttr>())
-        };
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, &attr as *const _, size_of::<ProgLoadAttr>()) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).context("BPF_PROG_LOAD of the empty classifier");
         }
@@ -236,8 +234,7 @@ impl EmptyProg {
             ..Default::default()
         };
         // SAFETY: valid attr prefix for BPF_OBJ_PIN.
-        let rc =
-            unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, &attr as *const _, std::mem::size_of::<ObjPinAttr>()) };
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, &attr as *const _, size_of::<ObjPinAttr>()) };
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("pinning the empty classifier");
         }
