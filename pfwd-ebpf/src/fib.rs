@@ -27,7 +27,7 @@ pub fn params(proto: u8, ifindex: u32, daddr: u32) -> bpf_fib_lookup {
 #[inline(always)]
 pub fn lookup(ctx: &TcContext, p: &mut bpf_fib_lookup, flags: u32) -> bool {
     // SAFETY: valid context and parameter block of the size passed.
-    let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, p, core::mem::size_of::<bpf_fib_lookup>() as i32, flags) };
+    let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, p, size_of::<bpf_fib_lookup>() as i32, flags) };
     rc == BPF_FIB_LKUP_RET_SUCCESS as i64
 }
 

@@ -169,7 +169,7 @@ mod programs {
         let ifindex = parse::ifindex(ctx);
         // Only interfaces pfwd is attached to (and knows the address of).
         // SAFETY: plain read of a map value, which stays valid for the program's run.
-        let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else { return Verdict::Pass };
+        let Some(iface) = (unsafe { IFACES.get(ifindex) }) else { return Verdict::Pass };
         let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, mask) else { return Verdict::Pass };
         let created = if at == ct_hook::INGRESS {
             dnat::create(pkt, slot, rule, iface, now, cfg)

@@ -16,7 +16,7 @@ pub static RULES: Array<RuleEntry> = Array::pinned(MAX_RULES, 0);
 
 /// Not preallocated: most instances use a few buckets out of the quarter million allowed.
 #[map(name = "PFWD_BUCKETS")]
-pub static BUCKETS: HashMap<BucketKey, Bucket> = HashMap::pinned(MAX_BUCKETS, BPF_F_NO_PREALLOC as u32);
+pub static BUCKETS: HashMap<BucketKey, Bucket> = HashMap::pinned(MAX_BUCKETS, BPF_F_NO_PREALLOC);
 
 #[map(name = "PFWD_CT")]
 pub static CONNTRACK: LruHashMap<Tuple, CtEntry> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);

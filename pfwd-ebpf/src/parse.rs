@@ -24,10 +24,10 @@ const ICMP_PARAMETER_PROB: u8 = 12;
 /// ICMP header: type, code, checksum, then identifier/sequence (echo) or unused/MTU (errors).
 pub const ICMP_HLEN: usize = 8;
 
-/// What kind of ICMP message a packet is (for other protocols: `NotIcmp`).
+/// What kind of ICMP message a packet is (`Absent` for every other protocol).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Icmp {
-    NotIcmp,
+    Absent,
     /// Echo request: may start a flow; its identifier is translated like a port (tuple ports = identifier).
     EchoRequest,
     EchoReply,
@@ -99,7 +99,7 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
 pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
+    if start + off + size_of::<T>() > end {
         return None;
     }
     Some((start + off) as *mut T)
@@ -161,7 +161,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
     let l4_off = ETH_LEN + ihl;
     let l4_len = tot_len - ihl;
     let mut tcp_flags = 0;
-    let mut icmp = Icmp::NotIcmp;
+    let mut icmp = Icmp::Absent;
     match tuple.proto {
         PROTO_TCP | PROTO_UDP => {
             let hdr_len = if tuple.proto == PROTO_TCP { 20 } else { 8 };

@@ -43,10 +43,10 @@ fn port_free(t: &Tuple, addr: u32, port: u16, icmp: bool, now: u64, cfg: &Config
         proto: t.proto,
         _pad: [0; 3],
     };
-    match CONNTRACK.get_ptr(&reply_key) {
+    match CONNTRACK.get_ptr(reply_key) {
         None => true,
-        // SAFETY: map value pointer.
         Some(p) => {
+            // SAFETY: a map value pointer from a successful lookup.
             let e = unsafe { &*p };
             e.xlat == t.reversed() || e.expired(now, cfg) || e.is_closed()
         }
@@ -56,6 +56,7 @@ fn port_free(t: &Tuple, addr: u32, port: u16, icmp: bool, now: u64, cfg: &Config
 /// Translates the first packet of a flow leaving through `ifindex` by `rule` (SNAT or MASQUERADE): picks the address
 /// and a free port, creates the flow. Returns the translated tuple, or the stat explaining the refusal.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)] // Inlined into the program: a struct of arguments would only cost stack.
 pub fn allocate(
     ctx: &TcContext,
     pkt: &Packet,

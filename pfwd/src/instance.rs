@@ -54,7 +54,7 @@ fn netns_cookie() -> Result<u64> {
         .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
         .context("creating a socket to read the network namespace cookie")?;
     let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd, out-pointer and length for a u64 option.
     let rc = unsafe {
         libc::getsockopt(

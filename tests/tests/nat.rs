@@ -166,7 +166,7 @@ fn connected_udp(lab: &Lab, to: &str, ttl: Option<u32>, recverr: bool) -> UdpSoc
                 libc::IPPROTO_IP,
                 libc::IP_RECVERR,
                 &one as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
         assert_eq!(rc, 0, "IP_RECVERR: {}", std::io::Error::last_os_error());

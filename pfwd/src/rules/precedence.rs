@@ -110,7 +110,7 @@ mod tests {
     /// lowest rank wins.
     fn kernel_lookup(c: &Compiled, at: u8, pkt: &Packet) -> Option<usize> {
         let mask = if at == hook::PREROUTING { c.level_mask } else { c.snat_level_mask };
-        let t = pfwd_common::Tuple {
+        let t = Tuple {
             saddr: u32::from_ne_bytes(pkt.saddr.octets()),
             daddr: u32::from_ne_bytes(pkt.daddr.octets()),
             sport: 0,

@@ -340,9 +340,7 @@ fn prog_query(ifindex: u32, attach_type: u32) -> Result<Vec<u32>, String> {
         ..Default::default()
     };
     // SAFETY: the attr struct and the id buffer outlive the call; the kernel writes at most prog_cnt ids.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &mut q as *mut Query, std::mem::size_of::<Query>() as u32)
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &mut q as *mut Query, size_of::<Query>() as u32) };
     if rc != 0 {
         return Err(format!("BPF_PROG_QUERY: {}", std::io::Error::last_os_error()));
     }
