@@ -26,7 +26,7 @@ pub fn now_ns() -> u64 {
 /// The other direction's entry of the flow `key` belongs to, if it still points back to `key`.
 #[inline(always)]
 fn peer(key: &Tuple, e: &CtEntry) -> Option<*mut CtEntry> {
-    let p = CONNTRACK.get_ptr_mut(e.xlat.reversed())?;
+    let p = CONNTRACK.get_ptr_mut(&e.xlat.reversed())?;
     // SAFETY: map value pointer.
     (unsafe { (*p).xlat.reversed() } == *key).then_some(p)
 }
@@ -35,7 +35,7 @@ fn peer(key: &Tuple, e: &CtEntry) -> Option<*mut CtEntry> {
 #[inline(always)]
 pub fn remove_flow(key: &Tuple, e: &CtEntry) {
     if peer(key, e).is_some() {
-        let _ = CONNTRACK.remove(e.xlat.reversed());
+        let _ = CONNTRACK.remove(&e.xlat.reversed());
     }
     let _ = CONNTRACK.remove(key);
 }
@@ -91,7 +91,7 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
             hook: if entry.hook == ct_hook::INGRESS { ct_hook::EGRESS } else { ct_hook::INGRESS },
             ..*entry
         };
-        let _ = CONNTRACK.insert(entry.xlat.reversed(), other, BPF_NOEXIST as u64);
+        let _ = CONNTRACK.insert(&entry.xlat.reversed(), &other, BPF_NOEXIST as u64);
     }
 }
 
@@ -103,7 +103,7 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
 pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config, hook: u8) -> Result<(), Stat> {
     let reply_key = xlat.reversed();
     let ours = orig.reversed();
-    if let Some(p) = CONNTRACK.get_ptr_mut(reply_key) {
+    if let Some(p) = CONNTRACK.get_ptr_mut(&reply_key) {
         // SAFETY: map value pointer.
         let other = unsafe { &*p };
         if other.xlat != ours {
@@ -126,24 +126,24 @@ pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config
     };
     // NOEXIST claims the reply tuple atomically against another CPU allocating the same one; losing that race to
     // the same flow (its other packet) is fine, losing it to a different flow is a clash.
-    if CONNTRACK.insert(reply_key, entry, BPF_NOEXIST as u64).is_err() {
+    if CONNTRACK.insert(&reply_key, &entry, BPF_NOEXIST as u64).is_err() {
         // SAFETY: a map value pointer from a successful lookup; the entry is read once.
-        let same_flow = CONNTRACK.get_ptr_mut(reply_key).is_some_and(|p| unsafe { (*p).xlat } == ours);
+        let same_flow = CONNTRACK.get_ptr_mut(&reply_key).is_some_and(|p| unsafe { (*p).xlat } == ours);
         if !same_flow {
             return Err(Stat::CtClash);
         }
-        let _ = CONNTRACK.insert(reply_key, entry, BPF_ANY as u64);
+        let _ = CONNTRACK.insert(&reply_key, &entry, BPF_ANY as u64);
     }
     // In a full LRU table a fresh entry that was never looked up is the first candidate for eviction, and the next
     // insert could push it out: look it up (which marks it referenced) before inserting its partner, and make sure
     // both are there at the end. A flow with only one of its entries would send replies out untranslated.
-    let _ = CONNTRACK.get_ptr(reply_key);
+    let _ = CONNTRACK.get_ptr(&reply_key);
     entry.xlat = *xlat;
     entry.dir = dir::ORIGINAL;
     entry.hook = hook;
-    if CONNTRACK.insert(orig, entry, BPF_ANY as u64).is_err() || CONNTRACK.get_ptr(reply_key).is_none() {
+    if CONNTRACK.insert(orig, &entry, BPF_ANY as u64).is_err() || CONNTRACK.get_ptr(&reply_key).is_none() {
         let _ = CONNTRACK.remove(orig);
-        let _ = CONNTRACK.remove(reply_key);
+        let _ = CONNTRACK.remove(&reply_key);
         return Err(Stat::CtInsertFailed);
     }
     Ok(())

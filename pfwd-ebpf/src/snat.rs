@@ -43,7 +43,7 @@ fn port_free(t: &Tuple, addr: u32, port: u16, icmp: bool, now: u64, cfg: &Config
         proto: t.proto,
         _pad: [0; 3],
     };
-    match CONNTRACK.get_ptr(reply_key) {
+    match CONNTRACK.get_ptr(&reply_key) {
         None => true,
         Some(p) => {
             // SAFETY: a map value pointer from a successful lookup.

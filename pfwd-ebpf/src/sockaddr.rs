@@ -72,7 +72,7 @@ fn translate(ctx: &SockAddrContext, sendmsg: bool) {
     // SAFETY: helper on a valid context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockKey { cookie, addr: to_addr, port: to_port, _pad: 0 };
-    let _ = SOCKETS.insert(key, SockOrig { addr: t.daddr, port: t.dport, _pad: 0 }, BPF_ANY as u64);
+    let _ = SOCKETS.insert(&key, &SockOrig { addr: t.daddr, port: t.dport, _pad: 0 }, BPF_ANY as u64);
     count_rule(slot, 0, true);
 }
 
@@ -84,7 +84,7 @@ fn restore(ctx: &SockAddrContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let key = SockKey { cookie, addr: sa.user_ip4, port: u16::from_be(sa.user_port as u16), _pad: 0 };
     // SAFETY: plain read of a map value.
-    if let Some(orig) = unsafe { SOCKETS.get(key) } {
+    if let Some(orig) = unsafe { SOCKETS.get(&key) } {
         sa.user_ip4 = orig.addr;
         sa.user_port = orig.port.to_be() as u32;
     }
