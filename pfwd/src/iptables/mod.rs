@@ -7,7 +7,7 @@
 //! - `chains`: pfwd's own chains ([`CHAINS`]), the jumps into them ([`hook_rules`]), and which hook a rule is for;
 //! - `restore`: the `iptables-restore` export ([`nat_chain_script`], [`export_iptables`]);
 //! - `nft`: the nftables export ([`export_nft`]);
-//! - `import/`: the import ([`import()`]): lexer, command parser, spec parser and the importer's bookkeeping.
+//! - `import/`: the import ([`import()`], [`import_onto`]): lexer, command parser, spec parser and the importer's bookkeeping.
 
 mod chains;
 mod import;
@@ -20,6 +20,6 @@ pub use chains::{
     CHAINS, COMMENT_PREFIX, FORWARD_CHAIN, Hook, OUTPUT_CHAIN, POSTROUTING_CHAIN, PREROUTING_CHAIN, PfwdChain,
     hook_rules,
 };
-pub use import::{Import, ImportError, import};
+pub use import::{Import, ImportError, import, import_onto};
 pub use nft::export_nft;
 pub use restore::{export_iptables, nat_chain_script};

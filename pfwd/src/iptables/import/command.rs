@@ -1,4 +1,4 @@
-//! The import's command parser: the table, the command (`-A`, `-I`, `-P`, ...) and its chain, position or policy,
+//! The import's command parser: the table, the command (`-A`, `-I`, `-D`, `-F`, ...) and its chain, position or policy,
 //! found anywhere in a line's words as iptables' getopt finds them; everything else is the rule spec, left to `spec`.
 
 use super::lex::{check_dashes, split_inline};
@@ -25,7 +25,9 @@ pub(super) enum Command {
     Flush,
     DeleteChain,
     Zero,
-    /// `-D`, `-R`, `-E`: change existing rules or chains.
+    /// `-D CHAIN N` or `-D CHAIN <rule>`.
+    Delete,
+    /// `-R`, `-E`: replace a rule, rename a chain.
     Modify,
     /// `-L`, `-S`, `-C`: read-only.
     Query,
@@ -40,7 +42,8 @@ fn command_of(name: &str) -> Option<Command> {
         "-F" | "--flush" => Command::Flush,
         "-X" | "--delete-chain" => Command::DeleteChain,
         "-Z" | "--zero" => Command::Zero,
-        "-D" | "--delete" | "-R" | "--replace" | "-E" | "--rename-chain" => Command::Modify,
+        "-D" | "--delete" => Command::Delete,
+        "-R" | "--replace" | "-E" | "--rename-chain" => Command::Modify,
         "-L" | "--list" | "-S" | "--list-rules" | "-C" | "--check" => Command::Query,
         _ => return None,
     })
@@ -52,7 +55,7 @@ pub(super) struct Head<'a> {
     pub(super) command: Command,
     pub(super) command_tok: &'a str,
     pub(super) chain: Option<&'a str>,
-    /// `-I CHAIN N`: 1-based.
+    /// `-I CHAIN N`, `-D CHAIN N`: 1-based.
     pub(super) position: Option<usize>,
     pub(super) policy: Option<&'a str>,
     pub(super) spec: Vec<&'a str>,
@@ -103,7 +106,7 @@ pub(super) fn parse_head<'a>(args: &'a [String], default_table: &'a str) -> Res<
                     if inline.is_none() && chain.is_some() {
                         i += 1;
                     }
-                    if c == Command::Insert
+                    if matches!(c, Command::Insert | Command::Delete)
                         && let Some(n) = positional(i).filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
                     {
                         match n.parse::<usize>() {
@@ -131,7 +134,7 @@ pub(super) fn parse_head<'a>(args: &'a [String], default_table: &'a str) -> Res<
         Command::Policy if chain.is_none() || policy.is_none() => {
             return Err(bad(command_tok, "iptables: -P requires a chain and a policy"));
         }
-        Command::Append | Command::Insert if chain.is_none() => {
+        Command::Append | Command::Insert | Command::Delete if chain.is_none() => {
             return Err(bad(command_tok, format!("{command_tok} needs a chain name (e.g. {command_tok} PREROUTING)")));
         }
         _ => {}

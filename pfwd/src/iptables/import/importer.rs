@@ -1,14 +1,15 @@
-//! The importer: reads a text line by line (lexer, command parser, spec parser), keeps the rules in each nat chain
-//! in iptables' order, skips pfwd's own bookkeeping lines and other tables, and at the end drops duplicates and warns
-//! where pfwd's precedence picks another rule than iptables' first match.
+//! The importer: reads a text line by line (lexer, command parser, spec parser), keeps each nat hook's rules in
+//! iptables' order (the running instance's rules first, when importing onto them), applies the script's deletions
+//! and flushes in order, skips pfwd's own bookkeeping lines and other tables, and at the end drops duplicates and
+//! warns where pfwd's precedence picks another rule than iptables' first match.
 
 use ipnet::Ipv4Net;
 
 use super::command::{Command, Head, NAT_TABLE, check_table, jump_of, parse_head};
-use super::lex::{check_dashes, is_counters, logical_lines, tokenize};
+use super::lex::{check_dashes, is_counters, logical_lines, split_inline, tokenize};
 use super::spec::{Jump, build_rules, parse_spec};
 use super::{Bad, Import, ImportError, Res, bad};
-use crate::iptables::chains::{CHAINS, NAT_HOOKS, NatHook};
+use crate::iptables::chains::{CHAINS, NAT_HOOKS, NatHook, hook_order};
 use crate::rules::{Rule, precedence_order};
 
 /// Reads `iptables-save` output (with or without `-c` counters; any tables) and/or lines of
@@ -28,8 +29,32 @@ use crate::rules::{Rule, precedence_order};
 /// iptables takes the first matching rule, pfwd the most specific one ([`precedence_order`]). When a rule that
 /// iptables checks later would win in pfwd over an earlier one that can match the same packets and does something
 /// else, a warning says so.
+///
+/// The nat deletions (`-D CHAIN N`, `-D CHAIN <rule>`, `-F [CHAIN]`, `-X`) work as on an empty nat table: the same
+/// as [`import_onto`] with no existing rules.
 pub fn import(text: &str) -> Result<Import, ImportError> {
-    let mut importer = Importer::default();
+    import_onto(text, &[])
+}
+
+/// [`import`] onto a running instance's rules (`existing`, with their ids): the script's nat deletions and flushes
+/// apply, in order, to each hook's rules as iptables users see them, and [`Import::removed`] lists the ids of the
+/// existing rules they remove; [`Import::rules`] are the rules to add (added and not deleted again later in the
+/// text); [`Import::actions`] says, line by line, what each deletion, flush or no-op line did.
+///
+/// Each nat hook is one list: `PREROUTING` and pfwd's `PFWD-PREROUTING` (likewise `POSTROUTING`, `OUTPUT`) hold the
+/// hook's existing rules first, in [`precedence_order`] (the order of `pfwd export` and of the iptables fallback,
+/// each rule's hook being that of [`Rule::is_postrouting`] and [`Rule::local`]), as if they were at the head of the
+/// built-in chain; the script's `-A`/`-I` add to it as [`import`] does. Then:
+///
+/// - `-D CHAIN N` deletes the Nth rule of the list (1-based), counting iptables rules: a `-m multiport` line is one
+///   rule however many pfwd rules it became, and each existing pfwd rule is one;
+/// - `-D CHAIN <rule>` deletes the first rule with the same match and target ([`Rule::same_match_and_target`]); a
+///   `-m multiport` rule also deletes, when no line added it, the existing rules it was imported as (one per port);
+/// - `-F CHAIN` empties the list, `-F` all three; `-X [CHAIN]` does nothing (pfwd keeps no user chains).
+///
+/// A deletion that finds nothing is an error, as in iptables, and fails the whole import.
+pub fn import_onto(text: &str, existing: &[Rule]) -> Result<Import, ImportError> {
+    let mut importer = Importer::new(existing);
     for (line_no, line) in logical_lines(text) {
         importer.line(line_no, &line).map_err(|b| ImportError {
             line_no,
@@ -41,16 +66,28 @@ pub fn import(text: &str) -> Result<Import, ImportError> {
     Ok(importer.finish())
 }
 
-/// One iptables rule in a chain: the pfwd rules it became (indices into `Importer::rules`; several for multiport),
-/// or the jump into pfwd's chain.
+/// One iptables rule in a chain: a rule of the running instance, the pfwd rules a line became (indices into
+/// `Importer::rules`; several for multiport), or the jump into pfwd's chain.
 #[derive(Debug)]
 enum Entry {
-    Rules(Vec<usize>),
+    /// Index into `Importer::existing`.
+    Existing(usize),
+    Rules {
+        ids: Vec<usize>,
+        line_no: usize,
+    },
     Jump,
 }
 
-/// The rules of one hook as iptables holds them: its built-in nat chain (`PREROUTING`) and pfwd's chain
-/// (`PFWD-PREROUTING`), each in iptables' order.
+/// Which of a hook's two chains an entry is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Side {
+    Builtin,
+    Pfwd,
+}
+
+/// The rules of one hook as iptables holds them: its built-in nat chain (`PREROUTING`, headed by the hook's existing
+/// rules) and pfwd's chain (`PFWD-PREROUTING`), each in iptables' order.
 #[derive(Debug, Default)]
 struct HookChains {
     builtin: Vec<Entry>,
@@ -58,33 +95,67 @@ struct HookChains {
 }
 
 impl HookChains {
-    /// iptables' order of the hook's rules: the built-in chain, with pfwd's chain where the first jump to it is (or
-    /// after everything).
-    fn order(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = Vec::new();
-        let pfwd: Vec<usize> = self.pfwd.iter().flat_map(entry_rules).collect();
+    fn side(&self, side: Side) -> &Vec<Entry> {
+        match side {
+            Side::Builtin => &self.builtin,
+            Side::Pfwd => &self.pfwd,
+        }
+    }
+
+    fn side_mut(&mut self, side: Side) -> &mut Vec<Entry> {
+        match side {
+            Side::Builtin => &mut self.builtin,
+            Side::Pfwd => &mut self.pfwd,
+        }
+    }
+
+    /// The hook's rules as one list, in iptables' order: the built-in chain, with pfwd's chain where the first jump
+    /// to it is (or after everything). Jumps are not listed.
+    fn view(&self) -> Vec<(Side, usize)> {
+        let rules = |side: Side| {
+            let list = self.side(side);
+            (0..list.len()).filter(move |&i| !matches!(list[i], Entry::Jump)).map(move |i| (side, i))
+        };
+        let mut view = Vec::new();
         let mut jumped = false;
-        for e in &self.builtin {
+        for (i, e) in self.builtin.iter().enumerate() {
             match e {
-                Entry::Rules(ids) => order.extend(ids),
                 Entry::Jump if !jumped => {
                     jumped = true;
-                    order.extend(&pfwd);
+                    view.extend(rules(Side::Pfwd));
                 }
                 Entry::Jump => {}
+                _ => view.push((Side::Builtin, i)),
             }
         }
         if !jumped {
-            order.extend(&pfwd);
+            view.extend(rules(Side::Pfwd));
         }
-        order
+        view
     }
-}
 
-fn entry_rules(e: &Entry) -> Vec<usize> {
-    match e {
-        Entry::Rules(ids) => ids.clone(),
-        Entry::Jump => Vec::new(),
+    fn entry(&self, (side, i): (Side, usize)) -> &Entry {
+        &self.side(side)[i]
+    }
+
+    /// The imported rules of the hook (indices into `Importer::rules`) in iptables' order.
+    fn order(&self) -> Vec<usize> {
+        self.view()
+            .into_iter()
+            .flat_map(|at| match self.entry(at) {
+                Entry::Rules { ids, .. } => ids.clone(),
+                Entry::Existing(_) | Entry::Jump => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Takes the entries at `at` out of the chains.
+    fn remove(&mut self, mut at: Vec<(Side, usize)>) -> Vec<Entry> {
+        // Back to front, so that the indices still to remove stay valid.
+        at.sort_unstable_by(|a, b| b.cmp(a));
+        let mut removed: Vec<Entry> = at.into_iter().map(|(side, i)| self.side_mut(side).remove(i)).collect();
+        removed.reverse();
+        removed
     }
 }
 
@@ -95,18 +166,44 @@ struct Imported {
     line_no: usize,
 }
 
-#[derive(Default)]
-struct Importer {
+/// What a nat rule line holds once parsed: the jump into pfwd's chain, or the pfwd rules it becomes.
+enum Parsed {
+    Jump,
+    Rules(Vec<Rule>),
+}
+
+struct Importer<'a> {
+    /// The running instance's rules.
+    existing: &'a [Rule],
     /// The `*table` of an `iptables-save` section.
     save_table: Option<String>,
     /// Imported rules in input order.
     rules: Vec<Imported>,
     /// The chains of each hook, indexed by [`NatHook`] (in [`NAT_HOOKS`] order: the order of the result).
     chains: [HookChains; NAT_HOOKS.len()],
+    /// Ids of existing rules deleted or flushed.
+    removed: Vec<u32>,
+    actions: Vec<String>,
     warnings: Vec<String>,
 }
 
-impl Importer {
+impl<'a> Importer<'a> {
+    fn new(existing: &'a [Rule]) -> Self {
+        let mut chains: [HookChains; NAT_HOOKS.len()] = Default::default();
+        for hook in NAT_HOOKS {
+            chains[hook as usize].builtin = hook_order(existing, hook).into_iter().map(Entry::Existing).collect();
+        }
+        Importer {
+            existing,
+            save_table: None,
+            rules: Vec::new(),
+            chains,
+            removed: Vec::new(),
+            actions: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
     fn line(&mut self, line_no: usize, line: &str) -> Res<()> {
         let tokens = tokenize(line)?;
         let mut toks: &[String] = &tokens;
@@ -167,45 +264,32 @@ impl Importer {
                 };
             }
             Command::NewChain | Command::Zero => return Ok(()),
-            // A script's preamble often flushes first; after rules were read it would drop them.
-            Command::Flush | Command::DeleteChain if self.rules.is_empty() => return Ok(()),
-            Command::Flush | Command::DeleteChain => {
-                return Err(bad(tok, "removes rules read above; remove those lines (or this one) instead"));
+            Command::Delete => return self.delete(line_no, &head),
+            Command::Flush => return self.flush(line_no, &head),
+            Command::DeleteChain => {
+                let what = label(&head);
+                self.actions.push(format!("line {line_no}: {what}: nothing to do (pfwd keeps no user chains)"));
+                return Ok(());
             }
             Command::Modify => {
-                return Err(bad(tok, "changes existing rules; pfwd imports rule additions (-A, -I) only"));
+                return Err(bad(
+                    tok,
+                    "changes existing rules in place; pfwd imports rule additions (-A, -I) and deletions (-D, -F) only",
+                ));
             }
             Command::Query => return Err(bad(tok, "does not add a rule (give pfwd iptables-save -t nat output)")),
         }
         let chain = head.chain.unwrap_or_default();
-        // NETMAP first: the message should name what the user wrote, not the chain it lives in.
-        if let Some(j @ "NETMAP") = jump_of(&head.spec) {
-            return Err(bad(
-                j,
-                format!("valid iptables, but pfwd does not support {j} yet (only DNAT, REDIRECT, SNAT and MASQUERADE)"),
-            ));
-        }
-        let Some(hook) = NAT_HOOKS.into_iter().find(|h| chain == h.builtin() || chain == h.pfwd_chain()) else {
-            return Err(unsupported_chain(chain));
-        };
-        let spec = parse_spec(&head.spec)?;
-        // iptables' own checks: the incoming interface is unknown after routing and for local connections, the
-        // outgoing one before routing.
-        match (hook, spec.iface, spec.oface) {
-            (NatHook::Postrouting, Some(i), _) => return Err(bad(i.name, "iptables: Can't use -i with POSTROUTING")),
-            (NatHook::Output, Some(i), _) => return Err(bad(i.name, "iptables: Can't use -i with OUTPUT")),
-            (NatHook::Prerouting, _, Some(o)) => return Err(bad(o.name, "iptables: Can't use -o with PREROUTING")),
-            _ => {}
-        }
-        let entry = match spec.jump {
-            Some(j) if j.value == hook.pfwd_chain() && chain == hook.builtin() => Entry::Jump,
-            _ => {
+        let (hook, parsed) = parse_rule(&head, chain)?;
+        let entry = match parsed {
+            Parsed::Jump => Entry::Jump,
+            Parsed::Rules(rules) => {
                 let mut ids = Vec::new();
-                for rule in build_rules(&spec, tok, hook)? {
+                for rule in rules {
                     self.rules.push(Imported { rule, line_no });
                     ids.push(self.rules.len() - 1);
                 }
-                Entry::Rules(ids)
+                Entry::Rules { ids, line_no }
             }
         };
         let chains = &mut self.chains[hook as usize];
@@ -220,6 +304,157 @@ impl Importer {
         };
         list.insert(at, entry);
         Ok(())
+    }
+
+    /// `-D CHAIN N` and `-D CHAIN <rule>`, on the hook's rules as one list.
+    fn delete(&mut self, line_no: usize, head: &Head) -> Res<()> {
+        let tok = head.command_tok;
+        let chain = head.chain.unwrap_or_default();
+        let what = label(head);
+        let (hook, at) = match head.position {
+            Some(n) => {
+                if let Some(extra) = head.spec.first() {
+                    return Err(bad(extra, format!("{what} deletes by number: give either the number or the rule")));
+                }
+                let hook = hook_of(chain)?;
+                let view = self.chains[hook as usize].view();
+                let Some(&at) = view.get(n - 1) else {
+                    let has = match view.len() {
+                        0 => "no rules".to_string(),
+                        1 => "1 rule".to_string(),
+                        k => format!("{k} rules"),
+                    };
+                    return Err(bad(
+                        &n.to_string(),
+                        format!("iptables: Index of deletion too big. ({chain} has {has} at this line)"),
+                    ));
+                };
+                (hook, vec![at])
+            }
+            None => {
+                if head.spec.is_empty() {
+                    return Err(bad(tok, format!("{what} needs a rule number or a rule (e.g. {what} 1)")));
+                }
+                let (hook, parsed) = parse_rule(head, chain)?;
+                let Parsed::Rules(rules) = parsed else {
+                    self.actions.push(format!(
+                        "line {line_no}: {what} -j {}: nothing to do (pfwd manages the jump into its chain)",
+                        hook.pfwd_chain()
+                    ));
+                    return Ok(());
+                };
+                let at = self
+                    .find(hook, &rules)
+                    .ok_or_else(|| bad(tok, "iptables: Bad rule (does a matching rule exist in that chain?)"))?;
+                (hook, at)
+            }
+        };
+        let removed = self.chains[hook as usize].remove(at);
+        let shown: Vec<String> = removed.iter().map(|e| self.describe(e)).collect();
+        self.forget(&removed);
+        let what = if head.position.is_some() { what } else { format!("{what} <rule>") };
+        self.actions.push(format!("line {line_no}: {what}: deletes {}", shown.join(", ")));
+        Ok(())
+    }
+
+    /// The entries `-D CHAIN <rule>` deletes: the first rule of the hook's list with the same match and target (all
+    /// of them for a `-m multiport` line); failing that, for a multiport rule, the existing rules it was imported as.
+    fn find(&self, hook: NatHook, rules: &[Rule]) -> Option<Vec<(Side, usize)>> {
+        let chains = &self.chains[hook as usize];
+        let view = chains.view();
+        let same = |at: &(Side, usize)| {
+            let got: Vec<&Rule> = match chains.entry(*at) {
+                Entry::Existing(i) => vec![&self.existing[*i]],
+                Entry::Rules { ids, .. } => ids.iter().map(|&i| &self.rules[i].rule).collect(),
+                Entry::Jump => Vec::new(),
+            };
+            got.len() == rules.len() && got.iter().zip(rules).all(|(a, b)| a.same_match_and_target(b))
+        };
+        if let Some(&at) = view.iter().find(|at| same(at)) {
+            return Some(vec![at]);
+        }
+        if rules.len() < 2 {
+            return None;
+        }
+        let mut found: Vec<(Side, usize)> = Vec::new();
+        for (k, r) in rules.iter().enumerate() {
+            // `--dports 53,53`: the port's rule is already taken.
+            if rules[..k].iter().any(|o| o.same_match_and_target(r)) {
+                continue;
+            }
+            let at = view.iter().find(
+                |&&at| matches!(chains.entry(at), Entry::Existing(i) if self.existing[*i].same_match_and_target(r)),
+            )?;
+            found.push(*at);
+        }
+        Some(found)
+    }
+
+    /// `-F [CHAIN]`: empties the hook's rules, or every hook's.
+    fn flush(&mut self, line_no: usize, head: &Head) -> Res<()> {
+        let what = label(head);
+        let hooks: Vec<NatHook> = match head.chain {
+            None => NAT_HOOKS.to_vec(),
+            Some(chain) => match hook_of(chain) {
+                Ok(hook) => vec![hook],
+                Err(_) if NAT_HOOKS.iter().any(|h| chain.eq_ignore_ascii_case(h.builtin())) => {
+                    return Err(unsupported_chain(chain));
+                }
+                Err(_) => {
+                    self.actions
+                        .push(format!("line {line_no}: {what}: nothing to do (pfwd keeps no rules in {chain})"));
+                    return Ok(());
+                }
+            },
+        };
+        let mut removed = Vec::new();
+        for hook in hooks {
+            let chains = &mut self.chains[hook as usize];
+            removed.extend(std::mem::take(&mut chains.builtin));
+            removed.extend(std::mem::take(&mut chains.pfwd));
+        }
+        self.forget(&removed);
+        let mut ids: Vec<u32> = Vec::new();
+        let mut lines: Vec<usize> = Vec::new();
+        for e in &removed {
+            match e {
+                Entry::Existing(i) => ids.push(self.existing[*i].id),
+                Entry::Rules { line_no, .. } => lines.push(*line_no),
+                Entry::Jump => {}
+            }
+        }
+        ids.sort_unstable();
+        lines.sort_unstable();
+        let parts: Vec<String> =
+            [counted("rule", "rules", &ids), counted("the rule of line", "the rules of lines", &lines)]
+                .into_iter()
+                .flatten()
+                .collect();
+        let did =
+            if parts.is_empty() { "nothing to remove".to_string() } else { format!("removes {}", parts.join(" and ")) };
+        self.actions.push(format!("line {line_no}: {what}: {did}"));
+        Ok(())
+    }
+
+    /// Notes the existing rules among `removed` as removed.
+    fn forget(&mut self, removed: &[Entry]) {
+        for e in removed {
+            if let Entry::Existing(i) = e {
+                self.removed.push(self.existing[*i].id);
+            }
+        }
+    }
+
+    /// An entry for the actions: `rule 7 (dnat ...)`, `the rule of line 3 (dnat ...; dnat ...)`.
+    fn describe(&self, e: &Entry) -> String {
+        match e {
+            Entry::Existing(i) => format!("rule {} ({})", self.existing[*i].id, self.existing[*i]),
+            Entry::Rules { ids, line_no } => {
+                let rules: Vec<String> = ids.iter().map(|&i| self.rules[i].rule.to_string()).collect();
+                format!("the rule of line {line_no} ({})", rules.join("; "))
+            }
+            Entry::Jump => "the jump into pfwd's chain".to_string(),
+        }
     }
 
     /// Lines outside the nat table: pfwd's own jumps and chains are skipped, NAT targets are an error (iptables
@@ -286,7 +521,9 @@ impl Importer {
                 }
             }
         }
-        Import { rules, warnings: self.warnings }
+        self.removed.sort_unstable();
+        self.removed.dedup();
+        Import { rules, warnings: self.warnings, removed: self.removed, actions: self.actions }
     }
 }
 
@@ -311,6 +548,61 @@ fn unsupported_chain(chain: &str) -> Bad {
             ),
         ),
     }
+}
+
+/// `rule 7`, `rules 1, 2, 5`; `None` for no items.
+fn counted<T: ToString>(one: &str, many: &str, items: &[T]) -> Option<String> {
+    let list = || items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    match items {
+        [] => None,
+        [_] => Some(format!("{one} {}", list())),
+        _ => Some(format!("{many} {}", list())),
+    }
+}
+
+/// The command as the actions show it: `-D PREROUTING 2`, `-F`, `--flush POSTROUTING`.
+fn label(head: &Head) -> String {
+    let mut s = split_inline(head.command_tok).0.to_string();
+    for part in [head.chain.map(str::to_string), head.position.map(|n| n.to_string())].into_iter().flatten() {
+        s.push(' ');
+        s.push_str(&part);
+    }
+    s
+}
+
+/// The hook of a nat chain: its built-in chain or pfwd's.
+fn hook_of(chain: &str) -> Res<NatHook> {
+    NAT_HOOKS
+        .into_iter()
+        .find(|h| chain == h.builtin() || chain == h.pfwd_chain())
+        .ok_or_else(|| unsupported_chain(chain))
+}
+
+/// The rule of an `-A`, `-I` or `-D CHAIN <rule>` line in nat `chain`, with iptables' checks: its hook, and the pfwd
+/// rules it becomes (or the jump into pfwd's chain).
+fn parse_rule(head: &Head, chain: &str) -> Res<(NatHook, Parsed)> {
+    // NETMAP first: the message should name what the user wrote, not the chain it lives in.
+    if let Some(j @ "NETMAP") = jump_of(&head.spec) {
+        return Err(bad(
+            j,
+            format!("valid iptables, but pfwd does not support {j} yet (only DNAT, REDIRECT, SNAT and MASQUERADE)"),
+        ));
+    }
+    let hook = hook_of(chain)?;
+    let spec = parse_spec(&head.spec)?;
+    // iptables' own checks: the incoming interface is unknown after routing and for local connections, the
+    // outgoing one before routing.
+    match (hook, spec.iface, spec.oface) {
+        (NatHook::Postrouting, Some(i), _) => return Err(bad(i.name, "iptables: Can't use -i with POSTROUTING")),
+        (NatHook::Output, Some(i), _) => return Err(bad(i.name, "iptables: Can't use -i with OUTPUT")),
+        (NatHook::Prerouting, _, Some(o)) => return Err(bad(o.name, "iptables: Can't use -o with PREROUTING")),
+        _ => {}
+    }
+    let parsed = match spec.jump {
+        Some(j) if j.value == hook.pfwd_chain() && chain == hook.builtin() => Parsed::Jump,
+        _ => Parsed::Rules(build_rules(&spec, head.command_tok, hook)?),
+    };
+    Ok((hook, parsed))
 }
 
 /// Whether some packet could match both rules; conservative (may say yes when no packet does, never the reverse).
@@ -634,7 +926,17 @@ COMMIT
             ("iptables -t nat -A PREROUTING -I PREROUTING", "-I", "a second command"),
             ("iptables -t nat -I PREROUTING 0 -p tcp -j DNAT --to 10.0.2.2", "0", "invalid rule number"),
             ("iptables -t nat -I PREROUTING 2 -p tcp -j DNAT --to 10.0.2.2", "2", "Index of insertion too big"),
-            ("iptables -t nat -D PREROUTING 1", "-D", "changes existing rules"),
+            ("iptables -t nat -R PREROUTING 1 -p tcp -j DNAT --to 10.0.2.2", "-R", "changes existing rules"),
+            ("iptables -t nat -E PFWD-PREROUTING OLD", "-E", "changes existing rules"),
+            ("iptables -t nat -D", "-D", "-D needs a chain name"),
+            ("iptables -t nat -D PREROUTING", "-D", "-D PREROUTING needs a rule number or a rule"),
+            ("iptables -t nat -D PREROUTING 0", "0", "invalid rule number"),
+            ("iptables -t nat -D PREROUTING 1 -p tcp", "-p", "give either the number or the rule"),
+            ("iptables -t nat -D PREROUTING 1", "1", "iptables: Index of deletion too big. (PREROUTING has no rules"),
+            ("iptables -t nat -D INPUT 1", "INPUT", "nat INPUT rules yet"),
+            ("iptables -t nat -D PREROUTING -p tcp -j DNAT --to 10.0.2.2", "-D", "iptables: Bad rule (does a matching"),
+            ("iptables -t nat -D PREROUTING -p tcp -j ACCEPT", "ACCEPT", "exceptions"),
+            ("iptables -t nat -F prerouting", "prerouting", "case-sensitive"),
             ("iptables -t nat -L -n", "-L", "does not add a rule"),
             ("iptables -t nta -A PREROUTING", "nta", "unknown table"),
             ("iptables -t nat -A PREROUTING -6 -p tcp -j DNAT --to 10.0.2.2", "-6", "IPv6"),
@@ -648,8 +950,298 @@ COMMIT
             assert_eq!((e.line_no, e.token.as_str()), (2, token), "{line}: {e}");
             assert!(e.message.contains(message), "{line}: {e}");
         }
-        // A flush after rules would drop them: refuse rather than guess.
-        let e = err("iptables -t nat -A PREROUTING -p tcp -j DNAT --to 10.0.2.2\niptables -t nat -F PREROUTING\n");
-        assert_eq!((e.line_no, e.token.as_str()), (2, "-F"));
+    }
+
+    // ---- deletions and flushes (`import_onto`) ----
+
+    use crate::iptables::tests::{sample, with_id, with_local};
+
+    fn onto(text: &str, existing: &[Rule]) -> Import {
+        super::import_onto(text, existing).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    fn onto_err(text: &str, existing: &[Rule]) -> ImportError {
+        match super::import_onto(text, existing) {
+            Ok(i) => panic!("{text}: accepted: {:?}", i.actions),
+            Err(e) => e,
+        }
+    }
+
+    const P: &str = "iptables -t nat -A PREROUTING";
+
+    #[test]
+    fn seed_flush_loop_as_a_script() {
+        // The seed's loop deletes PREROUTING's rules by number, last first.
+        let text = format!(
+            "{P} -p tcp --dport 80 -j DNAT --to-destination 10.0.2.2\n\
+             {P} -p tcp --dport 443 -j DNAT --to-destination 10.0.2.3\n\
+             {P} -p udp --dport 53 -j REDIRECT --to-ports 5353\n\
+             iptables -t nat -D PREROUTING 3\n\
+             iptables -t nat -D PREROUTING 2\n\
+             iptables -t nat -D PREROUTING 1\n"
+        );
+        let got = onto(&text, &[]);
+        assert_eq!(got, Import { actions: got.actions.clone(), ..Import::default() });
+        assert_eq!(
+            got.actions,
+            [
+                "line 4: -D PREROUTING 3: deletes the rule of line 3 (redirect -p udp --dport 53 --to-port 5353)",
+                "line 5: -D PREROUTING 2: deletes the rule of line 2 (dnat -p tcp --dport 443 --to 10.0.2.3)",
+                "line 6: -D PREROUTING 1: deletes the rule of line 1 (dnat -p tcp --dport 80 --to 10.0.2.2)",
+            ]
+        );
+        // The same through `import`, and one delete too many is iptables' error.
+        assert_eq!(ok(&text), got);
+        let e = err(&format!("{text}iptables -t nat -D PREROUTING 1\n"));
+        assert_eq!((e.line_no, e.token.as_str()), (7, "1"));
+        assert_eq!(e.message, "iptables: Index of deletion too big. (PREROUTING has no rules at this line)");
+    }
+
+    #[test]
+    fn seed_flush_loop_onto_existing_rules() {
+        // PREROUTING lists sample()'s rules in precedence order: 4, 5, 1, 3, 2.
+        let existing = with_local();
+        let got = onto("iptables -t nat -D PREROUTING 2\n", &existing);
+        assert_eq!(got.removed, [5]);
+        assert_eq!(
+            got.actions,
+            ["line 1: -D PREROUTING 2: deletes rule 5 (dnat -p udp -s 192.168.1.0/24 --dport 53 --to 10.0.2.3:5353)"]
+        );
+        assert!(got.rules.is_empty() && got.warnings.is_empty());
+        // The whole loop removes exactly the PREROUTING rules, never another hook's.
+        let lp = (1..=5).rev().map(|n| format!("iptables -t nat -D PREROUTING {n}\n")).collect::<String>();
+        let got = onto(&lp, &existing);
+        assert_eq!(got.removed, [1, 2, 3, 4, 5]);
+        assert_eq!(got.actions.len(), 5);
+        assert!(got.actions[0].starts_with("line 1: -D PREROUTING 5: deletes rule 2 (dnat -d 203.0.113.10"));
+        assert!(got.actions[4].starts_with("line 5: -D PREROUTING 1: deletes rule 4 (dnat -i eth0"));
+        // One more than there are.
+        let e = onto_err(&format!("{lp}iptables -t nat -D PREROUTING 1\n"), &existing);
+        assert_eq!((e.line_no, e.token.as_str()), (6, "1"));
+        assert!(e.message.starts_with("iptables: Index of deletion too big."), "{e}");
+        let e = onto_err("iptables -t nat -D PREROUTING 6\n", &existing);
+        assert_eq!(e.message, "iptables: Index of deletion too big. (PREROUTING has 5 rules at this line)");
+        // pfwd's chain is the same list; the script's rules come after the existing ones.
+        let got = onto(
+            &format!("{P} -p tcp --dport 1 -j REDIRECT --to-ports 2\n-D PFWD-PREROUTING 6\n-D PFWD-PREROUTING 5\n"),
+            &existing,
+        );
+        assert_eq!(got.removed, [2]);
+        assert_eq!(
+            got.actions[0],
+            "line 2: -D PFWD-PREROUTING 6: deletes the rule of line 1 (redirect -p tcp --dport 1 --to-port 2)"
+        );
+        assert!(got.rules.is_empty());
+        // -I's position counts the existing rules too, as -D's does: 4, the new rule, 5, 1, 3, 2.
+        let text = "iptables -t nat -I PREROUTING 2 -p tcp --dport 1 -j REDIRECT --to-ports 2\n\
+                    iptables -t nat -D PREROUTING 1\n\
+                    iptables -t nat -D PREROUTING 2\n";
+        let got = onto(text, &existing);
+        assert_eq!(got.removed, [4, 5]);
+        assert_eq!(got.rules, [rule("redirect -p tcp --dport 1 --to-port 2")]);
+        let e = onto_err("iptables -t nat -I PREROUTING 7 -p tcp -j DNAT --to 10.0.2.2\n", &existing);
+        assert_eq!(e.token, "7");
+        assert_eq!(onto("iptables -t nat -I PREROUTING 6 -p tcp -j DNAT --to 10.0.2.2\n", &existing).rules.len(), 1);
+    }
+
+    #[test]
+    fn delete_multiport_by_index() {
+        let existing = [with_id(7, "dnat -p tcp --dport 22 --to 10.0.2.9")];
+        let text = format!(
+            "{P} -p tcp -m multiport --dports 80,443 -j DNAT --to 10.0.2.2\n\
+             {P} -p udp --dport 53 -j REDIRECT --to-ports 5353\n\
+             {P} -p tcp --dport 8080 -j REDIRECT --to-ports 80\n\
+             iptables -t nat -D PREROUTING 2\n\
+             iptables -t nat -D PREROUTING 3\n"
+        );
+        let got = onto(&text, &existing);
+        // Rule 7, the multiport line (one iptables rule), the udp one, the 8080 one: 2 is the multiport line, then 3
+        // is the 8080 one.
+        assert_eq!(got.rules, [rule("redirect -p udp --dport 53 --to-port 5353")]);
+        assert!(got.removed.is_empty());
+        assert_eq!(
+            got.actions,
+            [
+                "line 4: -D PREROUTING 2: deletes the rule of line 1 (dnat -p tcp --dport 80 --to 10.0.2.2; dnat -p tcp \
+                 --dport 443 --to 10.0.2.2)",
+                "line 5: -D PREROUTING 3: deletes the rule of line 3 (redirect -p tcp --dport 8080 --to-port 80)",
+            ]
+        );
+    }
+
+    #[test]
+    fn delete_by_rule_spec() {
+        let existing = [
+            with_id(7, "dnat -p tcp --dport 80 --to 10.0.2.2"),
+            with_id(8, "dnat -p tcp --dport 443 --to 10.0.2.2"),
+            with_id(9, "dnat -p tcp --dport 22 --to 10.0.2.9"),
+            with_id(10, "masquerade -o eth0"),
+        ];
+        // An existing rule, in the iptables spelling (or pfwd's chain); a script's rule; the first of two copies.
+        let text = "iptables -t nat -D PREROUTING -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.0.2.2\n\
+                    iptables -t nat --delete POSTROUTING -o eth0 -j MASQUERADE\n\
+                    iptables -t nat -A PREROUTING -p udp --dport 53 -j DNAT --to 10.0.2.3\n\
+                    iptables -t nat -A PREROUTING -p udp --dport 54 -j DNAT --to 10.0.2.3\n\
+                    iptables -t nat -A PREROUTING -p udp --dport 53 -j DNAT --to 10.0.2.3\n\
+                    iptables -t nat -D PFWD-PREROUTING -p udp --dport 53 -j DNAT --to 10.0.2.3\n";
+        let got = onto(text, &existing);
+        assert_eq!(got.removed, [7, 10]);
+        assert_eq!(
+            got.actions,
+            [
+                "line 1: -D PREROUTING <rule>: deletes rule 7 (dnat -p tcp --dport 80 --to 10.0.2.2)",
+                "line 2: --delete POSTROUTING <rule>: deletes rule 10 (masquerade -o eth0)",
+                "line 6: -D PFWD-PREROUTING <rule>: deletes the rule of line 3 (dnat -p udp --dport 53 --to 10.0.2.3)",
+            ]
+        );
+        // The copy on line 5 remains, and is no duplicate any more.
+        assert_eq!(
+            got.rules,
+            ["dnat -p udp --dport 54 --to 10.0.2.3", "dnat -p udp --dport 53 --to 10.0.2.3"].map(rule)
+        );
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+        // A multiport line deletes the rule it added, or the existing rules it was imported as.
+        let multi = "-p tcp -m multiport --dports 80,443 -j DNAT --to 10.0.2.2";
+        let got = onto(&format!("{P} {multi}\niptables -t nat -D PREROUTING {multi}\n"), &existing);
+        assert!(got.removed.is_empty() && got.rules.is_empty());
+        let got = onto(&format!("iptables -t nat -D PREROUTING {multi}\n"), &existing);
+        assert_eq!(got.removed, [7, 8]);
+        assert_eq!(
+            got.actions,
+            [
+                "line 1: -D PREROUTING <rule>: deletes rule 7 (dnat -p tcp --dport 80 --to 10.0.2.2), rule 8 (dnat -p tcp \
+              --dport 443 --to 10.0.2.2)"
+            ]
+        );
+        // No such rule: the same target elsewhere, another target, another hook, or already deleted.
+        for (text, line_no) in [
+            ("iptables -t nat -D PREROUTING -p tcp --dport 81 -j DNAT --to 10.0.2.2\n", 1),
+            ("iptables -t nat -D PREROUTING -p tcp --dport 80 -j DNAT --to 10.0.2.3\n", 1),
+            ("iptables -t nat -D OUTPUT -p tcp --dport 80 -j DNAT --to 10.0.2.2\n", 1),
+            ("iptables -t nat -D PREROUTING -p tcp -m multiport --dports 80,444 -j DNAT --to 10.0.2.2\n", 1),
+            (
+                "iptables -t nat -D PREROUTING -p tcp --dport 80 -j DNAT --to 10.0.2.2\n\
+                 iptables -t nat -D PREROUTING -p tcp --dport 80 -j DNAT --to 10.0.2.2\n",
+                2,
+            ),
+        ] {
+            let e = onto_err(text, &existing);
+            assert_eq!((e.line_no, e.token.as_str()), (line_no, "-D"), "{text}");
+            assert_eq!(e.message, "iptables: Bad rule (does a matching rule exist in that chain?)");
+        }
+        // pfwd's own jump: nothing to do.
+        let got = onto("iptables -t nat -D PREROUTING -i eth0 -j PFWD-PREROUTING\n", &existing);
+        assert_eq!(
+            got.actions,
+            ["line 1: -D PREROUTING -j PFWD-PREROUTING: nothing to do (pfwd manages the jump into its chain)"]
+        );
+    }
+
+    #[test]
+    fn flush() {
+        let existing = with_local();
+        // Without a chain: every hook, the script's rules read so far included; later lines add again.
+        let text = format!(
+            "{P} -p tcp --dport 1 -j REDIRECT --to-ports 2\n\
+             iptables -t nat -A POSTROUTING -o wg1 -j MASQUERADE\n\
+             iptables -t nat -F\n\
+             {P} -p tcp --dport 3 -j REDIRECT --to-ports 4\n"
+        );
+        let got = onto(&text, &existing);
+        assert_eq!(got.removed, (1..=15).collect::<Vec<u32>>());
+        assert_eq!(
+            got.actions,
+            ["line 3: -F: removes rules 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15 and the rules of lines 1, 2"]
+        );
+        assert_eq!(got.rules, [rule("redirect -p tcp --dport 3 --to-port 4")]);
+        // One chain: that hook only (pfwd's chain is the same list).
+        let got = onto(
+            &format!(
+                "{P} -p tcp --dport 1 -j REDIRECT --to-ports 2\niptables -t nat --flush POSTROUTING\n-F PFWD-OUTPUT\n"
+            ),
+            &existing,
+        );
+        assert_eq!(got.removed, [6, 7, 8, 9, 10, 11, 12, 13, 14, 15]);
+        assert_eq!(
+            got.actions,
+            [
+                "line 2: --flush POSTROUTING: removes rules 6, 7, 8, 9, 10",
+                "line 3: -F PFWD-OUTPUT: removes rules 11, 12, 13, 14, 15"
+            ]
+        );
+        assert_eq!(got.rules, [rule("redirect -p tcp --dport 1 --to-port 2")]);
+        let got = onto("iptables -t nat -F PREROUTING\n", &sample());
+        assert_eq!(
+            (got.removed, got.actions),
+            (vec![1, 2, 3, 4, 5], vec!["line 1: -F PREROUTING: removes rules 1, 2, 3, 4, 5".to_string()])
+        );
+        // Nothing there; a chain pfwd keeps nothing in; a flushed script rule.
+        let got = onto(
+            &format!(
+                "iptables -t nat -F\niptables -t nat -F INPUT\n{P} -p tcp --dport 1 -j REDIRECT --to-ports 2\n-F PREROUTING\n"
+            ),
+            &[],
+        );
+        assert_eq!(
+            got.actions,
+            [
+                "line 1: -F: nothing to remove",
+                "line 2: -F INPUT: nothing to do (pfwd keeps no rules in INPUT)",
+                "line 4: -F PREROUTING: removes the rule of line 3",
+            ]
+        );
+        assert!(got.rules.is_empty() && got.removed.is_empty());
+        // Other tables: skipped as before.
+        let got = onto("iptables -F\niptables -t filter -F FORWARD\niptables -t mangle -X\n", &existing);
+        assert_eq!(got, Import::default());
+        let got = onto("iptables -D FORWARD 1\n", &existing);
+        assert!(got.removed.is_empty() && got.actions.is_empty());
+        assert!(got.warnings[0].starts_with("line 1: not imported (filter table;"), "{:?}", got.warnings);
+    }
+
+    #[test]
+    fn delete_chain_is_a_note() {
+        let text = format!(
+            "{P} -p tcp --dport 1 -j REDIRECT --to-ports 2\niptables -t nat -X\n--delete-chain PFWD-PREROUTING\n"
+        );
+        let got = onto(&text, &sample());
+        assert_eq!(
+            got.actions,
+            [
+                "line 2: -X: nothing to do (pfwd keeps no user chains)",
+                "line 3: --delete-chain PFWD-PREROUTING: nothing to do (pfwd keeps no user chains)",
+            ]
+        );
+        assert_eq!(got.rules.len(), 1);
+        assert!(got.removed.is_empty());
+    }
+
+    #[test]
+    fn deletions_in_a_dump_and_what_remains() {
+        // pfwd's chain sits where PREROUTING jumps to it, for -D N as for the order.
+        let dump = "*nat\n\
+                    -A PREROUTING -p tcp --dport 1 -j REDIRECT --to-ports 1\n\
+                    -A PREROUTING -j PFWD-PREROUTING\n\
+                    -A PREROUTING -p tcp --dport 2 -j REDIRECT --to-ports 2\n\
+                    -A PFWD-PREROUTING -p tcp --dport 3 -j REDIRECT --to-ports 3\n\
+                    -D PREROUTING 2\n\
+                    COMMIT\n";
+        let got = ok(dump);
+        let ports: Vec<u16> = got.rules.iter().map(|r| r.dport.unwrap().lo).collect();
+        assert_eq!(ports, [1, 2]);
+        // Duplicates and precedence warnings only about what remains.
+        let got = ok(&format!(
+            "{P} -p tcp -j DNAT --to 10.0.0.1\n\
+             {P} -p tcp --dport 80 -j DNAT --to 10.0.0.2\n\
+             {P} -p tcp --dport 80 -j DNAT --to 10.0.0.2\n\
+             iptables -t nat -D PREROUTING 1\n\
+             iptables -t nat -D PREROUTING 1\n"
+        ));
+        assert_eq!(got.rules, [rule("dnat -p tcp --dport 80 --to 10.0.0.2")]);
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+        // All or nothing: a bad line after deletions fails the import.
+        let e =
+            onto_err("iptables -t nat -F\niptables -t nat -A PREROUTING -p icmp -j DNAT --to 10.0.0.1\n", &sample());
+        assert_eq!((e.line_no, e.token.as_str()), (2, "icmp"));
     }
 }
