@@ -194,7 +194,7 @@ pub fn set_timeout(cfg: &mut Config, name: &str, secs: u32) {
     }
 }
 
-const NOT_ATTACHED: &str = "pfwd is not attached in this network namespace: run `pfwd attach IFACE...` first";
+pub const NOT_ATTACHED: &str = "pfwd is not attached in this network namespace: run `pfwd attach IFACE...` first";
 
 fn open() -> Result<Lock> {
     instance::require_root()?;

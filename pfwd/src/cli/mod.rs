@@ -400,25 +400,49 @@ fn import(file: Option<PathBuf>, dry_run: bool) -> Result<()> {
         Some(p) if p.as_os_str() == "-" => std::io::read_to_string(std::io::stdin()).context("reading stdin")?,
         Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
     };
-    let imported = iptables::import(&text)?;
+    // `-D CHAIN N` and `-F` act on the running instance's rules, as iptables shows them (a dry run without an
+    // instance imports onto nothing).
+    let existing = match control::current() {
+        Ok(Some((rules, _))) => rules,
+        Ok(None) if dry_run => vec![],
+        Ok(None) => anyhow::bail!(control::NOT_ATTACHED),
+        Err(e) if dry_run => {
+            eprintln!("pfwd: note: importing onto no rules ({e:#})");
+            vec![]
+        }
+        Err(e) => return Err(e),
+    };
+    let imported = iptables::import_onto(&text, &existing)?;
     for w in &imported.warnings {
         eprintln!("pfwd: warning: {w}");
     }
+    for a in &imported.actions {
+        println!("{a}");
+    }
     if dry_run {
+        for id in &imported.removed {
+            println!("pfwd del {id}");
+        }
         for r in &imported.rules {
             println!("pfwd add {r}");
         }
         return Ok(());
     }
-    let (ids, notes) = control::add_many(imported.rules, true)?;
-    for n in notes {
+    let change = control::change_rules(&imported.removed, imported.rules, true)?;
+    for n in &change.notes {
         eprintln!("pfwd: {n}");
     }
+    if !change.removed.is_empty() {
+        let ids: Vec<String> = change.removed.iter().map(|r| r.id.to_string()).collect();
+        println!("deleted {} rule{}: ids {}", ids.len(), if ids.len() == 1 { "" } else { "s" }, ids.join(", "));
+    }
     // Ids are consecutive: name the range, not ten thousand numbers.
+    let ids = &change.added;
     match (ids.first(), ids.last()) {
         (Some(a), Some(b)) if a == b => println!("imported 1 rule: id {a}"),
         (Some(a), Some(b)) => println!("imported {} rules: ids {a}-{b}", ids.len()),
-        _ => println!("imported 0 rules (all were already there)"),
+        _ if change.removed.is_empty() => println!("imported 0 rules (all were already there)"),
+        _ => println!("imported 0 rules"),
     }
     Ok(())
 }

@@ -957,11 +957,11 @@ COMMIT
     use crate::iptables::tests::{sample, with_id, with_local};
 
     fn onto(text: &str, existing: &[Rule]) -> Import {
-        super::import_onto(text, existing).unwrap_or_else(|e| panic!("{text}: {e}"))
+        import_onto(text, existing).unwrap_or_else(|e| panic!("{text}: {e}"))
     }
 
     fn onto_err(text: &str, existing: &[Rule]) -> ImportError {
-        match super::import_onto(text, existing) {
+        match import_onto(text, existing) {
             Ok(i) => panic!("{text}: accepted: {:?}", i.actions),
             Err(e) => e,
         }
