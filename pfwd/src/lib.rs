@@ -2,6 +2,7 @@
 //!
 //! One module per job: [`rules`] (the rule model, syntaxes, precedence, compilation to map data), [`loader`] (the
 //! eBPF programs and their maps), [`fallback`] and [`iptables`] (the iptables data path, export and import),
+//! [`flows`] (which live translations a `conntrack --flush` or `del --flows` ends, in both modes),
 //! [`instance`] and [`state`] (where an instance lives and what it remembers),
 //! [`sysctl`] and [`netif`] (the system settings and interface facts it depends on), [`control`] (the operations
 //! behind each command), [`report`] (what `status`, `list` and `conntrack` report) and [`cli`] (argument parsing and
