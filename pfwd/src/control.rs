@@ -416,12 +416,7 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     let missing: Vec<String> =
         remove.iter().filter(|id| !state.rules.iter().any(|r| r.rule.id == **id)).map(u32::to_string).collect();
     if !missing.is_empty() {
-        let ids: Vec<String> = state.rules.iter().map(|r| r.rule.id.to_string()).collect();
-        bail!(
-            "no rule with id {} (rule ids: {}; see `pfwd list`); nothing was changed",
-            missing.join(", "),
-            if ids.is_empty() { "none".into() } else { ids.join(", ") }
-        );
+        return Err(no_such_rules(&missing, &state, "changed"));
     }
     let mut planned = state.clone();
     // Built from the state before the change, so no new rule takes a slot freed by this change (its counters are
@@ -486,6 +481,16 @@ pub fn current() -> Result<Option<(Vec<Rule>, Vec<String>)>> {
     Ok(lock.load()?.map(|s| (s.rules(), s.interfaces.iter().map(|i| i.name.clone()).collect())))
 }
 
+/// The error for ids (or ranges) that name no rule: it lists the ids there are, and says nothing was `done`.
+fn no_such_rules(missing: &[String], state: &State, done: &str) -> anyhow::Error {
+    let have: Vec<String> = state.rules.iter().map(|r| r.rule.id.to_string()).collect();
+    anyhow::anyhow!(
+        "no rule with id {} (rule ids: {}; see `pfwd list`); nothing was {done}",
+        missing.join(", "),
+        if have.is_empty() { "none".into() } else { have.join(", ") }
+    )
+}
+
 /// The rule ids `pfwd del` names: each single id must exist; a range stands for the rules that exist in it and must
 /// hold at least one. Errors name every id or range that names nothing.
 pub fn resolve_ids(selection: &[(u32, u32)]) -> Result<Vec<u32>> {
@@ -502,12 +507,7 @@ pub fn resolve_ids(selection: &[(u32, u32)]) -> Result<Vec<u32>> {
         }
     }
     if !missing.is_empty() {
-        let have: Vec<String> = state.rules.iter().map(|r| r.rule.id.to_string()).collect();
-        bail!(
-            "no rule with id {} (rule ids: {}; see `pfwd list`); nothing was deleted",
-            missing.join(", "),
-            if have.is_empty() { "none".into() } else { have.join(", ") }
-        );
+        return Err(no_such_rules(&missing, &state, "deleted"));
     }
     ids.sort_unstable();
     ids.dedup();

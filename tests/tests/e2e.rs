@@ -21,20 +21,6 @@ use common::*;
 use serde_json::Value;
 use tests::{Lab, Node, TIMEOUT};
 
-fn lab(name: &str) -> Lab {
-    Lab::new(name).unwrap_or_else(|e| panic!("creating the lab (needs root): {e:#}"))
-}
-
-#[track_caller]
-fn server(lab: &Lab, node: Node, addr: &str, label: &str) -> tests::ServerHandle {
-    lab.tcp_echo_server(node, sa(addr), label).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-#[track_caller]
-fn udp_server(lab: &Lab, node: Node, addr: &str, label: &str) -> tests::ServerHandle {
-    lab.udp_echo_server(node, sa(addr), label).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
 /// The saved-sysctl entry for `key` (e.g. `net/ipv4/ip_forward`) in a `status --json`, if any.
 fn saved_sysctl<'a>(status: &'a Value, key: &str) -> Option<&'a Value> {
     status["sysctls"].as_array()?.iter().find(|s| s["key"] == key)

@@ -14,20 +14,6 @@ use common::*;
 use serde_json::Value;
 use tests::{Lab, Node, TIMEOUT};
 
-fn lab(name: &str) -> Lab {
-    Lab::new(name).unwrap_or_else(|e| panic!("creating the lab (needs root): {e:#}"))
-}
-
-#[track_caller]
-fn server(lab: &Lab, node: Node, addr: &str, label: &str) -> tests::ServerHandle {
-    lab.tcp_echo_server(node, sa(addr), label).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-#[track_caller]
-fn udp_server(lab: &Lab, node: Node, addr: &str, label: &str) -> tests::ServerHandle {
-    lab.udp_echo_server(node, sa(addr), label).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
 fn ids(list: &Value) -> Vec<u64> {
     list.as_array().unwrap().iter().map(|r| r["id"].as_u64().unwrap()).collect()
 }

@@ -13,10 +13,6 @@ use std::net::{SocketAddr, TcpStream};
 use common::*;
 use tests::{Lab, Node, Reply, TIMEOUT};
 
-fn lab(name: &str) -> Lab {
-    Lab::new(name).unwrap_or_else(|e| panic!("creating lab {name}: {e:#}"))
-}
-
 /// The router's own processes reach the "old" address 198.51.100.13 through a route (as a real moved server would
 /// be routable); without a rule nothing answers there.
 fn route_old_address(lab: &Lab) {

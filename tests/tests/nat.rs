@@ -21,21 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use tests::{Lab, Node, Reply, ServerHandle, TIMEOUT};
-
-fn lab(name: &str) -> Lab {
-    Lab::new(name).unwrap_or_else(|e| panic!("creating the lab (needs root): {e:#}"))
-}
-
-#[track_caller]
-fn server(lab: &Lab, node: Node, addr: &str, label: &str) -> ServerHandle {
-    lab.tcp_echo_server(node, sa(addr), label).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-#[track_caller]
-fn udp_server(lab: &Lab, node: Node, addr: &str, label: &str) -> ServerHandle {
-    lab.udp_echo_server(node, sa(addr), label).unwrap_or_else(|e| panic!("{e:#}"))
-}
+use tests::{Lab, Node, Reply, TIMEOUT};
 
 /// Removes the server's default route: it can then answer only 10.0.2.0/24 (the router's 10.0.2.1), so a reply to
 /// the client only gets back when the router has rewritten the client's source address.

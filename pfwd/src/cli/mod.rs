@@ -269,7 +269,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("deleted rule {}: {r}", r.id);
             }
             if flows {
-                println!("ended {ended} live flow{}", if ended == 1 { "" } else { "s" });
+                println!("{}", flows_ended(ended));
             }
             print_notes(&change.notes);
         }
@@ -348,7 +348,7 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::json!({ "flows_ended": ended }));
             } else {
-                println!("ended {ended} live flow{}", if ended == 1 { "" } else { "s" });
+                println!("{}", flows_ended(ended));
             }
         }
         Cmd::Conntrack { json, .. } => {
@@ -377,6 +377,10 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn flows_ended(n: usize) -> String {
+    format!("ended {n} live flow{}", if n == 1 { "" } else { "s" })
 }
 
 /// A `pfwd del` argument: `ID` or `LO-HI`.

@@ -15,7 +15,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tests::{Lab, Node, Reply, TIMEOUT};
+use tests::{Lab, Node, Reply, ServerHandle, TIMEOUT};
 
 /// pfwd commands return quickly; a hang fails the test instead of hanging it.
 pub const PFWD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,6 +42,24 @@ pub fn sa(s: &str) -> SocketAddr {
 
 pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap_or_else(|e| panic!("bad address literal {s:?}: {e}"))
+}
+
+/// A fresh lab (client / router / server namespaces); panics with context (it needs root).
+#[track_caller]
+pub fn lab(name: &str) -> Lab {
+    Lab::new(name).unwrap_or_else(|e| panic!("creating lab {name} (needs root): {e:#}"))
+}
+
+/// A TCP echo server (see [`Lab::tcp_echo_server`]); panics with context.
+#[track_caller]
+pub fn server(lab: &Lab, node: Node, addr: &str, label: &str) -> ServerHandle {
+    lab.tcp_echo_server(node, sa(addr), label).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// A UDP echo server (see [`Lab::udp_echo_server`]); panics with context.
+#[track_caller]
+pub fn udp_server(lab: &Lab, node: Node, addr: &str, label: &str) -> ServerHandle {
+    lab.udp_echo_server(node, sa(addr), label).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Output of one finished command.
