@@ -90,19 +90,25 @@ pub fn parse_cidr(s: &str) -> Result<Ipv4Net, RuleError> {
     Ok(Ipv4Net::new(addr, len).map_err(|_| bad("prefix length must be 0-32"))?.trunc())
 }
 
-/// DNAT `--to` value: `ADDR` (keep the port) or `ADDR:PORT`.
-pub fn parse_to(s: &str) -> Result<(Ipv4Addr, Option<u16>), RuleError> {
-    let bad = |reason: &str| RuleError::BadTo { input: s.to_string(), reason: reason.to_string() };
-    let (addr, port) = match s.split_once(':') {
+/// The `ADDR[:PORTS]` of a `--to`: one unicast address, and the text after the colon. iptables also takes
+/// `ADDR-ADDR` (DNAT load spreading, SNAT address pools); pfwd translates to exactly one address.
+fn split_to<'a>(s: &'a str, bad: &dyn Fn(&str) -> RuleError) -> Result<(Ipv4Addr, Option<&'a str>), RuleError> {
+    let (addr, ports) = match s.split_once(':') {
         Some((a, p)) => (a, Some(p)),
         None => (s, None),
     };
-    // iptables takes `ADDR-ADDR` and `:PORT-PORT` for load spreading; pfwd translates to exactly one destination.
     if addr.contains('-') {
         return Err(bad("address ranges are not supported"));
     }
     let addr = parse_ipv4(addr).map_err(bad)?;
     check_to_addr(addr).map_err(bad)?;
+    Ok((addr, ports))
+}
+
+/// DNAT `--to` value: `ADDR` (keep the port) or `ADDR:PORT`.
+pub fn parse_to(s: &str) -> Result<(Ipv4Addr, Option<u16>), RuleError> {
+    let bad = |reason: &str| RuleError::BadTo { input: s.to_string(), reason: reason.to_string() };
+    let (addr, port) = split_to(s, &bad)?;
     let port = match port {
         None => None,
         Some(p) if p.contains('-') => return Err(bad("port ranges are not supported")),
@@ -114,16 +120,7 @@ pub fn parse_to(s: &str) -> Result<(Ipv4Addr, Option<u16>), RuleError> {
 /// SNAT `--to` value: `ADDR`, `ADDR:PORT` or `ADDR:LO-HI`, the ports being the range new source ports come from.
 pub fn parse_snat_to(s: &str) -> Result<(Ipv4Addr, Option<PortRange>), RuleError> {
     let bad = |reason: &str| RuleError::BadTo { input: s.to_string(), reason: reason.to_string() };
-    let (addr, ports) = match s.split_once(':') {
-        Some((a, p)) => (a, Some(p)),
-        None => (s, None),
-    };
-    // iptables spreads over `ADDR-ADDR`; pfwd's kernel side allocates ports for one address.
-    if addr.contains('-') {
-        return Err(bad("address ranges are not supported"));
-    }
-    let addr = parse_ipv4(addr).map_err(bad)?;
-    check_to_addr(addr).map_err(bad)?;
+    let (addr, ports) = split_to(s, &bad)?;
     let ports = match ports {
         None => None,
         Some(p) => {
