@@ -98,7 +98,18 @@ impl<const K: usize> Args for RuleArgs<K> {
                 Some(long) => arg.long(long),
                 None => arg.short(spelling.chars().nth(1).expect("-x")),
             };
-            let mut help = s.help.to_string();
+            // --to means the new destination for dnat and the new source for snat.
+            let mut help = match (field, kind) {
+                (Field::To, Kind::Dnat) => {
+                    "The new destination: ADDR keeps the port, ADDR:PORT also rewrites it (needs -p)."
+                }
+                (Field::To, Kind::Snat) => {
+                    "The new source: ADDR, or ADDR:LO-HI to take source ports from that range when the original one is \
+                     taken (ADDR:PORT for one port; needs -p)."
+                }
+                _ => s.help,
+            }
+            .to_string();
             let also: Vec<&str> = s.cli[1..]
                 .iter()
                 .copied()
