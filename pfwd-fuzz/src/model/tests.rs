@@ -1,0 +1,1 @@
+//! The model against etherparse: its checksum arithmetic, its parser, and hand-computed translations.
