@@ -276,18 +276,21 @@ impl Model {
         // Without an explicit range, keeping a free port below 1024 is allowed too.
         let orig_ok = orig_keepable || (ports.is_none() && !taken(orig));
         let span = (hi - lo) as u32 + 1;
-        let drop_ok = !orig_keepable && {
-            let taken_in: Vec<u32> = (0..span.min(70_000)).filter(|i| taken(lo + *i as u16)).collect();
-            if span <= PROBES {
-                taken_in.len() as u32 == span
-            } else {
-                // Some start from which PROBES consecutive ports (wrapping in the range) are all taken.
-                taken_in.len() as u32 >= PROBES
-                    && taken_in.iter().any(|&s| (0..PROBES).all(|k| taken(lo + ((s + k) % span) as u16)))
+        // Only worth computing when the kernel dropped (a scan of the range).
+        let drop_ok = || {
+            !orig_keepable && {
+                let taken_in: Vec<u32> = (0..span.min(70_000)).filter(|i| taken(lo + *i as u16)).collect();
+                if span <= PROBES {
+                    taken_in.len() as u32 == span
+                } else {
+                    // Some start from which PROBES consecutive ports (wrapping in the range) are all taken.
+                    taken_in.len() as u32 >= PROBES
+                        && taken_in.iter().any(|&s| (0..PROBES).all(|k| taken(lo + ((s + k) % span) as u16)))
+                }
             }
         };
         if seen.dropped {
-            return if drop_ok {
+            return if drop_ok() {
                 Ok(None)
             } else {
                 Err(format!("SNAT of {t} dropped although a free port was available in {lo}-{hi}"))
