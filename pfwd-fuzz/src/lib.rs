@@ -38,11 +38,19 @@ pub struct Fuzzer {
     buf: Vec<u8>,
     /// Test runs the kernel refused (EINVAL for frames it cannot take); not compared.
     pub refused: u64,
+    /// How often the model took each path ("new flow by rule", "malformed: ...", ...): the run's coverage.
+    pub paths: std::collections::BTreeMap<String, u64>,
 }
 
 impl Fuzzer {
     pub fn new() -> Result<Self> {
-        Ok(Fuzzer { inst: Instance::new(1 << 16)?, model: Model::default(), buf: vec![0; 4096], refused: 0 })
+        Ok(Fuzzer {
+            inst: Instance::new(1 << 16)?,
+            model: Model::default(),
+            buf: vec![0; 4096],
+            refused: 0,
+            paths: Default::default(),
+        })
     }
 
     pub fn reset(&mut self, rules: &[Rule]) -> Result<()> {
@@ -69,6 +77,8 @@ impl Fuzzer {
             Ok(e) => e,
             Err(what) => return Ok(Err(diverge(what, None))),
         };
+        let path: String = expect.why.chars().filter(|c| !c.is_ascii_digit()).collect();
+        *self.paths.entry(path).or_default() += 1;
         if let Err(what) = check::check(frame, &expect, out.ret, got) {
             return Ok(Err(diverge(what, Some(expect))));
         }

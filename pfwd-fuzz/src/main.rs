@@ -76,6 +76,10 @@ fn run(args: Args) -> Result<u64> {
         packets as f64 / secs,
         fz.refused
     );
+    println!("what the model saw (packets per path):");
+    for (path, n) in &fz.paths {
+        println!("  {n:>10}  {path}");
+    }
     Ok(divergences)
 }
 
