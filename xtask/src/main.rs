@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod sudo;
 
@@ -50,6 +51,18 @@ enum Cmd {
         /// Use this pfwd binary instead of building one (e.g. a release build).
         #[arg(long, value_name = "PATH")]
         pfwd: Option<PathBuf>,
+    },
+    /// Differential packet fuzzer: random and mutated packets through the real programs, checked against a model.
+    Fuzz {
+        /// Packets (BPF_PROG_TEST_RUN calls) to run.
+        #[arg(long, default_value_t = 200_000)]
+        packets: u64,
+        /// Seed (default: derived from the time, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Report every kind of divergence and go on instead of stopping at the first.
+        #[arg(long)]
+        keep_going: bool,
     },
     /// Benchmark pfwd (eBPF and iptables modes) against plain routing in a namespace lab; writes target/bench/.
     Bench {
@@ -114,6 +127,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             demo::demo(&bin)?;
+        }
+        Cmd::Fuzz { packets, seed, keep_going } => {
+            setup()?;
+            return fuzz::fuzz(packets, seed, keep_going);
         }
         Cmd::Bench { quick, pfwd } => {
             setup()?;

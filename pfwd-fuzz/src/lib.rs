@@ -1,0 +1,162 @@
+//! pfwd's differential packet fuzzer: random and mutated packet streams under random rule sets, run through the
+//! real tc programs with BPF_PROG_TEST_RUN ([`run`]) and compared ([`check`]) with an independent reference model
+//! ([`model`]). [`generate`] makes the rule sets and streams from a seed.
+
+pub mod check;
+pub mod generate;
+pub mod model;
+pub mod run;
+
+use anyhow::Result;
+use pfwd::rules::Rule;
+
+use model::{Expect, Hook, Model, Observed};
+use run::Instance;
+
+/// One packet through one hook, as sent.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub hook: Hook,
+    pub frame: Vec<u8>,
+}
+
+/// Where the kernel and the model disagree.
+#[derive(Clone, Debug)]
+pub struct Divergence {
+    /// Index of the diverging step in the sequence.
+    pub at: usize,
+    pub what: String,
+    pub expected: Option<Expect>,
+    pub ret: u32,
+    pub got: Vec<u8>,
+}
+
+/// The fuzzer's state: the kernel instance, the model and an output buffer.
+pub struct Fuzzer {
+    pub inst: Instance,
+    pub model: Model,
+    buf: Vec<u8>,
+    /// Test runs the kernel refused (EINVAL for frames it cannot take); not compared.
+    pub refused: u64,
+    /// How often the model took each path ("new flow by rule", "malformed: ...", ...): the run's coverage.
+    pub paths: std::collections::BTreeMap<String, u64>,
+}
+
+impl Fuzzer {
+    pub fn new() -> Result<Self> {
+        Ok(Fuzzer {
+            inst: Instance::new(1 << 16)?,
+            model: Model::default(),
+            buf: vec![0; 4096],
+            refused: 0,
+            paths: Default::default(),
+        })
+    }
+
+    pub fn reset(&mut self, rules: &[Rule]) -> Result<()> {
+        self.inst.reset(rules)?;
+        self.model.reset(rules);
+        Ok(())
+    }
+
+    /// Runs one frame through one hook in the kernel and the model. Ok(Err(d)): a divergence. Ok(Ok(out)): the
+    /// output frame (None when dropped or refused).
+    fn step(&mut self, hook: Hook, frame: &[u8], at: usize) -> Result<Result<Option<Vec<u8>>, Divergence>> {
+        let out = match self.inst.run(hook, frame, &mut self.buf) {
+            Ok(o) => o,
+            Err(_) => {
+                self.refused += 1;
+                return Ok(Ok(None));
+            }
+        };
+        let got = &self.buf[..out.len.min(self.buf.len())];
+        let seen = Observed { dropped: out.ret == check::DROP, data: got };
+        let diverge =
+            |what: String, expected: Option<Expect>| Divergence { at, what, expected, ret: out.ret, got: got.to_vec() };
+        let expect = match self.model.step(hook, frame, &seen) {
+            Ok(e) => e,
+            Err(what) => return Ok(Err(diverge(what, None))),
+        };
+        let path: String = expect.why.chars().filter(|c| !c.is_ascii_digit()).collect();
+        *self.paths.entry(path).or_default() += 1;
+        if let Err(what) = check::check(frame, &expect, out.ret, got) {
+            return Ok(Err(diverge(what, Some(expect))));
+        }
+        Ok(Ok((out.ret == check::NEXT).then(|| got.to_vec())))
+    }
+
+    /// A generated episode: `sends` frames of a fresh stream under `rules`. Returns the steps run and the first
+    /// divergence, if any; `packets` counts test runs.
+    pub fn episode(
+        &mut self,
+        rules: &[Rule],
+        rng: &mut generate::Rng,
+        sends: usize,
+        packets: &mut u64,
+    ) -> Result<Option<(Vec<Step>, Divergence)>> {
+        self.reset(rules)?;
+        let mut stream = generate::Stream::new();
+        let mut steps: Vec<Step> = Vec::with_capacity(sends * 2);
+        for _ in 0..sends {
+            let s = stream.next(rng);
+            let mut frame = Some(s.frame.clone());
+            for &hook in s.hooks {
+                let Some(f) = frame.take() else { break };
+                let at = steps.len();
+                *packets += 1;
+                let r = self.step(hook, &f, at)?;
+                steps.push(Step { hook, frame: f });
+                match r {
+                    Ok(out) => frame = out,
+                    Err(d) => return Ok(Some((steps, d))),
+                }
+            }
+            stream.observed(&s, frame.as_deref());
+        }
+        Ok(None)
+    }
+
+    /// Replays concrete steps from a fresh start; the first divergence, if any.
+    pub fn replay(&mut self, rules: &[Rule], steps: &[Step]) -> Result<Option<Divergence>> {
+        self.reset(rules)?;
+        for (i, s) in steps.iter().enumerate() {
+            if let Err(d) = self.step(s.hook, &s.frame, i)? {
+                return Ok(Some(d));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Drops steps (halves, then smaller chunks, then single steps) while the sequence still diverges at its last
+    /// step. Returns the minimised steps and their divergence.
+    pub fn minimise(&mut self, rules: &[Rule], steps: &[Step], d: Divergence) -> Result<(Vec<Step>, Divergence)> {
+        let mut cur: Vec<Step> = steps[..=d.at].to_vec();
+        let mut best = d;
+        let mut chunk = cur.len().div_ceil(2);
+        loop {
+            let mut i = 0;
+            while i < cur.len().saturating_sub(1) {
+                // The diverging (last) step stays.
+                let end = (i + chunk).min(cur.len() - 1);
+                let cand: Vec<Step> = cur[..i].iter().chain(&cur[end..]).cloned().collect();
+                match self.replay(rules, &cand)? {
+                    Some(d) => {
+                        cur = cand[..=d.at].to_vec();
+                        best = d;
+                    }
+                    None => i += chunk,
+                }
+            }
+            if chunk == 1 {
+                break;
+            }
+            chunk = chunk.div_ceil(2);
+        }
+        Ok((cur, best))
+    }
+}
+
+/// Lowercase hex of `b`.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,407 @@
+//! The reference model: what pfwd's tc programs must do with a packet, from the README's documented semantics
+//! (Design, Connection tracking, Source NAT), with its own packet parser ([`packet`]), its own rule matching
+//! ([`rules`]) and its own NAT state machine (here). It never calls pfwd-ebpf or pfwd's packet code.
+//!
+//! Where the documented behaviour leaves a choice to the kernel (the SNAT/MASQUERADE port, picked at random within the
+//! range), the model checks that the kernel's choice is one of the valid ones and then adopts it as its own state.
+
+pub mod packet;
+pub mod rules;
+
+use std::collections::HashMap;
+
+use packet::{CsumField, CsumKind, ETH, FIN, Ip, L4, Parsed, RST, Rewriter, SYN, TCP, Tuple, UDP, be16, csum_fields};
+use rules::{Action, MRule};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    Ingress,
+    Egress,
+}
+
+impl Hook {
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Ingress => "ingress",
+            Hook::Egress => "egress",
+        }
+    }
+
+    fn other(self) -> Hook {
+        match self {
+            Hook::Ingress => Hook::Egress,
+            Hook::Egress => Hook::Ingress,
+        }
+    }
+}
+
+/// The expected outcome of one packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Continues (tcx NEXT) as exactly these bytes (checksum fields compared as "exactly as valid as before").
+    Next(Vec<u8>),
+    Drop,
+}
+
+#[derive(Clone, Debug)]
+pub struct Expect {
+    pub verdict: Verdict,
+    /// What the model did, for reports ("dnat new flow", "malformed: ...", ...).
+    pub why: String,
+    /// Checksum fields of the packet (compared by value modulo one's-complement zero, not byte for byte).
+    pub csums: Vec<CsumField>,
+}
+
+/// What the kernel did with the packet: needed only to adopt its free choices (the SNAT port).
+pub struct Observed<'a> {
+    pub dropped: bool,
+    pub data: &'a [u8],
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    /// The tuple this direction's packets are rewritten to.
+    xlat: Tuple,
+    /// The hook this direction is translated on.
+    hook: Hook,
+    reply: bool,
+    flow: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Flow {
+    orig: Tuple,
+    reply_key: Tuple,
+    fin_orig: bool,
+    fin_reply: bool,
+    rst: bool,
+}
+
+impl Flow {
+    /// Closed: FIN both ways, or RST. A SYN may then start the tuple over as a new flow.
+    fn closed(&self) -> bool {
+        self.rst || (self.fin_orig && self.fin_reply)
+    }
+}
+
+/// The model's connection-tracking table and rules.
+#[derive(Default)]
+pub struct Model {
+    rules: Vec<MRule>,
+    table: HashMap<Tuple, Entry>,
+    flows: HashMap<u64, Flow>,
+    next_flow: u64,
+}
+
+/// Default SNAT port range (README: "default 1024-65535").
+const DEFAULT_PORTS: (u16, u16) = (1024, 65535);
+/// The kernel probes this many ports from a random starting point before it gives up.
+const PROBES: u32 = 32;
+
+fn pass(f: &[u8], why: impl Into<String>) -> Expect {
+    Expect { verdict: Verdict::Next(f.to_vec()), why: why.into(), csums: vec![] }
+}
+
+/// A packet that may start a flow: TCP only with a SYN (no ACK, no RST); UDP and other protocols any packet; ICMP
+/// an echo request.
+fn opens_flow(ip: &Ip) -> bool {
+    match ip.l4 {
+        L4::Tcp { flags, .. } => flags & SYN != 0 && flags & (packet::ACK | RST) == 0,
+        L4::Udp { .. } | L4::Other => true,
+        L4::Echo { request, .. } => request,
+        L4::IcmpError { .. } | L4::IcmpOther => false,
+    }
+}
+
+impl Model {
+    /// Starts over (empty table) with these rules.
+    pub fn reset(&mut self, rules: &[pfwd::rules::Rule]) {
+        self.rules = rules.iter().map(MRule::from_rule).collect();
+        self.table.clear();
+        self.flows.clear();
+    }
+
+    pub fn live_flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// The expected outcome of `frame` at `hook`, updating the model's state. `seen` is what the kernel did; the
+    /// model reads from it only the free choices it allows (and checks them). An `Err` is a divergence found while
+    /// checking such a choice.
+    pub fn step(&mut self, hook: Hook, frame: &[u8], seen: &Observed) -> Result<Expect, String> {
+        let ip = match packet::parse(frame) {
+            Parsed::NotIpv4 => return Ok(pass(frame, "not IPv4")),
+            Parsed::Malformed(why) => return Ok(pass(frame, format!("malformed: {why}"))),
+            Parsed::Fragment => return Ok(pass(frame, "fragment")),
+            Parsed::Ipv4(ip) => ip,
+        };
+        let csums = csum_fields(&ip);
+        let mut e = match ip.l4 {
+            L4::IcmpError { inner } => self.icmp_error(hook, frame, &ip, &inner),
+            _ => self.datagram(hook, frame, &ip, seen)?,
+        };
+        if matches!(&e.verdict, Verdict::Next(b) if b != frame) {
+            e.csums = csums;
+        }
+        Ok(e)
+    }
+
+    fn datagram(&mut self, hook: Hook, frame: &[u8], ip: &Ip, seen: &Observed) -> Result<Expect, String> {
+        let t = ip.tuple().expect("a datagram with a tuple");
+        if let Some(entry) = self.table.get(&t).copied() {
+            if entry.hook != hook {
+                return Ok(pass(frame, "a flow's packet on the other hook"));
+            }
+            let closed = t.proto == TCP && self.flows[&entry.flow].closed();
+            let syn = matches!(ip.l4, L4::Tcp { flags, .. } if flags & SYN != 0);
+            if closed && entry.reply && syn {
+                // A SYN(-ACK) on the reply ports of a closed flow is a new connection that is not ours: the stale
+                // flow goes, the packet passes.
+                self.remove_flow(entry.flow);
+                return Ok(pass(frame, "SYN on the reply tuple of a closed flow"));
+            }
+            let reopen = closed && !entry.reply && opens_flow(ip);
+            if !reopen {
+                self.track(&entry, ip);
+                let dir = if entry.reply { "reply" } else { "original" };
+                return Ok(Expect {
+                    verdict: Verdict::Next(rewrite(frame, ip, &entry.xlat)),
+                    why: format!("established flow, {dir} direction"),
+                    csums: vec![],
+                });
+            }
+            self.remove_flow(entry.flow);
+        }
+        if !opens_flow(ip) {
+            return Ok(pass(frame, "no flow, and the packet cannot open one"));
+        }
+        let Some(rule) = rules::lookup(&self.rules, hook == Hook::Egress, &t).cloned() else {
+            return Ok(pass(frame, "no rule matches"));
+        };
+        let xlat = match rule.action {
+            Action::Dnat { addr, port } => {
+                let port = port.unwrap_or(t.dport);
+                // An echo's identifier is both its "ports": address-only DNAT keeps it.
+                let dport = if t.proto == TCP || t.proto == UDP { port } else { t.dport };
+                Tuple { dst: addr, dport, ..t }
+            }
+            Action::Snat { addr, ports } => match self.snat_port(&t, addr, ports, ip, seen)? {
+                Some(p) => Tuple { src: addr, sport: p, dport: if t.proto == packet::ICMP { p } else { t.dport }, ..t },
+                None => {
+                    return Ok(Expect { verdict: Verdict::Drop, why: "SNAT ports exhausted".into(), csums: vec![] });
+                }
+            },
+        };
+        let reply_key = xlat.reversed();
+        if let Some(other) = self.table.get(&reply_key).copied()
+            && other.xlat != t.reversed()
+        {
+            if !self.closed(other.flow) {
+                // Another live flow already has this reply tuple: translating would merge the two. Dropped (the
+                // packet tests allow dropping or passing; the kernel drops, counted as a clash).
+                let why = format!("rule {}: reply tuple {reply_key} taken by a live flow", rule.id);
+                return Ok(Expect { verdict: Verdict::Drop, why, csums: vec![] });
+            }
+            // A closed flow's tuple is free again.
+            self.remove_flow(other.flow);
+        }
+        let id = self.next_flow;
+        self.next_flow += 1;
+        let flow = Flow { orig: t, reply_key, fin_orig: false, fin_reply: false, rst: false };
+        self.flows.insert(id, flow);
+        self.table.insert(t, Entry { xlat, hook, reply: false, flow: id });
+        self.table.insert(reply_key, Entry { xlat: t.reversed(), hook: hook.other(), reply: true, flow: id });
+        // The opening packet's flags are not state: a SYN+FIN (which opens a flow: SYN without ACK or RST) does not
+        // count as the original direction's FIN. (Adopted from the kernel; reported: Linux calls SYN+FIN invalid.)
+        Ok(Expect {
+            verdict: Verdict::Next(rewrite(frame, ip, &xlat)),
+            why: format!("new flow by rule {} at {}", rule.id, hook.name()),
+            csums: vec![],
+        })
+    }
+
+    /// TCP state: FIN per direction, RST.
+    fn track(&mut self, e: &Entry, ip: &Ip) {
+        let L4::Tcp { flags, .. } = ip.l4 else { return };
+        let f = self.flows.get_mut(&e.flow).expect("entry's flow");
+        if flags & FIN != 0 {
+            if e.reply {
+                f.fin_reply = true;
+            } else {
+                f.fin_orig = true;
+            }
+        }
+        if flags & RST != 0 {
+            f.rst = true;
+        }
+    }
+
+    /// A TCP flow reset or finished both ways: its tuples are free for new flows.
+    fn closed(&self, id: u64) -> bool {
+        self.flows.get(&id).is_some_and(|f| f.orig.proto == TCP && f.closed())
+    }
+
+    fn remove_flow(&mut self, id: u64) {
+        if let Some(f) = self.flows.remove(&id) {
+            for k in [f.orig, f.reply_key] {
+                if self.table.get(&k).is_some_and(|e| e.flow == id) {
+                    self.table.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// The SNAT source port (or echo identifier) of a new flow `t` to `addr`: Ok(None) for a drop (exhausted).
+    /// Checks the kernel's choice and adopts it.
+    fn snat_port(
+        &self,
+        t: &Tuple,
+        addr: u32,
+        ports: Option<(u16, u16)>,
+        ip: &Ip,
+        seen: &Observed,
+    ) -> Result<Option<u16>, String> {
+        if t.proto != TCP && t.proto != UDP && t.proto != packet::ICMP {
+            return Ok(Some(0)); // no ports: address only
+        }
+        let echo = t.proto == packet::ICMP;
+        // Taken: a live flow already uses the reply tuple this port would give.
+        let taken = |p: u16| {
+            let x = Tuple { src: addr, sport: p, dport: if echo { p } else { t.dport }, ..*t };
+            self.table.get(&x.reversed()).is_some_and(|e| e.xlat != t.reversed() && !self.closed(e.flow))
+        };
+        let (lo, hi) = ports.unwrap_or(DEFAULT_PORTS);
+        let orig = t.sport;
+        let orig_keepable = (lo..=hi).contains(&orig) && !taken(orig);
+        // Without an explicit range, keeping a free port below 1024 is allowed too.
+        let orig_ok = orig_keepable || (ports.is_none() && !taken(orig));
+        let span = (hi - lo) as u32 + 1;
+        // Only worth computing when the kernel dropped (a scan of the range).
+        let drop_ok = || {
+            !orig_keepable && {
+                let taken_in: Vec<u32> = (0..span.min(70_000)).filter(|i| taken(lo + *i as u16)).collect();
+                if span <= PROBES {
+                    taken_in.len() as u32 == span
+                } else {
+                    // Some start from which PROBES consecutive ports (wrapping in the range) are all taken.
+                    taken_in.len() as u32 >= PROBES
+                        && taken_in.iter().any(|&s| (0..PROBES).all(|k| taken(lo + ((s + k) % span) as u16)))
+                }
+            }
+        };
+        if seen.dropped {
+            return if drop_ok() {
+                Ok(None)
+            } else {
+                Err(format!("SNAT of {t} dropped although a free port was available in {lo}-{hi}"))
+            };
+        }
+        let at = ip.l4_at + if echo { 4 } else { 0 };
+        if seen.data.len() < at + 2 {
+            return Err("SNAT output too short to read the port".into());
+        }
+        let p = be16(seen.data, at);
+        if orig_keepable && p != orig {
+            return Err(format!("SNAT of {t}: the free original port {orig} was not kept (got {p})"));
+        }
+        if p == orig && orig_ok {
+            return Ok(Some(p));
+        }
+        if !(lo..=hi).contains(&p) {
+            return Err(format!("SNAT of {t}: port {p} outside {lo}-{hi}"));
+        }
+        if taken(p) {
+            return Err(format!("SNAT of {t}: port {p} collides with a live flow's reply tuple"));
+        }
+        Ok(Some(p))
+    }
+
+    /// An ICMP error about a translated flow: the flow whose reverse tuple the embedded datagram has, on the hook that
+    /// translates that direction. The outer address the flow's translation changes and the embedded datagram are
+    /// rewritten; nothing else.
+    fn icmp_error(&self, hook: Hook, frame: &[u8], ip: &Ip, inner: &packet::Inner) -> Expect {
+        let key = inner.tuple.reversed();
+        let Some(e) = self.table.get(&key) else {
+            return pass(frame, "ICMP error about no known flow");
+        };
+        if e.hook != hook {
+            return pass(frame, "ICMP error about a flow, on the other hook");
+        }
+        let x = e.xlat;
+        let mut out = frame.to_vec();
+        let mut w = Rewriter { f: &mut out };
+        let inner_ip = CsumField { at: inner.ip + 10, kind: CsumKind::Ip };
+        let l4c: Vec<CsumField> = inner.l4_csum.into_iter().collect();
+        let pseudo: Vec<CsumField> =
+            std::iter::once(inner_ip).chain(l4c.iter().copied().filter(|c| c.kind != CsumKind::Icmp)).collect();
+        // The embedded datagram becomes the reverse of the translated tuple.
+        let new = x.reversed();
+        w.set32(inner.ip + 12, new.src, &pseudo);
+        w.set32(inner.ip + 16, new.dst, &pseudo);
+        if inner.tuple.proto == TCP || inner.tuple.proto == UDP {
+            w.set16(inner.l4, new.sport, &l4c);
+            w.set16(inner.l4 + 2, new.dport, &l4c);
+        } else if inner.tuple.proto == packet::ICMP {
+            w.set16(inner.l4 + 4, new.sport, &l4c);
+        }
+        // The outer ICMP checksum covers the whole message: update it for every word that changed.
+        let icmp_at = ip.l4_at;
+        let mut c = be16(&out, icmp_at + 2);
+        let mut i = icmp_at;
+        while i + 1 < ip.end {
+            let (o, n) = (be16(frame, i), be16(&out, i));
+            if o != n && i != icmp_at + 2 {
+                c = packet::csum_update16(c, o, n);
+            }
+            i += 2;
+        }
+        if i < ip.end && frame[i] != out[i] {
+            // A last odd byte is summed as the high byte of a zero-padded word.
+            c = packet::csum_update16(c, (frame[i] as u16) << 8, (out[i] as u16) << 8);
+        }
+        out[icmp_at + 2..icmp_at + 4].copy_from_slice(&c.to_be_bytes());
+        let mut w = Rewriter { f: &mut out };
+        let outer_ip = [CsumField { at: ETH + 10, kind: CsumKind::Ip }];
+        // The outer addresses that are the flow's (a router on the path keeps its own source).
+        if ip.src == key.src {
+            w.set32(ETH + 12, x.src, &outer_ip);
+        }
+        if ip.dst == key.dst {
+            w.set32(ETH + 16, x.dst, &outer_ip);
+        }
+        Expect { verdict: Verdict::Next(out), why: "ICMP error about a translated flow".into(), csums: vec![] }
+    }
+}
+
+/// `frame` (a TCP/UDP/echo/other datagram) rewritten to the tuple `x`, every checksum updated incrementally.
+fn rewrite(frame: &[u8], ip: &Ip, x: &Tuple) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    let w = &mut Rewriter { f: &mut out };
+    let ipc = CsumField { at: ETH + 10, kind: CsumKind::Ip };
+    let at = ip.l4_at;
+    match ip.l4 {
+        L4::Tcp { .. } | L4::Udp { .. } => {
+            let l4c = match ip.l4 {
+                L4::Tcp { .. } => CsumField { at: at + 16, kind: CsumKind::Tcp },
+                _ => CsumField { at: at + 6, kind: CsumKind::Udp },
+            };
+            w.set32(ETH + 12, x.src, &[ipc, l4c]);
+            w.set32(ETH + 16, x.dst, &[ipc, l4c]);
+            w.set16(at, x.sport, &[l4c]);
+            w.set16(at + 2, x.dport, &[l4c]);
+        }
+        L4::Echo { .. } => {
+            w.set32(ETH + 12, x.src, &[ipc]);
+            w.set32(ETH + 16, x.dst, &[ipc]);
+            w.set16(at + 4, x.sport, &[CsumField { at: at + 2, kind: CsumKind::Icmp }]);
+        }
+        _ => {
+            w.set32(ETH + 12, x.src, &[ipc]);
+            w.set32(ETH + 16, x.dst, &[ipc]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,95 @@
+//! Rule matching and precedence as the README documents them ("Which rule wins"), over pfwd's rule type.
+
+use std::cmp::Reverse;
+use std::net::Ipv4Addr;
+
+use pfwd::rules::{Rule, Target};
+
+use super::packet::{TCP, Tuple, UDP};
+
+/// The interface the fuzzer's programs see (BPF_PROG_TEST_RUN runs tc programs on lo) and its address.
+pub const IFACE: &str = "lo";
+pub const IFACE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+
+/// What a matching rule does to a new flow.
+#[derive(Clone, Copy, Debug)]
+pub enum Action {
+    /// New destination; `port: None` keeps the port.
+    Dnat { addr: u32, port: Option<u16> },
+    /// New source address; the source port is kept when free, else allocated in `ports` (default 1024-65535).
+    Snat { addr: u32, ports: Option<(u16, u16)> },
+}
+
+#[derive(Clone, Debug)]
+pub struct MRule {
+    pub id: u32,
+    pub postrouting: bool,
+    /// `-i`/`-o`: None matches every interface; Some(matches lo).
+    pub iface: Option<bool>,
+    pub proto: Option<u8>,
+    pub src: Option<(u32, u32, u8)>,
+    pub dst: Option<(u32, u32, u8)>,
+    pub dport: Option<(u16, u16)>,
+    pub action: Action,
+}
+
+fn net(n: Option<ipnet::Ipv4Net>) -> Option<(u32, u32, u8)> {
+    n.map(|n| {
+        let mask = u32::from(n.netmask());
+        (u32::from(n.addr()) & mask, mask, n.prefix_len())
+    })
+}
+
+impl MRule {
+    pub fn from_rule(r: &Rule) -> MRule {
+        let iface = r.hook_iface().map(|i| i == IFACE);
+        let action = match r.target {
+            Target::Dnat { addr, port } => Action::Dnat { addr: addr.into(), port },
+            Target::Redirect { port } => Action::Dnat { addr: IFACE_ADDR.into(), port: Some(port) },
+            Target::Snat { addr, ports } => Action::Snat { addr: addr.into(), ports: ports.map(|p| (p.lo, p.hi)) },
+            // MASQUERADE: the address the kernel would use through the outgoing interface. In BPF_PROG_TEST_RUN on lo
+            // the FIB lookup yields no source for the fuzzer's destinations, so pfwd uses lo's recorded address.
+            Target::Masquerade { ports } => {
+                Action::Snat { addr: IFACE_ADDR.into(), ports: ports.map(|p| (p.lo, p.hi)) }
+            }
+        };
+        MRule {
+            id: r.id,
+            postrouting: r.is_postrouting(),
+            iface,
+            proto: r.proto.map(|p| p.code()),
+            src: net(r.src),
+            dst: net(r.dst),
+            dport: r.dport.map(|p| (p.lo, p.hi)),
+            action,
+        }
+    }
+
+    fn matches(&self, t: &Tuple) -> bool {
+        let inside = |n: Option<(u32, u32, u8)>, a: u32| n.is_none_or(|(net, mask, _)| a & mask == net);
+        self.iface != Some(false)
+            && self.proto.is_none_or(|p| p == t.proto)
+            && inside(self.src, t.src)
+            && inside(self.dst, t.dst)
+            && self.dport.is_none_or(|(lo, hi)| (t.proto == TCP || t.proto == UDP) && (lo..=hi).contains(&t.dport))
+    }
+
+    /// README "Which rule wins": with --dport beats without, narrower range beats wider; with -p; with -i/-o; the
+    /// longer source prefix; the longer destination prefix; the older rule.
+    fn rank(&self) -> impl Ord {
+        (
+            self.dport.is_none(),
+            self.dport.map_or(0, |(lo, hi)| hi - lo),
+            self.proto.is_none(),
+            self.iface.is_none(),
+            Reverse(self.src.map_or(0, |s| s.2)),
+            Reverse(self.dst.map_or(0, |d| d.2)),
+            self.id,
+        )
+    }
+}
+
+/// The most specific rule of the PREROUTING (`postrouting == false`) or POSTROUTING set matching a new flow.
+pub fn lookup<'a>(rules: &'a [MRule], postrouting: bool, t: &Tuple) -> Option<&'a MRule> {
+    rules.iter().filter(|r| r.postrouting == postrouting && r.matches(t)).min_by_key(|r| r.rank())
+}

@@ -1,0 +1,136 @@
+//! The model against etherparse: its checksum arithmetic, its parser, and hand-computed translations. No root.
+
+use etherparse::PacketBuilder;
+
+use super::packet::{self, ETH, Parsed};
+use super::{Hook, Model, Observed, Verdict};
+
+const CLIENT: [u8; 4] = [192, 168, 1, 7];
+const ROUTER: [u8; 4] = [10, 0, 1, 1];
+const BACKEND: [u8; 4] = [10, 0, 2, 2];
+const PUBLIC: [u8; 4] = [203, 0, 113, 5];
+
+fn rule(id: u32, args: &str) -> pfwd::rules::Rule {
+    let argv: Vec<&str> = args.split_whitespace().collect();
+    let mut r = pfwd::cli::parse_rule(&argv).unwrap();
+    r.id = id;
+    r
+}
+
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool) -> Vec<u8> {
+    let b =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv4(src, dst, 61).tcp(sport, dport, 7, 1000);
+    let b = if syn { b.syn() } else { b.ack(9) };
+    let mut out = Vec::new();
+    b.write(&mut out, b"hello, model").unwrap();
+    out
+}
+
+fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src, dst, 61)
+        .udp(sport, dport)
+        .write(&mut out, b"datagram")
+        .unwrap();
+    out
+}
+
+fn expect_next(m: &mut Model, hook: Hook, frame: &[u8]) -> Vec<u8> {
+    let e = m.step(hook, frame, &Observed { dropped: false, data: frame }).unwrap();
+    match e.verdict {
+        Verdict::Next(b) => b,
+        Verdict::Drop => panic!("dropped: {}", e.why),
+    }
+}
+
+#[test]
+fn incremental_update_equals_recomputation() {
+    // Every address and port of a TCP and a UDP datagram changed through the model's rewriter: etherparse's full
+    // recomputation gives the same checksums.
+    for frame in [tcp(CLIENT, 40000, ROUTER, 8080, true), udp(CLIENT, 5000, ROUTER, 53)] {
+        let Parsed::Ipv4(ip) = packet::parse(&frame) else { panic!("parse") };
+        let mut out = frame.clone();
+        let fields = packet::csum_fields(&ip);
+        let mut w = packet::Rewriter { f: &mut out };
+        w.set32(ETH + 16, u32::from_be_bytes(BACKEND), &fields);
+        w.set16(ip.l4_at + 2, 9000, &fields[1..]);
+        assert_eq!(crate::check::validity(&out), Some((true, Some(true))), "{out:02x?}");
+        let h = etherparse::PacketHeaders::from_ethernet_slice(&out).unwrap();
+        let Some(etherparse::NetHeaders::Ipv4(iph, _)) = h.net else { panic!() };
+        assert_eq!(iph.header_checksum, iph.calc_header_checksum());
+    }
+}
+
+#[test]
+fn ones_sum_of_a_valid_header_is_ffff() {
+    let f = udp(CLIENT, 1, ROUTER, 2);
+    assert_eq!(packet::ones_sum(&f[ETH..ETH + 20]), 0xffff);
+    assert!(packet::csum_equivalent(0, 0xffff) && !packet::csum_equivalent(1, 0xffff));
+}
+
+#[test]
+fn dnat_translation_by_hand() {
+    let mut m = Model::default();
+    m.reset(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    let got = expect_next(&mut m, Hook::Ingress, &tcp(CLIENT, 40000, ROUTER, 8080, true));
+    // The same SYN written to the backend by etherparse: every byte, checksums included.
+    assert_eq!(got, tcp(CLIENT, 40000, BACKEND, 9000, true));
+    // The reply leaves with the router's address and port.
+    let back = expect_next(&mut m, Hook::Egress, &tcp(BACKEND, 9000, CLIENT, 40000, false));
+    assert_eq!(back, tcp(ROUTER, 8080, CLIENT, 40000, false));
+    // A mid-stream packet of another connection opens nothing.
+    let other = tcp(CLIENT, 40001, ROUTER, 8080, false);
+    assert_eq!(expect_next(&mut m, Hook::Ingress, &other), other);
+}
+
+#[test]
+fn udp_without_checksum_stays_zero() {
+    let mut m = Model::default();
+    m.reset(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    let mut f = udp(CLIENT, 5000, ROUTER, 53);
+    f[ETH + 20 + 6..ETH + 20 + 8].copy_from_slice(&[0, 0]);
+    let got = expect_next(&mut m, Hook::Ingress, &f);
+    assert_eq!(&got[ETH + 26..ETH + 28], &[0, 0]);
+    assert_eq!(&got[ETH + 16..ETH + 20], &BACKEND);
+}
+
+#[test]
+fn snat_keeps_a_free_port_and_rejects_a_bad_kernel_choice() {
+    let mut m = Model::default();
+    m.reset(&[rule(1, "snat -p tcp --to 203.0.113.5:20000-20001")]);
+    let syn = tcp(CLIENT, 20001, BACKEND, 80, true);
+    let kept = tcp(PUBLIC, 20001, BACKEND, 80, true);
+    assert_eq!(expect_next(&mut m, Hook::Egress, &syn), kept);
+    // Another client, same port: the kernel must move it into the range, and not onto the taken 20001.
+    let syn2 = tcp([10, 0, 1, 9], 20001, BACKEND, 80, true);
+    let bad = tcp(PUBLIC, 20001, BACKEND, 80, true);
+    assert!(m.step(Hook::Egress, &syn2, &Observed { dropped: false, data: &bad }).is_err());
+    let outside = tcp(PUBLIC, 30000, BACKEND, 80, true);
+    assert!(m.step(Hook::Egress, &syn2, &Observed { dropped: false, data: &outside }).is_err());
+    let good = tcp(PUBLIC, 20000, BACKEND, 80, true);
+    let e = m.step(Hook::Egress, &syn2, &Observed { dropped: false, data: &good }).unwrap();
+    assert_eq!(e.verdict, Verdict::Next(good));
+    // The range is full now: a third flow may (must) be dropped.
+    let syn3 = tcp([10, 0, 1, 10], 20001, BACKEND, 80, true);
+    let e = m.step(Hook::Egress, &syn3, &Observed { dropped: true, data: &syn3 }).unwrap();
+    assert_eq!(e.verdict, Verdict::Drop);
+}
+
+#[test]
+fn parser_rejects_broken_headers() {
+    let good = tcp(CLIENT, 1, ROUTER, 2, true);
+    assert!(matches!(packet::parse(&good), Parsed::Ipv4(_)));
+    let mut ihl4 = good.clone();
+    ihl4[ETH] = 0x44;
+    assert!(matches!(packet::parse(&ihl4), Parsed::Malformed(_)));
+    let mut long = good.clone();
+    long[ETH + 2..ETH + 4].copy_from_slice(&2000u16.to_be_bytes());
+    assert!(matches!(packet::parse(&long), Parsed::Malformed(_)));
+    let mut frag = good.clone();
+    frag[ETH + 6] |= 0x20;
+    assert!(matches!(packet::parse(&frag), Parsed::Fragment));
+    let mut doff = good;
+    doff[ETH + 20 + 12] = 0x40;
+    assert!(matches!(packet::parse(&doff), Parsed::Malformed(_)));
+}

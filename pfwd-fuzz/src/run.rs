@@ -1,0 +1,106 @@
+//! The real programs, through BPF_PROG_TEST_RUN: a private pfwd instance pinned under `/sys/fs/bpf/pfwd-fuzz-*`,
+//! with lo (ifindex 1, 10.0.1.1) as its only interface, as in the packet tests' fixture. Nothing is attached to any
+//! interface: test runs only. The pins are removed when the instance is dropped, also on panic.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use anyhow::{Context, Result, bail};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use pfwd::loader::Kernel;
+use pfwd::rules::Rule;
+use pfwd::state::StoredRule;
+use pfwd_common::Config;
+
+use crate::model::Hook;
+use crate::model::rules::{IFACE, IFACE_ADDR};
+
+pub const LO: u32 = 1;
+static INSTANCES: AtomicU32 = AtomicU32::new(0);
+
+/// Unloads the programs and removes the pin directory when dropped.
+struct Pins(Kernel);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let dir = self.0.pin_dir().to_path_buf();
+        if let Err(e) = self.0.unload() {
+            eprintln!("unloading {}: {e:#}", dir.display());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+pub struct Instance {
+    ingress: SchedClassifier,
+    egress: SchedClassifier,
+    pins: Pins,
+}
+
+/// The result of one test run; `data` is the output frame (valid up to `len`).
+pub struct Out {
+    pub ret: u32,
+    pub len: usize,
+}
+
+fn lo_index(name: &str) -> Option<u32> {
+    (name == IFACE).then_some(LO)
+}
+
+/// Slot of a rule in the kernel's rule array (its id plus an offset, so slots and positions differ).
+fn slot(id: u32) -> u32 {
+    100 + id
+}
+
+impl Instance {
+    /// Loads a private instance with a conntrack table of `ct_entries` and idle timeouts long enough that nothing
+    /// expires during a run (the model has no clock).
+    pub fn new(ct_entries: u32) -> Result<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("pfwd-fuzz loads eBPF programs and needs root (cargo xtask fuzz runs it through sudo)");
+        }
+        pfwd::instance::ensure_bpffs().context("bpffs at /sys/fs/bpf")?;
+        let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
+        let dir = PathBuf::from(format!("/sys/fs/bpf/pfwd-fuzz-{}-{n}", std::process::id()));
+        let pins = Pins(Kernel::at(dir.clone()));
+        let day = 24 * 3600;
+        let cfg = Config {
+            tcp_syn_timeout: day,
+            tcp_established_timeout: day,
+            tcp_close_timeout: day,
+            udp_timeout: day,
+            other_timeout: day,
+            ..Config::default()
+        };
+        pins.0.load(ct_entries, &cfg).context("loading the eBPF programs")?;
+        pins.0.set_iface(LO, u32::from_ne_bytes(IFACE_ADDR.octets())).context("registering lo")?;
+        let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).context("pinned ingress program")?;
+        let egress = SchedClassifier::from_pin(dir.join("prog_egress")).context("pinned egress program")?;
+        Ok(Self { ingress, egress, pins })
+    }
+
+    /// Replaces the rules and empties the conntrack table: a fresh start for the next rule set.
+    pub fn reset(&self, rules: &[Rule]) -> Result<()> {
+        let k = &self.pins.0;
+        let stored: Vec<StoredRule> = rules.iter().map(|r| StoredRule { rule: r.clone(), slot: slot(r.id) }).collect();
+        k.sync_rules(&stored, &lo_index).context("sync_rules")?;
+        let keys: Vec<_> = k.conntrack()?.into_iter().map(|(t, _)| t).collect();
+        k.conntrack_delete(&keys)?;
+        if !k.conntrack()?.is_empty() {
+            bail!("conntrack table not empty after clearing");
+        }
+        Ok(())
+    }
+
+    /// Runs `frame` through the program of `hook`; the output frame goes to `out` (at least 2048 bytes).
+    pub fn run(&self, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<Out> {
+        let prog = match hook {
+            Hook::Ingress => &self.ingress,
+            Hook::Egress => &self.egress,
+        };
+        let r = prog
+            .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(out), ..Default::default() })
+            .with_context(|| format!("BPF_PROG_TEST_RUN of {} bytes at {}", frame.len(), hook.name()))?;
+        Ok(Out { ret: r.return_value, len: r.data_size_out as usize })
+    }
+}
