@@ -776,6 +776,16 @@ pub fn conntrack_list() -> Result<Vec<ConntrackEntry>> {
             }
             Ok(out)
         }
-        Backend::Iptables => Ok(fallback::conntrack_list()),
+        // netfilter does not record the rule: name the pfwd rule that explains each translation (see flows::rule_of).
+        Backend::Iptables => {
+            let rules = state.rules();
+            Ok(fallback::conntrack_list()
+                .into_iter()
+                .map(|mut e| {
+                    e.rule = flows::rule_of(&e, &rules).first().copied();
+                    e
+                })
+                .collect())
+        }
     }
 }

@@ -294,7 +294,8 @@ pub struct ConntrackEntry {
     pub proto: String,
     /// The reply tuple expected back.
     pub reply: FlowTuple,
-    /// The rule that made the translation (None in iptables mode, or when it has been deleted).
+    /// The rule that made the translation (None when it has been deleted; in iptables mode the rule whose match and
+    /// target explain it, the destination rule first when a connection was translated both ways).
     pub rule: Option<u32>,
     /// The connection state (e.g. ESTABLISHED, UNREPLIED); None when netfilter shows none.
     pub state: Option<String>,

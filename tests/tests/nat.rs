@@ -259,11 +259,11 @@ fn masquerade_many_clients(mode: &str) {
     let ct = conntrack(&lab);
     let snat: Vec<&Value> = ct.iter().filter(|e| e["nat"] == "snat").collect();
     assert!(!snat.is_empty(), "conntrack --json lists no snat entry after {} flows: {ct:#?}", flows);
+    for e in &snat {
+        assert_eq!(addr_of(&e["translated"]["src"]), Some(Ipv4Addr::new(10, 0, 2, 1)), "translated src: {e:#}");
+        assert_eq!(e["rule"], id, "snat entry's rule: {e:#}");
+    }
     if mode == "ebpf" {
-        for e in &snat {
-            assert_eq!(addr_of(&e["translated"]["src"]), Some(Ipv4Addr::new(10, 0, 2, 1)), "translated src: {e:#}");
-            assert_eq!(e["rule"], id, "snat entry's rule: {e:#}");
-        }
         // Every client address's UDP flow is listed (UDP flows are still live right after their exchange).
         for c in &clients {
             let found = snat.iter().any(|e| {
