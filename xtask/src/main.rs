@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod fuzz_parsers;
 mod setup;
 mod sudo;
 
@@ -72,6 +73,13 @@ enum Cmd {
         /// Use this pfwd binary instead of building a release one.
         #[arg(long, value_name = "PATH")]
         pfwd: Option<PathBuf>,
+    },
+    /// Coverage-guided fuzzing (cargo-fuzz) of the parsers: iptables import, TOML config, `pfwd add`; as the
+    /// invoking user. A failing input lands in fuzz/artifacts/TARGET/.
+    FuzzParsers {
+        /// How long to fuzz each of the three targets.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
 }
 
@@ -146,6 +154,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return rerun_as_root("the bench runs as root (network namespaces, BPF)", &args);
             }
             bench::bench(&bin, quick)?;
+        }
+        Cmd::FuzzParsers { seconds } => {
+            setup()?;
+            fuzz_parsers::fuzz_parsers(seconds)?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -2,8 +2,8 @@
 //!
 //! Debian packages go in with `--no-install-recommends` after a simulation shows what apt would do: the packages it
 //! would install are listed first, and if it would remove any package, nothing is installed and the error names
-//! them. Toolchains and bpf-linker are per user (rustup, cargo install) and install as the invoking user; apt-get
-//! and mounting bpffs go through sudo when not root.
+//! them. Toolchains, bpf-linker and cargo-fuzz (only for `cargo xtask fuzz-parsers`) are per user (rustup, cargo
+//! install) and install as the invoking user; apt-get and mounting bpffs go through sudo when not root.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -160,6 +160,18 @@ fn bpf_linker() -> Result<bool> {
     // SAFETY: setup runs before xtask starts any thread, so nothing reads the environment concurrently.
     unsafe { std::env::set_var("PATH", path) };
     Ok(acted)
+}
+
+/// cargo-fuzz (for `cargo xtask fuzz-parsers`, not part of [`setup`]: only fuzzing needs it), installed per user
+/// like bpf-linker; true when it installed it. cargo finds it in ~/.cargo/bin even when that is not on PATH.
+pub fn cargo_fuzz() -> Result<bool> {
+    if which("cargo-fuzz").is_some() || cargo_home().join("bin/cargo-fuzz").is_file() {
+        return Ok(false);
+    }
+    step("setup: installing cargo-fuzz (cargo install, takes ~1 minute)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    sh(Command::new(cargo).args(["install", "cargo-fuzz", "--locked"]))?;
+    Ok(true)
 }
 
 /// bpffs mounted at /sys/fs/bpf (pfwd pins there); true when it mounted it.

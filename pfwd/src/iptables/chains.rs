@@ -72,7 +72,8 @@ impl Hook {
 
     /// The jump as an `iptables-restore` line inside `*TABLE`.
     pub fn restore_line(&self) -> String {
-        format!("-A {} {}", self.chain, self.args.join(" "))
+        let args: Vec<String> = self.args.iter().map(|a| super::restore::restore_word(a)).collect();
+        format!("-A {} {}", self.chain, args.join(" "))
     }
 
     fn argv(&self, command: &str) -> Vec<String> {

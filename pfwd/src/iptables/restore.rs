@@ -27,6 +27,18 @@ fn ipt_net(n: Option<Ipv4Net>) -> Option<String> {
     n.filter(|n| n.prefix_len() > 0).map(|n| n.trunc().to_string())
 }
 
+/// A word of an `iptables-restore` line: as is, or double-quoted when it holds a character that either reader would
+/// take for syntax (a quote, a backslash, `#`). iptables-restore and pfwd's import both read `"..."` with `\\` and
+/// `\"` escapes; unquoted, iptables-restore takes a backslash literally where the import (which also reads shell
+/// commands) takes it as an escape. Interface names are the only such words: the kernel refuses only `/`, `:` and
+/// whitespace in them.
+pub(super) fn restore_word(word: &str) -> String {
+    if !word.contains(['"', '\'', '\\', '#']) {
+        return word.to_string();
+    }
+    format!("\"{}\"", word.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
 /// One rule in `iptables-save` canonical form, without the leading `-A CHAIN`.
 fn rule_spec(r: &Rule) -> String {
     let mut s = Vec::new();
@@ -37,10 +49,10 @@ fn rule_spec(r: &Rule) -> String {
         s.push(format!("-d {n}"));
     }
     if let Some(i) = &r.iface {
-        s.push(format!("-i {i}"));
+        s.push(format!("-i {}", restore_word(i)));
     }
     if let Some(o) = &r.oface {
-        s.push(format!("-o {o}"));
+        s.push(format!("-o {}", restore_word(o)));
     }
     if let Some(p) = r.proto {
         s.push(format!("-p {p}"));

@@ -410,11 +410,14 @@ impl fmt::Display for Rule {
         if self.local {
             f.write_str(" --local")?;
         }
+        // A name starting with '-' is valid (the kernel and iptables take `-i -x`) but would read as an option:
+        // attached with `=`, `pfwd add` reads it back.
+        let sep = |name: &str| if name.starts_with('-') { "=" } else { " " };
         if let Some(i) = &self.iface {
-            write!(f, " -i {i}")?;
+            write!(f, " -i{}{i}", sep(i))?;
         }
         if let Some(o) = &self.oface {
-            write!(f, " -o {o}")?;
+            write!(f, " -o{}{o}", sep(o))?;
         }
         if let Some(p) = self.proto {
             write!(f, " -p {p}")?;
@@ -534,6 +537,26 @@ mod tests {
             serde_json::json!({"dport": "0", "target": {"kind": "redirect", "port": 1}}),
         );
         assert!(e.unwrap_err().to_string().contains("bad port range \"0\""));
+    }
+
+    /// Found by the `cli_rule` fuzz target: `pfwd add snat -o-hth1 ...` was accepted, and printed as `-o -hth1`,
+    /// which `pfwd add` rejects (a value starting with '-' reads as an option).
+    #[test]
+    fn display_reads_back_interface_names_starting_with_a_dash() {
+        for (args, shown) in [
+            (
+                "snat -o-hth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000",
+                "snat -o=-hth1 -p tcp -s 10.0.2.0/24 --to 203.0.113.5:20000",
+            ),
+            ("dnat -i=-x --to 10.0.0.2", "dnat -i=-x --to 10.0.0.2"),
+            ("masquerade --out-interface=- -p udp", "masquerade -o=- -p udp"),
+            ("redirect -i=-a=b -p tcp --to-port 80", "redirect -i=-a=b -p tcp --to-port 80"),
+        ] {
+            let r = ok(args);
+            assert_eq!(r.to_string(), shown);
+            assert_eq!(ok(shown), r, "{shown}");
+        }
+        assert_eq!(ok("dnat -i eth0 --to 10.0.0.2").to_string(), "dnat -i eth0 --to 10.0.0.2");
     }
 
     #[test]

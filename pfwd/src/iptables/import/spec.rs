@@ -142,7 +142,10 @@ fn take_value<'a>(toks: &[&'a str], i: &mut usize, tok: &str, inline: Option<&'a
     let value = match inline {
         Some(v) => Some(v),
         None => {
-            let v = toks.get(*i).copied().filter(|v| !v.starts_with('-'));
+            // An interface name may start with '-' (`-i -x`: iptables takes the next word, and iptables-save prints
+            // it so); for other options such a word is the next option, the value missing.
+            let iface = matches!(split_inline(tok).0, "-i" | "--in-interface" | "-o" | "--out-interface");
+            let v = toks.get(*i).copied().filter(|v| iface || !v.starts_with('-'));
             if v.is_some() {
                 *i += 1;
             }
@@ -514,6 +517,15 @@ fn check_rule(s: &Spec, rule: &Rule, jump: Jump, hook: NatHook) -> Res<()> {
 #[cfg(test)]
 mod tests {
     use crate::iptables::tests::{err, ok, rule};
+
+    /// Found by the `import` fuzz target (through the export round trip): iptables takes `-i -x` (Linux allows an
+    /// interface called `-x`) and iptables-save prints it so; the import said "-i needs a value".
+    #[test]
+    fn interface_names_starting_with_a_dash() {
+        let got = ok("-A PREROUTING -i -x -p tcp -j DNAT --to 1.2.3.4\n-A POSTROUTING -o - -j MASQUERADE\n");
+        assert_eq!(got.rules, [rule("dnat -i=-x -p tcp --to 1.2.3.4"), rule("masquerade -o=-")]);
+        assert!(err("-A PREROUTING -p tcp --dport -j REDIRECT --to-port 1").message.contains("--dport needs a value"));
+    }
 
     #[test]
     fn import_rejections() {
