@@ -37,7 +37,8 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Setup, then run every unit, packet and e2e test: `cargo xtask test -- <cargo test args>`.
+    /// Setup, then run every unit, packet and e2e test, then short runs of both fuzzers; with arguments (`cargo xtask
+    /// test -- <cargo test args>`) only the cargo tests they select.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
@@ -112,7 +113,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             setup()?;
             // The e2e tests run target/debug/pfwd, which `cargo test` alone does not always build.
             build(false)?;
+            // A narrowed run (`cargo xtask test -- -p tests ...`) is for one suite; the whole suite ends with short
+            // runs of the fuzzers (the long ones: `cargo xtask fuzz --packets 10000000`, `fuzz-parsers --seconds
+            // 3600`).
+            let whole = args.is_empty();
             test(args)?;
+            if whole {
+                let code = fuzz::fuzz(FUZZ_PACKETS_IN_TEST, None, false)?;
+                if code != ExitCode::SUCCESS {
+                    return Ok(code);
+                }
+                fuzz_parsers::fuzz_parsers(FUZZ_SECONDS_IN_TEST)?;
+                step("test: all passed, the short fuzz runs included");
+            }
         }
         Cmd::Run { args } => {
             setup()?;
@@ -162,6 +175,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Packets of the differential fuzzer's run in `cargo xtask test` (a new seed each run, printed).
+const FUZZ_PACKETS_IN_TEST: u64 = 200_000;
+/// Seconds per parser fuzz target in `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 /// Prints a progress line.
 pub fn step(msg: &str) {
