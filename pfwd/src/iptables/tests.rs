@@ -168,14 +168,22 @@ fn export_import_round_trip_property() {
     assert!(local > 1_000, "{local}");
 }
 
-/// Found by the `import` fuzz target: `-o \\` imports as the interface `\`, which the export wrote unquoted
-/// (`-o \ -m comment ...`), and the import read that back as an escaped space. Names with quotes, backslashes or `#`
-/// are valid in Linux; the export quotes them (iptables-restore reads the same quoting).
+/// Found by the `import` fuzz target: an interface named `\`, exported unquoted (`-o \ -m comment ...`), was read
+/// back as an escaped space. Names with quotes, backslashes or `#` are valid in Linux; the export quotes them
+/// (iptables-restore reads the same quoting), and iptables-save lines are read as iptables-restore reads them:
+/// outside double quotes a backslash is an ordinary character (iptables-save prints names as they are).
 #[test]
 fn export_quotes_interface_names_with_syntax_characters() {
     let got = ok("-A POSTROUTING -o \\\\ -j SNAT --to 4.0.1.5");
-    assert_eq!(got.rules[0].oface.as_deref(), Some("\\"));
-    let mut rules = got.rules.clone();
+    assert_eq!(got.rules[0].oface.as_deref(), Some("\\\\"), "iptables-save's -o \\\\ is the name \\\\");
+    let more = ok("-A POSTROUTING -o a\\b -j SNAT --to 4.0.1.5\n-A POSTROUTING -o x'y -j SNAT --to 4.0.1.6");
+    let names: Vec<_> = more.rules.iter().map(|r| r.oface.as_deref().unwrap()).collect();
+    assert_eq!(names, ["a\\b", "x'y"], "iptables-save prints these as they are");
+    // A one-backslash name, as a shell command writes it.
+    let mut rules = ok("iptables -t nat -A POSTROUTING -o '\\' -j SNAT --to 4.0.1.7").rules;
+    assert_eq!(rules[0].oface.as_deref(), Some("\\"));
+    rules.extend(got.rules);
+    rules.extend(more.rules);
     for (i, name) in ["a\\b", "x'y", "#h", "q\"r", "\"", "-x", "a!"].into_iter().enumerate() {
         rules.push(Rule {
             id: i as u32 + 2,

@@ -6,7 +6,7 @@
 use ipnet::Ipv4Net;
 
 use super::command::{Command, Head, NAT_TABLE, check_table, jump_of, parse_head};
-use super::lex::{check_dashes, is_counters, logical_lines, split_inline, tokenize};
+use super::lex::{check_dashes, is_counters, is_save_line, logical_lines, split_inline, tokenize, tokenize_restore};
 use super::spec::{Jump, build_rules, parse_spec};
 use super::{Bad, Import, ImportError, Res, bad};
 use crate::iptables::chains::{CHAINS, NAT_HOOKS, NatHook, hook_order};
@@ -205,7 +205,7 @@ impl<'a> Importer<'a> {
     }
 
     fn line(&mut self, line_no: usize, line: &str) -> Res<()> {
-        let tokens = tokenize(line)?;
+        let tokens = if is_save_line(line) { tokenize_restore(line)? } else { tokenize(line)? };
         let mut toks: &[String] = &tokens;
         if toks.first().is_some_and(|t| is_counters(t)) {
             toks = &toks[1..];

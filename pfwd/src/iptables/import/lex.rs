@@ -1,5 +1,5 @@
-//! The import's lexer: `\`-continued lines joined into logical lines, each split into words like sh would, and the
-//! lexical checks on a word (`iptables-save -c` counters, dashes pasted from word processors, `--opt=value`).
+//! The import's lexer: `\`-continued lines joined into logical lines, each split into words like sh would (shell
+//! commands) or like iptables-restore does (iptables-save lines), and the lexical checks on a word (`iptables-save -c` counters, dashes pasted from word processors, `--opt=value`).
 
 use super::{Res, bad};
 
@@ -90,6 +90,59 @@ pub(super) fn tokenize(line: &str) -> Res<Vec<String>> {
         tokens.push(cur);
     }
     Ok(tokens)
+}
+
+/// Splits an `iptables-save` line the way `iptables-restore` does: only double quotes quote (a backslash escapes the
+/// next character inside them); outside them a backslash, a `'` and a `#` are ordinary characters. iptables-save
+/// prints interface names as they are, so `-o a\b` and `-o x'y` must come back as `a\b` and `x'y`.
+pub(super) fn tokenize_restore(line: &str) -> Res<Vec<String>> {
+    let mut tokens = Vec::new();
+    let mut cur = String::new();
+    let mut in_token = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if in_token {
+                    tokens.push(std::mem::take(&mut cur));
+                    in_token = false;
+                }
+            }
+            '"' => {
+                in_token = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(ch) => cur.push(ch),
+                            None => return Err(bad("\"", "unterminated quote")),
+                        },
+                        Some(ch) => cur.push(ch),
+                        None => return Err(bad("\"", "unterminated quote")),
+                    }
+                }
+            }
+            c => {
+                in_token = true;
+                cur.push(c);
+            }
+        }
+    }
+    if in_token {
+        tokens.push(cur);
+    }
+    Ok(tokens)
+}
+
+/// Whether a line is in `iptables-save` / `iptables-restore` form (`*table`, `:CHAIN`, `COMMIT`, `-A ...`, with or
+/// without `[packets:bytes]`) rather than a shell command; decided on its first words, before splitting it.
+pub(super) fn is_save_line(line: &str) -> bool {
+    let mut words = line.split_whitespace();
+    let first = match words.next() {
+        Some(w) if is_counters(w) => words.next(),
+        w => w,
+    };
+    first.is_some_and(|w| w.starts_with(['*', ':', '-']) || w == "COMMIT")
 }
 
 /// `[packets:bytes]`, the prefix `iptables-save -c` puts on rules.
