@@ -1,5 +1,10 @@
 //! The operations behind the commands. Each one takes the instance lock, validates everything it was given before
 //! changing anything, and either completes or leaves the instance as it found it.
+//!
+//! Each change records its intent in the state (a [`Pending`] marker, the planned rules and interfaces, the tables it
+//! creates, the earlier values of the sysctls it sets) before it touches the kernel or iptables, and clears the marker
+//! when done, so a change killed half-way is seen by the next command: `status` reports it, `detach` removes
+//! everything, `attach` repairs it (see [`crate::state`]).
 use std::{
     collections::{HashMap, HashSet},
     net::Ipv4Addr,
@@ -20,7 +25,7 @@ use crate::{
         NetfilterConntrack, Netns, RuleReport, RuleStatus, Status,
     },
     rules::{self, Rule},
-    state::{AttachedIface, DataPath, Lock, State, StoredRule},
+    state::{AttachedIface, DataPath, Lock, Pending, SavedSysctl, State, StoredRule},
     sysctl,
 };
 
@@ -64,6 +69,23 @@ impl Backend {
         }
     }
 
+    /// What must be known before anything is changed: that the data path is usable, and (iptables, new instance)
+    /// which tables do not exist yet and so are pfwd's to remove on detach.
+    fn prepare(&self, fresh: bool, state: &mut State) -> Result<()> {
+        if let Backend::Iptables = self {
+            fallback::available()?;
+            if fresh {
+                let existing = fallback::existing_tables()?;
+                state.created_tables = fallback::TABLES
+                    .iter()
+                    .filter(|t| !existing.iter().any(|e| e == *t))
+                    .map(|t| t.to_string())
+                    .collect();
+            }
+        }
+        Ok(())
+    }
+
     /// Creates the data path (programs and maps, or pfwd's chains), attaches the interfaces and applies the rules.
     fn bring_up(&self, fresh: bool, state: &mut State, opts: &AttachOptions) -> Result<Vec<String>> {
         match self {
@@ -91,15 +113,6 @@ impl Backend {
                 }
             }
             Backend::Iptables => {
-                fallback::available()?;
-                if fresh {
-                    let existing = fallback::existing_tables()?;
-                    state.created_tables = fallback::TABLES
-                        .iter()
-                        .filter(|t| !existing.iter().any(|e| e == *t))
-                        .map(|t| t.to_string())
-                        .collect();
-                }
                 if fresh {
                     // Empty chains first, so the hooks never jump to a missing chain; `apply` below fills them
                     // once. An existing instance has its chains (and their counters, which must survive).
@@ -248,6 +261,46 @@ impl RuleAdder {
     }
 }
 
+/// Records in `state` the sysctls its rules are about to change, with their values now, before anything writes them:
+/// saved before the write, a previous value cannot be lost by a crash between the write and the save. Returns the
+/// notes about the changes (`apply` then finds them recorded and says nothing more).
+fn record_sysctls(state: &mut State) -> Result<Vec<String>> {
+    let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
+    let mut notes = vec![];
+    for (key, value, reason) in sysctl::wanted(&state.rules(), &names) {
+        if state.sysctls.iter().any(|s| s.key == key) {
+            continue;
+        }
+        let current = sysctl::read(&key)?;
+        if current != value {
+            notes.push(format!("set {} = {value} (was {current}): {reason}", key.replace('/', ".")));
+            state.sysctls.push(SavedSysctl { key, previous: current, reason });
+        }
+    }
+    Ok(notes)
+}
+
+/// Restores the sysctls recorded in `planned` and not in `previous` (a change that failed and was undone).
+fn restore_added_sysctls(planned: &State, previous: &State) {
+    let added: Vec<SavedSysctl> =
+        planned.sysctls.iter().filter(|s| !previous.sysctls.iter().any(|p| p.key == s.key)).cloned().collect();
+    sysctl::restore_all(&added);
+}
+
+/// Removes the instance: marks the state as being removed (so a detach killed half-way is seen as such), removes
+/// the data path, restores the recorded sysctls, then removes the state. Returns the notes about sysctls.
+fn remove_instance(lock: &Lock, state: &mut State) -> Result<Vec<String>> {
+    if state.pending != Some(Pending::Remove) {
+        state.pending = Some(Pending::Remove);
+        lock.save(state)?;
+    }
+    Backend::of(state, &lock.inst).unload(Some(state))?;
+    let notes = sysctl::restore_all(&state.sysctls);
+    std::fs::remove_dir_all(&lock.inst.state_dir)
+        .with_context(|| format!("removing {}", lock.inst.state_dir.display()))?;
+    Ok(notes)
+}
+
 /// Applies the state's rules and sysctls to the data path. Returns notes about sysctl changes.
 fn apply(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
     backend.sync_rules(state)?;
@@ -285,7 +338,23 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
         resolved.push((name.clone(), netif::ifindex(name)?));
     }
     let lock = open()?;
-    let existing = lock.load()?;
+    let mut repair_notes = vec![];
+    let existing = match lock.load()? {
+        // An attach that was creating the instance, or a detach, was killed: remove what is left, then start afresh.
+        Some(mut s) if matches!(s.pending, Some(Pending::Create | Pending::Remove)) => {
+            let what = if s.pending == Some(Pending::Create) { "attach" } else { "detach" };
+            repair_notes.push(format!("an interrupted {what} had left a partial instance; removed it"));
+            repair_notes.extend(remove_instance(&lock, &mut s)?);
+            None
+        }
+        Some(s) => {
+            if s.pending.is_some() {
+                repair_notes.push("an interrupted change had been left half-applied; applied it again".into());
+            }
+            Some(s)
+        }
+        None => None,
+    };
     let fresh = existing.is_none();
     let state = match existing {
         Some(s) => {
@@ -333,6 +402,7 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
         result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts);
     }
     let mut notes = result?;
+    notes.splice(0..0, repair_notes);
     let what = match planned.mode {
         DataPath::Ebpf => "tcx ingress + egress",
         DataPath::Iptables => "iptables PFWD-* chains",
@@ -362,14 +432,27 @@ fn bring_up_or_roll_back(
     opts: &AttachOptions,
 ) -> Result<Vec<String>> {
     let backend = Backend::of(planned, &lock.inst);
-    let result = backend.bring_up(fresh, planned, opts).and_then(|notes| lock.save(planned).map(|_| notes));
+    // Intent first: what is about to be created and changed is saved before anything is.
+    let run = |planned: &mut State| -> Result<Vec<String>> {
+        planned.pending = Some(if fresh { Pending::Create } else { Pending::Change });
+        backend.prepare(fresh, planned)?;
+        let mut notes = record_sysctls(planned)?;
+        lock.save(planned)?;
+        notes.extend(backend.bring_up(fresh, planned, opts)?);
+        planned.pending = None;
+        lock.save(planned)?;
+        Ok(notes)
+    };
+    let result = run(planned);
     if result.is_err() {
-        sysctl::restore_all(&planned.sysctls);
-        planned.sysctls.clear();
         if fresh {
+            sysctl::restore_all(&planned.sysctls);
+            planned.sysctls.clear();
             let _ = backend.unload(Some(planned));
             let _ = std::fs::remove_dir_all(&lock.inst.state_dir);
         } else {
+            restore_added_sysctls(planned, previous);
+            planned.sysctls.retain(|s| previous.sysctls.iter().any(|p| p.key == s.key));
             let mut previous = previous.clone();
             for i in planned.interfaces.iter().filter(|p| !previous.interfaces.contains(p)) {
                 backend.detach_iface(&i.name, i.ifindex);
@@ -413,6 +496,9 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     }
     let lock = open()?;
     let mut state = lock.load()?.context(NOT_ATTACHED)?;
+    if let Some(p @ (Pending::Create | Pending::Remove)) = state.pending {
+        bail!("{}; nothing was changed", p.describe());
+    }
     let missing: Vec<String> =
         remove.iter().filter(|id| !state.rules.iter().any(|r| r.rule.id == **id)).map(u32::to_string).collect();
     if !missing.is_empty() {
@@ -432,6 +518,10 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     }
     let mut added = vec![];
     let mut notes = vec![];
+    if state.pending == Some(Pending::Change) {
+        // The interrupted change's rules are the state's: applying this change applies them too.
+        notes.push("an interrupted change had been left half-applied; applied it again".into());
+    }
     for rule in add {
         if let Some(of) = adder.duplicate_of(&rule) {
             let e = rules::RuleError::Duplicate { of };
@@ -457,10 +547,16 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
         );
     }
     let backend = Backend::of(&state, &lock.inst);
+    // Intent first: the rules about to be applied and the earlier values of the sysctls about to change are saved
+    // before anything is touched.
+    planned.pending = Some(Pending::Change);
+    notes.extend(record_sysctls(&mut planned)?);
+    lock.save(&planned)?;
     match apply(&backend, &mut planned) {
         Ok(more) => notes.extend(more),
         Err(e) => {
-            let _ = apply(&backend, &mut state);
+            restore_added_sysctls(&planned, &state);
+            let _ = apply(&backend, &mut state).map(|_| lock.save(&state));
             return Err(e);
         }
     }
@@ -471,6 +567,7 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
             kernel.reset_counters(r.slot)?;
         }
     }
+    planned.pending = None;
     lock.save(&planned)?;
     Ok(Change { removed: removed.into_iter().map(|r| r.rule).collect(), added, notes, before: state })
 }
@@ -601,24 +698,50 @@ fn end_flows_of(state: &State, filter: &FlowFilter) -> Result<usize> {
 /// `pfwd detach`: removes every program, pin, chain and setting of the instance and restores the sysctls.
 pub fn detach() -> Result<Vec<String>> {
     let lock = open()?;
-    let kernel = Kernel::new(&lock.inst);
-    let Some(state) = lock.load()? else {
-        if kernel.pin_dir().exists() {
-            kernel.unload()?;
-            let _ = std::fs::remove_dir_all(&lock.inst.state_dir);
-            return Ok(vec!["removed stale pfwd pins".into()]);
-        }
-        return Ok(vec!["pfwd is not attached in this network namespace; nothing to do".into()]);
+    let Some(mut state) = lock.load()? else {
+        return detach_without_state(&lock);
     };
-    Backend::of(&state, &lock.inst).unload(Some(&state))?;
     let mut notes = vec![format!(
         "detached from {} ({} mode)",
         state.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", "),
         state.mode
     )];
-    notes.extend(sysctl::restore_all(&state.sysctls));
-    std::fs::remove_dir_all(&lock.inst.state_dir)
-        .with_context(|| format!("removing {}", lock.inst.state_dir.display()))?;
+    if let Some(p) = state.pending {
+        let what = match p {
+            Pending::Create => "an interrupted attach",
+            Pending::Change => "an interrupted rule change",
+            Pending::Remove => "an interrupted detach",
+        };
+        notes.push(format!("(finishing after {what})"));
+    }
+    notes.extend(remove_instance(&lock, &mut state)?);
+    Ok(notes)
+}
+
+/// `pfwd detach` with no state for this namespace: removes whatever pfwd may have left without recording it (pins
+/// of this namespace, pfwd's PFWD-* chains and the jumps into them). Sysctls are restored only from a record, and
+/// there is none: they are left as they are, and the notes say so.
+fn detach_without_state(lock: &Lock) -> Result<Vec<String>> {
+    let kernel = Kernel::new(&lock.inst);
+    let mut notes = vec![];
+    if kernel.pin_dir().exists() {
+        kernel.unload()?;
+        notes.push("removed stale pfwd pins".to_string());
+    }
+    if fallback::leftovers() {
+        // Which tables pfwd created is not known without a state: the tables stay, emptied of pfwd's chains.
+        fallback::unload(&[])?;
+        notes.push("removed pfwd's PFWD-* iptables chains and the jumps into them".to_string());
+    }
+    let _ = std::fs::remove_dir_all(&lock.inst.state_dir);
+    if notes.is_empty() {
+        return Ok(vec!["pfwd is not attached in this network namespace; nothing to do".into()]);
+    }
+    notes.push(
+        "no state was recorded, so the earlier values of any sysctls pfwd changed (net.ipv4.ip_forward, \
+         route_localnet) are unknown: they were left as they are"
+            .into(),
+    );
     Ok(notes)
 }
 
@@ -647,52 +770,80 @@ pub fn status() -> Result<Status> {
     };
     let rule_status =
         |s: &StoredRule, counters: report::Counters| RuleStatus { rule: RuleReport::from(&s.rule), counters };
-    let (rules, conntrack, stats, fast_forward) = match Backend::of(&state, &lock.inst) {
-        Backend::Ebpf(kernel) => {
-            let cfg = kernel.config()?;
-            let rules = state
-                .rules
-                .iter()
-                .map(|s| Ok(rule_status(s, kernel.rule_counters(s.slot)?.into())))
-                .collect::<Result<_>>()?;
-            let now = monotonic_ns();
-            let ct = kernel.conntrack()?;
-            let live: Vec<_> = ct.iter().filter(|(_, e)| !e.expired(now, &cfg)).collect();
-            let flows = live.iter().filter(|(_, e)| e.dir == dir::ORIGINAL).count();
-            let memory = kernel.map_memory()?;
-            let conntrack = ConntrackSummary::Ebpf(EbpfConntrack {
-                capacity: kernel.conntrack_capacity()?,
-                entries: live.len() as u64,
-                flows: flows as u64,
-                maps_memory_bytes: memory.iter().map(|(_, b)| *b).sum(),
-                memory_bytes: memory.iter().find(|(n, _)| n == pfwd_common::names::CONNTRACK).map(|(_, b)| *b),
-                timeouts_s: (&cfg).into(),
-            });
-            let stats = kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-            (rules, conntrack, stats, cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0)
-        }
-        Backend::Iptables => {
-            let counters = fallback::counters()?;
-            let rules = state
-                .rules
-                .iter()
-                .map(|s| {
-                    let c = counters.iter().find(|(id, _)| *id == s.rule.id).map(|(_, c)| *c).unwrap_or_default();
-                    rule_status(s, c.into())
-                })
-                .collect();
-            let conntrack = ConntrackSummary::Netfilter(NetfilterConntrack {
-                capacity: std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok()),
-                entries: fallback::conntrack_count(),
-                flows: fallback::dnat_flows(),
-                note: NetfilterConntrack::NOTE,
-            });
+    let read = || -> Result<_> {
+        Ok(match Backend::of(&state, &lock.inst) {
+            Backend::Ebpf(kernel) => {
+                let cfg = kernel.config()?;
+                let rules = state
+                    .rules
+                    .iter()
+                    .map(|s| Ok(rule_status(s, kernel.rule_counters(s.slot)?.into())))
+                    .collect::<Result<_>>()?;
+                let now = monotonic_ns();
+                let ct = kernel.conntrack()?;
+                let live: Vec<_> = ct.iter().filter(|(_, e)| !e.expired(now, &cfg)).collect();
+                let flows = live.iter().filter(|(_, e)| e.dir == dir::ORIGINAL).count();
+                let memory = kernel.map_memory()?;
+                let conntrack = ConntrackSummary::Ebpf(EbpfConntrack {
+                    capacity: kernel.conntrack_capacity()?,
+                    entries: live.len() as u64,
+                    flows: flows as u64,
+                    maps_memory_bytes: memory.iter().map(|(_, b)| *b).sum(),
+                    memory_bytes: memory.iter().find(|(n, _)| n == pfwd_common::names::CONNTRACK).map(|(_, b)| *b),
+                    timeouts_s: (&cfg).into(),
+                });
+                let stats = kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                (rules, conntrack, stats, cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0)
+            }
+            Backend::Iptables => {
+                let counters = fallback::counters()?;
+                let rules = state
+                    .rules
+                    .iter()
+                    .map(|s| {
+                        let c = counters.iter().find(|(id, _)| *id == s.rule.id).map(|(_, c)| *c).unwrap_or_default();
+                        rule_status(s, c.into())
+                    })
+                    .collect();
+                let conntrack = ConntrackSummary::Netfilter(NetfilterConntrack {
+                    capacity: std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u64>().ok()),
+                    entries: fallback::conntrack_count(),
+                    flows: fallback::dnat_flows(),
+                    note: NetfilterConntrack::NOTE,
+                });
+                (rules, conntrack, Default::default(), false)
+            }
+        })
+    };
+    let (rules, conntrack, stats, fast_forward) = match (read(), state.pending) {
+        (Ok(r), _) => r,
+        // An interrupted change may have left no data path to read (e.g. no pins yet): show the state, no counters.
+        (Err(_), Some(_)) => {
+            let rules = state.rules.iter().map(|s| rule_status(s, Default::default())).collect();
+            let conntrack = match state.mode {
+                DataPath::Ebpf => ConntrackSummary::Ebpf(EbpfConntrack {
+                    capacity: 0,
+                    entries: 0,
+                    flows: 0,
+                    maps_memory_bytes: 0,
+                    memory_bytes: None,
+                    timeouts_s: (&Config::default()).into(),
+                }),
+                DataPath::Iptables => ConntrackSummary::Netfilter(NetfilterConntrack {
+                    capacity: None,
+                    entries: fallback::conntrack_count(),
+                    flows: None,
+                    note: NetfilterConntrack::NOTE,
+                }),
+            };
             (rules, conntrack, Default::default(), false)
         }
+        (Err(e), None) => return Err(e),
     };
     Ok(Status::Attached(Box::new(InstanceStatus {
+        interrupted: state.pending.map(|p| p.describe().to_string()),
         conntrack,
         fast_forward,
         interfaces: state

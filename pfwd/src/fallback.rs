@@ -103,7 +103,22 @@ pub fn detach(iface: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes everything pfwd added: hooks (for any interface), then its chains, then the tables it created.
+/// Whether iptables holds any of pfwd's chains or jumps into them (in this namespace). False when iptables is not
+/// usable here.
+pub fn leftovers() -> bool {
+    let Ok(dump) = run("iptables-save", &[], None) else { return false };
+    dump.lines().any(|l| {
+        l.strip_prefix(':').is_some_and(|c| c.starts_with(CHAIN_PREFIX))
+            || l.split_whitespace()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .any(|w| w[0] == "-j" && w[1].starts_with(CHAIN_PREFIX))
+    })
+}
+
+/// Removes everything pfwd added: hooks (for any interface), then its chains, then the tables it created. Everything
+/// is found in `iptables-save` by the chain prefix, so this also removes what a killed pfwd left unrecorded; tables
+/// are removed only when recorded as created by pfwd and empty of others' rules.
 pub fn unload(created_tables: &[String]) -> Result<()> {
     let mut errors = vec![];
     // Hooks are found by their target, so a hook for an interface that has since disappeared goes too.

@@ -84,6 +84,10 @@ pub struct InstanceStatus {
     pub mode: DataPath,
     /// Why this mode was chosen.
     pub mode_reason: String,
+    /// Set when a change was interrupted (killed) before it finished: what was interrupted and what to do. Absent
+    /// otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<String>,
     pub netns: Netns,
     /// The bpffs directory of the pinned programs and maps; null in iptables mode.
     pub pin_dir: Option<PathBuf>,

@@ -2,6 +2,13 @@
 //! interfaces, the sysctls pfwd changed (with their earlier values), and the data path with why it was chosen.
 //! Every command takes an exclusive lock on the instance while it reads and writes this, so concurrent commands
 //! serialize.
+//!
+//! Crash safety: a change records its intent first. The state is saved with a [`Pending`] marker, the rules,
+//! interfaces and tables it is about to apply, and the earlier values of the sysctls it is about to change, before the
+//! kernel or iptables is touched; the marker is cleared once the change is applied. So the state file is never older
+//! than what was applied: a `kill -9` at any point leaves a state that `status` reports as interrupted, `detach`
+//! removes completely, and `attach` repairs. The lock is also inherited by the tools pfwd runs (iptables-restore, ...):
+//! a tool that outlives a killed pfwd keeps the instance locked until it ends, so the next command never races it.
 use std::{
     fs::{self, File, OpenOptions},
     io::Write,
@@ -36,6 +43,40 @@ impl DataPath {
 impl std::fmt::Display for DataPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// A change that was started and not finished (the command was killed, or the machine stopped). The state around it
+/// describes what the change was applying, which is at least everything it may have done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pending {
+    /// An `attach` that created the instance: programs, pins, chains and hooks may exist in part.
+    Create,
+    /// A change to an existing instance (`attach` to it, `add`, `del`, `flush`, `import`, `apply`): the rules may be
+    /// the old ones, the new ones, or (eBPF) a mix.
+    Change,
+    /// A `detach`: the instance may be partly removed.
+    Remove,
+}
+
+impl Pending {
+    /// What `status` says about an instance left with this marker.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Pending::Create => {
+                "an attach was interrupted before it finished: the instance may be partly set up (the rules shown \
+                 are what it was applying); `pfwd attach` repairs it, `pfwd detach` removes it"
+            }
+            Pending::Change => {
+                "a rule change was interrupted before it finished: the data path may hold the rules before or after \
+                 it (the rules shown are what it was applying); the next change or `pfwd attach` applies them again"
+            }
+            Pending::Remove => {
+                "a detach was interrupted before it finished: the instance may be partly removed; run `pfwd detach` \
+                 again"
+            }
+        }
     }
 }
 
@@ -81,6 +122,9 @@ pub struct State {
     /// eBPF mode: the cgroup2 directory the `--local` socket hooks are attached to (None: no cgroup2 found).
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// Set while a change is being applied (saved before acting, cleared after); see the module documentation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Pending>,
 }
 
 impl State {
@@ -96,6 +140,7 @@ impl State {
             sysctls: vec![],
             created_tables: vec![],
             cgroup: None,
+            pending: None,
         }
     }
 
@@ -121,6 +166,13 @@ impl Lock {
         // SAFETY: valid fd; flock blocks until the other command finishes.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(std::io::Error::last_os_error()).context("locking pfwd state");
+        }
+        // The tools pfwd runs inherit the lock (a flock belongs to the open file, shared by every process that has
+        // it): when pfwd is killed while iptables-restore still applies its rules, the next command waits for
+        // iptables-restore to end instead of reading iptables half-way through.
+        // SAFETY: valid fd; clearing FD_CLOEXEC only makes it survive exec.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("sharing the pfwd state lock with child processes");
         }
         Ok(Self { _file: file, inst: inst.clone() })
     }
@@ -164,5 +216,19 @@ mod tests {
             assert_eq!(format!("\"{m}\""), text);
         }
         assert!(serde_json::from_str::<DataPath>("\"auto\"").is_err());
+    }
+
+    /// A state file written before the pending marker existed reads as not pending; a finished change writes no
+    /// marker, so older pfwd versions read the new files too.
+    #[test]
+    fn pending_marker_is_optional() {
+        let mut st = State::new(7, DataPath::Iptables, "test");
+        let text = serde_json::to_string(&st).unwrap();
+        assert!(!text.contains("pending"), "{text}");
+        assert_eq!(serde_json::from_str::<State>(&text).unwrap().pending, None);
+        st.pending = Some(Pending::Create);
+        let text = serde_json::to_string(&st).unwrap();
+        assert!(text.contains("\"pending\":\"create\""), "{text}");
+        assert_eq!(serde_json::from_str::<State>(&text).unwrap().pending, Some(Pending::Create));
     }
 }

@@ -12,6 +12,9 @@ pub(super) fn print_status(s: &InstanceStatus) {
     let ifaces: Vec<String> =
         s.interfaces.iter().map(|i| format!("{} ({})", i.name, or(i.address, "no IPv4"))).collect();
     println!("mode:       {} ({})", s.mode, s.mode_reason);
+    if let Some(what) = &s.interrupted {
+        println!("INTERRUPTED: {what}");
+    }
     println!("interfaces: {}", ifaces.join(", "));
     if s.fast_forward {
         println!("fast path:  on (forwarded packets of translated flows skip the IP stack and netfilter)");
