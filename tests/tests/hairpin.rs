@@ -93,4 +93,49 @@ fn two_rule_recipe(mode: &str) {
     expect_no_hairpin(&lab);
 }
 
-in_both_modes!(two_rule_recipe);
+/// The same in one step: `--hairpin 10.0.2.0/24` on the DNAT rules adds the masquerade (shown by the export, tagged
+/// with the rule's id), and deleting the rule removes it.
+fn hairpin_option(mode: &str) {
+    let lab = hairpin_lab("hp-option");
+    let _srv = server(&lab, Node::Server, "10.0.2.2:9000", "server");
+    let _udp = udp_server(&lab, Node::Server, "10.0.2.2:9000", "udp-server");
+    let _guard = attach(&lab, mode, &["eth0", "eth1"]);
+    let hairpin = |proto| {
+        ["dnat", "-p", proto, "-d", "10.0.1.1", "--dport", "8080", "--to", "10.0.2.2:9000", "--hairpin", "10.0.2.0/24"]
+    };
+    let with_iface = [&["add", "dnat", "-i", "eth0"][..], &hairpin("tcp")[1..]].concat();
+    pfwd_err(&lab, &with_iface, &["--hairpin does not go with -i"]);
+    let tcp_id = add(&lab, &hairpin("tcp"));
+    let udp_id = add(&lab, &hairpin("udp"));
+    expect_outside(&lab);
+    expect_hairpin(&lab);
+
+    // The hairpinned flows (both translations in eBPF mode, one entry translated both ways in iptables mode) are
+    // the rules' own.
+    let out = pfwd_ok(&lab, &["conntrack", "--json"]);
+    let flows: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let inside: Vec<&serde_json::Value> =
+        flows.as_array().unwrap().iter().filter(|f| f["original"]["src"] == INSIDE_HOST).collect();
+    assert!(!inside.is_empty(), "no flow from {INSIDE_HOST}: {flows:#}");
+    for f in inside {
+        assert!(f["rule"] == tcp_id || f["rule"] == udp_id, "a hairpinned flow without its rule: {f:#}");
+    }
+
+    let listed = list(&lab);
+    assert_eq!(listed[0]["hairpin"], "10.0.2.0/24", "{listed}");
+    let export = pfwd_ok(&lab, &["export", "iptables"]);
+    let companion = format!(
+        "-A PFWD-POSTROUTING -s 10.0.2.0/24 -d 10.0.2.2/32 -p tcp -m comment --comment \"pfwd:{tcp_id}-hairpin\" -j MASQUERADE"
+    );
+    assert!(export.lines().any(|l| l == companion), "no {companion:?} in:\n{export}");
+
+    let out = pfwd_ok(&lab, &["del", "--flows", &tcp_id.to_string()]);
+    assert!(out.contains(&format!("deleted rule {tcp_id}")), "{out}");
+    if let Ok(r) = inside_tcp(&lab, PUBLIC) {
+        panic!("TCP {INSIDE_HOST} -> {PUBLIC} answered after its rule was deleted: {r:?}");
+    }
+    let (r, src) = inside_udp(&lab, PUBLIC).unwrap_or_else(|e| panic!("hairpin UDP after deleting the TCP rule: {e}"));
+    assert_eq!((r.peer.ip(), src), (ip("10.0.2.1"), sa(PUBLIC)), "the UDP rule keeps its hairpin: {r:?}");
+}
+
+in_both_modes!(two_rule_recipe, hairpin_option);
