@@ -33,6 +33,17 @@ pub mod names {
 
 /// Rule slots in the rules array (rule bodies are addressed by slot; the user-facing id is stored inside).
 pub const MAX_RULES: u32 = 16_384;
+/// Slot of the rule a `--hairpin` rule adds (its masquerade), past the user rules' slots: `COMPANION_SLOTS + slot`
+/// for the rule in `slot`. The rules array holds both halves; the counters array only the first, so the companion's
+/// packets are counted once, by the DNAT rule that owns it.
+pub const COMPANION_SLOTS: u32 = MAX_RULES;
+/// Entries of the rules array: the user rules' slots and their companions'.
+pub const RULE_ENTRIES: u32 = COMPANION_SLOTS + MAX_RULES;
+
+/// The slot of the user rule that owns the rule in `slot`: itself, or for a companion the rule that added it.
+pub const fn owner_slot(slot: u32) -> u32 {
+    if slot >= COMPANION_SLOTS { slot - COMPANION_SLOTS } else { slot }
+}
 /// Rules sharing one bucket (same interface, protocol and destination port). Checked in one bounded loop.
 pub const BUCKET_SLOTS: usize = 8;
 /// (interface, protocol, port) buckets. Port ranges are expanded into one bucket per port.

@@ -8,11 +8,11 @@ use aya_ebpf::{
 };
 use pfwd_common::{
     Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, IfaceInfo, MAX_BUCKETS, MAX_IFACES, MAX_RULES, MAX_SOCKETS,
-    RuleCounters, RuleEntry, SockKey, SockOrig, Stat, Tuple,
+    RULE_ENTRIES, RuleCounters, RuleEntry, SockKey, SockOrig, Stat, Tuple,
 };
 
 #[map(name = "PFWD_RULES")]
-pub static RULES: Array<RuleEntry> = Array::pinned(MAX_RULES, 0);
+pub static RULES: Array<RuleEntry> = Array::pinned(RULE_ENTRIES, 0);
 
 /// Not preallocated: most instances use a few buckets out of the quarter million allowed.
 #[map(name = "PFWD_BUCKETS")]

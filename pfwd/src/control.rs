@@ -682,7 +682,8 @@ fn end_flows_of(state: &State, filter: &FlowFilter) -> Result<usize> {
         Backend::Ebpf(kernel) => {
             let cfg = kernel.config()?;
             let now = monotonic_ns();
-            let rule_id = |slot: u32| state.rules.iter().find(|r| r.slot == slot).map(|r| r.rule.id);
+            let rule_id =
+                |slot| state.rules.iter().find(|r| r.slot == pfwd_common::owner_slot(slot)).map(|r| r.rule.id);
             let live = |e: &pfwd_common::CtEntry| !e.expired(now, &cfg);
             let (keys, flows) = flows::ebpf_select(&kernel.conntrack()?, rule_id, live, filter);
             kernel.conntrack_delete(&keys)?;
@@ -902,7 +903,8 @@ pub fn conntrack_list() -> Result<Vec<ConntrackEntry>> {
                 if e.dir != dir::ORIGINAL || e.expired(now, &cfg) {
                     continue;
                 }
-                let rule = state.rules.iter().find(|r| r.slot == e.rule_slot).map(|r| r.rule.id);
+                let rule =
+                    state.rules.iter().find(|r| r.slot == pfwd_common::owner_slot(e.rule_slot)).map(|r| r.rule.id);
                 let nat = if e.hook == pfwd_common::ct_hook::INGRESS { Nat::Dnat } else { Nat::Snat };
                 let st = if e.xlat.proto == pfwd_common::PROTO_TCP {
                     tcp_state_name(&e)

@@ -198,8 +198,12 @@ impl Kernel {
     pub fn sync_rules(&self, rules: &[StoredRule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<()> {
         let plain: Vec<rules::Rule> = rules.iter().map(|r| r.rule.clone()).collect();
         let compiled = rules::compile(&plain, ifindex)?;
-        // compile() numbers slots by position; map them to the rules' stable slots.
-        let slot_of = |i: u32| rules[i as usize].slot;
+        // compile() numbers slots by position; map them to the rules' stable slots (a `--hairpin` rule's companion
+        // to the companion half of the rules array, by its owner's slot).
+        let slot_of = |i: u32| match i.checked_sub(pfwd_common::COMPANION_SLOTS) {
+            Some(owner) => pfwd_common::COMPANION_SLOTS + rules[owner as usize].slot,
+            None => rules[i as usize].slot,
+        };
         let mut rule_map: Array<MapData, RuleEntry> = self.map(names::RULES)?;
         for (i, entry) in &compiled.entries {
             rule_map.set(slot_of(*i), entry, 0)?;

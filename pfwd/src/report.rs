@@ -120,6 +120,9 @@ pub struct InterfaceStatus {
 pub struct RuleReport {
     pub dport: Option<String>,
     pub dst: Option<Ipv4Net>,
+    /// `--hairpin`'s inside network (absent when the rule has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hairpin: Option<Ipv4Net>,
     pub id: u32,
     pub iface: Option<String>,
     /// dnat, redirect, snat or masquerade.
@@ -148,6 +151,7 @@ impl From<&Rule> for RuleReport {
         Self {
             dport: r.dport.map(|p| p.to_string()),
             dst: r.dst,
+            hairpin: r.hairpin,
             id: r.id,
             iface: r.iface.clone(),
             kind: r.kind_name().to_string(),
@@ -391,10 +395,14 @@ mod tests {
         assert_eq!(v["to_ports"], "2000-3000");
         assert_eq!(v["dst"], "10.8.0.0/16");
         assert!(v["to"].is_null() && v["to_port"].is_null());
+        assert!(v.get("hairpin").is_none(), "only rules with --hairpin have the key");
         assert_eq!(
             (&v["bytes"], &v["drops"], &v["flows"], &v["packets"]),
             (&1.into(), &2.into(), &3.into(), &4.into())
         );
+        let r = rule("kind = \"dnat\"\ndst = \"203.0.113.1\"\nto = \"10.0.2.2\"\nhairpin = \"10.0.2.0/24\"");
+        let v = serde_json::to_value(RuleReport::from(&r)).unwrap();
+        assert_eq!(v["hairpin"], "10.0.2.0/24");
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub const OUTPUT_CHAIN: &str = "PFWD-OUTPUT";
 pub const FORWARD_CHAIN: &str = "PFWD-FORWARD";
 /// Comment prefix tagging each exported rule with its id: `pfwd:7`.
 pub const COMMENT_PREFIX: &str = "pfwd:";
+/// Comment suffix of the masquerade a `--hairpin` rule adds: `pfwd:7-hairpin` (not an id, so its counters are not
+/// taken for the rule's).
+pub const HAIRPIN_SUFFIX: &str = "-hairpin";
 
 /// One of pfwd's own chains and the built-in chain that jumps to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

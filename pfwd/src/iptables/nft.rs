@@ -3,8 +3,8 @@
 
 use ipnet::Ipv4Net;
 
-use super::chains::{COMMENT_PREFIX, NAT_HOOKS, NatHook, hook_order};
-use crate::rules::{Rule, Target};
+use super::chains::{COMMENT_PREFIX, HAIRPIN_SUFFIX, NAT_HOOKS, NatHook, hook_order};
+use crate::rules::{Rule, Target, with_companions};
 
 fn nft_net(n: Ipv4Net) -> String {
     let n = n.trunc();
@@ -16,7 +16,8 @@ fn nft_iface_set(ifaces: &[String]) -> String {
     format!("{{ {} }}", names.join(", "))
 }
 
-fn nft_rule(r: &Rule) -> String {
+/// One rule; `companion`: the masquerade a `--hairpin` rule adds, tagged `pfwd:ID-hairpin`.
+fn nft_rule(r: &Rule, companion: bool) -> String {
     let mut s = Vec::new();
     if let Some(i) = &r.iface {
         s.push(format!("iifname \"{i}\""));
@@ -44,7 +45,7 @@ fn nft_rule(r: &Rule) -> String {
         Target::Masquerade { ports: Some(r) } => format!("masquerade to :{r}"),
         Target::Masquerade { ports: None } => "masquerade".to_string(),
     });
-    s.push(format!("comment \"{COMMENT_PREFIX}{}\"", r.id));
+    s.push(format!("comment \"{COMMENT_PREFIX}{}{}\"", r.id, if companion { HAIRPIN_SUFFIX } else { "" }));
     s.join(" ")
 }
 
@@ -62,6 +63,7 @@ pub fn export_nft(rules: &[Rule], ifaces: Option<&[String]>) -> String {
          table ip pfwd {{\n",
         rules.len()
     );
+    let (all, owners) = with_companions(rules);
     for hook in NAT_HOOKS {
         // -100 is dstnat's value; nft 1.0.6 refuses the keyword dstnat in the output hook.
         let (name, priority, iface_key) = match hook {
@@ -79,8 +81,8 @@ pub fn export_nft(rules: &[Rule], ifaces: Option<&[String]>) -> String {
             // Like the single OUTPUT jump: local connections are not tied to an attached interface.
             (Some(_), None) => {}
         }
-        for i in hook_order(rules, hook) {
-            out.push_str(&format!("\t\t{}\n", nft_rule(&rules[i])));
+        for i in hook_order(&all, hook) {
+            out.push_str(&format!("\t\t{}\n", nft_rule(&all[i], owners[i].is_some())));
         }
         out.push_str("\t}\n\n");
     }
@@ -191,6 +193,20 @@ mod tests {
         assert!(
             export_nft(&local_sample(), Some(&[]))
                 .contains("priority -100; policy accept;\n\t\taccept comment \"pfwd: no interfaces\"\n")
+        );
+    }
+
+    #[test]
+    fn hairpin_nft() {
+        let rules = vec![with_id(2, "dnat -p udp -d 203.0.113.10 --dport 53 --to 10.0.2.3 --hairpin 10.0.2.0/24")];
+        let nft = export_nft(&rules, None);
+        assert!(nft.contains("\t\tip daddr 203.0.113.10 udp dport 53 dnat to 10.0.2.3 comment \"pfwd:2\"\n"), "{nft}");
+        assert!(
+            nft.contains(
+                "priority srcnat; policy accept;\n\t\tip saddr 10.0.2.0/24 ip daddr 10.0.2.3 meta l4proto udp masquerade \
+                 comment \"pfwd:2-hairpin\"\n\t}"
+            ),
+            "{nft}"
         );
     }
 }

@@ -8,8 +8,10 @@
 
 use ipnet::Ipv4Net;
 
-use super::chains::{CHAINS, COMMENT_PREFIX, FORWARD_CHAIN, Hook, NatHook, PfwdChain, hook_order, hook_rules};
-use crate::rules::{Rule, Target};
+use super::chains::{
+    CHAINS, COMMENT_PREFIX, FORWARD_CHAIN, HAIRPIN_SUFFIX, Hook, NatHook, PfwdChain, hook_order, hook_rules,
+};
+use crate::rules::{Rule, Target, with_companions};
 
 /// The tables holding pfwd chains, in [`CHAINS`] order.
 fn tables() -> Vec<&'static str> {
@@ -39,8 +41,9 @@ pub(super) fn restore_word(word: &str) -> String {
     format!("\"{}\"", word.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// One rule in `iptables-save` canonical form, without the leading `-A CHAIN`.
-fn rule_spec(r: &Rule) -> String {
+/// One rule in `iptables-save` canonical form, without the leading `-A CHAIN`. `companion`: the rule is the one a
+/// `--hairpin` rule adds, tagged `pfwd:ID-hairpin` (its connections are counted by the rule's own line).
+fn rule_spec(r: &Rule, companion: bool) -> String {
     let mut s = Vec::new();
     if let Some(n) = ipt_net(r.src) {
         s.push(format!("-s {n}"));
@@ -61,7 +64,7 @@ fn rule_spec(r: &Rule) -> String {
             s.push(format!("-m {p} --dport {port}"));
         }
     }
-    s.push(format!("-m comment --comment \"{COMMENT_PREFIX}{}\"", r.id));
+    s.push(format!("-m comment --comment \"{COMMENT_PREFIX}{}{}\"", r.id, if companion { HAIRPIN_SUFFIX } else { "" }));
     s.push(match r.target {
         Target::Dnat { addr, port: Some(p) } => format!("-j DNAT --to-destination {addr}:{p}"),
         Target::Dnat { addr, port: None } => format!("-j DNAT --to-destination {addr}"),
@@ -83,7 +86,8 @@ fn chain_specs(chain: &PfwdChain, rules: &[Rule]) -> Vec<String> {
         return vec!["-m conntrack --ctstate INVALID -j DROP".to_string()];
     }
     let Some(hook) = NatHook::of_pfwd_chain(chain.name) else { return Vec::new() };
-    hook_order(rules, hook).into_iter().map(|i| rule_spec(&rules[i])).collect()
+    let (rules, owners) = with_companions(rules);
+    hook_order(&rules, hook).into_iter().map(|i| rule_spec(&rules[i], owners[i].is_some())).collect()
 }
 
 fn restore_script(rules: &[Rule], hooks: &[Hook]) -> String {
@@ -258,5 +262,36 @@ mod tests {
         assert_eq!(script_output, [&output[..1], &output[2..]].concat());
         // Only local rules: PFWD-PREROUTING stays empty.
         assert!(!nat_chain_script(&local_sample()).contains("-A PFWD-PREROUTING"));
+    }
+
+    /// A `--hairpin` rule exports as its DNAT plus the MASQUERADE it adds, tagged `pfwd:ID-hairpin`, in precedence
+    /// order with the other rules; the import of that export gives the two rules back.
+    #[test]
+    fn hairpin_export() {
+        let rules = vec![
+            with_id(1, "masquerade -o eth0"),
+            with_id(2, "dnat -p tcp -d 203.0.113.10 --dport 8080 --to 10.0.2.2:80 --hairpin 10.0.2.0/24"),
+        ];
+        let script = nat_chain_script(&rules);
+        let lines: Vec<&str> = script.lines().filter(|l| l.starts_with("-A PFWD-P")).collect();
+        assert_eq!(
+            lines,
+            [
+                "-A PFWD-PREROUTING -d 203.0.113.10/32 -p tcp -m tcp --dport 8080 -m comment --comment \"pfwd:2\" -j DNAT --to-destination 10.0.2.2:80",
+                "-A PFWD-POSTROUTING -s 10.0.2.0/24 -d 10.0.2.2/32 -p tcp -m comment --comment \"pfwd:2-hairpin\" -j MASQUERADE",
+                "-A PFWD-POSTROUTING -o eth0 -m comment --comment \"pfwd:1\" -j MASQUERADE",
+            ]
+        );
+        assert!(export_iptables(&rules, None).starts_with("# pfwd rules for iptables (2 rules"));
+        let back = crate::iptables::import(&script).unwrap().rules;
+        let shown: Vec<String> = back.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "dnat -p tcp -d 203.0.113.10 --dport 8080 --to 10.0.2.2:80",
+                "masquerade -p tcp -s 10.0.2.0/24 -d 10.0.2.2",
+                "masquerade -o eth0",
+            ]
+        );
     }
 }

@@ -128,6 +128,8 @@ fn random_rule(rng: &mut Rng) -> Rule {
         dport,
         local,
         target,
+        // iptables lines cannot say --hairpin.
+        hairpin: None,
     }
 }
 

@@ -1,11 +1,12 @@
 //! Compilation of rules into the kernel's map layout: the rules array, the (hook, interface, protocol, port)
 //! buckets and the level masks.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use pfwd_common::maps::{
-    BUCKET_SLOTS, Bucket, BucketKey, MAX_BUCKETS, MAX_RULES, PROTO_ANY, RuleEntry, hook, kind, level,
+    BUCKET_SLOTS, Bucket, BucketKey, COMPANION_SLOTS, MAX_BUCKETS, MAX_RULES, PROTO_ANY, RuleEntry, hook, kind, level,
 };
 
 use super::error::RuleError;
@@ -15,7 +16,8 @@ use super::precedence::precedence_order;
 /// The contents of the rules array, the bucket hash map and `Config::level_mask` / `Config::snat_level_mask`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Compiled {
-    /// `(slot, entry)`, one per rule, in slot order; slot = index in the input.
+    /// `(slot, entry)`, one per rule, in slot order; slot = index in the input (see [`compile`] for the rules
+    /// `--hairpin` adds).
     pub entries: Vec<(u32, RuleEntry)>,
     /// Slots within a bucket are in rank order (best first). PREROUTING and POSTROUTING rules have separate buckets
     /// (`BucketKey::hook`).
@@ -33,7 +35,30 @@ pub(crate) fn bucket_key(hook: u8, ifindex: u32, proto: u8, dport: u16) -> Bucke
     BucketKey { ifindex, dport, proto, hook }
 }
 
-/// Builds the kernel's view of `rules`. Slot = index in `rules`; rank = position in [`precedence_order`].
+/// The rules both data paths run: `rules` in their order, then the companion ([`Rule::hairpin_companion`]) of each
+/// `--hairpin` rule, each distinct companion once (the first rule's: it is the older one, or the earlier in the
+/// list). The companions are ordinary rules with their owner's id and compete under the precedence contract like
+/// any rule written by hand. The second value gives, per returned rule, the index of the rule that added it (None
+/// for `rules` themselves). Without `--hairpin` rules, `rules` is returned as is.
+pub fn with_companions(rules: &[Rule]) -> (Cow<'_, [Rule]>, Vec<Option<usize>>) {
+    let mut seen = HashSet::new();
+    let extra: Vec<(usize, Rule)> = rules
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, r.hairpin_companion()?)))
+        .filter(|(_, c)| seen.insert(c.dedup_key()))
+        .collect();
+    let mut owners = vec![None; rules.len()];
+    if extra.is_empty() {
+        return (Cow::Borrowed(rules), owners);
+    }
+    owners.extend(extra.iter().map(|(i, _)| Some(*i)));
+    let all = rules.iter().cloned().chain(extra.into_iter().map(|(_, c)| c)).collect();
+    (Cow::Owned(all), owners)
+}
+
+/// Builds the kernel's view of `rules`. Slot = index in `rules`, and [`COMPANION_SLOTS`] + the index of its owner for
+/// the rule a `--hairpin` rule adds (see [`with_companions`]); rank = position in [`precedence_order`] of them all.
 /// `ifindex` maps an interface name to its index, or `None` when pfwd is not attached to it (an error: the rule
 /// could never match). Each rule goes into the bucket(s) of its own (interface, protocol, port) level of its hook; a
 /// port range takes one bucket per port. The interface is the incoming one (`-i`) for DNAT/REDIRECT, the outgoing
@@ -46,15 +71,21 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
         // The bucket levels rely on "a port implies a protocol", which validate() guarantees.
         r.validate().map_err(|e| RuleError::InRule { id: r.id, error: Box::new(e) })?;
     }
+    let (all, owners) = with_companions(rules);
+    let rules = &all[..];
+    let slot_of = |pos: usize| match owners[pos] {
+        Some(owner) => COMPANION_SLOTS + owner as u32,
+        None => pos as u32,
+    };
     let order = precedence_order(rules);
     let mut ranks = vec![0u32; rules.len()];
-    for (rank, &slot) in order.iter().enumerate() {
-        ranks[slot] = rank as u32;
+    for (rank, &pos) in order.iter().enumerate() {
+        ranks[pos] = rank as u32;
     }
     // The closure may be a syscall (if_nametoindex), so ask once per name.
     let mut ifindexes: HashMap<&str, u32> = HashMap::new();
     let mut rule_ifindex = vec![0u32; rules.len()];
-    for (slot, r) in rules.iter().enumerate() {
+    for (pos, r) in rules.iter().enumerate() {
         if let Some(name) = r.hook_iface() {
             let idx = match ifindexes.get(name) {
                 Some(&i) => i,
@@ -67,12 +98,12 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
                     i
                 }
             };
-            rule_ifindex[slot] = idx;
+            rule_ifindex[pos] = idx;
         }
     }
 
     let mut entries = Vec::with_capacity(rules.len());
-    for (slot, r) in rules.iter().enumerate() {
+    for (pos, r) in rules.iter().enumerate() {
         let (src_net, src_mask) = net_mask(r.src);
         let (dst_net, dst_mask) = net_mask(r.dst);
         let be = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
@@ -87,7 +118,7 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
         // Map values are network order: the bytes as they sit in the packet.
         let ne = |v: u32| u32::from_ne_bytes(v.to_be_bytes());
         let entry = RuleEntry {
-            rank: ranks[slot],
+            rank: ranks[pos],
             id: r.id,
             src_net: ne(src_net),
             src_mask: ne(src_mask),
@@ -99,17 +130,19 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
             kind,
             proto: r.proto.map_or(PROTO_ANY, Proto::code),
             _pad: [0; 2],
-            ifindex: rule_ifindex[slot],
+            ifindex: rule_ifindex[pos],
         };
-        entries.push((slot as u32, entry));
+        entries.push((slot_of(pos), entry));
     }
 
     let mut buckets: HashMap<BucketKey, Bucket> = HashMap::with_capacity(rules.len());
+    // The positions (in `rules`) of each bucket's rules; turned into slots at the end.
+    let mut members: HashMap<BucketKey, Vec<usize>> = HashMap::with_capacity(rules.len());
     let (mut level_mask, mut snat_level_mask, mut local_level_mask) = (0, 0, 0);
     // Filling in precedence order keeps each bucket's slots sorted by rank.
-    for &slot in &order {
-        let r = &rules[slot];
-        let ifx = rule_ifindex[slot];
+    for &pos in &order {
+        let r = &rules[pos];
+        let ifx = rule_ifindex[pos];
         let proto = r.proto.map_or(PROTO_ANY, Proto::code);
         let (hook, mask) = if r.is_postrouting() {
             (hook::POSTROUTING, &mut snat_level_mask)
@@ -130,12 +163,12 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
         let (lo, hi) = r.dport.map_or((0, 0), |p| (p.lo, p.hi));
         for port in lo..=hi {
             let key = bucket_key(hook, ifx, proto, port);
-            if buckets.len() >= MAX_BUCKETS as usize && !buckets.contains_key(&key) {
+            if members.len() >= MAX_BUCKETS as usize && !members.contains_key(&key) {
                 return Err(RuleError::TooManyBuckets);
             }
-            let b = buckets.entry(key).or_default();
-            if b.len as usize >= BUCKET_SLOTS {
-                let mut ids: Vec<String> = b.slots.iter().map(|&s| rules[s as usize].id.to_string()).collect();
+            let m = members.entry(key).or_default();
+            if m.len() >= BUCKET_SLOTS {
+                let mut ids: Vec<String> = m.iter().map(|&p| rules[p].id.to_string()).collect();
                 ids.push(r.id.to_string());
                 return Err(RuleError::BucketFull {
                     iface: r.hook_iface().map_or_else(|| "any".into(), |i| i.to_string()),
@@ -144,9 +177,16 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
                     ids: ids.join(", "),
                 });
             }
-            b.slots[b.len as usize] = slot as u32;
-            b.len += 1;
+            m.push(pos);
         }
+    }
+    for (key, m) in members {
+        let mut b = Bucket::default();
+        for (i, &pos) in m.iter().enumerate() {
+            b.slots[i] = slot_of(pos);
+        }
+        b.len = m.len() as _;
+        buckets.insert(key, b);
     }
     Ok(Compiled { entries, buckets, level_mask, snat_level_mask, local_level_mask })
 }
@@ -264,6 +304,7 @@ mod tests {
                 dst: None,
                 dport: Some(PortRange::single(1000 + (i / 2) as u16)),
                 local: false,
+                hairpin: None,
                 target: Target::Dnat { addr: Ipv4Addr::from(0x0a00_0000 + i), port: Some(80) },
             })
             .collect();
@@ -344,5 +385,55 @@ mod tests {
         let mut mixed: Vec<Rule> = rules[..8].to_vec();
         mixed.extend((1..=8).map(|i| Rule { id: 10 + i, ..ok(&format!("dnat -i eth1 -s 10.0.0.{i} --to 10.9.0.1")) }));
         compile(&mixed, &ifindex).unwrap();
+    }
+
+    /// A `--hairpin` rule adds its masquerade in the companion half of the rules array, at its own slot's place,
+    /// ranked and bucketed like any POSTROUTING rule; equal companions are added once.
+    #[test]
+    fn compile_hairpin() {
+        let rules = vec![
+            Rule { id: 1, ..ok("masquerade -o eth1") },
+            Rule { id: 2, ..ok("dnat -p tcp -d 203.0.113.10 --dport 8080 --to 10.0.2.2:80 --hairpin 10.0.2.0/24") },
+            Rule { id: 3, ..ok("dnat -p tcp -d 203.0.113.10 --dport 8443 --to 10.0.2.2:443 --hairpin 10.0.2.0/24") },
+            Rule { id: 4, ..ok("dnat -p udp -d 203.0.113.10 --dport 53 --to 10.0.2.3 --hairpin 10.0.2.0/24") },
+        ];
+        let (all, owners) = with_companions(&rules);
+        let shown: Vec<String> = all.iter().map(|r| format!("{} {r}", r.id)).collect();
+        assert_eq!(
+            shown[4..],
+            [
+                "2 masquerade -p tcp -s 10.0.2.0/24 -d 10.0.2.2".to_string(),
+                "4 masquerade -p udp -s 10.0.2.0/24 -d 10.0.2.3".to_string()
+            ],
+            "rule 3's companion is rule 2's"
+        );
+        assert_eq!(owners, [None, None, None, None, Some(1), Some(3)]);
+        let c = compile(&rules, &ifindex).unwrap();
+        let slots: Vec<u32> = c.entries.iter().map(|(s, _)| *s).collect();
+        assert_eq!(slots, [0, 1, 2, 3, COMPANION_SLOTS + 1, COMPANION_SLOTS + 3]);
+        let e = c.entries[4].1;
+        assert_eq!((e.kind, e.id, e.ifindex, e.proto), (kind::MASQUERADE, 2, 0, PROTO_TCP));
+        assert_eq!(
+            (e.src_net, e.src_mask),
+            (u32::from_ne_bytes([10, 0, 2, 0]), u32::from_ne_bytes([255, 255, 255, 0]))
+        );
+        assert_eq!((e.dst_net, e.dst_mask), (u32::from_ne_bytes([10, 0, 2, 2]), u32::MAX));
+        let slots = |at, ifx, proto, port| {
+            let b = c.buckets[&bucket_key(at, ifx, proto, port)];
+            b.slots[..b.len as usize].to_vec()
+        };
+        assert_eq!(slots(hook::POSTROUTING, 0, PROTO_TCP, 0), [COMPANION_SLOTS + 1]);
+        assert_eq!(slots(hook::POSTROUTING, 0, PROTO_UDP, 0), [COMPANION_SLOTS + 3]);
+        assert_eq!(slots(hook::POSTROUTING, 3, PROTO_ANY, 0), [0]);
+        // The DNAT rules themselves are unchanged: no -i, so they also match where inside hosts arrive.
+        assert_eq!(slots(hook::PREROUTING, 0, PROTO_TCP, 8080), [1]);
+        assert_eq!(c.level_mask, level::PROTO_PORT);
+        assert_eq!(c.snat_level_mask, level::PROTO | level::IF);
+        // Companions rank like hand-written rules: -p (contract rule 2) beats -o (rule 3).
+        let rank = |slot: u32| c.entries.iter().find(|(s, _)| *s == slot).unwrap().1.rank;
+        assert!(rank(COMPANION_SLOTS + 1) < rank(0));
+        // Without --hairpin rules nothing is added, and the rules are not copied.
+        let (plain, owners) = with_companions(&rules[..1]);
+        assert!(matches!(plain, std::borrow::Cow::Borrowed(_)) && owners == [None]);
     }
 }

@@ -86,6 +86,8 @@ pub enum Field {
     ToPort,
     /// MASQUERADE's source port range.
     ToPorts,
+    /// DNAT's inside network for hairpin NAT.
+    Hairpin,
 }
 
 /// How one [`Field`] is written and which kinds take it.
@@ -205,6 +207,22 @@ pub const FIELDS: &[FieldSpec] = &[
         kinds: &[Kind::Masquerade],
         help: "Source ports to use when the original one is taken: LO-HI, or one PORT (needs -p).",
     },
+    FieldSpec {
+        field: Field::Hairpin,
+        cli: &["--hairpin"],
+        toml: "hairpin",
+        value: Some("CIDR"),
+        toml_string: true,
+        kinds: &[Kind::Dnat],
+        help: "Hairpin NAT (NAT loopback) for hosts of this inside network: they may connect to the public address \
+               (-d, required) too, and reach the --to address with replies from the address they used. Their \
+               connections are source-NATed to the router's address on the interface toward --to (the rule adds a \
+               `masquerade -p PROTO -s CIDR -d TO` with its id, shown by `pfwd export`), so the backend sees the \
+               router, not the inside host. That masquerade also applies to other connections from CIDR to the --to \
+               address that the router forwards (none when CIDR is the backend's own subnet: those do not cross the \
+               router). Not with -i (the rule must also match where inside hosts arrive) or --local; -s, if given, \
+               must contain CIDR.",
+    },
 ];
 
 /// iptables spellings that belong to one kind only.
@@ -315,6 +333,9 @@ impl RuleDraft {
                 self.kind
             ));
         }
+        if field == Field::Hairpin {
+            return RuleError::Unsupported(format!("{written} applies to dnat rules only, not {}", self.kind));
+        }
         let owners: Vec<&str> = spec(field).kinds.iter().map(|k| k.name()).collect();
         let owners = owners.join(" and ");
         match self.syntax {
@@ -349,6 +370,7 @@ impl RuleDraft {
             dport: None,
             local: false,
             target: Target::Masquerade { ports: None },
+            hairpin: None,
         };
         let (mut to, mut to_port, mut to_ports) = (None, None, None);
         for (field, written, value) in &self.options {
@@ -380,6 +402,7 @@ impl RuleDraft {
                 Field::To => to = Some((written, value)),
                 Field::ToPort => to_port = Some((written, value)),
                 Field::ToPorts => to_ports = Some((written, value)),
+                Field::Hairpin => rule.hairpin = Some(parse_cidr(value).map_err(at)?),
             }
         }
         let missing = |field: Field| DraftError {
@@ -656,5 +679,59 @@ mod tests {
             toml.to_string(),
             "[[rule]] #1, field iface: iface does not apply to snat; SNAT happens where packets leave: use oface"
         );
+    }
+
+    /// `--hairpin CIDR`: its spellings in the CLI and TOML, its checks, and the iptables import never producing it.
+    #[test]
+    fn hairpin_grammar() {
+        let r = ok("dnat -p tcp -d 203.0.113.10 --dport 8080 --to 10.0.2.2:80 --hairpin 10.0.2.7/24");
+        assert_eq!(r.hairpin, Some(net("10.0.2.0/24")), "host bits cleared");
+        assert_eq!(r.to_string(), "dnat -p tcp -d 203.0.113.10 --dport 8080 --to 10.0.2.2:80 --hairpin 10.0.2.0/24");
+        assert_eq!(p(&r.to_string()).unwrap(), r);
+        let toml = "[[rule]]\nkind = \"dnat\"\nproto = \"tcp\"\ndst = \"203.0.113.10\"\ndport = 8080\n\
+                    to = \"10.0.2.2:80\"\nhairpin = \"10.0.2.0/24\"\n";
+        let one = std::slice::from_ref(&r);
+        assert_eq!(parse_config(toml).unwrap(), one);
+        assert!(to_config(one).ends_with("to = \"10.0.2.2:80\"\nhairpin = \"10.0.2.0/24\"\n"));
+        assert_eq!(parse_config(&to_config(one)).unwrap(), one);
+        // Old state files (no field) load, and a rule without it writes none.
+        let plain = ok("dnat -p tcp -d 203.0.113.10 --dport 8080 --to 10.0.2.2:80");
+        assert!(!serde_json::to_string(&plain).unwrap().contains("hairpin"));
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains("\"hairpin\":\"10.0.2.0/24\""), "{json}");
+        assert_eq!(serde_json::from_str::<Rule>(&json).unwrap(), r);
+        // Not a duplicate of the same rule without --hairpin.
+        assert!(!r.same_match_and_target(&plain));
+        assert_ne!(r.dedup_key(), plain.dedup_key());
+        assert!(ok("dnat -s 10.0.0.0/8 -d 203.0.113.10 --to 10.0.2.2 --hairpin 10.0.2.0/24").hairpin.is_some());
+
+        for (cmd, want) in [
+            ("dnat -d 203.0.113.10 --to 10.0.2.2 --hairpin", "a value is required for '--hairpin"),
+            ("dnat -d 203.0.113.10 --to 10.0.2.2 --hairpin 10.0.2.300/24", "bad CIDR \"10.0.2.300/24\""),
+            ("dnat --to 10.0.2.2 --hairpin 10.0.2.0/24", "--hairpin needs -d, the public address"),
+            ("dnat -d 0.0.0.0/0 --to 10.0.2.2 --hairpin 10.0.2.0/24", "--hairpin needs -d"),
+            ("dnat -i eth0 -d 203.0.113.10 --to 10.0.2.2 --hairpin 10.0.2.0/24", "--hairpin does not go with -i"),
+            ("dnat --local -d 203.0.113.10 --to 10.0.2.2 --hairpin 10.0.2.0/24", "does not apply to --local"),
+            (
+                "dnat -s 192.168.0.0/16 -d 203.0.113.10 --to 10.0.2.2 --hairpin 10.0.2.0/24",
+                "--hairpin 10.0.2.0/24: -s 192.168.0.0/16 does not contain it",
+            ),
+            (
+                "redirect -p tcp --to-port 80 --hairpin 10.0.2.0/24",
+                "--hairpin applies to dnat rules only, not redirect",
+            ),
+            ("masquerade --hairpin 10.0.2.0/24", "--hairpin applies to dnat rules only, not masquerade"),
+        ] {
+            let e = err(cmd);
+            assert!(e.contains(want), "{cmd:?}: got {e:?}, want {want:?}");
+        }
+        let e = parse_config("[[rule]]\nkind = \"dnat\"\nto = \"10.0.2.2\"\nhairpin = \"10.0.2.0/24\"\n").unwrap_err();
+        assert!(e.to_string().contains("--hairpin needs -d"), "{e}");
+        let e = parse_config("[[rule]]\nkind = \"snat\"\nto = \"1.2.3.4\"\nhairpin = \"10.0.2.0/24\"\n").unwrap_err();
+        assert!(e.to_string().contains("field hairpin: hairpin applies to dnat rules only"), "{e}");
+        // The iptables import cannot produce it: iptables has no such option.
+        let line =
+            "*nat\n-A PREROUTING -d 203.0.113.10/32 -j DNAT --to-destination 10.0.2.2 --hairpin 10.0.2.0/24\nCOMMIT\n";
+        assert!(crate::iptables::import(line).is_err());
     }
 }

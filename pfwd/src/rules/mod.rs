@@ -39,7 +39,7 @@ pub mod precedence;
 pub mod toml;
 pub mod value;
 
-pub use compile::{Compiled, compile};
+pub use compile::{Compiled, compile, with_companions};
 pub use draft::{DraftError, FIELDS, Field, FieldSpec, Kind, RuleDraft, Syntax};
 pub use error::RuleError;
 pub use model::{DedupKey, PortRange, Proto, Rule, Target, check_duplicate, next_id, remove_by_id};

@@ -215,11 +215,25 @@ pub struct Rule {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local: bool,
     pub target: Target,
+    /// `--hairpin CIDR` (DNAT only): hosts of this inside network may use the public address too; their
+    /// connections are masqueraded by the rule's [`Rule::hairpin_companion`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hairpin: Option<Ipv4Net>,
 }
 
-/// See [`Rule::dedup_key`]: interfaces, protocol, (network, mask) of source and destination, ports, `--local`, target.
-pub type DedupKey =
-    (Option<String>, Option<String>, Option<Proto>, (u32, u32), (u32, u32), Option<PortRange>, bool, Target);
+/// See [`Rule::dedup_key`]: interfaces, protocol, (network, mask) of source and destination, ports, `--local`, target,
+/// hairpin network.
+pub type DedupKey = (
+    Option<String>,
+    Option<String>,
+    Option<Proto>,
+    (u32, u32),
+    (u32, u32),
+    Option<PortRange>,
+    bool,
+    Target,
+    Option<(u32, u32)>,
+);
 
 /// `(network, mask)` in host order; an absent prefix is `0/0`, so `None` and `0.0.0.0/0` behave the same.
 pub(super) fn net_mask(n: Option<Ipv4Net>) -> (u32, u32) {
@@ -241,6 +255,27 @@ impl Rule {
     pub fn normalize(&mut self) {
         self.src = self.src.map(|n| n.trunc());
         self.dst = self.dst.map(|n| n.trunc());
+        self.hairpin = self.hairpin.map(|n| n.trunc());
+    }
+
+    /// The rule a `--hairpin CIDR` DNAT rule adds: `masquerade [-p PROTO] -s CIDR -d TO` with the same id, so
+    /// connections from the inside network that the DNAT sends back toward the inside leave with the router's
+    /// address on the interface toward the backend, and the replies come back through the router to be
+    /// un-NATed. It has no `-o`: the outgoing interface is the one toward the backend, whichever that is.
+    pub fn hairpin_companion(&self) -> Option<Rule> {
+        let (inside, Target::Dnat { addr, .. }) = (self.hairpin?, self.target) else { return None };
+        Some(Rule {
+            id: self.id,
+            iface: None,
+            oface: None,
+            proto: self.proto,
+            src: Some(inside),
+            dst: Some(Ipv4Net::from(addr)),
+            dport: None,
+            local: false,
+            target: Target::Masquerade { ports: None },
+            hairpin: None,
+        })
     }
 
     pub fn kind_name(&self) -> &'static str {
@@ -293,6 +328,9 @@ impl Rule {
                         .into(),
                 ));
             }
+        }
+        if let Some(inside) = self.hairpin {
+            self.check_hairpin(inside)?;
         }
         if let Some(p) = &self.dport {
             p.check()?;
@@ -347,6 +385,35 @@ impl Rule {
         Ok(())
     }
 
+    /// `--hairpin CIDR`'s checks: see its `--help`.
+    fn check_hairpin(&self, inside: Ipv4Net) -> Result<(), RuleError> {
+        let no = |why: &str| Err(RuleError::Unsupported(format!("--hairpin {why}")));
+        if !matches!(self.target, Target::Dnat { .. }) {
+            return no(&format!("applies to dnat rules only, not {}", self.kind_name()));
+        }
+        if self.local {
+            return no("does not apply to --local rules: local connections are not forwarded");
+        }
+        if self.iface.is_some() {
+            return no("does not go with -i: the rule must also match connections arriving from the inside network \
+                 (say which address is public with -d instead)");
+        }
+        if prefix_len(self.dst) == 0 {
+            return no("needs -d, the public address inside hosts connect to: without it, every connection from the \
+                 inside network to that port, whatever its destination, would be sent to the --to address");
+        }
+        if let Some(src) = self.src
+            && !src.contains(&inside)
+        {
+            return no(&format!(
+                "{}: -s {} does not contain it, so the rule would never match its hosts",
+                fmt_net(&inside),
+                fmt_net(&src)
+            ));
+        }
+        Ok(())
+    }
+
     /// A key equal for two rules exactly when [`Rule::same_match_and_target`] holds, so duplicates among many
     /// rules are found with a hash set instead of comparing every pair.
     pub fn dedup_key(&self) -> DedupKey {
@@ -359,6 +426,7 @@ impl Rule {
             self.dport,
             self.local,
             self.target,
+            self.hairpin.map(|n| net_mask(Some(n))),
         )
     }
 
@@ -373,6 +441,7 @@ impl Rule {
             && self.dport == other.dport
             && self.local == other.local
             && self.target == other.target
+            && self.hairpin.map(|n| net_mask(Some(n))) == other.hairpin.map(|n| net_mask(Some(n)))
     }
 }
 
@@ -432,9 +501,13 @@ impl fmt::Display for Rule {
             write!(f, " --dport {p}")?;
         }
         match self.target {
-            Target::Masquerade { ports: None } => Ok(()),
-            t => write!(f, " {t}"),
+            Target::Masquerade { ports: None } => {}
+            t => write!(f, " {t}")?,
         }
+        if let Some(h) = &self.hairpin {
+            write!(f, " --hairpin {}", fmt_net(h))?;
+        }
+        Ok(())
     }
 }
 
@@ -515,6 +588,7 @@ mod tests {
             dport: None,
             local: false,
             target: Target::Dnat { addr: ip("10.0.0.1"), port: Some(80) },
+            hairpin: None,
         };
         assert_eq!(r.validate().unwrap_err(), RuleError::ToPortNeedsProto);
     }

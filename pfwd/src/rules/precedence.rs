@@ -174,6 +174,7 @@ mod tests {
                         dst: rng.pick(&nets).map(net),
                         dport,
                         local: false,
+                        hairpin: None,
                         target,
                     }
                 })

@@ -90,7 +90,7 @@ pub(crate) fn random_rule(rng: &mut Rng) -> Rule {
         Target::Dnat { addr, port }
     };
     let (iface, oface) = if post { (None, iface) } else { (iface, None) };
-    Rule {
+    let mut r = Rule {
         id: rng.below(1000) as u32 + 1,
         iface,
         oface,
@@ -99,8 +99,20 @@ pub(crate) fn random_rule(rng: &mut Rng) -> Rule {
         dst: if rng.chance(50) { Some(rand_net(rng)) } else { None },
         dport,
         local: false,
+        hairpin: None,
         target,
+    };
+    // --hairpin: a dnat rule with -d and without -i; the inside network within -s.
+    if matches!(r.target, Target::Dnat { .. })
+        && r.iface.is_none()
+        && r.dst.is_some_and(|d| d.prefix_len() > 0)
+        && rng.chance(50)
+    {
+        let within = r.src.unwrap_or_else(|| rand_net(rng));
+        let len = within.prefix_len().max(rng.below(33) as u8);
+        r.hairpin = Some(Ipv4Net::new(within.addr(), len).unwrap().trunc());
     }
+    r
 }
 
 pub(crate) fn ifindex(name: &str) -> Option<u32> {

@@ -8,11 +8,11 @@ use super::error::{KINDS, RuleError};
 use super::model::{Rule, Target, fmt_net};
 
 const CONFIG_FIELDS: &[&str] =
-    &["id", "kind", "local", "iface", "oface", "proto", "src", "dst", "dport", "to", "to_port", "to_ports"];
+    &["id", "kind", "local", "iface", "oface", "proto", "src", "dst", "dport", "to", "to_port", "to_ports", "hairpin"];
 
 /// Parses a config file of `[[rule]]` tables (fields: `kind`, `iface` (dnat, redirect), `oface` (snat, masquerade),
 /// `proto`, `src`, `dst`, `dport` (dnat, redirect), `to` for dnat (`ADDR[:PORT]`) and snat (`ADDR[:LO-HI]`),
-/// `to_port` for redirect, `to_ports` for masquerade, and an optional `id`). Every rule is validated; duplicates and
+/// `to_port` for redirect, `to_ports` for masquerade, `hairpin` (dnat), and an optional `id`). Every rule is validated; duplicates and
 /// repeated ids are rejected. Errors name the 1-based `[[rule]]` position and the field.
 pub fn parse_config(text: &str) -> Result<Vec<Rule>, RuleError> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| RuleError::Toml(e.to_string()))?;
@@ -149,6 +149,9 @@ pub fn to_config(rules: &[Rule]) -> String {
             Target::Snat { addr, ports: None } => out.push_str(&format!("to = {}\n", q(&addr.to_string()))),
             Target::Masquerade { ports: Some(r) } => out.push_str(&format!("to_ports = {}\n", q(&r.to_string()))),
             Target::Masquerade { ports: None } => {}
+        }
+        if let Some(h) = &r.hairpin {
+            out.push_str(&format!("hairpin = {}\n", q(&fmt_net(h))));
         }
     }
     out
