@@ -572,6 +572,41 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     Ok(Change { removed: removed.into_iter().map(|r| r.rule).collect(), added, notes, before: state })
 }
 
+/// What `pfwd apply` changes: rules are matched by what they match and do (ids in the file are ignored), so a rule in
+/// both keeps its id, its counters and its live flows.
+#[derive(Debug, Default)]
+pub struct ApplyPlan {
+    /// Running rules the file has too (with their running ids).
+    pub keep: Vec<Rule>,
+    /// Running rules the file does not have.
+    pub remove: Vec<Rule>,
+    /// Rules of the file that are not running (ids to be assigned).
+    pub add: Vec<Rule>,
+}
+
+/// The difference between `running` and `wanted` (see [`ApplyPlan`]).
+pub fn plan_apply(running: &[Rule], wanted: &[Rule]) -> ApplyPlan {
+    let wanted_keys: HashSet<rules::DedupKey> = wanted.iter().map(Rule::dedup_key).collect();
+    let running_keys: HashSet<rules::DedupKey> = running.iter().map(Rule::dedup_key).collect();
+    let (keep, remove) = running.iter().cloned().partition(|r| wanted_keys.contains(&r.dedup_key()));
+    let add =
+        wanted.iter().filter(|r| !running_keys.contains(&r.dedup_key())).map(|r| Rule { id: 0, ..r.clone() }).collect();
+    ApplyPlan { keep, remove, add }
+}
+
+/// `pfwd apply`: makes the running rules exactly `wanted`, as one change (all or nothing). Returns the plan and the
+/// change (None when there was nothing to do).
+pub fn apply_rules(wanted: &[Rule]) -> Result<(ApplyPlan, Option<Change>)> {
+    let (running, _) = current()?.context(NOT_ATTACHED)?;
+    let plan = plan_apply(&running, wanted);
+    if plan.remove.is_empty() && plan.add.is_empty() {
+        return Ok((plan, None));
+    }
+    let remove: Vec<u32> = plan.remove.iter().map(|r| r.id).collect();
+    let change = change_rules(&remove, plan.add.clone(), false)?;
+    Ok((plan, Some(change)))
+}
+
 /// The rules and interfaces of the running instance (for export), or None when not attached.
 pub fn current() -> Result<Option<(Vec<Rule>, Vec<String>)>> {
     let lock = open()?;

@@ -5,14 +5,12 @@
 #[macro_use]
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::thread;
+use std::net::{TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-use tests::{Lab, Node, TIMEOUT};
+use tests::{Node, TIMEOUT};
 
 fn ids(list: &Value) -> Vec<u64> {
     list.as_array().unwrap().iter().map(|r| r["id"].as_u64().unwrap()).collect()
@@ -72,36 +70,6 @@ fn bulk_delete(mode: &str) {
     assert_eq!(ids(&list(&lab)), [2]);
     expect_tcp_fails(&lab, "10.0.1.1:8080");
     expect_tcp(&lab, None, "10.0.1.1:8081", "server", 9000, "10.0.1.2");
-}
-
-/// A TCP server that echoes every line on a connection until the client closes (bounded by timeouts), for
-/// connections that outlive rule changes.
-fn line_echo_server(lab: &Lab, node: Node, addr: &str) -> thread::JoinHandle<()> {
-    let listener = lab.in_ns(node, || TcpListener::bind(sa(addr))).unwrap().unwrap();
-    thread::spawn(move || {
-        // One connection is all these tests make.
-        let Ok((stream, _)) = listener.accept() else { return };
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let mut writer = stream.try_clone().unwrap();
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { return };
-            if writer.write_all(format!("{line}\n").as_bytes()).is_err() {
-                return;
-            }
-        }
-    })
-}
-
-/// One line out and back on a live connection; Err when the connection is cut (reset, closed or silent).
-fn exchange(stream: &TcpStream, line: &str) -> Result<String, String> {
-    let mut w = stream;
-    w.write_all(format!("{line}\n").as_bytes()).map_err(|e| e.to_string())?;
-    let mut back = String::new();
-    match BufReader::new(stream).read_line(&mut back) {
-        Ok(0) => Err("closed".into()),
-        Ok(_) => Ok(back.trim_end().to_string()),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 /// After a rule change, live flows keep their old translation until `pfwd conntrack --flush` ends them: then UDP's

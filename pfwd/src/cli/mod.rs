@@ -61,6 +61,28 @@ struct Cli {
 enum Cmd {
     /// Load pfwd in this network namespace and attach it to interfaces (keeps working after pfwd exits).
     Attach(AttachArgs),
+    /// Make the rules exactly those of a TOML config file, as one change (all or nothing).
+    ///
+    /// Rules are matched by what they match and do: a rule in both the running set and the file keeps its id, its
+    /// counters and its live flows; running rules the file lacks are removed; the file's new rules are added (ids in
+    /// the file are not used for matching). With IFACEs, attaches to them first (like `pfwd attach`). --dry-run prints
+    /// the difference and changes nothing.
+    Apply {
+        /// Interfaces to attach to first (when not attached yet, or to add interfaces).
+        #[arg(value_name = "IFACE")]
+        ifaces: Vec<String>,
+        /// The TOML file of rules (the format of `pfwd save` and `attach --config`).
+        #[arg(long, value_name = "FILE", required = true)]
+        config: Option<PathBuf>,
+        /// Print what would be kept, removed and added; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Data path when attaching (see `pfwd attach --help`).
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: Mode,
+    },
+    /// Print the running rules as a TOML config file that `pfwd apply --config` and `attach --config` accept.
+    Save,
     /// Like attach, but stay in the foreground: stream new flows, drops and counters; detach on Ctrl-C/SIGTERM.
     Run(RunArgs),
     /// Add a rule.
@@ -254,6 +276,11 @@ fn run(cli: Cli) -> Result<()> {
             print_notes(&control::attach(&a.ifaces, rules, &attach_opts(&a))?);
         }
         Cmd::Run(r) => run_foreground(r)?,
+        Cmd::Apply { ifaces, config, dry_run, mode } => apply(&ifaces, &config, dry_run, mode)?,
+        Cmd::Save => {
+            let (rules, _) = control::current()?.context(control::NOT_ATTACHED)?;
+            print!("{}", rules::to_config(&rules));
+        }
         Cmd::Add(add) => {
             let rule = add.into_rule()?;
             let (id, notes) = control::add(rule)?;
@@ -381,6 +408,58 @@ fn run(cli: Cli) -> Result<()> {
 
 fn flows_ended(n: usize) -> String {
     format!("ended {n} live flow{}", if n == 1 { "" } else { "s" })
+}
+
+/// `pfwd apply`: validate the file, attach when asked, then one change to the file's rules.
+fn apply(ifaces: &[String], config: &Option<PathBuf>, dry_run: bool, mode: Mode) -> Result<()> {
+    // The whole file is checked before anything changes.
+    let wanted = read_config(config)?;
+    let attached = control::current()?;
+    if attached.is_none() && ifaces.is_empty() {
+        anyhow::bail!(
+            "pfwd is not attached in this network namespace: name the interfaces (`pfwd apply IFACE... --config FILE`) \
+             or run `pfwd attach IFACE...` first"
+        );
+    }
+    let show = |plan: &control::ApplyPlan| {
+        for r in &plan.keep {
+            println!("  keep   {:>4}  {r}", r.id);
+        }
+        for r in &plan.remove {
+            println!("- remove {:>4}  {r}", r.id);
+        }
+        for r in &plan.add {
+            println!("+ add          {r}");
+        }
+        println!("{} kept, {} removed, {} added", plan.keep.len(), plan.remove.len(), plan.add.len());
+    };
+    if dry_run {
+        let running = attached.map(|(r, _)| r).unwrap_or_default();
+        show(&control::plan_apply(&running, &wanted));
+        return Ok(());
+    }
+    if !ifaces.is_empty() {
+        let opts = AttachOptions {
+            mode,
+            ct_entries: pfwd_common::DEFAULT_CT_ENTRIES,
+            config: pfwd_common::Config::default(),
+            timeouts: vec![],
+            fast_forward: false,
+        };
+        print_notes(&control::attach(ifaces, vec![], &opts)?);
+    }
+    let (plan, change) = control::apply_rules(&wanted)?;
+    show(&plan);
+    if let Some(change) = change {
+        let ids: Vec<String> = change.added.iter().map(u32::to_string).collect();
+        if !ids.is_empty() {
+            println!("added rule ids: {}", ids.join(", "));
+        }
+        for n in &change.notes {
+            eprintln!("pfwd: {n}");
+        }
+    }
+    Ok(())
 }
 
 /// A `pfwd del` argument: `ID` or `LO-HI`.

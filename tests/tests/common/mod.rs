@@ -6,8 +6,8 @@
 #![allow(dead_code)] // Not every test binary uses every helper.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -484,4 +484,34 @@ fn inet_checksum(data: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// A TCP server that echoes every line on a connection until the client closes (bounded by timeouts), for
+/// connections that outlive rule changes.
+pub fn line_echo_server(lab: &Lab, node: Node, addr: &str) -> thread::JoinHandle<()> {
+    let listener = lab.in_ns(node, || TcpListener::bind(sa(addr))).unwrap().unwrap();
+    thread::spawn(move || {
+        // One connection is all these tests make.
+        let Ok((stream, _)) = listener.accept() else { return };
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { return };
+            if writer.write_all(format!("{line}\n").as_bytes()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// One line out and back on a live connection; Err when the connection is cut (reset, closed or silent).
+pub fn exchange(stream: &TcpStream, line: &str) -> Result<String, String> {
+    let mut w = stream;
+    w.write_all(format!("{line}\n").as_bytes()).map_err(|e| e.to_string())?;
+    let mut back = String::new();
+    match BufReader::new(stream).read_line(&mut back) {
+        Ok(0) => Err("closed".into()),
+        Ok(_) => Ok(back.trim_end().to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
