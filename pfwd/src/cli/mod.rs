@@ -11,7 +11,7 @@ use std::{path::PathBuf, process::ExitCode};
 use add::AddCmd;
 pub use add::parse_rule;
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use foreground::run_foreground;
 use output::{or, print_status};
 
@@ -83,6 +83,13 @@ enum Cmd {
     },
     /// Print the running rules as a TOML config file that `pfwd apply --config` and `attach --config` accept.
     Save,
+    /// Print a shell completion script: `pfwd completions bash > /etc/bash_completion.d/pfwd`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): `pfwd manpage > /usr/local/share/man/man8/pfwd.8`.
+    Manpage,
     /// Like attach, but stay in the foreground: stream new flows, drops and counters; detach on Ctrl-C/SIGTERM.
     Run(RunArgs),
     /// Add a rule.
@@ -277,6 +284,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Run(r) => run_foreground(r)?,
         Cmd::Apply { ifaces, config, dry_run, mode } => apply(&ifaces, &config, dry_run, mode)?,
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "pfwd", &mut std::io::stdout());
+        }
+        Cmd::Manpage => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?,
         Cmd::Save => {
             let (rules, _) = control::current()?.context(control::NOT_ATTACHED)?;
             print!("{}", rules::to_config(&rules));
@@ -528,4 +539,33 @@ fn import(file: Option<PathBuf>, dry_run: bool) -> Result<()> {
         _ => println!("imported 0 rules"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn clap_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_and_man_page_cover_every_command() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "pfwd", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for cmd in ["attach", "add", "flush", "conntrack", "apply", "save", "import"] {
+                assert!(text.contains(cmd), "{shell:?} completion lacks {cmd}");
+            }
+        }
+        let mut man = Vec::new();
+        clap_mangen::Man::new(Cli::command()).render(&mut man).unwrap();
+        let man = String::from_utf8(man).unwrap();
+        assert!(man.starts_with(".ie") || man.contains(".TH"), "{man}");
+        assert!(man.contains("iptables"), "the man page carries the long description");
+    }
 }
