@@ -30,9 +30,31 @@ pub(super) fn logical_lines(text: &str) -> Vec<(usize, String)> {
     out
 }
 
+/// How a line's words are quoted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Quoting {
+    /// A shell command: `'...'`, `"..."` with sh's backslash escapes, a backslash outside quotes, `#` comments.
+    Shell,
+    /// An `iptables-save` line, read as `iptables-restore` reads it: only double quotes quote (a backslash escapes the
+    /// next character inside them); outside them a backslash, a `'` and a `#` are ordinary characters. iptables-save
+    /// prints interface names as they are, so `-o a\b` and `-o x'y` must come back as `a\b` and `x'y`.
+    Restore,
+}
+
 /// Splits a line like sh does for the cases that occur in iptables scripts: quotes, backslash escapes, and a `#`
 /// comment starting a word.
 pub(super) fn tokenize(line: &str) -> Res<Vec<String>> {
+    split_words(line, Quoting::Shell)
+}
+
+/// Splits an `iptables-save` line the way `iptables-restore` does (see [`Quoting::Restore`]).
+pub(super) fn tokenize_restore(line: &str) -> Res<Vec<String>> {
+    split_words(line, Quoting::Restore)
+}
+
+fn split_words(line: &str, quoting: Quoting) -> Res<Vec<String>> {
+    let shell = quoting == Quoting::Shell;
+    let unterminated = |q: &str| bad(q, "unterminated quote");
     let mut tokens = Vec::new();
     let mut cur = String::new();
     let mut in_token = false;
@@ -45,14 +67,14 @@ pub(super) fn tokenize(line: &str) -> Res<Vec<String>> {
                     in_token = false;
                 }
             }
-            '#' if !in_token => break,
-            '\'' => {
+            '#' if shell && !in_token => break,
+            '\'' if shell => {
                 in_token = true;
                 loop {
                     match chars.next() {
                         Some('\'') => break,
                         Some(ch) => cur.push(ch),
-                        None => return Err(bad("'", "unterminated quote")),
+                        None => return Err(unterminated("'")),
                     }
                 }
             }
@@ -62,64 +84,24 @@ pub(super) fn tokenize(line: &str) -> Res<Vec<String>> {
                     match chars.next() {
                         Some('"') => break,
                         Some('\\') => match chars.next() {
-                            Some(ch @ ('"' | '\\' | '$' | '`')) => cur.push(ch),
-                            Some(ch) => {
+                            // sh keeps the backslash before other characters; iptables-restore drops it.
+                            Some(ch @ ('"' | '\\' | '$' | '`')) if shell => cur.push(ch),
+                            Some(ch) if shell => {
                                 cur.push('\\');
                                 cur.push(ch);
                             }
-                            None => return Err(bad("\"", "unterminated quote")),
+                            Some(ch) => cur.push(ch),
+                            None => return Err(unterminated("\"")),
                         },
                         Some(ch) => cur.push(ch),
-                        None => return Err(bad("\"", "unterminated quote")),
+                        None => return Err(unterminated("\"")),
                     }
                 }
             }
-            '\\' => {
+            '\\' if shell => {
                 in_token = true;
                 if let Some(ch) = chars.next() {
                     cur.push(ch);
-                }
-            }
-            c => {
-                in_token = true;
-                cur.push(c);
-            }
-        }
-    }
-    if in_token {
-        tokens.push(cur);
-    }
-    Ok(tokens)
-}
-
-/// Splits an `iptables-save` line the way `iptables-restore` does: only double quotes quote (a backslash escapes the
-/// next character inside them); outside them a backslash, a `'` and a `#` are ordinary characters. iptables-save
-/// prints interface names as they are, so `-o a\b` and `-o x'y` must come back as `a\b` and `x'y`.
-pub(super) fn tokenize_restore(line: &str) -> Res<Vec<String>> {
-    let mut tokens = Vec::new();
-    let mut cur = String::new();
-    let mut in_token = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            c if c.is_whitespace() => {
-                if in_token {
-                    tokens.push(std::mem::take(&mut cur));
-                    in_token = false;
-                }
-            }
-            '"' => {
-                in_token = true;
-                loop {
-                    match chars.next() {
-                        Some('"') => break,
-                        Some('\\') => match chars.next() {
-                            Some(ch) => cur.push(ch),
-                            None => return Err(bad("\"", "unterminated quote")),
-                        },
-                        Some(ch) => cur.push(ch),
-                        None => return Err(bad("\"", "unterminated quote")),
-                    }
                 }
             }
             c => {
