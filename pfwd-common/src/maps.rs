@@ -18,8 +18,9 @@ pub mod names {
     pub const IFACES: &str = "PFWD_IFACES";
     pub const CONFIG: &str = "PFWD_CONFIG";
     pub const SOCKETS: &str = "PFWD_SOCKETS";
+    pub const FRAGS: &str = "PFWD_FRAGS";
     /// Every map, in the order `pfwd status` reports their memory.
-    pub const MAPS: [&str; 8] = [RULES, BUCKETS, CONNTRACK, RULE_COUNTERS, STATS, IFACES, CONFIG, SOCKETS];
+    pub const MAPS: [&str; 9] = [RULES, BUCKETS, CONNTRACK, RULE_COUNTERS, STATS, IFACES, CONFIG, SOCKETS, FRAGS];
 
     /// The tcx programs (`#[classifier]` functions of pfwd-ebpf).
     pub const PROG_INGRESS: &str = "pfwd_ingress";
@@ -51,6 +52,12 @@ pub const MAX_BUCKETS: u32 = 262_144;
 /// Default conntrack size: two entries per flow, so this holds 256k concurrent flows.
 pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
 pub const MAX_IFACES: u32 = 256;
+/// Datagrams whose fragments are being tracked at once (an LRU: under pressure the oldest are forgotten, and their
+/// remaining fragments are dropped as unknown).
+pub const MAX_FRAG_DATAGRAMS: u32 = 16_384;
+/// How long the translation of a datagram's first fragment applies to its later fragments. Fragments of one datagram
+/// follow each other within milliseconds; the IP id (16 bits) is reused by a busy sender within seconds.
+pub const FRAG_TIMEOUT_NS: u64 = 5_000_000_000;
 
 pub const PROTO_ANY: u8 = 0;
 pub const PROTO_ICMP: u8 = 1;
@@ -165,7 +172,9 @@ pub enum Stat {
     Unused = 0,
     /// New flows created.
     NewFlows = 1,
-    /// IPv4 fragments passed untranslated (ports are unknown in them).
+    /// IPv4 fragments passed untouched although pfwd could not tell their datagram: a later fragment seen before
+    /// its first fragment (or a first fragment too short to hold the ports) on an instance without NAT rules or on an
+    /// interface pfwd is not attached to. With rules, such fragments are dropped instead ([`Stat::FragmentsDropped`]).
     Fragments = 2,
     /// Truncated or malformed IPv4/L4 headers passed untouched.
     Malformed = 3,
@@ -184,11 +193,17 @@ pub enum Stat {
     SnatExhausted = 9,
     /// ICMP errors about translated flows, translated (outer and embedded headers).
     IcmpErrorsXlated = 10,
+    /// Later fragments of a translated datagram, rewritten like its first fragment.
+    FragmentsXlated = 11,
+    /// Fragments dropped because their datagram's translation is unknown: a later fragment seen before the first
+    /// (out of order, or its first was lost or evicted), or a first fragment too short to hold the ports. Passing
+    /// them untranslated could leak an untranslated address and could never be reassembled with the rest.
+    FragmentsDropped = 12,
 }
 
 impl Stat {
     /// Entries of the stats array.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
     /// Every counter, in index order (`ALL[i] as u32 == i`).
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Unused,
@@ -202,6 +217,8 @@ impl Stat {
         Stat::StaleRemoved,
         Stat::SnatExhausted,
         Stat::IcmpErrorsXlated,
+        Stat::FragmentsXlated,
+        Stat::FragmentsDropped,
     ];
 
     /// Index in the stats array.
@@ -224,6 +241,8 @@ impl Stat {
             Stat::StaleRemoved => "stale_flows_removed",
             Stat::SnatExhausted => "snat_port_exhausted_drops",
             Stat::IcmpErrorsXlated => "icmp_errors_translated",
+            Stat::FragmentsXlated => "fragments_translated",
+            Stat::FragmentsDropped => "fragments_unknown_drops",
         }
     }
 }
@@ -235,6 +254,44 @@ pub struct IfaceInfo {
     /// Primary IPv4 address (network order), used by REDIRECT; 0 when the interface has none.
     pub addr: u32,
     pub flags: u32,
+}
+
+/// One fragmented datagram at one hook: the fields that identify a datagram (RFC 791: source, destination,
+/// protocol, identification), as its fragments carry them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    /// [`ct_hook`]: the same datagram is seen at both hooks of a forwarded flow, translated at most at one.
+    pub hook: u8,
+}
+
+/// What the first fragment of a datagram got, applied to its later fragments.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragEntry {
+    /// The addresses the later fragments get (network order); equal to the key's for [`frag_action::PASS`].
+    pub saddr: u32,
+    pub daddr: u32,
+    /// The rule slot whose counters the later fragments' bytes go to ([`frag_action::XLATE`]).
+    pub rule_slot: u32,
+    /// [`frag_action`].
+    pub action: u32,
+    /// When the first fragment was seen (CLOCK_MONOTONIC_COARSE, ns).
+    pub seen_ns: u64,
+}
+
+/// `FragEntry::action`: what happens to the later fragments.
+pub mod frag_action {
+    /// Untouched: the datagram is not translated at this hook.
+    pub const PASS: u32 = 0;
+    /// Rewritten at the IP level to the entry's addresses.
+    pub const XLATE: u32 = 1;
+    /// Dropped, as the first fragment was.
+    pub const DROP: u32 = 2;
 }
 
 /// `Config::flags` bits.
@@ -441,6 +498,8 @@ mod pod {
         Config,
         Tuple,
         CtEntry,
+        FragKey,
+        FragEntry,
         SockKey,
         SockOrig
     );

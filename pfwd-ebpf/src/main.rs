@@ -22,6 +22,8 @@ mod fib;
 #[cfg(target_arch = "bpf")]
 mod forward;
 #[cfg(target_arch = "bpf")]
+mod fragment;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
@@ -43,13 +45,13 @@ mod programs {
     };
     use aya_log_ebpf::{info, warn};
     use core::net::Ipv4Addr;
-    use pfwd_common::{Config, PROTO_TCP, Stat, Tuple, config_flag, ct_hook, dir, hook, tcx};
+    use pfwd_common::{Config, PROTO_TCP, Stat, Tuple, config_flag, ct_hook, dir, frag_action, hook, tcx};
 
     use crate::{
-        conntrack, dnat, forward,
+        conntrack, dnat, forward, fragment,
         maps::{CONFIG, IFACES, count, count_rule, count_rule_drop},
         nat,
-        parse::{self, Embedded, Icmp, Packet, TCP_SYN},
+        parse::{self, Embedded, Icmp, Packet, TCP_SYN, frag},
         rules, snat,
     };
 
@@ -102,15 +104,27 @@ mod programs {
     fn run(ctx: &TcContext, at: u8) -> i32 {
         let Some(cfg) = CONFIG.get(0) else { return NEXT };
         let Some(pkt) = parse::parse(ctx) else { return NEXT };
+        if pkt.frag == frag::LATER {
+            return fragment::later(ctx, &pkt, at);
+        }
         if let Icmp::Error(emb) = pkt.icmp {
             return icmp_error(ctx, &pkt, &emb, at, cfg);
         }
         match verdict(ctx, &pkt, at, cfg) {
-            Verdict::Pass => NEXT,
-            Verdict::Known if at == ct_hook::INGRESS => forward::redirect(ctx, &pkt.tuple, cfg).unwrap_or(NEXT),
-            Verdict::Known => NEXT,
-            Verdict::Drop => DROP,
+            Verdict::Pass => {
+                fragment::note_first(&pkt, at, frag_action::PASS, &pkt.tuple, 0);
+                NEXT
+            }
+            Verdict::Known => {
+                fragment::note_first(&pkt, at, frag_action::PASS, &pkt.tuple, 0);
+                if at == ct_hook::INGRESS { forward::redirect(ctx, &pkt.tuple, cfg).unwrap_or(NEXT) } else { NEXT }
+            }
+            Verdict::Drop => {
+                fragment::note_first(&pkt, at, frag_action::DROP, &pkt.tuple, 0);
+                DROP
+            }
             Verdict::Translate { xlat, slot, new_flow } => {
+                fragment::note_first(&pkt, at, frag_action::XLATE, &xlat, slot);
                 if new_flow && logging(cfg) {
                     let t = &pkt.tuple;
                     info!(
@@ -205,19 +219,25 @@ mod programs {
     fn icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, at: u8, cfg: &Config) -> i32 {
         let now = conntrack::now_ns();
         let key = emb.tuple.reversed();
-        let Some(e) = conntrack::lookup(&key, now, cfg) else { return NEXT };
-        // SAFETY: map value pointer from lookup.
-        let entry = unsafe { &*e };
-        if entry.hook != at {
-            return NEXT;
-        }
+        let entry = match conntrack::lookup(&key, now, cfg) {
+            // SAFETY: map value pointer from lookup.
+            Some(e) if unsafe { (*e).hook } == at => unsafe { &*e },
+            _ => {
+                fragment::note_first(pkt, at, frag_action::PASS, &pkt.tuple, 0);
+                return NEXT;
+            }
+        };
         let new_inner = entry.xlat.reversed();
-        if !nat::rewrite_icmp_error(ctx, pkt, emb, &new_inner) {
+        let slot = entry.rule_slot;
+        let Some(outer) = nat::rewrite_icmp_error(ctx, pkt, emb, &new_inner) else {
             count(Stat::Malformed);
+            fragment::note_first(pkt, at, frag_action::DROP, &pkt.tuple, 0);
             return DROP;
-        }
+        };
+        // An error long enough to be fragmented itself: its later fragments get the outer addresses.
+        fragment::note_first(pkt, at, frag_action::XLATE, &outer, slot);
         count(Stat::IcmpErrorsXlated);
-        count_rule(entry.rule_slot, pkt.ip_len, false);
+        count_rule(slot, pkt.ip_len, false);
         NEXT
     }
 

@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use pfwd_common::{
-    Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, IfaceInfo, MAX_BUCKETS, MAX_IFACES, MAX_RULES, MAX_SOCKETS,
-    RULE_ENTRIES, RuleCounters, RuleEntry, SockKey, SockOrig, Stat, Tuple,
+    Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, FragEntry, FragKey, IfaceInfo, MAX_BUCKETS,
+    MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_RULES, MAX_SOCKETS, RULE_ENTRIES, RuleCounters, RuleEntry, SockKey, SockOrig,
+    Stat, Tuple,
 };
 
 #[map(name = "PFWD_RULES")]
@@ -36,6 +37,10 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "PFWD_SOCKETS")]
 pub static SOCKETS: LruHashMap<SockKey, SockOrig> = LruHashMap::pinned(MAX_SOCKETS, 0);
 
+/// Fragmented datagrams in flight: what their first fragment got (`fragment`).
+#[map(name = "PFWD_FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(MAX_FRAG_DATAGRAMS, 0);
+
 /// Counts one event in the global counters.
 #[inline(always)]
 pub fn count(stat: Stat) {
@@ -50,6 +55,16 @@ pub fn count_rule_drop(slot: u32) {
     if let Some(c) = RULE_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe { (*c).drops += 1 };
+    }
+}
+
+/// Adds bytes to a rule's counters without counting a packet: a later fragment's payload (its datagram was counted
+/// as one packet, by its first fragment, as iptables counts the reassembled datagram).
+#[inline(always)]
+pub fn count_rule_bytes(slot: u32, bytes: u32) {
+    if let Some(c) = RULE_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
+        unsafe { (*c).bytes += bytes as u64 };
     }
 }
 

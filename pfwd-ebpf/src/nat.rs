@@ -54,6 +54,13 @@ fn rewrite_echo_id(ctx: &TcContext, off: usize, from: u16, to: u16) -> Option<(u
     Some((old, new))
 }
 
+/// Rewrites only the IPv4 addresses of the packet from `from` to `to` (a later fragment: no L4 header of its own).
+/// Returns false if the header could not be written.
+#[inline(always)]
+pub fn rewrite_addresses(ctx: &TcContext, from: &Tuple, to: &Tuple) -> bool {
+    rewrite_ip(ctx, ETH_LEN, from, to).is_some()
+}
+
 /// Rewrites the packet (whose tuple is `pkt.tuple`) so its tuple becomes `to`. Returns false if the packet could not
 /// be written (then it must be dropped: it may be half-rewritten).
 #[inline(always)]
@@ -106,16 +113,16 @@ impl IcmpCheck {
 /// Translates an ICMP error about a translated flow: the embedded packet (as the translated side sent it) becomes
 /// `new_inner`, its IP checksum and (where present) its L4 checksum follow, the outer addresses that named the
 /// embedded packet's endpoints follow them, and the outer IP and ICMP checksums account for everything.
-/// Returns false if the packet could not be written.
+/// Returns the outer addresses written (as a tuple), or None if the packet could not be written.
 #[inline(always)]
-pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inner: &Tuple) -> bool {
+pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inner: &Tuple) -> Option<Tuple> {
     let inner = &emb.tuple;
-    let Some(check) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + ICMP_CHECK) else { return false };
+    let check = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + ICMP_CHECK)?;
     // SAFETY: bounds checked by ptr_at.
     let mut icmp = IcmpCheck(u16::from_be_bytes(unsafe { *check }));
 
     // Embedded IP header: addresses and its checksum are all inside the ICMP payload.
-    let Some((old_check, new_check)) = rewrite_ip(ctx, emb.ip_off, inner, new_inner) else { return false };
+    let (old_check, new_check) = rewrite_ip(ctx, emb.ip_off, inner, new_inner)?;
     icmp.addr(inner.saddr, new_inner.saddr);
     icmp.addr(inner.daddr, new_inner.daddr);
     icmp.u16(old_check, new_check);
@@ -127,7 +134,7 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
             if let Some(csum_at) = checksum::l4_csum_offset(inner.proto)
                 && emb.l4_off + csum_at + 2 <= end
             {
-                let Some(c) = ptr_at::<[u8; 2]>(ctx, emb.l4_off + csum_at) else { return false };
+                let c = ptr_at::<[u8; 2]>(ctx, emb.l4_off + csum_at)?;
                 // SAFETY: bounds checked by ptr_at.
                 let c = unsafe { &mut *c };
                 let old = u16::from_be_bytes(*c);
@@ -144,7 +151,7 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
                     icmp.u16(old, new);
                 }
             }
-            let Some(ports) = ptr_at::<[u8; 4]>(ctx, emb.l4_off) else { return false };
+            let ports = ptr_at::<[u8; 4]>(ctx, emb.l4_off)?;
             let [s0, s1] = new_inner.sport.to_be_bytes();
             let [d0, d1] = new_inner.dport.to_be_bytes();
             // SAFETY: bounds checked by ptr_at.
@@ -154,9 +161,7 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
         }
         PROTO_ICMP => {
             // The embedded echo: its identifier, and its own checksum with it (as Linux's icmp_manip_pkt does).
-            let Some((old, new)) = rewrite_echo_id(ctx, emb.l4_off, inner.sport, new_inner.sport) else {
-                return false;
-            };
+            let (old, new) = rewrite_echo_id(ctx, emb.l4_off, inner.sport, new_inner.sport)?;
             icmp.u16(old, new);
             icmp.u16(inner.sport, new_inner.sport);
         }
@@ -172,11 +177,9 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
     if outer.saddr == inner.daddr {
         outer.saddr = new_inner.daddr;
     }
-    if rewrite_ip(ctx, ETH_LEN, &pkt.tuple, &outer).is_none() {
-        return false;
-    }
-    let Some(check) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + ICMP_CHECK) else { return false };
+    rewrite_ip(ctx, ETH_LEN, &pkt.tuple, &outer)?;
+    let check = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + ICMP_CHECK)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe { *check = icmp.0.to_be_bytes() };
-    true
+    Some(outer)
 }

@@ -45,6 +45,19 @@ pub struct Embedded {
     pub tuple: Tuple,
 }
 
+/// Where a packet sits in a fragmented datagram (`Packet::frag`). Plain constants rather than an enum with the IP
+/// id inside: the BPF verifier rejects the copies of partly undefined enum values that LLVM makes.
+pub mod frag {
+    /// Not a fragment.
+    pub const WHOLE: u8 = 0;
+    /// The first fragment (offset 0, more to come) with the L4 header: translated as the datagram's flow says, and
+    /// remembered (`fragment`) for the later fragments with the same IP id.
+    pub const FIRST: u8 = 1;
+    /// A later fragment (or a first one too short to hold the ports): no L4 header of its own, so only its addresses
+    /// are translated, as its first fragment's were.
+    pub const LATER: u8 = 2;
+}
+
 /// What the NAT code needs to know about a packet.
 pub struct Packet {
     pub tuple: Tuple,
@@ -54,6 +67,9 @@ pub struct Packet {
     /// IP total length (what the rule byte counters count, as iptables does).
     pub ip_len: u32,
     pub icmp: Icmp,
+    /// [`frag`], and the IP identification that ties a datagram's fragments together.
+    pub frag: u8,
+    pub ip_id: u16,
 }
 
 impl Packet {
@@ -130,7 +146,8 @@ fn addresses(ip: &Ipv4Hdr) -> Tuple {
     }
 }
 
-/// Parses an IPv4 TCP/UDP/other packet. `None` means "not ours, pass untouched" (non-IPv4, fragments, malformed).
+/// Parses an IPv4 TCP/UDP/other packet. `None` means "not ours, pass untouched" (non-IPv4, malformed). A later
+/// fragment comes back with the addresses and protocol only (ports 0, `frag::LATER`).
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Option<Packet> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
@@ -152,65 +169,83 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let frags = u16::from_be_bytes(ip.frags);
-    if frags & (IP_MF | IP_OFFSET) != 0 {
-        // Only the first fragment carries the ports; translating some fragments and not others would be wrong.
-        count(Stat::Fragments);
-        return None;
-    }
     let mut tuple = addresses(ip);
     let l4_off = ETH_LEN + ihl;
     let l4_len = tot_len - ihl;
+    // Only the first fragment carries the L4 header. A first fragment without the whole of it (RFC 1858's tiny
+    // fragment) is treated as a later one: its ports are unknown. (One construction of the Packet at the end: the
+    // verifier rejects the copies of partly undefined values that several would produce.)
+    let mut frag = if frags & IP_OFFSET != 0 {
+        frag::LATER
+    } else if frags & IP_MF != 0 {
+        frag::FIRST
+    } else {
+        frag::WHOLE
+    };
     let mut tcp_flags = 0;
     let mut icmp = Icmp::Absent;
-    match tuple.proto {
+    let l4_proto = if frag == frag::LATER { 0 } else { tuple.proto };
+    match l4_proto {
         PROTO_TCP | PROTO_UDP => {
             let hdr_len = if tuple.proto == PROTO_TCP { 20 } else { 8 };
-            if l4_len < hdr_len || !ensure_linear(ctx, l4_off + hdr_len) {
-                count(Stat::Malformed);
-                return None;
-            }
-            // Re-derive: ensure_linear may have moved the data.
-            let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
-            // SAFETY: bounds checked by ptr_at.
-            let ports = unsafe { *ports };
-            tuple.sport = u16::from_be_bytes([ports[0], ports[1]]);
-            tuple.dport = u16::from_be_bytes([ports[2], ports[3]]);
-            if tuple.proto == PROTO_TCP {
-                let off_flags: *const [u8; 2] = ptr_at(ctx, l4_off + 12)?;
-                // SAFETY: bounds checked by ptr_at.
-                let [doff, flags] = unsafe { *off_flags };
-                if ((doff >> 4) as usize) < 5 {
+            if l4_len < hdr_len && frag == frag::FIRST {
+                frag = frag::LATER;
+            } else {
+                if l4_len < hdr_len || !ensure_linear(ctx, l4_off + hdr_len) {
                     count(Stat::Malformed);
                     return None;
                 }
-                tcp_flags = flags;
+                // Re-derive: ensure_linear may have moved the data.
+                let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
+                // SAFETY: bounds checked by ptr_at.
+                let ports = unsafe { *ports };
+                tuple.sport = u16::from_be_bytes([ports[0], ports[1]]);
+                tuple.dport = u16::from_be_bytes([ports[2], ports[3]]);
+                if tuple.proto == PROTO_TCP {
+                    let off_flags: *const [u8; 2] = ptr_at(ctx, l4_off + 12)?;
+                    // SAFETY: bounds checked by ptr_at.
+                    let [doff, flags] = unsafe { *off_flags };
+                    if ((doff >> 4) as usize) < 5 {
+                        count(Stat::Malformed);
+                        return None;
+                    }
+                    tcp_flags = flags;
+                }
             }
         }
         PROTO_ICMP => {
-            if l4_len < ICMP_HLEN || !ensure_linear(ctx, l4_off + ICMP_HLEN) {
-                count(Stat::Malformed);
-                return None;
+            if l4_len < ICMP_HLEN && frag == frag::FIRST {
+                frag = frag::LATER;
+            } else {
+                if l4_len < ICMP_HLEN || !ensure_linear(ctx, l4_off + ICMP_HLEN) {
+                    count(Stat::Malformed);
+                    return None;
+                }
+                let hdr: *const [u8; ICMP_HLEN] = ptr_at(ctx, l4_off)?;
+                // SAFETY: bounds checked by ptr_at.
+                let hdr = unsafe { *hdr };
+                icmp = match hdr[0] {
+                    ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY => {
+                        let id = u16::from_be_bytes([hdr[4], hdr[5]]);
+                        tuple.sport = id;
+                        tuple.dport = id;
+                        if hdr[0] == ICMP_ECHO_REQUEST { Icmp::EchoRequest } else { Icmp::EchoReply }
+                    }
+                    ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB => {
+                        // An error whose embedded packet cannot be read is passed as plain ICMP, untranslated.
+                        embedded(ctx, l4_off + ICMP_HLEN, ETH_LEN + tot_len).map_or(Icmp::Other, Icmp::Error)
+                    }
+                    _ => Icmp::Other,
+                };
             }
-            let hdr: *const [u8; ICMP_HLEN] = ptr_at(ctx, l4_off)?;
-            // SAFETY: bounds checked by ptr_at.
-            let hdr = unsafe { *hdr };
-            icmp = match hdr[0] {
-                ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY => {
-                    let id = u16::from_be_bytes([hdr[4], hdr[5]]);
-                    tuple.sport = id;
-                    tuple.dport = id;
-                    if hdr[0] == ICMP_ECHO_REQUEST { Icmp::EchoRequest } else { Icmp::EchoReply }
-                }
-                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB => {
-                    // An error whose embedded packet cannot be read is passed as plain ICMP, untranslated.
-                    embedded(ctx, l4_off + ICMP_HLEN, ETH_LEN + tot_len).map_or(Icmp::Other, Icmp::Error)
-                }
-                _ => Icmp::Other,
-            };
         }
         _ => {}
     }
-    Some(Packet { tuple, l4_off, tcp_flags, ip_len: tot_len as u32, icmp })
+    // Read after the L4 header (not kept across ensure_linear's helper call, which would cost stack).
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip_id = u16::from_be_bytes(unsafe { (*ip).id });
+    Some(Packet { tuple, l4_off, tcp_flags, ip_len: tot_len as u32, icmp, frag, ip_id })
 }
 
 /// Parses the packet embedded in an ICMP error at `ip_off`: an IPv4 header and at least 8 bytes of L4 (RFC 792),
@@ -224,7 +259,8 @@ fn embedded(ctx: &TcContext, ip_off: usize, end: usize) -> Option<Embedded> {
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
     let ihl = (ip.vihl & 0x0f) as usize * 4;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+    // A later fragment's first 8 bytes are data, not ports (and routers never report errors about them, RFC 1812).
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || u16::from_be_bytes(ip.frags) & IP_OFFSET != 0 {
         return None;
     }
     let l4_off = ip_off + ihl;

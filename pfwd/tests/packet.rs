@@ -619,37 +619,7 @@ fn ip_options_move_the_ports_and_stay_untouched() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// 8. Fragments
-// ---------------------------------------------------------------------------------------------------------------
-
-#[test]
-fn fragments_pass_untouched() {
-    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000"), rule(2, "dnat --to 10.0.2.3")]);
-    // First fragment: has the ports, but its later fragments could not follow.
-    let mut first = Pkt::syn(ROUTER, 8080);
-    first.mf = true;
-    // A later fragment (offset 8 bytes); its "TCP header" is really data.
-    let mut later = Pkt::syn(ROUTER, 8080);
-    later.frag_offset = 1;
-    // Last fragment of a UDP datagram.
-    let mut last = Pkt::udp(CLIENT, 5000, ROUTER, 53);
-    last.frag_offset = 100;
-    for p in [&first, &later, &last] {
-        expect_no_dnat(&f, p);
-    }
-    assert_eq!(f.stat("fragments_passed"), 3);
-    assert!(f.conntrack().is_empty());
-    // Also on the reply path, with a flow in place.
-    expect_dnat(&f, &Pkt::syn(ROUTER, 8080).from(CLIENT, 1234), BACKEND, 9000);
-    let mut reply = Pkt::tcp(BACKEND, 9000, CLIENT, 1234, SYN | ACK);
-    reply.mf = true;
-    let bytes = reply.bytes();
-    assert_untouched(&f.egress(&bytes), &bytes);
-    assert_eq!(f.stat("fragments_passed"), 4);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// 9. Malformed and foreign packets
+// 8. Malformed and foreign packets
 // ---------------------------------------------------------------------------------------------------------------
 
 /// Sets the IPv4 total length and fixes the header checksum (so only the field under test is wrong).
@@ -810,7 +780,7 @@ fn ethernet_padding_is_kept() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// 10. TCP state and rule changes
+// 9. TCP state and rule changes
 // ---------------------------------------------------------------------------------------------------------------
 
 #[test]
@@ -990,7 +960,7 @@ fn interface_without_pfwd_is_not_translated() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// 11. A full conntrack table
+// 10. A full conntrack table
 // ---------------------------------------------------------------------------------------------------------------
 
 /// Many more flows than the table holds: the LRU evicts old entries, and no packet is ever translated wrongly. Each
