@@ -57,13 +57,14 @@ where
 /// (ifindex, proto, dport), (any, proto, dport), (ifindex, proto, any), (any, proto, any), (ifindex, any, any),
 /// (any, any, any). The order decides nothing: the lowest rank does.
 ///
-/// `bucket` looks a key up in the buckets map, `rule` a slot in the rules array.
+/// `bank` is the rule bank whose buckets are looked up ([`crate::Config::active`]); `bucket` looks a key up in the
+/// buckets map, `rule` a slot in that bank of the rules array.
 #[inline(always)]
 pub fn find_rule<'a, B, R>(
     t: &Tuple,
     ifindex: u32,
     hook: u8,
-    mask: u32,
+    (bank, mask): (u32, u32),
     mut bucket: B,
     mut rule: R,
 ) -> Option<(u32, &'a RuleEntry)>
@@ -72,7 +73,8 @@ where
     R: FnMut(u32) -> Option<&'a RuleEntry>,
 {
     let mut best = Best { slot: 0, rank: 0, found: false };
-    let key = |ifindex: u32, proto: u8, dport: u16| BucketKey { ifindex, dport, proto, hook };
+    let key =
+        |ifindex: u32, proto: u8, dport: u16| BucketKey { ifindex, dport, proto, hook, bank: bank as u8, _pad: [0; 3] };
     if t.proto == PROTO_TCP || t.proto == PROTO_UDP {
         if mask & level::IF_PROTO_PORT != 0 {
             scan(bucket(&key(ifindex, t.proto, t.dport)), t, ifindex, &mut rule, &mut best);
@@ -121,13 +123,13 @@ mod tests {
         fn add(&mut self, slot: u32, rank: u32, key: (u8, u32, u8, u16), rule: RuleEntry) {
             let (hook, ifindex, proto, dport) = key;
             self.rules.insert(slot, RuleEntry { rank, ..rule });
-            let b = self.buckets.entry(BucketKey { ifindex, dport, proto, hook }).or_default();
+            let b = self.buckets.entry(BucketKey { ifindex, dport, proto, hook, ..Default::default() }).or_default();
             b.slots[b.len as usize] = slot;
             b.len += 1;
         }
 
         fn find(&self, t: &Tuple, ifindex: u32, hook: u8, mask: u32) -> Option<u32> {
-            find_rule(t, ifindex, hook, mask, |k| self.buckets.get(k), |s| self.rules.get(&s)).map(|(s, _)| s)
+            find_rule(t, ifindex, hook, (0, mask), |k| self.buckets.get(k), |s| self.rules.get(&s)).map(|(s, _)| s)
         }
     }
 
@@ -143,9 +145,9 @@ mod tests {
             t,
             ifindex,
             hook,
-            mask,
+            (1, mask),
             |k| {
-                assert_eq!(k.hook, hook);
+                assert_eq!((k.hook, k.bank), (hook, 1), "the hook's buckets of the bank asked for");
                 keys.push((k.ifindex, k.proto, k.dport));
                 None
             },
@@ -207,7 +209,7 @@ mod tests {
         assert_eq!(m.find(&t, 3, post, level::IF), Some(7), "the rank 4 rule's source filter does not match");
         assert_eq!(m.find(&Tuple { saddr: 0x0500_000b, ..t }, 3, post, level::IF), Some(8));
         // A slot past the bucket's length is ignored even if it holds a rule.
-        m.buckets.get_mut(&BucketKey { ifindex: 3, dport: 0, proto: 0, hook: post }).unwrap().len = 1;
+        m.buckets.get_mut(&BucketKey { ifindex: 3, hook: post, ..Default::default() }).unwrap().len = 1;
         assert_eq!(m.find(&Tuple { saddr: 0x0500_000b, ..t }, 3, post, level::IF), None);
         // A slot the rules array does not have is skipped.
         m.add(99, 0, (post, 0, 0, 0), RuleEntry::default());

@@ -38,8 +38,16 @@ pub const MAX_RULES: u32 = 16_384;
 /// for the rule in `slot`. The rules array holds both halves; the counters array only the first, so the companion's
 /// packets are counted once, by the DNAT rule that owns it.
 pub const COMPANION_SLOTS: u32 = MAX_RULES;
-/// Entries of the rules array: the user rules' slots and their companions'.
+/// Entries of one bank of the rules array: the user rules' slots and their companions'.
 pub const RULE_ENTRIES: u32 = COMPANION_SLOTS + MAX_RULES;
+/// Rule banks: the kernel reads the active one ([`Config::bank`]) while userspace writes the other, then flips.
+pub const RULE_BANKS: u32 = 2;
+
+/// Index in the rules array of `slot` in `bank`.
+#[inline(always)]
+pub const fn rule_index(bank: u32, slot: u32) -> u32 {
+    bank * RULE_ENTRIES + slot
+}
 
 /// The slot of the user rule that owns the rule in `slot`: itself, or for a companion the rule that added it.
 pub const fn owner_slot(slot: u32) -> u32 {
@@ -47,8 +55,10 @@ pub const fn owner_slot(slot: u32) -> u32 {
 }
 /// Rules sharing one bucket (same interface, protocol and destination port). Checked in one bounded loop.
 pub const BUCKET_SLOTS: usize = 8;
-/// (interface, protocol, port) buckets. Port ranges are expanded into one bucket per port.
+/// (interface, protocol, port) buckets of one rule set. Port ranges are expanded into one bucket per port.
 pub const MAX_BUCKETS: u32 = 262_144;
+/// Entries of the buckets map: both banks' buckets (during a switch both rule sets are in the map).
+pub const BUCKET_ENTRIES: u32 = RULE_BANKS * MAX_BUCKETS;
 /// Default conntrack size: two entries per flow, so this holds 256k concurrent flows.
 pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
 pub const MAX_IFACES: u32 = 256;
@@ -111,6 +121,9 @@ pub struct BucketKey {
     pub proto: u8,
     /// [`hook`]: PREROUTING or POSTROUTING.
     pub hook: u8,
+    /// The rule bank ([`Config::bank`]) this bucket belongs to.
+    pub bank: u8,
+    pub _pad: [u8; 3],
 }
 
 #[repr(C)]
@@ -308,12 +321,12 @@ pub mod config_flag {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Config {
-    /// Which bucket levels hold PREROUTING rules (see [`level`]).
-    pub level_mask: u32,
-    /// Which bucket levels hold POSTROUTING rules.
-    pub snat_level_mask: u32,
-    /// Which bucket levels hold OUTPUT (`--local`) rules.
-    pub local_level_mask: u32,
+    /// The active rule bank: the programs read the rules (entries at [`rule_index`], buckets with this `bank`) and
+    /// the level masks of this bank only. A rule change writes the other bank completely, then flips this field in
+    /// one write, so a packet sees either the old rule set or the new one, never a mix.
+    pub bank: u32,
+    /// Each bank's level masks.
+    pub masks: [LevelMasks; RULE_BANKS as usize],
     pub flags: u32,
     /// Idle timeouts, in seconds.
     pub tcp_syn_timeout: u32,
@@ -327,12 +340,33 @@ pub struct Config {
     pub netns_cookie: u64,
 }
 
+/// Which bucket levels (see [`level`]) hold rules of each hook, in one rule bank.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LevelMasks {
+    /// PREROUTING (DNAT, REDIRECT).
+    pub pre: u32,
+    /// POSTROUTING (SNAT, MASQUERADE).
+    pub post: u32,
+    /// OUTPUT (`--local`).
+    pub local: u32,
+}
+
+impl Config {
+    /// The active bank and its level masks, read once (the bank field is read a single time, so a concurrent flip
+    /// cannot pair one bank's number with the other's masks: userspace never changes the active bank's masks).
+    #[inline(always)]
+    pub fn active(&self) -> (u32, LevelMasks) {
+        let bank = self.bank & (RULE_BANKS - 1);
+        (bank, self.masks[bank as usize])
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
-            level_mask: 0,
-            snat_level_mask: 0,
-            local_level_mask: 0,
+            bank: 0,
+            masks: [LevelMasks::default(); RULE_BANKS as usize],
             flags: 0,
             tcp_syn_timeout: 60,
             tcp_established_timeout: 6 * 3600,
@@ -496,6 +530,7 @@ mod pod {
         RuleCounters,
         IfaceInfo,
         Config,
+        LevelMasks,
         Tuple,
         CtEntry,
         FragKey,
@@ -512,12 +547,15 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
-        assert_eq!(size_of::<BucketKey>(), 8);
+        assert_eq!(size_of::<BucketKey>(), 12);
+        assert_eq!(size_of::<LevelMasks>(), 12);
+        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragEntry>(), 24);
         assert_eq!(size_of::<Bucket>(), 4 + 4 * BUCKET_SLOTS);
         assert_eq!(size_of::<RuleEntry>(), 40);
         assert_eq!(size_of::<Tuple>(), 16);
         assert_eq!(size_of::<CtEntry>(), 40);
-        assert_eq!(size_of::<Config>(), 48);
+        assert_eq!(size_of::<Config>(), 64);
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<SockOrig>(), 8);
     }
@@ -543,6 +581,8 @@ mod tests {
                 "stale_flows_removed",
                 "snat_port_exhausted_drops",
                 "icmp_errors_translated",
+                "fragments_translated",
+                "fragments_unknown_drops",
             ]
         );
     }

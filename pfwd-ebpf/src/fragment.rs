@@ -76,7 +76,10 @@ fn later_of(ctx: &TcContext, k: &FragKey, payload: u32) -> i32 {
             _ => tcx::NEXT,
         },
         _ => {
-            let has_rules = CONFIG.get(0).is_some_and(|c| c.level_mask | c.snat_level_mask != 0);
+            let has_rules = CONFIG.get(0).is_some_and(|c| {
+                let (_, m) = c.active();
+                m.pre | m.post != 0
+            });
             let ifindex = parse::ifindex(ctx);
             // SAFETY: as above.
             if has_rules && unsafe { IFACES.get(&ifindex) }.is_some() {

@@ -175,11 +175,9 @@ mod programs {
             // A new connection reusing the ports of a closed one starts over with the current rules.
             conntrack::remove_flow(&pkt.tuple, entry);
         }
-        let (hook, mask) = if at == ct_hook::INGRESS {
-            (hook::PREROUTING, cfg.level_mask)
-        } else {
-            (hook::POSTROUTING, cfg.snat_level_mask)
-        };
+        let (bank, masks) = cfg.active();
+        let (hook, mask) =
+            if at == ct_hook::INGRESS { (hook::PREROUTING, masks.pre) } else { (hook::POSTROUTING, masks.post) };
         if mask == 0 || !pkt.can_open() {
             return Verdict::Pass;
         }
@@ -187,7 +185,7 @@ mod programs {
         // Only interfaces pfwd is attached to (and knows the address of).
         // SAFETY: plain read of a map value, which stays valid for the program's run.
         let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else { return Verdict::Pass };
-        let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, mask) else { return Verdict::Pass };
+        let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, (bank, mask)) else { return Verdict::Pass };
         let created = if at == ct_hook::INGRESS {
             dnat::create(pkt, slot, rule, iface, now, cfg)
         } else {

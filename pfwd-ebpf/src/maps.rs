@@ -7,17 +7,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use pfwd_common::{
-    Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, FragEntry, FragKey, IfaceInfo, MAX_BUCKETS,
-    MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_RULES, MAX_SOCKETS, RULE_ENTRIES, RuleCounters, RuleEntry, SockKey, SockOrig,
-    Stat, Tuple,
+    BUCKET_ENTRIES, Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, FragEntry, FragKey, IfaceInfo,
+    MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_RULES, MAX_SOCKETS, RULE_BANKS, RULE_ENTRIES, RuleCounters, RuleEntry, SockKey,
+    SockOrig, Stat, Tuple,
 };
 
 #[map(name = "PFWD_RULES")]
-pub static RULES: Array<RuleEntry> = Array::pinned(RULE_ENTRIES, 0);
+pub static RULES: Array<RuleEntry> = Array::pinned(RULE_BANKS * RULE_ENTRIES, 0);
 
 /// Not preallocated: most instances use a few buckets out of the quarter million allowed.
 #[map(name = "PFWD_BUCKETS")]
-pub static BUCKETS: HashMap<BucketKey, Bucket> = HashMap::pinned(MAX_BUCKETS, BPF_F_NO_PREALLOC);
+pub static BUCKETS: HashMap<BucketKey, Bucket> = HashMap::pinned(BUCKET_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "PFWD_CT")]
 pub static CONNTRACK: LruHashMap<Tuple, CtEntry> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);

@@ -25,7 +25,10 @@ use aya::{
     },
     util::nr_cpus,
 };
-use pfwd_common::{Bucket, BucketKey, Config, CtEntry, IfaceInfo, RuleCounters, RuleEntry, Stat, Tuple, names};
+use pfwd_common::{
+    Bucket, BucketKey, Config, CtEntry, IfaceInfo, LevelMasks, RULE_BANKS, RuleCounters, RuleEntry, Stat, Tuple, names,
+    rule_index,
+};
 
 use crate::{instance::Instance, rules, state::StoredRule};
 
@@ -193,11 +196,18 @@ impl Kernel {
         Ok(())
     }
 
-    /// Makes the kernel's rule tables match `rules`: rule bodies by slot, buckets rebuilt, stale buckets removed,
-    /// then the level mask. Each rule keeps its slot, so packets in flight never see a slot change meaning.
+    /// Makes the kernel's rule tables match `rules`, in one step for packets: the complete rule set (rule bodies
+    /// by slot, buckets, level masks) is written into the inactive rule bank, then `Config::bank` flips to it in one
+    /// write, so a packet is matched against the old rule set or the new one, never a mix of both. Each rule keeps
+    /// its slot, so a flow's slot means the same rule before and after. After the flip, a grace period lets every
+    /// program still reading the old bank finish before the next change may rewrite it.
     pub fn sync_rules(&self, rules: &[StoredRule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<()> {
+        self.check_layout()?;
         let plain: Vec<rules::Rule> = rules.iter().map(|r| r.rule.clone()).collect();
         let compiled = rules::compile(&plain, ifindex)?;
+        let mut cfg = self.config()?;
+        let (active, _) = cfg.active();
+        let bank = (active + 1) % RULE_BANKS;
         // compile() numbers slots by position; map them to the rules' stable slots (a `--hairpin` rule's companion
         // to the companion half of the rules array, by its owner's slot).
         let slot_of = |i: u32| match i.checked_sub(pfwd_common::COMPANION_SLOTS) {
@@ -206,7 +216,7 @@ impl Kernel {
         };
         let mut rule_map: Array<MapData, RuleEntry> = self.map(names::RULES)?;
         for (i, entry) in &compiled.entries {
-            rule_map.set(slot_of(*i), entry, 0)?;
+            rule_map.set(rule_index(bank, slot_of(*i)), entry, 0)?;
         }
         let mut buckets: HashMap<MapData, BucketKey, Bucket> = self.map(names::BUCKETS)?;
         let wanted: StdHashMap<BucketKey, Bucket> = compiled
@@ -217,10 +227,11 @@ impl Kernel {
                 for s in b.slots.iter_mut().take(b.len as usize) {
                     *s = slot_of(*s);
                 }
-                (*k, b)
+                (BucketKey { bank: bank as u8, ..*k }, b)
             })
             .collect();
-        let existing: HashSet<BucketKey> = buckets.keys().filter_map(Result::ok).collect();
+        let existing: HashSet<BucketKey> =
+            buckets.keys().filter_map(Result::ok).filter(|k| u32::from(k.bank) == bank).collect();
         for (k, b) in &wanted {
             // Reading back first saves a write for unchanged buckets; new ones are written straight away.
             if !existing.contains(k) || buckets.get(k, 0).ok().as_ref() != Some(b) {
@@ -230,11 +241,14 @@ impl Kernel {
         for k in existing.iter().filter(|k| !wanted.contains_key(k)) {
             buckets.remove(k)?;
         }
-        let mut cfg = self.config()?;
-        cfg.level_mask = compiled.level_mask;
-        cfg.snat_level_mask = compiled.snat_level_mask;
-        cfg.local_level_mask = compiled.local_level_mask;
-        self.set_config(&cfg)
+        // The flip: this bank's masks and the bank number in one write; the active bank's masks stay as they are,
+        // so a program that read the old bank number still pairs it with the old masks.
+        cfg.masks[bank as usize] =
+            LevelMasks { pre: compiled.level_mask, post: compiled.snat_level_mask, local: compiled.local_level_mask };
+        cfg.bank = bank;
+        self.set_config(&cfg)?;
+        wait_for_readers();
+        Ok(())
     }
 
     /// Clears the counters of a freed slot so its next rule starts from zero.
@@ -306,6 +320,44 @@ impl Kernel {
 
     pub fn pin_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Checks that the pinned maps have the layout this pfwd's programs use (key and value sizes, and sizes other
+    /// than the conntrack table's, which `--ct-size` sets): an instance attached by an older pfwd may not, and
+    /// writing into its maps would fail with a bare "invalid argument" or, worse, mean something else.
+    pub fn check_layout(&self) -> Result<()> {
+        let obj = aya_obj::Object::parse(OBJECT).context("parsing the embedded eBPF object")?;
+        for name in names::MAPS {
+            let Some(want) = obj.maps.get(name) else { continue };
+            let path = self.dir.join(name);
+            let Ok(data) = MapData::from_pin(&path) else { continue };
+            let have = data.info()?;
+            let sized = name != names::CONNTRACK;
+            if have.key_size() != want.key_size()
+                || have.value_size() != want.value_size()
+                || (sized && have.max_entries() != want.max_entries())
+            {
+                return Err(anyhow!(
+                    "this instance was attached by an older pfwd (its map {name} has another layout); \
+                     run `pfwd detach` and attach again to use this version"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Waits until every BPF program that may have started before now has finished: the kernel runs them inside RCU
+/// read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` returns after an RCU grace period
+/// (`synchronize_rcu`). Where membarrier is unavailable, a short sleep is ample for programs that run for
+/// microseconds.
+fn wait_for_readers() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes no pointers; a failure is handled below.
+    let ret =
+        unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0 as libc::c_long, 0 as libc::c_long) };
+    if ret != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

@@ -783,6 +783,47 @@ fn ethernet_padding_is_kept() {
 // 9. TCP state and rule changes
 // ---------------------------------------------------------------------------------------------------------------
 
+/// A rule change is one step for packets: while the rule set switches back and forth between two sets that use
+/// different bucket levels (so an entry-by-entry update would pass through states with neither rule, or with the
+/// old rule's bucket gone before the new level is enabled), every new flow is translated by the old set or the
+/// new one, never by neither.
+#[test]
+fn a_rule_change_is_atomic_for_packets() {
+    let a = [rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")];
+    let b = [rule(2, "dnat -p tcp -s 192.168.1.0/24 --to 10.0.2.3")];
+    let f = Fixture::new(&a);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (seen_a, seen_b) = std::thread::scope(|s| {
+        let packets = s.spawn(|| {
+            let (mut seen_a, mut seen_b) = (0u32, 0u32);
+            for port in (1024..=u16::MAX).cycle().take(500_000) {
+                if done.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let syn = Pkt::syn(ROUTER, 8080).from(CLIENT, port);
+                let r = f.ingress(&syn.bytes());
+                assert_eq!(r.ret, NEXT);
+                let h = etherparse::PacketHeaders::from_ethernet_slice(&r.data).unwrap();
+                let Some(NetHeaders::Ipv4(ip, _)) = &h.net else { panic!("not IPv4") };
+                match Ipv4Addr::from(ip.destination) {
+                    BACKEND => seen_a += 1,
+                    BACKEND2 => seen_b += 1,
+                    other => panic!("a SYN sent to {other}: translated by neither rule set (port {port})"),
+                }
+                // Forget the flow, so the port can come round again as a new flow.
+                f.kernel().conntrack_delete(&f.conntrack().into_iter().map(|(t, _)| t).collect::<Vec<_>>()).unwrap();
+            }
+            (seen_a, seen_b)
+        });
+        for i in 0..200 {
+            f.sync(if i % 2 == 0 { &b } else { &a });
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        packets.join().unwrap()
+    });
+    assert!(seen_a > 0 && seen_b > 0, "both rule sets were seen: {seen_a} / {seen_b}");
+}
+
 #[test]
 fn closed_flow_reopens_with_the_current_rule_while_live_flows_keep_theirs() {
     let old = [rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")];

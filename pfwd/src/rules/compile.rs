@@ -32,7 +32,8 @@ pub struct Compiled {
 }
 
 pub(crate) fn bucket_key(hook: u8, ifindex: u32, proto: u8, dport: u16) -> BucketKey {
-    BucketKey { ifindex, dport, proto, hook }
+    // Bank 0: the loader moves the buckets into the bank it writes.
+    BucketKey { ifindex, dport, proto, hook, ..Default::default() }
 }
 
 /// The rules both data paths run: `rules` in their order, then the companion ([`Rule::hairpin_companion`]) of each

@@ -121,7 +121,7 @@ mod tests {
         // The kernel program's own walk (pfwd_common::find_rule), over the compiled maps.
         let bucket = |k: &BucketKey| c.buckets.get(k);
         let rule = |slot: u32| c.entries.get(slot as usize).map(|(_, e)| e);
-        pfwd_common::find_rule(&t, pkt.ifindex, at, mask, bucket, rule).map(|(slot, _)| slot as usize)
+        pfwd_common::find_rule(&t, pkt.ifindex, at, (0, mask), bucket, rule).map(|(slot, _)| slot as usize)
     }
 
     /// What iptables does with the exported order: the first rule of the hook's chain that matches. `ifname` is
