@@ -803,7 +803,7 @@ fn a_rule_change_is_atomic_for_packets() {
                 let syn = Pkt::syn(ROUTER, 8080).from(CLIENT, port);
                 let r = f.ingress(&syn.bytes());
                 assert_eq!(r.ret, NEXT);
-                let h = etherparse::PacketHeaders::from_ethernet_slice(&r.data).unwrap();
+                let h = PacketHeaders::from_ethernet_slice(&r.data).unwrap();
                 let Some(NetHeaders::Ipv4(ip, _)) = &h.net else { panic!("not IPv4") };
                 match Ipv4Addr::from(ip.destination) {
                     BACKEND => seen_a += 1,
