@@ -616,7 +616,10 @@ pub fn follow_interfaces() -> Result<Vec<String>> {
     let lock = open()?;
     let Some(mut state) = lock.load()? else { return Ok(vec![]) };
     if state.pending.is_some() {
-        bail!("{}; not following interface changes until it is repaired (run `pfwd attach`)", state.pending.map_or("", |p| p.describe()));
+        bail!(
+            "{}; not following interface changes until it is repaired (run `pfwd attach`)",
+            state.pending.map_or("", |p| p.describe())
+        );
     }
     let backend = Backend::of(&state, &lock.inst);
     let mut notes = vec![];

@@ -115,8 +115,7 @@ fn kubernetes_manifests_parse_and_agree() {
     let c = &seq_of(pod, "containers")[0];
 
     // The command line, with the container's $(VAR)s expanded as the kubelet does, is a valid `pfwd serve`.
-    let env: HashMap<&str, &str> =
-        seq_of(c, "env").iter().map(|e| (str_of(e, "name"), str_of(e, "value"))).collect();
+    let env: HashMap<&str, &str> = seq_of(c, "env").iter().map(|e| (str_of(e, "name"), str_of(e, "value"))).collect();
     let argv: Vec<String> = seq_of(c, "args")
         .iter()
         .map(|a| {
@@ -139,8 +138,7 @@ fn kubernetes_manifests_parse_and_agree() {
     assert_eq!(ann["prometheus.io/path"], "/metrics");
 
     // The capabilities the unit has (no privileged container).
-    let caps: Vec<&str> =
-        seq_of(c, "securityContext.capabilities.add").iter().map(|v| v.as_str().unwrap()).collect();
+    let caps: Vec<&str> = seq_of(c, "securityContext.capabilities.add").iter().map(|v| v.as_str().unwrap()).collect();
     assert_eq!(caps, unit_capabilities(), "the DaemonSet and the unit grant the same capabilities");
     assert_eq!(get(c, "securityContext.privileged"), &Value::Bool(false));
 

@@ -56,7 +56,8 @@ async fn handle(req: Request<hyper::body::Incoming>, agent: Arc<Agent>) -> Resul
             .body(Full::new(Bytes::from(body)))
             .expect("a valid response")
     };
-    let status = || async { tokio::task::spawn_blocking(control::status).await.map_err(anyhow::Error::from).and_then(|s| s) };
+    let status =
+        || async { tokio::task::spawn_blocking(control::status).await.map_err(anyhow::Error::from).and_then(|s| s) };
     Ok(match req.uri().path() {
         "/metrics" => match status().await.and_then(|s| render(&s, &agent)) {
             Ok(text) => reply(StatusCode::OK, OPENMETRICS, text),
@@ -66,11 +67,9 @@ async fn handle(req: Request<hyper::body::Incoming>, agent: Arc<Agent>) -> Resul
         // detached under it, and the restart attaches again).
         "/healthz" => match status().await {
             Ok(Status::Attached(s)) if s.interrupted.is_none() => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-            Ok(Status::Attached(s)) => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                format!("{}\n", s.interrupted.unwrap_or_default()),
-            ),
+            Ok(Status::Attached(s)) => {
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{}\n", s.interrupted.unwrap_or_default()))
+            }
             Ok(Status::NotAttached) => {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "pfwd is not attached\n".into())
             }
@@ -103,7 +102,12 @@ fn counter(reg: &mut Registry, name: &str, help: &str, value: u64) {
 /// The metrics text for one reading of the instance.
 pub(crate) fn render(status: &Status, agent: &Agent) -> Result<String> {
     let mut reg = Registry::with_prefix("pfwd");
-    gauge(&mut reg, "attached", "1 when pfwd is attached in this network namespace", i64::from(status.mode().is_some()));
+    gauge(
+        &mut reg,
+        "attached",
+        "1 when pfwd is attached in this network namespace",
+        i64::from(status.mode().is_some()),
+    );
     counter(
         &mut reg,
         "config_reloads_applied",
@@ -141,7 +145,9 @@ fn instance(reg: &mut Registry, s: &InstanceStatus) {
     let ifaces = Family::<Labels, Gauge>::default();
     reg.register("interface_attached", "Interfaces pfwd is attached to (1 when the device exists)", ifaces.clone());
     for i in &s.interfaces {
-        ifaces.get_or_create(&vec![("iface".into(), i.name.clone())]).set(i64::from(crate::netif::ifindex(&i.name).is_ok()));
+        ifaces
+            .get_or_create(&vec![("iface".into(), i.name.clone())])
+            .set(i64::from(crate::netif::ifindex(&i.name).is_ok()));
     }
     let packets = counter_family(reg, "rule_packets", "Packets translated by the rule (both directions)");
     let bytes = counter_family(reg, "rule_bytes", "IP bytes translated by the rule (both directions)");
@@ -156,7 +162,12 @@ fn instance(reg: &mut Registry, s: &InstanceStatus) {
     }
     gauge(reg, "rules", "Rules in force", s.rules.len() as i64);
     let ct = &s.conntrack;
-    gauge(reg, "conntrack_entries", "Live conntrack entries (eBPF: two per flow; iptables: netfilter's, one per connection)", ct.entries() as i64);
+    gauge(
+        reg,
+        "conntrack_entries",
+        "Live conntrack entries (eBPF: two per flow; iptables: netfilter's, one per connection)",
+        ct.entries() as i64,
+    );
     if let Some(f) = ct.flows() {
         gauge(reg, "conntrack_flows", "Live translated flows", f as i64);
     }

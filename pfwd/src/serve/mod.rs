@@ -81,7 +81,9 @@ enum Trigger {
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub fn run(args: ServeArgs) -> Result<()> {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).format_target(false).init();
+    // netlink-packet-route warns about every attribute newer than itself (e.g. IFLA_INET6_CONF on new kernels).
+    let filter = "info,netlink_packet_route=error,netlink_packet_utils=error";
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter)).format_target(false).init();
     // A file that does not parse stops the agent before it changes anything.
     let text = read(&args.config)?;
     parse(&args.config, &text)?;
@@ -297,13 +299,8 @@ impl Watcher {
                 return false;
             }
         };
-        let appeared: Vec<String> = self
-            .args
-            .ifaces
-            .iter()
-            .filter(|i| !attached.contains(i) && netif::ifindex(i).is_ok())
-            .cloned()
-            .collect();
+        let appeared: Vec<String> =
+            self.args.ifaces.iter().filter(|i| !attached.contains(i) && netif::ifindex(i).is_ok()).cloned().collect();
         if !appeared.is_empty() {
             match control::attach(&appeared, vec![], &self.opts) {
                 Ok(notes) => {
