@@ -35,9 +35,12 @@ struct Serve {
 
 impl Serve {
     fn start(lab: &Lab, mode: &str, config: &Path, log: PathBuf) -> Serve {
-        let mut cmd = lab
-            .pfwd(["serve", "eth0", "eth1", "--mode", mode, "--config", config.to_str().unwrap(), "--metrics", METRICS])
-            .unwrap();
+        let cmd = lab.pfwd(serve_args(mode, config)).unwrap();
+        Serve::spawn(lab, cmd, log)
+    }
+
+    /// Spawns `cmd` (a `pfwd serve`) and waits until it is healthy.
+    fn spawn(lab: &Lab, mut cmd: Command, log: PathBuf) -> Serve {
         let file = File::create(&log).unwrap();
         cmd.stdin(Stdio::null()).stdout(file.try_clone().unwrap()).stderr(file).env("RUST_LOG", "info");
         let serve = Serve { child: Some(cmd.spawn().expect("spawning pfwd serve")), log };
@@ -88,6 +91,11 @@ impl Drop for Serve {
             let _ = c.wait();
         }
     }
+}
+
+fn serve_args(mode: &str, config: &Path) -> Vec<String> {
+    let config = config.to_str().unwrap();
+    ["serve", "eth0", "eth1", "--mode", mode, "--config", config, "--metrics", METRICS].map(String::from).to_vec()
 }
 
 /// GET `path` from the agent, inside the router namespace: (status, body), or None when nothing answers.
@@ -342,7 +350,69 @@ fn serve_scenario(mode: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-in_both_modes!(serve_scenario);
+/// The agent with only the capabilities the systemd unit grants (its CapabilityBoundingSet, via setpriv), and a
+/// config file mounted the way the kubelet mounts a ConfigMap (`rules.toml -> ..data/rules.toml`, `..data ->
+/// ..<version>`, updated by swapping the `..data` symlink): it attaches, forwards, and picks up the swap.
+fn unit_capabilities_and_configmap_swap(mode: &str) {
+    let lab = lab("sv-caps");
+    let _srv = server(&lab, Node::Server, "10.0.2.2:9000", "server");
+    let dir = std::env::temp_dir().join(format!("pfwd-e2e-serve-cm-{}-{mode}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("..v1")).unwrap();
+    std::fs::write(dir.join("..v1/rules.toml"), A).unwrap();
+    std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/rules.toml", dir.join("rules.toml")).unwrap();
+
+    let unit = include_str!("../../contrib/systemd/pfwd.service");
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit bounds its capabilities")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let mut args = vec!["--bounding-set".to_string(), format!("-all,{}", caps.join(","))];
+    args.push("--".into());
+    args.push(tests::pfwd_bin().unwrap().to_string_lossy().into_owned());
+    args.extend(serve_args(mode, &dir.join("rules.toml")));
+    let _detach = Detach::new(&lab);
+    let agent = Serve::spawn(&lab, lab.cmd(Node::Router, "setpriv", &args), dir.join("serve.log"));
+    // The agent's effective capabilities are within the unit's set (this machine may lack some of them).
+    let cap_bit = |name: &str| match name {
+        "+net_admin" => 12,
+        "+net_raw" => 13,
+        "+ipc_lock" => 14,
+        "+sys_admin" => 21,
+        "+sys_resource" => 24,
+        "+perfmon" => 38,
+        "+bpf" => 39,
+        other => panic!("the test does not know capability {other}"),
+    };
+    let allowed: u64 = caps.iter().map(|c| 1u64 << cap_bit(c)).sum();
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.as_ref().unwrap().id())).unwrap();
+    let eff = proc_status.lines().find_map(|l| l.strip_prefix("CapEff:")).map(|v| u64::from_str_radix(v.trim(), 16));
+    let eff = eff.expect("CapEff").unwrap();
+    assert!(eff != 0 && eff & !allowed == 0, "the agent has capabilities {eff:#x} beyond the unit's {allowed:#x}");
+    assert_eq!(status(&lab)["mode"], mode);
+    expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
+
+    // The kubelet's update: a new version directory, a new symlink renamed over ..data.
+    std::fs::create_dir_all(dir.join("..v2")).unwrap();
+    std::fs::write(dir.join("..v2/rules.toml"), format!("{A}{C}")).unwrap();
+    std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    std::fs::remove_dir_all(dir.join("..v1")).unwrap();
+    assert!(
+        wait_until(PICKUP, || rules_now(&lab).len() == 2),
+        "the ConfigMap update was not applied:\n{}",
+        agent.log()
+    );
+    expect_tcp(&lab, None, "10.0.1.1:8082", "server", 9000, "10.0.1.2");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+in_both_modes!(serve_scenario, unit_capabilities_and_configmap_swap);
 
 /// `--detach-on-exit`: SIGTERM removes everything.
 #[test]

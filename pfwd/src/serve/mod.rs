@@ -81,9 +81,15 @@ enum Trigger {
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub fn run(args: ServeArgs) -> Result<()> {
-    // netlink-packet-route warns about every attribute newer than itself (e.g. IFLA_INET6_CONF on new kernels).
-    let filter = "info,netlink_packet_route=error,netlink_packet_utils=error";
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter)).format_target(false).init();
+    // netlink-packet-route warns about every attribute newer than itself (e.g. IFLA_INET6_CONF on new kernels): quiet
+    // unless RUST_LOG names it.
+    env_logger::Builder::new()
+        .filter_level(log::LevelFilter::Info)
+        .filter_module("netlink_packet_route", log::LevelFilter::Error)
+        .filter_module("netlink_packet_utils", log::LevelFilter::Error)
+        .parse_env(env_logger::Env::default())
+        .format_target(false)
+        .init();
     // A file that does not parse stops the agent before it changes anything.
     let text = read(&args.config)?;
     parse(&args.config, &text)?;
