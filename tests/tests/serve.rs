@@ -17,12 +17,14 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tests::{Lab, Node};
+use tests::{Lab, Node, TIMEOUT};
 
 const METRICS: &str = "127.0.0.1:9469";
 /// The file's rules: A forwards 8080 to the server, R redirects 8088 to the router's own port 3000.
 const A: &str = "[[rule]]\nkind = \"dnat\"\niface = \"eth0\"\nproto = \"tcp\"\ndport = 8080\nto = \"10.0.2.2:9000\"\n";
 const R: &str = "[[rule]]\nkind = \"redirect\"\niface = \"eth0\"\nproto = \"tcp\"\ndport = 8088\nto_port = 3000\n";
+/// D forwards 8090 to a server that keeps connections open (for connections that outlive the agent).
+const D: &str = "[[rule]]\nkind = \"dnat\"\niface = \"eth0\"\nproto = \"tcp\"\ndport = 8090\nto = \"10.0.2.2:9100\"\n";
 const C: &str = "[[rule]]\nkind = \"dnat\"\niface = \"eth0\"\nproto = \"tcp\"\ndport = 8082\nto = \"10.0.2.2:9000\"\n";
 /// How long the agent may take to act on a change (the bound).
 const PICKUP: Duration = Duration::from_secs(2);
@@ -196,10 +198,11 @@ fn serve_scenario(mode: &str) {
     let lab = lab("sv");
     let _srv = server(&lab, Node::Server, "10.0.2.2:9000", "server");
     let _local = server(&lab, Node::Router, "0.0.0.0:3000", "local");
+    let _long = line_echo_server(&lab, Node::Server, "10.0.2.2:9100");
     let dir = std::env::temp_dir().join(format!("pfwd-e2e-serve-{}-{mode}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("rules.toml");
-    std::fs::write(&config, format!("{A}{R}")).unwrap();
+    std::fs::write(&config, format!("{A}{R}{D}")).unwrap();
     // Declared before the agent, so the agent is killed first and the detach then runs against nothing that moves.
     let _detach = Detach::new(&lab);
     let mut agent = Serve::start(&lab, mode, &config, dir.join("serve.log"));
@@ -210,7 +213,7 @@ fn serve_scenario(mode: &str) {
     expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
     expect_tcp(&lab, None, "10.0.1.1:8088", "local", 3000, "10.0.1.2");
     let file_rules = rules_now(&lab);
-    assert_eq!(file_rules.len(), 2, "{file_rules:?}");
+    assert_eq!(file_rules.len(), 3, "{file_rules:?}");
 
     // /metrics: parses; the mode; counters rise with traffic.
     let m = metrics(&lab);
@@ -237,12 +240,12 @@ fn serve_scenario(mode: &str) {
     assert_eq!((code, body.as_str()), (200, "ok\n"));
 
     // A changed file, saved by rename (an editor), is applied within 2 s; kept rules keep their ids.
-    write_by_rename(&config, &format!("{A}{R}{C}"));
-    assert!(wait_until(PICKUP, || rules_now(&lab).len() == 3), "the added rule did not appear:\n{}", log(&agent));
-    assert_eq!(rules_now(&lab)[..2], file_rules[..], "kept rules keep their ids");
+    write_by_rename(&config, &format!("{A}{R}{D}{C}"));
+    assert!(wait_until(PICKUP, || rules_now(&lab).len() == 4), "the added rule did not appear:\n{}", log(&agent));
+    assert_eq!(rules_now(&lab)[..3], file_rules[..], "kept rules keep their ids");
     expect_tcp(&lab, None, "10.0.1.1:8082", "server", 9000, "10.0.1.2");
     // ... and written in place.
-    std::fs::write(&config, format!("{A}{R}")).unwrap();
+    std::fs::write(&config, format!("{A}{R}{D}")).unwrap();
     assert!(wait_until(PICKUP, || rules_now(&lab) == file_rules), "the rule was not removed:\n{}", log(&agent));
     expect_tcp_fails(&lab, "10.0.1.1:8082");
 
@@ -258,12 +261,12 @@ fn serve_scenario(mode: &str) {
     assert_eq!(rules_now(&lab), file_rules, "a rejected file changes nothing");
     expect_tcp(&lab, None, "10.0.1.1:8088", "local", 3000, "10.0.1.2");
     assert!(log(&agent).contains("10.0.0.300"), "the log says why:\n{}", log(&agent));
-    write_by_rename(&config, &format!("{A}{R}"));
+    write_by_rename(&config, &format!("{A}{R}{D}"));
     assert!(wait_until(PICKUP, || value(&metrics(&lab), "pfwd_config_ok", &[]) == 1.0), "{}", log(&agent));
 
     // SIGHUP re-applies the file: a rule added by hand goes away.
     add(&lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "8083", "--to", "10.0.2.2:9000"]);
-    assert_eq!(rules_now(&lab).len(), 3);
+    assert_eq!(rules_now(&lab).len(), 4);
     agent.signal(libc::SIGHUP);
     assert!(wait_until(PICKUP, || rules_now(&lab) == file_rules), "SIGHUP did not re-apply:\n{}", log(&agent));
 
@@ -321,12 +324,23 @@ fn serve_scenario(mode: &str) {
     sh(&lab, Node::Router, "ip addr del 10.0.1.5/24 dev eth0 && ip addr add 10.0.1.1/24 dev eth0");
     assert!(wait_until(Duration::from_secs(3), || answered_by(&lab, "10.0.1.1:8088", "local")), "{}", log(&agent));
 
-    // SIGTERM: the agent exits, the data path stays and keeps forwarding.
+    // SIGTERM: the agent exits, the data path stays and keeps forwarding, a live connection included.
+    let conn = lab.in_ns(Node::Client, || TcpStream::connect_timeout(&sa("10.0.1.1:8090"), TIMEOUT)).unwrap().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert_eq!(exchange(&conn, "before"), Ok("before".into()));
     assert!(agent.terminate(), "pfwd serve did not exit cleanly on SIGTERM:\n{}", log(&agent));
     assert!(log(&agent).contains("the data path stays in place"), "{}", log(&agent));
     assert_eq!(status(&lab)["attached"], true);
     expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
     assert!(http_get(&lab, "/healthz").is_none(), "the agent is gone");
+    assert_eq!(exchange(&conn, "between"), Ok("between".into()), "a live connection survives the agent's exit");
+    // A restart (an upgrade) takes the running instance over: same rules and ids, the connection goes on.
+    let mut agent = Serve::start(&lab, mode, &config, dir.join("serve-restart.log"));
+    assert_eq!(rules_now(&lab), file_rules);
+    assert_eq!(exchange(&conn, "after"), Ok("after".into()), "a live connection survives a restart");
+    assert!(agent.log().contains("already running; nothing to change"), "{}", agent.log());
+    assert!(agent.terminate(), "{}", agent.log());
+    drop(conn);
 
     // A simulated reboot: state, pins, iptables chains and sysctls are gone; nothing forwards.
     let wipe = format!(
@@ -345,7 +359,7 @@ fn serve_scenario(mode: &str) {
     expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
     expect_tcp(&lab, None, "10.0.1.1:8088", "local", 3000, "10.0.1.2");
     assert_eq!(status(&lab)["mode"], mode);
-    assert_eq!(rules_now(&lab).len(), 2);
+    assert_eq!(rules_now(&lab), file_rules);
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }

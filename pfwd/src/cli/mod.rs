@@ -89,8 +89,9 @@ enum Cmd {
     /// re-attached, and REDIRECT/MASQUERADE follow address changes. Streams the kernel's flow events to stderr.
     /// With --metrics, serves Prometheus metrics on /metrics and a liveness check on /healthz.
     /// SIGTERM leaves the data path forwarding (restarting the service drops no traffic) unless --detach-on-exit.
-    /// Signals readiness to systemd (Type=notify). Example:
-    ///   pfwd serve eth0 eth1 --config /etc/pfwd/rules.toml --metrics 127.0.0.1:9469
+    /// Signals readiness to systemd (Type=notify); contrib/systemd/pfwd.service runs it at boot.
+    ///
+    /// Example: `pfwd serve eth0 eth1 --config /etc/pfwd/rules.toml --metrics 127.0.0.1:9469`
     Serve(crate::serve::ServeArgs),
     /// Print the running rules as a TOML config file that `pfwd apply --config` and `attach --config` accept.
     Save,
