@@ -236,6 +236,14 @@ fn serve_scenario(mode: &str) {
         assert!(value(&m, "pfwd_conntrack_capacity", &[]) > 0.0);
         value(&m, "pfwd_passes_total", &[("reason", "fragments")]);
     }
+    if mode == "ebpf" {
+        // The kernel's log events are streamed, like `pfwd run`.
+        assert!(
+            wait_until(PICKUP, || log(&agent).contains("new flow 10.0.1.2:")),
+            "no new-flow event from the kernel in:\n{}",
+            log(&agent)
+        );
+    }
     let (code, body) = http_get(&lab, "/healthz").unwrap();
     assert_eq!((code, body.as_str()), (200, "ok\n"));
 
@@ -428,26 +436,35 @@ fn unit_capabilities_and_configmap_swap(mode: &str) {
 
 in_both_modes!(serve_scenario, unit_capabilities_and_configmap_swap);
 
-/// `--detach-on-exit`: SIGTERM removes everything.
+/// `--detach-on-exit`: SIGTERM removes everything. And the systemd readiness protocol: READY=1 once attached and
+/// applied, STOPPING=1 on the way out.
 #[test]
-fn detach_on_exit() {
+fn detach_on_exit_and_sd_notify() {
     let lab = lab("sv-detach");
     let dir = std::env::temp_dir().join(format!("pfwd-e2e-serve-detach-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("rules.toml");
     std::fs::write(&config, A).unwrap();
+    // systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
+    let notify = std::os::unix::net::UnixDatagram::bind(dir.join("notify")).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let _detach = Detach::new(&lab);
     let mut cmd = lab.pfwd(["serve", "eth0", "--config", config.to_str().unwrap(), "--detach-on-exit"]).unwrap();
+    cmd.env("NOTIFY_SOCKET", dir.join("notify")).stdin(Stdio::null());
     let mut agent = Serve {
-        child: Some(cmd.stdin(Stdio::null()).stderr(File::create(dir.join("log")).unwrap()).spawn().unwrap()),
+        child: Some(cmd.stderr(File::create(dir.join("log")).unwrap()).spawn().unwrap()),
         log: dir.join("log"),
     };
-    assert!(
-        wait_until(Duration::from_secs(20), || status(&lab)["rules"].as_array().is_some_and(|r| r.len() == 1)),
-        "{}",
-        agent.log()
-    );
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).unwrap_or_else(|e| panic!("no sd_notify message ({e}):\n{}", agent.log()));
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    // Ready means attached with the file's rules.
+    assert_eq!(status(&lab)["rules"].as_array().map(Vec::len), Some(1), "{}", agent.log());
     assert!(agent.terminate(), "{}", agent.log());
+    let n = notify.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "STOPPING=1"));
     assert_eq!(status(&lab)["attached"], false, "--detach-on-exit detached:\n{}", agent.log());
     assert!(files_in(&pin_dir(&lab)).is_empty());
     let _ = std::fs::remove_dir_all(&dir);
