@@ -607,6 +607,70 @@ pub fn apply_rules(wanted: &[Rule]) -> Result<(ApplyPlan, Option<Change>)> {
     Ok((plan, Some(change)))
 }
 
+/// `pfwd serve`, after the kernel reported an interface or address change: re-attaches every attached interface that
+/// was deleted and re-created under the same name (a new ifindex: the old tcx links died with the old device), and
+/// refreshes the addresses REDIRECT and MASQUERADE use, and the per-interface sysctls (a new device starts with
+/// defaults). Interfaces that are gone stay recorded and are re-attached when they come back. Returns notes about
+/// what changed (empty when nothing did).
+pub fn follow_interfaces() -> Result<Vec<String>> {
+    let lock = open()?;
+    let Some(mut state) = lock.load()? else { return Ok(vec![]) };
+    if state.pending.is_some() {
+        bail!(
+            "{}; not following interface changes until it is repaired (run `pfwd attach`)",
+            state.pending.map_or("", |p| p.describe())
+        );
+    }
+    let backend = Backend::of(&state, &lock.inst);
+    let mut notes = vec![];
+    let mut moved = vec![];
+    for i in &mut state.interfaces {
+        match netif::ifindex(&i.name) {
+            Ok(now) if now != i.ifindex => {
+                moved.push((i.name.clone(), i.ifindex, now));
+                i.ifindex = now;
+            }
+            _ => {}
+        }
+    }
+    if !moved.is_empty() {
+        // Intent first, as every change: a serve killed half-way leaves a state `attach` can repair.
+        state.pending = Some(Pending::Change);
+        lock.save(&state)?;
+        for (name, old, now) in &moved {
+            match &backend {
+                Backend::Ebpf(kernel) => {
+                    // The old links (pinned by name) point at a device that no longer exists: drop them first.
+                    kernel.detach(name, *old)?;
+                    kernel.attach(name, *now, addr_u32(netif::primary_ipv4(name)))?;
+                }
+                Backend::Iptables => fallback::attach(name)?,
+            }
+            notes.push(format!("re-attached to {name} (it was re-created: ifindex {old} -> {now})"));
+        }
+    }
+    let present: Vec<&AttachedIface> = state.interfaces.iter().filter(|i| netif::ifindex(&i.name).is_ok()).collect();
+    // REDIRECT and MASQUERADE read each interface's primary address from the IFACES map (netfilter finds it
+    // by itself in iptables mode).
+    if let Backend::Ebpf(kernel) = &backend {
+        for i in &present {
+            kernel.set_iface(i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
+        }
+    }
+    if !moved.is_empty() {
+        // Rules naming a moved interface carry its ifindex; a re-created device starts with default sysctls (which
+        // cannot be read or written while another attached interface is gone: then only the rules are synced).
+        if present.len() == state.interfaces.len() {
+            notes.extend(apply(&backend, &mut state)?);
+        } else {
+            backend.sync_rules(&state)?;
+        }
+        state.pending = None;
+        lock.save(&state)?;
+    }
+    Ok(notes)
+}
+
 /// The rules and interfaces of the running instance (for export), or None when not attached.
 pub fn current() -> Result<Option<(Vec<Rule>, Vec<String>)>> {
     let lock = open()?;

@@ -5,8 +5,8 @@
 //! [`flows`] (which live translations a `conntrack --flush` or `del --flows` ends, in both modes),
 //! [`instance`] and [`state`] (where an instance lives and what it remembers),
 //! [`sysctl`] and [`netif`] (the system settings and interface facts it depends on), [`control`] (the operations
-//! behind each command), [`report`] (what `status`, `list` and `conntrack` report) and [`cli`] (argument parsing and
-//! output).
+//! behind each command), [`report`] (what `status`, `list` and `conntrack` report), [`serve`] (the long-running agent: file watch, netlink,
+//! metrics) and [`cli`] (argument parsing and output).
 pub mod cli;
 pub mod control;
 pub mod fallback;
@@ -17,5 +17,6 @@ pub mod loader;
 pub mod netif;
 pub mod report;
 pub mod rules;
+pub mod serve;
 pub mod state;
 pub mod sysctl;

@@ -7,6 +7,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod fuzz_parsers;
+mod install;
 mod setup;
 mod sudo;
 
@@ -72,6 +73,18 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Use this pfwd binary instead of building a release one.
+        #[arg(long, value_name = "PATH")]
+        pfwd: Option<PathBuf>,
+    },
+    /// Install pfwd as a service: binary, systemd unit, example config (when absent), completions, man page.
+    Install {
+        /// Installation prefix: the binary goes to PREFIX/bin, completions and the man page to PREFIX/share.
+        #[arg(long, default_value = "/usr/local", value_name = "DIR")]
+        prefix: PathBuf,
+        /// Stage everything under this directory instead of / (DESTDIR, for packaging).
+        #[arg(long, default_value = "/", value_name = "DESTDIR")]
+        root: PathBuf,
+        /// Install this pfwd binary instead of building a release one.
         #[arg(long, value_name = "PATH")]
         pfwd: Option<PathBuf>,
     },
@@ -167,6 +180,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return rerun_as_root("the bench runs as root (network namespaces, BPF)", &args);
             }
             bench::bench(&bin, quick)?;
+        }
+        Cmd::Install { prefix, root, pfwd } => {
+            let bin = match pfwd {
+                Some(bin) => std::path::absolute(bin)?,
+                None => {
+                    setup()?;
+                    build(true)?
+                }
+            };
+            install::install(&bin, &prefix, &root)?;
         }
         Cmd::FuzzParsers { seconds } => {
             setup()?;

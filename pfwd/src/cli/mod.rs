@@ -81,6 +81,18 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "auto")]
         mode: Mode,
     },
+    /// Run as a service: attach, apply a config file and keep it applied (file changes, SIGHUP, interfaces).
+    ///
+    /// Applies FILE at start (like `pfwd apply`), then re-applies it whenever it changes (an editor's save, a
+    /// ConfigMap update) or on SIGHUP, logging what changed or why the file was rejected (the running rules then
+    /// stay). Follows interfaces over netlink: an attached interface deleted and re-created under the same name is
+    /// re-attached, and REDIRECT/MASQUERADE follow address changes. Streams the kernel's flow events to stderr.
+    /// With --metrics, serves Prometheus metrics on /metrics and a liveness check on /healthz.
+    /// SIGTERM leaves the data path forwarding (restarting the service drops no traffic) unless --detach-on-exit.
+    /// Signals readiness to systemd (Type=notify); contrib/systemd/pfwd.service runs it at boot.
+    ///
+    /// Example: `pfwd serve eth0 eth1 --config /etc/pfwd/rules.toml --metrics 127.0.0.1:9469`
+    Serve(crate::serve::ServeArgs),
     /// Print the running rules as a TOML config file that `pfwd apply --config` and `attach --config` accept.
     Save,
     /// Print a shell completion script: `pfwd completions bash > /etc/bash_completion.d/pfwd`.
@@ -283,6 +295,7 @@ fn run(cli: Cli) -> Result<()> {
             print_notes(&control::attach(&a.ifaces, rules, &attach_opts(&a))?);
         }
         Cmd::Run(r) => run_foreground(r)?,
+        Cmd::Serve(s) => crate::serve::run(s)?,
         Cmd::Apply { ifaces, config, dry_run, mode } => apply(&ifaces, &config, dry_run, mode)?,
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "pfwd", &mut std::io::stdout());
@@ -540,6 +553,9 @@ fn import(file: Option<PathBuf>, dry_run: bool) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod contrib_tests;
 
 #[cfg(test)]
 mod tests {
