@@ -119,4 +119,58 @@ fn local_errors(mode: &str) {
     assert_eq!(list(&lab), serde_json::json!([]));
 }
 
-in_both_modes!(local_port_to_loopback, local_moved_server, local_two_instances, local_errors);
+/// A connected UDP socket of a `--local` rule when the rule is deleted. Both modes: the socket keeps reaching the
+/// rule's target (eBPF: connect() was translated, the socket is connected to the target; iptables: netfilter's
+/// conntrack entry keeps translating the flow), replies keep showing the address the application connected to, and a
+/// new socket reaches the original address. In eBPF mode not even `pfwd conntrack --flush` changes that: the socket
+/// stays connected to the target until the application reconnects (README, "Locally generated traffic"). (In
+/// iptables mode the flow ends when netfilter's entry expires or is deleted with `conntrack -D`; pfwd's flush only
+/// picks entries that a current rule explains.)
+fn local_connected_udp_after_rule_deletion(mode: &str) {
+    use std::net::UdpSocket;
+    let lab = lab("loc-udp");
+    let _new = lab.udp_echo_server(Node::Server, sa("10.0.2.2:9000"), "new").unwrap();
+    lab.add_addr(Node::Server, "eth0", "198.51.100.13/32").unwrap_or_else(|e| panic!("{e:#}"));
+    let _old = lab.udp_echo_server(Node::Server, sa("198.51.100.13:9000"), "old").unwrap();
+    route_old_address(&lab);
+    let _guard = attach(&lab, mode, &["eth0", "eth1"]);
+    let id = add(&lab, &["dnat", "--local", "-d", "198.51.100.13", "--to", "10.0.2.2"]);
+    let connected = || {
+        let s = lab
+            .in_ns(Node::Router, || -> std::io::Result<UdpSocket> {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.connect("198.51.100.13:9000")?;
+                s.set_read_timeout(Some(TIMEOUT))?;
+                Ok(s)
+            })
+            .unwrap()
+            .expect("connected UDP socket");
+        s
+    };
+    // Who answers a datagram on `s`, and from where the socket says the reply came.
+    let ask = |s: &UdpSocket, what: &str| -> (String, SocketAddr) {
+        s.send(what.as_bytes()).expect("send");
+        let mut buf = [0u8; 512];
+        let (n, from) = s.recv_from(&mut buf).unwrap_or_else(|e| panic!("{what}: no reply: {e}"));
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        (Reply::parse(&text).unwrap_or_else(|| panic!("{what}: {text:?}")).label, from)
+    };
+    let old_addr = sa("198.51.100.13:9000");
+    let s = connected();
+    assert_eq!(ask(&s, "before"), ("new".to_string(), old_addr));
+    del(&lab, id);
+    assert_eq!(ask(&s, "after delete"), ("new".to_string(), old_addr), "the live socket keeps its translation");
+    assert_eq!(ask(&connected(), "new socket"), ("old".to_string(), old_addr), "a new socket is not translated");
+    if mode == "ebpf" {
+        pfwd_ok(&lab, &["conntrack", "--flush"]);
+        assert_eq!(ask(&s, "after conntrack --flush"), ("new".to_string(), old_addr));
+    }
+}
+
+in_both_modes!(
+    local_port_to_loopback,
+    local_moved_server,
+    local_two_instances,
+    local_errors,
+    local_connected_udp_after_rule_deletion
+);
