@@ -597,9 +597,11 @@ pub fn plan_apply(running: &[Rule], wanted: &[Rule]) -> ApplyPlan {
 /// `pfwd apply`: makes the running rules exactly `wanted`, as one change (all or nothing). Returns the plan and the
 /// change (None when there was nothing to do).
 pub fn apply_rules(wanted: &[Rule]) -> Result<(ApplyPlan, Option<Change>)> {
-    let (running, _) = current()?.context(NOT_ATTACHED)?;
-    let plan = plan_apply(&running, wanted);
-    if plan.remove.is_empty() && plan.add.is_empty() {
+    let state = open()?.load()?.context(NOT_ATTACHED)?;
+    let plan = plan_apply(&state.rules(), wanted);
+    // An interrupted change (a killed apply) recorded its rules as the state's: even when they already are the
+    // file's, the data path may hold only part of them, so apply them again.
+    if plan.remove.is_empty() && plan.add.is_empty() && state.pending != Some(Pending::Change) {
         return Ok((plan, None));
     }
     let remove: Vec<u32> = plan.remove.iter().map(|r| r.id).collect();

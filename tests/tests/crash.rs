@@ -1,5 +1,6 @@
-//! Surviving `kill -9` of `pfwd attach --config` (2,000 rules), `pfwd import` (2,000 lines) and `pfwd del` /
-//! `pfwd flush` at random moments, over bounded iterations. After each kill `pfwd status` must answer, and
+//! Surviving `kill -9` of `pfwd attach --config` (2,000 rules), `pfwd import` (2,000 lines), `pfwd del` /
+//! `pfwd flush`, `pfwd add` (onto 2,000 rules), `pfwd apply` (2,000 rules replaced by 2,000 others) and
+//! `pfwd detach` at random moments, over bounded iterations. After each kill `pfwd status` must answer, and
 //! `pfwd detach` (or a repairing `pfwd attach`, then detach) must leave iptables-save, the pins, the tcx programs on
 //! the lab's veths and the sysctls exactly as they were before the first attach. Both modes, same assertions.
 //!
@@ -145,6 +146,8 @@ fn kill9_leaves_nothing(mode: &str) {
         ));
     }
     let config = write(&dir, "rules.toml", &toml);
+    // The file `apply` switches to: the same two special rules, 1,998 others on other ports.
+    let config2 = write(&dir, "rules2.toml", &toml.replace("dport = 1", "dport = 3"));
     let script: String = (20000..20000 + RULES)
         .map(|p| {
             format!("iptables -t nat -A PREROUTING -i eth0 -p tcp --dport {p} -j DNAT --to-destination 10.0.2.2:9000\n")
@@ -159,9 +162,16 @@ fn kill9_leaves_nothing(mode: &str) {
     let t_flush = timed(&lab, &["flush"]);
     let t_import = timed(&lab, &["import", &script]);
     let t_del = timed(&lab, &["del", "1-100000"]);
-    pfwd_ok(&lab, &["detach"]);
+    pfwd_ok(&lab, &["apply", "--config", &config]);
+    let add_one = ["add", "dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9000"];
+    let t_add = timed(&lab, &add_one);
+    let t_apply = timed(&lab, &["apply", "--config", &config2]);
+    let t_detach = timed(&lab, &["detach"]);
     assert_eq!(footprint(&lab), before, "an uninterrupted attach/import/del/detach must leave nothing");
-    eprintln!("crash [{mode}]: attach {t_attach:?}, import {t_import:?}, del {t_del:?}, flush {t_flush:?}");
+    eprintln!(
+        "crash [{mode}]: attach {t_attach:?}, import {t_import:?}, del {t_del:?}, flush {t_flush:?}, add {t_add:?}, \
+         apply {t_apply:?}, detach {t_detach:?}"
+    );
     let span = |t: Duration| t.mul_f64(1.2) + Duration::from_millis(20);
 
     let mut killed = 0;
@@ -197,7 +207,51 @@ fn kill9_leaves_nothing(mode: &str) {
         killed += usize::from(kill_after(&lab, &args, d));
         check_and_detach(&lab, &before, &format!("{} killed at {d:?}", args.join(" ")));
     }
-    eprintln!("crash [{mode}]: {killed} of {} commands were killed before they ended", 3 * ITERATIONS);
+    for i in 0..ITERATIONS {
+        pfwd_ok(&lab, &attach_config);
+        let d = rng.delay(span(t_add));
+        killed += usize::from(kill_after(&lab, &add_one, d));
+        if i % 2 == 1 {
+            // The next change completes an interrupted add; the rule is there once or not at all.
+            pfwd_ok(&lab, &["del", "1"]);
+            let st = status(&lab);
+            assert!(
+                st.get("interrupted").is_none(),
+                "a change after a kill at {d:?} must complete it: {}",
+                st["interrupted"]
+            );
+            let n = st["rules"].as_array().map_or(0, Vec::len);
+            assert!(n == usize::from(RULES) - 1 || n == usize::from(RULES), "add killed at {d:?}: {n} rules");
+        }
+        check_and_detach(&lab, &before, &format!("add killed at {d:?}"));
+    }
+    for i in 0..ITERATIONS {
+        pfwd_ok(&lab, &attach_config);
+        let d = rng.delay(span(t_apply));
+        killed += usize::from(kill_after(&lab, &["apply", "--config", &config2], d));
+        if i % 2 == 1 {
+            // Applying again makes the rules exactly the file's.
+            pfwd_ok(&lab, &["apply", "--config", &config2]);
+            let st = status(&lab);
+            assert!(
+                st.get("interrupted").is_none(),
+                "apply after a kill at {d:?} must complete it: {}",
+                st["interrupted"]
+            );
+            let rules = st["rules"].as_array().cloned().unwrap_or_default();
+            assert_eq!(rules.len(), usize::from(RULES), "apply killed at {d:?}");
+            assert!(rules.iter().all(|r| r["dport"].as_str().is_none_or(|p| !p.starts_with('1'))));
+        }
+        check_and_detach(&lab, &before, &format!("apply killed at {d:?}"));
+    }
+    for _ in 0..ITERATIONS {
+        pfwd_ok(&lab, &attach_config);
+        let d = rng.delay(span(t_detach));
+        killed += usize::from(kill_after(&lab, &["detach"], d));
+        // A killed detach is finished by the next one.
+        check_and_detach(&lab, &before, &format!("detach killed at {d:?}"));
+    }
+    eprintln!("crash [{mode}]: {killed} of {} commands were killed before they ended", 6 * ITERATIONS);
 
     // Afterwards pfwd works as ever.
     pfwd_ok(&lab, &attach_plain);
