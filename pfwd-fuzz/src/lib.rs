@@ -40,6 +40,8 @@ pub struct Fuzzer {
     pub refused: u64,
     /// How often the model took each path ("new flow by rule", "malformed: ...", ...): the run's coverage.
     pub paths: std::collections::BTreeMap<String, u64>,
+    /// How often the generator made each fragment case ("tiny first fragment", ...).
+    pub generated: std::collections::BTreeMap<String, u64>,
 }
 
 impl Fuzzer {
@@ -50,6 +52,7 @@ impl Fuzzer {
             buf: vec![0; 4096],
             refused: 0,
             paths: Default::default(),
+            generated: Default::default(),
         })
     }
 
@@ -97,6 +100,22 @@ impl Fuzzer {
         self.reset(rules)?;
         let mut stream = generate::Stream::new();
         let mut steps: Vec<Step> = Vec::with_capacity(sends * 2);
+        let r = self.sends(&mut stream, rng, sends, packets, &mut steps);
+        for (what, n) in std::mem::take(&mut stream.made) {
+            *self.generated.entry(what).or_default() += n;
+        }
+        Ok(r?.map(|d| (steps, d)))
+    }
+
+    /// The sends of an episode, each through its hooks; the first divergence, if any.
+    fn sends(
+        &mut self,
+        stream: &mut generate::Stream,
+        rng: &mut generate::Rng,
+        sends: usize,
+        packets: &mut u64,
+        steps: &mut Vec<Step>,
+    ) -> Result<Option<Divergence>> {
         for _ in 0..sends {
             let s = stream.next(rng);
             let mut frame = Some(s.frame.clone());
@@ -108,7 +127,7 @@ impl Fuzzer {
                 steps.push(Step { hook, frame: f });
                 match r {
                     Ok(out) => frame = out,
-                    Err(d) => return Ok(Some((steps, d))),
+                    Err(d) => return Ok(Some(d)),
                 }
             }
             stream.observed(&s, frame.as_deref());

@@ -80,6 +80,10 @@ fn run(args: Args) -> Result<u64> {
     for (path, n) in &fz.paths {
         println!("  {n:>10}  {path}");
     }
+    println!("fragment cases the generator made:");
+    for (what, n) in &fz.generated {
+        println!("  {n:>10}  {what}");
+    }
     Ok(divergences)
 }
 
