@@ -42,6 +42,7 @@ pub struct Fuzzer {
     pub paths: std::collections::BTreeMap<String, u64>,
     /// How often the generator made each fragment case ("tiny first fragment", ...).
     pub generated: std::collections::BTreeMap<String, u64>,
+    counters_at_reset: model::FragCounters,
 }
 
 impl Fuzzer {
@@ -53,13 +54,31 @@ impl Fuzzer {
             refused: 0,
             paths: Default::default(),
             generated: Default::default(),
+            counters_at_reset: Default::default(),
         })
     }
 
     pub fn reset(&mut self, rules: &[Rule]) -> Result<()> {
         self.inst.reset(rules)?;
         self.model.reset(rules);
+        self.counters_at_reset = self.inst.frag_counters()?;
         Ok(())
+    }
+
+    /// After the steps `0..n` since the last reset: the kernel's fragment counters grew as the model's did, else a
+    /// divergence at the last step.
+    fn check_counters(&self, n: usize) -> Result<Option<Divergence>> {
+        let (now, was, want) = (self.inst.frag_counters()?, self.counters_at_reset, self.model.frag_counters);
+        let got = model::FragCounters {
+            translated: now.translated - was.translated,
+            unknown_drops: now.unknown_drops - was.unknown_drops,
+            passed: now.passed - was.passed,
+        };
+        if got == want || n == 0 {
+            return Ok(None);
+        }
+        let what = format!("fragment counters after the last step: kernel {got:?}, model {want:?}");
+        Ok(Some(Divergence { at: n - 1, what, expected: None, ret: check::NEXT, got: vec![] }))
     }
 
     /// Runs one frame through one hook in the kernel and the model. Ok(Err(d)): a divergence. Ok(Ok(out)): the
@@ -132,7 +151,7 @@ impl Fuzzer {
             }
             stream.observed(&s, frame.as_deref());
         }
-        Ok(None)
+        self.check_counters(steps.len())
     }
 
     /// Replays concrete steps from a fresh start; the first divergence, if any.
@@ -143,7 +162,7 @@ impl Fuzzer {
                 return Ok(Some(d));
             }
         }
-        Ok(None)
+        self.check_counters(steps.len())
     }
 
     /// Drops steps (halves, then smaller chunks, then single steps) while the sequence still diverges at its last

@@ -109,5 +109,7 @@ fn report(seed: u64, episode: u64, rules: &[pfwd::rules::Rule], steps: &[Step], 
             Verdict::Drop => println!("  expected DROP"),
         }
     }
-    println!("  kernel   {} {}", if d.ret == pfwd_fuzz::check::DROP { "DROP" } else { "NEXT" }, hex(&d.got));
+    if !d.got.is_empty() {
+        println!("  kernel   {} {}", if d.ret == pfwd_fuzz::check::DROP { "DROP" } else { "NEXT" }, hex(&d.got));
+    }
 }

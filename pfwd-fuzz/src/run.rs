@@ -13,8 +13,8 @@ use pfwd::rules::Rule;
 use pfwd::state::StoredRule;
 use pfwd_common::{Config, FragEntry, FragKey, names};
 
-use crate::model::Hook;
 use crate::model::rules::{IFACE, IFACE_ADDR};
+use crate::model::{FragCounters, Hook};
 
 pub const LO: u32 = 1;
 static INSTANCES: AtomicU32 = AtomicU32::new(0);
@@ -107,6 +107,17 @@ impl Instance {
             bail!("fragment table not empty after clearing");
         }
         Ok(())
+    }
+
+    /// The kernel's fragment counters (they are never reset: compare differences).
+    pub fn frag_counters(&self) -> Result<FragCounters> {
+        let stats = self.pins.0.stats().context("reading PFWD_STATS")?;
+        let get = |name: &str| stats.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).context(name.to_string());
+        Ok(FragCounters {
+            translated: get("fragments_translated")?,
+            unknown_drops: get("fragments_unknown_drops")?,
+            passed: get("fragments_passed")?,
+        })
     }
 
     /// Runs `frame` through the program of `hook`; the output frame goes to `out` (at least 2048 bytes).

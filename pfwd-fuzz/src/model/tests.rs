@@ -3,7 +3,7 @@
 use etherparse::PacketBuilder;
 
 use super::packet::{self, ETH, Frag, Parsed};
-use super::{Hook, Model, Observed, Verdict};
+use super::{FragCounters, Hook, Model, Observed, Verdict};
 
 const CLIENT: [u8; 4] = [192, 168, 1, 7];
 const ROUTER: [u8; 4] = [10, 0, 1, 1];
@@ -182,6 +182,7 @@ fn later_fragments_get_what_their_first_got() {
     assert_eq!(&expect_next(&mut m, Hook::Ingress, &fragment(&other, 0, 0))[ETH + 16..ETH + 20], &BACKEND);
     other[ETH + 4] = 7;
     expect_drop(&mut m, Hook::Ingress, &fragment(&other, 0, 0));
+    assert_eq!(m.frag_counters, FragCounters { translated: 2, unknown_drops: 3, passed: 0 });
 }
 
 #[test]
@@ -191,6 +192,7 @@ fn unknown_fragments_pass_without_rules_and_drops_are_remembered() {
     let whole = udp(CLIENT, 5000, ROUTER, 53);
     let second = fragment(&whole, 8, 16);
     assert_eq!(expect_next(&mut m, Hook::Ingress, &second), second);
+    assert_eq!(m.frag_counters, FragCounters { translated: 0, unknown_drops: 0, passed: 1 });
     // With SNAT to a one-port range taken by a first flow, a second flow's first fragment is dropped, and so its rest.
     m.reset(&[rule(1, "snat -p udp --to 203.0.113.5:20000")]);
     expect_next(&mut m, Hook::Egress, &udp(CLIENT, 20000, BACKEND, 53));
@@ -198,4 +200,5 @@ fn unknown_fragments_pass_without_rules_and_drops_are_remembered() {
     let first = fragment(&other, 0, 8);
     assert!(m.step(Hook::Egress, &first, &Observed { dropped: true, data: &first }).unwrap().verdict == Verdict::Drop);
     expect_drop(&mut m, Hook::Egress, &fragment(&other, 8, 16));
+    assert_eq!(m.frag_counters, FragCounters { translated: 0, unknown_drops: 1, passed: 0 });
 }
