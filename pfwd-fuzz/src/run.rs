@@ -88,8 +88,8 @@ impl Instance {
     ///
     /// The fragment table forgets a datagram after 5 s (FRAG_TIMEOUT_NS) or when 16,384 newer ones push it out; the
     /// model has neither clock nor LRU. Emptying it here keeps every run far inside both limits: a run between resets
-    /// (an episode of at most 400 sends, or a replay of one) makes at most a few thousand test runs, milliseconds long,
-    /// and remembers at most one datagram per test run.
+    /// (an episode of fewer than 400 sends through at most two hooks each, or a replay of one) makes fewer than 800
+    /// test runs in some milliseconds, and each test run remembers at most one datagram.
     pub fn reset(&mut self, rules: &[Rule]) -> Result<()> {
         let k = &self.pins.0;
         let stored: Vec<StoredRule> = rules.iter().map(|r| StoredRule { rule: r.clone(), slot: slot(r.id) }).collect();
