@@ -2,6 +2,7 @@
 //! (replies and ICMP errors are built from what the programs actually put out), and recorded as concrete
 //! (hook, frame) steps so that a divergence can be replayed and minimised.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv4Addr;
 
 use etherparse::{
@@ -11,7 +12,7 @@ use etherparse::{
 use pfwd::rules::Rule;
 
 use crate::model::Hook;
-use crate::model::packet::{self, ETH, L4, Parsed};
+use crate::model::packet::{self, ETH, Frag, L4, Parsed};
 
 /// SplitMix64: small, fast, and the same stream for the same seed everywhere.
 #[derive(Clone)]
@@ -55,8 +56,12 @@ const DSTS: [Ipv4Addr; 4] = [a(10, 0, 1, 1), a(203, 0, 113, 10), a(10, 0, 2, 2),
 const DPORTS: [u16; 7] = [53, 80, 8080, 8081, 8000, 8002, 9000];
 const HOP: Ipv4Addr = a(198, 51, 100, 1);
 
-/// A random valid rule set of 1 to 5 rules (ids 1..), every kind, overlapping matches.
+/// A random valid rule set of 1 to 5 rules (3% of the time none) (ids 1..), every kind, overlapping matches.
 pub fn rules(rng: &mut Rng) -> Vec<Rule> {
+    // Now and then none: fragments of unknown datagrams then pass instead of being dropped.
+    if rng.pct(3) {
+        return Vec::new();
+    }
     let n = 1 + rng.below(5) as usize;
     let mut out: Vec<Rule> = Vec::new();
     let mut tries = 0;
@@ -285,13 +290,25 @@ fn icmp_error(rng: &mut Rng, src: Ipv4Addr, dst: Ipv4Addr, inner: &[u8]) -> Vec<
 /// One conversation of the stream: what its client sent first, and the last frames that came out of the programs
 /// in each direction (for replies and ICMP errors).
 struct Conv {
+    /// A stable name: positions in `Stream::convs` shift as old conversations go, while fragments wait in the queue.
+    id: u64,
     first: Pkt,
-    /// The forward direction's frame after the last hook it went through.
+    /// The forward direction's frame after the last hook it went through (a first fragment, if it was cut).
     out_fwd: Option<Vec<u8>>,
+    /// A later fragment of the forward direction after the last hook (for ICMP errors that quote one).
+    out_later: Option<Vec<u8>>,
     /// A reply's frame after the last hook.
     out_reply: Option<Vec<u8>>,
     /// Goes through ingress then egress (forwarded), or egress only (locally generated).
     forwarded: bool,
+}
+
+/// Which frame of its conversation a send's output is.
+#[derive(Clone, Copy, Debug)]
+enum Part {
+    Fwd,
+    FwdLater,
+    Reply,
 }
 
 /// What the stream asks to be sent next: a frame and the hooks it crosses in turn (each hook gets the previous one's
@@ -299,16 +316,25 @@ struct Conv {
 pub struct Send {
     pub frame: Vec<u8>,
     pub hooks: &'static [Hook],
-    conv: Option<(usize, bool)>,
+    conv: Option<(u64, Part)>,
 }
 
 const FORWARDED: &[Hook] = &[Hook::Ingress, Hook::Egress];
 const LOCAL_OUT: &[Hook] = &[Hook::Egress];
 const LOCAL_IN: &[Hook] = &[Hook::Ingress];
 
+/// Share of TCP/UDP/echo/GRE datagrams sent as fragments (%), and of ICMP errors.
+const FRAGMENTED_PCT: u64 = 10;
+const FRAGMENTED_ERROR_PCT: u64 = 8;
+
 /// The packet stream of one rule set.
 pub struct Stream {
     convs: Vec<Conv>,
+    next_id: u64,
+    /// Fragments of datagrams already begun, in the order they are to be sent (other traffic may come in between).
+    queue: VecDeque<Send>,
+    /// How many of each fragment case were generated (the run's report adds them up).
+    pub made: BTreeMap<String, u64>,
 }
 
 impl Default for Stream {
@@ -319,12 +345,24 @@ impl Default for Stream {
 
 impl Stream {
     pub fn new() -> Self {
-        Stream { convs: Vec::new() }
+        Stream { convs: Vec::new(), next_id: 0, queue: VecDeque::new(), made: BTreeMap::new() }
+    }
+
+    fn count(&mut self, what: impl Into<String>) {
+        *self.made.entry(what.into()).or_default() += 1;
     }
 
     /// The next frame to send.
     pub fn next(&mut self, rng: &mut Rng) -> Send {
-        let mut s = self.pick(rng);
+        // A datagram's fragments mostly follow each other, sometimes with other traffic in between.
+        let mut s = match self.queue.pop_front() {
+            Some(s) if rng.pct(80) => s,
+            Some(s) => {
+                self.queue.push_front(s);
+                self.pick(rng)
+            }
+            None => self.pick(rng),
+        };
         if rng.pct(12) {
             mutate(rng, &mut s.frame);
         }
@@ -342,7 +380,7 @@ impl Stream {
             rng.below(self.convs.len() as u64) as usize
         };
         let c = &self.convs[i];
-        let payload = rng.u64() as u8;
+        let id = c.id;
         if roll < 55 {
             // The client again, same tuple.
             let mut p = c.first.clone();
@@ -357,16 +395,25 @@ impl Stream {
             };
             p.payload_len = rng.pick(&[0, 5, 30]);
             let hooks = if c.forwarded { FORWARDED } else { LOCAL_OUT };
-            return Send { frame: eth(&p.ip_bytes(payload)), hooks, conv: Some((i, true)) };
+            return self.datagram(rng, p, hooks, Some((id, Part::Fwd)), "the client again");
         }
         if roll < 85 {
             // A reply to what came out, or an error about it.
-            let Some(out) = c.out_fwd.clone() else { return self.start(rng) };
-            let Parsed::Ipv4(ip) = packet::parse(&out) else { return self.start(rng) };
-            let Some(t) = ip.tuple() else { return self.start(rng) };
+            let Some(mut out) = c.out_fwd.clone() else { return self.start(rng) };
             let hooks = if c.forwarded { FORWARDED } else { LOCAL_IN };
-            let (src, dst) = (Ipv4Addr::from(t.dst), Ipv4Addr::from(t.src));
+            let mut quoted = "a whole datagram";
+            if roll >= 75
+                && rng.pct(30)
+                && let Some(later) = &c.out_later
+            {
+                // An error quoting a later fragment (which no router sends, RFC 1812): never translated as an error.
+                out = later.clone();
+                quoted = "a later fragment";
+            }
+            let Parsed::Ipv4(ip) = packet::parse(&out) else { return self.start(rng) };
             if roll < 75 {
+                let Some(t) = ip.tuple() else { return self.start(rng) };
+                let (src, dst) = (Ipv4Addr::from(t.dst), Ipv4Addr::from(t.src));
                 let l4 = match ip.l4 {
                     L4::Tcp { .. } => Spec::Tcp {
                         sport: t.dport,
@@ -378,13 +425,19 @@ impl Stream {
                     _ => Spec::Gre,
                 };
                 let p = Pkt::new(rng, src, dst, l4);
-                return Send { frame: eth(&p.ip_bytes(payload)), hooks, conv: Some((i, false)) };
+                return self.datagram(rng, p, hooks, Some((id, Part::Reply)), "a reply");
             }
             // An ICMP error about the forward datagram, from its destination or a router on the way.
+            if ip.frag == Frag::First {
+                quoted = "a first fragment";
+            }
+            let (src, dst) = (Ipv4Addr::from(ip.dst), Ipv4Addr::from(ip.src));
             let esrc = if rng.pct(60) { src } else { HOP };
             let inner = &out[ETH..ip.end];
             let cut = if rng.pct(40) { (ip.l4_at - ETH + 8).min(inner.len()) } else { inner.len() };
-            return Send { frame: icmp_error(rng, esrc, dst, &inner[..cut]), hooks, conv: None };
+            let frame = icmp_error(rng, esrc, dst, &inner[..cut]);
+            self.count(format!("ICMP error quoting {quoted}"));
+            return self.error(rng, frame, hooks);
         }
         // The client reports a reply it got as undeliverable.
         let Some(reply) = c.out_reply.clone() else { return self.start(rng) };
@@ -392,7 +445,7 @@ impl Stream {
         let inner = &reply[ETH..ip.end];
         let hooks = if c.forwarded { FORWARDED } else { LOCAL_OUT };
         let frame = icmp_error(rng, Ipv4Addr::from(ip.dst), Ipv4Addr::from(ip.src), inner);
-        Send { frame, hooks, conv: None }
+        self.error(rng, frame, hooks)
     }
 
     fn start(&mut self, rng: &mut Rng) -> Send {
@@ -407,24 +460,156 @@ impl Stream {
         };
         let p = Pkt::new(rng, src, dst, l4);
         let forwarded = rng.pct(70);
-        let frame = eth(&p.ip_bytes(rng.u64() as u8));
-        self.convs.push(Conv { first: p, out_fwd: None, out_reply: None, forwarded });
+        let id = self.next_id;
+        self.next_id += 1;
+        self.convs.push(Conv { id, first: p.clone(), out_fwd: None, out_later: None, out_reply: None, forwarded });
         if self.convs.len() > 64 {
             self.convs.remove(0);
         }
-        Send { frame, hooks: if forwarded { FORWARDED } else { LOCAL_OUT }, conv: Some((self.convs.len() - 1, true)) }
+        self.datagram(rng, p, if forwarded { FORWARDED } else { LOCAL_OUT }, Some((id, Part::Fwd)), "a new client")
+    }
+
+    /// The datagram `p` as sent: mostly whole, sometimes (with more payload) cut into fragments.
+    fn datagram(
+        &mut self,
+        rng: &mut Rng,
+        mut p: Pkt,
+        hooks: &'static [Hook],
+        conv: Option<(u64, Part)>,
+        who: &str,
+    ) -> Send {
+        let seed = rng.u64() as u8;
+        if p.mf || p.frag_offset != 0 || !rng.pct(FRAGMENTED_PCT) {
+            return Send { frame: eth(&p.ip_bytes(seed)), hooks, conv };
+        }
+        p.payload_len = rng.pick(&[9, 24, 40, 64, 100, 180]);
+        p.df = false;
+        let what = match p.l4 {
+            Spec::Tcp { .. } => "TCP",
+            Spec::Udp { .. } => "UDP",
+            Spec::Echo { .. } => "echo",
+            Spec::Gre => "GRE",
+        };
+        self.count(format!("fragmented {what} datagram: {who}"));
+        self.fragments(rng, &p.ip_bytes(seed), hooks, conv)
+    }
+
+    /// The ICMP error `frame` as sent: mostly whole, sometimes cut into fragments.
+    fn error(&mut self, rng: &mut Rng, frame: Vec<u8>, hooks: &'static [Hook]) -> Send {
+        if !rng.pct(FRAGMENTED_ERROR_PCT) || frame.len() < ETH + 20 + 16 {
+            return Send { frame, hooks, conv: None };
+        }
+        self.count("fragmented ICMP error");
+        self.fragments(rng, &frame[ETH..], hooks, None)
+    }
+
+    /// Cuts the IP datagram `ip` into fragments and queues them, in an order that is mostly but not always the
+    /// sender's: the first, then the later ones shuffled; sometimes a later one before the first, the first lost,
+    /// a fragment duplicated, a fragment overlapping others, or a first fragment too short for its transport header.
+    /// Returns the first to send.
+    fn fragments(&mut self, rng: &mut Rng, ip: &[u8], hooks: &'static [Hook], conv: Option<(u64, Part)>) -> Send {
+        let ihl = (ip[0] & 0x0f) as usize * 4;
+        let total = ip.len() - ihl;
+        let header: usize = match ip[9] {
+            packet::TCP => 20,
+            packet::UDP | packet::ICMP => 8,
+            _ => 0,
+        };
+        // An ICMP error's first fragment is translated as an error only if it holds the quoted IP header and 8 bytes.
+        let quote = if ip[9] == packet::ICMP && packet::is_icmp_error(ip[ihl]) { 8 + 20 + 8 } else { header };
+        // The first fragment: the transport header (or the quote) and some data, in 8-byte units; sometimes less.
+        let mut first = if header > 0 && rng.pct(12) {
+            if header == 20 { rng.pick(&[8, 16]) } else { rng.pick(&[0, 4]) }
+        } else if quote > header && rng.pct(20) {
+            8 * (1 + rng.below(4) as usize)
+        } else {
+            quote.div_ceil(8).max(1) * 8 + 8 * rng.below(3) as usize
+        };
+        if first >= total {
+            first = (total - 1) / 8 * 8;
+        }
+        if first < header {
+            self.count("tiny first fragment (shorter than its transport header)");
+        }
+        let mut pieces = vec![(0, first)];
+        // Later fragments start at multiples of 8 (a tiny first of 0 or 4 bytes leaves a gap before the second).
+        let mut at = first.div_ceil(8).max(1) * 8;
+        while at < total {
+            let end = (at + 8 * (1 + rng.below(8) as usize)).min(total);
+            pieces.push((at, end));
+            at = end;
+        }
+        let mut corrupt = vec![false; pieces.len()];
+        if total > 8 && rng.pct(10) {
+            // A fragment overlapping others, with the same bytes or (half the time) different ones.
+            let from = 8 * (1 + rng.below(((total - 1) / 8) as u64) as usize);
+            pieces.push((from, (from + 8 * (1 + rng.below(4) as usize)).min(total)));
+            corrupt.push(rng.pct(50));
+            self.count("overlapping fragment");
+        }
+        let frame = |i: usize| {
+            let (from, to) = pieces[i];
+            let mut f = ip[..ihl].to_vec();
+            f.extend(ip[ihl + from..ihl + to].iter().map(|b| if corrupt[i] { !b } else { *b }));
+            let flags = if to < total { 0x2000 } else { 0 } | (from / 8) as u16;
+            f[2..4].copy_from_slice(&((ihl + to - from) as u16).to_be_bytes());
+            f[6..8].copy_from_slice(&flags.to_be_bytes());
+            let mut f = eth(&f);
+            fix_ip_checksum(&mut f);
+            f
+        };
+        let later_conv = match conv {
+            Some((id, Part::Fwd)) => Some((id, Part::FwdLater)),
+            _ => None,
+        };
+        let mut order: Vec<Send> = Vec::with_capacity(pieces.len() + 2);
+        let mut laters: Vec<Send> =
+            (1..pieces.len()).map(|i| Send { frame: frame(i), hooks, conv: later_conv }).collect();
+        for i in (1..laters.len()).rev() {
+            laters.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        if rng.pct(8) {
+            self.count("first fragment lost");
+        } else {
+            order.push(Send { frame: frame(0), hooks, conv });
+            if rng.pct(6) {
+                // The first fragment again (a retransmission), somewhere among the later ones.
+                let at = rng.below(laters.len() as u64 + 1) as usize;
+                laters.insert(at, Send { frame: frame(0), hooks, conv: None });
+                self.count("first fragment sent twice");
+            }
+        }
+        if !laters.is_empty() && rng.pct(12) {
+            // A later fragment overtakes the first.
+            order.insert(0, laters.remove(0));
+            self.count("a later fragment before the first");
+        }
+        order.extend(laters);
+        if rng.pct(12) {
+            let i = rng.below(order.len() as u64) as usize;
+            let dup = Send { frame: order[i].frame.clone(), hooks, conv: None };
+            let at = i + 1 + rng.below((order.len() - i) as u64) as usize;
+            order.insert(at, dup);
+            self.count("duplicated fragment");
+        }
+        self.count(format!("fragments: {} sent", if order.len() > 4 { "5+".into() } else { order.len().to_string() }));
+        let mut order = order.into_iter();
+        let now = order.next().expect("at least one fragment");
+        self.queue.extend(order);
+        now
     }
 
     /// Records what came out of the last hook for `s` (None: dropped).
     pub fn observed(&mut self, s: &Send, out: Option<&[u8]>) {
-        let Some((i, fwd)) = s.conv else { return };
-        let Some(c) = self.convs.get_mut(i) else { return };
+        let Some((id, part)) = s.conv else { return };
+        let Some(c) = self.convs.iter_mut().find(|c| c.id == id) else { return };
         let out = out.map(|o| o.to_vec());
-        if fwd {
-            c.out_fwd = out.or(c.out_fwd.take());
-        } else {
-            c.out_reply = out.or(c.out_reply.take());
-        }
+        let slot = match part {
+            Part::Fwd => &mut c.out_fwd,
+            Part::FwdLater => &mut c.out_later,
+            Part::Reply => &mut c.out_reply,
+        };
+        *slot = out.or(slot.take());
     }
 }
 

@@ -40,6 +40,9 @@ pub struct Fuzzer {
     pub refused: u64,
     /// How often the model took each path ("new flow by rule", "malformed: ...", ...): the run's coverage.
     pub paths: std::collections::BTreeMap<String, u64>,
+    /// How often the generator made each fragment case ("tiny first fragment", ...).
+    pub generated: std::collections::BTreeMap<String, u64>,
+    counters_at_reset: model::FragCounters,
 }
 
 impl Fuzzer {
@@ -50,13 +53,32 @@ impl Fuzzer {
             buf: vec![0; 4096],
             refused: 0,
             paths: Default::default(),
+            generated: Default::default(),
+            counters_at_reset: Default::default(),
         })
     }
 
     pub fn reset(&mut self, rules: &[Rule]) -> Result<()> {
         self.inst.reset(rules)?;
         self.model.reset(rules);
+        self.counters_at_reset = self.inst.frag_counters()?;
         Ok(())
+    }
+
+    /// After the steps `0..n` since the last reset: the kernel's fragment counters grew as the model's did, else a
+    /// divergence at the last step.
+    fn check_counters(&self, n: usize) -> Result<Option<Divergence>> {
+        let (now, was, want) = (self.inst.frag_counters()?, self.counters_at_reset, self.model.frag_counters);
+        let got = model::FragCounters {
+            translated: now.translated - was.translated,
+            unknown_drops: now.unknown_drops - was.unknown_drops,
+            passed: now.passed - was.passed,
+        };
+        if got == want || n == 0 {
+            return Ok(None);
+        }
+        let what = format!("fragment counters after the last step: kernel {got:?}, model {want:?}");
+        Ok(Some(Divergence { at: n - 1, what, expected: None, ret: check::NEXT, got: vec![] }))
     }
 
     /// Runs one frame through one hook in the kernel and the model. Ok(Err(d)): a divergence. Ok(Ok(out)): the
@@ -97,6 +119,22 @@ impl Fuzzer {
         self.reset(rules)?;
         let mut stream = generate::Stream::new();
         let mut steps: Vec<Step> = Vec::with_capacity(sends * 2);
+        let r = self.sends(&mut stream, rng, sends, packets, &mut steps);
+        for (what, n) in std::mem::take(&mut stream.made) {
+            *self.generated.entry(what).or_default() += n;
+        }
+        Ok(r?.map(|d| (steps, d)))
+    }
+
+    /// The sends of an episode, each through its hooks; the first divergence, if any.
+    fn sends(
+        &mut self,
+        stream: &mut generate::Stream,
+        rng: &mut generate::Rng,
+        sends: usize,
+        packets: &mut u64,
+        steps: &mut Vec<Step>,
+    ) -> Result<Option<Divergence>> {
         for _ in 0..sends {
             let s = stream.next(rng);
             let mut frame = Some(s.frame.clone());
@@ -108,12 +146,12 @@ impl Fuzzer {
                 steps.push(Step { hook, frame: f });
                 match r {
                     Ok(out) => frame = out,
-                    Err(d) => return Ok(Some((steps, d))),
+                    Err(d) => return Ok(Some(d)),
                 }
             }
             stream.observed(&s, frame.as_deref());
         }
-        Ok(None)
+        self.check_counters(steps.len())
     }
 
     /// Replays concrete steps from a fresh start; the first divergence, if any.
@@ -124,7 +162,7 @@ impl Fuzzer {
                 return Ok(Some(d));
             }
         }
-        Ok(None)
+        self.check_counters(steps.len())
     }
 
     /// Drops steps (halves, then smaller chunks, then single steps) while the sequence still diverges at its last

@@ -80,6 +80,10 @@ fn run(args: Args) -> Result<u64> {
     for (path, n) in &fz.paths {
         println!("  {n:>10}  {path}");
     }
+    println!("fragment cases the generator made:");
+    for (what, n) in &fz.generated {
+        println!("  {n:>10}  {what}");
+    }
     Ok(divergences)
 }
 
@@ -105,5 +109,7 @@ fn report(seed: u64, episode: u64, rules: &[pfwd::rules::Rule], steps: &[Step], 
             Verdict::Drop => println!("  expected DROP"),
         }
     }
-    println!("  kernel   {} {}", if d.ret == pfwd_fuzz::check::DROP { "DROP" } else { "NEXT" }, hex(&d.got));
+    if !d.got.is_empty() {
+        println!("  kernel   {} {}", if d.ret == pfwd_fuzz::check::DROP { "DROP" } else { "NEXT" }, hex(&d.got));
+    }
 }

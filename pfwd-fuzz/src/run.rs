@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result, bail};
+use aya::maps::{HashMap, Map, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use pfwd::loader::Kernel;
 use pfwd::rules::Rule;
 use pfwd::state::StoredRule;
-use pfwd_common::Config;
+use pfwd_common::{Config, FragEntry, FragKey, names};
 
-use crate::model::Hook;
 use crate::model::rules::{IFACE, IFACE_ADDR};
+use crate::model::{FragCounters, Hook};
 
 pub const LO: u32 = 1;
 static INSTANCES: AtomicU32 = AtomicU32::new(0);
@@ -34,6 +35,8 @@ impl Drop for Pins {
 pub struct Instance {
     ingress: SchedClassifier,
     egress: SchedClassifier,
+    /// The fragment table (PFWD_FRAGS), emptied with conntrack on every reset.
+    frags: HashMap<MapData, FragKey, FragEntry>,
     pins: Pins,
 }
 
@@ -76,11 +79,18 @@ impl Instance {
         pins.0.set_iface(LO, u32::from_ne_bytes(IFACE_ADDR.octets())).context("registering lo")?;
         let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).context("pinned ingress program")?;
         let egress = SchedClassifier::from_pin(dir.join("prog_egress")).context("pinned egress program")?;
-        Ok(Self { ingress, egress, pins })
+        let frags = MapData::from_pin(dir.join(names::FRAGS)).context("pinned fragment table")?;
+        let frags = HashMap::try_from(Map::LruHashMap(frags)).context("fragment table type")?;
+        Ok(Self { ingress, egress, frags, pins })
     }
 
-    /// Replaces the rules and empties the conntrack table: a fresh start for the next rule set.
-    pub fn reset(&self, rules: &[Rule]) -> Result<()> {
+    /// Replaces the rules and empties the conntrack and fragment tables: a fresh start for the next rule set.
+    ///
+    /// The fragment table forgets a datagram after 5 s (FRAG_TIMEOUT_NS) or when 16,384 newer ones push it out; the
+    /// model has neither clock nor LRU. Emptying it here keeps every run far inside both limits: a run between resets
+    /// (an episode of fewer than 400 sends through at most two hooks each, or a replay of one) makes fewer than 800
+    /// test runs in some milliseconds, and each test run remembers at most one datagram.
+    pub fn reset(&mut self, rules: &[Rule]) -> Result<()> {
         let k = &self.pins.0;
         let stored: Vec<StoredRule> = rules.iter().map(|r| StoredRule { rule: r.clone(), slot: slot(r.id) }).collect();
         k.sync_rules(&stored, &lo_index).context("sync_rules")?;
@@ -89,7 +99,25 @@ impl Instance {
         if !k.conntrack()?.is_empty() {
             bail!("conntrack table not empty after clearing");
         }
+        let keys: Vec<FragKey> = self.frags.keys().collect::<Result<_, _>>().context("listing PFWD_FRAGS")?;
+        for key in &keys {
+            self.frags.remove(key).context("emptying PFWD_FRAGS")?;
+        }
+        if self.frags.keys().next().is_some() {
+            bail!("fragment table not empty after clearing");
+        }
         Ok(())
+    }
+
+    /// The kernel's fragment counters (they are never reset: compare differences).
+    pub fn frag_counters(&self) -> Result<FragCounters> {
+        let stats = self.pins.0.stats().context("reading PFWD_STATS")?;
+        let get = |name: &str| stats.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).context(name.to_string());
+        Ok(FragCounters {
+            translated: get("fragments_translated")?,
+            unknown_drops: get("fragments_unknown_drops")?,
+            passed: get("fragments_passed")?,
+        })
     }
 
     /// Runs `frame` through the program of `hook`; the output frame goes to `out` (at least 2048 bytes).

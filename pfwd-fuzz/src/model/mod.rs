@@ -10,7 +10,9 @@ pub mod rules;
 
 use std::collections::HashMap;
 
-use packet::{CsumField, CsumKind, ETH, FIN, Ip, L4, Parsed, RST, Rewriter, SYN, TCP, Tuple, UDP, be16, csum_fields};
+use packet::{
+    CsumField, CsumKind, ETH, FIN, Frag, Ip, L4, Parsed, RST, Rewriter, SYN, TCP, Tuple, UDP, be16, be32, csum_fields,
+};
 use rules::{Action, MRule};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,6 +52,9 @@ pub struct Expect {
     pub why: String,
     /// Checksum fields of the packet (compared by value modulo one's-complement zero, not byte for byte).
     pub csums: Vec<CsumField>,
+    /// Translated by a flow (new or established, or an ICMP error about one), even if no address changed: a first
+    /// fragment's later fragments are then counted as translated.
+    pub translated: bool,
 }
 
 /// What the kernel did with the packet: needed only to adopt its free choices (the SNAT port).
@@ -84,6 +89,36 @@ impl Flow {
     }
 }
 
+/// A fragmented datagram as its fragments name it (RFC 791: source, destination, protocol, identification), at one
+/// hook: a forwarded datagram crosses both, and is seen at the second as the first put it out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct DatagramKey {
+    src: u32,
+    dst: u32,
+    proto: u8,
+    id: u16,
+    hook: Hook,
+}
+
+impl DatagramKey {
+    fn of(ip: &Ip, hook: Hook) -> Self {
+        DatagramKey { src: ip.src, dst: ip.dst, proto: ip.proto, id: ip.id, hook }
+    }
+}
+
+/// What a datagram's first fragment got, which its later fragments get too.
+#[derive(Clone, Copy, Debug)]
+enum Fate {
+    /// Came out with these source and destination addresses (its own when it was not translated); `translated`: by
+    /// a flow (its later fragments count as translated, even when no address changes).
+    Out {
+        src: u32,
+        dst: u32,
+        translated: bool,
+    },
+    Dropped,
+}
+
 /// The model's connection-tracking table and rules.
 #[derive(Default)]
 pub struct Model {
@@ -91,6 +126,23 @@ pub struct Model {
     table: HashMap<Tuple, Entry>,
     flows: HashMap<u64, Flow>,
     next_flow: u64,
+    /// The last first fragment of each datagram. The fuzzer keeps every run well inside the kernel's limits (5 s,
+    /// 16,384 datagrams) by starting over often (`Model::reset` with `Instance::reset`), so nothing ages or is
+    /// evicted here.
+    datagrams: HashMap<DatagramKey, Fate>,
+    /// The kernel's fragment counters as they must have grown since the last reset.
+    pub frag_counters: FragCounters,
+}
+
+/// The fragment counters of pfwd's stats (`pfwd status`), by their names there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragCounters {
+    /// fragments_translated: later fragments rewritten like their first.
+    pub translated: u64,
+    /// fragments_unknown_drops: later fragments dropped, their datagram unknown or its first fragment dropped.
+    pub unknown_drops: u64,
+    /// fragments_passed: later fragments of unknown datagrams passed (no NAT rules).
+    pub passed: u64,
 }
 
 /// Default SNAT port range (README: "default 1024-65535").
@@ -99,7 +151,11 @@ const DEFAULT_PORTS: (u16, u16) = (1024, 65535);
 const PROBES: u32 = 32;
 
 fn pass(f: &[u8], why: impl Into<String>) -> Expect {
-    Expect { verdict: Verdict::Next(f.to_vec()), why: why.into(), csums: vec![] }
+    Expect { verdict: Verdict::Next(f.to_vec()), why: why.into(), csums: vec![], translated: false }
+}
+
+fn drop(why: impl Into<String>) -> Expect {
+    Expect { verdict: Verdict::Drop, why: why.into(), csums: vec![], translated: false }
 }
 
 /// A packet that may start a flow: TCP only with a SYN (no ACK, no RST); UDP and other protocols any packet; ICMP
@@ -109,7 +165,7 @@ fn opens_flow(ip: &Ip) -> bool {
         L4::Tcp { flags, .. } => flags & SYN != 0 && flags & (packet::ACK | RST) == 0,
         L4::Udp { .. } | L4::Other => true,
         L4::Echo { request, .. } => request,
-        L4::IcmpError { .. } | L4::IcmpOther => false,
+        L4::IcmpError { .. } | L4::IcmpOther | L4::Fragment => false,
     }
 }
 
@@ -119,6 +175,8 @@ impl Model {
         self.rules = rules.iter().map(MRule::from_rule).collect();
         self.table.clear();
         self.flows.clear();
+        self.datagrams.clear();
+        self.frag_counters = FragCounters::default();
     }
 
     pub fn live_flows(&self) -> usize {
@@ -132,18 +190,72 @@ impl Model {
         let ip = match packet::parse(frame) {
             Parsed::NotIpv4 => return Ok(pass(frame, "not IPv4")),
             Parsed::Malformed(why) => return Ok(pass(frame, format!("malformed: {why}"))),
-            Parsed::Fragment => return Ok(pass(frame, "fragment")),
             Parsed::Ipv4(ip) => ip,
         };
         let csums = csum_fields(&ip);
         let mut e = match ip.l4 {
+            L4::Fragment => self.later_fragment(hook, frame, &ip),
             L4::IcmpError { inner } => self.icmp_error(hook, frame, &ip, &inner),
             _ => self.datagram(hook, frame, &ip, seen)?,
         };
+        if ip.frag == Frag::First {
+            // Its later fragments get what it got: its output addresses, or the drop.
+            let fate = match &e.verdict {
+                Verdict::Next(out) => {
+                    Fate::Out { src: be32(out, ETH + 12), dst: be32(out, ETH + 16), translated: e.translated }
+                }
+                Verdict::Drop => Fate::Dropped,
+            };
+            self.datagrams.insert(DatagramKey::of(&ip, hook), fate);
+            e.why = format!("first fragment: {}", e.why);
+        }
         if matches!(&e.verdict, Verdict::Next(b) if b != frame) {
             e.csums = csums;
         }
         Ok(e)
+    }
+
+    /// Any PREROUTING or POSTROUTING rule: then a fragment of an unknown datagram is dropped on an attached interface
+    /// (the fuzzer's lo is one) rather than risk passing an address that should have been translated.
+    fn has_nat_rules(&self) -> bool {
+        self.rules.iter().any(|r| !r.local)
+    }
+
+    /// A fragment without a transport header: it gets what its datagram's first fragment got at this hook, at the IP
+    /// level only (addresses and the header checksum; the L4 checksum in the first fragment covers the rest).
+    fn later_fragment(&mut self, hook: Hook, frame: &[u8], ip: &Ip) -> Expect {
+        // (A first fragment without its whole transport header parses as a later one.)
+        let what = if be16(frame, ETH + 6) & 0x1fff == 0 { "tiny first fragment" } else { "later fragment" };
+        let at = hook.name();
+        let known = self.datagrams.get(&DatagramKey::of(ip, hook)).copied();
+        let c = &mut self.frag_counters;
+        match known {
+            Some(Fate::Dropped) => {
+                c.unknown_drops += 1;
+                drop(format!("{what} at {at}: its first fragment was dropped"))
+            }
+            Some(Fate::Out { translated: false, .. }) => {
+                pass(frame, format!("{what} at {at}: its first fragment passed untranslated"))
+            }
+            Some(Fate::Out { src, dst, translated: true }) => {
+                c.translated += 1;
+                let mut out = frame.to_vec();
+                let ipc = [CsumField { at: ETH + 10, kind: CsumKind::Ip }];
+                let mut w = Rewriter { f: &mut out };
+                w.set32(ETH + 12, src, &ipc);
+                w.set32(ETH + 16, dst, &ipc);
+                let why = format!("{what} at {at}: translated as its first fragment");
+                Expect { verdict: Verdict::Next(out), why, csums: vec![], translated: true }
+            }
+            None if self.has_nat_rules() => {
+                self.frag_counters.unknown_drops += 1;
+                drop(format!("{what} at {at}: unknown datagram, dropped (NAT rules)"))
+            }
+            None => {
+                self.frag_counters.passed += 1;
+                pass(frame, format!("{what} at {at}: unknown datagram, passed (no NAT rules)"))
+            }
+        }
     }
 
     fn datagram(&mut self, hook: Hook, frame: &[u8], ip: &Ip, seen: &Observed) -> Result<Expect, String> {
@@ -168,6 +280,7 @@ impl Model {
                     verdict: Verdict::Next(rewrite(frame, ip, &entry.xlat)),
                     why: format!("established flow, {dir} direction"),
                     csums: vec![],
+                    translated: true,
                 });
             }
             self.remove_flow(entry.flow);
@@ -188,7 +301,12 @@ impl Model {
             Action::Snat { addr, ports } => match self.snat_port(&t, addr, ports, ip, seen)? {
                 Some(p) => Tuple { src: addr, sport: p, dport: if t.proto == packet::ICMP { p } else { t.dport }, ..t },
                 None => {
-                    return Ok(Expect { verdict: Verdict::Drop, why: "SNAT ports exhausted".into(), csums: vec![] });
+                    return Ok(Expect {
+                        verdict: Verdict::Drop,
+                        why: "SNAT ports exhausted".into(),
+                        csums: vec![],
+                        translated: false,
+                    });
                 }
             },
         };
@@ -200,7 +318,7 @@ impl Model {
                 // Another live flow already has this reply tuple: translating would merge the two. Dropped (the
                 // packet tests allow dropping or passing; the kernel drops, counted as a clash).
                 let why = format!("rule {}: reply tuple {reply_key} taken by a live flow", rule.id);
-                return Ok(Expect { verdict: Verdict::Drop, why, csums: vec![] });
+                return Ok(Expect { verdict: Verdict::Drop, why, csums: vec![], translated: false });
             }
             // A closed flow's tuple is free again.
             self.remove_flow(other.flow);
@@ -217,6 +335,7 @@ impl Model {
             verdict: Verdict::Next(rewrite(frame, ip, &xlat)),
             why: format!("new flow by rule {} at {}", rule.id, hook.name()),
             csums: vec![],
+            translated: true,
         })
     }
 
@@ -369,7 +488,8 @@ impl Model {
         if ip.dst == key.dst {
             w.set32(ETH + 16, x.dst, &outer_ip);
         }
-        Expect { verdict: Verdict::Next(out), why: "ICMP error about a translated flow".into(), csums: vec![] }
+        let why = "ICMP error about a translated flow".into();
+        Expect { verdict: Verdict::Next(out), why, csums: vec![], translated: true }
     }
 }
 

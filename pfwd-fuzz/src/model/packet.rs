@@ -93,6 +93,9 @@ pub enum L4 {
     IcmpOther,
     /// A protocol without ports (GRE, ...): translated by address only.
     Other,
+    /// No transport header: a later fragment (non-zero offset), or a first fragment too short to hold its whole
+    /// TCP (20 bytes), UDP (8) or ICMP (8) header. Its datagram is known only by what its first fragment got.
+    Fragment,
 }
 
 /// The datagram embedded in an ICMP error.
@@ -121,6 +124,31 @@ pub struct Ip {
     pub l4: L4,
     /// Offset of the transport header.
     pub l4_at: usize,
+    /// Where the datagram sits among its fragments.
+    pub frag: Frag,
+    /// The IP identification (RFC 791: with source, destination and protocol it names a datagram's fragments).
+    pub id: u16,
+}
+
+/// RFC 791's fragment fields, as the data path sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frag {
+    /// Neither MF nor an offset: a whole datagram.
+    Whole,
+    /// Offset 0 with MF set, and the whole transport header in it: handled like a whole datagram of its flow.
+    First,
+    /// A non-zero offset, or a first fragment without its whole transport header ([`L4::Fragment`]).
+    Later,
+}
+
+impl Frag {
+    pub fn name(self) -> &'static str {
+        match self {
+            Frag::Whole => "whole datagram",
+            Frag::First => "first fragment",
+            Frag::Later => "later fragment",
+        }
+    }
 }
 
 impl Ip {
@@ -130,7 +158,7 @@ impl Ip {
             L4::Tcp { sport, dport, .. } | L4::Udp { sport, dport } => (sport, dport),
             L4::Echo { id, .. } => (id, id),
             L4::Other | L4::IcmpOther => (0, 0),
-            L4::IcmpError { .. } => return None,
+            L4::IcmpError { .. } | L4::Fragment => return None,
         };
         Some(Tuple { src: self.src, dst: self.dst, sport, dport, proto: self.proto })
     }
@@ -142,8 +170,6 @@ pub enum Parsed {
     NotIpv4,
     /// IPv4 with a header or length that does not add up: passed untouched.
     Malformed(&'static str),
-    /// MF set or a non-zero fragment offset: passed untouched (the ports of later fragments are unknown).
-    Fragment,
     Ipv4(Ip),
 }
 
@@ -171,16 +197,31 @@ pub fn parse(f: &[u8]) -> Parsed {
         return Parsed::Malformed("total length beyond the frame");
     }
     let end = ETH + tot;
-    let frag = be16(f, ETH + 6);
-    if frag & 0x2000 != 0 || frag & 0x1fff != 0 {
-        return Parsed::Fragment;
-    }
+    let flags = be16(f, ETH + 6);
+    let (mf, offset) = (flags & 0x2000 != 0, flags & 0x1fff);
+    let mut frag = match (mf, offset) {
+        (_, 1..) => Frag::Later,
+        (true, 0) => Frag::First,
+        (false, 0) => Frag::Whole,
+    };
+    let id = be16(f, ETH + 4);
     let proto = f[ETH + 9];
     let src = be32(f, ETH + 12);
     let dst = be32(f, ETH + 16);
     let at = ETH + ihl;
     let avail = end - at;
+    // A first fragment too short for its transport header is no better than a later one (RFC 1858's tiny fragment):
+    // its ports are unknown. (A whole datagram that short is malformed, below.)
+    let header = match proto {
+        TCP => 20,
+        UDP | ICMP => 8,
+        _ => 0,
+    };
+    if frag == Frag::First && avail < header {
+        frag = Frag::Later;
+    }
     let l4 = match proto {
+        _ if frag == Frag::Later => L4::Fragment,
         TCP => {
             if avail < 20 {
                 return Parsed::Malformed("truncated TCP header");
@@ -212,7 +253,7 @@ pub fn parse(f: &[u8]) -> Parsed {
         }
         _ => L4::Other,
     };
-    Parsed::Ipv4(Ip { ihl, end, proto, src, dst, l4, l4_at: at })
+    Parsed::Ipv4(Ip { ihl, end, proto, src, dst, l4, l4_at: at, frag, id })
 }
 
 /// The embedded datagram of an ICMP error at `at`, within the outer datagram ending at `end`: an IPv4 header
@@ -223,6 +264,11 @@ fn parse_inner(f: &[u8], at: usize, end: usize) -> Option<Inner> {
     }
     let ihl = (f[at] & 0x0f) as usize * 4;
     if ihl < 20 {
+        return None;
+    }
+    // A later fragment's first bytes are data, not a transport header: such an error is plain ICMP. (Routers do not
+    // report errors about later fragments, RFC 1812 4.3.2.7; one that claims to is not translated as an error.)
+    if be16(f, at + 6) & 0x1fff != 0 {
         return None;
     }
     let l4 = at + ihl;
@@ -269,7 +315,7 @@ pub fn csum_fields(ip: &Ip) -> Vec<CsumField> {
             v.push(CsumField { at: inner.ip + 10, kind: CsumKind::Ip });
             v.extend(inner.l4_csum);
         }
-        L4::Other => {}
+        L4::Other | L4::Fragment => {}
     }
     v
 }

@@ -24,6 +24,8 @@ pub enum Action {
 pub struct MRule {
     pub id: u32,
     pub postrouting: bool,
+    /// An OUTPUT rule (`--local`): not a PREROUTING or POSTROUTING rule.
+    pub local: bool,
     /// `-i`/`-o`: None matches every interface; Some(matches lo).
     pub iface: Option<bool>,
     pub proto: Option<u8>,
@@ -56,6 +58,7 @@ impl MRule {
         MRule {
             id: r.id,
             postrouting: r.is_postrouting(),
+            local: r.local && !r.is_postrouting(),
             iface,
             proto: r.proto.map(|p| p.code()),
             src: net(r.src),

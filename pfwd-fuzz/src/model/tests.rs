@@ -2,8 +2,8 @@
 
 use etherparse::PacketBuilder;
 
-use super::packet::{self, ETH, Parsed};
-use super::{Hook, Model, Observed, Verdict};
+use super::packet::{self, ETH, Frag, Parsed};
+use super::{FragCounters, Hook, Model, Observed, Verdict};
 
 const CLIENT: [u8; 4] = [192, 168, 1, 7];
 const ROUTER: [u8; 4] = [10, 0, 1, 1];
@@ -127,10 +127,78 @@ fn parser_rejects_broken_headers() {
     let mut long = good.clone();
     long[ETH + 2..ETH + 4].copy_from_slice(&2000u16.to_be_bytes());
     assert!(matches!(packet::parse(&long), Parsed::Malformed(_)));
-    let mut frag = good.clone();
-    frag[ETH + 6] |= 0x20;
-    assert!(matches!(packet::parse(&frag), Parsed::Fragment));
+    let mut first = good.clone();
+    first[ETH + 6] |= 0x20;
+    assert!(matches!(packet::parse(&first), Parsed::Ipv4(ip) if ip.frag == Frag::First && ip.tuple().is_some()));
+    let mut later = good.clone();
+    later[ETH + 7] = 3;
+    assert!(matches!(packet::parse(&later), Parsed::Ipv4(ip) if ip.frag == Frag::Later && ip.tuple().is_none()));
     let mut doff = good;
     doff[ETH + 20 + 12] = 0x40;
     assert!(matches!(packet::parse(&doff), Parsed::Malformed(_)));
+}
+
+/// The fragment of the datagram `frame` holding its IP payload bytes `from..to` (MF set unless it ends the datagram),
+/// its header checksum recomputed.
+fn fragment(frame: &[u8], from: usize, to: usize) -> Vec<u8> {
+    let payload = &frame[ETH + 20..];
+    let mut f = frame[..ETH + 20].to_vec();
+    f.extend_from_slice(&payload[from..to]);
+    let mf = if to < payload.len() { 0x2000 } else { 0 };
+    f[ETH + 2..ETH + 4].copy_from_slice(&((20 + to - from) as u16).to_be_bytes());
+    f[ETH + 6..ETH + 8].copy_from_slice(&(mf | (from / 8) as u16).to_be_bytes());
+    f[ETH + 10..ETH + 12].copy_from_slice(&[0, 0]);
+    let c = !packet::ones_sum(&f[ETH..ETH + 20]);
+    f[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+fn expect_drop(m: &mut Model, hook: Hook, frame: &[u8]) {
+    let e = m.step(hook, frame, &Observed { dropped: true, data: frame }).unwrap();
+    assert_eq!(e.verdict, Verdict::Drop, "{}", e.why);
+}
+
+#[test]
+fn later_fragments_get_what_their_first_got() {
+    let mut m = Model::default();
+    m.reset(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    let whole = udp(CLIENT, 5000, ROUTER, 53);
+    let (first, second) = (fragment(&whole, 0, 8), fragment(&whole, 8, 16));
+    // Before its first fragment, a later one is unknown: dropped, as the instance has a NAT rule.
+    expect_drop(&mut m, Hook::Ingress, &second);
+    let got = expect_next(&mut m, Hook::Ingress, &first);
+    assert_eq!(&got[ETH + 16..ETH + 20], &BACKEND);
+    assert_eq!(packet::be16(&got, ETH + 20 + 2), 5353);
+    // Now the later fragment: the first's addresses, a valid header checksum, nothing else changed.
+    let out = expect_next(&mut m, Hook::Ingress, &second);
+    assert_eq!(&out[ETH + 16..ETH + 20], &BACKEND);
+    assert_eq!(packet::ones_sum(&out[ETH..ETH + 20]), 0xffff);
+    assert_eq!(out[ETH + 20..], second[ETH + 20..]);
+    // At the other hook the datagram is another one: unknown there.
+    expect_drop(&mut m, Hook::Egress, &second);
+    // A first fragment too short for the UDP header is a later one: this one is of the same datagram (source,
+    // destination, protocol, IP id), so it is translated too; another IP id makes it unknown.
+    let mut other = udp(CLIENT, 5001, ROUTER, 53);
+    assert_eq!(&expect_next(&mut m, Hook::Ingress, &fragment(&other, 0, 0))[ETH + 16..ETH + 20], &BACKEND);
+    other[ETH + 4] = 7;
+    expect_drop(&mut m, Hook::Ingress, &fragment(&other, 0, 0));
+    assert_eq!(m.frag_counters, FragCounters { translated: 2, unknown_drops: 3, passed: 0 });
+}
+
+#[test]
+fn unknown_fragments_pass_without_rules_and_drops_are_remembered() {
+    let mut m = Model::default();
+    m.reset(&[]);
+    let whole = udp(CLIENT, 5000, ROUTER, 53);
+    let second = fragment(&whole, 8, 16);
+    assert_eq!(expect_next(&mut m, Hook::Ingress, &second), second);
+    assert_eq!(m.frag_counters, FragCounters { translated: 0, unknown_drops: 0, passed: 1 });
+    // With SNAT to a one-port range taken by a first flow, a second flow's first fragment is dropped, and so its rest.
+    m.reset(&[rule(1, "snat -p udp --to 203.0.113.5:20000")]);
+    expect_next(&mut m, Hook::Egress, &udp(CLIENT, 20000, BACKEND, 53));
+    let other = udp([10, 0, 1, 9], 20000, BACKEND, 53);
+    let first = fragment(&other, 0, 8);
+    assert!(m.step(Hook::Egress, &first, &Observed { dropped: true, data: &first }).unwrap().verdict == Verdict::Drop);
+    expect_drop(&mut m, Hook::Egress, &fragment(&other, 8, 16));
+    assert_eq!(m.frag_counters, FragCounters { translated: 0, unknown_drops: 1, passed: 0 });
 }
