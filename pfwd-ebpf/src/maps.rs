@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use pfwd_common::{
     Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, IfaceInfo, MAX_BUCKETS, MAX_IFACES, MAX_RULES, MAX_SOCKETS,
-    RULE_ENTRIES, RuleCounters, RuleEntry, SockKey, SockOrig, Stat, Tuple,
+    RULE_ENTRIES, RuleCounters, RuleEntry, SockKey, SockOrig, Stat, Tuple, unconfirmed_ct_entries,
 };
 
 #[map(name = "PFWD_RULES")]
@@ -18,8 +18,15 @@ pub static RULES: Array<RuleEntry> = Array::pinned(RULE_ENTRIES, 0);
 #[map(name = "PFWD_BUCKETS")]
 pub static BUCKETS: HashMap<BucketKey, Bucket> = HashMap::pinned(MAX_BUCKETS, BPF_F_NO_PREALLOC);
 
+/// Confirmed flows (`ct_state::CONFIRMED`): the established path is one lookup here.
 #[map(name = "PFWD_CT")]
 pub static CONNTRACK: LruHashMap<Tuple, CtEntry> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);
+
+/// Unconfirmed flows, until they are confirmed (then `conntrack` moves them to `CONNTRACK`). A flood of new flows
+/// fills and evicts only this table. The loader sizes it (`pfwd_common::unconfirmed_ct_entries`).
+#[map(name = "PFWD_CT_NEW")]
+pub static CONNTRACK_NEW: LruHashMap<Tuple, CtEntry> =
+    LruHashMap::pinned(unconfirmed_ct_entries(DEFAULT_CT_ENTRIES), 0);
 
 #[map(name = "PFWD_RULE_CNT")]
 pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::pinned(MAX_RULES, 0);
