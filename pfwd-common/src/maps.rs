@@ -12,7 +12,11 @@ use bytemuck::{Pod, Zeroable};
 pub mod names {
     pub const RULES: &str = "PFWD_RULES";
     pub const BUCKETS: &str = "PFWD_BUCKETS";
+    /// Confirmed flows (see `ct_state::CONFIRMED`); a flood of new flows never evicts them.
     pub const CONNTRACK: &str = "PFWD_CT";
+    /// Unconfirmed flows (see [`unconfirmed_ct_entries`](super::unconfirmed_ct_entries)): under pressure, they are
+    /// the ones its LRU evicts.
+    pub const CONNTRACK_NEW: &str = "PFWD_CT_NEW";
     pub const RULE_COUNTERS: &str = "PFWD_RULE_CNT";
     pub const STATS: &str = "PFWD_STATS";
     pub const IFACES: &str = "PFWD_IFACES";
@@ -20,7 +24,8 @@ pub mod names {
     pub const SOCKETS: &str = "PFWD_SOCKETS";
     pub const FRAGS: &str = "PFWD_FRAGS";
     /// Every map, in the order `pfwd status` reports their memory.
-    pub const MAPS: [&str; 9] = [RULES, BUCKETS, CONNTRACK, RULE_COUNTERS, STATS, IFACES, CONFIG, SOCKETS, FRAGS];
+    pub const MAPS: [&str; 10] =
+        [RULES, BUCKETS, CONNTRACK, CONNTRACK_NEW, RULE_COUNTERS, STATS, IFACES, CONFIG, SOCKETS, FRAGS];
 
     /// The tcx programs (`#[classifier]` functions of pfwd-ebpf).
     pub const PROG_INGRESS: &str = "pfwd_ingress";
@@ -61,6 +66,16 @@ pub const MAX_BUCKETS: u32 = 262_144;
 pub const BUCKET_ENTRIES: u32 = RULE_BANKS * MAX_BUCKETS;
 /// Default conntrack size: two entries per flow, so this holds 256k concurrent flows.
 pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
+/// The smallest unconfirmed-flow table (entries), whatever the conntrack size.
+pub const MIN_CT_NEW_ENTRIES: u32 = 256;
+
+/// Entries of the unconfirmed-flow table (`PFWD_CT_NEW`) that go with a conntrack table of `ct_entries`: a quarter
+/// of it, at least [`MIN_CT_NEW_ENTRIES`]. It only has to hold the flows in their first round trip (a handshake), so
+/// a quarter is generous; at the default size that is 65,536 flows being set up at once.
+pub const fn unconfirmed_ct_entries(ct_entries: u32) -> u32 {
+    let quarter = ct_entries / 4;
+    if quarter < MIN_CT_NEW_ENTRIES { MIN_CT_NEW_ENTRIES } else { quarter }
+}
 pub const MAX_IFACES: u32 = 256;
 /// Datagrams whose fragments are being tracked at once (an LRU: under pressure the oldest are forgotten, and their
 /// remaining fragments are dropped as unknown).
@@ -212,11 +227,17 @@ pub enum Stat {
     /// (out of order, or its first was lost or evicted), or a first fragment too short to hold the ports. Passing
     /// them untranslated could leak an untranslated address and could never be reassembled with the rest.
     FragmentsDropped = 12,
+    /// Flows that became confirmed (TCP: a reply, then an ACK from the original side; others: a reply) and moved
+    /// from the unconfirmed-flow table to the confirmed one.
+    FlowsConfirmed = 13,
+    /// A packet of an unconfirmed flow found its other entry gone, evicted from the full unconfirmed-flow table (a
+    /// flood of new flows), and put it back. Flows evicted whole are not seen, so this is a lower bound.
+    UnconfirmedRestored = 14,
 }
 
 impl Stat {
     /// Entries of the stats array.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
     /// Every counter, in index order (`ALL[i] as u32 == i`).
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Unused,
@@ -232,6 +253,8 @@ impl Stat {
         Stat::IcmpErrorsXlated,
         Stat::FragmentsXlated,
         Stat::FragmentsDropped,
+        Stat::FlowsConfirmed,
+        Stat::UnconfirmedRestored,
     ];
 
     /// Index in the stats array.
@@ -256,6 +279,8 @@ impl Stat {
             Stat::IcmpErrorsXlated => "icmp_errors_translated",
             Stat::FragmentsXlated => "fragments_translated",
             Stat::FragmentsDropped => "fragments_unknown_drops",
+            Stat::FlowsConfirmed => "flows_confirmed",
+            Stat::UnconfirmedRestored => "unconfirmed_entries_restored",
         }
     }
 }
@@ -328,7 +353,8 @@ pub struct Config {
     /// Each bank's level masks.
     pub masks: [LevelMasks; RULE_BANKS as usize],
     pub flags: u32,
-    /// Idle timeouts, in seconds.
+    /// Idle timeouts, in seconds. `tcp_syn_timeout` applies to a TCP flow until it is confirmed (SYN sent, or
+    /// SYN-ACK seen but not yet the client's ACK).
     pub tcp_syn_timeout: u32,
     pub tcp_established_timeout: u32,
     pub tcp_close_timeout: u32,
@@ -368,7 +394,7 @@ impl Default for Config {
             bank: 0,
             masks: [LevelMasks::default(); RULE_BANKS as usize],
             flags: 0,
-            tcp_syn_timeout: 60,
+            tcp_syn_timeout: 10,
             tcp_established_timeout: 6 * 3600,
             tcp_close_timeout: 10,
             udp_timeout: 60,
@@ -427,6 +453,11 @@ pub mod ct_state {
     pub const FIN_ORIGINAL: u8 = 1 << 1;
     pub const FIN_REPLY: u8 = 1 << 2;
     pub const RST: u8 = 1 << 3;
+    /// The flow is confirmed, like netfilter's ASSURED: TCP once a reply was seen and then an ACK (without SYN or
+    /// RST) from the original side, which a spoofed SYN never sends; other protocols once a reply was seen.
+    /// Confirmed flows live in the confirmed table (`PFWD_CT`), the others in the unconfirmed one (`PFWD_CT_NEW`):
+    /// an entry has this bit exactly when it is in `PFWD_CT`.
+    pub const CONFIRMED: u8 = 1 << 4;
 }
 
 /// A conntrack entry: the packet whose tuple equals the key is rewritten to `xlat`. The other direction's key is
@@ -458,14 +489,21 @@ impl CtEntry {
                 == (ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY)
     }
 
-    /// Idle timeout for this entry's protocol and state, in nanoseconds.
+    /// Whether the flow is confirmed (in the confirmed table): see [`ct_state::CONFIRMED`].
+    #[inline(always)]
+    pub const fn is_confirmed(&self) -> bool {
+        self.state & ct_state::CONFIRMED != 0
+    }
+
+    /// Idle timeout for this entry's protocol and state, in nanoseconds. An unconfirmed TCP flow has the SYN
+    /// timeout, whether or not the SYN-ACK was seen.
     #[inline(always)]
     pub fn timeout_ns(&self, cfg: &Config) -> u64 {
         let secs = match self.xlat.proto {
             PROTO_TCP => {
                 if self.is_closed() {
                     cfg.tcp_close_timeout
-                } else if self.state & ct_state::SEEN_REPLY == 0 {
+                } else if !self.is_confirmed() {
                     cfg.tcp_syn_timeout
                 } else {
                     cfg.tcp_established_timeout
@@ -583,6 +621,8 @@ mod tests {
                 "icmp_errors_translated",
                 "fragments_translated",
                 "fragments_unknown_drops",
+                "flows_confirmed",
+                "unconfirmed_entries_restored",
             ]
         );
     }
@@ -600,6 +640,25 @@ mod tests {
     }
 
     #[test]
+    fn unconfirmed_table_is_a_quarter_with_a_floor() {
+        assert_eq!(unconfirmed_ct_entries(DEFAULT_CT_ENTRIES), DEFAULT_CT_ENTRIES / 4);
+        assert_eq!(unconfirmed_ct_entries(4096), 1024);
+        assert_eq!(unconfirmed_ct_entries(1024), MIN_CT_NEW_ENTRIES);
+        assert_eq!(unconfirmed_ct_entries(64), MIN_CT_NEW_ENTRIES);
+    }
+
+    #[test]
+    fn udp_and_other_timeouts_do_not_depend_on_confirmation() {
+        let cfg = Config::default();
+        for (proto, secs) in [(PROTO_UDP, 60), (PROTO_ICMP, 30)] {
+            let mut e = CtEntry { xlat: Tuple { proto, ..Default::default() }, ..Default::default() };
+            assert_eq!(e.timeout_ns(&cfg), secs * 1_000_000_000);
+            e.state = ct_state::SEEN_REPLY | ct_state::CONFIRMED;
+            assert_eq!(e.timeout_ns(&cfg), secs * 1_000_000_000);
+        }
+    }
+
+    #[test]
     fn zeroed_values_are_the_zero_defaults() {
         // Zeroable and Default agree wherever Default is derived (Config's defaults are real timeouts).
         assert_eq!(bytemuck::bytes_of(&Tuple::zeroed()), bytemuck::bytes_of(&Tuple::default()));
@@ -612,14 +671,16 @@ mod tests {
     fn tcp_timeouts_follow_state() {
         let cfg = Config::default();
         let mut e = CtEntry { xlat: Tuple { proto: PROTO_TCP, ..Default::default() }, ..Default::default() };
-        assert_eq!(e.timeout_ns(&cfg), 60_000_000_000);
+        assert_eq!(e.timeout_ns(&cfg), 10_000_000_000, "SYN sent");
         e.state = ct_state::SEEN_REPLY;
+        assert_eq!(e.timeout_ns(&cfg), 10_000_000_000, "SYN-ACK seen, not yet the ACK: still unconfirmed");
+        e.state |= ct_state::CONFIRMED;
         assert_eq!(e.timeout_ns(&cfg), 6 * 3600 * 1_000_000_000);
         e.state |= ct_state::FIN_ORIGINAL;
         assert_eq!(e.timeout_ns(&cfg), 6 * 3600 * 1_000_000_000, "half-close keeps the flow");
         e.state |= ct_state::FIN_REPLY;
         assert_eq!(e.timeout_ns(&cfg), 10_000_000_000);
-        e.state = ct_state::SEEN_REPLY | ct_state::RST;
+        e.state = ct_state::SEEN_REPLY | ct_state::CONFIRMED | ct_state::RST;
         assert_eq!(e.timeout_ns(&cfg), 10_000_000_000);
         assert!(e.expired(e.last_seen_ns + 10_000_000_001, &cfg));
         assert!(!e.expired(e.last_seen_ns + 9_000_000_000, &cfg));

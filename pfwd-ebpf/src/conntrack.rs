@@ -1,17 +1,27 @@
 //! Connection tracking: two LRU-hash entries per flow (original and reply tuple), created by the first packet,
-//! refreshed lazily (at most once a second, or when the TCP state changes), expired on lookup by idle time.
+//! refreshed lazily (confirmed flows at most once a second, or when the TCP state changes; unconfirmed ones on every
+//! packet), expired on lookup by idle time.
+//!
+//! Two tables, so that new flows can never push out established ones: a new flow's entries go into the unconfirmed
+//! table (`CONNTRACK_NEW`), and move to the confirmed one (`CONNTRACK`) when the flow is confirmed, like netfilter's
+//! ASSURED (`ct_state::CONFIRMED`: TCP once a reply was seen and then an ACK from the original side, which a spoofed
+//! SYN never sends; other protocols once a reply was seen). A flood of new flows fills and evicts only the unconfirmed
+//! table. Every lookup searches the confirmed table first (an established flow costs one lookup), then the other; a
+//! move inserts into the confirmed table before it deletes from the other, so a reader always finds the flow. An
+//! entry has the `CONFIRMED` bit exactly when it is in the confirmed table.
 //!
 //! The entries of a flow find each other through `xlat.reversed()`. An entry is only treated as the peer of another
 //! if it points back, so a stale entry left by an earlier flow on the same ports can never change a live one.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_coarse_ns,
+    maps::LruHashMap,
 };
 use pfwd_common::{Config, CtEntry, PROTO_TCP, Stat, Tuple, ct_hook, ct_state, dir};
 
 use crate::{
-    maps::{CONNTRACK, count},
-    parse::{Packet, TCP_FIN, TCP_RST},
+    maps::{CONNTRACK, CONNTRACK_NEW, count},
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const REFRESH_NS: u64 = 1_000_000_000;
@@ -23,27 +33,59 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// The other direction's entry of the flow `key` belongs to, if it still points back to `key`.
+/// The table an entry lives in.
 #[inline(always)]
-fn peer(key: &Tuple, e: &CtEntry) -> Option<*mut CtEntry> {
-    let p = CONNTRACK.get_ptr_mut(&e.xlat.reversed())?;
+fn table_of(e: &CtEntry) -> &'static LruHashMap<Tuple, CtEntry> {
+    if e.is_confirmed() { &CONNTRACK } else { &CONNTRACK_NEW }
+}
+
+/// The entry for `tuple` in either table (confirmed first), live or not, and whether it is the confirmed one.
+#[inline(always)]
+fn find(tuple: &Tuple) -> Option<(*mut CtEntry, bool)> {
+    match CONNTRACK.get_ptr_mut(tuple) {
+        Some(p) => Some((p, true)),
+        None => Some((CONNTRACK_NEW.get_ptr_mut(tuple)?, false)),
+    }
+}
+
+/// Whether a live flow of another origin than `ours` (the reversed original tuple of the flow being created)
+/// owns `reply_key`: a flow translated to that tuple could not be told apart from it (SNAT port allocation).
+#[inline(always)]
+pub fn taken(reply_key: &Tuple, ours: &Tuple, now: u64, cfg: &Config) -> bool {
+    match find(reply_key) {
+        None => false,
+        Some((p, _)) => {
+            // SAFETY: a map value pointer from a successful lookup.
+            let e = unsafe { &*p };
+            e.xlat != *ours && !e.expired(now, cfg) && !e.is_closed()
+        }
+    }
+}
+
+/// The other direction's entry of the flow `key` belongs to, if it still points back to `key`, and whether it is in
+/// the confirmed table.
+#[inline(always)]
+fn peer(key: &Tuple, e: &CtEntry) -> Option<(*mut CtEntry, bool)> {
+    let (p, confirmed) = find(&e.xlat.reversed())?;
     // SAFETY: map value pointer.
-    (unsafe { (*p).xlat.reversed() } == *key).then_some(p)
+    (unsafe { (*p).xlat.reversed() } == *key).then_some((p, confirmed))
 }
 
 /// Removes the flow `key` belongs to: its entry, and the peer entry when that is still the same flow's.
 #[inline(always)]
 pub fn remove_flow(key: &Tuple, e: &CtEntry) {
-    if peer(key, e).is_some() {
-        let _ = CONNTRACK.remove(&e.xlat.reversed());
+    match peer(key, e) {
+        Some((_, true)) => drop(CONNTRACK.remove(&e.xlat.reversed())),
+        Some((_, false)) => drop(CONNTRACK_NEW.remove(&e.xlat.reversed())),
+        None => {}
     }
-    let _ = CONNTRACK.remove(key);
+    let _ = table_of(e).remove(key);
 }
 
 /// The live entry for `tuple`, if any. Expired flows are removed and reported as absent.
 #[inline(always)]
 pub fn lookup(tuple: &Tuple, now: u64, cfg: &Config) -> Option<*mut CtEntry> {
-    let e = CONNTRACK.get_ptr_mut(tuple)?;
+    let (e, _) = find(tuple)?;
     // SAFETY: map value pointer; concurrent writers only store whole-field updates of the same flow.
     let entry = unsafe { &*e };
     if entry.expired(now, cfg) {
@@ -54,7 +96,64 @@ pub fn lookup(tuple: &Tuple, now: u64, cfg: &Config) -> Option<*mut CtEntry> {
     Some(e)
 }
 
-/// Records what this packet tells about the flow's state and refreshes both entries when needed.
+/// Whether this packet confirms its unconfirmed flow, given the flow's state with this packet counted.
+#[inline(always)]
+fn confirms(pkt: &Packet, reply: bool, state: u8) -> bool {
+    if state & ct_state::SEEN_REPLY == 0 {
+        return false;
+    }
+    if pkt.tuple.proto != PROTO_TCP {
+        return true;
+    }
+    // The original side's ACK of the SYN-ACK (or anything later of it), on a flow not reset.
+    !reply && state & ct_state::RST == 0 && pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK
+}
+
+/// Moves the flow of the unconfirmed entry `key` -> `entry` to the confirmed table with `state` (which has
+/// `CONFIRMED`): both entries are inserted there, then removed from the unconfirmed table. False (nothing changed)
+/// when the confirmed table holds another flow's entry on the reply key or refuses the insert.
+#[inline(always)]
+fn promote(key: &Tuple, entry: &CtEntry, state: u8, now: u64) -> bool {
+    let peer_key = entry.xlat.reversed();
+    // One value on the stack: the other direction's entry first (built from this one, as a restore would, so an
+    // evicted peer is no obstacle), then this one.
+    let mut v = CtEntry {
+        xlat: key.reversed(),
+        dir: if entry.dir == dir::REPLY { dir::ORIGINAL } else { dir::REPLY },
+        hook: if entry.hook == ct_hook::INGRESS { ct_hook::EGRESS } else { ct_hook::INGRESS },
+        state,
+        // A refresh interval back: the flow's first packet in the confirmed table refreshes it and so checks that
+        // both entries made it (the inserts into a full table may evict one of a pair) and restores a missing one.
+        last_seen_ns: now.wrapping_sub(REFRESH_NS),
+        ..*entry
+    };
+    if CONNTRACK.insert(&peer_key, &v, BPF_NOEXIST as u64).is_err() {
+        // Another CPU promoting the same flow is fine; another flow's entry there is not ours to overwrite.
+        // SAFETY: a map value pointer from a successful lookup.
+        let same_flow = CONNTRACK.get_ptr(&peer_key).is_some_and(|p| unsafe { (*p).xlat } == v.xlat);
+        if !same_flow {
+            return false;
+        }
+    }
+    // Referenced before the next insert, so a full table does not evict it for its partner (see create).
+    let _ = CONNTRACK.get_ptr(&peer_key);
+    v.xlat = entry.xlat;
+    v.dir = entry.dir;
+    v.hook = entry.hook;
+    if CONNTRACK.insert(key, &v, BPF_ANY as u64).is_err() {
+        let _ = CONNTRACK.remove(&peer_key);
+        return false;
+    }
+    // SAFETY: as above.
+    if CONNTRACK_NEW.get_ptr(&peer_key).is_some_and(|p| unsafe { (*p).xlat.reversed() } == *key) {
+        let _ = CONNTRACK_NEW.remove(&peer_key);
+    }
+    let _ = CONNTRACK_NEW.remove(key);
+    true
+}
+
+/// Records what this packet tells about the flow's state, confirms the flow (moving it to the confirmed table)
+/// when this packet does, and refreshes both entries when needed.
 #[inline(always)]
 pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
     // SAFETY: see lookup.
@@ -72,12 +171,21 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
             state |= if reply { ct_state::FIN_REPLY } else { ct_state::FIN_ORIGINAL };
         }
     }
-    if state == entry.state && now.wrapping_sub(entry.last_seen_ns) < REFRESH_NS {
+    if state & ct_state::CONFIRMED == 0
+        && confirms(pkt, reply, state)
+        && promote(key, entry, state | ct_state::CONFIRMED, now)
+    {
+        count(Stat::FlowsConfirmed);
+        return;
+    }
+    // An unconfirmed flow is refreshed (and its other entry checked) on every packet: its table is the one a flood
+    // evicts from, and a flow missing its reply entry must get it back before the reply comes, not a second later.
+    if state & ct_state::CONFIRMED != 0 && state == entry.state && now.wrapping_sub(entry.last_seen_ns) < REFRESH_NS {
         return;
     }
     entry.state = state;
     entry.last_seen_ns = now;
-    if let Some(p) = peer(key, entry) {
+    if let Some((p, _)) = peer(key, entry) {
         // SAFETY: see lookup.
         let peer = unsafe { &mut *p };
         peer.state = state;
@@ -91,19 +199,23 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
             hook: if entry.hook == ct_hook::INGRESS { ct_hook::EGRESS } else { ct_hook::INGRESS },
             ..*entry
         };
-        let _ = CONNTRACK.insert(&entry.xlat.reversed(), &other, BPF_NOEXIST as u64);
+        let restored = table_of(entry).insert(&entry.xlat.reversed(), &other, BPF_NOEXIST as u64).is_ok();
+        if restored && !entry.is_confirmed() {
+            count(Stat::UnconfirmedRestored);
+        }
     }
 }
 
-/// Creates both entries of a new flow: `orig` (applied at `hook`) is translated to `xlat`, and replies (`xlat`
-/// reversed, applied at the other hook) back to `orig` reversed. Fails with `CtInsertFailed` when the table refuses
-/// the insert, or with `CtClash` when a live flow already owns the reply tuple: two flows translated to the same
-/// tuple could not tell their replies apart (SNAT port allocation then tries another port).
+/// Creates both entries of a new flow, in the unconfirmed table: `orig` (applied at `hook`) is translated to `xlat`,
+/// and replies (`xlat` reversed, applied at the other hook) back to `orig` reversed. Fails with `CtInsertFailed`
+/// when the table refuses the insert, or with `CtClash` when a live flow (in either table) already owns the reply
+/// tuple: two flows translated to the same tuple could not tell their replies apart (SNAT port allocation then tries
+/// another port).
 #[inline(always)]
 pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config, hook: u8) -> Result<(), Stat> {
     let reply_key = xlat.reversed();
     let ours = orig.reversed();
-    if let Some(p) = CONNTRACK.get_ptr_mut(&reply_key) {
+    if let Some((p, _)) = find(&reply_key) {
         // SAFETY: map value pointer.
         let other = unsafe { &*p };
         if other.xlat != ours {
@@ -126,24 +238,24 @@ pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config
     };
     // NOEXIST claims the reply tuple atomically against another CPU allocating the same one; losing that race to
     // the same flow (its other packet) is fine, losing it to a different flow is a clash.
-    if CONNTRACK.insert(&reply_key, &entry, BPF_NOEXIST as u64).is_err() {
+    if CONNTRACK_NEW.insert(&reply_key, &entry, BPF_NOEXIST as u64).is_err() {
         // SAFETY: a map value pointer from a successful lookup; the entry is read once.
-        let same_flow = CONNTRACK.get_ptr_mut(&reply_key).is_some_and(|p| unsafe { (*p).xlat } == ours);
+        let same_flow = CONNTRACK_NEW.get_ptr_mut(&reply_key).is_some_and(|p| unsafe { (*p).xlat } == ours);
         if !same_flow {
             return Err(Stat::CtClash);
         }
-        let _ = CONNTRACK.insert(&reply_key, &entry, BPF_ANY as u64);
+        let _ = CONNTRACK_NEW.insert(&reply_key, &entry, BPF_ANY as u64);
     }
     // In a full LRU table a fresh entry that was never looked up is the first candidate for eviction, and the next
     // insert could push it out: look it up (which marks it referenced) before inserting its partner, and make sure
     // both are there at the end. A flow with only one of its entries would send replies out untranslated.
-    let _ = CONNTRACK.get_ptr(&reply_key);
+    let _ = CONNTRACK_NEW.get_ptr(&reply_key);
     entry.xlat = *xlat;
     entry.dir = dir::ORIGINAL;
     entry.hook = hook;
-    if CONNTRACK.insert(orig, &entry, BPF_ANY as u64).is_err() || CONNTRACK.get_ptr(&reply_key).is_none() {
-        let _ = CONNTRACK.remove(orig);
-        let _ = CONNTRACK.remove(&reply_key);
+    if CONNTRACK_NEW.insert(orig, &entry, BPF_ANY as u64).is_err() || CONNTRACK_NEW.get_ptr(&reply_key).is_none() {
+        let _ = CONNTRACK_NEW.remove(orig);
+        let _ = CONNTRACK_NEW.remove(&reply_key);
         return Err(Stat::CtInsertFailed);
     }
     Ok(())

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use pfwd_common::{
     BUCKET_ENTRIES, Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, FragEntry, FragKey, IfaceInfo,
     MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_RULES, MAX_SOCKETS, RULE_BANKS, RULE_ENTRIES, RuleCounters, RuleEntry, SockKey,
-    SockOrig, Stat, Tuple,
+    SockOrig, Stat, Tuple, unconfirmed_ct_entries,
 };
 
 #[map(name = "PFWD_RULES")]
@@ -19,8 +19,15 @@ pub static RULES: Array<RuleEntry> = Array::pinned(RULE_BANKS * RULE_ENTRIES, 0)
 #[map(name = "PFWD_BUCKETS")]
 pub static BUCKETS: HashMap<BucketKey, Bucket> = HashMap::pinned(BUCKET_ENTRIES, BPF_F_NO_PREALLOC);
 
+/// Confirmed flows (`ct_state::CONFIRMED`): the established path is one lookup here.
 #[map(name = "PFWD_CT")]
 pub static CONNTRACK: LruHashMap<Tuple, CtEntry> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);
+
+/// Unconfirmed flows, until they are confirmed (then `conntrack` moves them to `CONNTRACK`). A flood of new flows
+/// fills and evicts only this table. The loader sizes it (`pfwd_common::unconfirmed_ct_entries`).
+#[map(name = "PFWD_CT_NEW")]
+pub static CONNTRACK_NEW: LruHashMap<Tuple, CtEntry> =
+    LruHashMap::pinned(unconfirmed_ct_entries(DEFAULT_CT_ENTRIES), 0);
 
 #[map(name = "PFWD_RULE_CNT")]
 pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::pinned(MAX_RULES, 0);

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use pfwd_common::{Config, IfaceInfo, PROTO_ICMP, RuleEntry, Stat, Tuple, ct_hook, kind};
 
-use crate::{conntrack, fib, maps::CONNTRACK, parse::Packet};
+use crate::{conntrack, fib, parse::Packet};
 
 /// Ports probed before a new flow is dropped for lack of a free one.
 const PROBES: u32 = 32;
@@ -32,7 +32,7 @@ fn masquerade_addr(ctx: &TcContext, t: &Tuple, ifindex: u32, iface: &IfaceInfo) 
 }
 
 /// Whether `port` is free for the flow `t` translated to `addr`: no live flow of another origin owns the reply
-/// tuple it would have.
+/// tuple it would have (in either conntrack table).
 #[inline(always)]
 fn port_free(t: &Tuple, addr: u32, port: u16, icmp: bool, now: u64, cfg: &Config) -> bool {
     let reply_key = Tuple {
@@ -43,14 +43,7 @@ fn port_free(t: &Tuple, addr: u32, port: u16, icmp: bool, now: u64, cfg: &Config
         proto: t.proto,
         _pad: [0; 3],
     };
-    match CONNTRACK.get_ptr(&reply_key) {
-        None => true,
-        Some(p) => {
-            // SAFETY: a map value pointer from a successful lookup.
-            let e = unsafe { &*p };
-            e.xlat == t.reversed() || e.expired(now, cfg) || e.is_closed()
-        }
-    }
+    !conntrack::taken(&reply_key, &t.reversed(), now, cfg)
 }
 
 /// Translates the first packet of a flow leaving through `ifindex` by `rule` (SNAT or MASQUERADE): picks the address

@@ -884,14 +884,28 @@ pub fn status() -> Result<Status> {
                 let now = monotonic_ns();
                 let ct = kernel.conntrack()?;
                 let live: Vec<_> = ct.iter().filter(|(_, e)| !e.expired(now, &cfg)).collect();
-                let flows = live.iter().filter(|(_, e)| e.dir == dir::ORIGINAL).count();
+                let (confirmed_capacity, unconfirmed_capacity) = kernel.conntrack_capacity()?;
+                let table = |confirmed: bool, capacity: u32| {
+                    let entries = live.iter().filter(|(_, e)| e.is_confirmed() == confirmed);
+                    report::CtTable {
+                        capacity,
+                        entries: entries.clone().count() as u64,
+                        flows: entries.filter(|(_, e)| e.dir == dir::ORIGINAL).count() as u64,
+                    }
+                };
+                let (confirmed, unconfirmed) = (table(true, confirmed_capacity), table(false, unconfirmed_capacity));
                 let memory = kernel.map_memory()?;
+                let ct_maps = [pfwd_common::names::CONNTRACK, pfwd_common::names::CONNTRACK_NEW];
+                let ct_memory: Vec<u64> =
+                    memory.iter().filter(|(n, _)| ct_maps.contains(&n.as_str())).map(|(_, b)| *b).collect();
                 let conntrack = ConntrackSummary::Ebpf(EbpfConntrack {
-                    capacity: kernel.conntrack_capacity()?,
-                    entries: live.len() as u64,
-                    flows: flows as u64,
+                    capacity: confirmed_capacity,
+                    entries: confirmed.entries + unconfirmed.entries,
+                    flows: confirmed.flows + unconfirmed.flows,
+                    confirmed,
+                    unconfirmed,
                     maps_memory_bytes: memory.iter().map(|(_, b)| *b).sum(),
-                    memory_bytes: memory.iter().find(|(n, _)| n == pfwd_common::names::CONNTRACK).map(|(_, b)| *b),
+                    memory_bytes: (ct_memory.len() == 2).then(|| ct_memory.iter().sum()),
                     timeouts_s: (&cfg).into(),
                 });
                 let stats = kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
@@ -929,6 +943,8 @@ pub fn status() -> Result<Status> {
                     capacity: 0,
                     entries: 0,
                     flows: 0,
+                    confirmed: Default::default(),
+                    unconfirmed: Default::default(),
                     maps_memory_bytes: 0,
                     memory_bytes: None,
                     timeouts_s: (&Config::default()).into(),
@@ -983,8 +999,11 @@ fn tcp_state_name(e: &pfwd_common::CtEntry) -> &'static str {
         "CLOSE"
     } else if e.state & (FIN_ORIGINAL | FIN_REPLY) != 0 {
         "FIN_WAIT"
-    } else if e.state & SEEN_REPLY != 0 {
+    } else if e.is_confirmed() {
         "ESTABLISHED"
+    } else if e.state & SEEN_REPLY != 0 {
+        // The SYN-ACK was seen, not yet the client's ACK (netfilter's name for it).
+        "SYN_RECV"
     } else {
         "SYN_SENT"
     }

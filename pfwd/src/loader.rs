@@ -66,12 +66,14 @@ impl Kernel {
         self.dir.join("prog_ingress").exists()
     }
 
-    /// Loads the programs and creates (pins) the maps, with `ct_entries` conntrack slots.
+    /// Loads the programs and creates (pins) the maps, with `ct_entries` slots for confirmed flows and
+    /// `unconfirmed_ct_entries(ct_entries)` for unconfirmed ones.
     pub fn load(&self, ct_entries: u32, cfg: &Config) -> Result<()> {
         fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&self.dir)
             .map_max_entries(names::CONNTRACK, ct_entries)
+            .map_max_entries(names::CONNTRACK_NEW, pfwd_common::unconfirmed_ct_entries(ct_entries))
             .load(OBJECT)
             .context("loading the eBPF object (maps)")?;
         for (name, _, dir) in PROGRAMS {
@@ -277,22 +279,37 @@ impl Kernel {
         Stat::ALL.iter().map(|s| Ok((s.name(), map.get(&s.index(), 0)?.iter().sum()))).collect()
     }
 
-    /// Every conntrack entry (both directions).
+    /// Every conntrack entry (both directions), of both tables: confirmed flows first, then unconfirmed ones
+    /// (`CtEntry::is_confirmed` tells them apart). A key in both (a flow caught while it moves) is listed once, as
+    /// the data path sees it: from the confirmed table.
     pub fn conntrack(&self) -> Result<Vec<(Tuple, CtEntry)>> {
-        let map: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK)?;
-        Ok(map.iter().filter_map(Result::ok).collect())
+        let confirmed: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK)?;
+        let unconfirmed: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK_NEW)?;
+        let mut out: Vec<(Tuple, CtEntry)> = confirmed.iter().filter_map(Result::ok).collect();
+        let seen: HashSet<Tuple> = out.iter().map(|(k, _)| *k).collect();
+        out.extend(unconfirmed.iter().filter_map(Result::ok).filter(|(k, _)| !seen.contains(k)));
+        Ok(out)
     }
 
-    /// Removes conntrack entries; returns how many were there (an entry may have expired and gone meanwhile).
+    /// Removes conntrack entries from both tables; returns how many keys were there (an entry may have expired and
+    /// gone meanwhile).
     pub fn conntrack_delete(&self, keys: &[Tuple]) -> Result<usize> {
-        let mut map: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK)?;
-        Ok(keys.iter().filter(|k| map.remove(k).is_ok()).count())
+        let mut confirmed: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK)?;
+        let mut unconfirmed: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK_NEW)?;
+        // Confirmed first: the data path moves flows the other way, so a flow moving meanwhile is caught in one.
+        let mut remove = |k: &Tuple| {
+            let c = confirmed.remove(k).is_ok();
+            let u = unconfirmed.remove(k).is_ok();
+            c || u
+        };
+        Ok(keys.iter().filter(|k| remove(k)).count())
     }
 
-    /// Conntrack capacity (entries; two per flow).
-    pub fn conntrack_capacity(&self) -> Result<u32> {
-        let data = MapData::from_pin(self.dir.join(names::CONNTRACK))?;
-        Ok(data.info()?.max_entries())
+    /// Conntrack capacity (entries; two per flow): of the confirmed table and of the unconfirmed one.
+    pub fn conntrack_capacity(&self) -> Result<(u32, u32)> {
+        let capacity =
+            |name: &str| -> Result<u32> { Ok(MapData::from_pin(self.dir.join(name))?.info()?.max_entries()) };
+        Ok((capacity(names::CONNTRACK)?, capacity(names::CONNTRACK_NEW)?))
     }
 
     /// Kernel memory of each pinned map (the `memlock` the kernel accounts for it), by name.
@@ -323,7 +340,7 @@ impl Kernel {
     }
 
     /// Checks that the pinned maps have the layout this pfwd's programs use (key and value sizes, and sizes other
-    /// than the conntrack table's, which `--ct-size` sets): an instance attached by an older pfwd may not, and
+    /// than the conntrack tables', which `--ct-size` sets): an instance attached by an older pfwd may not, and
     /// writing into its maps would fail with a bare "invalid argument" or, worse, mean something else.
     pub fn check_layout(&self) -> Result<()> {
         let obj = aya_obj::Object::parse(OBJECT).context("parsing the embedded eBPF object")?;
@@ -332,7 +349,7 @@ impl Kernel {
             let path = self.dir.join(name);
             let Ok(data) = MapData::from_pin(&path) else { continue };
             let have = data.info()?;
-            let sized = name != names::CONNTRACK;
+            let sized = name != names::CONNTRACK && name != names::CONNTRACK_NEW;
             if have.key_size() != want.key_size()
                 || have.value_size() != want.value_size()
                 || (sized && have.max_entries() != want.max_entries())

@@ -229,20 +229,35 @@ impl ConntrackSummary {
     }
 }
 
-/// pfwd's BPF conntrack table.
+/// pfwd's BPF conntrack: a table of confirmed flows and one of unconfirmed flows (see README, Connection tracking).
 #[derive(Debug, Clone, Serialize)]
 pub struct EbpfConntrack {
-    /// Entries the table holds at most (two per flow).
+    /// Entries the confirmed table holds at most (two per flow): `--ct-size`.
     pub capacity: u32,
-    /// Live (not expired) entries, both directions.
+    /// Live (not expired) entries, both directions, of both tables.
     pub entries: u64,
-    /// Live flows (original-direction entries).
+    /// Live flows (original-direction entries) of both tables.
     pub flows: u64,
+    /// Flows that saw a reply (TCP: and then the client's ACK): a flood of new flows never evicts them.
+    pub confirmed: CtTable,
+    /// Flows not yet confirmed (TCP: SYN sent, or SYN-ACK seen and no ACK yet); the ones a flood evicts.
+    pub unconfirmed: CtTable,
     /// Kernel memory of all of pfwd's maps.
     pub maps_memory_bytes: u64,
-    /// Kernel memory of the conntrack map (None when the kernel does not say).
+    /// Kernel memory of the two conntrack maps (None when the kernel does not say).
     pub memory_bytes: Option<u64>,
     pub timeouts_s: Timeouts,
+}
+
+/// One of the eBPF conntrack's two tables.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CtTable {
+    /// Entries the table holds at most (two per flow).
+    pub capacity: u32,
+    /// Live (not expired) entries.
+    pub entries: u64,
+    /// Live flows.
+    pub flows: u64,
 }
 
 /// The idle timeouts of the eBPF conntrack, in seconds.

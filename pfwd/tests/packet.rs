@@ -839,7 +839,8 @@ fn closed_flow_reopens_with_the_current_rule_while_live_flows_keep_theirs() {
     expect_dnat(&f, &closing.clone().flags(FIN | ACK), BACKEND, 9000);
     let fin_back = Pkt::tcp(BACKEND, 9000, CLIENT, 41_000, FIN | ACK);
     assert_translated(&f.egress(&fin_back.bytes()), &fin_back.from(ROUTER, 8080));
-    let closed = ct_state::SEEN_REPLY | ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY;
+    // The client's FIN-ACK after the SYN-ACK also confirmed the flow.
+    let closed = ct_state::SEEN_REPLY | ct_state::CONFIRMED | ct_state::FIN_ORIGINAL | ct_state::FIN_REPLY;
     let states: Vec<u8> =
         f.conntrack().iter().filter(|(t, _)| t.sport == 41_000 || t.dport == 41_000).map(|(_, e)| e.state).collect();
     assert_eq!(states, [closed, closed]);
@@ -1019,8 +1020,12 @@ fn a_full_table_evicts_old_flows_and_never_corrupts_live_ones() {
         let (to, port) = backend(dport);
         expect_dnat(&f, &Pkt::udp(CLIENT, sport, ROUTER, dport), to, port);
     }
-    let entries = f.conntrack().len();
-    assert!(entries <= 64 + 16, "the table grew past its size: {entries} entries");
+    // Unanswered, the flows are unconfirmed: they fill the unconfirmed table (256 entries at this size), never the
+    // confirmed one.
+    let (confirmed, unconfirmed) = (table(&f, pfwd_common::names::CONNTRACK), table(&f, NEW_TABLE));
+    assert!(confirmed.is_empty(), "unconfirmed flows in the confirmed table: {confirmed:?}");
+    let capacity = pfwd_common::unconfirmed_ct_entries(64) as usize;
+    assert!(unconfirmed.len() <= capacity + 16, "the table grew past its size: {} entries", unconfirmed.len());
     // Every flow again, old (evicted, recreated) and recent (live) alike, then its reply.
     for &(sport, dport) in flows.iter().rev().chain(flows.iter()) {
         let (to, port) = backend(dport);
@@ -1029,23 +1034,206 @@ fn a_full_table_evicts_old_flows_and_never_corrupts_live_ones() {
         assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, dport));
     }
     assert!(f.stat("new_flows") > 600, "old flows must have been evicted and recreated");
+    // Answered, each flow was confirmed and moved to the confirmed table, which holds 64 entries.
+    let confirmed = table(&f, pfwd_common::names::CONNTRACK).len();
+    assert!(confirmed <= 64 + 16, "the confirmed table grew past its size: {confirmed} entries");
 }
 
 /// If the table evicted just one direction of a live flow, the flow's next refresh puts it back, so its replies are
-/// translated again (an eviction must not turn a live flow into one that leaks untranslated replies).
+/// translated again (an eviction must not turn a live flow into one that leaks untranslated replies). For an
+/// unconfirmed flow (only the query seen) in the unconfirmed table, and for a confirmed one in the confirmed table.
 #[test]
 fn an_evicted_reply_entry_is_restored_by_the_flow() {
-    use aya::maps::{HashMap, Map, MapData};
     let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
     let query = Pkt::udp(CLIENT, 5555, ROUTER, 53);
+    let reply = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
+    let reply_key = tuple(BACKEND, 5353, CLIENT, 5555, PROTO_UDP);
     expect_dnat(&f, &query, BACKEND, 5353);
-    let data = MapData::from_pin(f.kernel().pin_dir().join(pfwd_common::names::CONNTRACK)).expect("pinned conntrack");
-    let mut ct: HashMap<MapData, Tuple, pfwd_common::CtEntry> =
-        HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap();
-    ct.remove(&tuple(BACKEND, 5353, CLIENT, 5555, PROTO_UDP)).expect("removing the reply entry");
-    // The flow's next packet after the once-a-second refresh interval repairs it.
+    ct_map(&f, NEW_TABLE).remove(&reply_key).expect("removing the unconfirmed reply entry");
+    // The unconfirmed flow's next packet repairs it (right away: unconfirmed flows are checked on every packet).
+    expect_dnat(&f, &query, BACKEND, 5353);
+    assert_eq!(f.stat("unconfirmed_entries_restored"), 1);
+    assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, 53));
+    assert_eq!(f.stat("flows_confirmed"), 1, "the reply confirmed the flow");
+
+    ct_map(&f, pfwd_common::names::CONNTRACK).remove(&reply_key).expect("removing the confirmed reply entry");
+    // A confirmed flow's next packet after the once-a-second refresh interval repairs it.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     expect_dnat(&f, &query, BACKEND, 5353);
-    let reply = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
     assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, 53));
+    assert_eq!(table(&f, pfwd_common::names::CONNTRACK).len(), 2);
+    assert_eq!(f.stat("unconfirmed_entries_restored"), 1, "counts only unconfirmed flows");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 12. Confirmed and unconfirmed flows: a flood of new flows never evicts established ones
+// ---------------------------------------------------------------------------------------------------------------
+
+const NEW_TABLE: &str = pfwd_common::names::CONNTRACK_NEW;
+
+fn ct_map(f: &Fixture, name: &str) -> aya::maps::HashMap<aya::maps::MapData, Tuple, pfwd_common::CtEntry> {
+    use aya::maps::{Map, MapData};
+    let data = MapData::from_pin(f.kernel().pin_dir().join(name)).expect("pinned conntrack map");
+    aya::maps::HashMap::try_from(Map::from_map_data(data).unwrap()).unwrap()
+}
+
+/// The entries of one conntrack table, by map name.
+fn table(f: &Fixture, name: &str) -> Vec<(Tuple, pfwd_common::CtEntry)> {
+    ct_map(f, name).iter().map(|r| r.expect("reading a conntrack entry")).collect()
+}
+
+/// The two tables' keys, sorted: (confirmed, unconfirmed).
+fn keys(f: &Fixture) -> (Vec<Tuple>, Vec<Tuple>) {
+    let keys_of = |name| sorted(table(f, name).into_iter().map(|(t, _)| t).collect());
+    (keys_of(pfwd_common::names::CONNTRACK), keys_of(NEW_TABLE))
+}
+
+fn sorted(mut k: Vec<Tuple>) -> Vec<Tuple> {
+    k.sort_by_key(|t| (t.saddr, t.sport, t.daddr, t.dport));
+    k
+}
+
+/// SYN, SYN-ACK and the client's ACK of `client:sport` through the 8080 -> 10.0.2.2:9000 rule, each checked.
+fn handshake(f: &Fixture, client: Ipv4Addr, sport: u16) {
+    let syn = Pkt::tcp(client, sport, ROUTER, 8080, SYN);
+    expect_dnat(f, &syn, BACKEND, 9000);
+    let syn_ack = Pkt::tcp(BACKEND, 9000, client, sport, SYN | ACK).payload(b"");
+    assert_translated(&f.egress(&syn_ack.bytes()), &syn_ack.from(ROUTER, 8080));
+    expect_dnat(f, &syn.flags(ACK).payload(b""), BACKEND, 9000);
+}
+
+#[test]
+fn a_new_flow_is_unconfirmed_until_the_clients_ack_then_both_entries_move() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    let orig = tuple(CLIENT, CPORT, ROUTER, 8080, PROTO_TCP);
+    let reply = tuple(BACKEND, 9000, CLIENT, CPORT, PROTO_TCP);
+    let both = sorted(vec![orig, reply]);
+    let syn = Pkt::syn(ROUTER, 8080);
+    expect_dnat(&f, &syn, BACKEND, 9000);
+    assert_eq!(keys(&f), (vec![], both.clone()), "a new flow lands in the unconfirmed table");
+    assert!(f.conntrack().iter().all(|(_, e)| !e.is_confirmed() && e.state == 0));
+
+    // The SYN-ACK alone does not confirm it, nor a retransmitted SYN, nor an ACK from the server's side.
+    let syn_ack = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, SYN | ACK);
+    assert_translated(&f.egress(&syn_ack.bytes()), &syn_ack.from(ROUTER, 8080));
+    expect_dnat(&f, &syn, BACKEND, 9000);
+    let server_ack = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, ACK);
+    assert_translated(&f.egress(&server_ack.bytes()), &server_ack.from(ROUTER, 8080));
+    assert_eq!(keys(&f), (vec![], both.clone()), "SYN-ACK seen, no ACK from the client yet");
+    assert!(f.conntrack().iter().all(|(_, e)| e.state == ct_state::SEEN_REPLY));
+    assert_eq!(f.stat("flows_confirmed"), 0);
+
+    // The client's ACK confirms it: both entries move to the confirmed table, with their translation.
+    expect_dnat(&f, &syn.clone().flags(ACK), BACKEND, 9000);
+    assert_eq!(keys(&f), (both, vec![]), "confirmed: both entries in the confirmed table, none left behind");
+    let ct = f.conntrack();
+    assert!(ct.iter().all(|(_, e)| e.state == ct_state::SEEN_REPLY | ct_state::CONFIRMED), "{ct:#?}");
+    let find = |k: Tuple| ct.iter().find(|(t, _)| *t == k).expect("entry").1;
+    assert_eq!(find(orig).xlat, tuple(CLIENT, CPORT, BACKEND, 9000, PROTO_TCP));
+    assert_eq!((find(orig).dir, find(orig).rule_slot), (dir::ORIGINAL, slot_of(1)));
+    assert_eq!(find(reply).xlat, tuple(ROUTER, 8080, CLIENT, CPORT, PROTO_TCP));
+    assert_eq!((find(reply).dir, find(reply).rule_slot), (dir::REPLY, slot_of(1)));
+    assert_eq!(f.stat("flows_confirmed"), 1);
+    // And the flow goes on both ways, counted as one flow.
+    expect_dnat(&f, &syn.clone().flags(ACK | PSH), BACKEND, 9000);
+    let data = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, ACK | PSH);
+    assert_translated(&f.egress(&data.bytes()), &data.from(ROUTER, 8080));
+    assert_eq!((f.stat("new_flows"), f.stat("flows_confirmed"), f.counters(slot_of(1)).flows), (1, 1, 1));
+}
+
+#[test]
+fn a_reset_after_the_syn_ack_does_not_confirm() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    let syn = Pkt::syn(ROUTER, 8080);
+    expect_dnat(&f, &syn, BACKEND, 9000);
+    let syn_ack = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, SYN | ACK);
+    assert_translated(&f.egress(&syn_ack.bytes()), &syn_ack.from(ROUTER, 8080));
+    expect_dnat(&f, &syn.clone().flags(RST | ACK).payload(b""), BACKEND, 9000);
+    assert_eq!(keys(&f).0, vec![], "a reset flow stays unconfirmed");
+    assert_eq!(f.stat("flows_confirmed"), 0);
+}
+
+#[test]
+fn a_udp_or_echo_reply_confirms_the_flow() {
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353"), rule(2, "dnat --to 10.0.2.3")]);
+    let query = Pkt::udp(CLIENT, 5555, ROUTER, 53);
+    expect_dnat(&f, &query, BACKEND, 5353);
+    // More queries without an answer: still unconfirmed.
+    expect_dnat(&f, &query, BACKEND, 5353);
+    assert_eq!(keys(&f).0, vec![]);
+    let answer = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
+    assert_translated(&f.egress(&answer.bytes()), &answer.from(ROUTER, 53));
+    let udp = sorted(vec![tuple(CLIENT, 5555, ROUTER, 53, PROTO_UDP), tuple(BACKEND, 5353, CLIENT, 5555, PROTO_UDP)]);
+    assert_eq!(keys(&f), (udp.clone(), vec![]), "the reply confirmed the UDP flow");
+
+    let ping = Pkt::echo(CLIENT, ROUTER, false);
+    assert_translated(&f.ingress(&ping.bytes()), &ping.to(BACKEND2, 0));
+    assert_eq!(keys(&f).1.len(), 2, "the echo request is unconfirmed");
+    let pong = Pkt::echo(BACKEND2, CLIENT, true);
+    assert_translated(&f.egress(&pong.bytes()), &pong.from(ROUTER, 0));
+    assert_eq!((keys(&f).0.len(), keys(&f).1.len()), (4, 0), "the echo reply confirmed it");
+    assert_eq!(f.stat("flows_confirmed"), 2);
+}
+
+/// A tiny table (64 entries: 32 flows), 20 established connections, then a burst of 4,096 new flows from spoofed
+/// sources, each answered by the server (as a real one answers a SYN flood): the established connections all keep
+/// their translation both ways, and a new connection after the burst works.
+#[test]
+fn a_burst_of_new_flows_far_larger_than_the_table_leaves_confirmed_flows_intact() {
+    let f = Fixture::with_conntrack(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")], 64);
+    for i in 0..20u16 {
+        handshake(&f, CLIENT, 41_000 + i);
+    }
+    assert_eq!(keys(&f).0.len(), 40);
+    for i in 0..4096u32 {
+        let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + (i % 256));
+        let sport = 1024 + (i / 256) as u16;
+        let syn = Pkt::tcp(src, sport, ROUTER, 8080, SYN).payload(b"");
+        let r = f.ingress(&syn.bytes());
+        assert_eq!(r.ret, NEXT, "SYN {i} of the burst");
+        let syn_ack = Pkt::tcp(BACKEND, 9000, src, sport, SYN | ACK).payload(b"");
+        assert_eq!(f.egress(&syn_ack.bytes()).ret, NEXT);
+    }
+    let (confirmed, unconfirmed) = keys(&f);
+    eprintln!(
+        "after 4096 spoofed SYNs: {} confirmed entries, {} unconfirmed, new_flows {}, unconfirmed_entries_restored {}",
+        confirmed.len(),
+        unconfirmed.len(),
+        f.stat("new_flows"),
+        f.stat("unconfirmed_entries_restored")
+    );
+    assert_eq!(confirmed.len(), 40, "the burst touched the confirmed table");
+    let cap = pfwd_common::unconfirmed_ct_entries(64) as usize;
+    assert!(unconfirmed.len() <= cap + 16, "{} unconfirmed entries in a table of {cap}", unconfirmed.len());
+    for i in 0..20u16 {
+        let data = Pkt::tcp(CLIENT, 41_000 + i, ROUTER, 8080, ACK | PSH);
+        expect_dnat(&f, &data, BACKEND, 9000);
+        let back = Pkt::tcp(BACKEND, 9000, CLIENT, 41_000 + i, ACK | PSH);
+        assert_translated(&f.egress(&back.bytes()), &back.from(ROUTER, 8080));
+    }
+    // A new connection after the burst.
+    handshake(&f, Ipv4Addr::new(192, 168, 1, 8), 50_000);
+    assert_eq!(keys(&f).0.len(), 42);
+    assert_eq!(f.stat("flows_confirmed"), 21);
+}
+
+/// An unconfirmed TCP flow expires after the SYN timeout; a confirmed one does not.
+#[test]
+fn an_unconfirmed_flow_expires_after_the_syn_timeout() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")]);
+    f.timeouts(|c| c.tcp_syn_timeout = 1);
+    handshake(&f, CLIENT, 41_000);
+    let syn = Pkt::syn(ROUTER, 8080);
+    expect_dnat(&f, &syn, BACKEND, 9000);
+    let syn_ack = Pkt::tcp(BACKEND, 9000, CLIENT, CPORT, SYN | ACK);
+    assert_translated(&f.egress(&syn_ack.bytes()), &syn_ack.from(ROUTER, 8080));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // The half-open flow is gone: the server's retransmitted SYN-ACK passes untranslated and removes it.
+    let late = syn_ack.bytes();
+    assert_untouched(&f.egress(&late), &late);
+    assert_eq!(f.stat("expired_flows_removed"), 1);
+    assert_eq!(keys(&f).1, vec![], "expired unconfirmed entries removed");
+    // The confirmed one lives on (established timeout).
+    expect_dnat(&f, &Pkt::tcp(CLIENT, 41_000, ROUTER, 8080, ACK), BACKEND, 9000);
+    assert_eq!(keys(&f).0.len(), 2);
 }

@@ -421,6 +421,26 @@ fn taken_port_is_reallocated_and_one_port_serves_many_destinations() {
     assert_eq!(f.conntrack().len(), 6);
 }
 
+/// A confirmed flow (moved to the confirmed table) still owns its port: port allocation searches both tables.
+#[test]
+fn a_confirmed_flow_keeps_its_port() {
+    let f = Fixture::new(&[rule(1, "snat --to 203.0.113.5")]);
+    let a = Pkt::tcp(CLIENT, CPORT, BACKEND, 80, SYN);
+    assert_eq!(snat_port(&f, &a, PUBLIC), CPORT);
+    let syn_ack = Pkt::tcp(BACKEND, 80, PUBLIC, CPORT, SYN | ACK).payload(b"");
+    expect_reply(&f, &syn_ack, &syn_ack.to(CLIENT, CPORT));
+    // The client's ACK leaves at egress, where SNAT flows have their original direction: it confirms the flow.
+    let ack = a.clone().flags(ACK).payload(b"");
+    assert_translated(&f.egress(&ack.bytes()), &ack.from(PUBLIC, CPORT));
+    assert_eq!(f.stat("flows_confirmed"), 1);
+    assert!(f.conntrack().iter().all(|(_, e)| e.is_confirmed()), "{:#?}", f.conntrack());
+    let b = Pkt::tcp(CLIENT2, CPORT, BACKEND, 80, SYN);
+    let pb = snat_port(&f, &b, PUBLIC);
+    assert_ne!(pb, CPORT, "the port of a confirmed flow was given to another");
+    let data = Pkt::tcp(BACKEND, 80, PUBLIC, CPORT, ACK | PSH);
+    expect_reply(&f, &data, &data.to(CLIENT, CPORT));
+}
+
 #[test]
 fn port_range_is_used_until_exhausted_then_freed_by_expiry() {
     let f = Fixture::new(&[rule(1, "snat -o lo -p udp --to 203.0.113.5:20000-20003")]);

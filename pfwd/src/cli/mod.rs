@@ -221,9 +221,9 @@ struct AttachArgs {
     /// Connection-tracking capacity in entries (two per flow); used when the instance is first created.
     #[arg(long, value_name = "ENTRIES", default_value_t = pfwd_common::DEFAULT_CT_ENTRIES)]
     ct_size: u32,
-    /// Idle timeout of a conntrack state, in seconds (repeatable; eBPF mode): tcp_syn (60), tcp_established
-    /// (21600), tcp_close (10), udp (60), other (30, ICMP included). In iptables mode netfilter's own
-    /// nf_conntrack_* sysctls apply.
+    /// Idle timeout of a conntrack state, in seconds (repeatable; eBPF mode): tcp_syn (10, until the client's ACK
+    /// confirms the flow), tcp_established (21600), tcp_close (10), udp (60), other (30, ICMP included). In
+    /// iptables mode netfilter's own nf_conntrack_* sysctls apply.
     #[arg(long, value_name = "NAME=SECS", value_parser = control::parse_timeout)]
     ct_timeout: Vec<(String, u32)>,
     /// Forwarded packets of translated flows skip the IP stack (FIB lookup, TTL decrement, bpf_redirect_neigh to

@@ -43,6 +43,13 @@ pub(super) fn print_status(s: &InstanceStatus) {
         or(ct.flows(), "null"),
         or(ct.capacity(), "null"),
     );
+    if let ConntrackSummary::Ebpf(c) = ct {
+        let (a, u) = (&c.confirmed, &c.unconfirmed);
+        println!(
+            "            confirmed {} flows ({}/{} entries), unconfirmed {} flows ({}/{} entries)",
+            a.flows, a.entries, a.capacity, u.flows, u.entries, u.capacity
+        );
+    }
     let stats: Vec<String> = s.stats.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();
     if !stats.is_empty() {
         println!("counters:   {}", stats.join(" "));
