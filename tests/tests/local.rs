@@ -136,16 +136,14 @@ fn local_connected_udp_after_rule_deletion(mode: &str) {
     let _guard = attach(&lab, mode, &["eth0", "eth1"]);
     let id = add(&lab, &["dnat", "--local", "-d", "198.51.100.13", "--to", "10.0.2.2"]);
     let connected = || {
-        let s = lab
-            .in_ns(Node::Router, || -> std::io::Result<UdpSocket> {
-                let s = UdpSocket::bind("0.0.0.0:0")?;
-                s.connect("198.51.100.13:9000")?;
-                s.set_read_timeout(Some(TIMEOUT))?;
-                Ok(s)
-            })
-            .unwrap()
-            .expect("connected UDP socket");
-        s
+        lab.in_ns(Node::Router, || -> std::io::Result<UdpSocket> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.connect("198.51.100.13:9000")?;
+            s.set_read_timeout(Some(TIMEOUT))?;
+            Ok(s)
+        })
+        .unwrap()
+        .expect("connected UDP socket")
     };
     // Who answers a datagram on `s`, and from where the socket says the reply came.
     let ask = |s: &UdpSocket, what: &str| -> (String, SocketAddr) {
