@@ -361,6 +361,9 @@ pub struct Config {
     pub udp_timeout: u32,
     pub other_timeout: u32,
     pub _pad: u32,
+    /// When userspace last flipped [`Config::bank`] (CLOCK_MONOTONIC, ns; the programs do not read it): the next
+    /// change waits for readers of the old bank only if it comes soon after.
+    pub flipped_ns: u64,
     /// The instance's network namespace cookie: the cgroup socket hooks see every namespace's sockets and must act
     /// only in this one.
     pub netns_cookie: u64,
@@ -400,6 +403,7 @@ impl Default for Config {
             udp_timeout: 60,
             other_timeout: 30,
             _pad: 0,
+            flipped_ns: 0,
             netns_cookie: 0,
         }
     }
@@ -593,7 +597,7 @@ mod tests {
         assert_eq!(size_of::<RuleEntry>(), 40);
         assert_eq!(size_of::<Tuple>(), 16);
         assert_eq!(size_of::<CtEntry>(), 40);
-        assert_eq!(size_of::<Config>(), 64);
+        assert_eq!(size_of::<Config>(), 72);
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<SockOrig>(), 8);
     }

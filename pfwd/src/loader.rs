@@ -201,8 +201,8 @@ impl Kernel {
     /// Makes the kernel's rule tables match `rules`, in one step for packets: the complete rule set (rule bodies
     /// by slot, buckets, level masks) is written into the inactive rule bank, then `Config::bank` flips to it in one
     /// write, so a packet is matched against the old rule set or the new one, never a mix of both. Each rule keeps
-    /// its slot, so a flow's slot means the same rule before and after. After the flip, a grace period lets every
-    /// program still reading the old bank finish before the next change may rewrite it.
+    /// its slot, so a flow's slot means the same rule before and after. The inactive bank is only written once every
+    /// program that read it before the last flip has finished (see `wait_for_readers`).
     pub fn sync_rules(&self, rules: &[StoredRule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<()> {
         self.check_layout()?;
         let plain: Vec<rules::Rule> = rules.iter().map(|r| r.rule.clone()).collect();
@@ -210,6 +210,7 @@ impl Kernel {
         let mut cfg = self.config()?;
         let (active, _) = cfg.active();
         let bank = (active + 1) % RULE_BANKS;
+        wait_for_readers(cfg.flipped_ns);
         // compile() numbers slots by position; map them to the rules' stable slots (a `--hairpin` rule's companion
         // to the companion half of the rules array, by its owner's slot).
         let slot_of = |i: u32| match i.checked_sub(pfwd_common::COMPANION_SLOTS) {
@@ -248,9 +249,8 @@ impl Kernel {
         cfg.masks[bank as usize] =
             LevelMasks { pre: compiled.level_mask, post: compiled.snat_level_mask, local: compiled.local_level_mask };
         cfg.bank = bank;
-        self.set_config(&cfg)?;
-        wait_for_readers();
-        Ok(())
+        cfg.flipped_ns = monotonic_ns();
+        self.set_config(&cfg)
     }
 
     /// Clears the counters of a freed slot so its next rule starts from zero.
@@ -364,18 +364,31 @@ impl Kernel {
     }
 }
 
-/// Waits until every BPF program that may have started before now has finished: the kernel runs them inside RCU
-/// read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` returns after an RCU grace period
-/// (`synchronize_rcu`). Where membarrier is unavailable, a short sleep is ample for programs that run for
-/// microseconds.
-fn wait_for_readers() {
+/// Readers of a bank that was flipped away from at `flipped_ns` that may still be running are waited for. tc programs
+/// run to completion in microseconds (their instruction count is bounded), so after `QUIET_NS` none is left; a
+/// change sooner than that (back-to-back changes) waits for an RCU grace period: the kernel runs the programs inside
+/// RCU read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` returns after one (`synchronize_rcu`, ~10 ms here).
+/// Where membarrier is unavailable, sleeping out the quiet time does the same.
+fn wait_for_readers(flipped_ns: u64) {
+    const QUIET_NS: u64 = 50_000_000;
+    if monotonic_ns().saturating_sub(flipped_ns) >= QUIET_NS {
+        return;
+    }
     const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
     // SAFETY: membarrier takes no pointers; a failure is handled below.
     let ret =
         unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0 as libc::c_long, 0 as libc::c_long) };
     if ret != 0 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(std::time::Duration::from_nanos(QUIET_NS));
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]
