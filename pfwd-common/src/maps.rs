@@ -23,9 +23,10 @@ pub mod names {
     pub const CONFIG: &str = "PFWD_CONFIG";
     pub const SOCKETS: &str = "PFWD_SOCKETS";
     pub const FRAGS: &str = "PFWD_FRAGS";
+    pub const RECORD: &str = "PFWD_RECORD";
     /// Every map, in the order `pfwd status` reports their memory.
-    pub const MAPS: [&str; 10] =
-        [RULES, BUCKETS, CONNTRACK, CONNTRACK_NEW, RULE_COUNTERS, STATS, IFACES, CONFIG, SOCKETS, FRAGS];
+    pub const MAPS: [&str; 11] =
+        [RULES, BUCKETS, CONNTRACK, CONNTRACK_NEW, RULE_COUNTERS, STATS, IFACES, CONFIG, SOCKETS, FRAGS, RECORD];
 
     /// The tcx programs (`#[classifier]` functions of pfwd-ebpf).
     pub const PROG_INGRESS: &str = "pfwd_ingress";
@@ -332,6 +333,17 @@ pub mod frag_action {
     pub const DROP: u32 = 2;
 }
 
+/// What `pfwd detach` needs to undo when the controller's state file is gone (the earlier values of the sysctls pfwd
+/// changed, the tables it created), kept with the data path itself: JSON text, written by userspace before the
+/// changes it describes; the programs never read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct RecordText {
+    pub len: u32,
+    pub _pad: u32,
+    pub text: [u8; 4096],
+}
+
 /// `Config::flags` bits.
 pub mod config_flag {
     /// Emit a log event for every new flow and every drop (set by `pfwd run`, which has a reader).
@@ -577,6 +589,7 @@ mod pod {
         CtEntry,
         FragKey,
         FragEntry,
+        RecordText,
         SockKey,
         SockOrig
     );

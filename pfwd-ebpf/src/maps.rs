@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use pfwd_common::{
     BUCKET_ENTRIES, Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, FragEntry, FragKey, IfaceInfo,
-    MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_RULES, MAX_SOCKETS, RULE_BANKS, RULE_ENTRIES, RuleCounters, RuleEntry, SockKey,
-    SockOrig, Stat, Tuple, unconfirmed_ct_entries,
+    MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_RULES, MAX_SOCKETS, RULE_BANKS, RULE_ENTRIES, RecordText, RuleCounters,
+    RuleEntry, SockKey, SockOrig, Stat, Tuple, unconfirmed_ct_entries,
 };
 
 #[map(name = "PFWD_RULES")]
@@ -47,6 +47,10 @@ pub static SOCKETS: LruHashMap<SockKey, SockOrig> = LruHashMap::pinned(MAX_SOCKE
 /// Fragmented datagrams in flight: what their first fragment got (`fragment`).
 #[map(name = "PFWD_FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(MAX_FRAG_DATAGRAMS, 0);
+
+/// Userspace's record of what detach must undo (`pfwd_common::RecordText`); no program reads it.
+#[map(name = "PFWD_RECORD")]
+pub static RECORD: Array<RecordText> = Array::pinned(1, 0);
 
 /// Counts one event in the global counters.
 #[inline(always)]

@@ -20,6 +20,7 @@ use crate::{
     instance::{self, Instance},
     loader::Kernel,
     netif,
+    record::Record,
     report::{
         self, ConntrackEntry, ConntrackSummary, EbpfConntrack, FlowTuple, InstanceStatus, InterfaceStatus, Nat,
         NetfilterConntrack, Netns, RuleReport, RuleStatus, Status,
@@ -93,6 +94,7 @@ impl Backend {
                 if fresh {
                     let cfg = Config { netns_cookie: state.netns_cookie, ..opts.config };
                     kernel.load(opts.ct_entries, &cfg)?;
+                    kernel.write_record(&Record::new(&state.sysctls, &state.created_tables))?;
                     // The --local socket hooks need cgroup2; without it pfwd still works, minus --local rules.
                     if let Some(root) = instance::cgroup2_root() {
                         kernel.attach_cgroup(&root)?;
@@ -117,6 +119,7 @@ impl Backend {
                     // Empty chains first, so the hooks never jump to a missing chain; `apply` below fills them
                     // once. An existing instance has its chains (and their counters, which must survive).
                     fallback::sync_rules(&[])?;
+                    fallback::write_record(&Record::new(&state.sysctls, &state.created_tables))?;
                 }
                 for i in &state.interfaces {
                     fallback::attach(&i.name)?;
@@ -136,6 +139,14 @@ impl Backend {
                 kernel.sync_rules(&state.rules, &ifindex_lookup(state))
             }
             Backend::Iptables => fallback::sync_rules(&state.rules()),
+        }
+    }
+
+    /// Keeps `rec` with the data path (see [`crate::record`]).
+    fn write_record(&self, rec: &Record) -> Result<()> {
+        match self {
+            Backend::Ebpf(kernel) => kernel.write_record(rec),
+            Backend::Iptables => fallback::write_record(rec),
         }
     }
 
@@ -306,7 +317,26 @@ fn apply(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
     backend.sync_rules(state)?;
     let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
     let wanted = sysctl::wanted(&state.rules(), &names);
-    sysctl::reconcile(&mut state.sysctls, &wanted)
+    // The record kept with the data path must name every sysctl before it is written: the ones already saved and
+    // those about to be, with their values now.
+    let mut planned = state.sysctls.clone();
+    for (key, value, reason) in &wanted {
+        if !planned.iter().any(|s| s.key == *key) {
+            let current = sysctl::read(key)?;
+            if current != *value {
+                planned.push(SavedSysctl { key: key.clone(), previous: current, reason: reason.clone() });
+            }
+        }
+    }
+    if planned.len() != state.sysctls.len() {
+        backend.write_record(&Record::new(&planned, &state.created_tables))?;
+    }
+    let before = state.sysctls.len();
+    let notes = sysctl::reconcile(&mut state.sysctls, &wanted)?;
+    if state.sysctls.len() != planned.len() || state.sysctls.len() != before {
+        backend.write_record(&Record::new(&state.sysctls, &state.created_tables))?;
+    }
+    Ok(notes)
 }
 
 /// The data path a new instance starts on, and why.
@@ -826,24 +856,33 @@ pub fn detach() -> Result<Vec<String>> {
 fn detach_without_state(lock: &Lock) -> Result<Vec<String>> {
     let kernel = Kernel::new(&lock.inst);
     let mut notes = vec![];
+    // What the data path's record says must be undone besides removing it (read before it goes with the data path).
+    let mut record: Option<Record> = None;
     if kernel.pin_dir().exists() {
+        record = kernel.read_record();
         kernel.unload()?;
-        notes.push("removed stale pfwd pins".to_string());
+        notes.push("removed pfwd's pins (no state file: found in bpffs)".to_string());
     }
     if fallback::leftovers() {
-        // Which tables pfwd created is not known without a state: the tables stay, emptied of pfwd's chains.
-        fallback::unload(&[])?;
-        notes.push("removed pfwd's PFWD-* iptables chains and the jumps into them".to_string());
+        let rec = fallback::read_record();
+        fallback::unload(rec.as_ref().map(|r| r.created_tables.as_slice()).unwrap_or_default())?;
+        notes.push(
+            "removed pfwd's PFWD-* iptables chains and the jumps into them (no state file: found in iptables)".into(),
+        );
+        record = record.or(rec);
     }
     let _ = std::fs::remove_dir_all(&lock.inst.state_dir);
     if notes.is_empty() {
         return Ok(vec!["pfwd is not attached in this network namespace; nothing to do".into()]);
     }
-    notes.push(
-        "no state was recorded, so the earlier values of any sysctls pfwd changed (net.ipv4.ip_forward, \
-         route_localnet) are unknown: they were left as they are"
-            .into(),
-    );
+    match record {
+        Some(rec) => notes.extend(sysctl::restore_all(&rec.saved_sysctls())),
+        None => notes.push(
+            "no state and no record were found, so the earlier values of any sysctls pfwd changed \
+             (net.ipv4.ip_forward, route_localnet) are unknown: they were left as they are"
+                .into(),
+        ),
+    }
     Ok(notes)
 }
 

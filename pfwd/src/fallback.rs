@@ -15,6 +15,7 @@ use pfwd_common::RuleCounters;
 
 use crate::{
     iptables,
+    record::Record,
     report::{ConntrackEntry, FlowTuple, Nat},
     rules::Rule,
 };
@@ -80,6 +81,18 @@ pub fn sync_rules(rules: &[Rule]) -> Result<()> {
     run("iptables-restore", &["-w".into(), "10".into(), "-c".into(), "--noflush".into()], Some(&script))
         .context("applying pfwd's iptables chains")?;
     Ok(())
+}
+
+/// Writes the record ([`crate::record`]) as the `PFWD-RECORD` chain (replacing what it held).
+pub fn write_record(rec: &Record) -> Result<()> {
+    run("iptables-restore", &["-w".into(), "10".into(), "--noflush".into()], Some(&rec.iptables_script()))
+        .context("writing pfwd's record chain")?;
+    Ok(())
+}
+
+/// The record in iptables, if there is one.
+pub fn read_record() -> Option<Record> {
+    Record::from_iptables_save(&run("iptables-save", &["-t".into(), "nat".into()], None).ok()?)
 }
 
 /// Adds the jumps into pfwd's chains for `iface` (idempotent).

@@ -15,6 +15,7 @@ pub mod instance;
 pub mod iptables;
 pub mod loader;
 pub mod netif;
+pub mod record;
 pub mod report;
 pub mod rules;
 pub mod serve;

@@ -26,11 +26,11 @@ use aya::{
     util::nr_cpus,
 };
 use pfwd_common::{
-    Bucket, BucketKey, Config, CtEntry, IfaceInfo, LevelMasks, RULE_BANKS, RuleCounters, RuleEntry, Stat, Tuple, names,
-    rule_index,
+    Bucket, BucketKey, Config, CtEntry, IfaceInfo, LevelMasks, RULE_BANKS, RecordText, RuleCounters, RuleEntry, Stat,
+    Tuple, names, rule_index,
 };
 
-use crate::{instance::Instance, rules, state::StoredRule};
+use crate::{instance::Instance, record::Record, rules, state::StoredRule};
 
 /// The compiled eBPF object, embedded so the binary is self-contained.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pfwd"));
@@ -303,6 +303,25 @@ impl Kernel {
             c || u
         };
         Ok(keys.iter().filter(|k| remove(k)).count())
+    }
+
+    /// Writes the record ([`crate::record`]) into the pinned `PFWD_RECORD` map.
+    pub fn write_record(&self, rec: &Record) -> Result<()> {
+        let json = serde_json::to_vec(rec)?;
+        let mut value = RecordText { len: json.len() as u32, _pad: 0, text: [0; 4096] };
+        anyhow::ensure!(json.len() <= value.text.len(), "the detach record is too large ({} bytes)", json.len());
+        value.text[..json.len()].copy_from_slice(&json);
+        let mut map: Array<MapData, RecordText> = self.map(names::RECORD)?;
+        map.set(0, value, 0)?;
+        Ok(())
+    }
+
+    /// The record in the pinned `PFWD_RECORD` map, if the instance has one (and it was ever written).
+    pub fn read_record(&self) -> Option<Record> {
+        let map: Array<MapData, RecordText> = self.map(names::RECORD).ok()?;
+        let v = map.get(&0, 0).ok()?;
+        let text = v.text.get(..v.len as usize)?;
+        serde_json::from_slice(text).ok()
     }
 
     /// Conntrack capacity (entries; two per flow): of the confirmed table and of the unconfirmed one.

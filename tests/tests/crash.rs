@@ -1,6 +1,6 @@
 //! Surviving `kill -9` of `pfwd attach --config` (2,000 rules), `pfwd import` (2,000 lines), `pfwd del` /
 //! `pfwd flush`, `pfwd add` (onto 2,000 rules), `pfwd apply` (2,000 rules replaced by 2,000 others) and
-//! `pfwd detach` at random moments, over bounded iterations. After each kill `pfwd status` must answer, and
+//! `pfwd detach` at random moments, over bounded iterations, and the state directory deleted while attached. After each kill `pfwd status` must answer, and
 //! `pfwd detach` (or a repairing `pfwd attach`, then detach) must leave iptables-save, the pins, the tcx programs on
 //! the lab's veths and the sysctls exactly as they were before the first attach. Both modes, same assertions.
 //!
@@ -252,6 +252,18 @@ fn kill9_leaves_nothing(mode: &str) {
         check_and_detach(&lab, &before, &format!("detach killed at {d:?}"));
     }
     eprintln!("crash [{mode}]: {killed} of {} commands were killed before they ended", 6 * ITERATIONS);
+
+    // The state directory lost (deleted by hand, or by a cleanup of /run) while attached, with sysctls changed and
+    // (iptables, in a fresh namespace) tables created: detach still leaves everything as before, from the record
+    // kept with the data path. Also when the state is lost in the middle of a killed change.
+    for killed_first in [false, true] {
+        pfwd_ok(&lab, &attach_config);
+        if killed_first {
+            kill_after(&lab, &["apply", "--config", &config2], rng.delay(span(t_apply)));
+        }
+        std::fs::remove_dir_all(state_dir(&lab)).expect("removing the state directory");
+        check_and_detach(&lab, &before, &format!("state directory removed (after a kill: {killed_first})"));
+    }
 
     // Afterwards pfwd works as ever.
     pfwd_ok(&lab, &attach_plain);
