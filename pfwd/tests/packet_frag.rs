@@ -347,3 +347,30 @@ fn a_datagram_is_forgotten_after_the_timeout() {
     assert_eq!(f.ingress(&frags[2]).ret, DROP);
     assert_eq!(f.stat("fragments_unknown_drops"), 1);
 }
+
+#[test]
+fn redirect_and_snat_translate_fragments_too() {
+    // REDIRECT: to the interface's address (lo's 10.0.1.1 in the fixture) and another port.
+    let f = Fixture::new(&[rule(1, "redirect -p udp --dport 5353 --to-port 53")]);
+    let frags = fragment(&udp(CLIENT, 40_000, BACKEND, 5353, 3000, 0x2468), MTU_PAYLOAD);
+    let out = run_all(&f, false, &frags, &[0, 2, 1]);
+    assert_same(&reassemble(&out), &udp(CLIENT, 40_000, ROUTER, 53, 3000, 0x2468));
+    let reply = fragment(&udp(ROUTER, 53, CLIENT, 40_000, 3000, 0x2469), MTU_PAYLOAD);
+    let out = run_all(&f, true, &reply, &[0, 1, 2]);
+    assert_same(&reassemble(&out), &udp(BACKEND, 5353, CLIENT, 40_000, 3000, 0x2469));
+
+    // SNAT to a fixed address and port range, and the fragmented reply back.
+    let f = Fixture::new(&[rule(1, "snat -o lo -p udp --to 198.51.100.1:20000-20099")]);
+    let frags = fragment(&udp(INSIDE, 5000, REMOTE, 53, 3000, 0x1122), MTU_PAYLOAD);
+    let out = run_all(&f, true, &frags, &[0, 1, 2]);
+    let whole = reassemble(&out);
+    let (_, payload) = split(&whole);
+    let sport = u16::from_be_bytes([payload[0], payload[1]]);
+    assert!((20000..=20099).contains(&sport), "SNAT port {sport}");
+    let public = Ipv4Addr::new(198, 51, 100, 1);
+    assert_same(&whole, &udp(public, sport, REMOTE, 53, 3000, 0x1122));
+    let reply = fragment(&udp(REMOTE, 53, public, sport, 3000, 0x3344), MTU_PAYLOAD);
+    let out = run_all(&f, false, &reply, &[0, 2, 1]);
+    assert_same(&reassemble(&out), &udp(REMOTE, 53, INSIDE, 5000, 3000, 0x3344));
+    assert_eq!(f.stat("fragments_unknown_drops"), 0);
+}

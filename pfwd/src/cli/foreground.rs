@@ -24,7 +24,11 @@ pub(super) fn run_foreground(r: RunArgs) -> Result<()> {
         anyhow::bail!("pfwd is already attached in this network namespace (see `pfwd status`); `pfwd detach` first");
     }
     let rules = read_config(&r.attach.config)?;
-    for n in control::attach(&r.attach.ifaces, rules, &attach_opts(&r.attach))? {
+    // Log events from the first packet on: set with the instance, not after it is attached (a flow that starts in
+    // between would go unreported; the ring buffer keeps events until the reader below opens it).
+    let mut opts = attach_opts(&r.attach);
+    opts.config.flags |= config_flag::LOG_EVENTS | if r.trace { config_flag::LOG_PACKETS } else { 0 };
+    for n in control::attach(&r.attach.ifaces, rules, &opts)? {
         log::info!("{n}");
     }
     // SAFETY: the handler only stores to an atomic.
