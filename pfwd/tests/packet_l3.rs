@@ -15,8 +15,8 @@ use common::*;
 use std::net::Ipv4Addr;
 
 use etherparse::{
-    Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header, Ipv4Slice,
-    SlicedPacket, TcpHeader, TransportSlice, UdpHeader, icmpv4::DestUnreachableHeader,
+    Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header, Ipv4Slice, SlicedPacket, TcpHeader, TransportSlice,
+    UdpHeader, icmpv4::DestUnreachableHeader,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(8, 0, 1, 7);
@@ -179,10 +179,7 @@ fn fragments_are_translated_like_their_first() {
 fn a_source_address_beginning_08_00_is_read_from_the_ip_header() {
     let f = Fixture::layer3(&[rule(1, "dnat -i lo -p udp --dport 5000 --to 10.9.0.1:6000")]);
     let src = Ipv4Addr::new(8, 0, 69, 0);
-    assert_output(
-        &f.ingress(&udp(src, CPORT, PUBLIC, 5000)),
-        &udp(src, CPORT, Ipv4Addr::new(10, 9, 0, 1), 6000),
-    );
+    assert_output(&f.ingress(&udp(src, CPORT, PUBLIC, 5000)), &udp(src, CPORT, Ipv4Addr::new(10, 9, 0, 1), 6000));
 }
 
 /// On a layer-3 device the family comes from skb->protocol, not from the first nibble: a packet the kernel says is
