@@ -8,17 +8,19 @@ use pfwd_common::{Config, Tuple, checksum, config_flag};
 
 use crate::{
     fib,
-    parse::{ETH_LEN, ifindex, ptr_at},
+    parse::{ifindex, ip_off, ptr_at},
 };
 
 /// Redirects the packet (whose tuple is now `t`) to its next hop if it is forwarded; None lets the stack have it
 /// (local delivery, TTL about to expire, MTU exceeded, no route, forwarding disabled, fast path off).
 #[inline(always)]
 pub fn redirect(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i32> {
-    if cfg.flags & config_flag::FAST_FORWARD == 0 {
+    // bpf_redirect_neigh needs the link-layer header of an Ethernet-type device to replace; a packet that came in on
+    // a layer-3 device (tun, WireGuard, PPP) has none, and the kernel would drop it: the stack forwards those.
+    if cfg.flags & config_flag::FAST_FORWARD == 0 || ip_off() == 0 {
         return None;
     }
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off())?;
     // SAFETY: bounds checked by ptr_at.
     let (ttl, proto, tot_len) = unsafe { ((*ip).ttl, (*ip).proto, u16::from_be_bytes((*ip).tot_len)) };
     if ttl <= 1 {
@@ -34,7 +36,7 @@ pub fn redirect(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i32> {
     if !fib::lookup(ctx, &mut p, BPF_FIB_LOOKUP_SKIP_NEIGH) {
         return None;
     }
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off())?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &mut *ip };
     // TTL and protocol share one 16-bit word of the header checksum.

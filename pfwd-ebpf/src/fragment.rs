@@ -18,7 +18,7 @@ use crate::{
     conntrack,
     maps::{CONFIG, FRAGS, IFACES, count, count_rule_bytes},
     nat,
-    parse::{self, ETH_LEN, Packet, frag},
+    parse::{self, Packet, frag, ip_off},
 };
 
 /// The key of `pkt`'s datagram at hook `at`.
@@ -48,7 +48,7 @@ fn remember(key: &FragKey, action: u32, saddr: u32, daddr: u32, rule_slot: u32) 
 #[inline(always)]
 pub fn later(ctx: &TcContext, pkt: &Packet, at: u8) -> i32 {
     // The datagram was counted as one packet by its first fragment; a later one adds its payload.
-    let payload = pkt.ip_len - (pkt.l4_off - ETH_LEN) as u32;
+    let payload = pkt.ip_len - (pkt.l4_off - ip_off()) as u32;
     later_of(ctx, &key(pkt, at), payload)
 }
 

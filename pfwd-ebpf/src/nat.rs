@@ -11,7 +11,7 @@ use aya_ebpf::{
 use network_types::ip::Ipv4Hdr;
 use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, Tuple, checksum};
 
-use crate::parse::{ETH_LEN, Embedded, Packet, ptr_at};
+use crate::parse::{Embedded, Packet, ip_off, ptr_at};
 
 /// Offset of the identifier in an ICMP echo header, and of the ICMP checksum.
 const ICMP_ID: usize = 4;
@@ -58,7 +58,7 @@ fn rewrite_echo_id(ctx: &TcContext, off: usize, from: u16, to: u16) -> Option<(u
 /// Returns false if the header could not be written.
 #[inline(always)]
 pub fn rewrite_addresses(ctx: &TcContext, from: &Tuple, to: &Tuple) -> bool {
-    rewrite_ip(ctx, ETH_LEN, from, to).is_some()
+    rewrite_ip(ctx, ip_off(), from, to).is_some()
 }
 
 /// Rewrites the packet (whose tuple is `pkt.tuple`) so its tuple becomes `to`. Returns false if the packet could not
@@ -66,7 +66,7 @@ pub fn rewrite_addresses(ctx: &TcContext, from: &Tuple, to: &Tuple) -> bool {
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, to: &Tuple) -> bool {
     let from = &pkt.tuple;
-    if (from.saddr != to.saddr || from.daddr != to.daddr) && rewrite_ip(ctx, ETH_LEN, from, to).is_none() {
+    if (from.saddr != to.saddr || from.daddr != to.daddr) && rewrite_ip(ctx, ip_off(), from, to).is_none() {
         return false;
     }
     let ports_changed = from.sport != to.sport || from.dport != to.dport;
@@ -128,7 +128,7 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
     icmp.u16(old_check, new_check);
 
     // Embedded L4: ports (or echo identifier), and the UDP/TCP checksum when the error carries it.
-    let end = ETH_LEN + pkt.ip_len as usize;
+    let end = ip_off() + pkt.ip_len as usize;
     match inner.proto {
         PROTO_TCP | PROTO_UDP => {
             if let Some(csum_at) = checksum::l4_csum_offset(inner.proto)
@@ -177,7 +177,7 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
     if outer.saddr == inner.daddr {
         outer.saddr = new_inner.daddr;
     }
-    rewrite_ip(ctx, ETH_LEN, &pkt.tuple, &outer)?;
+    rewrite_ip(ctx, ip_off(), &pkt.tuple, &outer)?;
     let check = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + ICMP_CHECK)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe { *check = icmp.0.to_be_bytes() };

@@ -1,13 +1,28 @@
-//! Packet parsing: Ethernet + IPv4 + the TCP/UDP ports or ICMP echo identifier, and the packet embedded in an ICMP
-//! error, with every bound checked for the verifier. Also bounds-checked packet pointers for the rewriting code.
+//! Packet parsing: Ethernet (or nothing, on layer-3 devices) + IPv4 + the TCP/UDP ports or ICMP echo identifier, and
+//! the packet embedded in an ICMP error, with every bound checked for the verifier. Also bounds-checked packet pointers
+//! for the rewriting code.
 use aya_ebpf::programs::TcContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, Stat, Tuple, checksum};
 
 use crate::maps::count;
 
-pub const ETH_LEN: usize = EthHdr::LEN;
+const ETH_LEN: usize = EthHdr::LEN;
 const ETH_P_IP: u16 = 0x0800;
+
+/// Where the IP header starts in the packet data: 14 (after the Ethernet header) in the programs attached to
+/// Ethernet-type devices, 0 in those attached to layer-3 devices (tun, WireGuard, PPP: packets start at the IP
+/// header). The loader loads the programs once per value (`EbpfLoader::override_global`); the global sits in a
+/// frozen read-only map, so the verifier knows its value and sees constant packet offsets, as with a literal.
+#[unsafe(no_mangle)]
+static PFWD_L2_LEN: u32 = ETH_LEN as u32;
+
+/// The offset of the IP header (see [`PFWD_L2_LEN`]).
+#[inline(always)]
+pub fn ip_off() -> usize {
+    // SAFETY: a plain read of a global; volatile so the compiler does not fold in the default the loader overrides.
+    unsafe { core::ptr::read_volatile(&PFWD_L2_LEN) as usize }
+}
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
@@ -150,27 +165,37 @@ fn addresses(ip: &Ipv4Hdr) -> Tuple {
 /// fragment comes back with the addresses and protocol only (ports 0, `frag::LATER`).
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Option<Packet> {
-    let eth: *const EthHdr = ptr_at(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-        return None;
+    let l2 = ip_off();
+    if l2 == 0 {
+        // A layer-3 device has no ethertype: the kernel's skb->protocol says what the packet is (the first nibble
+        // alone would take e.g. an MPLS label for IPv4).
+        // SAFETY: the context's __sk_buff is valid for the program's run.
+        if unsafe { (*ctx.skb.skb).protocol } != u32::from(ETH_P_IP.to_be()) {
+            return None;
+        }
+    } else {
+        let eth: *const EthHdr = ptr_at(ctx, 0)?;
+        // SAFETY: bounds checked by ptr_at.
+        if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+            return None;
+        }
     }
-    if !ensure_linear(ctx, ETH_LEN + Ipv4Hdr::LEN) {
+    if !ensure_linear(ctx, l2 + Ipv4Hdr::LEN) {
         count(Stat::Malformed);
         return None;
     }
-    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l2)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
     let ihl = (ip.vihl & 0x0f) as usize * 4;
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || ETH_LEN + tot_len > ctx.len() as usize {
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || l2 + tot_len > ctx.len() as usize {
         count(Stat::Malformed);
         return None;
     }
     let frags = u16::from_be_bytes(ip.frags);
     let mut tuple = addresses(ip);
-    let l4_off = ETH_LEN + ihl;
+    let l4_off = l2 + ihl;
     let l4_len = tot_len - ihl;
     // Only the first fragment carries the L4 header. A first fragment without the whole of it (RFC 1858's tiny
     // fragment) is treated as a later one: its ports are unknown. (One construction of the Packet at the end: the
@@ -233,7 +258,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
                     }
                     ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB => {
                         // An error whose embedded packet cannot be read is passed as plain ICMP, untranslated.
-                        embedded(ctx, l4_off + ICMP_HLEN, ETH_LEN + tot_len).map_or(Icmp::Other, Icmp::Error)
+                        embedded(ctx, l4_off + ICMP_HLEN, l2 + tot_len).map_or(Icmp::Other, Icmp::Error)
                     }
                     _ => Icmp::Other,
                 };
@@ -242,7 +267,7 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         _ => {}
     }
     // Read after the L4 header (not kept across ensure_linear's helper call, which would cost stack).
-    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ip_off())?;
     // SAFETY: bounds checked by ptr_at.
     let ip_id = u16::from_be_bytes(unsafe { (*ip).id });
     Some(Packet { tuple, l4_off, tcp_flags, ip_len: tot_len as u32, icmp, frag, ip_id })

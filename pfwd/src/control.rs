@@ -1009,6 +1009,7 @@ pub fn status() -> Result<Status> {
             .map(|i| InterfaceStatus {
                 address: netif::primary_ipv4(&i.name),
                 ifindex: i.ifindex,
+                link_type: netif::link_type(&i.name).ok().map(|t| t.name()),
                 name: i.name.clone(),
             })
             .collect(),

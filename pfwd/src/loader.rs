@@ -2,10 +2,16 @@
 //! interfaces with tcx links (pinned, so they keep working after pfwd exits), filling the maps from the rules and
 //! reading counters and conntrack back.
 //!
-//! Pin layout under the instance's pin directory: one file per map (by map name, `pfwd_common::names`), one per
-//! program (`prog_ingress`, `prog_egress`, and `prog_<hook>` for the socket hooks of `--local` rules: connect4,
-//! sendmsg4, recvmsg4, getpeername4), `link_<iface>_<ingress|egress>` per attached interface and
-//! `link_cgroup_<hook>` per attached socket hook. Map and program names come from `pfwd_common::names`; a test
+//! Pin layout under the instance's pin directory: one file per map (by map name, `pfwd_common::names`, and
+//! `AYA_LOGS`, the log events' ring buffer), one per program (`prog_ingress`, `prog_egress`, `prog_ingress_l3`,
+//! `prog_egress_l3` once a layer-3 interface is attached, and `prog_<hook>` for the socket hooks of `--local` rules:
+//! connect4, sendmsg4, recvmsg4, getpeername4), `link_<iface>_<ingress|egress>` per attached interface and
+//! `link_cgroup_<hook>` per attached socket hook.
+//!
+//! The tc programs exist in two builds of one object, loaded separately and sharing every map: for Ethernet-type
+//! interfaces (the IP header at offset 14) and for layer-3 ones (tun, WireGuard, PPP: offset 0). The offset is a
+//! load-time constant (`PFWD_L2_LEN`), so the Ethernet path pays nothing for the other; the layer-3 build is loaded
+//! when the first layer-3 interface is attached. Map and program names come from `pfwd_common::names`; a test
 //! checks that the embedded object has every one of them.
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
@@ -30,7 +36,13 @@ use pfwd_common::{
     Tuple, names, rule_index,
 };
 
-use crate::{instance::Instance, record::Record, rules, state::StoredRule};
+use crate::{
+    instance::Instance,
+    netif::{self, Framing},
+    record::Record,
+    rules,
+    state::StoredRule,
+};
 
 /// The compiled eBPF object, embedded so the binary is self-contained.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pfwd"));
@@ -38,6 +50,11 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// The tcx programs: (program, attach type, pin suffix).
 const PROGRAMS: [(&str, TcAttachType, &str); 2] =
     [(names::PROG_INGRESS, TcAttachType::Ingress, "ingress"), (names::PROG_EGRESS, TcAttachType::Egress, "egress")];
+
+/// The global holding the IP header's offset in the tc programs (`pfwd-ebpf/src/parse.rs`).
+const L2_LEN_GLOBAL: &str = "PFWD_L2_LEN";
+/// aya-log's ring buffer, pinned so both builds of the tc programs log into the one the log reader follows.
+const LOG_MAP: &str = "AYA_LOGS";
 
 /// The cgroup socket hooks of `--local` rules: (program, hook, pin suffix).
 const SOCK_PROGRAMS: [(&str, CgroupSockAddrAttachType, &str); 4] = [
@@ -72,16 +89,13 @@ impl Kernel {
         fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&self.dir)
+            .map_pin_path(LOG_MAP, self.dir.join(LOG_MAP))
             .map_max_entries(names::CONNTRACK, ct_entries)
             .map_max_entries(names::CONNTRACK_NEW, pfwd_common::unconfirmed_ct_entries(ct_entries))
+            .override_global(L2_LEN_GLOBAL, &(Framing::Ethernet.l2_len()), true)
             .load(OBJECT)
             .context("loading the eBPF object (maps)")?;
-        for (name, _, dir) in PROGRAMS {
-            let prog: &mut SchedClassifier =
-                ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
-            prog.load().with_context(|| format!("loading the {name} program (verifier)"))?;
-            prog.pin(self.dir.join(format!("prog_{dir}"))).with_context(|| format!("pinning {name}"))?;
-        }
+        self.load_tc(&mut ebpf, Framing::Ethernet)?;
         for (name, _, hook) in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr =
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
@@ -90,6 +104,44 @@ impl Kernel {
         }
         self.set_config(cfg)?;
         Ok(())
+    }
+
+    /// Loads and pins the tc programs of `ebpf`, built for `framing`.
+    fn load_tc(&self, ebpf: &mut aya::Ebpf, framing: Framing) -> Result<()> {
+        for (name, _, dir) in PROGRAMS {
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
+            prog.load().with_context(|| format!("loading the {name} program (verifier, {framing:?} build)"))?;
+            prog.pin(self.prog_pin(dir, framing)).with_context(|| format!("pinning {name}"))?;
+        }
+        Ok(())
+    }
+
+    fn prog_pin(&self, dir: &str, framing: Framing) -> PathBuf {
+        match framing {
+            Framing::Ethernet => self.dir.join(format!("prog_{dir}")),
+            Framing::Layer3 => self.dir.join(format!("prog_{dir}_l3")),
+        }
+    }
+
+    /// Loads the layer-3 build of the tc programs (once per instance), sharing the instance's pinned maps. `attach`
+    /// does this when it first meets a layer-3 interface.
+    pub fn ensure_layer3(&self) -> Result<()> {
+        if PROGRAMS.iter().all(|(_, _, dir)| self.prog_pin(dir, Framing::Layer3).exists()) {
+            return Ok(());
+        }
+        self.check_layout()?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&self.dir)
+            .map_pin_path(LOG_MAP, self.dir.join(LOG_MAP))
+            .override_global(L2_LEN_GLOBAL, &(Framing::Layer3.l2_len()), true)
+            .load(OBJECT)
+            .context("loading the eBPF object for layer-3 interfaces")?;
+        for (_, _, dir) in PROGRAMS {
+            // A half-finished earlier load: pin again.
+            let _ = fs::remove_file(self.prog_pin(dir, Framing::Layer3));
+        }
+        self.load_tc(&mut ebpf, Framing::Layer3)
     }
 
     /// Attaches the socket hooks of `--local` rules to the cgroup2 directory `cgroup` (the root: every process).
@@ -117,15 +169,21 @@ impl Kernel {
         self.dir.join(format!("link_{iface}_{dir}"))
     }
 
-    /// Attaches both programs to `iface` (idempotent: an existing link for the same interface is kept).
+    /// Attaches both programs to `iface`, in the build for its link type (idempotent: an existing link for the same
+    /// interface is kept). A link type the programs cannot read is refused before anything changes.
     pub fn attach(&self, iface: &str, ifindex: u32, addr: u32) -> Result<()> {
+        let link = netif::link_type(iface)?;
+        let framing = link.framing().map_err(|e| anyhow!("cannot attach to {iface}: {e}"))?;
+        if framing == Framing::Layer3 {
+            self.ensure_layer3()?;
+        }
         self.set_iface(ifindex, addr)?;
         for (_, attach_type, dir) in PROGRAMS {
             let pin = self.link_pin(iface, dir);
             if pin.exists() {
                 continue;
             }
-            let mut prog = SchedClassifier::from_pin(self.dir.join(format!("prog_{dir}")))
+            let mut prog = SchedClassifier::from_pin(self.prog_pin(dir, framing))
                 .with_context(|| format!("opening pinned {dir} program"))?;
             let id = prog
                 .attach_with_options(iface, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))

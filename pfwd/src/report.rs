@@ -112,6 +112,9 @@ pub struct InterfaceStatus {
     /// The primary IPv4 address now (null when it has none).
     pub address: Option<Ipv4Addr>,
     pub ifindex: u32,
+    /// The link type as `ip link` names it (`ether`, `loopback`, `none` for tun/WireGuard, `ppp`...; null while the
+    /// interface is gone).
+    pub link_type: Option<String>,
     pub name: String,
 }
 

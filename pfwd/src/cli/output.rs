@@ -9,8 +9,11 @@ pub(super) fn or<T: std::fmt::Display>(v: Option<T>, unknown: &str) -> String {
 }
 
 pub(super) fn print_status(s: &InstanceStatus) {
-    let ifaces: Vec<String> =
-        s.interfaces.iter().map(|i| format!("{} ({})", i.name, or(i.address, "no IPv4"))).collect();
+    let ifaces: Vec<String> = s
+        .interfaces
+        .iter()
+        .map(|i| format!("{} ({}, link/{})", i.name, or(i.address, "no IPv4"), or(i.link_type.as_ref(), "gone")))
+        .collect();
     println!("mode:       {} ({})", s.mode, s.mode_reason);
     if let Some(what) = &s.interrupted {
         println!("INTERRUPTED: {what}");

@@ -84,6 +84,17 @@ impl Fixture {
         Self { ingress, egress, pins }
     }
 
+    /// A fixture running the build of the tc programs for layer-3 interfaces (tun, WireGuard, PPP: packets start at
+    /// the IP header), sharing the maps as in an instance.
+    pub fn layer3(rules: &[StoredRule]) -> Self {
+        let mut f = Self::new(rules);
+        let dir = f.kernel().pin_dir().to_path_buf();
+        f.kernel().ensure_layer3().expect("loading the layer-3 build");
+        f.ingress = SchedClassifier::from_pin(dir.join("prog_ingress_l3")).expect("pinned layer-3 ingress program");
+        f.egress = SchedClassifier::from_pin(dir.join("prog_egress_l3")).expect("pinned layer-3 egress program");
+        f
+    }
+
     pub fn kernel(&self) -> &Kernel {
         &self.pins.0
     }
