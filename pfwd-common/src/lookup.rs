@@ -6,17 +6,20 @@
 //! [`find_rule`] is generic over the map lookups: the kernel programs run it over their maps, userspace tests over
 //! the output of `rules::compile`, so the precedence tests test the walk the kernel runs. It stays verifiable: no
 //! loop over the levels (each is an `if`), one bounded loop of [`BUCKET_SLOTS`] per bucket, everything inlined.
-use crate::{BUCKET_SLOTS, Bucket, BucketKey, PROTO_ANY, PROTO_TCP, PROTO_UDP, RuleEntry, Tuple, level};
+use crate::{BUCKET_SLOTS, Bucket, BucketKey, PROTO_ANY, PROTO_TCP, PROTO_UDP, RuleEntry, Tuple, level, rule_flag};
 
 impl RuleEntry {
-    /// Whether the rule's filters (interface, protocol, source and destination networks) match the packet `t` seen
-    /// on `ifindex` (the incoming interface at PREROUTING, the outgoing one at POSTROUTING).
+    /// Whether the rule's filters (interface, protocol, source and destination networks, each possibly negated;
+    /// `-d local`) match the packet `t` seen on `ifindex` (the incoming interface at PREROUTING, the outgoing one at
+    /// POSTROUTING). `is_local` says whether an address is this host's; it is only asked for `-d local` rules.
     #[inline(always)]
-    pub fn matches(&self, t: &Tuple, ifindex: u32) -> bool {
-        (self.ifindex == 0 || self.ifindex == ifindex)
+    pub fn matches(&self, t: &Tuple, ifindex: u32, is_local: &mut impl FnMut(u32) -> bool) -> bool {
+        let not = |flag: u8| self.flags & flag != 0;
+        (self.ifindex == 0 || (self.ifindex == ifindex) != not(rule_flag::NOT_IFACE))
             && (self.proto == PROTO_ANY || self.proto == t.proto)
-            && t.saddr & self.src_mask == self.src_net
-            && t.daddr & self.dst_mask == self.dst_net
+            && (t.saddr & self.src_mask == self.src_net) != not(rule_flag::NOT_SRC)
+            && (t.daddr & self.dst_mask == self.dst_net) != not(rule_flag::NOT_DST)
+            && (!not(rule_flag::DST_LOCAL) || is_local(t.daddr))
     }
 }
 
@@ -28,9 +31,10 @@ struct Best {
 }
 
 #[inline(always)]
-fn scan<'a, R>(bucket: Option<&'a Bucket>, t: &Tuple, ifindex: u32, rule: &mut R, best: &mut Best)
+fn scan<'a, R, L>(bucket: Option<&'a Bucket>, t: &Tuple, ifindex: u32, rule: &mut R, is_local: &mut L, best: &mut Best)
 where
     R: FnMut(u32) -> Option<&'a RuleEntry>,
+    L: FnMut(u32) -> bool,
 {
     let Some(bucket) = bucket else { return };
     let len = bucket.len as usize;
@@ -40,7 +44,7 @@ where
         }
         let slot = bucket.slots[i];
         let Some(r) = rule(slot) else { continue };
-        if (!best.found || r.rank < best.rank) && r.matches(t, ifindex) {
+        if (!best.found || r.rank < best.rank) && r.matches(t, ifindex, is_local) {
             best.slot = slot;
             best.rank = r.rank;
             best.found = true;
@@ -58,42 +62,45 @@ where
 /// (any, any, any). The order decides nothing: the lowest rank does.
 ///
 /// `bank` is the rule bank whose buckets are looked up ([`crate::Config::active`]); `bucket` looks a key up in the
-/// buckets map, `rule` a slot in that bank of the rules array.
+/// buckets map, `rule` a slot in that bank of the rules array, `is_local` whether an address is this host's (asked
+/// only for `-d local` rules).
 #[inline(always)]
-pub fn find_rule<'a, B, R>(
+pub fn find_rule<'a, B, R, L>(
     t: &Tuple,
     ifindex: u32,
     hook: u8,
     (bank, mask): (u32, u32),
     mut bucket: B,
     mut rule: R,
+    mut is_local: L,
 ) -> Option<(u32, &'a RuleEntry)>
 where
     B: FnMut(&BucketKey) -> Option<&'a Bucket>,
     R: FnMut(u32) -> Option<&'a RuleEntry>,
+    L: FnMut(u32) -> bool,
 {
     let mut best = Best { slot: 0, rank: 0, found: false };
     let key =
         |ifindex: u32, proto: u8, dport: u16| BucketKey { ifindex, dport, proto, hook, bank: bank as u8, _pad: [0; 3] };
     if t.proto == PROTO_TCP || t.proto == PROTO_UDP {
         if mask & level::IF_PROTO_PORT != 0 {
-            scan(bucket(&key(ifindex, t.proto, t.dport)), t, ifindex, &mut rule, &mut best);
+            scan(bucket(&key(ifindex, t.proto, t.dport)), t, ifindex, &mut rule, &mut is_local, &mut best);
         }
         if mask & level::PROTO_PORT != 0 {
-            scan(bucket(&key(0, t.proto, t.dport)), t, ifindex, &mut rule, &mut best);
+            scan(bucket(&key(0, t.proto, t.dport)), t, ifindex, &mut rule, &mut is_local, &mut best);
         }
         if mask & level::IF_PROTO != 0 {
-            scan(bucket(&key(ifindex, t.proto, 0)), t, ifindex, &mut rule, &mut best);
+            scan(bucket(&key(ifindex, t.proto, 0)), t, ifindex, &mut rule, &mut is_local, &mut best);
         }
         if mask & level::PROTO != 0 {
-            scan(bucket(&key(0, t.proto, 0)), t, ifindex, &mut rule, &mut best);
+            scan(bucket(&key(0, t.proto, 0)), t, ifindex, &mut rule, &mut is_local, &mut best);
         }
     }
     if mask & level::IF != 0 {
-        scan(bucket(&key(ifindex, PROTO_ANY, 0)), t, ifindex, &mut rule, &mut best);
+        scan(bucket(&key(ifindex, PROTO_ANY, 0)), t, ifindex, &mut rule, &mut is_local, &mut best);
     }
     if mask & level::ANY != 0 {
-        scan(bucket(&key(0, PROTO_ANY, 0)), t, ifindex, &mut rule, &mut best);
+        scan(bucket(&key(0, PROTO_ANY, 0)), t, ifindex, &mut rule, &mut is_local, &mut best);
     }
     if !best.found {
         return None;
@@ -129,7 +136,8 @@ mod tests {
         }
 
         fn find(&self, t: &Tuple, ifindex: u32, hook: u8, mask: u32) -> Option<u32> {
-            find_rule(t, ifindex, hook, (0, mask), |k| self.buckets.get(k), |s| self.rules.get(&s)).map(|(s, _)| s)
+            find_rule(t, ifindex, hook, (0, mask), |k| self.buckets.get(k), |s| self.rules.get(&s), |_| false)
+                .map(|(s, _)| s)
         }
     }
 
@@ -152,6 +160,7 @@ mod tests {
                 None
             },
             none,
+            |_| false,
         );
         keys
     }

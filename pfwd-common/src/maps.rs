@@ -24,9 +24,22 @@ pub mod names {
     pub const SOCKETS: &str = "PFWD_SOCKETS";
     pub const FRAGS: &str = "PFWD_FRAGS";
     pub const RECORD: &str = "PFWD_RECORD";
+    pub const LOCAL_ADDRS: &str = "PFWD_LOCAL_ADDRS";
     /// Every map, in the order `pfwd status` reports their memory.
-    pub const MAPS: [&str; 11] =
-        [RULES, BUCKETS, CONNTRACK, CONNTRACK_NEW, RULE_COUNTERS, STATS, IFACES, CONFIG, SOCKETS, FRAGS, RECORD];
+    pub const MAPS: [&str; 12] = [
+        RULES,
+        BUCKETS,
+        CONNTRACK,
+        CONNTRACK_NEW,
+        RULE_COUNTERS,
+        STATS,
+        IFACES,
+        CONFIG,
+        SOCKETS,
+        FRAGS,
+        RECORD,
+        LOCAL_ADDRS,
+    ];
 
     /// The tcx programs (`#[classifier]` functions of pfwd-ebpf).
     pub const PROG_INGRESS: &str = "pfwd_ingress";
@@ -78,6 +91,8 @@ pub const fn unconfirmed_ct_entries(ct_entries: u32) -> u32 {
     if quarter < MIN_CT_NEW_ENTRIES { MIN_CT_NEW_ENTRIES } else { quarter }
 }
 pub const MAX_IFACES: u32 = 256;
+/// This host's IPv4 addresses that `-d local` matches.
+pub const MAX_LOCAL_ADDRS: u32 = 4096;
 /// Datagrams whose fragments are being tracked at once (an LRU: under pressure the oldest are forgotten, and their
 /// remaining fragments are dropped as unknown).
 pub const MAX_FRAG_DATAGRAMS: u32 = 16_384;
@@ -172,9 +187,23 @@ pub struct RuleEntry {
     pub kind: u8,
     /// Rule protocol (PROTO_ANY matches every protocol).
     pub proto: u8,
-    pub _pad: [u8; 2],
+    /// [`rule_flag`] bits: negated matches, `-d local`.
+    pub flags: u8,
+    pub _pad: u8,
     /// 0 = any interface; the incoming one for DNAT/REDIRECT, the outgoing one for SNAT/MASQUERADE.
     pub ifindex: u32,
+}
+
+/// `RuleEntry::flags` bits.
+pub mod rule_flag {
+    /// `! -s`: the source must be outside `src_net/src_mask`.
+    pub const NOT_SRC: u8 = 1 << 0;
+    /// `! -d`: the destination must be outside `dst_net/dst_mask`.
+    pub const NOT_DST: u8 = 1 << 1;
+    /// `! -i` / `! -o`: any interface but `ifindex` (the rule sits in the any-interface buckets).
+    pub const NOT_IFACE: u8 = 1 << 2;
+    /// `-d local`: the destination must be an address of this host (the kernel asks the FIB).
+    pub const DST_LOCAL: u8 = 1 << 3;
 }
 
 /// Per-rule counters (a per-CPU array indexed by rule slot; userspace sums the CPUs).

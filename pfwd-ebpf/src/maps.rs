@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use pfwd_common::{
     BUCKET_ENTRIES, Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, FragEntry, FragKey, IfaceInfo,
-    MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_RULES, MAX_SOCKETS, RULE_BANKS, RULE_ENTRIES, RecordText, RuleCounters,
-    RuleEntry, SockKey, SockOrig, Stat, Tuple, unconfirmed_ct_entries,
+    MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES, MAX_SOCKETS, RULE_BANKS, RULE_ENTRIES, RecordText,
+    RuleCounters, RuleEntry, SockKey, SockOrig, Stat, Tuple, unconfirmed_ct_entries,
 };
 
 #[map(name = "PFWD_RULES")]
@@ -51,6 +51,10 @@ pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(MAX_FRAG_D
 /// Userspace's record of what detach must undo (`pfwd_common::RecordText`); no program reads it.
 #[map(name = "PFWD_RECORD")]
 pub static RECORD: Array<RecordText> = Array::pinned(1, 0);
+
+/// This host's IPv4 addresses (network order; the value is unused), kept by userspace: what `-d local` matches.
+#[map(name = "PFWD_LOCAL_ADDRS")]
+pub static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::pinned(MAX_LOCAL_ADDRS, 0);
 
 /// Counts one event in the global counters.
 #[inline(always)]

@@ -2,7 +2,7 @@
 //! precedence tests run the same function) over this program's maps.
 use pfwd_common::{RuleEntry, Tuple, find_rule, rule_index};
 
-use crate::maps::{BUCKETS, RULES};
+use crate::maps::{BUCKETS, LOCAL_ADDRS, RULES};
 
 /// Finds the rule of `hook` (PREROUTING: DNAT/REDIRECT for a flow arriving on `ifindex`; POSTROUTING:
 /// SNAT/MASQUERADE for a flow leaving through it; OUTPUT: `--local` rules, ifindex 0) with the lowest rank among
@@ -18,5 +18,7 @@ pub fn find(t: &Tuple, ifindex: u32, hook: u8, (bank, mask): (u32, u32)) -> Opti
         // SAFETY: plain read of a map value, which stays valid for the program's run.
         |k| unsafe { BUCKETS.get(k) },
         |slot| RULES.get(rule_index(bank, slot)),
+        // SAFETY: plain lookup; only presence matters.
+        |daddr| unsafe { LOCAL_ADDRS.get(&daddr) }.is_some(),
     )
 }

@@ -83,7 +83,10 @@ fn rule_text(rng: &mut Rng) -> String {
     let kind = rng.pick(&["dnat", "dnat", "dnat", "redirect", "snat", "snat", "masquerade", "masquerade"]);
     let post = kind == "snat" || kind == "masquerade";
     let mut s = kind.to_string();
+    // iptables' `!` now and then on -i/-o, -s and -d; `-d local` on some DNAT/REDIRECT rules.
+    let bang = |rng: &mut Rng| if rng.pct(20) { " !" } else { "" };
     if rng.pct(30) {
+        s += bang(rng);
         s += if post { " -o lo" } else { " -i lo" };
     }
     let proto = if kind == "redirect" || rng.pct(if post { 50 } else { 70 }) { rng.pick(&["tcp", "udp"]) } else { "" };
@@ -91,9 +94,13 @@ fn rule_text(rng: &mut Rng) -> String {
         s += &format!(" -p {proto}");
     }
     if rng.pct(25) {
+        s += bang(rng);
         s += &format!(" -s {}", rng.pick(&["10.0.1.0/24", "192.168.1.7", "192.168.0.0/16", "10.0.1.2", "10.0.0.0/8"]));
     }
-    if rng.pct(30) {
+    if !post && rng.pct(10) {
+        s += " -d local";
+    } else if rng.pct(30) {
+        s += bang(rng);
         let d = if post {
             rng.pick(&["10.0.2.2", "10.0.2.0/24", "203.0.113.10", "10.0.0.0/8"])
         } else {

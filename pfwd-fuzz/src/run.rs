@@ -77,6 +77,8 @@ impl Instance {
         };
         pins.0.load(ct_entries, &cfg).context("loading the eBPF programs")?;
         pins.0.set_iface(LO, u32::from_ne_bytes(IFACE_ADDR.octets())).context("registering lo")?;
+        // This host's addresses, for `-d local`: lo's (the model's IFACE_ADDR).
+        pins.0.set_local_addrs(&[u32::from_ne_bytes(IFACE_ADDR.octets())]).context("setting local addresses")?;
         let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).context("pinned ingress program")?;
         let egress = SchedClassifier::from_pin(dir.join("prog_egress")).context("pinned egress program")?;
         let frags = MapData::from_pin(dir.join(names::FRAGS)).context("pinned fragment table")?;

@@ -132,10 +132,12 @@ impl Backend {
     fn sync_rules(&self, state: &State) -> Result<()> {
         match self {
             Backend::Ebpf(kernel) => {
-                // REDIRECT uses each interface's primary address: refresh it whenever rules change.
+                // REDIRECT uses each interface's primary address, `-d local` all of this host's: refresh them
+                // whenever rules change.
                 for i in &state.interfaces {
                     kernel.set_iface(i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
                 }
+                kernel.set_local_addrs(&local_addrs_ne())?;
                 kernel.sync_rules(&state.rules, &ifindex_lookup(state))
             }
             Backend::Iptables => fallback::sync_rules(&state.rules()),
@@ -337,6 +339,11 @@ fn apply(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
         backend.write_record(&Record::new(&state.sysctls, &state.created_tables))?;
     }
     Ok(notes)
+}
+
+/// This host's IPv4 addresses, network order (the `-d local` set).
+fn local_addrs_ne() -> Vec<u32> {
+    netif::local_addrs().iter().map(|a| u32::from_ne_bytes(a.octets())).collect()
 }
 
 /// The data path a new instance starts on, and why.
@@ -682,12 +689,13 @@ pub fn follow_interfaces() -> Result<Vec<String>> {
         }
     }
     let present: Vec<&AttachedIface> = state.interfaces.iter().filter(|i| netif::ifindex(&i.name).is_ok()).collect();
-    // REDIRECT and MASQUERADE read each interface's primary address from the IFACES map (netfilter finds it
-    // by itself in iptables mode).
+    // REDIRECT and MASQUERADE read each interface's primary address from the IFACES map, `-d local` the host's
+    // addresses from LOCAL_ADDRS (netfilter finds them by itself in iptables mode).
     if let Backend::Ebpf(kernel) = &backend {
         for i in &present {
             kernel.set_iface(i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
         }
+        kernel.set_local_addrs(&local_addrs_ne())?;
     }
     if !moved.is_empty() {
         // Rules naming a moved interface carry its ifindex; a re-created device starts with default sysctls (which

@@ -99,10 +99,12 @@ pub fn rule_of(e: &ConntrackEntry, rules: &[Rule]) -> Vec<u32> {
         return vec![];
     };
     let dport = e.original.dport.unwrap_or(0);
+    let locals = crate::netif::local_addrs();
     let covers = |r: &Rule| {
         r.proto.is_none_or(|p| p.code() == proto)
-            && r.src.is_none_or(|n| n.contains(&src))
-            && r.dst.is_none_or(|n| n.contains(&dst))
+            && r.src.is_none_or(|n| n.contains(&src) != r.not.src)
+            && r.dst.is_none_or(|n| n.contains(&dst) != r.not.dst)
+            && (!r.dst_local || locals.contains(&dst))
             && r.dport.is_none_or(|d| d.contains(dport))
     };
     let t: &FlowTuple = &e.translated;

@@ -250,6 +250,20 @@ impl Kernel {
         Ok(())
     }
 
+    /// Makes the `-d local` address set exactly `addrs` (network order). An instance created by an older pfwd has no
+    /// such map: then there is nothing to update (it has no `-d local` rules either).
+    pub fn set_local_addrs(&self, addrs: &[u32]) -> Result<()> {
+        let Ok(mut map) = self.map::<HashMap<MapData, u32, u8>>(names::LOCAL_ADDRS) else { return Ok(()) };
+        let old: HashSet<u32> = map.keys().filter_map(Result::ok).collect();
+        for a in addrs.iter().filter(|a| !old.contains(a)) {
+            map.insert(a, 1, 0)?;
+        }
+        for a in old.iter().filter(|a| !addrs.contains(a)) {
+            let _ = map.remove(a);
+        }
+        Ok(())
+    }
+
     pub fn set_iface(&self, ifindex: u32, addr: u32) -> Result<()> {
         let mut ifaces: HashMap<MapData, u32, IfaceInfo> = self.map(names::IFACES)?;
         ifaces.insert(ifindex, IfaceInfo { addr, flags: 0 }, 0)?;

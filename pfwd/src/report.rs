@@ -16,7 +16,7 @@ use ipnet::Ipv4Net;
 use serde::{Serialize, Serializer};
 
 use crate::{
-    rules::{Rule, Target},
+    rules::{Negated, Rule, Target},
     state::{DataPath, SavedSysctl},
 };
 
@@ -135,6 +135,12 @@ pub struct RuleReport {
     pub src: Option<Ipv4Net>,
     /// The rule in pfwd's syntax (what `pfwd list` prints).
     pub text: String,
+    /// Negated matches (`! -s`, `! -d`, `! -i`/`! -o`): `{"src": true, ...}`; absent when none.
+    #[serde(skip_serializing_if = "Negated::is_none")]
+    pub not: Negated,
+    /// `-d local`: true; absent otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dst_local: bool,
     /// DNAT and SNAT: the new address.
     pub to: Option<Ipv4Addr>,
     /// DNAT (when it rewrites the port) and REDIRECT: the new destination port.
@@ -161,6 +167,8 @@ impl From<&Rule> for RuleReport {
             oface: r.oface.clone(),
             proto: r.proto.map(|p| p.to_string()),
             src: r.src,
+            not: r.not,
+            dst_local: r.dst_local,
             text: r.to_string(),
             to,
             to_port,

@@ -30,7 +30,7 @@ pub fn wanted(rules: &[Rule], ifaces: &[String]) -> Vec<(String, String, String)
     for r in rules.iter().filter(|r| !r.local) {
         match r.target {
             Target::Dnat { addr, .. } if addr.is_loopback() => {
-                for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| ri == *i)) {
+                for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| (ri == *i) != r.not.iface)) {
                     want(
                         format!("net/ipv4/conf/{i}/route_localnet"),
                         format!("rule {} DNATs to loopback {addr} on {i}", r.id),

@@ -545,6 +545,32 @@ fn most_specific_rule_wins() {
     expect_dnat(&f, &Pkt::syn(ROUTER, 80), x, 80);
 }
 
+#[test]
+fn negated_matches_and_dst_local() {
+    let f = Fixture::new(&[
+        rule(1, "dnat -p tcp ! -s 192.168.1.0/24 --dport 8080 --to 10.0.2.2:9000"),
+        rule(2, "dnat -p tcp -d local --dport 8081 --to 10.0.2.3:9000"),
+        rule(3, "dnat ! -i lo -p tcp --dport 8082 --to 10.0.2.2"),
+        rule(4, "dnat -p tcp ! -d 10.0.1.1 --dport 8083 --to 10.0.2.2"),
+    ]);
+    let elsewhere = Ipv4Addr::new(198, 51, 100, 1);
+    // ! -s: the client's network is excluded, other sources are translated.
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 8080));
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8080).from(Ipv4Addr::new(203, 0, 113, 5), 40_001), BACKEND, 9000);
+    // -d local: the router's own address only.
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8081), BACKEND2, 9000);
+    expect_no_dnat(&f, &Pkt::syn(elsewhere, 8081));
+    // ! -i lo: the test runs on lo.
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 8082));
+    // ! -d: every destination but the router's address.
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 8083));
+    expect_dnat(&f, &Pkt::syn(elsewhere, 8083), BACKEND, 8083);
+    // The address set follows what userspace writes (pfwd refreshes it at every rule change and on address events).
+    f.kernel().set_local_addrs(&[ne(elsewhere)]).unwrap();
+    expect_dnat(&f, &Pkt::syn(elsewhere, 8081).from(CLIENT, 40_002), BACKEND2, 9000);
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 8081).from(CLIENT, 40_003));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // 6. UDP checksum edge cases
 // ---------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,12 @@ pub struct MRule {
     pub src: Option<(u32, u32, u8)>,
     pub dst: Option<(u32, u32, u8)>,
     pub dport: Option<(u16, u16)>,
+    /// iptables' `!` on -s, -d and -i/-o (README: a negated match matches what is outside it).
+    pub not_src: bool,
+    pub not_dst: bool,
+    pub not_iface: bool,
+    /// `-d local`: the destination is one of this host's addresses (the fuzzer's host has one: lo's).
+    pub dst_local: bool,
     pub action: Action,
 }
 
@@ -64,29 +70,42 @@ impl MRule {
             src: net(r.src),
             dst: net(r.dst),
             dport: r.dport.map(|p| (p.lo, p.hi)),
+            not_src: r.not.src,
+            not_dst: r.not.dst,
+            not_iface: r.not.iface,
+            dst_local: r.dst_local,
             action,
         }
     }
 
     fn matches(&self, t: &Tuple) -> bool {
-        let inside = |n: Option<(u32, u32, u8)>, a: u32| n.is_none_or(|(net, mask, _)| a & mask == net);
-        self.iface != Some(false)
+        let inside =
+            |n: Option<(u32, u32, u8)>, a: u32, not: bool| n.is_none_or(|(net, mask, _)| (a & mask == net) != not);
+        self.iface.is_none_or(|on_lo| on_lo != self.not_iface)
             && self.proto.is_none_or(|p| p == t.proto)
-            && inside(self.src, t.src)
-            && inside(self.dst, t.dst)
+            && inside(self.src, t.src, self.not_src)
+            && inside(self.dst, t.dst, self.not_dst)
+            && (!self.dst_local || t.dst == u32::from(IFACE_ADDR))
             && self.dport.is_none_or(|(lo, hi)| (t.proto == TCP || t.proto == UDP) && (lo..=hi).contains(&t.dport))
     }
 
     /// README "Which rule wins": with --dport beats without, narrower range beats wider; with -p; with -i/-o; the
-    /// longer source prefix; the longer destination prefix; the older rule.
+    /// longer source prefix; the longer destination prefix; the older rule. A negated match counts as none; `-d
+    /// local` ranks just above no -d (below a /1).
     fn rank(&self) -> impl Ord {
+        let src = if self.not_src { 0 } else { 2 * self.src.map_or(0, |s| s.2) };
+        let dst = match (self.not_dst, self.dst_local) {
+            (true, _) => 0,
+            (false, true) => 1,
+            (false, false) => 2 * self.dst.map_or(0, |d| d.2),
+        };
         (
             self.dport.is_none(),
             self.dport.map_or(0, |(lo, hi)| hi - lo),
             self.proto.is_none(),
-            self.iface.is_none(),
-            Reverse(self.src.map_or(0, |s| s.2)),
-            Reverse(self.dst.map_or(0, |d| d.2)),
+            self.iface.is_none() || self.not_iface,
+            Reverse(src),
+            Reverse(dst),
             self.id,
         )
     }

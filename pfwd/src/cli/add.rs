@@ -49,7 +49,8 @@ impl AddCmd {
 pub(super) struct RuleArgs<const K: usize> {
     /// `(position, spelling, value)`; flags have an empty value.
     given: Vec<(usize, &'static str, String)>,
-    /// Stray words: iptables' `!` negation, or a value without its option.
+    /// Stray words: a value without its option, or a `!` not followed by an option (a `!` right before an option,
+    /// iptables' `! -s NET`, becomes part of that option's value, `!NET`).
     extra: Vec<String>,
 }
 
@@ -60,8 +61,8 @@ impl<const K: usize> RuleArgs<K> {
 
     fn draft(&self) -> Result<RuleDraft, DraftError> {
         if let Some(word) = self.extra.first() {
-            return Err(if word.starts_with('!') {
-                RuleError::Unsupported("negation (!) is not supported".into())
+            return Err(if word == "!" {
+                RuleError::Unsupported("a ! must come right before the -s, -d, -i or -o it negates".into())
             } else {
                 RuleError::UnexpectedArgument(word.clone())
             }
@@ -153,7 +154,17 @@ impl<const K: usize> FromArgMatches for RuleArgs<K> {
         }
         // In the order written, so "given twice" names the second one.
         given.sort_by_key(|(i, _, _)| *i);
-        let extra = m.get_many::<String>(EXTRA).map(|v| v.cloned().collect()).unwrap_or_default();
+        let mut extra = vec![];
+        if let (Some(at), Some(words)) = (m.indices_of(EXTRA), m.get_many::<String>(EXTRA)) {
+            for (i, word) in at.zip(words) {
+                // iptables' `! -s NET`: the `!` negates the option written right after it (whose value is at i + 2).
+                let next = given.iter_mut().find(|(j, s, v)| *j == i + 2 && !v.is_empty() && !s.is_empty());
+                match next {
+                    Some((_, _, value)) if word == "!" && !value.starts_with('!') => value.insert(0, '!'),
+                    _ => extra.push(word.clone()),
+                }
+            }
+        }
         Ok(RuleArgs { given, extra })
     }
 

@@ -45,17 +45,24 @@ pub(super) fn restore_word(word: &str) -> String {
 /// `--hairpin` rule adds, tagged `pfwd:ID-hairpin` (its connections are counted by the rule's own line).
 fn rule_spec(r: &Rule, companion: bool) -> String {
     let mut s = Vec::new();
-    if let Some(n) = ipt_net(r.src) {
-        s.push(format!("-s {n}"));
+    // iptables-save's form of a negation: `! -s NET`.
+    let bang = |negated: bool| if negated { "! " } else { "" };
+    match ipt_net(r.src) {
+        Some(n) => s.push(format!("{}-s {n}", bang(r.not.src))),
+        // `! -s 0.0.0.0/0` matches nothing; iptables-save prints it with the /0.
+        None if r.not.src => s.push("! -s 0.0.0.0/0".into()),
+        None => {}
     }
-    if let Some(n) = ipt_net(r.dst) {
-        s.push(format!("-d {n}"));
+    match ipt_net(r.dst) {
+        Some(n) => s.push(format!("{}-d {n}", bang(r.not.dst))),
+        None if r.not.dst => s.push("! -d 0.0.0.0/0".into()),
+        None => {}
     }
     if let Some(i) = &r.iface {
-        s.push(format!("-i {}", restore_word(i)));
+        s.push(format!("{}-i {}", bang(r.not.iface), restore_word(i)));
     }
     if let Some(o) = &r.oface {
-        s.push(format!("-o {}", restore_word(o)));
+        s.push(format!("{}-o {}", bang(r.not.iface), restore_word(o)));
     }
     if let Some(p) = r.proto {
         s.push(format!("-p {p}"));
@@ -63,6 +70,9 @@ fn rule_spec(r: &Rule, companion: bool) -> String {
             let port = if d.lo == d.hi { d.lo.to_string() } else { format!("{}:{}", d.lo, d.hi) };
             s.push(format!("-m {p} --dport {port}"));
         }
+    }
+    if r.dst_local {
+        s.push("-m addrtype --dst-type LOCAL".into());
     }
     s.push(format!("-m comment --comment \"{COMMENT_PREFIX}{}{}\"", r.id, if companion { HAIRPIN_SUFFIX } else { "" }));
     s.push(match r.target {

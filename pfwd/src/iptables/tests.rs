@@ -10,7 +10,7 @@ use super::chains::{CHAINS, NAT_HOOKS, PfwdChain, hook_order, hook_rules};
 use super::{Import, ImportError, export_iptables, export_nft, import, nat_chain_script};
 use crate::cli::parse_rule as parse_args;
 use crate::rules::tests::Rng;
-use crate::rules::{PortRange, Proto, Rule, Target};
+use crate::rules::{Negated, PortRange, Proto, Rule, Target};
 
 pub(crate) fn rule(s: &str) -> Rule {
     parse_args(&s.split_whitespace().collect::<Vec<_>>()).unwrap_or_else(|e| panic!("{s}: {e}"))
@@ -117,7 +117,7 @@ fn random_rule(rng: &mut Rng) -> Rule {
         Target::Dnat { addr, port: (proto.is_some() && rng.chance(60)).then(|| port(rng)) }
     };
     let src = rng.chance(50).then(|| net(rng));
-    Rule {
+    let mut r = Rule {
         id: rng.below(50) as u32 + 1,
         // --local rules have neither -i nor -s.
         iface: iface.clone().filter(|_| !post && !local),
@@ -130,7 +130,17 @@ fn random_rule(rng: &mut Rng) -> Rule {
         target,
         // iptables lines cannot say --hairpin.
         hairpin: None,
-    }
+        not: Negated::default(),
+        dst_local: false,
+    };
+    // iptables' `!` on what the rule has (not on /0, which would match nothing), and `-m addrtype --dst-type
+    // LOCAL` (-d local) on some DNAT/REDIRECT rules without -d.
+    let some = |n: Option<Ipv4Net>| n.is_some_and(|n| n.prefix_len() > 0);
+    r.not.src = some(r.src) && rng.chance(20);
+    r.not.dst = some(r.dst) && rng.chance(20);
+    r.not.iface = r.hook_iface().is_some() && rng.chance(20);
+    r.dst_local = !post && !local && r.dst.is_none() && rng.chance(20);
+    r
 }
 
 /// A random rule set without duplicates (pfwd refuses those on add).

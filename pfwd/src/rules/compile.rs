@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 
 use pfwd_common::maps::{
     BUCKET_SLOTS, Bucket, BucketKey, COMPANION_SLOTS, MAX_BUCKETS, MAX_RULES, PROTO_ANY, RuleEntry, hook, kind, level,
+    rule_flag,
 };
 
 use super::error::RuleError;
@@ -88,6 +89,11 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
     let mut rule_ifindex = vec![0u32; rules.len()];
     for (pos, r) in rules.iter().enumerate() {
         if let Some(name) = r.hook_iface() {
+            if r.not.iface {
+                // `! -i IFACE`: every attached interface but IFACE. When IFACE is not attached, that is every one.
+                rule_ifindex[pos] = ifindex(name).unwrap_or(0);
+                continue;
+            }
             let idx = match ifindexes.get(name) {
                 Some(&i) => i,
                 None => {
@@ -118,6 +124,11 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
         };
         // Map values are network order: the bytes as they sit in the packet.
         let ne = |v: u32| u32::from_ne_bytes(v.to_be_bytes());
+        let flag = |on: bool, f: u8| if on { f } else { 0 };
+        let flags = flag(r.not.src, rule_flag::NOT_SRC)
+            | flag(r.not.dst, rule_flag::NOT_DST)
+            | flag(r.not.iface, rule_flag::NOT_IFACE)
+            | flag(r.dst_local, rule_flag::DST_LOCAL);
         let entry = RuleEntry {
             rank: ranks[pos],
             id: r.id,
@@ -130,7 +141,8 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
             to_port_hi,
             kind,
             proto: r.proto.map_or(PROTO_ANY, Proto::code),
-            _pad: [0; 2],
+            flags,
+            _pad: 0,
             ifindex: rule_ifindex[pos],
         };
         entries.push((slot_of(pos), entry));
@@ -143,7 +155,8 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
     // Filling in precedence order keeps each bucket's slots sorted by rank.
     for &pos in &order {
         let r = &rules[pos];
-        let ifx = rule_ifindex[pos];
+        // A negated interface matches on the others: the rule is looked up with the any-interface buckets.
+        let ifx = if r.not.iface { 0 } else { rule_ifindex[pos] };
         let proto = r.proto.map_or(PROTO_ANY, Proto::code);
         let (hook, mask) = if r.is_postrouting() {
             (hook::POSTROUTING, &mut snat_level_mask)
@@ -231,7 +244,8 @@ mod tests {
                 to_port_hi: 0,
                 kind: kind::DNAT,
                 proto: PROTO_TCP,
-                _pad: [0; 2],
+                flags: 0,
+                _pad: 0,
                 ifindex: 2,
             }
         );
@@ -307,6 +321,8 @@ mod tests {
                 local: false,
                 hairpin: None,
                 target: Target::Dnat { addr: Ipv4Addr::from(0x0a00_0000 + i), port: Some(80) },
+                not: Negated::default(),
+                dst_local: false,
             })
             .collect();
         let start = std::time::Instant::now();
@@ -347,7 +363,8 @@ mod tests {
                 to_port_hi: 20099,
                 kind: kind::SNAT,
                 proto: PROTO_TCP,
-                _pad: [0; 2],
+                flags: 0,
+                _pad: 0,
                 ifindex: 3,
             }
         );

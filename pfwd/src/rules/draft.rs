@@ -13,7 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::error::RuleError;
-use super::model::{PortRange, Rule, Target, wrong_hook};
+use super::model::{Negated, PortRange, Rule, Target, wrong_hook};
 use super::value::{parse_cidr, parse_port, parse_proto_opt, parse_snat_to, parse_to, validate_iface};
 
 /// What a rule does: the iptables target it stands for.
@@ -132,7 +132,8 @@ pub const FIELDS: &[FieldSpec] = &[
         value: Some("IFACE"),
         toml_string: true,
         kinds: PRE,
-        help: "Only packets arriving on this (attached) interface.",
+        help: "Only packets arriving on this (attached) interface; `! -i IFACE` (or `-i !IFACE`): on any attached \
+               interface but this one.",
     },
     FieldSpec {
         field: Field::Oface,
@@ -141,7 +142,8 @@ pub const FIELDS: &[FieldSpec] = &[
         value: Some("IFACE"),
         toml_string: true,
         kinds: POST,
-        help: "Only packets leaving through this (attached) interface.",
+        help: "Only packets leaving through this (attached) interface; `! -o IFACE` (or `-o !IFACE`): through any \
+               attached interface but this one.",
     },
     FieldSpec {
         field: Field::Proto,
@@ -159,16 +161,18 @@ pub const FIELDS: &[FieldSpec] = &[
         value: Some("ADDR[/LEN]"),
         toml_string: true,
         kinds: ALL,
-        help: "Only from this source address or CIDR.",
+        help: "Only from this source address or CIDR; `! -s CIDR` (or `-s !CIDR`): from anywhere else.",
     },
     FieldSpec {
         field: Field::Dst,
         cli: &["-d", "--destination", "--dst"],
         toml: "dst",
-        value: Some("ADDR[/LEN]"),
+        value: Some("ADDR[/LEN]|local"),
         toml_string: true,
         kinds: ALL,
-        help: "Only to this destination address or CIDR.",
+        help: "Only to this destination address or CIDR; `! -d CIDR`: to anywhere else. `-d local` (dnat and \
+               redirect): to any address of this host, as the routing table says when the packet arrives \
+               (iptables' -m addrtype --dst-type LOCAL).",
     },
     FieldSpec {
         field: Field::Dport,
@@ -224,6 +228,20 @@ pub const FIELDS: &[FieldSpec] = &[
                must contain CIDR.",
     },
 ];
+
+/// The fields iptables' `!` may negate.
+pub const NEGATABLE: [Field; 4] = [Field::Src, Field::Dst, Field::Iface, Field::Oface];
+
+/// `-d local`: this host's addresses (iptables' `-m addrtype --dst-type LOCAL`).
+pub const DST_LOCAL: &str = "local";
+
+/// Splits iptables' negation off a value: `!10.0.0.0/8` (or `! 10.0.0.0/8`) is (true, `10.0.0.0/8`).
+fn negation(value: &str) -> (bool, &str) {
+    match value.strip_prefix('!') {
+        Some(rest) => (true, rest.trim_start()),
+        None => (false, value),
+    }
+}
 
 /// iptables spellings that belong to one kind only.
 pub const KIND_SPELLINGS: &[(&str, Kind)] = &[("--to-destination", Kind::Dnat), ("--to-source", Kind::Snat)];
@@ -282,15 +300,17 @@ impl RuleDraft {
         RuleDraft { kind, syntax, id: None, options: Vec::new() }
     }
 
-    /// Adds an option. A field given twice is an error naming the second spelling; a value starting with `!`
-    /// (iptables negation) is refused here, for every syntax.
+    /// Adds an option. A field given twice is an error naming the second spelling. A value starting with `!`
+    /// (iptables' negation, `! -s NET` on the CLI, `src = "!NET"` in TOML) is taken for -s, -d, -i and -o only.
     pub fn set(&mut self, field: Field, written: &'static str, value: &str) -> Result<(), DraftError> {
         let at = |error| DraftError { option: Some(written), error };
         if self.options.iter().any(|(f, _, _)| *f == field) {
             return Err(at(RuleError::Repeated(written.to_string())));
         }
-        if value.starts_with('!') {
-            return Err(at(RuleError::Unsupported("negation (!) is not supported".into())));
+        if value.starts_with('!') && !NEGATABLE.contains(&field) {
+            return Err(at(RuleError::Unsupported(format!(
+                "negation (!) applies to -s, -d, -i and -o only, not {written}"
+            ))));
         }
         self.options.push((field, written, value.to_string()));
         Ok(())
@@ -371,6 +391,8 @@ impl RuleDraft {
             local: false,
             target: Target::Masquerade { ports: None },
             hairpin: None,
+            not: Negated::default(),
+            dst_local: false,
         };
         let (mut to, mut to_port, mut to_ports) = (None, None, None);
         for (field, written, value) in &self.options {
@@ -384,20 +406,35 @@ impl RuleDraft {
             {
                 return Err(at(self.not_for_kind(field, written)));
             }
-            let value = value.as_str();
+            let (negated, value) = negation(value.as_str());
             match field {
                 Field::Local => rule.local = true,
                 Field::Iface => {
                     validate_iface(value).map_err(at)?;
                     rule.iface = Some(value.to_string());
+                    rule.not.iface = negated;
                 }
                 Field::Oface => {
                     validate_iface(value).map_err(at)?;
                     rule.oface = Some(value.to_string());
+                    rule.not.iface = negated;
                 }
                 Field::Proto => rule.proto = parse_proto_opt(value).map_err(at)?,
-                Field::Src => rule.src = Some(parse_cidr(value).map_err(at)?),
-                Field::Dst => rule.dst = Some(parse_cidr(value).map_err(at)?),
+                Field::Src => {
+                    rule.src = Some(parse_cidr(value).map_err(at)?);
+                    rule.not.src = negated;
+                }
+                Field::Dst if value == DST_LOCAL => {
+                    if negated {
+                        let why = "! -d local is not supported (match the networks to exclude instead)";
+                        return Err(at(RuleError::Unsupported(why.into())));
+                    }
+                    rule.dst_local = true;
+                }
+                Field::Dst => {
+                    rule.dst = Some(parse_cidr(value).map_err(at)?);
+                    rule.not.dst = negated;
+                }
                 Field::Dport => rule.dport = Some(value.parse().map_err(at)?),
                 Field::To => to = Some((written, value)),
                 Field::ToPort => to_port = Some((written, value)),
@@ -461,6 +498,27 @@ mod tests {
     }
 
     #[test]
+    fn negation_and_dst_local() {
+        // iptables' form, and the value form; both print back in iptables' form.
+        let a = ok("masquerade -s 172.17.0.0/16 ! -o docker0");
+        let b = ok("masquerade -s 172.17.0.0/16 -o !docker0");
+        assert_eq!(a, b);
+        assert_eq!((a.oface.as_deref(), a.not), (Some("docker0"), Negated { iface: true, ..Default::default() }));
+        assert_eq!(a.to_string(), "masquerade ! -o docker0 -s 172.17.0.0/16");
+        let r = ok("dnat ! -i docker0 -p tcp ! -s 10.0.0.0/8 ! -d 192.0.2.0/24 --dport 80 --to 10.0.0.2");
+        assert_eq!(r.not, Negated { src: true, dst: true, iface: true });
+        assert_eq!(ok(&r.to_string()), r, "{r}");
+        let l = ok("dnat -d local -p tcp --dport 8080 --to 172.17.0.2:80");
+        assert!(l.dst_local && l.dst.is_none());
+        assert_eq!(l.to_string(), "dnat -p tcp -d local --dport 8080 --to 172.17.0.2:80");
+        assert_eq!(ok(&l.to_string()), l);
+        // Different negations are different rules, not duplicates.
+        assert!(
+            !ok("dnat -s 10.0.0.0/8 --to 10.0.0.2").same_match_and_target(&ok("dnat ! -s 10.0.0.0/8 --to 10.0.0.2"))
+        );
+    }
+
+    #[test]
     fn long_forms_and_order() {
         let a = ok("dnat --in-interface eth0 --protocol tcp --source 192.168.1.0/24 --destination 203.0.113.10 \
                     --destination-port 8000:8099 --to-destination 10.0.0.2:9000");
@@ -485,8 +543,15 @@ mod tests {
             ("dnat -p tcp --to", "a value is required for '--to"),
             ("dnat -p tcp -p udp --to 1.2.3.4", "-p given twice"),
             ("dnat -p tcp --protocol udp --to 1.2.3.4", "--protocol given twice"),
-            ("dnat ! -s 10.0.0.1 --to 1.2.3.4", "negation"),
-            ("dnat -s !10.0.0.1 --to 1.2.3.4", "negation"),
+            ("dnat -p tcp ! --dport 80 --to 1.2.3.4", "negation (!) applies to -s, -d, -i and -o only"),
+            ("dnat -p tcp --dport !80 --to 1.2.3.4", "negation (!) applies to -s, -d, -i and -o only"),
+            ("dnat -s 10.0.0.1 --to 1.2.3.4 !", "a ! must come right before"),
+            ("dnat ! -s 0.0.0.0/0 --to 1.2.3.4", "would match nothing"),
+            ("dnat ! -d local --to 1.2.3.4", "! -d local is not supported"),
+            ("dnat -d local -d 10.0.0.1 --to 1.2.3.4", "-d given twice"),
+            ("snat -d local --to 1.2.3.4", "-d local applies to dnat and redirect"),
+            ("dnat --local -d local --to 1.2.3.4", "-d local does not apply to --local"),
+            ("dnat ! -s 10.0.0.0/8 -d 203.0.113.1 --to 10.0.0.2 --hairpin 10.0.0.0/24", "does not go with ! -s"),
             ("dnat -p tcp --dport 80", "dnat needs --to ADDR[:PORT]"),
             ("redirect -p tcp --dport 80", "redirect needs --to-port PORT"),
             ("dnat -p tcp --to-port 80", "--to-port does not apply to dnat"),

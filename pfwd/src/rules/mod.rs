@@ -42,7 +42,7 @@ pub mod value;
 pub use compile::{Compiled, compile, with_companions};
 pub use draft::{DraftError, FIELDS, Field, FieldSpec, Kind, RuleDraft, Syntax};
 pub use error::RuleError;
-pub use model::{DedupKey, PortRange, Proto, Rule, Target, check_duplicate, next_id, remove_by_id};
+pub use model::{DedupKey, Negated, PortRange, Proto, Rule, Target, check_duplicate, next_id, remove_by_id};
 pub use precedence::{precedence_cmp, precedence_order};
 pub use toml::{parse_config, to_config};
 pub use value::{parse_cidr, parse_port, parse_snat_to, parse_to, validate_iface};

@@ -219,10 +219,36 @@ pub struct Rule {
     /// connections are masqueraded by the rule's [`Rule::hairpin_companion`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hairpin: Option<Ipv4Net>,
+    /// `!` before `-s`, `-d`, `-i` or `-o` (iptables' negation): the rule matches what is *not* that network or
+    /// interface.
+    #[serde(default, skip_serializing_if = "Negated::is_none")]
+    pub not: Negated,
+    /// `-d local` (iptables' `-m addrtype --dst-type LOCAL`): the destination is one of this host's addresses, as
+    /// the routing table says when the packet arrives (so it follows address changes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dst_local: bool,
+}
+
+/// Which matches of a rule are negated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Negated {
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub src: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dst: bool,
+    /// `! -i` or `! -o` (the rule's one interface).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub iface: bool,
+}
+
+impl Negated {
+    pub fn is_none(&self) -> bool {
+        !(self.src || self.dst || self.iface)
+    }
 }
 
 /// See [`Rule::dedup_key`]: interfaces, protocol, (network, mask) of source and destination, ports, `--local`, target,
-/// hairpin network.
+/// hairpin network, negations and `-d local`.
 pub type DedupKey = (
     Option<String>,
     Option<String>,
@@ -233,6 +259,7 @@ pub type DedupKey = (
     bool,
     Target,
     Option<(u32, u32)>,
+    (Negated, bool),
 );
 
 /// `(network, mask)` in host order; an absent prefix is `0/0`, so `None` and `0.0.0.0/0` behave the same.
@@ -275,6 +302,8 @@ impl Rule {
             local: false,
             target: Target::Masquerade { ports: None },
             hairpin: None,
+            not: Negated::default(),
+            dst_local: false,
         })
     }
 
@@ -329,6 +358,7 @@ impl Rule {
                 ));
             }
         }
+        self.check_negation_and_local()?;
         if let Some(inside) = self.hairpin {
             self.check_hairpin(inside)?;
         }
@@ -385,6 +415,40 @@ impl Rule {
         Ok(())
     }
 
+    /// `!` needs something to negate; `-d local` replaces a -d network and applies where packets arrive.
+    fn check_negation_and_local(&self) -> Result<(), RuleError> {
+        let no = |why: &str| Err(RuleError::Unsupported(why.into()));
+        if self.not.src && prefix_len(self.src) == 0 {
+            return no("! -s needs a network to exclude (! -s 0.0.0.0/0 would match nothing)");
+        }
+        if self.not.dst && prefix_len(self.dst) == 0 {
+            return no(if self.dst_local {
+                "! -d local is not supported (match the networks to exclude instead)"
+            } else {
+                "! -d needs a network to exclude (! -d 0.0.0.0/0 would match nothing)"
+            });
+        }
+        if self.not.iface && self.hook_iface().is_none() {
+            return no("! -i / ! -o needs an interface to exclude");
+        }
+        if self.dst_local {
+            if self.dst.is_some() {
+                return no("-d local and -d NETWORK cannot be combined (a rule has one -d)");
+            }
+            if self.local {
+                return no("-d local does not apply to --local rules (local connections to this host's own \
+                           addresses: use -d 127.0.0.0/8 or the address)");
+            }
+            if self.is_postrouting() {
+                return no(&format!(
+                    "-d local applies to dnat and redirect (packets arriving for this host), not {}",
+                    self.kind_name()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `--hairpin CIDR`'s checks: see its `--help`.
     fn check_hairpin(&self, inside: Ipv4Net) -> Result<(), RuleError> {
         let no = |why: &str| Err(RuleError::Unsupported(format!("--hairpin {why}")));
@@ -397,6 +461,10 @@ impl Rule {
         if self.iface.is_some() {
             return no("does not go with -i: the rule must also match connections arriving from the inside network \
                  (say which address is public with -d instead)");
+        }
+        if self.not.dst || self.not.src {
+            return no("does not go with ! -s or ! -d: say the public address with -d and the inside network with \
+                 --hairpin");
         }
         if prefix_len(self.dst) == 0 {
             return no("needs -d, the public address inside hosts connect to: without it, every connection from the \
@@ -427,6 +495,7 @@ impl Rule {
             self.local,
             self.target,
             self.hairpin.map(|n| net_mask(Some(n))),
+            (self.not, self.dst_local),
         )
     }
 
@@ -442,6 +511,8 @@ impl Rule {
             && self.local == other.local
             && self.target == other.target
             && self.hairpin.map(|n| net_mask(Some(n))) == other.hairpin.map(|n| net_mask(Some(n)))
+            && self.not == other.not
+            && self.dst_local == other.dst_local
     }
 }
 
@@ -482,20 +553,25 @@ impl fmt::Display for Rule {
         // A name starting with '-' is valid (the kernel and iptables take `-i -x`) but would read as an option:
         // attached with `=`, `pfwd add` reads it back.
         let sep = |name: &str| if name.starts_with('-') { "=" } else { " " };
+        // iptables' form: `! -s 10.0.0.0/8` (pfwd add reads it back).
+        let bang = |negated: bool| if negated { " !" } else { "" };
         if let Some(i) = &self.iface {
-            write!(f, " -i{}{i}", sep(i))?;
+            write!(f, "{} -i{}{i}", bang(self.not.iface), sep(i))?;
         }
         if let Some(o) = &self.oface {
-            write!(f, " -o{}{o}", sep(o))?;
+            write!(f, "{} -o{}{o}", bang(self.not.iface), sep(o))?;
         }
         if let Some(p) = self.proto {
             write!(f, " -p {p}")?;
         }
         if let Some(s) = &self.src {
-            write!(f, " -s {}", fmt_net(s))?;
+            write!(f, "{} -s {}", bang(self.not.src), fmt_net(s))?;
         }
         if let Some(d) = &self.dst {
-            write!(f, " -d {}", fmt_net(d))?;
+            write!(f, "{} -d {}", bang(self.not.dst), fmt_net(d))?;
+        }
+        if self.dst_local {
+            f.write_str(" -d local")?;
         }
         if let Some(p) = self.dport {
             write!(f, " --dport {p}")?;
@@ -589,6 +665,8 @@ mod tests {
             local: false,
             target: Target::Dnat { addr: ip("10.0.0.1"), port: Some(80) },
             hairpin: None,
+            not: Negated::default(),
+            dst_local: false,
         };
         assert_eq!(r.validate().unwrap_err(), RuleError::ToPortNeedsProto);
     }

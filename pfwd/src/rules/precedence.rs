@@ -14,14 +14,24 @@ pub fn precedence_cmp(a: &Rule, b: &Rule) -> Ordering {
 type PrecedenceKey = (bool, u16, bool, bool, Reverse<u8>, Reverse<u8>, u32);
 
 fn precedence_key(r: &Rule) -> PrecedenceKey {
+    // A negated match is the least specific of its kind (`! -s 10.0.0.0/8` covers nearly everything): it ranks like
+    // no match at all. `-d local` ranks just above no `-d` (it is a set of a few addresses, but not one network).
+    let src = if r.not.src { 0 } else { 2 * prefix_len(r.src) };
+    let dst = if r.not.dst {
+        0
+    } else if r.dst_local {
+        1
+    } else {
+        2 * prefix_len(r.dst)
+    };
     (
         r.dport.is_none(),
         r.dport.map_or(0, |p| p.width()),
         r.proto.is_none(),
         // `-o` ranks like `-i`: a rule only ever has the one of its hook.
-        r.hook_iface().is_none(),
-        Reverse(prefix_len(r.src)),
-        Reverse(prefix_len(r.dst)),
+        r.hook_iface().is_none() || r.not.iface,
+        Reverse(src),
+        Reverse(dst),
         r.id,
     )
 }
@@ -121,20 +131,26 @@ mod tests {
         // The kernel program's own walk (pfwd_common::find_rule), over the compiled maps.
         let bucket = |k: &BucketKey| c.buckets.get(k);
         let rule = |slot: u32| c.entries.get(slot as usize).map(|(_, e)| e);
-        pfwd_common::find_rule(&t, pkt.ifindex, at, (0, mask), bucket, rule).map(|(slot, _)| slot as usize)
+        let is_local = |a: u32| LOCAL.contains(&Ipv4Addr::from(a.to_ne_bytes()));
+        pfwd_common::find_rule(&t, pkt.ifindex, at, (0, mask), bucket, rule, is_local).map(|(slot, _)| slot as usize)
     }
+
+    /// This host's addresses in the brute-force test (what `-d local` matches).
+    const LOCAL: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 1, 2, 3), Ipv4Addr::new(192, 168, 0, 1)];
 
     /// What iptables does with the exported order: the first rule of the hook's chain that matches. `ifname` is
     /// the incoming interface for PREROUTING (`-i`), the outgoing one for POSTROUTING (`-o`).
     fn first_match(rules: &[Rule], order: &[usize], post: bool, ifname: Option<&str>, pkt: &Packet) -> Option<usize> {
-        let in_net = |n: &Option<Ipv4Net>, a: Ipv4Addr| n.is_none_or(|n| n.contains(&a));
+        // iptables' `!` inverts a match's result.
+        let in_net = |n: &Option<Ipv4Net>, a: Ipv4Addr, not: bool| n.is_none_or(|n| n.contains(&a) != not);
         order.iter().copied().filter(|&i| rules[i].is_postrouting() == post).find(|&i| {
             let r = &rules[i];
-            (r.hook_iface().is_none() || r.hook_iface() == ifname)
+            (r.hook_iface().is_none() || (r.hook_iface() == ifname) != r.not.iface)
                 && r.proto.is_none_or(|p| p.code() == pkt.proto)
                 && r.dport.is_none_or(|d| d.contains(pkt.dport))
-                && in_net(&r.src, pkt.saddr)
-                && in_net(&r.dst, pkt.daddr)
+                && in_net(&r.src, pkt.saddr, r.not.src)
+                && in_net(&r.dst, pkt.daddr, r.not.dst)
+                && (!r.dst_local || LOCAL.contains(&pkt.daddr))
         })
     }
 
@@ -164,18 +180,27 @@ mod tests {
                         (true, true) => Target::Snat { addr: ip("192.0.2.1"), ports: port.map(PortRange::single) },
                         (true, false) => Target::Masquerade { ports: port.map(PortRange::single) },
                     };
+                    let (src, dst) = (rng.pick(&nets).map(net), rng.pick(&nets).map(net));
+                    // iptables' `!` on what the rule has, and `-d local` for some DNAT rules without -d.
+                    let not = Negated {
+                        src: src.is_some_and(|n| n.prefix_len() > 0) && rng.chance(20),
+                        dst: dst.is_some_and(|n| n.prefix_len() > 0) && rng.chance(20),
+                        iface: iface.is_some() && rng.chance(20),
+                    };
                     Rule {
                         // Some equal ids, to exercise the list-order tie-break.
                         id: rng.below(n as u64) as u32,
                         iface: iface.clone().filter(|_| !post),
                         oface: iface.filter(|_| post),
                         proto,
-                        src: rng.pick(&nets).map(net),
-                        dst: rng.pick(&nets).map(net),
+                        src,
+                        dst,
                         dport,
                         local: false,
                         hairpin: None,
                         target,
+                        not,
+                        dst_local: !post && dst.is_none() && rng.chance(20),
                     }
                 })
                 .collect();

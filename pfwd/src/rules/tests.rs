@@ -101,11 +101,21 @@ pub(crate) fn random_rule(rng: &mut Rng) -> Rule {
         local: false,
         hairpin: None,
         target,
+        not: Negated::default(),
+        dst_local: false,
     };
+    // Negations (iptables' `!`) on what the rule has, and `-d local` for some DNAT/REDIRECT rules.
+    r.not.src = r.src.is_some_and(|n| n.prefix_len() > 0) && rng.chance(15);
+    r.not.dst = r.dst.is_some_and(|n| n.prefix_len() > 0) && rng.chance(15);
+    r.not.iface = r.hook_iface().is_some() && rng.chance(15);
+    if !post && r.dst.is_none() && rng.chance(15) {
+        r.dst_local = true;
+    }
     // --hairpin: a dnat rule with -d and without -i; the inside network within -s.
     if matches!(r.target, Target::Dnat { .. })
         && r.iface.is_none()
         && r.dst.is_some_and(|d| d.prefix_len() > 0)
+        && r.not.is_none()
         && rng.chance(50)
     {
         let within = r.src.unwrap_or_else(|| rand_net(rng));

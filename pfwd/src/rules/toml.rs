@@ -121,20 +121,25 @@ pub fn to_config(rules: &[Rule]) -> String {
         if r.local {
             out.push_str("local = true\n");
         }
+        // iptables' negation is a leading `!` in the value.
+        let bang = |negated: bool| if negated { "!" } else { "" };
         if let Some(i) = &r.iface {
-            out.push_str(&format!("iface = {}\n", q(i)));
+            out.push_str(&format!("iface = {}\n", q(&format!("{}{i}", bang(r.not.iface)))));
         }
         if let Some(o) = &r.oface {
-            out.push_str(&format!("oface = {}\n", q(o)));
+            out.push_str(&format!("oface = {}\n", q(&format!("{}{o}", bang(r.not.iface)))));
         }
         if let Some(p) = r.proto {
             out.push_str(&format!("proto = {}\n", q(&p.to_string())));
         }
         if let Some(s) = &r.src {
-            out.push_str(&format!("src = {}\n", q(&fmt_net(s))));
+            out.push_str(&format!("src = {}\n", q(&format!("{}{}", bang(r.not.src), fmt_net(s)))));
         }
         if let Some(d) = &r.dst {
-            out.push_str(&format!("dst = {}\n", q(&fmt_net(d))));
+            out.push_str(&format!("dst = {}\n", q(&format!("{}{}", bang(r.not.dst), fmt_net(d)))));
+        }
+        if r.dst_local {
+            out.push_str("dst = \"local\"\n");
         }
         match r.dport {
             Some(p) if p.lo == p.hi => out.push_str(&format!("dport = {}\n", p.lo)),

@@ -78,6 +78,8 @@ impl Fixture {
         let pins = Pins(Kernel::at(dir.clone()));
         pins.0.load(entries, &Config::default()).expect("loading the eBPF programs");
         pins.0.set_iface(LO, ne(ROUTER)).expect("set_iface");
+        // This host's addresses, for `-d local`: lo's.
+        pins.0.set_local_addrs(&[ne(ROUTER)]).expect("set_local_addrs");
         pins.0.sync_rules(rules, &lo_index).expect("sync_rules");
         let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).expect("pinned ingress program");
         let egress = SchedClassifier::from_pin(dir.join("prog_egress")).expect("pinned egress program");

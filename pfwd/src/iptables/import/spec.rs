@@ -38,9 +38,17 @@ pub(super) struct Spec<'a> {
     /// `--to`: iptables' abbreviation of `--to-destination` (DNAT) or `--to-source` (SNAT).
     to: Option<Opt<'a>>,
     to_ports: Option<Opt<'a>>,
+    /// `! -s`, `! -d`, `! -i`, `! -o` (iptables' negation).
+    not_src: bool,
+    not_dst: bool,
+    not_iface: bool,
+    not_oface: bool,
+    /// `-m addrtype --dst-type LOCAL`.
+    dst_type: Option<Opt<'a>>,
 }
 
-const UNDERSTOOD: &str = "pfwd reads -i, -o, -p, -s, -d, --dport, -m tcp|udp|comment|multiport, \
+const UNDERSTOOD: &str = "pfwd reads [!] -i, [!] -o, -p, [!] -s, [!] -d, --dport, \
+                          -m tcp|udp|comment|multiport, -m addrtype --dst-type LOCAL, \
                           -j DNAT --to-destination, -j REDIRECT --to-ports, -j SNAT --to-source and \
                           -j MASQUERADE --to-ports";
 
@@ -72,10 +80,33 @@ fn unknown_option(tok: &str, jump: Option<&str>) -> Bad {
 pub(super) fn parse_spec<'a>(toks: &[&'a str]) -> Res<Spec<'a>> {
     let mut s = Spec::default();
     let mut i = 0;
+    // A `!` seen: it negates the option right after it.
+    let mut negate = false;
     while i < toks.len() {
         let tok = toks[i];
+        if tok == "!" {
+            if negate {
+                return Err(bad(tok, "multiple ! flags not allowed"));
+            }
+            negate = true;
+            i += 1;
+            continue;
+        }
         if tok.starts_with('!') {
-            return Err(bad(tok, "negation (!) is not supported: pfwd rules only match positively"));
+            return Err(bad(tok, "a ! goes before the option it negates, as its own word (! -s NET)"));
+        }
+        if negate {
+            negate = false;
+            let flag = match split_inline(tok).0 {
+                "-s" | "--source" | "--src" => &mut s.not_src,
+                "-d" | "--destination" | "--dst" => &mut s.not_dst,
+                "-i" | "--in-interface" => &mut s.not_iface,
+                "-o" | "--out-interface" => &mut s.not_oface,
+                _ => {
+                    return Err(bad(tok, "negation (!) is supported on -s, -d, -i and -o only"));
+                }
+            };
+            *flag = true;
         }
         if tok == "--" {
             let hint = toks.get(i + 1).map_or(String::new(), |next| format!("; write --{next}"));
@@ -112,10 +143,11 @@ pub(super) fn parse_spec<'a>(toks: &[&'a str]) -> Res<Spec<'a>> {
             "--to-source" => &mut s.to_source,
             "--to" => &mut s.to,
             "--to-ports" | "--to-port" => &mut s.to_ports,
+            "--dst-type" => &mut s.dst_type,
             "-m" | "--match" => {
                 let value = take_value(toks, &mut i, tok, inline)?;
                 // Now rather than later: the match's own options would otherwise be reported as unknown.
-                if !matches!(value, "tcp" | "udp" | "comment" | "multiport") {
+                if !matches!(value, "tcp" | "udp" | "comment" | "multiport" | "addrtype") {
                     return Err(bad(
                         value,
                         format!(
@@ -135,6 +167,9 @@ pub(super) fn parse_spec<'a>(toks: &[&'a str]) -> Res<Spec<'a>> {
         }
         *slot = Some(Opt { name, value });
     }
+    if negate {
+        return Err(bad("!", "a ! at the end negates nothing (it goes before -s, -d, -i or -o)"));
+    }
     Ok(s)
 }
 
@@ -153,7 +188,9 @@ fn take_value<'a>(toks: &[&'a str], i: &mut usize, tok: &str, inline: Option<&'a
         }
     };
     match value {
-        Some(v) if v.starts_with('!') => Err(bad(v, "negation (!) is not supported: pfwd rules only match positively")),
+        Some(v) if v.starts_with('!') => {
+            Err(bad(v, "a ! goes before the option it negates, as its own word (! -s NET), not after it"))
+        }
         Some(v) if !v.is_empty() || tok == "--comment" => Ok(v),
         _ => Err(bad(tok, format!("{} needs a value", split_inline(tok).0))),
     }
@@ -421,12 +458,27 @@ fn rule_fields(s: &Spec, jump: Jump, hook: NatHook) -> Res<Rule> {
         };
         given.push((Field::Proto, Opt { name: o.name, value }));
     }
-    // `/0` matches everything, like no -s/-d at all.
-    if net_opt(s.src)?.is_some() {
-        given.extend(s.src.map(|o| (Field::Src, o)));
+    // `/0` matches everything, like no -s/-d at all (negated, nothing: refused).
+    for (o, not, field) in [(s.src, s.not_src, Field::Src), (s.dst, s.not_dst, Field::Dst)] {
+        match (net_opt(o)?, o) {
+            (Some(_), Some(o)) => given.push((field, o)),
+            (None, Some(o)) if not => return Err(bad(o.value, "! with 0.0.0.0/0 matches nothing")),
+            _ => {}
+        }
     }
-    if net_opt(s.dst)?.is_some() {
-        given.extend(s.dst.map(|o| (Field::Dst, o)));
+    if let Some(t) = s.dst_type {
+        if !has_match(s, "addrtype") {
+            return Err(bad(t.name, "needs -m addrtype before it"));
+        }
+        if t.value != "LOCAL" {
+            return Err(bad(t.value, "only --dst-type LOCAL is supported (-d local)"));
+        }
+        if s.dst.is_some() {
+            return Err(bad(t.name, "-d and --dst-type LOCAL together are not supported: pfwd rules have one -d"));
+        }
+        given.push((Field::Dst, Opt { name: "-d", value: crate::rules::draft::DST_LOCAL }));
+    } else if has_match(s, "addrtype") {
+        return Err(bad("addrtype", "-m addrtype without --dst-type LOCAL is not supported"));
     }
     let j = jump.name();
     match jump {
@@ -456,7 +508,15 @@ fn rule_fields(s: &Spec, jump: Jump, hook: NatHook) -> Res<Rule> {
     for &(field, o) in &given {
         // iptables accepts unambiguous abbreviations pfwd's table does not list: name those by the field.
         let written = cli_spelling(split_inline(o.name).0).unwrap_or(spec(field).cli[0]);
-        draft.set(field, written, o.value).map_err(|e| bad(o.name, e.to_string()))?;
+        let negated = match field {
+            Field::Src => s.not_src,
+            Field::Dst => s.not_dst && o.value != crate::rules::draft::DST_LOCAL,
+            Field::Iface => s.not_iface,
+            Field::Oface => s.not_oface,
+            _ => false,
+        };
+        let value = if negated { format!("!{}", o.value) } else { o.value.to_string() };
+        draft.set(field, written, &value).map_err(|e| bad(o.name, e.to_string()))?;
     }
     draft.parse().map_err(|e| {
         // A bad value is named by the value, anything else by the option (or the command).
@@ -564,9 +624,13 @@ mod tests {
             ("-p tcp --dport 80 -j REDIRECT", "REDIRECT", "pfwd needs --to-ports PORT"),
             ("-p tcp --dport 80 -j DNAT", "DNAT", "DNAT needs --to-destination"),
             // Valid iptables that pfwd cannot represent.
-            ("! -s 10.0.0.0/8 -p tcp --dport 80 -j REDIRECT --to-port 3000", "!", "negation (!) is not supported"),
-            ("-s ! 10.0.0.0/8 -p tcp --dport 80 -j REDIRECT --to-port 3000", "!", "negation"),
-            ("-p tcp ! --dport 80 -j REDIRECT --to-port 3000", "!", "negation"),
+            ("-s ! 10.0.0.0/8 -p tcp --dport 80 -j REDIRECT --to-port 3000", "!", "goes before the option"),
+            ("-p tcp ! --dport 80 -j REDIRECT --to-port 3000", "--dport", "negation (!) is supported on -s, -d, -i"),
+            ("! ! -s 10.0.0.0/8 -j DNAT --to 10.0.2.2", "!", "multiple ! flags"),
+            ("! -s 0.0.0.0/0 -j DNAT --to 10.0.2.2", "0.0.0.0/0", "matches nothing"),
+            ("-m addrtype --src-type LOCAL -j DNAT --to 10.0.2.2", "--src-type", "unknown option"),
+            ("-m addrtype --dst-type UNICAST -j DNAT --to 10.0.2.2", "UNICAST", "only --dst-type LOCAL"),
+            ("--dst-type LOCAL -j DNAT --to 10.0.2.2", "--dst-type", "needs -m addrtype"),
             ("-p icmp -j DNAT --to 10.0.2.2", "icmp", "pfwd forwards tcp and udp"),
             ("-p tcp --sport 1024 -j REDIRECT --to-port 3000", "--sport", "source ports are not supported"),
             ("-p tcp -m state --state NEW -j REDIRECT --to-port 3000", "state", "match -m state is not supported"),
@@ -621,7 +685,6 @@ mod tests {
             ("-j SNAT --to-source 1.2.3.4 --persistent", "--persistent", "keeps the source port"),
             ("--to-source 1.2.3.4 -j SNAT", "--to-source", "goes after -j SNAT"),
             ("-o eth+ -j MASQUERADE", "eth+", "wildcards"),
-            ("! -o eth0 -j MASQUERADE", "!", "negation"),
             ("-j ACCEPT", "ACCEPT", "exceptions"),
         ] {
             let text = format!("{A} -o eth9 -j MASQUERADE\n{A} {body}\n");
@@ -678,7 +741,7 @@ mod tests {
                  are made, and the source address is chosen after that",
             ),
             ("--source 10.0.0.0/8 -p tcp --dport 80 -j REDIRECT --to-ports 8080", "--source", "-s in OUTPUT"),
-            ("! -d 10.0.0.1 -j DNAT --to 10.0.2.2", "!", "negation"),
+            ("-m addrtype --dst-type LOCAL -j DNAT --to 10.0.2.2", "-A", "-d local does not apply to --local"),
             ("-j NETMAP --to 10.9.0.0/16", "NETMAP", "does not support NETMAP yet"),
         ] {
             let text = format!("{A} -p tcp --dport 1 -j REDIRECT --to-ports 2\n{A} {body}\n");
@@ -699,6 +762,26 @@ mod tests {
             assert_eq!((e.line_no, e.token.as_str()), (2, token), "{line}: {e}");
             assert!(e.message.contains(message), "{line}: {e}");
         }
+    }
+
+    #[test]
+    fn negation_and_addrtype_local_import() {
+        // Docker's own rules: masquerade what leaves any interface but its bridge, DNAT what arrives on the others
+        // for any local address.
+        let i = ok("iptables -t nat -A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE\n\
+                    iptables -t nat -A PREROUTING ! -i docker0 -p tcp -m tcp --dport 8080 -m addrtype --dst-type LOCAL \
+                    -j DNAT --to-destination 172.17.0.2:80\n\
+                    iptables -t nat -A PREROUTING ! -s 10.0.0.0/8 ! -d 192.0.2.1 -p udp --dport 53 -j REDIRECT --to-ports 5353\n");
+        let mut texts: Vec<String> = i.rules.iter().map(ToString::to_string).collect();
+        texts.sort();
+        assert_eq!(
+            texts,
+            [
+                "dnat ! -i docker0 -p tcp -d local --dport 8080 --to 172.17.0.2:80",
+                "masquerade ! -o docker0 -s 172.17.0.0/16",
+                "redirect -p udp ! -s 10.0.0.0/8 ! -d 192.0.2.1 --dport 53 --to-port 5353",
+            ]
+        );
     }
 
     #[test]
