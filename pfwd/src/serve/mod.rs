@@ -155,10 +155,22 @@ async fn serve(args: ServeArgs, text: String) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    // File events are hints, and one was seen to go missing under load (an in-place write right after a rename):
+    // the file's size and modification time are also checked every second, and a change reads it.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stamp = file_stamp(&args.config);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = tick.tick() => {
+                let now = file_stamp(&args.config);
+                if now != stamp {
+                    stamp = now;
+                    w = blocking(move || { w.reload(false); w }).await;
+                }
+            }
             _ = hup.recv() => {
                 log::info!("SIGHUP: re-applying {}", args.config.display());
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
@@ -203,6 +215,12 @@ async fn serve(args: ServeArgs, text: String) -> Result<()> {
         Ok(())
     })
     .await
+}
+
+/// The config file's size and modification time (through symlinks, as a ConfigMap mount has them), if readable.
+fn file_stamp(path: &Path) -> Option<(u64, std::time::SystemTime)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.len(), m.modified().ok()?))
 }
 
 impl Watcher {
