@@ -97,9 +97,10 @@ fn rule_text(rng: &mut Rng) -> String {
         s += bang(rng);
         s += &format!(" -s {}", rng.pick(&["10.0.1.0/24", "192.168.1.7", "192.168.0.0/16", "10.0.1.2", "10.0.0.0/8"]));
     }
-    if !post && rng.pct(10) {
-        s += " -d local";
-    } else if rng.pct(30) {
+    if rng.pct(10) {
+        s += " --dst-type local";
+    }
+    if rng.pct(30) {
         s += bang(rng);
         let d = if post {
             rng.pick(&["10.0.2.2", "10.0.2.0/24", "203.0.113.10", "10.0.0.0/8"])
@@ -108,7 +109,7 @@ fn rule_text(rng: &mut Rng) -> String {
         };
         s += &format!(" -d {d}");
     }
-    if !post && !proto.is_empty() && rng.pct(70) {
+    if !proto.is_empty() && rng.pct(if post { 30 } else { 70 }) {
         let p = rng.pick(&["53", "80", "8080", "8081", "8000-8003", "8080-8081", "50-60", "9000"]);
         s += &format!(" --dport {p}");
     }

@@ -78,4 +78,42 @@ fn import_docker_rules(mode: &str) {
     guard.detach();
 }
 
-in_both_modes!(docker_style_rules, negated_source_and_destination, import_docker_rules);
+/// Docker's own `iptables-save -t nat` for a container published with `-p 8080:80`, with the lab's addresses (the
+/// container is the server 10.0.2.2:9000, docker0 is eth1), imported as is: its user chain DOCKER, the RETURN, the
+/// addrtype matches. Arriving connections and the router's own (OUTPUT) reach the container.
+fn import_docker_save(mode: &str) {
+    let lab = lab("neg-dockersave");
+    let _srv = server(&lab, Node::Server, "10.0.2.2:9000", "server");
+    let guard = attach(&lab, mode, &["eth0", "eth1"]);
+    let dir = std::env::temp_dir().join(format!("pfwd-e2e-dockersave-{}-{mode}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("docker-save.rules");
+    std::fs::write(
+        &script,
+        "*nat\n\
+         :PREROUTING ACCEPT [0:0]\n\
+         :INPUT ACCEPT [0:0]\n\
+         :OUTPUT ACCEPT [0:0]\n\
+         :POSTROUTING ACCEPT [0:0]\n\
+         :DOCKER - [0:0]\n\
+         -A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n\
+         -A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER\n\
+         -A POSTROUTING -s 10.0.2.0/24 ! -o eth1 -j MASQUERADE\n\
+         -A POSTROUTING -s 10.0.2.2/32 -d 10.0.2.2/32 -p tcp -m tcp --dport 9000 -j MASQUERADE\n\
+         -A DOCKER -i eth1 -j RETURN\n\
+         -A DOCKER ! -i eth1 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.0.2.2:9000\n\
+         COMMIT\n",
+    )
+    .unwrap();
+    let out = pfwd_ok(&lab, &["import", script.to_str().unwrap()]);
+    assert_eq!(list(&lab).as_array().map(Vec::len), Some(4), "{out}\n{:#}", list(&lab));
+    // From outside, to the router's address: the container, seeing the client.
+    expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
+    // From the router itself (OUTPUT, a --local rule): the container too.
+    let reply = lab.tcp_request(Node::Router, sa("10.0.1.1:8080"), "x", tests::TIMEOUT).expect("local connection");
+    assert!(reply.starts_with("hello from server port 9000"), "{reply}");
+    let _ = std::fs::remove_dir_all(&dir);
+    guard.detach();
+}
+
+in_both_modes!(docker_style_rules, negated_source_and_destination, import_docker_rules, import_docker_save);

@@ -90,15 +90,11 @@ impl MRule {
     }
 
     /// README "Which rule wins": with --dport beats without, narrower range beats wider; with -p; with -i/-o; the
-    /// longer source prefix; the longer destination prefix; the older rule. A negated match counts as none; `-d
-    /// local` ranks just above no -d (below a /1).
+    /// longer source prefix; the longer destination prefix; the older rule. A negated match counts as none;
+    /// `--dst-type local` ranks just above the same -d without it.
     fn rank(&self) -> impl Ord {
         let src = if self.not_src { 0 } else { 2 * self.src.map_or(0, |s| s.2) };
-        let dst = match (self.not_dst, self.dst_local) {
-            (true, _) => 0,
-            (false, true) => 1,
-            (false, false) => 2 * self.dst.map_or(0, |d| d.2),
-        };
+        let dst = if self.not_dst { 0 } else { 2 * self.dst.map_or(0, |d| d.2) } + u8::from(self.dst_local);
         (
             self.dport.is_none(),
             self.dport.map_or(0, |(lo, hi)| hi - lo),

@@ -101,7 +101,7 @@ fn random_rule(rng: &mut Rng) -> Rule {
         let b = b.unwrap_or(a);
         PortRange { lo: a.min(b), hi: a.max(b) }
     };
-    let dport = (!post && proto.is_some() && rng.chance(60)).then(|| range(rng));
+    let dport = (proto.is_some() && rng.chance(if post { 30 } else { 60 })).then(|| range(rng));
     let iface = rng.chance(40).then(|| ["eth0", "wg0", "veth-a.1", "br_lan"][rng.below(4) as usize].to_string());
     let target = if post {
         let ports = (proto.is_some() && rng.chance(60)).then(|| range(rng));
@@ -139,7 +139,7 @@ fn random_rule(rng: &mut Rng) -> Rule {
     r.not.src = some(r.src) && rng.chance(20);
     r.not.dst = some(r.dst) && rng.chance(20);
     r.not.iface = r.hook_iface().is_some() && rng.chance(20);
-    r.dst_local = !post && !local && r.dst.is_none() && rng.chance(20);
+    r.dst_local = rng.chance(20);
     r
 }
 

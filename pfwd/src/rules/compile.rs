@@ -165,7 +165,7 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
         } else {
             (hook::PREROUTING, &mut level_mask)
         };
-        // validate() keeps --dport off POSTROUTING rules, so they land on the four portless levels.
+        // Rules with --dport (of either hook) land on the port levels, the others on the portless ones.
         *mask |= match (ifx != 0, proto != PROTO_ANY, r.dport.is_some()) {
             (true, true, true) => level::IF_PROTO_PORT,
             (false, true, true) => level::PROTO_PORT,

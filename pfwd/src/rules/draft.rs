@@ -80,6 +80,8 @@ pub enum Field {
     Src,
     Dst,
     Dport,
+    /// `--dst-type local`: the destination is one of this host's addresses (also `-d local`).
+    DstType,
     /// DNAT's new destination, SNAT's new source.
     To,
     /// REDIRECT's port.
@@ -170,9 +172,18 @@ pub const FIELDS: &[FieldSpec] = &[
         value: Some("ADDR[/LEN]|local"),
         toml_string: true,
         kinds: ALL,
-        help: "Only to this destination address or CIDR; `! -d CIDR`: to anywhere else. `-d local` (dnat and \
-               redirect): to any address of this host, as the routing table says when the packet arrives \
-               (iptables' -m addrtype --dst-type LOCAL).",
+        help: "Only to this destination address or CIDR; `! -d CIDR`: to anywhere else. `-d local`: to any \
+               address of this host (iptables' -m addrtype --dst-type LOCAL; see --dst-type).",
+    },
+    FieldSpec {
+        field: Field::DstType,
+        cli: &["--dst-type"],
+        toml: "dst_type",
+        value: Some("local"),
+        toml_string: true,
+        kinds: ALL,
+        help: "Only to an address of this host (iptables' -m addrtype --dst-type LOCAL); `-d local` says the same. \
+               With -d NETWORK too, both must hold (Docker's `! -d 127.0.0.0/8 --dst-type local`).",
     },
     FieldSpec {
         field: Field::Dport,
@@ -180,8 +191,9 @@ pub const FIELDS: &[FieldSpec] = &[
         toml: "dport",
         value: Some("PORT[-PORT]"),
         toml_string: false,
-        kinds: PRE,
-        help: "Only to this destination port or range (PORT, LO-HI or LO:HI; needs -p).",
+        kinds: ALL,
+        help: "Only to this destination port or range (PORT, LO-HI or LO:HI; needs -p). For snat and masquerade, \
+               the destination port of the packet as it leaves (after any dnat).",
     },
     FieldSpec {
         field: Field::To,
@@ -230,7 +242,7 @@ pub const FIELDS: &[FieldSpec] = &[
 ];
 
 /// The fields iptables' `!` may negate.
-pub const NEGATABLE: [Field; 4] = [Field::Src, Field::Dst, Field::Iface, Field::Oface];
+pub const NEGATABLE: [Field; 5] = [Field::Src, Field::Dst, Field::Iface, Field::Oface, Field::DstType];
 
 /// `-d local`: this host's addresses (iptables' `-m addrtype --dst-type LOCAL`).
 pub const DST_LOCAL: &str = "local";
@@ -344,7 +356,7 @@ impl RuleDraft {
 
     /// The error for an option this kind does not take.
     fn not_for_kind(&self, field: Field, written: &'static str) -> RuleError {
-        if matches!(field, Field::Iface | Field::Oface | Field::Dport) {
+        if matches!(field, Field::Iface | Field::Oface) {
             return wrong_hook(self.kind, written);
         }
         if field == Field::Local {
@@ -436,6 +448,13 @@ impl RuleDraft {
                     rule.not.dst = negated;
                 }
                 Field::Dport => rule.dport = Some(value.parse().map_err(at)?),
+                Field::DstType => {
+                    if negated || !value.eq_ignore_ascii_case(DST_LOCAL) {
+                        let why = format!("bad --dst-type {value:?}: only local is supported (this host's addresses)");
+                        return Err(at(RuleError::Unsupported(why)));
+                    }
+                    rule.dst_local = true;
+                }
                 Field::To => to = Some((written, value)),
                 Field::ToPort => to_port = Some((written, value)),
                 Field::ToPorts => to_ports = Some((written, value)),
@@ -512,6 +531,16 @@ mod tests {
         assert!(l.dst_local && l.dst.is_none());
         assert_eq!(l.to_string(), "dnat -p tcp -d local --dport 8080 --to 172.17.0.2:80");
         assert_eq!(ok(&l.to_string()), l);
+        // Docker's OUTPUT form: a -d network and --dst-type local together; -d local and --dst-type local are one.
+        let o = ok("dnat --local ! -d 127.0.0.0/8 --dst-type local -p tcp --dport 8080 --to 172.17.0.2:80");
+        assert!(o.dst_local && o.not.dst && o.local);
+        assert_eq!(
+            o.to_string(),
+            "dnat --local -p tcp ! -d 127.0.0.0/8 --dst-type local --dport 8080 --to 172.17.0.2:80"
+        );
+        assert_eq!(ok(&o.to_string()), o);
+        assert_eq!(ok("dnat --dst-type local --to 10.0.0.2"), ok("dnat -d local --to 10.0.0.2"));
+        assert_eq!(ok("snat -d local -p tcp --dport 80 --to 10.0.0.2").dport, Some(PortRange::single(80)));
         // Different negations are different rules, not duplicates.
         assert!(
             !ok("dnat -s 10.0.0.0/8 --to 10.0.0.2").same_match_and_target(&ok("dnat ! -s 10.0.0.0/8 --to 10.0.0.2"))
@@ -549,8 +578,8 @@ mod tests {
             ("dnat ! -s 0.0.0.0/0 --to 1.2.3.4", "would match nothing"),
             ("dnat ! -d local --to 1.2.3.4", "! -d local is not supported"),
             ("dnat -d local -d 10.0.0.1 --to 1.2.3.4", "-d given twice"),
-            ("snat -d local --to 1.2.3.4", "-d local applies to dnat and redirect"),
-            ("dnat --local -d local --to 1.2.3.4", "-d local does not apply to --local"),
+            ("dnat --dst-type unicast --to 1.2.3.4", "only local is supported"),
+            ("dnat ! --dst-type local --to 1.2.3.4", "only local is supported"),
             ("dnat ! -s 10.0.0.0/8 -d 203.0.113.1 --to 10.0.0.2 --hairpin 10.0.0.0/24", "does not go with ! -s"),
             ("dnat -p tcp --dport 80", "dnat needs --to ADDR[:PORT]"),
             ("redirect -p tcp --dport 80", "redirect needs --to-port PORT"),
@@ -644,11 +673,7 @@ mod tests {
             ("snat -i eth0 --to 1.2.3.4", "-i does not apply to snat; SNAT happens where packets leave: use -o"),
             ("snat --in-interface eth0 --to 1.2.3.4", "--in-interface does not apply to snat; SNAT happens where"),
             ("masquerade -i eth0", "-i does not apply to masquerade; MASQUERADE happens where packets leave: use -o"),
-            (
-                "snat -p tcp --dport 80 --to 1.2.3.4",
-                "--dport does not apply to snat; snat and masquerade rules match -o",
-            ),
-            ("masquerade -p tcp --destination-port 80", "--destination-port does not apply to masquerade"),
+            ("masquerade --dport 80", "--dport needs -p tcp or -p udp"),
             ("dnat -o eth1 --to 1.2.3.4", "-o does not apply to dnat; DNAT happens where packets arrive: use -i"),
             ("redirect -p tcp --out-interface eth1 --to-port 80", "--out-interface does not apply to redirect"),
             ("snat --to 1.2.3.4:1000-2000", "--to with a port needs -p tcp or -p udp (iptables: \"Need TCP, UDP"),

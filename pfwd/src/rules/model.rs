@@ -333,9 +333,6 @@ impl Rule {
         if post && self.iface.is_some() {
             return Err(wrong_hook(self.target.kind(), "-i"));
         }
-        if post && self.dport.is_some() {
-            return Err(wrong_hook(self.target.kind(), "--dport"));
-        }
         if !post && self.oface.is_some() {
             return Err(wrong_hook(self.target.kind(), "-o"));
         }
@@ -431,21 +428,6 @@ impl Rule {
         if self.not.iface && self.hook_iface().is_none() {
             return no("! -i / ! -o needs an interface to exclude");
         }
-        if self.dst_local {
-            if self.dst.is_some() {
-                return no("-d local and -d NETWORK cannot be combined (a rule has one -d)");
-            }
-            if self.local {
-                return no("-d local does not apply to --local rules (local connections to this host's own \
-                           addresses: use -d 127.0.0.0/8 or the address)");
-            }
-            if self.is_postrouting() {
-                return no(&format!(
-                    "-d local applies to dnat and redirect (packets arriving for this host), not {}",
-                    self.kind_name()
-                ));
-            }
-        }
         Ok(())
     }
 
@@ -526,7 +508,7 @@ pub(super) fn wrong_hook(kind: Kind, option: &str) -> RuleError {
         (Kind::Snat, "-i" | "--in-interface") => "SNAT happens where packets leave: use -o",
         (Kind::Masquerade, "-i" | "--in-interface") => "MASQUERADE happens where packets leave: use -o",
         (Kind::Snat | Kind::Masquerade, _) => {
-            "snat and masquerade rules match -o, -p, -s and -d (the source port is what they rewrite)"
+            "snat and masquerade rules match -o, -p, -s, -d and --dport (the source port is what they rewrite)"
         }
         (Kind::Dnat, "oface") => "DNAT happens where packets arrive: use iface",
         (Kind::Redirect, "oface") => "REDIRECT happens where packets arrive: use iface",
@@ -567,11 +549,15 @@ impl fmt::Display for Rule {
         if let Some(s) = &self.src {
             write!(f, "{} -s {}", bang(self.not.src), fmt_net(s))?;
         }
-        if let Some(d) = &self.dst {
-            write!(f, "{} -d {}", bang(self.not.dst), fmt_net(d))?;
-        }
-        if self.dst_local {
-            f.write_str(" -d local")?;
+        match (&self.dst, self.dst_local) {
+            (Some(d), local) => {
+                write!(f, "{} -d {}", bang(self.not.dst), fmt_net(d))?;
+                if local {
+                    f.write_str(" --dst-type local")?;
+                }
+            }
+            (None, true) => f.write_str(" -d local")?,
+            (None, false) => {}
         }
         if let Some(p) = self.dport {
             write!(f, " --dport {p}")?;

@@ -17,13 +17,7 @@ fn precedence_key(r: &Rule) -> PrecedenceKey {
     // A negated match is the least specific of its kind (`! -s 10.0.0.0/8` covers nearly everything): it ranks like
     // no match at all. `-d local` ranks just above no `-d` (it is a set of a few addresses, but not one network).
     let src = if r.not.src { 0 } else { 2 * prefix_len(r.src) };
-    let dst = if r.not.dst {
-        0
-    } else if r.dst_local {
-        1
-    } else {
-        2 * prefix_len(r.dst)
-    };
+    let dst = if r.not.dst { 0 } else { 2 * prefix_len(r.dst) } + u8::from(r.dst_local);
     (
         r.dport.is_none(),
         r.dport.map_or(0, |p| p.width()),
@@ -171,8 +165,7 @@ mod tests {
                 .map(|i| {
                     let proto = rng.pick(&[None, Some(Proto::Tcp), Some(Proto::Udp)]);
                     let post = i % 2 == 1;
-                    let dport =
-                        if !post && proto.is_some() { rng.pick(&ranges).map(|s| s.parse().unwrap()) } else { None };
+                    let dport = if proto.is_some() { rng.pick(&ranges).map(|s| s.parse().unwrap()) } else { None };
                     let iface = rng.pick(&ifaces).map(String::from);
                     let port = Some(i as u16 + 1).filter(|_| proto.is_some());
                     let target = match (post, rng.chance(50)) {
@@ -200,7 +193,7 @@ mod tests {
                         hairpin: None,
                         target,
                         not,
-                        dst_local: !post && dst.is_none() && rng.chance(20),
+                        dst_local: rng.chance(15),
                     }
                 })
                 .collect();

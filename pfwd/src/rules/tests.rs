@@ -73,7 +73,7 @@ pub(crate) fn random_rule(rng: &mut Rng) -> Rule {
         let b = if rng.chance(50) { a } else { port(rng) };
         PortRange { lo: a.min(b), hi: a.max(b) }
     };
-    let dport = if !post && proto.is_some() && rng.chance(60) { Some(range(rng)) } else { None };
+    let dport = if proto.is_some() && rng.chance(if post { 30 } else { 60 }) { Some(range(rng)) } else { None };
     let iface = if rng.chance(40) { Some(rng.pick(&["eth0", "wg0", "veth-a.1", "br_lan", "x"]).into()) } else { None };
     let target = if post {
         let ports = if proto.is_some() && rng.chance(60) { Some(range(rng)) } else { None };
@@ -108,9 +108,7 @@ pub(crate) fn random_rule(rng: &mut Rng) -> Rule {
     r.not.src = r.src.is_some_and(|n| n.prefix_len() > 0) && rng.chance(15);
     r.not.dst = r.dst.is_some_and(|n| n.prefix_len() > 0) && rng.chance(15);
     r.not.iface = r.hook_iface().is_some() && rng.chance(15);
-    if !post && r.dst.is_none() && rng.chance(15) {
-        r.dst_local = true;
-    }
+    r.dst_local = rng.chance(15);
     // --hairpin: a dnat rule with -d and without -i; the inside network within -s.
     if matches!(r.target, Target::Dnat { .. })
         && r.iface.is_none()

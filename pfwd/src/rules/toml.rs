@@ -7,8 +7,10 @@ use super::draft::{FIELDS, Field, Kind, RuleDraft, Syntax};
 use super::error::{KINDS, RuleError};
 use super::model::{Rule, Target, fmt_net};
 
-const CONFIG_FIELDS: &[&str] =
-    &["id", "kind", "local", "iface", "oface", "proto", "src", "dst", "dport", "to", "to_port", "to_ports", "hairpin"];
+const CONFIG_FIELDS: &[&str] = &[
+    "id", "kind", "local", "iface", "oface", "proto", "src", "dst", "dst_type", "dport", "to", "to_port", "to_ports",
+    "hairpin",
+];
 
 /// Parses a config file of `[[rule]]` tables (fields: `kind`, `iface` (dnat, redirect), `oface` (snat, masquerade),
 /// `proto`, `src`, `dst`, `dport` (dnat, redirect), `to` for dnat (`ADDR[:PORT]`) and snat (`ADDR[:LO-HI]`),
@@ -138,8 +140,10 @@ pub fn to_config(rules: &[Rule]) -> String {
         if let Some(d) = &r.dst {
             out.push_str(&format!("dst = {}\n", q(&format!("{}{}", bang(r.not.dst), fmt_net(d)))));
         }
-        if r.dst_local {
-            out.push_str("dst = \"local\"\n");
+        match (r.dst.is_some(), r.dst_local) {
+            (true, true) => out.push_str("dst_type = \"local\"\n"),
+            (false, true) => out.push_str("dst = \"local\"\n"),
+            _ => {}
         }
         match r.dport {
             Some(p) if p.lo == p.hi => out.push_str(&format!("dport = {}\n", p.lo)),
@@ -410,7 +414,6 @@ to_ports = 5000
                 "kind = \"snat\"\niface = \"eth0\"\nto = \"1.2.3.4\"",
                 "[[rule]] #2, field iface: iface does not apply to snat; SNAT happens where packets leave: use oface",
             ),
-            ("kind = \"masquerade\"\nproto = \"tcp\"\ndport = 80", "field dport: dport does not apply to masquerade"),
             (
                 "kind = \"dnat\"\noface = \"eth1\"\nto = \"1.2.3.4\"",
                 "field oface: oface does not apply to dnat; DNAT happens where packets arrive: use iface",

@@ -77,6 +77,13 @@ enum Entry {
         line_no: usize,
     },
     Jump,
+    /// A jump into a user-defined chain (`-j DOCKER`): its matches (the line without `-j CHAIN`), expanded at the
+    /// end into the chain's rules.
+    UserJump {
+        chain: String,
+        spec: Vec<String>,
+        line_no: usize,
+    },
 }
 
 /// Which of a hook's two chains an entry is in.
@@ -144,7 +151,7 @@ impl HookChains {
             .into_iter()
             .flat_map(|at| match self.entry(at) {
                 Entry::Rules { ids, .. } => ids.clone(),
-                Entry::Existing(_) | Entry::Jump => Vec::new(),
+                Entry::Existing(_) | Entry::Jump | Entry::UserJump { .. } => Vec::new(),
             })
             .collect()
     }
@@ -166,9 +173,11 @@ struct Imported {
     line_no: usize,
 }
 
-/// What a nat rule line holds once parsed: the jump into pfwd's chain, or the pfwd rules it becomes.
+/// What a nat rule line holds once parsed: the jump into pfwd's chain, a jump into a user-defined chain, or the pfwd
+/// rules it becomes.
 enum Parsed {
     Jump,
+    UserJump(String),
     Rules(Vec<Rule>),
 }
 
@@ -181,6 +190,8 @@ struct Importer<'a> {
     rules: Vec<Imported>,
     /// The chains of each hook, indexed by [`NatHook`] (in [`NAT_HOOKS`] order: the order of the result).
     chains: [HookChains; NAT_HOOKS.len()],
+    /// User-defined nat chains (declared by `:NAME` or `-N NAME`) and their rules as written (line, spec).
+    user_chains: std::collections::BTreeMap<String, Vec<(usize, Vec<String>)>>,
     /// Ids of existing rules deleted or flushed.
     removed: Vec<u32>,
     actions: Vec<String>,
@@ -198,6 +209,7 @@ impl<'a> Importer<'a> {
             save_table: None,
             rules: Vec::new(),
             chains,
+            user_chains: Default::default(),
             removed: Vec::new(),
             actions: Vec::new(),
             warnings: Vec::new(),
@@ -216,8 +228,11 @@ impl<'a> Importer<'a> {
             self.save_table = Some(table.to_string());
             return Ok(());
         }
-        // Chain declarations: bookkeeping, whatever the table.
-        if first.starts_with(':') {
+        // Chain declarations: bookkeeping, whatever the table; a nat user chain is remembered for its jumps.
+        if let Some(decl) = first.strip_prefix(':') {
+            if self.save_table.as_deref() == Some(NAT_TABLE) && is_user_chain_name(decl) {
+                self.user_chains.entry(decl.to_string()).or_default();
+            }
             return Ok(());
         }
         if first == "COMMIT" {
@@ -263,10 +278,28 @@ impl<'a> Importer<'a> {
                     None => Err(bad(tok, "iptables: -P requires a chain and a policy")),
                 };
             }
-            Command::NewChain | Command::Zero => return Ok(()),
+            Command::NewChain => {
+                if let Some(c) = head.chain.filter(|c| is_user_chain_name(c)) {
+                    self.user_chains.entry(c.to_string()).or_default();
+                }
+                return Ok(());
+            }
+            Command::Zero => return Ok(()),
+            Command::Delete if head.chain.is_some_and(|c| self.user_chains.contains_key(c)) => {
+                return Err(bad(head.command_tok, "deleting from a user-defined chain is not supported"));
+            }
             Command::Delete => return self.delete(line_no, &head),
+            Command::Flush if head.chain.is_some_and(|c| self.user_chains.contains_key(c)) => {
+                let c = head.chain.unwrap_or_default();
+                let n = self.user_chains.get_mut(c).map(|r| std::mem::take(r).len()).unwrap_or(0);
+                self.actions.push(format!("line {line_no}: {}: removes {n} rules of {c}", label(&head)));
+                return Ok(());
+            }
             Command::Flush => return self.flush(line_no, &head),
             Command::DeleteChain => {
+                if let Some(c) = head.chain {
+                    self.user_chains.remove(c);
+                }
                 let what = label(&head);
                 self.actions.push(format!("line {line_no}: {what}: nothing to do (pfwd keeps no user chains)"));
                 return Ok(());
@@ -280,9 +313,28 @@ impl<'a> Importer<'a> {
             Command::Query => return Err(bad(tok, "does not add a rule (give pfwd iptables-save -t nat output)")),
         }
         let chain = head.chain.unwrap_or_default();
-        let (hook, parsed) = parse_rule(&head, chain)?;
+        if let Some(rules) = self.user_chains.get_mut(chain) {
+            // Kept as written; expanded where hook chains jump here (see `expand_user_jumps`).
+            let spec: Vec<String> = head.spec.iter().map(|t| t.to_string()).collect();
+            let at = match head.position {
+                Some(n) if n > rules.len() + 1 => {
+                    return Err(bad(&n.to_string(), "iptables: Index of insertion too big."));
+                }
+                Some(n) => n - 1,
+                None if head.command == Command::Insert => 0,
+                None => rules.len(),
+            };
+            rules.insert(at, (line_no, spec));
+            return Ok(());
+        }
+        let user_jump = jump_of(&head.spec).filter(|j| self.user_chains.contains_key(*j));
+        let (hook, parsed) = match user_jump {
+            Some(target) => (hook_of(chain)?, Parsed::UserJump(target.to_string())),
+            None => parse_rule(&head, chain)?,
+        };
         let entry = match parsed {
             Parsed::Jump => Entry::Jump,
+            Parsed::UserJump(target) => Entry::UserJump { chain: target, spec: without_jump(&head.spec), line_no },
             Parsed::Rules(rules) => {
                 let mut ids = Vec::new();
                 for rule in rules {
@@ -366,7 +418,7 @@ impl<'a> Importer<'a> {
             let got: Vec<&Rule> = match chains.entry(*at) {
                 Entry::Existing(i) => vec![&self.existing[*i]],
                 Entry::Rules { ids, .. } => ids.iter().map(|&i| &self.rules[i].rule).collect(),
-                Entry::Jump => Vec::new(),
+                Entry::Jump | Entry::UserJump { .. } => Vec::new(),
             };
             got.len() == rules.len() && got.iter().zip(rules).all(|(a, b)| a.same_match_and_target(b))
         };
@@ -419,7 +471,7 @@ impl<'a> Importer<'a> {
         for e in &removed {
             match e {
                 Entry::Existing(i) => ids.push(self.existing[*i].id),
-                Entry::Rules { line_no, .. } => lines.push(*line_no),
+                Entry::Rules { line_no, .. } | Entry::UserJump { line_no, .. } => lines.push(*line_no),
                 Entry::Jump => {}
             }
         }
@@ -454,6 +506,7 @@ impl<'a> Importer<'a> {
                 format!("the rule of line {line_no} ({})", rules.join("; "))
             }
             Entry::Jump => "the jump into pfwd's chain".to_string(),
+            Entry::UserJump { chain, line_no, .. } => format!("the jump of line {line_no} into {chain}"),
         }
     }
 
@@ -489,7 +542,112 @@ impl<'a> Importer<'a> {
         Ok(())
     }
 
+    /// Replaces each jump into a user-defined chain (Docker's `-A PREROUTING -m addrtype --dst-type LOCAL -j
+    /// DOCKER`) by the chain's rules as the hook sees them: the jump's matches plus each rule's own, in the chain's
+    /// order. A `RETURN` with one `-i`/`-o`/`-s`/`-d` match (Docker's `-A DOCKER -i docker0 -j RETURN`) excludes
+    /// what it matches from the rules after it. What cannot be converted this way is skipped with a warning naming
+    /// both lines, so the rest of such a ruleset (Docker's, typically) still comes through.
+    fn expand_user_jumps(&mut self) {
+        for hook in NAT_HOOKS {
+            for side in [Side::Builtin, Side::Pfwd] {
+                let n = self.chains[hook as usize].side(side).len();
+                for i in 0..n {
+                    let Entry::UserJump { chain, spec, line_no } = &self.chains[hook as usize].side(side)[i] else {
+                        continue;
+                    };
+                    let (chain, spec, line_no) = (chain.clone(), spec.clone(), *line_no);
+                    let ids = self.expand(hook, &chain, &spec, line_no);
+                    self.chains[hook as usize].side_mut(side)[i] = Entry::Rules { ids, line_no };
+                }
+            }
+        }
+    }
+
+    /// The rules of `chain` reached from the jump of line `jump_line` in `hook` (with the jump's matches `spec`):
+    /// their indices in `self.rules`.
+    fn expand(&mut self, hook: NatHook, chain: &str, jump_spec: &[String], jump_line: usize) -> Vec<usize> {
+        let rules = self.user_chains.get(chain).cloned().unwrap_or_default();
+        // Conditions earlier RETURNs took out of the chain: (option, value, negated).
+        let mut returned: Vec<(&'static str, String, bool)> = Vec::new();
+        let mut ids = Vec::new();
+        'rules: for (line_no, spec) in rules {
+            let toks: Vec<&str> = spec.iter().map(String::as_str).collect();
+            let at = format!("line {line_no} (chain {chain}, jumped to from line {jump_line})");
+            if jump_of(&toks) == Some("RETURN") {
+                match single_condition(&toks) {
+                    Some(c) => returned.push(c),
+                    None => {
+                        self.warnings.push(format!(
+                            "{at}: a RETURN with other than one -i, -o, -s or -d match is not converted; the rules of \
+                             {chain} after it were not imported"
+                        ));
+                        break;
+                    }
+                }
+                continue;
+            }
+            let mut combined: Vec<String> = jump_spec.to_vec();
+            for (opt, value, negated) in &returned {
+                match option_of(&toks, opt) {
+                    // Not constrained by the rule: it applies to what the RETURN let through.
+                    None => {
+                        if !negated {
+                            combined.push("!".into());
+                        }
+                        combined.extend([opt.to_string(), value.clone()]);
+                    }
+                    // Already excluded, or implied by a different positive interface/address.
+                    Some((v, n)) if v == *value && n != *negated => {}
+                    Some((v, false)) if v != *value && !negated && matches!(*opt, "-i" | "-o") => {}
+                    Some((v, n)) if v == *value && n == *negated => {
+                        self.actions.push(format!("{at}: never reached (an earlier RETURN takes its packets)"));
+                        continue 'rules;
+                    }
+                    Some(_) => {
+                        self.warnings.push(format!(
+                            "{at}: not converted: its {opt} cannot be combined with the RETURN before it"
+                        ));
+                        continue 'rules;
+                    }
+                }
+            }
+            // For connections of this host (OUTPUT) there is no incoming interface: `! -i X` always holds, `-i X`
+            // never does.
+            let mut own: Vec<String> = Vec::new();
+            let mut k = 0;
+            while k < toks.len() {
+                let negated = toks[k] == "!";
+                let opt_at = if negated { k + 1 } else { k };
+                let is_in = matches!(toks.get(opt_at).map(|t| split_inline(t).0), Some("-i" | "--in-interface"));
+                if hook == NatHook::Output && is_in {
+                    if !negated {
+                        self.actions.push(format!("{at}: never matches local connections (they have no -i)"));
+                        continue 'rules;
+                    }
+                    let inline = split_inline(toks[opt_at]).1.is_some();
+                    k = opt_at + if inline { 1 } else { 2 };
+                    continue;
+                }
+                own.push(toks[k].to_string());
+                k += 1;
+            }
+            combined.extend(own);
+            let combined_toks: Vec<&str> = combined.iter().map(String::as_str).collect();
+            match rules_of(hook, &combined_toks, "-A") {
+                Ok(rules) => {
+                    for rule in rules {
+                        self.rules.push(Imported { rule, line_no });
+                        ids.push(self.rules.len() - 1);
+                    }
+                }
+                Err(b) => self.warnings.push(format!("{at}: not converted: {:?}: {}", b.token, b.message)),
+            }
+        }
+        ids
+    }
+
     fn finish(mut self) -> Import {
+        self.expand_user_jumps();
         let order: Vec<usize> = self.chains.iter().flat_map(HookChains::order).collect();
 
         let mut kept: Vec<&Imported> = Vec::new();
@@ -589,7 +747,18 @@ fn parse_rule(head: &Head, chain: &str) -> Res<(NatHook, Parsed)> {
         ));
     }
     let hook = hook_of(chain)?;
-    let spec = parse_spec(&head.spec)?;
+    if let Some(j) = jump_of(&head.spec)
+        && j == hook.pfwd_chain()
+        && chain == hook.builtin()
+    {
+        return Ok((hook, Parsed::Jump));
+    }
+    Ok((hook, Parsed::Rules(rules_of(hook, &head.spec, head.command_tok)?)))
+}
+
+/// The pfwd rules of a nat rule's spec in `hook`, with iptables' checks.
+fn rules_of(hook: NatHook, toks: &[&str], command_tok: &str) -> Res<Vec<Rule>> {
+    let spec = parse_spec(toks)?;
     // iptables' own checks: the incoming interface is unknown after routing and for local connections, the
     // outgoing one before routing.
     match (hook, spec.iface, spec.oface) {
@@ -598,11 +767,73 @@ fn parse_rule(head: &Head, chain: &str) -> Res<(NatHook, Parsed)> {
         (NatHook::Prerouting, _, Some(o)) => return Err(bad(o.name, "iptables: Can't use -o with PREROUTING")),
         _ => {}
     }
-    let parsed = match spec.jump {
-        Some(j) if j.value == hook.pfwd_chain() && chain == hook.builtin() => Parsed::Jump,
-        _ => Parsed::Rules(build_rules(&spec, head.command_tok, hook)?),
+    build_rules(&spec, command_tok, hook)
+}
+
+/// A name a user-defined nat chain may have: not a hook's built-in chain (in any case), nor pfwd's, nor INPUT.
+fn is_user_chain_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.eq_ignore_ascii_case("INPUT")
+        && !NAT_HOOKS.iter().any(|h| name.eq_ignore_ascii_case(h.builtin()) || name == h.pfwd_chain())
+        && !CHAINS.iter().any(|c| c.name == name)
+}
+
+/// A rule's spec without its `-j CHAIN` (the matches of a jump).
+fn without_jump(spec: &[&str]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < spec.len() {
+        match split_inline(spec[i]) {
+            ("-j" | "--jump", Some(_)) => i += 1,
+            ("-j" | "--jump", None) => i += 2,
+            _ => {
+                out.push(spec[i].to_string());
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// The canonical short form of an interface or address option.
+fn short_option(name: &str) -> Option<&'static str> {
+    match name {
+        "-i" | "--in-interface" => Some("-i"),
+        "-o" | "--out-interface" => Some("-o"),
+        "-s" | "--source" | "--src" => Some("-s"),
+        "-d" | "--destination" | "--dst" => Some("-d"),
+        _ => None,
+    }
+}
+
+/// The one `[!] -i|-o|-s|-d VALUE` match of a RETURN rule (besides `-j RETURN`): (option, value, negated).
+fn single_condition(spec: &[&str]) -> Option<(&'static str, String, bool)> {
+    let matches = without_jump(spec);
+    let m: Vec<&str> = matches.iter().map(String::as_str).collect();
+    let (negated, rest) = match m.as_slice() {
+        ["!", rest @ ..] => (true, rest),
+        rest => (false, rest),
     };
-    Ok((hook, parsed))
+    match rest {
+        [opt, value] => Some((short_option(opt)?, value.to_string(), negated)),
+        [opt] => {
+            let (name, value) = split_inline(opt);
+            Some((short_option(name)?, value?.to_string(), negated))
+        }
+        _ => None,
+    }
+}
+
+/// The rule's own use of `opt` (a short option from [`short_option`]): its value and whether it is negated.
+fn option_of(spec: &[&str], opt: &str) -> Option<(String, bool)> {
+    spec.iter().enumerate().find_map(|(i, t)| {
+        let (name, inline) = split_inline(t);
+        if short_option(name) != Some(opt) {
+            return None;
+        }
+        let value = inline.or_else(|| spec.get(i + 1).copied())?;
+        Some((value.to_string(), i > 0 && spec[i - 1] == "!"))
+    })
 }
 
 /// Whether some packet could match both rules; conservative (may say yes when no packet does, never the reverse).
@@ -827,6 +1058,67 @@ COMMIT
             "line 21 (\"redirect -p udp --dport 53 --to-port 5353\") overlaps line 24 (\"dnat -d 203.0.113.10 --to \
              10.0.2.2\"): iptables uses line 24 for packets both match, pfwd the more specific line 21"
         );
+    }
+
+    /// `iptables-save -t nat` of a Docker host running one container published with `-p 8080:80` (Docker 24-27,
+    /// iptables-nft), verbatim apart from the counters.
+    const DOCKER_NAT: &str = "\
+# Generated by iptables-nft-save v1.8.9 (nf_tables) on Tue Dec  1 10:00:00 2026
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+-A POSTROUTING -s 172.17.0.2/32 -d 172.17.0.2/32 -p tcp -m tcp --dport 80 -j MASQUERADE
+-A DOCKER -i docker0 -j RETURN
+-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80
+COMMIT
+# Completed on Tue Dec  1 10:00:00 2026
+";
+
+    #[test]
+    fn docker_published_port_imports() {
+        let i = ok(DOCKER_NAT);
+        let texts: Vec<String> = i.rules.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            texts,
+            [
+                // PREROUTING through DOCKER: the jump's match, then the rule's (its ! -i docker0 is the RETURN's).
+                "dnat ! -i docker0 -p tcp -d local --dport 8080 --to 172.17.0.2:80",
+                "masquerade ! -o docker0 -s 172.17.0.0/16",
+                // The container reaching itself through its published port.
+                "masquerade -p tcp -s 172.17.0.2 -d 172.17.0.2 --dport 80",
+                // OUTPUT through DOCKER: local connections (no incoming interface, so ! -i docker0 always holds).
+                "dnat --local -p tcp ! -d 127.0.0.0/8 --dst-type local --dport 8080 --to 172.17.0.2:80",
+            ]
+        );
+        assert!(i.warnings.is_empty(), "{:?}", i.warnings);
+    }
+
+    #[test]
+    fn user_chains_name_what_they_cannot_convert() {
+        let text = "*nat\n:WEB - [0:0]\n-A PREROUTING -p tcp -j WEB\n-A WEB -s 10.0.0.0/8 -p udp -j RETURN\n\
+                    -A WEB --dport 80 -j DNAT --to 10.0.2.2\nCOMMIT\n";
+        let i = ok(text);
+        assert!(i.rules.is_empty(), "{:?}", i.rules);
+        assert!(
+            i.warnings.iter().any(|w| w.contains("line 4 (chain WEB, jumped to from line 3)") && w.contains("RETURN")),
+            "{:?}",
+            i.warnings
+        );
+        // A positive -i in a chain reached from OUTPUT never matches; a rule the RETURN takes is never reached.
+        let text = "*nat\n:L - [0:0]\n-A OUTPUT -j L\n-A L -i eth0 -p tcp --dport 1 -j REDIRECT --to-ports 2\n\
+                    -A L -p tcp --dport 3 -j REDIRECT --to-ports 4\nCOMMIT\n";
+        let i = ok(text);
+        assert_eq!(
+            i.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["redirect --local -p tcp --dport 3 --to-port 4"]
+        );
+        assert!(i.actions.iter().any(|a| a.contains("line 4") && a.contains("never matches")), "{:?}", i.actions);
     }
 
     #[test]

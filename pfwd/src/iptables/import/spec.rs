@@ -269,7 +269,7 @@ pub(super) fn build_rules(s: &Spec, command_tok: &str, hook: NatHook) -> Res<Vec
     let jump = nat_jump(s, command_tok, hook)?;
     let proto = protocol(s)?;
     check_matches(s, proto)?;
-    let dports = dest_ports(s, proto, hook)?;
+    let dports = dest_ports(s, proto)?;
     check_target_options(s, jump, proto)?;
     // The options as a rule, checked; then one rule per destination port, each validated as pfwd validates any rule.
     let rule = rule_fields(s, jump, hook)?;
@@ -348,14 +348,7 @@ fn check_matches(s: &Spec, proto: Option<Proto>) -> Res<()> {
 }
 
 /// The destination ports, one pfwd rule each: none, `--dport`'s, or each of `-m multiport --dports`.
-fn dest_ports(s: &Spec, proto: Option<Proto>, hook: NatHook) -> Res<Vec<Option<PortRange>>> {
-    // iptables takes --dport in POSTROUTING, but pfwd's SNAT buckets have no port level.
-    if let Some(d) = s.dport.or(s.dports).filter(|_| hook == NatHook::Postrouting) {
-        return Err(bad(
-            d.name,
-            "destination ports in POSTROUTING are not supported: pfwd's SNAT/MASQUERADE rules match -o, -p, -s and -d",
-        ));
-    }
+fn dest_ports(s: &Spec, proto: Option<Proto>) -> Res<Vec<Option<PortRange>>> {
     let range = |d: Opt, part: &str| part.parse().map_err(|e: RuleError| bad(d.value, e.to_string()));
     let mut dports: Vec<Option<PortRange>> = vec![None];
     if let Some(d) = s.dport {
@@ -473,10 +466,7 @@ fn rule_fields(s: &Spec, jump: Jump, hook: NatHook) -> Res<Rule> {
         if t.value != "LOCAL" {
             return Err(bad(t.value, "only --dst-type LOCAL is supported (-d local)"));
         }
-        if s.dst.is_some() {
-            return Err(bad(t.name, "-d and --dst-type LOCAL together are not supported: pfwd rules have one -d"));
-        }
-        given.push((Field::Dst, Opt { name: "-d", value: crate::rules::draft::DST_LOCAL }));
+        given.push((Field::DstType, Opt { name: "--dst-type", value: crate::rules::draft::DST_LOCAL }));
     } else if has_match(s, "addrtype") {
         return Err(bad("addrtype", "-m addrtype without --dst-type LOCAL is not supported"));
     }
@@ -510,7 +500,7 @@ fn rule_fields(s: &Spec, jump: Jump, hook: NatHook) -> Res<Rule> {
         let written = cli_spelling(split_inline(o.name).0).unwrap_or(spec(field).cli[0]);
         let negated = match field {
             Field::Src => s.not_src,
-            Field::Dst => s.not_dst && o.value != crate::rules::draft::DST_LOCAL,
+            Field::Dst => s.not_dst,
             Field::Iface => s.not_iface,
             Field::Oface => s.not_oface,
             _ => false,
@@ -663,8 +653,6 @@ mod tests {
         for (body, token, message) in [
             ("-i eth0 -j MASQUERADE", "-i", "iptables: Can't use -i with POSTROUTING"),
             ("--in-interface eth0 -j MASQUERADE", "--in-interface", "Can't use -i with POSTROUTING"),
-            ("-p tcp --dport 80 -j MASQUERADE", "--dport", "destination ports in POSTROUTING are not supported"),
-            ("-p tcp -m multiport --dports 80,81 -j MASQUERADE", "--dports", "destination ports in POSTROUTING"),
             ("-p tcp -j MASQUERADE --to-ports 1000:1002", "1000:1002", "Invalid port:port syntax - use dash"),
             ("-j MASQUERADE --to-ports 1000-1002", "--to-ports", "Need TCP, UDP, SCTP or DCCP with port specification"),
             ("-j SNAT --to-source 1.2.3.4:1000", "--to-source", "Need TCP, UDP, SCTP or DCCP"),
@@ -741,7 +729,6 @@ mod tests {
                  are made, and the source address is chosen after that",
             ),
             ("--source 10.0.0.0/8 -p tcp --dport 80 -j REDIRECT --to-ports 8080", "--source", "-s in OUTPUT"),
-            ("-m addrtype --dst-type LOCAL -j DNAT --to 10.0.2.2", "-A", "-d local does not apply to --local"),
             ("-j NETMAP --to 10.9.0.0/16", "NETMAP", "does not support NETMAP yet"),
         ] {
             let text = format!("{A} -p tcp --dport 1 -j REDIRECT --to-ports 2\n{A} {body}\n");
