@@ -159,16 +159,22 @@ fn send_raw(lab: &Lab, to: SocketAddrV4, frags: &[Vec<u8>], order: &[usize]) {
     }
 }
 
+/// The DNAT rule the raw-socket tests send through, and a client socket to receive the replies on: (socket, its
+/// address, the router's forwarded address).
+fn raw_dnat_setup(lab: &Lab) -> (UdpSocket, SocketAddrV4, SocketAddrV4) {
+    add(lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "5353", "--to", BACKEND]);
+    let sock = client_socket(lab);
+    let SocketAddr::V4(from) = sock.local_addr().unwrap() else { unreachable!("an IPv4 socket") };
+    (sock, from, "10.0.1.1:5353".parse().unwrap())
+}
+
 /// Fragments sent by hand through DNAT: in order, then the first followed by the rest backwards, then duplicated.
 /// The backend must get each datagram whole (its kernel checks the UDP checksum over the reassembled datagram).
 fn out_of_order_fragments_after_the_first(mode: &str) {
     let lab = lab("frag-order");
     let _mirror = Mirror::start(&lab);
     let guard = attach(&lab, mode, &["eth0", "eth1"]);
-    add(&lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "5353", "--to", BACKEND]);
-    let sock = client_socket(&lab);
-    let SocketAddr::V4(from) = sock.local_addr().unwrap() else { unreachable!() };
-    let to: SocketAddrV4 = "10.0.1.1:5353".parse().unwrap();
+    let (sock, from, to) = raw_dnat_setup(&lab);
     for (n, order) in [vec![0, 1, 2, 3], vec![0, 3, 2, 1], vec![0, 2, 2, 1, 3, 0]].into_iter().enumerate() {
         let frags = fragments(from, to, 5000, 0x4100 + n as u16);
         send_raw(&lab, to, &frags, &order);
@@ -185,10 +191,7 @@ fn first_fragment_last(mode: &str) {
     let lab = lab("frag-last");
     let _mirror = Mirror::start(&lab);
     let guard = attach(&lab, mode, &["eth0", "eth1"]);
-    add(&lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "5353", "--to", BACKEND]);
-    let sock = client_socket(&lab);
-    let SocketAddr::V4(from) = sock.local_addr().unwrap() else { unreachable!() };
-    let to: SocketAddrV4 = "10.0.1.1:5353".parse().unwrap();
+    let (sock, from, to) = raw_dnat_setup(&lab);
     send_raw(&lab, to, &fragments(from, to, 3000, 0x4200), &[2, 1, 0]);
     let reply = receive(&sock);
     if mode == "ebpf" {
