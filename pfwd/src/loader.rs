@@ -217,8 +217,18 @@ impl Kernel {
             return Ok(());
         }
         let mut entries: Vec<PathBuf> = fs::read_dir(&self.dir)?.filter_map(|e| Some(e.ok()?.path())).collect();
-        entries.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
+        let is_link = |p: &PathBuf| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_"));
+        entries.sort_by_key(|p| !is_link(p));
         for p in entries {
+            // A link is released through its own fd: closing it detaches the program before this returns. Merely
+            // removing the pin leaves the release to a kernel work queue, so the program could still be attached
+            // for a moment after `pfwd detach` said it was gone.
+            if is_link(&p)
+                && let Ok(l) = PinnedLink::from_pin(&p)
+            {
+                drop(l.unpin());
+                continue;
+            }
             fs::remove_file(&p).with_context(|| format!("removing pin {}", p.display()))?;
         }
         fs::remove_dir(&self.dir).with_context(|| format!("removing {}", self.dir.display()))?;
