@@ -132,6 +132,7 @@ fn random_rule(rng: &mut Rng) -> Rule {
         hairpin: None,
         not: Negated::default(),
         dst_local: false,
+        backends: Vec::new(),
     };
     // iptables' `!` on what the rule has (not on /0, which would match nothing), and `-m addrtype --dst-type
     // LOCAL` (-d local) on some DNAT/REDIRECT rules without -d.

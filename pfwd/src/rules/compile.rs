@@ -323,6 +323,7 @@ mod tests {
                 target: Target::Dnat { addr: Ipv4Addr::from(0x0a00_0000 + i), port: Some(80) },
                 not: Negated::default(),
                 dst_local: false,
+                backends: Vec::new(),
             })
             .collect();
         let start = std::time::Instant::now();

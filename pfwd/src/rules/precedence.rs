@@ -201,6 +201,7 @@ mod tests {
                         target,
                         not,
                         dst_local: !post && dst.is_none() && rng.chance(20),
+                        backends: Vec::new(),
                     }
                 })
                 .collect();
