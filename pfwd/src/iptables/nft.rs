@@ -16,6 +16,26 @@ fn nft_iface_set(ifaces: &[String]) -> String {
     format!("{{ {} }}", names.join(", "))
 }
 
+/// A DNAT to several backends: `numgen random` over the total weight, mapped by intervals to the backends (each a
+/// share as wide as its weight). Random, like the iptables ladder, in the Maglev table's proportions.
+fn nft_backends(r: &Rule) -> String {
+    let total: u32 = r.backends.iter().map(|b| b.weight).sum();
+    let mut from = 0;
+    let mut items = Vec::with_capacity(r.backends.len());
+    for b in &r.backends {
+        let to = from + b.weight - 1;
+        let key = if to == from { from.to_string() } else { format!("{from}-{to}") };
+        items.push(match b.port {
+            Some(p) => format!("{key} : {} . {p}", b.addr),
+            None => format!("{key} : {}", b.addr),
+        });
+        from = to + 1;
+    }
+    // Validation keeps a rule's backends all with a port or all without.
+    let form = if r.backends[0].port.is_some() { "dnat ip to" } else { "dnat to" };
+    format!("{form} numgen random mod {total} map {{ {} }}", items.join(", "))
+}
+
 /// One rule; `companion`: the masquerade a `--hairpin` rule adds, tagged `pfwd:ID-hairpin`.
 fn nft_rule(r: &Rule, companion: bool) -> String {
     let mut s = Vec::new();
@@ -37,6 +57,7 @@ fn nft_rule(r: &Rule, companion: bool) -> String {
         (None, _) => {}
     }
     s.push(match r.target {
+        Target::Dnat { .. } if !r.backends.is_empty() => nft_backends(r),
         Target::Dnat { addr, port: Some(p) } => format!("dnat to {addr}:{p}"),
         Target::Dnat { addr, port: None } => format!("dnat to {addr}"),
         Target::Redirect { port } => format!("redirect to :{port}"),
@@ -194,6 +215,25 @@ mod tests {
             export_nft(&local_sample(), Some(&[]))
                 .contains("priority -100; policy accept;\n\t\taccept comment \"pfwd: no interfaces\"\n")
         );
+    }
+
+    #[test]
+    fn backends_nft() {
+        let rules = vec![
+            with_id(3, "dnat -p tcp --dport 80 --to 10.0.2.2:8080,10.0.2.3:8080@2,10.0.2.4:8080"),
+            with_id(4, "dnat -d 203.0.113.9 --to 10.0.2.2,10.0.2.3"),
+        ];
+        let nft = export_nft(&rules, None);
+        assert!(
+            nft.contains(
+                "\t\ttcp dport 80 dnat ip to numgen random mod 4 map { 0 : 10.0.2.2 . 8080, 1-2 : 10.0.2.3 . 8080, \
+             3 : 10.0.2.4 . 8080 } comment \"pfwd:3\"\n"
+            ),
+            "{nft}"
+        );
+        assert!(nft.contains(
+            "\t\tip daddr 203.0.113.9 dnat to numgen random mod 2 map { 0 : 10.0.2.2, 1 : 10.0.2.3 } comment \"pfwd:4\"\n"
+        ), "{nft}");
     }
 
     #[test]

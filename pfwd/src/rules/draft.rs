@@ -799,7 +799,8 @@ mod tests {
 
         for (cmd, want) in [
             ("dnat -p tcp --to 10.0.2.2:80,10.0.2.2:80", "10.0.2.2:80 is given twice"),
-            ("dnat --to 10.0.2.2:80,10.0.2.3", "--to with a port needs -p tcp"),
+            ("dnat --to 10.0.2.2:80,10.0.2.3:80", "--to with a port needs -p tcp"),
+            ("dnat -p tcp --to 10.0.2.2:80,10.0.2.3", "give every backend a port, or none"),
             ("dnat --to 10.0.2.2,10.0.2.3@0", "bad weight \"0\""),
             ("dnat --to 10.0.2.2,10.0.2.3@x", "bad weight \"x\""),
             ("dnat --to 10.0.2.2,10.0.2.3@+2", "bad weight"),

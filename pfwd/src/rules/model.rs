@@ -416,6 +416,9 @@ impl Rule {
         if b.iter().any(|x| x.port.is_some()) && self.proto.is_none() {
             return Err(RuleError::ToPortNeedsProto);
         }
+        if b.iter().any(|x| x.port.is_some() != b[0].port.is_some()) {
+            return bad("give every backend a port, or none (to keep the original port)".into());
+        }
         if self.local {
             return Err(RuleError::Unsupported(
                 "several backends are not supported with --local (local connections are translated at connect \
