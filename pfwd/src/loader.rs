@@ -473,7 +473,8 @@ impl Kernel {
         use std::os::fd::{AsFd, AsRawFd};
         let mut out = vec![];
         for name in names::MAPS {
-            let data = MapData::from_pin(self.dir.join(name))?;
+            // An instance attached by an older pfwd may lack the newer maps.
+            let Ok(data) = MapData::from_pin(self.dir.join(name)) else { continue };
             let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", data.fd().as_fd().as_raw_fd()))?;
             let bytes = fdinfo
                 .lines()

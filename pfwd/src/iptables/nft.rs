@@ -39,17 +39,23 @@ fn nft_backends(r: &Rule) -> String {
 /// One rule; `companion`: the masquerade a `--hairpin` rule adds, tagged `pfwd:ID-hairpin`.
 fn nft_rule(r: &Rule, companion: bool) -> String {
     let mut s = Vec::new();
+    // iptables' `!` is nft's `!=`.
+    let ne = |negated: bool| if negated { "!= " } else { "" };
     if let Some(i) = &r.iface {
-        s.push(format!("iifname \"{i}\""));
+        s.push(format!("iifname {}\"{i}\"", ne(r.not.iface)));
     }
     if let Some(o) = &r.oface {
-        s.push(format!("oifname \"{o}\""));
+        s.push(format!("oifname {}\"{o}\"", ne(r.not.iface)));
     }
     if let Some(n) = r.src.filter(|n| n.prefix_len() > 0) {
-        s.push(format!("ip saddr {}", nft_net(n)));
+        s.push(format!("ip saddr {}{}", ne(r.not.src), nft_net(n)));
     }
     if let Some(n) = r.dst.filter(|n| n.prefix_len() > 0) {
-        s.push(format!("ip daddr {}", nft_net(n)));
+        s.push(format!("ip daddr {}{}", ne(r.not.dst), nft_net(n)));
+    }
+    if r.dst_local {
+        // `-m addrtype --dst-type LOCAL`.
+        s.push("fib daddr type local".into());
     }
     match (r.proto, r.dport) {
         (Some(p), Some(d)) => s.push(format!("{p} dport {d}")),
@@ -215,6 +221,20 @@ mod tests {
             export_nft(&local_sample(), Some(&[]))
                 .contains("priority -100; policy accept;\n\t\taccept comment \"pfwd: no interfaces\"\n")
         );
+    }
+
+    /// Negations and `-d local` (they were dropped: `! -s NET` came out as `ip saddr NET`).
+    #[test]
+    fn negation_and_dst_local_nft() {
+        let rules = vec![
+            with_id(1, "dnat ! -i eth1 -p tcp -d local --dport 81 --to 10.0.2.3"),
+            with_id(2, "dnat ! -s 10.0.0.0/8 ! -d 203.0.113.1 --to 10.0.2.2"),
+            with_id(3, "masquerade ! -o eth0 -s 172.17.0.0/16"),
+        ];
+        let nft = export_nft(&rules, None);
+        assert!(nft.contains("\t\tiifname != \"eth1\" fib daddr type local tcp dport 81 dnat to 10.0.2.3"), "{nft}");
+        assert!(nft.contains("\t\tip saddr != 10.0.0.0/8 ip daddr != 203.0.113.1 dnat to 10.0.2.2"), "{nft}");
+        assert!(nft.contains("\t\toifname != \"eth0\" ip saddr 172.17.0.0/16 masquerade"), "{nft}");
     }
 
     #[test]
