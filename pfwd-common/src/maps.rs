@@ -25,8 +25,12 @@ pub mod names {
     pub const FRAGS: &str = "PFWD_FRAGS";
     pub const RECORD: &str = "PFWD_RECORD";
     pub const LOCAL_ADDRS: &str = "PFWD_LOCAL_ADDRS";
+    /// The Maglev tables of rules with several backends ([`BackendKey`](super::BackendKey)).
+    pub const BACKENDS: &str = "PFWD_BACKENDS";
+    /// Per-backend counters ([`BackendCounterKey`](super::BackendCounterKey)).
+    pub const BACKEND_COUNTERS: &str = "PFWD_BACKEND_CNT";
     /// Every map, in the order `pfwd status` reports their memory.
-    pub const MAPS: [&str; 12] = [
+    pub const MAPS: [&str; 14] = [
         RULES,
         BUCKETS,
         CONNTRACK,
@@ -39,6 +43,8 @@ pub mod names {
         FRAGS,
         RECORD,
         LOCAL_ADDRS,
+        BACKENDS,
+        BACKEND_COUNTERS,
     ];
 
     /// The tcx programs (`#[classifier]` functions of pfwd-ebpf).
@@ -204,6 +210,81 @@ pub mod rule_flag {
     pub const NOT_IFACE: u8 = 1 << 2;
     /// `-d local`: the destination must be an address of this host (the kernel asks the FIB).
     pub const DST_LOCAL: u8 = 1 << 3;
+    /// DNAT to several backends: `to_addr`/`to_port` are unused; a new flow's backend is the entry of the rule's
+    /// Maglev table ([`BackendKey`](super::BackendKey)) at [`flow_hash`](super::flow_hash) of its tuple modulo
+    /// [`MAGLEV_SIZE`](super::MAGLEV_SIZE).
+    pub const BACKENDS: u8 = 1 << 4;
+}
+
+/// Entries of each Maglev table (a prime). Every rule with several backends has one table per rule bank, so it stays
+/// the same size when backends come and go (which is what keeps the other backends' flows where they are). At least
+/// 100 entries per backend keep the spread within about 1% of the weights for up to 40 backends; with the most
+/// backends a rule may have ([`MAX_BACKENDS`]), each still gets 16 entries.
+pub const MAGLEV_SIZE: u32 = 4093;
+/// Backends of one rule.
+pub const MAX_BACKENDS: usize = 255;
+/// Rules with several backends (their tables are in the backends map of both banks).
+pub const MAX_BACKEND_RULES: u32 = 256;
+/// Entries of the backends map: every table of both banks.
+pub const BACKEND_ENTRIES: u32 = RULE_BANKS * MAX_BACKEND_RULES * MAGLEV_SIZE;
+/// Entries of the per-backend counters: the backends of every rule, and as many again for backends removed from a
+/// rule while their flows go on.
+pub const BACKEND_COUNTER_ENTRIES: u32 = 2 * MAX_BACKEND_RULES * MAX_BACKENDS as u32;
+
+/// One entry of a rule's Maglev table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct BackendKey {
+    /// The rule's index in the rules array ([`rule_index`]: its bank and slot), so each bank has its own tables and
+    /// the flip of [`Config::bank`] switches them with the rules.
+    pub rule: u32,
+    /// 0..[`MAGLEV_SIZE`].
+    pub index: u32,
+}
+
+/// The backend a Maglev table entry sends new flows to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct BackendEntry {
+    /// Network order.
+    pub addr: u32,
+    /// Host order; 0 keeps the original destination port.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Per-backend counters' key: the rule's slot and the backend as the flows were translated to it (address network
+/// order, port host order), so a backend removed from the rule keeps counting the flows it still has.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct BackendCounterKey {
+    pub slot: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The hash of a new flow's original tuple that picks its backend (a Murmur3-style mix of the addresses, ports and
+/// protocol: 32-bit multiplies and rotates, which the BPF instruction set has). Userspace uses the same function to
+/// measure the spread.
+#[inline(always)]
+pub const fn flow_hash(t: &Tuple) -> u32 {
+    const C1: u32 = 0xcc9e_2d51;
+    const C2: u32 = 0x1b87_3593;
+    let words = [t.saddr, t.daddr, ((t.sport as u32) << 16) | t.dport as u32, t.proto as u32];
+    let mut h: u32 = 0x9747_b28c;
+    let mut i = 0;
+    while i < words.len() {
+        let k = words[i].wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
+        h = (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    h ^= 16;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 /// Per-rule counters (a per-CPU array indexed by rule slot; userspace sums the CPUs).
@@ -492,6 +573,13 @@ pub mod ct_hook {
     pub const EGRESS: u8 = 1;
 }
 
+/// `CtEntry::flags` bits (the same in both entries of a flow).
+pub mod ct_flag {
+    /// The flow's rule has several backends: its packets are counted per backend too (the backend is the
+    /// original direction's new destination, the reply direction's source).
+    pub const BACKENDS: u8 = 1 << 0;
+}
+
 /// Conntrack state bits (kept identical in both entries of a flow).
 pub mod ct_state {
     pub const SEEN_REPLY: u8 = 1 << 0;
@@ -518,7 +606,8 @@ pub struct CtEntry {
     pub state: u8,
     /// [`ct_hook`]: where this entry is applied.
     pub hook: u8,
-    pub _pad: u8,
+    /// [`ct_flag`] bits.
+    pub flags: u8,
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of creation and of the last packet (refreshed at most
     /// once a second).
     pub created_ns: u64,
@@ -620,7 +709,10 @@ mod pod {
         FragEntry,
         RecordText,
         SockKey,
-        SockOrig
+        SockOrig,
+        BackendKey,
+        BackendEntry,
+        BackendCounterKey
     );
 }
 
@@ -642,6 +734,9 @@ mod tests {
         assert_eq!(size_of::<Config>(), 72);
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<SockOrig>(), 8);
+        assert_eq!(size_of::<BackendKey>(), 8);
+        assert_eq!(size_of::<BackendEntry>(), 8);
+        assert_eq!(size_of::<BackendCounterKey>(), 12);
     }
 
     #[test]

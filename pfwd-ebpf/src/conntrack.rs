@@ -210,9 +210,16 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
 /// and replies (`xlat` reversed, applied at the other hook) back to `orig` reversed. Fails with `CtInsertFailed`
 /// when the table refuses the insert, or with `CtClash` when a live flow (in either table) already owns the reply
 /// tuple: two flows translated to the same tuple could not tell their replies apart (SNAT port allocation then tries
-/// another port).
+/// another port). `flags`: the entries' [`pfwd_common::ct_flag`] bits.
 #[inline(always)]
-pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config, hook: u8) -> Result<(), Stat> {
+pub fn create(
+    orig: &Tuple,
+    xlat: &Tuple,
+    rule_slot: u32,
+    now: u64,
+    cfg: &Config,
+    (hook, flags): (u8, u8),
+) -> Result<(), Stat> {
     let reply_key = xlat.reversed();
     let ours = orig.reversed();
     if let Some((p, _)) = find(&reply_key) {
@@ -232,7 +239,7 @@ pub fn create(orig: &Tuple, xlat: &Tuple, rule_slot: u32, now: u64, cfg: &Config
         dir: dir::REPLY,
         state: 0,
         hook: if hook == ct_hook::INGRESS { ct_hook::EGRESS } else { ct_hook::INGRESS },
-        _pad: 0,
+        flags,
         created_ns: now,
         last_seen_ns: now,
     };

@@ -45,11 +45,13 @@ mod programs {
     };
     use aya_log_ebpf::{info, warn};
     use core::net::Ipv4Addr;
-    use pfwd_common::{Config, PROTO_TCP, Stat, Tuple, config_flag, ct_hook, dir, frag_action, hook, tcx};
+    use pfwd_common::{
+        Config, PROTO_TCP, Stat, Tuple, config_flag, ct_flag, ct_hook, dir, frag_action, hook, rule_flag, tcx,
+    };
 
     use crate::{
         conntrack, dnat, forward, fragment,
-        maps::{CONFIG, IFACES, count, count_rule, count_rule_drop},
+        maps::{CONFIG, IFACES, count, count_backend, count_rule, count_rule_drop},
         nat,
         parse::{self, Embedded, Icmp, Packet, TCP_SYN, frag},
         rules, snat,
@@ -85,6 +87,8 @@ mod programs {
             xlat: Tuple,
             slot: u32,
             new_flow: bool,
+            /// The flow's [`pfwd_common::ct_flag`] bits and direction ([`dir`]): which backend to count, if any.
+            lb: (u8, u8),
         },
     }
 
@@ -123,7 +127,7 @@ mod programs {
                 fragment::note_first(&pkt, at, frag_action::DROP, &pkt.tuple, 0);
                 DROP
             }
-            Verdict::Translate { xlat, slot, new_flow } => {
+            Verdict::Translate { xlat, slot, new_flow, lb } => {
                 fragment::note_first(&pkt, at, frag_action::XLATE, &xlat, slot);
                 if new_flow && logging(cfg) {
                     let t = &pkt.tuple;
@@ -142,6 +146,15 @@ mod programs {
                     );
                 }
                 let ret = apply(ctx, &pkt, &xlat, slot, new_flow, cfg);
+                if ret == NEXT && lb.0 & ct_flag::BACKENDS != 0 {
+                    // The backend: where the original direction goes, where replies come from.
+                    let (addr, port) = if lb.1 == dir::ORIGINAL {
+                        (xlat.daddr, xlat.dport)
+                    } else {
+                        (pkt.tuple.saddr, pkt.tuple.sport)
+                    };
+                    count_backend(slot, addr, port, pkt.ip_len, new_flow);
+                }
                 if ret == NEXT && at == ct_hook::INGRESS {
                     return forward::redirect(ctx, &xlat, cfg).unwrap_or(NEXT);
                 }
@@ -168,9 +181,9 @@ mod programs {
                 return Verdict::Pass;
             }
             if !(closed && entry.dir == dir::ORIGINAL && pkt.can_open()) {
-                let (xlat, slot) = (entry.xlat, entry.rule_slot);
+                let (xlat, slot, lb) = (entry.xlat, entry.rule_slot, (entry.flags, entry.dir));
                 conntrack::track(&pkt.tuple, e, pkt, now);
-                return Verdict::Translate { xlat, slot, new_flow: false };
+                return Verdict::Translate { xlat, slot, new_flow: false, lb };
             }
             // A new connection reusing the ports of a closed one starts over with the current rules.
             conntrack::remove_flow(&pkt.tuple, entry);
@@ -187,14 +200,19 @@ mod programs {
         let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else { return Verdict::Pass };
         let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, (bank, mask)) else { return Verdict::Pass };
         let created = if at == ct_hook::INGRESS {
-            dnat::create(pkt, slot, rule, iface, now, cfg)
+            dnat::create(pkt, (bank, slot), rule, iface, now, cfg)
         } else {
             snat::allocate(ctx, pkt, slot, rule, ifindex, iface, now, cfg)
         };
         match created {
             Ok(xlat) => {
                 count(Stat::NewFlows);
-                Verdict::Translate { xlat, slot, new_flow: true }
+                let lb = if at == ct_hook::INGRESS && rule.flags & rule_flag::BACKENDS != 0 {
+                    (ct_flag::BACKENDS, dir::ORIGINAL)
+                } else {
+                    (0, dir::ORIGINAL)
+                };
+                Verdict::Translate { xlat, slot, new_flow: true, lb }
             }
             Err(reason) => {
                 count(reason);

@@ -3,13 +3,15 @@
 //! attribute takes only a literal); the loader's tests check the built object has each of them.
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
+    bindings::BPF_NOEXIST,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use pfwd_common::{
-    BUCKET_ENTRIES, Bucket, BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, FragEntry, FragKey, IfaceInfo,
-    MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES, MAX_SOCKETS, RULE_BANKS, RULE_ENTRIES, RecordText,
-    RuleCounters, RuleEntry, SockKey, SockOrig, Stat, Tuple, unconfirmed_ct_entries,
+    BACKEND_COUNTER_ENTRIES, BACKEND_ENTRIES, BUCKET_ENTRIES, BackendCounterKey, BackendEntry, BackendKey, Bucket,
+    BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, FragEntry, FragKey, IfaceInfo, MAX_FRAG_DATAGRAMS, MAX_IFACES,
+    MAX_LOCAL_ADDRS, MAX_RULES, MAX_SOCKETS, RULE_BANKS, RULE_ENTRIES, RecordText, RuleCounters, RuleEntry, SockKey,
+    SockOrig, Stat, Tuple, unconfirmed_ct_entries,
 };
 
 #[map(name = "PFWD_RULES")]
@@ -55,6 +57,39 @@ pub static RECORD: Array<RecordText> = Array::pinned(1, 0);
 /// This host's IPv4 addresses (network order; the value is unused), kept by userspace: what `-d local` matches.
 #[map(name = "PFWD_LOCAL_ADDRS")]
 pub static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::pinned(MAX_LOCAL_ADDRS, 0);
+
+/// The Maglev tables of rules with several backends, both banks' (see `pfwd_common::BackendKey`). Not preallocated:
+/// most instances have none.
+#[map(name = "PFWD_BACKENDS")]
+pub static BACKENDS: HashMap<BackendKey, BackendEntry> = HashMap::pinned(BACKEND_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Per-backend counters of rules with several backends (`packets`, `bytes`, `flows`; per CPU), created by the first
+/// packet to a backend.
+#[map(name = "PFWD_BACKEND_CNT")]
+pub static BACKEND_COUNTERS: PerCpuHashMap<BackendCounterKey, RuleCounters> =
+    PerCpuHashMap::pinned(BACKEND_COUNTER_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Counts a packet of `bytes` (and a flow if `new_flow`) for the backend `addr:port` of the rule in `slot`. Not
+/// inlined: its key stays off the callers' stack frame.
+#[inline(never)]
+pub fn count_backend(slot: u32, addr: u32, port: u16, bytes: u32, new_flow: bool) {
+    let key = BackendCounterKey { slot, addr, port, _pad: 0 };
+    let mut c = BACKEND_COUNTERS.get_ptr_mut(&key);
+    if c.is_none() {
+        // A full map refuses: that backend is then not counted.
+        let _ = BACKEND_COUNTERS.insert(&key, &RuleCounters::default(), BPF_NOEXIST as u64);
+        c = BACKEND_COUNTERS.get_ptr_mut(&key);
+    }
+    if let Some(c) = c {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        let c = unsafe { &mut *c };
+        c.packets += 1;
+        c.bytes += bytes as u64;
+        if new_flow {
+            c.flows += 1;
+        }
+    }
+}
 
 /// Counts one event in the global counters.
 #[inline(always)]

@@ -99,5 +99,5 @@ pub fn allocate(
         }
     }
     // A CPU racing for the same port makes this fail with CT_CLASH: the flow's next packet tries again.
-    conntrack::create(t, &xlat, slot, now, cfg, ct_hook::EGRESS).map(|_| xlat)
+    conntrack::create(t, &xlat, slot, now, cfg, (ct_hook::EGRESS, 0)).map(|_| xlat)
 }

@@ -917,8 +917,11 @@ pub fn status() -> Result<Status> {
     let Some(state) = lock.load()? else {
         return Ok(Status::NotAttached);
     };
-    let rule_status =
-        |s: &StoredRule, counters: report::Counters| RuleStatus { rule: RuleReport::from(&s.rule), counters };
+    let rule_status = |s: &StoredRule, counters: report::Counters| RuleStatus {
+        rule: RuleReport::from(&s.rule),
+        counters,
+        backend_counters: Vec::new(),
+    };
     let read = || -> Result<_> {
         Ok(match Backend::of(&state, &lock.inst) {
             Backend::Ebpf(kernel) => {
@@ -926,7 +929,21 @@ pub fn status() -> Result<Status> {
                 let rules = state
                     .rules
                     .iter()
-                    .map(|s| Ok(rule_status(s, kernel.rule_counters(s.slot)?.into())))
+                    .map(|s| {
+                        let mut st = rule_status(s, kernel.rule_counters(s.slot)?.into());
+                        if !s.rule.backends.is_empty() {
+                            // Keyed by the translated destination: with backends that keep the original port, by
+                            // each port the flows came to (summed by the merge).
+                            let keep_port = s.rule.backends[0].port.is_none();
+                            let counted: Vec<_> = kernel
+                                .backend_counters(s.slot)?
+                                .into_iter()
+                                .map(|(a, p, c)| (Ipv4Addr::from(u32::from_be(a)), (!keep_port).then_some(p), c.into()))
+                                .collect();
+                            st.backend_counters = report::BackendStatus::merge(&s.rule.backends, &counted);
+                        }
+                        Ok(st)
+                    })
                     .collect::<Result<_>>()?;
                 let now = monotonic_ns();
                 let ct = kernel.conntrack()?;
@@ -960,12 +977,22 @@ pub fn status() -> Result<Status> {
             }
             Backend::Iptables => {
                 let counters = fallback::counters()?;
+                let per_backend = fallback::backend_counters()?;
                 let rules = state
                     .rules
                     .iter()
                     .map(|s| {
                         let c = counters.iter().find(|(id, _)| *id == s.rule.id).map(|(_, c)| *c).unwrap_or_default();
-                        rule_status(s, c.into())
+                        let mut st = rule_status(s, c.into());
+                        if !s.rule.backends.is_empty() {
+                            let counted: Vec<_> = per_backend
+                                .iter()
+                                .filter(|(id, ..)| *id == s.rule.id)
+                                .map(|&(_, a, p, c)| (a, p, c.into()))
+                                .collect();
+                            st.backend_counters = report::BackendStatus::merge(&s.rule.backends, &counted);
+                        }
+                        st
                     })
                     .collect();
                 let conntrack = ConntrackSummary::Netfilter(NetfilterConntrack {

@@ -66,6 +66,8 @@ pub fn existing_tables() -> Result<Vec<String>> {
 /// stay are carried over (`iptables-restore -c`), so adding or removing one rule does not zero the others.
 pub fn sync_rules(rules: &[Rule]) -> Result<()> {
     let counters = counters().unwrap_or_default();
+    // A rule's total goes to its first line only (a rule with several backends has one per backend).
+    let mut carried = std::collections::HashSet::new();
     let script: String = iptables::nat_chain_script(rules)
         .lines()
         .map(|line| {
@@ -73,7 +75,9 @@ pub fn sync_rules(rules: &[Rule]) -> Result<()> {
                 .split(|c: char| c == '"' || c.is_whitespace())
                 .find_map(|t| t.strip_prefix(iptables::COMMENT_PREFIX));
             match counters.iter().find(|(i, _)| Some(i.to_string().as_str()) == id) {
-                Some((_, c)) if line.starts_with("-A ") => format!("[{}:{}] {line}\n", c.packets, c.bytes),
+                Some((i, c)) if line.starts_with("-A ") && carried.insert(*i) => {
+                    format!("[{}:{}] {line}\n", c.packets, c.bytes)
+                }
                 _ => format!("{line}\n"),
             }
         })
@@ -172,21 +176,52 @@ pub fn unload(created_tables: &[String]) -> Result<()> {
     if errors.is_empty() { Ok(()) } else { bail!("removing pfwd's iptables rules: {}", errors.join("; ")) }
 }
 
-/// Per-rule counters from the nat rules (`pfwd:ID` comments). netfilter consults NAT rules only for the first
-/// packet of a connection, so packets == flows here.
+/// The counters and rest of each line of `iptables-save -c` output tagged `pfwd:ID`, with the id.
+fn counted_lines(dump: &str) -> impl Iterator<Item = (u32, RuleCounters, &str)> {
+    dump.lines().filter_map(|line| {
+        let (counts, rest) = line.strip_prefix('[').and_then(|l| l.split_once(']'))?;
+        let id = rest.split(|c: char| c == '"' || c.is_whitespace()).find_map(|t| t.strip_prefix("pfwd:"))?;
+        let (Ok(id), Some((p, b))) = (id.parse::<u32>(), counts.split_once(':')) else { return None };
+        let (packets, bytes) = (p.parse().unwrap_or(0), b.parse().unwrap_or(0));
+        Some((id, RuleCounters { packets, bytes, flows: packets, drops: 0 }, rest))
+    })
+}
+
+/// Per-rule counters from the nat rules (`pfwd:ID` comments), the lines of one rule summed (a rule with several
+/// backends has one line per backend). netfilter consults NAT rules only for the first packet of a connection, so
+/// packets == flows here.
 pub fn counters() -> Result<Vec<(u32, RuleCounters)>> {
     let dump = run("iptables-save", &["-c".into(), "-t".into(), "nat".into()], None)?;
-    let mut out = vec![];
-    for line in dump.lines() {
-        let Some((counts, rest)) = line.strip_prefix('[').and_then(|l| l.split_once(']')) else { continue };
-        let Some(id) = rest.split(|c: char| c == '"' || c.is_whitespace()).find_map(|t| t.strip_prefix("pfwd:")) else {
-            continue;
-        };
-        let (Ok(id), Some((p, b))) = (id.parse::<u32>(), counts.split_once(':')) else { continue };
-        let (packets, bytes) = (p.parse().unwrap_or(0), b.parse().unwrap_or(0));
-        out.push((id, RuleCounters { packets, bytes, flows: packets, drops: 0 }));
+    let mut out: Vec<(u32, RuleCounters)> = vec![];
+    for (id, c, _) in counted_lines(&dump) {
+        match out.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, sum)) => {
+                sum.packets += c.packets;
+                sum.bytes += c.bytes;
+                sum.flows += c.flows;
+            }
+            None => out.push((id, c)),
+        }
     }
     Ok(out)
+}
+
+/// One DNAT line's counters: (rule id, backend address, port, counters).
+pub type BackendCount = (u32, std::net::Ipv4Addr, Option<u16>, RuleCounters);
+
+/// Per-backend counters of rules with several backends: each DNAT line's, by its `--to-destination`.
+pub fn backend_counters() -> Result<Vec<BackendCount>> {
+    let dump = run("iptables-save", &["-c".into(), "-t".into(), "nat".into()], None)?;
+    Ok(counted_lines(&dump)
+        .filter_map(|(id, c, rest)| {
+            let to = rest.split_once("--to-destination ")?.1.split_whitespace().next()?;
+            let (addr, port) = match to.split_once(':') {
+                Some((a, p)) => (a.parse().ok()?, Some(p.parse().ok()?)),
+                None => (to.parse().ok()?, None),
+            };
+            Some((id, addr, port, c))
+        })
+        .collect())
 }
 
 /// netfilter's connection count in this namespace (all connections, not only translated ones).

@@ -109,9 +109,11 @@ pub fn rule_of(e: &ConntrackEntry, rules: &[Rule]) -> Vec<u32> {
     };
     let t: &FlowTuple = &e.translated;
     let explains = |r: &Rule| match r.target {
-        Target::Dnat { addr, port } => {
-            addr_of(t.dst) == Some(addr) && t.dport == Some(port.unwrap_or(dport)) && e.nat != Nat::Snat
-        }
+        // Any of its backends (the first is the target).
+        Target::Dnat { .. } => r
+            .dnat_backends()
+            .iter()
+            .any(|b| addr_of(t.dst) == Some(b.addr) && t.dport == Some(b.port.unwrap_or(dport)) && e.nat != Nat::Snat),
         Target::Redirect { port } => t.dport == Some(port) && e.nat != Nat::Snat,
         Target::Snat { addr, ports } => {
             addr_of(t.src) == Some(addr)

@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         cgroup_sock_addr::CgroupSockAddrAttachType,
@@ -32,8 +32,8 @@ use aya::{
     util::nr_cpus,
 };
 use pfwd_common::{
-    Bucket, BucketKey, Config, CtEntry, IfaceInfo, LevelMasks, RULE_BANKS, RecordText, RuleCounters, RuleEntry, Stat,
-    Tuple, names, rule_index,
+    BackendCounterKey, BackendEntry, BackendKey, Bucket, BucketKey, Config, CtEntry, IfaceInfo, LevelMasks, RULE_BANKS,
+    RULE_ENTRIES, RecordText, RuleCounters, RuleEntry, Stat, Tuple, names, rule_index,
 };
 
 use crate::{
@@ -326,6 +326,7 @@ impl Kernel {
         for k in existing.iter().filter(|k| !wanted.contains_key(k)) {
             buckets.remove(k)?;
         }
+        self.write_tables(bank, &compiled.tables, &slot_of)?;
         // The flip: this bank's masks and the bank number in one write; the active bank's masks stay as they are,
         // so a program that read the old bank number still pairs it with the old masks.
         cfg.masks[bank as usize] =
@@ -335,12 +336,76 @@ impl Kernel {
         self.set_config(&cfg)
     }
 
-    /// Clears the counters of a freed slot so its next rule starts from zero.
+    /// Writes the Maglev tables of the rules with several backends into `bank` (each under its rule's index there,
+    /// `slot_of` mapping compile positions to slots) and removes the bank's other tables. An instance created by an
+    /// older pfwd has no tables map: fine as long as no rule needs one.
+    fn write_tables(&self, bank: u32, tables: &[(u32, Vec<BackendEntry>)], slot_of: &dyn Fn(u32) -> u32) -> Result<()> {
+        let Ok(mut map) = self.map::<HashMap<MapData, BackendKey, BackendEntry>>(names::BACKENDS) else {
+            anyhow::ensure!(
+                tables.is_empty(),
+                "this instance was attached by an older pfwd, without rules with several backends; run `pfwd detach` \
+                 and attach again to use them"
+            );
+            return Ok(());
+        };
+        let wanted: HashSet<u32> = tables.iter().map(|(i, _)| rule_index(bank, slot_of(*i))).collect();
+        for (i, table) in tables {
+            let rule = rule_index(bank, slot_of(*i));
+            for (index, e) in table.iter().enumerate() {
+                map.insert(BackendKey { rule, index: index as u32 }, e, 0)?;
+            }
+        }
+        let stale: Vec<BackendKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.rule / RULE_ENTRIES == bank && !wanted.contains(&k.rule))
+            .collect();
+        for k in &stale {
+            let _ = map.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Clears the counters of a freed slot so its next rule starts from zero (its per-backend ones too).
     pub fn reset_counters(&self, slot: u32) -> Result<()> {
         let mut map: PerCpuArray<MapData, RuleCounters> = self.map(names::RULE_COUNTERS)?;
         let zeros = PerCpuValues::try_from(vec![RuleCounters::default(); nr_cpus().map_err(|(_, e)| e)?])?;
         map.set(slot, zeros, 0)?;
+        if let Ok(mut per_backend) =
+            self.map::<PerCpuHashMap<MapData, BackendCounterKey, RuleCounters>>(names::BACKEND_COUNTERS)
+        {
+            let keys: Vec<BackendCounterKey> =
+                per_backend.keys().filter_map(Result::ok).filter(|k| k.slot == slot).collect();
+            for k in &keys {
+                let _ = per_backend.remove(k);
+            }
+        }
         Ok(())
+    }
+
+    /// The per-backend counters of the rule in `slot`, summed over CPUs: `(backend address (network order), port,
+    /// counters)` for every backend that has had a packet, including backends since removed from the rule whose flows
+    /// went on. Empty for an instance without the map.
+    pub fn backend_counters(&self, slot: u32) -> Result<Vec<(u32, u16, RuleCounters)>> {
+        let Ok(map) = self.map::<PerCpuHashMap<MapData, BackendCounterKey, RuleCounters>>(names::BACKEND_COUNTERS)
+        else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for item in map.iter() {
+            let (k, per_cpu) = item?;
+            if k.slot != slot {
+                continue;
+            }
+            let sum = per_cpu.iter().fold(RuleCounters::default(), |a, c| RuleCounters {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+                flows: a.flows + c.flows,
+                drops: a.drops + c.drops,
+            });
+            out.push((k.addr, k.port, sum));
+        }
+        Ok(out)
     }
 
     /// Counters of `slot`, summed over CPUs.
@@ -418,7 +483,8 @@ impl Kernel {
         use std::os::fd::{AsFd, AsRawFd};
         let mut out = vec![];
         for name in names::MAPS {
-            let data = MapData::from_pin(self.dir.join(name))?;
+            // An instance attached by an older pfwd may lack the newer maps.
+            let Ok(data) = MapData::from_pin(self.dir.join(name)) else { continue };
             let fdinfo = fs::read_to_string(format!("/proc/self/fdinfo/{}", data.fd().as_fd().as_raw_fd()))?;
             let bytes = fdinfo
                 .lines()

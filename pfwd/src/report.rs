@@ -147,6 +147,9 @@ pub struct RuleReport {
     pub to_port: Option<u16>,
     /// SNAT and MASQUERADE: the source port range, when given.
     pub to_ports: Option<String>,
+    /// DNAT with several backends: every one (`to` and `to_port` are the first's); absent otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<crate::rules::Backend>,
 }
 
 impl From<&Rule> for RuleReport {
@@ -173,6 +176,7 @@ impl From<&Rule> for RuleReport {
             to,
             to_port,
             to_ports,
+            backends: r.backends.clone(),
         }
     }
 }
@@ -184,6 +188,57 @@ pub struct RuleStatus {
     pub rule: RuleReport,
     #[serde(flatten)]
     pub counters: Counters,
+    /// A rule with several backends: each backend's counters (see [`BackendStatus`]); absent otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backend_counters: Vec<BackendStatus>,
+}
+
+/// One backend of a rule with several, in `pfwd status`: the rule's backends in its order, then any backend since
+/// removed from the rule that still counted packets (its established flows go on until they end).
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    pub addr: Ipv4Addr,
+    pub port: Option<u16>,
+    /// Not one of the rule's backends any more.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
+    pub bytes: u64,
+    /// Flows sent to this backend (eBPF mode; in iptables mode connections, as for the rule).
+    pub flows: u64,
+    /// Packets to and from this backend (iptables mode: first packets of connections).
+    pub packets: u64,
+}
+
+impl BackendStatus {
+    /// The per-backend lines of a rule: its `backends` with the counters found for them in `counted` (address,
+    /// port, counters; a missing one is zero), then the counted backends that are not in the list any more.
+    pub fn merge(backends: &[crate::rules::Backend], counted: &[(Ipv4Addr, Option<u16>, Counters)]) -> Vec<Self> {
+        let line = |addr, port, c: Counters, removed| BackendStatus {
+            addr,
+            port,
+            removed,
+            bytes: c.bytes,
+            flows: c.flows,
+            packets: c.packets,
+        };
+        let sum = |addr, port| {
+            counted.iter().filter(|(a, p, _)| *a == addr && *p == port).fold(Counters::default(), |s, (_, _, c)| {
+                Counters {
+                    bytes: s.bytes + c.bytes,
+                    drops: s.drops + c.drops,
+                    flows: s.flows + c.flows,
+                    packets: s.packets + c.packets,
+                }
+            })
+        };
+        let mut out: Vec<Self> = backends.iter().map(|b| line(b.addr, b.port, sum(b.addr, b.port), false)).collect();
+        for &(a, p, _) in counted {
+            if !out.iter().any(|b| b.addr == a && b.port == p) {
+                out.push(line(a, p, sum(a, p), true));
+            }
+        }
+        out
+    }
 }
 
 /// A rule's counters. In iptables mode netfilter consults NAT rules for the first packet of a connection only, so
@@ -395,6 +450,41 @@ mod tests {
         crate::rules::parse_config(&format!("[[rule]]\nid = 7\n{fields}")).unwrap().remove(0)
     }
 
+    /// A rule with several backends: `list --json` lists them, `status --json` counts each, and a backend removed
+    /// from the rule that still has flows is shown as removed.
+    #[test]
+    fn backends_in_json() {
+        let r = rule("kind = \"dnat\"\nproto = \"tcp\"\ndport = 80\nto = \"10.0.2.2:8080,10.0.2.3:8080@2\"");
+        let c = |flows| Counters { bytes: 100 * flows, drops: 0, flows, packets: 2 * flows };
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let counted = [
+            (ip("10.0.2.3"), Some(8080), c(5)),
+            (ip("10.0.2.9"), Some(8080), c(1)),
+            (ip("10.0.2.3"), Some(8080), c(1)),
+        ];
+        let v = serde_json::to_value(RuleStatus {
+            rule: RuleReport::from(&r),
+            counters: c(7),
+            backend_counters: BackendStatus::merge(&r.backends, &counted),
+        })
+        .unwrap();
+        assert_eq!(
+            v["backends"],
+            serde_json::json!([{"addr": "10.0.2.2", "port": 8080}, {"addr": "10.0.2.3", "port": 8080, "weight": 2}])
+        );
+        assert_eq!(
+            v["backend_counters"],
+            serde_json::json!([
+                {"addr": "10.0.2.2", "port": 8080, "bytes": 0, "flows": 0, "packets": 0},
+                {"addr": "10.0.2.3", "port": 8080, "bytes": 600, "flows": 6, "packets": 12},
+                {"addr": "10.0.2.9", "port": 8080, "removed": true, "bytes": 100, "flows": 1, "packets": 2},
+            ])
+        );
+        // One backend: neither field.
+        let one = serde_json::to_value(RuleReport::from(&rule("kind = \"dnat\"\nto = \"10.0.2.2\""))).unwrap();
+        assert!(one.get("backends").is_none());
+    }
+
     /// The exact text `--json` printed when it was built with `json!`, key order included.
     #[test]
     fn rule_json_is_unchanged() {
@@ -415,6 +505,7 @@ mod tests {
         let v = serde_json::to_value(RuleStatus {
             rule: RuleReport::from(&r),
             counters: Counters { bytes: 1, drops: 2, flows: 3, packets: 4 },
+            backend_counters: Vec::new(),
         })
         .unwrap();
         assert_eq!(v["kind"], "masquerade");

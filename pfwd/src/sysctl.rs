@@ -28,26 +28,35 @@ pub fn wanted(rules: &[Rule], ifaces: &[String]) -> Vec<(String, String, String)
     };
     // --local rules translate sockets of this host: nothing arrives on an interface or is forwarded.
     for r in rules.iter().filter(|r| !r.local) {
-        match r.target {
-            Target::Dnat { addr, .. } if addr.is_loopback() => {
-                for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| (ri == *i) != r.not.iface)) {
+        // Each backend of a DNAT rule with several, like a rule of its own.
+        let targets: Vec<Target> = match r.target {
+            Target::Dnat { .. } => {
+                r.dnat_backends().iter().map(|b| Target::Dnat { addr: b.addr, port: b.port }).collect()
+            }
+            t => vec![t],
+        };
+        for target in targets {
+            match target {
+                Target::Dnat { addr, .. } if addr.is_loopback() => {
+                    for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| (ri == *i) != r.not.iface)) {
+                        want(
+                            format!("net/ipv4/conf/{i}/route_localnet"),
+                            format!("rule {} DNATs to loopback {addr} on {i}", r.id),
+                        );
+                    }
+                }
+                Target::Dnat { addr, .. } if !locals.contains(&addr) && addr != Ipv4Addr::UNSPECIFIED => {
+                    want("net/ipv4/ip_forward".into(), format!("rule {} forwards to another host ({addr})", r.id));
+                }
+                // Source NAT is what a router does for the hosts behind it: their packets must be forwarded.
+                Target::Snat { .. } | Target::Masquerade { .. } => {
                     want(
-                        format!("net/ipv4/conf/{i}/route_localnet"),
-                        format!("rule {} DNATs to loopback {addr} on {i}", r.id),
+                        "net/ipv4/ip_forward".into(),
+                        format!("rule {} ({}) translates forwarded traffic", r.id, r.kind_name()),
                     );
                 }
+                _ => {}
             }
-            Target::Dnat { addr, .. } if !locals.contains(&addr) && addr != Ipv4Addr::UNSPECIFIED => {
-                want("net/ipv4/ip_forward".into(), format!("rule {} forwards to another host ({addr})", r.id));
-            }
-            // Source NAT is what a router does for the hosts behind it: their packets must be forwarded.
-            Target::Snat { .. } | Target::Masquerade { .. } => {
-                want(
-                    "net/ipv4/ip_forward".into(),
-                    format!("rule {} ({}) translates forwarded traffic", r.id, r.kind_name()),
-                );
-            }
-            _ => {}
         }
     }
     out

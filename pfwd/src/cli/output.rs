@@ -33,6 +33,17 @@ pub(super) fn print_status(s: &InstanceStatus) {
                 "  {:>4}  {:>7}  {:>9}  {:>11}  {:>6}  {}",
                 r.rule.id, c.flows, c.packets, c.bytes, c.drops, r.rule.text
             );
+            for b in &r.backend_counters {
+                let to = match b.port {
+                    Some(p) => format!("{}:{p}", b.addr),
+                    None => b.addr.to_string(),
+                };
+                let removed = if b.removed { " (removed from the rule; its flows go on)" } else { "" };
+                println!(
+                    "  {:>4}  {:>7}  {:>9}  {:>11}  {:>6}    backend {to}{removed}",
+                    "", b.flows, b.packets, b.bytes, ""
+                );
+            }
         }
     }
     let ct = &s.conntrack;

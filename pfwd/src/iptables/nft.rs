@@ -16,20 +16,46 @@ fn nft_iface_set(ifaces: &[String]) -> String {
     format!("{{ {} }}", names.join(", "))
 }
 
+/// A DNAT to several backends: `numgen random` over the total weight, mapped by intervals to the backends (each a
+/// share as wide as its weight). Random, like the iptables ladder, in the Maglev table's proportions.
+fn nft_backends(r: &Rule) -> String {
+    let total: u32 = r.backends.iter().map(|b| b.weight).sum();
+    let mut from = 0;
+    let mut items = Vec::with_capacity(r.backends.len());
+    for b in &r.backends {
+        let to = from + b.weight - 1;
+        let key = if to == from { from.to_string() } else { format!("{from}-{to}") };
+        items.push(match b.port {
+            Some(p) => format!("{key} : {} . {p}", b.addr),
+            None => format!("{key} : {}", b.addr),
+        });
+        from = to + 1;
+    }
+    // Validation keeps a rule's backends all with a port or all without.
+    let form = if r.backends[0].port.is_some() { "dnat ip to" } else { "dnat to" };
+    format!("{form} numgen random mod {total} map {{ {} }}", items.join(", "))
+}
+
 /// One rule; `companion`: the masquerade a `--hairpin` rule adds, tagged `pfwd:ID-hairpin`.
 fn nft_rule(r: &Rule, companion: bool) -> String {
     let mut s = Vec::new();
+    // iptables' `!` is nft's `!=`.
+    let ne = |negated: bool| if negated { "!= " } else { "" };
     if let Some(i) = &r.iface {
-        s.push(format!("iifname \"{i}\""));
+        s.push(format!("iifname {}\"{i}\"", ne(r.not.iface)));
     }
     if let Some(o) = &r.oface {
-        s.push(format!("oifname \"{o}\""));
+        s.push(format!("oifname {}\"{o}\"", ne(r.not.iface)));
     }
     if let Some(n) = r.src.filter(|n| n.prefix_len() > 0) {
-        s.push(format!("ip saddr {}", nft_net(n)));
+        s.push(format!("ip saddr {}{}", ne(r.not.src), nft_net(n)));
     }
     if let Some(n) = r.dst.filter(|n| n.prefix_len() > 0) {
-        s.push(format!("ip daddr {}", nft_net(n)));
+        s.push(format!("ip daddr {}{}", ne(r.not.dst), nft_net(n)));
+    }
+    if r.dst_local {
+        // `-m addrtype --dst-type LOCAL`.
+        s.push("fib daddr type local".into());
     }
     match (r.proto, r.dport) {
         (Some(p), Some(d)) => s.push(format!("{p} dport {d}")),
@@ -37,6 +63,7 @@ fn nft_rule(r: &Rule, companion: bool) -> String {
         (None, _) => {}
     }
     s.push(match r.target {
+        Target::Dnat { .. } if !r.backends.is_empty() => nft_backends(r),
         Target::Dnat { addr, port: Some(p) } => format!("dnat to {addr}:{p}"),
         Target::Dnat { addr, port: None } => format!("dnat to {addr}"),
         Target::Redirect { port } => format!("redirect to :{port}"),
@@ -194,6 +221,39 @@ mod tests {
             export_nft(&local_sample(), Some(&[]))
                 .contains("priority -100; policy accept;\n\t\taccept comment \"pfwd: no interfaces\"\n")
         );
+    }
+
+    /// Negations and `-d local` (they were dropped: `! -s NET` came out as `ip saddr NET`).
+    #[test]
+    fn negation_and_dst_local_nft() {
+        let rules = vec![
+            with_id(1, "dnat ! -i eth1 -p tcp -d local --dport 81 --to 10.0.2.3"),
+            with_id(2, "dnat ! -s 10.0.0.0/8 ! -d 203.0.113.1 --to 10.0.2.2"),
+            with_id(3, "masquerade ! -o eth0 -s 172.17.0.0/16"),
+        ];
+        let nft = export_nft(&rules, None);
+        assert!(nft.contains("\t\tiifname != \"eth1\" fib daddr type local tcp dport 81 dnat to 10.0.2.3"), "{nft}");
+        assert!(nft.contains("\t\tip saddr != 10.0.0.0/8 ip daddr != 203.0.113.1 dnat to 10.0.2.2"), "{nft}");
+        assert!(nft.contains("\t\toifname != \"eth0\" ip saddr 172.17.0.0/16 masquerade"), "{nft}");
+    }
+
+    #[test]
+    fn backends_nft() {
+        let rules = vec![
+            with_id(3, "dnat -p tcp --dport 80 --to 10.0.2.2:8080,10.0.2.3:8080@2,10.0.2.4:8080"),
+            with_id(4, "dnat -d 203.0.113.9 --to 10.0.2.2,10.0.2.3"),
+        ];
+        let nft = export_nft(&rules, None);
+        assert!(
+            nft.contains(
+                "\t\ttcp dport 80 dnat ip to numgen random mod 4 map { 0 : 10.0.2.2 . 8080, 1-2 : 10.0.2.3 . 8080, \
+             3 : 10.0.2.4 . 8080 } comment \"pfwd:3\"\n"
+            ),
+            "{nft}"
+        );
+        assert!(nft.contains(
+            "\t\tip daddr 203.0.113.9 dnat to numgen random mod 2 map { 0 : 10.0.2.2, 1 : 10.0.2.3 } comment \"pfwd:4\"\n"
+        ), "{nft}");
     }
 
     #[test]

@@ -41,9 +41,47 @@ pub(super) fn restore_word(word: &str) -> String {
     format!("\"{}\"", word.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// One rule in `iptables-save` canonical form, without the leading `-A CHAIN`. `companion`: the rule is the one a
-/// `--hairpin` rule adds, tagged `pfwd:ID-hairpin` (its connections are counted by the rule's own line).
-fn rule_spec(r: &Rule, companion: bool) -> String {
+/// `--probability P` as `iptables-save` prints it: iptables keeps P in 31 bits and prints 11 decimals.
+fn probability(p: f64) -> String {
+    let fixed = (p * f64::from(0x8000_0000u32)).round();
+    format!("{:.11}", fixed / f64::from(0x8000_0000u32))
+}
+
+/// A DNAT rule with several backends as iptables' `-m statistic --mode random` ladder, one line per backend (each
+/// tagged with the rule's id): line `k` takes its backend's weight over the weight of the backends from `k` on, the
+/// last takes what is left. `matches` is the rule's match part, `comment` its comment match. New connections are
+/// spread at random in the same proportions as the kernel's Maglev table spreads them by hash (netfilter's
+/// conntrack then keeps each connection with its backend, as pfwd's does).
+fn ladder(r: &Rule, matches: &str, comment: &str) -> Vec<String> {
+    let mut left: u32 = r.backends.iter().map(|b| b.weight).sum();
+    let last = r.backends.len() - 1;
+    r.backends
+        .iter()
+        .enumerate()
+        .map(|(k, b)| {
+            let stat = if k == last {
+                String::new()
+            } else {
+                format!(
+                    "-m statistic --mode random --probability {} ",
+                    probability(f64::from(b.weight) / f64::from(left))
+                )
+            };
+            left -= b.weight;
+            let to = match b.port {
+                Some(p) => format!("{}:{p}", b.addr),
+                None => b.addr.to_string(),
+            };
+            let sep = if matches.is_empty() { "" } else { " " };
+            format!("{matches}{sep}{stat}{comment} -j DNAT --to-destination {to}")
+        })
+        .collect()
+}
+
+/// One rule in `iptables-save` canonical form, without the leading `-A CHAIN`: one line, or for a DNAT rule with
+/// several backends one line per backend ([`ladder`]). `companion`: the rule is the one a `--hairpin` rule adds,
+/// tagged `pfwd:ID-hairpin` (its connections are counted by the rule's own line).
+fn rule_spec(r: &Rule, companion: bool) -> Vec<String> {
     let mut s = Vec::new();
     // iptables-save's form of a negation: `! -s NET`.
     let bang = |negated: bool| if negated { "! " } else { "" };
@@ -74,7 +112,12 @@ fn rule_spec(r: &Rule, companion: bool) -> String {
     if r.dst_local {
         s.push("-m addrtype --dst-type LOCAL".into());
     }
-    s.push(format!("-m comment --comment \"{COMMENT_PREFIX}{}{}\"", r.id, if companion { HAIRPIN_SUFFIX } else { "" }));
+    let comment =
+        format!("-m comment --comment \"{COMMENT_PREFIX}{}{}\"", r.id, if companion { HAIRPIN_SUFFIX } else { "" });
+    if matches!(r.target, Target::Dnat { .. }) && !r.backends.is_empty() {
+        return ladder(r, &s.join(" "), &comment);
+    }
+    s.push(comment);
     s.push(match r.target {
         Target::Dnat { addr, port: Some(p) } => format!("-j DNAT --to-destination {addr}:{p}"),
         Target::Dnat { addr, port: None } => format!("-j DNAT --to-destination {addr}"),
@@ -85,7 +128,7 @@ fn rule_spec(r: &Rule, companion: bool) -> String {
         Target::Masquerade { ports: Some(r) } => format!("-j MASQUERADE --to-ports {r}"),
         Target::Masquerade { ports: None } => "-j MASQUERADE".to_string(),
     });
-    s.join(" ")
+    vec![s.join(" ")]
 }
 
 /// The body of one of pfwd's chains: rule specs without the leading `-A CHAIN`.
@@ -97,7 +140,7 @@ fn chain_specs(chain: &PfwdChain, rules: &[Rule]) -> Vec<String> {
     }
     let Some(hook) = NatHook::of_pfwd_chain(chain.name) else { return Vec::new() };
     let (rules, owners) = with_companions(rules);
-    hook_order(&rules, hook).into_iter().map(|i| rule_spec(&rules[i], owners[i].is_some())).collect()
+    hook_order(&rules, hook).into_iter().flat_map(|i| rule_spec(&rules[i], owners[i].is_some())).collect()
 }
 
 fn restore_script(rules: &[Rule], hooks: &[Hook]) -> String {
@@ -276,6 +319,33 @@ mod tests {
 
     /// A `--hairpin` rule exports as its DNAT plus the MASQUERADE it adds, tagged `pfwd:ID-hairpin`, in precedence
     /// order with the other rules; the import of that export gives the two rules back.
+    /// Several backends: a `-m statistic` ladder, one line per backend with the rule's id, taking each backend's
+    /// share of what the lines before it left (weights included), in iptables-save's own number format.
+    #[test]
+    fn backends_export_as_a_statistic_ladder() {
+        let rules = vec![with_id(3, "dnat -i eth0 -p tcp --dport 80 --to 10.0.2.2:8080,10.0.2.3:8080@2,10.0.2.4:8080")];
+        let script = nat_chain_script(&rules);
+        let lines: Vec<&str> = script.lines().filter(|l| l.starts_with("-A PFWD-PREROUTING")).collect();
+        let m = "-A PFWD-PREROUTING -i eth0 -p tcp -m tcp --dport 80";
+        let c = "-m comment --comment \"pfwd:3\" -j DNAT --to-destination";
+        assert_eq!(
+            lines,
+            [
+                format!("{m} -m statistic --mode random --probability 0.25000000000 {c} 10.0.2.2:8080"),
+                format!("{m} -m statistic --mode random --probability 0.66666666651 {c} 10.0.2.3:8080"),
+                format!("{m} {c} 10.0.2.4:8080"),
+            ]
+        );
+        // Without matches or ports.
+        let plain = nat_chain_script(&[with_id(4, "dnat --to 10.0.2.2,10.0.2.3")]);
+        assert!(plain.contains(
+            "-A PFWD-PREROUTING -m statistic --mode random --probability 0.50000000000 -m comment --comment \"pfwd:4\" \
+             -j DNAT --to-destination 10.0.2.2\n-A PFWD-PREROUTING -m comment --comment \"pfwd:4\" -j DNAT \
+             --to-destination 10.0.2.3\n"
+        ), "{plain}");
+        assert_eq!(probability(1.0 / 3.0), "0.33333333349");
+    }
+
     #[test]
     fn hairpin_export() {
         let rules = vec![

@@ -132,6 +132,7 @@ fn random_rule(rng: &mut Rng) -> Rule {
         hairpin: None,
         not: Negated::default(),
         dst_local: false,
+        backends: Vec::new(),
     };
     // iptables' `!` on what the rule has (not on /0, which would match nothing), and `-m addrtype --dst-type
     // LOCAL` (-d local) on some DNAT/REDIRECT rules without -d.
@@ -327,6 +328,19 @@ fn real_tools_accept_the_exports() {
         let nft = export_nft(&rules, if rules.len().is_multiple_of(2) { None } else { Some(&ifaces) });
         ns.run(&["nft", "-c", "-f", "-"], &nft);
     }
+
+    // Several backends: iptables-save prints the statistic ladder back as written, nft takes the numgen map. (The
+    // import does not read ladders back yet.)
+    let lb = vec![
+        with_id(20, "dnat -i eth0 -p tcp --dport 80 --to 10.0.2.2:8080,10.0.2.3:8080@2,10.0.2.4:8080"),
+        with_id(21, "dnat -d 203.0.113.9 --to 10.0.2.2-10.0.2.5"),
+    ];
+    let script = nat_chain_script(&lb);
+    ns.run(&["iptables-restore", "--noflush"], &script);
+    let save = ns.run(&["iptables-save"], "");
+    assert_eq!(pfwd_lines(&save), pfwd_lines(&script), "{save}");
+    assert_eq!(pfwd_lines(&save).iter().filter(|l| l.contains("-j DNAT")).count(), 7, "{save}");
+    ns.run(&["nft", "-c", "-f", "-"], &export_nft(&lb, Some(&ifaces)));
 
     // nft: check, then apply twice (the second run replaces the first).
     let nft = export_nft(&with_local(), Some(&ifaces));

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use pfwd_common::maps::{
-    BUCKET_SLOTS, Bucket, BucketKey, COMPANION_SLOTS, MAX_BUCKETS, MAX_RULES, PROTO_ANY, RuleEntry, hook, kind, level,
-    rule_flag,
+    BUCKET_SLOTS, BackendEntry, Bucket, BucketKey, COMPANION_SLOTS, MAX_BACKEND_RULES, MAX_BUCKETS, MAX_RULES,
+    PROTO_ANY, RuleEntry, hook, kind, level, rule_flag,
 };
 
 use super::error::RuleError;
@@ -30,6 +30,8 @@ pub struct Compiled {
     pub snat_level_mask: u32,
     /// [`level`] bits of the levels that have at least one OUTPUT (`--local`) bucket.
     pub local_level_mask: u32,
+    /// `(slot, Maglev table)` of each rule with several backends ([`super::maglev::entries`]), in slot order.
+    pub tables: Vec<(u32, Vec<BackendEntry>)>,
 }
 
 pub(crate) fn bucket_key(hook: u8, ifindex: u32, proto: u8, dport: u16) -> BucketKey {
@@ -110,7 +112,14 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
     }
 
     let mut entries = Vec::with_capacity(rules.len());
+    let mut tables = Vec::new();
     for (pos, r) in rules.iter().enumerate() {
+        if !r.backends.is_empty() {
+            if tables.len() >= MAX_BACKEND_RULES as usize {
+                return Err(RuleError::TooManyBackendRules);
+            }
+            tables.push((slot_of(pos), super::maglev::entries(&r.backends)));
+        }
         let (src_net, src_mask) = net_mask(r.src);
         let (dst_net, dst_mask) = net_mask(r.dst);
         let be = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
@@ -128,7 +137,8 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
         let flags = flag(r.not.src, rule_flag::NOT_SRC)
             | flag(r.not.dst, rule_flag::NOT_DST)
             | flag(r.not.iface, rule_flag::NOT_IFACE)
-            | flag(r.dst_local, rule_flag::DST_LOCAL);
+            | flag(r.dst_local, rule_flag::DST_LOCAL)
+            | flag(!r.backends.is_empty(), rule_flag::BACKENDS);
         let entry = RuleEntry {
             rank: ranks[pos],
             id: r.id,
@@ -202,7 +212,7 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
         b.len = m.len() as _;
         buckets.insert(key, b);
     }
-    Ok(Compiled { entries, buckets, level_mask, snat_level_mask, local_level_mask })
+    Ok(Compiled { entries, buckets, level_mask, snat_level_mask, local_level_mask, tables })
 }
 
 #[cfg(test)]
@@ -323,6 +333,7 @@ mod tests {
                 target: Target::Dnat { addr: Ipv4Addr::from(0x0a00_0000 + i), port: Some(80) },
                 not: Negated::default(),
                 dst_local: false,
+                backends: Vec::new(),
             })
             .collect();
         let start = std::time::Instant::now();

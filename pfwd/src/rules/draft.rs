@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::RuleError;
 use super::model::{Negated, PortRange, Rule, Target, wrong_hook};
-use super::value::{parse_cidr, parse_port, parse_proto_opt, parse_snat_to, parse_to, validate_iface};
+use super::value::{parse_cidr, parse_dnat_to, parse_port, parse_proto_opt, parse_snat_to, validate_iface};
 
 /// What a rule does: the iptables target it stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -199,11 +199,14 @@ pub const FIELDS: &[FieldSpec] = &[
         field: Field::To,
         cli: &["--to", "--to-destination", "--to-source"],
         toml: "to",
-        value: Some("ADDR[:PORT]"),
+        value: Some("ADDR[:PORT][@W][,...]"),
         toml_string: true,
         kinds: &[Kind::Dnat, Kind::Snat],
-        help: "dnat: the new destination, ADDR (keeps the port) or ADDR:PORT (needs -p). snat: the new source, ADDR, \
-               or ADDR:LO-HI to take source ports from when the original one is taken (needs -p).",
+        help: "dnat: the new destination, ADDR (keeps the port) or ADDR:PORT (needs -p); or several backends, \
+               comma-separated, each ADDR[:PORT] with an optional @WEIGHT (default 1), ADDR also an address range \
+               A.B.C.D-A.B.C.E: a new connection goes to one of them by consistent hashing of its addresses and \
+               ports (Maglev; adding or removing a backend moves only about its share), and stays there. snat: the \
+               new source, ADDR, or ADDR:LO-HI to take source ports from when the original one is taken (needs -p).",
     },
     FieldSpec {
         field: Field::ToPort,
@@ -334,6 +337,7 @@ impl RuleDraft {
         let s = spec(field);
         let value = match field {
             Field::To if self.kind == Kind::Snat => "ADDR[:LO-HI]",
+            Field::To => "ADDR[:PORT]",
             _ => s.value.unwrap_or(""),
         };
         match self.syntax {
@@ -405,6 +409,7 @@ impl RuleDraft {
             hairpin: None,
             not: Negated::default(),
             dst_local: false,
+            backends: Vec::new(),
         };
         let (mut to, mut to_port, mut to_ports) = (None, None, None);
         for (field, written, value) in &self.options {
@@ -472,8 +477,9 @@ impl RuleDraft {
         rule.target = match kind {
             Kind::Dnat => {
                 let (w, v) = to.ok_or_else(|| missing(Field::To))?;
-                let (addr, port) = parse_to(v).map_err(at(w))?;
-                Target::Dnat { addr, port }
+                let backends = parse_dnat_to(v).map_err(at(w))?;
+                rule.set_dnat_backends(backends);
+                rule.target
             }
             Kind::Snat => {
                 let (w, v) = to.ok_or_else(|| missing(Field::To))?;
@@ -769,6 +775,81 @@ mod tests {
             toml.to_string(),
             "[[rule]] #1, field iface: iface does not apply to snat; SNAT happens where packets leave: use oface"
         );
+    }
+
+    /// Several DNAT backends: `--to A,B,C` with `@WEIGHT`s and address ranges, printed back, in TOML (a string or a
+    /// list), JSON, and their checks. One backend stays exactly what it was.
+    #[test]
+    fn several_backends_grammar() {
+        let r = ok("dnat -p tcp --dport 80 --to 10.0.2.2:80,10.0.2.3:80@2,10.0.2.4:8080");
+        let b = |a: &str, port: u16, weight: u32| Backend { addr: ip(a), port: Some(port), weight };
+        assert_eq!(r.backends, vec![b("10.0.2.2", 80, 1), b("10.0.2.3", 80, 2), b("10.0.2.4", 8080, 1)]);
+        assert_eq!(r.target, Target::Dnat { addr: ip("10.0.2.2"), port: Some(80) }, "the first is the target");
+        assert_eq!(r.dnat_backends(), r.backends);
+        let shown = "dnat -p tcp --dport 80 --to 10.0.2.2:80,10.0.2.3:80@2,10.0.2.4:8080";
+        assert_eq!(r.to_string(), shown);
+        assert_eq!(ok(shown), r);
+        // iptables' address range: every address, each with the port (and weight).
+        let range = ok("dnat -p tcp --to 10.0.0.1-10.0.0.3:8080");
+        assert_eq!(range.backends, vec![b("10.0.0.1", 8080, 1), b("10.0.0.2", 8080, 1), b("10.0.0.3", 8080, 1)]);
+        assert_eq!(range.to_string(), "dnat -p tcp --to 10.0.0.1:8080,10.0.0.2:8080,10.0.0.3:8080");
+        assert_eq!(ok("dnat --to 10.0.0.1-10.0.0.2@3").backends.iter().map(|x| x.weight).sum::<u32>(), 6);
+        // One backend is the plain target, as before (a weight on it means nothing and is dropped).
+        let one = ok("dnat -p tcp --to 10.0.2.2:80");
+        assert!(one.backends.is_empty());
+        assert_eq!(one.dnat_backends(), vec![b("10.0.2.2", 80, 1)]);
+        assert_eq!(ok("dnat -p tcp --to 10.0.2.2:80@5"), one);
+        assert_eq!(ok("dnat -p tcp --to 10.0.2.2-10.0.2.2:80"), one);
+        assert!(!serde_json::to_string(&one).unwrap().contains("backends"));
+        // Not a duplicate of the same match with other backends.
+        assert!(!r.same_match_and_target(&ok("dnat -p tcp --dport 80 --to 10.0.2.2:80,10.0.2.3:80")));
+        // TOML: the same string, or a list; written back as the string.
+        let one_rule = std::slice::from_ref(&r);
+        let toml = "[[rule]]\nkind = \"dnat\"\nproto = \"tcp\"\ndport = 80\n";
+        let listed = format!("{toml}to = [\"10.0.2.2:80\", \"10.0.2.3:80@2\", \"10.0.2.4:8080\"]\n");
+        assert_eq!(parse_config(&listed).unwrap(), one_rule);
+        let written = to_config(one_rule);
+        assert!(written.contains("to = \"10.0.2.2:80,10.0.2.3:80@2,10.0.2.4:8080\"\n"), "{written}");
+        assert_eq!(parse_config(&written).unwrap(), one_rule);
+        let e = parse_config(&format!("{toml}to = [\"10.0.2.2:80\", 7]\n")).unwrap_err().to_string();
+        assert!(e.contains("field to: expected a string or a list of strings, got integer"), "{e}");
+        // JSON (the state file, `list --json`).
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["backends"],
+            serde_json::json!([{"addr": "10.0.2.2", "port": 80}, {"addr": "10.0.2.3", "port": 80, "weight": 2},
+                               {"addr": "10.0.2.4", "port": 8080}])
+        );
+        assert_eq!(serde_json::from_value::<Rule>(json).unwrap(), r);
+
+        for (cmd, want) in [
+            ("dnat -p tcp --to 10.0.2.2:80,10.0.2.2:80", "10.0.2.2:80 is given twice"),
+            ("dnat --to 10.0.2.2:80,10.0.2.3:80", "--to with a port needs -p tcp"),
+            ("dnat -p tcp --to 10.0.2.2:80,10.0.2.3", "give every backend a port, or none"),
+            ("dnat --to 10.0.2.2,10.0.2.3@0", "bad weight \"0\""),
+            ("dnat --to 10.0.2.2,10.0.2.3@x", "bad weight \"x\""),
+            ("dnat --to 10.0.2.2,10.0.2.3@+2", "bad weight"),
+            ("dnat --to 10.0.2.2,", "not an IPv4 address"),
+            ("dnat --to 10.0.0.9-10.0.0.1", "first address is above its last"),
+            ("dnat --to 10.0.0.0-10.0.1.0", "more than 255 backends"),
+            ("dnat --to 10.0.2.2,0.0.0.0", "not a unicast"),
+            ("dnat --to 10.0.2.2@600,10.0.2.3@600", "the weights add up to 1200; at most 1000"),
+            ("dnat -p tcp --to 10.0.2.2:80-90,10.0.2.3", "port ranges are not supported"),
+            ("dnat --local --to 10.0.2.2,10.0.2.3", "not supported with --local"),
+            ("dnat -d 203.0.113.1 --to 10.0.2.2,10.0.2.3 --hairpin 10.0.2.0/24", "--hairpin takes a rule with one"),
+            ("snat --to 10.0.2.2,10.0.2.3", "bad --to \"10.0.2.2,10.0.2.3\""),
+            ("snat --to 10.0.2.2-10.0.2.3", "address ranges are not supported"),
+        ] {
+            let e = err(cmd);
+            assert!(e.contains(want), "{cmd:?}: got {e:?}, want {want:?}");
+        }
+        // A hand-written state file gets the same checks.
+        let mut bad = r.clone();
+        bad.target = Target::Dnat { addr: ip("10.9.9.9"), port: Some(80) };
+        assert!(bad.validate().unwrap_err().to_string().contains("the first being the target"));
+        bad.backends.truncate(1);
+        bad.target = Target::Dnat { addr: ip("10.0.2.2"), port: Some(80) };
+        assert!(bad.validate().unwrap_err().to_string().contains("two or more"));
     }
 
     /// `--hairpin CIDR`: its spellings in the CLI and TOML, its checks, and the iptables import never producing it.

@@ -1,6 +1,6 @@
 //! [`RuleError`]: everything that can be wrong with a rule, a rule set or a config file.
 
-use pfwd_common::maps::{BUCKET_SLOTS, MAX_BUCKETS, MAX_RULES};
+use pfwd_common::maps::{BUCKET_SLOTS, MAX_BACKEND_RULES, MAX_BUCKETS, MAX_RULES};
 
 /// Everything that can be wrong with a rule, a rule set or a config file. Messages quote the offending input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +62,8 @@ pub enum RuleError {
     TooManyRules(usize),
     #[error("more than {MAX_BUCKETS} (interface, protocol, port) combinations; each port of a --dport range uses one")]
     TooManyBuckets,
+    #[error("more than {MAX_BACKEND_RULES} rules with several backends")]
+    TooManyBackendRules,
     #[error("bad TOML: {0}")]
     Toml(String),
     #[error("{0}")]

@@ -34,6 +34,7 @@
 pub mod compile;
 pub mod draft;
 pub mod error;
+pub mod maglev;
 pub mod model;
 pub mod precedence;
 pub mod toml;
@@ -42,10 +43,10 @@ pub mod value;
 pub use compile::{Compiled, compile, with_companions};
 pub use draft::{DraftError, FIELDS, Field, FieldSpec, Kind, RuleDraft, Syntax};
 pub use error::RuleError;
-pub use model::{DedupKey, Negated, PortRange, Proto, Rule, Target, check_duplicate, next_id, remove_by_id};
+pub use model::{Backend, DedupKey, Negated, PortRange, Proto, Rule, Target, check_duplicate, next_id, remove_by_id};
 pub use precedence::{precedence_cmp, precedence_order};
 pub use toml::{parse_config, to_config};
-pub use value::{parse_cidr, parse_port, parse_snat_to, parse_to, validate_iface};
+pub use value::{parse_cidr, parse_dnat_to, parse_port, parse_snat_to, parse_to, validate_iface};
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::str::FromStr;
 
 use ipnet::Ipv4Net;
-use pfwd_common::maps::{PROTO_TCP, PROTO_UDP};
+use pfwd_common::maps::{MAX_BACKENDS, PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
 
 use super::draft::Kind;
@@ -191,6 +191,53 @@ impl fmt::Display for Target {
     }
 }
 
+/// Most total weight of one rule's backends: each backend keeps at least a few entries of the rule's Maglev table.
+pub const MAX_TOTAL_WEIGHT: u32 = 1000;
+
+/// One backend of a DNAT rule with several (`--to 10.0.2.2:80,10.0.2.3:80@2`): its address, port (`None` keeps the
+/// original destination port) and weight (its share of new flows is its weight over the total).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Backend {
+    pub addr: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(w: &u32) -> bool {
+    *w == 1
+}
+
+impl Backend {
+    pub fn new(addr: Ipv4Addr, port: Option<u16>) -> Self {
+        Backend { addr, port, weight: 1 }
+    }
+}
+
+/// `ADDR[:PORT][@WEIGHT]`, the weight only when it is not 1.
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.addr)?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        if self.weight != 1 {
+            write!(f, "@{}", self.weight)?;
+        }
+        Ok(())
+    }
+}
+
+/// Backends as `--to` takes them: comma-separated.
+pub fn fmt_backends(backends: &[Backend]) -> String {
+    backends.iter().map(Backend::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// One forwarding rule. Absent match fields match everything. Prefixes are kept normalized (host bits cleared).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rule {
@@ -227,6 +274,11 @@ pub struct Rule {
     /// the routing table says when the packet arrives (so it follows address changes).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dst_local: bool,
+    /// A DNAT rule's backends when it has several (empty otherwise, the target being the one): every one, the first
+    /// also in `target` (so code that looks at the target's address sees the first backend). Set it with
+    /// [`Rule::set_dnat_backends`]; read it with [`Rule::dnat_backends`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<Backend>,
 }
 
 /// Which matches of a rule are negated.
@@ -260,6 +312,7 @@ pub type DedupKey = (
     Target,
     Option<(u32, u32)>,
     (Negated, bool),
+    Vec<Backend>,
 );
 
 /// `(network, mask)` in host order; an absent prefix is `0/0`, so `None` and `0.0.0.0/0` behave the same.
@@ -304,7 +357,79 @@ impl Rule {
             hairpin: None,
             not: Negated::default(),
             dst_local: false,
+            backends: Vec::new(),
         })
+    }
+
+    /// A DNAT rule's backends: its several ones, or its one target with weight 1 (none for other kinds).
+    pub fn dnat_backends(&self) -> Vec<Backend> {
+        match self.target {
+            Target::Dnat { .. } if !self.backends.is_empty() => self.backends.clone(),
+            Target::Dnat { addr, port } => vec![Backend::new(addr, port)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Makes the rule a DNAT to `backends` (at least one): one backend is a plain target (its weight means nothing
+    /// then and is dropped), several are kept in [`Rule::backends`] with the first as the target.
+    pub fn set_dnat_backends(&mut self, backends: Vec<Backend>) {
+        let first = backends[0];
+        self.target = Target::Dnat { addr: first.addr, port: first.port };
+        self.backends = if backends.len() > 1 { backends } else { Vec::new() };
+    }
+
+    /// Checks a rule's several backends (see `--to`'s help).
+    fn check_backends(&self) -> Result<(), RuleError> {
+        let b = &self.backends;
+        if b.is_empty() {
+            return Ok(());
+        }
+        let input = fmt_backends(b);
+        let bad = |reason: String| Err(RuleError::BadTo { input: input.clone(), reason });
+        let Target::Dnat { addr, port } = self.target else {
+            return bad(format!("several backends are for dnat rules, not {}", self.kind_name()));
+        };
+        if b.len() < 2 || (addr, port) != (b[0].addr, b[0].port) {
+            return bad("the backends list must have two or more, the first being the target".into());
+        }
+        if b.len() > MAX_BACKENDS {
+            return bad(format!("{} backends; at most {MAX_BACKENDS} are supported", b.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        for x in b {
+            check_to_addr(x.addr).map_err(|r| RuleError::BadTo { input: input.clone(), reason: r.into() })?;
+            if x.port == Some(0) {
+                return bad("port 0 is not allowed (1-65535)".into());
+            }
+            if x.weight == 0 {
+                return bad(format!("{}: a weight is 1 or more", x.addr));
+            }
+            if !seen.insert((x.addr, x.port)) {
+                return bad(format!("{} is given twice", Backend { weight: 1, ..*x }));
+            }
+            total += x.weight;
+        }
+        if total > MAX_TOTAL_WEIGHT {
+            return bad(format!("the weights add up to {total}; at most {MAX_TOTAL_WEIGHT}"));
+        }
+        if b.iter().any(|x| x.port.is_some()) && self.proto.is_none() {
+            return Err(RuleError::ToPortNeedsProto);
+        }
+        if b.iter().any(|x| x.port.is_some() != b[0].port.is_some()) {
+            return bad("give every backend a port, or none (to keep the original port)".into());
+        }
+        if self.local {
+            return Err(RuleError::Unsupported(
+                "several backends are not supported with --local (local connections are translated at connect \
+                 time, before their source port is known)"
+                    .into(),
+            ));
+        }
+        if self.hairpin.is_some() {
+            return Err(RuleError::Unsupported("--hairpin takes a rule with one backend".into()));
+        }
+        Ok(())
     }
 
     pub fn kind_name(&self) -> &'static str {
@@ -356,6 +481,7 @@ impl Rule {
             }
         }
         self.check_negation_and_local()?;
+        self.check_backends()?;
         if let Some(inside) = self.hairpin {
             self.check_hairpin(inside)?;
         }
@@ -478,6 +604,7 @@ impl Rule {
             self.target,
             self.hairpin.map(|n| net_mask(Some(n))),
             (self.not, self.dst_local),
+            self.backends.clone(),
         )
     }
 
@@ -495,6 +622,7 @@ impl Rule {
             && self.hairpin.map(|n| net_mask(Some(n))) == other.hairpin.map(|n| net_mask(Some(n)))
             && self.not == other.not
             && self.dst_local == other.dst_local
+            && self.backends == other.backends
     }
 }
 
@@ -564,6 +692,7 @@ impl fmt::Display for Rule {
         }
         match self.target {
             Target::Masquerade { ports: None } => {}
+            Target::Dnat { .. } if !self.backends.is_empty() => write!(f, " --to {}", fmt_backends(&self.backends))?,
             t => write!(f, " {t}")?,
         }
         if let Some(h) = &self.hairpin {
@@ -653,6 +782,7 @@ mod tests {
             hairpin: None,
             not: Negated::default(),
             dst_local: false,
+            backends: Vec::new(),
         };
         assert_eq!(r.validate().unwrap_err(), RuleError::ToPortNeedsProto);
     }

@@ -194,6 +194,7 @@ mod tests {
                         target,
                         not,
                         dst_local: rng.chance(15),
+                        backends: Vec::new(),
                     }
                 })
                 .collect();

@@ -103,6 +103,7 @@ pub(crate) fn random_rule(rng: &mut Rng) -> Rule {
         target,
         not: Negated::default(),
         dst_local: false,
+        backends: Vec::new(),
     };
     // Negations (iptables' `!`) on what the rule has, and `-d local` for some DNAT/REDIRECT rules.
     r.not.src = r.src.is_some_and(|n| n.prefix_len() > 0) && rng.chance(15);

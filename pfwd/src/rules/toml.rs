@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::draft::{FIELDS, Field, Kind, RuleDraft, Syntax};
 use super::error::{KINDS, RuleError};
-use super::model::{Rule, Target, fmt_net};
+use super::model::{Rule, Target, fmt_backends, fmt_net};
 
 const CONFIG_FIELDS: &[&str] = &[
     "id", "kind", "local", "iface", "oface", "proto", "src", "dst", "dst_type", "dport", "to", "to_port", "to_ports",
@@ -96,6 +96,17 @@ fn rule_from_table(t: &toml::Table) -> Result<Rule, FieldError> {
                 return Err((Some(field), RuleError::Invalid("local must be true or false".into())));
             }
             (Some(toml::Value::String(s)), _) => s.clone(),
+            // Several DNAT backends may be a list: `to = ["10.0.2.2:80", "10.0.2.3:80@2"]`.
+            (Some(toml::Value::Array(items)), Field::To) => {
+                let mut parts = Vec::with_capacity(items.len());
+                for v in items {
+                    match v {
+                        toml::Value::String(s) => parts.push(s.as_str()),
+                        v => return Err(type_error("a string or a list of strings", v)),
+                    }
+                }
+                parts.join(",")
+            }
             // Ports may be written as integers; they are range-checked by the same parser as strings.
             (Some(toml::Value::Integer(n)), Field::Dport | Field::ToPort | Field::ToPorts) => n.to_string(),
             (Some(v), Field::Dport | Field::ToPort | Field::ToPorts) => {
@@ -151,6 +162,9 @@ pub fn to_config(rules: &[Rule]) -> String {
             None => {}
         }
         match r.target {
+            Target::Dnat { .. } if !r.backends.is_empty() => {
+                out.push_str(&format!("to = {}\n", q(&fmt_backends(&r.backends))))
+            }
             Target::Dnat { addr, port: Some(p) } => out.push_str(&format!("to = {}\n", q(&format!("{addr}:{p}")))),
             Target::Dnat { addr, port: None } => out.push_str(&format!("to = {}\n", q(&addr.to_string()))),
             Target::Redirect { port } => out.push_str(&format!("to_port = {port}\n")),

@@ -5,8 +5,10 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use pfwd_common::maps::MAX_BACKENDS;
+
 use super::error::RuleError;
-use super::model::{PortRange, Proto};
+use super::model::{Backend, PortRange, Proto};
 
 /// `-p` value: like iptables, `all` means "no protocol filter".
 pub(super) fn parse_proto_opt(s: &str) -> Result<Option<Proto>, RuleError> {
@@ -115,6 +117,52 @@ pub fn parse_to(s: &str) -> Result<(Ipv4Addr, Option<u16>), RuleError> {
         Some(p) => Some(port_number(p).map_err(bad)?),
     };
     Ok((addr, port))
+}
+
+/// DNAT `--to` value with any number of backends: comma-separated `ADDR[:PORT][@WEIGHT]`, where ADDR may be
+/// iptables' address range `A.B.C.D-A.B.C.E` (every address of it, each with the port and weight given). One
+/// backend without a weight is the plain `ADDR[:PORT]` of [`parse_to`].
+pub fn parse_dnat_to(s: &str) -> Result<Vec<Backend>, RuleError> {
+    let bad = |reason: &str| RuleError::BadTo { input: s.to_string(), reason: reason.to_string() };
+    let mut out = Vec::new();
+    for item in s.split(',') {
+        let (spec, weight) = match item.rsplit_once('@') {
+            Some((spec, w)) => match w.parse::<u32>() {
+                Ok(n) if n >= 1 && w.bytes().all(|b| b.is_ascii_digit()) => (spec, n),
+                _ => return Err(bad(&format!("bad weight {w:?} (expected a number 1 or more)"))),
+            },
+            None => (item, 1),
+        };
+        let (addrs, port) = match spec.split_once(':') {
+            Some((a, p)) => (a, Some(p)),
+            None => (spec, None),
+        };
+        let port = match port {
+            None => None,
+            Some(p) if p.contains('-') => return Err(bad("port ranges are not supported")),
+            Some(p) => Some(port_number(p).map_err(bad)?),
+        };
+        let (lo, hi) = match addrs.split_once('-') {
+            Some((lo, hi)) => (parse_ipv4(lo).map_err(bad)?, parse_ipv4(hi).map_err(bad)?),
+            None => {
+                let a = parse_ipv4(addrs).map_err(bad)?;
+                (a, a)
+            }
+        };
+        let (lo, hi) = (u32::from(lo), u32::from(hi));
+        if lo > hi {
+            return Err(bad("the address range's first address is above its last"));
+        }
+        if (hi - lo) as usize >= MAX_BACKENDS || out.len() + (hi - lo) as usize >= MAX_BACKENDS {
+            return Err(bad(&format!("more than {MAX_BACKENDS} backends")));
+        }
+        for a in lo..=hi {
+            let addr = Ipv4Addr::from(a);
+            check_to_addr(addr).map_err(bad)?;
+            out.push(Backend { addr, port, weight });
+        }
+    }
+    Ok(out)
 }
 
 /// SNAT `--to` value: `ADDR`, `ADDR:PORT` or `ADDR:LO-HI`, the ports being the range new source ports come from.

@@ -474,6 +474,10 @@ fn rule_fields(s: &Spec, jump: Jump, hook: NatHook) -> Res<Rule> {
     match jump {
         Jump::Dnat => {
             let to = to_addr(s, jump).ok_or_else(|| bad(j, "DNAT needs --to-destination ADDR[:PORT]"))?;
+            // iptables takes one address or range (A-B: the rule's backends); pfwd's lists and weights are its own.
+            if to.value.contains([',', '@']) {
+                return Err(bad(to.value, "not iptables: --to-destination takes ADDR[-ADDR][:PORT]"));
+            }
             given.push((Field::To, to));
         }
         Jump::Snat => {
@@ -577,6 +581,20 @@ mod tests {
         assert!(err("-A PREROUTING -p tcp --dport -j REDIRECT --to-port 1").message.contains("--dport needs a value"));
     }
 
+    /// iptables' address range in `--to-destination` is a rule with a backend per address.
+    #[test]
+    fn address_range_is_backends() {
+        let got = ok("-A PREROUTING -p tcp --dport 80 -j DNAT --to-destination 10.0.0.1-10.0.0.3:8080\n\
+                      -A PREROUTING -d 203.0.113.1/32 -j DNAT --to-destination 10.0.1.1-10.0.1.2\n");
+        assert_eq!(
+            got.rules,
+            [
+                rule("dnat -p tcp --dport 80 --to 10.0.0.1:8080,10.0.0.2:8080,10.0.0.3:8080"),
+                rule("dnat -d 203.0.113.1 --to 10.0.1.1,10.0.1.2"),
+            ]
+        );
+    }
+
     #[test]
     fn import_rejections() {
         const A: &str = "iptables -t nat -A PREROUTING";
@@ -630,7 +648,9 @@ mod tests {
                 "too many ports",
             ),
             ("-p tcp --dport 80 -j REDIRECT --to-ports 8000-8010", "8000-8010", "port ranges in --to-ports"),
-            ("-p tcp --dport 80 -j DNAT --to 10.0.0.1-10.0.0.5", "10.0.0.1-10.0.0.5", "address ranges"),
+            ("-p tcp --dport 80 -j DNAT --to 10.0.0.1,10.0.0.5", "10.0.0.1,10.0.0.5", "not iptables"),
+            ("-p tcp --dport 80 -j DNAT --to 10.0.0.1@2", "10.0.0.1@2", "not iptables"),
+            ("-p tcp --dport 80 -j DNAT --to 10.0.0.5-10.0.0.1", "10.0.0.5-10.0.0.1", "first address is above"),
             ("-p tcp --dport 80 -j DNAT --to 10.0.2.2 --random", "--random", "exactly one destination"),
             ("-i eth+ -p tcp --dport 80 -j REDIRECT --to-port 1", "eth+", "wildcards"),
             ("-s 10.0.0.1,10.0.0.2 -j DNAT --to 10.0.2.2", "10.0.0.1,10.0.0.2", "address lists"),
