@@ -10,7 +10,7 @@ use super::chains::{CHAINS, NAT_HOOKS, PfwdChain, hook_order, hook_rules};
 use super::{Import, ImportError, export_iptables, export_nft, import, nat_chain_script};
 use crate::cli::parse_rule as parse_args;
 use crate::rules::tests::Rng;
-use crate::rules::{Negated, PortRange, Proto, Rule, Target};
+use crate::rules::{Backend, Negated, PortRange, Proto, Rule, Target};
 
 pub(crate) fn rule(s: &str) -> Rule {
     parse_args(&s.split_whitespace().collect::<Vec<_>>()).unwrap_or_else(|e| panic!("{s}: {e}"))
@@ -141,6 +141,21 @@ fn random_rule(rng: &mut Rng) -> Rule {
     r.not.dst = some(r.dst) && rng.chance(20);
     r.not.iface = r.hook_iface().is_some() && rng.chance(20);
     r.dst_local = rng.chance(20);
+    // Several backends (not with --local): exported as a -m statistic ladder, which the import joins back.
+    if let Target::Dnat { addr, port } = r.target
+        && !local
+        && rng.chance(25)
+    {
+        let n = 2 + rng.below(3) as u32;
+        let backends = (0..n)
+            .map(|k| Backend {
+                weight: 1 + rng.below(4) as u32,
+                ..Backend::new(Ipv4Addr::from(u32::from(addr).wrapping_add(k)), port)
+            })
+            .collect();
+        r.set_dnat_backends(backends);
+        r.normalize();
+    }
     r
 }
 

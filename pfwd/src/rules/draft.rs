@@ -793,7 +793,9 @@ mod tests {
         let range = ok("dnat -p tcp --to 10.0.0.1-10.0.0.3:8080");
         assert_eq!(range.backends, vec![b("10.0.0.1", 8080, 1), b("10.0.0.2", 8080, 1), b("10.0.0.3", 8080, 1)]);
         assert_eq!(range.to_string(), "dnat -p tcp --to 10.0.0.1:8080,10.0.0.2:8080,10.0.0.3:8080");
-        assert_eq!(ok("dnat --to 10.0.0.1-10.0.0.2@3").backends.iter().map(|x| x.weight).sum::<u32>(), 6);
+        // A weight applies to each address of the range; weights only count in proportion (kept in lowest terms).
+        let weighted = ok("dnat --to 10.0.0.1-10.0.0.2@3,10.0.0.9@6");
+        assert_eq!(weighted.backends.iter().map(|x| x.weight).collect::<Vec<_>>(), [1, 1, 2]);
         // One backend is the plain target, as before (a weight on it means nothing and is dropped).
         let one = ok("dnat -p tcp --to 10.0.2.2:80");
         assert!(one.backends.is_empty());
@@ -833,7 +835,7 @@ mod tests {
             ("dnat --to 10.0.0.9-10.0.0.1", "first address is above its last"),
             ("dnat --to 10.0.0.0-10.0.1.0", "more than 255 backends"),
             ("dnat --to 10.0.2.2,0.0.0.0", "not a unicast"),
-            ("dnat --to 10.0.2.2@600,10.0.2.3@600", "the weights add up to 1200; at most 1000"),
+            ("dnat --to 10.0.2.2@600,10.0.2.3@601", "the weights add up to 1201; at most 1000"),
             ("dnat -p tcp --to 10.0.2.2:80-90,10.0.2.3", "port ranges are not supported"),
             ("dnat --local --to 10.0.2.2,10.0.2.3", "not supported with --local"),
             ("dnat -d 203.0.113.1 --to 10.0.2.2,10.0.2.3 --hairpin 10.0.2.0/24", "--hairpin takes a rule with one"),

@@ -336,6 +336,14 @@ impl Rule {
         self.src = self.src.map(|n| n.trunc());
         self.dst = self.dst.map(|n| n.trunc());
         self.hairpin = self.hairpin.map(|n| n.trunc());
+        // Weights only matter in proportion (`@4,@2` is `@2,@1`): the smallest whole ones, so that equal rules
+        // compare equal whichever way they were written (an iptables ladder gives the proportions only).
+        let gcd = self.backends.iter().map(|b| b.weight).fold(0, gcd);
+        if gcd > 1 {
+            for b in &mut self.backends {
+                b.weight /= gcd;
+            }
+        }
     }
 
     /// The rule a `--hairpin CIDR` DNAT rule adds: `masquerade [-p PROTO] -s CIDR -d TO` with the same id, so
@@ -624,6 +632,10 @@ impl Rule {
             && self.dst_local == other.dst_local
             && self.backends == other.backends
     }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// The error for `-i`/`--dport` on a SNAT/MASQUERADE rule or `-o` on a DNAT/REDIRECT one (`option` as written, or

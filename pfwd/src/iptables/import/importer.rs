@@ -7,10 +7,10 @@ use ipnet::Ipv4Net;
 
 use super::command::{Command, Head, NAT_TABLE, check_table, jump_of, parse_head};
 use super::lex::{check_dashes, is_counters, is_save_line, logical_lines, split_inline, tokenize, tokenize_restore};
-use super::spec::{Jump, build_rules, parse_spec};
+use super::spec::{Jump, Share, build_rules, parse_spec, statistic_share};
 use super::{Bad, Import, ImportError, Res, bad};
 use crate::iptables::chains::{CHAINS, NAT_HOOKS, NatHook, hook_order};
-use crate::rules::{Rule, precedence_order};
+use crate::rules::{Backend, Rule, Target, precedence_order};
 
 /// Reads `iptables-save` output (with or without `-c` counters; any tables) and/or lines of
 /// `[sudo] iptables [-w] -t nat -A|-I PREROUTING|POSTROUTING|OUTPUT ...` commands (`\` continuations, blank lines and
@@ -63,6 +63,12 @@ pub fn import_onto(text: &str, existing: &[Rule]) -> Result<Import, ImportError>
             message: b.message,
         })?;
     }
+    importer.join_ladders().map_err(|(line_no, b)| ImportError {
+        line_no,
+        line: text.lines().nth(line_no.saturating_sub(1)).unwrap_or_default().to_string(),
+        token: b.token,
+        message: b.message,
+    })?;
     Ok(importer.finish())
 }
 
@@ -171,6 +177,8 @@ impl HookChains {
 struct Imported {
     rule: Rule,
     line_no: usize,
+    /// A line of a `-m statistic` ladder: the share of the connections reaching it that it takes.
+    share: Option<Share>,
 }
 
 /// What a nat rule line holds once parsed: the jump into pfwd's chain, a jump into a user-defined chain, or the pfwd
@@ -178,7 +186,8 @@ struct Imported {
 enum Parsed {
     Jump,
     UserJump(String),
-    Rules(Vec<Rule>),
+    /// The rules, and the line's `-m statistic` share when it is a line of a ladder.
+    Rules(Vec<Rule>, Option<Share>),
 }
 
 struct Importer<'a> {
@@ -335,10 +344,10 @@ impl<'a> Importer<'a> {
         let entry = match parsed {
             Parsed::Jump => Entry::Jump,
             Parsed::UserJump(target) => Entry::UserJump { chain: target, spec: without_jump(&head.spec), line_no },
-            Parsed::Rules(rules) => {
+            Parsed::Rules(rules, share) => {
                 let mut ids = Vec::new();
                 for rule in rules {
-                    self.rules.push(Imported { rule, line_no });
+                    self.rules.push(Imported { rule, line_no, share });
                     ids.push(self.rules.len() - 1);
                 }
                 Entry::Rules { ids, line_no }
@@ -388,7 +397,7 @@ impl<'a> Importer<'a> {
                     return Err(bad(tok, format!("{what} needs a rule number or a rule (e.g. {what} 1)")));
                 }
                 let (hook, parsed) = parse_rule(head, chain)?;
-                let Parsed::Rules(rules) = parsed else {
+                let Parsed::Rules(rules, _) = parsed else {
                     self.actions.push(format!(
                         "line {line_no}: {what} -j {}: nothing to do (pfwd manages the jump into its chain)",
                         hook.pfwd_chain()
@@ -633,10 +642,10 @@ impl<'a> Importer<'a> {
             }
             combined.extend(own);
             let combined_toks: Vec<&str> = combined.iter().map(String::as_str).collect();
-            match rules_of(hook, &combined_toks, "-A") {
-                Ok(rules) => {
+            match rules_of(hook, &combined_toks, "-A").and_then(|r| Ok((r, statistic_share(&combined_toks)?))) {
+                Ok((rules, share)) => {
                     for rule in rules {
-                        self.rules.push(Imported { rule, line_no });
+                        self.rules.push(Imported { rule, line_no, share });
                         ids.push(self.rules.len() - 1);
                     }
                 }
@@ -646,13 +655,89 @@ impl<'a> Importer<'a> {
         ids
     }
 
-    fn finish(mut self) -> Import {
+    /// Joins each `-m statistic` ladder (consecutive DNAT lines of one chain with the same match, each taking a
+    /// share of what reaches it, the last line without `-m statistic` taking the rest) into one rule with several
+    /// backends, weighted by their shares: what `pfwd export` writes for such a rule, and how iptables users spread
+    /// connections by hand. User chains are expanded first, so ladders in them join too. A `-m statistic` line that is
+    /// not part of such a ladder is an error (importing it as a plain DNAT would send every connection there).
+    fn join_ladders(&mut self) -> Result<(), (usize, Bad)> {
         self.expand_user_jumps();
+        for hook in NAT_HOOKS {
+            for side in [Side::Builtin, Side::Pfwd] {
+                let mut i = 0;
+                while i < self.chains[hook as usize].side(side).len() {
+                    let list = self.chains[hook as usize].side(side);
+                    let single = |e: &Entry| match e {
+                        Entry::Rules { ids, .. } if ids.len() == 1 => Some(ids[0]),
+                        _ => None,
+                    };
+                    let Some(first) = single(&list[i]).filter(|&id| self.rules[id].share.is_some()) else {
+                        i += 1;
+                        continue;
+                    };
+                    // The ladder: lines with a share and the first one's match, up to one without a share.
+                    let mut members = vec![first];
+                    let mut end = None;
+                    for (j, e) in list.iter().enumerate().skip(i + 1) {
+                        let Some(id) =
+                            single(e).filter(|&id| same_match(&self.rules[id].rule, &self.rules[first].rule))
+                        else {
+                            break;
+                        };
+                        members.push(id);
+                        if self.rules[id].share.is_none() {
+                            end = Some(j);
+                            break;
+                        }
+                    }
+                    let at = self.rules[first].line_no;
+                    let Some(end) = end else {
+                        return Err((
+                            at,
+                            bad(
+                                "statistic",
+                                "a -m statistic line must start a ladder: DNAT lines with the same match, \
+                                 the last one without -m statistic (taking the rest)",
+                            ),
+                        ));
+                    };
+                    let shares: Vec<f64> =
+                        members.iter().map(|&id| self.rules[id].share.map_or(1.0, |s| s.0)).collect();
+                    let weights = ladder_weights(&shares).ok_or_else(|| {
+                        (at, bad("statistic", "the ladder's shares are not whole weights (up to 1000 in all)"))
+                    })?;
+                    let mut backends = Vec::new();
+                    for (&id, w) in members.iter().zip(weights) {
+                        let Target::Dnat { addr, port } = self.rules[id].rule.target else {
+                            return Err((self.rules[id].line_no, bad("statistic", "a ladder of -j DNAT lines only")));
+                        };
+                        backends.extend(
+                            self.rules[id]
+                                .rule
+                                .dnat_backends()
+                                .into_iter()
+                                .map(|b| Backend { weight: b.weight * w, ..Backend::new(addr, port) }),
+                        );
+                    }
+                    let mut rule = self.rules[first].rule.clone();
+                    rule.set_dnat_backends(backends);
+                    rule.validate().map_err(|e| (at, bad("statistic", e.to_string())))?;
+                    self.rules.push(Imported { rule, line_no: at, share: None });
+                    let joined = Entry::Rules { ids: vec![self.rules.len() - 1], line_no: at };
+                    self.chains[hook as usize].side_mut(side).splice(i..=end, [joined]);
+                    i += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Import {
         let order: Vec<usize> = self.chains.iter().flat_map(HookChains::order).collect();
 
         let mut kept: Vec<&Imported> = Vec::new();
         for i in order {
-            let Imported { rule, line_no } = &self.rules[i];
+            let Imported { rule, line_no, .. } = &self.rules[i];
             match kept.iter().find(|k| k.rule.same_match_and_target(rule)) {
                 Some(first) => self.warnings.push(format!(
                     "line {line_no}: duplicate of line {} (\"{rule}\"); dropped, it could never match",
@@ -753,7 +838,32 @@ fn parse_rule(head: &Head, chain: &str) -> Res<(NatHook, Parsed)> {
     {
         return Ok((hook, Parsed::Jump));
     }
-    Ok((hook, Parsed::Rules(rules_of(hook, &head.spec, head.command_tok)?)))
+    Ok((hook, Parsed::Rules(rules_of(hook, &head.spec, head.command_tok)?, statistic_share(&head.spec)?)))
+}
+
+/// Whether two rules match the same packets (their targets may differ): lines of one ladder.
+fn same_match(a: &Rule, b: &Rule) -> bool {
+    let b_with_a_target = Rule { target: a.target, backends: a.backends.clone(), ..b.clone() };
+    a.same_match_and_target(&b_with_a_target)
+}
+
+/// Whole weights (adding up to at most 1000) in the proportions of a ladder whose lines take `shares` of what reaches
+/// them (the last 1.0): the smallest total for which every backend's part is within 0.05 of a whole number.
+fn ladder_weights(shares: &[f64]) -> Option<Vec<u32>> {
+    let mut left = 1.0;
+    let parts: Vec<f64> = shares
+        .iter()
+        .map(|s| {
+            let part = left * s;
+            left -= part;
+            part
+        })
+        .collect();
+    (parts.len() as u32..=1000).find_map(|total| {
+        let w: Vec<u32> = parts.iter().map(|p| (p * f64::from(total)).round() as u32).collect();
+        let fits = w.iter().zip(&parts).all(|(&w, p)| w >= 1 && (f64::from(w) - p * f64::from(total)).abs() < 0.05);
+        (fits && w.iter().sum::<u32>() == total).then_some(w)
+    })
 }
 
 /// The pfwd rules of a nat rule's spec in `hook`, with iptables' checks.
@@ -1097,6 +1207,44 @@ COMMIT
             ]
         );
         assert!(i.warnings.is_empty(), "{:?}", i.warnings);
+    }
+
+    #[test]
+    fn statistic_ladders_become_one_rule_with_backends() {
+        // By hand, random: a third, then half of the rest, then the rest: equal weights.
+        let i = ok(
+            "-A PREROUTING -p tcp --dport 80 -m statistic --mode random --probability 0.33333 -j DNAT --to-destination 10.0.2.2:8080\n\
+                    -A PREROUTING -p tcp --dport 80 -m statistic --mode random --probability 0.5 -j DNAT --to-destination 10.0.2.3:8080\n\
+                    -A PREROUTING -p tcp --dport 80 -j DNAT --to-destination 10.0.2.4:8080\n",
+        );
+        assert_eq!(
+            i.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["dnat -p tcp --dport 80 --to 10.0.2.2:8080,10.0.2.3:8080,10.0.2.4:8080"]
+        );
+        // nth: every 3rd, then every 2nd of the rest; and unequal shares become weights.
+        let i = ok("-A PREROUTING -m statistic --mode nth --every 3 --packet 0 -j DNAT --to-destination 10.0.2.2\n\
+                    -A PREROUTING -m statistic --mode nth --every 2 --packet 0 -j DNAT --to-destination 10.0.2.3\n\
+                    -A PREROUTING -j DNAT --to-destination 10.0.2.4\n\
+                    -A PREROUTING -p udp -m statistic --mode random --probability 0.75 -j DNAT --to-destination 10.0.3.2\n\
+                    -A PREROUTING -p udp -j DNAT --to-destination 10.0.3.3\n");
+        let texts: Vec<String> = i.rules.iter().map(ToString::to_string).collect();
+        assert!(texts.contains(&"dnat --to 10.0.2.2,10.0.2.3,10.0.2.4".to_string()), "{texts:?}");
+        assert!(texts.contains(&"dnat -p udp --to 10.0.3.2@3,10.0.3.3".to_string()), "{texts:?}");
+        // A statistic line that does not start a ladder is refused: imported alone it would take every connection.
+        for (text, line) in [
+            ("-A PREROUTING -m statistic --mode random --probability 0.5 -j DNAT --to-destination 10.0.2.2\n", 1),
+            (
+                "-A PREROUTING -m statistic --mode random --probability 0.5 -j DNAT --to-destination 10.0.2.2\n\
+                 -A PREROUTING -p tcp -j DNAT --to-destination 10.0.2.3\n",
+                1,
+            ),
+        ] {
+            let e = err(text);
+            assert_eq!(e.line_no, line, "{e}");
+            assert!(e.message.contains("must start a ladder"), "{e}");
+        }
+        let e = err("-A PREROUTING -p tcp -m statistic --mode random --probability 0.5 -j REDIRECT --to-ports 80\n");
+        assert!(e.message.contains("-j DNAT"), "{e}");
     }
 
     #[test]

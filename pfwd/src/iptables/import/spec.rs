@@ -45,10 +45,55 @@ pub(super) struct Spec<'a> {
     not_oface: bool,
     /// `-m addrtype --dst-type LOCAL`.
     dst_type: Option<Opt<'a>>,
+    /// `-m statistic`: `--mode random --probability P` or `--mode nth --every N --packet K`.
+    stat_mode: Option<Opt<'a>>,
+    probability: Option<Opt<'a>>,
+    every: Option<Opt<'a>>,
+    packet: Option<Opt<'a>>,
+}
+
+/// The share of the connections reaching it that a `-m statistic` line takes: a line of a ladder that spreads
+/// connections over several DNAT backends (the importer joins the ladder into one rule).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Share(pub(super) f64);
+
+/// The `-m statistic` share of a rule, if it has one. Only what a ladder of backends uses is accepted.
+pub(super) fn statistic_share(toks: &[&str]) -> Res<Option<Share>> {
+    let s = parse_spec(toks)?;
+    if !has_match(&s, "statistic") {
+        if let Some(o) = s.stat_mode.or(s.probability).or(s.every).or(s.packet) {
+            return Err(bad(o.name, "needs -m statistic before it"));
+        }
+        return Ok(None);
+    }
+    let Some(mode) = s.stat_mode else { return Err(bad("statistic", "-m statistic needs --mode random or nth")) };
+    let num = |o: Option<Opt>, what: &str| -> Res<f64> {
+        let o = o.ok_or_else(|| bad(mode.value, format!("--mode {} needs {what}", mode.value)))?;
+        o.value.parse::<f64>().map_err(|_| bad(o.value, format!("bad {what} {:?}", o.value)))
+    };
+    let share = match mode.value {
+        "random" => num(s.probability, "--probability")?,
+        "nth" => {
+            let (every, packet) = (num(s.every, "--every")?, s.packet.map_or(Ok(0.0), |p| num(Some(p), "--packet"))?);
+            if every < 1.0 || packet >= every {
+                return Err(bad(mode.value, "--every N --packet K needs K < N"));
+            }
+            // One packet (here: connection, as the rule sees only first packets) in N.
+            1.0 / every
+        }
+        m => return Err(bad(m, "only --mode random and nth are supported")),
+    };
+    if !(share > 0.0 && share < 1.0) {
+        return Err(bad(mode.value, "a share between 0 and 1 (exclusive)"));
+    }
+    if !matches!(s.jump.map(|j| j.value), Some("DNAT")) {
+        return Err(bad("statistic", "-m statistic is supported in a ladder of -j DNAT lines (several backends) only"));
+    }
+    Ok(Some(Share(share)))
 }
 
 const UNDERSTOOD: &str = "pfwd reads [!] -i, [!] -o, -p, [!] -s, [!] -d, --dport, \
-                          -m tcp|udp|comment|multiport, -m addrtype --dst-type LOCAL, \
+                          -m tcp|udp|comment|multiport, -m addrtype --dst-type LOCAL, -m statistic (ladders), \
                           -j DNAT --to-destination, -j REDIRECT --to-ports, -j SNAT --to-source and \
                           -j MASQUERADE --to-ports";
 
@@ -144,10 +189,14 @@ pub(super) fn parse_spec<'a>(toks: &[&'a str]) -> Res<Spec<'a>> {
             "--to" => &mut s.to,
             "--to-ports" | "--to-port" => &mut s.to_ports,
             "--dst-type" => &mut s.dst_type,
+            "--mode" => &mut s.stat_mode,
+            "--probability" => &mut s.probability,
+            "--every" => &mut s.every,
+            "--packet" => &mut s.packet,
             "-m" | "--match" => {
                 let value = take_value(toks, &mut i, tok, inline)?;
                 // Now rather than later: the match's own options would otherwise be reported as unknown.
-                if !matches!(value, "tcp" | "udp" | "comment" | "multiport" | "addrtype") {
+                if !matches!(value, "tcp" | "udp" | "comment" | "multiport" | "addrtype" | "statistic") {
                     return Err(bad(
                         value,
                         format!(
