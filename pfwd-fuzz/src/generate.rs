@@ -117,10 +117,19 @@ fn rule_text(rng: &mut Rng) -> String {
     match kind {
         "dnat" => {
             let to = rng.pick(&["10.0.2.2", "10.0.2.3", "127.0.0.1", "10.0.1.3"]);
-            if !proto.is_empty() && rng.pct(50) {
-                s += &format!(" --to {to}:{}", rng.pick(&[9000, 80, 53, 8080]));
+            let port = (!proto.is_empty() && rng.pct(50)).then(|| rng.pick(&[9000, 80, 53, 8080]));
+            let one = |to: &str, port: Option<u16>| port.map_or(to.to_string(), |p| format!("{to}:{p}"));
+            if rng.pct(15) {
+                // Several backends, some weighted.
+                let list = ["10.0.2.2", "10.0.2.3", "10.0.2.4"];
+                let n = 2 + rng.below(2) as usize;
+                let parts: Vec<String> = list[..n]
+                    .iter()
+                    .map(|b| if rng.pct(30) { format!("{}@{}", one(b, port), 1 + rng.below(3)) } else { one(b, port) })
+                    .collect();
+                s += &format!(" --to {}", parts.join(","));
             } else {
-                s += &format!(" --to {to}");
+                s += &format!(" --to {}", one(to, port));
             }
         }
         "redirect" => s += &format!(" --to-port {}", rng.pick(&[3128, 80, 8080])),

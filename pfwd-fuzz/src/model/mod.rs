@@ -292,11 +292,27 @@ impl Model {
             return Ok(pass(frame, "no rule matches"));
         };
         let xlat = match rule.action {
-            Action::Dnat { addr, port } => {
-                let port = port.unwrap_or(t.dport);
+            Action::Dnat { addr, port, backends } => {
                 // An echo's identifier is both its "ports": address-only DNAT keeps it.
-                let dport = if t.proto == TCP || t.proto == UDP { port } else { t.dport };
-                Tuple { dst: addr, dport, ..t }
+                let to = |addr: u32, port: Option<u16>| {
+                    let dport = if t.proto == TCP || t.proto == UDP { port.unwrap_or(t.dport) } else { t.dport };
+                    Tuple { dst: addr, dport, ..t }
+                };
+                if backends.is_empty() {
+                    to(addr, port)
+                } else if seen.dropped {
+                    // The kernel's backend is its hash, unknown here: a drop is right only if some backend's
+                    // translation clashes with a live flow (see below).
+                    let clash = backends.iter().any(|&(a, p)| self.clashes(&t, &to(a, p)));
+                    if !clash {
+                        return Err("a new flow of a rule with several backends was dropped without a clash".into());
+                    }
+                    let why = format!("rule {}: the chosen backend's reply tuple is taken by a live flow", rule.id);
+                    return Ok(Expect { verdict: Verdict::Drop, why, csums: vec![], translated: false });
+                } else {
+                    let (a, p) = self.backend(&t, &backends, seen)?;
+                    to(a, p)
+                }
             }
             Action::Snat { addr, ports } => match self.snat_port(&t, addr, ports, ip, seen)? {
                 Some(p) => Tuple { src: addr, sport: p, dport: if t.proto == packet::ICMP { p } else { t.dport }, ..t },
@@ -372,6 +388,31 @@ impl Model {
 
     /// The SNAT source port (or echo identifier) of a new flow `t` to `addr`: Ok(None) for a drop (exhausted).
     /// Checks the kernel's choice and adopts it.
+    /// Whether translating `t` to `xlat` would give a reply tuple a live other flow already has.
+    fn clashes(&self, t: &Tuple, xlat: &Tuple) -> bool {
+        self.table.get(&xlat.reversed()).is_some_and(|other| other.xlat != t.reversed() && !self.closed(other.flow))
+    }
+
+    /// The backend the kernel chose for a new flow of a rule with several backends: read from what it sent, and
+    /// checked to be one of them (which one is the kernel's hash; the model only adopts it).
+    fn backend(
+        &self,
+        t: &Tuple,
+        backends: &[(u32, Option<u16>)],
+        seen: &Observed,
+    ) -> Result<(u32, Option<u16>), String> {
+        let Parsed::Ipv4(out) = packet::parse(seen.data) else {
+            return Err("the kernel's output is not an IPv4 packet".into());
+        };
+        let got = out.tuple().ok_or("the kernel's output has no tuple")?;
+        let ports = t.proto == TCP || t.proto == UDP;
+        backends
+            .iter()
+            .copied()
+            .find(|&(a, p)| a == got.dst && (!ports || p.unwrap_or(t.dport) == got.dport))
+            .ok_or_else(|| format!("the kernel chose {:?}, not one of the rule's backends {backends:?}", got))
+    }
+
     fn snat_port(
         &self,
         t: &Tuple,

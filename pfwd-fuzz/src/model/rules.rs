@@ -12,10 +12,11 @@ pub const IFACE: &str = "lo";
 pub const IFACE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
 
 /// What a matching rule does to a new flow.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Action {
-    /// New destination; `port: None` keeps the port.
-    Dnat { addr: u32, port: Option<u16> },
+    /// New destination; `port: None` keeps the port. With several backends (`--to a,b,...`) the destination is one
+    /// of `backends`, chosen by the kernel (README: by hashing the flow's tuple); `addr`/`port` are the first.
+    Dnat { addr: u32, port: Option<u16>, backends: Vec<(u32, Option<u16>)> },
     /// New source address; the source port is kept when free, else allocated in `ports` (default 1024-65535).
     Snat { addr: u32, ports: Option<(u16, u16)> },
 }
@@ -52,8 +53,13 @@ impl MRule {
     pub fn from_rule(r: &Rule) -> MRule {
         let iface = r.hook_iface().map(|i| i == IFACE);
         let action = match r.target {
-            Target::Dnat { addr, port } => Action::Dnat { addr: addr.into(), port },
-            Target::Redirect { port } => Action::Dnat { addr: IFACE_ADDR.into(), port: Some(port) },
+            Target::Dnat { addr, port } => {
+                let backends = r.backends.iter().map(|b| (b.addr.into(), b.port)).collect();
+                Action::Dnat { addr: addr.into(), port, backends }
+            }
+            Target::Redirect { port } => {
+                Action::Dnat { addr: IFACE_ADDR.into(), port: Some(port), backends: Vec::new() }
+            }
             Target::Snat { addr, ports } => Action::Snat { addr: addr.into(), ports: ports.map(|p| (p.lo, p.hi)) },
             // MASQUERADE: the address the kernel would use through the outgoing interface. In BPF_PROG_TEST_RUN on lo
             // the FIB lookup yields no source for the fuzzer's destinations, so pfwd uses lo's recorded address.
