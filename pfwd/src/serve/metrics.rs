@@ -153,12 +153,30 @@ fn instance(reg: &mut Registry, s: &InstanceStatus) {
     let bytes = counter_family(reg, "rule_bytes", "IP bytes translated by the rule (both directions)");
     let flows = counter_family(reg, "rule_flows", "Flows the rule created");
     let drops = counter_family(reg, "rule_drops", "New flows the rule had to drop");
+    // Rules with several backends: each backend's share (a removed one while its flows last).
+    let backend_packets = counter_family(reg, "backend_packets", "Packets to and from one backend of a rule");
+    let backend_bytes = counter_family(reg, "backend_bytes", "IP bytes to and from one backend of a rule");
+    let backend_flows = counter_family(reg, "backend_flows", "Flows sent to one backend of a rule");
     for r in &s.rules {
         let labels = vec![("rule".to_string(), r.rule.id.to_string()), ("kind".into(), r.rule.kind.clone())];
         packets.get_or_create(&labels).inc_by(r.counters.packets);
         bytes.get_or_create(&labels).inc_by(r.counters.bytes);
         flows.get_or_create(&labels).inc_by(r.counters.flows);
         drops.get_or_create(&labels).inc_by(r.counters.drops);
+        for b in &r.backend_counters {
+            let backend = match b.port {
+                Some(p) => format!("{}:{p}", b.addr),
+                None => b.addr.to_string(),
+            };
+            let labels = vec![
+                ("rule".to_string(), r.rule.id.to_string()),
+                ("backend".into(), backend),
+                ("removed".into(), b.removed.to_string()),
+            ];
+            backend_packets.get_or_create(&labels).inc_by(b.packets);
+            backend_bytes.get_or_create(&labels).inc_by(b.bytes);
+            backend_flows.get_or_create(&labels).inc_by(b.flows);
+        }
     }
     gauge(reg, "rules", "Rules in force", s.rules.len() as i64);
     let ct = &s.conntrack;
@@ -203,6 +221,61 @@ fn instance(reg: &mut Registry, s: &InstanceStatus) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rule with several backends: one series per backend (a removed one marked), in valid text.
+    #[test]
+    fn backends_have_their_own_series() {
+        use crate::report::{
+            BackendStatus, Counters, InstanceStatus, NetfilterConntrack, Netns, RuleReport, RuleStatus,
+        };
+        use crate::state::DataPath;
+        let rule = crate::cli::parse_rule(&["dnat", "-p", "tcp", "--to", "10.0.2.2:80,10.0.2.3:80"]).unwrap();
+        let c = |flows: u64| Counters { bytes: 100 * flows, drops: 0, flows, packets: 2 * flows };
+        let b = |addr: &str, removed: bool, flows: u64| {
+            let c = c(flows);
+            BackendStatus {
+                addr: addr.parse().unwrap(),
+                port: Some(80),
+                removed,
+                bytes: c.bytes,
+                flows: c.flows,
+                packets: c.packets,
+            }
+        };
+        let status = Status::Attached(Box::new(InstanceStatus {
+            conntrack: ConntrackSummary::Netfilter(NetfilterConntrack {
+                capacity: Some(1000),
+                entries: 3,
+                flows: Some(3),
+                note: "",
+            }),
+            fast_forward: false,
+            interfaces: vec![],
+            mode: DataPath::Iptables,
+            mode_reason: "test".into(),
+            interrupted: None,
+            netns: Netns { cookie: 1, inode: 2 },
+            pin_dir: None,
+            rules: vec![RuleStatus {
+                rule: RuleReport::from(&crate::rules::Rule { id: 7, ..rule }),
+                counters: c(3),
+                backend_counters: vec![b("10.0.2.2", false, 2), b("10.0.2.3", false, 0), b("10.0.2.9", true, 1)],
+            }],
+            stats: Default::default(),
+            sysctls: vec![],
+        }));
+        let text = render(&status, &Agent::default()).unwrap();
+        for line in [
+            "pfwd_backend_flows_total{rule=\"7\",backend=\"10.0.2.2:80\",removed=\"false\"} 2",
+            "pfwd_backend_flows_total{rule=\"7\",backend=\"10.0.2.3:80\",removed=\"false\"} 0",
+            "pfwd_backend_flows_total{rule=\"7\",backend=\"10.0.2.9:80\",removed=\"true\"} 1",
+            "pfwd_backend_packets_total{rule=\"7\",backend=\"10.0.2.2:80\",removed=\"false\"} 4",
+            "pfwd_backend_bytes_total{rule=\"7\",backend=\"10.0.2.9:80\",removed=\"true\"} 100",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
 
     #[test]
     fn not_attached_renders_valid_text() {
