@@ -79,6 +79,28 @@ pub fn rules(rng: &mut Rng) -> Vec<Rule> {
     out
 }
 
+/// A rule change for the middle of a stream: some of `current` kept (same ids), some dropped, some new ones added
+/// (new ids), still valid and without duplicates.
+pub fn changed_rules(rng: &mut Rng, current: &[Rule]) -> Vec<Rule> {
+    let mut out: Vec<Rule> = current.iter().filter(|_| rng.pct(70)).cloned().collect();
+    let mut next_id = current.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+    for _ in 0..rng.below(3) {
+        for _ in 0..20 {
+            let text = rule_text(rng);
+            let argv: Vec<&str> = text.split_whitespace().collect();
+            let Ok(mut r) = pfwd::cli::parse_rule(&argv) else { continue };
+            if pfwd::rules::check_duplicate(&out, &r).is_err() {
+                continue;
+            }
+            r.id = next_id;
+            next_id += 1;
+            out.push(r);
+            break;
+        }
+    }
+    out
+}
+
 fn rule_text(rng: &mut Rng) -> String {
     let kind = rng.pick(&["dnat", "dnat", "dnat", "redirect", "snat", "snat", "masquerade", "masquerade"]);
     let post = kind == "snat" || kind == "masquerade";

@@ -18,6 +18,8 @@ use run::Instance;
 pub struct Step {
     pub hook: Hook,
     pub frame: Vec<u8>,
+    /// Instead of a packet, a rule change in the middle of the stream: the new rule set (flows are kept).
+    pub rules: Option<Vec<Rule>>,
 }
 
 /// Where the kernel and the model disagree.
@@ -43,6 +45,7 @@ pub struct Fuzzer {
     /// How often the generator made each fragment case ("tiny first fragment", ...).
     pub generated: std::collections::BTreeMap<String, u64>,
     counters_at_reset: model::FragCounters,
+    episode_rules: Vec<Rule>,
 }
 
 impl Fuzzer {
@@ -55,10 +58,17 @@ impl Fuzzer {
             paths: Default::default(),
             generated: Default::default(),
             counters_at_reset: Default::default(),
+            episode_rules: Vec::new(),
         })
     }
 
+    /// The rules the episode started with (kept for the first rule change to start from).
+    fn model_rules(&self) -> Vec<Rule> {
+        self.episode_rules.clone()
+    }
+
     pub fn reset(&mut self, rules: &[Rule]) -> Result<()> {
+        self.episode_rules = rules.to_vec();
         self.inst.reset(rules)?;
         self.model.reset(rules);
         self.counters_at_reset = self.inst.frag_counters()?;
@@ -83,6 +93,13 @@ impl Fuzzer {
 
     /// Runs one frame through one hook in the kernel and the model. Ok(Err(d)): a divergence. Ok(Ok(out)): the
     /// output frame (None when dropped or refused).
+    /// A rule change, applied to the kernel and the model alike.
+    fn change_rules(&mut self, rules: &[Rule]) -> Result<()> {
+        self.inst.set_rules(rules)?;
+        self.model.set_rules(rules);
+        Ok(())
+    }
+
     fn step(&mut self, hook: Hook, frame: &[u8], at: usize) -> Result<Result<Option<Vec<u8>>, Divergence>> {
         let out = match self.inst.run(hook, frame, &mut self.buf) {
             Ok(o) => o,
@@ -135,7 +152,16 @@ impl Fuzzer {
         packets: &mut u64,
         steps: &mut Vec<Step>,
     ) -> Result<Option<Divergence>> {
+        let mut rules: Option<Vec<Rule>> = None;
         for _ in 0..sends {
+            // Now and then (one send in 200: each change costs a rule-bank switch) the rules change under live flows.
+            if rng.below(200) == 0 {
+                let new = generate::changed_rules(rng, rules.as_deref().unwrap_or(&self.model_rules()));
+                self.change_rules(&new)?;
+                *self.generated.entry("rule change in the middle of a stream".into()).or_default() += 1;
+                steps.push(Step { hook: Hook::Ingress, frame: vec![], rules: Some(new.clone()) });
+                rules = Some(new);
+            }
             let s = stream.next(rng);
             let mut frame = Some(s.frame.clone());
             for &hook in s.hooks {
@@ -143,7 +169,7 @@ impl Fuzzer {
                 let at = steps.len();
                 *packets += 1;
                 let r = self.step(hook, &f, at)?;
-                steps.push(Step { hook, frame: f });
+                steps.push(Step { hook, frame: f, rules: None });
                 match r {
                     Ok(out) => frame = out,
                     Err(d) => return Ok(Some(d)),
@@ -158,6 +184,10 @@ impl Fuzzer {
     pub fn replay(&mut self, rules: &[Rule], steps: &[Step]) -> Result<Option<Divergence>> {
         self.reset(rules)?;
         for (i, s) in steps.iter().enumerate() {
+            if let Some(r) = &s.rules {
+                self.change_rules(r)?;
+                continue;
+            }
             if let Err(d) = self.step(s.hook, &s.frame, i)? {
                 return Ok(Some(d));
             }

@@ -100,6 +100,13 @@ fn report(seed: u64, episode: u64, rules: &[pfwd::rules::Rule], steps: &[Step], 
     }
     println!("packets ({} after minimising; frames in hex, Ethernet included):", steps.len());
     for (i, s) in steps.iter().enumerate() {
+        if let Some(rules) = &s.rules {
+            println!("  {i:3} rules now:");
+            for r in rules {
+                println!("        pfwd add {r}    # id {}", r.id);
+            }
+            continue;
+        }
         println!("  {i:3} {:7} {}", s.hook.name(), hex(&s.frame));
     }
     if let Some(e) = &d.expected {

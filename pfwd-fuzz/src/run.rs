@@ -111,6 +111,12 @@ impl Instance {
         Ok(())
     }
 
+    /// Replaces the rules and keeps every flow: a rule change in the middle of a stream.
+    pub fn set_rules(&mut self, rules: &[Rule]) -> Result<()> {
+        let stored: Vec<StoredRule> = rules.iter().map(|r| StoredRule { rule: r.clone(), slot: slot(r.id) }).collect();
+        self.pins.0.sync_rules(&stored, &lo_index).context("sync_rules")
+    }
+
     /// The kernel's fragment counters (they are never reset: compare differences).
     pub fn frag_counters(&self) -> Result<FragCounters> {
         let stats = self.pins.0.stats().context("reading PFWD_STATS")?;

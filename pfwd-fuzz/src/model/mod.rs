@@ -179,6 +179,12 @@ impl Model {
         self.frag_counters = FragCounters::default();
     }
 
+    /// Changes the rules in the middle of a stream (README: live flows keep their translation; new flows, and closed
+    /// ones that start over, meet the new rules).
+    pub fn set_rules(&mut self, rules: &[pfwd::rules::Rule]) {
+        self.rules = rules.iter().map(MRule::from_rule).collect();
+    }
+
     pub fn live_flows(&self) -> usize {
         self.flows.len()
     }
