@@ -308,10 +308,33 @@ fn import(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
     for rep in 0..p.reps {
         for v in [Variant::Iptables, Variant::Ebpf] {
             let _setup = env.setup(v, RuleSet::Udp)?;
+            // One `pfwd add` onto the 1-rule instance, then onto the 10,000 rules, then with one full-range rule
+            // among them: what a rule change costs as the rule set grows (issue 14: it should not).
+            fn add(port: &str) -> [&str; 10] {
+                ["add", "dnat", "-i", "eth0", "-p", "tcp", "--dport", port, "--to", "10.0.2.2:9000"]
+            }
+            let small = env.pfwd(&add("7"))?.wall.as_secs_f64() * 1e3;
             let out = env.pfwd(&["import", file])?;
             let ms = out.wall.as_secs_f64() * 1e3;
-            println!("    [{}/{}] {:<13} {:>8.1} ms", rep + 1, p.reps, v.key(), ms);
+            let big = env.pfwd(&add("8"))?.wall.as_secs_f64() * 1e3;
+            env.pfwd(&["add", "dnat", "-i", "eth1", "-p", "udp", "--dport", "1-65535", "--to", "10.0.2.3"])?;
+            let full = env.pfwd(&add("9"))?.wall.as_secs_f64() * 1e3;
+            println!(
+                "    [{}/{}] {:<13} {:>8.1} ms (add: {small:.1} ms onto 2 rules, {big:.1} ms onto {}, {full:.1} ms with a \
+                 full-range rule)",
+                rep + 1,
+                p.reps,
+                v.key(),
+                ms,
+                p.rules_extra + 2
+            );
             r.add("import", &title, v.key(), "ms", Better::Lower, ms);
+            r.add("add-small", "pfwd add of one rule onto 2 rules (wall)", v.key(), "ms", Better::Lower, small);
+            let t = format!("pfwd add of one rule onto {} rules (wall)", p.rules_extra + 2);
+            r.add("add-big", &t, v.key(), "ms", Better::Lower, big);
+            let t =
+                format!("pfwd add of one rule onto {} rules, one of them --dport 1-65535 (wall)", p.rules_extra + 4);
+            r.add("add-full-range", &t, v.key(), "ms", Better::Lower, full);
             r.rss(
                 if v == Variant::Ebpf { "import 9,999 rules (eBPF)" } else { "import 9,999 rules (iptables)" },
                 out.maxrss_kib,
