@@ -129,6 +129,17 @@ impl Backend {
         apply(self, state)
     }
 
+    /// Applies a rule change from `previous` (what the data path holds) to `state`: in iptables mode only the lines
+    /// that change, when `previous` was fully applied (no interrupted change); else a full sync.
+    fn change_rules(&self, previous: &State, state: &State) -> Result<()> {
+        match self {
+            Backend::Iptables if previous.pending.is_none() => {
+                fallback::change_rules(&previous.rules(), &state.rules())
+            }
+            _ => self.sync_rules(state),
+        }
+    }
+
     fn sync_rules(&self, state: &State) -> Result<()> {
         match self {
             Backend::Ebpf(kernel) => {
@@ -317,6 +328,17 @@ fn remove_instance(lock: &Lock, state: &mut State) -> Result<Vec<String>> {
 /// Applies the state's rules and sysctls to the data path. Returns notes about sysctl changes.
 fn apply(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
     backend.sync_rules(state)?;
+    apply_sysctls(backend, state)
+}
+
+/// [`apply`] for a rule change from `previous`, the state the data path holds (see [`Backend::change_rules`]).
+fn apply_change(backend: &Backend, previous: &State, state: &mut State) -> Result<Vec<String>> {
+    backend.change_rules(previous, state)?;
+    apply_sysctls(backend, state)
+}
+
+/// The sysctls the state's rules need, and the record kept with the data path. Returns notes about the changes.
+fn apply_sysctls(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
     let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
     let wanted = sysctl::wanted(&state.rules(), &names);
     // The record kept with the data path must name every sysctl before it is written: the ones already saved and
@@ -589,7 +611,7 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     planned.pending = Some(Pending::Change);
     notes.extend(record_sysctls(&mut planned)?);
     lock.save(&planned)?;
-    match apply(&backend, &mut planned) {
+    match apply_change(&backend, &state, &mut planned) {
         Ok(more) => notes.extend(more),
         Err(e) => {
             restore_added_sysctls(&planned, &state);

@@ -87,6 +87,16 @@ pub fn sync_rules(rules: &[Rule]) -> Result<()> {
     Ok(())
 }
 
+/// Changes pfwd's chains from `old` rules to `new` ones with only the lines that differ (one `iptables-restore`, no
+/// counters read or rewritten): a rule change then costs what it changes, not what is installed. The chains must
+/// hold `old` exactly; see [`crate::iptables::nat_change_script`].
+pub fn change_rules(old: &[Rule], new: &[Rule]) -> Result<()> {
+    let Some(script) = iptables::nat_change_script(old, new) else { return Ok(()) };
+    run("iptables-restore", &["-w".into(), "10".into(), "--noflush".into()], Some(&script))
+        .context("changing pfwd's iptables chains")?;
+    Ok(())
+}
+
 /// Writes the record ([`crate::record`]) as the `PFWD-RECORD` chain (replacing what it held).
 pub fn write_record(rec: &Record) -> Result<()> {
     run("iptables-restore", &["-w".into(), "10".into(), "--noflush".into()], Some(&rec.iptables_script()))

@@ -22,4 +22,4 @@ pub use chains::{
 };
 pub use import::{Import, ImportError, import, import_onto};
 pub use nft::export_nft;
-pub use restore::{export_iptables, nat_chain_script};
+pub use restore::{export_iptables, nat_chain_script, nat_change_script};

@@ -143,6 +143,33 @@ fn chain_specs(chain: &PfwdChain, rules: &[Rule]) -> Vec<String> {
     hook_order(&rules, hook).into_iter().flat_map(|i| rule_spec(&rules[i], owners[i].is_some())).collect()
 }
 
+/// `iptables-restore --noflush` input that turns pfwd's nat chains from `old`'s content into `new`'s with only the
+/// lines that change: `-D` for lines no longer wanted, then `-I CHAIN N` for new ones in ascending final position (so
+/// each `N` is the line's place in the final chain). Rules kept keep their lines, their place relative to each other
+/// (the precedence order is a total order of the rules themselves) and their counters. `None` when nothing changes.
+/// Needs the chains to hold exactly `old`'s lines (pfwd checks that no change was interrupted before using it).
+pub fn nat_change_script(old: &[Rule], new: &[Rule]) -> Option<String> {
+    let mut out = String::new();
+    for table in tables() {
+        let mut body = String::new();
+        for c in CHAINS.iter().filter(|c| c.table == table && NatHook::of_pfwd_chain(c.name).is_some()) {
+            let (before, after) = (chain_specs(c, old), chain_specs(c, new));
+            let kept: std::collections::HashSet<&String> = after.iter().collect();
+            let had: std::collections::HashSet<&String> = before.iter().collect();
+            for line in before.iter().filter(|l| !kept.contains(l)) {
+                body.push_str(&format!("-D {} {line}\n", c.name));
+            }
+            for (i, line) in after.iter().enumerate().filter(|(_, l)| !had.contains(l)) {
+                body.push_str(&format!("-I {} {} {line}\n", c.name, i + 1));
+            }
+        }
+        if !body.is_empty() {
+            out.push_str(&format!("*{table}\n{body}COMMIT\n"));
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
 fn restore_script(rules: &[Rule], hooks: &[Hook]) -> String {
     let mut out = String::new();
     for table in tables() {
