@@ -236,6 +236,20 @@ fn export_quotes_interface_names_with_syntax_characters() {
 struct Netns(String);
 
 impl Netns {
+    /// A scratch namespace for a test with the real tools, or None (the test is skipped, said on stderr) when not
+    /// root or namespaces are unavailable.
+    fn scratch() -> Option<Netns> {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root for a scratch network namespace");
+            return None;
+        }
+        let ns = Netns::create();
+        if ns.is_none() {
+            eprintln!("skipped: cannot create a network namespace");
+        }
+        ns
+    }
+
     fn create() -> Option<Netns> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -284,14 +298,7 @@ fn pfwd_lines(save: &str) -> Vec<&str> {
 /// added, several backends included).
 #[test]
 fn line_by_line_changes_equal_a_rewrite() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root for a scratch network namespace");
-        return;
-    }
-    let Some(ns) = Netns::create() else {
-        eprintln!("skipped: cannot create a network namespace");
-        return;
-    };
+    let Some(ns) = Netns::scratch() else { return };
     let mut rng = Rng(0xc4a9_6e55);
     let mut changed = 0;
     for _ in 0..25 {
@@ -316,14 +323,7 @@ fn line_by_line_changes_equal_a_rewrite() {
 
 #[test]
 fn real_tools_accept_the_exports() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root for a scratch network namespace");
-        return;
-    }
-    let Some(ns) = Netns::create() else {
-        eprintln!("skipped: cannot create a network namespace");
-        return;
-    };
+    let Some(ns) = Netns::scratch() else { return };
     let ifaces = vec!["eth0".to_string(), "wg0".to_string()];
     let rules = with_local();
     let export = export_iptables(&rules, Some(&ifaces));
