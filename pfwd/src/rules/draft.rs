@@ -13,7 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::error::RuleError;
-use super::model::{Negated, PortRange, Rule, Target, wrong_hook};
+use super::model::{PortRange, Rule, Target, wrong_hook};
 use super::value::{parse_cidr, parse_dnat_to, parse_port, parse_proto_opt, parse_snat_to, validate_iface};
 
 /// What a rule does: the iptables target it stands for.
@@ -398,18 +398,8 @@ impl RuleDraft {
         let kind = self.kind;
         let mut rule = Rule {
             id: self.id.unwrap_or(0),
-            iface: None,
-            oface: None,
-            proto: None,
-            src: None,
-            dst: None,
-            dport: None,
-            local: false,
-            target: Target::Masquerade { ports: None },
-            hairpin: None,
-            not: Negated::default(),
-            dst_local: false,
-            backends: Vec::new(),
+            // The target is set below, once every option is read.
+            ..Rule::new(Target::Masquerade { ports: None })
         };
         let (mut to, mut to_port, mut to_ports) = (None, None, None);
         for (field, written, value) in &self.options {

@@ -331,6 +331,26 @@ pub(super) fn prefix_len(n: Option<Ipv4Net>) -> u8 {
 }
 
 impl Rule {
+    /// A rule doing `target` that matches everything (id 0): the base the front ends and `--hairpin` fill in, so a new
+    /// field is defaulted in one place.
+    pub fn new(target: Target) -> Rule {
+        Rule {
+            id: 0,
+            iface: None,
+            oface: None,
+            proto: None,
+            src: None,
+            dst: None,
+            dport: None,
+            local: false,
+            target,
+            hairpin: None,
+            not: Negated::default(),
+            dst_local: false,
+            backends: Vec::new(),
+        }
+    }
+
     /// Clears host bits of the prefixes (iptables accepts `192.168.1.5/24` and means `192.168.1.0/24`).
     pub fn normalize(&mut self) {
         self.src = self.src.map(|n| n.trunc());
@@ -354,18 +374,10 @@ impl Rule {
         let (inside, Target::Dnat { addr, .. }) = (self.hairpin?, self.target) else { return None };
         Some(Rule {
             id: self.id,
-            iface: None,
-            oface: None,
             proto: self.proto,
             src: Some(inside),
             dst: Some(Ipv4Net::from(addr)),
-            dport: None,
-            local: false,
-            target: Target::Masquerade { ports: None },
-            hairpin: None,
-            not: Negated::default(),
-            dst_local: false,
-            backends: Vec::new(),
+            ..Rule::new(Target::Masquerade { ports: None })
         })
     }
 
