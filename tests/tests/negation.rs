@@ -58,23 +58,17 @@ fn import_docker_rules(mode: &str) {
     let lab = lab_with_two_clients("neg-import");
     let _srv = server(&lab, Node::Server, "10.0.2.2:9000", "server");
     let guard = attach(&lab, mode, &["eth0", "eth1"]);
-    let dir = std::env::temp_dir().join(format!("pfwd-e2e-neg-{}-{mode}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let script = dir.join("docker.rules");
-    std::fs::write(
-        &script,
+    import_text(
+        &lab,
         "*nat\n\
          -A POSTROUTING -s 10.0.1.0/24 ! -o eth0 -j MASQUERADE\n\
          -A PREROUTING ! -i eth1 -p tcp -m tcp --dport 8081 -m addrtype --dst-type LOCAL -j DNAT --to-destination 10.0.2.2:9000\n\
          COMMIT\n",
-    )
-    .unwrap();
-    pfwd_ok(&lab, &["import", script.to_str().unwrap()]);
+    );
     expect_tcp(&lab, None, "10.0.1.1:8081", "server", 9000, "10.0.2.1");
     let rules = list(&lab);
     assert_eq!(rules.as_array().map(Vec::len), Some(2), "{rules:#}");
     assert!(rules.as_array().unwrap().iter().any(|r| r["dst_local"] == true && r["not"]["iface"] == true), "{rules:#}");
-    let _ = std::fs::remove_dir_all(&dir);
     guard.detach();
 }
 
@@ -85,11 +79,8 @@ fn import_docker_save(mode: &str) {
     let lab = lab("neg-dockersave");
     let _srv = server(&lab, Node::Server, "10.0.2.2:9000", "server");
     let guard = attach(&lab, mode, &["eth0", "eth1"]);
-    let dir = std::env::temp_dir().join(format!("pfwd-e2e-dockersave-{}-{mode}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let script = dir.join("docker-save.rules");
-    std::fs::write(
-        &script,
+    let out = import_text(
+        &lab,
         "*nat\n\
          :PREROUTING ACCEPT [0:0]\n\
          :INPUT ACCEPT [0:0]\n\
@@ -103,17 +94,25 @@ fn import_docker_save(mode: &str) {
          -A DOCKER -i eth1 -j RETURN\n\
          -A DOCKER ! -i eth1 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.0.2.2:9000\n\
          COMMIT\n",
-    )
-    .unwrap();
-    let out = pfwd_ok(&lab, &["import", script.to_str().unwrap()]);
+    );
     assert_eq!(list(&lab).as_array().map(Vec::len), Some(4), "{out}\n{:#}", list(&lab));
     // From outside, to the router's address: the container, seeing the client.
     expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
     // From the router itself (OUTPUT, a --local rule): the container too.
     let reply = lab.tcp_request(Node::Router, sa("10.0.1.1:8080"), "x", tests::TIMEOUT).expect("local connection");
     assert!(reply.starts_with("hello from server port 9000"), "{reply}");
-    let _ = std::fs::remove_dir_all(&dir);
     guard.detach();
+}
+
+/// `pfwd import` of `text` (written to a scratch file, removed afterwards); its output.
+fn import_text(lab: &Lab, text: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = std::env::temp_dir().join(format!("pfwd-e2e-neg-{}-{n}.rules", std::process::id()));
+    std::fs::write(&file, text).unwrap();
+    let out = pfwd_ok(lab, &["import", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    out
 }
 
 in_both_modes!(docker_style_rules, negated_source_and_destination, import_docker_rules, import_docker_save);
