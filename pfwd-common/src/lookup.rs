@@ -1,12 +1,13 @@
-//! The rule lookup of a new flow's first packet: which buckets it is looked up in, in which order, and which rule wins
-//! (the matching one with the lowest rank; ranks come from userspace, which uses the same order for the iptables
-//! export). A fixed number of bucket lookups, one per level that holds rules, so the cost does not grow with the
-//! number of rules.
+//! The rule lookup of a new flow's first packet (tuple space search): the packet's tuple is masked to each class
+//! ([`Class`]: one shape of rule matches) of its hook and looked up in the rule index; among the matching rules the
+//! one with the lowest rank wins (ranks come from userspace, which uses the same order for the iptables export).
+//! One index lookup per class, so the cost grows with the number of match shapes, not of rules; classes come in
+//! ascending `min_rank`, so the walk stops as soon as no later class can beat what it has found.
 //!
-//! [`find_rule`] is generic over the map lookups: the kernel programs run it over their maps, userspace tests over
-//! the output of `rules::compile`, so the precedence tests test the walk the kernel runs. It stays verifiable: no
-//! loop over the levels (each is an `if`), one bounded loop of [`BUCKET_SLOTS`] per bucket, everything inlined.
-use crate::{BUCKET_SLOTS, Bucket, BucketKey, PROTO_ANY, PROTO_TCP, PROTO_UDP, RuleEntry, Tuple, level, rule_flag};
+//! [`Walk::probe`] is generic over the map lookups: the kernel programs run it once per class from a `bpf_loop`
+//! callback over their maps, userspace ([`find_rule`]) over the output of `rules::compile`, so the precedence tests
+//! test the walk the kernel runs.
+use crate::{Class, INDEX_SLOTS, IndexEntry, IndexKey, PROTO_TCP, PROTO_UDP, RuleEntry, Tuple, class_flag, rule_flag};
 
 impl RuleEntry {
     /// Whether the rule's filters (interface, protocol, source and destination networks, each possibly negated;
@@ -16,128 +17,201 @@ impl RuleEntry {
     pub fn matches(&self, t: &Tuple, ifindex: u32, is_local: &mut impl FnMut(u32) -> bool) -> bool {
         let not = |flag: u8| self.flags & flag != 0;
         (self.ifindex == 0 || (self.ifindex == ifindex) != not(rule_flag::NOT_IFACE))
-            && (self.proto == PROTO_ANY || self.proto == t.proto)
+            && (self.proto == crate::PROTO_ANY || self.proto == t.proto)
             && (t.saddr & self.src_mask == self.src_net) != not(rule_flag::NOT_SRC)
             && (t.daddr & self.dst_mask == self.dst_net) != not(rule_flag::NOT_DST)
             && (!not(rule_flag::DST_LOCAL) || is_local(t.daddr))
     }
 }
 
-/// The best matching rule so far: its slot and rank (the rule itself is re-read at the end, to keep the stack small).
-struct Best {
-    slot: u32,
-    rank: u32,
-    found: bool,
+/// One rule lookup: what it looks for and the best rule found so far. In the kernel it is the `bpf_loop` context,
+/// so it is plain data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Walk {
+    pub t: Tuple,
+    /// The interface the packet was seen on (0 at OUTPUT).
+    pub ifindex: u32,
+    /// The generation whose rules are seen ([`RuleEntry::visible`]).
+    pub generation: u32,
+    pub best_rank: u64,
+    pub best_slot: u32,
+    /// [`crate::hook`].
+    pub hook: u8,
+    /// The class bank walked (the kernel callback reads the classes from it).
+    pub bank: u8,
+    pub found: bool,
+    pub _pad: u8,
 }
 
-#[inline(always)]
-fn scan<'a, R, L>(bucket: Option<&'a Bucket>, t: &Tuple, ifindex: u32, rule: &mut R, is_local: &mut L, best: &mut Best)
-where
-    R: FnMut(u32) -> Option<&'a RuleEntry>,
-    L: FnMut(u32) -> bool,
-{
-    let Some(bucket) = bucket else { return };
-    let len = bucket.len as usize;
-    for i in 0..BUCKET_SLOTS {
-        if i >= len {
-            break;
+impl Walk {
+    pub const fn new(t: &Tuple, ifindex: u32, hook: u8, (generation, bank): (u32, u32)) -> Self {
+        Walk { t: *t, ifindex, generation, best_rank: 0, best_slot: 0, hook, bank: bank as u8, found: false, _pad: 0 }
+    }
+
+    /// Looks the packet up in `class`: masks its tuple to the class's shape, finds that key's index entry and takes
+    /// its first visible matching rule if it beats the best so far. Returns false when the walk is over: this class
+    /// (and so every later one, classes being in ascending `min_rank`) cannot beat the best.
+    #[inline(always)]
+    pub fn probe<'a, I, R, L>(&mut self, class: &Class, mut index: I, mut rule: R, mut is_local: L) -> bool
+    where
+        I: FnMut(&IndexKey) -> Option<&'a IndexEntry>,
+        R: FnMut(u32) -> Option<&'a RuleEntry>,
+        L: FnMut(u32) -> bool,
+    {
+        if self.found && class.min_rank >= self.best_rank {
+            return false;
         }
-        let slot = bucket.slots[i];
-        let Some(r) = rule(slot) else { continue };
-        if (!best.found || r.rank < best.rank) && r.matches(t, ifindex, is_local) {
-            best.slot = slot;
-            best.rank = r.rank;
-            best.found = true;
+        let t = &self.t;
+        let has_ports = t.proto == PROTO_TCP || t.proto == PROTO_UDP;
+        if class.flags & class_flag::PROTO != 0 && !has_ports {
+            // Only TCP and UDP have rules of their own (`-p` is tcp or udp).
+            return true;
         }
+        let key = IndexKey {
+            ifindex: if class.flags & class_flag::IFACE != 0 { self.ifindex } else { 0 },
+            saddr: t.saddr & class.src_mask,
+            daddr: t.daddr & class.dst_mask,
+            dport: t.dport & class.port_mask,
+            proto: if class.flags & class_flag::PROTO != 0 { t.proto } else { 0 },
+            hook: self.hook,
+            port_plen: class.port_plen,
+            src_plen: class.src_plen,
+            dst_plen: class.dst_plen,
+            _pad: 0,
+        };
+        let Some(entry) = index(&key) else { return true };
+        let len = entry.len as usize;
+        for i in 0..INDEX_SLOTS {
+            if i >= len {
+                break;
+            }
+            let slot = entry.slots[i];
+            let Some(r) = rule(slot) else { continue };
+            if !r.visible(self.generation) {
+                continue;
+            }
+            if self.found && r.rank >= self.best_rank {
+                // The entry is in rank order: nothing after this can win either.
+                break;
+            }
+            if r.matches(t, self.ifindex, &mut is_local) {
+                self.best_slot = slot;
+                self.best_rank = r.rank;
+                self.found = true;
+                break;
+            }
+        }
+        true
     }
 }
 
-/// Finds the rule of `hook` ([`crate::hook`]) with the lowest rank among those matching `t`, for a packet seen on
-/// `ifindex` (PREROUTING: arriving on it; POSTROUTING: leaving through it; OUTPUT: 0). Returns its slot and the rule.
-///
-/// `mask` holds the [`level`]s that have buckets of this hook (`Config::level_mask`, `snat_level_mask` or
-/// `local_level_mask`); the other levels are not looked up. The buckets are looked up in this order, the first four
-/// only for TCP and UDP (other protocols have no rules of their own, `-p` being tcp or udp):
-/// (ifindex, proto, dport), (any, proto, dport), (ifindex, proto, any), (any, proto, any), (ifindex, any, any),
-/// (any, any, any). The order decides nothing: the lowest rank does.
-///
-/// `bank` is the rule bank whose buckets are looked up ([`crate::Config::active`]); `bucket` looks a key up in the
-/// buckets map, `rule` a slot in that bank of the rules array, `is_local` whether an address is this host's (asked
-/// only for `-d local` rules).
+/// Finds the rule of `hook` ([`crate::hook`]) with the lowest rank among those matching `t` seen on `ifindex`
+/// (PREROUTING: arriving on it; POSTROUTING: leaving through it; OUTPUT: 0), walking `classes` (the hook's classes,
+/// in ascending `min_rank`) in generation `generation`. Returns its slot and the rule. The kernel runs the same
+/// [`Walk::probe`] per class from `bpf_loop`.
 #[inline(always)]
-pub fn find_rule<'a, B, R, L>(
+pub fn find_rule<'a, I, R, L>(
     t: &Tuple,
     ifindex: u32,
-    hook: u8,
-    (bank, mask): (u32, u32),
-    mut bucket: B,
+    (hook, generation): (u8, u32),
+    classes: &[Class],
+    mut index: I,
     mut rule: R,
     mut is_local: L,
 ) -> Option<(u32, &'a RuleEntry)>
 where
-    B: FnMut(&BucketKey) -> Option<&'a Bucket>,
+    I: FnMut(&IndexKey) -> Option<&'a IndexEntry>,
     R: FnMut(u32) -> Option<&'a RuleEntry>,
     L: FnMut(u32) -> bool,
 {
-    let mut best = Best { slot: 0, rank: 0, found: false };
-    let key =
-        |ifindex: u32, proto: u8, dport: u16| BucketKey { ifindex, dport, proto, hook, bank: bank as u8, _pad: [0; 3] };
-    if t.proto == PROTO_TCP || t.proto == PROTO_UDP {
-        if mask & level::IF_PROTO_PORT != 0 {
-            scan(bucket(&key(ifindex, t.proto, t.dport)), t, ifindex, &mut rule, &mut is_local, &mut best);
-        }
-        if mask & level::PROTO_PORT != 0 {
-            scan(bucket(&key(0, t.proto, t.dport)), t, ifindex, &mut rule, &mut is_local, &mut best);
-        }
-        if mask & level::IF_PROTO != 0 {
-            scan(bucket(&key(ifindex, t.proto, 0)), t, ifindex, &mut rule, &mut is_local, &mut best);
-        }
-        if mask & level::PROTO != 0 {
-            scan(bucket(&key(0, t.proto, 0)), t, ifindex, &mut rule, &mut is_local, &mut best);
+    let mut walk = Walk::new(t, ifindex, hook, (generation, 0));
+    for class in classes {
+        if !walk.probe(class, &mut index, &mut rule, &mut is_local) {
+            break;
         }
     }
-    if mask & level::IF != 0 {
-        scan(bucket(&key(ifindex, PROTO_ANY, 0)), t, ifindex, &mut rule, &mut is_local, &mut best);
-    }
-    if mask & level::ANY != 0 {
-        scan(bucket(&key(0, PROTO_ANY, 0)), t, ifindex, &mut rule, &mut is_local, &mut best);
-    }
-    if !best.found {
+    if !walk.found {
         return None;
     }
-    rule(best.slot).map(|r| (best.slot, r))
+    rule(walk.best_slot).map(|r| (walk.best_slot, r))
 }
 
 #[cfg(test)]
 mod tests {
     extern crate std;
     use super::*;
-    use crate::{PROTO_ICMP, hook};
-    use std::{collections::HashMap, vec, vec::Vec};
+    use crate::{GEN_FOREVER, PROTO_ICMP, hook};
+    use std::{cell::RefCell, collections::HashMap, vec, vec::Vec};
 
-    const ALL_LEVELS: u32 =
-        level::IF_PROTO_PORT | level::PROTO_PORT | level::IF_PROTO | level::PROTO | level::IF | level::ANY;
-
-    /// A hand-built rules array and buckets map, as `rules::compile` would fill them.
+    /// A hand-built rules array, index and class list, as `rules::compile` would fill them.
     #[derive(Default)]
     struct Maps {
         rules: HashMap<u32, RuleEntry>,
-        buckets: HashMap<BucketKey, Bucket>,
+        index: HashMap<IndexKey, IndexEntry>,
+        classes: Vec<Class>,
+    }
+
+    /// A class fixing interface and/or protocol, with the given port, source and destination prefix lengths.
+    fn class(iface: bool, proto: bool, port_plen: u8, src_plen: u8, dst_plen: u8) -> Class {
+        let mask32 = |p: u8| if p == 0 { 0 } else { u32::from_be(!0u32 << (32 - p)) };
+        Class {
+            min_rank: 0,
+            src_mask: mask32(src_plen),
+            dst_mask: mask32(dst_plen),
+            port_mask: if port_plen == 0 { 0 } else { !0u16 << (16 - port_plen) },
+            port_plen,
+            src_plen,
+            dst_plen,
+            flags: if iface { class_flag::IFACE } else { 0 } | if proto { class_flag::PROTO } else { 0 },
+            _pad: [0; 2],
+        }
     }
 
     impl Maps {
-        /// Puts rule `slot` (with `rank`) into the bucket `(hook, ifindex, proto, dport)`.
-        fn add(&mut self, slot: u32, rank: u32, key: (u8, u32, u8, u16), rule: RuleEntry) {
-            let (hook, ifindex, proto, dport) = key;
-            self.rules.insert(slot, RuleEntry { rank, ..rule });
-            let b = self.buckets.entry(BucketKey { ifindex, dport, proto, hook, ..Default::default() }).or_default();
-            b.slots[b.len as usize] = slot;
-            b.len += 1;
+        /// Puts rule `slot` (with `rank`, visible from generation 0) under `key` of `class` (keys must be masked
+        /// already) and keeps the class list sorted by min rank.
+        fn add(&mut self, slot: u32, rank: u64, c: Class, key: IndexKey, rule: RuleEntry) {
+            let entry = RuleEntry { rank, gen_from: 0, gen_until: GEN_FOREVER, ..rule };
+            self.rules.insert(slot, entry);
+            let e = self.index.entry(key).or_default();
+            let at = e.slots[..e.len as usize].iter().position(|s| self.rules[s].rank > rank).unwrap_or(e.len as usize);
+            e.slots.copy_within(at..e.len as usize, at + 1);
+            e.slots[at] = slot;
+            e.len += 1;
+            match self.classes.iter_mut().find(|k| Class { min_rank: 0, ..**k } == c) {
+                Some(k) => k.min_rank = k.min_rank.min(rank),
+                None => self.classes.push(Class { min_rank: rank, ..c }),
+            }
+            self.classes.sort_by_key(|k| k.min_rank);
         }
 
-        fn find(&self, t: &Tuple, ifindex: u32, hook: u8, mask: u32) -> Option<u32> {
-            find_rule(t, ifindex, hook, (0, mask), |k| self.buckets.get(k), |s| self.rules.get(&s), |_| false)
-                .map(|(s, _)| s)
+        fn find(&self, t: &Tuple, ifindex: u32, hook: u8, generation: u32) -> Option<u32> {
+            find_rule(
+                t,
+                ifindex,
+                (hook, generation),
+                &self.classes,
+                |k| self.index.get(k),
+                |s| self.rules.get(&s),
+                |_| false,
+            )
+            .map(|(s, _)| s)
+        }
+    }
+
+    fn key(hook: u8, ifindex: u32, proto: u8, c: &Class, (dport, saddr, daddr): (u16, u32, u32)) -> IndexKey {
+        IndexKey {
+            ifindex,
+            saddr,
+            daddr,
+            dport,
+            proto,
+            hook,
+            port_plen: c.port_plen,
+            src_plen: c.src_plen,
+            dst_plen: c.dst_plen,
+            _pad: 0,
         }
     }
 
@@ -145,84 +219,121 @@ mod tests {
         Tuple { saddr: 0x0100_000a, daddr: 0x0200_000a, sport: 40000, dport, proto: PROTO_TCP, _pad: [0; 3] }
     }
 
-    /// Records the keys the walk looks up.
-    fn walk(t: &Tuple, ifindex: u32, hook: u8, mask: u32) -> Vec<(u32, u8, u16)> {
-        let mut keys = vec![];
-        let none = |_: u32| -> Option<&RuleEntry> { None };
+    #[test]
+    fn the_key_is_the_tuple_masked_to_the_class() {
+        let keys = RefCell::new(vec![]);
+        let classes = [
+            class(true, true, 16, 0, 0),
+            class(false, true, 12, 24, 0),
+            class(false, false, 0, 0, 32),
+            class(true, true, 0, 8, 8),
+        ];
+        let t = Tuple { saddr: u32::from_be(0x0a01_0203), daddr: u32::from_be(0xc000_0201), ..tcp(0x1234) };
         find_rule(
-            t,
-            ifindex,
-            hook,
-            (1, mask),
+            &t,
+            3,
+            (hook::PREROUTING, 0),
+            &classes,
             |k| {
-                assert_eq!((k.hook, k.bank), (hook, 1), "the hook's buckets of the bank asked for");
-                keys.push((k.ifindex, k.proto, k.dport));
+                keys.borrow_mut().push(*k);
                 None
             },
-            none,
+            |_| None,
             |_| false,
         );
-        keys
-    }
-
-    #[test]
-    fn bucket_keys_in_order_per_level() {
-        let t = tcp(80);
-        let all = walk(&t, 3, hook::PREROUTING, ALL_LEVELS);
+        let pre = hook::PREROUTING;
+        let be = u32::from_be;
         assert_eq!(
-            all,
-            vec![(3, PROTO_TCP, 80), (0, PROTO_TCP, 80), (3, PROTO_TCP, 0), (0, PROTO_TCP, 0), (3, 0, 0), (0, 0, 0)]
+            keys.into_inner(),
+            vec![
+                key(pre, 3, PROTO_TCP, &classes[0], (0x1234, 0, 0)),
+                key(pre, 0, PROTO_TCP, &classes[1], (0x1230, be(0x0a01_0200), 0)),
+                key(pre, 0, 0, &classes[2], (0, 0, be(0xc000_0201))),
+                key(pre, 3, PROTO_TCP, &classes[3], (0, be(0x0a00_0000), be(0xc000_0000))),
+            ]
         );
-        // Only the levels in the mask are looked up.
-        assert_eq!(walk(&t, 3, hook::POSTROUTING, level::IF_PROTO | level::ANY), vec![(3, PROTO_TCP, 0), (0, 0, 0)]);
-        assert_eq!(walk(&t, 3, hook::PREROUTING, 0), vec![]);
-        // Without ports only the protocol-less levels exist.
-        let icmp = Tuple { proto: PROTO_ICMP, sport: 7, dport: 7, ..t };
-        assert_eq!(walk(&icmp, 3, hook::PREROUTING, ALL_LEVELS), vec![(3, 0, 0), (0, 0, 0)]);
-        let udp = Tuple { proto: PROTO_UDP, ..t };
-        assert_eq!(walk(&udp, 0, hook::OUTPUT, level::PROTO_PORT)[..], [(0, PROTO_UDP, 80)]);
+        // Without ports only the protocol-less classes are looked up.
+        let icmp = Tuple { proto: PROTO_ICMP, ..t };
+        let mut n = 0;
+        find_rule(
+            &icmp,
+            3,
+            (pre, 0),
+            &classes,
+            |_| {
+                n += 1;
+                None
+            },
+            |_| None,
+            |_| false,
+        );
+        assert_eq!(n, 1);
     }
 
     #[test]
-    fn lowest_rank_wins_across_levels() {
+    fn lowest_rank_wins_across_classes_and_the_walk_stops_early() {
         let pre = hook::PREROUTING;
         let mut m = Maps::default();
         let any = RuleEntry::default();
-        m.add(1, 5, (pre, 3, PROTO_TCP, 80), RuleEntry { ifindex: 3, proto: PROTO_TCP, ..any });
-        m.add(2, 2, (pre, 0, 0, 0), any);
-        m.add(3, 1, (pre, 0, PROTO_TCP, 0), RuleEntry { proto: PROTO_TCP, dst_net: 0x0300_000a, dst_mask: !0, ..any });
+        let port = class(true, true, 16, 0, 0);
+        let catch_all = class(false, false, 0, 0, 0);
+        let dst = class(false, true, 0, 0, 32);
+        m.add(1, 5, port, key(pre, 3, PROTO_TCP, &port, (80, 0, 0)), RuleEntry { ifindex: 3, proto: PROTO_TCP, ..any });
+        m.add(2, 2, catch_all, key(pre, 0, 0, &catch_all, (0, 0, 0)), any);
+        let to3 = RuleEntry { proto: PROTO_TCP, dst_net: 0x0300_000a, dst_mask: !0, ..any };
+        m.add(3, 1, dst, key(pre, 0, PROTO_TCP, &dst, (0, 0, 0x0300_000a)), to3);
         let t = tcp(80);
-        assert_eq!(m.find(&t, 3, pre, ALL_LEVELS), Some(2), "rank 2 beats rank 5; rank 1 does not match");
-        let to3 = Tuple { daddr: 0x0300_000a, ..t };
-        assert_eq!(m.find(&to3, 3, pre, ALL_LEVELS), Some(3));
-        // A level missing from the mask is not looked at, even though its bucket exists.
-        assert_eq!(m.find(&to3, 3, pre, ALL_LEVELS & !level::PROTO), Some(2));
-        assert_eq!(m.find(&t, 3, pre, level::IF_PROTO_PORT), Some(1));
-        // Another interface: the interface's buckets are other keys.
-        assert_eq!(m.find(&t, 4, pre, level::IF_PROTO_PORT | level::PROTO_PORT), None);
-        // Other hooks have their own buckets.
-        assert_eq!(m.find(&t, 3, hook::POSTROUTING, ALL_LEVELS), None);
-        // Non-TCP/UDP packets only see the protocol-less levels.
-        let icmp = Tuple { proto: PROTO_ICMP, ..to3 };
-        assert_eq!(m.find(&icmp, 3, pre, ALL_LEVELS), Some(2));
+        assert_eq!(m.find(&t, 3, pre, 0), Some(2), "rank 2 beats rank 5; rank 1 is under another key");
+        let to3t = Tuple { daddr: 0x0300_000a, ..t };
+        assert_eq!(m.find(&to3t, 3, pre, 0), Some(3));
+        assert_eq!(m.find(&Tuple { dport: 81, ..t }, 3, pre, 0), Some(2));
+        // Other hooks have their own keys.
+        assert_eq!(m.find(&t, 3, hook::POSTROUTING, 0), None);
+        // Non-TCP/UDP packets only see the protocol-less classes.
+        let icmp = Tuple { proto: PROTO_ICMP, ..to3t };
+        assert_eq!(m.find(&icmp, 3, pre, 0), Some(2));
+        // Once rank 1 is found the classes after it (min rank 2 and 5) are not looked up.
+        let mut looked = 0;
+        let found = find_rule(
+            &to3t,
+            3,
+            (pre, 0),
+            &m.classes,
+            |k| {
+                looked += 1;
+                m.index.get(k)
+            },
+            |s| m.rules.get(&s),
+            |_| false,
+        );
+        assert_eq!((found.map(|f| f.0), looked), (Some(3), 1));
     }
 
     #[test]
-    fn bucket_len_bounds_the_slots_and_filters_apply() {
+    fn entries_are_walked_in_rank_order_by_generation() {
         let post = hook::POSTROUTING;
         let mut m = Maps::default();
+        let c = class(true, false, 0, 0, 0);
+        let k = key(post, 3, 0, &c, (0, 0, 0));
         let src = |net: u32, mask: u32| RuleEntry { src_net: net, src_mask: mask, ifindex: 3, ..Default::default() };
-        m.add(7, 9, (post, 3, 0, 0), src(0x0100_000a, !0));
-        m.add(8, 4, (post, 3, 0, 0), src(0x0000_000b, 0xff));
+        m.add(7, 9, c, k, src(0x0100_000a, !0));
+        m.add(8, 4, c, k, src(0x0000_000b, 0xff));
+        assert_eq!(m.index[&k].slots[..2], [8, 7], "rank order");
         let t = tcp(0);
-        assert_eq!(m.find(&t, 3, post, level::IF), Some(7), "the rank 4 rule's source filter does not match");
-        assert_eq!(m.find(&Tuple { saddr: 0x0500_000b, ..t }, 3, post, level::IF), Some(8));
-        // A slot past the bucket's length is ignored even if it holds a rule.
-        m.buckets.get_mut(&BucketKey { ifindex: 3, hook: post, ..Default::default() }).unwrap().len = 1;
-        assert_eq!(m.find(&Tuple { saddr: 0x0500_000b, ..t }, 3, post, level::IF), None);
-        // A slot the rules array does not have is skipped.
-        m.add(99, 0, (post, 0, 0, 0), RuleEntry::default());
-        m.rules.remove(&99);
-        assert_eq!(m.find(&t, 3, post, level::IF | level::ANY), Some(7));
+        assert_eq!(m.find(&t, 3, post, 0), Some(7), "the rank 4 rule's source filter does not match");
+        let from_b = Tuple { saddr: 0x0500_000b, ..t };
+        assert_eq!(m.find(&from_b, 3, post, 0), Some(8));
+        // A rule outside its generations is skipped: one being added (seen from 5) and one deleted (seen until 5).
+        m.rules.get_mut(&8).unwrap().gen_from = 5;
+        assert_eq!(m.find(&from_b, 3, post, 4), None);
+        assert_eq!(m.find(&from_b, 3, post, 5), Some(8));
+        m.rules.get_mut(&8).unwrap().gen_until = 6;
+        assert_eq!(m.find(&from_b, 3, post, 6), None);
+        // A slot past the entry's length is ignored even if it holds a rule; a slot with no rule is skipped.
+        m.index.get_mut(&k).unwrap().len = 1;
+        assert_eq!(m.find(&t, 3, post, 0), None);
+        m.index.get_mut(&k).unwrap().slots[0] = 99;
+        m.index.get_mut(&k).unwrap().len = 2;
+        assert_eq!(m.find(&t, 3, post, 0), Some(7));
     }
 }

@@ -11,7 +11,8 @@ use bytemuck::{Pod, Zeroable};
 /// checks that the embedded object has every one of them.
 pub mod names {
     pub const RULES: &str = "PFWD_RULES";
-    pub const BUCKETS: &str = "PFWD_BUCKETS";
+    pub const INDEX: &str = "PFWD_INDEX";
+    pub const CLASSES: &str = "PFWD_CLASSES";
     /// Confirmed flows (see `ct_state::CONFIRMED`); a flood of new flows never evicts them.
     pub const CONNTRACK: &str = "PFWD_CT";
     /// Unconfirmed flows (see [`unconfirmed_ct_entries`](super::unconfirmed_ct_entries)): under pressure, they are
@@ -30,9 +31,10 @@ pub mod names {
     /// Per-backend counters ([`BackendCounterKey`](super::BackendCounterKey)).
     pub const BACKEND_COUNTERS: &str = "PFWD_BACKEND_CNT";
     /// Every map, in the order `pfwd status` reports their memory.
-    pub const MAPS: [&str; 14] = [
+    pub const MAPS: [&str; 15] = [
         RULES,
-        BUCKETS,
+        INDEX,
+        CLASSES,
         CONNTRACK,
         CONNTRACK_NEW,
         RULE_COUNTERS,
@@ -57,33 +59,41 @@ pub mod names {
     pub const PROG_GETPEERNAME4: &str = "pfwd_getpeername4";
 }
 
-/// Rule slots in the rules array (rule bodies are addressed by slot; the user-facing id is stored inside).
-pub const MAX_RULES: u32 = 16_384;
+/// Rule slots (rule bodies are addressed by slot; the user-facing id is stored inside). A cap well above the 100,000
+/// rules the design is measured at; the rules array and the per-CPU counters are preallocated to it.
+pub const MAX_RULES: u32 = 131_072;
 /// Slot of the rule a `--hairpin` rule adds (its masquerade), past the user rules' slots: `COMPANION_SLOTS + slot`
 /// for the rule in `slot`. The rules array holds both halves; the counters array only the first, so the companion's
 /// packets are counted once, by the DNAT rule that owns it.
 pub const COMPANION_SLOTS: u32 = MAX_RULES;
-/// Entries of one bank of the rules array: the user rules' slots and their companions'.
+/// Entries of the rules array: the user rules' slots and their companions'.
 pub const RULE_ENTRIES: u32 = COMPANION_SLOTS + MAX_RULES;
-/// Rule banks: the kernel reads the active one ([`Config::bank`]) while userspace writes the other, then flips.
-pub const RULE_BANKS: u32 = 2;
-
-/// Index in the rules array of `slot` in `bank`.
-#[inline(always)]
-pub const fn rule_index(bank: u32, slot: u32) -> u32 {
-    bank * RULE_ENTRIES + slot
-}
+/// Class banks: the kernel reads the class lists of the active generation's bank ([`Config::generation`] & 1) while
+/// userspace writes the other, then flips.
+pub const CLASS_BANKS: u32 = 2;
 
 /// The slot of the user rule that owns the rule in `slot`: itself, or for a companion the rule that added it.
 pub const fn owner_slot(slot: u32) -> u32 {
     if slot >= COMPANION_SLOTS { slot - COMPANION_SLOTS } else { slot }
 }
-/// Rules sharing one bucket (same interface, protocol and destination port). Checked in one bounded loop.
-pub const BUCKET_SLOTS: usize = 8;
-/// (interface, protocol, port) buckets of one rule set. Port ranges are expanded into one bucket per port.
-pub const MAX_BUCKETS: u32 = 262_144;
-/// Entries of the buckets map: both banks' buckets (during a switch both rule sets are in the map).
-pub const BUCKET_ENTRIES: u32 = RULE_BANKS * MAX_BUCKETS;
+/// Rules sharing one index entry: the same hook, interface, protocol, port block, source and destination network
+/// (a negated match and `-d local` count as "any" there). Checked in one bounded loop.
+pub const INDEX_SLOTS: usize = 16;
+/// Entries of the rule index (not preallocated). A rule takes one entry per prefix block of its port range (at most
+/// 30 for 1-65535) and rules with the same matches share one, so this holds 100,000 rules of ten blocks each.
+pub const INDEX_ENTRIES: u32 = 1_048_576;
+/// Classes (distinct match shapes, see [`Class`]) per hook.
+pub const MAX_CLASSES: u32 = 128;
+/// Entries of the class array: every hook's classes, in both banks.
+pub const CLASS_ENTRIES: u32 = CLASS_BANKS * 3 * MAX_CLASSES;
+
+/// Index in the class array of the `i`th class of `hook` in `bank`.
+#[inline(always)]
+pub const fn class_index(bank: u32, hook: u8, i: u32) -> u32 {
+    (bank * 3 + hook as u32) * MAX_CLASSES + i
+}
+/// [`RuleEntry::gen_until`] of a rule that has not been deleted.
+pub const GEN_FOREVER: u32 = u32::MAX;
 /// Default conntrack size: two entries per flow, so this holds 256k concurrent flows.
 pub const DEFAULT_CT_ENTRIES: u32 = 524_288;
 /// The smallest unconfirmed-flow table (entries), whatever the conntrack size.
@@ -124,7 +134,7 @@ pub mod kind {
     pub const MASQUERADE: u8 = 4;
 }
 
-/// Which hook a bucket belongs to (`BucketKey::hook`).
+/// Which hook a rule belongs to (`IndexKey::hook`).
 pub mod hook {
     /// DNAT / REDIRECT rules, matched at ingress (iptables PREROUTING).
     pub const PREROUTING: u8 = 0;
@@ -135,47 +145,79 @@ pub mod hook {
     pub const OUTPUT: u8 = 2;
 }
 
-/// Bucket levels: which of (interface, protocol, port) a bucket key fixes. A packet is looked up at every level that
-/// has rules (`Config::level_mask`), and the matching rule with the lowest rank wins, so precedence is decided by
-/// userspace alone (the same order the iptables export uses).
-pub mod level {
-    pub const IF_PROTO_PORT: u32 = 1 << 0;
-    pub const PROTO_PORT: u32 = 1 << 1;
-    pub const IF_PROTO: u32 = 1 << 2;
-    pub const PROTO: u32 = 1 << 3;
-    pub const IF: u32 = 1 << 4;
-    pub const ANY: u32 = 1 << 5;
-}
-
+/// A class: one shape of rule matches (which of interface and protocol a rule fixes, and the prefix lengths of its
+/// destination port block, source and destination networks) in one hook. A new flow's first packet is looked up
+/// once per class of its hook, with its tuple masked to the class's shape, in the rule index (tuple space search,
+/// as Open vSwitch does): the cost grows with the number of shapes, not of rules. Classes are kept in ascending
+/// `min_rank`, so the walk stops at the first class that cannot beat the best rule found.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct BucketKey {
+pub struct Class {
+    /// The lowest rank of the class's rules (it may be lower than the actual lowest after a deletion: that only
+    /// costs an extra lookup).
+    pub min_rank: u64,
+    /// Masks of the tuple's fields, in the tuple's byte order (addresses network order, port host order).
+    pub src_mask: u32,
+    pub dst_mask: u32,
+    pub port_mask: u16,
+    /// The prefix lengths behind the masks (part of the index key, so shapes never share keys).
+    pub port_plen: u8,
+    pub src_plen: u8,
+    pub dst_plen: u8,
+    /// [`class_flag`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `Class::flags` bits.
+pub mod class_flag {
+    /// The rules fix the interface (the key holds the packet's ifindex, else 0).
+    pub const IFACE: u8 = 1 << 0;
+    /// The rules fix the protocol (the key holds the packet's protocol, else 0); only TCP and UDP have rules of
+    /// their own.
+    pub const PROTO: u8 = 1 << 1;
+}
+
+/// A key of the rule index: a rule's matches, or a packet's tuple masked to a [`Class`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct IndexKey {
     /// 0 = any interface (the incoming one for PREROUTING rules, the outgoing one for POSTROUTING rules).
     pub ifindex: u32,
-    /// 0 = any port.
+    /// Network order, masked.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Host order, masked to the port block.
     pub dport: u16,
     /// 0 = any protocol.
     pub proto: u8,
-    /// [`hook`]: PREROUTING or POSTROUTING.
+    /// [`hook`].
     pub hook: u8,
-    /// The rule bank ([`Config::bank`]) this bucket belongs to.
-    pub bank: u8,
-    pub _pad: [u8; 3],
+    pub port_plen: u8,
+    pub src_plen: u8,
+    pub dst_plen: u8,
+    pub _pad: u8,
 }
 
+/// The rules of one index key, in rank order (best first). Rules being added or deleted are listed here with the
+/// others; [`RuleEntry::gen_from`] and `gen_until` say which generation sees them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct Bucket {
+pub struct IndexEntry {
     pub len: u32,
-    /// Rule slots (indices into the rules array); the first `len` are valid.
-    pub slots: [u32; BUCKET_SLOTS],
+    /// Rule slots; the first `len` are valid.
+    pub slots: [u32; INDEX_SLOTS],
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RuleEntry {
-    /// Precedence: among matching rules the lowest rank wins.
-    pub rank: u32,
+    /// Precedence: among matching rules the lowest rank wins. A function of the rule alone (its specificity, then
+    /// its id: see `pfwd::rules::precedence`), so adding a rule never re-ranks the others.
+    pub rank: u64,
+    /// The generations ([`Config::generation`]) that see the rule: `gen_from <= generation < gen_until`.
+    pub gen_from: u32,
+    pub gen_until: u32,
     /// The user-facing rule id (`pfwd list`).
     pub id: u32,
     /// Source and destination filters, network order; a zero mask matches everything.
@@ -198,6 +240,15 @@ pub struct RuleEntry {
     pub _pad: u8,
     /// 0 = any interface; the incoming one for DNAT/REDIRECT, the outgoing one for SNAT/MASQUERADE.
     pub ifindex: u32,
+    pub _pad2: u32,
+}
+
+impl RuleEntry {
+    /// Whether generation `gen` sees the rule.
+    #[inline(always)]
+    pub const fn visible(&self, generation: u32) -> bool {
+        self.gen_from <= generation && generation < self.gen_until
+    }
 }
 
 /// `RuleEntry::flags` bits.
@@ -216,17 +267,17 @@ pub mod rule_flag {
     pub const BACKENDS: u8 = 1 << 4;
 }
 
-/// Entries of each Maglev table (a prime). Every rule with several backends has one table per rule bank, so it stays
-/// the same size when backends come and go (which is what keeps the other backends' flows where they are). At least
+/// Entries of each Maglev table (a prime). Every rule with several backends has one table, so it stays the same size when backends come and go (which is what keeps the other backends' flows where they are). At least
 /// 100 entries per backend keep the spread within about 1% of the weights for up to 40 backends; with the most
 /// backends a rule may have ([`MAX_BACKENDS`]), each still gets 16 entries.
 pub const MAGLEV_SIZE: u32 = 4093;
 /// Backends of one rule.
 pub const MAX_BACKENDS: usize = 255;
-/// Rules with several backends (their tables are in the backends map of both banks).
+/// Rules with several backends (their tables are in the backends map), twice over: a table is only freed once its
+/// rule's deletion is seen by every program.
 pub const MAX_BACKEND_RULES: u32 = 256;
-/// Entries of the backends map: every table of both banks.
-pub const BACKEND_ENTRIES: u32 = RULE_BANKS * MAX_BACKEND_RULES * MAGLEV_SIZE;
+/// Entries of the backends map: every table.
+pub const BACKEND_ENTRIES: u32 = 2 * MAX_BACKEND_RULES * MAGLEV_SIZE;
 /// Entries of the per-backend counters: the backends of every rule, and as many again for backends removed from a
 /// rule while their flows go on.
 pub const BACKEND_COUNTER_ENTRIES: u32 = 2 * MAX_BACKEND_RULES * MAX_BACKENDS as u32;
@@ -235,8 +286,7 @@ pub const BACKEND_COUNTER_ENTRIES: u32 = 2 * MAX_BACKEND_RULES * MAX_BACKENDS as
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct BackendKey {
-    /// The rule's index in the rules array ([`rule_index`]: its bank and slot), so each bank has its own tables and
-    /// the flip of [`Config::bank`] switches them with the rules.
+    /// The rule's slot: a slot's table is written before the rule becomes visible and removed after it is gone.
     pub rule: u32,
     /// 0..[`MAGLEV_SIZE`].
     pub index: u32,
@@ -468,12 +518,14 @@ pub mod config_flag {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Config {
-    /// The active rule bank: the programs read the rules (entries at [`rule_index`], buckets with this `bank`) and
-    /// the level masks of this bank only. A rule change writes the other bank completely, then flips this field in
-    /// one write, so a packet sees either the old rule set or the new one, never a mix.
-    pub bank: u32,
-    /// Each bank's level masks.
-    pub masks: [LevelMasks; RULE_BANKS as usize],
+    /// The rule generation packets are matched in: a rule is seen when `gen_from <= generation < gen_until`, and the
+    /// class lists of bank `generation & 1` are walked. A rule change writes the new rules (invisible, `gen_from` =
+    /// next generation), the rules it deletes (`gen_until` = next generation), the index entries (listing both) and
+    /// the other bank's class lists, then moves this field on in one write: a packet sees the old rule set or the
+    /// new one, never a mix.
+    pub generation: u32,
+    /// Each class bank's class counts.
+    pub classes: [ClassCounts; CLASS_BANKS as usize],
     pub flags: u32,
     /// Idle timeouts, in seconds. `tcp_syn_timeout` applies to a TCP flow until it is confirmed (SYN sent, or
     /// SYN-ACK seen but not yet the client's ACK).
@@ -483,18 +535,18 @@ pub struct Config {
     pub udp_timeout: u32,
     pub other_timeout: u32,
     pub _pad: u32,
-    /// When userspace last flipped [`Config::bank`] (CLOCK_MONOTONIC, ns; the programs do not read it): the next
-    /// change waits for readers of the old bank only if it comes soon after.
+    /// When userspace last moved [`Config::generation`] on (CLOCK_MONOTONIC, ns; the programs do not read it): the
+    /// next change waits for readers of the old class bank only if it comes soon after.
     pub flipped_ns: u64,
     /// The instance's network namespace cookie: the cgroup socket hooks see every namespace's sockets and must act
     /// only in this one.
     pub netns_cookie: u64,
 }
 
-/// Which bucket levels (see [`level`]) hold rules of each hook, in one rule bank.
+/// How many classes each hook has, in one class bank.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct LevelMasks {
+pub struct ClassCounts {
     /// PREROUTING (DNAT, REDIRECT).
     pub pre: u32,
     /// POSTROUTING (SNAT, MASQUERADE).
@@ -503,21 +555,30 @@ pub struct LevelMasks {
     pub local: u32,
 }
 
+/// The rule set a packet is matched in: the generation, its class bank, and that bank's class counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleSet {
+    pub generation: u32,
+    pub bank: u32,
+    pub counts: ClassCounts,
+}
+
 impl Config {
-    /// The active bank and its level masks, read once (the bank field is read a single time, so a concurrent flip
-    /// cannot pair one bank's number with the other's masks: userspace never changes the active bank's masks).
+    /// The active rule set, read once (the generation is read a single time, so a concurrent flip cannot pair one
+    /// bank's number with the other's counts: userspace never changes the active bank's counts).
     #[inline(always)]
-    pub fn active(&self) -> (u32, LevelMasks) {
-        let bank = self.bank & (RULE_BANKS - 1);
-        (bank, self.masks[bank as usize])
+    pub fn active(&self) -> RuleSet {
+        let generation = self.generation;
+        let bank = generation & (CLASS_BANKS - 1);
+        RuleSet { generation, bank, counts: self.classes[bank as usize] }
     }
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
-            bank: 0,
-            masks: [LevelMasks::default(); RULE_BANKS as usize],
+            generation: 0,
+            classes: [ClassCounts::default(); CLASS_BANKS as usize],
             flags: 0,
             tcp_syn_timeout: 10,
             tcp_established_timeout: 6 * 3600,
@@ -696,13 +757,14 @@ mod pod {
     }
 
     aya_pod_from_bytemuck!(
-        BucketKey,
-        Bucket,
+        IndexKey,
+        IndexEntry,
+        Class,
         RuleEntry,
         RuleCounters,
         IfaceInfo,
         Config,
-        LevelMasks,
+        ClassCounts,
         Tuple,
         CtEntry,
         FragKey,
@@ -723,12 +785,13 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
-        assert_eq!(size_of::<BucketKey>(), 12);
-        assert_eq!(size_of::<LevelMasks>(), 12);
+        assert_eq!(size_of::<IndexKey>(), 20);
+        assert_eq!(size_of::<Class>(), 24);
+        assert_eq!(size_of::<ClassCounts>(), 12);
         assert_eq!(size_of::<FragKey>(), 12);
         assert_eq!(size_of::<FragEntry>(), 24);
-        assert_eq!(size_of::<Bucket>(), 4 + 4 * BUCKET_SLOTS);
-        assert_eq!(size_of::<RuleEntry>(), 40);
+        assert_eq!(size_of::<IndexEntry>(), 4 + 4 * INDEX_SLOTS);
+        assert_eq!(size_of::<RuleEntry>(), 56);
         assert_eq!(size_of::<Tuple>(), 16);
         assert_eq!(size_of::<CtEntry>(), 40);
         assert_eq!(size_of::<Config>(), 72);

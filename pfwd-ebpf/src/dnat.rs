@@ -8,12 +8,12 @@ use pfwd_common::{
 
 use crate::{conntrack, maps::BACKENDS, parse::Packet};
 
-/// Translates the first packet of a flow arriving on the interface `iface` by `rule` (DNAT or REDIRECT, in rule
-/// bank `bank`) and creates the flow. Returns the translated tuple, or the stat explaining the refusal.
+/// Translates the first packet of a flow arriving on the interface `iface` by `rule` (DNAT or REDIRECT, in `slot`)
+/// and creates the flow. Returns the translated tuple, or the stat explaining the refusal.
 #[inline(always)]
 pub fn create(
     pkt: &Packet,
-    (bank, slot): (u32, u32),
+    slot: u32,
     rule: &RuleEntry,
     iface: &IfaceInfo,
     now: u64,
@@ -23,7 +23,7 @@ pub fn create(
     if rule.kind == kind::REDIRECT {
         to_addr = iface.addr;
     } else if rule.flags & rule_flag::BACKENDS != 0 {
-        let picked = pick(pfwd_common::rule_index(bank, slot), flow_hash(&pkt.tuple) % MAGLEV_SIZE);
+        let picked = pick(slot, flow_hash(&pkt.tuple) % MAGLEV_SIZE);
         (to_addr, to_port, flags) = ((picked >> 16) as u32, picked as u16, ct_flag::BACKENDS);
     }
     if to_addr == 0 {
@@ -40,7 +40,7 @@ pub fn create(
     conntrack::create(&pkt.tuple, &xlat, slot, now, cfg, (ct_hook::INGRESS, flags)).map(|_| xlat)
 }
 
-/// The backend at `index` of the Maglev table of the rule at `rule` (its index in the rules array): its address
+/// The backend at `index` of the Maglev table of the rule in slot `rule`: its address
 /// (network order) in bits 16-47 and its port in bits 0-15; 0 when the entry is missing. Not inlined: its key stays
 /// off the callers' stack frame.
 #[inline(never)]

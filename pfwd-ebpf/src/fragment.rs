@@ -77,7 +77,7 @@ fn later_of(ctx: &TcContext, k: &FragKey, payload: u32) -> i32 {
         },
         _ => {
             let has_rules = CONFIG.get(0).is_some_and(|c| {
-                let (_, m) = c.active();
+                let m = c.active().counts;
                 m.pre | m.post != 0
             });
             let ifindex = parse::ifindex(ctx);

@@ -188,19 +188,22 @@ mod programs {
             // A new connection reusing the ports of a closed one starts over with the current rules.
             conntrack::remove_flow(&pkt.tuple, entry);
         }
-        let (bank, masks) = cfg.active();
-        let (hook, mask) =
-            if at == ct_hook::INGRESS { (hook::PREROUTING, masks.pre) } else { (hook::POSTROUTING, masks.post) };
-        if mask == 0 || !pkt.can_open() {
+        let set = cfg.active();
+        let (hook, classes) = if at == ct_hook::INGRESS {
+            (hook::PREROUTING, set.counts.pre)
+        } else {
+            (hook::POSTROUTING, set.counts.post)
+        };
+        if classes == 0 || !pkt.can_open() {
             return Verdict::Pass;
         }
         let ifindex = parse::ifindex(ctx);
         // Only interfaces pfwd is attached to (and knows the address of).
         // SAFETY: plain read of a map value, which stays valid for the program's run.
         let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else { return Verdict::Pass };
-        let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, (bank, mask)) else { return Verdict::Pass };
+        let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, &set) else { return Verdict::Pass };
         let created = if at == ct_hook::INGRESS {
-            dnat::create(pkt, (bank, slot), rule, iface, now, cfg)
+            dnat::create(pkt, slot, rule, iface, now, cfg)
         } else {
             snat::allocate(ctx, pkt, slot, rule, ifindex, iface, now, cfg)
         };

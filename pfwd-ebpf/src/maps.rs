@@ -8,18 +8,24 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use pfwd_common::{
-    BACKEND_COUNTER_ENTRIES, BACKEND_ENTRIES, BUCKET_ENTRIES, BackendCounterKey, BackendEntry, BackendKey, Bucket,
-    BucketKey, Config, CtEntry, DEFAULT_CT_ENTRIES, FragEntry, FragKey, IfaceInfo, MAX_FRAG_DATAGRAMS, MAX_IFACES,
-    MAX_LOCAL_ADDRS, MAX_RULES, MAX_SOCKETS, RULE_BANKS, RULE_ENTRIES, RecordText, RuleCounters, RuleEntry, SockKey,
-    SockOrig, Stat, Tuple, unconfirmed_ct_entries,
+    BACKEND_COUNTER_ENTRIES, BACKEND_ENTRIES, BackendCounterKey, BackendEntry, BackendKey, CLASS_ENTRIES, Class,
+    Config, CtEntry, DEFAULT_CT_ENTRIES, FragEntry, FragKey, INDEX_ENTRIES, IfaceInfo, IndexEntry, IndexKey,
+    MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES, MAX_SOCKETS, RULE_ENTRIES, RecordText, RuleCounters,
+    RuleEntry, SockKey, SockOrig, Stat, Tuple, unconfirmed_ct_entries,
 };
 
+/// Rule bodies by slot (`pfwd_common::lookup`).
 #[map(name = "PFWD_RULES")]
-pub static RULES: Array<RuleEntry> = Array::pinned(RULE_BANKS * RULE_ENTRIES, 0);
+pub static RULES: Array<RuleEntry> = Array::pinned(RULE_ENTRIES, 0);
 
-/// Not preallocated: most instances use a few buckets out of the quarter million allowed.
-#[map(name = "PFWD_BUCKETS")]
-pub static BUCKETS: HashMap<BucketKey, Bucket> = HashMap::pinned(BUCKET_ENTRIES, BPF_F_NO_PREALLOC);
+/// The rule index: the rules of each (hook, masked matches) key. Not preallocated, which also makes an update
+/// replace the entry whole for readers (the old one is freed after them).
+#[map(name = "PFWD_INDEX")]
+pub static INDEX: HashMap<IndexKey, IndexEntry> = HashMap::pinned(INDEX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Each hook's classes (`pfwd_common::class_index`), in both class banks.
+#[map(name = "PFWD_CLASSES")]
+pub static CLASSES: Array<Class> = Array::pinned(CLASS_ENTRIES, 0);
 
 /// Confirmed flows (`ct_state::CONFIRMED`): the established path is one lookup here.
 #[map(name = "PFWD_CT")]

@@ -49,9 +49,9 @@ pub fn pfwd_getpeername4(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn translate(ctx: &SockAddrContext, sendmsg: bool) {
     let Some(cfg) = CONFIG.get(0) else { return };
-    let (bank, masks) = cfg.active();
+    let set = cfg.active();
     // SAFETY: helper on a valid context.
-    if masks.local == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != cfg.netns_cookie {
+    if set.counts.local == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != cfg.netns_cookie {
         return;
     }
     // SAFETY: the context's bpf_sock_addr is valid for the program's run.
@@ -65,7 +65,7 @@ fn translate(ctx: &SockAddrContext, sendmsg: bool) {
         proto: sa.protocol as u8,
         _pad: [0; 3],
     };
-    let Some((slot, rule)) = rules::find(&t, 0, hook::OUTPUT, (bank, masks.local)) else { return };
+    let Some((slot, rule)) = rules::find(&t, 0, hook::OUTPUT, &set) else { return };
     let to_addr = if rule.kind == kind::REDIRECT { LOOPBACK } else { rule.to_addr };
     let to_port = if rule.to_port != 0 { rule.to_port } else { t.dport };
     sa.user_ip4 = to_addr;

@@ -129,27 +129,26 @@ impl Backend {
         apply(self, state)
     }
 
-    /// Applies a rule change from `previous` (what the data path holds) to `state`: in iptables mode only the lines
-    /// that change, when `previous` was fully applied (no interrupted change); else a full sync.
+    /// Applies a rule change from `previous` (what the data path holds) to `state`: only what changes (the
+    /// iptables lines; the kernel's rules and index keys), when `previous` was fully applied (no interrupted
+    /// change); else a full sync.
     fn change_rules(&self, previous: &State, state: &State) -> Result<()> {
         match self {
-            Backend::Iptables if previous.pending.is_none() => {
-                fallback::change_rules(&previous.rules(), &state.rules())
+            _ if previous.pending.is_some() => self.sync_rules(state),
+            Backend::Iptables => fallback::change_rules(&previous.rules(), &state.rules()),
+            Backend::Ebpf(kernel) => {
+                refresh_addresses(kernel, state)?;
+                kernel.sync_rules(Some(&previous.rules), &state.rules, &ifindex_lookup(state))
             }
-            _ => self.sync_rules(state),
         }
     }
 
+    /// Makes the data path hold exactly the state's rules, whatever it held.
     fn sync_rules(&self, state: &State) -> Result<()> {
         match self {
             Backend::Ebpf(kernel) => {
-                // REDIRECT uses each interface's primary address, `-d local` all of this host's: refresh them
-                // whenever rules change.
-                for i in &state.interfaces {
-                    kernel.set_iface(i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
-                }
-                kernel.set_local_addrs(&local_addrs_ne())?;
-                kernel.sync_rules(&state.rules, &ifindex_lookup(state))
+                refresh_addresses(kernel, state)?;
+                kernel.sync_rules(None, &state.rules, &ifindex_lookup(state))
             }
             Backend::Iptables => fallback::sync_rules(&state.rules()),
         }
@@ -309,6 +308,15 @@ fn restore_added_sysctls(planned: &State, previous: &State) {
     let added: Vec<SavedSysctl> =
         planned.sysctls.iter().filter(|s| !previous.sysctls.iter().any(|p| p.key == s.key)).cloned().collect();
     sysctl::restore_all(&added);
+}
+
+/// REDIRECT uses each interface's primary address, `-d local` all of this host's: refreshed whenever rules
+/// change.
+fn refresh_addresses(kernel: &Kernel, state: &State) -> Result<()> {
+    for i in &state.interfaces {
+        kernel.set_iface(i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
+    }
+    kernel.set_local_addrs(&local_addrs_ne())
 }
 
 /// Removes the instance: marks the state as being removed (so a detach killed half-way is seen as such), removes

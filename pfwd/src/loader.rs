@@ -14,7 +14,7 @@
 //! when the first layer-3 interface is attached. Map and program names come from `pfwd_common::names`; a test
 //! checks that the embedded object has every one of them.
 use std::{
-    collections::{HashMap as StdHashMap, HashSet},
+    collections::HashSet,
     fs,
     path::{Path, PathBuf},
 };
@@ -32,8 +32,8 @@ use aya::{
     util::nr_cpus,
 };
 use pfwd_common::{
-    BackendCounterKey, BackendEntry, BackendKey, Bucket, BucketKey, Config, CtEntry, IfaceInfo, LevelMasks, RULE_BANKS,
-    RULE_ENTRIES, RecordText, RuleCounters, RuleEntry, Stat, Tuple, names, rule_index,
+    BackendCounterKey, BackendEntry, BackendKey, CLASS_BANKS, Class, ClassCounts, Config, CtEntry, INDEX_SLOTS,
+    IfaceInfo, IndexEntry, IndexKey, RecordText, RuleCounters, RuleEntry, Stat, Tuple, class_index, names,
 };
 
 use crate::{
@@ -280,90 +280,119 @@ impl Kernel {
         Ok(())
     }
 
-    /// Makes the kernel's rule tables match `rules`, in one step for packets: the complete rule set (rule bodies
-    /// by slot, buckets, level masks) is written into the inactive rule bank, then `Config::bank` flips to it in one
-    /// write, so a packet is matched against the old rule set or the new one, never a mix of both. Each rule keeps
-    /// its slot, so a flow's slot means the same rule before and after. The inactive bank is only written once every
-    /// program that read it before the last flip has finished (see `wait_for_readers`).
-    pub fn sync_rules(&self, rules: &[StoredRule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<()> {
+    /// Makes the kernel's rules match `rules`, in one step for packets (see [`rules::plan`]): only the rules and
+    /// index keys that change are written, then the generation moves on in one write, so a packet is matched
+    /// against the old rule set or the new one, never a mix. `previous` is what the kernel holds when the last
+    /// change completed; without it (at attach, after an interrupted change) the held rules are read back from the
+    /// maps. Each rule keeps its slot, so a flow's slot means the same rule before and after.
+    pub fn sync_rules(
+        &self,
+        previous: Option<&[StoredRule]>,
+        rules: &[StoredRule],
+        ifindex: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<()> {
         self.check_layout()?;
-        let plain: Vec<rules::Rule> = rules.iter().map(|r| r.rule.clone()).collect();
-        let compiled = rules::compile(&plain, ifindex)?;
+        let new = compile_stored(rules, ifindex)?;
         let mut cfg = self.config()?;
-        let (active, _) = cfg.active();
-        let bank = (active + 1) % RULE_BANKS;
-        wait_for_readers(cfg.flipped_ns);
-        // compile() numbers slots by position; map them to the rules' stable slots (a `--hairpin` rule's companion
-        // to the companion half of the rules array, by its owner's slot).
-        let slot_of = |i: u32| match i.checked_sub(pfwd_common::COMPANION_SLOTS) {
-            Some(owner) => pfwd_common::COMPANION_SLOTS + rules[owner as usize].slot,
-            None => rules[i as usize].slot,
+        let held = match previous.and_then(|p| compile_stored(p, ifindex).ok()) {
+            Some(old) => rules::plan::Held::from_compiled(&old),
+            None => self.read_held()?,
         };
-        let mut rule_map: Array<MapData, RuleEntry> = self.map(names::RULES)?;
-        for (i, entry) in &compiled.entries {
-            rule_map.set(rule_index(bank, slot_of(*i)), entry, 0)?;
-        }
-        let mut buckets: HashMap<MapData, BucketKey, Bucket> = self.map(names::BUCKETS)?;
-        let wanted: StdHashMap<BucketKey, Bucket> = compiled
-            .buckets
-            .iter()
-            .map(|(k, b)| {
-                let mut b = *b;
-                for s in b.slots.iter_mut().take(b.len as usize) {
-                    *s = slot_of(*s);
-                }
-                (BucketKey { bank: bank as u8, ..*k }, b)
-            })
-            .collect();
-        let existing: HashSet<BucketKey> =
-            buckets.keys().filter_map(Result::ok).filter(|k| u32::from(k.bank) == bank).collect();
-        for (k, b) in &wanted {
-            // Reading back first saves a write for unchanged buckets; new ones are written straight away.
-            if !existing.contains(k) || buckets.get(k, 0).ok().as_ref() != Some(b) {
-                buckets.insert(k, b, 0)?;
+        let plan = match rules::plan::plan(&held, cfg.generation, &new) {
+            Ok(p) => p,
+            Err(rules::RuleError::IndexFull { .. }) => {
+                // Too many rules would share a key while the old and new ones are both listed: delete first
+                // (the rules kept, alone), then add.
+                let kept = new.restricted(|slot, e| {
+                    held.entries.get(&slot).is_some_and(|h| h.visible(cfg.generation) && h.rank == e.rank)
+                });
+                let first = rules::plan::plan(&held, cfg.generation, &kept)?;
+                self.apply_plan(&first, &mut cfg)?;
+                rules::plan::plan(&rules::plan::Held::from_compiled(&kept), cfg.generation, &new)?
             }
-        }
-        for k in existing.iter().filter(|k| !wanted.contains_key(k)) {
-            buckets.remove(k)?;
-        }
-        self.write_tables(bank, &compiled.tables, &slot_of)?;
-        // The flip: this bank's masks and the bank number in one write; the active bank's masks stay as they are,
-        // so a program that read the old bank number still pairs it with the old masks.
-        cfg.masks[bank as usize] =
-            LevelMasks { pre: compiled.level_mask, post: compiled.snat_level_mask, local: compiled.local_level_mask };
-        cfg.bank = bank;
-        cfg.flipped_ns = monotonic_ns();
-        self.set_config(&cfg)
+            Err(e) => return Err(e.into()),
+        };
+        self.apply_plan(&plan, &mut cfg)
     }
 
-    /// Writes the Maglev tables of the rules with several backends into `bank` (each under its rule's index there,
-    /// `slot_of` mapping compile positions to slots) and removes the bank's other tables. An instance created by an
-    /// older pfwd has no tables map: fine as long as no rule needs one.
-    fn write_tables(&self, bank: u32, tables: &[(u32, Vec<BackendEntry>)], slot_of: &dyn Fn(u32) -> u32) -> Result<()> {
-        let Ok(mut map) = self.map::<HashMap<MapData, BackendKey, BackendEntry>>(names::BACKENDS) else {
-            anyhow::ensure!(
-                tables.is_empty(),
-                "this instance was attached by an older pfwd, without rules with several backends; run `pfwd detach` \
-                 and attach again to use them"
-            );
+    /// What the kernel holds, read back from the maps: every slot the index lists, with its entry.
+    fn read_held(&self) -> Result<rules::plan::Held> {
+        let index_map: HashMap<MapData, IndexKey, IndexEntry> = self.map(names::INDEX)?;
+        let rule_map: Array<MapData, RuleEntry> = self.map(names::RULES)?;
+        let mut held = rules::plan::Held::default();
+        for item in index_map.iter() {
+            let (k, e) = item?;
+            let slots = e.slots[..(e.len as usize).min(INDEX_SLOTS)].to_vec();
+            for s in &slots {
+                if !held.entries.contains_key(s) {
+                    held.entries.insert(*s, rule_map.get(s, 0)?);
+                }
+            }
+            held.index.insert(k, slots);
+        }
+        Ok(held)
+    }
+
+    /// Carries out `plan` (see [`rules::plan`]) and moves `cfg` to its generation.
+    fn apply_plan(&self, plan: &rules::plan::Plan, cfg: &mut Config) -> Result<()> {
+        if plan.is_empty() {
             return Ok(());
-        };
-        let wanted: HashSet<u32> = tables.iter().map(|(i, _)| rule_index(bank, slot_of(*i))).collect();
-        for (i, table) in tables {
-            let rule = rule_index(bank, slot_of(*i));
-            for (index, e) in table.iter().enumerate() {
-                map.insert(BackendKey { rule, index: index as u32 }, e, 0)?;
+        }
+        // The class bank about to be written was the active one until the last flip.
+        wait_for_readers(cfg.flipped_ns);
+        let mut rule_map: Array<MapData, RuleEntry> = self.map(names::RULES)?;
+        for (slot, e) in &plan.rules {
+            rule_map.set(*slot, e, 0)?;
+        }
+        if !plan.tables.is_empty() {
+            let mut tables = self.backend_tables()?;
+            for (slot, table) in &plan.tables {
+                for (index, e) in table.iter().enumerate() {
+                    tables.insert(BackendKey { rule: *slot, index: index as u32 }, e, 0)?;
+                }
             }
         }
-        let stale: Vec<BackendKey> = map
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.rule / RULE_ENTRIES == bank && !wanted.contains(&k.rule))
-            .collect();
-        for k in &stale {
-            let _ = map.remove(k);
+        let mut index_map: HashMap<MapData, IndexKey, IndexEntry> = self.map(names::INDEX)?;
+        write_index(&mut index_map, &plan.index)?;
+        let mut class_map: Array<MapData, Class> = self.map(names::CLASSES)?;
+        let bank = plan.generation & (CLASS_BANKS - 1);
+        for (h, classes) in plan.classes.iter().enumerate() {
+            for (i, c) in classes.iter().enumerate() {
+                class_map.set(class_index(bank, h as u8, i as u32), c, 0)?;
+            }
+        }
+        // The flip: this bank's counts and the generation in one write; the active bank's counts stay as they are,
+        // so a program that read the old generation still pairs it with the old classes.
+        let [pre, post, local] = plan.classes.each_ref().map(|c| c.len() as u32);
+        cfg.classes[bank as usize] = ClassCounts { pre, post, local };
+        cfg.generation = plan.generation;
+        cfg.flipped_ns = monotonic_ns();
+        self.set_config(cfg)?;
+        if plan.index_after.is_empty() && plan.cleared.is_empty() {
+            return Ok(());
+        }
+        // Programs that read the old generation may still list the deleted rules: wait them out, then drop them.
+        wait_for_readers(cfg.flipped_ns);
+        write_index(&mut index_map, &plan.index_after)?;
+        for (slot, table) in &plan.cleared {
+            rule_map.set(*slot, RuleEntry::default(), 0)?;
+            if *table && let Ok(mut tables) = self.backend_tables() {
+                for index in 0..pfwd_common::MAGLEV_SIZE {
+                    let _ = tables.remove(&BackendKey { rule: *slot, index });
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The Maglev tables' map. An instance created by an older pfwd has none.
+    fn backend_tables(&self) -> Result<HashMap<MapData, BackendKey, BackendEntry>> {
+        self.map(names::BACKENDS).map_err(|_| {
+            anyhow!(
+                "this instance was attached by an older pfwd, without rules with several backends; run `pfwd detach` \
+                 and attach again to use them"
+            )
+        })
     }
 
     /// Clears the counters of a freed slot so its next rule starts from zero (its per-backend ones too).
@@ -531,7 +560,27 @@ impl Kernel {
     }
 }
 
-/// Readers of a bank that was flipped away from at `flipped_ns` that may still be running are waited for. tc programs
+/// The rules of `rules` compiled into their stored slots.
+fn compile_stored(rules: &[StoredRule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<rules::Compiled> {
+    let plain: Vec<rules::Rule> = rules.iter().map(|r| r.rule.clone()).collect();
+    Ok(rules::compile::compile_at(&plain, &|pos| rules[pos].slot, ifindex)?)
+}
+
+/// Writes index keys with their slots; a key with none is removed.
+fn write_index(map: &mut HashMap<MapData, IndexKey, IndexEntry>, writes: &[(IndexKey, Vec<u32>)]) -> Result<()> {
+    for (k, slots) in writes {
+        if slots.is_empty() {
+            let _ = map.remove(k);
+            continue;
+        }
+        let mut e = IndexEntry { len: slots.len() as u32, ..Default::default() };
+        e.slots[..slots.len()].copy_from_slice(slots);
+        map.insert(k, e, 0)?;
+    }
+    Ok(())
+}
+
+/// Readers of the generation that was left at `flipped_ns` that may still be running are waited for. tc programs
 /// run to completion in microseconds (their instruction count is bounded), so after `QUIET_NS` none is left; a
 /// change sooner than that (back-to-back changes) waits for an RCU grace period: the kernel runs the programs inside
 /// RCU read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` returns after one (`synchronize_rcu`, ~10 ms here).

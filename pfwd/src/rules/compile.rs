@@ -1,42 +1,76 @@
-//! Compilation of rules into the kernel's map layout: the rules array, the (hook, interface, protocol, port)
-//! buckets and the level masks.
+//! Compilation of rules into the kernel's map layout: the rules array, the rule index (tuple space search: one
+//! entry per (hook, masked matches) key) and each hook's classes (match shapes). See `pfwd_common::lookup`.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use pfwd_common::maps::{
-    BUCKET_SLOTS, BackendEntry, Bucket, BucketKey, COMPANION_SLOTS, MAX_BACKEND_RULES, MAX_BUCKETS, MAX_RULES,
-    PROTO_ANY, RuleEntry, hook, kind, level, rule_flag,
+    BackendEntry, COMPANION_SLOTS, Class, GEN_FOREVER, INDEX_SLOTS, IndexKey, MAX_BACKEND_RULES, MAX_CLASSES,
+    MAX_RULES, PROTO_ANY, RuleEntry, class_flag, hook, kind, rule_flag,
 };
 
 use super::error::RuleError;
-use super::model::{PortRange, Proto, Rule, Target, net_mask};
-use super::precedence::precedence_order;
+use super::model::{PortRange, Proto, Rule, Target, net_mask, prefix_len};
+use super::precedence::rank;
 
-/// The contents of the rules array, the bucket hash map and `Config::level_mask` / `Config::snat_level_mask`.
+/// The contents of the rules array, the rule index and the class lists.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Compiled {
-    /// `(slot, entry)`, one per rule, in slot order; slot = index in the input (see [`compile`] for the rules
-    /// `--hairpin` adds).
+    /// `(slot, entry)`, one per rule, in input order (see [`compile`] for the slots and the rules `--hairpin`
+    /// adds). Every entry is visible in every generation; the loader sets the generations.
     pub entries: Vec<(u32, RuleEntry)>,
-    /// Slots within a bucket are in rank order (best first). PREROUTING and POSTROUTING rules have separate buckets
-    /// (`BucketKey::hook`).
-    pub buckets: HashMap<BucketKey, Bucket>,
-    /// [`level`] bits of the levels that have at least one PREROUTING bucket.
-    pub level_mask: u32,
-    /// [`level`] bits of the levels that have at least one POSTROUTING bucket (only IF_PROTO, PROTO, IF, ANY: these
-    /// rules have no port).
-    pub snat_level_mask: u32,
-    /// [`level`] bits of the levels that have at least one OUTPUT (`--local`) bucket.
-    pub local_level_mask: u32,
-    /// `(slot, Maglev table)` of each rule with several backends ([`super::maglev::entries`]), in slot order.
+    /// The rule index: each key's slots, in rank order (best first).
+    pub index: HashMap<IndexKey, Vec<u32>>,
+    /// The classes of each hook ([`hook`] PREROUTING, POSTROUTING, OUTPUT), in ascending `min_rank`.
+    pub classes: [Vec<Class>; 3],
+    /// `(slot, Maglev table)` of each rule with several backends ([`super::maglev::entries`]), in input order.
     pub tables: Vec<(u32, Vec<BackendEntry>)>,
 }
 
-pub(crate) fn bucket_key(hook: u8, ifindex: u32, proto: u8, dport: u16) -> BucketKey {
-    // Bank 0: the loader moves the buckets into the bank it writes.
-    BucketKey { ifindex, dport, proto, hook, ..Default::default() }
+impl Compiled {
+    /// These rules without those `keep` refuses (by slot and entry); the classes stay (a class without keys only
+    /// costs a lookup).
+    pub fn restricted(&self, keep: impl Fn(u32, &RuleEntry) -> bool) -> Compiled {
+        let entries: Vec<(u32, RuleEntry)> = self.entries.iter().filter(|(s, e)| keep(*s, e)).copied().collect();
+        let kept: HashSet<u32> = entries.iter().map(|(s, _)| *s).collect();
+        let index = self
+            .index
+            .iter()
+            .map(|(k, slots)| (*k, slots.iter().copied().filter(|s| kept.contains(s)).collect::<Vec<u32>>()))
+            .filter(|(_, slots)| !slots.is_empty())
+            .collect();
+        let tables = self.tables.iter().filter(|(s, _)| kept.contains(s)).cloned().collect();
+        Compiled { entries, index, classes: self.classes.clone(), tables }
+    }
+
+    /// The entry of the rule in `slot`.
+    pub fn entry(&self, slot: u32) -> Option<&RuleEntry> {
+        self.entries.iter().find(|(s, _)| *s == slot).map(|(_, e)| e)
+    }
+}
+
+/// The prefix blocks `(first port, prefix length)` that make up the port range `lo..=hi`, largest first from `lo`:
+/// at most 30 for any range (1-65535 takes 16). A rule is indexed once per block, so a range costs a few index
+/// entries instead of one per port.
+pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u8)> {
+    let (mut lo, hi) = (u32::from(lo), u32::from(hi));
+    let mut blocks = Vec::new();
+    while lo <= hi {
+        // The largest aligned block starting at `lo` that ends within the range.
+        let mut size = if lo == 0 { 1 << 16 } else { lo & lo.wrapping_neg() };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        blocks.push((lo as u16, 16 - size.trailing_zeros() as u8));
+        lo += size;
+    }
+    blocks
+}
+
+/// A prefix length's mask in network order (how addresses sit in the tuple).
+fn addr_mask(plen: u8) -> u32 {
+    if plen == 0 { 0 } else { (!0u32 << (32 - plen)).to_be() }
 }
 
 /// The rules both data paths run: `rules` in their order, then the companion ([`Rule::hairpin_companion`]) of each
@@ -61,31 +95,37 @@ pub fn with_companions(rules: &[Rule]) -> (Cow<'_, [Rule]>, Vec<Option<usize>>) 
     (Cow::Owned(all), owners)
 }
 
-/// Builds the kernel's view of `rules`. Slot = index in `rules`, and [`COMPANION_SLOTS`] + the index of its owner for
-/// the rule a `--hairpin` rule adds (see [`with_companions`]); rank = position in [`precedence_order`] of them all.
-/// `ifindex` maps an interface name to its index, or `None` when pfwd is not attached to it (an error: the rule
-/// could never match). Each rule goes into the bucket(s) of its own (interface, protocol, port) level of its hook; a
-/// port range takes one bucket per port. The interface is the incoming one (`-i`) for DNAT/REDIRECT, the outgoing
-/// one (`-o`) for SNAT/MASQUERADE.
+/// Builds the kernel's view of `rules`, each in the slot of its position (see [`compile_at`]).
 pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<Compiled, RuleError> {
+    compile_at(rules, &|pos| pos as u32, ifindex)
+}
+
+/// Builds the kernel's view of `rules`: rule `pos` in slot `slot(pos)`, and the rule a `--hairpin` rule adds (see
+/// [`with_companions`]) in [`COMPANION_SLOTS`] + its owner's slot; rank = [`rank`]. `ifindex` maps an interface name to
+/// its index, or `None` when pfwd is not attached to it (an error: the rule could never match). Each rule is indexed
+/// in its hook under its own matches: the interface (the incoming one, `-i`, for DNAT/REDIRECT; the outgoing one,
+/// `-o`, for SNAT/MASQUERADE), protocol, each prefix block of its port range ([`port_blocks`]), source and
+/// destination networks; a negated match and `-d local` are indexed as "any" and checked on the rule itself. A key
+/// lists its rules in rank order up to the first that matches all of its packets (one without negations or `-d
+/// local`): so only such conditional rules can crowd a key, at most [`INDEX_SLOTS`] of them.
+pub fn compile_at(
+    rules: &[Rule],
+    slot: &dyn Fn(usize) -> u32,
+    ifindex: &dyn Fn(&str) -> Option<u32>,
+) -> Result<Compiled, RuleError> {
     if rules.len() > MAX_RULES as usize {
         return Err(RuleError::TooManyRules(rules.len()));
     }
     for r in rules {
-        // The bucket levels rely on "a port implies a protocol", which validate() guarantees.
+        // The index relies on "a port implies a protocol", which validate() guarantees.
         r.validate().map_err(|e| RuleError::InRule { id: r.id, error: Box::new(e) })?;
     }
     let (all, owners) = with_companions(rules);
     let rules = &all[..];
     let slot_of = |pos: usize| match owners[pos] {
-        Some(owner) => COMPANION_SLOTS + owner as u32,
-        None => pos as u32,
+        Some(owner) => COMPANION_SLOTS + slot(owner),
+        None => slot(pos),
     };
-    let order = precedence_order(rules);
-    let mut ranks = vec![0u32; rules.len()];
-    for (rank, &pos) in order.iter().enumerate() {
-        ranks[pos] = rank as u32;
-    }
     // The closure may be a syscall (if_nametoindex), so ask once per name.
     let mut ifindexes: HashMap<&str, u32> = HashMap::new();
     let mut rule_ifindex = vec![0u32; rules.len()];
@@ -111,108 +151,142 @@ pub fn compile(rules: &[Rule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<
         }
     }
 
-    let mut entries = Vec::with_capacity(rules.len());
-    let mut tables = Vec::new();
+    let mut c = Compiled { entries: Vec::with_capacity(rules.len()), ..Default::default() };
+    // Per hook, each class shape's lowest rank.
+    let mut shapes: [HashMap<Class, u64>; 3] = Default::default();
     for (pos, r) in rules.iter().enumerate() {
         if !r.backends.is_empty() {
-            if tables.len() >= MAX_BACKEND_RULES as usize {
+            if c.tables.len() >= MAX_BACKEND_RULES as usize {
                 return Err(RuleError::TooManyBackendRules);
             }
-            tables.push((slot_of(pos), super::maglev::entries(&r.backends)));
+            c.tables.push((slot_of(pos), super::maglev::entries(&r.backends)));
         }
-        let (src_net, src_mask) = net_mask(r.src);
-        let (dst_net, dst_mask) = net_mask(r.dst);
-        let be = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
-        // SNAT/MASQUERADE ports 0..=0 tell the kernel "keep the source port when free, else 1024-65535".
-        let range = |p: Option<PortRange>| p.map_or((0, 0), |p| (p.lo, p.hi));
-        let (kind, to_addr, (to_port, to_port_hi)) = match r.target {
-            Target::Dnat { addr, port } => (kind::DNAT, be(addr), (port.unwrap_or(0), 0)),
-            Target::Redirect { port } => (kind::REDIRECT, 0, (port, 0)),
-            Target::Snat { addr, ports } => (kind::SNAT, be(addr), range(ports)),
-            Target::Masquerade { ports } => (kind::MASQUERADE, 0, range(ports)),
-        };
-        // Map values are network order: the bytes as they sit in the packet.
-        let ne = |v: u32| u32::from_ne_bytes(v.to_be_bytes());
-        let flag = |on: bool, f: u8| if on { f } else { 0 };
-        let flags = flag(r.not.src, rule_flag::NOT_SRC)
-            | flag(r.not.dst, rule_flag::NOT_DST)
-            | flag(r.not.iface, rule_flag::NOT_IFACE)
-            | flag(r.dst_local, rule_flag::DST_LOCAL)
-            | flag(!r.backends.is_empty(), rule_flag::BACKENDS);
-        let entry = RuleEntry {
-            rank: ranks[pos],
-            id: r.id,
-            src_net: ne(src_net),
-            src_mask: ne(src_mask),
-            dst_net: ne(dst_net),
-            dst_mask: ne(dst_mask),
-            to_addr,
-            to_port,
-            to_port_hi,
-            kind,
-            proto: r.proto.map_or(PROTO_ANY, Proto::code),
-            flags,
-            _pad: 0,
-            ifindex: rule_ifindex[pos],
-        };
-        entries.push((slot_of(pos), entry));
-    }
-
-    let mut buckets: HashMap<BucketKey, Bucket> = HashMap::with_capacity(rules.len());
-    // The positions (in `rules`) of each bucket's rules; turned into slots at the end.
-    let mut members: HashMap<BucketKey, Vec<usize>> = HashMap::with_capacity(rules.len());
-    let (mut level_mask, mut snat_level_mask, mut local_level_mask) = (0, 0, 0);
-    // Filling in precedence order keeps each bucket's slots sorted by rank.
-    for &pos in &order {
-        let r = &rules[pos];
-        // A negated interface matches on the others: the rule is looked up with the any-interface buckets.
-        let ifx = if r.not.iface { 0 } else { rule_ifindex[pos] };
-        let proto = r.proto.map_or(PROTO_ANY, Proto::code);
-        let (hook, mask) = if r.is_postrouting() {
-            (hook::POSTROUTING, &mut snat_level_mask)
+        let entry = rule_entry(r, rank(r), rule_ifindex[pos]);
+        let hook = if r.is_postrouting() {
+            hook::POSTROUTING
         } else if r.local {
-            (hook::OUTPUT, &mut local_level_mask)
+            hook::OUTPUT
         } else {
-            (hook::PREROUTING, &mut level_mask)
+            hook::PREROUTING
         };
-        // Rules with --dport (of either hook) land on the port levels, the others on the portless ones.
-        *mask |= match (ifx != 0, proto != PROTO_ANY, r.dport.is_some()) {
-            (true, true, true) => level::IF_PROTO_PORT,
-            (false, true, true) => level::PROTO_PORT,
-            (true, true, false) => level::IF_PROTO,
-            (false, true, false) => level::PROTO,
-            (true, false, _) => level::IF,
-            (false, false, _) => level::ANY,
-        };
-        let (lo, hi) = r.dport.map_or((0, 0), |p| (p.lo, p.hi));
-        for port in lo..=hi {
-            let key = bucket_key(hook, ifx, proto, port);
-            if members.len() >= MAX_BUCKETS as usize && !members.contains_key(&key) {
-                return Err(RuleError::TooManyBuckets);
-            }
-            let m = members.entry(key).or_default();
-            if m.len() >= BUCKET_SLOTS {
-                let mut ids: Vec<String> = m.iter().map(|&p| rules[p].id.to_string()).collect();
-                ids.push(r.id.to_string());
-                return Err(RuleError::BucketFull {
-                    iface: r.hook_iface().map_or_else(|| "any".into(), |i| i.to_string()),
-                    proto: r.proto.map_or_else(|| "any".into(), |p| p.to_string()),
-                    port: if port == 0 { "any".into() } else { port.to_string() },
-                    ids: ids.join(", "),
-                });
-            }
-            m.push(pos);
+        for (key, class) in index_keys(r, &entry, hook) {
+            let min = shapes[hook as usize].entry(class).or_insert(entry.rank);
+            *min = (*min).min(entry.rank);
+            c.index.entry(key).or_default().push(slot_of(pos));
+        }
+        c.entries.push((slot_of(pos), entry));
+    }
+    let by_slot: HashMap<u32, &RuleEntry> = c.entries.iter().map(|(s, e)| (*s, e)).collect();
+    for slots in c.index.values_mut() {
+        slots.sort_by_key(|s| (by_slot[s].rank, *s));
+        // A rule without negations or -d local matches every packet that maps to its keys (each key holds its
+        // matches exactly, and a port block lies inside its range): the rules after it can never win there.
+        let conditional = rule_flag::NOT_SRC | rule_flag::NOT_DST | rule_flag::NOT_IFACE | rule_flag::DST_LOCAL;
+        if let Some(first) = slots.iter().position(|s| by_slot[s].flags & conditional == 0) {
+            slots.truncate(first + 1);
+        }
+        if slots.len() > INDEX_SLOTS {
+            let ids: Vec<String> = slots.iter().map(|s| by_slot[s].id.to_string()).collect();
+            return Err(RuleError::IndexFull { ids: ids.join(", ") });
         }
     }
-    for (key, m) in members {
-        let mut b = Bucket::default();
-        for (i, &pos) in m.iter().enumerate() {
-            b.slots[i] = slot_of(pos);
+    for (h, shapes) in shapes.into_iter().enumerate() {
+        if shapes.len() > MAX_CLASSES as usize {
+            return Err(RuleError::TooManyClasses { count: shapes.len() });
         }
-        b.len = m.len() as _;
-        buckets.insert(key, b);
+        let mut classes: Vec<Class> = shapes.into_iter().map(|(k, min_rank)| Class { min_rank, ..k }).collect();
+        // Ties broken by shape, so the order is the same every time.
+        classes.sort_by_key(|k| (k.min_rank, k.flags, k.port_plen, k.src_plen, k.dst_plen));
+        c.classes[h] = classes;
     }
-    Ok(Compiled { entries, buckets, level_mask, snat_level_mask, local_level_mask, tables })
+    Ok(c)
+}
+
+/// The rules array entry of `r` (visible in every generation).
+fn rule_entry(r: &Rule, rank: u64, ifindex: u32) -> RuleEntry {
+    let (src_net, src_mask) = net_mask(r.src);
+    let (dst_net, dst_mask) = net_mask(r.dst);
+    let be = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+    // SNAT/MASQUERADE ports 0..=0 tell the kernel "keep the source port when free, else 1024-65535".
+    let range = |p: Option<PortRange>| p.map_or((0, 0), |p| (p.lo, p.hi));
+    let (kind, to_addr, (to_port, to_port_hi)) = match r.target {
+        Target::Dnat { addr, port } => (kind::DNAT, be(addr), (port.unwrap_or(0), 0)),
+        Target::Redirect { port } => (kind::REDIRECT, 0, (port, 0)),
+        Target::Snat { addr, ports } => (kind::SNAT, be(addr), range(ports)),
+        Target::Masquerade { ports } => (kind::MASQUERADE, 0, range(ports)),
+    };
+    // Map values are network order: the bytes as they sit in the packet.
+    let ne = |v: u32| u32::from_ne_bytes(v.to_be_bytes());
+    let flag = |on: bool, f: u8| if on { f } else { 0 };
+    let flags = flag(r.not.src, rule_flag::NOT_SRC)
+        | flag(r.not.dst, rule_flag::NOT_DST)
+        | flag(r.not.iface, rule_flag::NOT_IFACE)
+        | flag(r.dst_local, rule_flag::DST_LOCAL)
+        | flag(!r.backends.is_empty(), rule_flag::BACKENDS);
+    RuleEntry {
+        rank,
+        gen_from: 0,
+        gen_until: GEN_FOREVER,
+        id: r.id,
+        src_net: ne(src_net),
+        src_mask: ne(src_mask),
+        dst_net: ne(dst_net),
+        dst_mask: ne(dst_mask),
+        to_addr,
+        to_port,
+        to_port_hi,
+        kind,
+        proto: r.proto.map_or(PROTO_ANY, Proto::code),
+        flags,
+        _pad: 0,
+        ifindex,
+        _pad2: 0,
+    }
+}
+
+/// The index keys of rule `r` (whose entry is `e`) in `hook`, with their classes (`min_rank` 0): one per prefix
+/// block of its port range, or one without a port. Negated matches are indexed as "any".
+fn index_keys(r: &Rule, e: &RuleEntry, hook: u8) -> Vec<(IndexKey, Class)> {
+    let ifindex = if r.not.iface { 0 } else { e.ifindex };
+    let (src_plen, dst_plen) =
+        (if r.not.src { 0 } else { prefix_len(r.src) }, if r.not.dst { 0 } else { prefix_len(r.dst) });
+    let (src_mask, dst_mask) = (addr_mask(src_plen), addr_mask(dst_plen));
+    let flags =
+        if ifindex != 0 { class_flag::IFACE } else { 0 } | if e.proto != PROTO_ANY { class_flag::PROTO } else { 0 };
+    let blocks = match r.dport {
+        Some(p) => port_blocks(p.lo, p.hi),
+        None => vec![(0, 0)],
+    };
+    blocks
+        .into_iter()
+        .map(|(port, port_plen)| {
+            let port_mask = if port_plen == 0 { 0 } else { !0u16 << (16 - port_plen) };
+            let class = Class {
+                min_rank: 0,
+                src_mask,
+                dst_mask,
+                port_mask,
+                port_plen,
+                src_plen,
+                dst_plen,
+                flags,
+                _pad: [0; 2],
+            };
+            let key = IndexKey {
+                ifindex,
+                saddr: e.src_net & src_mask,
+                daddr: e.dst_net & dst_mask,
+                dport: port,
+                proto: e.proto,
+                hook,
+                port_plen,
+                src_plen,
+                dst_plen,
+                _pad: 0,
+            };
+            (key, class)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -222,12 +296,49 @@ mod tests {
 
     use pfwd_common::maps::*;
 
-    use super::bucket_key;
+    use super::port_blocks;
     use crate::rules::tests::*;
     use crate::rules::*;
 
+    /// The index keys listing `slot`, as (hook, ifindex, proto, dport, port prefix length, src and dst prefix
+    /// lengths), sorted.
+    fn keys(c: &Compiled, slot: u32) -> Vec<(u8, u32, u8, u16, u8, u8, u8)> {
+        let mut k: Vec<_> = c
+            .index
+            .iter()
+            .filter(|(_, s)| s.contains(&slot))
+            .map(|(k, _)| (k.hook, k.ifindex, k.proto, k.dport, k.port_plen, k.src_plen, k.dst_plen))
+            .collect();
+        k.sort_unstable();
+        k
+    }
+
     #[test]
-    fn compile_entries_and_buckets() {
+    fn port_ranges_split_into_prefix_blocks() {
+        assert_eq!(port_blocks(80, 80), [(80, 16)]);
+        assert_eq!(port_blocks(8000, 8002), [(8000, 15), (8002, 16)]);
+        assert_eq!(port_blocks(1, 21), [(1, 16), (2, 15), (4, 14), (8, 13), (16, 14), (20, 15)]);
+        assert_eq!(port_blocks(1, 65535).len(), 16);
+        assert_eq!(port_blocks(0, 65535), [(0, 0)]);
+        // Every range: blocks aligned, in order, covering it exactly, never more than 30.
+        let mut rng = Rng(3);
+        for _ in 0..2000 {
+            let (a, b) = (rng.below(65536) as u16, rng.below(65536) as u16);
+            let (lo, hi) = (a.min(b), a.max(b));
+            let blocks = port_blocks(lo, hi);
+            assert!(blocks.len() <= 30, "{lo}-{hi}: {}", blocks.len());
+            let mut next = u32::from(lo);
+            for (start, plen) in blocks {
+                let size = 1u32 << (16 - plen);
+                assert_eq!((u32::from(start), u32::from(start) % size), (next, 0), "{lo}-{hi}");
+                next += size;
+            }
+            assert_eq!(next, u32::from(hi) + 1, "{lo}-{hi}");
+        }
+    }
+
+    #[test]
+    fn compile_entries_and_index() {
         let rules = vec![
             Rule { id: 1, ..ok("redirect -p tcp --dport 80 --to-port 3000") },
             Rule { id: 2, ..ok("dnat -i eth0 -p tcp -s 192.168.1.0/24 --dport 59999 --to 127.0.0.1:17355") },
@@ -235,15 +346,16 @@ mod tests {
             Rule { id: 4, ..ok("dnat -p udp --dport 8000-8002 --to 10.0.0.7") },
         ];
         let c = compile(&rules, &ifindex).unwrap();
-        assert_eq!(c.level_mask, level::PROTO_PORT | level::IF_PROTO_PORT | level::ANY);
         let e = |slot: usize| c.entries[slot].1;
         assert_eq!(c.entries.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
         // Ranks: the single ports first (interface rule ahead), then the range, then the catch-all.
-        assert_eq!([e(0).rank, e(1).rank, e(2).rank, e(3).rank], [1, 0, 3, 2]);
+        assert!(e(1).rank < e(0).rank && e(0).rank < e(3).rank && e(3).rank < e(2).rank);
         assert_eq!(
             e(1),
             RuleEntry {
-                rank: 0,
+                rank: precedence::rank(&rules[1]),
+                gen_from: 0,
+                gen_until: GEN_FOREVER,
                 id: 2,
                 src_net: u32::from_ne_bytes([192, 168, 1, 0]),
                 src_mask: u32::from_ne_bytes([255, 255, 255, 0]),
@@ -257,22 +369,28 @@ mod tests {
                 flags: 0,
                 _pad: 0,
                 ifindex: 2,
+                _pad2: 0,
             }
         );
         assert_eq!((e(0).kind, e(0).to_addr, e(0).to_port, e(0).ifindex), (kind::REDIRECT, 0, 3000, 0));
         assert_eq!((e(2).proto, e(2).dst_mask, e(2).to_port), (PROTO_ANY, u32::MAX, 0));
         assert_eq!(e(2).dst_net, u32::from_ne_bytes([203, 0, 113, 20]));
-        let slots = |ifx, proto, port| {
-            let b = c.buckets[&bucket_key(hook::PREROUTING, ifx, proto, port)];
-            b.slots[..b.len as usize].to_vec()
-        };
-        assert_eq!(c.buckets.len(), 1 + 1 + 1 + 3);
-        assert_eq!(slots(0, PROTO_TCP, 80), vec![0]);
-        assert_eq!(slots(2, PROTO_TCP, 59999), vec![1]);
-        assert_eq!(slots(0, 0, 0), vec![2]);
-        for port in 8000..=8002 {
-            assert_eq!(slots(0, PROTO_UDP, port), vec![3]);
-        }
+        let pre = hook::PREROUTING;
+        assert_eq!(keys(&c, 0), [(pre, 0, PROTO_TCP, 80, 16, 0, 0)]);
+        assert_eq!(keys(&c, 1), [(pre, 2, PROTO_TCP, 59999, 16, 24, 0)]);
+        assert_eq!(keys(&c, 2), [(pre, 0, PROTO_ANY, 0, 0, 0, 32)]);
+        // A range: one key per prefix block, not per port.
+        assert_eq!(keys(&c, 3), [(pre, 0, PROTO_UDP, 8000, 15, 0, 0), (pre, 0, PROTO_UDP, 8002, 16, 0, 0)]);
+        assert_eq!(c.index.len(), 5);
+        let k1 = c.index.keys().find(|k| k.dport == 59999).unwrap();
+        assert_eq!(k1.saddr, u32::from_ne_bytes([192, 168, 1, 0]));
+        // Classes: one per shape, in ascending lowest rank; rules 1 and 4's single-port shapes are one class.
+        let shapes: Vec<(u8, u8, u8, u8)> =
+            c.classes[pre as usize].iter().map(|k| (k.flags, k.port_plen, k.src_plen, k.dst_plen)).collect();
+        let (i, p) = (class_flag::IFACE, class_flag::PROTO);
+        assert_eq!(shapes, [(i | p, 16, 24, 0), (p, 16, 0, 0), (p, 15, 0, 0), (0, 0, 0, 32)]);
+        assert_eq!(c.classes[pre as usize][1].min_rank, e(0).rank);
+        assert!(c.classes[1].is_empty() && c.classes[2].is_empty());
         assert_eq!(compile(&[], &ifindex).unwrap(), Compiled::default());
     }
 
@@ -281,31 +399,47 @@ mod tests {
         let r = Rule { id: 5, ..ok("dnat -i eth9 -p tcp --dport 80 --to 10.0.0.1") };
         assert_eq!(compile(&[r], &ifindex).unwrap_err().to_string(), "interface \"eth9\" (rule 5) is not attached");
 
-        // Nine rules in one (eth0, tcp, 80) bucket; the ranged ones share it through port 80.
-        let rules: Vec<Rule> = (1..=9)
-            .map(|i| Rule { id: i, ..ok(&format!("dnat -i eth0 -p tcp --dport 80-{} --to 10.0.0.{i}", 79 + i)) })
-            .collect();
-        compile(&rules[..8], &ifindex).unwrap();
-        let e = compile(&rules, &ifindex).unwrap_err().to_string();
-        assert!(
-            e.contains("interface eth0, protocol tcp, port 80") && e.contains("at most 8 rules may share one"),
-            "{e}"
-        );
+        // Any number of rules may share a port: 100 ranges through port 80 (their common blocks list only the best
+        // of them), and 100 sources on it.
         let rules: Vec<Rule> =
-            (1..=9).map(|i| Rule { id: i, ..ok(&format!("dnat -s 10.0.0.{i} --to 10.0.1.1")) }).collect();
+            (1..=100)
+                .map(|i| Rule { id: i, ..ok(&format!("dnat -i eth0 -p tcp --dport 80-{} --to 10.0.0.1", 79 + i)) })
+                .chain((1..=100).map(|i| Rule {
+                    id: 100 + i,
+                    ..ok(&format!("dnat -p tcp -s 10.0.0.{i} --dport 80 --to 10.0.1.1"))
+                }))
+                .collect();
+        let c = compile(&rules, &ifindex).unwrap();
+        assert!(c.index.values().all(|s| s.len() == 1));
+        // Only rules indexed under the very same key (matches that differ only in negations) are limited.
+        let rules: Vec<Rule> = (1..=17)
+            .map(|i| Rule { id: i, ..ok(&format!("dnat -p tcp ! -s 10.0.0.{i} --dport 80 --to 10.0.1.1")) })
+            .collect();
+        compile(&rules[..16], &ifindex).unwrap();
         let e = compile(&rules, &ifindex).unwrap_err().to_string();
-        assert!(e.contains("interface any, protocol any, port any"), "{e}");
+        assert!(e.starts_with("rules 1, 2, 3,") && e.contains("at most 16 such rules"), "{e}");
 
         let many = vec![ok("dnat --to 10.0.0.1"); MAX_RULES as usize + 1];
-        assert!(compile(&many, &ifindex).unwrap_err().to_string().contains("16385 rules"));
+        assert!(compile(&many, &ifindex).unwrap_err().to_string().contains("131073 rules"));
 
-        // Five full-range rules on different (interface, protocol) pairs exceed the bucket map.
-        let rules: Vec<Rule> = ["-p tcp", "-p udp", "-i eth0 -p tcp", "-i eth0 -p udp", "-i eth1 -p tcp"]
-            .iter()
-            .map(|m| ok(&format!("dnat {m} --dport 1-65535 --to 10.0.0.1")))
+        // Full-range rules on every (interface, protocol) pair: a few keys each.
+        let rules: Vec<Rule> =
+            ["-p tcp", "-p udp", "-i eth0 -p tcp", "-i eth0 -p udp", "-i eth1 -p tcp", "-i eth1 -p udp"]
+                .iter()
+                .map(|m| ok(&format!("dnat {m} --dport 1-65535 --to 10.0.0.1")))
+                .collect();
+        assert_eq!(compile(&rules, &ifindex).unwrap().index.len(), 6 * 16);
+
+        // More match shapes than classes.
+        let rules: Vec<Rule> = (1..=12u32)
+            .flat_map(|a| (1..=12u32).map(move |b| (a, b)))
+            .map(|(a, b)| Rule {
+                id: a * 100 + b,
+                ..ok(&format!("dnat -s 10.0.0.0/{a} -d 10.0.0.0/{b} --to 10.0.1.1"))
+            })
             .collect();
-        compile(&rules[..4], &ifindex).unwrap();
-        assert_eq!(compile(&rules, &ifindex).unwrap_err(), RuleError::TooManyBuckets);
+        compile(&rules[..MAX_CLASSES as usize], &ifindex).unwrap();
+        assert_eq!(compile(&rules, &ifindex).unwrap_err(), RuleError::TooManyClasses { count: 144 });
 
         // Hand-built invalid rules are caught before they reach the maps.
         let mut bad = ok("dnat -p tcp --dport 80 --to 10.0.0.1");
@@ -339,10 +473,10 @@ mod tests {
         let start = std::time::Instant::now();
         let c = compile(&rules, &ifindex).unwrap();
         let took = start.elapsed();
-        assert_eq!((c.entries.len(), c.buckets.len()), (10_000, 10_000));
+        assert_eq!((c.entries.len(), c.index.len(), c.classes[0].len()), (10_000, 10_000, 1));
         // Timing is only meaningful with optimizations (`cargo test --release`).
         if !cfg!(debug_assertions) {
-            assert!(took < std::time::Duration::from_millis(10), "compile took {took:?}");
+            assert!(took < std::time::Duration::from_millis(50), "compile took {took:?}");
         }
     }
 
@@ -357,13 +491,13 @@ mod tests {
             Rule { id: 6, ..ok("dnat --to 10.0.0.2") },
         ];
         let c = compile(&rules, &ifindex).unwrap();
-        assert_eq!(c.level_mask, level::PROTO_PORT | level::ANY);
-        assert_eq!(c.snat_level_mask, level::IF_PROTO | level::PROTO | level::IF | level::ANY);
         let e = |slot: usize| c.entries[slot].1;
         assert_eq!(
             e(1),
             RuleEntry {
                 rank: e(1).rank,
+                gen_from: 0,
+                gen_until: GEN_FOREVER,
                 id: 2,
                 src_net: u32::from_ne_bytes([10, 0, 2, 0]),
                 src_mask: u32::from_ne_bytes([255, 255, 255, 0]),
@@ -377,6 +511,7 @@ mod tests {
                 flags: 0,
                 _pad: 0,
                 ifindex: 3,
+                _pad2: 0,
             }
         );
         assert_eq!(
@@ -387,37 +522,23 @@ mod tests {
         assert_eq!((e(4).kind, e(4).to_port, e(4).to_port_hi), (kind::SNAT, 0, 0), "no range: the kernel's default");
         assert_eq!(e(4).dst_net, u32::from_ne_bytes([198, 51, 100, 0]));
         assert_eq!((e(0).kind, e(0).to_port, e(0).to_port_hi), (kind::DNAT, 0, 0), "hi unused by DNAT");
-        let slots = |at, ifx, proto| {
-            let b = c.buckets[&bucket_key(at, ifx, proto, 0)];
-            b.slots[..b.len as usize].to_vec()
-        };
-        let post = hook::POSTROUTING;
-        assert_eq!(c.buckets.len(), 2 + 4);
-        assert_eq!(slots(post, 3, PROTO_TCP), vec![1]);
-        assert_eq!(slots(post, 3, PROTO_ANY), vec![2]);
-        assert_eq!(slots(post, 0, PROTO_UDP), vec![3]);
-        // The catch-all DNAT and the SNAT without -o/-p share (0, 0, 0) but not the hook.
-        assert_eq!(slots(post, 0, PROTO_ANY), vec![4]);
-        assert_eq!(slots(hook::PREROUTING, 0, PROTO_ANY), vec![5]);
-        assert_eq!(c.buckets[&bucket_key(hook::PREROUTING, 0, PROTO_TCP, 80)].slots[0], 0);
+        let (pre, post) = (hook::PREROUTING, hook::POSTROUTING);
+        assert_eq!(keys(&c, 1), [(post, 3, PROTO_TCP, 0, 0, 24, 0)]);
+        assert_eq!(keys(&c, 2), [(post, 3, PROTO_ANY, 0, 0, 0, 0)]);
+        assert_eq!(keys(&c, 3), [(post, 0, PROTO_UDP, 0, 0, 0, 0)]);
+        assert_eq!(keys(&c, 4), [(post, 0, PROTO_ANY, 0, 0, 0, 24)]);
+        // The catch-all DNAT and an SNAT without matches would share a key but not the hook.
+        assert_eq!(keys(&c, 5), [(pre, 0, PROTO_ANY, 0, 0, 0, 0)]);
+        assert_eq!(keys(&c, 0), [(pre, 0, PROTO_TCP, 80, 16, 0, 0)]);
+        assert_eq!((c.classes[pre as usize].len(), c.classes[post as usize].len()), (2, 4));
 
         // -o must name an attached interface, like -i.
         let r = Rule { id: 9, ..ok("masquerade -o eth9") };
         assert_eq!(compile(&[r], &ifindex).unwrap_err().to_string(), "interface \"eth9\" (rule 9) is not attached");
-        // Nine rules in one POSTROUTING bucket.
-        let rules: Vec<Rule> =
-            (1..=9).map(|i| Rule { id: i, ..ok(&format!("snat -o eth1 -s 10.0.0.{i} --to 203.0.113.1")) }).collect();
-        compile(&rules[..8], &ifindex).unwrap();
-        let e = compile(&rules, &ifindex).unwrap_err().to_string();
-        assert!(e.contains("interface eth1, protocol any, port any") && e.contains("at most 8"), "{e}");
-        // ...which does not fill the PREROUTING bucket of the same key.
-        let mut mixed: Vec<Rule> = rules[..8].to_vec();
-        mixed.extend((1..=8).map(|i| Rule { id: 10 + i, ..ok(&format!("dnat -i eth1 -s 10.0.0.{i} --to 10.9.0.1")) }));
-        compile(&mixed, &ifindex).unwrap();
     }
 
     /// A `--hairpin` rule adds its masquerade in the companion half of the rules array, at its own slot's place,
-    /// ranked and bucketed like any POSTROUTING rule; equal companions are added once.
+    /// ranked and indexed like any POSTROUTING rule; equal companions are added once.
     #[test]
     fn compile_hairpin() {
         let rules = vec![
@@ -437,9 +558,10 @@ mod tests {
             "rule 3's companion is rule 2's"
         );
         assert_eq!(owners, [None, None, None, None, Some(1), Some(3)]);
-        let c = compile(&rules, &ifindex).unwrap();
+        // Slots come from the caller; companions go to the companion half at their owner's slot.
+        let c = compile::compile_at(&rules, &|pos| 10 + pos as u32, &ifindex).unwrap();
         let slots: Vec<u32> = c.entries.iter().map(|(s, _)| *s).collect();
-        assert_eq!(slots, [0, 1, 2, 3, COMPANION_SLOTS + 1, COMPANION_SLOTS + 3]);
+        assert_eq!(slots, [10, 11, 12, 13, COMPANION_SLOTS + 11, COMPANION_SLOTS + 13]);
         let e = c.entries[4].1;
         assert_eq!((e.kind, e.id, e.ifindex, e.proto), (kind::MASQUERADE, 2, 0, PROTO_TCP));
         assert_eq!(
@@ -447,20 +569,14 @@ mod tests {
             (u32::from_ne_bytes([10, 0, 2, 0]), u32::from_ne_bytes([255, 255, 255, 0]))
         );
         assert_eq!((e.dst_net, e.dst_mask), (u32::from_ne_bytes([10, 0, 2, 2]), u32::MAX));
-        let slots = |at, ifx, proto, port| {
-            let b = c.buckets[&bucket_key(at, ifx, proto, port)];
-            b.slots[..b.len as usize].to_vec()
-        };
-        assert_eq!(slots(hook::POSTROUTING, 0, PROTO_TCP, 0), [COMPANION_SLOTS + 1]);
-        assert_eq!(slots(hook::POSTROUTING, 0, PROTO_UDP, 0), [COMPANION_SLOTS + 3]);
-        assert_eq!(slots(hook::POSTROUTING, 3, PROTO_ANY, 0), [0]);
+        let post = hook::POSTROUTING;
+        assert_eq!(keys(&c, COMPANION_SLOTS + 11), [(post, 0, PROTO_TCP, 0, 0, 24, 32)]);
+        assert_eq!(keys(&c, COMPANION_SLOTS + 13), [(post, 0, PROTO_UDP, 0, 0, 24, 32)]);
+        assert_eq!(keys(&c, 10), [(post, 3, PROTO_ANY, 0, 0, 0, 0)]);
         // The DNAT rules themselves are unchanged: no -i, so they also match where inside hosts arrive.
-        assert_eq!(slots(hook::PREROUTING, 0, PROTO_TCP, 8080), [1]);
-        assert_eq!(c.level_mask, level::PROTO_PORT);
-        assert_eq!(c.snat_level_mask, level::PROTO | level::IF);
+        assert_eq!(keys(&c, 11), [(hook::PREROUTING, 0, PROTO_TCP, 8080, 16, 0, 32)]);
         // Companions rank like hand-written rules: -p (contract rule 2) beats -o (rule 3).
-        let rank = |slot: u32| c.entries.iter().find(|(s, _)| *s == slot).unwrap().1.rank;
-        assert!(rank(COMPANION_SLOTS + 1) < rank(0));
+        assert!(c.entry(COMPANION_SLOTS + 11).unwrap().rank < c.entry(10).unwrap().rank);
         // Without --hairpin rules nothing is added, and the rules are not copied.
         let (plain, owners) = with_companions(&rules[..1]);
         assert!(matches!(plain, std::borrow::Cow::Borrowed(_)) && owners == [None]);

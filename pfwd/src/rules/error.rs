@@ -1,6 +1,6 @@
 //! [`RuleError`]: everything that can be wrong with a rule, a rule set or a config file.
 
-use pfwd_common::maps::{BUCKET_SLOTS, MAX_BACKEND_RULES, MAX_BUCKETS, MAX_RULES};
+use pfwd_common::maps::{INDEX_SLOTS, MAX_BACKEND_RULES, MAX_CLASSES, MAX_RULES};
 
 /// Everything that can be wrong with a rule, a rule set or a config file. Messages quote the offending input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,14 +54,18 @@ pub enum RuleError {
     #[error("interface {iface:?} (rule {id}) is not attached")]
     IfaceNotAttached { id: u32, iface: String },
     #[error(
-        "too many rules share interface {iface}, protocol {proto}, port {port} (rules {ids}): at most {} rules may share one",
-        BUCKET_SLOTS
+        "rules {ids} have the same matches apart from negations (`!`) and -d local, which they carry: at most {} \
+         such rules may share them",
+        INDEX_SLOTS
     )]
-    BucketFull { iface: String, proto: String, port: String, ids: String },
+    IndexFull { ids: String },
     #[error("{0} rules; at most {MAX_RULES} are supported")]
     TooManyRules(usize),
-    #[error("more than {MAX_BUCKETS} (interface, protocol, port) combinations; each port of a --dport range uses one")]
-    TooManyBuckets,
+    #[error(
+        "{count} different match shapes in one hook (which of -i/-o and -p a rule has, and the prefix lengths of its \
+         -s, -d and of the blocks its --dport range splits into); at most {MAX_CLASSES} are supported"
+    )]
+    TooManyClasses { count: usize },
     #[error("more than {MAX_BACKEND_RULES} rules with several backends")]
     TooManyBackendRules,
     #[error("bad TOML: {0}")]

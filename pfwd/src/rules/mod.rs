@@ -36,6 +36,7 @@ pub mod draft;
 pub mod error;
 pub mod maglev;
 pub mod model;
+pub mod plan;
 pub mod precedence;
 pub mod toml;
 pub mod value;

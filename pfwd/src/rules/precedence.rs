@@ -1,33 +1,33 @@
 //! Precedence: which rule wins when several match (the contract documented in [`super`]), shared by the kernel's
 //! rank ([`super::compile`]) and the iptables export's rule order.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Ordering;
 
 use super::model::{Rule, prefix_len};
 
 /// Order of two rules under the precedence contract (see the module docs): `Less` means `a` wins over `b`.
 /// Equal for rules that differ only in their position in the list (then list order decides).
 pub fn precedence_cmp(a: &Rule, b: &Rule) -> Ordering {
-    precedence_key(a).cmp(&precedence_key(b))
+    rank(a).cmp(&rank(b))
 }
 
-type PrecedenceKey = (bool, u16, bool, bool, Reverse<u8>, Reverse<u8>, u32);
-
-fn precedence_key(r: &Rule) -> PrecedenceKey {
+/// The kernel's rank of `r` (lowest wins): the precedence contract packed into 64 bits, most significant first:
+/// no `--dport` (1 bit), the port range's width (16), no `-p` (1), no (or a negated) `-i`/`-o` (1), 32 minus the
+/// source prefix length (6), 65 minus twice the destination prefix length (plus one for `-d local`) (7), then the
+/// rule's id (32). A function of the rule alone, so adding or deleting a rule never re-ranks the others.
+pub fn rank(r: &Rule) -> u64 {
     // A negated match is the least specific of its kind (`! -s 10.0.0.0/8` covers nearly everything): it ranks like
     // no match at all. `-d local` ranks just above no `-d` (it is a set of a few addresses, but not one network).
-    let src = if r.not.src { 0 } else { 2 * prefix_len(r.src) };
+    let src = if r.not.src { 0 } else { prefix_len(r.src) };
     let dst = if r.not.dst { 0 } else { 2 * prefix_len(r.dst) } + u8::from(r.dst_local);
-    (
-        r.dport.is_none(),
-        r.dport.map_or(0, |p| p.width()),
-        r.proto.is_none(),
+    let specificity = u64::from(r.dport.is_none()) << 31
+        | u64::from(r.dport.map_or(0, |p| p.width())) << 15
+        | u64::from(r.proto.is_none()) << 14
         // `-o` ranks like `-i`: a rule only ever has the one of its hook.
-        r.hook_iface().is_none() || r.not.iface,
-        Reverse(src),
-        Reverse(dst),
-        r.id,
-    )
+        | u64::from(r.hook_iface().is_none() || r.not.iface) << 13
+        | u64::from(32 - src) << 7
+        | u64::from(65 - dst);
+    specificity << 32 | u64::from(r.id)
 }
 
 /// Indices into `rules`, most specific first (see the module docs). The iptables export emits rules in this order so
@@ -35,13 +35,14 @@ fn precedence_key(r: &Rule) -> PrecedenceKey {
 pub fn precedence_order(rules: &[Rule]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..rules.len()).collect();
     // Stable sort: equal keys keep list order, which is the documented final tie-break.
-    order.sort_by_cached_key(|&i| precedence_key(&rules[i]));
+    order.sort_by_cached_key(|&i| rank(&rules[i]));
     order
 }
 
 #[cfg(test)]
 mod tests {
 
+    use std::collections::HashMap;
     use std::net::Ipv4Addr;
 
     use ipnet::Ipv4Net;
@@ -109,11 +110,8 @@ mod tests {
         daddr: Ipv4Addr,
     }
 
-    /// What the BPF programs do: at ingress (PREROUTING) look up every level in `level_mask`, at egress
-    /// (POSTROUTING) the four portless levels in `snat_level_mask` with the outgoing interface; check each slot,
-    /// lowest rank wins.
+    /// What the BPF programs do: walk the hook's classes, look the masked tuple up in the index, lowest rank wins.
     fn kernel_lookup(c: &Compiled, at: u8, pkt: &Packet) -> Option<usize> {
-        let mask = if at == hook::PREROUTING { c.level_mask } else { c.snat_level_mask };
         let t = Tuple {
             saddr: u32::from_ne_bytes(pkt.saddr.octets()),
             daddr: u32::from_ne_bytes(pkt.daddr.octets()),
@@ -123,10 +121,20 @@ mod tests {
             _pad: [0; 3],
         };
         // The kernel program's own walk (pfwd_common::find_rule), over the compiled maps.
-        let bucket = |k: &BucketKey| c.buckets.get(k);
+        let index: HashMap<IndexKey, IndexEntry> = c
+            .index
+            .iter()
+            .map(|(k, slots)| {
+                let mut e = IndexEntry { len: slots.len() as u32, ..Default::default() };
+                e.slots[..slots.len()].copy_from_slice(slots);
+                (*k, e)
+            })
+            .collect();
         let rule = |slot: u32| c.entries.get(slot as usize).map(|(_, e)| e);
         let is_local = |a: u32| LOCAL.contains(&Ipv4Addr::from(a.to_ne_bytes()));
-        pfwd_common::find_rule(&t, pkt.ifindex, at, (0, mask), bucket, rule, is_local).map(|(slot, _)| slot as usize)
+        let classes = &c.classes[at as usize];
+        pfwd_common::find_rule(&t, pkt.ifindex, (at, 0), classes, |k| index.get(k), rule, is_local)
+            .map(|(slot, _)| slot as usize)
     }
 
     /// This host's addresses in the brute-force test (what `-d local` matches).
@@ -161,6 +169,10 @@ mod tests {
             // Up to 24 rules per hook: SNAT/MASQUERADE rules share ranks with the DNAT rules, interleaved in the
             // list, but live in their own hook.
             let n = 1 + rng.below(48) as usize;
+            let mut ids: Vec<u32> = (1..=n as u32).collect();
+            for i in (1..n).rev() {
+                ids.swap(i, rng.below(i as u64 + 1) as usize);
+            }
             let rules: Vec<Rule> = (0..n)
                 .map(|i| {
                     let proto = rng.pick(&[None, Some(Proto::Tcp), Some(Proto::Udp)]);
@@ -181,8 +193,8 @@ mod tests {
                         iface: iface.is_some() && rng.chance(20),
                     };
                     Rule {
-                        // Some equal ids, to exercise the list-order tie-break.
-                        id: rng.below(n as u64) as u32,
+                        // Ids in another order than the list (ids are unique in any state: the last tie-break).
+                        id: ids[i],
                         iface: iface.clone().filter(|_| !post),
                         oface: iface.filter(|_| post),
                         proto,
@@ -200,7 +212,7 @@ mod tests {
                 .collect();
             let c = match compile(&rules, &ifindex) {
                 Ok(c) => c,
-                Err(RuleError::BucketFull { .. }) => continue,
+                Err(RuleError::IndexFull { .. }) => continue,
                 Err(e) => panic!("{e}"),
             };
             sets += 1;

@@ -51,6 +51,8 @@ pub struct Fixture {
     pub ingress: SchedClassifier,
     pub egress: SchedClassifier,
     pub pins: Pins,
+    /// The rules the kernel holds (what the next `sync` changes from, as `pfwd` does).
+    pub held: std::sync::Mutex<Vec<StoredRule>>,
 }
 
 pub fn lo_index(name: &str) -> Option<u32> {
@@ -80,10 +82,10 @@ impl Fixture {
         pins.0.set_iface(LO, ne(ROUTER)).expect("set_iface");
         // This host's addresses, for `-d local`: lo's.
         pins.0.set_local_addrs(&[ne(ROUTER)]).expect("set_local_addrs");
-        pins.0.sync_rules(rules, &lo_index).expect("sync_rules");
+        pins.0.sync_rules(None, rules, &lo_index).expect("sync_rules");
         let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).expect("pinned ingress program");
         let egress = SchedClassifier::from_pin(dir.join("prog_egress")).expect("pinned egress program");
-        Self { ingress, egress, pins }
+        Self { ingress, egress, pins, held: std::sync::Mutex::new(rules.to_vec()) }
     }
 
     /// A fixture running the build of the tc programs for layer-3 interfaces (tun, WireGuard, PPP: packets start at
@@ -101,8 +103,10 @@ impl Fixture {
         &self.pins.0
     }
 
+    /// Changes the kernel's rules to `rules`, writing only what changes (as `pfwd add`/`del` do).
     pub fn sync(&self, rules: &[StoredRule]) {
-        self.kernel().sync_rules(rules, &lo_index).expect("sync_rules");
+        let held = std::mem::replace(&mut *self.held.lock().unwrap(), rules.to_vec());
+        self.kernel().sync_rules(Some(&held), rules, &lo_index).expect("sync_rules");
     }
 
     pub fn ingress(&self, pkt: &[u8]) -> Run {
