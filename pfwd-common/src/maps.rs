@@ -82,8 +82,10 @@ pub const INDEX_SLOTS: usize = 16;
 /// Entries of the rule index (not preallocated). A rule takes one entry per prefix block of its port range (at most
 /// 30 for 1-65535) and rules with the same matches share one, so this holds 100,000 rules of ten blocks each.
 pub const INDEX_ENTRIES: u32 = 1_048_576;
-/// Classes (distinct match shapes, see [`Class`]) per hook.
-pub const MAX_CLASSES: u32 = 128;
+/// Classes (distinct match shapes, see [`Class`]) per hook. A lookup probes each class at most once (fewer once it
+/// has found the best rule), so many shapes cost first packets time; the verifier checks the probe once however
+/// many there are.
+pub const MAX_CLASSES: u32 = 1024;
 /// Entries of the class array: every hook's classes, in both banks.
 pub const CLASS_ENTRIES: u32 = CLASS_BANKS * 3 * MAX_CLASSES;
 

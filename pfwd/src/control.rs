@@ -132,13 +132,14 @@ impl Backend {
     /// Applies a rule change from `previous` (what the data path holds) to `state`: only what changes (the
     /// iptables lines; the kernel's rules and index keys), when `previous` was fully applied (no interrupted
     /// change); else a full sync.
-    fn change_rules(&self, previous: &State, state: &State) -> Result<()> {
+    /// `compiled` is the state's rules compiled ([`compile_state`]).
+    fn change_rules(&self, previous: &State, state: &State, compiled: &rules::Compiled) -> Result<()> {
         match self {
             _ if previous.pending.is_some() => self.sync_rules(state),
             Backend::Iptables => fallback::change_rules(&previous.rules(), &state.rules()),
             Backend::Ebpf(kernel) => {
                 refresh_addresses(kernel, state)?;
-                kernel.sync_rules(Some(&previous.rules), &state.rules, &ifindex_lookup(state))
+                kernel.sync_compiled(Some(&previous.rules), &state.rules, compiled, &ifindex_lookup(state))
             }
         }
     }
@@ -319,6 +320,11 @@ fn refresh_addresses(kernel: &Kernel, state: &State) -> Result<()> {
     kernel.set_local_addrs(&local_addrs_ne())
 }
 
+/// The state's rules compiled for the kernel, in their slots (which also checks them: interfaces attached, caps).
+fn compile_state(state: &State) -> Result<rules::Compiled, rules::RuleError> {
+    crate::loader::compile_stored(&state.rules, &ifindex_lookup(state))
+}
+
 /// Removes the instance: marks the state as being removed (so a detach killed half-way is seen as such), removes
 /// the data path, restores the recorded sysctls, then removes the state. Returns the notes about sysctls.
 fn remove_instance(lock: &Lock, state: &mut State) -> Result<Vec<String>> {
@@ -340,8 +346,13 @@ fn apply(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
 }
 
 /// [`apply`] for a rule change from `previous`, the state the data path holds (see [`Backend::change_rules`]).
-fn apply_change(backend: &Backend, previous: &State, state: &mut State) -> Result<Vec<String>> {
-    backend.change_rules(previous, state)?;
+fn apply_change(
+    backend: &Backend,
+    previous: &State,
+    state: &mut State,
+    compiled: &rules::Compiled,
+) -> Result<Vec<String>> {
+    backend.change_rules(previous, state, compiled)?;
     apply_sysctls(backend, state)
 }
 
@@ -455,7 +466,7 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
         }
     }
     // Compile now, so a rule naming an interface that is not attached fails before anything changes.
-    rules::compile(&planned.rules(), &ifindex_lookup(&planned))?;
+    compile_state(&planned)?;
 
     let mut result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts);
     if let Err(e) = &result
@@ -600,7 +611,7 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
         }
         added.push(adder.push(&mut planned, rule)?);
     }
-    rules::compile(&planned.rules(), &ifindex_lookup(&planned)).map_err(|e| match e {
+    let compiled = compile_state(&planned).map_err(|e| match e {
         rules::RuleError::IfaceNotAttached { iface, .. } => anyhow::anyhow!(
             "-i {iface}: pfwd is not attached to {iface} (attached: {}); run `pfwd attach {iface}` first",
             state.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
@@ -619,7 +630,7 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     planned.pending = Some(Pending::Change);
     notes.extend(record_sysctls(&mut planned)?);
     lock.save(&planned)?;
-    match apply_change(&backend, &state, &mut planned) {
+    match apply_change(&backend, &state, &mut planned, &compiled) {
         Ok(more) => notes.extend(more),
         Err(e) => {
             restore_added_sysctls(&planned, &state);

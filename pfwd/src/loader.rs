@@ -291,24 +291,47 @@ impl Kernel {
         rules: &[StoredRule],
         ifindex: &dyn Fn(&str) -> Option<u32>,
     ) -> Result<()> {
-        self.check_layout()?;
         let new = compile_stored(rules, ifindex)?;
+        self.sync_compiled(previous, rules, &new, ifindex)
+    }
+
+    /// [`Kernel::sync_rules`] with `rules` already compiled ([`compile_stored`]) into `new`.
+    pub fn sync_compiled(
+        &self,
+        previous: Option<&[StoredRule]>,
+        rules: &[StoredRule],
+        new: &rules::Compiled,
+        ifindex: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<()> {
+        self.check_layout()?;
+        let companions = rules::compile::companions(rules.iter().map(|r| &r.rule));
+        let pairs = stored_pairs(rules, &companions);
         let mut cfg = self.config()?;
-        let held = match previous.and_then(|p| compile_stored(p, ifindex).ok()) {
-            Some(old) => rules::plan::Held::from_compiled(&old),
-            None => self.read_held()?,
-        };
-        let plan = match rules::plan::plan(&held, cfg.generation, &new) {
+        // Only the slots that differ from the previous rules, when the kernel holds those.
+        let change = previous.and_then(|prev| {
+            let old_companions = rules::compile::companions(prev.iter().map(|r| &r.rule));
+            let old_pairs = stored_pairs(prev, &old_companions);
+            let (old_changed, new_changed) = changed_rules(&old_pairs, &pairs);
+            let old_changed = rules::compile::build(&old_changed, ifindex).ok()?;
+            let new_changed = rules::compile::build(&new_changed, ifindex).ok()?;
+            rules::plan::plan_change(new, &new_changed, &old_changed, cfg.generation).ok()
+        });
+        if let Some(plan) = change {
+            return self.apply_plan(&plan, &mut cfg);
+        }
+        let held = self.read_held()?;
+        let plan = match rules::plan::plan(&held, cfg.generation, new) {
             Ok(p) => p,
             Err(rules::RuleError::IndexFull { .. }) => {
                 // Too many rules would share a key while the old and new ones are both listed: delete first
                 // (the rules kept, alone), then add.
+                let generation = cfg.generation;
                 let kept = new.restricted(|slot, e| {
-                    held.entries.get(&slot).is_some_and(|h| h.visible(cfg.generation) && h.rank == e.rank)
+                    held.entries.get(&slot).is_some_and(|h| h.visible(generation) && h.rank == e.rank)
                 });
                 let first = rules::plan::plan(&held, cfg.generation, &kept)?;
                 self.apply_plan(&first, &mut cfg)?;
-                rules::plan::plan(&rules::plan::Held::from_compiled(&kept), cfg.generation, &new)?
+                rules::plan::plan(&rules::plan::Held::from_compiled(&kept), cfg.generation, new)?
             }
             Err(e) => return Err(e.into()),
         };
@@ -560,10 +583,36 @@ impl Kernel {
     }
 }
 
-/// The rules of `rules` compiled into their stored slots.
-fn compile_stored(rules: &[StoredRule], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<rules::Compiled> {
-    let plain: Vec<rules::Rule> = rules.iter().map(|r| r.rule.clone()).collect();
-    Ok(rules::compile::compile_at(&plain, &|pos| rules[pos].slot, ifindex)?)
+/// The rules of `rules` compiled for the kernel in their slots, with the rules their `--hairpin` adds.
+pub fn compile_stored(
+    rules: &[StoredRule],
+    ifindex: &dyn Fn(&str) -> Option<u32>,
+) -> Result<rules::Compiled, rules::RuleError> {
+    if rules.len() > pfwd_common::MAX_RULES as usize {
+        return Err(rules::RuleError::TooManyRules(rules.len()));
+    }
+    let companions = rules::compile::companions(rules.iter().map(|r| &r.rule));
+    rules::compile::build(&stored_pairs(rules, &companions), ifindex)
+}
+
+/// Every rule the kernel runs for `rules` (with their `companions`, [`rules::compile::companions`]) in its slot.
+fn stored_pairs<'r>(rules: &'r [StoredRule], companions: &'r [(usize, rules::Rule)]) -> Vec<(u32, &'r rules::Rule)> {
+    let owned = companions.iter().map(|(owner, c)| (pfwd_common::COMPANION_SLOTS + rules[*owner].slot, c));
+    rules.iter().map(|r| (r.slot, &r.rule)).chain(owned).collect()
+}
+
+/// The rules of the slots that differ between `old` and `new`: (the old ones, the new ones).
+type Pairs<'r> = Vec<(u32, &'r rules::Rule)>;
+fn changed_rules<'r>(old: &[(u32, &'r rules::Rule)], new: &[(u32, &'r rules::Rule)]) -> (Pairs<'r>, Pairs<'r>) {
+    let old_by: std::collections::HashMap<u32, &rules::Rule> = old.iter().copied().collect();
+    let new_by: std::collections::HashMap<u32, &rules::Rule> = new.iter().copied().collect();
+    let differs = |s: &u32, r: &&rules::Rule, other: &std::collections::HashMap<u32, &rules::Rule>| {
+        other.get(s).is_none_or(|o| o != r)
+    };
+    (
+        old.iter().filter(|(s, r)| differs(s, r, &new_by)).copied().collect(),
+        new.iter().filter(|(s, r)| differs(s, r, &old_by)).copied().collect(),
+    )
 }
 
 /// Writes index keys with their slots; a key with none is removed.

@@ -2,6 +2,7 @@
 //! server namespace lab. Variants run interleaved (A B C A B C ...) so drift on the machine hits all of them alike;
 //! the report gives medians, min-max and ratios, and writes `target/bench/latest.{md,json}`.
 
+mod engine;
 mod net;
 mod prog;
 pub(crate) mod run;
@@ -29,6 +30,10 @@ struct Params {
     prog_reps: usize,
     prog_repeat: u32,
     prog_singles: usize,
+    /// Rule-set sizes of the rule engine workload, `pfwd add`s per size, and flows of the backend spread.
+    engine_sizes: &'static [u32],
+    engine_adds: usize,
+    lb_flows: usize,
 }
 
 const FULL: Params = Params {
@@ -42,6 +47,9 @@ const FULL: Params = Params {
     prog_reps: 3,
     prog_repeat: 1_000_000,
     prog_singles: 20_000,
+    engine_sizes: &[10, 10_000, 100_000],
+    engine_adds: 5,
+    lb_flows: 100_000,
 };
 
 /// Smoke test: every workload once, small.
@@ -56,6 +64,9 @@ const QUICK: Params = Params {
     prog_reps: 1,
     prog_repeat: 100_000,
     prog_singles: 2_000,
+    engine_sizes: &[10, 10_000, 100_000],
+    engine_adds: 3,
+    lb_flows: 20_000,
 };
 
 /// Source ports of the multi-flow workload start here; the one-flow workload uses a port outside that range.
@@ -142,10 +153,15 @@ pub fn bench(pfwd: &Path, quick: bool) -> Result<()> {
         p.prog_repeat, p.prog_reps
     ));
     let costs = prog::measure(&env, p.prog_reps, p.prog_repeat, p.prog_singles)?;
+    step(&format!(
+        "bench: rule engine at {:?} rules ({} adds each), backends over {} flows",
+        p.engine_sizes, p.engine_adds, p.lb_flows
+    ));
+    let engine = engine::measure(&env, p.engine_sizes, p.engine_adds, p.prog_singles, p.lb_flows)?;
     drop(env);
 
     let machine = machine();
-    let (md, json) = report(p, quick, &machine, &r, &costs, started.elapsed());
+    let (md, json) = report(p, quick, &machine, &r, &costs, &engine, started.elapsed());
     let dir = crate::root().join("target").join("bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("latest.md"), &md)?;
@@ -389,6 +405,7 @@ fn report(
     machine: &Value,
     r: &Results,
     costs: &prog::ProgCosts,
+    engine: &engine::EngineResults,
     took: Duration,
 ) -> (String, Value) {
     let mut md = String::new();
@@ -485,6 +502,8 @@ fn report(
         let _ = writeln!(md, "\n`{n}`");
     }
 
+    let engine_json = engine.report(&mut md);
+
     // Memory.
     let _ = writeln!(md, "\n## Memory\n\n| What | Size |\n|---|---:|");
     let total: u64 = costs.maps.iter().map(|m| m.3).sum();
@@ -570,6 +589,10 @@ fn report(
             verdict: "not measured".into(),
         },
     });
+    for (what, measured, met) in engine.targets() {
+        let verdict = if met { "met".into() } else { "MISSED".into() };
+        targets.push(Target { what, measured, verdict });
+    }
     let _ = writeln!(md, "\n## Targets\n\n| Target | Measured | Result |\n|---|---|---|");
     for t in &targets {
         let _ = writeln!(md, "| {} | {} | {} |", t.what, t.measured, t.verdict);
@@ -591,6 +614,7 @@ fn report(
         },
         "series": series_json,
         "prog_test_run": prog_json,
+        "rule_engine": engine_json,
         "maps": costs.maps.iter().map(|(n, t, e, b)| json!({"name": n, "type": t, "max_entries": e, "bytes": b})).collect::<Vec<_>>(),
         "maps_total_bytes": total,
         "peak_rss_kib": r.rss,

@@ -20,12 +20,28 @@ pub struct Compiled {
     /// `(slot, entry)`, one per rule, in input order (see [`compile`] for the slots and the rules `--hairpin`
     /// adds). Every entry is visible in every generation; the loader sets the generations.
     pub entries: Vec<(u32, RuleEntry)>,
-    /// The rule index: each key's slots, in rank order (best first).
-    pub index: HashMap<IndexKey, Vec<u32>>,
+    /// Every index key's rules (slots), all of them, in rank order (best first). The kernel's entry of a key lists
+    /// them up to the first unconditional one ([`Compiled::index`]).
+    pub members: HashMap<IndexKey, Vec<u32>>,
     /// The classes of each hook ([`hook`] PREROUTING, POSTROUTING, OUTPUT), in ascending `min_rank`.
     pub classes: [Vec<Class>; 3],
     /// `(slot, Maglev table)` of each rule with several backends ([`super::maglev::entries`]), in input order.
     pub tables: Vec<(u32, Vec<BackendEntry>)>,
+    /// The position in `entries` of each slot.
+    pub positions: HashMap<u32, usize>,
+}
+
+/// Matches a rule may carry that its index keys do not hold: a rule without them matches every packet of its keys.
+const CONDITIONAL: u8 = rule_flag::NOT_SRC | rule_flag::NOT_DST | rule_flag::NOT_IFACE | rule_flag::DST_LOCAL;
+
+/// What the kernel's entry of a key with the rules `slots` (rank order) lists: the rules up to the first that
+/// matches every packet of the key (each key holds its rule's matches exactly, and a port block lies inside its
+/// range, so for a rule without negations or `-d local` nothing after it can win there).
+pub fn listed<'s, 'e>(slots: &'s [u32], entry: impl Fn(u32) -> Option<&'e RuleEntry>) -> &'s [u32] {
+    match slots.iter().position(|s| entry(*s).is_some_and(|e| e.flags & CONDITIONAL == 0)) {
+        Some(first) => &slots[..=first],
+        None => slots,
+    }
 }
 
 impl Compiled {
@@ -33,20 +49,30 @@ impl Compiled {
     /// costs a lookup).
     pub fn restricted(&self, keep: impl Fn(u32, &RuleEntry) -> bool) -> Compiled {
         let entries: Vec<(u32, RuleEntry)> = self.entries.iter().filter(|(s, e)| keep(*s, e)).copied().collect();
-        let kept: HashSet<u32> = entries.iter().map(|(s, _)| *s).collect();
-        let index = self
-            .index
+        let positions: HashMap<u32, usize> = entries.iter().enumerate().map(|(i, (s, _))| (*s, i)).collect();
+        let members = self
+            .members
             .iter()
-            .map(|(k, slots)| (*k, slots.iter().copied().filter(|s| kept.contains(s)).collect::<Vec<u32>>()))
+            .map(|(k, slots)| (*k, slots.iter().copied().filter(|s| positions.contains_key(s)).collect::<Vec<u32>>()))
             .filter(|(_, slots)| !slots.is_empty())
             .collect();
-        let tables = self.tables.iter().filter(|(s, _)| kept.contains(s)).cloned().collect();
-        Compiled { entries, index, classes: self.classes.clone(), tables }
+        let tables = self.tables.iter().filter(|(s, _)| positions.contains_key(s)).cloned().collect();
+        Compiled { entries, members, classes: self.classes.clone(), tables, positions }
     }
 
     /// The entry of the rule in `slot`.
     pub fn entry(&self, slot: u32) -> Option<&RuleEntry> {
-        self.entries.iter().find(|(s, _)| *s == slot).map(|(_, e)| e)
+        self.positions.get(&slot).map(|&i| &self.entries[i].1)
+    }
+
+    /// The rule index as the kernel holds it: each key's slots as [`listed`].
+    pub fn index(&self) -> HashMap<IndexKey, Vec<u32>> {
+        self.members.iter().map(|(k, slots)| (*k, self.listed(slots).to_vec())).collect()
+    }
+
+    /// What the kernel's entry of a key with these rules lists ([`listed`]).
+    pub fn listed<'s>(&self, slots: &'s [u32]) -> &'s [u32] {
+        listed(slots, |s| self.entry(s))
     }
 }
 
@@ -79,13 +105,7 @@ fn addr_mask(plen: u8) -> u32 {
 /// any rule written by hand. The second value gives, per returned rule, the index of the rule that added it (None
 /// for `rules` themselves). Without `--hairpin` rules, `rules` is returned as is.
 pub fn with_companions(rules: &[Rule]) -> (Cow<'_, [Rule]>, Vec<Option<usize>>) {
-    let mut seen = HashSet::new();
-    let extra: Vec<(usize, Rule)> = rules
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| Some((i, r.hairpin_companion()?)))
-        .filter(|(_, c)| seen.insert(c.dedup_key()))
-        .collect();
+    let extra = companions(rules);
     let mut owners = vec![None; rules.len()];
     if extra.is_empty() {
         return (Cow::Borrowed(rules), owners);
@@ -93,6 +113,18 @@ pub fn with_companions(rules: &[Rule]) -> (Cow<'_, [Rule]>, Vec<Option<usize>>) 
     owners.extend(extra.iter().map(|(i, _)| Some(*i)));
     let all = rules.iter().cloned().chain(extra.into_iter().map(|(_, c)| c)).collect();
     (Cow::Owned(all), owners)
+}
+
+/// The companions of the `--hairpin` rules among `rules` (see [`with_companions`]): `(position of the owner,
+/// companion)`, each distinct companion once.
+pub fn companions<'r>(rules: impl IntoIterator<Item = &'r Rule>) -> Vec<(usize, Rule)> {
+    let mut seen = HashSet::new();
+    rules
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, r.hairpin_companion()?)))
+        .filter(|(_, c)| seen.insert(c.dedup_key()))
+        .collect()
 }
 
 /// Builds the kernel's view of `rules`, each in the slot of its position (see [`compile_at`]).
@@ -116,20 +148,37 @@ pub fn compile_at(
     if rules.len() > MAX_RULES as usize {
         return Err(RuleError::TooManyRules(rules.len()));
     }
-    for r in rules {
+    let (all, slots) = expanded(rules, slot);
+    let rules: Vec<(u32, &Rule)> = slots.into_iter().zip(all.iter()).collect();
+    build(&rules, ifindex)
+}
+
+/// `rules` with the rules their `--hairpin` adds ([`with_companions`]), and the slot of each: rule `pos` in
+/// `slot(pos)`, a companion in [`COMPANION_SLOTS`] + its owner's slot.
+pub fn expanded<'r>(rules: &'r [Rule], slot: &dyn Fn(usize) -> u32) -> (Cow<'r, [Rule]>, Vec<u32>) {
+    let (all, owners) = with_companions(rules);
+    let slots = owners
+        .iter()
+        .enumerate()
+        .map(|(pos, owner)| match owner {
+            Some(owner) => COMPANION_SLOTS + slot(*owner),
+            None => slot(pos),
+        })
+        .collect();
+    (all, slots)
+}
+
+/// Builds the kernel's view of `rules` (already [`expanded`]: companions included), each `(slot, rule)`; see
+/// [`compile_at`].
+pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<Compiled, RuleError> {
+    for (_, r) in rules {
         // The index relies on "a port implies a protocol", which validate() guarantees.
         r.validate().map_err(|e| RuleError::InRule { id: r.id, error: Box::new(e) })?;
     }
-    let (all, owners) = with_companions(rules);
-    let rules = &all[..];
-    let slot_of = |pos: usize| match owners[pos] {
-        Some(owner) => COMPANION_SLOTS + slot(owner),
-        None => slot(pos),
-    };
     // The closure may be a syscall (if_nametoindex), so ask once per name.
     let mut ifindexes: HashMap<&str, u32> = HashMap::new();
     let mut rule_ifindex = vec![0u32; rules.len()];
-    for (pos, r) in rules.iter().enumerate() {
+    for (pos, (_, r)) in rules.iter().enumerate() {
         if let Some(name) = r.hook_iface() {
             if r.not.iface {
                 // `! -i IFACE`: every attached interface but IFACE. When IFACE is not attached, that is every one.
@@ -152,14 +201,16 @@ pub fn compile_at(
     }
 
     let mut c = Compiled { entries: Vec::with_capacity(rules.len()), ..Default::default() };
+    c.members.reserve(rules.len());
+    c.positions.reserve(rules.len());
     // Per hook, each class shape's lowest rank.
     let mut shapes: [HashMap<Class, u64>; 3] = Default::default();
-    for (pos, r) in rules.iter().enumerate() {
+    for (pos, &(slot, r)) in rules.iter().enumerate() {
         if !r.backends.is_empty() {
             if c.tables.len() >= MAX_BACKEND_RULES as usize {
                 return Err(RuleError::TooManyBackendRules);
             }
-            c.tables.push((slot_of(pos), super::maglev::entries(&r.backends)));
+            c.tables.push((slot, super::maglev::entries(&r.backends)));
         }
         let entry = rule_entry(r, rank(r), rule_ifindex[pos]);
         let hook = if r.is_postrouting() {
@@ -172,21 +223,17 @@ pub fn compile_at(
         for (key, class) in index_keys(r, &entry, hook) {
             let min = shapes[hook as usize].entry(class).or_insert(entry.rank);
             *min = (*min).min(entry.rank);
-            c.index.entry(key).or_default().push(slot_of(pos));
+            c.members.entry(key).or_default().push(slot);
         }
-        c.entries.push((slot_of(pos), entry));
+        c.positions.insert(slot, c.entries.len());
+        c.entries.push((slot, entry));
     }
-    let by_slot: HashMap<u32, &RuleEntry> = c.entries.iter().map(|(s, e)| (*s, e)).collect();
-    for slots in c.index.values_mut() {
-        slots.sort_by_key(|s| (by_slot[s].rank, *s));
-        // A rule without negations or -d local matches every packet that maps to its keys (each key holds its
-        // matches exactly, and a port block lies inside its range): the rules after it can never win there.
-        let conditional = rule_flag::NOT_SRC | rule_flag::NOT_DST | rule_flag::NOT_IFACE | rule_flag::DST_LOCAL;
-        if let Some(first) = slots.iter().position(|s| by_slot[s].flags & conditional == 0) {
-            slots.truncate(first + 1);
-        }
-        if slots.len() > INDEX_SLOTS {
-            let ids: Vec<String> = slots.iter().map(|s| by_slot[s].id.to_string()).collect();
+    let entry = |s: &u32| &c.entries[c.positions[s]].1;
+    for slots in c.members.values_mut() {
+        slots.sort_by_key(|s| (entry(s).rank, *s));
+        let listed = listed(slots, |s| Some(entry(&s)));
+        if listed.len() > INDEX_SLOTS {
+            let ids: Vec<String> = listed.iter().map(|s| entry(s).id.to_string()).collect();
             return Err(RuleError::IndexFull { ids: ids.join(", ") });
         }
     }
@@ -304,8 +351,8 @@ mod tests {
     /// lengths), sorted.
     fn keys(c: &Compiled, slot: u32) -> Vec<(u8, u32, u8, u16, u8, u8, u8)> {
         let mut k: Vec<_> = c
-            .index
-            .iter()
+            .index()
+            .into_iter()
             .filter(|(_, s)| s.contains(&slot))
             .map(|(k, _)| (k.hook, k.ifindex, k.proto, k.dport, k.port_plen, k.src_plen, k.dst_plen))
             .collect();
@@ -381,8 +428,8 @@ mod tests {
         assert_eq!(keys(&c, 2), [(pre, 0, PROTO_ANY, 0, 0, 0, 32)]);
         // A range: one key per prefix block, not per port.
         assert_eq!(keys(&c, 3), [(pre, 0, PROTO_UDP, 8000, 15, 0, 0), (pre, 0, PROTO_UDP, 8002, 16, 0, 0)]);
-        assert_eq!(c.index.len(), 5);
-        let k1 = c.index.keys().find(|k| k.dport == 59999).unwrap();
+        assert_eq!(c.members.len(), 5);
+        let k1 = c.members.keys().find(|k| k.dport == 59999).unwrap();
         assert_eq!(k1.saddr, u32::from_ne_bytes([192, 168, 1, 0]));
         // Classes: one per shape, in ascending lowest rank; rules 1 and 4's single-port shapes are one class.
         let shapes: Vec<(u8, u8, u8, u8)> =
@@ -410,7 +457,7 @@ mod tests {
                 }))
                 .collect();
         let c = compile(&rules, &ifindex).unwrap();
-        assert!(c.index.values().all(|s| s.len() == 1));
+        assert!(c.index().values().all(|s| s.len() == 1));
         // Only rules indexed under the very same key (matches that differ only in negations) are limited.
         let rules: Vec<Rule> = (1..=17)
             .map(|i| Rule { id: i, ..ok(&format!("dnat -p tcp ! -s 10.0.0.{i} --dport 80 --to 10.0.1.1")) })
@@ -428,18 +475,18 @@ mod tests {
                 .iter()
                 .map(|m| ok(&format!("dnat {m} --dport 1-65535 --to 10.0.0.1")))
                 .collect();
-        assert_eq!(compile(&rules, &ifindex).unwrap().index.len(), 6 * 16);
+        assert_eq!(compile(&rules, &ifindex).unwrap().members.len(), 6 * 16);
 
         // More match shapes than classes.
-        let rules: Vec<Rule> = (1..=12u32)
-            .flat_map(|a| (1..=12u32).map(move |b| (a, b)))
+        let rules: Vec<Rule> = (0..=32u32)
+            .flat_map(|a| (1..=32u32).map(move |b| (a, b)))
             .map(|(a, b)| Rule {
                 id: a * 100 + b,
                 ..ok(&format!("dnat -s 10.0.0.0/{a} -d 10.0.0.0/{b} --to 10.0.1.1"))
             })
             .collect();
         compile(&rules[..MAX_CLASSES as usize], &ifindex).unwrap();
-        assert_eq!(compile(&rules, &ifindex).unwrap_err(), RuleError::TooManyClasses { count: 144 });
+        assert_eq!(compile(&rules, &ifindex).unwrap_err(), RuleError::TooManyClasses { count: 33 * 32 });
 
         // Hand-built invalid rules are caught before they reach the maps.
         let mut bad = ok("dnat -p tcp --dport 80 --to 10.0.0.1");
@@ -473,7 +520,7 @@ mod tests {
         let start = std::time::Instant::now();
         let c = compile(&rules, &ifindex).unwrap();
         let took = start.elapsed();
-        assert_eq!((c.entries.len(), c.index.len(), c.classes[0].len()), (10_000, 10_000, 1));
+        assert_eq!((c.entries.len(), c.members.len(), c.classes[0].len()), (10_000, 10_000, 1));
         // Timing is only meaningful with optimizations (`cargo test --release`).
         if !cfg!(debug_assertions) {
             assert!(took < std::time::Duration::from_millis(50), "compile took {took:?}");

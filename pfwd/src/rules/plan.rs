@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 
 use pfwd_common::maps::{BackendEntry, Class, GEN_FOREVER, INDEX_SLOTS, IndexKey, RuleEntry, rule_flag};
 
-use super::compile::Compiled;
+use super::compile::{Compiled, listed};
 use super::error::RuleError;
 
 /// What the kernel holds before a change: rule entries by slot (with their generations) and the index. Either
@@ -32,7 +32,7 @@ impl Held {
     pub fn from_compiled(c: &Compiled) -> Held {
         Held {
             entries: c.entries.iter().copied().collect(),
-            index: c.index.clone(),
+            index: c.index(),
             tables: c.tables.iter().cloned().collect(),
         }
     }
@@ -72,20 +72,15 @@ fn same_rule(a: &RuleEntry, b: &RuleEntry) -> bool {
     RuleEntry { gen_from: 0, gen_until: 0, ..*a } == RuleEntry { gen_from: 0, gen_until: 0, ..*b }
 }
 
-/// Plans the change from `held` (seen by generation `generation`) to `new`. Fails when a key would have to list
-/// more than [`INDEX_SLOTS`] old and new rules at once (then apply the deletions first: [`Plan`]s of the rules
-/// kept, then of the new ones).
+/// Plans the change from `held` (seen by generation `generation`) to `new`: every rule and key compared. Fails when
+/// a key would have to list more than [`INDEX_SLOTS`] old and new rules at once (then apply the deletions first:
+/// [`Plan`]s of the rules kept, then of the new ones).
 pub fn plan(held: &Held, generation: u32, new: &Compiled) -> Result<Plan, RuleError> {
     let next = generation.wrapping_add(1);
     let mut p = Plan { generation: next, classes: new.classes.clone(), ..Default::default() };
     let live = |slot: u32| held.entries.get(&slot).filter(|e| e.visible(generation));
     let new_tables: HashMap<u32, &Vec<BackendEntry>> = new.tables.iter().map(|(s, t)| (*s, t)).collect();
-    let mut wanted = HashSet::with_capacity(new.entries.len());
-    // The rank of every slot a changed key may list, old or new.
-    let mut rank: HashMap<u32, u64> = HashMap::new();
     for (slot, e) in &new.entries {
-        wanted.insert(*slot);
-        rank.insert(*slot, e.rank);
         let table = new_tables.get(slot);
         match live(*slot) {
             Some(old) if same_rule(old, e) => {
@@ -94,58 +89,135 @@ pub fn plan(held: &Held, generation: u32, new: &Compiled) -> Result<Plan, RuleEr
                     p.tables.push((*slot, (*t).clone()));
                 }
             }
-            Some(old) => {
-                p.rules.push((*slot, RuleEntry { gen_from: old.gen_from, gen_until: GEN_FOREVER, ..*e }));
-                p.tables.extend(table.map(|t| (*slot, (*t).clone())));
-                p.rewritten.push(*slot);
-            }
-            None => {
-                p.rules.push((*slot, RuleEntry { gen_from: next, gen_until: GEN_FOREVER, ..*e }));
-                p.tables.extend(table.map(|t| (*slot, (*t).clone())));
-            }
+            Some(old) => p.rewrite(*slot, RuleEntry { gen_from: old.gen_from, ..*e }, table.copied()),
+            None => p.add(*slot, e, table.copied()),
         }
     }
     for (slot, e) in &held.entries {
-        if wanted.contains(slot) {
-            continue;
+        if new.entry(*slot).is_none() {
+            p.delete(*slot, e, e.visible(generation));
         }
-        rank.entry(*slot).or_insert(e.rank);
-        if e.visible(generation) {
-            p.rules.push((*slot, RuleEntry { gen_until: next, ..*e }));
-        }
-        p.cleared.push((*slot, e.flags & rule_flag::BACKENDS != 0));
     }
-    p.cleared.sort_unstable();
-    p.rules.sort_unstable_by_key(|(s, _)| *s);
-    let keys: HashSet<&IndexKey> = held.index.keys().chain(new.index.keys()).collect();
+    let rank = |s: u32| new.entry(s).or_else(|| held.entries.get(&s)).map(|e| e.rank);
+    let new_index = new.index();
+    let keys: HashSet<&IndexKey> = held.index.keys().chain(new_index.keys()).collect();
     let none = Vec::new();
     for key in keys {
-        let (old, now) = (held.index.get(key).unwrap_or(&none), new.index.get(key).unwrap_or(&none));
+        let (old, now) = (held.index.get(key).unwrap_or(&none), new_index.get(key).unwrap_or(&none));
+        p.key(*key, old, now, &rank)?;
+    }
+    p.finish();
+    Ok(p)
+}
+
+/// Plans a change that the kernel holds all of `new` but the rules in `old_changed` instead of `new_changed`: the
+/// rules of the slots that differ, compiled alone. Only those rules and their keys are looked at, so the plan costs
+/// the same whatever the number of rules. Fails like [`plan`].
+pub fn plan_change(
+    new: &Compiled,
+    new_changed: &Compiled,
+    old_changed: &Compiled,
+    generation: u32,
+) -> Result<Plan, RuleError> {
+    let next = generation.wrapping_add(1);
+    let mut p = Plan { generation: next, classes: new.classes.clone(), ..Default::default() };
+    let new_tables: HashMap<u32, &Vec<BackendEntry>> = new_changed.tables.iter().map(|(s, t)| (*s, t)).collect();
+    for (slot, e) in &new_changed.entries {
+        let table = new_tables.get(slot).copied();
+        match old_changed.entry(*slot) {
+            Some(_) => p.rewrite(*slot, *e, table),
+            None => p.add(*slot, e, table),
+        }
+    }
+    for (slot, e) in &old_changed.entries {
+        if new_changed.entry(*slot).is_none() {
+            p.delete(*slot, e, true);
+        }
+    }
+    // The entry a slot had before the change.
+    let old_entry = |s: u32| match old_changed.entry(s) {
+        Some(e) => Some(e),
+        None if new_changed.entry(s).is_some() => None,
+        None => new.entry(s),
+    };
+    let rank = |s: u32| new.entry(s).or_else(|| old_changed.entry(s)).map(|e| e.rank);
+    let keys: HashSet<&IndexKey> = new_changed.members.keys().chain(old_changed.members.keys()).collect();
+    let none = Vec::new();
+    for key in keys {
+        let now_members = new.members.get(key).unwrap_or(&none);
+        let mut old_members: Vec<u32> = now_members
+            .iter()
+            .copied()
+            .filter(|s| new_changed.entry(*s).is_none())
+            .chain(old_changed.members.get(key).into_iter().flatten().copied())
+            .collect();
+        old_members.sort_unstable_by_key(|s| (old_entry(*s).map_or(u64::MAX, |e| e.rank), *s));
+        let old = listed(&old_members, old_entry).to_vec();
+        let now = new.listed(now_members).to_vec();
+        p.key(*key, &old, &now, &rank)?;
+    }
+    p.finish();
+    Ok(p)
+}
+
+impl Plan {
+    /// A new rule: invisible until the flip.
+    fn add(&mut self, slot: u32, e: &RuleEntry, table: Option<&Vec<BackendEntry>>) {
+        self.rules.push((slot, RuleEntry { gen_from: self.generation, gen_until: GEN_FOREVER, ..*e }));
+        self.tables.extend(table.map(|t| (slot, t.clone())));
+    }
+
+    /// A live rule whose entry changes: written in place.
+    fn rewrite(&mut self, slot: u32, e: RuleEntry, table: Option<&Vec<BackendEntry>>) {
+        self.rules.push((slot, RuleEntry { gen_until: GEN_FOREVER, ..e }));
+        self.tables.extend(table.map(|t| (slot, t.clone())));
+        self.rewritten.push(slot);
+    }
+
+    /// A deleted rule: visible (if it was) until the flip, cleared after it.
+    fn delete(&mut self, slot: u32, e: &RuleEntry, visible: bool) {
+        if visible {
+            self.rules.push((slot, RuleEntry { gen_until: self.generation, ..*e }));
+        }
+        self.cleared.push((slot, e.flags & rule_flag::BACKENDS != 0));
+    }
+
+    /// A key that lists `old` before the change and `now` after it: both until the flip, `now` after.
+    fn key(
+        &mut self,
+        key: IndexKey,
+        old: &[u32],
+        now: &[u32],
+        rank: &dyn Fn(u32) -> Option<u64>,
+    ) -> Result<(), RuleError> {
         if old == now {
-            continue;
+            return Ok(());
         }
         let mut union: Vec<u32> = old.iter().chain(now).copied().collect::<HashSet<u32>>().into_iter().collect();
         // A slot the held index lists but whose entry is unknown ranks last; it is invisible anyway.
-        union.sort_unstable_by_key(|s| (rank.get(s).copied().unwrap_or(u64::MAX), *s));
+        union.sort_unstable_by_key(|s| (rank(*s).unwrap_or(u64::MAX), *s));
         if union.len() > INDEX_SLOTS {
             return Err(RuleError::IndexFull { ids: String::new() });
         }
-        if &union != old {
-            p.index.push((*key, union.clone()));
+        if union != old {
+            self.index.push((key, union.clone()));
         }
-        if &union != now {
-            p.index_after.push((*key, now.clone()));
+        if union != now {
+            self.index_after.push((key, now.to_vec()));
         }
+        Ok(())
     }
-    // A stable order, so a plan reads the same every time.
-    let by_key = |a: &(IndexKey, Vec<u32>), b: &(IndexKey, Vec<u32>)| {
+
+    /// Sorts everything, so a plan reads the same every time.
+    fn finish(&mut self) {
+        self.cleared.sort_unstable();
+        self.rules.sort_unstable_by_key(|(s, _)| *s);
+        self.rewritten.sort_unstable();
         let k =
             |k: &IndexKey| (k.hook, k.ifindex, k.proto, k.dport, k.port_plen, k.saddr, k.daddr, k.src_plen, k.dst_plen);
-        k(&a.0).cmp(&k(&b.0))
-    };
-    p.index.sort_unstable_by(by_key);
-    p.index_after.sort_unstable_by(by_key);
-    Ok(p)
+        self.index.sort_unstable_by_key(|a| k(&a.0));
+        self.index_after.sort_unstable_by_key(|a| k(&a.0));
+    }
 }
 
 #[cfg(test)]
@@ -256,12 +328,7 @@ mod tests {
         });
 
         // Delete the two ranges: before the flip the old set, after it only rule 3, and then the keys are gone.
-        let only = compiled(&after);
-        let only = Compiled {
-            entries: only.entries.into_iter().filter(|(s, _)| *s == 2).collect(),
-            index: only.index.into_iter().filter(|(_, s)| s.contains(&2)).collect(),
-            ..only
-        };
+        let only = compiled(&after).restricted(|s, _| s == 2);
         let p = plan(&Held::from_compiled(&new), k.generation, &only).unwrap();
         assert_eq!(p.rules.iter().map(|(s, e)| (*s, e.gen_until)).collect::<Vec<_>>(), [(0, 3), (1, 3)]);
         assert!(p.index.is_empty(), "the keys already list the deleted rules");
@@ -287,13 +354,13 @@ mod tests {
         // the key of port 82 lists it.
         let mut held = Held::from_compiled(&old);
         held.entries.insert(1, RuleEntry { gen_from: 5, ..new.entries[1].1 });
-        let k82 = *new.index.keys().find(|k| k.dport == 82).unwrap();
+        let k82 = *new.members.keys().find(|k| k.dport == 82).unwrap();
         held.index.insert(k82, vec![1]);
         // Slot 1 now holds an invisible rule: the plan writes it as new and the key of port 81 is dropped.
         let p = plan(&held, 4, &new).unwrap();
         assert_eq!(p.rules.iter().map(|(s, e)| (*s, e.gen_from, e.id)).collect::<Vec<_>>(), [(1, 5, 2)]);
         assert!(p.rewritten.is_empty());
-        let k81 = *old.index.keys().find(|k| k.dport == 81).unwrap();
+        let k81 = *old.members.keys().find(|k| k.dport == 81).unwrap();
         assert_eq!(p.index_after, [(k81, vec![])]);
         assert!(p.index.iter().all(|(k, _)| *k != k82), "already lists slot 1");
     }

@@ -122,7 +122,7 @@ mod tests {
         };
         // The kernel program's own walk (pfwd_common::find_rule), over the compiled maps.
         let index: HashMap<IndexKey, IndexEntry> = c
-            .index
+            .index()
             .iter()
             .map(|(k, slots)| {
                 let mut e = IndexEntry { len: slots.len() as u32, ..Default::default() };
@@ -161,7 +161,18 @@ mod tests {
         // A small value space so rules overlap a lot.
         let ifaces = [None, Some("eth0"), Some("eth1")];
         let nets = [None, Some("10.0.0.0/8"), Some("10.1.0.0/16"), Some("10.1.2.3/32"), Some("10.1.2.0/24")];
-        let ranges = [None, Some("80"), Some("81"), Some("80-81"), Some("79-82"), Some("1-100")];
+        // Ranges that split into many prefix blocks and overlap one another.
+        let ranges = [
+            None,
+            Some("80"),
+            Some("81"),
+            Some("80-81"),
+            Some("79-82"),
+            Some("1-100"),
+            Some("1-65535"),
+            Some("23-65535"),
+            Some("100-1000"),
+        ];
         let addrs = ["10.1.2.3", "10.1.2.4", "10.2.0.1", "192.168.0.1"].map(ip);
         let mut rng = Rng(7);
         let (mut sets, mut packets, mut matched) = (0, [0; 2], [0; 2]);
@@ -219,7 +230,7 @@ mod tests {
             let order = precedence_order(&rules);
             for _ in 0..200 {
                 let proto = rng.pick(&[PROTO_TCP, PROTO_UDP, 1]);
-                let dport = rng.pick(&[0, 1, 79, 80, 81, 82, 100, 101, 443]);
+                let dport = rng.pick(&[0, 1, 22, 23, 79, 80, 81, 82, 100, 101, 443, 1000, 1001, 65535]);
                 let (saddr, daddr) = (rng.pick(&addrs), rng.pick(&addrs));
                 let dport = if proto == 1 { 0 } else { dport };
                 for (h, at) in [hook::PREROUTING, hook::POSTROUTING].into_iter().enumerate() {

@@ -111,7 +111,7 @@ pub fn measure(env: &Env, reps: usize, repeat: u32, singles: usize) -> Result<Pr
 }
 
 /// (ns per run, output packet).
-fn run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> Result<(f64, Vec<u8>)> {
+pub(super) fn run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> Result<(f64, Vec<u8>)> {
     let mut out = vec![0u8; 256];
     let r = prog
         .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), repeat, ..Default::default() })
@@ -121,7 +121,7 @@ fn run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> Result<(f64, Vec<u8>)
     Ok((r.duration.as_nanos() as f64, out))
 }
 
-fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+pub(super) fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     let mut v = vec![];
     PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv4(src.octets(), dst.octets(), 64)
@@ -139,7 +139,7 @@ fn ips(pkt: &[u8]) -> Result<(Ipv4Addr, Ipv4Addr)> {
     }
 }
 
-fn dst_of(pkt: &[u8]) -> Result<Ipv4Addr> {
+pub(super) fn dst_of(pkt: &[u8]) -> Result<Ipv4Addr> {
     Ok(ips(pkt)?.1)
 }
 

@@ -1,0 +1,71 @@
+//! End-to-end test of the rule engine at a scale the former one refused, in both modes with the same assertions:
+//! 10,000 rules sharing one destination port (each with its own source), "every port but 22" as two ranges, and six
+//! more full-range rules (the old engine took one map entry per port: the fifth full range did not fit); then one
+//! rule added and deleted on top, which must win and then give way.
+
+#[macro_use]
+mod common;
+
+use std::fmt::Write as _;
+
+use common::*;
+use tests::Node;
+
+/// Rules that share the port with the client's rule, each for its own source (none of them the client).
+const SAME_PORT_RULES: u32 = 10_000;
+
+/// The config: the same-port rules first (they rank ahead of the client's port rule: a /32 source is more specific
+/// than none), the ranges, the client's port rule last.
+fn config() -> String {
+    let mut s = String::new();
+    let mut id = 0;
+    let mut rule = |body: &str| {
+        id += 1;
+        let _ = write!(s, "[[rule]]\nid = {id}\nkind = \"dnat\"\niface = \"eth0\"\nproto = \"tcp\"\n{body}\n");
+    };
+    for i in 0..SAME_PORT_RULES {
+        let src = std::net::Ipv4Addr::from(0x0a80_0000 + i);
+        rule(&format!("src = \"{src}\"\ndport = 8080\nto = \"10.0.2.2:9009\"\n"));
+    }
+    // Every port but 22, for the client.
+    rule("src = \"10.0.1.2\"\ndport = \"1-21\"\nto = \"10.0.2.2:9000\"\n");
+    rule("src = \"10.0.1.2\"\ndport = \"23-65535\"\nto = \"10.0.2.2:9000\"\n");
+    // Six more full ranges, for other sources.
+    for i in 0..6 {
+        rule(&format!("src = \"203.0.113.{i}\"\ndport = \"1-65535\"\nto = \"10.0.2.2:9009\"\n"));
+    }
+    rule("dst = \"10.0.1.1\"\ndport = 8080\nto = \"10.0.2.2:9002\"\n");
+    s
+}
+
+fn many_rules_with_ranges(mode: &str) {
+    let lab = lab("scale");
+    let _range = server(&lab, Node::Server, "10.0.2.2:9000", "range");
+    let _port = server(&lab, Node::Server, "10.0.2.2:9002", "port");
+    let _added = server(&lab, Node::Server, "10.0.2.2:9003", "added");
+    let file = std::env::temp_dir().join(format!("pfwd-e2e-scale-{}-{mode}.toml", std::process::id()));
+    std::fs::write(&file, config()).unwrap();
+    let guard = Detach::new(&lab);
+    pfwd_ok(&lab, &["attach", "--mode", mode, "eth0", "eth1", "--config", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    let rules = list(&lab);
+    assert_eq!(rules.as_array().map(Vec::len), Some(SAME_PORT_RULES as usize + 9));
+
+    // The client's port rule, behind the 10,000 rules of the same port.
+    expect_tcp(&lab, None, "10.0.1.1:8080", "port", 9002, "10.0.1.2");
+    // The ranges: any port but 22.
+    expect_tcp(&lab, None, "10.0.1.1:21", "range", 9000, "10.0.1.2");
+    expect_tcp(&lab, None, "10.0.1.1:5000", "range", 9000, "10.0.1.2");
+    expect_tcp(&lab, None, "10.0.1.1:65535", "range", 9000, "10.0.1.2");
+    expect_tcp_fails(&lab, "10.0.1.1:22");
+
+    // One rule on top: a single port beats the range, and once deleted the range takes over again.
+    let id = pfwd_ok(&lab, &["add", "dnat", "-i", "eth0", "-p", "tcp", "--dport", "5000", "--to", "10.0.2.2:9003"]);
+    expect_tcp(&lab, None, "10.0.1.1:5000", "added", 9003, "10.0.1.2");
+    expect_tcp(&lab, None, "10.0.1.1:5001", "range", 9000, "10.0.1.2");
+    pfwd_ok(&lab, &["del", id.trim()]);
+    expect_tcp(&lab, None, "10.0.1.1:5000", "range", 9000, "10.0.1.2");
+    guard.detach();
+}
+
+in_both_modes!(many_rules_with_ranges);
