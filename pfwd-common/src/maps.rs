@@ -259,7 +259,7 @@ pub mod rule_flag {
     pub const NOT_SRC: u8 = 1 << 0;
     /// `! -d`: the destination must be outside `dst_net/dst_mask`.
     pub const NOT_DST: u8 = 1 << 1;
-    /// `! -i` / `! -o`: any interface but `ifindex` (the rule sits in the any-interface buckets).
+    /// `! -i` / `! -o`: any interface but `ifindex` (the rule is indexed under any interface).
     pub const NOT_IFACE: u8 = 1 << 2;
     /// `-d local`: the destination must be an address of this host (the kernel asks the FIB).
     pub const DST_LOCAL: u8 = 1 << 3;

@@ -23,7 +23,7 @@ pub enum Proto {
 }
 
 impl Proto {
-    /// IP protocol number, as stored in [`RuleEntry::proto`] and [`BucketKey::proto`].
+    /// IP protocol number, as stored in [`RuleEntry::proto`] and [`IndexKey::proto`].
     pub fn code(self) -> u8 {
         match self {
             Proto::Tcp => PROTO_TCP,

@@ -6,7 +6,7 @@ use std::cmp::Ordering;
 use super::model::{Rule, prefix_len};
 
 /// Order of two rules under the precedence contract (see the module docs): `Less` means `a` wins over `b`.
-/// Equal for rules that differ only in their position in the list (then list order decides).
+/// Equal only for rules with the same matches and id (then list order decides).
 pub fn precedence_cmp(a: &Rule, b: &Rule) -> Ordering {
     rank(a).cmp(&rank(b))
 }
@@ -31,7 +31,7 @@ pub fn rank(r: &Rule) -> u64 {
 }
 
 /// Indices into `rules`, most specific first (see the module docs). The iptables export emits rules in this order so
-/// that its first match is pfwd's choice; a rule's rank in the kernel is its position here.
+/// that its first match is pfwd's choice: ascending [`rank`], the kernel's own order; equal ranks keep list order.
 pub fn precedence_order(rules: &[Rule]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..rules.len()).collect();
     // Stable sort: equal keys keep list order, which is the documented final tie-break.
