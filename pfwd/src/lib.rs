@@ -7,6 +7,7 @@
 //! [`sysctl`] and [`netif`] (the system settings and interface facts it depends on), [`control`] (the operations
 //! behind each command), [`report`] (what `status`, `list` and `conntrack` report), [`serve`] (the long-running agent: file watch, netlink,
 //! metrics) and [`cli`] (argument parsing and output).
+pub mod batch;
 pub mod cli;
 pub mod control;
 pub mod fallback;

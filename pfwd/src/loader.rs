@@ -37,6 +37,7 @@ use pfwd_common::{
 };
 
 use crate::{
+    batch::Batch,
     instance::Instance,
     netif::{self, Framing},
     record::Record,
@@ -363,27 +364,32 @@ impl Kernel {
         }
         // The class bank about to be written was the active one until the last flip.
         wait_for_readers(cfg.flipped_ns);
-        let mut rule_map: Array<MapData, RuleEntry> = self.map(names::RULES)?;
-        for (slot, e) in &plan.rules {
-            rule_map.set(*slot, e, 0)?;
-        }
+        let batch = |name: &str| Batch::open(&self.dir.join(name));
+        let rule_map = batch(names::RULES)?;
+        rule_map.update(&plan.rules)?;
         if !plan.tables.is_empty() {
-            let mut tables = self.backend_tables()?;
-            for (slot, table) in &plan.tables {
-                for (index, e) in table.iter().enumerate() {
-                    tables.insert(BackendKey { rule: *slot, index: index as u32 }, e, 0)?;
-                }
-            }
+            self.backend_tables()?;
+            let entries: Vec<(BackendKey, BackendEntry)> = plan
+                .tables
+                .iter()
+                .flat_map(|(slot, table)| {
+                    table.iter().enumerate().map(|(index, e)| (BackendKey { rule: *slot, index: index as u32 }, *e))
+                })
+                .collect();
+            batch(names::BACKENDS)?.update(&entries)?;
         }
-        let mut index_map: HashMap<MapData, IndexKey, IndexEntry> = self.map(names::INDEX)?;
-        write_index(&mut index_map, &plan.index)?;
-        let mut class_map: Array<MapData, Class> = self.map(names::CLASSES)?;
+        let index_map = batch(names::INDEX)?;
+        write_index(&index_map, &plan.index)?;
         let bank = plan.generation & (CLASS_BANKS - 1);
-        for (h, classes) in plan.classes.iter().enumerate() {
-            for (i, c) in classes.iter().enumerate() {
-                class_map.set(class_index(bank, h as u8, i as u32), c, 0)?;
-            }
-        }
+        let classes: Vec<(u32, Class)> = plan
+            .classes
+            .iter()
+            .enumerate()
+            .flat_map(|(h, classes)| {
+                classes.iter().enumerate().map(move |(i, c)| (class_index(bank, h as u8, i as u32), *c))
+            })
+            .collect();
+        batch(names::CLASSES)?.update(&classes)?;
         // The flip: this bank's counts and the generation in one write; the active bank's counts stay as they are,
         // so a program that read the old generation still pairs it with the old classes.
         let [pre, post, local] = plan.classes.each_ref().map(|c| c.len() as u32);
@@ -396,14 +402,17 @@ impl Kernel {
         }
         // Programs that read the old generation may still list the deleted rules: wait them out, then drop them.
         wait_for_readers(cfg.flipped_ns);
-        write_index(&mut index_map, &plan.index_after)?;
-        for (slot, table) in &plan.cleared {
-            rule_map.set(*slot, RuleEntry::default(), 0)?;
-            if *table && let Ok(mut tables) = self.backend_tables() {
-                for index in 0..pfwd_common::MAGLEV_SIZE {
-                    let _ = tables.remove(&BackendKey { rule: *slot, index });
-                }
-            }
+        write_index(&index_map, &plan.index_after)?;
+        let cleared: Vec<(u32, RuleEntry)> = plan.cleared.iter().map(|(s, _)| (*s, RuleEntry::default())).collect();
+        rule_map.update(&cleared)?;
+        let tables: Vec<BackendKey> = plan
+            .cleared
+            .iter()
+            .filter(|(_, table)| *table)
+            .flat_map(|(slot, _)| (0..pfwd_common::MAGLEV_SIZE).map(|index| BackendKey { rule: *slot, index }))
+            .collect();
+        if !tables.is_empty() {
+            batch(names::BACKENDS)?.delete(&tables)?;
         }
         Ok(())
     }
@@ -616,17 +625,18 @@ fn changed_rules<'r>(old: &[(u32, &'r rules::Rule)], new: &[(u32, &'r rules::Rul
 }
 
 /// Writes index keys with their slots; a key with none is removed.
-fn write_index(map: &mut HashMap<MapData, IndexKey, IndexEntry>, writes: &[(IndexKey, Vec<u32>)]) -> Result<()> {
-    for (k, slots) in writes {
-        if slots.is_empty() {
-            let _ = map.remove(k);
-            continue;
-        }
-        let mut e = IndexEntry { len: slots.len() as u32, ..Default::default() };
-        e.slots[..slots.len()].copy_from_slice(slots);
-        map.insert(k, e, 0)?;
-    }
-    Ok(())
+fn write_index(map: &Batch, writes: &[(IndexKey, Vec<u32>)]) -> Result<()> {
+    let (gone, kept): (Vec<_>, Vec<_>) = writes.iter().partition(|(_, slots)| slots.is_empty());
+    let entries: Vec<(IndexKey, IndexEntry)> = kept
+        .iter()
+        .map(|(k, slots)| {
+            let mut e = IndexEntry { len: slots.len() as u32, ..Default::default() };
+            e.slots[..slots.len()].copy_from_slice(slots);
+            (*k, e)
+        })
+        .collect();
+    map.update(&entries)?;
+    map.delete(&gone.iter().map(|(k, _)| *k).collect::<Vec<IndexKey>>())
 }
 
 /// Readers of the generation that was left at `flipped_ns` that may still be running are waited for. tc programs
