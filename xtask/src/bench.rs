@@ -477,7 +477,8 @@ fn report(
         md,
         "\n## Per-packet cost in BPF_PROG_TEST_RUN (R = {}, S = {})\n\nRepeat R: the kernel reruns the program on \
          the packet it rewrote, so two mirror rules (10.0.1.1:9000 -> 10.0.2.2:9000 and back) make each repetition an \
-         established-flow DNAT (reply: un-DNAT) of the other flow; an odd R is checked to end translated. A new flow \
+         established-flow DNAT (reply: un-DNAT) of the other flow; an odd R is checked to end translated. Established \
+         flows have seen a reply (confirmed); the first-round-trip pair has not. A new flow \
          cannot repeat (the second run is established), so it is the median of S single runs (repeat=1), each from a \
          new source port; compare it with the empty program measured the same way (that floor includes the test-run \
          timer overhead).\n",

@@ -28,10 +28,11 @@ pub struct ProgCosts {
     pub maps: Vec<(String, String, u64, u64)>,
 }
 
-pub const CASES: [(&str, &str); 8] = [
+pub const CASES: [(&str, &str); 9] = [
     ("empty", "empty program (mov r0,-1; exit), repeat R"),
     ("no-rule", "no rule matching, repeat R"),
     ("established", "established flow (ingress DNAT), repeat R"),
+    ("unconfirmed", "flow in its first round trip (no reply yet: unconfirmed table), repeat R"),
     ("reply", "reply (egress un-DNAT), repeat R"),
     ("empty-1", "empty program, repeat=1, median of S calls"),
     ("established-1", "established flow, repeat=1, median of S calls"),
@@ -67,6 +68,14 @@ pub fn measure(env: &Env, reps: usize, repeat: u32, singles: usize) -> Result<Pr
     let out = run(&ingress, &a, 1)?;
     ensure!(dst_of(&out.1)? == SERVER, "pfwd did not DNAT the test packet (got dst {})", dst_of(&out.1)?);
     run(&ingress, &b, 1)?;
+    // A reply confirms each: established flows live in the confirmed table, one lookup away. (Before, the quick
+    // run measured them unconfirmed: two lookups.)
+    run(&egress, &reply, 1)?;
+    run(&egress, &udp(ROUTER, PORT, CLIENT, 40_000), 1)?;
+    // Flows C and D (another client port) never see a reply.
+    let c = udp(CLIENT, 40_001, ROUTER, PORT);
+    run(&ingress, &c, 1)?;
+    run(&ingress, &udp(CLIENT, 40_001, SERVER, PORT), 1)?;
 
     let mut samples = vec![];
     for rep in 0..reps {
@@ -79,6 +88,9 @@ pub fn measure(env: &Env, reps: usize, repeat: u32, singles: usize) -> Result<Pr
         let (ns, data) = run(&ingress, &a, odd)?;
         ensure!(dst_of(&data)? == SERVER, "established repeat did not end translated");
         samples.push(("established", ns));
+        let (ns, data) = run(&ingress, &c, odd)?;
+        ensure!(dst_of(&data)? == SERVER, "unconfirmed repeat did not end translated");
+        samples.push(("unconfirmed", ns));
         let (ns, data) = run(&egress, &reply, odd)?;
         ensure!(src_of(&data)? == ROUTER, "reply repeat did not end translated");
         samples.push(("reply", ns));
