@@ -156,11 +156,21 @@ pub fn nat_change_script(old: &[Rule], new: &[Rule]) -> Option<String> {
             let (before, after) = (chain_specs(c, old), chain_specs(c, new));
             let kept: std::collections::HashSet<&String> = after.iter().collect();
             let had: std::collections::HashSet<&String> = before.iter().collect();
+            let mut len = before.len();
             for line in before.iter().filter(|l| !kept.contains(l)) {
                 body.push_str(&format!("-D {} {line}\n", c.name));
+                len -= 1;
             }
+            // In ascending order every line before the new one is in place, so position i + 1 is right; one that
+            // lands at the end is appended (iptables-nft finds an insert position by walking the chain: a bulk
+            // import onto a short chain took twice as long as `-I`).
             for (i, line) in after.iter().enumerate().filter(|(_, l)| !had.contains(l)) {
-                body.push_str(&format!("-I {} {} {line}\n", c.name, i + 1));
+                if i == len {
+                    body.push_str(&format!("-A {} {line}\n", c.name));
+                } else {
+                    body.push_str(&format!("-I {} {} {line}\n", c.name, i + 1));
+                }
+                len += 1;
             }
         }
         if !body.is_empty() {

@@ -319,6 +319,10 @@ fn line_by_line_changes_equal_a_rewrite() {
         assert_eq!(pfwd_lines(&save), pfwd_lines(&want), "old {old:#?}\nnew {new:#?}");
     }
     assert!(changed > 15, "{changed} of 25 changes had lines to apply");
+    // Onto empty chains every line lands at the end: appended, not inserted by position.
+    let rules = random_rules(&mut rng, 30);
+    let script = nat_change_script(&[], &rules).expect("lines to add");
+    assert!(script.contains("-A PFWD-") && !script.contains("-I "), "{script}");
 }
 
 #[test]
