@@ -1014,7 +1014,18 @@ pub fn status() -> Result<Status> {
                     timeouts_s: (&cfg).into(),
                 });
                 let stats = kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-                (rules, conntrack, stats, cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0)
+                let set = cfg.active();
+                let engine = report::RuleEngine {
+                    generation: set.generation,
+                    classes: report::HookClasses {
+                        prerouting: set.counts.pre,
+                        postrouting: set.counts.post,
+                        output: set.counts.local,
+                    },
+                    max_classes: pfwd_common::MAX_CLASSES,
+                    index_keys: kernel.index_keys()?,
+                };
+                (rules, conntrack, stats, cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0, Some(engine))
             }
             Backend::Iptables => {
                 let counters = fallback::counters()?;
@@ -1044,11 +1055,11 @@ pub fn status() -> Result<Status> {
                     flows: fallback::dnat_flows(),
                     note: NetfilterConntrack::NOTE,
                 });
-                (rules, conntrack, Default::default(), false)
+                (rules, conntrack, Default::default(), false, None)
             }
         })
     };
-    let (rules, conntrack, stats, fast_forward) = match (read(), state.pending) {
+    let (rules, conntrack, stats, fast_forward, rule_engine) = match (read(), state.pending) {
         (Ok(r), _) => r,
         // An interrupted change may have left no data path to read (e.g. no pins yet): show the state, no counters.
         (Err(_), Some(_)) => {
@@ -1071,7 +1082,7 @@ pub fn status() -> Result<Status> {
                     note: NetfilterConntrack::NOTE,
                 }),
             };
-            (rules, conntrack, Default::default(), false)
+            (rules, conntrack, Default::default(), false, None)
         }
         (Err(e), None) => return Err(e),
     };
@@ -1094,6 +1105,7 @@ pub fn status() -> Result<Status> {
         netns: Netns { cookie: state.netns_cookie, inode: lock.inst.netns_inode },
         pin_dir: (state.mode == DataPath::Ebpf).then(|| lock.inst.pin_dir.clone()),
         rules,
+        rule_engine,
         stats,
         sysctls: state.sysctls,
     })))

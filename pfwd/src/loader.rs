@@ -339,6 +339,12 @@ impl Kernel {
         self.apply_plan(&plan, &mut cfg)
     }
 
+    /// How many keys the rule index holds.
+    pub fn index_keys(&self) -> Result<u64> {
+        let map: HashMap<MapData, IndexKey, IndexEntry> = self.map(names::INDEX)?;
+        Ok(map.keys().filter_map(Result::ok).count() as u64)
+    }
+
     /// What the kernel holds, read back from the maps: every slot the index lists, with its entry.
     fn read_held(&self) -> Result<rules::plan::Held> {
         let index_map: HashMap<MapData, IndexKey, IndexEntry> = self.map(names::INDEX)?;

@@ -92,10 +92,34 @@ pub struct InstanceStatus {
     /// The bpffs directory of the pinned programs and maps; null in iptables mode.
     pub pin_dir: Option<PathBuf>,
     pub rules: Vec<RuleStatus>,
+    /// eBPF mode: the shape of the rule index (absent in iptables mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_engine: Option<RuleEngine>,
     /// The kernel programs' global counters by name (empty in iptables mode).
     pub stats: BTreeMap<String, u64>,
     /// The sysctls pfwd changed, with their earlier values.
     pub sysctls: Vec<SavedSysctl>,
+}
+
+/// The eBPF rule index (see README, Design: Rule lookup): what a new flow's first packet walks.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RuleEngine {
+    /// The rule generation packets are matched in; every rule change moves it on by one.
+    pub generation: u32,
+    /// Match shapes (classes) of each hook: a new flow's first packet probes each at most once.
+    pub classes: HookClasses,
+    /// The most classes a hook may have.
+    pub max_classes: u32,
+    /// Keys in the rule index (a rule has one per prefix block of its port range).
+    pub index_keys: u64,
+}
+
+/// Classes per hook.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct HookClasses {
+    pub prerouting: u32,
+    pub postrouting: u32,
+    pub output: u32,
 }
 
 /// The network namespace an instance belongs to.

@@ -50,6 +50,16 @@ fn many_rules_with_ranges(mode: &str) {
     let _ = std::fs::remove_file(&file);
     let rules = list(&lab);
     assert_eq!(rules.as_array().map(Vec::len), Some(SAME_PORT_RULES as usize + 9));
+    if mode == "ebpf" {
+        // One index key per same-port rule, per prefix block of the ranges (6 + 13 for every port but 22, 16 for
+        // each full range) and one for the client's port rule; one match shape per port prefix length with a /32
+        // source (1 to 16), and the port rule's.
+        let st: serde_json::Value = serde_json::from_str(&pfwd_ok(&lab, &["status", "--json"])).unwrap();
+        let engine = &st["rule_engine"];
+        assert_eq!(engine["index_keys"], SAME_PORT_RULES + 6 + 13 + 6 * 16 + 1, "{engine:#}");
+        assert_eq!(engine["classes"]["prerouting"], 17, "{engine:#}");
+        assert_eq!(engine["classes"]["postrouting"], 0, "{engine:#}");
+    }
 
     // The client's port rule, behind the 10,000 rules of the same port.
     expect_tcp(&lab, None, "10.0.1.1:8080", "port", 9002, "10.0.1.2");

@@ -64,6 +64,13 @@ pub(super) fn print_status(s: &InstanceStatus) {
             a.flows, a.entries, a.capacity, u.flows, u.entries, u.capacity
         );
     }
+    if let Some(e) = &s.rule_engine {
+        let c = &e.classes;
+        println!(
+            "rule index: {} keys; match shapes (of {} per hook) prerouting {}, postrouting {}, output {}; generation {}",
+            e.index_keys, e.max_classes, c.prerouting, c.postrouting, c.output, e.generation
+        );
+    }
     let stats: Vec<String> = s.stats.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();
     if !stats.is_empty() {
         println!("counters:   {}", stats.join(" "));

@@ -198,6 +198,17 @@ fn instance(reg: &mut Registry, s: &InstanceStatus) {
     if let ConntrackSummary::Ebpf(e) = ct {
         gauge(reg, "maps_memory_bytes", "Kernel memory of pfwd's BPF maps", e.maps_memory_bytes as i64);
     }
+    if let Some(e) = &s.rule_engine {
+        gauge(reg, "rule_index_keys", "Keys in the eBPF rule index", e.index_keys as i64);
+        let classes = Family::<Labels, Gauge>::default();
+        reg.register("rule_classes", "Match shapes a new flow's first packet probes, by hook", classes.clone());
+        for (hook, n) in
+            [("prerouting", e.classes.prerouting), ("postrouting", e.classes.postrouting), ("output", e.classes.output)]
+        {
+            classes.get_or_create(&vec![("hook".into(), hook.to_string())]).set(i64::from(n));
+        }
+        gauge(reg, "rule_classes_max", "The most match shapes a hook may have", i64::from(e.max_classes));
+    }
     // The data path's own counters (eBPF mode), by name, and the drops and passes among them by reason.
     let events = counter_family(reg, "datapath_events", "The eBPF data path's global counters, by event");
     let drop_reasons = counter_family(reg, "drops", "Packets the eBPF data path dropped, by reason");
@@ -256,6 +267,7 @@ mod tests {
             interrupted: None,
             netns: Netns { cookie: 1, inode: 2 },
             pin_dir: None,
+            rule_engine: None,
             rules: vec![RuleStatus {
                 rule: RuleReport::from(&crate::rules::Rule { id: 7, ..rule }),
                 counters: c(3),
