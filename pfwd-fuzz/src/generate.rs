@@ -132,7 +132,22 @@ fn rule_text(rng: &mut Rng) -> String {
         s += &format!(" -d {d}");
     }
     if !proto.is_empty() && rng.pct(if post { 30 } else { 70 }) {
-        let p = rng.pick(&["53", "80", "8080", "8081", "8000-8003", "8080-8081", "50-60", "9000"]);
+        // Single ports, short ranges, and ranges the kernel splits into many prefix blocks: everything, and
+        // everything but 8080 (two rules).
+        let p = rng.pick(&[
+            "53",
+            "80",
+            "8080",
+            "8081",
+            "8000-8003",
+            "8080-8081",
+            "50-60",
+            "9000",
+            "1-65535",
+            "1-8079",
+            "8081-65535",
+            "1024-65535",
+        ]);
         s += &format!(" --dport {p}");
     }
     let ports = ["20000-20001", "20000-20003", "40000-40002", "5000", "1000-1100", "20001-20002"];
