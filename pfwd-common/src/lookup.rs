@@ -216,7 +216,7 @@ mod tests {
     }
 
     fn tcp(dport: u16) -> Tuple {
-        Tuple { saddr: 0x0100_000a, daddr: 0x0200_000a, sport: 40000, dport, proto: PROTO_TCP, _pad: [0; 3] }
+        Tuple { saddr: 0x0100_000a, daddr: 0x0200_000a, sport: 40000, dport, proto: PROTO_TCP, _pad: 0, _pad2: 0 }
     }
 
     #[test]

@@ -603,21 +603,22 @@ pub struct Tuple {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// Padding as two fields, not `[u8; 3]`: the kernel build zeroes and copies an odd-sized array with a call to
+    /// a memset subprogram, a measurable share of the per-packet cost.
+    pub _pad: u8,
+    pub _pad2: u16,
 }
 
 impl Tuple {
+    #[inline(always)]
+    pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Tuple {
+        Tuple { saddr, daddr, sport, dport, proto, _pad: 0, _pad2: 0 }
+    }
+
     /// The same flow seen from the other end.
     #[inline(always)]
     pub const fn reversed(&self) -> Tuple {
-        Tuple {
-            saddr: self.daddr,
-            daddr: self.saddr,
-            sport: self.dport,
-            dport: self.sport,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        Tuple::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
     }
 }
 

@@ -157,7 +157,8 @@ fn addresses(ip: &Ipv4Hdr) -> Tuple {
         sport: 0,
         dport: 0,
         proto: ip.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     }
 }
 

@@ -41,7 +41,8 @@ fn port_free(t: &Tuple, addr: u32, port: u16, icmp: bool, now: u64, cfg: &Config
         sport: if icmp { port } else { t.dport },
         dport: port,
         proto: t.proto,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     !conntrack::taken(&reply_key, &t.reversed(), now, cfg)
 }

@@ -63,7 +63,8 @@ fn translate(ctx: &SockAddrContext, sendmsg: bool) {
         sport: 0,
         dport: u16::from_be(sa.user_port as u16),
         proto: sa.protocol as u8,
-        _pad: [0; 3],
+        _pad: 0,
+        _pad2: 0,
     };
     let Some((slot, rule)) = rules::find(&t, 0, hook::OUTPUT, &set) else { return };
     let to_addr = if rule.kind == kind::REDIRECT { LOOPBACK } else { rule.to_addr };

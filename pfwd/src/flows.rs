@@ -264,7 +264,8 @@ mod tests {
             sport: sp,
             dport: dp,
             proto: PROTO_TCP,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         let orig = t([10, 0, 1, 2], 4000, [10, 0, 1, 1], 8080);
         let xlat = t([10, 0, 1, 2], 4000, [10, 0, 2, 2], 9000);

@@ -602,7 +602,8 @@ mod tests {
             sport: 4000,
             dport: 80,
             proto: pfwd_common::PROTO_TCP,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         let f = FlowTuple::from(&t);
         assert_eq!(f.src, Some("10.0.0.2".parse().unwrap()));

@@ -107,7 +107,8 @@ mod tests {
                 sport: (1024 + rng.below(64_000)) as u16,
                 dport: 80,
                 proto: 6,
-                _pad: [0; 3],
+                _pad: 0,
+                _pad2: 0,
             })
             .collect()
     }

@@ -292,7 +292,8 @@ mod tests {
             sport: 40000,
             dport,
             proto: PROTO_TCP,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         }
     }
 

@@ -118,7 +118,8 @@ mod tests {
             sport: 0,
             dport: pkt.dport,
             proto: pkt.proto,
-            _pad: [0; 3],
+            _pad: 0,
+            _pad2: 0,
         };
         // The kernel program's own walk (pfwd_common::find_rule), over the compiled maps.
         let index: HashMap<IndexKey, IndexEntry> = c

@@ -166,5 +166,5 @@ pub fn run(prog: &SchedClassifier, pkt: &[u8]) -> Run {
 }
 
 pub fn tuple(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> Tuple {
-    Tuple { saddr: ne(src), daddr: ne(dst), sport, dport, proto, _pad: [0; 3] }
+    Tuple { saddr: ne(src), daddr: ne(dst), sport, dport, proto, _pad: 0, _pad2: 0 }
 }
