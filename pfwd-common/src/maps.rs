@@ -536,7 +536,10 @@ pub struct Config {
     pub tcp_close_timeout: u32,
     pub udp_timeout: u32,
     pub other_timeout: u32,
-    pub _pad: u32,
+    /// The kernel's tick in ns (1e9 / HZ), set at load: the programs' clock is then `jiffies * tick_ns`, from the
+    /// `bpf_jiffies64` helper, which the verifier inlines into one load (where `bpf_ktime_get_coarse_ns`, the same
+    /// tick precision, is a call: about a tenth of an established packet's cost). 0: the programs call the helper.
+    pub tick_ns: u32,
     /// When userspace last moved [`Config::generation`] on (CLOCK_MONOTONIC, ns; the programs do not read it): the
     /// next change waits for readers of the old class bank only if it comes soon after.
     pub flipped_ns: u64,
@@ -587,7 +590,7 @@ impl Default for Config {
             tcp_close_timeout: 10,
             udp_timeout: 60,
             other_timeout: 30,
-            _pad: 0,
+            tick_ns: 0,
             flipped_ns: 0,
             netns_cookie: 0,
         }
@@ -713,9 +716,11 @@ impl CtEntry {
         secs as u64 * 1_000_000_000
     }
 
+    /// Saturating: a clock read a tick behind the entry's last update (another CPU, or userspace's coarser
+    /// reading) is "just seen", never "long ago".
     #[inline(always)]
     pub fn expired(&self, now_ns: u64, cfg: &Config) -> bool {
-        now_ns.wrapping_sub(self.last_seen_ns) > self.timeout_ns(cfg)
+        now_ns.saturating_sub(self.last_seen_ns) > self.timeout_ns(cfg)
     }
 }
 

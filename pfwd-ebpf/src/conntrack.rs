@@ -14,23 +14,29 @@
 //! if it points back, so a stale entry left by an earlier flow on the same ports can never change a live one.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_ktime_get_coarse_ns, generated::bpf_jiffies64},
     maps::LruHashMap,
 };
 use pfwd_common::{Config, CtEntry, PROTO_TCP, Stat, Tuple, ct_hook, ct_state, dir};
 
 use crate::{
-    maps::{CONNTRACK, CONNTRACK_NEW, count},
+    maps::{CONFIG, CONNTRACK, CONNTRACK_NEW, count},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const REFRESH_NS: u64 = 1_000_000_000;
 
-/// CLOCK_MONOTONIC_COARSE: a tick's precision is plenty for timeouts of seconds, and much cheaper per packet.
+/// The programs' clock, in ns: jiffies times the tick length userspace stored (`Config::tick_ns`; the verifier
+/// inlines `bpf_jiffies64` into one load), else CLOCK_MONOTONIC_COARSE (a helper call). A tick's precision is
+/// plenty for timeouts of seconds.
 #[inline(always)]
 pub fn now_ns() -> u64 {
-    // SAFETY: plain helper call without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    match CONFIG.get(0) {
+        // SAFETY: plain helper call without arguments.
+        Some(c) if c.tick_ns != 0 => (unsafe { bpf_jiffies64() }) * c.tick_ns as u64,
+        // SAFETY: as above.
+        _ => unsafe { bpf_ktime_get_coarse_ns() },
+    }
 }
 
 /// The table an entry lives in.
@@ -180,7 +186,7 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
     }
     // An unconfirmed flow is refreshed (and its other entry checked) on every packet: its table is the one a flood
     // evicts from, and a flow missing its reply entry must get it back before the reply comes, not a second later.
-    if state & ct_state::CONFIRMED != 0 && state == entry.state && now.wrapping_sub(entry.last_seen_ns) < REFRESH_NS {
+    if state & ct_state::CONFIRMED != 0 && state == entry.state && now.saturating_sub(entry.last_seen_ns) < REFRESH_NS {
         return;
     }
     entry.state = state;

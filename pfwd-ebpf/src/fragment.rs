@@ -57,7 +57,7 @@ fn later_of(ctx: &TcContext, k: &FragKey, payload: u32) -> i32 {
     // SAFETY: plain read of a map value, which stays valid for the program's run.
     let known = unsafe { FRAGS.get(k) }.copied();
     match known {
-        Some(e) if conntrack::now_ns().wrapping_sub(e.seen_ns) <= FRAG_TIMEOUT_NS => match e.action {
+        Some(e) if conntrack::now_ns().saturating_sub(e.seen_ns) <= FRAG_TIMEOUT_NS => match e.action {
             frag_action::XLATE => {
                 let from = Tuple { saddr: k.saddr, daddr: k.daddr, ..Tuple::default() };
                 let to = Tuple { saddr: e.saddr, daddr: e.daddr, ..Tuple::default() };

@@ -8,7 +8,6 @@
 use std::{
     collections::{HashMap, HashSet},
     net::Ipv4Addr,
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
@@ -861,7 +860,7 @@ fn end_flows_of(state: &State, filter: &FlowFilter) -> Result<usize> {
     match Backend::of(state, &lock.inst) {
         Backend::Ebpf(kernel) => {
             let cfg = kernel.config()?;
-            let now = monotonic_ns();
+            let now = crate::clock::now_ns(&cfg);
             let rule_id =
                 |slot| state.rules.iter().find(|r| r.slot == pfwd_common::owner_slot(slot)).map(|r| r.rule.id);
             let live = |e: &pfwd_common::CtEntry| !e.expired(now, &cfg);
@@ -986,7 +985,7 @@ pub fn status() -> Result<Status> {
                         Ok(st)
                     })
                     .collect::<Result<_>>()?;
-                let now = monotonic_ns();
+                let now = crate::clock::now_ns(&cfg);
                 let ct = kernel.conntrack()?;
                 let live: Vec<_> = ct.iter().filter(|(_, e)| !e.expired(now, &cfg)).collect();
                 let (confirmed_capacity, unconfirmed_capacity) = kernel.conntrack_capacity()?;
@@ -1111,14 +1110,6 @@ pub fn status() -> Result<Status> {
     })))
 }
 
-/// CLOCK_MONOTONIC_COARSE in ns: the clock of `bpf_ktime_get_coarse_ns`, for conntrack ages.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32).as_nanos() as u64
-}
-
 fn tcp_state_name(e: &pfwd_common::CtEntry) -> &'static str {
     use pfwd_common::ct_state::*;
     if e.state & RST != 0 {
@@ -1145,7 +1136,7 @@ pub fn conntrack_list() -> Result<Vec<ConntrackEntry>> {
     match Backend::of(&state, &lock.inst) {
         Backend::Ebpf(kernel) => {
             let cfg = kernel.config()?;
-            let now = monotonic_ns();
+            let now = crate::clock::now_ns(&cfg);
             let mut out = vec![];
             for (key, e) in kernel.conntrack()? {
                 if e.dir != dir::ORIGINAL || e.expired(now, &cfg) {

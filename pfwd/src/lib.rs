@@ -9,6 +9,7 @@
 //! metrics) and [`cli`] (argument parsing and output).
 pub mod batch;
 pub mod cli;
+pub mod clock;
 pub mod control;
 pub mod fallback;
 pub mod flows;

@@ -103,7 +103,8 @@ impl Kernel {
             prog.load().with_context(|| format!("loading the {name} program (cgroup socket hook)"))?;
             prog.pin(self.dir.join(format!("prog_{hook}"))).with_context(|| format!("pinning {name}"))?;
         }
-        self.set_config(cfg)?;
+        // The programs' clock: jiffies times the tick (see `Config::tick_ns`).
+        self.set_config(&Config { tick_ns: crate::clock::tick_ns(), ..*cfg })?;
         Ok(())
     }
 
