@@ -816,10 +816,10 @@ fn ethernet_padding_is_kept() {
 // 9. TCP state and rule changes
 // ---------------------------------------------------------------------------------------------------------------
 
-/// A rule change is one step for packets: while the rule set switches back and forth between two sets that use
-/// different bucket levels (so an entry-by-entry update would pass through states with neither rule, or with the
-/// old rule's bucket gone before the new level is enabled), every new flow is translated by the old set or the
-/// new one, never by neither.
+/// A rule change is one step for packets: while the rule set switches back and forth between two sets whose rules
+/// are in different slots, index keys and classes (so an entry-by-entry update would pass through states with
+/// neither rule), every new flow is translated by the old set or the new one, never by neither. The fixture's
+/// `sync` takes the incremental path, as `pfwd add`/`del` do.
 #[test]
 fn a_rule_change_is_atomic_for_packets() {
     let a = [rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")];

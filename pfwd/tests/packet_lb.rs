@@ -136,7 +136,7 @@ fn removing_a_backend_keeps_its_established_flows_and_moves_only_new_ones() {
     // The removed backend's counters stay until its flows end (it still had packets after the change).
     let removed = f.kernel().backend_counters(slot_of(1)).unwrap();
     assert!(removed.iter().any(|(a, _, c)| *a == ne(B[2]) && c.flows > 0), "{removed:?}");
-    // A rule with one backend again: plain DNAT, no table left behind in the bank it was written to.
+    // A rule with one backend again (the same slot, rewritten): plain DNAT; its left-over table is not consulted.
     f.sync(&[rule(1, "dnat -i lo -p tcp --dport 80 --to 10.0.2.9:8080")]);
     let (_, dst) = addrs(&f.ingress(&tcp(CLIENT, 44_000, ROUTER, 80, true)));
     assert_eq!(dst, (Ipv4Addr::new(10, 0, 2, 9), 8080));

@@ -126,7 +126,7 @@ impl Fixture {
         self.kernel().conntrack().expect("conntrack")
     }
 
-    /// Changes the idle timeouts (keeping the level mask that sync_rules wrote).
+    /// Changes the idle timeouts (keeping the rest of the config: the generation, the class counts, the tick).
     pub fn timeouts(&self, set: impl FnOnce(&mut Config)) {
         let mut cfg = self.kernel().config().expect("config");
         set(&mut cfg);
