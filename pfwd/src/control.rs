@@ -290,7 +290,7 @@ impl RuleAdder {
 fn record_sysctls(state: &mut State) -> Result<Vec<String>> {
     let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
     let mut notes = vec![];
-    for (key, value, reason) in sysctl::wanted(&state.rules(), &names) {
+    for (key, value, reason) in sysctl::wanted(state.rules.iter().map(|r| &r.rule), &names) {
         if state.sysctls.iter().any(|s| s.key == key) {
             continue;
         }
@@ -358,7 +358,7 @@ fn apply_change(
 /// The sysctls the state's rules need, and the record kept with the data path. Returns notes about the changes.
 fn apply_sysctls(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
     let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
-    let wanted = sysctl::wanted(&state.rules(), &names);
+    let wanted = sysctl::wanted(state.rules.iter().map(|r| &r.rule), &names);
     // The record kept with the data path must name every sysctl before it is written: the ones already saved and
     // those about to be, with their values now.
     let mut planned = state.sysctls.clone();
