@@ -1014,7 +1014,8 @@ pub fn status() -> Result<Status> {
                 });
                 let stats = kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
                 let set = cfg.active();
-                let engine = report::RuleEngine {
+                // An instance attached by an older pfwd has no index to show.
+                let engine = kernel.index_keys().ok().map(|index_keys| report::RuleEngine {
                     generation: set.generation,
                     classes: report::HookClasses {
                         prerouting: set.counts.pre,
@@ -1022,9 +1023,9 @@ pub fn status() -> Result<Status> {
                         output: set.counts.local,
                     },
                     max_classes: pfwd_common::MAX_CLASSES,
-                    index_keys: kernel.index_keys()?,
-                };
-                (rules, conntrack, stats, cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0, Some(engine))
+                    index_keys,
+                });
+                (rules, conntrack, stats, cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0, engine)
             }
             Backend::Iptables => {
                 let counters = fallback::counters()?;
