@@ -157,9 +157,15 @@ pub fn nat_change_script(old: &[Rule], new: &[Rule]) -> Option<String> {
             let kept: std::collections::HashSet<&String> = after.iter().collect();
             let had: std::collections::HashSet<&String> = before.iter().collect();
             let mut len = before.len();
-            for line in before.iter().filter(|l| !kept.contains(l)) {
-                body.push_str(&format!("-D {} {line}\n", c.name));
-                len -= 1;
+            if after.is_empty() && !before.is_empty() {
+                // Everything goes (a flush): one -F, where each -D would search the chain.
+                body.push_str(&format!("-F {}\n", c.name));
+                len = 0;
+            } else {
+                for line in before.iter().filter(|l| !kept.contains(l)) {
+                    body.push_str(&format!("-D {} {line}\n", c.name));
+                    len -= 1;
+                }
             }
             // In ascending order every line before the new one is in place, so position i + 1 is right; one that
             // lands at the end is appended (iptables-nft finds an insert position by walking the chain: a bulk

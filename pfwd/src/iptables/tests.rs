@@ -323,6 +323,12 @@ fn line_by_line_changes_equal_a_rewrite() {
     let rules = random_rules(&mut rng, 30);
     let script = nat_change_script(&[], &rules).expect("lines to add");
     assert!(script.contains("-A PFWD-") && !script.contains("-I "), "{script}");
+    // Removing everything flushes the chains instead of deleting line by line, and leaves them empty.
+    ns.run(&["iptables-restore", "--noflush"], &nat_chain_script(&rules));
+    let script = nat_change_script(&rules, &[]).expect("lines to remove");
+    assert!(script.contains("-F PFWD-") && !script.contains("-D "), "{script}");
+    ns.run(&["iptables-restore", "--noflush"], &script);
+    assert_eq!(pfwd_lines(&ns.run(&["iptables-save"], "")), pfwd_lines(&nat_chain_script(&[])));
 }
 
 #[test]
