@@ -852,14 +852,19 @@ pub fn conntrack_flush(filter: &FlowFilter) -> Result<usize> {
     let lock = open()?;
     let state = lock.load()?.context(NOT_ATTACHED)?;
     if let Some(ids) = &filter.rules {
-        let missing: Vec<String> =
-            ids.iter().filter(|id| !state.rules.iter().any(|r| r.rule.id == **id)).map(u32::to_string).collect();
+        let present: HashSet<u32> = state.rules.iter().map(|r| r.rule.id).collect();
+        let missing: Vec<String> = ids.iter().filter(|id| !present.contains(id)).map(u32::to_string).collect();
         if !missing.is_empty() {
             bail!("no rule with id {} (see `pfwd list`)", missing.join(", "));
         }
     }
     drop(lock);
     end_flows_of(&state, filter)
+}
+
+/// Each rule's id by its slot (a flow names its rule by slot; one lookup per flow, not a scan of the rules).
+fn rule_ids_by_slot(state: &State) -> HashMap<u32, u32> {
+    state.rules.iter().map(|r| (r.slot, r.rule.id)).collect()
 }
 
 /// Ends the flows `filter` picks; `state` names the rules (as they were when the flows were made).
@@ -869,8 +874,8 @@ fn end_flows_of(state: &State, filter: &FlowFilter) -> Result<usize> {
         Backend::Ebpf(kernel) => {
             let cfg = kernel.config()?;
             let now = crate::clock::now_ns(&cfg);
-            let rule_id =
-                |slot| state.rules.iter().find(|r| r.slot == pfwd_common::owner_slot(slot)).map(|r| r.rule.id);
+            let ids = rule_ids_by_slot(state);
+            let rule_id = |slot| ids.get(&pfwd_common::owner_slot(slot)).copied();
             let live = |e: &pfwd_common::CtEntry| !e.expired(now, &cfg);
             let (keys, flows) = flows::ebpf_select(&kernel.conntrack()?, rule_id, live, filter);
             kernel.conntrack_delete(&keys)?;
@@ -1147,12 +1152,12 @@ pub fn conntrack_list() -> Result<Vec<ConntrackEntry>> {
             let cfg = kernel.config()?;
             let now = crate::clock::now_ns(&cfg);
             let mut out = vec![];
+            let ids = rule_ids_by_slot(&state);
             for (key, e) in kernel.conntrack()? {
                 if e.dir != dir::ORIGINAL || e.expired(now, &cfg) {
                     continue;
                 }
-                let rule =
-                    state.rules.iter().find(|r| r.slot == pfwd_common::owner_slot(e.rule_slot)).map(|r| r.rule.id);
+                let rule = ids.get(&pfwd_common::owner_slot(e.rule_slot)).copied();
                 let nat = if e.hook == pfwd_common::ct_hook::INGRESS { Nat::Dnat } else { Nat::Snat };
                 let st = if e.xlat.proto == pfwd_common::PROTO_TCP {
                     tcp_state_name(&e)
