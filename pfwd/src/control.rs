@@ -648,9 +648,7 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     // Clear the freed slots' counters now, so a later rule given such a slot starts from zero (flows a deleted rule
     // translated keep going until they end or are flushed, and may add a little to them meanwhile).
     if let Backend::Ebpf(kernel) = &backend {
-        for r in &removed {
-            kernel.reset_counters(r.slot)?;
-        }
+        kernel.reset_counters(&removed.iter().map(|r| r.slot).collect::<Vec<u32>>())?;
     }
     planned.pending = None;
     lock.save(&planned)?;
