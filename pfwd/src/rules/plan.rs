@@ -7,7 +7,7 @@
 //! (`gen_until` = next), each changed index key lists the union of its old and new rules, and the other class bank
 //! gets the new class lists. The flip moves the generation on in one write. Once every program that may have read
 //! the old generation has finished, the index keys drop the deleted rules and the deleted slots are cleared. The
-//! writes are those of the rules and keys that change: a change costs the same with 10 or 100,000 rules installed.
+//! writes are those of the rules and keys that change, as many with 10 rules installed as with 100,000.
 use std::collections::{HashMap, HashSet};
 
 use pfwd_common::maps::{BackendEntry, Class, GEN_FOREVER, INDEX_SLOTS, IndexKey, RuleEntry, rule_flag};
@@ -55,8 +55,8 @@ pub struct Plan {
     pub index_after: Vec<(IndexKey, Vec<u32>)>,
     /// After the grace period: slots to clear, and whether each had a Maglev table to remove.
     pub cleared: Vec<(u32, bool)>,
-    /// Slots whose live entry changes in place (an interface re-created under another index): not atomic, so it is
-    /// reported.
+    /// Slots whose live entry changes in place (an interface re-created under another index): the one kind of write
+    /// that is not atomic for packets (the README says so; the device was gone meanwhile).
     pub rewritten: Vec<u32>,
 }
 
