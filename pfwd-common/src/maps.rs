@@ -245,6 +245,15 @@ pub struct RuleEntry {
     pub _pad2: u32,
 }
 
+impl IndexEntry {
+    /// The entry listing `slots` (at most [`INDEX_SLOTS`]; compile refuses more).
+    pub fn from_slots(slots: &[u32]) -> IndexEntry {
+        let mut e = IndexEntry { len: slots.len().min(INDEX_SLOTS) as u32, ..Default::default() };
+        e.slots[..e.len as usize].copy_from_slice(&slots[..e.len as usize]);
+        e
+    }
+}
+
 impl RuleEntry {
     /// Whether generation `gen` sees the rule.
     #[inline(always)]

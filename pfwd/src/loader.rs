@@ -38,6 +38,7 @@ use pfwd_common::{
 
 use crate::{
     batch::Batch,
+    clock::monotonic_ns,
     instance::Instance,
     netif::{self, Framing},
     record::Record,
@@ -641,14 +642,8 @@ fn changed_rules<'r>(old: &[(u32, &'r rules::Rule)], new: &[(u32, &'r rules::Rul
 /// Writes index keys with their slots; a key with none is removed.
 fn write_index(map: &Batch, writes: &[(IndexKey, Vec<u32>)]) -> Result<()> {
     let (gone, kept): (Vec<_>, Vec<_>) = writes.iter().partition(|(_, slots)| slots.is_empty());
-    let entries: Vec<(IndexKey, IndexEntry)> = kept
-        .iter()
-        .map(|(k, slots)| {
-            let mut e = IndexEntry { len: slots.len() as u32, ..Default::default() };
-            e.slots[..slots.len()].copy_from_slice(slots);
-            (*k, e)
-        })
-        .collect();
+    let entries: Vec<(IndexKey, IndexEntry)> =
+        kept.iter().map(|(k, slots)| (*k, IndexEntry::from_slots(slots))).collect();
     map.update(&entries)?;
     map.delete(&gone.iter().map(|(k, _)| *k).collect::<Vec<IndexKey>>())
 }
@@ -670,14 +665,6 @@ fn wait_for_readers(flipped_ns: u64) {
     if ret != 0 {
         std::thread::sleep(std::time::Duration::from_nanos(QUIET_NS));
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]

@@ -249,9 +249,7 @@ mod tests {
                     self.index.remove(k);
                     continue;
                 }
-                let mut e = IndexEntry { len: slots.len() as u32, ..Default::default() };
-                e.slots[..slots.len()].copy_from_slice(slots);
-                self.index.insert(*k, e);
+                self.index.insert(*k, IndexEntry::from_slots(slots));
             }
         }
 

@@ -122,15 +122,8 @@ mod tests {
             _pad2: 0,
         };
         // The kernel program's own walk (pfwd_common::find_rule), over the compiled maps.
-        let index: HashMap<IndexKey, IndexEntry> = c
-            .index()
-            .iter()
-            .map(|(k, slots)| {
-                let mut e = IndexEntry { len: slots.len() as u32, ..Default::default() };
-                e.slots[..slots.len()].copy_from_slice(slots);
-                (*k, e)
-            })
-            .collect();
+        let index: HashMap<IndexKey, IndexEntry> =
+            c.index().iter().map(|(k, slots)| (*k, IndexEntry::from_slots(slots))).collect();
         let rule = |slot: u32| c.entries.get(slot as usize).map(|(_, e)| e);
         let is_local = |a: u32| LOCAL.contains(&Ipv4Addr::from(a.to_ne_bytes()));
         let classes = &c.classes[at as usize];
