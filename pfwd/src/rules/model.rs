@@ -793,21 +793,7 @@ mod tests {
         r.dport = None;
         r.proto = None;
         assert_eq!(r.validate().unwrap_err(), RuleError::RedirectNeedsProto);
-        let r = Rule {
-            id: 0,
-            iface: None,
-            oface: None,
-            proto: None,
-            src: None,
-            dst: None,
-            dport: None,
-            local: false,
-            target: Target::Dnat { addr: ip("10.0.0.1"), port: Some(80) },
-            hairpin: None,
-            not: Negated::default(),
-            dst_local: false,
-            backends: Vec::new(),
-        };
+        let r = Rule::new(Target::Dnat { addr: ip("10.0.0.1"), port: Some(80) });
         assert_eq!(r.validate().unwrap_err(), RuleError::ToPortNeedsProto);
     }
 
