@@ -32,7 +32,8 @@ pub struct Compiled {
 }
 
 /// Matches a rule may carry that its index keys do not hold: a rule without them matches every packet of its keys.
-const CONDITIONAL: u8 = rule_flag::NOT_SRC | rule_flag::NOT_DST | rule_flag::NOT_IFACE | rule_flag::DST_LOCAL;
+pub(super) const CONDITIONAL: u8 =
+    rule_flag::NOT_SRC | rule_flag::NOT_DST | rule_flag::NOT_IFACE | rule_flag::DST_LOCAL;
 
 /// What the kernel's entry of a key with the rules `slots` (rank order) lists: the rules up to the first that
 /// matches every packet of the key (each key holds its rule's matches exactly, and a port block lies inside its
@@ -298,8 +299,6 @@ fn index_keys(r: &Rule, e: &RuleEntry, hook: u8) -> Vec<(IndexKey, Class)> {
     let (src_plen, dst_plen) =
         (if r.not.src { 0 } else { prefix_len(r.src) }, if r.not.dst { 0 } else { prefix_len(r.dst) });
     let (src_mask, dst_mask) = (addr_mask(src_plen), addr_mask(dst_plen));
-    let flags =
-        if ifindex != 0 { class_flag::IFACE } else { 0 } | if e.proto != PROTO_ANY { class_flag::PROTO } else { 0 };
     let blocks = match r.dport {
         Some(p) => port_blocks(p.lo, p.hi),
         None => vec![(0, 0)],
@@ -307,18 +306,6 @@ fn index_keys(r: &Rule, e: &RuleEntry, hook: u8) -> Vec<(IndexKey, Class)> {
     blocks
         .into_iter()
         .map(|(port, port_plen)| {
-            let port_mask = if port_plen == 0 { 0 } else { !0u16 << (16 - port_plen) };
-            let class = Class {
-                min_rank: 0,
-                src_mask,
-                dst_mask,
-                port_mask,
-                port_plen,
-                src_plen,
-                dst_plen,
-                flags,
-                _pad: [0; 2],
-            };
             let key = IndexKey {
                 ifindex,
                 saddr: e.src_net & src_mask,
@@ -331,9 +318,28 @@ fn index_keys(r: &Rule, e: &RuleEntry, hook: u8) -> Vec<(IndexKey, Class)> {
                 dst_plen,
                 _pad: 0,
             };
-            (key, class)
+            (key, class_of(&key))
         })
         .collect()
+}
+
+/// The class (match shape, `min_rank` 0) an index key belongs to: its prefix lengths, and whether it names an
+/// interface and a protocol.
+pub fn class_of(key: &IndexKey) -> Class {
+    let port_mask = if key.port_plen == 0 { 0 } else { !0u16 << (16 - key.port_plen) };
+    let flags = if key.ifindex != 0 { class_flag::IFACE } else { 0 }
+        | if key.proto != PROTO_ANY { class_flag::PROTO } else { 0 };
+    Class {
+        min_rank: 0,
+        src_mask: addr_mask(key.src_plen),
+        dst_mask: addr_mask(key.dst_plen),
+        port_mask,
+        port_plen: key.port_plen,
+        src_plen: key.src_plen,
+        dst_plen: key.dst_plen,
+        flags,
+        _pad: [0; 2],
+    }
 }
 
 #[cfg(test)]

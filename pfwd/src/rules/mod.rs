@@ -32,6 +32,7 @@
 //! until the older one is removed), just like appending a second identical match in iptables.
 
 pub mod compile;
+pub mod delta;
 pub mod draft;
 pub mod error;
 pub mod maglev;
