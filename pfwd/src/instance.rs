@@ -24,7 +24,7 @@ pub struct Instance {
     pub netns_cookie: u64,
     /// bpffs directory holding this instance's pinned maps, programs and links.
     pub pin_dir: PathBuf,
-    /// Directory holding `state.json` and the lock file.
+    /// Directory holding the state (`state.redb`, [`crate::store`]).
     pub state_dir: PathBuf,
 }
 
@@ -42,8 +42,8 @@ impl Instance {
         })
     }
 
-    pub fn state_file(&self) -> PathBuf {
-        self.state_dir.join("state.json")
+    pub fn store_file(&self) -> PathBuf {
+        self.state_dir.join("state.redb")
     }
 }
 

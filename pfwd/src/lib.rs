@@ -3,7 +3,7 @@
 //! One module per job: [`rules`] (the rule model, syntaxes, precedence, compilation to map data), [`loader`] (the
 //! eBPF programs and their maps), [`fallback`] and [`iptables`] (the iptables data path, export and import),
 //! [`flows`] (which live translations a `conntrack --flush` or `del --flows` ends, in both modes),
-//! [`instance`] and [`state`] (where an instance lives and what it remembers),
+//! [`instance`], [`state`] and [`store`] (where an instance lives, what it remembers and where that is kept),
 //! [`sysctl`] and [`netif`] (the system settings and interface facts it depends on), [`control`] (the operations
 //! behind each command), [`report`] (what `status`, `list` and `conntrack` report), [`serve`] (the long-running agent: file watch, netlink,
 //! metrics) and [`cli`] (argument parsing and output).
@@ -22,4 +22,5 @@ pub mod report;
 pub mod rules;
 pub mod serve;
 pub mod state;
+pub mod store;
 pub mod sysctl;

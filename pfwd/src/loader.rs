@@ -347,6 +347,18 @@ impl Kernel {
         Ok(map.keys().filter_map(Result::ok).count() as u64)
     }
 
+    /// The rule index and rules array, opened once for the lookups of a small change ([`IndexReader`]).
+    pub fn index_reader(&self) -> Result<IndexReader> {
+        self.check_layout()?;
+        Ok(IndexReader { index: self.map(names::INDEX)?, rules: self.map(names::RULES)? })
+    }
+
+    /// Carries out a plan made from what the kernel holds now ([`rules::plan::plan_change`] over
+    /// [`rules::delta`]): `cfg` is the configuration it was planned at.
+    pub fn apply_planned(&self, plan: &rules::plan::Plan, mut cfg: Config) -> Result<()> {
+        self.apply_plan(plan, &mut cfg)
+    }
+
     /// What the kernel holds, read back from the maps: every slot the index lists, with its entry.
     fn read_held(&self) -> Result<rules::plan::Held> {
         let index_map: HashMap<MapData, IndexKey, IndexEntry> = self.map(names::INDEX)?;
@@ -604,6 +616,29 @@ impl Kernel {
             }
         }
         Ok(())
+    }
+}
+
+/// Lookups of one index key's rules and of rule slots, for a change that looks only at what it touches.
+pub struct IndexReader {
+    index: HashMap<MapData, IndexKey, IndexEntry>,
+    rules: Array<MapData, RuleEntry>,
+}
+
+impl IndexReader {
+    /// The rules the kernel's entry of `key` lists, with their entries (none when the key is absent).
+    pub fn listed(&self, key: &IndexKey) -> Result<Vec<(u32, RuleEntry)>> {
+        let entry = match self.index.get(key, 0) {
+            Ok(e) => e,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(vec![]),
+            Err(e) => return Err(e.into()),
+        };
+        entry.slots[..(entry.len as usize).min(INDEX_SLOTS)].iter().map(|s| Ok((*s, self.rules.get(s, 0)?))).collect()
+    }
+
+    /// Whether no rule is in `slot` (a cleared entry: ids start at 1).
+    pub fn slot_free(&self, slot: u32) -> Result<bool> {
+        Ok(self.rules.get(&slot, 0)?.id == 0)
     }
 }
 

@@ -1,24 +1,34 @@
-//! The controller's persistent state (`state.json`): the rules with their ids and map slots, the attached
-//! interfaces, the sysctls pfwd changed (with their earlier values), and the data path with why it was chosen.
+//! The controller's persistent state: the rules with their ids and map slots, the attached interfaces, the sysctls
+//! pfwd changed (with their earlier values), and the data path with why it was chosen; kept by [`crate::store`]
+//! (the rules one by one, the rest as one [`Meta`]).
 //! Every command takes an exclusive lock on the instance while it reads and writes this, so concurrent commands
 //! serialize.
 //!
 //! Crash safety: a change records its intent first. The state is saved with a [`Pending`] marker, the rules,
 //! interfaces and tables it is about to apply, and the earlier values of the sysctls it is about to change, before the
-//! kernel or iptables is touched; the marker is cleared once the change is applied. So the state file is never older
+//! kernel or iptables is touched (one transaction); the marker is cleared once the change is applied. So the state file is never older
 //! than what was applied: a `kill -9` at any point leaves a state that `status` reports as interrupted, `detach`
 //! removes completely, and `attach` repairs. The lock is also inherited by the tools pfwd runs (iptables-restore, ...):
 //! a tool that outlives a killed pfwd keeps the instance locked until it ends, so the next command never races it.
 use std::{
+    cell::RefCell,
+    collections::HashMap,
     fs::{self, File, OpenOptions},
-    io::Write,
+    ops::{Deref, DerefMut},
     os::fd::AsRawFd,
+    rc::Rc,
 };
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{instance::Instance, rules::Rule};
+use crate::{
+    instance::Instance,
+    rules::Rule,
+    rules::delta::{ClassKeys, Member},
+    store::{Store, Write},
+};
+use pfwd_common::maps::IndexKey;
 
 /// The data path an instance runs on, chosen at attach (`--mode auto|ebpf|iptables` picks it) and fixed until detach.
 /// Serialized as "ebpf" or "iptables", in `state.json` and in `pfwd status --json`.
@@ -104,14 +114,14 @@ pub struct StoredRule {
     pub slot: u32,
 }
 
+/// Everything about an instance but its rules (stored one by one).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct State {
+pub struct Meta {
     pub netns_cookie: u64,
     pub mode: DataPath,
     /// Why this mode was chosen.
     pub mode_reason: String,
     pub interfaces: Vec<AttachedIface>,
-    pub rules: Vec<StoredRule>,
     pub next_id: u32,
     /// Next slot to try when allocating (round robin, so a freed slot is not reused at once).
     pub next_slot: u32,
@@ -125,22 +135,84 @@ pub struct State {
     /// Set while a change is being applied (saved before acting, cleared after); see the module documentation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Pending>,
+    /// eBPF mode: what a small change needs to know about all the rules (None: the next change works it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub derived: Option<Derived>,
+}
+
+/// Facts about all the rules that a small change (`pfwd add`, `pfwd del`) needs and the kernel does not hold, kept
+/// up to date by every change so that a small one never reads every rule (see [`crate::rules::delta`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Derived {
+    /// Every class of the kernel's rule index with its key count.
+    pub classes: Vec<ClassKeys>,
+    /// Each sysctl the rules want (`sysctl::wanted`), with how many rules want it.
+    pub sysctls: Vec<(String, u32)>,
+    /// The index keys with rules their kernel entry does not list (behind an unconditional rule of the key): the
+    /// key's bytes and its hidden [`Member`]s ([`Member::encode`]). Usually none.
+    #[serde(default)]
+    pub hidden: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Derived {
+    /// The hidden members by key.
+    pub fn hidden(&self) -> HashMap<IndexKey, Vec<Member>> {
+        self.hidden
+            .iter()
+            .filter_map(|(k, m)| Some((bytemuck::try_pod_read_unaligned::<IndexKey>(k).ok()?, Member::decode(m))))
+            .collect()
+    }
+
+    /// Sets the hidden members (keys without any are left out).
+    pub fn set_hidden(&mut self, hidden: impl IntoIterator<Item = (IndexKey, Vec<Member>)>) {
+        self.hidden = hidden
+            .into_iter()
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(k, m)| (bytemuck::bytes_of(&k).to_vec(), Member::encode(&m)))
+            .collect();
+        // The same state, the same bytes.
+        self.hidden.sort_unstable();
+    }
+}
+
+/// An instance's state: its [`Meta`] and every rule. Reads of the meta go through (`state.interfaces`, ...).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    #[serde(flatten)]
+    pub meta: Meta,
+    pub rules: Vec<StoredRule>,
+}
+
+impl Deref for State {
+    type Target = Meta;
+    fn deref(&self) -> &Meta {
+        &self.meta
+    }
+}
+
+impl DerefMut for State {
+    fn deref_mut(&mut self) -> &mut Meta {
+        &mut self.meta
+    }
 }
 
 impl State {
     pub fn new(cookie: u64, mode: DataPath, reason: &str) -> Self {
         Self {
-            netns_cookie: cookie,
-            mode,
-            mode_reason: reason.into(),
-            interfaces: vec![],
+            meta: Meta {
+                netns_cookie: cookie,
+                mode,
+                mode_reason: reason.into(),
+                interfaces: vec![],
+                next_id: 1,
+                next_slot: 0,
+                sysctls: vec![],
+                created_tables: vec![],
+                cgroup: None,
+                pending: None,
+                derived: None,
+            },
             rules: vec![],
-            next_id: 1,
-            next_slot: 0,
-            sysctls: vec![],
-            created_tables: vec![],
-            cgroup: None,
-            pending: None,
         }
     }
 
@@ -149,8 +221,11 @@ impl State {
     }
 }
 
-/// An exclusive lock on the instance's state directory, held for the duration of one command.
+/// An exclusive lock on the instance's state directory, held for the duration of one command, and the instance's
+/// [`Store`] (opened once, under the lock: redb allows one process at a time).
 pub struct Lock {
+    // Declared first, so it is closed before the lock is released.
+    store: RefCell<Option<Rc<Store>>>,
     _file: File,
     pub inst: Instance,
 }
@@ -174,33 +249,76 @@ impl Lock {
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
             return Err(std::io::Error::last_os_error()).context("sharing the pfwd state lock with child processes");
         }
-        Ok(Self { _file: file, inst: inst.clone() })
+        Ok(Self { store: RefCell::new(None), _file: file, inst: inst.clone() })
     }
 
-    /// The current state, or None when no instance is attached in this namespace. State left by a dead namespace
-    /// that had the same inode number (cookie mismatch) reads as None; the caller cleans its pins.
-    pub fn load(&self) -> Result<Option<State>> {
-        let path = self.inst.state_file();
-        let text = match fs::read_to_string(&path) {
+    /// The instance's store, or None when there is none (no instance attached). A `state.json` left by an older
+    /// pfwd is moved into a new store first.
+    fn existing_store(&self) -> Result<Option<Rc<Store>>> {
+        if let Some(s) = &*self.store.borrow() {
+            return Ok(Some(s.clone()));
+        }
+        let path = self.inst.store_file();
+        if path.exists() {
+            return Ok(Some(self.store_or_create()?));
+        }
+        let legacy = self.inst.state_dir.join("state.json");
+        let text = match fs::read_to_string(&legacy) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", legacy.display())),
         };
-        let state: State = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
-        Ok((state.netns_cookie == self.inst.netns_cookie).then_some(state))
+        let state: State = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", legacy.display()))?;
+        self.save(&state)?;
+        fs::remove_file(&legacy).with_context(|| format!("removing {}", legacy.display()))?;
+        Ok(self.store.borrow().clone())
     }
 
-    pub fn save(&self, state: &State) -> Result<()> {
+    fn store_or_create(&self) -> Result<Rc<Store>> {
+        if let Some(s) = &*self.store.borrow() {
+            return Ok(s.clone());
+        }
         fs::create_dir_all(&self.inst.state_dir)
             .with_context(|| format!("creating {}", self.inst.state_dir.display()))?;
-        let path = self.inst.state_file();
-        let tmp = path.with_extension("json.tmp");
-        let mut f = File::create(&tmp)?;
-        // Compact: the file is rewritten on every change, and with 100,000 rules pretty-printing doubles it.
-        f.write_all(&serde_json::to_vec(state)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+        let store = Rc::new(Store::open(&self.inst.store_file())?);
+        *self.store.borrow_mut() = Some(store.clone());
+        Ok(store)
+    }
+
+    /// Removes the instance's state directory (the store with it; a later save starts a new one).
+    pub fn remove_state(&self) -> Result<()> {
+        self.store.borrow_mut().take();
+        fs::remove_dir_all(&self.inst.state_dir).with_context(|| format!("removing {}", self.inst.state_dir.display()))
+    }
+
+    /// The meta of the instance attached in this namespace, with its store, or None when there is none. A state
+    /// left by a dead namespace that had the same inode number (cookie mismatch) reads as None; the caller cleans
+    /// its pins.
+    pub fn load_meta(&self) -> Result<Option<(Meta, Rc<Store>)>> {
+        let Some(store) = self.existing_store()? else { return Ok(None) };
+        Ok(store.meta()?.filter(|m| m.netns_cookie == self.inst.netns_cookie).map(|m| (m, store)))
+    }
+
+    /// The whole state (every rule), or None as [`Lock::load_meta`].
+    pub fn load(&self) -> Result<Option<State>> {
+        let Some((meta, store)) = self.load_meta()? else { return Ok(None) };
+        Ok(Some(State { meta, rules: store.rules()? }))
+    }
+
+    /// Saves `state` whole, replacing whatever was stored (attach; repairs).
+    pub fn save(&self, state: &State) -> Result<()> {
+        let w = Write { added: &state.rules, replace: true, ..Default::default() };
+        self.store_or_create()?.write(&state.meta, &w)
+    }
+
+    /// Saves the meta only (the rules stay as stored).
+    pub fn save_meta(&self, meta: &Meta) -> Result<()> {
+        self.store_or_create()?.write(meta, &Write::default())
+    }
+
+    /// Saves `meta` and a change of rules in one transaction.
+    pub fn save_change(&self, meta: &Meta, w: &Write) -> Result<()> {
+        self.store_or_create()?.write(meta, w)
     }
 }
 

@@ -21,45 +21,73 @@ pub fn write(key: &str, value: &str) -> Result<()> {
 pub fn wanted<'r>(rules: impl IntoIterator<Item = &'r Rule>, ifaces: &[String]) -> Vec<(String, String, String)> {
     let mut out: Vec<(String, String, String)> = vec![];
     let locals = netif::local_addrs();
-    // The reason is only written for the first rule that wants a key (with 100,000 rules, formatting one per rule
-    // was a visible share of a `pfwd add`).
-    let mut want = |key: String, reason: &dyn Fn() -> String| {
-        if !out.iter().any(|(k, ..)| *k == key) {
-            out.push((key, "1".into(), reason()));
-        }
-    };
-    // --local rules translate sockets of this host: nothing arrives on an interface or is forwarded.
-    for r in rules.into_iter().filter(|r| !r.local) {
-        // Each backend of a DNAT rule with several, like a rule of its own.
-        let targets: Vec<Target> = match r.target {
-            Target::Dnat { .. } => {
-                r.dnat_backends().iter().map(|b| Target::Dnat { addr: b.addr, port: b.port }).collect()
+    for r in rules {
+        // The reason is only written for the first rule that wants a key (with 100,000 rules, formatting one per
+        // rule was a visible share of a `pfwd add`).
+        rule_wants(r, ifaces, &locals, &mut |key, reason| {
+            if !out.iter().any(|(k, ..)| *k == key) {
+                out.push((key, "1".into(), reason()));
             }
-            t => vec![t],
-        };
-        for target in targets {
-            match target {
-                Target::Dnat { addr, .. } if addr.is_loopback() => {
-                    for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| (ri == *i) != r.not.iface)) {
-                        want(format!("net/ipv4/conf/{i}/route_localnet"), &|| {
-                            format!("rule {} DNATs to loopback {addr} on {i}", r.id)
-                        });
-                    }
-                }
-                Target::Dnat { addr, .. } if !locals.contains(&addr) && addr != Ipv4Addr::UNSPECIFIED => {
-                    want("net/ipv4/ip_forward".into(), &|| format!("rule {} forwards to another host ({addr})", r.id));
-                }
-                // Source NAT is what a router does for the hosts behind it: their packets must be forwarded.
-                Target::Snat { .. } | Target::Masquerade { .. } => {
-                    want("net/ipv4/ip_forward".into(), &|| {
-                        format!("rule {} ({}) translates forwarded traffic", r.id, r.kind_name())
-                    });
-                }
-                _ => {}
+        });
+    }
+    out
+}
+
+/// Each sysctl the rules need with how many of them need it (kept with the state, so that removing a few rules
+/// tells whether the others still need it without looking at them).
+pub fn users<'r>(rules: impl IntoIterator<Item = &'r Rule>, ifaces: &[String]) -> Vec<(String, u32)> {
+    let mut out: Vec<(String, u32)> = vec![];
+    let locals = netif::local_addrs();
+    for r in rules {
+        let mut keys: Vec<String> = vec![];
+        rule_wants(r, ifaces, &locals, &mut |key, _| {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        });
+        for key in keys {
+            match out.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += 1,
+                None => out.push((key, 1)),
             }
         }
     }
     out
+}
+
+/// Calls `want` with each sysctl rule `r` needs (key, and its reason when asked for); `locals` are this host's
+/// addresses.
+fn rule_wants(r: &Rule, ifaces: &[String], locals: &[Ipv4Addr], want: &mut dyn FnMut(String, &dyn Fn() -> String)) {
+    // --local rules translate sockets of this host: nothing arrives on an interface or is forwarded.
+    if r.local {
+        return;
+    }
+    // Each backend of a DNAT rule with several, like a rule of its own.
+    let targets: Vec<Target> = match r.target {
+        Target::Dnat { .. } => r.dnat_backends().iter().map(|b| Target::Dnat { addr: b.addr, port: b.port }).collect(),
+        t => vec![t],
+    };
+    for target in targets {
+        match target {
+            Target::Dnat { addr, .. } if addr.is_loopback() => {
+                for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| (ri == *i) != r.not.iface)) {
+                    want(format!("net/ipv4/conf/{i}/route_localnet"), &|| {
+                        format!("rule {} DNATs to loopback {addr} on {i}", r.id)
+                    });
+                }
+            }
+            Target::Dnat { addr, .. } if !locals.contains(&addr) && addr != Ipv4Addr::UNSPECIFIED => {
+                want("net/ipv4/ip_forward".into(), &|| format!("rule {} forwards to another host ({addr})", r.id));
+            }
+            // Source NAT is what a router does for the hosts behind it: their packets must be forwarded.
+            Target::Snat { .. } | Target::Masquerade { .. } => {
+                want("net/ipv4/ip_forward".into(), &|| {
+                    format!("rule {} ({}) translates forwarded traffic", r.id, r.kind_name())
+                });
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Brings the system to `wanted`: sets what is missing (saving the old value) and restores what is no longer

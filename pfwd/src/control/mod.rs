@@ -13,6 +13,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use pfwd_common::{Config, dir};
 
+mod small;
+
 use crate::{
     fallback,
     flows::{self, FlowFilter},
@@ -25,7 +27,8 @@ use crate::{
         NetfilterConntrack, Netns, RuleReport, RuleStatus, Status,
     },
     rules::{self, Rule},
-    state::{AttachedIface, DataPath, Lock, Pending, SavedSysctl, State, StoredRule},
+    state::{AttachedIface, DataPath, Derived, Lock, Meta, Pending, SavedSysctl, State, StoredRule},
+    store::Write,
     sysctl,
 };
 
@@ -62,7 +65,7 @@ enum Backend {
 }
 
 impl Backend {
-    fn of(state: &State, inst: &Instance) -> Self {
+    fn of(state: &Meta, inst: &Instance) -> Self {
         match state.mode {
             DataPath::Iptables => Backend::Iptables,
             DataPath::Ebpf => Backend::Ebpf(Kernel::new(inst)),
@@ -134,7 +137,7 @@ impl Backend {
     /// `compiled` is the state's rules compiled ([`compile_state`]).
     fn change_rules(&self, previous: &State, state: &State, compiled: &rules::Compiled) -> Result<()> {
         match self {
-            _ if previous.pending.is_some() => self.sync_rules(state),
+            _ if previous.pending.is_some() => self.sync_rules(state).map(|_| ()),
             Backend::Iptables => fallback::change_rules(&previous.rules(), &state.rules()),
             Backend::Ebpf(kernel) => {
                 refresh_addresses(kernel, state)?;
@@ -143,14 +146,16 @@ impl Backend {
         }
     }
 
-    /// Makes the data path hold exactly the state's rules, whatever it held.
-    fn sync_rules(&self, state: &State) -> Result<()> {
+    /// Makes the data path hold exactly the state's rules, whatever it held. Returns them compiled (eBPF).
+    fn sync_rules(&self, state: &State) -> Result<Option<rules::Compiled>> {
         match self {
             Backend::Ebpf(kernel) => {
                 refresh_addresses(kernel, state)?;
-                kernel.sync_rules(None, &state.rules, &ifindex_lookup(state))
+                let compiled = compile_state(state)?;
+                kernel.sync_compiled(None, &state.rules, &compiled, &ifindex_lookup(state))?;
+                Ok(Some(compiled))
             }
-            Backend::Iptables => fallback::sync_rules(&state.rules()),
+            Backend::Iptables => fallback::sync_rules(&state.rules()).map(|_| None),
         }
     }
 
@@ -238,7 +243,7 @@ fn open() -> Result<Lock> {
     Lock::acquire(&Instance::current()?)
 }
 
-fn ifindex_lookup(state: &State) -> impl Fn(&str) -> Option<u32> + '_ {
+fn ifindex_lookup(state: &Meta) -> impl Fn(&str) -> Option<u32> + '_ {
     |name| state.interfaces.iter().find(|i| i.name == name).map(|i| i.ifindex)
 }
 
@@ -289,22 +294,28 @@ impl RuleAdder {
 /// notes about the changes (`apply` then finds them recorded and says nothing more).
 fn record_sysctls(state: &mut State) -> Result<Vec<String>> {
     let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
+    let wanted = sysctl::wanted(state.rules.iter().map(|r| &r.rule), &names);
+    record_wanted(state, &wanted)
+}
+
+/// [`record_sysctls`] for the sysctls `wanted`.
+fn record_wanted(state: &mut Meta, wanted: &[(String, String, String)]) -> Result<Vec<String>> {
     let mut notes = vec![];
-    for (key, value, reason) in sysctl::wanted(state.rules.iter().map(|r| &r.rule), &names) {
-        if state.sysctls.iter().any(|s| s.key == key) {
+    for (key, value, reason) in wanted {
+        if state.sysctls.iter().any(|s| s.key == *key) {
             continue;
         }
-        let current = sysctl::read(&key)?;
-        if current != value {
+        let current = sysctl::read(key)?;
+        if current != *value {
             notes.push(format!("set {} = {value} (was {current}): {reason}", key.replace('/', ".")));
-            state.sysctls.push(SavedSysctl { key, previous: current, reason });
+            state.sysctls.push(SavedSysctl { key: key.clone(), previous: current, reason: reason.clone() });
         }
     }
     Ok(notes)
 }
 
 /// Restores the sysctls recorded in `planned` and not in `previous` (a change that failed and was undone).
-fn restore_added_sysctls(planned: &State, previous: &State) {
+fn restore_added_sysctls(planned: &Meta, previous: &Meta) {
     let added: Vec<SavedSysctl> =
         planned.sysctls.iter().filter(|s| !previous.sysctls.iter().any(|p| p.key == s.key)).cloned().collect();
     sysctl::restore_all(&added);
@@ -312,7 +323,7 @@ fn restore_added_sysctls(planned: &State, previous: &State) {
 
 /// REDIRECT uses each interface's primary address, `-d local` all of this host's: refreshed whenever rules
 /// change.
-fn refresh_addresses(kernel: &Kernel, state: &State) -> Result<()> {
+fn refresh_addresses(kernel: &Kernel, state: &Meta) -> Result<()> {
     for i in &state.interfaces {
         kernel.set_iface(i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
     }
@@ -329,19 +340,18 @@ fn compile_state(state: &State) -> Result<rules::Compiled, rules::RuleError> {
 fn remove_instance(lock: &Lock, state: &mut State) -> Result<Vec<String>> {
     if state.pending != Some(Pending::Remove) {
         state.pending = Some(Pending::Remove);
-        lock.save(state)?;
+        lock.save_meta(state)?;
     }
     Backend::of(state, &lock.inst).unload(Some(state))?;
     let notes = sysctl::restore_all(&state.sysctls);
-    std::fs::remove_dir_all(&lock.inst.state_dir)
-        .with_context(|| format!("removing {}", lock.inst.state_dir.display()))?;
+    lock.remove_state()?;
     Ok(notes)
 }
 
 /// Applies the state's rules and sysctls to the data path. Returns notes about sysctl changes.
 fn apply(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
-    backend.sync_rules(state)?;
-    apply_sysctls(backend, state)
+    let compiled = backend.sync_rules(state)?;
+    apply_sysctls(backend, state, compiled.as_ref())
 }
 
 /// [`apply`] for a rule change from `previous`, the state the data path holds (see [`Backend::change_rules`]).
@@ -352,17 +362,42 @@ fn apply_change(
     compiled: &rules::Compiled,
 ) -> Result<Vec<String>> {
     backend.change_rules(previous, state, compiled)?;
-    apply_sysctls(backend, state)
+    apply_sysctls(backend, state, Some(compiled))
 }
 
-/// The sysctls the state's rules need, and the record kept with the data path. Returns notes about the changes.
-fn apply_sysctls(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
+/// The sysctls the state's rules need, and the record kept with the data path; in eBPF mode also what a small change
+/// needs to know about all the rules ([`Derived`], from `compiled`, the rules as the kernel now holds them). Returns
+/// notes about the changes.
+fn apply_sysctls(backend: &Backend, state: &mut State, compiled: Option<&rules::Compiled>) -> Result<Vec<String>> {
     let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
     let wanted = sysctl::wanted(state.rules.iter().map(|r| &r.rule), &names);
+    let notes = apply_wanted_sysctls(backend, state, &wanted)?;
+    state.meta.derived = match (backend, compiled) {
+        (Backend::Ebpf(_), Some(c)) => {
+            let mut d = Derived {
+                classes: rules::delta::class_keys(c),
+                sysctls: sysctl::users(state.rules.iter().map(|r| &r.rule), &names),
+                hidden: vec![],
+            };
+            d.set_hidden(rules::delta::hidden_members(c));
+            Some(d)
+        }
+        _ => None,
+    };
+    Ok(notes)
+}
+
+/// Brings the sysctls to `wanted` ([`sysctl::reconcile`]), keeping the record with the data path ahead of every
+/// write. Returns notes about the changes.
+fn apply_wanted_sysctls(
+    backend: &Backend,
+    state: &mut Meta,
+    wanted: &[(String, String, String)],
+) -> Result<Vec<String>> {
     // The record kept with the data path must name every sysctl before it is written: the ones already saved and
     // those about to be, with their values now.
     let mut planned = state.sysctls.clone();
-    for (key, value, reason) in &wanted {
+    for (key, value, reason) in wanted {
         if !planned.iter().any(|s| s.key == *key) {
             let current = sysctl::read(key)?;
             if current != *value {
@@ -374,7 +409,7 @@ fn apply_sysctls(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
         backend.write_record(&Record::new(&planned, &state.created_tables))?;
     }
     let before = state.sysctls.len();
-    let notes = sysctl::reconcile(&mut state.sysctls, &wanted)?;
+    let notes = sysctl::reconcile(&mut state.sysctls, wanted)?;
     if state.sysctls.len() != planned.len() || state.sysctls.len() != before {
         backend.write_record(&Record::new(&state.sysctls, &state.created_tables))?;
     }
@@ -526,7 +561,7 @@ fn bring_up_or_roll_back(
             sysctl::restore_all(&planned.sysctls);
             planned.sysctls.clear();
             let _ = backend.unload(Some(planned));
-            let _ = std::fs::remove_dir_all(&lock.inst.state_dir);
+            let _ = lock.remove_state();
         } else {
             restore_added_sysctls(planned, previous);
             planned.sysctls.retain(|s| previous.sysctls.iter().any(|p| p.key == s.key));
@@ -572,15 +607,21 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
         r.validate()?;
     }
     let lock = open()?;
-    let mut state = lock.load()?.context(NOT_ATTACHED)?;
-    if let Some(p @ (Pending::Create | Pending::Remove)) = state.pending {
+    let (meta, store) = lock.load_meta()?.context(NOT_ATTACHED)?;
+    if let Some(p @ (Pending::Create | Pending::Remove)) = meta.pending {
         bail!("{}; nothing was changed", p.describe());
     }
+    if small::is_small(&meta, &store, remove.len() + add.len())?
+        && let Some(change) = small::change(&lock, meta, &store, remove, &add, skip_duplicates)?
+    {
+        return Ok(change);
+    }
+    let mut state = State { meta: lock.load_meta()?.context(NOT_ATTACHED)?.0, rules: store.rules()? };
     // Sets, not scans: `flush` removes every rule, and 100,000 of them made pairwise scans quadratic.
     let present: HashSet<u32> = state.rules.iter().map(|r| r.rule.id).collect();
     let missing: Vec<String> = remove.iter().filter(|id| !present.contains(id)).map(u32::to_string).collect();
     if !missing.is_empty() {
-        return Err(no_such_rules(&missing, &state, "changed"));
+        return Err(no_such_rules(&missing, &store, "changed"));
     }
     let mut planned = state.clone();
     // Built from the state before the change, so no new rule takes a slot freed by this change (its counters are
@@ -603,6 +644,7 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     }
     let mut added = vec![];
     let mut notes = vec![];
+    let kept = planned.rules.len();
     if state.pending == Some(Pending::Change) {
         // The interrupted change's rules are the state's: applying this change applies them too.
         notes.push("an interrupted change had been left half-applied; applied it again".into());
@@ -618,25 +660,17 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
         }
         added.push(adder.push(&mut planned, rule)?);
     }
-    let compiled = compile_state(&planned).map_err(|e| match e {
-        rules::RuleError::IfaceNotAttached { iface, .. } => anyhow::anyhow!(
-            "-i {iface}: pfwd is not attached to {iface} (attached: {}); run `pfwd attach {iface}` first",
-            state.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
-        ),
-        e => e.into(),
-    })?;
+    let compiled = compile_state(&planned).map_err(|e| rule_error(e, &state))?;
     if state.mode == DataPath::Ebpf && state.cgroup.is_none() && planned.rules.iter().any(|r| r.rule.local) {
-        bail!(
-            "--local rules need the cgroup socket hooks, and no cgroup2 is mounted (looked at /sys/fs/cgroup and \
-             /sys/fs/cgroup/unified): mount cgroup2, or use pfwd in --mode iptables"
-        );
+        bail!(NO_CGROUP);
     }
     let backend = Backend::of(&state, &lock.inst);
     // Intent first: the rules about to be applied and the earlier values of the sysctls about to change are saved
     // before anything is touched.
     planned.pending = Some(Pending::Change);
     notes.extend(record_sysctls(&mut planned)?);
-    lock.save(&planned)?;
+    let write = Write { removed: &removed, added: &planned.rules[kept..], replace: false };
+    lock.save_change(&planned.meta, &write)?;
     match apply_change(&backend, &state, &mut planned, &compiled) {
         Ok(more) => notes.extend(more),
         Err(e) => {
@@ -651,9 +685,23 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
         kernel.reset_counters(&removed.iter().map(|r| r.slot).collect::<Vec<u32>>())?;
     }
     planned.pending = None;
-    lock.save(&planned)?;
+    lock.save_meta(&planned)?;
     Ok(Change { removed: removed.into_iter().map(|r| r.rule).collect(), added, notes, before: state })
 }
+
+/// A rule that names an interface pfwd is not attached to says which ones it is attached to.
+fn rule_error(e: rules::RuleError, state: &Meta) -> anyhow::Error {
+    match e {
+        rules::RuleError::IfaceNotAttached { iface, .. } => anyhow::anyhow!(
+            "-i {iface}: pfwd is not attached to {iface} (attached: {}); run `pfwd attach {iface}` first",
+            state.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+        e => e.into(),
+    }
+}
+
+const NO_CGROUP: &str = "--local rules need the cgroup socket hooks, and no cgroup2 is mounted (looked at \
+                         /sys/fs/cgroup and /sys/fs/cgroup/unified): mount cgroup2, or use pfwd in --mode iptables";
 
 /// What `pfwd apply` changes: rules are matched by what they match and do (ids in the file are ignored), so a rule in
 /// both keeps its id, its counters and its live flows.
@@ -721,7 +769,7 @@ pub fn follow_interfaces() -> Result<Vec<String>> {
     if !moved.is_empty() {
         // Intent first, as every change: a serve killed half-way leaves a state `attach` can repair.
         state.pending = Some(Pending::Change);
-        lock.save(&state)?;
+        lock.save_meta(&state)?;
         for (name, old, now) in &moved {
             match &backend {
                 Backend::Ebpf(kernel) => {
@@ -750,9 +798,11 @@ pub fn follow_interfaces() -> Result<Vec<String>> {
             notes.extend(apply(&backend, &mut state)?);
         } else {
             backend.sync_rules(&state)?;
+            // The sysctls were not reconciled: the next change works out what it needs.
+            state.meta.derived = None;
         }
         state.pending = None;
-        lock.save(&state)?;
+        lock.save_meta(&state)?;
     }
     Ok(notes)
 }
@@ -763,25 +813,28 @@ pub fn current() -> Result<Option<(Vec<Rule>, Vec<String>)>> {
     Ok(lock.load()?.map(|s| (s.rules(), s.interfaces.iter().map(|i| i.name.clone()).collect())))
 }
 
-/// The error for ids (or ranges) that name no rule: it lists the ids there are, and says nothing was `done`.
-fn no_such_rules(missing: &[String], state: &State, done: &str) -> anyhow::Error {
-    let have: Vec<String> = state.rules.iter().map(|r| r.rule.id.to_string()).collect();
-    anyhow::anyhow!(
-        "no rule with id {} (rule ids: {}; see `pfwd list`); nothing was {done}",
-        missing.join(", "),
-        if have.is_empty() { "none".into() } else { have.join(", ") }
-    )
+/// The error for ids (or ranges) that name no rule: it says which ids there are (all of them when there are few)
+/// and that nothing was `done`.
+fn no_such_rules(missing: &[String], store: &crate::store::Store, done: &str) -> anyhow::Error {
+    let have = match store.id_span() {
+        Ok((0, _)) => "none".to_string(),
+        Ok((n, Some((lo, hi)))) if n > 20 => format!("{n} rules from {lo} to {hi}"),
+        _ => store
+            .ids_in(0, u32::MAX)
+            .map_or_else(|_| "unknown".into(), |ids| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")),
+    };
+    anyhow::anyhow!("no rule with id {} (rule ids: {have}; see `pfwd list`); nothing was {done}", missing.join(", "))
 }
 
 /// The rule ids `pfwd del` names: each single id must exist; a range stands for the rules that exist in it and must
 /// hold at least one. Errors name every id or range that names nothing.
 pub fn resolve_ids(selection: &[(u32, u32)]) -> Result<Vec<u32>> {
     let lock = open()?;
-    let state = lock.load()?.context(NOT_ATTACHED)?;
+    let (_, store) = lock.load_meta()?.context(NOT_ATTACHED)?;
     let mut ids = Vec::new();
     let mut missing = Vec::new();
     for &(lo, hi) in selection {
-        let found: Vec<u32> = state.rules.iter().map(|r| r.rule.id).filter(|id| (lo..=hi).contains(id)).collect();
+        let found = store.ids_in(lo, hi)?;
         match (found.is_empty(), lo == hi) {
             (true, true) => missing.push(lo.to_string()),
             (true, false) => missing.push(format!("{lo}-{hi}")),
@@ -789,7 +842,7 @@ pub fn resolve_ids(selection: &[(u32, u32)]) -> Result<Vec<u32>> {
         }
     }
     if !missing.is_empty() {
-        return Err(no_such_rules(&missing, &state, "deleted"));
+        return Err(no_such_rules(&missing, &store, "deleted"));
     }
     ids.sort_unstable();
     ids.dedup();
@@ -930,7 +983,7 @@ fn detach_without_state(lock: &Lock) -> Result<Vec<String>> {
         );
         record = record.or(rec);
     }
-    let _ = std::fs::remove_dir_all(&lock.inst.state_dir);
+    let _ = lock.remove_state();
     if notes.is_empty() {
         return Ok(vec!["pfwd is not attached in this network namespace; nothing to do".into()]);
     }
@@ -1112,13 +1165,13 @@ pub fn status() -> Result<Status> {
             })
             .collect(),
         mode: state.mode,
-        mode_reason: state.mode_reason,
-        netns: Netns { cookie: state.netns_cookie, inode: lock.inst.netns_inode },
-        pin_dir: (state.mode == DataPath::Ebpf).then(|| lock.inst.pin_dir.clone()),
+        mode_reason: state.meta.mode_reason,
+        netns: Netns { cookie: state.meta.netns_cookie, inode: lock.inst.netns_inode },
+        pin_dir: (state.meta.mode == DataPath::Ebpf).then(|| lock.inst.pin_dir.clone()),
         rules,
         rule_engine,
         stats,
-        sysctls: state.sysctls,
+        sysctls: state.meta.sysctls,
     })))
 }
 

@@ -1,0 +1,212 @@
+//! A small rule change in eBPF mode (`pfwd add`, `pfwd del`, a short import) in time independent of the rules
+//! installed: it reads the rules it removes and the duplicate keys of those it adds from the store, what the index
+//! keys it touches hold from the kernel, and the rest from [`Derived`]; it compiles only the changed rules
+//! ([`rules::delta`]) and writes only them. Anything it cannot do that way (iptables mode, an interrupted change, a
+//! `--hairpin` rule, a key that would list too many rules during the change, a change larger than a fraction of
+//! the rules) goes the full way, which gives the same result.
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{Context, Result, bail};
+use pfwd_common::maps::IndexKey;
+
+use super::{
+    Backend, Change, NO_CGROUP, apply, apply_wanted_sysctls, no_such_rules, record_wanted, refresh_addresses,
+    restore_added_sysctls, rule_error,
+};
+use crate::{
+    loader::compile_stored,
+    rules::{self, Rule, delta::Member},
+    state::{DataPath, Derived, Lock, Meta, Pending, State, StoredRule},
+    store::{Store, Write},
+    sysctl,
+};
+
+/// Up to this many rules changed, a change always goes this way; beyond, only while it changes at most an eighth of
+/// the rules installed (a full compile is then the cheaper way).
+const SMALL: usize = 64;
+
+/// Whether a change of `changes` rules may go this way.
+pub(super) fn is_small(meta: &Meta, store: &Store, changes: usize) -> Result<bool> {
+    if meta.mode != DataPath::Ebpf || meta.pending.is_some() || meta.derived.is_none() {
+        return Ok(false);
+    }
+    Ok(changes <= SMALL || changes as u64 <= store.id_span()?.0 / 8)
+}
+
+/// Removes the rules with ids `remove` and adds `add` (see [`super::change_rules`]). Ok(None): this change must go
+/// the full way (nothing was changed).
+pub(super) fn change(
+    lock: &Lock,
+    meta: Meta,
+    store: &Store,
+    remove: &[u32],
+    add: &[Rule],
+    skip_duplicates: bool,
+) -> Result<Option<Change>> {
+    let Backend::Ebpf(kernel) = Backend::of(&meta, &lock.inst) else { return Ok(None) };
+    let Some(derived) = meta.derived.clone() else { return Ok(None) };
+    if add.iter().any(|r| r.hairpin.is_some()) {
+        // Rules with the same companion share it (the first one's); only a full compile sees the others.
+        return Ok(None);
+    }
+    let mut removed: Vec<StoredRule> = Vec::with_capacity(remove.len());
+    let mut missing = vec![];
+    for id in remove {
+        match store.rule(*id)? {
+            Some(r) if r.rule.hairpin.is_some() => return Ok(None),
+            Some(r) => removed.push(r),
+            None => missing.push(id.to_string()),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(no_such_rules(&missing, store, "changed"));
+    }
+    let removed_ids: HashSet<u32> = removed.iter().map(|r| r.rule.id).collect();
+    // A slot freed by this change is not given to a new rule (its counters are reset once the change is done).
+    let mut taken: HashSet<u32> = removed.iter().map(|r| r.slot).collect();
+    let reader = kernel.index_reader()?;
+    let mut planned = meta.clone();
+    let mut notes = vec![];
+    let mut keys: HashMap<rules::DedupKey, u32> = HashMap::new();
+    let mut added: Vec<StoredRule> = Vec::with_capacity(add.len());
+    for rule in add {
+        let key = rule.dedup_key();
+        let of = match keys.get(&key) {
+            Some(id) => Some(*id),
+            None => store.duplicate_of(rule)?.filter(|id| !removed_ids.contains(id)),
+        };
+        if let Some(of) = of {
+            let e = rules::RuleError::Duplicate { of };
+            if skip_duplicates {
+                notes.push(format!("skipped `{rule}`: {e}"));
+                continue;
+            }
+            return Err(e.into());
+        }
+        let slot = free_slot(planned.next_slot, &taken, |s| reader.slot_free(s))?;
+        taken.insert(slot);
+        planned.next_slot = (slot + 1) % pfwd_common::MAX_RULES;
+        let rule = Rule { id: planned.next_id, ..rule.clone() };
+        planned.next_id += 1;
+        keys.insert(key, rule.id);
+        added.push(StoredRule { rule, slot });
+    }
+    if meta.cgroup.is_none() && added.iter().any(|r| r.rule.local) {
+        bail!(NO_CGROUP);
+    }
+    let (new_changed, old_changed) = {
+        let ifindex = super::ifindex_lookup(&meta);
+        let compile = |rules: &[StoredRule]| compile_stored(rules, &ifindex).map_err(|e| rule_error(e, &meta));
+        (compile(&added)?, compile(&removed)?)
+    };
+
+    // What each touched key holds now: the rules the kernel lists, then the hidden ones.
+    let hidden = derived.hidden();
+    let mut before: HashMap<IndexKey, Vec<Member>> = HashMap::new();
+    for key in old_changed.members.keys().chain(new_changed.members.keys()) {
+        if before.contains_key(key) {
+            continue;
+        }
+        let mut members: Vec<Member> = reader.listed(key)?.iter().map(|(s, e)| Member::of(*s, e)).collect();
+        members.extend(hidden.get(key).into_iter().flatten());
+        before.insert(*key, members);
+    }
+    let d = match rules::delta::delta(&old_changed, &new_changed, &before, &derived.classes) {
+        Ok(d) => d,
+        // Too many rules on a key: the full way says which, or applies the deletions first.
+        Err(rules::RuleError::IndexFull { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let cfg = kernel.config()?;
+    let plan = match rules::plan::plan_change(&d.compiled, &new_changed, &old_changed, cfg.generation) {
+        Ok(p) => p,
+        Err(rules::RuleError::IndexFull { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+
+    // The sysctls: how many rules want each, and what they all want now.
+    let names: Vec<String> = planned.interfaces.iter().map(|i| i.name.clone()).collect();
+    let mut users: HashMap<String, u32> = derived.sysctls.iter().cloned().collect();
+    for (key, n) in sysctl::users(added.iter().map(|r| &r.rule), &names) {
+        *users.entry(key).or_default() += n;
+    }
+    for (key, n) in sysctl::users(removed.iter().map(|r| &r.rule), &names) {
+        let count = users.entry(key).or_default();
+        *count = count.saturating_sub(n);
+    }
+    let fresh = sysctl::wanted(added.iter().map(|r| &r.rule), &names);
+    let mut wanted: Vec<(String, String, String)> = users
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(key, _)| {
+            // The reason recorded when pfwd set it, else the first new rule's.
+            let reason = planned
+                .sysctls
+                .iter()
+                .find(|s| s.key == *key)
+                .map(|s| s.reason.clone())
+                .or_else(|| fresh.iter().find(|(k, ..)| k == key).map(|(.., r)| r.clone()))
+                .unwrap_or_else(|| "needed by the rules".into());
+            (key.clone(), "1".to_string(), reason)
+        })
+        .collect();
+    wanted.sort();
+    let mut hidden = hidden;
+    for (key, members) in d.hidden {
+        hidden.insert(key, members);
+    }
+    let mut next =
+        Derived { classes: d.classes, sysctls: users.into_iter().filter(|(_, n)| *n > 0).collect(), hidden: vec![] };
+    next.sysctls.sort();
+    next.set_hidden(hidden);
+
+    // Intent first (see crate::state), then the kernel.
+    planned.pending = Some(Pending::Change);
+    notes.extend(record_wanted(&mut planned, &wanted)?);
+    planned.derived = Some(next);
+    lock.save_change(&planned, &Write { removed: &removed, added: &added, replace: false })?;
+    let backend = Backend::Ebpf(kernel);
+    let applied = (|| {
+        let Backend::Ebpf(kernel) = &backend else { unreachable!() };
+        refresh_addresses(kernel, &planned)?;
+        kernel.apply_planned(&plan, cfg)?;
+        apply_wanted_sysctls(&backend, &mut planned, &wanted)
+    })();
+    match applied {
+        Ok(more) => notes.extend(more),
+        Err(e) => {
+            // Back to the rules before, the full way.
+            restore_added_sysctls(&planned, &meta);
+            let mut state = State { meta: meta.clone(), rules: vec![] };
+            state.pending = Some(Pending::Change);
+            lock.save_change(&state, &Write { removed: &added, added: &removed, replace: false })?;
+            state.rules = store.rules()?;
+            state.pending = None;
+            let _ = apply(&backend, &mut state).map(|_| lock.save_meta(&state));
+            return Err(e);
+        }
+    }
+    if let Backend::Ebpf(kernel) = &backend {
+        kernel.reset_counters(&removed.iter().map(|r| r.slot).collect::<Vec<u32>>())?;
+    }
+    planned.pending = None;
+    lock.save_meta(&planned)?;
+    let ids = added.iter().map(|r| r.rule.id).collect();
+    // The order asked for.
+    let order: HashMap<u32, usize> = remove.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    removed.sort_by_key(|r| order[&r.rule.id]);
+    let rules = removed.iter().map(|r| r.rule.clone()).collect();
+    Ok(Some(Change { removed: rules, added: ids, notes, before: State { meta, rules: removed } }))
+}
+
+/// The first free slot from `from` on (round robin): not `taken` and `free` by the kernel.
+fn free_slot(from: u32, taken: &HashSet<u32>, free: impl Fn(u32) -> Result<bool>) -> Result<u32> {
+    let max = pfwd_common::MAX_RULES;
+    for i in 0..max {
+        let s = (from + i) % max;
+        if !taken.contains(&s) && free(s)? {
+            return Ok(s);
+        }
+    }
+    Err(anyhow::anyhow!("all {max} rule slots are in use")).context("adding a rule")
+}

@@ -1,0 +1,149 @@
+//! Where an instance's state is kept: one redb database (`state.redb` in the instance's directory under /run/pfwd).
+//! A database rather than one JSON file because a change writes what it changes: `pfwd add` writes one rule, its
+//! duplicate key and the small [`Meta`], not every rule, and reads a rule by id or by key without reading the others,
+//! so it costs the same with 10 or 100,000 rules. Each write is one transaction, committed durably: a crash leaves
+//! the state before or after it, never a mix.
+//!
+//! Tables: `meta` (the [`Meta`] as JSON), `rules` (id → [`StoredRule`] as JSON, so ids come out in order) and
+//! `keys` (a rule's duplicate key → its id).
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use crate::rules::Rule;
+use crate::state::{Meta, StoredRule};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const RULES: TableDefinition<u32, &[u8]> = TableDefinition::new("rules");
+const KEYS: TableDefinition<&[u8], u32> = TableDefinition::new("keys");
+
+/// What one write changes besides the meta: rules removed and added or, with `replace`, every rule (those added are
+/// then all there are).
+#[derive(Default)]
+pub struct Write<'a> {
+    pub removed: &'a [StoredRule],
+    pub added: &'a [StoredRule],
+    pub replace: bool,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+fn dedup_bytes(r: &Rule) -> Result<Vec<u8>> {
+    Ok(serde_json::to_vec(&r.dedup_key())?)
+}
+
+impl Store {
+    /// Opens the database at `path`, creating it when missing.
+    pub fn open(path: &Path) -> Result<Store> {
+        let db = Database::create(path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Store { db })
+    }
+
+    /// The meta, or None in a database that was never written.
+    pub fn meta(&self) -> Result<Option<Meta>> {
+        let tx = self.db.begin_read()?;
+        let table = match tx.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match table.get("state")? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).context("the state's meta is corrupt")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every rule, in id order.
+    pub fn rules(&self) -> Result<Vec<StoredRule>> {
+        let tx = self.db.begin_read()?;
+        let table = match tx.open_table(RULES) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![]),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::with_capacity(table.len()? as usize);
+        for item in table.iter()? {
+            let (id, v) = item?;
+            out.push(
+                serde_json::from_slice(v.value()).with_context(|| format!("stored rule {} is corrupt", id.value()))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The rule with id `id`.
+    pub fn rule(&self, id: u32) -> Result<Option<StoredRule>> {
+        let tx = self.db.begin_read()?;
+        let Ok(table) = tx.open_table(RULES) else { return Ok(None) };
+        match table.get(id)? {
+            Some(v) => {
+                Ok(Some(serde_json::from_slice(v.value()).with_context(|| format!("stored rule {id} is corrupt"))?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The ids of the rules in `lo..=hi`, ascending.
+    pub fn ids_in(&self, lo: u32, hi: u32) -> Result<Vec<u32>> {
+        if lo > hi {
+            return Ok(vec![]);
+        }
+        let tx = self.db.begin_read()?;
+        let Ok(table) = tx.open_table(RULES) else { return Ok(vec![]) };
+        let mut out = vec![];
+        for item in table.range(lo..=hi)? {
+            out.push(item?.0.value());
+        }
+        Ok(out)
+    }
+
+    /// How many rules there are, and the lowest and highest id (for error messages).
+    pub fn id_span(&self) -> Result<(u64, Option<(u32, u32)>)> {
+        let tx = self.db.begin_read()?;
+        let Ok(table) = tx.open_table(RULES) else { return Ok((0, None)) };
+        let first = table.first()?.map(|(k, _)| k.value());
+        let last = table.last()?.map(|(k, _)| k.value());
+        Ok((table.len()?, first.zip(last)))
+    }
+
+    /// The id of a rule with the same match and target as `r`.
+    pub fn duplicate_of(&self, r: &Rule) -> Result<Option<u32>> {
+        let tx = self.db.begin_read()?;
+        let Ok(table) = tx.open_table(KEYS) else { return Ok(None) };
+        Ok(table.get(dedup_bytes(r)?.as_slice())?.map(|v| v.value()))
+    }
+
+    /// Writes `meta` and `w` in one transaction.
+    pub fn write(&self, meta: &Meta, w: &Write) -> Result<()> {
+        let mut tx = self.db.begin_write()?;
+        // A killed pfwd leaves the file as of the last commit; this keeps reopening it quick.
+        tx.set_quick_repair(true);
+        {
+            if w.replace {
+                tx.delete_table(RULES)?;
+                tx.delete_table(KEYS)?;
+            }
+            let mut metas = tx.open_table(META)?;
+            metas.insert("state", serde_json::to_vec(meta)?.as_slice())?;
+            let mut rules = tx.open_table(RULES)?;
+            let mut keys = tx.open_table(KEYS)?;
+            for r in w.removed {
+                rules.remove(r.rule.id)?;
+                let key = dedup_bytes(&r.rule)?;
+                // Only when it names this rule (a rule added by the same change may have taken the key).
+                if keys.get(key.as_slice())?.is_some_and(|v| v.value() == r.rule.id) {
+                    keys.remove(key.as_slice())?;
+                }
+            }
+            for r in w.added {
+                rules.insert(r.rule.id, serde_json::to_vec(r)?.as_slice())?;
+                keys.insert(dedup_bytes(&r.rule)?.as_slice(), r.rule.id)?;
+            }
+        }
+        tx.commit().context("committing pfwd's state")?;
+        Ok(())
+    }
+}
