@@ -5,18 +5,21 @@
 //! the state before or after it, never a mix.
 //!
 //! Tables: `meta` (the [`Meta`] as JSON), `rules` (id → [`StoredRule`] as JSON, so ids come out in order) and
-//! `keys` (a rule's duplicate key → its id).
+//! `keys` (a hash of a rule's duplicate key → the ids of the rules with that hash; a hit is checked against the
+//! rule).
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, MultimapTableDefinition, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 
 use crate::rules::Rule;
 use crate::state::{Meta, StoredRule};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const RULES: TableDefinition<u32, &[u8]> = TableDefinition::new("rules");
-const KEYS: TableDefinition<&[u8], u32> = TableDefinition::new("keys");
+const KEYS: MultimapTableDefinition<u64, u32> = MultimapTableDefinition::new("keys");
 
 /// What one write changes besides the meta: rules removed and added or, with `replace`, every rule (those added are
 /// then all there are).
@@ -31,8 +34,12 @@ pub struct Store {
     db: Database,
 }
 
-fn dedup_bytes(r: &Rule) -> Result<Vec<u8>> {
-    Ok(serde_json::to_vec(&r.dedup_key())?)
+/// A 64-bit FNV-1a hash of a rule's duplicate key ([`Rule::dedup_key`]), the store's index of rules by what they
+/// match and do: 8 bytes a rule where the key itself takes about 200, and stable across Rust releases (std's hasher
+/// is not). Two rules with the same hash only cost a comparison.
+fn dedup_hash(r: &Rule) -> Result<u64> {
+    let bytes = serde_json::to_vec(&r.dedup_key())?;
+    Ok(bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)))
 }
 
 impl Store {
@@ -112,8 +119,19 @@ impl Store {
     /// The id of a rule with the same match and target as `r`.
     pub fn duplicate_of(&self, r: &Rule) -> Result<Option<u32>> {
         let tx = self.db.begin_read()?;
-        let Ok(table) = tx.open_table(KEYS) else { return Ok(None) };
-        Ok(table.get(dedup_bytes(r)?.as_slice())?.map(|v| v.value()))
+        let (Ok(keys), Ok(rules)) = (tx.open_multimap_table(KEYS), tx.open_table(RULES)) else { return Ok(None) };
+        let key = r.dedup_key();
+        for id in keys.get(dedup_hash(r)?)? {
+            let id = id?.value();
+            if let Some(v) = rules.get(id)? {
+                let stored: StoredRule =
+                    serde_json::from_slice(v.value()).with_context(|| format!("stored rule {id} is corrupt"))?;
+                if stored.rule.dedup_key() == key {
+                    return Ok(Some(id));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Writes `meta` and `w` in one transaction.
@@ -124,23 +142,19 @@ impl Store {
         {
             if w.replace {
                 tx.delete_table(RULES)?;
-                tx.delete_table(KEYS)?;
+                tx.delete_multimap_table(KEYS)?;
             }
             let mut metas = tx.open_table(META)?;
             metas.insert("state", serde_json::to_vec(meta)?.as_slice())?;
             let mut rules = tx.open_table(RULES)?;
-            let mut keys = tx.open_table(KEYS)?;
+            let mut keys = tx.open_multimap_table(KEYS)?;
             for r in w.removed {
                 rules.remove(r.rule.id)?;
-                let key = dedup_bytes(&r.rule)?;
-                // Only when it names this rule (a rule added by the same change may have taken the key).
-                if keys.get(key.as_slice())?.is_some_and(|v| v.value() == r.rule.id) {
-                    keys.remove(key.as_slice())?;
-                }
+                keys.remove(dedup_hash(&r.rule)?, r.rule.id)?;
             }
             for r in w.added {
                 rules.insert(r.rule.id, serde_json::to_vec(r)?.as_slice())?;
-                keys.insert(dedup_bytes(&r.rule)?.as_slice(), r.rule.id)?;
+                keys.insert(dedup_hash(&r.rule)?, r.rule.id)?;
             }
         }
         tx.commit().context("committing pfwd's state")?;

@@ -1,7 +1,10 @@
 //! End-to-end test of the rule engine at a scale the former one refused, in both modes with the same assertions:
 //! 10,000 rules sharing one destination port (each with its own source), "every port but 22" as two ranges, and six
 //! more full-range rules (the old engine took one map entry per port: the fifth full range did not fit); then one
-//! rule added and deleted on top, which must win and then give way.
+//! rule added and deleted on top, which must win and then give way; then two rules with the same match (the newer one
+//! hidden behind the older), deleted one at a time: each deletion must hand the port to the next rule. In eBPF mode
+//! these are small changes, which look only at the keys they touch: the index and the match shapes must come back to
+//! what the attach made.
 
 #[macro_use]
 mod common;
@@ -75,7 +78,46 @@ fn many_rules_with_ranges(mode: &str) {
     expect_tcp(&lab, None, "10.0.1.1:5001", "range", 9000, "10.0.1.2");
     pfwd_ok(&lab, &["del", id.trim()]);
     expect_tcp(&lab, None, "10.0.1.1:5000", "range", 9000, "10.0.1.2");
+
+    // The same match twice: the older rule wins, the newer one waits behind it (the kernel's entry of the key does
+    // not list it) and takes over when the older one goes.
+    let engine_before = engine(&lab, mode);
+    let add_first = ["add", "dnat", "-i", "eth0", "-p", "tcp", "--dport", "5000", "--to", "10.0.2.2:9003"];
+    let mut cmd = lab.pfwd(add_first).unwrap();
+    cmd.env("PFWD_LOG", "debug");
+    let out = run_bounded(cmd, PFWD_TIMEOUT);
+    assert!(out.success, "{out:?}");
+    let way = if mode == "ebpf" { "small change: 0 rules removed, 1 added" } else { "full change" };
+    assert!(out.stderr.contains(way), "{mode}: the add must be a {way}: {}", out.stderr);
+    let first = out.stdout;
+    let second = pfwd_ok(&lab, &["add", "dnat", "-i", "eth0", "-p", "tcp", "--dport", "5000", "--to", "10.0.2.2:9002"]);
+    expect_tcp(&lab, None, "10.0.1.1:5000", "added", 9003, "10.0.1.2");
+    if let Some(e) = engine(&lab, mode) {
+        // Their one key, and their match shape (no source, a single port) is new.
+        let before = engine_before.as_ref().unwrap();
+        assert_eq!(e["index_keys"], before["index_keys"].as_u64().unwrap() + 1, "{e:#}");
+        assert_eq!(e["classes"]["prerouting"], 18, "{e:#}");
+    }
+    pfwd_ok(&lab, &["del", first.trim()]);
+    expect_tcp(&lab, None, "10.0.1.1:5000", "port", 9002, "10.0.1.2");
+    pfwd_ok(&lab, &["del", second.trim()]);
+    expect_tcp(&lab, None, "10.0.1.1:5000", "range", 9000, "10.0.1.2");
+    expect_tcp(&lab, None, "10.0.1.1:8080", "port", 9002, "10.0.1.2");
+    let after = engine(&lab, mode);
+    assert_eq!(
+        after.as_ref().map(|e| (&e["index_keys"], &e["classes"])),
+        engine_before.as_ref().map(|e| (&e["index_keys"], &e["classes"])),
+        "the index and the shapes after the deletions"
+    );
     guard.detach();
+}
+
+/// `status --json`'s rule engine (eBPF mode).
+fn engine(lab: &tests::Lab, mode: &str) -> Option<serde_json::Value> {
+    (mode == "ebpf").then(|| {
+        let st: serde_json::Value = serde_json::from_str(&pfwd_ok(lab, &["status", "--json"])).unwrap();
+        st["rule_engine"].clone()
+    })
 }
 
 in_both_modes!(many_rules_with_ranges);

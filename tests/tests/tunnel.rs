@@ -127,7 +127,10 @@ fn tunnel_lab(name: &str) -> (Lab, Tunnel) {
     let lab = lab(name);
     let tunnel = Tunnel::new(&lab);
     let probe = udp_server(&lab, Node::Server, "10.8.0.2:9100", "probe");
-    let (text, src) = lab.udp_request(Node::Router, sa("10.8.0.2:9100"), "p", TIMEOUT).expect("UDP through the tunnel");
+    // Up to three probes: on a loaded machine the first one through a fresh tun device was once lost (the lab's
+    // own check, before pfwd is involved).
+    let probe_once = || lab.udp_request(Node::Router, sa("10.8.0.2:9100"), "p", TIMEOUT);
+    let (text, src) = probe_once().or_else(|_| probe_once()).or_else(|_| probe_once()).expect("UDP through the tunnel");
     assert!(text.contains("peer 10.8.0.1:"), "the probe must arrive through the tunnel: {text}");
     assert_eq!(src, sa("10.8.0.2:9100"));
     assert!(tunnel.carried() >= 2, "the relay carried the probe");

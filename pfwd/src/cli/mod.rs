@@ -289,6 +289,11 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if !matches!(cli.cmd, Cmd::Run(_) | Cmd::Serve(_)) {
+        // `PFWD_LOG=debug pfwd add ...` says how a change was made (`run` and `serve` log on their own terms).
+        let env = env_logger::Env::new().filter_or("PFWD_LOG", "warn");
+        let _ = env_logger::Builder::from_env(env).format_target(false).try_init();
+    }
     match cli.cmd {
         Cmd::Attach(a) => {
             let rules = read_config(&a.config)?;

@@ -552,7 +552,8 @@ fn bring_up_or_roll_back(
         lock.save(planned)?;
         notes.extend(backend.bring_up(fresh, planned, opts)?);
         planned.pending = None;
-        lock.save(planned)?;
+        // The rules were saved with the intent.
+        lock.save_meta(planned)?;
         Ok(notes)
     };
     let result = run(planned);
@@ -617,6 +618,7 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
         return Ok(change);
     }
     let mut state = State { meta: lock.load_meta()?.context(NOT_ATTACHED)?.0, rules: store.rules()? };
+    log::debug!("full change: {} rules removed, {} added, of {} rules", remove.len(), add.len(), state.rules.len());
     // Sets, not scans: `flush` removes every rule, and 100,000 of them made pairwise scans quadratic.
     let present: HashSet<u32> = state.rules.iter().map(|r| r.rule.id).collect();
     let missing: Vec<String> = remove.iter().filter(|id| !present.contains(id)).map(u32::to_string).collect();

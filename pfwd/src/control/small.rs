@@ -123,6 +123,13 @@ pub(super) fn change(
         Err(rules::RuleError::IndexFull { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
+    log::debug!(
+        "small change: {} rules removed, {} added; {} index keys touched, {} map writes",
+        removed.len(),
+        added.len(),
+        before.len(),
+        plan.rules.len() + plan.index.len() + plan.index_after.len()
+    );
 
     // The sysctls: how many rules want each, and what they all want now.
     let names: Vec<String> = planned.interfaces.iter().map(|i| i.name.clone()).collect();
