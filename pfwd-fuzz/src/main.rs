@@ -76,6 +76,8 @@ fn run(args: Args) -> Result<u64> {
         packets as f64 / secs,
         fz.refused
     );
+    let (syncs, small) = fz.inst.rule_changes();
+    println!("rule changes: {syncs}, {small} of them the small way (only the changed rules compiled)");
     println!("what the model saw (packets per path):");
     for (path, n) in &fz.paths {
         println!("  {n:>10}  {path}");

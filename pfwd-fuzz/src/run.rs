@@ -10,8 +10,9 @@ use aya::maps::{HashMap, Map, MapData};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use pfwd::loader::Kernel;
 use pfwd::rules::Rule;
+use pfwd::rules::delta::{ClassKeys, Member, class_keys, hidden_members};
 use pfwd::state::StoredRule;
-use pfwd_common::{Config, FragEntry, FragKey, names};
+use pfwd_common::{Config, FragEntry, FragKey, IndexKey, names};
 
 use crate::model::rules::{IFACE, IFACE_ADDR};
 use crate::model::{FragCounters, Hook};
@@ -32,16 +33,27 @@ impl Drop for Pins {
     }
 }
 
+#[derive(Default)]
+struct Kept {
+    classes: Vec<ClassKeys>,
+    hidden: std::collections::HashMap<IndexKey, Vec<Member>>,
+}
+
 pub struct Instance {
     ingress: SchedClassifier,
     egress: SchedClassifier,
     /// The fragment table (PFWD_FRAGS), emptied with conntrack on every reset.
     frags: HashMap<MapData, FragKey, FragEntry>,
     /// The rules the kernel holds, and how many rule sets it was given: most changes write only what changes from
-    /// the held rules (as `pfwd add`/`del` do), every eighth reads the held rules back from the maps (as after an
-    /// interrupted change).
+    /// the held rules (as `pfwd add`/`del` do), half of them the small way (compiling only the changed rules, as
+    /// `pfwd add`/`del` do), every eighth reads the held rules back from the maps (as after an interrupted change).
     held: Vec<StoredRule>,
     syncs: u64,
+    /// How many of them went the small way.
+    small: u64,
+    /// What a small change needs about the held rules (as pfwd keeps it with its state): each class with its key
+    /// count, and each key's rules behind its kernel entry.
+    kept: Kept,
     pins: Pins,
 }
 
@@ -88,7 +100,7 @@ impl Instance {
         let egress = SchedClassifier::from_pin(dir.join("prog_egress")).context("pinned egress program")?;
         let frags = MapData::from_pin(dir.join(names::FRAGS)).context("pinned fragment table")?;
         let frags = HashMap::try_from(Map::LruHashMap(frags)).context("fragment table type")?;
-        Ok(Self { ingress, egress, frags, pins, held: Vec::new(), syncs: 0 })
+        Ok(Self { ingress, egress, frags, pins, held: Vec::new(), syncs: 0, small: 0, kept: Kept::default() })
     }
 
     /// Replaces the rules and empties the conntrack and fragment tables: a fresh start for the next rule set.
@@ -120,8 +132,42 @@ impl Instance {
         let stored: Vec<StoredRule> = rules.iter().map(|r| StoredRule { rule: r.clone(), slot: slot(r.id) }).collect();
         self.syncs += 1;
         let held = std::mem::replace(&mut self.held, stored);
+        if self.syncs % 2 == 1 && self.small_change(&held)? {
+            return Ok(());
+        }
         let previous = (!self.syncs.is_multiple_of(8)).then_some(&held[..]);
-        self.pins.0.sync_rules(previous, &self.held, &lo_index).context("sync_rules")
+        self.pins.0.sync_rules(previous, &self.held, &lo_index).context("sync_rules")?;
+        let compiled = pfwd::loader::compile_stored(&self.held, &lo_index)?;
+        self.kept = Kept { classes: class_keys(&compiled), hidden: hidden_members(&compiled).into_iter().collect() };
+        Ok(())
+    }
+
+    /// Changes the kernel's rules from `held` to `self.held` the small way, when it can (false: it wrote nothing).
+    fn small_change(&mut self, held: &[StoredRule]) -> Result<bool> {
+        let removed: Vec<StoredRule> = held.iter().filter(|r| !self.held.contains(r)).cloned().collect();
+        let added: Vec<StoredRule> = self.held.iter().filter(|r| !held.contains(r)).cloned().collect();
+        let k = &self.pins.0;
+        let reader = k.index_reader()?;
+        let kept = &self.kept;
+        let Some(small) = k.plan_small(&reader, &removed, &added, &kept.classes, &kept.hidden, &lo_index)? else {
+            return Ok(false);
+        };
+        self.kept.classes = small.classes.clone();
+        for (key, members) in &small.hidden {
+            if members.is_empty() {
+                self.kept.hidden.remove(key);
+            } else {
+                self.kept.hidden.insert(*key, members.clone());
+            }
+        }
+        k.apply_small(small).context("a small change")?;
+        self.small += 1;
+        Ok(true)
+    }
+
+    /// How many rule changes the kernel was given, and how many of them went the small way.
+    pub fn rule_changes(&self) -> (u64, u64) {
+        (self.syncs, self.small)
     }
 
     /// The kernel's fragment counters (they are never reset: compare differences).

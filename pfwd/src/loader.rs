@@ -353,10 +353,54 @@ impl Kernel {
         Ok(IndexReader { index: self.map(names::INDEX)?, rules: self.map(names::RULES)? })
     }
 
-    /// Carries out a plan made from what the kernel holds now ([`rules::plan::plan_change`] over
-    /// [`rules::delta`]): `cfg` is the configuration it was planned at.
-    pub fn apply_planned(&self, plan: &rules::plan::Plan, mut cfg: Config) -> Result<()> {
-        self.apply_plan(plan, &mut cfg)
+    /// Plans the change from the kernel's rules to the same without `removed` and with `added` (slots and ids
+    /// given) looking only at the index keys they touch ([`rules::delta`]). `classes` and `hidden` are what is kept
+    /// about the other rules ([`rules::delta::ClassKeys`], and each key's rules behind its kernel entry). Ok(None):
+    /// this change must go the full way (a key would list too many rules during it, or a `--hairpin` rule, whose
+    /// companion other rules may share). Nothing is written.
+    pub fn plan_small(
+        &self,
+        reader: &IndexReader,
+        removed: &[StoredRule],
+        added: &[StoredRule],
+        classes: &[rules::delta::ClassKeys],
+        hidden: &std::collections::HashMap<IndexKey, Vec<rules::delta::Member>>,
+        ifindex: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<Option<SmallPlan>> {
+        if removed.iter().chain(added).any(|r| r.rule.hairpin.is_some()) {
+            return Ok(None);
+        }
+        let new_changed = compile_stored(added, ifindex)?;
+        let old_changed = compile_stored(removed, ifindex)?;
+        // What each touched key holds now: the rules the kernel lists, then the hidden ones.
+        let mut before: std::collections::HashMap<IndexKey, Vec<rules::delta::Member>> = Default::default();
+        for key in old_changed.members.keys().chain(new_changed.members.keys()) {
+            if before.contains_key(key) {
+                continue;
+            }
+            let mut members: Vec<rules::delta::Member> =
+                reader.listed(key)?.iter().map(|(s, e)| rules::delta::Member::of(*s, e)).collect();
+            members.extend(hidden.get(key).into_iter().flatten());
+            before.insert(*key, members);
+        }
+        let d = match rules::delta::delta(&old_changed, &new_changed, &before, classes) {
+            Ok(d) => d,
+            Err(rules::RuleError::IndexFull { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let cfg = self.config()?;
+        let plan = match rules::plan::plan_change(&d.compiled, &new_changed, &old_changed, cfg.generation) {
+            Ok(p) => p,
+            Err(rules::RuleError::IndexFull { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Some(SmallPlan { plan, cfg, classes: d.classes, hidden: d.hidden, keys: before.len() }))
+    }
+
+    /// Carries out a change planned by [`Kernel::plan_small`] (nothing may have changed the maps since).
+    pub fn apply_small(&self, small: SmallPlan) -> Result<()> {
+        let SmallPlan { plan, mut cfg, .. } = small;
+        self.apply_plan(&plan, &mut cfg)
     }
 
     /// What the kernel holds, read back from the maps: every slot the index lists, with its entry.
@@ -617,6 +661,19 @@ impl Kernel {
         }
         Ok(())
     }
+}
+
+/// A change planned the small way ([`Kernel::plan_small`]).
+pub struct SmallPlan {
+    pub plan: rules::plan::Plan,
+    /// The configuration it was planned at (its generation).
+    cfg: Config,
+    /// Every class with its key count after the change.
+    pub classes: Vec<rules::delta::ClassKeys>,
+    /// The touched keys whose hidden rules change, with their new ones (empty: none left).
+    pub hidden: Vec<(IndexKey, Vec<rules::delta::Member>)>,
+    /// How many index keys it touched.
+    pub keys: usize,
 }
 
 /// Lookups of one index key's rules and of rule slots, for a change that looks only at what it touches.

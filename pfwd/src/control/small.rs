@@ -7,15 +7,13 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::{Context, Result, bail};
-use pfwd_common::maps::IndexKey;
 
 use super::{
     Backend, Change, NO_CGROUP, apply, apply_wanted_sysctls, no_such_rules, record_wanted, refresh_addresses,
     restore_added_sysctls, rule_error,
 };
 use crate::{
-    loader::compile_stored,
-    rules::{self, Rule, delta::Member},
+    rules::{self, Rule},
     state::{DataPath, Derived, Lock, Meta, Pending, State, StoredRule},
     store::{Store, Write},
     sysctl,
@@ -45,15 +43,10 @@ pub(super) fn change(
 ) -> Result<Option<Change>> {
     let Backend::Ebpf(kernel) = Backend::of(&meta, &lock.inst) else { return Ok(None) };
     let Some(derived) = meta.derived.clone() else { return Ok(None) };
-    if add.iter().any(|r| r.hairpin.is_some()) {
-        // Rules with the same companion share it (the first one's); only a full compile sees the others.
-        return Ok(None);
-    }
     let mut removed: Vec<StoredRule> = Vec::with_capacity(remove.len());
     let mut missing = vec![];
     for id in remove {
         match store.rule(*id)? {
-            Some(r) if r.rule.hairpin.is_some() => return Ok(None),
             Some(r) => removed.push(r),
             None => missing.push(id.to_string()),
         }
@@ -94,41 +87,20 @@ pub(super) fn change(
     if meta.cgroup.is_none() && added.iter().any(|r| r.rule.local) {
         bail!(NO_CGROUP);
     }
-    let (new_changed, old_changed) = {
-        let ifindex = super::ifindex_lookup(&meta);
-        let compile = |rules: &[StoredRule]| compile_stored(rules, &ifindex).map_err(|e| rule_error(e, &meta));
-        (compile(&added)?, compile(&removed)?)
-    };
-
-    // What each touched key holds now: the rules the kernel lists, then the hidden ones.
     let hidden = derived.hidden();
-    let mut before: HashMap<IndexKey, Vec<Member>> = HashMap::new();
-    for key in old_changed.members.keys().chain(new_changed.members.keys()) {
-        if before.contains_key(key) {
-            continue;
-        }
-        let mut members: Vec<Member> = reader.listed(key)?.iter().map(|(s, e)| Member::of(*s, e)).collect();
-        members.extend(hidden.get(key).into_iter().flatten());
-        before.insert(*key, members);
-    }
-    let d = match rules::delta::delta(&old_changed, &new_changed, &before, &derived.classes) {
-        Ok(d) => d,
-        // Too many rules on a key: the full way says which, or applies the deletions first.
-        Err(rules::RuleError::IndexFull { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let cfg = kernel.config()?;
-    let plan = match rules::plan::plan_change(&d.compiled, &new_changed, &old_changed, cfg.generation) {
-        Ok(p) => p,
-        Err(rules::RuleError::IndexFull { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
+    let small = kernel
+        .plan_small(&reader, &removed, &added, &derived.classes, &hidden, &super::ifindex_lookup(&meta))
+        .map_err(|e| match e.downcast::<rules::RuleError>() {
+            Ok(e) => rule_error(e, &meta),
+            Err(e) => e,
+        })?;
+    let Some(small) = small else { return Ok(None) };
     log::debug!(
         "small change: {} rules removed, {} added; {} index keys touched, {} map writes",
         removed.len(),
         added.len(),
-        before.len(),
-        plan.rules.len() + plan.index.len() + plan.index_after.len()
+        small.keys,
+        small.plan.rules.len() + small.plan.index.len() + small.plan.index_after.len()
     );
 
     // The sysctls: how many rules want each, and what they all want now.
@@ -159,11 +131,12 @@ pub(super) fn change(
         .collect();
     wanted.sort();
     let mut hidden = hidden;
-    for (key, members) in d.hidden {
-        hidden.insert(key, members);
-    }
-    let mut next =
-        Derived { classes: d.classes, sysctls: users.into_iter().filter(|(_, n)| *n > 0).collect(), hidden: vec![] };
+    hidden.extend(small.hidden.iter().cloned());
+    let mut next = Derived {
+        classes: small.classes.clone(),
+        sysctls: users.into_iter().filter(|(_, n)| *n > 0).collect(),
+        hidden: vec![],
+    };
     next.sysctls.sort();
     next.set_hidden(hidden);
 
@@ -176,7 +149,7 @@ pub(super) fn change(
     let applied = (|| {
         let Backend::Ebpf(kernel) = &backend else { unreachable!() };
         refresh_addresses(kernel, &planned)?;
-        kernel.apply_planned(&plan, cfg)?;
+        kernel.apply_small(small)?;
         apply_wanted_sysctls(&backend, &mut planned, &wanted)
     })();
     match applied {
