@@ -148,6 +148,9 @@ pub struct Derived {
     pub classes: Vec<ClassKeys>,
     /// Each sysctl the rules want (`sysctl::wanted`), with how many rules want it.
     pub sysctls: Vec<(String, u32)>,
+    /// How many rules have several backends (they are capped: `MAX_BACKEND_RULES` Maglev tables).
+    #[serde(default)]
+    pub backend_rules: u32,
     /// The index keys with rules their kernel entry does not list (behind an unconditional rule of the key): the
     /// key's bytes and its hidden [`Member`]s ([`Member::encode`]). Usually none.
     #[serde(default)]

@@ -124,4 +124,33 @@ fn spread_and_stay(mode: &str) {
     }
 }
 
-in_both_modes!(spread_and_stay);
+
+/// The cap on rules with several backends counts every rule: after an import of 256 such rules, one more `add` is
+/// refused (changing nothing), and once one of them is deleted the same `add` goes in (in eBPF mode both are small
+/// changes, which do not look at the other rules: the count is kept with the state).
+fn backend_rule_cap(mode: &str) {
+    let lab = lab("lb-cap");
+    let guard = attach(&lab, mode, &["eth0", "eth1"]);
+    let mut save = String::from("*nat\n");
+    for i in 0..256 {
+        let port = 10_000 + i;
+        save.push_str(&format!(
+            "-A PREROUTING -i eth0 -p tcp --dport {port} -j DNAT --to-destination 10.0.2.2-10.0.2.3:9000\n"
+        ));
+    }
+    save.push_str("COMMIT\n");
+    let file = std::env::temp_dir().join(format!("pfwd-e2e-lb-cap-{}-{mode}.txt", std::process::id()));
+    std::fs::write(&file, save).unwrap();
+    pfwd_ok(&lab, &["import", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(list(&lab).as_array().map(Vec::len), Some(256));
+    let one_more = ["add", "dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9000,10.0.2.3:9000"];
+    pfwd_err(&lab, &one_more, &["more than 256 rules with several backends"]);
+    assert_eq!(list(&lab).as_array().map(Vec::len), Some(256), "a refused add changes nothing");
+    del(&lab, 1);
+    pfwd_ok(&lab, &one_more);
+    assert_eq!(list(&lab).as_array().map(Vec::len), Some(256));
+    guard.detach();
+}
+
+in_both_modes!(spread_and_stay, backend_rule_cap);

@@ -377,6 +377,7 @@ fn apply_sysctls(backend: &Backend, state: &mut State, compiled: Option<&rules::
             let mut d = Derived {
                 classes: rules::delta::class_keys(c),
                 sysctls: sysctl::users(state.rules.iter().map(|r| &r.rule), &names),
+                backend_rules: c.tables.len() as u32,
                 hidden: vec![],
             };
             d.set_hidden(rules::delta::hidden_members(c));

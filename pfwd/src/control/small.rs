@@ -87,6 +87,12 @@ pub(super) fn change(
     if meta.cgroup.is_none() && added.iter().any(|r| r.rule.local) {
         bail!(NO_CGROUP);
     }
+    // The cap on rules with several backends counts every rule, not only the changed ones.
+    let with_backends = |rules: &[StoredRule]| rules.iter().filter(|r| !r.rule.backends.is_empty()).count() as u32;
+    let backend_rules = (derived.backend_rules + with_backends(&added)).saturating_sub(with_backends(&removed));
+    if backend_rules > pfwd_common::maps::MAX_BACKEND_RULES {
+        return Err(rules::RuleError::TooManyBackendRules.into());
+    }
     let hidden = derived.hidden();
     let small = kernel
         .plan_small(&reader, &removed, &added, &derived.classes, &hidden, &super::ifindex_lookup(&meta))
@@ -135,6 +141,7 @@ pub(super) fn change(
     let mut next = Derived {
         classes: small.classes.clone(),
         sysctls: users.into_iter().filter(|(_, n)| *n > 0).collect(),
+        backend_rules,
         hidden: vec![],
     };
     next.sysctls.sort();
