@@ -124,7 +124,6 @@ fn spread_and_stay(mode: &str) {
     }
 }
 
-
 /// The cap on rules with several backends counts every rule: after an import of 256 such rules, one more `add` is
 /// refused (changing nothing), and once one of them is deleted the same `add` goes in (in eBPF mode both are small
 /// changes, which do not look at the other rules: the count is kept with the state).

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use pfwd_common::maps::{
-    BackendEntry, COMPANION_SLOTS, Class, GEN_FOREVER, INDEX_SLOTS, IndexKey, MAX_BACKEND_RULES, MAX_CLASSES,
-    MAX_RULES, PROTO_ANY, RuleEntry, class_flag, hook, kind, rule_flag,
+    BackendEntry, COMPANION_SLOTS, Class, GEN_FOREVER, INDEX_ENTRIES, INDEX_SLOTS, IndexKey, MAX_BACKEND_RULES,
+    MAX_CLASSES, MAX_RULES, PROTO_ANY, RuleEntry, class_flag, hook, kind, rule_flag,
 };
 
 use super::error::RuleError;
@@ -238,6 +238,9 @@ pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> R
             return Err(RuleError::IndexFull { ids: ids.join(", ") });
         }
     }
+    if c.members.len() > INDEX_ENTRIES as usize {
+        return Err(RuleError::TooManyIndexKeys { count: c.members.len() });
+    }
     for (h, shapes) in shapes.into_iter().enumerate() {
         if shapes.len() > MAX_CLASSES as usize {
             return Err(RuleError::TooManyClasses { count: shapes.len() });
@@ -364,6 +367,23 @@ mod tests {
             .collect();
         k.sort_unstable();
         k
+    }
+
+    /// The kernel's index holds 1,048,576 keys: a rule set that needs more is refused by name, not by the kernel.
+    #[test]
+    fn more_index_keys_than_the_kernel_holds_are_refused() {
+        // 16 keys a rule (1-65535 is 16 prefix blocks), each rule with its own source.
+        let n = pfwd_common::maps::INDEX_ENTRIES / 16 + 1;
+        let base = ok("dnat -p tcp -s 10.0.0.1 --dport 1-65535 --to 10.0.1.1");
+        let rules: Vec<Rule> = (0..n)
+            .map(|i| Rule {
+                id: i + 1,
+                src: Some(ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(0x0a00_0000 + i), 32).unwrap()),
+                ..base.clone()
+            })
+            .collect();
+        let err = compile(&rules, &ifindex).unwrap_err();
+        assert!(matches!(err, RuleError::TooManyIndexKeys { count: 1_048_592 }), "{err}");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! [`super::plan::plan_change`] turns into the same map writes a full compile would give.
 use std::collections::{HashMap, HashSet};
 
-use pfwd_common::maps::{Class, INDEX_SLOTS, IndexKey, MAX_CLASSES, RuleEntry};
+use pfwd_common::maps::{Class, INDEX_ENTRIES, INDEX_SLOTS, IndexKey, MAX_CLASSES, RuleEntry};
 use serde::{Deserialize, Serialize};
 
 use super::compile::{CONDITIONAL, Compiled, class_of};
@@ -204,6 +204,11 @@ pub fn delta(
         c.members.insert(*key, now.iter().map(|m| m.slot).collect());
     }
     let mut kept: Vec<ClassKeys> = counts.into_values().filter(|c| c.keys > 0).collect();
+    // Every key belongs to one class: the counts add up to the index's size.
+    let keys: usize = kept.iter().map(|c| c.keys as usize).sum();
+    if keys > INDEX_ENTRIES as usize {
+        return Err(RuleError::TooManyIndexKeys { count: keys });
+    }
     kept.sort_by_key(|c| (c.min_rank, c.flags, c.port_plen, c.src_plen, c.dst_plen));
     for (hook, classes) in d.compiled.classes.iter_mut().enumerate() {
         *classes = kept.iter().filter(|c| c.hook as usize == hook).map(ClassKeys::class).collect();
@@ -353,6 +358,20 @@ mod tests {
         }
         assert!(rules.len() > 10, "the run ends with rules installed ({})", rules.len());
         assert!(shadowed_seen > 0, "the run never hid a rule behind another");
+    }
+
+    /// The index's size is the sum of the classes' key counts: a small change that would pass the kernel's limit
+    /// is refused like a full compile is.
+    #[test]
+    fn a_small_change_counts_every_key_of_the_index() {
+        let r = Rule { id: 1, ..ok("dnat -i eth0 -p tcp --dport 80 --to 10.9.0.1") };
+        let new_changed = build(&[(0, &r)], &ifindex).unwrap();
+        let key = *new_changed.members.keys().next().unwrap();
+        let full = ClassKeys { keys: pfwd_common::maps::INDEX_ENTRIES, ..ClassKeys::of(&key) };
+        let err = delta(&Compiled::default(), &new_changed, &HashMap::new(), &[full]).unwrap_err();
+        assert!(matches!(err, RuleError::TooManyIndexKeys { count } if count == 1_048_577), "{err}");
+        let room = ClassKeys { keys: pfwd_common::maps::INDEX_ENTRIES - 1, ..full };
+        assert!(delta(&Compiled::default(), &new_changed, &HashMap::new(), &[room]).is_ok());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! [`RuleError`]: everything that can be wrong with a rule, a rule set or a config file.
 
-use pfwd_common::maps::{INDEX_SLOTS, MAX_BACKEND_RULES, MAX_CLASSES, MAX_RULES};
+use pfwd_common::maps::{INDEX_ENTRIES, INDEX_SLOTS, MAX_BACKEND_RULES, MAX_CLASSES, MAX_RULES};
 
 /// Everything that can be wrong with a rule, a rule set or a config file. Messages quote the offending input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +68,11 @@ pub enum RuleError {
     TooManyClasses { count: usize },
     #[error("more than {MAX_BACKEND_RULES} rules with several backends")]
     TooManyBackendRules,
+    #[error(
+        "the rules need {count} index keys, more than the {INDEX_ENTRIES} the kernel's rule index holds (a rule takes \
+         one, or one per prefix block of its --dport range: up to 30; `pfwd status` shows the count)"
+    )]
+    TooManyIndexKeys { count: usize },
     #[error("bad TOML: {0}")]
     Toml(String),
     #[error("{0}")]
