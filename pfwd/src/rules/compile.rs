@@ -373,12 +373,12 @@ mod tests {
     #[test]
     fn more_index_keys_than_the_kernel_holds_are_refused() {
         // 16 keys a rule (1-65535 is 16 prefix blocks), each rule with its own source.
-        let n = pfwd_common::maps::INDEX_ENTRIES / 16 + 1;
+        let n = INDEX_ENTRIES / 16 + 1;
         let base = ok("dnat -p tcp -s 10.0.0.1 --dport 1-65535 --to 10.0.1.1");
         let rules: Vec<Rule> = (0..n)
             .map(|i| Rule {
                 id: i + 1,
-                src: Some(ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(0x0a00_0000 + i), 32).unwrap()),
+                src: Some(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i), 32).unwrap()),
                 ..base.clone()
             })
             .collect();
