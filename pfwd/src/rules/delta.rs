@@ -367,10 +367,10 @@ mod tests {
         let r = Rule { id: 1, ..ok("dnat -i eth0 -p tcp --dport 80 --to 10.9.0.1") };
         let new_changed = build(&[(0, &r)], &ifindex).unwrap();
         let key = *new_changed.members.keys().next().unwrap();
-        let full = ClassKeys { keys: pfwd_common::maps::INDEX_ENTRIES, ..ClassKeys::of(&key) };
+        let full = ClassKeys { keys: INDEX_ENTRIES, ..ClassKeys::of(&key) };
         let err = delta(&Compiled::default(), &new_changed, &HashMap::new(), &[full]).unwrap_err();
         assert!(matches!(err, RuleError::TooManyIndexKeys { count } if count == 1_048_577), "{err}");
-        let room = ClassKeys { keys: pfwd_common::maps::INDEX_ENTRIES - 1, ..full };
+        let room = ClassKeys { keys: INDEX_ENTRIES - 1, ..full };
         assert!(delta(&Compiled::default(), &new_changed, &HashMap::new(), &[room]).is_ok());
     }
 
