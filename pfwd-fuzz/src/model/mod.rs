@@ -349,8 +349,10 @@ impl Model {
         self.next_flow += 1;
         let flow = Flow { orig: t, reply_key, fin_orig: false, fin_reply: false, rst: false };
         self.flows.insert(id, flow);
-        self.table.insert(t, Entry { xlat, hook, reply: false, flow: id });
+        // In the kernel's order (conntrack::create): the reply entry, then the original one. A flow whose reply tuple
+        // is its own original tuple (a self-addressed packet masqueraded to the same address) keeps the original.
         self.table.insert(reply_key, Entry { xlat: t.reversed(), hook: hook.other(), reply: true, flow: id });
+        self.table.insert(t, Entry { xlat, hook, reply: false, flow: id });
         // The opening packet's flags are not state: a SYN+FIN (which opens a flow: SYN without ACK or RST) does not
         // count as the original direction's FIN. (Adopted from the kernel; reported: Linux calls SYN+FIN invalid.)
         Ok(Expect {
