@@ -1,4 +1,5 @@
-//! Batched map writes: `BPF_MAP_UPDATE_BATCH` (Linux 5.6+), which aya 0.14 does not wrap.
+//! Batched map writes and array reads: `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+), which aya
+//! 0.14 does not wrap.
 //! One syscall writes thousands of entries, where one `bpf_map_update_elem` each made installing 100,000 rules take
 //! seconds. A kernel without them (`EINVAL`, `ENOTSUPP`) gets the entries one at a time instead.
 use std::os::fd::{AsFd, AsRawFd};
@@ -10,6 +11,7 @@ use aya::maps::MapData;
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 /// Linux's ENOTSUPP (not in libc: it is kernel-internal, yet the batch commands return it).
 const ENOTSUPP: i32 = 524;
@@ -112,6 +114,33 @@ impl Batch {
             }
         }
         Ok(())
+    }
+
+    /// Up to `count` entries `(index, value)` of an array map from index `from` on (fewer at the array's end).
+    pub fn read_array<V: Pod>(&self, from: u32, count: u32) -> Result<Vec<(u32, V)>> {
+        self.check::<u32, V>()?;
+        let mut keys = vec![0u32; count as usize];
+        // SAFETY: Pod values are valid for any bytes, zeroes included.
+        let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; count as usize];
+        // The kernel starts after the key `in_batch` names (none: from the first).
+        let (after, mut next) = (from.wrapping_sub(1), 0u32);
+        let mut attr = BatchAttr {
+            in_batch: if from == 0 { 0 } else { &after as *const u32 as u64 },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count,
+            map_fd: self.fd(),
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(()) => {}
+            // The end of the array: `count` says how many it read.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(e).with_context(|| format!("reading map {}", self.name)),
+        }
+        let n = attr.count as usize;
+        Ok(keys.into_iter().zip(values).take(n).collect())
     }
 
     /// Deletes `keys`; keys that are not there are skipped.

@@ -350,7 +350,11 @@ impl Kernel {
     /// The rule index and rules array, opened once for the lookups of a small change ([`IndexReader`]).
     pub fn index_reader(&self) -> Result<IndexReader> {
         self.check_layout()?;
-        Ok(IndexReader { index: self.map(names::INDEX)?, rules: self.map(names::RULES)? })
+        Ok(IndexReader {
+            index: self.map(names::INDEX)?,
+            rules: self.map(names::RULES)?,
+            rules_batch: Batch::open(&self.dir.join(names::RULES))?,
+        })
     }
 
     /// Plans the change from the kernel's rules to the same without `removed` and with `added` (slots and ids
@@ -680,6 +684,7 @@ pub struct SmallPlan {
 pub struct IndexReader {
     index: HashMap<MapData, IndexKey, IndexEntry>,
     rules: Array<MapData, RuleEntry>,
+    rules_batch: Batch,
 }
 
 impl IndexReader {
@@ -693,9 +698,24 @@ impl IndexReader {
         entry.slots[..(entry.len as usize).min(INDEX_SLOTS)].iter().map(|s| Ok((*s, self.rules.get(s, 0)?))).collect()
     }
 
-    /// Whether no rule is in `slot` (a cleared entry: ids start at 1).
-    pub fn slot_free(&self, slot: u32) -> Result<bool> {
-        Ok(self.rules.get(&slot, 0)?.id == 0)
+    /// The first slot from `from` on (round robin below `MAX_RULES`) that holds no rule (a cleared entry: ids start
+    /// at 1) and is not `taken`. The rules array is read in batches: with 100,000 rules a dense stretch of slots is
+    /// a few syscalls, not one per slot.
+    pub fn free_slot(&self, from: u32, taken: &HashSet<u32>) -> Result<Option<u32>> {
+        const CHUNK: u32 = 4096;
+        let max = pfwd_common::MAX_RULES;
+        let mut start = from % max;
+        let mut seen = 0;
+        while seen < max {
+            let count = CHUNK.min(max - start);
+            let entries: Vec<(u32, RuleEntry)> = self.rules_batch.read_array(start, count)?;
+            if let Some((slot, _)) = entries.iter().find(|(s, e)| e.id == 0 && !taken.contains(s)) {
+                return Ok(Some(*slot));
+            }
+            seen += count;
+            start = (start + count) % max;
+        }
+        Ok(None)
     }
 }
 

@@ -151,6 +151,10 @@ pub struct Derived {
     /// How many rules have several backends (they are capped: `MAX_BACKEND_RULES` Maglev tables).
     #[serde(default)]
     pub backend_rules: u32,
+    /// This host's IPv4 addresses when the sysctl counts were made (sorted): whether a DNAT rule needs forwarding
+    /// depends on them, so a small change with other addresses now goes the full way.
+    #[serde(default)]
+    pub locals: Vec<std::net::Ipv4Addr>,
     /// The index keys with rules their kernel entry does not list (behind an unconditional rule of the key): the
     /// key's bytes and its hidden [`Member`]s ([`Member::encode`]). Usually none.
     #[serde(default)]
@@ -272,9 +276,14 @@ impl Lock {
             Err(e) => return Err(e).with_context(|| format!("reading {}", legacy.display())),
         };
         let state: State = serde_json::from_str(&text).with_context(|| format!("{} is corrupt", legacy.display()))?;
-        self.save(&state)?;
+        // Built aside and renamed into place once committed: a store only ever exists whole, and until then the old
+        // file is the state.
+        let aside = path.with_extension("redb.new");
+        let _ = fs::remove_file(&aside);
+        Store::open(&aside)?.write(&state.meta, &Write { added: &state.rules, replace: true, ..Default::default() })?;
+        fs::rename(&aside, &path).with_context(|| format!("moving {} into place", aside.display()))?;
         fs::remove_file(&legacy).with_context(|| format!("removing {}", legacy.display()))?;
-        Ok(self.store.borrow().clone())
+        Ok(Some(self.store_or_create()?))
     }
 
     fn store_or_create(&self) -> Result<Rc<Store>> {
@@ -328,6 +337,89 @@ impl Lock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A temporary instance directory (removed on drop).
+    struct TempInstance(Instance);
+
+    impl TempInstance {
+        fn new(name: &str) -> TempInstance {
+            let root = std::env::temp_dir().join(format!("pfwd-state-test-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&root);
+            TempInstance(Instance {
+                netns_inode: 1,
+                netns_cookie: 7,
+                pin_dir: root.join("pins"),
+                state_dir: root.join("net-1"),
+            })
+        }
+    }
+
+    impl Drop for TempInstance {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(self.0.state_dir.parent().unwrap());
+        }
+    }
+
+    fn two_rules() -> Vec<StoredRule> {
+        let rule = |id, s: &str| StoredRule { rule: Rule { id, ..crate::rules::tests::ok(s) }, slot: id + 10 };
+        vec![rule(1, "dnat -p tcp --dport 80 --to 10.0.0.2"), rule(2, "masquerade -o eth0")]
+    }
+
+    /// A `state.json` left by an older pfwd is moved into the store whole, and is gone afterwards; a leftover of a
+    /// move that was interrupted before its rename is ignored.
+    #[test]
+    fn a_legacy_state_file_moves_into_the_store() {
+        let t = TempInstance::new("legacy");
+        let mut st = State::new(7, DataPath::Ebpf, "test");
+        st.rules = two_rules();
+        st.next_id = 3;
+        fs::create_dir_all(&t.0.state_dir).unwrap();
+        fs::write(t.0.state_dir.join("state.json"), serde_json::to_vec(&st).unwrap()).unwrap();
+        fs::write(t.0.state_dir.join("state.redb.new"), b"half a database").unwrap();
+        {
+            let lock = Lock::acquire(&t.0).unwrap();
+            assert_eq!(lock.load().unwrap(), Some(st.clone()));
+        }
+        assert!(!t.0.state_dir.join("state.json").exists());
+        assert!(!t.0.state_dir.join("state.redb.new").exists());
+        let lock = Lock::acquire(&t.0).unwrap();
+        assert_eq!(lock.load().unwrap(), Some(st));
+    }
+
+    /// A change writes what it changes: rules removed and added by id, the meta; a rule is found by id, by id range
+    /// and as a duplicate (by match and target, whatever its comment or id); `replace` starts over.
+    #[test]
+    fn the_store_keeps_rules_by_id_and_finds_duplicates() {
+        let t = TempInstance::new("store");
+        let lock = Lock::acquire(&t.0).unwrap();
+        assert_eq!(lock.load().unwrap(), None, "nothing attached yet");
+        let mut st = State::new(7, DataPath::Ebpf, "test");
+        st.rules = two_rules();
+        lock.save(&st).unwrap();
+        let (_, store) = lock.load_meta().unwrap().unwrap();
+        let masq = Rule { id: 99, ..crate::rules::tests::ok("masquerade -o eth0") };
+        assert_eq!(store.duplicate_of(&masq).unwrap(), Some(2));
+        let other = crate::rules::tests::ok("masquerade -o eth1");
+        assert_eq!(store.duplicate_of(&other).unwrap(), None);
+        let added = StoredRule { rule: Rule { id: 3, ..other.clone() }, slot: 13 };
+        let w = Write { removed: &st.rules[..1], added: std::slice::from_ref(&added), replace: false };
+        lock.save_change(&st.meta, &w).unwrap();
+        assert_eq!(store.rule(1).unwrap(), None);
+        assert_eq!(store.rule(3).unwrap(), Some(added.clone()));
+        assert_eq!(store.ids_in(0, 100).unwrap(), [2, 3]);
+        assert_eq!(store.ids_in(3, 2).unwrap(), Vec::<u32>::new());
+        assert_eq!(store.id_span().unwrap(), (2, Some((2, 3))));
+        assert_eq!(store.duplicate_of(&other).unwrap(), Some(3));
+        let dnat = crate::rules::tests::ok("dnat -p tcp --dport 80 --to 10.0.0.2");
+        assert_eq!(store.duplicate_of(&dnat).unwrap(), None, "removed with its rule");
+        lock.save(&State::new(7, DataPath::Ebpf, "test")).unwrap();
+        assert_eq!(store.id_span().unwrap(), (0, None));
+        assert_eq!(store.duplicate_of(&other).unwrap(), None);
+        drop((store, lock));
+        // Another namespace that reused the inode number (another cookie) sees no instance.
+        let reused = Instance { netns_cookie: 8, ..t.0.clone() };
+        assert_eq!(Lock::acquire(&reused).unwrap().load().unwrap(), None);
+    }
 
     /// `state.json` and `status --json` spell the mode as they always have.
     #[test]

@@ -42,6 +42,15 @@ fn dedup_hash(r: &Rule) -> Result<u64> {
     Ok(bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)))
 }
 
+/// A table opened for reading, or None when it was never written (every other error is one).
+fn existing<T>(opened: Result<T, redb::TableError>) -> Result<Option<T>> {
+    match opened {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e).context("reading pfwd's state"),
+    }
+}
+
 impl Store {
     /// Opens the database at `path`, creating it when missing.
     pub fn open(path: &Path) -> Result<Store> {
@@ -52,11 +61,7 @@ impl Store {
     /// The meta, or None in a database that was never written.
     pub fn meta(&self) -> Result<Option<Meta>> {
         let tx = self.db.begin_read()?;
-        let table = match tx.open_table(META) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
+        let Some(table) = existing(tx.open_table(META))? else { return Ok(None) };
         match table.get("state")? {
             Some(v) => Ok(Some(serde_json::from_slice(v.value()).context("the state's meta is corrupt")?)),
             None => Ok(None),
@@ -66,11 +71,7 @@ impl Store {
     /// Every rule, in id order.
     pub fn rules(&self) -> Result<Vec<StoredRule>> {
         let tx = self.db.begin_read()?;
-        let table = match tx.open_table(RULES) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![]),
-            Err(e) => return Err(e.into()),
-        };
+        let Some(table) = existing(tx.open_table(RULES))? else { return Ok(vec![]) };
         let mut out = Vec::with_capacity(table.len()? as usize);
         for item in table.iter()? {
             let (id, v) = item?;
@@ -84,7 +85,7 @@ impl Store {
     /// The rule with id `id`.
     pub fn rule(&self, id: u32) -> Result<Option<StoredRule>> {
         let tx = self.db.begin_read()?;
-        let Ok(table) = tx.open_table(RULES) else { return Ok(None) };
+        let Some(table) = existing(tx.open_table(RULES))? else { return Ok(None) };
         match table.get(id)? {
             Some(v) => {
                 Ok(Some(serde_json::from_slice(v.value()).with_context(|| format!("stored rule {id} is corrupt"))?))
@@ -99,7 +100,7 @@ impl Store {
             return Ok(vec![]);
         }
         let tx = self.db.begin_read()?;
-        let Ok(table) = tx.open_table(RULES) else { return Ok(vec![]) };
+        let Some(table) = existing(tx.open_table(RULES))? else { return Ok(vec![]) };
         let mut out = vec![];
         for item in table.range(lo..=hi)? {
             out.push(item?.0.value());
@@ -110,7 +111,7 @@ impl Store {
     /// How many rules there are, and the lowest and highest id (for error messages).
     pub fn id_span(&self) -> Result<(u64, Option<(u32, u32)>)> {
         let tx = self.db.begin_read()?;
-        let Ok(table) = tx.open_table(RULES) else { return Ok((0, None)) };
+        let Some(table) = existing(tx.open_table(RULES))? else { return Ok((0, None)) };
         let first = table.first()?.map(|(k, _)| k.value());
         let last = table.last()?.map(|(k, _)| k.value());
         Ok((table.len()?, first.zip(last)))
@@ -119,7 +120,10 @@ impl Store {
     /// The id of a rule with the same match and target as `r`.
     pub fn duplicate_of(&self, r: &Rule) -> Result<Option<u32>> {
         let tx = self.db.begin_read()?;
-        let (Ok(keys), Ok(rules)) = (tx.open_multimap_table(KEYS), tx.open_table(RULES)) else { return Ok(None) };
+        let (Some(keys), Some(rules)) = (existing(tx.open_multimap_table(KEYS))?, existing(tx.open_table(RULES))?)
+        else {
+            return Ok(None);
+        };
         let key = r.dedup_key();
         for id in keys.get(dedup_hash(r)?)? {
             let id = id?.value();

@@ -378,6 +378,7 @@ fn apply_sysctls(backend: &Backend, state: &mut State, compiled: Option<&rules::
                 classes: rules::delta::class_keys(c),
                 sysctls: sysctl::users(state.rules.iter().map(|r| &r.rule), &names),
                 backend_rules: c.tables.len() as u32,
+                locals: sorted_local_addrs(),
                 hidden: vec![],
             };
             d.set_hidden(rules::delta::hidden_members(c));
@@ -415,6 +416,13 @@ fn apply_wanted_sysctls(
         backend.write_record(&Record::new(&state.sysctls, &state.created_tables))?;
     }
     Ok(notes)
+}
+
+/// This host's IPv4 addresses, sorted.
+fn sorted_local_addrs() -> Vec<Ipv4Addr> {
+    let mut a = netif::local_addrs();
+    a.sort_unstable();
+    a
 }
 
 /// This host's IPv4 addresses, network order (the `-d local` set).
@@ -608,6 +616,9 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     for r in &add {
         r.validate()?;
     }
+    // Each id once, in the order first asked for.
+    let mut once = HashSet::new();
+    let remove: &[u32] = &remove.iter().copied().filter(|id| once.insert(*id)).collect::<Vec<u32>>();
     let lock = open()?;
     let (meta, store) = lock.load_meta()?.context(NOT_ATTACHED)?;
     if let Some(p @ (Pending::Create | Pending::Remove)) = meta.pending {
@@ -695,8 +706,8 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
 /// A rule that names an interface pfwd is not attached to says which ones it is attached to.
 fn rule_error(e: rules::RuleError, state: &Meta) -> anyhow::Error {
     match e {
-        rules::RuleError::IfaceNotAttached { iface, .. } => anyhow::anyhow!(
-            "-i {iface}: pfwd is not attached to {iface} (attached: {}); run `pfwd attach {iface}` first",
+        rules::RuleError::IfaceNotAttached { iface, option, .. } => anyhow::anyhow!(
+            "{option} {iface}: pfwd is not attached to {iface} (attached: {}); run `pfwd attach {iface}` first",
             state.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
         ),
         e => e.into(),

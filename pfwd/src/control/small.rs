@@ -43,6 +43,10 @@ pub(super) fn change(
 ) -> Result<Option<Change>> {
     let Backend::Ebpf(kernel) = Backend::of(&meta, &lock.inst) else { return Ok(None) };
     let Some(derived) = meta.derived.clone() else { return Ok(None) };
+    if super::sorted_local_addrs() != derived.locals {
+        // Which DNAT rules need forwarding depends on the host's addresses: count again, the full way.
+        return Ok(None);
+    }
     let mut removed: Vec<StoredRule> = Vec::with_capacity(remove.len());
     let mut missing = vec![];
     for id in remove {
@@ -76,9 +80,11 @@ pub(super) fn change(
             }
             return Err(e.into());
         }
-        let slot = free_slot(planned.next_slot, &taken, |s| reader.slot_free(s))?;
+        let max = pfwd_common::MAX_RULES;
+        let slot =
+            reader.free_slot(planned.next_slot, &taken)?.with_context(|| format!("all {max} rule slots are in use"))?;
         taken.insert(slot);
-        planned.next_slot = (slot + 1) % pfwd_common::MAX_RULES;
+        planned.next_slot = (slot + 1) % max;
         let rule = Rule { id: planned.next_id, ..rule.clone() };
         planned.next_id += 1;
         keys.insert(key, rule.id);
@@ -142,6 +148,7 @@ pub(super) fn change(
         classes: small.classes.clone(),
         sysctls: users.into_iter().filter(|(_, n)| *n > 0).collect(),
         backend_rules,
+        locals: derived.locals.clone(),
         hidden: vec![],
     };
     next.sysctls.sort();
@@ -162,14 +169,17 @@ pub(super) fn change(
     match applied {
         Ok(more) => notes.extend(more),
         Err(e) => {
-            // Back to the rules before, the full way.
+            // Back to the rules before, the full way, as far as it goes (the pending marker stays until it is done;
+            // the error reported is the change's).
             restore_added_sysctls(&planned, &meta);
             let mut state = State { meta: meta.clone(), rules: vec![] };
             state.pending = Some(Pending::Change);
-            lock.save_change(&state, &Write { removed: &added, added: &removed, replace: false })?;
-            state.rules = store.rules()?;
-            state.pending = None;
-            let _ = apply(&backend, &mut state).map(|_| lock.save_meta(&state));
+            let undone = lock.save_change(&state, &Write { removed: &added, added: &removed, replace: false });
+            if let (Ok(()), Ok(rules)) = (undone, store.rules()) {
+                state.rules = rules;
+                state.pending = None;
+                let _ = apply(&backend, &mut state).map(|_| lock.save_meta(&state));
+            }
             return Err(e);
         }
     }
@@ -184,16 +194,4 @@ pub(super) fn change(
     removed.sort_by_key(|r| order[&r.rule.id]);
     let rules = removed.iter().map(|r| r.rule.clone()).collect();
     Ok(Some(Change { removed: rules, added: ids, notes, before: State { meta, rules: removed } }))
-}
-
-/// The first free slot from `from` on (round robin): not `taken` and `free` by the kernel.
-fn free_slot(from: u32, taken: &HashSet<u32>, free: impl Fn(u32) -> Result<bool>) -> Result<u32> {
-    let max = pfwd_common::MAX_RULES;
-    for i in 0..max {
-        let s = (from + i) % max;
-        if !taken.contains(&s) && free(s)? {
-            return Ok(s);
-        }
-    }
-    Err(anyhow::anyhow!("all {max} rule slots are in use")).context("adding a rule")
 }

@@ -190,9 +190,11 @@ pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> R
                 Some(&i) => i,
                 None => {
                     // ifindex 0 would turn the rule into "any interface", so treat it as not attached.
-                    let i = ifindex(name)
-                        .filter(|&i| i != 0)
-                        .ok_or_else(|| RuleError::IfaceNotAttached { id: r.id, iface: name.to_string() })?;
+                    let i = ifindex(name).filter(|&i| i != 0).ok_or_else(|| RuleError::IfaceNotAttached {
+                        id: r.id,
+                        iface: name.to_string(),
+                        option: if r.is_postrouting() { "-o" } else { "-i" },
+                    })?;
                     ifindexes.insert(name, i);
                     i
                 }
@@ -470,7 +472,7 @@ mod tests {
     #[test]
     fn compile_errors() {
         let r = Rule { id: 5, ..ok("dnat -i eth9 -p tcp --dport 80 --to 10.0.0.1") };
-        assert_eq!(compile(&[r], &ifindex).unwrap_err().to_string(), "interface \"eth9\" (rule 5) is not attached");
+        assert_eq!(compile(&[r], &ifindex).unwrap_err().to_string(), "interface \"eth9\" (rule 5, -i) is not attached");
 
         // Any number of rules may share a port: 100 ranges through port 80 (their common blocks list only the best
         // of them), and 100 sources on it.
@@ -607,7 +609,7 @@ mod tests {
 
         // -o must name an attached interface, like -i.
         let r = Rule { id: 9, ..ok("masquerade -o eth9") };
-        assert_eq!(compile(&[r], &ifindex).unwrap_err().to_string(), "interface \"eth9\" (rule 9) is not attached");
+        assert_eq!(compile(&[r], &ifindex).unwrap_err().to_string(), "interface \"eth9\" (rule 9, -o) is not attached");
     }
 
     /// A `--hairpin` rule adds its masquerade in the companion half of the rules array, at its own slot's place,

@@ -51,8 +51,8 @@ pub enum RuleError {
     NoSuchRule(u32),
     #[error("rule {id}: {error}")]
     InRule { id: u32, error: Box<RuleError> },
-    #[error("interface {iface:?} (rule {id}) is not attached")]
-    IfaceNotAttached { id: u32, iface: String },
+    #[error("interface {iface:?} (rule {id}, {option}) is not attached")]
+    IfaceNotAttached { id: u32, iface: String, option: &'static str },
     #[error(
         "rules {ids} have the same matches apart from negations (`!`) and -d local, which they carry: at most {} \
          such rules may share them",
