@@ -702,12 +702,15 @@ impl IndexReader {
     /// at 1) and is not `taken`. The rules array is read in batches: with 100,000 rules a dense stretch of slots is
     /// a few syscalls, not one per slot.
     pub fn free_slot(&self, from: u32, taken: &HashSet<u32>) -> Result<Option<u32>> {
-        const CHUNK: u32 = 4096;
+        // Small reads first (the slot after the last one given out is usually free), larger ones through a dense
+        // stretch.
+        let mut chunk: u32 = 64;
         let max = pfwd_common::MAX_RULES;
         let mut start = from % max;
         let mut seen = 0;
         while seen < max {
-            let count = CHUNK.min(max - start);
+            let count = chunk.min(max - start);
+            chunk = (chunk * 2).min(4096);
             let entries: Vec<(u32, RuleEntry)> = self.rules_batch.read_array(start, count)?;
             if let Some((slot, _)) = entries.iter().find(|(s, e)| e.id == 0 && !taken.contains(s)) {
                 return Ok(Some(*slot));

@@ -625,11 +625,11 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
         bail!("{}; nothing was changed", p.describe());
     }
     if small::is_small(&meta, &store, remove.len() + add.len())?
-        && let Some(change) = small::change(&lock, meta, &store, remove, &add, skip_duplicates)?
+        && let Some(change) = small::change(&lock, &meta, &store, remove, &add, skip_duplicates)?
     {
         return Ok(change);
     }
-    let mut state = State { meta: lock.load_meta()?.context(NOT_ATTACHED)?.0, rules: store.rules()? };
+    let mut state = State { meta, rules: store.rules()? };
     log::debug!("full change: {} rules removed, {} added, of {} rules", remove.len(), add.len(), state.rules.len());
     // Sets, not scans: `flush` removes every rule, and 100,000 of them made pairwise scans quadratic.
     let present: HashSet<u32> = state.rules.iter().map(|r| r.rule.id).collect();

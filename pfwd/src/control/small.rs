@@ -35,13 +35,13 @@ pub(super) fn is_small(meta: &Meta, store: &Store, changes: usize) -> Result<boo
 /// the full way (nothing was changed).
 pub(super) fn change(
     lock: &Lock,
-    meta: Meta,
+    meta: &Meta,
     store: &Store,
     remove: &[u32],
     add: &[Rule],
     skip_duplicates: bool,
 ) -> Result<Option<Change>> {
-    let Backend::Ebpf(kernel) = Backend::of(&meta, &lock.inst) else { return Ok(None) };
+    let Backend::Ebpf(kernel) = Backend::of(meta, &lock.inst) else { return Ok(None) };
     let Some(derived) = meta.derived.clone() else { return Ok(None) };
     if super::sorted_local_addrs() != derived.locals {
         // Which DNAT rules need forwarding depends on the host's addresses: count again, the full way.
@@ -101,11 +101,11 @@ pub(super) fn change(
     }
     let hidden = derived.hidden();
     let small = kernel
-        .plan_small(&reader, &removed, &added, &derived.classes, &hidden, &super::ifindex_lookup(&meta))
+        .plan_small(&reader, &removed, &added, &derived.classes, &hidden, &super::ifindex_lookup(meta))
         .map_err(|e| match e.downcast::<rules::RuleError>() {
-            Ok(e) => rule_error(e, &meta),
-            Err(e) => e,
-        })?;
+        Ok(e) => rule_error(e, meta),
+        Err(e) => e,
+    })?;
     let Some(small) = small else { return Ok(None) };
     log::debug!(
         "small change: {} rules removed, {} added; {} index keys touched, {} map writes",
@@ -171,7 +171,7 @@ pub(super) fn change(
         Err(e) => {
             // Back to the rules before, the full way, as far as it goes (the pending marker stays until it is done;
             // the error reported is the change's).
-            restore_added_sysctls(&planned, &meta);
+            restore_added_sysctls(&planned, meta);
             let mut state = State { meta: meta.clone(), rules: vec![] };
             state.pending = Some(Pending::Change);
             let undone = lock.save_change(&state, &Write { removed: &added, added: &removed, replace: false });
@@ -193,5 +193,5 @@ pub(super) fn change(
     let order: HashMap<u32, usize> = remove.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     removed.sort_by_key(|r| order[&r.rule.id]);
     let rules = removed.iter().map(|r| r.rule.clone()).collect();
-    Ok(Some(Change { removed: rules, added: ids, notes, before: State { meta, rules: removed } }))
+    Ok(Some(Change { removed: rules, added: ids, notes, before: State { meta: meta.clone(), rules: removed } }))
 }

@@ -331,17 +331,21 @@ fn index_keys(r: &Rule, e: &RuleEntry, hook: u8) -> Vec<(IndexKey, Class)> {
 /// The class (match shape, `min_rank` 0) an index key belongs to: its prefix lengths, and whether it names an
 /// interface and a protocol.
 pub fn class_of(key: &IndexKey) -> Class {
-    let port_mask = if key.port_plen == 0 { 0 } else { !0u16 << (16 - key.port_plen) };
     let flags = if key.ifindex != 0 { class_flag::IFACE } else { 0 }
         | if key.proto != PROTO_ANY { class_flag::PROTO } else { 0 };
+    class_shaped(flags, key.port_plen, key.src_plen, key.dst_plen)
+}
+
+/// The class (`min_rank` 0) with these [`class_flag`]s and prefix lengths; the masks follow from the lengths.
+pub fn class_shaped(flags: u8, port_plen: u8, src_plen: u8, dst_plen: u8) -> Class {
     Class {
         min_rank: 0,
-        src_mask: addr_mask(key.src_plen),
-        dst_mask: addr_mask(key.dst_plen),
-        port_mask,
-        port_plen: key.port_plen,
-        src_plen: key.src_plen,
-        dst_plen: key.dst_plen,
+        src_mask: addr_mask(src_plen),
+        dst_mask: addr_mask(dst_plen),
+        port_mask: if port_plen == 0 { 0 } else { !0u16 << (16 - port_plen) },
+        port_plen,
+        src_plen,
+        dst_plen,
         flags,
         _pad: [0; 2],
     }

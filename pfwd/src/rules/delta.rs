@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use pfwd_common::maps::{Class, INDEX_ENTRIES, INDEX_SLOTS, IndexKey, MAX_CLASSES, RuleEntry};
 use serde::{Deserialize, Serialize};
 
-use super::compile::{CONDITIONAL, Compiled, class_of};
+use super::compile::{CONDITIONAL, Compiled, class_of, class_shaped};
 use super::error::RuleError;
 
 /// One rule of an index key, with what the index needs of it: its rank (which holds its id) and its flags (whether
@@ -91,18 +91,9 @@ impl ClassKeys {
         }
     }
 
-    /// The kernel's class (the masks follow from the prefix lengths).
+    /// The kernel's class.
     fn class(&self) -> Class {
-        let key = IndexKey {
-            ifindex: u32::from(self.flags & pfwd_common::maps::class_flag::IFACE != 0),
-            proto: if self.flags & pfwd_common::maps::class_flag::PROTO != 0 { 6 } else { pfwd_common::PROTO_ANY },
-            hook: self.hook,
-            port_plen: self.port_plen,
-            src_plen: self.src_plen,
-            dst_plen: self.dst_plen,
-            ..IndexKey::default()
-        };
-        Class { min_rank: self.min_rank, ..class_of(&key) }
+        Class { min_rank: self.min_rank, ..class_shaped(self.flags, self.port_plen, self.src_plen, self.dst_plen) }
     }
 }
 
