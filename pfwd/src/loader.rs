@@ -547,16 +547,21 @@ impl Kernel {
         Ok(out)
     }
 
-    /// Counters of `slot`, summed over CPUs.
-    pub fn rule_counters(&self, slot: u32) -> Result<RuleCounters> {
+    /// Counters of each of `slots`, summed over CPUs (the map is opened once: `status` asks for every rule's, and
+    /// opening it per rule took a second at 100,000 rules).
+    pub fn rule_counters(&self, slots: &[u32]) -> Result<Vec<RuleCounters>> {
         let map: PerCpuArray<MapData, RuleCounters> = self.map(names::RULE_COUNTERS)?;
-        let per_cpu = map.get(&slot, 0)?;
-        Ok(per_cpu.iter().fold(RuleCounters::default(), |a, c| RuleCounters {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-            flows: a.flows + c.flows,
-            drops: a.drops + c.drops,
-        }))
+        slots
+            .iter()
+            .map(|slot| {
+                Ok(map.get(slot, 0)?.iter().fold(RuleCounters::default(), |a, c| RuleCounters {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                    flows: a.flows + c.flows,
+                    drops: a.drops + c.drops,
+                }))
+            })
+            .collect()
     }
 
     /// Global counters by name, summed over CPUs.

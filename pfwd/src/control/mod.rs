@@ -1044,11 +1044,13 @@ pub fn status() -> Result<Status> {
         Ok(match Backend::of(&state, &lock.inst) {
             Backend::Ebpf(kernel) => {
                 let cfg = kernel.config()?;
+                let counters = kernel.rule_counters(&state.rules.iter().map(|s| s.slot).collect::<Vec<u32>>())?;
                 let rules = state
                     .rules
                     .iter()
-                    .map(|s| {
-                        let mut st = rule_status(s, kernel.rule_counters(s.slot)?.into());
+                    .zip(counters)
+                    .map(|(s, c)| {
+                        let mut st = rule_status(s, c.into());
                         if !s.rule.backends.is_empty() {
                             // Keyed by the translated destination: with backends that keep the original port, by
                             // each port the flows came to (summed by the merge).
