@@ -134,7 +134,7 @@ impl Fixture {
     }
 
     pub fn counters(&self, slot: u32) -> RuleCounters {
-        self.kernel().rule_counters(slot).expect("rule_counters")
+        self.kernel().rule_counters(&[slot]).expect("rule_counters")[0]
     }
 }
 
