@@ -5,8 +5,7 @@
 //! the state before or after it, never a mix.
 //!
 //! Tables: `meta` (the [`Meta`] as JSON), `rules` (id → [`StoredRule`] as JSON, so ids come out in order) and
-//! `keys` (a hash of a rule's duplicate key → the ids of the rules with that hash; a hit is checked against the
-//! rule).
+//! `keys` (pairs of a hash of a rule's duplicate key and the rule's id; a hit is checked against the rule).
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -33,8 +32,8 @@ pub struct Store {
     db: Database,
 }
 
-/// A stored rule: its slot and the rule, as JSON without `StoredRule`'s flattening (serde's `flatten` buffers
-/// every field on the way in: reading 100,000 rules took twice as long).
+/// A stored rule: its slot and the rule, as JSON without `StoredRule`'s flattening (serde's `flatten` buffers every
+/// field of every rule on the way in).
 #[derive(serde::Serialize)]
 struct Stored<'a> {
     slot: u32,
