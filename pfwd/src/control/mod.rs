@@ -693,14 +693,19 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
             return Err(e);
         }
     }
-    // Clear the freed slots' counters now, so a later rule given such a slot starts from zero (flows a deleted rule
-    // translated keep going until they end or are flushed, and may add a little to them meanwhile).
-    if let Backend::Ebpf(kernel) = &backend {
+    finish_change(&lock, &backend, &mut planned, &removed)?;
+    Ok(Change { removed: removed.into_iter().map(|r| r.rule).collect(), added, notes, before: state })
+}
+
+/// The end of a change that was applied: the freed slots' counters are cleared, so a later rule given such a slot
+/// starts from zero (flows a deleted rule translated keep going until they end or are flushed, and may add a little
+/// to them meanwhile); then the pending marker goes.
+fn finish_change(lock: &Lock, backend: &Backend, planned: &mut Meta, removed: &[StoredRule]) -> Result<()> {
+    if let Backend::Ebpf(kernel) = backend {
         kernel.reset_counters(&removed.iter().map(|r| r.slot).collect::<Vec<u32>>())?;
     }
     planned.pending = None;
-    lock.save_meta(&planned)?;
-    Ok(Change { removed: removed.into_iter().map(|r| r.rule).collect(), added, notes, before: state })
+    lock.save_meta(planned)
 }
 
 /// A rule that names an interface pfwd is not attached to says which ones it is attached to.

@@ -9,8 +9,8 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{Context, Result, bail};
 
 use super::{
-    Backend, Change, NO_CGROUP, apply, apply_wanted_sysctls, no_such_rules, record_wanted, refresh_addresses,
-    restore_added_sysctls, rule_error,
+    Backend, Change, NO_CGROUP, apply, apply_wanted_sysctls, finish_change, no_such_rules, record_wanted,
+    refresh_addresses, restore_added_sysctls, rule_error,
 };
 use crate::{
     rules::{self, Rule},
@@ -183,11 +183,7 @@ pub(super) fn change(
             return Err(e);
         }
     }
-    if let Backend::Ebpf(kernel) = &backend {
-        kernel.reset_counters(&removed.iter().map(|r| r.slot).collect::<Vec<u32>>())?;
-    }
-    planned.pending = None;
-    lock.save_meta(&planned)?;
+    finish_change(lock, &backend, &mut planned, &removed)?;
     let ids = added.iter().map(|r| r.rule.id).collect();
     // The order asked for.
     let order: HashMap<u32, usize> = remove.iter().enumerate().map(|(i, id)| (*id, i)).collect();
