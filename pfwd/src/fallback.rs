@@ -4,6 +4,9 @@
 //! Chain contents are applied with `iptables-restore --noflush`, which replaces pfwd's chains atomically and never
 //! touches rules or chains it does not own. Detach deletes exactly the hooks and chains pfwd added, and the tables
 //! too when pfwd created them, so `iptables-save` reads as it did before attach.
+//!
+//! Both families: IPv4 rules (and rules for both) go to iptables, IPv6 rules (and rules for both) to ip6tables, each
+//! with the same chains and hooks ([`Tools`]).
 use std::{
     io::Write,
     net::IpAddr,
@@ -13,6 +16,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use pfwd_common::RuleCounters;
 
+use crate::rules::model::Family;
 use crate::{
     iptables,
     record::Record,
@@ -23,8 +27,65 @@ use crate::{
 /// Every chain pfwd owns starts with this (PFWD-PREROUTING, PFWD-FORWARD, ...).
 const CHAIN_PREFIX: &str = "PFWD-";
 
-/// Tables pfwd writes to.
+/// Tables pfwd writes to (in each family).
 pub const TABLES: [&str; 2] = ["nat", "filter"];
+
+/// One family's commands: `iptables`, `iptables-save`, `iptables-restore`, or the `ip6tables` ones.
+#[derive(Debug, Clone, Copy)]
+struct Tools {
+    family: Family,
+    cmd: &'static str,
+    save: &'static str,
+    restore: &'static str,
+    /// The nft family of its tables (iptables-nft tables are nft tables).
+    nft: &'static str,
+    /// How [`existing_tables`] and the record name its tables: `nat` for IPv4, `ip6:nat` for IPv6.
+    table_prefix: &'static str,
+}
+
+const FAMILIES: [Tools; 2] = [
+    Tools {
+        family: Family::Ipv4,
+        cmd: "iptables",
+        save: "iptables-save",
+        restore: "iptables-restore",
+        nft: "ip",
+        table_prefix: "",
+    },
+    Tools {
+        family: Family::Ipv6,
+        cmd: "ip6tables",
+        save: "ip6tables-save",
+        restore: "ip6tables-restore",
+        nft: "ip6",
+        table_prefix: "ip6:",
+    },
+];
+
+impl Tools {
+    fn iptables(&self, args: &[String]) -> Result<String> {
+        // -w: wait for the xtables lock instead of failing when another command holds it.
+        let mut all = vec!["-w".to_string(), "10".to_string()];
+        all.extend_from_slice(args);
+        run(self.cmd, &all, None)
+    }
+
+    fn restore(&self, extra: &[&str], script: &str) -> Result<String> {
+        let mut args: Vec<String> = vec!["-w".into(), "10".into()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.push("--noflush".into());
+        run(self.restore, &args, Some(script))
+    }
+
+    fn save(&self, args: &[&str]) -> Result<String> {
+        run(self.save, &args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), None)
+    }
+
+    /// The name [`existing_tables`] gives `table` of this family.
+    fn table_name(&self, table: &str) -> String {
+        format!("{}{table}", self.table_prefix)
+    }
+}
 
 fn run(cmd: &str, args: &[String], stdin: Option<&str>) -> Result<String> {
     let mut child = Command::new(cmd)
@@ -44,31 +105,50 @@ fn run(cmd: &str, args: &[String], stdin: Option<&str>) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn iptables(args: &[String]) -> Result<String> {
-    // -w: wait for the xtables lock instead of failing when another command holds it.
-    let mut all = vec!["-w".to_string(), "10".to_string()];
-    all.extend_from_slice(args);
-    run("iptables", &all, None)
-}
-
-/// Whether the iptables command and a NAT-capable kernel are usable here.
+/// Whether the iptables and ip6tables commands are usable here.
 pub fn available() -> Result<()> {
-    run("iptables", &["--version".into()], None).map(|_| ())
+    for t in FAMILIES {
+        run(t.cmd, &["--version".into()], None)?;
+    }
+    Ok(())
 }
 
-/// Tables that exist now. Plain `iptables-save` lists only existing tables (with `-t` it prints an empty one).
+/// Every table pfwd may write to, as [`existing_tables`] names them.
+pub fn all_tables() -> Vec<String> {
+    FAMILIES.iter().flat_map(|t| TABLES.iter().map(|table| t.table_name(table))).collect()
+}
+
+/// Tables that exist now, of both families (`nat`, `ip6:nat`...). Plain `iptables-save` lists only existing tables
+/// (with `-t` it prints an empty one).
 pub fn existing_tables() -> Result<Vec<String>> {
-    let dump = run("iptables-save", &[], None)?;
-    Ok(TABLES.iter().filter(|t| dump.lines().any(|l| l == format!("*{t}"))).map(|t| t.to_string()).collect())
+    let mut out = Vec::new();
+    for t in FAMILIES {
+        let dump = t.save(&[])?;
+        out.extend(
+            TABLES
+                .iter()
+                .filter(|table| dump.lines().any(|l| l == format!("*{table}")))
+                .map(|table| t.table_name(table)),
+        );
+    }
+    Ok(out)
 }
 
-/// Replaces the contents of pfwd's chains with `rules` (creating the chains when missing). Counters of rules that
-/// stay are carried over (`iptables-restore -c`), so adding or removing one rule does not zero the others.
+/// Replaces the contents of pfwd's chains with `rules` (creating the chains when missing), in both families' tables.
+/// Counters of rules that stay are carried over (`iptables-restore -c`), so adding or removing one rule does not zero
+/// the others.
 pub fn sync_rules(rules: &[Rule]) -> Result<()> {
-    let counters = counters().unwrap_or_default();
+    for t in FAMILIES {
+        sync_family(&t, rules)?;
+    }
+    Ok(())
+}
+
+fn sync_family(t: &Tools, rules: &[Rule]) -> Result<()> {
+    let counters = family_counters(t).unwrap_or_default();
     // A rule's total goes to its first line only (a rule with several backends has one per backend).
     let mut carried = std::collections::HashSet::new();
-    let script: String = iptables::nat_chain_script(rules)
+    let script: String = iptables::nat_chain_script(rules, t.family)
         .lines()
         .map(|line| {
             let id = line
@@ -82,8 +162,7 @@ pub fn sync_rules(rules: &[Rule]) -> Result<()> {
             }
         })
         .collect();
-    run("iptables-restore", &["-w".into(), "10".into(), "-c".into(), "--noflush".into()], Some(&script))
-        .context("applying pfwd's iptables chains")?;
+    t.restore(&["-c"], &script).with_context(|| format!("applying pfwd's {} chains", t.cmd))?;
     Ok(())
 }
 
@@ -91,16 +170,17 @@ pub fn sync_rules(rules: &[Rule]) -> Result<()> {
 /// counters read or rewritten): a rule change then costs what it changes, not what is installed. The chains must
 /// hold `old` exactly; see [`crate::iptables::nat_change_script`].
 pub fn change_rules(old: &[Rule], new: &[Rule]) -> Result<()> {
-    let Some(script) = iptables::nat_change_script(old, new) else { return Ok(()) };
-    run("iptables-restore", &["-w".into(), "10".into(), "--noflush".into()], Some(&script))
-        .context("changing pfwd's iptables chains")?;
+    for t in FAMILIES {
+        let Some(script) = iptables::nat_change_script(old, new, t.family) else { continue };
+        t.restore(&[], &script).with_context(|| format!("changing pfwd's {} chains", t.cmd))?;
+    }
     Ok(())
 }
 
 /// Writes the record ([`crate::record`]) as the `PFWD-RECORD` chain (replacing what it held).
 pub fn write_record(rec: &Record) -> Result<()> {
-    run("iptables-restore", &["-w".into(), "10".into(), "--noflush".into()], Some(&rec.iptables_script()))
-        .context("writing pfwd's record chain")?;
+    // The record lives in the IPv4 nat table only; it lists the tables of both families.
+    FAMILIES[0].restore(&[], &rec.iptables_script()).context("writing pfwd's record chain")?;
     Ok(())
 }
 
@@ -109,11 +189,13 @@ pub fn read_record() -> Option<Record> {
     Record::from_iptables_save(&run("iptables-save", &["-t".into(), "nat".into()], None).ok()?)
 }
 
-/// Adds the jumps into pfwd's chains for `iface` (idempotent).
+/// Adds the jumps into pfwd's chains for `iface` (idempotent), in both families.
 pub fn attach(iface: &str) -> Result<()> {
-    for hook in iptables::hook_rules(Some(&[iface.to_string()])) {
-        if iptables(&hook.check_args()).is_err() {
-            iptables(&hook.append_args())?;
+    for t in FAMILIES {
+        for hook in iptables::hook_rules(Some(&[iface.to_string()])) {
+            if t.iptables(&hook.check_args()).is_err() {
+                t.iptables(&hook.append_args())?;
+            }
         }
     }
     Ok(())
@@ -122,9 +204,11 @@ pub fn attach(iface: &str) -> Result<()> {
 /// Removes the jumps for `iface`. Jumps shared by all interfaces (nat `OUTPUT -j PFWD-OUTPUT`) stay: other
 /// interfaces are still attached; `unload` removes them with everything else.
 pub fn detach(iface: &str) -> Result<()> {
-    for hook in iptables::hook_rules(Some(&[iface.to_string()])).into_iter().filter(|h| !h.is_shared()) {
-        if iptables(&hook.check_args()).is_ok() {
-            iptables(&hook.delete_args())?;
+    for t in FAMILIES {
+        for hook in iptables::hook_rules(Some(&[iface.to_string()])).into_iter().filter(|h| !h.is_shared()) {
+            if t.iptables(&hook.check_args()).is_ok() {
+                t.iptables(&hook.delete_args())?;
+            }
         }
     }
     Ok(())
@@ -133,7 +217,10 @@ pub fn detach(iface: &str) -> Result<()> {
 /// Whether iptables holds any of pfwd's chains or jumps into them (in this namespace). False when iptables is not
 /// usable here.
 pub fn leftovers() -> bool {
-    let Ok(dump) = run("iptables-save", &[], None) else { return false };
+    FAMILIES.iter().any(|t| t.save(&[]).is_ok_and(|dump| has_pfwd_lines(&dump)))
+}
+
+fn has_pfwd_lines(dump: &str) -> bool {
     dump.lines().any(|l| {
         l.strip_prefix(':').is_some_and(|c| c.starts_with(CHAIN_PREFIX))
             || l.split_whitespace()
@@ -148,9 +235,16 @@ pub fn leftovers() -> bool {
 /// are removed only when recorded as created by pfwd and empty of others' rules.
 pub fn unload(created_tables: &[String]) -> Result<()> {
     let mut errors = vec![];
+    for t in FAMILIES {
+        unload_family(&t, created_tables, &mut errors);
+    }
+    if errors.is_empty() { Ok(()) } else { bail!("removing pfwd's iptables rules: {}", errors.join("; ")) }
+}
+
+fn unload_family(t: &Tools, created_tables: &[String], errors: &mut Vec<String>) {
     // Hooks are found by their target, so a hook for an interface that has since disappeared goes too.
     for table in TABLES {
-        let listing = run("iptables-save", &["-t".into(), table.into()], None).unwrap_or_default();
+        let listing = t.save(&["-t", table]).unwrap_or_default();
         for line in listing.lines() {
             let Some(rest) = line.strip_prefix("-A ") else { continue };
             let args: Vec<String> = rest.split_whitespace().map(String::from).collect();
@@ -159,7 +253,7 @@ pub fn unload(created_tables: &[String]) -> Result<()> {
             if builtin && jumps_to_pfwd {
                 let mut del = vec!["-t".to_string(), table.to_string(), "-D".to_string()];
                 del.extend(args);
-                if let Err(e) = iptables(&del) {
+                if let Err(e) = t.iptables(&del) {
                     errors.push(format!("{e:#}"));
                 }
             }
@@ -168,22 +262,21 @@ pub fn unload(created_tables: &[String]) -> Result<()> {
             let Some(chain) = line.strip_prefix(':').and_then(|l| l.split_whitespace().next()) else { continue };
             if chain.starts_with(CHAIN_PREFIX) {
                 for op in ["-F", "-X"] {
-                    if let Err(e) = iptables(&["-t".into(), table.into(), op.into(), chain.into()]) {
+                    if let Err(e) = t.iptables(&["-t".into(), table.into(), op.into(), chain.into()]) {
                         errors.push(format!("{e:#}"));
                     }
                 }
             }
         }
-        if created_tables.iter().any(|t| t == table) {
-            let listing = run("iptables-save", &["-t".into(), table.into()], None).unwrap_or_default();
+        if created_tables.iter().any(|c| *c == t.table_name(table)) {
+            let listing = t.save(&["-t", table]).unwrap_or_default();
             let has_rules = listing.lines().any(|l| l.starts_with("-A "));
             if !has_rules {
                 // iptables cannot delete a table; nft can, and iptables-nft tables are nft tables.
-                let _ = run("nft", &["delete".into(), "table".into(), "ip".into(), table.into()], None);
+                let _ = run("nft", &["delete".into(), "table".into(), t.nft.into(), table.into()], None);
             }
         }
     }
-    if errors.is_empty() { Ok(()) } else { bail!("removing pfwd's iptables rules: {}", errors.join("; ")) }
 }
 
 /// The counters and rest of each line of `iptables-save -c` output tagged `pfwd:ID`, with the id.
@@ -201,9 +294,21 @@ fn counted_lines(dump: &str) -> impl Iterator<Item = (u32, RuleCounters, &str)> 
 /// backends has one line per backend). netfilter consults NAT rules only for the first packet of a connection, so
 /// packets == flows here.
 pub fn counters() -> Result<Vec<(u32, RuleCounters)>> {
-    let dump = run("iptables-save", &["-c".into(), "-t".into(), "nat".into()], None)?;
+    let mut dump = String::new();
+    for t in FAMILIES {
+        dump.push_str(&t.save(&["-c", "-t", "nat"])?);
+    }
+    Ok(sum_by_rule(&dump))
+}
+
+/// One family's per-rule counters.
+fn family_counters(t: &Tools) -> Result<Vec<(u32, RuleCounters)>> {
+    Ok(sum_by_rule(&t.save(&["-c", "-t", "nat"])?))
+}
+
+fn sum_by_rule(dump: &str) -> Vec<(u32, RuleCounters)> {
     let mut out: Vec<(u32, RuleCounters)> = vec![];
-    for (id, c, _) in counted_lines(&dump) {
+    for (id, c, _) in counted_lines(dump) {
         match out.iter_mut().find(|(i, _)| *i == id) {
             Some((_, sum)) => {
                 sum.packets += c.packets;
@@ -213,22 +318,22 @@ pub fn counters() -> Result<Vec<(u32, RuleCounters)>> {
             None => out.push((id, c)),
         }
     }
-    Ok(out)
+    out
 }
 
 /// One DNAT line's counters: (rule id, backend address, port, counters).
-pub type BackendCount = (u32, std::net::Ipv4Addr, Option<u16>, RuleCounters);
+pub type BackendCount = (u32, IpAddr, Option<u16>, RuleCounters);
 
 /// Per-backend counters of rules with several backends: each DNAT line's, by its `--to-destination`.
 pub fn backend_counters() -> Result<Vec<BackendCount>> {
-    let dump = run("iptables-save", &["-c".into(), "-t".into(), "nat".into()], None)?;
+    let mut dump = String::new();
+    for t in FAMILIES {
+        dump.push_str(&t.save(&["-c", "-t", "nat"])?);
+    }
     Ok(counted_lines(&dump)
         .filter_map(|(id, c, rest)| {
             let to = rest.split_once("--to-destination ")?.1.split_whitespace().next()?;
-            let (addr, port) = match to.split_once(':') {
-                Some((a, p)) => (a.parse().ok()?, Some(p.parse().ok()?)),
-                None => (to.parse().ok()?, None),
-            };
+            let (addr, port) = crate::rules::parse_to(to).ok()?;
             Some((id, addr, port, c))
         })
         .collect())
@@ -245,15 +350,26 @@ pub fn conntrack_count() -> u64 {
 /// Connections netfilter translated by destination (what pfwd's rules create), from the `conntrack` tool;
 /// None when the tool is missing.
 pub fn dnat_flows() -> Option<u64> {
-    let out = run("conntrack", &["-L".into(), "--dst-nat".into()], None).ok()?;
-    Some(out.lines().filter(|l| !l.trim().is_empty()).count() as u64)
+    let mut n = 0;
+    for f in CONNTRACK_FAMILIES {
+        let out = run("conntrack", &["-L".into(), "-f".into(), f.into(), "--dst-nat".into()], None).ok()?;
+        n += out.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+    }
+    Some(n)
 }
+
+/// `conntrack -f` values: the tool lists IPv4 connections only unless told otherwise.
+const CONNTRACK_FAMILIES: [&str; 2] = ["ipv4", "ipv6"];
 
 /// netfilter's translated connections (from `conntrack -L`), as `pfwd conntrack` lists them: entries whose reply
 /// tuple is not simply the original reversed. Empty when the conntrack tool is missing.
 pub fn conntrack_list() -> Vec<ConntrackEntry> {
-    let Ok(text) = run("conntrack", &["-L".into()], None) else { return vec![] };
-    text.lines().filter_map(parse_conntrack_line).collect()
+    let mut out = Vec::new();
+    for f in CONNTRACK_FAMILIES {
+        let Ok(text) = run("conntrack", &["-L".into(), "-f".into(), f.into()], None) else { return vec![] };
+        out.extend(text.lines().filter_map(parse_conntrack_line));
+    }
+    out
 }
 
 /// Deletes these connections from netfilter's table (each by its exact original tuple); returns how many were

@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use pfwd_common::{CtEntry, PROTO_TCP, PROTO_UDP, Tuple, dir};
 
 use crate::report::{ConntrackEntry, FlowTuple, Nat};
@@ -20,15 +20,15 @@ use crate::rules::{PortRange, Proto, Rule, Target, precedence_order};
 pub struct FlowFilter {
     /// Only flows translated by one of these rules.
     pub rules: Option<Vec<u32>>,
-    pub src: Option<Ipv4Net>,
-    pub dst: Option<Ipv4Net>,
+    pub src: Option<IpNet>,
+    pub dst: Option<IpNet>,
     pub proto: Option<Proto>,
     pub dport: Option<PortRange>,
 }
 
 impl FlowFilter {
     /// Does a flow whose first packet was `proto src -> dst:dport` pass the tuple part of the filter?
-    fn matches_tuple(&self, proto: u8, src: Ipv4Addr, dst: Ipv4Addr, dport: u16) -> bool {
+    fn matches_tuple(&self, proto: u8, src: IpAddr, dst: IpAddr, dport: u16) -> bool {
         self.src.is_none_or(|n| n.contains(&src))
             && self.dst.is_none_or(|n| n.contains(&dst))
             && self.proto.is_none_or(|p| p.code() == proto)
@@ -61,7 +61,7 @@ pub fn ebpf_select(
     for (key, e) in entries {
         // Each flow has one original-direction entry; its key is the tuple as the flow's first packet had it.
         if e.dir != dir::ORIGINAL
-            || !filter.matches_tuple(key.proto, v4(key.saddr), v4(key.daddr), key.dport)
+            || !filter.matches_tuple(key.proto, v4(key.saddr).into(), v4(key.daddr).into(), key.dport)
             || !filter.matches_rule(rule_id(e.rule_slot))
         {
             continue;
@@ -73,11 +73,8 @@ pub fn ebpf_select(
     (keys, flows)
 }
 
-fn addr_of(a: Option<IpAddr>) -> Option<Ipv4Addr> {
-    match a? {
-        IpAddr::V4(a) => Some(a),
-        IpAddr::V6(_) => None,
-    }
+fn addr_of(a: Option<IpAddr>) -> Option<IpAddr> {
+    a
 }
 
 fn proto_code(name: &str) -> Option<u8> {
@@ -158,6 +155,10 @@ pub fn iptables_select(entries: Vec<ConntrackEntry>, rules: &[Rule], filter: &Fl
 pub fn conntrack_delete_args(e: &ConntrackEntry) -> Vec<String> {
     let mut args = vec!["-D".to_string(), "-p".into(), e.proto.clone()];
     let o = &e.original;
+    // The tool looks in the IPv4 table unless told otherwise.
+    if o.src.is_some_and(|a| a.is_ipv6()) {
+        args.extend(["-f".into(), "ipv6".into()]);
+    }
     if let Some(s) = o.src {
         args.extend(["--orig-src".into(), s.to_string()]);
     }

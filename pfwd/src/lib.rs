@@ -17,6 +17,7 @@ pub mod instance;
 pub mod iptables;
 pub mod loader;
 pub mod netif;
+pub mod nftables;
 pub mod record;
 pub mod report;
 pub mod rules;

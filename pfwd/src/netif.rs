@@ -1,5 +1,5 @@
 //! Network interface facts: index by name, primary IPv4 address, local addresses.
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Result, bail};
 
@@ -23,11 +23,32 @@ pub fn primary_ipv4(name: &str) -> Option<Ipv4Addr> {
     })
 }
 
+/// The first global IPv6 address of `name` (not link-local), if any: the one a REDIRECT of a packet to a global
+/// address uses.
+pub fn primary_ipv6(name: &str) -> Option<std::net::Ipv6Addr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        (a.interface_name == name).then_some(())?;
+        let ip = a.address?.as_sockaddr_in6()?.ip();
+        // fe80::/10 is link-local.
+        (ip.segments()[0] & 0xffc0 != 0xfe80).then_some(ip)
+    })
+}
+
 /// Every IPv4 address assigned in this namespace.
-pub fn local_addrs() -> Vec<Ipv4Addr> {
+pub fn local_ipv4_addrs() -> Vec<Ipv4Addr> {
     nix::ifaddrs::getifaddrs()
         .map(|it| it.filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip())).collect())
         .unwrap_or_default()
+}
+
+/// Every address of either family assigned in this namespace.
+pub fn local_addrs() -> Vec<IpAddr> {
+    let Ok(it) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    it.filter_map(|a| {
+        let a = a.address?;
+        a.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())).or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+    })
+    .collect()
 }
 
 /// How the tc programs see an interface's packets, from its link type (ARPHRD_*) and flags.

@@ -12,7 +12,7 @@ use std::{
     path::PathBuf,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::{Serialize, Serializer};
 
 use crate::{
@@ -135,6 +135,8 @@ pub struct Netns {
 pub struct InterfaceStatus {
     /// The primary IPv4 address now (null when it has none).
     pub address: Option<Ipv4Addr>,
+    /// The first global IPv6 address now (null when it has none).
+    pub address6: Option<std::net::Ipv6Addr>,
     pub ifindex: u32,
     /// The link type as `ip link` names it (`ether`, `loopback`, `none` for tun/WireGuard, `ppp`...; null while the
     /// interface is gone).
@@ -146,17 +148,17 @@ pub struct InterfaceStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct RuleReport {
     pub dport: Option<String>,
-    pub dst: Option<Ipv4Net>,
+    pub dst: Option<IpNet>,
     /// `--hairpin`'s inside network (absent when the rule has none).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub hairpin: Option<Ipv4Net>,
+    pub hairpin: Option<IpNet>,
     pub id: u32,
     pub iface: Option<String>,
     /// dnat, redirect, snat or masquerade.
     pub kind: String,
     pub oface: Option<String>,
     pub proto: Option<String>,
-    pub src: Option<Ipv4Net>,
+    pub src: Option<IpNet>,
     /// The rule in pfwd's syntax (what `pfwd list` prints).
     pub text: String,
     /// Negated matches (`! -s`, `! -d`, `! -i`/`! -o`): `{"src": true, ...}`; absent when none.
@@ -166,7 +168,9 @@ pub struct RuleReport {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dst_local: bool,
     /// DNAT and SNAT: the new address.
-    pub to: Option<Ipv4Addr>,
+    pub to: Option<IpAddr>,
+    /// The one family the rule applies to ("ipv4" or "ipv6"), null for both.
+    pub family: Option<crate::rules::model::Family>,
     /// DNAT (when it rewrites the port) and REDIRECT: the new destination port.
     pub to_port: Option<u16>,
     /// SNAT and MASQUERADE: the source port range, when given.
@@ -198,6 +202,7 @@ impl From<&Rule> for RuleReport {
             dst_local: r.dst_local,
             text: r.to_string(),
             to,
+            family: r.family(),
             to_port,
             to_ports,
             backends: r.backends.clone(),
@@ -221,7 +226,7 @@ pub struct RuleStatus {
 /// removed from the rule that still counted packets (its established flows go on until they end).
 #[derive(Debug, Clone, Serialize)]
 pub struct BackendStatus {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: Option<u16>,
     /// Not one of the rule's backends any more.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -236,7 +241,7 @@ pub struct BackendStatus {
 impl BackendStatus {
     /// The per-backend lines of a rule: its `backends` with the counters found for them in `counted` (address,
     /// port, counters; a missing one is zero), then the counted backends that are not in the list any more.
-    pub fn merge(backends: &[crate::rules::Backend], counted: &[(Ipv4Addr, Option<u16>, Counters)]) -> Vec<Self> {
+    pub fn merge(backends: &[crate::rules::Backend], counted: &[(IpAddr, Option<u16>, Counters)]) -> Vec<Self> {
         let line = |addr, port, c: Counters, removed| BackendStatus {
             addr,
             port,
@@ -482,9 +487,9 @@ mod tests {
         let c = |flows| Counters { bytes: 100 * flows, drops: 0, flows, packets: 2 * flows };
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         let counted = [
-            (ip("10.0.2.3"), Some(8080), c(5)),
-            (ip("10.0.2.9"), Some(8080), c(1)),
-            (ip("10.0.2.3"), Some(8080), c(1)),
+            (ip("10.0.2.3").into(), Some(8080), c(5)),
+            (ip("10.0.2.9").into(), Some(8080), c(1)),
+            (ip("10.0.2.3").into(), Some(8080), c(1)),
         ];
         let v = serde_json::to_value(RuleStatus {
             rule: RuleReport::from(&r),
@@ -520,7 +525,24 @@ mod tests {
             serde_json::to_string(&RuleReport::from(&r)).unwrap(),
             r#"{"dport":"80-90","dst":null,"id":7,"iface":"eth0","kind":"dnat","oface":null,"proto":"tcp","#.to_owned()
                 + r#""src":"10.9.0.0/24","text":"dnat -i eth0 -p tcp -s 10.9.0.0/24 --dport 80-90 --to "#
-                + r#"10.9.0.1:8080","to":"10.9.0.1","to_port":8080,"to_ports":null}"#
+                + r#"10.9.0.1:8080","to":"10.9.0.1","family":"ipv4","to_port":8080,"to_ports":null}"#
+        );
+        // The family: the addresses', a rule's -4/-6, or null for a rule that applies to both.
+        let family = |fields: &str| serde_json::to_value(RuleReport::from(&rule(fields))).unwrap()["family"].clone();
+        assert_eq!(family("kind = \"masquerade\"\noface = \"eth1\""), serde_json::Value::Null);
+        assert_eq!(family("kind = \"masquerade\"\noface = \"eth1\"\nfamily = \"ipv6\""), "ipv6");
+        assert_eq!(family("kind = \"masquerade\"\nfamily = \"ipv4\""), "ipv4");
+        let r = rule("kind = \"dnat\"\nproto = \"tcp\"\ndst = \"2001:db8::/32\"\nto = \"[2001:db8::2]:8080\"");
+        let v = serde_json::to_value(RuleReport::from(&r)).unwrap();
+        assert_eq!(
+            (&v["family"], &v["dst"], &v["to"], &v["to_port"], &v["text"]),
+            (
+                &"ipv6".into(),
+                &"2001:db8::/32".into(),
+                &"2001:db8::2".into(),
+                &8080.into(),
+                &"dnat -p tcp -d 2001:db8::/32 --to [2001:db8::2]:8080".into()
+            )
         );
         let r = rule(
             "kind = \"masquerade\"\noface = \"eth1\"\nproto = \"udp\"\ndst = \"10.8.0.0/16\"\n\

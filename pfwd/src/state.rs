@@ -39,6 +39,8 @@ pub enum DataPath {
     Ebpf,
     /// iptables NAT rules in pfwd's own chains, with netfilter's conntrack.
     Iptables,
+    /// nftables NAT rules in pfwd's own table (`inet pfwd_nat`), with netfilter's conntrack.
+    Nft,
 }
 
 impl DataPath {
@@ -46,6 +48,7 @@ impl DataPath {
         match self {
             DataPath::Ebpf => "ebpf",
             DataPath::Iptables => "iptables",
+            DataPath::Nft => "nft",
         }
     }
 }
@@ -154,7 +157,7 @@ pub struct Derived {
     /// This host's IPv4 addresses when the sysctl counts were made (sorted): whether a DNAT rule needs forwarding
     /// depends on them, so a small change with other addresses now goes the full way.
     #[serde(default)]
-    pub locals: Vec<std::net::Ipv4Addr>,
+    pub locals: Vec<std::net::IpAddr>,
     /// The index keys with rules their kernel entry does not list (behind an unconditional rule of the key): the
     /// key's bytes and its hidden [`Member`]s ([`Member::encode`]). Usually none.
     #[serde(default)]

@@ -1,11 +1,11 @@
 //! The sysctls pfwd needs and their restoration: `route_localnet` on interfaces whose rules DNAT to 127.0.0.0/8
 //! (otherwise the stack drops such packets as martians), and `ip_forward` when a rule sends traffic to another host.
 //! Earlier values are saved in the state the first time pfwd changes them and restored when no longer needed.
-use std::{fs, net::Ipv4Addr};
+use std::{fs, net::IpAddr};
 
 use anyhow::{Context, Result};
 
-use crate::{netif, rules::Rule, rules::Target, state::SavedSysctl};
+use crate::{netif, rules::Rule, rules::Target, rules::model::Family, state::SavedSysctl};
 
 pub fn read(key: &str) -> Result<String> {
     let path = format!("/proc/sys/{key}");
@@ -57,7 +57,7 @@ pub fn users<'r>(rules: impl IntoIterator<Item = &'r Rule>, ifaces: &[String]) -
 
 /// Calls `want` with each sysctl rule `r` needs (key, and its reason when asked for); `locals` are this host's
 /// addresses.
-fn rule_wants(r: &Rule, ifaces: &[String], locals: &[Ipv4Addr], want: &mut dyn FnMut(String, &dyn Fn() -> String)) {
+fn rule_wants(r: &Rule, ifaces: &[String], locals: &[IpAddr], want: &mut dyn FnMut(String, &dyn Fn() -> String)) {
     // --local rules translate sockets of this host: nothing arrives on an interface or is forwarded.
     if r.local {
         return;
@@ -67,23 +67,24 @@ fn rule_wants(r: &Rule, ifaces: &[String], locals: &[Ipv4Addr], want: &mut dyn F
         Target::Dnat { .. } => r.dnat_backends().iter().map(|b| Target::Dnat { addr: b.addr, port: b.port }).collect(),
         t => vec![t],
     };
+    // IPv6 forwarding is turned on for IPv6 rules only, not for rules without addresses: on a host that takes its
+    // IPv6 address from router advertisements, forwarding=1 stops it accepting them (unless accept_ra=2).
+    let forward = if r.family() == Some(Family::Ipv6) { "net/ipv6/conf/all/forwarding" } else { "net/ipv4/ip_forward" };
     for target in targets {
         match target {
-            Target::Dnat { addr, .. } if addr.is_loopback() => {
+            Target::Dnat { addr: IpAddr::V4(addr), .. } if addr.is_loopback() => {
                 for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| (ri == *i) != r.not.iface)) {
                     want(format!("net/ipv4/conf/{i}/route_localnet"), &|| {
                         format!("rule {} DNATs to loopback {addr} on {i}", r.id)
                     });
                 }
             }
-            Target::Dnat { addr, .. } if !locals.contains(&addr) && addr != Ipv4Addr::UNSPECIFIED => {
-                want("net/ipv4/ip_forward".into(), &|| format!("rule {} forwards to another host ({addr})", r.id));
+            Target::Dnat { addr, .. } if !locals.contains(&addr) && !addr.is_unspecified() => {
+                want(forward.into(), &|| format!("rule {} forwards to another host ({addr})", r.id));
             }
             // Source NAT is what a router does for the hosts behind it: their packets must be forwarded.
             Target::Snat { .. } | Target::Masquerade { .. } => {
-                want("net/ipv4/ip_forward".into(), &|| {
-                    format!("rule {} ({}) translates forwarded traffic", r.id, r.kind_name())
-                });
+                want(forward.into(), &|| format!("rule {} ({}) translates forwarded traffic", r.id, r.kind_name()));
             }
             _ => {}
         }

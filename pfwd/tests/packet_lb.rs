@@ -45,7 +45,10 @@ fn addrs(r: &Run) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
 fn predicted(backends: &[Backend], sport: u16) -> Ipv4Addr {
     let t = maglev::table(backends);
     let h = flow_hash(&tuple(CLIENT, sport, ROUTER, 80, PROTO_TCP));
-    backends[t[(h % MAGLEV_SIZE) as usize] as usize].addr
+    match backends[t[(h % MAGLEV_SIZE) as usize] as usize].addr {
+        std::net::IpAddr::V4(a) => a,
+        std::net::IpAddr::V6(a) => panic!("an IPv6 backend {a} in an IPv4 test"),
+    }
 }
 
 fn backends_of(args: &str) -> Vec<Backend> {

@@ -6,6 +6,9 @@
 //!                         eth1 10.0.2.1/24 <----------> eth0 10.0.2.2/24
 //! ```
 //!
+//! [`Lab::dual_stack`] adds IPv6 (documentation prefixes): client 2001:db8:1::2/64, router 2001:db8:1::1/64 and
+//! 2001:db8:2::1/64, server 2001:db8:2::2/64. Plain labs have IPv6 off.
+//!
 //! Safety rules: the lab only creates namespaces (and veths inside them) of its own, never touches the
 //! host's interfaces, and removes every namespace it created on drop (also while unwinding from a panic).
 //! Every socket operation has a timeout and every loop is bounded.
@@ -25,7 +28,7 @@
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -85,6 +88,14 @@ const ADDRS: [(Node, &str, &str); 4] = [
     (Node::Server, "eth0", "10.0.2.2/24"),
 ];
 
+/// The IPv6 addresses of a [`Lab::dual_stack`] lab.
+const ADDRS6: [(Node, &str, &str); 4] = [
+    (Node::Client, "eth0", "2001:db8:1::2/64"),
+    (Node::Router, "eth0", "2001:db8:1::1/64"),
+    (Node::Router, "eth1", "2001:db8:2::1/64"),
+    (Node::Server, "eth0", "2001:db8:2::2/64"),
+];
+
 /// A client / router / server lab; dropping it deletes its namespaces (and with them the veths).
 pub struct Lab {
     names: [String; 3],
@@ -95,6 +106,17 @@ impl Lab {
     /// Creates the three namespaces `{prefix}-{pid}-{n}-{client,router,server}` and wires them up.
     /// The router keeps `net.ipv4.ip_forward = 0`: enabling it is pfwd's job.
     pub fn new(prefix: &str) -> Result<Lab> {
+        Lab::build(prefix, false)
+    }
+
+    /// A lab with IPv6 too (see the module docs). DAD, router advertisements and solicitations are off, so the
+    /// addresses work at once and no stray ICMPv6 crosses the router; the router keeps IPv6 forwarding off (pfwd's
+    /// job, as for IPv4).
+    pub fn dual_stack(prefix: &str) -> Result<Lab> {
+        Lab::build(prefix, true)
+    }
+
+    fn build(prefix: &str, ipv6: bool) -> Result<Lab> {
         ensure_root()?;
         ensure!(
             !prefix.is_empty()
@@ -110,12 +132,15 @@ impl Lab {
         for node in Node::ALL {
             run(Command::new("ip").args(["netns", "add", lab.ns(node)]))?;
             lab.created[node.index()] = true;
-            // IPv6 off before the veths exist, so they never start DAD or send router solicitations.
-            lab.sh(
-                node,
-                "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 \
-                 && ip link set lo up",
-            )?;
+            // IPv6 off (or quiet) before the veths exist, so they never start DAD or send router solicitations.
+            let v6 = if ipv6 {
+                "sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 \
+                 net.ipv6.conf.all.accept_ra=0 net.ipv6.conf.default.accept_ra=0 \
+                 net.ipv6.conf.default.router_solicitations=0 net.ipv6.conf.all.forwarding=0"
+            } else {
+                "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"
+            };
+            lab.sh(node, &format!("{v6} && ip link set lo up"))?;
         }
         lab.sh(Node::Router, "sysctl -qw net.ipv4.ip_forward=0")?;
 
@@ -138,6 +163,13 @@ impl Lab {
         }
         lab.sh(Node::Client, "ip route add default via 10.0.1.1")?;
         lab.sh(Node::Server, "ip route add default via 10.0.2.1")?;
+        if ipv6 {
+            for (node, dev, addr) in ADDRS6 {
+                lab.sh(node, &format!("ip -6 addr add {addr} dev {dev} nodad"))?;
+            }
+            lab.sh(Node::Client, "ip -6 route add default via 2001:db8:1::1")?;
+            lab.sh(Node::Server, "ip -6 route add default via 2001:db8:2::1")?;
+        }
         Ok(lab)
     }
 
@@ -401,7 +433,9 @@ impl Lab {
         payload: &str,
         timeout: Duration,
     ) -> Result<(String, SocketAddr)> {
-        let bind = SocketAddr::new(from.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), 0);
+        // The unspecified address of the destination's family.
+        let any = if to.is_ipv6() { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+        let bind = SocketAddr::new(from.unwrap_or(any), 0);
         let sock =
             self.in_ns(node, || UdpSocket::bind(bind))?.with_context(|| format!("binding UDP client to {bind}"))?;
         sock.set_read_timeout(Some(timeout))?;

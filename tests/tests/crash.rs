@@ -27,6 +27,10 @@ const RULES: u16 = 2000;
 #[derive(Debug, PartialEq)]
 struct Footprint {
     iptables: String,
+    /// ip6tables-save, and nftables' list of tables (nft mode's table, and the tables iptables-nft makes; their
+    /// empty built-in chains that iptables-nft adds and iptables-save always shows are not compared).
+    ip6tables: String,
+    nft: String,
     pins: Vec<String>,
     pin_dir: bool,
     state_dir: bool,
@@ -44,6 +48,12 @@ fn footprint(lab: &Lab) -> Footprint {
     ];
     Footprint {
         iptables: sh(lab, Node::Router, "command -v iptables-save >/dev/null && iptables-save | grep -v '^#' || true"),
+        ip6tables: sh(
+            lab,
+            Node::Router,
+            "command -v ip6tables-save >/dev/null && ip6tables-save | grep -v '^#' || true",
+        ),
+        nft: sh(lab, Node::Router, "command -v nft >/dev/null && nft list tables || true"),
         pins: files_in(&pin_dir(lab)),
         pin_dir: pin_dir(lab).exists(),
         state_dir: state_dir(lab).exists(),

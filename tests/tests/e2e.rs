@@ -343,6 +343,10 @@ struct Snapshot {
     pin_dir: bool,
     state_dir: bool,
     iptables: String,
+    /// ip6tables-save, and nftables' list of tables (nft mode's table, and the tables iptables-nft makes; their
+    /// empty built-in chains that iptables-nft adds and iptables-save always shows are not compared).
+    ip6tables: String,
+    nft: String,
 }
 
 fn snapshot(lab: &Lab) -> Snapshot {
@@ -379,6 +383,12 @@ fn snapshot(lab: &Lab) -> Snapshot {
         state_dir: state_dir(lab).exists(),
         // The iptables mode's footprint; empty when iptables-save is missing.
         iptables: sh(lab, Node::Router, "command -v iptables-save >/dev/null && iptables-save | grep -v '^#' || true"),
+        ip6tables: sh(
+            lab,
+            Node::Router,
+            "command -v ip6tables-save >/dev/null && ip6tables-save | grep -v '^#' || true",
+        ),
+        nft: sh(lab, Node::Router, "command -v nft >/dev/null && nft list tables || true"),
     }
 }
 
@@ -769,7 +779,8 @@ fn import_and_export(mode: &str) {
          iptables -t nat -A PREROUTING -i eth0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.0.2.2:9000\n",
     );
     let dry = pfwd_ok(&lab, &["import", "--dry-run", &good]);
-    assert!(dry.contains("redirect -p tcp --dport 59999 --to-port 80"), "{dry}");
+    // iptables lines are IPv4 rules: the one without addresses says so.
+    assert!(dry.contains("redirect -4 -p tcp --dport 59999 --to-port 80"), "{dry}");
     assert_eq!(list(&lab), serde_json::json!([]), "--dry-run must add nothing");
     pfwd_ok(&lab, &["import", &good]);
     assert_eq!(list(&lab).as_array().unwrap().len(), 2);
@@ -789,10 +800,10 @@ fn import_and_export(mode: &str) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `--mode auto` with kernel BTF hidden (PFWD_BTF_PATH pointing nowhere) falls back to iptables, says why, and
-/// forwards the same traffic.
+/// `--mode auto` with kernel BTF hidden (PFWD_BTF_PATH pointing nowhere) falls back to nftables (constant-time
+/// rule lookup; iptables where nft is not usable), says why, and forwards the same traffic.
 #[test]
-fn auto_mode_falls_back_to_iptables_without_btf() {
+fn auto_mode_falls_back_to_nft_without_btf() {
     let lab = lab("e2e-auto");
     let _srv = server(&lab, Node::Server, "10.0.2.2:9000", "server");
     let guard = Detach::new(&lab);
@@ -802,31 +813,34 @@ fn auto_mode_falls_back_to_iptables_without_btf() {
     assert!(out.success, "attach failed: {}", out.stderr);
     assert!(out.stdout.contains("no kernel BTF at /nonexistent/vmlinux"), "attach must say why: {}", out.stdout);
     let st = status(&lab);
-    assert_eq!(st["mode"], "iptables");
-    assert!(st["mode_reason"].as_str().unwrap().contains("no kernel BTF"), "{st}");
+    assert_eq!(st["mode"], "nft");
+    let reason = st["mode_reason"].as_str().unwrap();
+    assert!(reason.contains("no kernel BTF") && reason.contains("using nftables"), "{st}");
     add(&lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
     expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
-    assert!(sh(&lab, Node::Router, "iptables-save -t nat").contains("PFWD-PREROUTING"));
+    assert!(sh(&lab, Node::Router, "nft list table inet pfwd_nat").contains("dnat ip to 10.0.2.2:9000"));
     drop(guard);
 }
 
 /// One grammar: the same rules spelled on the CLI, in a TOML config and as iptables lines give identical
-/// `pfwd list --json` (`-p all` included: accepted by all three).
+/// `pfwd list --json` (`-p all` included: accepted by all three). iptables lines are IPv4 rules, so the rules without
+/// addresses say `-4` / `family = "ipv4"` in the other two.
 fn grammar_equivalence(mode: &str) {
     let lab = lab("e2e-gram");
     let dir = std::env::temp_dir().join(format!("pfwd-e2e-grammar-{}-{mode}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cli: [&[&str]; 4] = [
         &["dnat", "-i", "eth0", "-p", "tcp", "-s", "10.0.1.0/24", "--dport", "8000-8099", "--to", "10.0.2.2:9000"],
-        &["redirect", "-p", "udp", "--dport", "5353", "--to-port", "5000"],
+        &["redirect", "-4", "-p", "udp", "--dport", "5353", "--to-port", "5000"],
         &["dnat", "-p", "all", "-d", "10.0.1.1", "--to", "10.0.2.2"],
-        &["masquerade", "-o", "eth1", "-p", "tcp", "--to-ports", "20000-20099"],
+        &["masquerade", "-o", "eth1", "-4", "-p", "tcp", "--to-ports", "20000-20099"],
     ];
     let toml = "[[rule]]\nkind = \"dnat\"\niface = \"eth0\"\nproto = \"tcp\"\nsrc = \"10.0.1.0/24\"\n\
                 dport = \"8000-8099\"\nto = \"10.0.2.2:9000\"\n\
-                [[rule]]\nkind = \"redirect\"\nproto = \"udp\"\ndport = 5353\nto_port = 5000\n\
+                [[rule]]\nkind = \"redirect\"\nfamily = \"ipv4\"\nproto = \"udp\"\ndport = 5353\nto_port = 5000\n\
                 [[rule]]\nkind = \"dnat\"\nproto = \"all\"\ndst = \"10.0.1.1\"\nto = \"10.0.2.2\"\n\
-                [[rule]]\nkind = \"masquerade\"\noface = \"eth1\"\nproto = \"tcp\"\nto_ports = \"20000-20099\"\n";
+                [[rule]]\nkind = \"masquerade\"\noface = \"eth1\"\nfamily = \"ipv4\"\nproto = \"tcp\"\n\
+                to_ports = \"20000-20099\"\n";
     let ipt = "iptables -t nat -A PREROUTING -i eth0 -p tcp -s 10.0.1.0/24 --dport 8000:8099 -j DNAT \
                --to-destination 10.0.2.2:9000\n\
                iptables -t nat -A PREROUTING -p udp -m udp --dport 5353 -j REDIRECT --to-ports 5000\n\

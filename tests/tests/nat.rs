@@ -544,6 +544,10 @@ struct Snapshot {
     pin_dir: bool,
     state_dir: bool,
     iptables: String,
+    /// ip6tables-save, and nftables' list of tables (nft mode's table, and the tables iptables-nft makes; their
+    /// empty built-in chains that iptables-nft adds and iptables-save always shows are not compared).
+    ip6tables: String,
+    nft: String,
 }
 
 fn snapshot(lab: &Lab) -> Snapshot {
@@ -559,6 +563,12 @@ fn snapshot(lab: &Lab) -> Snapshot {
         pin_dir: pin_dir(lab).exists(),
         state_dir: state_dir(lab).exists(),
         iptables: sh(lab, Node::Router, "command -v iptables-save >/dev/null && iptables-save | grep -v '^#' || true"),
+        ip6tables: sh(
+            lab,
+            Node::Router,
+            "command -v ip6tables-save >/dev/null && ip6tables-save | grep -v '^#' || true",
+        ),
+        nft: sh(lab, Node::Router, "command -v nft >/dev/null && nft list tables || true"),
     }
 }
 
@@ -590,7 +600,8 @@ fn detach_restores(mode: &str) {
     if mode == "ebpf" {
         assert!(during.pin_dir && !during.pins.is_empty(), "no pins while attached: {during:?}");
     } else {
-        assert_ne!(during.iptables, before.iptables, "iptables mode wrote no iptables rules");
+        let wrote = if mode == "nft" { during.nft != before.nft } else { during.iptables != before.iptables };
+        assert!(wrote, "{mode} mode wrote no rules: {during:?}");
     }
 
     let notes = guard.detach();

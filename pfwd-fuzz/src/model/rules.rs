@@ -42,11 +42,22 @@ pub struct MRule {
     pub action: Action,
 }
 
-fn net(n: Option<ipnet::Ipv4Net>) -> Option<(u32, u32, u8)> {
-    n.map(|n| {
-        let mask = u32::from(n.netmask());
-        (u32::from(n.addr()) & mask, mask, n.prefix_len())
+/// The fuzzer drives the kernel's IPv4 data path: its rules have IPv4 addresses only.
+fn net(n: Option<ipnet::IpNet>) -> Option<(u32, u32, u8)> {
+    n.map(|n| match n {
+        ipnet::IpNet::V4(n) => {
+            let mask = u32::from(n.netmask());
+            (u32::from(n.addr()) & mask, mask, n.prefix_len())
+        }
+        ipnet::IpNet::V6(_) => unreachable!("the fuzzer generates IPv4 rules"),
     })
+}
+
+fn v4(a: std::net::IpAddr) -> u32 {
+    match a {
+        std::net::IpAddr::V4(a) => a.into(),
+        std::net::IpAddr::V6(_) => unreachable!("the fuzzer generates IPv4 rules"),
+    }
 }
 
 impl MRule {
@@ -54,13 +65,13 @@ impl MRule {
         let iface = r.hook_iface().map(|i| i == IFACE);
         let action = match r.target {
             Target::Dnat { addr, port } => {
-                let backends = r.backends.iter().map(|b| (b.addr.into(), b.port)).collect();
-                Action::Dnat { addr: addr.into(), port, backends }
+                let backends = r.backends.iter().map(|b| (v4(b.addr), b.port)).collect();
+                Action::Dnat { addr: v4(addr), port, backends }
             }
             Target::Redirect { port } => {
                 Action::Dnat { addr: IFACE_ADDR.into(), port: Some(port), backends: Vec::new() }
             }
-            Target::Snat { addr, ports } => Action::Snat { addr: addr.into(), ports: ports.map(|p| (p.lo, p.hi)) },
+            Target::Snat { addr, ports } => Action::Snat { addr: v4(addr), ports: ports.map(|p| (p.lo, p.hi)) },
             // MASQUERADE: the address the kernel would use through the outgoing interface. In BPF_PROG_TEST_RUN on lo
             // the FIB lookup yields no source for the fuzzer's destinations, so pfwd uses lo's recorded address.
             Target::Masquerade { ports } => {

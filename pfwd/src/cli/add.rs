@@ -93,7 +93,7 @@ impl<const K: usize> Args for RuleArgs<K> {
             let s = spec(field);
             // --help shows each option this kind takes once, by its first spelling; the rest are accepted (and
             // refused with a hint when they do not apply) but hidden.
-            let shown = s.kinds.contains(&kind) && s.cli[0] == spelling;
+            let shown = s.kinds.contains(&kind) && (s.cli[0] == spelling || spelling == "-6");
             let mut arg = Arg::new(spelling).hide(!shown);
             arg = match spelling.strip_prefix("--") {
                 Some(long) => arg.long(long),
@@ -108,12 +108,14 @@ impl<const K: usize> Args for RuleArgs<K> {
                     "The new source: ADDR, or ADDR:LO-HI to take source ports from that range when the original one is \
                      taken (ADDR:PORT for one port; needs -p)."
                 }
+                (Field::Family, _) if spelling == "-6" => crate::rules::draft::IPV6_HELP,
                 _ => s.help,
             }
             .to_string();
             let also: Vec<&str> = s.cli[1..]
                 .iter()
                 .copied()
+                .filter(|a| field != Field::Family || *a == if spelling == "-6" { "--ipv6" } else { "--ipv4" })
                 .filter(|a| KIND_SPELLINGS.iter().all(|(sp, k)| sp != a || *k == kind))
                 .collect();
             if !also.is_empty() {

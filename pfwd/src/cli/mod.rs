@@ -15,6 +15,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use foreground::run_foreground;
 use output::{or, print_status};
 
+use crate::rules::model::Family;
 use crate::{
     control::{self, AttachOptions, Mode},
     iptables,
@@ -165,10 +166,10 @@ enum Cmd {
         rule: Vec<u32>,
         /// Only flows from this source address or CIDR (as the flow's first packet had it).
         #[arg(short = 's', long = "source", value_name = "ADDR[/LEN]", requires = "flush", value_parser = cidr)]
-        src: Option<ipnet::Ipv4Net>,
+        src: Option<ipnet::IpNet>,
         /// Only flows to this original destination address or CIDR.
         #[arg(short = 'd', long = "destination", value_name = "ADDR[/LEN]", requires = "flush", value_parser = cidr)]
-        dst: Option<ipnet::Ipv4Net>,
+        dst: Option<ipnet::IpNet>,
         /// Only this protocol.
         #[arg(short = 'p', long = "protocol", value_name = "tcp|udp", requires = "flush")]
         proto: Option<rules::Proto>,
@@ -200,9 +201,12 @@ enum Cmd {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ExportFormat {
-    /// iptables-restore input for `iptables-restore --noflush` (only pfwd's own chains and hooks).
+    /// iptables-restore input for `iptables-restore --noflush` (only pfwd's own chains and hooks): the IPv4 rules
+    /// and the rules for both families.
     Iptables,
-    /// An nftables script in its own table (`nft -f`).
+    /// The same for `ip6tables-restore --noflush`: the IPv6 rules and the rules for both families.
+    Ip6tables,
+    /// An nftables script in its own table, both families (`table inet pfwd`; `nft -f`).
     Nft,
 }
 
@@ -392,7 +396,8 @@ fn run(cli: Cli) -> Result<()> {
             print!(
                 "{}",
                 match format {
-                    ExportFormat::Iptables => iptables::export_iptables(&rules, ifaces),
+                    ExportFormat::Iptables => iptables::export_iptables(&rules, ifaces, Family::Ipv4),
+                    ExportFormat::Ip6tables => iptables::export_iptables(&rules, ifaces, Family::Ipv6),
                     ExportFormat::Nft => iptables::export_nft(&rules, ifaces),
                 }
             );
@@ -502,7 +507,7 @@ fn parse_id_range(s: &str) -> Result<(u32, u32), String> {
     }
 }
 
-fn cidr(s: &str) -> Result<ipnet::Ipv4Net, String> {
+fn cidr(s: &str) -> Result<ipnet::IpNet, String> {
     rules::parse_cidr(s).map_err(|e| e.to_string())
 }
 

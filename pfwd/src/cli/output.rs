@@ -12,7 +12,10 @@ pub(super) fn print_status(s: &InstanceStatus) {
     let ifaces: Vec<String> = s
         .interfaces
         .iter()
-        .map(|i| format!("{} ({}, link/{})", i.name, or(i.address, "no IPv4"), or(i.link_type.as_ref(), "gone")))
+        .map(|i| {
+            let v6 = i.address6.map(|a| format!("{a}, ")).unwrap_or_default();
+            format!("{} ({}, {v6}link/{})", i.name, or(i.address, "no IPv4"), or(i.link_type.as_ref(), "gone"))
+        })
         .collect();
     println!("mode:       {} ({})", s.mode, s.mode_reason);
     if let Some(what) = &s.interrupted {

@@ -7,7 +7,7 @@
 //! everything, `attach` repairs it (see [`crate::state`]).
 use std::{
     collections::{HashMap, HashSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
 };
 
 use anyhow::{Context, Result, bail};
@@ -15,12 +15,13 @@ use pfwd_common::{Config, dir};
 
 mod small;
 
+use crate::rules::model::Family;
 use crate::{
     fallback,
     flows::{self, FlowFilter},
     instance::{self, Instance},
     loader::Kernel,
-    netif,
+    netif, nftables,
     record::Record,
     report::{
         self, ConntrackEntry, ConntrackSummary, EbpfConntrack, FlowTuple, InstanceStatus, InterfaceStatus, Nat,
@@ -35,12 +36,15 @@ use crate::{
 /// `--mode`: which data path to use, or `auto` to let pfwd choose one ([`DataPath`]) when the instance is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// eBPF unless the kernel has no BTF or loading/attaching fails; then iptables (and say why).
+    /// eBPF unless the kernel has no BTF or loading/attaching fails; then nftables, or iptables where nft is not
+    /// usable (and say why).
     Auto,
     /// TC (tcx) programs with BPF-map connection tracking.
     Ebpf,
     /// iptables NAT rules in pfwd's own chains (the fallback).
     Iptables,
+    /// nftables NAT rules in pfwd's own table, looked up in constant time (the fallback `auto` prefers).
+    Nft,
 }
 
 impl Mode {
@@ -50,6 +54,7 @@ impl Mode {
             Mode::Auto => None,
             Mode::Ebpf => Some(DataPath::Ebpf),
             Mode::Iptables => Some(DataPath::Iptables),
+            Mode::Nft => Some(DataPath::Nft),
         }
     }
 }
@@ -62,12 +67,14 @@ const DEFAULT_BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 enum Backend {
     Ebpf(Kernel),
     Iptables,
+    Nft,
 }
 
 impl Backend {
     fn of(state: &Meta, inst: &Instance) -> Self {
         match state.mode {
             DataPath::Iptables => Backend::Iptables,
+            DataPath::Nft => Backend::Nft,
             DataPath::Ebpf => Backend::Ebpf(Kernel::new(inst)),
         }
     }
@@ -75,15 +82,14 @@ impl Backend {
     /// What must be known before anything is changed: that the data path is usable, and (iptables, new instance)
     /// which tables do not exist yet and so are pfwd's to remove on detach.
     fn prepare(&self, fresh: bool, state: &mut State) -> Result<()> {
+        if let Backend::Nft = self {
+            nftables::available()?;
+        }
         if let Backend::Iptables = self {
             fallback::available()?;
             if fresh {
                 let existing = fallback::existing_tables()?;
-                state.created_tables = fallback::TABLES
-                    .iter()
-                    .filter(|t| !existing.iter().any(|e| e == *t))
-                    .map(|t| t.to_string())
-                    .collect();
+                state.created_tables = fallback::all_tables().into_iter().filter(|t| !existing.contains(t)).collect();
             }
         }
         Ok(())
@@ -127,6 +133,8 @@ impl Backend {
                     fallback::attach(&i.name)?;
                 }
             }
+            // The table, its interface set and its record are all written by the sync of `apply`.
+            Backend::Nft => {}
         }
         apply(self, state)
     }
@@ -139,6 +147,7 @@ impl Backend {
         match self {
             _ if previous.pending.is_some() => self.sync_rules(state).map(|_| ()),
             Backend::Iptables => fallback::change_rules(&previous.rules(), &state.rules()),
+            Backend::Nft => self.sync_rules(state).map(|_| ()),
             Backend::Ebpf(kernel) => {
                 refresh_addresses(kernel, state)?;
                 kernel.sync_compiled(Some(&previous.rules), &state.rules, compiled, &ifindex_lookup(state))
@@ -156,6 +165,11 @@ impl Backend {
                 Ok(Some(compiled))
             }
             Backend::Iptables => fallback::sync_rules(&state.rules()).map(|_| None),
+            Backend::Nft => {
+                let ifaces: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
+                let rec = Record::new(&state.sysctls, &state.created_tables);
+                nftables::sync(&state.rules(), &ifaces, &rec).map(|_| None)
+            }
         }
     }
 
@@ -164,6 +178,7 @@ impl Backend {
         match self {
             Backend::Ebpf(kernel) => kernel.write_record(rec),
             Backend::Iptables => fallback::write_record(rec),
+            Backend::Nft => nftables::write_record(rec),
         }
     }
 
@@ -172,6 +187,7 @@ impl Backend {
         match self {
             Backend::Ebpf(kernel) => drop(kernel.detach(name, ifindex)),
             Backend::Iptables => drop(fallback::detach(name)),
+            Backend::Nft => drop(nftables::detach(name)),
         }
     }
 
@@ -180,6 +196,7 @@ impl Backend {
         match self {
             Backend::Ebpf(kernel) => kernel.unload(),
             Backend::Iptables => fallback::unload(state.map(|s| s.created_tables.as_slice()).unwrap_or_default()),
+            Backend::Nft => nftables::unload(),
         }
     }
 }
@@ -331,8 +348,24 @@ fn refresh_addresses(kernel: &Kernel, state: &Meta) -> Result<()> {
 }
 
 /// The state's rules compiled for the kernel, in their slots (which also checks them: interfaces attached, caps).
+/// The kernel's rules are IPv4 ones: in eBPF mode an IPv6 rule is refused ([`rules::RuleError::Ipv6NotInEbpf`]); in
+/// iptables and nft modes IPv6 rules go to netfilter only, and are checked here for their interface alone.
 fn compile_state(state: &State) -> Result<rules::Compiled, rules::RuleError> {
-    crate::loader::compile_stored(&state.rules, &ifindex_lookup(state))
+    let lookup = ifindex_lookup(state);
+    let v6_only = |r: &&StoredRule| r.rule.family() == Some(Family::Ipv6);
+    if state.mode != DataPath::Ebpf && state.rules.iter().any(|r| v6_only(&r)) {
+        for r in state.rules.iter().filter(v6_only) {
+            if let Some(name) = r.rule.hook_iface().filter(|_| !r.rule.not.iface)
+                && lookup(name).is_none()
+            {
+                let option = if r.rule.is_postrouting() { "-o" } else { "-i" };
+                return Err(rules::RuleError::IfaceNotAttached { id: r.rule.id, iface: name.to_string(), option });
+            }
+        }
+        let v4: Vec<StoredRule> = state.rules.iter().filter(|r| !v6_only(r)).cloned().collect();
+        return crate::loader::compile_stored(&v4, &lookup);
+    }
+    crate::loader::compile_stored(&state.rules, &lookup)
 }
 
 /// Removes the instance: marks the state as being removed (so a detach killed half-way is seen as such), removes
@@ -418,8 +451,8 @@ fn apply_wanted_sysctls(
     Ok(notes)
 }
 
-/// This host's IPv4 addresses, sorted.
-fn sorted_local_addrs() -> Vec<Ipv4Addr> {
+/// This host's addresses, sorted (what the sysctls rules want were counted at).
+fn sorted_local_addrs() -> Vec<IpAddr> {
     let mut a = netif::local_addrs();
     a.sort_unstable();
     a
@@ -427,7 +460,7 @@ fn sorted_local_addrs() -> Vec<Ipv4Addr> {
 
 /// This host's IPv4 addresses, network order (the `-d local` set).
 fn local_addrs_ne() -> Vec<u32> {
-    netif::local_addrs().iter().map(|a| u32::from_ne_bytes(a.octets())).collect()
+    netif::local_ipv4_addrs().iter().map(|a| u32::from_ne_bytes(a.octets())).collect()
 }
 
 /// The data path a new instance starts on, and why.
@@ -435,14 +468,25 @@ fn choose_mode(requested: Mode) -> (DataPath, String) {
     match requested {
         Mode::Ebpf => (DataPath::Ebpf, "eBPF (--mode ebpf)".into()),
         Mode::Iptables => (DataPath::Iptables, "iptables (--mode iptables)".into()),
+        Mode::Nft => (DataPath::Nft, "nftables (--mode nft)".into()),
         Mode::Auto => {
             let btf = std::env::var(ENV_BTF_PATH).unwrap_or_else(|_| DEFAULT_BTF_PATH.into());
             if std::path::Path::new(&btf).exists() {
                 (DataPath::Ebpf, format!("auto: kernel BTF found at {btf}"))
             } else {
-                (DataPath::Iptables, format!("auto: no kernel BTF at {btf}, so the eBPF data path is not used"))
+                let (path, why) = netfilter_fallback();
+                (path, format!("auto: no kernel BTF at {btf}, so the eBPF data path is not used; {why}"))
             }
         }
+    }
+}
+
+/// The netfilter data path `auto` falls back to, and why: nftables (constant-time rule lookup) when `nft` works
+/// here, else iptables.
+fn netfilter_fallback() -> (DataPath, String) {
+    match nftables::available() {
+        Ok(()) => (DataPath::Nft, "using nftables".into()),
+        Err(e) => (DataPath::Iptables, format!("using iptables (nft is not usable: {e:#})")),
     }
 }
 
@@ -517,9 +561,10 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
         && opts.mode == Mode::Auto
         && planned.mode == DataPath::Ebpf
     {
-        // auto: eBPF could not be loaded or attached here; fall back to iptables and say why.
-        planned.mode = DataPath::Iptables;
-        planned.mode_reason = format!("auto: eBPF failed ({e:#}); using iptables");
+        // auto: eBPF could not be loaded or attached here; fall back to netfilter and say why.
+        let (path, why) = netfilter_fallback();
+        planned.mode = path;
+        planned.mode_reason = format!("auto: eBPF failed ({e:#}); {why}");
         result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts);
     }
     let mut notes = result?;
@@ -527,6 +572,7 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
     let what = match planned.mode {
         DataPath::Ebpf => "tcx ingress + egress",
         DataPath::Iptables => "iptables PFWD-* chains",
+        DataPath::Nft => "nftables table inet pfwd_nat",
     };
     for (name, _) in resolved.iter().rev() {
         notes.insert(0, format!("attached to {name} ({what})"));
@@ -797,6 +843,8 @@ pub fn follow_interfaces() -> Result<Vec<String>> {
                     kernel.attach(name, *now, addr_u32(netif::primary_ipv4(name)))?;
                 }
                 Backend::Iptables => fallback::attach(name)?,
+                // The interface set holds names, which a re-created device keeps.
+                Backend::Nft => {}
             }
             notes.push(format!("re-attached to {name} (it was re-created: ifindex {old} -> {now})"));
         }
@@ -951,7 +999,7 @@ fn end_flows_of(state: &State, filter: &FlowFilter) -> Result<usize> {
             kernel.conntrack_delete(&keys)?;
             Ok(flows)
         }
-        Backend::Iptables => {
+        Backend::Iptables | Backend::Nft => {
             let chosen = flows::iptables_select(fallback::conntrack_list(), &state.rules(), filter);
             fallback::conntrack_delete(&chosen)
         }
@@ -1002,6 +1050,13 @@ fn detach_without_state(lock: &Lock) -> Result<Vec<String>> {
         );
         record = record.or(rec);
     }
+    if nftables::leftovers() {
+        let rec = nftables::read_record();
+        nftables::unload()?;
+        notes
+            .push(format!("removed pfwd's nftables table inet {} (no state file: found in nftables)", nftables::TABLE));
+        record = record.or(rec);
+    }
     let _ = lock.remove_state();
     if notes.is_empty() {
         return Ok(vec!["pfwd is not attached in this network namespace; nothing to do".into()]);
@@ -1046,7 +1101,8 @@ pub fn status() -> Result<Status> {
         backend_counters: Vec::new(),
     };
     let read = || -> Result<_> {
-        Ok(match Backend::of(&state, &lock.inst) {
+        let backend = Backend::of(&state, &lock.inst);
+        Ok(match &backend {
             Backend::Ebpf(kernel) => {
                 let cfg = kernel.config()?;
                 let counters = kernel.rule_counters(&state.rules.iter().map(|s| s.slot).collect::<Vec<u32>>())?;
@@ -1063,7 +1119,9 @@ pub fn status() -> Result<Status> {
                             let counted: Vec<_> = kernel
                                 .backend_counters(s.slot)?
                                 .into_iter()
-                                .map(|(a, p, c)| (Ipv4Addr::from(u32::from_be(a)), (!keep_port).then_some(p), c.into()))
+                                .map(|(a, p, c)| {
+                                    (Ipv4Addr::from(u32::from_be(a)).into(), (!keep_port).then_some(p), c.into())
+                                })
                                 .collect();
                             st.backend_counters = report::BackendStatus::merge(&s.rule.backends, &counted);
                         }
@@ -1112,14 +1170,17 @@ pub fn status() -> Result<Status> {
                 });
                 (rules, conntrack, stats, cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0, engine)
             }
-            Backend::Iptables => {
-                let counters = fallback::counters()?;
-                let per_backend = fallback::backend_counters()?;
+            Backend::Iptables | Backend::Nft => {
+                let (counters, per_backend) = match backend {
+                    Backend::Nft => (nftables::counters()?, nftables::backend_counters(&state.rules())?),
+                    _ => (fallback::counters()?, fallback::backend_counters()?),
+                };
+                let counters: HashMap<u32, pfwd_common::RuleCounters> = counters.into_iter().collect();
                 let rules = state
                     .rules
                     .iter()
                     .map(|s| {
-                        let c = counters.iter().find(|(id, _)| *id == s.rule.id).map(|(_, c)| *c).unwrap_or_default();
+                        let c = counters.get(&s.rule.id).copied().unwrap_or_default();
                         let mut st = rule_status(s, c.into());
                         if !s.rule.backends.is_empty() {
                             let counted: Vec<_> = per_backend
@@ -1160,7 +1221,7 @@ pub fn status() -> Result<Status> {
                     memory_bytes: None,
                     timeouts_s: (&Config::default()).into(),
                 }),
-                DataPath::Iptables => ConntrackSummary::Netfilter(NetfilterConntrack {
+                DataPath::Iptables | DataPath::Nft => ConntrackSummary::Netfilter(NetfilterConntrack {
                     capacity: None,
                     entries: fallback::conntrack_count(),
                     flows: None,
@@ -1180,6 +1241,7 @@ pub fn status() -> Result<Status> {
             .iter()
             .map(|i| InterfaceStatus {
                 address: netif::primary_ipv4(&i.name),
+                address6: netif::primary_ipv6(&i.name),
                 ifindex: i.ifindex,
                 link_type: netif::link_type(&i.name).ok().map(|t| t.name()),
                 name: i.name.clone(),
@@ -1255,7 +1317,7 @@ pub fn conntrack_list() -> Result<Vec<ConntrackEntry>> {
             Ok(out)
         }
         // netfilter does not record the rule: name the pfwd rule that explains each translation (see flows::rule_of).
-        Backend::Iptables => {
+        Backend::Iptables | Backend::Nft => {
             let rules = state.rules();
             Ok(fallback::conntrack_list()
                 .into_iter()

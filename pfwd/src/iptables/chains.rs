@@ -118,7 +118,7 @@ pub fn hook_rules(ifaces: Option<&[String]>) -> Vec<Hook> {
 
 /// The netfilter hook a rule is matched at. The discriminants follow [`NAT_HOOKS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum NatHook {
+pub enum NatHook {
     /// DNAT/REDIRECT of arriving packets.
     Prerouting = 0,
     /// SNAT/MASQUERADE of leaving packets.
@@ -128,7 +128,7 @@ pub(super) enum NatHook {
 }
 
 /// In the import's order (and the order of the nat chains in the scripts).
-pub(super) const NAT_HOOKS: [NatHook; 3] = [NatHook::Prerouting, NatHook::Postrouting, NatHook::Output];
+pub const NAT_HOOKS: [NatHook; 3] = [NatHook::Prerouting, NatHook::Postrouting, NatHook::Output];
 
 impl NatHook {
     /// The hook's built-in nat chain.
@@ -167,7 +167,7 @@ impl NatHook {
 }
 
 /// Indices of the rules of one hook, most specific first: the order of the hook's chain.
-pub(super) fn hook_order(rules: &[Rule], hook: NatHook) -> Vec<usize> {
+pub fn hook_order(rules: &[Rule], hook: NatHook) -> Vec<usize> {
     precedence_order(rules).into_iter().filter(|&i| NatHook::of(&rules[i]) == hook).collect()
 }
 

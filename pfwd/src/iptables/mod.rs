@@ -17,9 +17,9 @@ mod restore;
 mod tests;
 
 pub use chains::{
-    CHAINS, COMMENT_PREFIX, FORWARD_CHAIN, Hook, OUTPUT_CHAIN, POSTROUTING_CHAIN, PREROUTING_CHAIN, PfwdChain,
-    hook_rules,
+    CHAINS, COMMENT_PREFIX, FORWARD_CHAIN, Hook, NAT_HOOKS, NatHook, OUTPUT_CHAIN, POSTROUTING_CHAIN, PREROUTING_CHAIN,
+    PfwdChain, hook_order, hook_rules,
 };
 pub use import::{Import, ImportError, import, import_onto};
-pub use nft::export_nft;
+pub use nft::{export_nft, nft_action, nft_comment, nft_dnat, nft_matches};
 pub use restore::{export_iptables, nat_chain_script, nat_change_script};

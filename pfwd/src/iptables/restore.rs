@@ -6,11 +6,12 @@
 //! iptables' first match the rule pfwd itself would pick. Each rule carries `-m comment --comment "pfwd:ID"`, placed
 //! where `iptables-save` prints it (after the matches, before `-j`), so counters can be mapped back to rule ids.
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::chains::{
     CHAINS, COMMENT_PREFIX, FORWARD_CHAIN, HAIRPIN_SUFFIX, Hook, NatHook, PfwdChain, hook_order, hook_rules,
 };
+use crate::rules::model::{Family, fmt_addr_port};
 use crate::rules::{Rule, Target, with_companions};
 
 /// The tables holding pfwd chains, in [`CHAINS`] order.
@@ -25,8 +26,13 @@ fn tables() -> Vec<&'static str> {
 }
 
 /// A prefix as `iptables-save` prints it (`10.0.0.1/32`); `/0` matches everything and iptables-save omits it.
-fn ipt_net(n: Option<Ipv4Net>) -> Option<String> {
+fn ipt_net(n: Option<IpNet>) -> Option<String> {
     n.filter(|n| n.prefix_len() > 0).map(|n| n.trunc().to_string())
+}
+
+/// The prefix that matches every address of the rule's family, as iptables-save prints it.
+fn any_net(r: &Rule) -> &'static str {
+    if r.family() == Some(Family::Ipv6) { "::/0" } else { "0.0.0.0/0" }
 }
 
 /// A word of an `iptables-restore` line: as is, or double-quoted when it holds a character that either reader would
@@ -68,10 +74,7 @@ fn ladder(r: &Rule, matches: &str, comment: &str) -> Vec<String> {
                 )
             };
             left -= b.weight;
-            let to = match b.port {
-                Some(p) => format!("{}:{p}", b.addr),
-                None => b.addr.to_string(),
-            };
+            let to = fmt_addr_port(b.addr, b.port.as_ref().map(|p| p as &dyn std::fmt::Display));
             let sep = if matches.is_empty() { "" } else { " " };
             format!("{matches}{sep}{stat}{comment} -j DNAT --to-destination {to}")
         })
@@ -88,12 +91,12 @@ fn rule_spec(r: &Rule, companion: bool) -> Vec<String> {
     match ipt_net(r.src) {
         Some(n) => s.push(format!("{}-s {n}", bang(r.not.src))),
         // `! -s 0.0.0.0/0` matches nothing; iptables-save prints it with the /0.
-        None if r.not.src => s.push("! -s 0.0.0.0/0".into()),
+        None if r.not.src => s.push(format!("! -s {}", any_net(r))),
         None => {}
     }
     match ipt_net(r.dst) {
         Some(n) => s.push(format!("{}-d {n}", bang(r.not.dst))),
-        None if r.not.dst => s.push("! -d 0.0.0.0/0".into()),
+        None if r.not.dst => s.push(format!("! -d {}", any_net(r))),
         None => {}
     }
     if let Some(i) = &r.iface {
@@ -119,11 +122,11 @@ fn rule_spec(r: &Rule, companion: bool) -> Vec<String> {
     }
     s.push(comment);
     s.push(match r.target {
-        Target::Dnat { addr, port: Some(p) } => format!("-j DNAT --to-destination {addr}:{p}"),
+        Target::Dnat { addr, port: Some(p) } => format!("-j DNAT --to-destination {}", fmt_addr_port(addr, Some(&p))),
         Target::Dnat { addr, port: None } => format!("-j DNAT --to-destination {addr}"),
         Target::Redirect { port } => format!("-j REDIRECT --to-ports {port}"),
         // PortRange prints `LO-HI` (or one port), the form iptables-save uses for both targets.
-        Target::Snat { addr, ports: Some(r) } => format!("-j SNAT --to-source {addr}:{r}"),
+        Target::Snat { addr, ports: Some(r) } => format!("-j SNAT --to-source {}", fmt_addr_port(addr, Some(&r))),
         Target::Snat { addr, ports: None } => format!("-j SNAT --to-source {addr}"),
         Target::Masquerade { ports: Some(r) } => format!("-j MASQUERADE --to-ports {r}"),
         Target::Masquerade { ports: None } => "-j MASQUERADE".to_string(),
@@ -148,7 +151,9 @@ fn chain_specs(chain: &PfwdChain, rules: &[Rule]) -> Vec<String> {
 /// each `N` is the line's place in the final chain). Rules kept keep their lines, their place relative to each other
 /// (the precedence order is a total order of the rules themselves) and their counters. `None` when nothing changes.
 /// Needs the chains to hold exactly `old`'s lines (pfwd checks that no change was interrupted before using it).
-pub fn nat_change_script(old: &[Rule], new: &[Rule]) -> Option<String> {
+pub fn nat_change_script(old: &[Rule], new: &[Rule], family: Family) -> Option<String> {
+    let (old, new) = (of_family(old, family), of_family(new, family));
+    let (old, new) = (old.as_slice(), new.as_slice());
     let mut out = String::new();
     for table in tables() {
         let mut body = String::new();
@@ -210,18 +215,33 @@ fn restore_script(rules: &[Rule], hooks: &[Hook]) -> String {
 /// `iptables-restore --noflush` input that (re)defines pfwd's chains and nothing else. Under `--noflush`, declaring
 /// an existing user chain flushes it, so applying this replaces pfwd's rules atomically (per table). Jumps into the
 /// chains are not included: see [`hook_rules`].
-pub fn nat_chain_script(rules: &[Rule]) -> String {
-    restore_script(rules, &[])
+pub fn nat_chain_script(rules: &[Rule], family: Family) -> String {
+    restore_script(&of_family(rules, family), &[])
+}
+
+/// The rules that apply to `family` (its own and those for both), which its `iptables`/`ip6tables` table holds.
+pub fn of_family(rules: &[Rule], family: Family) -> Vec<Rule> {
+    rules.iter().filter(|r| r.applies_to(family)).cloned().collect()
+}
+
+/// The command that applies and lists a family's rules: `iptables` or `ip6tables`.
+pub fn tool(family: Family) -> &'static str {
+    match family {
+        Family::Ipv4 => "iptables",
+        Family::Ipv6 => "ip6tables",
+    }
 }
 
 /// The human-facing iptables export: [`nat_chain_script`] plus the jumps of [`hook_rules`], with a header on how to
 /// apply it.
-pub fn export_iptables(rules: &[Rule], ifaces: Option<&[String]>) -> String {
+pub fn export_iptables(rules: &[Rule], ifaces: Option<&[String]>, family: Family) -> String {
+    let rules = &of_family(rules, family);
+    let tool = tool(family);
     let chains: Vec<String> = CHAINS.iter().map(|c| format!("{} ({})", c.name, c.table)).collect();
     let builtins: Vec<&str> = CHAINS.iter().map(|c| c.builtin).collect();
     let mut out = format!(
-        "# pfwd rules for iptables ({} rules, most specific first: iptables' first match is pfwd's choice).\n\
-         # Apply with: iptables-restore --noflush < FILE\n\
+        "# pfwd rules for {tool} ({} rules, most specific first: {tool}' first match is pfwd's choice).\n\
+         # Apply with: {tool}-restore --noflush < FILE\n\
          # It only touches pfwd's own chains, {}:\n\
          # --noflush keeps every other chain, and declaring a pfwd chain flushes it, so its rules are replaced.\n\
          # The -A {} lines add the jumps into pfwd's chains. Applying the file again adds\n\
@@ -242,7 +262,7 @@ mod tests {
     #[test]
     fn chain_script_format() {
         assert_eq!(
-            nat_chain_script(&sample()),
+            nat_chain_script(&sample(), Family::Ipv4),
             "*nat\n\
              :PFWD-PREROUTING - [0:0]\n\
              :PFWD-POSTROUTING - [0:0]\n\
@@ -259,19 +279,19 @@ mod tests {
              COMMIT\n"
         );
         // No rules: the chains are still declared, which empties them.
-        assert!(nat_chain_script(&[]).starts_with(
+        assert!(nat_chain_script(&[], Family::Ipv4).starts_with(
             "*nat\n:PFWD-PREROUTING - [0:0]\n:PFWD-POSTROUTING - [0:0]\n:PFWD-OUTPUT - [0:0]\nCOMMIT\n*filter\n"
         ));
         // A /0 prefix matches everything; iptables-save would drop it, so the export does too.
         let mut any = with_id(9, "dnat -p tcp --to 10.0.0.1");
         any.src = Some("0.0.0.0/0".parse().unwrap());
-        assert!(nat_chain_script(&[any]).contains("-A PFWD-PREROUTING -p tcp -m comment"));
+        assert!(nat_chain_script(&[any], Family::Ipv4).contains("-A PFWD-PREROUTING -p tcp -m comment"));
     }
 
     #[test]
     fn iptables_export_has_header_and_hooks() {
         let ifaces = vec!["eth0".to_string()];
-        let text = export_iptables(&sample(), Some(&ifaces));
+        let text = export_iptables(&sample(), Some(&ifaces), Family::Ipv4);
         assert!(text.starts_with("# pfwd rules for iptables (5 rules"), "{text}");
         assert!(text.contains("# Apply with: iptables-restore --noflush < FILE\n"));
         let body: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
@@ -300,7 +320,7 @@ mod tests {
             ]
         );
         // The rules are the chain script's, unchanged.
-        for line in nat_chain_script(&sample()).lines() {
+        for line in nat_chain_script(&sample(), Family::Ipv4).lines() {
             assert!(body.contains(&line), "{line}");
         }
     }
@@ -308,7 +328,7 @@ mod tests {
     #[test]
     fn postrouting_export_formats() {
         let ifaces = vec!["eth0".to_string()];
-        let text = export_iptables(&with_post(), Some(&ifaces));
+        let text = export_iptables(&with_post(), Some(&ifaces), Family::Ipv4);
         let body: Vec<&str> =
             text.lines().filter(|l| l.starts_with("-A POSTROUTING") || l.starts_with("-A PFWD-POST")).collect();
         assert_eq!(
@@ -324,14 +344,14 @@ mod tests {
         );
         // The PREROUTING chain is unchanged by POSTROUTING rules.
         let pre = |t: &str| t.lines().filter(|l| l.starts_with("-A PFWD-PRE")).map(String::from).collect::<Vec<_>>();
-        assert_eq!(pre(&text), pre(&nat_chain_script(&sample())));
+        assert_eq!(pre(&text), pre(&nat_chain_script(&sample(), Family::Ipv4)));
         assert!(text.starts_with("# pfwd rules for iptables (10 rules"), "{text}");
     }
 
     #[test]
     fn local_export_formats() {
         let ifaces = vec!["eth0".to_string(), "wg0".to_string()];
-        let text = export_iptables(&with_local(), Some(&ifaces));
+        let text = export_iptables(&with_local(), Some(&ifaces), Family::Ipv4);
         let output: Vec<&str> = text.lines().filter(|l| !l.starts_with('#') && l.contains("OUTPUT")).collect();
         assert_eq!(
             output,
@@ -351,13 +371,13 @@ mod tests {
         let others = |t: &str| {
             t.lines().filter(|l| l.starts_with("-A ") && !l.contains("OUTPUT")).map(String::from).collect::<Vec<_>>()
         };
-        assert_eq!(others(&text), others(&export_iptables(&with_post(), Some(&ifaces))));
+        assert_eq!(others(&text), others(&export_iptables(&with_post(), Some(&ifaces), Family::Ipv4)));
         // The chain script holds the same lines, without the jump.
-        let script = nat_chain_script(&with_local());
+        let script = nat_chain_script(&with_local(), Family::Ipv4);
         let script_output: Vec<&str> = script.lines().filter(|l| l.contains("OUTPUT")).collect();
         assert_eq!(script_output, [&output[..1], &output[2..]].concat());
         // Only local rules: PFWD-PREROUTING stays empty.
-        assert!(!nat_chain_script(&local_sample()).contains("-A PFWD-PREROUTING"));
+        assert!(!nat_chain_script(&local_sample(), Family::Ipv4).contains("-A PFWD-PREROUTING"));
     }
 
     /// A `--hairpin` rule exports as its DNAT plus the MASQUERADE it adds, tagged `pfwd:ID-hairpin`, in precedence
@@ -367,7 +387,7 @@ mod tests {
     #[test]
     fn backends_export_as_a_statistic_ladder() {
         let rules = vec![with_id(3, "dnat -i eth0 -p tcp --dport 80 --to 10.0.2.2:8080,10.0.2.3:8080@2,10.0.2.4:8080")];
-        let script = nat_chain_script(&rules);
+        let script = nat_chain_script(&rules, Family::Ipv4);
         let lines: Vec<&str> = script.lines().filter(|l| l.starts_with("-A PFWD-PREROUTING")).collect();
         let m = "-A PFWD-PREROUTING -i eth0 -p tcp -m tcp --dport 80";
         let c = "-m comment --comment \"pfwd:3\" -j DNAT --to-destination";
@@ -380,7 +400,7 @@ mod tests {
             ]
         );
         // Without matches or ports.
-        let plain = nat_chain_script(&[with_id(4, "dnat --to 10.0.2.2,10.0.2.3")]);
+        let plain = nat_chain_script(&[with_id(4, "dnat --to 10.0.2.2,10.0.2.3")], Family::Ipv4);
         assert!(plain.contains(
             "-A PFWD-PREROUTING -m statistic --mode random --probability 0.50000000000 -m comment --comment \"pfwd:4\" \
              -j DNAT --to-destination 10.0.2.2\n-A PFWD-PREROUTING -m comment --comment \"pfwd:4\" -j DNAT \
@@ -395,7 +415,7 @@ mod tests {
             with_id(1, "masquerade -o eth0"),
             with_id(2, "dnat -p tcp -d 203.0.113.10 --dport 8080 --to 10.0.2.2:80 --hairpin 10.0.2.0/24"),
         ];
-        let script = nat_chain_script(&rules);
+        let script = nat_chain_script(&rules, Family::Ipv4);
         let lines: Vec<&str> = script.lines().filter(|l| l.starts_with("-A PFWD-P")).collect();
         assert_eq!(
             lines,
@@ -405,7 +425,7 @@ mod tests {
                 "-A PFWD-POSTROUTING -o eth0 -m comment --comment \"pfwd:1\" -j MASQUERADE",
             ]
         );
-        assert!(export_iptables(&rules, None).starts_with("# pfwd rules for iptables (2 rules"));
+        assert!(export_iptables(&rules, None, Family::Ipv4).starts_with("# pfwd rules for iptables (2 rules"));
         let back = crate::iptables::import(&script).unwrap().rules;
         let shown: Vec<String> = back.iter().map(|r| r.to_string()).collect();
         assert_eq!(
@@ -413,8 +433,129 @@ mod tests {
             [
                 "dnat -p tcp -d 203.0.113.10 --dport 8080 --to 10.0.2.2:80",
                 "masquerade -p tcp -s 10.0.2.0/24 -d 10.0.2.2",
-                "masquerade -o eth0",
+                // From iptables: IPv4 (the exported rule was for both families; the IPv6 export has it too).
+                "masquerade -4 -o eth0",
             ]
         );
+    }
+
+    /// The IPv6 export (`ip6tables-restore` input) holds the rules for IPv6 and those for both; the IPv4 export the
+    /// others and those for both. Addresses as ip6tables-save prints them (`/128`, `[ADDR]:PORT`).
+    #[test]
+    fn export_per_family() {
+        let rules = vec![
+            with_id(1, "redirect -p tcp --dport 80 --to-port 3000"),
+            with_id(2, "redirect -6 -p tcp --dport 81 --to-port 3001"),
+            with_id(3, "masquerade -4 -o eth0"),
+            with_id(4, "dnat -i eth0 -p tcp -d 2001:db8::10 --dport 8080 --to [2001:db8::2]:80"),
+            with_id(5, "dnat -d 203.0.113.10 --to 10.0.2.2"),
+            with_id(6, "dnat -p tcp ! -s fd00::/8 --dport 443 --to [2001:db8::2]:8443,[2001:db8::3]:8443@3"),
+            with_id(7, "snat -o eth0 -p udp -s fd00::/64 --to [2001:db8::1]:20000-20099"),
+            with_id(8, "dnat -d 2001:db8::11 --to 2001:db8::2 --hairpin 2001:db8:2::/64"),
+            with_id(9, "dnat --local -p tcp -d 2001:db8::12 --dport 25 --to [::1]:2525"),
+            with_id(10, "masquerade -6 -o eth0"),
+        ];
+        let nat = ["-A PFWD-PREROUTING ", "-A PFWD-POSTROUTING ", "-A PFWD-OUTPUT "];
+        let lines =
+            |t: &str| t.lines().filter(|l| nat.iter().any(|p| l.starts_with(p))).map(String::from).collect::<Vec<_>>();
+        let c = |id: &str| format!("-m comment --comment \"pfwd:{id}\"");
+        let v6 = export_iptables(&rules, None, Family::Ipv6);
+        assert!(
+            v6.starts_with("# pfwd rules for ip6tables (8 rules, most specific first: ip6tables' first match"),
+            "{v6}"
+        );
+        assert!(v6.contains("# Apply with: ip6tables-restore --noflush < FILE\n"), "{v6}");
+        assert_eq!(
+            lines(&v6),
+            [
+                format!(
+                    "-A PFWD-PREROUTING -d 2001:db8::10/128 -i eth0 -p tcp -m tcp --dport 8080 {} -j DNAT --to-destination [2001:db8::2]:80",
+                    c("4")
+                ),
+                format!("-A PFWD-PREROUTING -p tcp -m tcp --dport 80 {} -j REDIRECT --to-ports 3000", c("1")),
+                format!("-A PFWD-PREROUTING -p tcp -m tcp --dport 81 {} -j REDIRECT --to-ports 3001", c("2")),
+                format!(
+                    "-A PFWD-PREROUTING ! -s fd00::/8 -p tcp -m tcp --dport 443 -m statistic --mode random --probability 0.25000000000 {} -j DNAT --to-destination [2001:db8::2]:8443",
+                    c("6")
+                ),
+                format!(
+                    "-A PFWD-PREROUTING ! -s fd00::/8 -p tcp -m tcp --dport 443 {} -j DNAT --to-destination [2001:db8::3]:8443",
+                    c("6")
+                ),
+                format!("-A PFWD-PREROUTING -d 2001:db8::11/128 {} -j DNAT --to-destination 2001:db8::2", c("8")),
+                format!(
+                    "-A PFWD-POSTROUTING -s fd00::/64 -o eth0 -p udp {} -j SNAT --to-source [2001:db8::1]:20000-20099",
+                    c("7")
+                ),
+                format!("-A PFWD-POSTROUTING -o eth0 {} -j MASQUERADE", c("10")),
+                format!("-A PFWD-POSTROUTING -s 2001:db8:2::/64 -d 2001:db8::2/128 {} -j MASQUERADE", c("8-hairpin")),
+                format!(
+                    "-A PFWD-OUTPUT -d 2001:db8::12/128 -p tcp -m tcp --dport 25 {} -j DNAT --to-destination [::1]:2525",
+                    c("9")
+                ),
+            ]
+        );
+        // The same rules as nat_chain_script's, and the same chains and jumps as the IPv4 export.
+        assert_eq!(lines(&v6), lines(&nat_chain_script(&rules, Family::Ipv6)));
+        let v4 = export_iptables(&rules, None, Family::Ipv4);
+        assert!(v4.starts_with("# pfwd rules for iptables (3 rules"), "{v4}");
+        assert_eq!(
+            lines(&v4),
+            [
+                format!("-A PFWD-PREROUTING -p tcp -m tcp --dport 80 {} -j REDIRECT --to-ports 3000", c("1")),
+                format!("-A PFWD-PREROUTING -d 203.0.113.10/32 {} -j DNAT --to-destination 10.0.2.2", c("5")),
+                format!("-A PFWD-POSTROUTING -o eth0 {} -j MASQUERADE", c("3")),
+            ]
+        );
+        let others = |t: &str| {
+            t.lines()
+                .filter(|l| !l.starts_with("-A PFWD-") && !l.starts_with('#'))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(others(&v6), others(&v4));
+        // `! -s 0/0` in the family's own spelling (hand-built: the grammar refuses it, it matches nothing).
+        let mut none = with_id(11, "redirect -6 -p tcp --to-port 80");
+        none.not.src = true;
+        assert!(nat_chain_script(&[none], Family::Ipv6).contains("-A PFWD-PREROUTING ! -s ::/0 -p tcp"));
+    }
+
+    /// A change script of one family touches that family's lines only: changing an IPv6 rule leaves the IPv4
+    /// chains alone, and a rule for both changes both.
+    #[test]
+    fn change_script_per_family() {
+        let old = vec![
+            with_id(1, "redirect -p tcp --dport 80 --to-port 3000"),
+            with_id(2, "dnat -p tcp --dport 22 --to [2001:db8::9]:22"),
+            with_id(3, "dnat -p tcp --dport 22 --to 10.0.2.9:22"),
+        ];
+        let mut new = old.clone();
+        new[1] = with_id(2, "dnat -p tcp --dport 22 --to [2001:db8::8]:22");
+        assert_eq!(nat_change_script(&old, &new, Family::Ipv4), None);
+        let v6 = nat_change_script(&old, &new, Family::Ipv6).unwrap();
+        assert_eq!(
+            v6,
+            "*nat\n\
+             -D PFWD-PREROUTING -p tcp -m tcp --dport 22 -m comment --comment \"pfwd:2\" -j DNAT --to-destination [2001:db8::9]:22\n\
+             -A PFWD-PREROUTING -p tcp -m tcp --dport 22 -m comment --comment \"pfwd:2\" -j DNAT --to-destination [2001:db8::8]:22\n\
+             COMMIT\n"
+        );
+        // Dropping the IPv4 rule: IPv4 lines only.
+        let without_v4 = &old[..2];
+        let v4 = nat_change_script(&old, without_v4, Family::Ipv4).unwrap();
+        assert!(v4.contains("-D PFWD-PREROUTING -p tcp -m tcp --dport 22 -m comment --comment \"pfwd:3\""), "{v4}");
+        assert_eq!(nat_change_script(&old, without_v4, Family::Ipv6), None);
+        // Adding a rule for both: a line in each.
+        let both = &[old[0].clone()][..];
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let script = nat_change_script(&old[1..], &old, family).unwrap();
+            assert!(script.contains("-I PFWD-PREROUTING 1 -p tcp -m tcp --dport 80"), "{family}: {script}");
+        }
+        for family in [Family::Ipv4, Family::Ipv6] {
+            let script = nat_change_script(both, &[], family).unwrap();
+            assert!(script.contains("-F PFWD-PREROUTING\n"), "{family}: {script}");
+        }
+        assert_eq!((tool(Family::Ipv4), tool(Family::Ipv6)), ("iptables", "ip6tables"));
+        assert_eq!(of_family(&old, Family::Ipv6).iter().map(|r| r.id).collect::<Vec<_>>(), [1, 2]);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use pfwd_common::maps::{
     BackendEntry, COMPANION_SLOTS, Class, GEN_FOREVER, INDEX_ENTRIES, INDEX_SLOTS, IndexKey, MAX_BACKEND_RULES,
@@ -11,7 +11,7 @@ use pfwd_common::maps::{
 };
 
 use super::error::RuleError;
-use super::model::{PortRange, Proto, Rule, Target, net_mask, prefix_len};
+use super::model::{Family, PortRange, Proto, Rule, Target, net_mask, prefix_len};
 use super::precedence::rank;
 
 /// The contents of the rules array, the rule index and the class lists.
@@ -175,6 +175,9 @@ pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> R
     for (_, r) in rules {
         // The index relies on "a port implies a protocol", which validate() guarantees.
         r.validate().map_err(|e| RuleError::InRule { id: r.id, error: Box::new(e) })?;
+        if r.family() == Some(Family::Ipv6) {
+            return Err(RuleError::InRule { id: r.id, error: Box::new(RuleError::Ipv6NotInEbpf) });
+        }
     }
     // The closure may be a syscall (if_nametoindex), so ask once per name.
     let mut ifindexes: HashMap<&str, u32> = HashMap::new();
@@ -255,11 +258,20 @@ pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> R
     Ok(c)
 }
 
+/// An IPv4 address as the kernel's maps hold it (network order). The kernel's rules are IPv4 ([`build`] refuses
+/// IPv6 rules), so an IPv6 address never gets here; it would read as 0.0.0.0.
+pub(crate) fn ne_v4(a: IpAddr) -> u32 {
+    match a {
+        IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
+        IpAddr::V6(_) => 0,
+    }
+}
+
 /// The rules array entry of `r` (visible in every generation).
 fn rule_entry(r: &Rule, rank: u64, ifindex: u32) -> RuleEntry {
     let (src_net, src_mask) = net_mask(r.src);
     let (dst_net, dst_mask) = net_mask(r.dst);
-    let be = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+    let be = ne_v4;
     // SNAT/MASQUERADE ports 0..=0 tell the kernel "keep the source port when free, else 1024-65535".
     let range = |p: Option<PortRange>| p.map_or((0, 0), |p| (p.lo, p.hi));
     let (kind, to_addr, (to_port, to_port_hi)) = match r.target {
@@ -384,7 +396,7 @@ mod tests {
         let rules: Vec<Rule> = (0..n)
             .map(|i| Rule {
                 id: i + 1,
-                src: Some(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i), 32).unwrap()),
+                src: Some(ipnet::Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i), 32).unwrap().into()),
                 ..base.clone()
             })
             .collect();
@@ -543,10 +555,11 @@ mod tests {
                 dport: Some(PortRange::single(1000 + (i / 2) as u16)),
                 local: false,
                 hairpin: None,
-                target: Target::Dnat { addr: Ipv4Addr::from(0x0a00_0000 + i), port: Some(80) },
+                target: Target::Dnat { addr: Ipv4Addr::from(0x0a00_0000 + i).into(), port: Some(80) },
                 not: Negated::default(),
                 dst_local: false,
                 backends: Vec::new(),
+                family: None,
             })
             .collect();
         let start = std::time::Instant::now();

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::error::RuleError;
-use super::model::{PortRange, Rule, Target, wrong_hook};
+use super::model::{Family, PortRange, Rule, Target, wrong_hook};
 use super::value::{parse_cidr, parse_dnat_to, parse_port, parse_proto_opt, parse_snat_to, validate_iface};
 
 /// What a rule does: the iptables target it stands for.
@@ -90,6 +90,8 @@ pub enum Field {
     ToPorts,
     /// DNAT's inside network for hairpin NAT.
     Hairpin,
+    /// `-4` / `-6`: the one family a rule without addresses applies to.
+    Family,
 }
 
 /// How one [`Field`] is written and which kinds take it.
@@ -242,13 +244,37 @@ pub const FIELDS: &[FieldSpec] = &[
                router). Not with -i (the rule must also match where inside hosts arrive) or --local; -s, if given, \
                must contain CIDR.",
     },
+    FieldSpec {
+        field: Field::Family,
+        cli: &["-4", "-6", "--ipv4", "--ipv6"],
+        toml: "family",
+        value: None,
+        toml_string: true,
+        kinds: ALL,
+        help: "IPv4 only. A rule's family follows its addresses; a rule without any (redirect -p tcp --dport 80 \
+               --to-port 3000, masquerade -o eth1) applies to IPv4 and IPv6 alike unless -4 or -6 restricts it. \
+               In a config file: family = \"ipv4\" or \"ipv6\".",
+    },
 ];
+
+/// `-6`'s `--help` (`-4` shares [`FIELDS`]' entry and its text).
+pub const IPV6_HELP: &str = "IPv6 only (see -4). IPv6 addresses are written as ip6tables writes them: -d 2001:db8::/32, \
+                             --to 2001:db8::2, and with a port --to [2001:db8::2]:8080.";
 
 /// The fields iptables' `!` may negate.
 pub const NEGATABLE: [Field; 5] = [Field::Src, Field::Dst, Field::Iface, Field::Oface, Field::DstType];
 
 /// `-d local`: this host's addresses (iptables' `-m addrtype --dst-type LOCAL`).
 pub const DST_LOCAL: &str = "local";
+
+/// `-4`/`-6` (a flag: the spelling says which) or the config file's `family = "ipv4"`.
+fn parse_family(written: &str, value: &str) -> Result<Family, RuleError> {
+    match (written, value.to_ascii_lowercase().as_str()) {
+        ("-4" | "--ipv4", "") | (_, "ipv4" | "4") => Ok(Family::Ipv4),
+        ("-6" | "--ipv6", "") | (_, "ipv6" | "6") => Ok(Family::Ipv6),
+        _ => Err(RuleError::Invalid(format!("bad family {value:?}: expected \"ipv4\" or \"ipv6\""))),
+    }
+}
 
 /// Splits iptables' negation off a value: `!10.0.0.0/8` (or `! 10.0.0.0/8`) is (true, `10.0.0.0/8`).
 fn negation(value: &str) -> (bool, &str) {
@@ -319,7 +345,13 @@ impl RuleDraft {
     /// (iptables' negation, `! -s NET` on the CLI, `src = "!NET"` in TOML) is taken for -s, -d, -i and -o only.
     pub fn set(&mut self, field: Field, written: &'static str, value: &str) -> Result<(), DraftError> {
         let at = |error| DraftError { option: Some(written), error };
-        if self.options.iter().any(|(f, _, _)| *f == field) {
+        if let Some((_, first, _)) = self.options.iter().find(|(f, _, _)| *f == field) {
+            // `-4 --ipv4` says one family twice; `-4 -6` two.
+            if field == Field::Family && parse_family(first, "").ok() != parse_family(written, "").ok() {
+                return Err(at(RuleError::Unsupported(format!(
+                    "{first} and {written} together: a rule is for one family, or (with neither) for both"
+                ))));
+            }
             return Err(at(RuleError::Repeated(written.to_string())));
         }
         if value.starts_with('!') && !NEGATABLE.contains(&field) {
@@ -454,6 +486,7 @@ impl RuleDraft {
                 Field::ToPort => to_port = Some((written, value)),
                 Field::ToPorts => to_ports = Some((written, value)),
                 Field::Hairpin => rule.hairpin = Some(parse_cidr(value).map_err(at)?),
+                Field::Family => rule.family = Some(parse_family(written, value).map_err(at)?),
             }
         }
         let missing = |field: Field| DraftError {
@@ -497,6 +530,7 @@ impl RuleDraft {
 #[cfg(test)]
 mod tests {
 
+    use crate::rules::model::Family;
     use crate::rules::tests::*;
     use crate::rules::*;
 
@@ -604,8 +638,18 @@ mod tests {
     #[test]
     fn display_parse_round_trip_property() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut families = [0; 3];
         for _ in 0..5000 {
-            let r = random_rule(&mut rng);
+            let mut r = random_rule(&mut rng);
+            // A rule without addresses is for both families, or restricted by -4 / -6.
+            if r.family().is_none() {
+                r.family = rng.pick(&[None, Some(Family::Ipv4), Some(Family::Ipv6)]);
+            }
+            families[match r.family() {
+                None => 0,
+                Some(Family::Ipv4) => 1,
+                Some(Family::Ipv6) => 2,
+            }] += 1;
             r.validate().unwrap_or_else(|e| panic!("generator made an invalid rule {r}: {e}"));
             let text = r.to_string();
             let mut back = p(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
@@ -615,15 +659,142 @@ mod tests {
             let json = serde_json::to_string(&r).unwrap();
             assert_eq!(serde_json::from_str::<Rule>(&json).unwrap(), r, "{json}");
         }
+        // Rules for both families, IPv4 ones and IPv6 ones, in numbers.
+        assert!(families.iter().all(|&n| n > 100), "{families:?}");
         zero_prefix_round_trips();
     }
 
-    /// `0.0.0.0/0` survives a round trip and means the same as no prefix.
+    /// `0.0.0.0/0` survives a round trip and means the same as no prefix (in the rule's family: `-s 0.0.0.0/0`
+    /// makes a rule without other addresses an IPv4 one, like -4).
     fn zero_prefix_round_trips() {
         let r = ok("dnat -s 0.0.0.0/0 --to 10.0.0.1");
         assert_eq!(r.src, Some(net("0.0.0.0/0")));
         assert_eq!(p(&r.to_string()).unwrap(), r);
         assert!(r.same_match_and_target(&ok("dnat --to 10.0.0.1")));
+        let r = ok("redirect -p tcp -d ::/0 --to-port 80");
+        assert_eq!((r.dst, r.family()), (Some(net("::/0")), Some(Family::Ipv6)));
+        assert_eq!(p(&r.to_string()).unwrap(), r);
+        assert!(r.same_match_and_target(&ok("redirect -6 -p tcp --to-port 80")));
+        assert!(!r.same_match_and_target(&ok("redirect -p tcp --to-port 80")));
+        assert!(
+            ok("redirect -p tcp -s 0.0.0.0/0 --to-port 80")
+                .same_match_and_target(&ok("redirect -4 -p tcp --to-port 80"))
+        );
+    }
+
+    /// `-4` / `-6`: the family of a rule without addresses (printed back, and read back); with addresses the
+    /// family is theirs, and a restriction that says otherwise is refused.
+    #[test]
+    fn family_flags() {
+        let r = ok("redirect -6 -p tcp --dport 80 --to-port 3000");
+        assert_eq!((r.family, r.family()), (Some(Family::Ipv6), Some(Family::Ipv6)));
+        assert_eq!(r.to_string(), "redirect -6 -p tcp --dport 80 --to-port 3000");
+        assert_eq!(ok(&r.to_string()), r);
+        assert_eq!(ok("redirect -p tcp --ipv6 --dport 80 --to-port 3000"), r, "--ipv6, anywhere among the options");
+        let v4 = ok("masquerade -4 -o eth1");
+        assert_eq!((v4.family(), v4.to_string()), (Some(Family::Ipv4), "masquerade -4 -o eth1".to_string()));
+        assert_eq!(ok("masquerade --ipv4 -o eth1"), v4);
+        // Without: both families.
+        let both = ok("redirect -p tcp --dport 80 --to-port 3000");
+        assert_eq!(both.family(), None);
+        assert!(both.applies_to(Family::Ipv4) && both.applies_to(Family::Ipv6));
+        assert!(r.applies_to(Family::Ipv6) && !r.applies_to(Family::Ipv4));
+        // Not duplicates: different packets.
+        assert!(!r.same_match_and_target(&both));
+        assert!(!r.same_match_and_target(&ok("redirect -4 -p tcp --dport 80 --to-port 3000")));
+        assert_ne!(r.dedup_key(), both.dedup_key());
+        // A restriction the addresses say anyway is dropped: the same rule, and a duplicate of it.
+        let plain = ok("dnat -d 10.0.0.1 --to 10.0.0.2");
+        let restricted = ok("dnat -4 -d 10.0.0.1 --to 10.0.0.2");
+        assert_eq!(restricted, plain);
+        assert_eq!((restricted.family, restricted.family()), (None, Some(Family::Ipv4)));
+        assert_eq!(restricted.to_string(), "dnat -d 10.0.0.1 --to 10.0.0.2");
+        assert!(restricted.same_match_and_target(&plain));
+        assert_eq!(
+            check_duplicate(&[Rule { id: 1, ..plain }], &restricted).unwrap_err().to_string(),
+            "duplicate of rule 1"
+        );
+        assert_eq!(ok("dnat -6 -p tcp --to [2001:db8::2]:80"), ok("dnat -p tcp --to [2001:db8::2]:80"));
+        // IPv6 rules print as they were written (brackets with a port), and read back.
+        for shown in [
+            "dnat -i eth0 -p tcp -s 2001:db8:1::/48 -d 2001:db8::10 --dport 8080 --to [2001:db8::2]:80",
+            "dnat -p tcp ! -d fd00::/8 --dport 80 --to [2001:db8::2]:80,[2001:db8::3]:80@2",
+            "dnat -d 2001:db8::10 --to 2001:db8::2 --hairpin 2001:db8:2::/64",
+            "snat -o eth1 -p udp -s fd00::/64 --to [2001:db8::1]:20000-20099",
+            "dnat --local -p tcp --dport 8080 --to [::1]:80",
+        ] {
+            let r = ok(shown);
+            assert_eq!(r.to_string(), shown);
+            assert_eq!(r.family(), Some(Family::Ipv6), "{shown}");
+            assert_eq!(ok(shown), r);
+        }
+
+        for (cmd, want) in [
+            ("redirect -4 -6 -p tcp --to-port 80", "-4 and -6 together: a rule is for one family"),
+            ("redirect -6 -p tcp --ipv4 --to-port 80", "-6 and --ipv4 together"),
+            ("redirect -6 -6 -p tcp --to-port 80", "'-6' cannot be used multiple times"),
+            ("redirect -4 --ipv4 -p tcp --to-port 80", "--ipv4 given twice"),
+            (
+                "dnat -6 --to 10.0.0.2",
+                "a rule translates one IP family, but -6 is IPv6, --to 10.0.0.2 is IPv4: write one rule per family",
+            ),
+            ("dnat -4 -p tcp --to [2001:db8::2]:80", "-4 is IPv4, --to 2001:db8::2 is IPv6"),
+            ("masquerade -4 -s fd00::/8", "-4 is IPv4, -s fd00:: is IPv6"),
+            ("dnat -s 10.0.0.0/8 --to 2001:db8::2", "-s 10.0.0.0 is IPv4, --to 2001:db8::2 is IPv6"),
+            ("dnat -d 2001:db8::1 --to 10.0.0.2", "-d 2001:db8::1 is IPv6, --to 10.0.0.2 is IPv4"),
+            ("snat -s 10.0.0.0/8 -d 2001:db8::/32 --to 10.0.0.1", "-s 10.0.0.0 is IPv4, -d 2001:db8:: is IPv6"),
+            ("dnat --to 10.0.0.2,2001:db8::3", "--to 10.0.0.2 is IPv4, --to 2001:db8::3 is IPv6"),
+            ("dnat -d 2001:db8::10 --to 2001:db8::2 --hairpin 10.0.2.0/24", "--hairpin 10.0.2.0 is IPv4"),
+            // IPv6 has no route_localnet: arriving packets cannot be sent to ::1.
+            ("dnat -p tcp --dport 80 --to ::1", "--to ::1 works for --local rules only"),
+            ("dnat -p tcp --dport 80 --to [::1]:8080", "(IPv6 has no route_localnet); use redirect --to-port PORT"),
+            ("dnat -p tcp --dport 80 --to [2001:db8::2]:80,[::1]:80", "--to ::1 works for --local rules only"),
+            ("dnat -p tcp --to ::ffff:10.0.0.2", "IPv4-mapped"),
+        ] {
+            let e = err(cmd);
+            assert!(e.contains(want), "{cmd:?}: got {e:?}, want {want:?}");
+        }
+        assert_eq!(ok("dnat --local -p tcp --dport 80 --to ::1").target, Target::Dnat { addr: ip("::1"), port: None });
+        // IPv4's loopback needs route_localnet, which pfwd sets: still fine without --local.
+        ok("dnat -p tcp --dport 80 --to 127.0.0.1:8080");
+        // A hand-built (state file) rule gets the same check.
+        let mut hand = ok("redirect -p tcp --to-port 80");
+        hand.family = Some(Family::Ipv6);
+        hand.src = Some(net("10.0.0.0/8"));
+        assert_eq!(
+            hand.validate().unwrap_err(),
+            RuleError::MixedFamilies { detail: "-6 is IPv6, -s 10.0.0.0 is IPv4".into() }
+        );
+    }
+
+    /// The config file's `family`: written by to_config for a rule that has one, read back; other values refused.
+    #[test]
+    fn family_in_toml() {
+        let r = ok("redirect -6 -p tcp --dport 80 --to-port 3000");
+        let one = std::slice::from_ref(&r);
+        let written = to_config(one);
+        assert!(written.contains("kind = \"redirect\"\nfamily = \"ipv6\"\n"), "{written}");
+        assert_eq!(parse_config(&written).unwrap(), one);
+        let toml = "[[rule]]\nkind = \"masquerade\"\noface = \"eth1\"\nfamily = \"ipv4\"\n";
+        assert_eq!(parse_config(toml).unwrap(), [ok("masquerade -4 -o eth1")]);
+        // No family: none written, and both families.
+        let both = ok("redirect -p tcp --dport 80 --to-port 3000");
+        assert!(!to_config(std::slice::from_ref(&both)).contains("family"));
+        // An IPv6 rule with addresses: its family is theirs, nothing to write.
+        let v6 = ok("dnat -p tcp -d 2001:db8::10 --dport 80 --to [2001:db8::2]:8080");
+        let written = to_config(std::slice::from_ref(&v6));
+        assert!(!written.contains("family") && written.contains("to = \"[2001:db8::2]:8080\"\n"), "{written}");
+        assert_eq!(parse_config(&written).unwrap(), [v6]);
+        for (value, want) in [
+            ("\"ipx\"", "[[rule]] #1, field family: bad family \"ipx\": expected \"ipv4\" or \"ipv6\""),
+            ("\"\"", "bad family \"\""),
+            ("6", "field family"),
+        ] {
+            let e = parse_config(&format!("[[rule]]\nkind = \"masquerade\"\nfamily = {value}\n")).unwrap_err();
+            assert!(e.to_string().contains(want), "{value}: {e}");
+        }
+        let e = parse_config("[[rule]]\nkind = \"dnat\"\nfamily = \"ipv6\"\nto = \"10.0.0.2\"\n").unwrap_err();
+        assert!(e.to_string().contains("-6 is IPv6, --to 10.0.0.2 is IPv4"), "{e}");
     }
 
     #[test]
@@ -756,7 +927,10 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{ipt}: {e:?}"))
                 .rules;
             assert_eq!(from_toml, std::slice::from_ref(&from_cli), "TOML {toml:?} vs CLI {cli:?}");
-            assert_eq!(from_ipt, std::slice::from_ref(&from_cli), "iptables {ipt:?} vs CLI {cli:?}");
+            // An iptables line is an IPv4 rule: the CLI's with -4 (which a rule with IPv4 addresses has anyway).
+            let ipv4 = ok(&format!("{cli} -4"));
+            assert_eq!(from_ipt, std::slice::from_ref(&ipv4), "iptables {ipt:?} vs CLI {cli:?} -4");
+            assert_eq!(from_cli.family().is_none(), ipv4.family != from_cli.family, "{cli}");
         }
         // And the same mistakes are refused by the grammar, with the option named as written.
         assert!(err("snat -i eth0 --to 1.2.3.4").starts_with("-i does not apply to snat"));
@@ -821,7 +995,7 @@ mod tests {
             ("dnat --to 10.0.2.2,10.0.2.3@0", "bad weight \"0\""),
             ("dnat --to 10.0.2.2,10.0.2.3@x", "bad weight \"x\""),
             ("dnat --to 10.0.2.2,10.0.2.3@+2", "bad weight"),
-            ("dnat --to 10.0.2.2,", "not an IPv4 address"),
+            ("dnat --to 10.0.2.2,", "bad --to \"10.0.2.2,\": not an IP address"),
             ("dnat --to 10.0.0.9-10.0.0.1", "first address is above its last"),
             ("dnat --to 10.0.0.0-10.0.1.0", "more than 255 backends"),
             ("dnat --to 10.0.2.2,0.0.0.0", "not a unicast"),

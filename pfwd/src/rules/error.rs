@@ -17,6 +17,13 @@ pub enum RuleError {
     BadIface { input: String, reason: String },
     #[error("bad --to {input:?}: {reason}")]
     BadTo { input: String, reason: String },
+    #[error("a rule translates one IP family, but {detail}: write one rule per family")]
+    MixedFamilies { detail: String },
+    #[error(
+        "IPv6 rules need --mode iptables for now: pfwd's eBPF data path translates IPv4 only (a rule without \
+         addresses applies to IPv4 there)"
+    )]
+    Ipv6NotInEbpf,
     #[error("bad rule kind {input:?}: expected {KINDS}")]
     BadKind { input: String },
     #[error("unknown option {0:?}")]

@@ -36,7 +36,10 @@ pub fn table(backends: &[Backend]) -> Vec<u16> {
         .iter()
         .map(|&i| {
             let b = &backends[i];
-            let mut name = b.addr.octets().to_vec();
+            let mut name = match b.addr {
+                std::net::IpAddr::V4(a) => a.octets().to_vec(),
+                std::net::IpAddr::V6(a) => a.octets().to_vec(),
+            };
             name.extend_from_slice(&b.port.unwrap_or(0).to_be_bytes());
             let offset = (hash(1, &name) % m as u64) as usize;
             let skip = (hash(2, &name) % (m as u64 - 1) + 1) as usize;
@@ -79,7 +82,7 @@ pub fn entries(backends: &[Backend]) -> Vec<BackendEntry> {
         .into_iter()
         .map(|i| {
             let b = &backends[i as usize];
-            BackendEntry { addr: u32::from_ne_bytes(b.addr.octets()), port: b.port.unwrap_or(0), _pad: 0 }
+            BackendEntry { addr: super::compile::ne_v4(b.addr), port: b.port.unwrap_or(0), _pad: 0 }
         })
         .collect()
 }
@@ -114,12 +117,12 @@ mod tests {
     }
 
     /// The backend address each tuple goes to.
-    fn assign(b: &[Backend], ts: &[Tuple]) -> Vec<std::net::Ipv4Addr> {
+    fn assign(b: &[Backend], ts: &[Tuple]) -> Vec<std::net::IpAddr> {
         let t = table(b);
         ts.iter().map(|x| b[t[(flow_hash(x) % MAGLEV_SIZE) as usize] as usize].addr).collect()
     }
 
-    fn share(of: std::net::Ipv4Addr, a: &[std::net::Ipv4Addr]) -> f64 {
+    fn share(of: std::net::IpAddr, a: &[std::net::IpAddr]) -> f64 {
         a.iter().filter(|&&x| x == of).count() as f64 / a.len() as f64
     }
 
@@ -176,7 +179,7 @@ mod tests {
         // One backend owns the whole table; the most backends still each get entries.
         assert!(table(&backends(&[("10.0.0.1", 1)])).iter().all(|&x| x == 0));
         let many: Vec<Backend> =
-            (1..=255u32).map(|i| Backend::new(std::net::Ipv4Addr::from(0x0a00_0000 + i), None)).collect();
+            (1..=255u32).map(|i| Backend::new(std::net::Ipv4Addr::from(0x0a00_0000 + i).into(), None)).collect();
         let t = table(&many);
         assert!((0..255u16).all(|i| t.iter().filter(|&&x| x == i).count() >= 15));
     }

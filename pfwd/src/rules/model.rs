@@ -3,10 +3,10 @@
 //! [`super::value`]; rules are written by users through [`super::draft`].
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::str::FromStr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use pfwd_common::maps::{MAX_BACKENDS, PROTO_TCP, PROTO_UDP};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,60 @@ impl FromStr for Proto {
             "udp" | "17" => Ok(Proto::Udp),
             _ => Err(RuleError::BadProto { input: s.to_string() }),
         }
+    }
+}
+
+/// An IP family. A rule's family follows its addresses ([`Rule::family`]); a rule without any applies to both,
+/// unless `-4` / `-6` restrict it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(addr: IpAddr) -> Family {
+        if addr.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 }
+    }
+
+    pub fn of_net(net: &IpNet) -> Family {
+        Family::of(net.addr())
+    }
+
+    /// The CLI flag restricting a rule to this family.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "-4",
+            Family::Ipv6 => "-6",
+        }
+    }
+
+    /// The config file's and the JSON's name.
+    pub fn key(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Ipv4 => "IPv4",
+            Family::Ipv6 => "IPv6",
+        })
+    }
+}
+
+/// `ADDR` or, for an IPv6 address with a port, `[ADDR]` (ip6tables' form, so the port's colon is not read as part of
+/// the address).
+pub fn fmt_addr_port(addr: IpAddr, port: Option<&dyn fmt::Display>) -> String {
+    match (addr, port) {
+        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, Some(p)) => format!("{a}:{p}"),
+        (a, None) => a.to_string(),
     }
 }
 
@@ -144,12 +198,12 @@ impl<'de> Deserialize<'de> for PortRange {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Target {
     /// `-j DNAT --to-destination ADDR[:PORT]`; `port: None` keeps the original destination port.
-    Dnat { addr: Ipv4Addr, port: Option<u16> },
+    Dnat { addr: IpAddr, port: Option<u16> },
     /// `-j REDIRECT --to-ports PORT`: to the incoming interface's primary address.
     Redirect { port: u16 },
     /// `-j SNAT --to-source ADDR[:LO-HI]`: the source becomes `addr`; the source port is kept when free, else taken
     /// from `ports` (`None`: from 1024-65535).
-    Snat { addr: Ipv4Addr, ports: Option<PortRange> },
+    Snat { addr: IpAddr, ports: Option<PortRange> },
     /// `-j MASQUERADE [--to-ports LO-HI]`: SNAT to the outgoing interface's current primary address.
     Masquerade { ports: Option<PortRange> },
 }
@@ -180,10 +234,10 @@ impl Target {
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Dnat { addr, port: Some(p) } => write!(f, "--to {addr}:{p}"),
+            Target::Dnat { addr, port: Some(p) } => write!(f, "--to {}", fmt_addr_port(*addr, Some(p))),
             Target::Dnat { addr, port: None } => write!(f, "--to {addr}"),
             Target::Redirect { port } => write!(f, "--to-port {port}"),
-            Target::Snat { addr, ports: Some(r) } => write!(f, "--to {addr}:{r}"),
+            Target::Snat { addr, ports: Some(r) } => write!(f, "--to {}", fmt_addr_port(*addr, Some(r))),
             Target::Snat { addr, ports: None } => write!(f, "--to {addr}"),
             Target::Masquerade { ports: Some(r) } => write!(f, "--to-ports {r}"),
             Target::Masquerade { ports: None } => Ok(()),
@@ -198,7 +252,7 @@ pub const MAX_TOTAL_WEIGHT: u32 = 1000;
 /// original destination port) and weight (its share of new flows is its weight over the total).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Backend {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     #[serde(default = "one", skip_serializing_if = "is_one")]
@@ -214,7 +268,7 @@ fn is_one(w: &u32) -> bool {
 }
 
 impl Backend {
-    pub fn new(addr: Ipv4Addr, port: Option<u16>) -> Self {
+    pub fn new(addr: IpAddr, port: Option<u16>) -> Self {
         Backend { addr, port, weight: 1 }
     }
 }
@@ -222,10 +276,7 @@ impl Backend {
 /// `ADDR[:PORT][@WEIGHT]`, the weight only when it is not 1.
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.addr)?;
-        if let Some(p) = self.port {
-            write!(f, ":{p}")?;
-        }
+        f.write_str(&fmt_addr_port(self.addr, self.port.as_ref().map(|p| p as &dyn fmt::Display)))?;
         if self.weight != 1 {
             write!(f, "@{}", self.weight)?;
         }
@@ -253,9 +304,9 @@ pub struct Rule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proto: Option<Proto>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub src: Option<Ipv4Net>,
+    pub src: Option<IpNet>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dst: Option<Ipv4Net>,
+    pub dst: Option<IpNet>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dport: Option<PortRange>,
     /// `--local`: applies to connections made by local processes (iptables OUTPUT) instead of arriving packets.
@@ -265,7 +316,7 @@ pub struct Rule {
     /// `--hairpin CIDR` (DNAT only): hosts of this inside network may use the public address too; their
     /// connections are masqueraded by the rule's [`Rule::hairpin_companion`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hairpin: Option<Ipv4Net>,
+    pub hairpin: Option<IpNet>,
     /// `!` before `-s`, `-d`, `-i` or `-o` (iptables' negation): the rule matches what is *not* that network or
     /// interface.
     #[serde(default, skip_serializing_if = "Negated::is_none")]
@@ -279,6 +330,10 @@ pub struct Rule {
     /// [`Rule::set_dnat_backends`]; read it with [`Rule::dnat_backends`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<Backend>,
+    /// `-4` / `-6`: the family of a rule that has no address (which otherwise applies to both). A rule with
+    /// addresses has theirs, and [`Rule::normalize`] drops a restriction that says the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<Family>,
 }
 
 /// Which matches of a rule are negated.
@@ -299,34 +354,51 @@ impl Negated {
     }
 }
 
-/// See [`Rule::dedup_key`]: interfaces, protocol, (network, mask) of source and destination, ports, `--local`, target,
-/// hairpin network, negations and `-d local`.
+/// See [`Rule::dedup_key`]: interfaces, protocol, family, (network, mask) of source and destination, ports,
+/// `--local`, target, hairpin network, negations and `-d local`.
 pub type DedupKey = (
     Option<String>,
     Option<String>,
-    Option<Proto>,
-    (u32, u32),
-    (u32, u32),
+    (Option<Proto>, Option<Family>),
+    (u128, u128),
+    (u128, u128),
     Option<PortRange>,
     bool,
     Target,
-    Option<(u32, u32)>,
+    Option<(u128, u128)>,
     (Negated, bool),
     Vec<Backend>,
 );
 
-/// `(network, mask)` in host order; an absent prefix is `0/0`, so `None` and `0.0.0.0/0` behave the same.
-pub(super) fn net_mask(n: Option<Ipv4Net>) -> (u32, u32) {
+/// `(network, mask)` of an IPv4 prefix in host order; an absent prefix is `0/0`, so `None` and `0.0.0.0/0` behave
+/// the same. (The kernel's IPv4 rule index; callers hold IPv4 rules only.)
+pub(super) fn net_mask(n: Option<IpNet>) -> (u32, u32) {
     match n {
-        Some(n) => {
+        Some(IpNet::V4(n)) => {
             let mask = u32::from(n.netmask());
             (u32::from(n.addr()) & mask, mask)
+        }
+        _ => (0, 0),
+    }
+}
+
+/// `(network, mask)` of a prefix of either family as 128-bit numbers (IPv4 in the low 32 bits; the rule's family
+/// tells them apart): what duplicate detection compares.
+fn net_mask_any(n: Option<IpNet>) -> (u128, u128) {
+    match n {
+        Some(IpNet::V4(_)) => {
+            let (net, mask) = net_mask(n);
+            (net.into(), mask.into())
+        }
+        Some(IpNet::V6(n)) => {
+            let mask = u128::from(n.netmask());
+            (u128::from(n.addr()) & mask, mask)
         }
         None => (0, 0),
     }
 }
 
-pub(super) fn prefix_len(n: Option<Ipv4Net>) -> u8 {
+pub(super) fn prefix_len(n: Option<IpNet>) -> u8 {
     n.map_or(0, |n| n.prefix_len())
 }
 
@@ -348,7 +420,49 @@ impl Rule {
             not: Negated::default(),
             dst_local: false,
             backends: Vec::new(),
+            family: None,
         }
+    }
+
+    /// Every address the rule names, with the option that names it (for messages): what its family follows.
+    fn addresses(&self) -> Vec<(&'static str, IpAddr)> {
+        let mut out = Vec::new();
+        out.extend(self.src.map(|n| ("-s", n.addr())));
+        out.extend(self.dst.map(|n| ("-d", n.addr())));
+        out.extend(self.hairpin.map(|n| ("--hairpin", n.addr())));
+        match self.target {
+            Target::Dnat { addr, .. } | Target::Snat { addr, .. } => out.push(("--to", addr)),
+            _ => {}
+        }
+        out.extend(self.backends.iter().map(|b| ("--to", b.addr)));
+        out
+    }
+
+    /// The one family the rule applies to, or `None` for both (a rule without addresses or `-4`/`-6`). For a rule
+    /// that mixes families (refused by [`Rule::validate`]) the family of its first address.
+    pub fn family(&self) -> Option<Family> {
+        self.addresses().first().map(|(_, a)| Family::of(*a)).or(self.family)
+    }
+
+    /// Whether the rule applies to packets of `family`.
+    pub fn applies_to(&self, family: Family) -> bool {
+        self.family().is_none_or(|f| f == family)
+    }
+
+    /// A rule translates one family: its addresses (and `-4`/`-6`) must agree.
+    fn check_family(&self) -> Result<(), RuleError> {
+        let addrs = self.addresses();
+        let mut named: Vec<(String, Family)> =
+            addrs.iter().map(|(opt, a)| (format!("{opt} {a}"), Family::of(*a))).collect();
+        if let Some(f) = self.family {
+            named.insert(0, (f.flag().to_string(), f));
+        }
+        if let Some((first, f)) = named.first()
+            && let Some((other, g)) = named.iter().find(|(_, g)| g != f)
+        {
+            return Err(RuleError::MixedFamilies { detail: format!("{first} is {f}, {other} is {g}") });
+        }
+        Ok(())
     }
 
     /// Clears host bits of the prefixes (iptables accepts `192.168.1.5/24` and means `192.168.1.0/24`).
@@ -356,6 +470,12 @@ impl Rule {
         self.src = self.src.map(|n| n.trunc());
         self.dst = self.dst.map(|n| n.trunc());
         self.hairpin = self.hairpin.map(|n| n.trunc());
+        // `-4 -d 10.0.0.1` is `-d 10.0.0.1`: the restriction is kept only where the addresses do not say it.
+        if let Some((_, a)) = self.addresses().first()
+            && self.family == Some(Family::of(*a))
+        {
+            self.family = None;
+        }
         // Weights only matter in proportion (`@4,@2` is `@2,@1`): the smallest whole ones, so that equal rules
         // compare equal whichever way they were written (an iptables ladder gives the proportions only).
         let gcd = self.backends.iter().map(|b| b.weight).fold(0, gcd);
@@ -376,7 +496,7 @@ impl Rule {
             id: self.id,
             proto: self.proto,
             src: Some(inside),
-            dst: Some(Ipv4Net::from(addr)),
+            dst: Some(IpNet::from(addr)),
             ..Rule::new(Target::Masquerade { ports: None })
         })
     }
@@ -500,6 +620,7 @@ impl Rule {
                 ));
             }
         }
+        self.check_family()?;
         self.check_negation_and_local()?;
         self.check_backends()?;
         if let Some(inside) = self.hairpin {
@@ -526,6 +647,15 @@ impl Rule {
             Target::Dnat { addr, port } => {
                 check_to_addr(addr)
                     .map_err(|r| RuleError::BadTo { input: self.target.to_string(), reason: r.into() })?;
+                // Every backend: `--to [2001:db8::2]:80,[::1]:80` would send some arriving connections to ::1.
+                if !self.local && self.dnat_backends().iter().any(|b| b.addr.is_ipv6() && b.addr.is_loopback()) {
+                    return Err(RuleError::Unsupported(
+                        "--to ::1 works for --local rules only: Linux does not route arriving packets to ::1 (IPv6 \
+                         has no route_localnet); use redirect --to-port PORT, which delivers them to the same local \
+                         service on the address they arrived at"
+                            .into(),
+                    ));
+                }
                 if port == Some(0) {
                     return Err(RuleError::BadTo {
                         input: self.target.to_string(),
@@ -562,13 +692,13 @@ impl Rule {
     fn check_negation_and_local(&self) -> Result<(), RuleError> {
         let no = |why: &str| Err(RuleError::Unsupported(why.into()));
         if self.not.src && prefix_len(self.src) == 0 {
-            return no("! -s needs a network to exclude (! -s 0.0.0.0/0 would match nothing)");
+            return no("! -s needs a network to exclude (! -s 0.0.0.0/0 or ::/0 would match nothing)");
         }
         if self.not.dst && prefix_len(self.dst) == 0 {
             return no(if self.dst_local {
                 "! -d local is not supported (match the networks to exclude instead)"
             } else {
-                "! -d needs a network to exclude (! -d 0.0.0.0/0 would match nothing)"
+                "! -d needs a network to exclude (! -d 0.0.0.0/0 or ::/0 would match nothing)"
             });
         }
         if self.not.iface && self.hook_iface().is_none() {
@@ -578,7 +708,7 @@ impl Rule {
     }
 
     /// `--hairpin CIDR`'s checks: see its `--help`.
-    fn check_hairpin(&self, inside: Ipv4Net) -> Result<(), RuleError> {
+    fn check_hairpin(&self, inside: IpNet) -> Result<(), RuleError> {
         let no = |why: &str| Err(RuleError::Unsupported(format!("--hairpin {why}")));
         if !matches!(self.target, Target::Dnat { .. }) {
             return no(&format!("applies to dnat rules only, not {}", self.kind_name()));
@@ -616,13 +746,13 @@ impl Rule {
         (
             self.iface.clone(),
             self.oface.clone(),
-            self.proto,
-            net_mask(self.src),
-            net_mask(self.dst),
+            (self.proto, self.family()),
+            net_mask_any(self.src),
+            net_mask_any(self.dst),
             self.dport,
             self.local,
             self.target,
-            self.hairpin.map(|n| net_mask(Some(n))),
+            self.hairpin.map(|n| net_mask_any(Some(n))),
             (self.not, self.dst_local),
             self.backends.clone(),
         )
@@ -634,12 +764,13 @@ impl Rule {
         self.iface == other.iface
             && self.oface == other.oface
             && self.proto == other.proto
-            && net_mask(self.src) == net_mask(other.src)
-            && net_mask(self.dst) == net_mask(other.dst)
+            && self.family() == other.family()
+            && net_mask_any(self.src) == net_mask_any(other.src)
+            && net_mask_any(self.dst) == net_mask_any(other.dst)
             && self.dport == other.dport
             && self.local == other.local
             && self.target == other.target
-            && self.hairpin.map(|n| net_mask(Some(n))) == other.hairpin.map(|n| net_mask(Some(n)))
+            && self.hairpin.map(|n| net_mask_any(Some(n))) == other.hairpin.map(|n| net_mask_any(Some(n)))
             && self.not == other.not
             && self.dst_local == other.dst_local
             && self.backends == other.backends
@@ -670,9 +801,9 @@ pub(super) fn wrong_hook(kind: Kind, option: &str) -> RuleError {
     RuleError::WrongTarget { option: option.to_string(), kind: kind.name(), hint: hint.into() }
 }
 
-pub(super) fn fmt_net(n: &Ipv4Net) -> String {
+pub(super) fn fmt_net(n: &IpNet) -> String {
     let n = n.trunc();
-    if n.prefix_len() == 32 { n.addr().to_string() } else { n.to_string() }
+    if n.prefix_len() == n.max_prefix_len() { n.addr().to_string() } else { n.to_string() }
 }
 
 /// The rule in pfwd CLI syntax (without the id), e.g.
@@ -681,6 +812,9 @@ pub(super) fn fmt_net(n: &Ipv4Net) -> String {
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.kind_name())?;
+        if let Some(family) = self.family {
+            write!(f, " {}", family.flag())?;
+        }
         if self.local {
             f.write_str(" --local")?;
         }
@@ -750,6 +884,7 @@ pub fn remove_by_id(rules: &mut Vec<Rule>, id: u32) -> Result<Rule, RuleError> {
 #[cfg(test)]
 mod tests {
 
+    use crate::rules::model::Family;
     use crate::rules::tests::*;
     use crate::rules::*;
 
@@ -856,6 +991,58 @@ mod tests {
         assert_eq!(remove_by_id(&mut rules, 7).unwrap_err().to_string(), "no rule with id 7");
         assert_eq!(remove_by_id(&mut rules, 3).unwrap(), c);
         assert_eq!(rules, vec![a]);
+    }
+
+    /// IPv6 addresses and `-4`/`-6` in the state file: the family only when the rule has one of its own (old
+    /// state files, without it, read as before).
+    #[test]
+    fn ipv6_json_state_format() {
+        let r = Rule { id: 8, ..ok("dnat -p tcp -d 2001:db8::/32 --dport 80 --to [2001:db8::2]:8080") };
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": 8, "proto": "tcp", "dst": "2001:db8::/32", "dport": "80",
+                               "target": {"kind": "dnat", "addr": "2001:db8::2", "port": 8080}})
+        );
+        assert_eq!(serde_json::from_value::<Rule>(json).unwrap(), r);
+        let m = Rule { id: 9, ..ok("masquerade -6 -o eth1") };
+        let json = serde_json::to_value(&m).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": 9, "oface": "eth1", "family": "ipv6", "target": {"kind": "masquerade", "ports": null}})
+        );
+        assert_eq!(serde_json::from_value::<Rule>(json).unwrap(), m);
+        assert!(!serde_json::to_string(&ok("masquerade -o eth1")).unwrap().contains("family"));
+        let e = serde_json::from_value::<Rule>(serde_json::json!({"family": "ipx", "target": {"kind": "masquerade"}}));
+        assert!(e.unwrap_err().to_string().contains("ipx"));
+    }
+
+    #[test]
+    fn family_of_rules() {
+        for (rule, family) in [
+            ("masquerade", None),
+            ("redirect -p tcp --to-port 80", None),
+            ("masquerade -6", Some(Family::Ipv6)),
+            ("redirect -4 -p tcp --to-port 80", Some(Family::Ipv4)),
+            ("masquerade -s fd00::/8", Some(Family::Ipv6)),
+            ("masquerade -d 10.0.0.0/8", Some(Family::Ipv4)),
+            ("redirect -p tcp -d ::/0 --to-port 80", Some(Family::Ipv6)),
+            ("dnat --to 2001:db8::2", Some(Family::Ipv6)),
+            ("snat --to 10.0.0.1", Some(Family::Ipv4)),
+            ("dnat --to 2001:db8::2,2001:db8::3", Some(Family::Ipv6)),
+        ] {
+            let r = ok(rule);
+            assert_eq!(r.family(), family, "{rule}");
+            assert_eq!(r.applies_to(Family::Ipv4), family != Some(Family::Ipv6), "{rule}");
+            assert_eq!(r.applies_to(Family::Ipv6), family != Some(Family::Ipv4), "{rule}");
+        }
+        // A --hairpin rule's companion masquerade is of the rule's family.
+        let h = ok("dnat -d 2001:db8::10 --to 2001:db8::2 --hairpin 2001:db8:2::/64").hairpin_companion().unwrap();
+        assert_eq!(
+            (h.family(), h.to_string()),
+            (Some(Family::Ipv6), "masquerade -s 2001:db8:2::/64 -d 2001:db8::2".into())
+        );
+        assert_eq!((Family::Ipv6.flag(), Family::Ipv6.key(), Family::Ipv6.to_string()), ("-6", "ipv6", "IPv6".into()));
     }
 
     #[test]

@@ -8,18 +8,35 @@ use super::model::{Rule, prefix_len};
 /// Order of two rules under the precedence contract (see the module docs): `Less` means `a` wins over `b`.
 /// Equal only for rules with the same matches and id (then list order decides).
 pub fn precedence_cmp(a: &Rule, b: &Rule) -> Ordering {
-    rank(a).cmp(&rank(b))
+    precedence_key(a).cmp(&precedence_key(b))
+}
+
+/// The precedence contract as one number for rules of either family (lowest wins): the fields of [`rank`], with
+/// room for IPv6 prefix lengths (128 minus the source's, 257 minus twice the destination's plus `-d local`). Rules
+/// of two families never meet a packet together; for IPv4 rules and rules without addresses it orders as
+/// [`rank`] does.
+pub fn precedence_key(r: &Rule) -> u128 {
+    let src = if r.not.src { 0 } else { prefix_len(r.src) };
+    let dst = if r.not.dst { 0 } else { 2 * u16::from(prefix_len(r.dst)) } + u16::from(r.dst_local);
+    let specificity = u128::from(r.dport.is_none()) << 35
+        | u128::from(r.dport.map_or(0, |p| p.width())) << 19
+        | u128::from(r.proto.is_none()) << 18
+        | u128::from(r.hook_iface().is_none() || r.not.iface) << 17
+        | u128::from(128 - src) << 9
+        | u128::from(257 - dst);
+    specificity << 32 | u128::from(r.id)
 }
 
 /// The kernel's rank of `r` (lowest wins): the precedence contract packed into 64 bits, most significant first:
 /// no `--dport` (1 bit), the port range's width (16), no `-p` (1), no (or a negated) `-i`/`-o` (1), 32 minus the
 /// source prefix length (6), 65 minus twice the destination prefix length (plus one for `-d local`) (7), then the
-/// rule's id (32). A function of the rule alone, so adding or deleting a rule never re-ranks the others.
+/// rule's id (32). A function of the rule alone, so adding or deleting a rule never re-ranks the others. The
+/// kernel's rules are IPv4 ones (IPv6 prefixes would not fit; [`precedence_key`] orders both families).
 pub fn rank(r: &Rule) -> u64 {
     // A negated match is the least specific of its kind (`! -s 10.0.0.0/8` covers nearly everything): it ranks like
     // no match at all. `-d local` ranks just above no `-d` (it is a set of a few addresses, but not one network).
-    let src = if r.not.src { 0 } else { prefix_len(r.src) };
-    let dst = if r.not.dst { 0 } else { 2 * prefix_len(r.dst) } + u8::from(r.dst_local);
+    let src = if r.not.src { 0 } else { prefix_len(r.src).min(32) };
+    let dst = if r.not.dst { 0 } else { 2 * prefix_len(r.dst).min(32) } + u8::from(r.dst_local);
     let specificity = u64::from(r.dport.is_none()) << 31
         | u64::from(r.dport.map_or(0, |p| p.width())) << 15
         | u64::from(r.proto.is_none()) << 14
@@ -35,19 +52,22 @@ pub fn rank(r: &Rule) -> u64 {
 pub fn precedence_order(rules: &[Rule]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..rules.len()).collect();
     // Stable sort: equal keys keep list order, which is the documented final tie-break.
-    order.sort_by_cached_key(|&i| rank(&rules[i]));
+    order.sort_by_cached_key(|&i| precedence_key(&rules[i]));
     order
 }
 
 #[cfg(test)]
 mod tests {
 
+    use std::cmp::Ordering;
     use std::collections::HashMap;
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr};
 
-    use ipnet::Ipv4Net;
+    use ipnet::IpNet;
     use pfwd_common::maps::*;
 
+    use super::{precedence_key, rank};
+    use crate::rules::model::Family;
     use crate::rules::tests::*;
     use crate::rules::*;
 
@@ -101,20 +121,87 @@ mod tests {
         assert_eq!(precedence_order(&rules), vec![3, 4, 2, 1, 0]);
     }
 
+    /// For IPv4 rules and rules without addresses (all the kernel ever ranks), the key of either family orders
+    /// exactly as the kernel's rank: the iptables export and the eBPF data path pick the same rule.
+    #[test]
+    fn precedence_key_orders_as_rank_for_ipv4() {
+        let mut rng = Rng(0x51ed_2701);
+        let mut rules = Vec::new();
+        while rules.len() < 400 {
+            let mut r = random_rule(&mut rng);
+            if r.family() == Some(Family::Ipv6) {
+                continue;
+            }
+            if r.family().is_none() && rng.chance(50) {
+                r.family = Some(Family::Ipv4);
+            }
+            // Ties on everything but the id, and equal ids too, now and then.
+            r.id = if rng.chance(30) { 1 + rng.below(3) as u32 } else { r.id };
+            rules.push(r);
+        }
+        // Rules of each sort: with IPv4 addresses, without any, with -4.
+        let with_addrs = rules.iter().filter(|r| r.family.is_none() && r.family().is_some()).count();
+        let both = rules.iter().filter(|r| r.family().is_none()).count();
+        let restricted = rules.iter().filter(|r| r.family.is_some()).count();
+        assert!(with_addrs > 200 && both > 5 && restricted > 5, "{with_addrs} {both} {restricted}");
+        for a in &rules {
+            for b in &rules {
+                assert_eq!(precedence_key(a).cmp(&precedence_key(b)), rank(a).cmp(&rank(b)), "{a} / {b}");
+                assert_eq!(precedence_cmp(a, b), rank(a).cmp(&rank(b)), "{a} / {b}");
+            }
+        }
+        let mut by_rank: Vec<usize> = (0..rules.len()).collect();
+        by_rank.sort_by_key(|&i| rank(&rules[i]));
+        assert_eq!(precedence_order(&rules), by_rank);
+    }
+
+    /// IPv6 prefixes are longer than the kernel's rank has room for (it caps them at 32): the key orders them by
+    /// their whole length, the source's before the destination's as for IPv4.
+    #[test]
+    fn ipv6_prefix_lengths_order() {
+        let rules: Vec<Rule> = [
+            (1, "dnat -p tcp --to 2001:db8::9"),                  // 0: no prefix
+            (2, "dnat -p tcp -d 2001:db8::/48 --to 2001:db8::9"), // 1: /48
+            (3, "dnat -p tcp -d 2001:db8::/64 --to 2001:db8::9"), // 2: /64
+            (4, "dnat -p tcp -d 2001:db8::1 --to 2001:db8::9"),   // 3: /128
+            (5, "dnat -p tcp -d 2001:db8::/33 --to 2001:db8::9"), // 4: /33
+            (6, "dnat -p tcp -s 2001:db8::/16 --to 2001:db8::9"), // 5: any -s beats any -d
+            (7, "dnat -p tcp -s 2001:db8::/64 --to 2001:db8::9"), // 6
+            (8, "dnat -p tcp -s 2001:db8::/64 -d 2001:db8::/120 --to 2001:db8::9"), // 7
+            (9, "dnat -p tcp ! -d 2001:db8::1 --to 2001:db8::9"), // 8: a negation ranks as none
+            (10, "dnat -p tcp -d local --to 2001:db8::9"),        // 9: -d local above none
+            (11, "dnat -p tcp -d ::/0 --to 2001:db8::9"),         // 10: /0 is none
+        ]
+        .iter()
+        .map(|(id, s)| Rule { id: *id, ..ok(s) })
+        .collect();
+        assert_eq!(precedence_order(&rules), vec![7, 6, 5, 3, 2, 1, 4, 9, 0, 8, 10]);
+        let (d48, d64, d128, none) = (&rules[1], &rules[2], &rules[3], &rules[0]);
+        assert_eq!(precedence_cmp(d64, d48), Ordering::Less, "the longer /64 beats the /48");
+        assert_eq!(precedence_cmp(d128, none), Ordering::Less, "-d /128 beats no -d");
+        assert_eq!(precedence_cmp(d128, d64), Ordering::Less);
+        // Where the rank's cap at 32 would tie them (and the older id would win).
+        assert_eq!(rank(d48) >> 32, rank(d64) >> 32);
+        assert!(precedence_key(d64) < precedence_key(d48));
+        // The match fields still come first: a port beats any prefix.
+        let port = Rule { id: 12, ..ok("dnat -p tcp --dport 80 --to 2001:db8::9") };
+        assert_eq!(precedence_cmp(&port, &rules[7]), Ordering::Less);
+    }
+
     struct Packet {
         /// The incoming interface at PREROUTING, the outgoing one at POSTROUTING.
         ifindex: u32,
         proto: u8,
         dport: u16,
-        saddr: Ipv4Addr,
-        daddr: Ipv4Addr,
+        saddr: IpAddr,
+        daddr: IpAddr,
     }
 
     /// What the BPF programs do: walk the hook's classes, look the masked tuple up in the index, lowest rank wins.
     fn kernel_lookup(c: &Compiled, at: u8, pkt: &Packet) -> Option<usize> {
         let t = Tuple {
-            saddr: u32::from_ne_bytes(pkt.saddr.octets()),
-            daddr: u32::from_ne_bytes(pkt.daddr.octets()),
+            saddr: compile::ne_v4(pkt.saddr),
+            daddr: compile::ne_v4(pkt.daddr),
             sport: 0,
             dport: pkt.dport,
             proto: pkt.proto,
@@ -138,7 +225,7 @@ mod tests {
     /// the incoming interface for PREROUTING (`-i`), the outgoing one for POSTROUTING (`-o`).
     fn first_match(rules: &[Rule], order: &[usize], post: bool, ifname: Option<&str>, pkt: &Packet) -> Option<usize> {
         // iptables' `!` inverts a match's result.
-        let in_net = |n: &Option<Ipv4Net>, a: Ipv4Addr, not: bool| n.is_none_or(|n| n.contains(&a) != not);
+        let in_net = |n: &Option<IpNet>, a: IpAddr, not: bool| n.is_none_or(|n| n.contains(&a) != not);
         order.iter().copied().filter(|&i| rules[i].is_postrouting() == post).find(|&i| {
             let r = &rules[i];
             (r.hook_iface().is_none() || (r.hook_iface() == ifname) != r.not.iface)
@@ -146,7 +233,7 @@ mod tests {
                 && r.dport.is_none_or(|d| d.contains(pkt.dport))
                 && in_net(&r.src, pkt.saddr, r.not.src)
                 && in_net(&r.dst, pkt.daddr, r.not.dst)
-                && (!r.dst_local || LOCAL.contains(&pkt.daddr))
+                && (!r.dst_local || LOCAL.iter().any(|l| IpAddr::V4(*l) == pkt.daddr))
         })
     }
 
@@ -212,6 +299,7 @@ mod tests {
                         not,
                         dst_local: rng.chance(15),
                         backends: Vec::new(),
+                        family: None,
                     }
                 })
                 .collect();

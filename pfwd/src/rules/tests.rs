@@ -1,9 +1,9 @@
 //! Helpers shared by the rules tests (and the iptables tests): rules spelled the CLI way, parsed through the real
 //! CLI (`pfwd add`), a small deterministic generator and a random valid rule.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::rules::*;
 
@@ -23,11 +23,11 @@ pub(crate) fn err(s: &str) -> String {
     }
 }
 
-pub(crate) fn net(s: &str) -> Ipv4Net {
+pub(crate) fn net(s: &str) -> IpNet {
     s.parse().unwrap()
 }
 
-pub(crate) fn ip(s: &str) -> Ipv4Addr {
+pub(crate) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -63,9 +63,24 @@ pub(crate) fn random_rule(rng: &mut Rng) -> Rule {
         1 => Some(Proto::Tcp),
         _ => Some(Proto::Udp),
     };
-    let rand_net = |rng: &mut Rng| {
+    // A quarter of the rules are IPv6 ones (every address of a rule is of one family).
+    let v6 = rng.chance(25);
+    let rand_net = |rng: &mut Rng| -> IpNet {
+        if v6 {
+            let len = rng.below(129) as u8;
+            let a = Ipv6Addr::from(u128::from(rng.next()) << 64 | u128::from(rng.next()));
+            return Ipv6Net::new(a, len).unwrap().trunc().into();
+        }
         let len = rng.below(33) as u8;
-        Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), len).unwrap().trunc()
+        Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), len).unwrap().trunc().into()
+    };
+    let rand_addr = |rng: &mut Rng| -> IpAddr {
+        if v6 {
+            // Global unicast (2000::/3), never ::1 (refused for DNAT) or an IPv4-mapped address.
+            Ipv6Addr::from(0x2000u128 << 112 | (u128::from(rng.next()) << 64 | u128::from(rng.next())) >> 3).into()
+        } else {
+            Ipv4Addr::from((rng.below(0xdfff_ffff) + 1) as u32).into()
+        }
     };
     let port = |rng: &mut Rng| (rng.below(65535) + 1) as u16;
     let range = |rng: &mut Rng| {
@@ -77,15 +92,11 @@ pub(crate) fn random_rule(rng: &mut Rng) -> Rule {
     let iface = if rng.chance(40) { Some(rng.pick(&["eth0", "wg0", "veth-a.1", "br_lan", "x"]).into()) } else { None };
     let target = if post {
         let ports = if proto.is_some() && rng.chance(60) { Some(range(rng)) } else { None };
-        if rng.chance(50) {
-            Target::Snat { addr: Ipv4Addr::from((rng.below(0xdfff_ffff) + 1) as u32), ports }
-        } else {
-            Target::Masquerade { ports }
-        }
+        if rng.chance(50) { Target::Snat { addr: rand_addr(rng), ports } } else { Target::Masquerade { ports } }
     } else if proto.is_some() && rng.chance(40) {
         Target::Redirect { port: port(rng) }
     } else {
-        let addr = Ipv4Addr::from((rng.below(0xdfff_ffff) + 1) as u32);
+        let addr = rand_addr(rng);
         let port = if proto.is_some() && rng.chance(60) { Some(port(rng)) } else { None };
         Target::Dnat { addr, port }
     };
@@ -104,6 +115,7 @@ pub(crate) fn random_rule(rng: &mut Rng) -> Rule {
         not: Negated::default(),
         dst_local: false,
         backends: Vec::new(),
+        family: None,
     };
     // Negations (iptables' `!`) on what the rule has, and `-d local` for some DNAT/REDIRECT rules.
     r.not.src = r.src.is_some_and(|n| n.prefix_len() > 0) && rng.chance(15);
@@ -118,8 +130,8 @@ pub(crate) fn random_rule(rng: &mut Rng) -> Rule {
         && rng.chance(50)
     {
         let within = r.src.unwrap_or_else(|| rand_net(rng));
-        let len = within.prefix_len().max(rng.below(33) as u8);
-        r.hairpin = Some(Ipv4Net::new(within.addr(), len).unwrap().trunc());
+        let len = within.prefix_len().max(rng.below(u64::from(within.max_prefix_len()) + 1) as u8);
+        r.hairpin = Some(IpNet::new(within.addr(), len).unwrap().trunc());
     }
     r
 }

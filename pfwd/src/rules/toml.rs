@@ -5,16 +5,17 @@ use std::collections::HashMap;
 
 use super::draft::{FIELDS, Field, Kind, RuleDraft, Syntax};
 use super::error::{KINDS, RuleError};
-use super::model::{Rule, Target, fmt_backends, fmt_net};
+use super::model::{Rule, Target, fmt_addr_port, fmt_backends, fmt_net};
 
 const CONFIG_FIELDS: &[&str] = &[
     "id", "kind", "local", "iface", "oface", "proto", "src", "dst", "dst_type", "dport", "to", "to_port", "to_ports",
-    "hairpin",
+    "hairpin", "family",
 ];
 
 /// Parses a config file of `[[rule]]` tables (fields: `kind`, `iface` (dnat, redirect), `oface` (snat, masquerade),
 /// `proto`, `src`, `dst`, `dport` (dnat, redirect), `to` for dnat (`ADDR[:PORT]`) and snat (`ADDR[:LO-HI]`),
-/// `to_port` for redirect, `to_ports` for masquerade, `hairpin` (dnat), and an optional `id`). Every rule is validated; duplicates and
+/// `to_port` for redirect, `to_ports` for masquerade, `hairpin` (dnat), `family` (`"ipv4"` or `"ipv6"`: a rule
+/// without addresses is for both otherwise) and an optional `id`). Every rule is validated; duplicates and
 /// repeated ids are rejected. Errors name the 1-based `[[rule]]` position and the field.
 pub fn parse_config(text: &str) -> Result<Vec<Rule>, RuleError> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| RuleError::Toml(e.to_string()))?;
@@ -131,6 +132,9 @@ pub fn to_config(rules: &[Rule]) -> String {
             out.push_str(&format!("id = {}\n", r.id));
         }
         out.push_str(&format!("kind = {}\n", q(r.kind_name())));
+        if let Some(f) = r.family {
+            out.push_str(&format!("family = {}\n", q(f.key())));
+        }
         if r.local {
             out.push_str("local = true\n");
         }
@@ -165,10 +169,14 @@ pub fn to_config(rules: &[Rule]) -> String {
             Target::Dnat { .. } if !r.backends.is_empty() => {
                 out.push_str(&format!("to = {}\n", q(&fmt_backends(&r.backends))))
             }
-            Target::Dnat { addr, port: Some(p) } => out.push_str(&format!("to = {}\n", q(&format!("{addr}:{p}")))),
+            Target::Dnat { addr, port: Some(p) } => {
+                out.push_str(&format!("to = {}\n", q(&fmt_addr_port(addr, Some(&p)))))
+            }
             Target::Dnat { addr, port: None } => out.push_str(&format!("to = {}\n", q(&addr.to_string()))),
             Target::Redirect { port } => out.push_str(&format!("to_port = {port}\n")),
-            Target::Snat { addr, ports: Some(r) } => out.push_str(&format!("to = {}\n", q(&format!("{addr}:{r}")))),
+            Target::Snat { addr, ports: Some(r) } => {
+                out.push_str(&format!("to = {}\n", q(&fmt_addr_port(addr, Some(&r)))))
+            }
             Target::Snat { addr, ports: None } => out.push_str(&format!("to = {}\n", q(&addr.to_string()))),
             Target::Masquerade { ports: Some(r) } => out.push_str(&format!("to_ports = {}\n", q(&r.to_string()))),
             Target::Masquerade { ports: None } => {}

@@ -22,8 +22,8 @@ pub const PFWD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a request that must *not* be forwarded is given before it counts as not answered.
 pub const SHORT: Duration = Duration::from_millis(500);
 
-/// Runs each scenario `fn name(mode: &str)` as two tests, `ebpf::name` and `iptables::name`: the same assertions
-/// on both data paths prove the fallback equivalent.
+/// Runs each scenario `fn name(mode: &str)` as three tests, `ebpf::name`, `iptables::name` and `nft::name`: the same
+/// assertions on every data path prove the fallbacks equivalent. (The name is older than the nft mode.)
 #[allow(unused_macros)] // fastpath.rs is eBPF-only.
 macro_rules! in_both_modes {
     ($($scenario:ident),* $(,)?) => {
@@ -32,6 +32,23 @@ macro_rules! in_both_modes {
         }
         mod iptables {
             $(#[test] fn $scenario() { super::$scenario("iptables") })*
+        }
+        mod nft {
+            $(#[test] fn $scenario() { super::$scenario("nft") })*
+        }
+    };
+}
+
+/// Runs each scenario `fn name(mode: &str)` in the netfilter modes only, as `iptables::name` and `nft::name` (for what
+/// eBPF mode does not do yet; the test file says why).
+#[allow(unused_macros)]
+macro_rules! in_netfilter_modes {
+    ($($scenario:ident),* $(,)?) => {
+        mod iptables {
+            $(#[test] fn $scenario() { super::$scenario("iptables") })*
+        }
+        mod nft {
+            $(#[test] fn $scenario() { super::$scenario("nft") })*
         }
     };
 }
@@ -473,6 +490,43 @@ pub fn icmp_echo(lab: &Lab, node: Node, to: Ipv4Addr, timeout: Duration) -> Opti
         let icmp = &buf[ihl..n];
         if icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() && icmp[6..8] == seq.to_be_bytes() {
             return Some(Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]));
+        }
+    }
+    None
+}
+
+/// [`icmp_echo`] over IPv6: an ICMPv6 echo request from `node` to `to`; the source of the matching reply, if one
+/// comes within `timeout`. (A raw ICMPv6 socket: the kernel fills in the checksum, which covers the pseudo-header,
+/// and delivers the ICMPv6 message without the IPv6 header, so the reply's source is the socket's peer address.)
+pub fn icmp6_echo(lab: &Lab, node: Node, to: std::net::Ipv6Addr, timeout: Duration) -> Option<std::net::Ipv6Addr> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let sock = lab
+        .in_ns(node, || Socket::new(Domain::IPV6, Type::from(libc::SOCK_RAW), Some(Protocol::ICMPV6)))
+        .expect("entering the namespace")
+        .expect("raw ICMPv6 socket");
+    let id =
+        ((std::process::id() as u16) ^ 0x6b6b).wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    // Echo request (128), code 0, checksum 0 (the kernel's), identifier, sequence 1.
+    let mut pkt = vec![128u8, 0, 0, 0];
+    pkt.extend_from_slice(&id.to_be_bytes());
+    pkt.extend_from_slice(&1u16.to_be_bytes());
+    pkt.extend_from_slice(b"pfwd-e2e-echo6");
+    sock.send_to(&pkt, &std::net::SocketAddrV6::new(to, 0, 0, 0).into()).expect("sending ICMPv6 echo");
+    let deadline = Instant::now() + timeout;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    // Bounded: each read waits at most until the deadline; other ICMPv6 (neighbour discovery) is skipped.
+    for _ in 0..1000 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        sock.set_read_timeout(Some(left)).unwrap();
+        let Ok((n, from)) = sock.recv_from(&mut buf) else { return None };
+        // SAFETY: recv_from initialised the first n bytes.
+        let msg: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+        if n >= 8 && msg[0] == 129 && msg[4..6] == id.to_be_bytes() {
+            return from.as_socket_ipv6().map(|a| *a.ip());
         }
     }
     None

@@ -3,6 +3,7 @@
 
 use super::lex::{check_dashes, split_inline};
 use super::{Res, bad};
+use crate::rules::model::Family;
 
 pub(super) const NAT_TABLE: &str = "nat";
 const TABLES: &[&str] = &["filter", "nat", "mangle", "raw", "security"];
@@ -62,7 +63,7 @@ pub(super) struct Head<'a> {
 }
 
 /// Finds the table, the command and its positional arguments anywhere in the line, like iptables' getopt does.
-pub(super) fn parse_head<'a>(args: &'a [String], default_table: &'a str) -> Res<Head<'a>> {
+pub(super) fn parse_head<'a>(args: &'a [String], default_table: &'a str, family: Family) -> Res<Head<'a>> {
     let mut table = default_table;
     let mut command: Option<(Command, &str)> = None;
     let (mut chain, mut position, mut policy) = (None, None, None);
@@ -94,8 +95,18 @@ pub(super) fn parse_head<'a>(args: &'a [String], default_table: &'a str) -> Res<
                     i += 1;
                 }
             }
-            "-v" | "--verbose" | "-n" | "--numeric" | "-4" | "--ipv4" => {}
-            "-6" | "--ipv6" => return Err(bad(tok, "IPv6 rules are not supported; pfwd forwards IPv4")),
+            "-v" | "--verbose" | "-n" | "--numeric" => {}
+            // Each tool takes its own family's flag (which changes nothing) and refuses the other's.
+            "-4" | "--ipv4" | "-6" | "--ipv6" => {
+                let flag = if name.contains('6') { Family::Ipv6 } else { Family::Ipv4 };
+                if flag != family {
+                    let (tool, other) = match family {
+                        Family::Ipv4 => ("iptables", "ip6tables"),
+                        Family::Ipv6 => ("ip6tables", "iptables"),
+                    };
+                    return Err(bad(tok, format!("{tool} refuses {tok}: {flag} rules are {other} commands")));
+                }
+            }
             _ => match command_of(name) {
                 Some(c) => {
                     if let Some((_, prev)) = command {
@@ -160,7 +171,7 @@ mod tests {
         for (line, want) in [
             (
                 "iptables -t nat -A PREROUTING -p tcp --dport 59999 -j REDIRECT --to-port 80",
-                "redirect -p tcp --dport 59999 --to-port 80",
+                "redirect -4 -p tcp --dport 59999 --to-port 80",
             ),
             (
                 "sudo iptables -t nat -A PREROUTING -i eth0 -p tcp --dport 59999 -j DNAT --to 127.0.0.1:17355",
@@ -181,7 +192,7 @@ mod tests {
             // Path, -w, -t after the command, --opt=value.
             (
                 "/usr/sbin/iptables -w -A PREROUTING -t nat -p tcp --dport=80 -j REDIRECT --to-ports=3000",
-                "redirect -p tcp --dport 80 --to-port 3000",
+                "redirect -4 -p tcp --dport 80 --to-port 3000",
             ),
             (
                 "sudo -E iptables-nft --wait 5 --table nat --append PREROUTING --in-interface wg0 --protocol TCP \
@@ -191,7 +202,7 @@ mod tests {
             // Quoted comment, -p all, a netmask, a /0 that means "anything".
             (
                 "iptables -t nat -A PREROUTING -p tcp --dport 80 -m comment --comment \"web 'front' #1\" -j REDIRECT --to-ports 3000",
-                "redirect -p tcp --dport 80 --to-port 3000",
+                "redirect -4 -p tcp --dport 80 --to-port 3000",
             ),
             (
                 "iptables -t nat -A PREROUTING -p all -s 0.0.0.0/0 -d 10.0.0.1/255.255.255.0 -j DNAT --to 10.0.2.2",
@@ -200,7 +211,7 @@ mod tests {
             // A bare iptables-save line: nat is assumed.
             (
                 "-A PREROUTING -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 3000",
-                "redirect -p tcp --dport 80 --to-port 3000",
+                "redirect -4 -p tcp --dport 80 --to-port 3000",
             ),
             (
                 "iptables -t nat -A PREROUTING -p tcp --dport 80 -j DNAT --to 10.0.2.2:8080   # trailing comment",

@@ -173,8 +173,10 @@ mod tests {
                     \x20   -j DNAT --to-destination 10.0.2.2\n\
                     iptables -t nat -A PREROUTING -p udp --dport 53 -j REDIRECT --to-ports 5353\r\n";
         let got = ok(text);
-        let want =
-            [rule("dnat -i eth0 -p tcp --dport 443 --to 10.0.2.2"), rule("redirect -p udp --dport 53 --to-port 5353")];
+        let want = [
+            rule("dnat -i eth0 -p tcp --dport 443 --to 10.0.2.2"),
+            rule("redirect -4 -p udp --dport 53 --to-port 5353"),
+        ];
         assert_eq!(got.rules, want);
         // An error in a continued line names its first line and shows it joined.
         let e = err(

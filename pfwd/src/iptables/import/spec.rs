@@ -5,7 +5,7 @@
 //! options), then maps the options to a rule's fields in one place ([`rule_fields`]), then checks the finished rule
 //! (iptables' "a port needs a protocol", what pfwd's `--local` rules cannot express, and pfwd's own validation).
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::lex::split_inline;
 use super::{Bad, Res, bad};
@@ -248,7 +248,7 @@ fn take_value<'a>(toks: &[&'a str], i: &mut usize, tok: &str, inline: Option<&'a
 const NEED_PROTO: &str = "iptables: Need TCP, UDP, SCTP or DCCP with port specification";
 
 /// A `-s`/`-d` value; `/0` is the same as no match.
-fn net_opt(o: Option<Opt>) -> Res<Option<Ipv4Net>> {
+fn net_opt(o: Option<Opt>) -> Res<Option<IpNet>> {
     let Some(o) = o else { return Ok(None) };
     if o.value.contains(',') {
         return Err(bad(o.value, "address lists are not supported; write one rule per address"));
@@ -626,7 +626,7 @@ mod tests {
     #[test]
     fn interface_names_starting_with_a_dash() {
         let got = ok("-A PREROUTING -i -x -p tcp -j DNAT --to 1.2.3.4\n-A POSTROUTING -o - -j MASQUERADE\n");
-        assert_eq!(got.rules, [rule("dnat -i=-x -p tcp --to 1.2.3.4"), rule("masquerade -o=-")]);
+        assert_eq!(got.rules, [rule("dnat -i=-x -p tcp --to 1.2.3.4"), rule("masquerade -4 -o=-")]);
         assert!(err("-A PREROUTING -p tcp --dport -j REDIRECT --to-port 1").message.contains("--dport needs a value"));
     }
 
