@@ -147,7 +147,11 @@ impl Backend {
         match self {
             _ if previous.pending.is_some() => self.sync_rules(state).map(|_| ()),
             Backend::Iptables => fallback::change_rules(&previous.rules(), &state.rules()),
-            Backend::Nft => self.sync_rules(state).map(|_| ()),
+            Backend::Nft => {
+                let ifaces: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
+                let rec = Record::new(&state.sysctls, &state.created_tables);
+                nftables::change(&previous.rules(), &state.rules(), &ifaces, &rec)
+            }
             Backend::Ebpf(kernel) => {
                 refresh_addresses(kernel, state)?;
                 kernel.sync_compiled(Some(&previous.rules), &state.rules, compiled, &ifindex_lookup(state))

@@ -14,7 +14,7 @@ mod import;
 mod nft;
 mod restore;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use chains::{
     CHAINS, COMMENT_PREFIX, FORWARD_CHAIN, Hook, NAT_HOOKS, NatHook, OUTPUT_CHAIN, POSTROUTING_CHAIN, PREROUTING_CHAIN,

@@ -229,7 +229,7 @@ fn nth_after(addr: IpAddr, k: u32) -> IpAddr {
 /// A random rule set of both families (a third of the rules IPv6 ones) without duplicates (pfwd refuses those on
 /// add). Nor two rules that export the same lines in some family: the same rule with and without -4, -6 or a /0
 /// prefix (`-s 0.0.0.0/0` is -4). The import reads one rule back from those (and `-4 X` with `-6 X` as `X`).
-fn random_rules(rng: &mut Rng, max: u64) -> Vec<Rule> {
+pub(crate) fn random_rules(rng: &mut Rng, max: u64) -> Vec<Rule> {
     let exported = |r: &Rule| Rule {
         family: None,
         src: r.src.filter(|n| n.prefix_len() > 0),
@@ -330,12 +330,12 @@ fn export_quotes_interface_names_with_syntax_characters() {
 // ---- the real tools ----
 
 /// A scratch network namespace, deleted on drop (also when the test panics).
-struct Netns(String);
+pub(crate) struct Netns(String);
 
 impl Netns {
     /// A scratch namespace for a test with the real tools, or None (the test is skipped, said on stderr) when not
     /// root or namespaces are unavailable.
-    fn scratch() -> Option<Netns> {
+    pub(crate) fn scratch() -> Option<Netns> {
         if !nix::unistd::Uid::effective().is_root() {
             eprintln!("skipped: needs root for a scratch network namespace");
             return None;
@@ -356,7 +356,7 @@ impl Netns {
     }
 
     /// Runs `argv` inside the namespace; panics with its stderr unless it succeeds.
-    fn run(&self, argv: &[&str], stdin: &str) -> String {
+    pub(crate) fn run(&self, argv: &[&str], stdin: &str) -> String {
         use std::io::Write;
         use std::process::{Command, Stdio};
         let mut child = Command::new("nsenter")

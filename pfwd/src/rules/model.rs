@@ -15,7 +15,7 @@ use super::error::RuleError;
 use super::value::{check_to_addr, port_number, validate_iface};
 
 /// Transport protocol a rule matches. Absent (`None` in [`Rule`]) means every protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,

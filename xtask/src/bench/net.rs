@@ -41,9 +41,12 @@ pub enum Variant {
     Ebpf,
     /// eBPF mode with `--fast-forward`: forwarded packets skip the router's IP stack.
     EbpfFast,
+    /// nft mode (pfwd's nftables table).
+    Nft,
     /// The mode with 9,999 non-matching rules ahead of the matching one.
     Iptables10k,
     Ebpf10k,
+    Nft10k,
 }
 
 impl Variant {
@@ -55,6 +58,8 @@ impl Variant {
             Variant::EbpfFast => "ebpf-ff",
             Variant::Iptables10k => "iptables-10k",
             Variant::Ebpf10k => "ebpf-10k",
+            Variant::Nft => "nft",
+            Variant::Nft10k => "nft-10k",
         }
     }
 
@@ -63,11 +68,12 @@ impl Variant {
             Variant::Plain => None,
             Variant::Iptables | Variant::Iptables10k => Some("iptables"),
             Variant::Ebpf | Variant::EbpfFast | Variant::Ebpf10k => Some("ebpf"),
+            Variant::Nft | Variant::Nft10k => Some("nft"),
         }
     }
 
     fn many_rules(self) -> bool {
-        matches!(self, Variant::Iptables10k | Variant::Ebpf10k)
+        matches!(self, Variant::Iptables10k | Variant::Ebpf10k | Variant::Nft10k)
     }
 
     /// Where the client sends: the server itself for plain routing, else the router's DNAT address.
