@@ -105,24 +105,35 @@ fn run(cmd: &str, args: &[String], stdin: Option<&str>) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Whether the iptables and ip6tables commands are usable here.
+/// Whether the iptables command is usable here (ip6tables is used when IPv6 is: [`ipv6_usable`]).
 pub fn available() -> Result<()> {
-    for t in FAMILIES {
-        run(t.cmd, &["--version".into()], None)?;
-    }
-    Ok(())
+    run(FAMILIES[0].cmd, &["--version".into()], None).map(|_| ())
+}
+
+/// Whether IPv6 rules can be applied here: the kernel has IPv6 (`ipv6.disable=1` removes `/proc/net/if_inet6`) and
+/// ip6tables runs. Without it iptables mode works for IPv4 alone, and refuses IPv6 rules.
+pub fn ipv6_usable() -> bool {
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(|| {
+        std::path::Path::new("/proc/net/if_inet6").exists() && run(FAMILIES[1].cmd, &["--version".into()], None).is_ok()
+    })
+}
+
+/// The families pfwd writes here: IPv4, and IPv6 when [`ipv6_usable`].
+fn families() -> impl Iterator<Item = &'static Tools> {
+    FAMILIES.iter().filter(|t| t.family == Family::Ipv4 || ipv6_usable())
 }
 
 /// Every table pfwd may write to, as [`existing_tables`] names them.
 pub fn all_tables() -> Vec<String> {
-    FAMILIES.iter().flat_map(|t| TABLES.iter().map(|table| t.table_name(table))).collect()
+    families().flat_map(|t| TABLES.iter().map(|table| t.table_name(table))).collect()
 }
 
 /// Tables that exist now, of both families (`nat`, `ip6:nat`...). Plain `iptables-save` lists only existing tables
 /// (with `-t` it prints an empty one).
 pub fn existing_tables() -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for t in FAMILIES {
+    for t in families() {
         let dump = t.save(&[])?;
         out.extend(
             TABLES
@@ -138,8 +149,8 @@ pub fn existing_tables() -> Result<Vec<String>> {
 /// Counters of rules that stay are carried over (`iptables-restore -c`), so adding or removing one rule does not zero
 /// the others.
 pub fn sync_rules(rules: &[Rule]) -> Result<()> {
-    for t in FAMILIES {
-        sync_family(&t, rules)?;
+    for t in families() {
+        sync_family(t, rules)?;
     }
     Ok(())
 }
@@ -170,7 +181,7 @@ fn sync_family(t: &Tools, rules: &[Rule]) -> Result<()> {
 /// counters read or rewritten): a rule change then costs what it changes, not what is installed. The chains must
 /// hold `old` exactly; see [`crate::iptables::nat_change_script`].
 pub fn change_rules(old: &[Rule], new: &[Rule]) -> Result<()> {
-    for t in FAMILIES {
+    for t in families() {
         let Some(script) = iptables::nat_change_script(old, new, t.family) else { continue };
         t.restore(&[], &script).with_context(|| format!("changing pfwd's {} chains", t.cmd))?;
     }
@@ -191,7 +202,7 @@ pub fn read_record() -> Option<Record> {
 
 /// Adds the jumps into pfwd's chains for `iface` (idempotent), in both families.
 pub fn attach(iface: &str) -> Result<()> {
-    for t in FAMILIES {
+    for t in families() {
         for hook in iptables::hook_rules(Some(&[iface.to_string()])) {
             if t.iptables(&hook.check_args()).is_err() {
                 t.iptables(&hook.append_args())?;
@@ -204,7 +215,7 @@ pub fn attach(iface: &str) -> Result<()> {
 /// Removes the jumps for `iface`. Jumps shared by all interfaces (nat `OUTPUT -j PFWD-OUTPUT`) stay: other
 /// interfaces are still attached; `unload` removes them with everything else.
 pub fn detach(iface: &str) -> Result<()> {
-    for t in FAMILIES {
+    for t in families() {
         for hook in iptables::hook_rules(Some(&[iface.to_string()])).into_iter().filter(|h| !h.is_shared()) {
             if t.iptables(&hook.check_args()).is_ok() {
                 t.iptables(&hook.delete_args())?;
@@ -217,7 +228,7 @@ pub fn detach(iface: &str) -> Result<()> {
 /// Whether iptables holds any of pfwd's chains or jumps into them (in this namespace). False when iptables is not
 /// usable here.
 pub fn leftovers() -> bool {
-    FAMILIES.iter().any(|t| t.save(&[]).is_ok_and(|dump| has_pfwd_lines(&dump)))
+    families().any(|t| t.save(&[]).is_ok_and(|dump| has_pfwd_lines(&dump)))
 }
 
 fn has_pfwd_lines(dump: &str) -> bool {
@@ -235,8 +246,8 @@ fn has_pfwd_lines(dump: &str) -> bool {
 /// are removed only when recorded as created by pfwd and empty of others' rules.
 pub fn unload(created_tables: &[String]) -> Result<()> {
     let mut errors = vec![];
-    for t in FAMILIES {
-        unload_family(&t, created_tables, &mut errors);
+    for t in families() {
+        unload_family(t, created_tables, &mut errors);
     }
     if errors.is_empty() { Ok(()) } else { bail!("removing pfwd's iptables rules: {}", errors.join("; ")) }
 }
@@ -295,7 +306,7 @@ fn counted_lines(dump: &str) -> impl Iterator<Item = (u32, RuleCounters, &str)> 
 /// packets == flows here.
 pub fn counters() -> Result<Vec<(u32, RuleCounters)>> {
     let mut dump = String::new();
-    for t in FAMILIES {
+    for t in families() {
         dump.push_str(&t.save(&["-c", "-t", "nat"])?);
     }
     Ok(sum_by_rule(&dump))
@@ -327,7 +338,7 @@ pub type BackendCount = (u32, IpAddr, Option<u16>, RuleCounters);
 /// Per-backend counters of rules with several backends: each DNAT line's, by its `--to-destination`.
 pub fn backend_counters() -> Result<Vec<BackendCount>> {
     let mut dump = String::new();
-    for t in FAMILIES {
+    for t in families() {
         dump.push_str(&t.save(&["-c", "-t", "nat"])?);
     }
     Ok(counted_lines(&dump)
@@ -366,7 +377,8 @@ const CONNTRACK_FAMILIES: [&str; 2] = ["ipv4", "ipv6"];
 pub fn conntrack_list() -> Vec<ConntrackEntry> {
     let mut out = Vec::new();
     for f in CONNTRACK_FAMILIES {
-        let Ok(text) = run("conntrack", &["-L".into(), "-f".into(), f.into()], None) else { return vec![] };
+        // One family's listing failing (no IPv6 here) leaves the other's.
+        let Ok(text) = run("conntrack", &["-L".into(), "-f".into(), f.into()], None) else { continue };
         out.extend(text.lines().filter_map(parse_conntrack_line));
     }
     out

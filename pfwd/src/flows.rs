@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use pfwd_common::{CtEntry, PROTO_TCP, PROTO_UDP, Tuple, dir};
 
 use crate::report::{ConntrackEntry, FlowTuple, Nat};
+use crate::rules::model::Family;
 use crate::rules::{PortRange, Proto, Rule, Target, precedence_order};
 
 /// Which flows to end. Empty fields match everything.
@@ -82,6 +83,7 @@ fn proto_code(name: &str) -> Option<u8> {
         "tcp" => Some(PROTO_TCP),
         "udp" => Some(PROTO_UDP),
         "icmp" => Some(1),
+        "icmpv6" => Some(58),
         _ => name.parse().ok(),
     }
 }
@@ -98,7 +100,9 @@ pub fn rule_of(e: &ConntrackEntry, rules: &[Rule]) -> Vec<u32> {
     let dport = e.original.dport.unwrap_or(0);
     let locals = crate::netif::local_addrs();
     let covers = |r: &Rule| {
-        r.proto.is_none_or(|p| p.code() == proto)
+        // A rule of the other family never translated this connection (an IPv6 address is "not in" an IPv4 `! -s`).
+        r.applies_to(Family::of(src))
+            && r.proto.is_none_or(|p| p.code() == proto)
             && r.src.is_none_or(|n| n.contains(&src) != r.not.src)
             && r.dst.is_none_or(|n| n.contains(&dst) != r.not.dst)
             && (!r.dst_local || locals.contains(&dst))
@@ -255,6 +259,33 @@ mod tests {
         assert_eq!(iptables_select(all.clone(), &rules, &by_port), [redir]);
         // No filter: every pfwd translation, never the foreign one.
         assert_eq!(iptables_select(all, &rules, &FlowFilter::default()).len(), 3);
+    }
+
+    /// A rule of one family never explains a connection of the other (found in review: an IPv6 masquerade was put
+    /// on a `masquerade -4` rule, and an IPv4 `! -s` rule "covered" every IPv6 connection).
+    #[test]
+    fn netfilter_entries_are_attributed_within_their_family() {
+        let rules = vec![
+            rule(1, "masquerade -4 -o eth0"),
+            rule(2, "masquerade -6 -o eth1"),
+            rule(3, "dnat ! -s 10.0.0.0/8 -p tcp --dport 80 --to 10.0.2.2"),
+            rule(4, "redirect -p tcp --dport 80 --to-port 3000"),
+        ];
+        let masq6 =
+            entry("tcp", ("fd00::2", 999, "2001:db8::9", 53), ("2001:db8:2::1", 999, "2001:db8::9", 53), Nat::Snat);
+        assert_eq!(rule_of(&masq6, &rules), [2]);
+        let masq4 = entry("tcp", ("10.0.1.2", 999, "8.8.8.8", 53), ("10.0.2.1", 999, "8.8.8.8", 53), Nat::Snat);
+        assert_eq!(rule_of(&masq4, &rules), [1]);
+        // Rule 3 (IPv4) does not cover an IPv6 client; the redirect for both families explains it.
+        let redir6 = entry(
+            "tcp",
+            ("2001:db8:1::2", 4000, "2001:db8:1::1", 80),
+            ("2001:db8:1::2", 4000, "2001:db8:1::1", 3000),
+            Nat::Dnat,
+        );
+        assert_eq!(rule_of(&redir6, &rules), [4]);
+        let icmp6 = proto_code("icmpv6");
+        assert_eq!(icmp6, Some(58));
     }
 
     #[test]

@@ -361,11 +361,6 @@ pub fn write_record(rec: &Record) -> Result<()> {
     Ok(())
 }
 
-/// Adds `iface` to the attached interfaces.
-pub fn attach(iface: &str) -> Result<()> {
-    nft(&["add", "element", "inet", TABLE, "ifaces", &format!("{{ \"{iface}\" }}")], None).map(|_| ())
-}
-
 /// Removes `iface` from the attached interfaces (nothing when it is not there).
 pub fn detach(iface: &str) -> Result<()> {
     let listed = nft(&["list", "set", "inet", TABLE, "ifaces"], None).unwrap_or_default();

@@ -228,9 +228,9 @@ fn ebpf_refuses_ipv6_rules() {
     pfwd_err(
         &lab,
         &["add", "dnat", "-p", "tcp", "--dport", "80", "--to", &format!("[{SERVER}]:8080")],
-        &["IPv6 rules need --mode iptables", "eBPF data path translates IPv4 only"],
+        &["IPv6 rules need --mode nft or --mode iptables", "eBPF data path translates IPv4 only"],
     );
-    pfwd_err(&lab, &["add", "masquerade", "-6", "-o", "eth1"], &["IPv6 rules need --mode iptables"]);
+    pfwd_err(&lab, &["add", "masquerade", "-6", "-o", "eth1"], &["IPv6 rules need --mode nft or --mode iptables"]);
     assert_eq!(list(&lab), serde_json::json!([]), "a refused rule changes nothing");
     add(&lab, &["redirect", "-p", "tcp", "--dport", "80", "--to-port", "3000"]);
     expect_tcp(&lab, None, "10.0.1.1:80", "router4", 3000, "10.0.1.2");

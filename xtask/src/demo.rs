@@ -42,14 +42,24 @@ const CASES: [Case; 4] = [
     Case { proto: Proto::Udp, to: "10.0.1.1:8080", expect_label: "server", expect_port: 9000, what: "dnat to server" },
 ];
 
+/// The IPv6 request, through nft mode: pfwd's eBPF data path translates IPv4 only for now.
+const CASE6: Case = Case {
+    proto: Proto::Tcp,
+    to: "[2001:db8:1::1]:8080",
+    expect_label: "server6",
+    expect_port: 9000,
+    what: "dnat, IPv6 (nft)",
+};
+
 pub fn demo(pfwd: &Path) -> Result<()> {
-    step("demo: creating the client / router / server lab");
-    let lab = Lab::new("pfwd-demo")?;
+    step("demo: creating the client / router / server lab (IPv4, and IPv6 for the last request)");
+    let lab = Lab::dual_stack("pfwd-demo")?;
     let sa = |s: &str| s.parse::<SocketAddr>().expect("valid literal address");
     let _web = lab.tcp_echo_server(Node::Router, sa("10.0.1.1:80"), "router-web")?;
     let _mysql = lab.tcp_echo_server(Node::Router, sa("127.0.0.1:17355"), "router-mysql")?;
     let _tcp = lab.tcp_echo_server(Node::Server, sa("10.0.2.2:9000"), "server")?;
     let _udp = lab.udp_echo_server(Node::Server, sa("10.0.2.2:9000"), "server")?;
+    let _tcp6 = lab.tcp_echo_server(Node::Server, sa("[2001:db8:2::2]:9000"), "server6")?;
     println!("    router: web 10.0.1.1:80, \"mysql\" 127.0.0.1:17355; server: tcp+udp 10.0.2.2:9000");
 
     let run = |args: &[&str]| -> Result<String> {
@@ -68,7 +78,7 @@ pub fn demo(pfwd: &Path) -> Result<()> {
 
         step("demo: requests from the client (10.0.1.2)");
         println!(
-            "    {:<5} {:<16} {:<18} {:<20} {:<18} result",
+            "    {:<5} {:<22} {:<18} {:<20} {:<18} result",
             "proto", "sent to", "rule", "answered by", "backend saw"
         );
         let ok = CASES.iter().filter(|c| request(&lab, c)).count();
@@ -83,15 +93,30 @@ pub fn demo(pfwd: &Path) -> Result<()> {
     })();
     step("demo: pfwd detach");
     let detached = run(&["detach"]);
+
+    // IPv6: the same kind of rule with an IPv6 target, in nft mode (eBPF mode refuses IPv6 rules for now).
+    step("demo: IPv6, in nft mode (pfwd's eBPF data path is IPv4 only for now)");
+    let result6 = (|| -> Result<usize> {
+        run(&["attach", "eth0", "eth1", "--mode", "nft"])?;
+        run(&["add", "dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "[2001:db8:2::2]:9000"])?;
+        println!(
+            "    {:<5} {:<22} {:<18} {:<20} {:<18} result",
+            "proto", "sent to", "rule", "answered by", "backend saw"
+        );
+        Ok(usize::from(request(&lab, &CASE6)))
+    })();
+    let detached6 = run(&["detach"]);
     step("demo: removing the lab");
     drop(lab);
 
-    let ok = result?;
+    let ok = result? + result6?;
     detached?;
-    if ok != CASES.len() {
-        bail!("demo FAILED: {ok}/{} requests forwarded by pfwd", CASES.len());
+    detached6?;
+    let total = CASES.len() + 1;
+    if ok != total {
+        bail!("demo FAILED: {ok}/{total} requests forwarded by pfwd");
     }
-    println!("demo OK: {ok}/{} requests forwarded by pfwd", CASES.len());
+    println!("demo OK: {ok}/{total} requests forwarded by pfwd");
     Ok(())
 }
 
@@ -103,7 +128,7 @@ fn request(lab: &Lab, case: &Case) -> bool {
         Proto::Udp => ("udp", lab.udp_request(Node::Client, to, "hi", TIMEOUT)),
     };
     let row = |answered: &str, saw: &str, result: &str| {
-        println!("    {proto:<5} {:<16} {:<18} {answered:<20} {saw:<18} {result}", case.to, case.what);
+        println!("    {proto:<5} {:<22} {:<18} {answered:<20} {saw:<18} {result}", case.to, case.what);
     };
     let (text, src) = match reply {
         Ok(r) => r,

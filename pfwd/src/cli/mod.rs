@@ -42,8 +42,10 @@ Typical use:
 When several rules match, the most specific wins: a rule with a (narrower) --dport, then with -p, with -i, the
 longer -s prefix, the longer -d prefix, then the older rule. The iptables export uses the same order.
 
-Modes: eBPF (tcx programs) by default; iptables rules in pfwd's own chains where eBPF cannot run (`--mode auto`
-falls back by itself and says why). `pfwd export` and `pfwd import` convert to and from iptables syntax.";
+Modes: eBPF (tcx programs) by default; where eBPF cannot run, nftables rules in pfwd's own table (constant-time
+lookup; IPv4 and IPv6), or iptables rules in pfwd's own chains where nft is not usable (`--mode auto` falls back by
+itself and says why). IPv6 rules need nft or iptables mode for now. `pfwd export` and `pfwd import` convert to and
+from iptables, ip6tables and nft syntax.";
 
 #[derive(Parser)]
 #[command(
@@ -218,8 +220,8 @@ struct AttachArgs {
     /// TOML file of rules to add (see README: [[rule]] tables with kind, iface, proto, src, dst, dport, to, to_port).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Data path: auto = eBPF, or iptables when the kernel has no BTF (PFWD_BTF_PATH overrides where to look)
-    /// or eBPF fails to load or attach.
+    /// Data path: auto = eBPF, or nft (iptables where nft is not usable) when the kernel has no BTF
+    /// (PFWD_BTF_PATH overrides where to look) or eBPF fails to load or attach.
     #[arg(long, value_enum, default_value = "auto")]
     mode: Mode,
     /// Connection-tracking capacity in entries (two per flow); used when the instance is first created.
@@ -398,7 +400,7 @@ fn run(cli: Cli) -> Result<()> {
                 match format {
                     ExportFormat::Iptables => iptables::export_iptables(&rules, ifaces, Family::Ipv4),
                     ExportFormat::Ip6tables => iptables::export_iptables(&rules, ifaces, Family::Ipv6),
-                    ExportFormat::Nft => iptables::export_nft(&rules, ifaces),
+                    ExportFormat::Nft => iptables::export_nft(&rules, ifaces)?,
                 }
             );
         }

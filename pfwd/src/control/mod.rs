@@ -356,9 +356,16 @@ fn refresh_addresses(kernel: &Kernel, state: &Meta) -> Result<()> {
 /// iptables and nft modes IPv6 rules go to netfilter only, and are checked here for their interface alone.
 fn compile_state(state: &State) -> Result<rules::Compiled, rules::RuleError> {
     let lookup = ifindex_lookup(state);
+    if state.mode == DataPath::Nft {
+        let ifaces: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
+        crate::iptables::check_nft_names(&state.rules(), &ifaces)?;
+    }
     let v6_only = |r: &&StoredRule| r.rule.family() == Some(Family::Ipv6);
     if state.mode != DataPath::Ebpf && state.rules.iter().any(|r| v6_only(&r)) {
         for r in state.rules.iter().filter(v6_only) {
+            if state.mode == DataPath::Iptables && !fallback::ipv6_usable() {
+                return Err(rules::RuleError::InRule { id: r.rule.id, error: Box::new(rules::RuleError::NoIpv6Here) });
+            }
             if let Some(name) = r.rule.hook_iface().filter(|_| !r.rule.not.iface)
                 && lookup(name).is_none()
             {
@@ -455,9 +462,10 @@ fn apply_wanted_sysctls(
     Ok(notes)
 }
 
-/// This host's addresses, sorted (what the sysctls rules want were counted at).
+/// This host's IPv4 addresses, sorted (what the sysctls eBPF mode's rules want were counted at: its rules are IPv4
+/// ones, and IPv6 addresses come and go, temporary and link-local ones, without changing them).
 fn sorted_local_addrs() -> Vec<IpAddr> {
-    let mut a = netif::local_addrs();
+    let mut a: Vec<IpAddr> = netif::local_ipv4_addrs().into_iter().map(IpAddr::from).collect();
     a.sort_unstable();
     a
 }

@@ -21,5 +21,5 @@ pub use chains::{
     PfwdChain, hook_order, hook_rules,
 };
 pub use import::{Import, ImportError, import, import_onto};
-pub use nft::{export_nft, nft_action, nft_comment, nft_dnat, nft_matches};
+pub use nft::{check_nft_names, export_nft, nft_action, nft_comment, nft_dnat, nft_matches};
 pub use restore::{export_iptables, nat_chain_script, nat_change_script};

@@ -53,6 +53,22 @@ fn nft_rule(r: &Rule, companion: bool) -> String {
     s.join(" ")
 }
 
+/// The interface names among `rules` and `ifaces` that nft cannot take: its strings have no escape for `"` (which the
+/// kernel allows in names) and treat `\` specially. Checked before anything is written, so such a name cannot end a
+/// string early and add statements of its own.
+pub fn check_nft_names<'a>(rules: &'a [Rule], ifaces: &'a [String]) -> Result<(), crate::rules::RuleError> {
+    let bad = |n: &str| n.contains(['"', '\\']);
+    let named = rules.iter().flat_map(|r| r.iface.iter().chain(r.oface.iter()).map(move |n| (Some(r.id), n)));
+    match named.chain(ifaces.iter().map(|n| (None, n))).find(|(_, n)| bad(n)) {
+        None => Ok(()),
+        Some((id, n)) => Err(crate::rules::RuleError::Unsupported(format!(
+            "interface name {n:?}{} cannot be written in an nftables rule (nft strings have no escape for '\"' or \
+             '\\'): use --mode iptables for it",
+            id.map(|i| format!(" (rule {i})")).unwrap_or_default()
+        ))),
+    }
+}
+
 /// A rule's comment: `pfwd:ID`, or `pfwd:ID-hairpin` for the masquerade a `--hairpin` rule adds.
 pub fn nft_comment(id: u32, companion: bool) -> String {
     format!("{COMMENT_PREFIX}{id}{}", if companion { HAIRPIN_SUFFIX } else { "" })
@@ -121,7 +137,8 @@ fn disp<T: std::fmt::Display>(x: &T) -> &dyn std::fmt::Display {
 /// invalid-packet drop only apply to those interfaces (incoming for prerouting, outgoing for postrouting), like the
 /// iptables jumps; the `--local` rules (chain output) apply to every local connection, whatever the list (an empty
 /// list means no NAT at all, as without jumps).
-pub fn export_nft(rules: &[Rule], ifaces: Option<&[String]>) -> String {
+pub fn export_nft(rules: &[Rule], ifaces: Option<&[String]>) -> Result<String, crate::rules::RuleError> {
+    check_nft_names(rules, ifaces.unwrap_or_default())?;
     let mut out = format!(
         "# pfwd rules for nftables ({} rules, most specific first). Apply with: nft -f FILE\n\
          # Everything lives in table inet pfwd (IPv4 and IPv6); the next two lines remove a previous copy, so\n\
@@ -166,7 +183,7 @@ pub fn export_nft(rules: &[Rule], ifaces: Option<&[String]>) -> String {
         }
     }
     out.push_str("\t}\n}\n");
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -179,7 +196,7 @@ mod tests {
         let mut rules = sample();
         rules.push(with_id(6, "redirect -p udp --to-port 53"));
         rules.push(with_id(7, "dnat -p tcp -s 10.9.0.0/16 --to 10.0.2.9:22"));
-        let text = export_nft(&rules, None);
+        let text = export_nft(&rules, None).unwrap();
         // One inet table for both families: a rule whose only address is its --to says its family with
         // `meta nfproto`, the REDIRECTs (no address) apply to both.
         let want = "table inet pfwd {}\n\
@@ -209,7 +226,7 @@ mod tests {
         assert!(text.starts_with("# pfwd rules for nftables (7 rules"), "{text}");
         assert!(text.ends_with(want), "{text}");
         let ifaces = vec!["eth0".to_string(), "wg0".to_string()];
-        let text = export_nft(&rules, Some(&ifaces));
+        let text = export_nft(&rules, Some(&ifaces)).unwrap();
         assert!(text.contains(
             "policy accept;\n\t\tiifname != { \"eth0\", \"wg0\" } accept\n\t\tiifname \"eth0\" meta nfproto ipv4 tcp"
         ));
@@ -218,10 +235,22 @@ mod tests {
         ));
     }
 
+    /// A `"` in an interface name would end nft's string and let the rest of the name be statements (found in
+    /// review: `! -i 'y"drop#'` became `iifname != "y" drop`): refused, naming the rule, before anything is written.
+    #[test]
+    fn names_nft_cannot_quote_are_refused() {
+        let r = Rule { iface: Some("y\"drop#".into()), ..with_id(7, "dnat -i eth0 -p tcp --dport 81 --to 10.0.2.2") };
+        let e = export_nft(&[r], None).unwrap_err().to_string();
+        assert!(e.contains("interface name \"y\\\"drop#\" (rule 7) cannot be written in an nftables rule"), "{e}");
+        let e = check_nft_names(&[], &["a\\b".to_string()]).unwrap_err().to_string();
+        assert!(e.contains("use --mode iptables"), "{e}");
+        check_nft_names(&sample(), &["eth0".to_string(), "veth-a.1".to_string()]).unwrap();
+    }
+
     #[test]
     fn postrouting_nft_format() {
         let ifaces = vec!["eth0".to_string()];
-        let nft = export_nft(&with_post(), Some(&ifaces));
+        let nft = export_nft(&with_post(), Some(&ifaces)).unwrap();
         let want = "\tchain postrouting {\n\
                     \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
                     \t\toifname != { \"eth0\" } accept\n\
@@ -239,6 +268,7 @@ mod tests {
         assert_eq!(prerouting.matches("comment \"pfwd:").count(), sample().len());
         assert!(
             export_nft(&post_sample(), Some(&[]))
+                .unwrap()
                 .contains("priority srcnat; policy accept;\n\t\taccept comment \"pfwd: no interfaces\"\n")
         );
     }
@@ -246,7 +276,7 @@ mod tests {
     #[test]
     fn local_nft_format() {
         let ifaces = vec!["eth0".to_string(), "wg0".to_string()];
-        let nft = export_nft(&with_local(), Some(&ifaces));
+        let nft = export_nft(&with_local(), Some(&ifaces)).unwrap();
         let want = "\tchain output {\n\
                     \t\ttype nat hook output priority -100; policy accept;\n\
                     \t\tip daddr 198.51.100.13 tcp dport 1111 dnat ip to 127.0.0.1:80 comment \"pfwd:11\"\n\
@@ -258,12 +288,13 @@ mod tests {
                     \tchain forward {\n";
         assert!(nft.contains(want), "{nft}");
         // Not filtered by interface (no accept line), the same without an interface list.
-        assert!(export_nft(&with_local(), None).contains(want));
+        assert!(export_nft(&with_local(), None).unwrap().contains(want));
         let prerouting = &nft[nft.find("chain prerouting").unwrap()..nft.find("chain postrouting").unwrap()];
         assert_eq!(prerouting.matches("comment \"pfwd:").count(), sample().len(), "{prerouting}");
         // No interfaces: no NAT at all, local connections included (like iptables without jumps).
         assert!(
             export_nft(&local_sample(), Some(&[]))
+                .unwrap()
                 .contains("priority -100; policy accept;\n\t\taccept comment \"pfwd: no interfaces\"\n")
         );
     }
@@ -276,7 +307,7 @@ mod tests {
             with_id(2, "dnat ! -s 10.0.0.0/8 ! -d 203.0.113.1 --to 10.0.2.2"),
             with_id(3, "masquerade ! -o eth0 -s 172.17.0.0/16"),
         ];
-        let nft = export_nft(&rules, None);
+        let nft = export_nft(&rules, None).unwrap();
         assert!(
             nft.contains(
                 "\t\tiifname != \"eth1\" meta nfproto ipv4 fib daddr type local tcp dport 81 dnat ip to 10.0.2.3"
@@ -293,7 +324,7 @@ mod tests {
             with_id(3, "dnat -p tcp --dport 80 --to 10.0.2.2:8080,10.0.2.3:8080@2,10.0.2.4:8080"),
             with_id(4, "dnat -d 203.0.113.9 --to 10.0.2.2,10.0.2.3"),
         ];
-        let nft = export_nft(&rules, None);
+        let nft = export_nft(&rules, None).unwrap();
         assert!(
             nft.contains(
                 "\t\tmeta nfproto ipv4 tcp dport 80 dnat ip to numgen random mod 4 map { 0 : 10.0.2.2 . 8080, 1-2 : \
@@ -309,7 +340,7 @@ mod tests {
     #[test]
     fn hairpin_nft() {
         let rules = vec![with_id(2, "dnat -p udp -d 203.0.113.10 --dport 53 --to 10.0.2.3 --hairpin 10.0.2.0/24")];
-        let nft = export_nft(&rules, None);
+        let nft = export_nft(&rules, None).unwrap();
         assert!(
             nft.contains("\t\tip daddr 203.0.113.10 udp dport 53 dnat ip to 10.0.2.3 comment \"pfwd:2\"\n"),
             "{nft}"
@@ -340,7 +371,7 @@ mod tests {
             with_id(10, "snat -o eth1 --to 2001:db8::1"),
             with_id(11, "dnat --local -p tcp -d 2001:db8::10 --dport 8080 --to [::1]:80"),
         ];
-        let nft = export_nft(&rules, None);
+        let nft = export_nft(&rules, None).unwrap();
         let chain = |name: &str| {
             let start = nft.find(&format!("chain {name} {{")).unwrap();
             let body = &nft[start..start + nft[start..].find("\t}").unwrap()];

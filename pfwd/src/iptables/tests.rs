@@ -535,7 +535,7 @@ fn real_tools_accept_the_exports() {
             assert_eq!(saved.matches("-A PREROUTING -i eth0 -j PFWD-PREROUTING\n").count(), 1, "{saved}");
         }
 
-        let nft = export_nft(&rules, if rules.len().is_multiple_of(2) { None } else { Some(&ifaces) });
+        let nft = export_nft(&rules, if rules.len().is_multiple_of(2) { None } else { Some(&ifaces) }).unwrap();
         ns.run(&["nft", "-c", "-f", "-"], &nft);
     }
 
@@ -555,7 +555,7 @@ fn real_tools_accept_the_exports() {
         assert_eq!(pfwd_lines(&saved).iter().filter(|l| l.contains("-j DNAT")).count(), lines, "{saved}");
         assert_same_rules(&import(&saved).unwrap().rules, &for_family(&lb, family));
     }
-    ns.run(&["nft", "-c", "-f", "-"], &export_nft(&lb, Some(&ifaces)));
+    ns.run(&["nft", "-c", "-f", "-"], &export_nft(&lb, Some(&ifaces)).unwrap());
     // --hairpin: the DNAT and its masquerade, in each family.
     let hairpin = vec![
         with_id(24, "dnat -p tcp -d 203.0.113.12 --dport 80 --to 10.0.2.2 --hairpin 10.0.2.0/24"),
@@ -569,10 +569,10 @@ fn real_tools_accept_the_exports() {
         assert_eq!(pfwd_lines(&saved), pfwd_lines(&script), "{saved}");
         assert_eq!(saved.matches("-hairpin\" -j MASQUERADE").count(), 1, "{saved}");
     }
-    ns.run(&["nft", "-c", "-f", "-"], &export_nft(&hairpin, Some(&ifaces)));
+    ns.run(&["nft", "-c", "-f", "-"], &export_nft(&hairpin, Some(&ifaces)).unwrap());
 
     // nft: check, then apply twice (the second run replaces the first); one inet table for both families.
-    let nft = export_nft(&v6_rules, Some(&ifaces));
+    let nft = export_nft(&v6_rules, Some(&ifaces)).unwrap();
     ns.run(&["nft", "-c", "-f", "-"], &nft);
     ns.run(&["nft", "-f", "-"], &nft);
     ns.run(&["nft", "-f", "-"], &nft);
@@ -585,6 +585,6 @@ fn real_tools_accept_the_exports() {
     assert!(listed.contains("dnat ip6 to [2001:db8::2]:80 comment \"pfwd:21\""), "{listed}");
     // Two "policy accept" and "accept comment" per NAT chain (prerouting, postrouting, output), and the forward
     // chain's policy.
-    assert_eq!(export_nft(&[], Some(&[])).matches("accept").count(), 7);
-    ns.run(&["nft", "-c", "-f", "-"], &export_nft(&[], Some(&[])));
+    assert_eq!(export_nft(&[], Some(&[])).unwrap().matches("accept").count(), 7);
+    ns.run(&["nft", "-c", "-f", "-"], &export_nft(&[], Some(&[])).unwrap());
 }

@@ -69,11 +69,34 @@ pub fn import_onto(text: &str, existing: &[Rule]) -> Result<Import, ImportError>
     }
     let [v4_lines, v6_lines] = by_family;
     let v4 = import_family(Family::Ipv4, v4_lines, text, existing)?;
-    if v6_lines.is_empty() {
-        return Ok(v4);
-    }
-    let v6 = import_family(Family::Ipv6, v6_lines, text, existing)?;
-    Ok(merge_families(v4, v6))
+    let import = if v6_lines.is_empty() {
+        v4
+    } else {
+        merge_families(v4, import_family(Family::Ipv6, v6_lines, text, existing)?)
+    };
+    Ok(skip_present_for_both(import, existing))
+}
+
+/// Drops the imported one-family rules that an existing rule (not deleted by the import) already does for both
+/// families: pfwd's own `iptables` export of a rule for both comes back as its `-4` twin, which must not be added
+/// beside it.
+fn skip_present_for_both(mut import: Import, existing: &[Rule]) -> Import {
+    let both = |r: &Rule| Rule { family: None, ..r.clone() };
+    let running: std::collections::HashMap<crate::rules::DedupKey, u32> = existing
+        .iter()
+        .filter(|e| e.family().is_none() && !import.removed.contains(&e.id))
+        .map(|e| (e.dedup_key(), e.id))
+        .collect();
+    let mut notes = Vec::new();
+    import.rules.retain(|r| match r.family.and_then(|_| running.get(&both(r).dedup_key())) {
+        Some(id) => {
+            notes.push(format!("skipped \"{r}\": rule {id} already does it, for IPv4 and IPv6"));
+            false
+        }
+        None => true,
+    });
+    import.warnings.extend(notes);
+    import
 }
 
 /// The family of the input from `line` on, when the line says: an `ip6tables`/`iptables` command (after `sudo`),
@@ -1748,6 +1771,29 @@ COMMIT
 
     fn onto(text: &str, existing: &[Rule]) -> Import {
         import_onto(text, existing).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    /// pfwd's own iptables export of a rule for both families reads back as its `-4` twin: not added beside it
+    /// (found in review), unless the import deletes the rule first.
+    #[test]
+    fn a_rule_running_for_both_families_is_not_added_again() {
+        let existing = [with_id(1, "redirect -p tcp --dport 80 --to-port 3000"), with_id(2, "masquerade -o eth0")];
+        let text = crate::iptables::export_iptables(&existing, None, Family::Ipv4);
+        let i = onto(&text, &existing);
+        assert!(i.rules.is_empty(), "{:?}", i.rules.iter().map(ToString::to_string).collect::<Vec<_>>());
+        assert!(i.warnings.iter().any(|w| w.contains("rule 1 already does it, for IPv4 and IPv6")), "{:?}", i.warnings);
+        // A -4 rule of its own is still imported when the existing rule for both is deleted by the same input.
+        let i = onto(
+            "iptables -t nat -D PREROUTING -p tcp --dport 80 -j REDIRECT --to-ports 3000
+             iptables -t nat -A PREROUTING -p tcp --dport 80 -j REDIRECT --to-ports 3000
+",
+            &existing[..1],
+        );
+        assert_eq!(i.removed, [1]);
+        assert_eq!(
+            i.rules.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["redirect -4 -p tcp --dport 80 --to-port 3000"]
+        );
     }
 
     fn onto_err(text: &str, existing: &[Rule]) -> ImportError {
