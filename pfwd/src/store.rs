@@ -64,6 +64,11 @@ fn dedup_hash(r: &Rule) -> Result<u64> {
     Ok(bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)))
 }
 
+/// The form of the `keys` table's hashes ([`dedup_hash`] of [`Rule::dedup_key`]), kept in `meta` as `key_format`.
+/// A store written by a pfwd whose duplicate keys had another form (1: before IPv6, without the family) gets its
+/// keys rebuilt when opened, so duplicates are still found after an upgrade.
+const KEY_FORMAT: &[u8] = b"2";
+
 /// A table opened for reading, or None when it was never written (every other error is one).
 fn existing<T>(opened: Result<T, redb::TableError>) -> Result<Option<T>> {
     match opened {
@@ -77,7 +82,38 @@ impl Store {
     /// Opens the database at `path`, creating it when missing.
     pub fn open(path: &Path) -> Result<Store> {
         let db = Database::create(path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(Store { db })
+        let store = Store { db };
+        store.rebuild_keys_if_old()?;
+        Ok(store)
+    }
+
+    /// Rebuilds the `keys` table when it was written in another [`KEY_FORMAT`] (a store without rules has nothing to
+    /// rebuild; its first write records the format).
+    fn rebuild_keys_if_old(&self) -> Result<()> {
+        {
+            let tx = self.db.begin_read()?;
+            let format = match existing(tx.open_table(META))? {
+                Some(m) => m.get("key_format")?.map(|v| v.value().to_vec()),
+                None => return Ok(()),
+            };
+            if format.as_deref() == Some(KEY_FORMAT) || existing(tx.open_table(RULES))?.is_none() {
+                return Ok(());
+            }
+        }
+        let tx = self.db.begin_write()?;
+        {
+            tx.delete_table(KEYS)?;
+            let rules = tx.open_table(RULES)?;
+            let mut keys = tx.open_table(KEYS)?;
+            for item in rules.iter()? {
+                let (id, v) = item?;
+                let r = decode(id.value(), v.value())?;
+                keys.insert((dedup_hash(&r.rule)?, r.rule.id), ())?;
+            }
+            tx.open_table(META)?.insert("key_format", KEY_FORMAT)?;
+        }
+        tx.commit().context("rebuilding pfwd's duplicate keys")?;
+        Ok(())
     }
 
     /// The meta, or None in a database that was never written.
@@ -167,6 +203,7 @@ impl Store {
             }
             let mut metas = tx.open_table(META)?;
             metas.insert("state", serde_json::to_vec(meta)?.as_slice())?;
+            metas.insert("key_format", KEY_FORMAT)?;
             let mut rules = tx.open_table(RULES)?;
             let mut keys = tx.open_table(KEYS)?;
             for r in w.removed {
@@ -186,5 +223,38 @@ impl Store {
         }
         tx.commit().context("committing pfwd's state")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{DataPath, State};
+
+    /// A store whose duplicate keys were written in another form (an older pfwd's: no `key_format`, other hashes)
+    /// has them rebuilt when opened, so a rule already there is still found as a duplicate.
+    #[test]
+    fn old_duplicate_keys_are_rebuilt_on_open() {
+        let dir = std::env::temp_dir().join(format!("pfwd-store-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.redb");
+        let _ = std::fs::remove_file(&path);
+        let masq = Rule { id: 2, ..crate::rules::tests::ok("masquerade -o eth0") };
+        let stored = [StoredRule { rule: masq.clone(), slot: 12 }];
+        let meta = State::new(7, DataPath::Ebpf, "test").meta;
+        Store::open(&path).unwrap().write(&meta, &Write { added: &stored, ..Default::default() }).unwrap();
+        // What an older pfwd left: keys of another hash, no format mark.
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.delete_table(KEYS).unwrap();
+            tx.open_table(KEYS).unwrap().insert((12345, 2), ()).unwrap();
+            tx.open_table(META).unwrap().remove("key_format").unwrap();
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.duplicate_of(&Rule { id: 9, ..masq.clone() }).unwrap(), Some(2));
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
