@@ -87,14 +87,15 @@ impl Tools {
     }
 }
 
-fn run(cmd: &str, args: &[String], stdin: Option<&str>) -> Result<String> {
+/// Runs `cmd ARGS` (feeding `stdin`), its stdout on success; an error with its stderr otherwise.
+pub(crate) fn run(cmd: &str, args: &[String], stdin: Option<&str>) -> Result<String> {
     let mut child = Command::new(cmd)
         .args(args)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("running {cmd} (is the iptables package installed?)"))?;
+        .with_context(|| format!("running {cmd} (is the iptables or nftables package installed?)"))?;
     if let Some(input) = stdin {
         child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
     }

@@ -13,10 +13,8 @@
 //! The interfaces pfwd is attached to are the set `@ifaces`; the record ([`crate::record`]) is kept as comments in the
 //! chain `record`, which nothing jumps to.
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
-use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use pfwd_common::RuleCounters;
 
 use crate::fallback::BackendCount;
@@ -30,21 +28,7 @@ pub const TABLE: &str = "pfwd_nat";
 const RECORD_CHAIN: &str = "record";
 
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<String> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running nft (is the nftables package installed?)")?;
-    if let Some(input) = stdin {
-        child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("nft {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::fallback::run("nft", &args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), stdin)
 }
 
 /// Whether nft and a kernel with nftables NAT are usable here: a throwaway table with a nat chain is checked

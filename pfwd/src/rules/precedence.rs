@@ -16,15 +16,43 @@ pub fn precedence_cmp(a: &Rule, b: &Rule) -> Ordering {
 /// of two families never meet a packet together; for IPv4 rules and rules without addresses it orders as
 /// [`rank`] does.
 pub fn precedence_key(r: &Rule) -> u128 {
-    let src = if r.not.src { 0 } else { prefix_len(r.src) };
-    let dst = if r.not.dst { 0 } else { 2 * u16::from(prefix_len(r.dst)) } + u16::from(r.dst_local);
-    let specificity = u128::from(r.dport.is_none()) << 35
-        | u128::from(r.dport.map_or(0, |p| p.width())) << 19
-        | u128::from(r.proto.is_none()) << 18
-        | u128::from(r.hook_iface().is_none() || r.not.iface) << 17
-        | u128::from(128 - src) << 9
-        | u128::from(257 - dst);
+    let s = Specificity::of(r, 128);
+    let specificity = u128::from(s.no_dport) << 35
+        | u128::from(s.width) << 19
+        | u128::from(s.no_proto) << 18
+        | u128::from(s.no_iface) << 17
+        | u128::from(128 - s.src) << 9
+        | u128::from(257 - s.dst);
     specificity << 32 | u128::from(r.id)
+}
+
+/// The fields of the precedence contract, most significant first; prefix lengths capped at `max_plen`.
+struct Specificity {
+    no_dport: bool,
+    width: u16,
+    no_proto: bool,
+    no_iface: bool,
+    /// The source prefix length.
+    src: u8,
+    /// Twice the destination prefix length, plus one for `-d local`.
+    dst: u16,
+}
+
+impl Specificity {
+    fn of(r: &Rule, max_plen: u8) -> Specificity {
+        // A negated match is the least specific of its kind (`! -s 10.0.0.0/8` covers nearly everything): it ranks
+        // like no match at all. `-d local` ranks just above no `-d` (a set of a few addresses, but not one network).
+        let plen = |n| prefix_len(n).min(max_plen);
+        Specificity {
+            no_dport: r.dport.is_none(),
+            width: r.dport.map_or(0, |p| p.width()),
+            no_proto: r.proto.is_none(),
+            // `-o` ranks like `-i`: a rule only ever has the one of its hook.
+            no_iface: r.hook_iface().is_none() || r.not.iface,
+            src: if r.not.src { 0 } else { plen(r.src) },
+            dst: if r.not.dst { 0 } else { 2 * u16::from(plen(r.dst)) } + u16::from(r.dst_local),
+        }
+    }
 }
 
 /// The kernel's rank of `r` (lowest wins): the precedence contract packed into 64 bits, most significant first:
@@ -33,17 +61,13 @@ pub fn precedence_key(r: &Rule) -> u128 {
 /// rule's id (32). A function of the rule alone, so adding or deleting a rule never re-ranks the others. The
 /// kernel's rules are IPv4 ones (IPv6 prefixes would not fit; [`precedence_key`] orders both families).
 pub fn rank(r: &Rule) -> u64 {
-    // A negated match is the least specific of its kind (`! -s 10.0.0.0/8` covers nearly everything): it ranks like
-    // no match at all. `-d local` ranks just above no `-d` (it is a set of a few addresses, but not one network).
-    let src = if r.not.src { 0 } else { prefix_len(r.src).min(32) };
-    let dst = if r.not.dst { 0 } else { 2 * prefix_len(r.dst).min(32) } + u8::from(r.dst_local);
-    let specificity = u64::from(r.dport.is_none()) << 31
-        | u64::from(r.dport.map_or(0, |p| p.width())) << 15
-        | u64::from(r.proto.is_none()) << 14
-        // `-o` ranks like `-i`: a rule only ever has the one of its hook.
-        | u64::from(r.hook_iface().is_none() || r.not.iface) << 13
-        | u64::from(32 - src) << 7
-        | u64::from(65 - dst);
+    let s = Specificity::of(r, 32);
+    let specificity = u64::from(s.no_dport) << 31
+        | u64::from(s.width) << 15
+        | u64::from(s.no_proto) << 14
+        | u64::from(s.no_iface) << 13
+        | u64::from(32 - s.src) << 7
+        | u64::from(65 - s.dst);
     specificity << 32 | u64::from(r.id)
 }
 
