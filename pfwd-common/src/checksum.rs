@@ -4,13 +4,14 @@
 //! local sockets), but fix the IPv4 header checksum, ICMP checksums and the checksums inside ICMP errors themselves
 //! with these functions. Userspace tests check them against full recomputation (etherparse).
 
-/// Offset of the checksum in the L4 header of `proto`, for the protocols whose checksum covers the IPv4
-/// pseudo-header (TCP, UDP): the checksums an address change affects.
+/// Offset of the checksum in the L4 header of `proto`, for the protocols whose checksum covers the IP
+/// pseudo-header (TCP, UDP, and ICMPv6, which unlike ICMP covers it): the checksums an address change affects.
 #[inline(always)]
 pub const fn l4_csum_offset(proto: u8) -> Option<usize> {
     match proto {
         crate::PROTO_TCP => Some(16),
         crate::PROTO_UDP => Some(6),
+        crate::PROTO_ICMPV6 => Some(2),
         _ => None,
     }
 }

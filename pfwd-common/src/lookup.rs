@@ -7,20 +7,31 @@
 //! [`Walk::probe`] is generic over the map lookups: the kernel programs run it once per class from a `bpf_loop`
 //! callback over their maps, userspace ([`find_rule`]) over the output of `rules::compile`, so the precedence tests
 //! test the walk the kernel runs.
-use crate::{Class, INDEX_SLOTS, IndexEntry, IndexKey, PROTO_TCP, PROTO_UDP, RuleEntry, Tuple, class_flag, rule_flag};
+use crate::{
+    Addr, Addr6, Class, FlowTuple, INDEX_SLOTS, IndexEntry, IndexKey, PROTO_TCP, PROTO_UDP, RuleEntry, Tuple6,
+    class_flag, masked, rule_flag,
+};
 
 impl RuleEntry {
-    /// Whether the rule's filters (interface, protocol, source and destination networks, each possibly negated;
-    /// `-d local`) match the packet `t` seen on `ifindex` (the incoming interface at PREROUTING, the outgoing one at
-    /// POSTROUTING). `is_local` says whether an address is this host's; it is only asked for `-d local` rules.
+    /// Whether the rule's filters (family, interface, protocol, source and destination networks, each possibly
+    /// negated; `-d local`) match the packet `t` (wide form, [`Addr::wide`]) of family `family` seen on `ifindex`
+    /// (the incoming interface at PREROUTING, the outgoing one at POSTROUTING). `is_local` says whether an address
+    /// (wide form, of `family`) is this host's; it is only asked for `-d local` rules.
     #[inline(always)]
-    pub fn matches(&self, t: &Tuple, ifindex: u32, is_local: &mut impl FnMut(u32) -> bool) -> bool {
+    pub fn matches(&self, t: &Tuple6, family: u8, ifindex: u32, is_local: &mut impl FnMut(&Addr6) -> bool) -> bool {
         let not = |flag: u8| self.flags & flag != 0;
-        (self.ifindex == 0 || (self.ifindex == ifindex) != not(rule_flag::NOT_IFACE))
+        (self.family == crate::family::ANY || self.family == family)
+            && (self.ifindex == 0 || (self.ifindex == ifindex) != not(rule_flag::NOT_IFACE))
             && (self.proto == crate::PROTO_ANY || self.proto == t.proto)
-            && (t.saddr & self.src_mask == self.src_net) != not(rule_flag::NOT_SRC)
-            && (t.daddr & self.dst_mask == self.dst_net) != not(rule_flag::NOT_DST)
-            && (!not(rule_flag::DST_LOCAL) || is_local(t.daddr))
+            && (masked(&t.saddr, &self.src_mask) == self.src_net) != not(rule_flag::NOT_SRC)
+            && (masked(&t.daddr, &self.dst_mask) == self.dst_net) != not(rule_flag::NOT_DST)
+            && (!not(rule_flag::DST_LOCAL) || is_local(&t.daddr))
+    }
+
+    /// Whether this rule wins over a rule of rank `rank` and id `id` (lowest `(rank, id)` wins).
+    #[inline(always)]
+    pub fn beats(&self, rank: u64, id: u32) -> bool {
+        self.rank < rank || (self.rank == rank && self.id < id)
     }
 }
 
@@ -29,37 +40,62 @@ impl RuleEntry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Walk {
-    pub t: Tuple,
+    /// The packet's tuple in the rule engine's wide form ([`Addr::wide`]).
+    pub t: Tuple6,
     /// The interface the packet was seen on (0 at OUTPUT).
     pub ifindex: u32,
     /// The generation whose rules are seen ([`RuleEntry::visible`]).
     pub generation: u32,
     pub best_rank: u64,
+    pub best_id: u32,
     pub best_slot: u32,
     /// [`crate::hook`].
     pub hook: u8,
     /// The class bank walked (the kernel callback reads the classes from it).
     pub bank: u8,
     pub found: bool,
-    pub _pad: u8,
+    /// The packet's [`crate::family`].
+    pub family: u8,
+    pub _pad: u32,
 }
 
 impl Walk {
-    pub const fn new(t: &Tuple, ifindex: u32, hook: u8, (generation, bank): (u32, u32)) -> Self {
-        Walk { t: *t, ifindex, generation, best_rank: 0, best_slot: 0, hook, bank: bank as u8, found: false, _pad: 0 }
+    pub fn new<A: Addr>(t: &FlowTuple<A>, ifindex: u32, hook: u8, (generation, bank): (u32, u32)) -> Self {
+        Walk {
+            t: t.wide(),
+            ifindex,
+            generation,
+            best_rank: 0,
+            best_id: 0,
+            best_slot: 0,
+            hook,
+            bank: bank as u8,
+            found: false,
+            family: A::FAMILY,
+            _pad: 0,
+        }
     }
 
-    /// Looks the packet up in `class`: masks its tuple to the class's shape, finds that key's index entry and takes
-    /// its first visible matching rule if it beats the best so far. Returns false when the walk is over: this class
-    /// (and so every later one, classes being in ascending `min_rank`) cannot beat the best.
+    /// Looks the packet up in `class`: masks its tuple to the class's shape into `key`, finds that key's index
+    /// entry and takes its first visible matching rule if it beats the best so far. Returns false when the walk is
+    /// over: this class (and so every later one, classes being in ascending `min_rank`) cannot beat the best. (The
+    /// key is the caller's, so the kernel can keep it off its small stack.)
     #[inline(always)]
-    pub fn probe<'a, I, R, L>(&mut self, class: &Class, mut index: I, mut rule: R, mut is_local: L) -> bool
+    pub fn probe<'a, I, R, L>(
+        &mut self,
+        class: &Class,
+        key: &mut IndexKey,
+        mut index: I,
+        mut rule: R,
+        mut is_local: L,
+    ) -> bool
     where
         I: FnMut(&IndexKey) -> Option<&'a IndexEntry>,
         R: FnMut(u32) -> Option<&'a RuleEntry>,
-        L: FnMut(u32) -> bool,
+        L: FnMut(&Addr6) -> bool,
     {
-        if self.found && class.min_rank >= self.best_rank {
+        // A class whose best rank ties with the best found may still hold a lower id.
+        if self.found && class.min_rank > self.best_rank {
             return false;
         }
         let t = &self.t;
@@ -68,19 +104,19 @@ impl Walk {
             // Only TCP and UDP have rules of their own (`-p` is tcp or udp).
             return true;
         }
-        let key = IndexKey {
+        *key = IndexKey {
             ifindex: if class.flags & class_flag::IFACE != 0 { self.ifindex } else { 0 },
-            saddr: t.saddr & class.src_mask,
-            daddr: t.daddr & class.dst_mask,
+            saddr: masked(&t.saddr, &class.src_mask),
+            daddr: masked(&t.daddr, &class.dst_mask),
             dport: t.dport & class.port_mask,
             proto: if class.flags & class_flag::PROTO != 0 { t.proto } else { 0 },
             hook: self.hook,
             port_plen: class.port_plen,
             src_plen: class.src_plen,
             dst_plen: class.dst_plen,
-            _pad: 0,
+            family: if class.flags & class_flag::FAMILY != 0 { self.family } else { 0 },
         };
-        let Some(entry) = index(&key) else { return true };
+        let Some(entry) = index(key) else { return true };
         let len = entry.len as usize;
         for i in 0..INDEX_SLOTS {
             if i >= len {
@@ -91,13 +127,14 @@ impl Walk {
             if !r.visible(self.generation) {
                 continue;
             }
-            if self.found && r.rank >= self.best_rank {
+            if self.found && !r.beats(self.best_rank, self.best_id) {
                 // The entry is in rank order: nothing after this can win either.
                 break;
             }
-            if r.matches(t, self.ifindex, &mut is_local) {
+            if r.matches(t, self.family, self.ifindex, &mut is_local) {
                 self.best_slot = slot;
                 self.best_rank = r.rank;
+                self.best_id = r.id;
                 self.found = true;
                 break;
             }
@@ -111,8 +148,8 @@ impl Walk {
 /// in ascending `min_rank`) in generation `generation`. Returns its slot and the rule. The kernel runs the same
 /// [`Walk::probe`] per class from `bpf_loop`.
 #[inline(always)]
-pub fn find_rule<'a, I, R, L>(
-    t: &Tuple,
+pub fn find_rule<'a, A, I, R, L>(
+    t: &FlowTuple<A>,
     ifindex: u32,
     (hook, generation): (u8, u32),
     classes: &[Class],
@@ -121,13 +158,15 @@ pub fn find_rule<'a, I, R, L>(
     mut is_local: L,
 ) -> Option<(u32, &'a RuleEntry)>
 where
+    A: Addr,
     I: FnMut(&IndexKey) -> Option<&'a IndexEntry>,
     R: FnMut(u32) -> Option<&'a RuleEntry>,
-    L: FnMut(u32) -> bool,
+    L: FnMut(&Addr6) -> bool,
 {
     let mut walk = Walk::new(t, ifindex, hook, (generation, 0));
+    let mut key = IndexKey::default();
     for class in classes {
-        if !walk.probe(class, &mut index, &mut rule, &mut is_local) {
+        if !walk.probe(class, &mut key, &mut index, &mut rule, &mut is_local) {
             break;
         }
     }
@@ -157,13 +196,15 @@ mod tests {
         let mask32 = |p: u8| if p == 0 { 0 } else { u32::from_be(!0u32 << (32 - p)) };
         Class {
             min_rank: 0,
-            src_mask: mask32(src_plen),
-            dst_mask: mask32(dst_plen),
+            src_mask: mask32(src_plen).wide(),
+            dst_mask: mask32(dst_plen).wide(),
             port_mask: if port_plen == 0 { 0 } else { !0u16 << (16 - port_plen) },
             port_plen,
             src_plen,
             dst_plen,
-            flags: if iface { class_flag::IFACE } else { 0 } | if proto { class_flag::PROTO } else { 0 },
+            flags: if iface { class_flag::IFACE } else { 0 }
+                | if proto { class_flag::PROTO } else { 0 }
+                | if src_plen + dst_plen > 0 { class_flag::FAMILY } else { 0 },
             _pad: [0; 2],
         }
     }
@@ -186,7 +227,7 @@ mod tests {
             self.classes.sort_by_key(|k| k.min_rank);
         }
 
-        fn find(&self, t: &Tuple, ifindex: u32, hook: u8, generation: u32) -> Option<u32> {
+        fn find(&self, t: &crate::Tuple, ifindex: u32, hook: u8, generation: u32) -> Option<u32> {
             find_rule(
                 t,
                 ifindex,
@@ -203,20 +244,28 @@ mod tests {
     fn key(hook: u8, ifindex: u32, proto: u8, c: &Class, (dport, saddr, daddr): (u16, u32, u32)) -> IndexKey {
         IndexKey {
             ifindex,
-            saddr,
-            daddr,
+            saddr: saddr.wide(),
+            daddr: daddr.wide(),
             dport,
             proto,
             hook,
             port_plen: c.port_plen,
             src_plen: c.src_plen,
             dst_plen: c.dst_plen,
-            _pad: 0,
+            family: if c.flags & class_flag::FAMILY != 0 { crate::family::V4 } else { 0 },
         }
     }
 
-    fn tcp(dport: u16) -> Tuple {
-        Tuple { saddr: 0x0100_000a, daddr: 0x0200_000a, sport: 40000, dport, proto: PROTO_TCP, _pad: 0, _pad2: 0 }
+    fn tcp(dport: u16) -> crate::Tuple {
+        crate::Tuple {
+            saddr: 0x0100_000a,
+            daddr: 0x0200_000a,
+            sport: 40000,
+            dport,
+            proto: PROTO_TCP,
+            _pad: 0,
+            _pad2: 0,
+        }
     }
 
     #[test]
@@ -228,7 +277,7 @@ mod tests {
             class(false, false, 0, 0, 32),
             class(true, true, 0, 8, 8),
         ];
-        let t = Tuple { saddr: u32::from_be(0x0a01_0203), daddr: u32::from_be(0xc000_0201), ..tcp(0x1234) };
+        let t = crate::Tuple { saddr: u32::from_be(0x0a01_0203), daddr: u32::from_be(0xc000_0201), ..tcp(0x1234) };
         find_rule(
             &t,
             3,
@@ -253,7 +302,7 @@ mod tests {
             ]
         );
         // Without ports only the protocol-less classes are looked up.
-        let icmp = Tuple { proto: PROTO_ICMP, ..t };
+        let icmp = crate::Tuple { proto: PROTO_ICMP, ..t };
         let mut n = 0;
         find_rule(
             &icmp,
@@ -280,17 +329,17 @@ mod tests {
         let dst = class(false, true, 0, 0, 32);
         m.add(1, 5, port, key(pre, 3, PROTO_TCP, &port, (80, 0, 0)), RuleEntry { ifindex: 3, proto: PROTO_TCP, ..any });
         m.add(2, 2, catch_all, key(pre, 0, 0, &catch_all, (0, 0, 0)), any);
-        let to3 = RuleEntry { proto: PROTO_TCP, dst_net: 0x0300_000a, dst_mask: !0, ..any };
+        let to3 = RuleEntry { proto: PROTO_TCP, dst_net: [0x0300_000a, 0, 0, 0], dst_mask: [!0, 0, 0, 0], ..any };
         m.add(3, 1, dst, key(pre, 0, PROTO_TCP, &dst, (0, 0, 0x0300_000a)), to3);
         let t = tcp(80);
         assert_eq!(m.find(&t, 3, pre, 0), Some(2), "rank 2 beats rank 5; rank 1 is under another key");
-        let to3t = Tuple { daddr: 0x0300_000a, ..t };
+        let to3t = crate::Tuple { daddr: 0x0300_000a, ..t };
         assert_eq!(m.find(&to3t, 3, pre, 0), Some(3));
-        assert_eq!(m.find(&Tuple { dport: 81, ..t }, 3, pre, 0), Some(2));
+        assert_eq!(m.find(&crate::Tuple { dport: 81, ..t }, 3, pre, 0), Some(2));
         // Other hooks have their own keys.
         assert_eq!(m.find(&t, 3, hook::POSTROUTING, 0), None);
         // Non-TCP/UDP packets only see the protocol-less classes.
-        let icmp = Tuple { proto: PROTO_ICMP, ..to3t };
+        let icmp = crate::Tuple { proto: PROTO_ICMP, ..to3t };
         assert_eq!(m.find(&icmp, 3, pre, 0), Some(2));
         // Once rank 1 is found the classes after it (min rank 2 and 5) are not looked up.
         let mut looked = 0;
@@ -315,13 +364,19 @@ mod tests {
         let mut m = Maps::default();
         let c = class(true, false, 0, 0, 0);
         let k = key(post, 3, 0, &c, (0, 0, 0));
-        let src = |net: u32, mask: u32| RuleEntry { src_net: net, src_mask: mask, ifindex: 3, ..Default::default() };
+        let src = |net: u32, mask: u32| RuleEntry {
+            src_net: net.wide(),
+            src_mask: mask.wide(),
+            family: crate::family::V4,
+            ifindex: 3,
+            ..Default::default()
+        };
         m.add(7, 9, c, k, src(0x0100_000a, !0));
         m.add(8, 4, c, k, src(0x0000_000b, 0xff));
         assert_eq!(m.index[&k].slots[..2], [8, 7], "rank order");
         let t = tcp(0);
         assert_eq!(m.find(&t, 3, post, 0), Some(7), "the rank 4 rule's source filter does not match");
-        let from_b = Tuple { saddr: 0x0500_000b, ..t };
+        let from_b = crate::Tuple { saddr: 0x0500_000b, ..t };
         assert_eq!(m.find(&from_b, 3, post, 0), Some(8));
         // A rule outside its generations is skipped: one being added (seen from 5) and one deleted (seen until 5).
         m.rules.get_mut(&8).unwrap().gen_from = 5;

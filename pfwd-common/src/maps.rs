@@ -26,25 +26,36 @@ pub mod names {
     pub const FRAGS: &str = "PFWD_FRAGS";
     pub const RECORD: &str = "PFWD_RECORD";
     pub const LOCAL_ADDRS: &str = "PFWD_LOCAL_ADDRS";
+    /// The IPv6 flows' tables, as [`CONNTRACK`] and [`CONNTRACK_NEW`] are the IPv4 flows'.
+    pub const CONNTRACK6: &str = "PFWD_CT6";
+    pub const CONNTRACK6_NEW: &str = "PFWD_CT6_NEW";
+    /// IPv6 fragmented datagrams, as [`FRAGS`] holds IPv4 ones.
+    pub const FRAGS6: &str = "PFWD_FRAGS6";
+    /// This host's IPv6 addresses, as [`LOCAL_ADDRS`] holds the IPv4 ones.
+    pub const LOCAL_ADDRS6: &str = "PFWD_LOCAL_ADDRS6";
     /// The Maglev tables of rules with several backends ([`BackendKey`](super::BackendKey)).
     pub const BACKENDS: &str = "PFWD_BACKENDS";
     /// Per-backend counters ([`BackendCounterKey`](super::BackendCounterKey)).
     pub const BACKEND_COUNTERS: &str = "PFWD_BACKEND_CNT";
     /// Every map, in the order `pfwd status` reports their memory.
-    pub const MAPS: [&str; 15] = [
+    pub const MAPS: [&str; 19] = [
         RULES,
         INDEX,
         CLASSES,
         CONNTRACK,
         CONNTRACK_NEW,
+        CONNTRACK6,
+        CONNTRACK6_NEW,
         RULE_COUNTERS,
         STATS,
         IFACES,
         CONFIG,
         SOCKETS,
         FRAGS,
+        FRAGS6,
         RECORD,
         LOCAL_ADDRS,
+        LOCAL_ADDRS6,
         BACKENDS,
         BACKEND_COUNTERS,
     ];
@@ -122,6 +133,83 @@ pub const PROTO_ANY: u8 = 0;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// An IPv6 address as the maps hold it: four 32-bit words, each in network order (the 16 bytes as they sit in the
+/// packet).
+pub type Addr6 = [u32; 4];
+
+/// The address families a rule may be restricted to (`RuleEntry::family`, `IndexKey::family`), and a packet's.
+pub mod family {
+    /// A rule for both families (it has no address).
+    pub const ANY: u8 = 0;
+    pub const V4: u8 = 4;
+    pub const V6: u8 = 6;
+}
+
+/// An address of one family as the maps hold it (network order): `u32` for IPv4, [`Addr6`] for IPv6. The flow
+/// tables, fragments and the code that keeps them are generic over it; the rule engine holds every address in its
+/// wide form ([`Addr::wide`]) and tells the families apart by [`family`].
+pub trait Addr: Copy + Default + PartialEq + Eq + core::hash::Hash + core::fmt::Debug + 'static {
+    /// [`family`] of addresses of this type.
+    const FAMILY: u8;
+    /// The rule engine's form: an IPv4 address in the first word, the others 0.
+    fn wide(self) -> Addr6;
+    /// Whether this is the unspecified address (0.0.0.0, ::): "none" in the maps.
+    fn is_unspecified(&self) -> bool;
+    /// A 32-bit summary for [`flow_hash`]: the address itself for IPv4, its words mixed for IPv6.
+    fn hash_word(&self) -> u32;
+}
+
+impl Addr for u32 {
+    const FAMILY: u8 = family::V4;
+    #[inline(always)]
+    fn wide(self) -> Addr6 {
+        [self, 0, 0, 0]
+    }
+    #[inline(always)]
+    fn is_unspecified(&self) -> bool {
+        *self == 0
+    }
+    #[inline(always)]
+    fn hash_word(&self) -> u32 {
+        *self
+    }
+}
+
+impl Addr for Addr6 {
+    const FAMILY: u8 = family::V6;
+    #[inline(always)]
+    fn wide(self) -> Addr6 {
+        self
+    }
+    #[inline(always)]
+    fn is_unspecified(&self) -> bool {
+        self[0] | self[1] | self[2] | self[3] == 0
+    }
+    #[inline(always)]
+    fn hash_word(&self) -> u32 {
+        self[0] ^ self[1].rotate_left(8) ^ self[2].rotate_left(16) ^ self[3].rotate_left(24)
+    }
+}
+
+/// `a` masked by `m`, word by word.
+#[inline(always)]
+pub const fn masked(a: &Addr6, m: &Addr6) -> Addr6 {
+    [a[0] & m[0], a[1] & m[1], a[2] & m[2], a[3] & m[3]]
+}
+
+/// Implements `bytemuck::{Zeroable, Pod}` for instances of the generic map types, after checking their size is the
+/// sum of their fields' (no implicit padding), which the derive cannot check for a generic type.
+macro_rules! pod_instances {
+    ($($t:ty = $size:expr),* $(,)?) => {$(
+        const _: () = assert!(core::mem::size_of::<$t>() == $size);
+        // SAFETY: #[repr(C)], every field plain data, and (checked above) no padding between or after the fields.
+        unsafe impl Zeroable for $t {}
+        // SAFETY: as above.
+        unsafe impl Pod for $t {}
+    )*};
+}
 
 /// What a rule does to the first packet of a flow.
 pub mod kind {
@@ -158,9 +246,10 @@ pub struct Class {
     /// The lowest rank of the class's rules (it may be lower than the actual lowest after a deletion: that only
     /// costs an extra lookup).
     pub min_rank: u64,
-    /// Masks of the tuple's fields, in the tuple's byte order (addresses network order, port host order).
-    pub src_mask: u32,
-    pub dst_mask: u32,
+    /// Masks of the tuple's fields, in the tuple's byte order (addresses network order in their wide form, see
+    /// [`Addr::wide`]; port host order).
+    pub src_mask: Addr6,
+    pub dst_mask: Addr6,
     pub port_mask: u16,
     /// The prefix lengths behind the masks (part of the index key, so shapes never share keys).
     pub port_plen: u8,
@@ -178,6 +267,9 @@ pub mod class_flag {
     /// The rules fix the protocol (the key holds the packet's protocol, else 0); only TCP and UDP have rules of
     /// their own.
     pub const PROTO: u8 = 1 << 1;
+    /// The rules are of one address family (the key holds the packet's [`family`](super::family), else 0): every
+    /// rule with an address, and those restricted by `-4`/`-6`.
+    pub const FAMILY: u8 = 1 << 2;
 }
 
 /// A key of the rule index: a rule's matches, or a packet's tuple masked to a [`Class`].
@@ -186,9 +278,9 @@ pub mod class_flag {
 pub struct IndexKey {
     /// 0 = any interface (the incoming one for PREROUTING rules, the outgoing one for POSTROUTING rules).
     pub ifindex: u32,
-    /// Network order, masked.
-    pub saddr: u32,
-    pub daddr: u32,
+    /// Network order, wide form ([`Addr::wide`]), masked.
+    pub saddr: Addr6,
+    pub daddr: Addr6,
     /// Host order, masked to the port block.
     pub dport: u16,
     /// 0 = any protocol.
@@ -198,7 +290,8 @@ pub struct IndexKey {
     pub port_plen: u8,
     pub src_plen: u8,
     pub dst_plen: u8,
-    pub _pad: u8,
+    /// [`family`]: 0 for rules of both families.
+    pub family: u8,
 }
 
 /// The rules of one index key, in rank order (best first). Rules being added or deleted are listed here with the
@@ -214,21 +307,21 @@ pub struct IndexEntry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RuleEntry {
-    /// Precedence: among matching rules the lowest rank wins. A function of the rule alone (its specificity, then
-    /// its id: see `pfwd::rules::precedence`), so adding a rule never re-ranks the others.
+    /// Precedence: among matching rules the lowest `(rank, id)` wins. The rank is the rule's specificity (see
+    /// `pfwd::rules::precedence`), a function of the rule alone, so adding a rule never re-ranks the others.
     pub rank: u64,
     /// The generations ([`Config::generation`]) that see the rule: `gen_from <= generation < gen_until`.
     pub gen_from: u32,
     pub gen_until: u32,
-    /// The user-facing rule id (`pfwd list`).
+    /// The user-facing rule id (`pfwd list`), the last tie-break of precedence.
     pub id: u32,
-    /// Source and destination filters, network order; a zero mask matches everything.
-    pub src_net: u32,
-    pub src_mask: u32,
-    pub dst_net: u32,
-    pub dst_mask: u32,
-    /// DNAT / SNAT target address, network order (unused by REDIRECT and MASQUERADE).
-    pub to_addr: u32,
+    /// Source and destination filters, network order, wide form ([`Addr::wide`]); a zero mask matches everything.
+    pub src_net: Addr6,
+    pub src_mask: Addr6,
+    pub dst_net: Addr6,
+    pub dst_mask: Addr6,
+    /// DNAT / SNAT target address, network order, wide form (unused by REDIRECT and MASQUERADE).
+    pub to_addr: Addr6,
     /// DNAT / REDIRECT: the target port, 0 keeps the original port. SNAT / MASQUERADE: the low end of the source
     /// port range; 0 = keep the source port when free, else allocate from 1024-65535.
     pub to_port: u16,
@@ -239,10 +332,10 @@ pub struct RuleEntry {
     pub proto: u8,
     /// [`rule_flag`] bits: negated matches, `-d local`.
     pub flags: u8,
-    pub _pad: u8,
+    /// [`family`]: the family the rule's addresses are of, or 0 for a rule of both families.
+    pub family: u8,
     /// 0 = any interface; the incoming one for DNAT/REDIRECT, the outgoing one for SNAT/MASQUERADE.
     pub ifindex: u32,
-    pub _pad2: u32,
 }
 
 impl IndexEntry {
@@ -307,8 +400,8 @@ pub struct BackendKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct BackendEntry {
-    /// Network order.
-    pub addr: u32,
+    /// Network order, wide form ([`Addr::wide`]): of the rule's family.
+    pub addr: Addr6,
     /// Host order; 0 keeps the original destination port.
     pub port: u16,
     pub _pad: u16,
@@ -320,7 +413,8 @@ pub struct BackendEntry {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct BackendCounterKey {
     pub slot: u32,
-    pub addr: u32,
+    /// Wide form ([`Addr::wide`]).
+    pub addr: Addr6,
     pub port: u16,
     pub _pad: u16,
 }
@@ -329,10 +423,10 @@ pub struct BackendCounterKey {
 /// protocol: 32-bit multiplies and rotates, which the BPF instruction set has). Userspace uses the same function to
 /// measure the spread.
 #[inline(always)]
-pub const fn flow_hash(t: &Tuple) -> u32 {
+pub fn flow_hash<A: Addr>(t: &FlowTuple<A>) -> u32 {
     const C1: u32 = 0xcc9e_2d51;
     const C2: u32 = 0x1b87_3593;
-    let words = [t.saddr, t.daddr, ((t.sport as u32) << 16) | t.dport as u32, t.proto as u32];
+    let words = [t.saddr.hash_word(), t.daddr.hash_word(), ((t.sport as u32) << 16) | t.dport as u32, t.proto as u32];
     let mut h: u32 = 0x9747_b28c;
     let mut i = 0;
     while i < words.len() {
@@ -464,28 +558,35 @@ pub struct IfaceInfo {
     /// Primary IPv4 address (network order), used by REDIRECT; 0 when the interface has none.
     pub addr: u32,
     pub flags: u32,
+    /// Primary IPv6 address (the global one the kernel would use as a source; network order), used by REDIRECT of
+    /// IPv6; :: when the interface has none.
+    pub addr6: Addr6,
 }
 
 /// One fragmented datagram at one hook: the fields that identify a datagram (RFC 791: source, destination,
 /// protocol, identification), as its fragments carry them.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct FragKey {
-    pub saddr: u32,
-    pub daddr: u32,
-    pub id: u16,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKeyOf<A> {
+    pub saddr: A,
+    pub daddr: A,
+    /// The identification: 16 bits in IPv4, 32 in IPv6's fragment header.
+    pub id: u32,
     pub proto: u8,
     /// [`ct_hook`]: the same datagram is seen at both hooks of a forwarded flow, translated at most at one.
     pub hook: u8,
+    pub _pad: u16,
 }
+pub type FragKey = FragKeyOf<u32>;
+pub type FragKey6 = FragKeyOf<Addr6>;
 
 /// What the first fragment of a datagram got, applied to its later fragments.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct FragEntry {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragEntryOf<A> {
     /// The addresses the later fragments get (network order); equal to the key's for [`frag_action::PASS`].
-    pub saddr: u32,
-    pub daddr: u32,
+    pub saddr: A,
+    pub daddr: A,
     /// The rule slot whose counters the later fragments' bytes go to ([`frag_action::XLATE`]).
     pub rule_slot: u32,
     /// [`frag_action`].
@@ -493,6 +594,8 @@ pub struct FragEntry {
     /// When the first fragment was seen (CLOCK_MONOTONIC_COARSE, ns).
     pub seen_ns: u64,
 }
+pub type FragEntry = FragEntryOf<u32>;
+pub type FragEntry6 = FragEntryOf<Addr6>;
 
 /// `FragEntry::action`: what happens to the later fragments.
 pub mod frag_action {
@@ -606,12 +709,13 @@ impl Default for Config {
     }
 }
 
-/// A flow tuple. Addresses network order, ports host order. For protocols without ports, ports are 0.
+/// A flow tuple of either family ([`Tuple`], [`Tuple6`]). Addresses network order, ports host order. For protocols
+/// without ports, ports are 0; an ICMP echo's identifier is both ports.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct Tuple {
-    pub saddr: u32,
-    pub daddr: u32,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowTuple<A> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -621,16 +725,25 @@ pub struct Tuple {
     pub _pad2: u16,
 }
 
-impl Tuple {
+pub type Tuple = FlowTuple<u32>;
+pub type Tuple6 = FlowTuple<Addr6>;
+
+impl<A: Addr> FlowTuple<A> {
     #[inline(always)]
-    pub const fn new(saddr: u32, daddr: u32, sport: u16, dport: u16, proto: u8) -> Tuple {
-        Tuple { saddr, daddr, sport, dport, proto, _pad: 0, _pad2: 0 }
+    pub const fn new(saddr: A, daddr: A, sport: u16, dport: u16, proto: u8) -> Self {
+        FlowTuple { saddr, daddr, sport, dport, proto, _pad: 0, _pad2: 0 }
     }
 
     /// The same flow seen from the other end.
     #[inline(always)]
-    pub const fn reversed(&self) -> Tuple {
-        Tuple::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
+    pub const fn reversed(&self) -> Self {
+        FlowTuple::new(self.daddr, self.saddr, self.dport, self.sport, self.proto)
+    }
+
+    /// The rule engine's form of the tuple ([`Addr::wide`]).
+    #[inline(always)]
+    pub fn wide(&self) -> Tuple6 {
+        FlowTuple::new(self.saddr.wide(), self.daddr.wide(), self.sport, self.dport, self.proto)
     }
 }
 
@@ -672,9 +785,9 @@ pub mod ct_state {
 /// A conntrack entry: the packet whose tuple equals the key is rewritten to `xlat`. The other direction's key is
 /// `xlat.reversed()`, so the pair can refresh each other without storing a back-pointer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct CtEntry {
-    pub xlat: Tuple,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntryOf<A> {
+    pub xlat: FlowTuple<A>,
     /// Rule slot that created the flow (for counters).
     pub rule_slot: u32,
     /// [`dir`]: which way the flow's packets go (for TCP state: who sent the FIN).
@@ -690,7 +803,21 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
 }
 
-impl CtEntry {
+pub type CtEntry = CtEntryOf<u32>;
+pub type CtEntry6 = CtEntryOf<Addr6>;
+
+pod_instances!(
+    Tuple = 16,
+    Tuple6 = 40,
+    CtEntry = 40,
+    CtEntry6 = 64,
+    FragKey = 16,
+    FragKey6 = 40,
+    FragEntry = 24,
+    FragEntry6 = 48,
+);
+
+impl<A: Addr> CtEntryOf<A> {
     /// Whether the TCP flow is over: reset, or closed from both sides (the state bits are only set for TCP).
     #[inline(always)]
     pub const fn is_closed(&self) -> bool {
@@ -774,6 +901,10 @@ mod pod {
     }
 
     aya_pod_from_bytemuck!(
+        Tuple6,
+        CtEntry6,
+        FragKey6,
+        FragEntry6,
         IndexKey,
         IndexEntry,
         Class,
@@ -802,21 +933,22 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
-        assert_eq!(size_of::<IndexKey>(), 20);
-        assert_eq!(size_of::<Class>(), 24);
+        assert_eq!(size_of::<IndexKey>(), 44);
+        assert_eq!(size_of::<Class>(), 48);
         assert_eq!(size_of::<ClassCounts>(), 12);
-        assert_eq!(size_of::<FragKey>(), 12);
+        assert_eq!(size_of::<FragKey>(), 16);
         assert_eq!(size_of::<FragEntry>(), 24);
         assert_eq!(size_of::<IndexEntry>(), 4 + 4 * INDEX_SLOTS);
-        assert_eq!(size_of::<RuleEntry>(), 56);
+        assert_eq!(size_of::<RuleEntry>(), 112);
+        assert_eq!(size_of::<IfaceInfo>(), 24);
         assert_eq!(size_of::<Tuple>(), 16);
         assert_eq!(size_of::<CtEntry>(), 40);
         assert_eq!(size_of::<Config>(), 72);
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<SockOrig>(), 8);
         assert_eq!(size_of::<BackendKey>(), 8);
-        assert_eq!(size_of::<BackendEntry>(), 8);
-        assert_eq!(size_of::<BackendCounterKey>(), 12);
+        assert_eq!(size_of::<BackendEntry>(), 20);
+        assert_eq!(size_of::<BackendCounterKey>(), 24);
     }
 
     #[test]

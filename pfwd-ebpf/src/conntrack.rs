@@ -10,6 +10,8 @@
 //! move inserts into the confirmed table before it deletes from the other, so a reader always finds the flow. An
 //! entry has the `CONFIRMED` bit exactly when it is in the confirmed table.
 //!
+//! Each family has its own pair of tables (`Family::conntrack`); the code is the same.
+//!
 //! The entries of a flow find each other through `xlat.reversed()`. An entry is only treated as the peer of another
 //! if it points back, so a stale entry left by an earlier flow on the same ports can never change a live one.
 use aya_ebpf::{
@@ -17,10 +19,11 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, generated::bpf_jiffies64},
     maps::LruHashMap,
 };
-use pfwd_common::{Config, CtEntry, PROTO_TCP, Stat, Tuple, ct_hook, ct_state, dir};
+use pfwd_common::{Config, CtEntryOf, FlowTuple, PROTO_TCP, Stat, ct_hook, ct_state, dir};
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, CONNTRACK_NEW, count},
+    family::Family,
+    maps::{CONFIG, count},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -41,23 +44,23 @@ pub fn now_ns() -> u64 {
 
 /// The table an entry lives in.
 #[inline(always)]
-fn table_of(e: &CtEntry) -> &'static LruHashMap<Tuple, CtEntry> {
-    if e.is_confirmed() { &CONNTRACK } else { &CONNTRACK_NEW }
+fn table_of<A: Family>(e: &CtEntryOf<A>) -> &'static LruHashMap<FlowTuple<A>, CtEntryOf<A>> {
+    if e.is_confirmed() { A::conntrack() } else { A::conntrack_new() }
 }
 
 /// The entry for `tuple` in either table (confirmed first), live or not, and whether it is the confirmed one.
 #[inline(always)]
-fn find(tuple: &Tuple) -> Option<(*mut CtEntry, bool)> {
-    match CONNTRACK.get_ptr_mut(tuple) {
+fn find<A: Family>(tuple: &FlowTuple<A>) -> Option<(*mut CtEntryOf<A>, bool)> {
+    match A::conntrack().get_ptr_mut(tuple) {
         Some(p) => Some((p, true)),
-        None => Some((CONNTRACK_NEW.get_ptr_mut(tuple)?, false)),
+        None => Some((A::conntrack_new().get_ptr_mut(tuple)?, false)),
     }
 }
 
 /// Whether a live flow of another origin than `ours` (the reversed original tuple of the flow being created)
 /// owns `reply_key`: a flow translated to that tuple could not be told apart from it (SNAT port allocation).
 #[inline(always)]
-pub fn taken(reply_key: &Tuple, ours: &Tuple, now: u64, cfg: &Config) -> bool {
+pub fn taken<A: Family>(reply_key: &FlowTuple<A>, ours: &FlowTuple<A>, now: u64, cfg: &Config) -> bool {
     match find(reply_key) {
         None => false,
         Some((p, _)) => {
@@ -71,18 +74,19 @@ pub fn taken(reply_key: &Tuple, ours: &Tuple, now: u64, cfg: &Config) -> bool {
 /// The other direction's entry of the flow `key` belongs to, if it still points back to `key`, and whether it is in
 /// the confirmed table.
 #[inline(always)]
-fn peer(key: &Tuple, e: &CtEntry) -> Option<(*mut CtEntry, bool)> {
+fn peer<A: Family>(key: &FlowTuple<A>, e: &CtEntryOf<A>) -> Option<(*mut CtEntryOf<A>, bool)> {
     let (p, confirmed) = find(&e.xlat.reversed())?;
     // SAFETY: map value pointer.
     (unsafe { (*p).xlat.reversed() } == *key).then_some((p, confirmed))
 }
 
-/// Removes the flow `key` belongs to: its entry, and the peer entry when that is still the same flow's.
-#[inline(always)]
-pub fn remove_flow(key: &Tuple, e: &CtEntry) {
+/// Removes the flow `key` belongs to: its entry, and the peer entry when that is still the same flow's. Not
+/// inlined (as none of the rarely taken paths here are): their stack stays out of every packet's frame.
+#[inline(never)]
+pub fn remove_flow<A: Family>(key: &FlowTuple<A>, e: &CtEntryOf<A>) {
     match peer(key, e) {
-        Some((_, true)) => drop(CONNTRACK.remove(&e.xlat.reversed())),
-        Some((_, false)) => drop(CONNTRACK_NEW.remove(&e.xlat.reversed())),
+        Some((_, true)) => drop(A::conntrack().remove(&e.xlat.reversed())),
+        Some((_, false)) => drop(A::conntrack_new().remove(&e.xlat.reversed())),
         None => {}
     }
     let _ = table_of(e).remove(key);
@@ -90,7 +94,7 @@ pub fn remove_flow(key: &Tuple, e: &CtEntry) {
 
 /// The live entry for `tuple`, if any. Expired flows are removed and reported as absent.
 #[inline(always)]
-pub fn lookup(tuple: &Tuple, now: u64, cfg: &Config) -> Option<*mut CtEntry> {
+pub fn lookup<A: Family>(tuple: &FlowTuple<A>, now: u64, cfg: &Config) -> Option<*mut CtEntryOf<A>> {
     let (e, _) = find(tuple)?;
     // SAFETY: map value pointer; concurrent writers only store whole-field updates of the same flow.
     let entry = unsafe { &*e };
@@ -104,7 +108,7 @@ pub fn lookup(tuple: &Tuple, now: u64, cfg: &Config) -> Option<*mut CtEntry> {
 
 /// Whether this packet confirms its unconfirmed flow, given the flow's state with this packet counted.
 #[inline(always)]
-fn confirms(pkt: &Packet, reply: bool, state: u8) -> bool {
+fn confirms<A: Family>(pkt: &Packet<A>, reply: bool, state: u8) -> bool {
     if state & ct_state::SEEN_REPLY == 0 {
         return false;
     }
@@ -118,12 +122,12 @@ fn confirms(pkt: &Packet, reply: bool, state: u8) -> bool {
 /// Moves the flow of the unconfirmed entry `key` -> `entry` to the confirmed table with `state` (which has
 /// `CONFIRMED`): both entries are inserted there, then removed from the unconfirmed table. False (nothing changed)
 /// when the confirmed table holds another flow's entry on the reply key or refuses the insert.
-#[inline(always)]
-fn promote(key: &Tuple, entry: &CtEntry, state: u8, now: u64) -> bool {
+#[inline(never)]
+fn promote<A: Family>(key: &FlowTuple<A>, entry: &CtEntryOf<A>, state: u8, now: u64) -> bool {
     let peer_key = entry.xlat.reversed();
     // One value on the stack: the other direction's entry first (built from this one, as a restore would, so an
     // evicted peer is no obstacle), then this one.
-    let mut v = CtEntry {
+    let mut v = CtEntryOf {
         xlat: key.reversed(),
         dir: if entry.dir == dir::REPLY { dir::ORIGINAL } else { dir::REPLY },
         hook: if entry.hook == ct_hook::INGRESS { ct_hook::EGRESS } else { ct_hook::INGRESS },
@@ -133,35 +137,35 @@ fn promote(key: &Tuple, entry: &CtEntry, state: u8, now: u64) -> bool {
         last_seen_ns: now.wrapping_sub(REFRESH_NS),
         ..*entry
     };
-    if CONNTRACK.insert(&peer_key, &v, BPF_NOEXIST as u64).is_err() {
+    if A::conntrack().insert(&peer_key, &v, BPF_NOEXIST as u64).is_err() {
         // Another CPU promoting the same flow is fine; another flow's entry there is not ours to overwrite.
         // SAFETY: a map value pointer from a successful lookup.
-        let same_flow = CONNTRACK.get_ptr(&peer_key).is_some_and(|p| unsafe { (*p).xlat } == v.xlat);
+        let same_flow = A::conntrack().get_ptr(&peer_key).is_some_and(|p| unsafe { (*p).xlat } == v.xlat);
         if !same_flow {
             return false;
         }
     }
     // Referenced before the next insert, so a full table does not evict it for its partner (see create).
-    let _ = CONNTRACK.get_ptr(&peer_key);
+    let _ = A::conntrack().get_ptr(&peer_key);
     v.xlat = entry.xlat;
     v.dir = entry.dir;
     v.hook = entry.hook;
-    if CONNTRACK.insert(key, &v, BPF_ANY as u64).is_err() {
-        let _ = CONNTRACK.remove(&peer_key);
+    if A::conntrack().insert(key, &v, BPF_ANY as u64).is_err() {
+        let _ = A::conntrack().remove(&peer_key);
         return false;
     }
     // SAFETY: as above.
-    if CONNTRACK_NEW.get_ptr(&peer_key).is_some_and(|p| unsafe { (*p).xlat.reversed() } == *key) {
-        let _ = CONNTRACK_NEW.remove(&peer_key);
+    if A::conntrack_new().get_ptr(&peer_key).is_some_and(|p| unsafe { (*p).xlat.reversed() } == *key) {
+        let _ = A::conntrack_new().remove(&peer_key);
     }
-    let _ = CONNTRACK_NEW.remove(key);
+    let _ = A::conntrack_new().remove(key);
     true
 }
 
 /// Records what this packet tells about the flow's state, confirms the flow (moving it to the confirmed table)
 /// when this packet does, and refreshes both entries when needed.
 #[inline(always)]
-pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
+pub fn track<A: Family>(key: &FlowTuple<A>, e: *mut CtEntryOf<A>, pkt: &Packet<A>, now: u64) {
     // SAFETY: see lookup.
     let entry = unsafe { &mut *e };
     let mut state = entry.state;
@@ -189,6 +193,16 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
     if state & ct_state::CONFIRMED != 0 && state == entry.state && now.saturating_sub(entry.last_seen_ns) < REFRESH_NS {
         return;
     }
+    refresh(key, e, state, now);
+}
+
+/// Stores `state` and the time in both entries of the flow `key` -> `e`, restoring the other entry if the LRU
+/// evicted it.
+#[inline(never)]
+fn refresh<A: Family>(key: &FlowTuple<A>, e: *mut CtEntryOf<A>, state: u8, now: u64) {
+    // SAFETY: see lookup.
+    let entry = unsafe { &mut *e };
+    let reply = entry.dir == dir::REPLY;
     entry.state = state;
     entry.last_seen_ns = now;
     if let Some((p, _)) = peer(key, entry) {
@@ -199,7 +213,7 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
     } else {
         // The LRU evicted the other direction of this live flow (a full table): put it back, unless another flow
         // took that tuple meanwhile.
-        let other = CtEntry {
+        let other = CtEntryOf {
             xlat: key.reversed(),
             dir: if reply { dir::ORIGINAL } else { dir::REPLY },
             hook: if entry.hook == ct_hook::INGRESS { ct_hook::EGRESS } else { ct_hook::INGRESS },
@@ -216,31 +230,34 @@ pub fn track(key: &Tuple, e: *mut CtEntry, pkt: &Packet, now: u64) {
 /// and replies (`xlat` reversed, applied at the other hook) back to `orig` reversed. Fails with `CtInsertFailed`
 /// when the table refuses the insert, or with `CtClash` when a live flow (in either table) already owns the reply
 /// tuple: two flows translated to the same tuple could not tell their replies apart (SNAT port allocation then tries
-/// another port). `flags`: the entries' [`pfwd_common::ct_flag`] bits.
-#[inline(always)]
-pub fn create(
-    orig: &Tuple,
-    xlat: &Tuple,
+/// another port). `flags`: the entries' [`pfwd_common::ct_flag`] bits. Not inlined: its entry and keys stay out
+/// of the caller's frame.
+#[inline(never)]
+pub fn create<A: Family>(
+    orig: &FlowTuple<A>,
+    xlat: &FlowTuple<A>,
     rule_slot: u32,
-    now: u64,
-    cfg: &Config,
-    (hook, flags): (u8, u8),
+    hook: u8,
+    flags: u8,
 ) -> Result<(), Stat> {
-    let reply_key = xlat.reversed();
-    let ours = orig.reversed();
-    if let Some((p, _)) = find(&reply_key) {
+    let (Some(cfg), Some(s)) = (CONFIG.get(0), A::ct_scratch()) else { return Err(Stat::CtInsertFailed) };
+    let now = now_ns();
+    s.reply_key = xlat.reversed();
+    s.ours = orig.reversed();
+    let reply_key = &s.reply_key;
+    if let Some((p, _)) = find(reply_key) {
         // SAFETY: map value pointer.
         let other = unsafe { &*p };
-        if other.xlat != ours {
+        if other.xlat != s.ours {
             if !other.expired(now, cfg) && !other.is_closed() {
                 return Err(Stat::CtClash);
             }
-            remove_flow(&reply_key, other);
+            remove_flow(reply_key, other);
         }
     }
-    // One entry value on the stack, filled for the reply direction first, then reused for the original one.
-    let mut entry = CtEntry {
-        xlat: ours,
+    // One entry value, filled for the reply direction first, then reused for the original one.
+    s.entry = CtEntryOf {
+        xlat: s.ours,
         rule_slot,
         dir: dir::REPLY,
         state: 0,
@@ -251,24 +268,26 @@ pub fn create(
     };
     // NOEXIST claims the reply tuple atomically against another CPU allocating the same one; losing that race to
     // the same flow (its other packet) is fine, losing it to a different flow is a clash.
-    if CONNTRACK_NEW.insert(&reply_key, &entry, BPF_NOEXIST as u64).is_err() {
+    if A::conntrack_new().insert(reply_key, &s.entry, BPF_NOEXIST as u64).is_err() {
         // SAFETY: a map value pointer from a successful lookup; the entry is read once.
-        let same_flow = CONNTRACK_NEW.get_ptr_mut(&reply_key).is_some_and(|p| unsafe { (*p).xlat } == ours);
+        let same_flow = A::conntrack_new().get_ptr_mut(reply_key).is_some_and(|p| unsafe { (*p).xlat } == s.ours);
         if !same_flow {
             return Err(Stat::CtClash);
         }
-        let _ = CONNTRACK_NEW.insert(&reply_key, &entry, BPF_ANY as u64);
+        let _ = A::conntrack_new().insert(reply_key, &s.entry, BPF_ANY as u64);
     }
     // In a full LRU table a fresh entry that was never looked up is the first candidate for eviction, and the next
     // insert could push it out: look it up (which marks it referenced) before inserting its partner, and make sure
     // both are there at the end. A flow with only one of its entries would send replies out untranslated.
-    let _ = CONNTRACK_NEW.get_ptr(&reply_key);
-    entry.xlat = *xlat;
-    entry.dir = dir::ORIGINAL;
-    entry.hook = hook;
-    if CONNTRACK_NEW.insert(orig, &entry, BPF_ANY as u64).is_err() || CONNTRACK_NEW.get_ptr(&reply_key).is_none() {
-        let _ = CONNTRACK_NEW.remove(orig);
-        let _ = CONNTRACK_NEW.remove(&reply_key);
+    let _ = A::conntrack_new().get_ptr(reply_key);
+    s.entry.xlat = *xlat;
+    s.entry.dir = dir::ORIGINAL;
+    s.entry.hook = hook;
+    if A::conntrack_new().insert(orig, &s.entry, BPF_ANY as u64).is_err()
+        || A::conntrack_new().get_ptr(reply_key).is_none()
+    {
+        let _ = A::conntrack_new().remove(orig);
+        let _ = A::conntrack_new().remove(reply_key);
         return Err(Stat::CtInsertFailed);
     }
     Ok(())

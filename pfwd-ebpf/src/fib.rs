@@ -1,24 +1,43 @@
-//! IPv4 FIB lookups (`bpf_fib_lookup`): the parameter block and the call, shared by `--fast-forward` (`forward`: the
-//! next hop of a forwarded packet) and MASQUERADE (`snat`: the source address the kernel would choose).
+//! FIB lookups (`bpf_fib_lookup`): the parameter block of either family and the call, shared by `--fast-forward`
+//! (`forward`: the next hop of a forwarded IPv4 packet) and MASQUERADE (`snat`: the source address the kernel would
+//! choose).
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::bpf_fib_lookup as fib_lookup,
     programs::TcContext,
 };
 
-const AF_INET: u8 = 2;
+use pfwd_common::Addr6;
 
-/// A zeroed parameter block for the route of an IPv4 packet of protocol `proto` to `daddr` (network order), on
-/// `ifindex` (the incoming interface, or the outgoing one with BPF_FIB_LOOKUP_OUTPUT). Callers add what else the
-/// lookup should consider.
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// A zeroed parameter block for the route of a packet of `family` and protocol `proto` on `ifindex` (the incoming
+/// interface, or the outgoing one with BPF_FIB_LOOKUP_OUTPUT).
 #[inline(always)]
-pub fn params(proto: u8, ifindex: u32, daddr: u32) -> bpf_fib_lookup {
+fn zeroed(family: u8, proto: u8, ifindex: u32) -> bpf_fib_lookup {
     // SAFETY: zeroed plain-old-data parameter block.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
+    p.family = family;
     p.l4_protocol = proto;
     p.ifindex = ifindex;
+    p
+}
+
+/// The parameter block for the route of an IPv4 packet of protocol `proto` to `daddr` (network order), on
+/// `ifindex`. Callers add what else the lookup should consider.
+#[inline(always)]
+pub fn params(proto: u8, ifindex: u32, daddr: u32) -> bpf_fib_lookup {
+    let mut p = zeroed(AF_INET, proto, ifindex);
     p.__bindgen_anon_4.ipv4_dst = daddr;
+    p
+}
+
+/// The parameter block for the route of an IPv6 packet of protocol `proto` to `daddr`, on `ifindex`.
+#[inline(always)]
+pub fn params6(proto: u8, ifindex: u32, daddr: &Addr6) -> bpf_fib_lookup {
+    let mut p = zeroed(AF_INET6, proto, ifindex);
+    p.__bindgen_anon_4.ipv6_dst = *daddr;
     p
 }
 
@@ -31,9 +50,16 @@ pub fn lookup(ctx: &TcContext, p: &mut bpf_fib_lookup, flags: u32) -> bool {
     rc == BPF_FIB_LKUP_RET_SUCCESS as i64
 }
 
-/// The source address a successful lookup with BPF_FIB_LOOKUP_SRC chose (network order).
+/// The source address a successful IPv4 lookup with BPF_FIB_LOOKUP_SRC chose (network order).
 #[inline(always)]
 pub fn src(p: &bpf_fib_lookup) -> u32 {
     // SAFETY: union of the IPv4 and IPv6 source; the IPv4 member is plain data.
     unsafe { p.__bindgen_anon_3.ipv4_src }
+}
+
+/// The source address a successful IPv6 lookup with BPF_FIB_LOOKUP_SRC chose.
+#[inline(always)]
+pub fn src6(p: &bpf_fib_lookup) -> Addr6 {
+    // SAFETY: as above, the IPv6 member.
+    unsafe { p.__bindgen_anon_3.ipv6_src }
 }

@@ -13,7 +13,7 @@ use crate::{
 
 /// Redirects the packet (whose tuple is now `t`) to its next hop if it is forwarded; None lets the stack have it
 /// (local delivery, TTL about to expire, MTU exceeded, no route, forwarding disabled, fast path off).
-#[inline(always)]
+#[inline(never)]
 pub fn redirect(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i32> {
     // bpf_redirect_neigh needs the link-layer header of an Ethernet-type device to replace; a packet that came in on
     // a layer-3 device (tun, WireGuard, PPP) has none, and the kernel would drop it: the stack forwards those.

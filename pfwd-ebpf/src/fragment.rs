@@ -1,4 +1,5 @@
-//! IPv4 fragments. Only a datagram's first fragment carries the ports, so the first fragment is translated like any
+//! IPv4 and IPv6 fragments (IPv6's fragment header carries the same facts: offset, more-fragments, a 32-bit
+//! identification). Only a datagram's first fragment carries the ports, so the first fragment is translated like any
 //! packet of its flow and what it got (rewritten to which addresses, passed, or dropped) is remembered by the
 //! datagram's identity (source, destination, protocol, IP id) and the hook. Later fragments, in any order after the
 //! first, get the same at the IP level: their addresses and header checksum (the L4 checksum, in the first fragment,
@@ -12,55 +13,52 @@
 //! The work is done in functions that are not inlined and take only a few scalars: a BPF-to-BPF call keeps this
 //! code's stack out of the programs' own frame, which is near the verifier's 512-byte limit.
 use aya_ebpf::programs::TcContext;
-use pfwd_common::{FRAG_TIMEOUT_NS, FragEntry, FragKey, Stat, Tuple, frag_action, tcx};
+use pfwd_common::{FRAG_TIMEOUT_NS, FlowTuple, FragEntryOf, FragKeyOf, Stat, frag_action, tcx};
 
 use crate::{
     conntrack,
-    maps::{CONFIG, FRAGS, IFACES, count, count_rule_bytes},
+    family::Family,
+    maps::{CONFIG, IFACES, count, count_rule_bytes},
     nat,
     parse::{self, Packet, frag, ip_off},
 };
 
 /// The key of `pkt`'s datagram at hook `at`.
 #[inline(always)]
-pub fn key(pkt: &Packet, at: u8) -> FragKey {
+pub fn key<A: Family>(pkt: &Packet<A>, at: u8) -> FragKeyOf<A> {
     let t = &pkt.tuple;
-    FragKey { saddr: t.saddr, daddr: t.daddr, id: pkt.ip_id, proto: t.proto, hook: at }
+    FragKeyOf { saddr: t.saddr, daddr: t.daddr, id: pkt.ip_id, proto: t.proto, hook: at, _pad: 0 }
 }
 
 /// If `pkt` is a first fragment, remembers what it got at hook `at`: `action`, and for `XLATE` the addresses of `to`
 /// and the rule slot that counts the datagram.
 #[inline(always)]
-pub fn note_first(pkt: &Packet, at: u8, action: u32, to: &Tuple, rule_slot: u32) {
+pub fn note_first<A: Family>(pkt: &Packet<A>, at: u8, action: u32, to: &FlowTuple<A>, rule_slot: u32) {
     if pkt.frag == frag::FIRST {
-        remember(&key(pkt, at), action, to.saddr, to.daddr, rule_slot);
+        remember(pkt, at, action, to, rule_slot);
     }
 }
 
 #[inline(never)]
-fn remember(key: &FragKey, action: u32, saddr: u32, daddr: u32, rule_slot: u32) {
-    let entry = FragEntry { saddr, daddr, rule_slot, action, seen_ns: conntrack::now_ns() };
+fn remember<A: Family>(pkt: &Packet<A>, at: u8, action: u32, to: &FlowTuple<A>, rule_slot: u32) {
+    let entry = FragEntryOf { saddr: to.saddr, daddr: to.daddr, rule_slot, action, seen_ns: conntrack::now_ns() };
     // A full table forgets its oldest datagram; its later fragments are then dropped as unknown.
-    let _ = FRAGS.insert(key, &entry, 0);
+    let _ = A::frags().insert(&key(pkt, at), &entry, 0);
 }
 
 /// The verdict for the later fragment `pkt` at hook `at`: a tcx return code.
-#[inline(always)]
-pub fn later(ctx: &TcContext, pkt: &Packet, at: u8) -> i32 {
+#[inline(never)]
+pub fn later<A: Family>(ctx: &TcContext, pkt: &Packet<A>, at: u8) -> i32 {
     // The datagram was counted as one packet by its first fragment; a later one adds its payload.
     let payload = pkt.ip_len - (pkt.l4_off - ip_off()) as u32;
-    later_of(ctx, &key(pkt, at), payload)
-}
-
-#[inline(never)]
-fn later_of(ctx: &TcContext, k: &FragKey, payload: u32) -> i32 {
+    let k = &key(pkt, at);
     // SAFETY: plain read of a map value, which stays valid for the program's run.
-    let known = unsafe { FRAGS.get(k) }.copied();
+    let known = unsafe { A::frags().get(k) }.copied();
     match known {
         Some(e) if conntrack::now_ns().saturating_sub(e.seen_ns) <= FRAG_TIMEOUT_NS => match e.action {
             frag_action::XLATE => {
-                let from = Tuple { saddr: k.saddr, daddr: k.daddr, ..Tuple::default() };
-                let to = Tuple { saddr: e.saddr, daddr: e.daddr, ..Tuple::default() };
+                let from = FlowTuple { saddr: k.saddr, daddr: k.daddr, ..FlowTuple::default() };
+                let to = FlowTuple { saddr: e.saddr, daddr: e.daddr, ..FlowTuple::default() };
                 if !nat::rewrite_addresses(ctx, &from, &to) {
                     count(Stat::Malformed);
                     return tcx::DROP;

@@ -1,6 +1,8 @@
 //! pfwd's kernel programs: TC (tcx) ingress and egress classifiers doing DNAT/REDIRECT (ingress, before routing) and
 //! SNAT/MASQUERADE (egress, after routing) with connection tracking.
 //!
+//! Both programs read IPv4 and IPv6; each family's path is the same code (`family`), compiled once per family.
+//!
 //! The first packet of a new flow picks a rule (`rules`, the walk shared with userspace in `pfwd_common::lookup`)
 //! and creates both conntrack entries (`dnat`, `snat`, `conntrack`); later packets only look up and rewrite (`nat`);
 //! replies are translated back at the opposite hook; ICMP errors about translated flows are translated in their outer
@@ -17,6 +19,8 @@
 mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod dnat;
+#[cfg(target_arch = "bpf")]
+mod family;
 #[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
@@ -44,16 +48,18 @@ mod programs {
         programs::TcContext,
     };
     use aya_log_ebpf::{info, warn};
-    use core::net::Ipv4Addr;
     use pfwd_common::{
-        Config, PROTO_TCP, Stat, Tuple, config_flag, ct_flag, ct_hook, dir, frag_action, hook, rule_flag, tcx,
+        Addr6, Config, FlowTuple, PROTO_TCP, Stat, config_flag, ct_flag, ct_hook, dir, frag_action, hook, rule_flag,
+        tcx,
     };
 
     use crate::{
-        conntrack, dnat, forward, fragment,
+        conntrack, dnat,
+        family::Family,
+        fragment,
         maps::{CONFIG, IFACES, count, count_backend, count_rule, count_rule_drop},
         nat,
-        parse::{self, Embedded, Icmp, Packet, TCP_SYN, frag},
+        parse::{self, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, Packet, TCP_SYN, Work, frag, icmp, ip_off},
         rules, snat,
     };
 
@@ -67,24 +73,20 @@ mod programs {
     );
 
     #[inline(always)]
-    fn ip(a: u32) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from_be(a))
-    }
-
-    #[inline(always)]
     fn logging(cfg: &Config) -> bool {
         cfg.flags & config_flag::LOG_EVENTS != 0
     }
 
-    /// What to do with a packet. Each program has a single place that rewrites, so the verifier sees the rewrite
-    /// code once per program.
+    /// What to do with a packet.
     enum Verdict {
+        /// No flow: the packet may open one (`open`).
+        Open,
         Pass,
         /// A packet of a flow pfwd translates at the other hook: nothing to do here, but it may be fast-forwarded.
         Known,
         Drop,
+        /// Translate to `Work::xlat`.
         Translate {
-            xlat: Tuple,
             slot: u32,
             new_flow: bool,
             /// The flow's [`pfwd_common::ct_flag`] bits and direction ([`dir`]): which backend to count, if any.
@@ -95,68 +97,139 @@ mod programs {
     /// Ingress: original direction of DNAT/REDIRECT flows (and their first packet), replies of SNAT flows.
     #[classifier]
     pub fn pfwd_ingress(ctx: TcContext) -> i32 {
-        run(&ctx, ct_hook::INGRESS)
+        dispatch(&ctx, ct_hook::INGRESS)
     }
 
     /// Egress: replies of DNAT/REDIRECT flows, original direction of SNAT flows (and their first packet).
     #[classifier]
     pub fn pfwd_egress(ctx: TcContext) -> i32 {
-        run(&ctx, ct_hook::EGRESS)
+        dispatch(&ctx, ct_hook::EGRESS)
     }
 
+    /// `run`'s answer for a packet that may open a new flow: the caller hands it to `open`.
+    const OPEN: i32 = -1000;
+
+    /// Each family's path is its own functions (BPF-to-BPF calls), one for the packets of known flows (`run`) and
+    /// one for the first packet of a new flow (`open`, which parses the packet again): each has its own stack frame
+    /// and none calls the other, so every call chain stays within the verifier's 512 bytes of stack.
     #[inline(always)]
-    fn run(ctx: &TcContext, at: u8) -> i32 {
+    fn dispatch(ctx: &TcContext, at: u8) -> i32 {
+        match parse::ethertype(ctx) {
+            ETH_P_IP => match run4(ctx, at) {
+                OPEN => open4(ctx, at),
+                r => r,
+            },
+            ETH_P_IPV6 => match run6(ctx, at) {
+                OPEN => open6(ctx, at),
+                r => r,
+            },
+            _ => NEXT,
+        }
+    }
+
+    #[inline(never)]
+    fn run4(ctx: &TcContext, at: u8) -> i32 {
+        run::<u32>(ctx, at)
+    }
+
+    #[inline(never)]
+    fn run6(ctx: &TcContext, at: u8) -> i32 {
+        run::<Addr6>(ctx, at)
+    }
+
+    #[inline(never)]
+    fn open4(ctx: &TcContext, at: u8) -> i32 {
+        open::<u32>(ctx, at)
+    }
+
+    #[inline(never)]
+    fn open6(ctx: &TcContext, at: u8) -> i32 {
+        open::<Addr6>(ctx, at)
+    }
+
+    /// This CPU's working memory with the packet parsed into it; None: the packet passes.
+    #[inline(always)]
+    fn parsed<A: Family>(ctx: &TcContext) -> Option<&'static mut Work<A>> {
+        let w = A::work()?;
+        A::parse(ctx, &mut w.pkt)?;
+        Some(w)
+    }
+
+    /// A packet: fragments and ICMP errors have their own handling; a packet of a known flow is translated; one that
+    /// may open a flow is `OPEN`.
+    #[inline(always)]
+    fn run<A: Family>(ctx: &TcContext, at: u8) -> i32 {
         let Some(cfg) = CONFIG.get(0) else { return NEXT };
-        let Some(pkt) = parse::parse(ctx) else { return NEXT };
-        if pkt.frag == frag::LATER {
-            return fragment::later(ctx, &pkt, at);
+        let Some(w) = parsed::<A>(ctx) else { return NEXT };
+        if w.pkt.frag == frag::LATER {
+            return fragment::later(ctx, &w.pkt, at);
         }
-        if let Icmp::Error(emb) = pkt.icmp {
-            return icmp_error(ctx, &pkt, &emb, at, cfg);
+        if w.pkt.icmp == icmp::ERROR {
+            return icmp_error(ctx, w, at, cfg);
         }
-        match verdict(ctx, &pkt, at, cfg) {
-            Verdict::Pass => {
-                fragment::note_first(&pkt, at, frag_action::PASS, &pkt.tuple, 0);
+        match verdict(w, at, cfg) {
+            Verdict::Open => OPEN,
+            v => finish(ctx, w, at, cfg, v),
+        }
+    }
+
+    /// The first packet of a new flow: its rule, if any, creates the flow.
+    #[inline(always)]
+    fn open<A: Family>(ctx: &TcContext, at: u8) -> i32 {
+        let Some(cfg) = CONFIG.get(0) else { return NEXT };
+        let Some(w) = parsed::<A>(ctx) else { return NEXT };
+        let v = new_flow(ctx, w, at, cfg);
+        finish(ctx, w, at, cfg, v)
+    }
+
+    /// Carries out the verdict on the packet.
+    #[inline(always)]
+    fn finish<A: Family>(ctx: &TcContext, w: &mut Work<A>, at: u8, cfg: &Config, v: Verdict) -> i32 {
+        let pkt = &w.pkt;
+        match v {
+            Verdict::Open | Verdict::Pass => {
+                fragment::note_first(pkt, at, frag_action::PASS, &pkt.tuple, 0);
                 NEXT
             }
             Verdict::Known => {
-                fragment::note_first(&pkt, at, frag_action::PASS, &pkt.tuple, 0);
-                if at == ct_hook::INGRESS { forward::redirect(ctx, &pkt.tuple, cfg).unwrap_or(NEXT) } else { NEXT }
+                fragment::note_first(pkt, at, frag_action::PASS, &pkt.tuple, 0);
+                if at == ct_hook::INGRESS { A::forward(ctx, &pkt.tuple, cfg).unwrap_or(NEXT) } else { NEXT }
             }
             Verdict::Drop => {
-                fragment::note_first(&pkt, at, frag_action::DROP, &pkt.tuple, 0);
+                fragment::note_first(pkt, at, frag_action::DROP, &pkt.tuple, 0);
                 DROP
             }
-            Verdict::Translate { xlat, slot, new_flow, lb } => {
-                fragment::note_first(&pkt, at, frag_action::XLATE, &xlat, slot);
+            Verdict::Translate { slot, new_flow, lb } => {
+                let xlat = &w.xlat;
+                fragment::note_first(pkt, at, frag_action::XLATE, xlat, slot);
                 if new_flow && logging(cfg) {
                     let t = &pkt.tuple;
                     info!(
                         ctx,
                         "new flow {:i}:{} -> {:i}:{} proto {} => {:i}:{} -> {:i}:{}",
-                        ip(t.saddr),
+                        A::shown(&t.saddr),
                         t.sport,
-                        ip(t.daddr),
+                        A::shown(&t.daddr),
                         t.dport,
                         t.proto,
-                        ip(xlat.saddr),
+                        A::shown(&xlat.saddr),
                         xlat.sport,
-                        ip(xlat.daddr),
+                        A::shown(&xlat.daddr),
                         xlat.dport
                     );
                 }
-                let ret = apply(ctx, &pkt, &xlat, slot, new_flow, cfg);
+                let ret = apply(ctx, pkt, xlat, slot, new_flow, cfg);
                 if ret == NEXT && lb.0 & ct_flag::BACKENDS != 0 {
                     // The backend: where the original direction goes, where replies come from.
                     let (addr, port) = if lb.1 == dir::ORIGINAL {
-                        (xlat.daddr, xlat.dport)
+                        (&xlat.daddr, xlat.dport)
                     } else {
-                        (pkt.tuple.saddr, pkt.tuple.sport)
+                        (&pkt.tuple.saddr, pkt.tuple.sport)
                     };
-                    count_backend(slot, addr, port, pkt.ip_len, new_flow);
+                    count_backend(slot, &addr.wide(), port, pkt.ip_len, new_flow);
                 }
                 if ret == NEXT && at == ct_hook::INGRESS {
-                    return forward::redirect(ctx, &xlat, cfg).unwrap_or(NEXT);
+                    return A::forward(ctx, xlat, cfg).unwrap_or(NEXT);
                 }
                 ret
             }
@@ -164,7 +237,8 @@ mod programs {
     }
 
     #[inline(always)]
-    fn verdict(ctx: &TcContext, pkt: &Packet, at: u8, cfg: &Config) -> Verdict {
+    fn verdict<A: Family>(w: &mut Work<A>, at: u8, cfg: &Config) -> Verdict {
+        let pkt = &w.pkt;
         let now = conntrack::now_ns();
         if let Some(e) = conntrack::lookup(&pkt.tuple, now, cfg) {
             // SAFETY: map value pointer from lookup.
@@ -181,41 +255,50 @@ mod programs {
                 return Verdict::Pass;
             }
             if !(closed && entry.dir == dir::ORIGINAL && pkt.can_open()) {
-                let (xlat, slot, lb) = (entry.xlat, entry.rule_slot, (entry.flags, entry.dir));
-                conntrack::track(&pkt.tuple, e, pkt, now);
-                return Verdict::Translate { xlat, slot, new_flow: false, lb };
+                // Copied before `track`, which may move the entry to the other table.
+                w.xlat = entry.xlat;
+                let (slot, lb) = (entry.rule_slot, (entry.flags, entry.dir));
+                conntrack::track(&w.pkt.tuple, e, &w.pkt, now);
+                return Verdict::Translate { slot, new_flow: false, lb };
             }
             // A new connection reusing the ports of a closed one starts over with the current rules.
             conntrack::remove_flow(&pkt.tuple, entry);
         }
         let set = cfg.active();
-        let (hook, classes) = if at == ct_hook::INGRESS {
-            (hook::PREROUTING, set.counts.pre)
-        } else {
-            (hook::POSTROUTING, set.counts.post)
-        };
-        if classes == 0 || !pkt.can_open() {
+        let classes = if at == ct_hook::INGRESS { set.counts.pre } else { set.counts.post };
+        if classes == 0 || !w.pkt.can_open() {
             return Verdict::Pass;
         }
+        Verdict::Open
+    }
+
+    /// The first packet of a flow: finds its rule and creates the flow into `w.xlat` (Translate), or finds no rule
+    /// or cannot track the flow (Pass: it passes untranslated), or the rule refuses it (Drop).
+    #[inline(always)]
+    fn new_flow<A: Family>(ctx: &TcContext, w: &mut Work<A>, at: u8, cfg: &Config) -> Verdict {
+        let pkt = &w.pkt;
+        let now = conntrack::now_ns();
+        let set = cfg.active();
+        let hook = if at == ct_hook::INGRESS { hook::PREROUTING } else { hook::POSTROUTING };
         let ifindex = parse::ifindex(ctx);
         // Only interfaces pfwd is attached to (and knows the address of).
         // SAFETY: plain read of a map value, which stays valid for the program's run.
         let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else { return Verdict::Pass };
         let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, &set) else { return Verdict::Pass };
         let created = if at == ct_hook::INGRESS {
-            dnat::create(pkt, slot, rule, iface, now, cfg)
+            dnat::create(pkt, slot, rule, iface, &mut w.xlat)
         } else {
-            snat::allocate(ctx, pkt, slot, rule, ifindex, iface, now, cfg)
+            snat::allocate(ctx, pkt, slot, rule, ifindex, iface, now, cfg, &mut w.xlat)
         };
         match created {
-            Ok(xlat) => {
+            Ok(()) => {
                 count(Stat::NewFlows);
                 let lb = if at == ct_hook::INGRESS && rule.flags & rule_flag::BACKENDS != 0 {
                     (ct_flag::BACKENDS, dir::ORIGINAL)
                 } else {
                     (0, dir::ORIGINAL)
                 };
-                Verdict::Translate { xlat, slot, new_flow: true, lb }
+                Verdict::Translate { slot, new_flow: true, lb }
             }
             Err(reason) => {
                 count(reason);
@@ -233,12 +316,19 @@ mod programs {
     }
 
     /// An ICMP error about a flow translated at this hook: translate the embedded packet back to what its sender
-    /// sent, and the outer header with it. The flow is found by the embedded packet's reply tuple.
+    /// sent, and the outer header with it. The flow is found by the embedded packet's reply tuple. An error whose
+    /// embedded packet cannot be read passes untranslated.
     #[inline(always)]
-    fn icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, at: u8, cfg: &Config) -> i32 {
+    fn icmp_error<A: Family>(ctx: &TcContext, w: &mut Work<A>, at: u8, cfg: &Config) -> i32 {
+        let pkt = &w.pkt;
+        if A::embedded(ctx, pkt.l4_off + ICMP_HLEN, ip_off() + pkt.ip_len as usize, &mut w.emb).is_none() {
+            fragment::note_first(pkt, at, frag_action::PASS, &pkt.tuple, 0);
+            return NEXT;
+        }
         let now = conntrack::now_ns();
-        let key = emb.tuple.reversed();
-        let entry = match conntrack::lookup(&key, now, cfg) {
+        // The embedded packet's reply tuple, in `outer` until the outer addresses are worked out.
+        w.outer = w.emb.tuple.reversed();
+        let entry = match conntrack::lookup(&w.outer, now, cfg) {
             // SAFETY: map value pointer from lookup.
             Some(e) if unsafe { (*e).hook } == at => unsafe { &*e },
             _ => {
@@ -246,22 +336,29 @@ mod programs {
                 return NEXT;
             }
         };
-        let new_inner = entry.xlat.reversed();
+        w.xlat = entry.xlat.reversed();
         let slot = entry.rule_slot;
-        let Some(outer) = nat::rewrite_icmp_error(ctx, pkt, emb, &new_inner) else {
+        if nat::rewrite_icmp_error(ctx, pkt, &w.emb, &w.xlat, &mut w.outer).is_none() {
             count(Stat::Malformed);
             fragment::note_first(pkt, at, frag_action::DROP, &pkt.tuple, 0);
             return DROP;
-        };
+        }
         // An error long enough to be fragmented itself: its later fragments get the outer addresses.
-        fragment::note_first(pkt, at, frag_action::XLATE, &outer, slot);
+        fragment::note_first(pkt, at, frag_action::XLATE, &w.outer, slot);
         count(Stat::IcmpErrorsXlated);
         count_rule(slot, pkt.ip_len, false);
         NEXT
     }
 
     #[inline(always)]
-    fn apply(ctx: &TcContext, pkt: &Packet, xlat: &Tuple, slot: u32, new_flow: bool, cfg: &Config) -> i32 {
+    fn apply<A: Family>(
+        ctx: &TcContext,
+        pkt: &Packet<A>,
+        xlat: &FlowTuple<A>,
+        slot: u32,
+        new_flow: bool,
+        cfg: &Config,
+    ) -> i32 {
         if !nat::rewrite(ctx, pkt, xlat) {
             // Possibly half-written: never let a wrongly rewritten packet out.
             count(Stat::Malformed);
@@ -272,13 +369,13 @@ mod programs {
             info!(
                 ctx,
                 "xlat {:i}:{} -> {:i}:{} as {:i}:{} -> {:i}:{}",
-                ip(pkt.tuple.saddr),
+                A::shown(&pkt.tuple.saddr),
                 pkt.tuple.sport,
-                ip(pkt.tuple.daddr),
+                A::shown(&pkt.tuple.daddr),
                 pkt.tuple.dport,
-                ip(xlat.saddr),
+                A::shown(&xlat.saddr),
                 xlat.sport,
-                ip(xlat.daddr),
+                A::shown(&xlat.daddr),
                 xlat.dport
             );
         }

@@ -1,6 +1,7 @@
 //! The instance's BPF maps and the counter updates. All are pinned by name, so every pfwd command (and every program
 //! load) of one network namespace shares them through bpffs. The names must equal `pfwd_common::names` (the map
 //! attribute takes only a literal); the loader's tests check the built object has each of them.
+use crate::parse::Work;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     bindings::BPF_NOEXIST,
@@ -8,10 +9,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use pfwd_common::{
-    BACKEND_COUNTER_ENTRIES, BACKEND_ENTRIES, BackendCounterKey, BackendEntry, BackendKey, CLASS_ENTRIES, Class,
-    Config, CtEntry, DEFAULT_CT_ENTRIES, FragEntry, FragKey, INDEX_ENTRIES, IfaceInfo, IndexEntry, IndexKey,
-    MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES, MAX_SOCKETS, RULE_ENTRIES, RecordText, RuleCounters,
-    RuleEntry, SockKey, SockOrig, Stat, Tuple, unconfirmed_ct_entries,
+    Addr6, BACKEND_COUNTER_ENTRIES, BACKEND_ENTRIES, BackendCounterKey, BackendEntry, BackendKey, CLASS_ENTRIES, Class,
+    Config, CtEntry, CtEntry6, CtEntryOf, DEFAULT_CT_ENTRIES, FlowTuple, FragEntry, FragEntry6, FragKey, FragKey6,
+    INDEX_ENTRIES, IfaceInfo, IndexEntry, IndexKey, MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES,
+    MAX_SOCKETS, RULE_ENTRIES, RecordText, RuleCounters, RuleEntry, SockKey, SockOrig, Stat, Tuple, Tuple6, Walk,
+    unconfirmed_ct_entries,
 };
 
 /// Rule bodies by slot (`pfwd_common::lookup`).
@@ -37,6 +39,14 @@ pub static CONNTRACK: LruHashMap<Tuple, CtEntry> = LruHashMap::pinned(DEFAULT_CT
 pub static CONNTRACK_NEW: LruHashMap<Tuple, CtEntry> =
     LruHashMap::pinned(unconfirmed_ct_entries(DEFAULT_CT_ENTRIES), 0);
 
+/// The IPv6 flows, as `CONNTRACK` and `CONNTRACK_NEW` hold the IPv4 ones (the loader sizes them alike).
+#[map(name = "PFWD_CT6")]
+pub static CONNTRACK6: LruHashMap<Tuple6, CtEntry6> = LruHashMap::pinned(DEFAULT_CT_ENTRIES, 0);
+
+#[map(name = "PFWD_CT6_NEW")]
+pub static CONNTRACK6_NEW: LruHashMap<Tuple6, CtEntry6> =
+    LruHashMap::pinned(unconfirmed_ct_entries(DEFAULT_CT_ENTRIES), 0);
+
 #[map(name = "PFWD_RULE_CNT")]
 pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::pinned(MAX_RULES, 0);
 
@@ -56,6 +66,10 @@ pub static SOCKETS: LruHashMap<SockKey, SockOrig> = LruHashMap::pinned(MAX_SOCKE
 #[map(name = "PFWD_FRAGS")]
 pub static FRAGS: LruHashMap<FragKey, FragEntry> = LruHashMap::pinned(MAX_FRAG_DATAGRAMS, 0);
 
+/// IPv6 fragmented datagrams in flight.
+#[map(name = "PFWD_FRAGS6")]
+pub static FRAGS6: LruHashMap<FragKey6, FragEntry6> = LruHashMap::pinned(MAX_FRAG_DATAGRAMS, 0);
+
 /// Userspace's record of what detach must undo (`pfwd_common::RecordText`); no program reads it.
 #[map(name = "PFWD_RECORD")]
 pub static RECORD: Array<RecordText> = Array::pinned(1, 0);
@@ -63,6 +77,10 @@ pub static RECORD: Array<RecordText> = Array::pinned(1, 0);
 /// This host's IPv4 addresses (network order; the value is unused), kept by userspace: what `-d local` matches.
 #[map(name = "PFWD_LOCAL_ADDRS")]
 pub static LOCAL_ADDRS: HashMap<u32, u8> = HashMap::pinned(MAX_LOCAL_ADDRS, 0);
+
+/// This host's IPv6 addresses, as `LOCAL_ADDRS` holds the IPv4 ones.
+#[map(name = "PFWD_LOCAL_ADDRS6")]
+pub static LOCAL_ADDRS6: HashMap<Addr6, u8> = HashMap::pinned(MAX_LOCAL_ADDRS, 0);
 
 /// The Maglev tables of rules with several backends, both banks' (see `pfwd_common::BackendKey`). Not preallocated:
 /// most instances have none.
@@ -75,11 +93,42 @@ pub static BACKENDS: HashMap<BackendKey, BackendEntry> = HashMap::pinned(BACKEND
 pub static BACKEND_COUNTERS: PerCpuHashMap<BackendCounterKey, RuleCounters> =
     PerCpuHashMap::pinned(BACKEND_COUNTER_ENTRIES, BPF_F_NO_PREALLOC);
 
-/// Counts a packet of `bytes` (and a flow if `new_flow`) for the backend `addr:port` of the rule in `slot`. Not
-/// inlined: its key stays off the callers' stack frame.
+/// Per-CPU working memory of a new flow's rule lookup (`rules`): kept off the BPF stack, whose 512 bytes the
+/// programs' call chains share. Not pinned: nothing outside one program run reads it.
+#[repr(C)]
+pub struct Scratch {
+    pub walk: Walk,
+    pub key: IndexKey,
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU working memory of each family's packets (`parse::Work`). Not pinned, as `SCRATCH`.
+#[map]
+pub static WORK4: PerCpuArray<Work<u32>> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static WORK6: PerCpuArray<Work<Addr6>> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU working memory of a new flow's creation (`conntrack::create`) and its SNAT port search: the keys and the
+/// entry, off the stack as `Work` is.
+#[repr(C)]
+pub struct CtScratch<A> {
+    pub reply_key: FlowTuple<A>,
+    pub ours: FlowTuple<A>,
+    pub entry: CtEntryOf<A>,
+}
+
+#[map]
+pub static CT_SCRATCH4: PerCpuArray<CtScratch<u32>> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static CT_SCRATCH6: PerCpuArray<CtScratch<Addr6>> = PerCpuArray::with_max_entries(1, 0);
+
+/// Counts a packet of `bytes` (and a flow if `new_flow`) for the backend `addr:port` (wide form) of the rule in
+/// `slot`. Not inlined: its key stays off the callers' stack frame.
 #[inline(never)]
-pub fn count_backend(slot: u32, addr: u32, port: u16, bytes: u32, new_flow: bool) {
-    let key = BackendCounterKey { slot, addr, port, _pad: 0 };
+pub fn count_backend(slot: u32, addr: &Addr6, port: u16, bytes: u32, new_flow: bool) {
+    let key = BackendCounterKey { slot, addr: *addr, port, _pad: 0 };
     let mut c = BACKEND_COUNTERS.get_ptr_mut(&key);
     if c.is_none() {
         // A full map refuses: that backend is then not counted.

@@ -1,17 +1,23 @@
-//! Rewriting a packet's addresses and ports to a translated tuple, with checksum fixups.
+//! Rewriting a packet's addresses and ports to a translated tuple, with checksum fixups, for either family.
 //!
-//! Fields are written directly into the packet and the IPv4 header checksum is updated by hand (RFC 1624, shared
-//! with userspace tests in `pfwd-common`). TCP/UDP checksums go through `bpf_l4_csum_replace`, which knows about
-//! partial checksums (CHECKSUM_PARTIAL) from local sockets and keeps a UDP checksum of 0 at 0
-//! (BPF_F_MARK_MANGLED_0). ICMP checksums cover no pseudo-header and are never partial: updated by hand.
+//! Fields are written directly into the packet. The IPv4 header checksum is updated by hand (RFC 1624, shared with
+//! userspace tests in `pfwd-common`); IPv6 has none. TCP/UDP (and ICMPv6, whose checksum covers the pseudo-header
+//! too) checksums go through `bpf_l4_csum_replace`, which knows about partial checksums (CHECKSUM_PARTIAL) from
+//! local sockets and never leaves a UDP checksum of 0 (BPF_F_MARK_MANGLED_0: IPv4's "none" stays 0, and a result
+//! of 0 is written 0xffff, which IPv6 requires). IPv4 ICMP checksums cover no pseudo-header and are never partial:
+//! updated by hand, as are the checksums inside ICMP errors.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::bpf_csum_diff,
     programs::TcContext,
 };
-use network_types::ip::Ipv4Hdr;
-use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, Tuple, checksum};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+use pfwd_common::{Addr6, FlowTuple, PROTO_TCP, PROTO_UDP, Tuple, Tuple6, checksum};
 
-use crate::parse::{Embedded, Packet, ip_off, ptr_at};
+use crate::{
+    family::Family,
+    parse::{Embedded, Packet, ip_off, ptr_at},
+};
 
 /// Offset of the identifier in an ICMP echo header, and of the ICMP checksum.
 const ICMP_ID: usize = 4;
@@ -21,7 +27,7 @@ const ICMP_CHECK: usize = 2;
 /// and new header checksums (an ICMP error embedding this header must account for both changes), or None if the
 /// header is out of bounds.
 #[inline(always)]
-fn rewrite_ip(ctx: &TcContext, ip_off: usize, from: &Tuple, to: &Tuple) -> Option<(u16, u16)> {
+pub fn rewrite_ip4(ctx: &TcContext, ip_off: usize, from: &Tuple, to: &Tuple) -> Option<(u16, u16)> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off)?;
     // SAFETY: bounds checked by ptr_at; nothing else aliases the packet while we run.
     let ip = unsafe { &mut *ip };
@@ -39,61 +45,124 @@ fn rewrite_ip(ctx: &TcContext, ip_off: usize, from: &Tuple, to: &Tuple) -> Optio
     Some((old, check))
 }
 
-/// Rewrites the identifier of the ICMP echo header at `off` from `from` to `to` (host order), and the echo's own
-/// checksum with it. Returns the old and new checksums (an ICMP error embedding this echo must account for both
-/// changes), or None if the header is out of bounds.
+/// An IPv6 address's packet bytes.
 #[inline(always)]
-fn rewrite_echo_id(ctx: &TcContext, off: usize, from: u16, to: u16) -> Option<(u16, u16)> {
+fn bytes(a: &Addr6) -> [u8; 16] {
+    let [w0, w1, w2, w3] = a.map(u32::to_ne_bytes);
+    [w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3], w3[0], w3[1], w3[2], w3[3]]
+}
+
+/// Rewrites the addresses of the IPv6 header at `ip_off` from `from` to `to` (it has no checksum of its own: the
+/// returned old and new checksums are 0). None if the header is out of bounds.
+#[inline(always)]
+pub fn rewrite_ip6(ctx: &TcContext, ip_off: usize, from: &Tuple6, to: &Tuple6) -> Option<(u16, u16)> {
+    let ip = ptr_at::<Ipv6Hdr>(ctx, ip_off)?;
+    // SAFETY: bounds checked by ptr_at; nothing else aliases the packet while we run.
+    let ip = unsafe { &mut *ip };
+    if from.saddr != to.saddr {
+        ip.src_addr = bytes(&to.saddr);
+    }
+    if from.daddr != to.daddr {
+        ip.dst_addr = bytes(&to.daddr);
+    }
+    Some((0, 0))
+}
+
+/// Rewrites the ICMP echo header at `off`, of a packet whose tuple goes from `from` to `to`, by hand: its
+/// identifier, and its own checksum with it (and, for ICMPv6, with the pseudo-header's addresses). Returns the old
+/// and new checksums (an ICMP error embedding this echo must account for both changes), or None if the header is
+/// out of bounds.
+#[inline(always)]
+fn rewrite_echo<A: Family>(ctx: &TcContext, off: usize, from: &FlowTuple<A>, to: &FlowTuple<A>) -> Option<(u16, u16)> {
     let hdr = ptr_at::<[u8; 8]>(ctx, off)?;
     // SAFETY: bounds checked by ptr_at.
     let hdr = unsafe { &mut *hdr };
     let old = u16::from_be_bytes([hdr[ICMP_CHECK], hdr[ICMP_CHECK + 1]]);
-    let new = checksum::replace_u16(old, from, to);
+    let mut new = checksum::replace_u16(old, from.sport, to.sport);
+    if A::ICMP_PSEUDO {
+        new = A::csum_addr(new, &from.saddr, &to.saddr);
+        new = A::csum_addr(new, &from.daddr, &to.daddr);
+    }
     hdr[ICMP_CHECK..ICMP_CHECK + 2].copy_from_slice(&new.to_be_bytes());
-    hdr[ICMP_ID..ICMP_ID + 2].copy_from_slice(&to.to_be_bytes());
+    hdr[ICMP_ID..ICMP_ID + 2].copy_from_slice(&to.sport.to_be_bytes());
     Some((old, new))
 }
 
-/// Rewrites only the IPv4 addresses of the packet from `from` to `to` (a later fragment: no L4 header of its own).
+/// Rewrites only the addresses of the packet from `from` to `to` (a later fragment: no L4 header of its own).
 /// Returns false if the header could not be written.
 #[inline(always)]
-pub fn rewrite_addresses(ctx: &TcContext, from: &Tuple, to: &Tuple) -> bool {
-    rewrite_ip(ctx, ip_off(), from, to).is_some()
+pub fn rewrite_addresses<A: Family>(ctx: &TcContext, from: &FlowTuple<A>, to: &FlowTuple<A>) -> bool {
+    A::rewrite_ip(ctx, ip_off(), from, to).is_some()
 }
 
 /// Rewrites the packet (whose tuple is `pkt.tuple`) so its tuple becomes `to`. Returns false if the packet could not
 /// be written (then it must be dropped: it may be half-rewritten).
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, pkt: &Packet, to: &Tuple) -> bool {
+pub fn rewrite<A: Family>(ctx: &TcContext, pkt: &Packet<A>, to: &FlowTuple<A>) -> bool {
     let from = &pkt.tuple;
-    if (from.saddr != to.saddr || from.daddr != to.daddr) && rewrite_ip(ctx, ip_off(), from, to).is_none() {
+    let addrs_changed = from.saddr != to.saddr || from.daddr != to.daddr;
+    if addrs_changed && A::rewrite_ip(ctx, ip_off(), from, to).is_none() {
         return false;
     }
     let ports_changed = from.sport != to.sport || from.dport != to.dport;
-    if from.proto == PROTO_ICMP {
-        // Echo: the identifier stands in for both ports (sport == dport in echo tuples).
-        return !ports_changed || rewrite_echo_id(ctx, pkt.l4_off, from.sport, to.sport).is_some();
+    let echo = from.proto == A::ICMP;
+    if echo && !A::ICMP_PSEUDO {
+        // IPv4 echo: the identifier stands in for both ports (sport == dport in echo tuples).
+        return !ports_changed || rewrite_echo(ctx, pkt.l4_off, from, to).is_some();
     }
     if ports_changed {
-        let Some(ports) = ptr_at::<[u8; 4]>(ctx, pkt.l4_off) else { return false };
-        let [s0, s1] = to.sport.to_be_bytes();
-        let [d0, d1] = to.dport.to_be_bytes();
-        // SAFETY: bounds checked by ptr_at.
-        unsafe { *ports = [s0, s1, d0, d1] };
+        if echo {
+            // ICMPv6 echo: the identifier, checksummed below like a port.
+            let Some(id) = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + ICMP_ID) else { return false };
+            // SAFETY: bounds checked by ptr_at.
+            unsafe { *id = to.sport.to_be_bytes() };
+        } else {
+            let Some(ports) = ptr_at::<[u8; 4]>(ctx, pkt.l4_off) else { return false };
+            let [s0, s1] = to.sport.to_be_bytes();
+            let [d0, d1] = to.dport.to_be_bytes();
+            // SAFETY: bounds checked by ptr_at.
+            unsafe { *ports = [s0, s1, d0, d1] };
+        }
     }
 
     // Helpers below invalidate packet pointers: no direct access after this point.
     let Some(csum_off) = pkt.l4_csum_off() else { return true };
     let mangled0 = if from.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
-    let addr_flags = BPF_F_PSEUDO_HDR as u64 | mangled0 | 4;
     let port_flags = mangled0 | 2;
-    (from.saddr == to.saddr || ctx.l4_csum_replace(csum_off, from.saddr as u64, to.saddr as u64, addr_flags).is_ok())
-        && (from.daddr == to.daddr
-            || ctx.l4_csum_replace(csum_off, from.daddr as u64, to.daddr as u64, addr_flags).is_ok())
+    (!addrs_changed || A::l4_csum_addrs(ctx, csum_off, from, to, mangled0))
         && (from.sport == to.sport
             || ctx.l4_csum_replace(csum_off, from.sport.to_be() as u64, to.sport.to_be() as u64, port_flags).is_ok())
-        && (from.dport == to.dport
+        && (echo
+            || from.dport == to.dport
             || ctx.l4_csum_replace(csum_off, from.dport.to_be() as u64, to.dport.to_be() as u64, port_flags).is_ok())
+}
+
+/// The pseudo-header part of an L4 checksum update for IPv4 address changes (`bpf_l4_csum_replace`, one call per
+/// changed address). `mangled0`: BPF_F_MARK_MANGLED_0 for UDP.
+#[inline(always)]
+pub fn l4_csum_addrs4(ctx: &TcContext, csum_off: usize, from: &Tuple, to: &Tuple, mangled0: u64) -> bool {
+    let flags = BPF_F_PSEUDO_HDR as u64 | mangled0 | 4;
+    (from.saddr == to.saddr || ctx.l4_csum_replace(csum_off, from.saddr as u64, to.saddr as u64, flags).is_ok())
+        && (from.daddr == to.daddr || ctx.l4_csum_replace(csum_off, from.daddr as u64, to.daddr as u64, flags).is_ok())
+}
+
+/// `BPF_F_IPV6` (Linux 6.16): an IPv6 pseudo-header update, whose addresses are in the packet, leaves a
+/// CHECKSUM_COMPLETE skb's sum alone. Older kernels refuse the flag; the update is then retried without it.
+const BPF_F_IPV6: u64 = 1 << 7;
+
+/// The pseudo-header part of an L4 checksum update for IPv6 address changes: the difference over both addresses
+/// (adjacent in the tuple: one `bpf_csum_diff`), applied by `bpf_l4_csum_replace`.
+#[inline(always)]
+pub fn l4_csum_addrs6(ctx: &TcContext, csum_off: usize, from: &Tuple6, to: &Tuple6, mangled0: u64) -> bool {
+    // SAFETY: both pointers are to 32 bytes of the tuples on our stack (saddr and daddr, adjacent in #[repr(C)]).
+    let diff = unsafe { bpf_csum_diff(from.saddr.as_ptr() as *mut u32, 32, to.saddr.as_ptr() as *mut u32, 32, 0) };
+    if diff < 0 {
+        return false;
+    }
+    // Size 0: `to` is a checksum difference.
+    let flags = BPF_F_PSEUDO_HDR as u64 | mangled0;
+    ctx.l4_csum_replace(csum_off, 0, diff as u64, flags | BPF_F_IPV6).is_ok()
+        || ctx.l4_csum_replace(csum_off, 0, diff as u64, flags).is_ok()
 }
 
 /// Accumulates 16-bit and 32-bit field changes into an ICMP checksum.
@@ -105,26 +174,33 @@ impl IcmpCheck {
         self.0 = checksum::replace_u16(self.0, old, new);
     }
     #[inline(always)]
-    fn addr(&mut self, old: u32, new: u32) {
-        self.0 = checksum::replace_u32(self.0, u32::from_be(old), u32::from_be(new));
+    fn addr<A: Family>(&mut self, old: &A, new: &A) {
+        self.0 = A::csum_addr(self.0, old, new);
     }
 }
 
 /// Translates an ICMP error about a translated flow: the embedded packet (as the translated side sent it) becomes
 /// `new_inner`, its IP checksum and (where present) its L4 checksum follow, the outer addresses that named the
-/// embedded packet's endpoints follow them, and the outer IP and ICMP checksums account for everything.
-/// Returns the outer addresses written (as a tuple), or None if the packet could not be written.
+/// embedded packet's endpoints follow them, and the outer IP and ICMP checksums account for everything (ICMPv6's
+/// covers the outer pseudo-header too).
+/// Writes the outer addresses written (as a tuple) into `outer`; None if the packet could not be written.
 #[inline(always)]
-pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inner: &Tuple) -> Option<Tuple> {
+pub fn rewrite_icmp_error<A: Family>(
+    ctx: &TcContext,
+    pkt: &Packet<A>,
+    emb: &Embedded<A>,
+    new_inner: &FlowTuple<A>,
+    outer: &mut FlowTuple<A>,
+) -> Option<()> {
     let inner = &emb.tuple;
     let check = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + ICMP_CHECK)?;
     // SAFETY: bounds checked by ptr_at.
     let mut icmp = IcmpCheck(u16::from_be_bytes(unsafe { *check }));
 
-    // Embedded IP header: addresses and its checksum are all inside the ICMP payload.
-    let (old_check, new_check) = rewrite_ip(ctx, emb.ip_off, inner, new_inner)?;
-    icmp.addr(inner.saddr, new_inner.saddr);
-    icmp.addr(inner.daddr, new_inner.daddr);
+    // Embedded IP header: addresses and its checksum (IPv4) are all inside the ICMP payload.
+    let (old_check, new_check) = A::rewrite_ip(ctx, emb.ip_off, inner, new_inner)?;
+    icmp.addr(&inner.saddr, &new_inner.saddr);
+    icmp.addr(&inner.daddr, &new_inner.daddr);
     icmp.u16(old_check, new_check);
 
     // Embedded L4: ports (or echo identifier), and the UDP/TCP checksum when the error carries it.
@@ -140,8 +216,8 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
                 let old = u16::from_be_bytes(*c);
                 // A UDP checksum of 0 means "none" and stays 0.
                 if !(inner.proto == PROTO_UDP && old == 0) {
-                    let mut new = checksum::replace_u32(old, u32::from_be(inner.saddr), u32::from_be(new_inner.saddr));
-                    new = checksum::replace_u32(new, u32::from_be(inner.daddr), u32::from_be(new_inner.daddr));
+                    let mut new = A::csum_addr(old, &inner.saddr, &new_inner.saddr);
+                    new = A::csum_addr(new, &inner.daddr, &new_inner.daddr);
                     new = checksum::replace_u16(new, inner.sport, new_inner.sport);
                     new = checksum::replace_u16(new, inner.dport, new_inner.dport);
                     if inner.proto == PROTO_UDP && new == 0 {
@@ -159,9 +235,9 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
             icmp.u16(inner.sport, new_inner.sport);
             icmp.u16(inner.dport, new_inner.dport);
         }
-        PROTO_ICMP => {
+        p if p == A::ICMP => {
             // The embedded echo: its identifier, and its own checksum with it (as Linux's icmp_manip_pkt does).
-            let (old, new) = rewrite_echo_id(ctx, emb.l4_off, inner.sport, new_inner.sport)?;
+            let (old, new) = rewrite_echo(ctx, emb.l4_off, inner, new_inner)?;
             icmp.u16(old, new);
             icmp.u16(inner.sport, new_inner.sport);
         }
@@ -170,16 +246,20 @@ pub fn rewrite_icmp_error(ctx: &TcContext, pkt: &Packet, emb: &Embedded, new_inn
 
     // Outer header: the error's endpoints that were the embedded packet's endpoints follow the translation (a router
     // on the path keeps its own source address).
-    let mut outer = pkt.tuple;
+    *outer = pkt.tuple;
     if outer.daddr == inner.saddr {
         outer.daddr = new_inner.saddr;
     }
     if outer.saddr == inner.daddr {
         outer.saddr = new_inner.daddr;
     }
-    rewrite_ip(ctx, ip_off(), &pkt.tuple, &outer)?;
+    A::rewrite_ip(ctx, ip_off(), &pkt.tuple, outer)?;
+    if A::ICMP_PSEUDO {
+        icmp.addr(&pkt.tuple.saddr, &outer.saddr);
+        icmp.addr(&pkt.tuple.daddr, &outer.daddr);
+    }
     let check = ptr_at::<[u8; 2]>(ctx, pkt.l4_off + ICMP_CHECK)?;
     // SAFETY: bounds checked by ptr_at.
     unsafe { *check = icmp.0.to_be_bytes() };
-    Some(outer)
+    Some(())
 }

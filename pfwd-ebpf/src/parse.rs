@@ -1,14 +1,21 @@
-//! Packet parsing: Ethernet (or nothing, on layer-3 devices) + IPv4 + the TCP/UDP ports or ICMP echo identifier, and
-//! the packet embedded in an ICMP error, with every bound checked for the verifier. Also bounds-checked packet pointers
-//! for the rewriting code.
+//! Packet parsing: Ethernet (or nothing, on layer-3 devices), then IPv4 or IPv6 (with a bounded walk over its
+//! extension headers), then the TCP/UDP ports or ICMP/ICMPv6 echo identifier, and the packet embedded in an ICMP
+//! error, with every bound checked for the verifier. Also bounds-checked packet pointers for the rewriting code.
+//!
+//! The IP layer is parsed per family ([`parse4`], [`parse6`]); what comes after it once, generic over the family
+//! ([`transport`]).
 use aya_ebpf::programs::TcContext;
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, Stat, Tuple, checksum};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+use pfwd_common::{Addr6, FlowTuple, PROTO_TCP, PROTO_UDP, Stat, checksum};
 
-use crate::maps::count;
+use crate::{family::Family, maps::count};
 
 const ETH_LEN: usize = EthHdr::LEN;
-const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
 
 /// Where the IP header starts in the packet data: 14 (after the Ethernet header) in the programs attached to
 /// Ethernet-type devices, 0 in those attached to layer-3 devices (tun, WireGuard, PPP: packets start at the IP
@@ -31,33 +38,38 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETER_PROB: u8 = 12;
-/// ICMP header: type, code, checksum, then identifier/sequence (echo) or unused/MTU (errors).
+/// ICMP header: type, code, checksum, then identifier/sequence (echo) or unused/MTU (errors). ICMPv6's is the same.
 pub const ICMP_HLEN: usize = 8;
 
-/// What kind of ICMP message a packet is (`Absent` for every other protocol).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Icmp {
-    Absent,
+/// IPv6 extension headers pfwd walks over (RFC 8200 section 4); any other next header is the upper layer.
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DSTOPTS: u8 = 60;
+/// Extension headers walked before a packet is given up on as malformed (a real chain has at most a hop-by-hop,
+/// a destination options, a routing, a fragment and another destination options header).
+const MAX_EXT_HEADERS: usize = 6;
+
+/// What kind of ICMP message a packet is (`Packet::icmp`; `ABSENT` for every other protocol). Plain constants,
+/// like [`frag`]: a small packet description keeps the programs' stack frames small.
+pub mod icmp {
+    pub const ABSENT: u8 = 0;
     /// Echo request: may start a flow; its identifier is translated like a port (tuple ports = identifier).
-    EchoRequest,
-    EchoReply,
-    /// An error about another packet, whose IP header and first 8 L4 bytes it embeds (tuple ports = 0).
-    Error(Embedded),
-    /// Other ICMP (ports 0): only IP-level translation.
-    Other,
+    pub const ECHO_REQUEST: u8 = 1;
+    pub const ECHO_REPLY: u8 = 2;
+    /// An error about another packet, whose IP header and first 8 L4 bytes it embeds (tuple ports = 0); the
+    /// embedded packet is parsed when the error is handled (`Family::embedded`).
+    pub const ERROR: u8 = 3;
+    /// Other ICMP (ports 0), neighbour discovery and router advertisements among them: never opens a flow.
+    pub const OTHER: u8 = 4;
 }
 
 /// The packet embedded in an ICMP error: offsets in the outer packet and its tuple as written.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Embedded {
+pub struct Embedded<A> {
     pub ip_off: usize,
     pub l4_off: usize,
-    pub tuple: Tuple,
+    pub tuple: FlowTuple<A>,
 }
 
 /// Where a packet sits in a fragmented datagram (`Packet::frag`). Plain constants rather than an enum with the IP
@@ -73,24 +85,44 @@ pub mod frag {
     pub const LATER: u8 = 2;
 }
 
-/// What the NAT code needs to know about a packet.
-pub struct Packet {
-    pub tuple: Tuple,
-    /// Offset of the L4 header (after IP options).
-    pub l4_off: usize,
-    pub tcp_flags: u8,
-    /// IP total length (what the rule byte counters count, as iptables does).
-    pub ip_len: u32,
-    pub icmp: Icmp,
-    /// [`frag`], and the IP identification that ties a datagram's fragments together.
-    pub frag: u8,
-    pub ip_id: u16,
+/// A packet and what the programs work out about it, in per-CPU map memory (`Family::work`) rather than on the
+/// stack: the verifier allows 512 bytes of stack for a whole call chain, and a compiler keeping these tuples on
+/// the stack (IPv6's are 40 bytes) spills each of their fields to a slot of its own.
+pub struct Work<A> {
+    pub pkt: Packet<A>,
+    /// The tuple the packet is translated to.
+    pub xlat: FlowTuple<A>,
+    /// ICMP errors: the embedded packet, and the outer addresses written.
+    pub emb: Embedded<A>,
+    pub outer: FlowTuple<A>,
 }
 
-impl Packet {
-    /// Offset of the L4 checksum, for protocols whose checksum covers the pseudo-header (TCP, UDP).
+/// What the NAT code needs to know about a packet.
+pub struct Packet<A> {
+    pub tuple: FlowTuple<A>,
+    /// Offset of the L4 header (after IPv4 options or IPv6 extension headers).
+    pub l4_off: usize,
+    pub tcp_flags: u8,
+    /// The IP packet's length, header included (what the rule byte counters count, as iptables does).
+    pub ip_len: u32,
+    /// [`icmp`].
+    pub icmp: u8,
+    /// [`frag`], and the identification that ties a datagram's fragments together (16 bits in IPv4, 32 in IPv6).
+    pub frag: u8,
+    pub ip_id: u32,
+}
+
+impl<A: Family> Packet<A> {
+    /// Offset of the L4 checksum, for protocols whose checksum covers the pseudo-header (TCP, UDP, ICMPv6).
     #[inline(always)]
     pub fn l4_csum_off(&self) -> Option<usize> {
+        let covered = match self.tuple.proto {
+            PROTO_TCP | PROTO_UDP => true,
+            p => p == A::ICMP && A::ICMP_PSEUDO,
+        };
+        if !covered {
+            return None;
+        }
         checksum::l4_csum_offset(self.tuple.proto).map(|o| self.l4_off + o)
     }
 
@@ -103,16 +135,16 @@ impl Packet {
     /// Whether the tuple has ports (TCP, UDP) or an identifier standing in for them (ICMP echo).
     #[inline(always)]
     pub fn has_ports(&self) -> bool {
-        matches!(self.tuple.proto, PROTO_TCP | PROTO_UDP) || matches!(self.icmp, Icmp::EchoRequest | Icmp::EchoReply)
+        matches!(self.tuple.proto, PROTO_TCP | PROTO_UDP) || matches!(self.icmp, icmp::ECHO_REQUEST | icmp::ECHO_REPLY)
     }
 
     /// Whether this packet may start a new translated flow: a TCP SYN (no ACK), an ICMP echo request, any UDP or
-    /// other-protocol packet. Mid-stream TCP, echo replies and ICMP errors never do.
+    /// other-protocol packet. Mid-stream TCP, echo replies, ICMP errors and other ICMP never do.
     #[inline(always)]
     pub fn can_open(&self) -> bool {
         match self.tuple.proto {
             PROTO_TCP => self.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN,
-            PROTO_ICMP => self.icmp == Icmp::EchoRequest,
+            p if p == A::ICMP => self.icmp == icmp::ECHO_REQUEST,
             _ => true,
         }
     }
@@ -125,9 +157,16 @@ pub fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
+/// The largest packet offset pfwd reads at: past the longest header chain it walks. Checked in [`ptr_at`] so the
+/// verifier knows the bound of an offset read back from the per-CPU working memory (`Work`).
+const MAX_PKT_OFF: usize = 16_383;
+
 /// A pointer to a `T` at `off`, if the linear packet data holds it.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
+    if off > MAX_PKT_OFF {
+        return None;
+    }
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + size_of::<T>() > end {
@@ -148,39 +187,51 @@ fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
     ctx.pull_data(len as u32).is_ok() && ctx.data() + len <= ctx.data_end()
 }
 
-/// The addresses and protocol of an IPv4 header as a tuple without ports.
+/// The `N` bytes at `off`, made linear first.
 #[inline(always)]
-fn addresses(ip: &Ipv4Hdr) -> Tuple {
-    Tuple {
-        saddr: u32::from_ne_bytes(ip.src_addr),
-        daddr: u32::from_ne_bytes(ip.dst_addr),
-        sport: 0,
-        dport: 0,
-        proto: ip.proto,
-        _pad: 0,
-        _pad2: 0,
+fn read<const N: usize>(ctx: &TcContext, off: usize) -> Option<[u8; N]> {
+    if !ensure_linear(ctx, off + N) {
+        return None;
     }
+    let p: *const [u8; N] = ptr_at(ctx, off)?;
+    // SAFETY: bounds checked by ptr_at.
+    Some(unsafe { *p })
 }
 
-/// Parses an IPv4 TCP/UDP/other packet. `None` means "not ours, pass untouched" (non-IPv4, malformed). A later
-/// fragment comes back with the addresses and protocol only (ports 0, `frag::LATER`).
+/// The packet's layer-3 protocol (an ethertype, host order): ETH_P_IP, ETH_P_IPV6 or another.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Option<Packet> {
-    let l2 = ip_off();
-    if l2 == 0 {
+pub fn ethertype(ctx: &TcContext) -> u16 {
+    if ip_off() == 0 {
         // A layer-3 device has no ethertype: the kernel's skb->protocol says what the packet is (the first nibble
         // alone would take e.g. an MPLS label for IPv4).
         // SAFETY: the context's __sk_buff is valid for the program's run.
-        if unsafe { (*ctx.skb.skb).protocol } != u32::from(ETH_P_IP.to_be()) {
-            return None;
-        }
-    } else {
-        let eth: *const EthHdr = ptr_at(ctx, 0)?;
-        // SAFETY: bounds checked by ptr_at.
-        if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
-            return None;
-        }
+        return u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
     }
+    match ptr_at::<EthHdr>(ctx, 0) {
+        // SAFETY: bounds checked by ptr_at.
+        Some(eth) => u16::from_be(unsafe { (*eth).ether_type }),
+        None => 0,
+    }
+}
+
+/// An IPv6 address's bytes as the maps hold them.
+#[inline(always)]
+pub fn words(b: &[u8; 16]) -> Addr6 {
+    let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// The addresses and protocol of an IPv4 header as a tuple without ports.
+#[inline(always)]
+fn addresses4(ip: &Ipv4Hdr) -> FlowTuple<u32> {
+    FlowTuple::new(u32::from_ne_bytes(ip.src_addr), u32::from_ne_bytes(ip.dst_addr), 0, 0, ip.proto)
+}
+
+/// Parses an IPv4 packet (the caller checked the ethertype) into `pkt`. `None` means "not ours, pass untouched"
+/// (malformed). A later fragment comes back with the addresses and protocol only (ports 0, `frag::LATER`).
+#[inline(always)]
+pub fn parse4(ctx: &TcContext, pkt: &mut Packet<u32>) -> Option<()> {
+    let l2 = ip_off();
     if !ensure_linear(ctx, l2 + Ipv4Hdr::LEN) {
         count(Stat::Malformed);
         return None;
@@ -195,89 +246,192 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let frags = u16::from_be_bytes(ip.frags);
-    let mut tuple = addresses(ip);
-    let l4_off = l2 + ihl;
-    let l4_len = tot_len - ihl;
-    // Only the first fragment carries the L4 header. A first fragment without the whole of it (RFC 1858's tiny
-    // fragment) is treated as a later one: its ports are unknown. (One construction of the Packet at the end: the
-    // verifier rejects the copies of partly undefined values that several would produce.)
-    let mut frag = if frags & IP_OFFSET != 0 {
+    let tuple = addresses4(ip);
+    // Only the first fragment carries the L4 header.
+    let frag = if frags & IP_OFFSET != 0 {
         frag::LATER
     } else if frags & IP_MF != 0 {
         frag::FIRST
     } else {
         frag::WHOLE
     };
-    let mut tcp_flags = 0;
-    let mut icmp = Icmp::Absent;
-    let l4_proto = if frag == frag::LATER { 0 } else { tuple.proto };
-    match l4_proto {
+    let ip_id = u16::from_be_bytes(ip.id) as u32;
+    *pkt = Packet { tuple, l4_off: l2 + ihl, tcp_flags: 0, ip_len: tot_len as u32, icmp: icmp::ABSENT, frag, ip_id };
+    transport(ctx, pkt, l2 + tot_len)
+}
+
+/// Where an IPv6 header's extension headers end: the upper-layer protocol, its offset, and the fragment header's
+/// facts ([`frag`] position and identification; `WHOLE` without one). `start` is the offset after the IPv6
+/// header, `next` its next header; `end` the packet's end. None: malformed (truncated, or too long a chain).
+#[inline(always)]
+fn walk_ext(ctx: &TcContext, next: u8, start: usize, end: usize) -> Option<(u8, usize, u8, u32)> {
+    let (mut next, mut off, mut frag, mut id) = (next, start, frag::WHOLE, 0u32);
+    for _ in 0..MAX_EXT_HEADERS {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                if off + 2 > end {
+                    return None;
+                }
+                let [nh, len] = read::<2>(ctx, off)?;
+                next = nh;
+                off += (len as usize + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                if off + 8 > end {
+                    return None;
+                }
+                let h = read::<8>(ctx, off)?;
+                next = h[0];
+                off += 8;
+                let offset_flags = u16::from_be_bytes([h[2], h[3]]);
+                id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                // Offset in bits 3-15, "more fragments" in bit 0. An atomic fragment (offset 0, no more) is whole.
+                frag = if offset_flags & 0xfff8 != 0 {
+                    frag::LATER
+                } else if offset_flags & 1 != 0 {
+                    frag::FIRST
+                } else {
+                    frag::WHOLE
+                };
+                if frag == frag::LATER {
+                    // What follows is data, not headers.
+                    return Some((next, off, frag, id));
+                }
+            }
+            _ => return (off <= end).then_some((next, off, frag, id)),
+        }
+    }
+    None
+}
+
+/// Parses an IPv6 packet (the caller checked the ethertype) into `pkt`, walking its extension headers. `None`
+/// means "not ours, pass untouched" (malformed, a truncated or overlong extension header chain). A later fragment
+/// comes back with the addresses and protocol only (ports 0, `frag::LATER`).
+#[inline(always)]
+pub fn parse6(ctx: &TcContext, pkt: &mut Packet<Addr6>) -> Option<()> {
+    let l2 = ip_off();
+    if !ensure_linear(ctx, l2 + Ipv6Hdr::LEN) {
+        count(Stat::Malformed);
+        return None;
+    }
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l2)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let payload = u16::from_be_bytes(ip.payload_len) as usize;
+    // A payload length of 0 with data after the header is a jumbogram or a BIG TCP packet: the length is the
+    // packet's.
+    let tot_len = if payload == 0 { ctx.len() as usize - l2 } else { Ipv6Hdr::LEN + payload };
+    if ip.vcf[0] >> 4 != 6 || l2 + tot_len > ctx.len() as usize {
+        count(Stat::Malformed);
+        return None;
+    }
+    pkt.tuple = FlowTuple::new(words(&ip.src_addr), words(&ip.dst_addr), 0, 0, ip.next_hdr);
+    let end = l2 + tot_len;
+    let Some((proto, l4_off, frag, ip_id)) = walk_ext(ctx, pkt.tuple.proto, l2 + Ipv6Hdr::LEN, end) else {
+        count(Stat::Malformed);
+        return None;
+    };
+    pkt.tuple.proto = proto;
+    pkt.l4_off = l4_off;
+    pkt.tcp_flags = 0;
+    pkt.ip_len = tot_len as u32;
+    pkt.icmp = icmp::ABSENT;
+    pkt.frag = frag;
+    pkt.ip_id = ip_id;
+    transport(ctx, pkt, end)
+}
+
+/// Parses what follows the IP layer of `pkt` (its tuple's protocol at `pkt.l4_off`, the packet ending at `end`):
+/// the ports and TCP flags, or the ICMP message. A first fragment too short to hold the L4 header (RFC 1858's tiny
+/// fragment) becomes a later one: its ports are unknown. None: malformed.
+#[inline(always)]
+fn transport<A: Family>(ctx: &TcContext, pkt: &mut Packet<A>, end: usize) -> Option<()> {
+    let l4_off = pkt.l4_off;
+    let l4_len = end.saturating_sub(l4_off);
+    let proto = if pkt.frag == frag::LATER { 0 } else { pkt.tuple.proto };
+    match proto {
         PROTO_TCP | PROTO_UDP => {
-            let hdr_len = if tuple.proto == PROTO_TCP { 20 } else { 8 };
-            if l4_len < hdr_len && frag == frag::FIRST {
-                frag = frag::LATER;
-            } else {
-                if l4_len < hdr_len || !ensure_linear(ctx, l4_off + hdr_len) {
+            let hdr_len = if proto == PROTO_TCP { 20 } else { 8 };
+            if l4_len < hdr_len && pkt.frag == frag::FIRST {
+                pkt.frag = frag::LATER;
+                return Some(());
+            }
+            if l4_len < hdr_len || !ensure_linear(ctx, l4_off + hdr_len) {
+                count(Stat::Malformed);
+                return None;
+            }
+            // Re-derive: ensure_linear may have moved the data.
+            let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
+            // SAFETY: bounds checked by ptr_at.
+            let ports = unsafe { *ports };
+            pkt.tuple.sport = u16::from_be_bytes([ports[0], ports[1]]);
+            pkt.tuple.dport = u16::from_be_bytes([ports[2], ports[3]]);
+            if proto == PROTO_TCP {
+                let off_flags: *const [u8; 2] = ptr_at(ctx, l4_off + 12)?;
+                // SAFETY: bounds checked by ptr_at.
+                let [doff, flags] = unsafe { *off_flags };
+                if ((doff >> 4) as usize) < 5 {
                     count(Stat::Malformed);
                     return None;
                 }
-                // Re-derive: ensure_linear may have moved the data.
-                let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
-                // SAFETY: bounds checked by ptr_at.
-                let ports = unsafe { *ports };
-                tuple.sport = u16::from_be_bytes([ports[0], ports[1]]);
-                tuple.dport = u16::from_be_bytes([ports[2], ports[3]]);
-                if tuple.proto == PROTO_TCP {
-                    let off_flags: *const [u8; 2] = ptr_at(ctx, l4_off + 12)?;
-                    // SAFETY: bounds checked by ptr_at.
-                    let [doff, flags] = unsafe { *off_flags };
-                    if ((doff >> 4) as usize) < 5 {
-                        count(Stat::Malformed);
-                        return None;
-                    }
-                    tcp_flags = flags;
-                }
+                pkt.tcp_flags = flags;
             }
         }
-        PROTO_ICMP => {
-            if l4_len < ICMP_HLEN && frag == frag::FIRST {
-                frag = frag::LATER;
-            } else {
-                if l4_len < ICMP_HLEN || !ensure_linear(ctx, l4_off + ICMP_HLEN) {
-                    count(Stat::Malformed);
-                    return None;
-                }
-                let hdr: *const [u8; ICMP_HLEN] = ptr_at(ctx, l4_off)?;
-                // SAFETY: bounds checked by ptr_at.
-                let hdr = unsafe { *hdr };
-                icmp = match hdr[0] {
-                    ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY => {
-                        let id = u16::from_be_bytes([hdr[4], hdr[5]]);
-                        tuple.sport = id;
-                        tuple.dport = id;
-                        if hdr[0] == ICMP_ECHO_REQUEST { Icmp::EchoRequest } else { Icmp::EchoReply }
-                    }
-                    ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB => {
-                        // An error whose embedded packet cannot be read is passed as plain ICMP, untranslated.
-                        embedded(ctx, l4_off + ICMP_HLEN, l2 + tot_len).map_or(Icmp::Other, Icmp::Error)
-                    }
-                    _ => Icmp::Other,
-                };
+        p if p == A::ICMP => {
+            if l4_len < ICMP_HLEN && pkt.frag == frag::FIRST {
+                pkt.frag = frag::LATER;
+                return Some(());
             }
+            if l4_len < ICMP_HLEN || !ensure_linear(ctx, l4_off + ICMP_HLEN) {
+                count(Stat::Malformed);
+                return None;
+            }
+            let hdr: *const [u8; ICMP_HLEN] = ptr_at(ctx, l4_off)?;
+            // SAFETY: bounds checked by ptr_at.
+            let hdr = unsafe { *hdr };
+            pkt.icmp = if hdr[0] == A::ECHO_REQUEST || hdr[0] == A::ECHO_REPLY {
+                let id = u16::from_be_bytes([hdr[4], hdr[5]]);
+                pkt.tuple.sport = id;
+                pkt.tuple.dport = id;
+                if hdr[0] == A::ECHO_REQUEST { icmp::ECHO_REQUEST } else { icmp::ECHO_REPLY }
+            } else if A::is_icmp_error(hdr[0]) {
+                icmp::ERROR
+            } else {
+                icmp::OTHER
+            };
         }
         _ => {}
     }
-    // Read after the L4 header (not kept across ensure_linear's helper call, which would cost stack).
-    let ip: *const Ipv4Hdr = ptr_at(ctx, ip_off())?;
-    // SAFETY: bounds checked by ptr_at.
-    let ip_id = u16::from_be_bytes(unsafe { (*ip).id });
-    Some(Packet { tuple, l4_off, tcp_flags, ip_len: tot_len as u32, icmp, frag, ip_id })
+    Some(())
 }
 
-/// Parses the packet embedded in an ICMP error at `ip_off`: an IPv4 header and at least 8 bytes of L4 (RFC 792),
-/// all before `end` (the outer packet's end).
+/// The ports (or echo identifier) of the embedded packet's first 8 L4 bytes `l4`, into `tuple`. None: an ICMP
+/// message that is not an echo (errors about ICMP errors are never generated, RFC 1122 and 4443).
 #[inline(always)]
-fn embedded(ctx: &TcContext, ip_off: usize, end: usize) -> Option<Embedded> {
+fn embedded_ports<A: Family>(tuple: &mut FlowTuple<A>, l4: &[u8; 8]) -> Option<()> {
+    match tuple.proto {
+        PROTO_TCP | PROTO_UDP => {
+            tuple.sport = u16::from_be_bytes([l4[0], l4[1]]);
+            tuple.dport = u16::from_be_bytes([l4[2], l4[3]]);
+        }
+        p if p == A::ICMP => {
+            if l4[0] != A::ECHO_REQUEST && l4[0] != A::ECHO_REPLY {
+                return None;
+            }
+            let id = u16::from_be_bytes([l4[4], l4[5]]);
+            tuple.sport = id;
+            tuple.dport = id;
+        }
+        // Other protocols have no ports.
+        _ => {}
+    }
+    Some(())
+}
+
+/// Parses the packet embedded in an ICMP error at `ip_off` into `emb`: an IPv4 header and at least 8 bytes of L4
+/// (RFC 792), all before `end` (the outer packet's end).
+#[inline(always)]
+pub fn embedded4(ctx: &TcContext, ip_off: usize, end: usize, emb: &mut Embedded<u32>) -> Option<()> {
     if ip_off + Ipv4Hdr::LEN + 8 > end || !ensure_linear(ctx, ip_off + Ipv4Hdr::LEN) {
         return None;
     }
@@ -290,26 +444,38 @@ fn embedded(ctx: &TcContext, ip_off: usize, end: usize) -> Option<Embedded> {
         return None;
     }
     let l4_off = ip_off + ihl;
-    let mut tuple = addresses(ip);
-    if l4_off + 8 > end || !ensure_linear(ctx, l4_off + 8) {
+    emb.tuple = addresses4(ip);
+    if l4_off + 8 > end {
         return None;
     }
-    let l4: *const [u8; 8] = ptr_at(ctx, l4_off)?;
-    // SAFETY: bounds checked by ptr_at.
-    let l4 = unsafe { *l4 };
-    match tuple.proto {
-        PROTO_TCP | PROTO_UDP => {
-            tuple.sport = u16::from_be_bytes([l4[0], l4[1]]);
-            tuple.dport = u16::from_be_bytes([l4[2], l4[3]]);
-        }
-        PROTO_ICMP if l4[0] == ICMP_ECHO_REQUEST || l4[0] == ICMP_ECHO_REPLY => {
-            let id = u16::from_be_bytes([l4[4], l4[5]]);
-            tuple.sport = id;
-            tuple.dport = id;
-        }
-        // Errors about ICMP errors are never generated (RFC 1122); other protocols have no ports.
-        PROTO_ICMP => return None,
-        _ => {}
+    let l4 = read::<8>(ctx, l4_off)?;
+    emb.ip_off = ip_off;
+    emb.l4_off = l4_off;
+    embedded_ports(&mut emb.tuple, &l4)
+}
+
+/// Parses the packet embedded in an ICMPv6 error at `ip_off` into `emb`: an IPv6 header, its extension headers,
+/// and at least 8 bytes of L4, all before `end` (the outer packet's end).
+#[inline(always)]
+pub fn embedded6(ctx: &TcContext, ip_off: usize, end: usize, emb: &mut Embedded<Addr6>) -> Option<()> {
+    if ip_off + Ipv6Hdr::LEN + 8 > end || !ensure_linear(ctx, ip_off + Ipv6Hdr::LEN) {
+        return None;
     }
-    Some(Embedded { ip_off, l4_off, tuple })
+    let ip: *const Ipv6Hdr = ptr_at(ctx, ip_off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return None;
+    }
+    emb.tuple = FlowTuple::new(words(&ip.src_addr), words(&ip.dst_addr), 0, 0, ip.next_hdr);
+    let (proto, l4_off, frag, _) = walk_ext(ctx, emb.tuple.proto, ip_off + Ipv6Hdr::LEN, end)?;
+    // A later fragment's first 8 bytes are data, not ports.
+    if frag == frag::LATER || l4_off + 8 > end {
+        return None;
+    }
+    emb.tuple.proto = proto;
+    let l4 = read::<8>(ctx, l4_off)?;
+    emb.ip_off = ip_off;
+    emb.l4_off = l4_off;
+    embedded_ports(&mut emb.tuple, &l4)
 }

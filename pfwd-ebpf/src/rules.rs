@@ -1,44 +1,62 @@
 //! Rule lookup for the first packet of a flow: the tuple space search of `pfwd_common::lookup` (shared with
 //! userspace, whose precedence tests run the same probe) over this program's maps, one class per `bpf_loop`
 //! iteration, so the verifier checks the probe once whatever the number of classes.
+//!
+//! The walk and its probe key live in a per-CPU scratch value, not on the stack: the callback's frame is added to
+//! its callers' against the verifier's 512-byte limit.
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::bpf_loop;
-use pfwd_common::{RuleEntry, RuleSet, Tuple, Walk, class_index, hook};
+use pfwd_common::{Addr, FlowTuple, RuleEntry, RuleSet, Walk, class_index, family, hook};
 
-use crate::maps::{CLASSES, INDEX, LOCAL_ADDRS, RULES};
+use crate::maps::{CLASSES, INDEX, LOCAL_ADDRS, LOCAL_ADDRS6, RULES, SCRATCH};
 
 /// Finds the rule of `hook` (PREROUTING: DNAT/REDIRECT for a flow arriving on `ifindex`; POSTROUTING:
 /// SNAT/MASQUERADE for a flow leaving through it; OUTPUT: `--local` rules, ifindex 0) with the lowest rank among
 /// those matching `t` in the rule set `set`. Returns the rule's slot and its entry.
 #[inline(always)]
-pub fn find(t: &Tuple, ifindex: u32, hook: u8, set: &RuleSet) -> Option<(u32, &'static RuleEntry)> {
+pub fn find<A: Addr>(t: &FlowTuple<A>, ifindex: u32, hook: u8, set: &RuleSet) -> Option<(u32, &'static RuleEntry)> {
     let count = match hook {
         hook::PREROUTING => set.counts.pre,
         hook::POSTROUTING => set.counts.post,
         _ => set.counts.local,
     };
-    let mut walk = Walk::new(t, ifindex, hook, (set.generation, set.bank));
-    // SAFETY: the callback only reads `walk` through the context pointer while bpf_loop runs.
-    unsafe { bpf_loop(count, probe_class as *mut c_void, &mut walk as *mut Walk as *mut c_void, 0) };
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch value; nothing else runs on this CPU while we do.
+    unsafe { (*scratch).walk = Walk::new(t, ifindex, hook, (set.generation, set.bank)) };
+    // SAFETY: a plain helper call; the callback finds the walk in the scratch value.
+    unsafe { bpf_loop(count, probe_class as *mut c_void, core::ptr::null_mut(), 0) };
+    // SAFETY: as above.
+    let walk = unsafe { &(*scratch).walk };
     if !walk.found {
         return None;
     }
-    RULES.get(walk.best_slot).map(|r| (walk.best_slot, r))
+    let slot = walk.best_slot;
+    RULES.get(slot).map(|r| (slot, r))
 }
 
 /// The `bpf_loop` callback: probes class `i` of the walk's hook and bank. Returns 1 to end the loop.
-extern "C" fn probe_class(i: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: `find` passes a pointer to its Walk, alive for the whole loop.
-    let walk = unsafe { &mut *(ctx as *mut Walk) };
+extern "C" fn probe_class(i: u32, _ctx: *mut c_void) -> i64 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return 1 };
+    // SAFETY: this CPU's scratch value, which `find` filled.
+    let scratch = unsafe { &mut *scratch };
+    let walk = &mut scratch.walk;
+    let family = walk.family;
     let Some(class) = CLASSES.get(class_index(walk.bank as u32, walk.hook, i)) else { return 1 };
     let more = walk.probe(
         class,
+        &mut scratch.key,
         // SAFETY: plain read of a map value, which stays valid for the program's run.
         |k| unsafe { INDEX.get(k) },
         |slot| RULES.get(slot),
-        // SAFETY: plain lookup; only presence matters.
-        |daddr| unsafe { LOCAL_ADDRS.get(&daddr) }.is_some(),
+        // SAFETY: plain lookups; only presence matters.
+        |daddr| {
+            if family == family::V4 {
+                unsafe { LOCAL_ADDRS.get(&daddr[0]) }.is_some()
+            } else {
+                unsafe { LOCAL_ADDRS6.get(daddr) }.is_some()
+            }
+        },
     );
     if more { 0 } else { 1 }
 }

@@ -67,7 +67,7 @@ fn translate(ctx: &SockAddrContext, sendmsg: bool) {
         _pad2: 0,
     };
     let Some((slot, rule)) = rules::find(&t, 0, hook::OUTPUT, &set) else { return };
-    let to_addr = if rule.kind == kind::REDIRECT { LOOPBACK } else { rule.to_addr };
+    let to_addr = if rule.kind == kind::REDIRECT { LOOPBACK } else { rule.to_addr[0] };
     let to_port = if rule.to_port != 0 { rule.to_port } else { t.dport };
     sa.user_ip4 = to_addr;
     sa.user_port = to_port.to_be() as u32;

@@ -93,9 +93,9 @@ impl Instance {
             ..Config::default()
         };
         pins.0.load(ct_entries, &cfg).context("loading the eBPF programs")?;
-        pins.0.set_iface(LO, u32::from_ne_bytes(IFACE_ADDR.octets())).context("registering lo")?;
+        pins.0.set_iface(LO, Some(IFACE_ADDR), None).context("registering lo")?;
         // This host's addresses, for `-d local`: lo's (the model's IFACE_ADDR).
-        pins.0.set_local_addrs(&[u32::from_ne_bytes(IFACE_ADDR.octets())]).context("setting local addresses")?;
+        pins.0.set_local_addrs(&[IFACE_ADDR.into()]).context("setting local addresses")?;
         let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).context("pinned ingress program")?;
         let egress = SchedClassifier::from_pin(dir.join("prog_egress")).context("pinned egress program")?;
         let frags = MapData::from_pin(dir.join(names::FRAGS)).context("pinned fragment table")?;
@@ -112,9 +112,9 @@ impl Instance {
     pub fn reset(&mut self, rules: &[Rule]) -> Result<()> {
         self.set_rules(rules)?;
         let k = &self.pins.0;
-        let keys: Vec<_> = k.conntrack()?.into_iter().map(|(t, _)| t).collect();
+        let keys: Vec<_> = k.conntrack::<u32>()?.into_iter().map(|(t, _)| t).collect();
         k.conntrack_delete(&keys)?;
-        if !k.conntrack()?.is_empty() {
+        if !k.conntrack::<u32>()?.is_empty() {
             bail!("conntrack table not empty after clearing");
         }
         let keys: Vec<FragKey> = self.frags.keys().collect::<Result<_, _>>().context("listing PFWD_FRAGS")?;

@@ -7,11 +7,12 @@
 //! mode a translated connection belongs to a pfwd rule when the rule's match covers the original tuple and its target
 //! explains the translation (see [`rule_of`]); connections no pfwd rule explains are never touched.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
-use pfwd_common::{CtEntry, PROTO_TCP, PROTO_UDP, Tuple, dir};
+use pfwd_common::{CtEntryOf, FlowTuple as CtTuple, PROTO_TCP, PROTO_UDP, dir};
 
+use crate::loader::CtFamily;
 use crate::report::{ConntrackEntry, FlowTuple, Nat};
 use crate::rules::model::Family;
 use crate::rules::{PortRange, Proto, Rule, Target, precedence_order};
@@ -45,24 +46,20 @@ impl FlowFilter {
     }
 }
 
-fn v4(a: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from_be(a))
-}
-
 /// eBPF mode: the conntrack keys to delete (both directions of each chosen flow) and the number of live flows among
 /// them. `rule_id` maps an entry's rule slot to the rule's id (None for a slot no rule holds any more).
-pub fn ebpf_select(
-    entries: &[(Tuple, CtEntry)],
+pub fn ebpf_select<A: CtFamily>(
+    entries: &[(CtTuple<A>, CtEntryOf<A>)],
     rule_id: impl Fn(u32) -> Option<u32>,
-    live: impl Fn(&CtEntry) -> bool,
+    live: impl Fn(&CtEntryOf<A>) -> bool,
     filter: &FlowFilter,
-) -> (Vec<Tuple>, usize) {
+) -> (Vec<CtTuple<A>>, usize) {
     let mut keys = Vec::new();
     let mut flows = 0;
     for (key, e) in entries {
         // Each flow has one original-direction entry; its key is the tuple as the flow's first packet had it.
         if e.dir != dir::ORIGINAL
-            || !filter.matches_tuple(key.proto, v4(key.saddr).into(), v4(key.daddr).into(), key.dport)
+            || !filter.matches_tuple(key.proto, key.saddr.ip(), key.daddr.ip(), key.dport)
             || !filter.matches_rule(rule_id(e.rule_slot))
         {
             continue;
@@ -290,18 +287,17 @@ mod tests {
 
     #[test]
     fn ebpf_selection_takes_both_directions() {
-        let t = |s: [u8; 4], sp, d: [u8; 4], dp| Tuple {
-            saddr: u32::from_ne_bytes(s),
-            daddr: u32::from_ne_bytes(d),
-            sport: sp,
-            dport: dp,
-            proto: PROTO_TCP,
-            _pad: 0,
-            _pad2: 0,
+        let t = |s: [u8; 4], sp, d: [u8; 4], dp| {
+            pfwd_common::Tuple::new(u32::from_ne_bytes(s), u32::from_ne_bytes(d), sp, dp, PROTO_TCP)
         };
         let orig = t([10, 0, 1, 2], 4000, [10, 0, 1, 1], 8080);
         let xlat = t([10, 0, 1, 2], 4000, [10, 0, 2, 2], 9000);
-        let e = |d, slot, x: Tuple| CtEntry { xlat: x, rule_slot: slot, dir: d, ..Default::default() };
+        let e = |d, slot, x: pfwd_common::Tuple| pfwd_common::CtEntry {
+            xlat: x,
+            rule_slot: slot,
+            dir: d,
+            ..Default::default()
+        };
         let entries = vec![(orig, e(dir::ORIGINAL, 7, xlat)), (xlat.reversed(), e(dir::REPLY, 7, orig.reversed()))];
         let id = |slot| (slot == 7).then_some(1);
         let (keys, n) = ebpf_select(&entries, id, |_| true, &FlowFilter::default());

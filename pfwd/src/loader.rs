@@ -16,6 +16,7 @@
 use std::{
     collections::HashSet,
     fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -32,8 +33,9 @@ use aya::{
     util::nr_cpus,
 };
 use pfwd_common::{
-    BackendCounterKey, BackendEntry, BackendKey, CLASS_BANKS, Class, ClassCounts, Config, CtEntry, INDEX_SLOTS,
-    IfaceInfo, IndexEntry, IndexKey, RecordText, RuleCounters, RuleEntry, Stat, Tuple, class_index, names,
+    Addr, Addr6, BackendCounterKey, BackendEntry, BackendKey, CLASS_BANKS, Class, ClassCounts, Config, CtEntryOf,
+    FlowTuple, INDEX_SLOTS, IfaceInfo, IndexEntry, IndexKey, RecordText, RuleCounters, RuleEntry, Stat, class_index,
+    family, names,
 };
 
 use crate::{
@@ -65,6 +67,46 @@ const SOCK_PROGRAMS: [(&str, CgroupSockAddrAttachType, &str); 4] = [
     (names::PROG_RECVMSG4, CgroupSockAddrAttachType::UDPRecvMsg4, "recvmsg4"),
     (names::PROG_GETPEERNAME4, CgroupSockAddrAttachType::GetPeerName4, "getpeername4"),
 ];
+
+/// An address family of the flow tables, on the userspace side: `u32` (IPv4) and [`Addr6`] (IPv6).
+pub trait CtFamily: Addr + aya::Pod {
+    /// The family's confirmed and unconfirmed flow tables.
+    const TABLES: [&'static str; 2];
+    /// The address as the standard type.
+    fn ip(&self) -> IpAddr;
+    /// An address of this family as the maps hold it (an address of the other family gives the unspecified one).
+    fn of_ip(a: IpAddr) -> Self;
+}
+
+impl CtFamily for u32 {
+    const TABLES: [&'static str; 2] = [names::CONNTRACK, names::CONNTRACK_NEW];
+    fn ip(&self) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(u32::from_be(*self)))
+    }
+    fn of_ip(a: IpAddr) -> u32 {
+        match a {
+            IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
+            IpAddr::V6(_) => 0,
+        }
+    }
+}
+
+impl CtFamily for Addr6 {
+    const TABLES: [&'static str; 2] = [names::CONNTRACK6, names::CONNTRACK6_NEW];
+    fn ip(&self) -> IpAddr {
+        let mut b = [0u8; 16];
+        for (i, w) in self.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(b))
+    }
+    fn of_ip(a: IpAddr) -> Addr6 {
+        match a {
+            IpAddr::V6(_) => rules::compile::wide(a),
+            IpAddr::V4(_) => [0; 4],
+        }
+    }
+}
 
 /// Handle on the pinned state of one instance.
 pub struct Kernel {
@@ -174,13 +216,13 @@ impl Kernel {
 
     /// Attaches both programs to `iface`, in the build for its link type (idempotent: an existing link for the same
     /// interface is kept). A link type the programs cannot read is refused before anything changes.
-    pub fn attach(&self, iface: &str, ifindex: u32, addr: u32) -> Result<()> {
+    pub fn attach(&self, iface: &str, ifindex: u32) -> Result<()> {
         let link = netif::link_type(iface)?;
         let framing = link.framing().map_err(|e| anyhow!("cannot attach to {iface}: {e}"))?;
         if framing == Framing::Layer3 {
             self.ensure_layer3()?;
         }
-        self.set_iface(ifindex, addr)?;
+        self.set_iface(ifindex, netif::primary_ipv4(iface), netif::primary_ipv6(iface))?;
         for (_, attach_type, dir) in PROGRAMS {
             let pin = self.link_pin(iface, dir);
             if pin.exists() {
@@ -263,11 +305,18 @@ impl Kernel {
         Ok(())
     }
 
-    /// Makes the `-d local` address set exactly `addrs` (network order). An instance created by an older pfwd has no
-    /// such map: then there is nothing to update (it has no `-d local` rules either).
-    pub fn set_local_addrs(&self, addrs: &[u32]) -> Result<()> {
-        let Ok(mut map) = self.map::<HashMap<MapData, u32, u8>>(names::LOCAL_ADDRS) else { return Ok(()) };
-        let old: HashSet<u32> = map.keys().filter_map(Result::ok).collect();
+    /// Makes the `-d local` address sets exactly `addrs` (either family). An instance created by an older pfwd has
+    /// no such maps: then there is nothing to update (it has no `-d local` rules either).
+    pub fn set_local_addrs(&self, addrs: &[IpAddr]) -> Result<()> {
+        let v4: Vec<u32> = addrs.iter().filter(|a| a.is_ipv4()).map(|a| CtFamily::of_ip(*a)).collect();
+        let v6: Vec<Addr6> = addrs.iter().filter(|a| a.is_ipv6()).map(|a| CtFamily::of_ip(*a)).collect();
+        self.set_addr_set(names::LOCAL_ADDRS, &v4)?;
+        self.set_addr_set(names::LOCAL_ADDRS6, &v6)
+    }
+
+    fn set_addr_set<A: CtFamily>(&self, name: &str, addrs: &[A]) -> Result<()> {
+        let Ok(mut map) = self.map::<HashMap<MapData, A, u8>>(name) else { return Ok(()) };
+        let old: HashSet<A> = map.keys().filter_map(Result::ok).collect();
         for a in addrs.iter().filter(|a| !old.contains(a)) {
             map.insert(a, 1, 0)?;
         }
@@ -277,9 +326,12 @@ impl Kernel {
         Ok(())
     }
 
-    pub fn set_iface(&self, ifindex: u32, addr: u32) -> Result<()> {
+    /// Registers an attached interface with its primary addresses (REDIRECT's targets; None: it has none).
+    pub fn set_iface(&self, ifindex: u32, addr: Option<Ipv4Addr>, addr6: Option<Ipv6Addr>) -> Result<()> {
         let mut ifaces: HashMap<MapData, u32, IfaceInfo> = self.map(names::IFACES)?;
-        ifaces.insert(ifindex, IfaceInfo { addr, flags: 0 }, 0)?;
+        let addr = addr.map_or(0, |a| CtFamily::of_ip(a.into()));
+        let addr6 = addr6.map_or([0; 4], |a| CtFamily::of_ip(a.into()));
+        ifaces.insert(ifindex, IfaceInfo { addr, flags: 0, addr6 }, 0)?;
         Ok(())
     }
 
@@ -333,7 +385,7 @@ impl Kernel {
                 // (the rules kept, alone), then add.
                 let generation = cfg.generation;
                 let kept = new.restricted(|slot, e| {
-                    held.entries.get(&slot).is_some_and(|h| h.visible(generation) && h.rank == e.rank)
+                    held.entries.get(&slot).is_some_and(|h| h.visible(generation) && (h.rank, h.id) == (e.rank, e.id))
                 });
                 let first = rules::plan::plan(&held, cfg.generation, &kept)?;
                 self.apply_plan(&first, &mut cfg)?;
@@ -525,7 +577,7 @@ impl Kernel {
     /// The per-backend counters of the rule in `slot`, summed over CPUs: `(backend address (network order), port,
     /// counters)` for every backend that has had a packet, including backends since removed from the rule whose flows
     /// went on. Empty for an instance without the map.
-    pub fn backend_counters(&self, slot: u32) -> Result<Vec<(u32, u16, RuleCounters)>> {
+    pub fn backend_counters(&self, slot: u32) -> Result<Vec<(Addr6, u16, RuleCounters)>> {
         let Ok(map) = self.map::<PerCpuHashMap<MapData, BackendCounterKey, RuleCounters>>(names::BACKEND_COUNTERS)
         else {
             return Ok(Vec::new());
@@ -573,22 +625,42 @@ impl Kernel {
     /// Every conntrack entry (both directions), of both tables: confirmed flows first, then unconfirmed ones
     /// (`CtEntry::is_confirmed` tells them apart). A key in both (a flow caught while it moves) is listed once, as
     /// the data path sees it: from the confirmed table.
-    pub fn conntrack(&self) -> Result<Vec<(Tuple, CtEntry)>> {
-        let confirmed: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK)?;
-        let unconfirmed: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK_NEW)?;
-        let mut out: Vec<(Tuple, CtEntry)> = confirmed.iter().filter_map(Result::ok).collect();
-        let seen: HashSet<Tuple> = out.iter().map(|(k, _)| *k).collect();
+    /// Of one family's tables (`A`: `u32` for IPv4, [`Addr6`] for IPv6). An instance attached by an older pfwd has
+    /// no IPv6 tables: none listed.
+    pub fn conntrack<A: CtFamily>(&self) -> Result<Vec<(FlowTuple<A>, CtEntryOf<A>)>>
+    where
+        FlowTuple<A>: aya::Pod,
+        CtEntryOf<A>: aya::Pod,
+    {
+        let [c, u] = A::TABLES;
+        let (Ok(confirmed), Ok(unconfirmed)) = (
+            self.map::<HashMap<MapData, FlowTuple<A>, CtEntryOf<A>>>(c),
+            self.map::<HashMap<MapData, FlowTuple<A>, CtEntryOf<A>>>(u),
+        ) else {
+            anyhow::ensure!(A::FAMILY == family::V6, "the conntrack tables are missing");
+            return Ok(vec![]);
+        };
+        let mut out: Vec<(FlowTuple<A>, CtEntryOf<A>)> = confirmed.iter().filter_map(Result::ok).collect();
+        let seen: HashSet<FlowTuple<A>> = out.iter().map(|(k, _)| *k).collect();
         out.extend(unconfirmed.iter().filter_map(Result::ok).filter(|(k, _)| !seen.contains(k)));
         Ok(out)
     }
 
-    /// Removes conntrack entries from both tables; returns how many keys were there (an entry may have expired and
-    /// gone meanwhile).
-    pub fn conntrack_delete(&self, keys: &[Tuple]) -> Result<usize> {
-        let mut confirmed: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK)?;
-        let mut unconfirmed: HashMap<MapData, Tuple, CtEntry> = self.map(names::CONNTRACK_NEW)?;
+    /// Removes conntrack entries of one family from both its tables; returns how many keys were there (an entry may
+    /// have expired and gone meanwhile).
+    pub fn conntrack_delete<A: CtFamily>(&self, keys: &[FlowTuple<A>]) -> Result<usize>
+    where
+        FlowTuple<A>: aya::Pod,
+        CtEntryOf<A>: aya::Pod,
+    {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let [c, u] = A::TABLES;
+        let mut confirmed: HashMap<MapData, FlowTuple<A>, CtEntryOf<A>> = self.map(c)?;
+        let mut unconfirmed: HashMap<MapData, FlowTuple<A>, CtEntryOf<A>> = self.map(u)?;
         // Confirmed first: the data path moves flows the other way, so a flow moving meanwhile is caught in one.
-        let mut remove = |k: &Tuple| {
+        let mut remove = |k: &FlowTuple<A>| {
             let c = confirmed.remove(k).is_ok();
             let u = unconfirmed.remove(k).is_ok();
             c || u

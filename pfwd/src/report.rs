@@ -453,10 +453,9 @@ pub struct FlowTuple {
     pub src: Option<IpAddr>,
 }
 
-impl From<&pfwd_common::Tuple> for FlowTuple {
-    fn from(t: &pfwd_common::Tuple) -> Self {
-        let addr = |a: u32| Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(a))));
-        Self { dport: Some(t.dport), dst: addr(t.daddr), sport: Some(t.sport), src: addr(t.saddr) }
+impl<A: crate::loader::CtFamily> From<&pfwd_common::FlowTuple<A>> for FlowTuple {
+    fn from(t: &pfwd_common::FlowTuple<A>) -> Self {
+        Self { dport: Some(t.dport), dst: Some(t.daddr.ip()), sport: Some(t.sport), src: Some(t.saddr.ip()) }
     }
 }
 
@@ -466,6 +465,7 @@ pub fn proto_name(p: u8) -> String {
         pfwd_common::PROTO_TCP => "tcp".into(),
         pfwd_common::PROTO_UDP => "udp".into(),
         pfwd_common::PROTO_ICMP => "icmp".into(),
+        pfwd_common::PROTO_ICMPV6 => "icmpv6".into(),
         n => n.to_string(),
     }
 }

@@ -290,7 +290,7 @@ fn redirect_goes_to_the_interface_address() {
 #[test]
 fn redirect_on_an_interface_without_address_drops() {
     let f = Fixture::new(&[rule(1, "redirect -p tcp --dport 80 --to-port 3128")]);
-    f.kernel().set_iface(LO, 0).unwrap();
+    f.kernel().set_iface(LO, None, None).unwrap();
     let r = f.ingress(&Pkt::syn(ROUTER, 80).bytes());
     assert_eq!(r.ret, DROP);
     assert_eq!(f.stat("redirect_no_address_drops"), 1);
@@ -573,7 +573,7 @@ fn negated_matches_and_dst_local() {
     expect_no_dnat(&f, &Pkt::syn(ROUTER, 8083));
     expect_dnat(&f, &Pkt::syn(elsewhere, 8083), BACKEND, 8083);
     // The address set follows what userspace writes (pfwd refreshes it at every rule change and on address events).
-    f.kernel().set_local_addrs(&[ne(elsewhere)]).unwrap();
+    f.kernel().set_local_addrs(&[elsewhere.into()]).unwrap();
     expect_dnat(&f, &Pkt::syn(elsewhere, 8081).from(CLIENT, 40_002), BACKEND2, 9000);
     expect_no_dnat(&f, &Pkt::syn(ROUTER, 8081).from(CLIENT, 40_003));
 }

@@ -86,7 +86,7 @@ fn flows_spread_over_every_backend_as_the_table_says() {
     let by_backend = f.kernel().backend_counters(slot_of(1)).unwrap();
     assert_eq!(by_backend.len(), 3, "{by_backend:?}");
     for (addr, port, c) in by_backend {
-        let addr = Ipv4Addr::from(u32::from_be(addr));
+        let addr = Ipv4Addr::from(u32::from_be(addr[0]));
         assert_eq!(port, 8080);
         assert_eq!((c.flows, c.packets), (u64::from(per_backend[&addr]), u64::from(per_backend[&addr])), "{addr}");
     }
@@ -138,7 +138,7 @@ fn removing_a_backend_keeps_its_established_flows_and_moves_only_new_ones() {
     assert!(kept_moved <= usize::from(FLOWS) / 20, "{kept_moved} flows of kept backends would move");
     // The removed backend's counters stay until its flows end (it still had packets after the change).
     let removed = f.kernel().backend_counters(slot_of(1)).unwrap();
-    assert!(removed.iter().any(|(a, _, c)| *a == ne(B[2]) && c.flows > 0), "{removed:?}");
+    assert!(removed.iter().any(|(a, _, c)| a[0] == ne(B[2]) && c.flows > 0), "{removed:?}");
     // A rule with one backend again (the same slot, rewritten): plain DNAT; its left-over table is not consulted.
     f.sync(&[rule(1, "dnat -i lo -p tcp --dport 80 --to 10.0.2.9:8080")]);
     let (_, dst) = addrs(&f.ingress(&tcp(CLIENT, 44_000, ROUTER, 80, true)));

@@ -7,7 +7,7 @@
 //! everything, `attach` repairs it (see [`crate::state`]).
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use anyhow::{Context, Result, bail};
@@ -119,7 +119,7 @@ impl Backend {
                     kernel.set_config(&cfg)?;
                 }
                 for i in &state.interfaces {
-                    kernel.attach(&i.name, i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
+                    kernel.attach(&i.name, i.ifindex)?;
                 }
             }
             Backend::Iptables => {
@@ -268,10 +268,6 @@ fn ifindex_lookup(state: &Meta) -> impl Fn(&str) -> Option<u32> + '_ {
     |name| state.interfaces.iter().find(|i| i.name == name).map(|i| i.ifindex)
 }
 
-fn addr_u32(a: Option<Ipv4Addr>) -> u32 {
-    a.map_or(0, |a| u32::from_ne_bytes(a.octets()))
-}
-
 /// Adds rules to a planned state: ids, free slots (round robin, so a freed slot is not reused at once) and
 /// duplicate detection, in constant time per rule (a config file may bring 10,000 rules at once).
 struct RuleAdder {
@@ -346,14 +342,15 @@ fn restore_added_sysctls(planned: &Meta, previous: &Meta) {
 /// change.
 fn refresh_addresses(kernel: &Kernel, state: &Meta) -> Result<()> {
     for i in &state.interfaces {
-        kernel.set_iface(i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
+        kernel.set_iface(i.ifindex, netif::primary_ipv4(&i.name), netif::primary_ipv6(&i.name))?;
     }
-    kernel.set_local_addrs(&local_addrs_ne())
+    kernel.set_local_addrs(&netif::local_addrs())
 }
 
 /// The state's rules compiled for the kernel, in their slots (which also checks them: interfaces attached, caps).
-/// The kernel's rules are IPv4 ones: in eBPF mode an IPv6 rule is refused ([`rules::RuleError::Ipv6NotInEbpf`]); in
-/// iptables and nft modes IPv6 rules go to netfilter only, and are checked here for their interface alone.
+/// In eBPF mode the kernel holds the rules of both families (an IPv6 `--local` rule is refused,
+/// [`rules::RuleError::Ipv6NotInEbpf`]); in iptables and nft modes IPv6 rules go to netfilter only, and are checked
+/// here for their interface alone.
 fn compile_state(state: &State) -> Result<rules::Compiled, rules::RuleError> {
     let lookup = ifindex_lookup(state);
     if state.mode == DataPath::Nft {
@@ -471,10 +468,6 @@ fn sorted_local_addrs() -> Vec<IpAddr> {
 }
 
 /// This host's IPv4 addresses, network order (the `-d local` set).
-fn local_addrs_ne() -> Vec<u32> {
-    netif::local_ipv4_addrs().iter().map(|a| u32::from_ne_bytes(a.octets())).collect()
-}
-
 /// The data path a new instance starts on, and why.
 fn choose_mode(requested: Mode) -> (DataPath, String) {
     match requested {
@@ -852,7 +845,7 @@ pub fn follow_interfaces() -> Result<Vec<String>> {
                 Backend::Ebpf(kernel) => {
                     // The old links (pinned by name) point at a device that no longer exists: drop them first.
                     kernel.detach(name, *old)?;
-                    kernel.attach(name, *now, addr_u32(netif::primary_ipv4(name)))?;
+                    kernel.attach(name, *now)?;
                 }
                 Backend::Iptables => fallback::attach(name)?,
                 // The interface set holds names, which a re-created device keeps.
@@ -866,9 +859,9 @@ pub fn follow_interfaces() -> Result<Vec<String>> {
     // addresses from LOCAL_ADDRS (netfilter finds them by itself in iptables mode).
     if let Backend::Ebpf(kernel) = &backend {
         for i in &present {
-            kernel.set_iface(i.ifindex, addr_u32(netif::primary_ipv4(&i.name)))?;
+            kernel.set_iface(i.ifindex, netif::primary_ipv4(&i.name), netif::primary_ipv6(&i.name))?;
         }
-        kernel.set_local_addrs(&local_addrs_ne())?;
+        kernel.set_local_addrs(&netif::local_addrs())?;
     }
     if !moved.is_empty() {
         // Rules naming a moved interface carry its ifindex; a re-created device starts with default sysctls (which
@@ -1006,10 +999,17 @@ fn end_flows_of(state: &State, filter: &FlowFilter) -> Result<usize> {
             let now = crate::clock::now_ns(&cfg);
             let ids = rule_ids_by_slot(state);
             let rule_id = |slot| ids.get(&pfwd_common::owner_slot(slot)).copied();
-            let live = |e: &pfwd_common::CtEntry| !e.expired(now, &cfg);
-            let (keys, flows) = flows::ebpf_select(&kernel.conntrack()?, rule_id, live, filter);
+            let (keys, flows) =
+                flows::ebpf_select(&kernel.conntrack::<u32>()?, rule_id, |e| !e.expired(now, &cfg), filter);
             kernel.conntrack_delete(&keys)?;
-            Ok(flows)
+            let (keys6, flows6) = flows::ebpf_select(
+                &kernel.conntrack::<pfwd_common::Addr6>()?,
+                rule_id,
+                |e| !e.expired(now, &cfg),
+                filter,
+            );
+            kernel.conntrack_delete(&keys6)?;
+            Ok(flows + flows6)
         }
         Backend::Iptables | Backend::Nft => {
             let chosen = flows::iptables_select(fallback::conntrack_list(), &state.rules(), filter);
@@ -1132,7 +1132,12 @@ pub fn status() -> Result<Status> {
                                 .backend_counters(s.slot)?
                                 .into_iter()
                                 .map(|(a, p, c)| {
-                                    (Ipv4Addr::from(u32::from_be(a)).into(), (!keep_port).then_some(p), c.into())
+                                    let addr = if s.rule.family() == Some(Family::Ipv6) {
+                                        crate::loader::CtFamily::ip(&a)
+                                    } else {
+                                        crate::loader::CtFamily::ip(&a[0])
+                                    };
+                                    (addr, (!keep_port).then_some(p), c.into())
                                 })
                                 .collect();
                             st.backend_counters = report::BackendStatus::merge(&s.rule.backends, &counted);
@@ -1141,20 +1146,26 @@ pub fn status() -> Result<Status> {
                     })
                     .collect::<Result<_>>()?;
                 let now = crate::clock::now_ns(&cfg);
-                let ct = kernel.conntrack()?;
-                let live: Vec<_> = ct.iter().filter(|(_, e)| !e.expired(now, &cfg)).collect();
+                // Both families' tables (each family has tables of the same size): (confirmed, direction).
+                let (ct4, ct6) = (kernel.conntrack::<u32>()?, kernel.conntrack::<pfwd_common::Addr6>()?);
+                let live: Vec<(bool, u8)> = (ct4.iter().map(|(_, e)| (e.expired(now, &cfg), e.is_confirmed(), e.dir)))
+                    .chain(ct6.iter().map(|(_, e)| (e.expired(now, &cfg), e.is_confirmed(), e.dir)))
+                    .filter(|(expired, _, _)| !expired)
+                    .map(|(_, confirmed, dir)| (confirmed, dir))
+                    .collect();
                 let (confirmed_capacity, unconfirmed_capacity) = kernel.conntrack_capacity()?;
                 let table = |confirmed: bool, capacity: u32| {
-                    let entries = live.iter().filter(|(_, e)| e.is_confirmed() == confirmed);
+                    let entries = live.iter().filter(|(c, _)| *c == confirmed);
                     report::CtTable {
                         capacity,
                         entries: entries.clone().count() as u64,
-                        flows: entries.filter(|(_, e)| e.dir == dir::ORIGINAL).count() as u64,
+                        flows: entries.filter(|(_, d)| *d == dir::ORIGINAL).count() as u64,
                     }
                 };
                 let (confirmed, unconfirmed) = (table(true, confirmed_capacity), table(false, unconfirmed_capacity));
                 let memory = kernel.map_memory()?;
-                let ct_maps = [pfwd_common::names::CONNTRACK, pfwd_common::names::CONNTRACK_NEW];
+                use pfwd_common::names::{CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW};
+                let ct_maps = [CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW];
                 let ct_memory: Vec<u64> =
                     memory.iter().filter(|(n, _)| ct_maps.contains(&n.as_str())).map(|(_, b)| *b).collect();
                 let conntrack = ConntrackSummary::Ebpf(EbpfConntrack {
@@ -1164,7 +1175,7 @@ pub fn status() -> Result<Status> {
                     confirmed,
                     unconfirmed,
                     maps_memory_bytes: memory.iter().map(|(_, b)| *b).sum(),
-                    memory_bytes: (ct_memory.len() == 2).then(|| ct_memory.iter().sum()),
+                    memory_bytes: (ct_memory.len() >= 2).then(|| ct_memory.iter().sum()),
                     timeouts_s: (&cfg).into(),
                 });
                 let stats = kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
@@ -1270,7 +1281,44 @@ pub fn status() -> Result<Status> {
     })))
 }
 
-fn tcp_state_name(e: &pfwd_common::CtEntry) -> &'static str {
+/// eBPF mode: the live flows of one family's conntrack `entries`, as `pfwd conntrack` lists them, onto `out`. `ids`:
+/// each slot's rule id.
+fn ebpf_flows<A: crate::loader::CtFamily>(
+    entries: &[(pfwd_common::FlowTuple<A>, pfwd_common::CtEntryOf<A>)],
+    ids: &HashMap<u32, u32>,
+    (now, cfg): (u64, &Config),
+    out: &mut Vec<ConntrackEntry>,
+) {
+    for (key, e) in entries {
+        if e.dir != dir::ORIGINAL || e.expired(now, cfg) {
+            continue;
+        }
+        let rule = ids.get(&pfwd_common::owner_slot(e.rule_slot)).copied();
+        let nat = if e.hook == pfwd_common::ct_hook::INGRESS { Nat::Dnat } else { Nat::Snat };
+        let st = if e.xlat.proto == pfwd_common::PROTO_TCP {
+            tcp_state_name(e)
+        } else if e.state & pfwd_common::ct_state::SEEN_REPLY != 0 {
+            "REPLIED"
+        } else {
+            "UNREPLIED"
+        };
+        let secs = |ns: u64| ns as f64 / 1e9;
+        out.push(ConntrackEntry {
+            age_s: Some(secs(now.saturating_sub(e.created_ns))),
+            expires_in_s: Some(secs((e.last_seen_ns + e.timeout_ns(cfg)).saturating_sub(now))),
+            idle_s: Some(secs(now.saturating_sub(e.last_seen_ns))),
+            nat,
+            original: FlowTuple::from(key),
+            proto: report::proto_name(e.xlat.proto),
+            reply: FlowTuple::from(&e.xlat.reversed()),
+            rule,
+            state: Some(st.to_string()),
+            translated: FlowTuple::from(&e.xlat),
+        });
+    }
+}
+
+fn tcp_state_name<A: pfwd_common::Addr>(e: &pfwd_common::CtEntryOf<A>) -> &'static str {
     use pfwd_common::ct_state::*;
     if e.state & RST != 0 {
         "CLOSE (reset)"
@@ -1299,33 +1347,8 @@ pub fn conntrack_list() -> Result<Vec<ConntrackEntry>> {
             let now = crate::clock::now_ns(&cfg);
             let mut out = vec![];
             let ids = rule_ids_by_slot(&state);
-            for (key, e) in kernel.conntrack()? {
-                if e.dir != dir::ORIGINAL || e.expired(now, &cfg) {
-                    continue;
-                }
-                let rule = ids.get(&pfwd_common::owner_slot(e.rule_slot)).copied();
-                let nat = if e.hook == pfwd_common::ct_hook::INGRESS { Nat::Dnat } else { Nat::Snat };
-                let st = if e.xlat.proto == pfwd_common::PROTO_TCP {
-                    tcp_state_name(&e)
-                } else if e.state & pfwd_common::ct_state::SEEN_REPLY != 0 {
-                    "REPLIED"
-                } else {
-                    "UNREPLIED"
-                };
-                let secs = |ns: u64| ns as f64 / 1e9;
-                out.push(ConntrackEntry {
-                    age_s: Some(secs(now.saturating_sub(e.created_ns))),
-                    expires_in_s: Some(secs((e.last_seen_ns + e.timeout_ns(&cfg)).saturating_sub(now))),
-                    idle_s: Some(secs(now.saturating_sub(e.last_seen_ns))),
-                    nat,
-                    original: FlowTuple::from(&key),
-                    proto: report::proto_name(e.xlat.proto),
-                    reply: FlowTuple::from(&e.xlat.reversed()),
-                    rule,
-                    state: Some(st.to_string()),
-                    translated: FlowTuple::from(&e.xlat),
-                });
-            }
+            ebpf_flows(&kernel.conntrack::<u32>()?, &ids, (now, &cfg), &mut out);
+            ebpf_flows(&kernel.conntrack::<pfwd_common::Addr6>()?, &ids, (now, &cfg), &mut out);
             Ok(out)
         }
         // netfilter does not record the rule: name the pfwd rule that explains each translation (see flows::rule_of).

@@ -5,13 +5,14 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use pfwd_common::maps::{
-    BackendEntry, COMPANION_SLOTS, Class, GEN_FOREVER, INDEX_ENTRIES, INDEX_SLOTS, IndexKey, MAX_BACKEND_RULES,
-    MAX_CLASSES, MAX_RULES, PROTO_ANY, RuleEntry, class_flag, hook, kind, rule_flag,
+    Addr6, BackendEntry, COMPANION_SLOTS, Class, GEN_FOREVER, INDEX_ENTRIES, INDEX_SLOTS, IndexKey, MAX_BACKEND_RULES,
+    MAX_CLASSES, MAX_RULES, PROTO_ANY, RuleEntry, class_flag, family, hook, kind, rule_flag,
 };
 
 use super::error::RuleError;
-use super::model::{Family, PortRange, Proto, Rule, Target, net_mask, prefix_len};
+use super::model::{Family, PortRange, Proto, Rule, Target, prefix_len};
 use super::precedence::rank;
 
 /// The contents of the rules array, the rule index and the class lists.
@@ -95,9 +96,41 @@ pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u16, u8)> {
     blocks
 }
 
-/// A prefix length's mask in network order (how addresses sit in the tuple).
-fn addr_mask(plen: u8) -> u32 {
-    if plen == 0 { 0 } else { (!0u32 << (32 - plen)).to_be() }
+/// A prefix length's mask in the maps' wide form (network order, see `pfwd_common::Addr::wide`): the first `plen`
+/// bits of the address's bytes, so the same for an IPv4 prefix (in the first word) and an IPv6 one.
+fn addr_mask(plen: u8) -> Addr6 {
+    let bits: u128 = if plen == 0 { 0 } else { !0u128 << (128 - u32::from(plen.min(128))) };
+    wide_bytes(bits.to_be_bytes())
+}
+
+/// 16 bytes in network order as the maps' four words.
+fn wide_bytes(b: [u8; 16]) -> Addr6 {
+    let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// An address of either family in the maps' wide form: IPv4 in the first word, IPv6 in all four.
+pub(crate) fn wide(a: IpAddr) -> Addr6 {
+    match a {
+        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        IpAddr::V6(a) => wide_bytes(a.octets()),
+    }
+}
+
+/// A network of either family as the maps' `(net, mask)` in wide form; `(0, 0)` for none.
+fn wide_net(n: Option<IpNet>) -> (Addr6, Addr6) {
+    let Some(n) = n else { return ([0; 4], [0; 4]) };
+    let mask = addr_mask(n.prefix_len());
+    (pfwd_common::masked(&wide(n.network()), &mask), mask)
+}
+
+/// The maps' [`family`] of a rule.
+fn family_code(r: &Rule) -> u8 {
+    match r.family() {
+        Some(Family::Ipv4) => family::V4,
+        Some(Family::Ipv6) => family::V6,
+        None => family::ANY,
+    }
 }
 
 /// The rules both data paths run: `rules` in their order, then the companion ([`Rule::hairpin_companion`]) of each
@@ -175,7 +208,7 @@ pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> R
     for (_, r) in rules {
         // The index relies on "a port implies a protocol", which validate() guarantees.
         r.validate().map_err(|e| RuleError::InRule { id: r.id, error: Box::new(e) })?;
-        if r.family() == Some(Family::Ipv6) {
+        if r.local && r.family() == Some(Family::Ipv6) {
             return Err(RuleError::InRule { id: r.id, error: Box::new(RuleError::Ipv6NotInEbpf) });
         }
     }
@@ -236,7 +269,7 @@ pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> R
     }
     let entry = |s: &u32| &c.entries[c.positions[s]].1;
     for slots in c.members.values_mut() {
-        slots.sort_by_key(|s| (entry(s).rank, *s));
+        slots.sort_by_key(|s| (entry(s).rank, entry(s).id, *s));
         let listed = listed(slots, |s| Some(entry(&s)));
         if listed.len() > INDEX_SLOTS {
             let ids: Vec<String> = listed.iter().map(|s| entry(s).id.to_string()).collect();
@@ -258,30 +291,18 @@ pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> R
     Ok(c)
 }
 
-/// An IPv4 address as the kernel's maps hold it (network order). The kernel's rules are IPv4 ([`build`] refuses
-/// IPv6 rules), so an IPv6 address never gets here; it would read as 0.0.0.0.
-pub(crate) fn ne_v4(a: IpAddr) -> u32 {
-    match a {
-        IpAddr::V4(a) => u32::from_ne_bytes(a.octets()),
-        IpAddr::V6(_) => 0,
-    }
-}
-
 /// The rules array entry of `r` (visible in every generation).
 fn rule_entry(r: &Rule, rank: u64, ifindex: u32) -> RuleEntry {
-    let (src_net, src_mask) = net_mask(r.src);
-    let (dst_net, dst_mask) = net_mask(r.dst);
-    let be = ne_v4;
+    let (src_net, src_mask) = wide_net(r.src);
+    let (dst_net, dst_mask) = wide_net(r.dst);
     // SNAT/MASQUERADE ports 0..=0 tell the kernel "keep the source port when free, else 1024-65535".
     let range = |p: Option<PortRange>| p.map_or((0, 0), |p| (p.lo, p.hi));
     let (kind, to_addr, (to_port, to_port_hi)) = match r.target {
-        Target::Dnat { addr, port } => (kind::DNAT, be(addr), (port.unwrap_or(0), 0)),
-        Target::Redirect { port } => (kind::REDIRECT, 0, (port, 0)),
-        Target::Snat { addr, ports } => (kind::SNAT, be(addr), range(ports)),
-        Target::Masquerade { ports } => (kind::MASQUERADE, 0, range(ports)),
+        Target::Dnat { addr, port } => (kind::DNAT, wide(addr), (port.unwrap_or(0), 0)),
+        Target::Redirect { port } => (kind::REDIRECT, [0; 4], (port, 0)),
+        Target::Snat { addr, ports } => (kind::SNAT, wide(addr), range(ports)),
+        Target::Masquerade { ports } => (kind::MASQUERADE, [0; 4], range(ports)),
     };
-    // Map values are network order: the bytes as they sit in the packet.
-    let ne = |v: u32| u32::from_ne_bytes(v.to_be_bytes());
     let flag = |on: bool, f: u8| if on { f } else { 0 };
     let flags = flag(r.not.src, rule_flag::NOT_SRC)
         | flag(r.not.dst, rule_flag::NOT_DST)
@@ -293,19 +314,18 @@ fn rule_entry(r: &Rule, rank: u64, ifindex: u32) -> RuleEntry {
         gen_from: 0,
         gen_until: GEN_FOREVER,
         id: r.id,
-        src_net: ne(src_net),
-        src_mask: ne(src_mask),
-        dst_net: ne(dst_net),
-        dst_mask: ne(dst_mask),
+        src_net,
+        src_mask,
+        dst_net,
+        dst_mask,
         to_addr,
         to_port,
         to_port_hi,
         kind,
         proto: r.proto.map_or(PROTO_ANY, Proto::code),
         flags,
-        _pad: 0,
+        family: family_code(r),
         ifindex,
-        _pad2: 0,
     }
 }
 
@@ -325,15 +345,15 @@ fn index_keys(r: &Rule, e: &RuleEntry, hook: u8) -> Vec<(IndexKey, Class)> {
         .map(|(port, port_plen)| {
             let key = IndexKey {
                 ifindex,
-                saddr: e.src_net & src_mask,
-                daddr: e.dst_net & dst_mask,
+                saddr: pfwd_common::masked(&e.src_net, &src_mask),
+                daddr: pfwd_common::masked(&e.dst_net, &dst_mask),
                 dport: port,
                 proto: e.proto,
                 hook,
                 port_plen,
                 src_plen,
                 dst_plen,
-                _pad: 0,
+                family: e.family,
             };
             (key, class_of(&key))
         })
@@ -344,7 +364,8 @@ fn index_keys(r: &Rule, e: &RuleEntry, hook: u8) -> Vec<(IndexKey, Class)> {
 /// interface and a protocol.
 pub fn class_of(key: &IndexKey) -> Class {
     let flags = if key.ifindex != 0 { class_flag::IFACE } else { 0 }
-        | if key.proto != PROTO_ANY { class_flag::PROTO } else { 0 };
+        | if key.proto != PROTO_ANY { class_flag::PROTO } else { 0 }
+        | if key.family != family::ANY { class_flag::FAMILY } else { 0 };
     class_shaped(flags, key.port_plen, key.src_plen, key.dst_plen)
 }
 
@@ -448,24 +469,23 @@ mod tests {
                 gen_from: 0,
                 gen_until: GEN_FOREVER,
                 id: 2,
-                src_net: u32::from_ne_bytes([192, 168, 1, 0]),
-                src_mask: u32::from_ne_bytes([255, 255, 255, 0]),
-                dst_net: 0,
-                dst_mask: 0,
-                to_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+                src_net: [u32::from_ne_bytes([192, 168, 1, 0]), 0, 0, 0],
+                src_mask: [u32::from_ne_bytes([255, 255, 255, 0]), 0, 0, 0],
+                dst_net: [0; 4],
+                dst_mask: [0; 4],
+                to_addr: [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0],
                 to_port: 17355,
                 to_port_hi: 0,
                 kind: kind::DNAT,
                 proto: PROTO_TCP,
                 flags: 0,
-                _pad: 0,
+                family: family::V4,
                 ifindex: 2,
-                _pad2: 0,
             }
         );
-        assert_eq!((e(0).kind, e(0).to_addr, e(0).to_port, e(0).ifindex), (kind::REDIRECT, 0, 3000, 0));
-        assert_eq!((e(2).proto, e(2).dst_mask, e(2).to_port), (PROTO_ANY, u32::MAX, 0));
-        assert_eq!(e(2).dst_net, u32::from_ne_bytes([203, 0, 113, 20]));
+        assert_eq!((e(0).kind, e(0).to_addr, e(0).to_port, e(0).ifindex), (kind::REDIRECT, [0; 4], 3000, 0));
+        assert_eq!((e(2).proto, e(2).dst_mask, e(2).to_port), (PROTO_ANY, [u32::MAX, 0, 0, 0], 0));
+        assert_eq!(e(2).dst_net, [u32::from_ne_bytes([203, 0, 113, 20]), 0, 0, 0]);
         let pre = hook::PREROUTING;
         assert_eq!(keys(&c, 0), [(pre, 0, PROTO_TCP, 80, 16, 0, 0)]);
         assert_eq!(keys(&c, 1), [(pre, 2, PROTO_TCP, 59999, 16, 24, 0)]);
@@ -474,12 +494,16 @@ mod tests {
         assert_eq!(keys(&c, 3), [(pre, 0, PROTO_UDP, 8000, 15, 0, 0), (pre, 0, PROTO_UDP, 8002, 16, 0, 0)]);
         assert_eq!(c.members.len(), 5);
         let k1 = c.members.keys().find(|k| k.dport == 59999).unwrap();
-        assert_eq!(k1.saddr, u32::from_ne_bytes([192, 168, 1, 0]));
-        // Classes: one per shape, in ascending lowest rank; rules 1 and 4's single-port shapes are one class.
+        assert_eq!(k1.saddr, [u32::from_ne_bytes([192, 168, 1, 0]), 0, 0, 0]);
+        // Classes: one per shape, in ascending lowest rank. Rules 1 and 4's single-port shapes differ in the
+        // family: rule 4 translates to an IPv4 address, so it is an IPv4 rule; rule 1 serves both families.
         let shapes: Vec<(u8, u8, u8, u8)> =
             c.classes[pre as usize].iter().map(|k| (k.flags, k.port_plen, k.src_plen, k.dst_plen)).collect();
-        let (i, p) = (class_flag::IFACE, class_flag::PROTO);
-        assert_eq!(shapes, [(i | p, 16, 24, 0), (p, 16, 0, 0), (p, 15, 0, 0), (0, 0, 0, 32)]);
+        let (i, p, f) = (class_flag::IFACE, class_flag::PROTO, class_flag::FAMILY);
+        assert_eq!(
+            shapes,
+            [(i | p | f, 16, 24, 0), (p, 16, 0, 0), (p | f, 15, 0, 0), (p | f, 16, 0, 0), (f, 0, 0, 32)]
+        );
         assert_eq!(c.classes[pre as usize][1].min_rank, e(0).rank);
         assert!(c.classes[1].is_empty() && c.classes[2].is_empty());
         assert_eq!(compile(&[], &ifindex).unwrap(), Compiled::default());
@@ -591,28 +615,27 @@ mod tests {
                 gen_from: 0,
                 gen_until: GEN_FOREVER,
                 id: 2,
-                src_net: u32::from_ne_bytes([10, 0, 2, 0]),
-                src_mask: u32::from_ne_bytes([255, 255, 255, 0]),
-                dst_net: 0,
-                dst_mask: 0,
-                to_addr: u32::from_ne_bytes([203, 0, 113, 5]),
+                src_net: [u32::from_ne_bytes([10, 0, 2, 0]), 0, 0, 0],
+                src_mask: [u32::from_ne_bytes([255, 255, 255, 0]), 0, 0, 0],
+                dst_net: [0; 4],
+                dst_mask: [0; 4],
+                to_addr: [u32::from_ne_bytes([203, 0, 113, 5]), 0, 0, 0],
                 to_port: 20000,
                 to_port_hi: 20099,
                 kind: kind::SNAT,
                 proto: PROTO_TCP,
                 flags: 0,
-                _pad: 0,
+                family: family::V4,
                 ifindex: 3,
-                _pad2: 0,
             }
         );
         assert_eq!(
             (e(2).kind, e(2).to_addr, e(2).to_port, e(2).to_port_hi, e(2).ifindex),
-            (kind::MASQUERADE, 0, 0, 0, 3)
+            (kind::MASQUERADE, [0; 4], 0, 0, 3)
         );
         assert_eq!((e(3).to_port, e(3).to_port_hi, e(3).proto, e(3).ifindex), (1024, 1027, PROTO_UDP, 0));
         assert_eq!((e(4).kind, e(4).to_port, e(4).to_port_hi), (kind::SNAT, 0, 0), "no range: the kernel's default");
-        assert_eq!(e(4).dst_net, u32::from_ne_bytes([198, 51, 100, 0]));
+        assert_eq!(e(4).dst_net, [u32::from_ne_bytes([198, 51, 100, 0]), 0, 0, 0]);
         assert_eq!((e(0).kind, e(0).to_port, e(0).to_port_hi), (kind::DNAT, 0, 0), "hi unused by DNAT");
         let (pre, post) = (hook::PREROUTING, hook::POSTROUTING);
         assert_eq!(keys(&c, 1), [(post, 3, PROTO_TCP, 0, 0, 24, 0)]);
@@ -658,9 +681,9 @@ mod tests {
         assert_eq!((e.kind, e.id, e.ifindex, e.proto), (kind::MASQUERADE, 2, 0, PROTO_TCP));
         assert_eq!(
             (e.src_net, e.src_mask),
-            (u32::from_ne_bytes([10, 0, 2, 0]), u32::from_ne_bytes([255, 255, 255, 0]))
+            ([u32::from_ne_bytes([10, 0, 2, 0]), 0, 0, 0], [u32::from_ne_bytes([255, 255, 255, 0]), 0, 0, 0])
         );
-        assert_eq!((e.dst_net, e.dst_mask), (u32::from_ne_bytes([10, 0, 2, 2]), u32::MAX));
+        assert_eq!((e.dst_net, e.dst_mask), ([u32::from_ne_bytes([10, 0, 2, 2]), 0, 0, 0], [u32::MAX, 0, 0, 0]));
         let post = hook::POSTROUTING;
         assert_eq!(keys(&c, COMPANION_SLOTS + 11), [(post, 0, PROTO_TCP, 0, 0, 24, 32)]);
         assert_eq!(keys(&c, COMPANION_SLOTS + 13), [(post, 0, PROTO_UDP, 0, 0, 24, 32)]);

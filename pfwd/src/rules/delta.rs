@@ -15,11 +15,12 @@ use serde::{Deserialize, Serialize};
 use super::compile::{CONDITIONAL, Compiled, class_of, class_shaped};
 use super::error::RuleError;
 
-/// One rule of an index key, with what the index needs of it: its rank (which holds its id) and its flags (whether
-/// it is conditional, [`listed`]).
+/// One rule of an index key, with what the index needs of it: its rank and id (the kernel's order) and its flags
+/// (whether it is conditional, [`listed`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Member {
     pub rank: u64,
+    pub id: u32,
     pub slot: u32,
     pub flags: u8,
 }
@@ -27,31 +28,35 @@ pub struct Member {
 impl Member {
     /// The member a kernel entry describes.
     pub fn of(slot: u32, e: &RuleEntry) -> Member {
-        Member { rank: e.rank, slot, flags: e.flags }
+        Member { rank: e.rank, id: e.id, slot, flags: e.flags }
     }
 
     /// An entry carrying only what the index looks at (rank, id, flags): enough for [`super::plan::plan_change`]
     /// to order and trim the lists of rules the change does not touch.
     fn entry(&self) -> RuleEntry {
-        RuleEntry { rank: self.rank, id: self.rank as u32, flags: self.flags, ..RuleEntry::default() }
+        RuleEntry { rank: self.rank, id: self.id, flags: self.flags, ..RuleEntry::default() }
     }
 
-    /// The stored form: rank, slot and flags in 13 bytes.
+    /// The stored form: rank, id, slot and flags in 17 bytes.
     pub fn encode(members: &[Member]) -> Vec<u8> {
         members
             .iter()
-            .flat_map(|m| m.rank.to_le_bytes().into_iter().chain(m.slot.to_le_bytes()).chain([m.flags]))
+            .flat_map(|m| {
+                m.rank.to_le_bytes().into_iter().chain(m.id.to_le_bytes()).chain(m.slot.to_le_bytes()).chain([m.flags])
+            })
             .collect()
     }
 
     /// Reads [`Member::encode`]'s form (a short tail is ignored).
     pub fn decode(bytes: &[u8]) -> Vec<Member> {
+        let u32_at = |c: &[u8], i: usize| u32::from_le_bytes(c[i..i + 4].try_into().unwrap_or_default());
         bytes
-            .chunks_exact(13)
+            .chunks_exact(17)
             .map(|c| Member {
                 rank: u64::from_le_bytes(c[..8].try_into().unwrap_or_default()),
-                slot: u32::from_le_bytes(c[8..12].try_into().unwrap_or_default()),
-                flags: c[12],
+                id: u32_at(c, 8),
+                slot: u32_at(c, 12),
+                flags: c[16],
             })
             .collect()
     }
@@ -167,7 +172,7 @@ pub fn delta(
             .filter_map(|s| new_changed.entry(*s).map(|e| Member::of(*s, e)))
             .collect();
         now.extend(&added);
-        now.sort_by_key(|m| (m.rank, m.slot));
+        now.sort_by_key(|m| (m.rank, m.id, m.slot));
         let class = counts.entry(ClassKeys::of(key).shape()).or_insert_with(|| ClassKeys::of(key));
         match (had.is_empty(), now.is_empty()) {
             (true, false) => class.keys += 1,
@@ -186,7 +191,7 @@ pub fn delta(
         }
         let shown = shown(&now);
         if shown > INDEX_SLOTS {
-            let ids: Vec<String> = now[..shown].iter().map(|m| (m.rank as u32).to_string()).collect();
+            let ids: Vec<String> = now[..shown].iter().map(|m| m.id.to_string()).collect();
             return Err(RuleError::IndexFull { ids: ids.join(", ") });
         }
         if had[self::shown(had)..] != now[shown..] {
@@ -367,8 +372,11 @@ mod tests {
 
     #[test]
     fn members_round_trip_through_their_stored_form() {
-        let m = [Member { rank: u64::MAX - 3, slot: 7, flags: 5 }, Member { rank: 1 << 40, slot: 131_071, flags: 0 }];
+        let m = [
+            Member { rank: u64::MAX - 3, id: 9, slot: 7, flags: 5 },
+            Member { rank: 1 << 40, id: u32::MAX, slot: 131_071, flags: 0 },
+        ];
         assert_eq!(Member::decode(&Member::encode(&m)), m);
-        assert_eq!(Member::encode(&m).len(), 26);
+        assert_eq!(Member::encode(&m).len(), 34);
     }
 }

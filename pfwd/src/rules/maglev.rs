@@ -82,7 +82,7 @@ pub fn entries(backends: &[Backend]) -> Vec<BackendEntry> {
         .into_iter()
         .map(|i| {
             let b = &backends[i as usize];
-            BackendEntry { addr: super::compile::ne_v4(b.addr), port: b.port.unwrap_or(0), _pad: 0 }
+            BackendEntry { addr: super::compile::wide(b.addr), port: b.port.unwrap_or(0), _pad: 0 }
         })
         .collect()
 }
@@ -175,7 +175,7 @@ mod tests {
         let e = entries(&b);
         assert_eq!(e.len(), MAGLEV_SIZE as usize);
         assert!(e.iter().all(|x| x.port == 80));
-        assert!(e.iter().any(|x| x.addr == u32::from_ne_bytes([10, 0, 2, 3])));
+        assert!(e.iter().any(|x| x.addr == [u32::from_ne_bytes([10, 0, 2, 3]), 0, 0, 0]));
         // One backend owns the whole table; the most backends still each get entries.
         assert!(table(&backends(&[("10.0.0.1", 1)])).iter().all(|&x| x == 0));
         let many: Vec<Backend> =

@@ -98,7 +98,7 @@ pub fn plan(held: &Held, generation: u32, new: &Compiled) -> Result<Plan, RuleEr
             p.delete(*slot, e, e.visible(generation));
         }
     }
-    let rank = |s: u32| new.entry(s).or_else(|| held.entries.get(&s)).map(|e| e.rank);
+    let rank = |s: u32| new.entry(s).or_else(|| held.entries.get(&s)).map(|e| (e.rank, e.id));
     let new_index = new.index();
     let keys: HashSet<&IndexKey> = held.index.keys().chain(new_index.keys()).collect();
     let none = Vec::new();
@@ -140,7 +140,7 @@ pub fn plan_change(
         None if new_changed.entry(s).is_some() => None,
         None => new.entry(s),
     };
-    let rank = |s: u32| new.entry(s).or_else(|| old_changed.entry(s)).map(|e| e.rank);
+    let rank = |s: u32| new.entry(s).or_else(|| old_changed.entry(s)).map(|e| (e.rank, e.id));
     let keys: HashSet<&IndexKey> = new_changed.members.keys().chain(old_changed.members.keys()).collect();
     let none = Vec::new();
     for key in keys {
@@ -151,7 +151,7 @@ pub fn plan_change(
             .filter(|s| new_changed.entry(*s).is_none())
             .chain(old_changed.members.get(key).into_iter().flatten().copied())
             .collect();
-        old_members.sort_unstable_by_key(|s| (old_entry(*s).map_or(u64::MAX, |e| e.rank), *s));
+        old_members.sort_unstable_by_key(|s| (old_entry(*s).map_or((u64::MAX, u32::MAX), |e| (e.rank, e.id)), *s));
         let old = listed(&old_members, old_entry).to_vec();
         let now = new.listed(now_members).to_vec();
         p.key(*key, &old, &now, &rank)?;
@@ -188,14 +188,14 @@ impl Plan {
         key: IndexKey,
         old: &[u32],
         now: &[u32],
-        rank: &dyn Fn(u32) -> Option<u64>,
+        rank: &dyn Fn(u32) -> Option<(u64, u32)>,
     ) -> Result<(), RuleError> {
         if old == now {
             return Ok(());
         }
         let mut union: Vec<u32> = old.iter().chain(now).copied().collect::<HashSet<u32>>().into_iter().collect();
         // A slot the held index lists but whose entry is unknown ranks last; it is invisible anyway.
-        union.sort_unstable_by_key(|s| (rank(*s).unwrap_or(u64::MAX), *s));
+        union.sort_unstable_by_key(|s| (rank(*s).unwrap_or((u64::MAX, u32::MAX)), *s));
         if union.len() > INDEX_SLOTS {
             return Err(RuleError::IndexFull { ids: String::new() });
         }

@@ -55,20 +55,11 @@ impl Specificity {
     }
 }
 
-/// The kernel's rank of `r` (lowest wins): the precedence contract packed into 64 bits, most significant first:
-/// no `--dport` (1 bit), the port range's width (16), no `-p` (1), no (or a negated) `-i`/`-o` (1), 32 minus the
-/// source prefix length (6), 65 minus twice the destination prefix length (plus one for `-d local`) (7), then the
-/// rule's id (32). A function of the rule alone, so adding or deleting a rule never re-ranks the others. The
-/// kernel's rules are IPv4 ones (IPv6 prefixes would not fit; [`precedence_key`] orders both families).
+/// The kernel's rank of `r`: [`precedence_key`] without the id (the kernel breaks ties of rank by the rule's id,
+/// which its entry holds), so rules of both families rank as the precedence contract says. A function of the rule
+/// alone, so adding or deleting a rule never re-ranks the others.
 pub fn rank(r: &Rule) -> u64 {
-    let s = Specificity::of(r, 32);
-    let specificity = u64::from(s.no_dport) << 31
-        | u64::from(s.width) << 15
-        | u64::from(s.no_proto) << 14
-        | u64::from(s.no_iface) << 13
-        | u64::from(32 - s.src) << 7
-        | u64::from(65 - s.dst);
-    specificity << 32 | u64::from(r.id)
+    (precedence_key(r) >> 32) as u64
 }
 
 /// Indices into `rules`, most specific first (see the module docs). The iptables export emits rules in this order so
@@ -145,19 +136,19 @@ mod tests {
         assert_eq!(precedence_order(&rules), vec![3, 4, 2, 1, 0]);
     }
 
-    /// For IPv4 rules and rules without addresses (all the kernel ever ranks), the key of either family orders
-    /// exactly as the kernel's rank: the iptables export and the eBPF data path pick the same rule.
+    /// For rules of both families, the key orders exactly as the kernel's rank with its id tie-break: the
+    /// iptables export and the eBPF data path pick the same rule.
     #[test]
-    fn precedence_key_orders_as_rank_for_ipv4() {
+    fn precedence_key_orders_as_the_kernel() {
         let mut rng = Rng(0x51ed_2701);
         let mut rules = Vec::new();
         while rules.len() < 400 {
             let mut r = random_rule(&mut rng);
-            if r.family() == Some(Family::Ipv6) {
+            if r.family() == Some(Family::Ipv6) && rng.chance(50) {
                 continue;
             }
             if r.family().is_none() && rng.chance(50) {
-                r.family = Some(Family::Ipv4);
+                r.family = Some(if rng.chance(50) { Family::Ipv4 } else { Family::Ipv6 });
             }
             // Ties on everything but the id, and equal ids too, now and then.
             r.id = if rng.chance(30) { 1 + rng.below(3) as u32 } else { r.id };
@@ -168,19 +159,20 @@ mod tests {
         let both = rules.iter().filter(|r| r.family().is_none()).count();
         let restricted = rules.iter().filter(|r| r.family.is_some()).count();
         assert!(with_addrs > 200 && both > 5 && restricted > 5, "{with_addrs} {both} {restricted}");
+        let kernel = |r: &Rule| (rank(r), r.id);
         for a in &rules {
             for b in &rules {
-                assert_eq!(precedence_key(a).cmp(&precedence_key(b)), rank(a).cmp(&rank(b)), "{a} / {b}");
-                assert_eq!(precedence_cmp(a, b), rank(a).cmp(&rank(b)), "{a} / {b}");
+                assert_eq!(precedence_key(a).cmp(&precedence_key(b)), kernel(a).cmp(&kernel(b)), "{a} / {b}");
+                assert_eq!(precedence_cmp(a, b), kernel(a).cmp(&kernel(b)), "{a} / {b}");
             }
         }
         let mut by_rank: Vec<usize> = (0..rules.len()).collect();
-        by_rank.sort_by_key(|&i| rank(&rules[i]));
+        by_rank.sort_by_key(|&i| kernel(&rules[i]));
         assert_eq!(precedence_order(&rules), by_rank);
     }
 
-    /// IPv6 prefixes are longer than the kernel's rank has room for (it caps them at 32): the key orders them by
-    /// their whole length, the source's before the destination's as for IPv4.
+    /// IPv6 prefixes order by their whole length, the source's before the destination's as for IPv4, in the key
+    /// and in the kernel's rank alike.
     #[test]
     fn ipv6_prefix_lengths_order() {
         let rules: Vec<Rule> = [
@@ -204,8 +196,8 @@ mod tests {
         assert_eq!(precedence_cmp(d64, d48), Ordering::Less, "the longer /64 beats the /48");
         assert_eq!(precedence_cmp(d128, none), Ordering::Less, "-d /128 beats no -d");
         assert_eq!(precedence_cmp(d128, d64), Ordering::Less);
-        // Where the rank's cap at 32 would tie them (and the older id would win).
-        assert_eq!(rank(d48) >> 32, rank(d64) >> 32);
+        // Beyond 32 bits of prefix, too.
+        assert!(rank(d64) < rank(d48));
         assert!(precedence_key(d64) < precedence_key(d48));
         // The match fields still come first: a port beats any prefix.
         let port = Rule { id: 12, ..ok("dnat -p tcp --dport 80 --to 2001:db8::9") };
@@ -223,20 +215,20 @@ mod tests {
 
     /// What the BPF programs do: walk the hook's classes, look the masked tuple up in the index, lowest rank wins.
     fn kernel_lookup(c: &Compiled, at: u8, pkt: &Packet) -> Option<usize> {
-        let t = Tuple {
-            saddr: compile::ne_v4(pkt.saddr),
-            daddr: compile::ne_v4(pkt.daddr),
-            sport: 0,
-            dport: pkt.dport,
-            proto: pkt.proto,
-            _pad: 0,
-            _pad2: 0,
-        };
+        match (pkt.saddr, pkt.daddr) {
+            (IpAddr::V4(_), IpAddr::V4(_)) => lookup_as::<u32>(c, at, pkt),
+            _ => lookup_as::<Addr6>(c, at, pkt),
+        }
+    }
+
+    /// [`kernel_lookup`] of a packet of the family of `A`.
+    fn lookup_as<A: crate::loader::CtFamily>(c: &Compiled, at: u8, pkt: &Packet) -> Option<usize> {
+        let t = FlowTuple::new(A::of_ip(pkt.saddr), A::of_ip(pkt.daddr), 0, pkt.dport, pkt.proto);
         // The kernel program's own walk (pfwd_common::find_rule), over the compiled maps.
         let index: HashMap<IndexKey, IndexEntry> =
             c.index().iter().map(|(k, slots)| (*k, IndexEntry::from_slots(slots))).collect();
         let rule = |slot: u32| c.entries.get(slot as usize).map(|(_, e)| e);
-        let is_local = |a: u32| LOCAL.contains(&Ipv4Addr::from(a.to_ne_bytes()));
+        let is_local = |a: &Addr6| A::FAMILY == 4 && LOCAL.iter().any(|l| compile::wide(IpAddr::V4(*l)) == *a);
         let classes = &c.classes[at as usize];
         pfwd_common::find_rule(&t, pkt.ifindex, (at, 0), classes, |k| index.get(k), rule, is_local)
             .map(|(slot, _)| slot as usize)

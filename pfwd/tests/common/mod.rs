@@ -7,7 +7,7 @@
 #![allow(dead_code)] // Each test file uses a different part.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -24,6 +24,8 @@ pub const DROP: u32 = pfwd_common::tcx::DROP as u32;
 pub const LO: u32 = 1;
 /// lo's address in the fixture: REDIRECT's and MASQUERADE's address, and the address DNAT clients connect to.
 pub const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+/// lo's IPv6 address in the fixture, as [`ROUTER`] is its IPv4 one.
+pub const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -79,9 +81,9 @@ impl Fixture {
         let dir = PathBuf::from(format!("/sys/fs/bpf/pfwd-test-{}-{n}", std::process::id()));
         let pins = Pins(Kernel::at(dir.clone()));
         pins.0.load(entries, &Config::default()).expect("loading the eBPF programs");
-        pins.0.set_iface(LO, ne(ROUTER)).expect("set_iface");
+        pins.0.set_iface(LO, Some(ROUTER), Some(ROUTER6)).expect("set_iface");
         // This host's addresses, for `-d local`: lo's.
-        pins.0.set_local_addrs(&[ne(ROUTER)]).expect("set_local_addrs");
+        pins.0.set_local_addrs(&[ROUTER.into(), ROUTER6.into()]).expect("set_local_addrs");
         pins.0.sync_rules(None, rules, &lo_index).expect("sync_rules");
         let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).expect("pinned ingress program");
         let egress = SchedClassifier::from_pin(dir.join("prog_egress")).expect("pinned egress program");
