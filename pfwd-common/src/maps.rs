@@ -23,6 +23,8 @@ pub mod names {
     pub const IFACES: &str = "PFWD_IFACES";
     pub const CONFIG: &str = "PFWD_CONFIG";
     pub const SOCKETS: &str = "PFWD_SOCKETS";
+    /// The IPv6 sockets' translations, as [`SOCKETS`] holds the IPv4 ones'.
+    pub const SOCKETS6: &str = "PFWD_SOCKETS6";
     pub const FRAGS: &str = "PFWD_FRAGS";
     pub const RECORD: &str = "PFWD_RECORD";
     pub const LOCAL_ADDRS: &str = "PFWD_LOCAL_ADDRS";
@@ -38,7 +40,7 @@ pub mod names {
     /// Per-backend counters ([`BackendCounterKey`](super::BackendCounterKey)).
     pub const BACKEND_COUNTERS: &str = "PFWD_BACKEND_CNT";
     /// Every map, in the order `pfwd status` reports their memory.
-    pub const MAPS: [&str; 19] = [
+    pub const MAPS: [&str; 20] = [
         RULES,
         INDEX,
         CLASSES,
@@ -51,6 +53,7 @@ pub mod names {
         IFACES,
         CONFIG,
         SOCKETS,
+        SOCKETS6,
         FRAGS,
         FRAGS6,
         RECORD,
@@ -68,6 +71,10 @@ pub mod names {
     pub const PROG_SENDMSG4: &str = "pfwd_sendmsg4";
     pub const PROG_RECVMSG4: &str = "pfwd_recvmsg4";
     pub const PROG_GETPEERNAME4: &str = "pfwd_getpeername4";
+    pub const PROG_CONNECT6: &str = "pfwd_connect6";
+    pub const PROG_SENDMSG6: &str = "pfwd_sendmsg6";
+    pub const PROG_RECVMSG6: &str = "pfwd_recvmsg6";
+    pub const PROG_GETPEERNAME6: &str = "pfwd_getpeername6";
 }
 
 /// Rule slots (rule bodies are addressed by slot; the user-facing id is stored inside). A cap well above the 100,000
@@ -883,6 +890,26 @@ pub struct SockOrig {
 
 pub const MAX_SOCKETS: u32 = 65_536;
 
+/// [`SockKey`] of an IPv6 socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct SockKey6 {
+    pub cookie: u64,
+    pub addr: Addr6,
+    pub port: u16,
+    pub _pad: u16,
+    pub _pad2: u32,
+}
+
+/// [`SockOrig`] of an IPv6 socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockOrig6 {
+    pub addr: Addr6,
+    pub port: u16,
+    pub _pad: u16,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -920,6 +947,8 @@ mod pod {
         RecordText,
         SockKey,
         SockOrig,
+        SockKey6,
+        SockOrig6,
         BackendKey,
         BackendEntry,
         BackendCounterKey

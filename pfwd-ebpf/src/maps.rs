@@ -12,8 +12,8 @@ use pfwd_common::{
     Addr6, BACKEND_COUNTER_ENTRIES, BACKEND_ENTRIES, BackendCounterKey, BackendEntry, BackendKey, CLASS_ENTRIES, Class,
     Config, CtEntry, CtEntry6, CtEntryOf, DEFAULT_CT_ENTRIES, FlowTuple, FragEntry, FragEntry6, FragKey, FragKey6,
     INDEX_ENTRIES, IfaceInfo, IndexEntry, IndexKey, MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES,
-    MAX_SOCKETS, RULE_ENTRIES, RecordText, RuleCounters, RuleEntry, SockKey, SockOrig, Stat, Tuple, Tuple6, Walk,
-    unconfirmed_ct_entries,
+    MAX_SOCKETS, RULE_ENTRIES, RecordText, RuleCounters, RuleEntry, SockKey, SockKey6, SockOrig, SockOrig6, Stat,
+    Tuple, Tuple6, Walk, unconfirmed_ct_entries,
 };
 
 /// Rule bodies by slot (`pfwd_common::lookup`).
@@ -61,6 +61,9 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map(name = "PFWD_SOCKETS")]
 pub static SOCKETS: LruHashMap<SockKey, SockOrig> = LruHashMap::pinned(MAX_SOCKETS, 0);
+
+#[map(name = "PFWD_SOCKETS6")]
+pub static SOCKETS6: LruHashMap<SockKey6, SockOrig6> = LruHashMap::pinned(MAX_SOCKETS, 0);
 
 /// Fragmented datagrams in flight: what their first fragment got (`fragment`).
 #[map(name = "PFWD_FRAGS")]

@@ -61,11 +61,15 @@ const L2_LEN_GLOBAL: &str = "PFWD_L2_LEN";
 const LOG_MAP: &str = "AYA_LOGS";
 
 /// The cgroup socket hooks of `--local` rules: (program, hook, pin suffix).
-const SOCK_PROGRAMS: [(&str, CgroupSockAddrAttachType, &str); 4] = [
+const SOCK_PROGRAMS: [(&str, CgroupSockAddrAttachType, &str); 8] = [
     (names::PROG_CONNECT4, CgroupSockAddrAttachType::Connect4, "connect4"),
     (names::PROG_SENDMSG4, CgroupSockAddrAttachType::UDPSendMsg4, "sendmsg4"),
     (names::PROG_RECVMSG4, CgroupSockAddrAttachType::UDPRecvMsg4, "recvmsg4"),
     (names::PROG_GETPEERNAME4, CgroupSockAddrAttachType::GetPeerName4, "getpeername4"),
+    (names::PROG_CONNECT6, CgroupSockAddrAttachType::Connect6, "connect6"),
+    (names::PROG_SENDMSG6, CgroupSockAddrAttachType::UDPSendMsg6, "sendmsg6"),
+    (names::PROG_RECVMSG6, CgroupSockAddrAttachType::UDPRecvMsg6, "recvmsg6"),
+    (names::PROG_GETPEERNAME6, CgroupSockAddrAttachType::GetPeerName6, "getpeername6"),
 ];
 
 /// An address family of the flow tables, on the userspace side: `u32` (IPv4) and [`Addr6`] (IPv6).
@@ -136,6 +140,8 @@ impl Kernel {
             .map_pin_path(LOG_MAP, self.dir.join(LOG_MAP))
             .map_max_entries(names::CONNTRACK, ct_entries)
             .map_max_entries(names::CONNTRACK_NEW, pfwd_common::unconfirmed_ct_entries(ct_entries))
+            .map_max_entries(names::CONNTRACK6, ct_entries)
+            .map_max_entries(names::CONNTRACK6_NEW, pfwd_common::unconfirmed_ct_entries(ct_entries))
             .override_global(L2_LEN_GLOBAL, &(Framing::Ethernet.l2_len()), true)
             .load(OBJECT)
             .context("loading the eBPF object (maps)")?;
@@ -732,7 +738,8 @@ impl Kernel {
             let path = self.dir.join(name);
             let Ok(data) = MapData::from_pin(&path) else { continue };
             let have = data.info()?;
-            let sized = name != names::CONNTRACK && name != names::CONNTRACK_NEW;
+            let sized =
+                ![names::CONNTRACK, names::CONNTRACK_NEW, names::CONNTRACK6, names::CONNTRACK6_NEW].contains(&name);
             if have.key_size() != want.key_size()
                 || have.value_size() != want.value_size()
                 || (sized && have.max_entries() != want.max_entries())

@@ -4,9 +4,8 @@
 //! The seed cases over IPv6: REDIRECT to a local port, DNAT to another host, DNAT + MASQUERADE where the server has
 //! no route back, 1:1 NAT (ICMPv6 echo included), `--local` to a moved server, source filters with IPv6 prefixes, a
 //! rule without addresses serving both families, packet-too-big through a translated flow, and `auto` falling back
-//! to nftables without BTF. They run in every mode (iptables mode through ip6tables, nft mode in its inet table, eBPF
-//! mode in its programs), but for `--local`, whose eBPF socket hooks are IPv4 only for now:
-//! `ebpf_refuses_ipv6_local_rules` checks that eBPF mode says so and changes nothing.
+//! to nftables without BTF. They run in every mode: iptables mode through ip6tables, nft mode in its inet table, eBPF
+//! mode in its programs and IPv6 socket hooks.
 //!
 //! Needs root and a built pfwd: `cargo build -p pfwd && PFWD_BIN=target/debug/pfwd cargo test -p tests --test ipv6`.
 
@@ -150,20 +149,60 @@ fn one_to_one_nat(mode: &str) {
     assert_eq!(icmp6_echo(&lab, Node::Client, public, TIMEOUT), Some(public), "ICMPv6 echo to {public}");
 }
 
-/// `--local`: connections the router itself makes to an address the server left are sent to its new address.
+/// `--local`: connections the router itself makes to an address the server left are sent to its new address (TCP,
+/// and UDP whose replies come back from the address the client sent to), the application seeing the address it
+/// asked for (getpeername); REDIRECT `--local` to a port on ::1; and a dual-stack socket's IPv4 connection (to an
+/// IPv4-mapped address) follows the IPv4 rules, as iptables' OUTPUT chain sees an IPv4 packet.
 fn local_to_moved_server(mode: &str) {
     let lab = dual_lab("v6-local");
     let _t = server(&lab, Node::Server, &format!("[{SERVER}]:8080"), "server6");
+    let _u = udp_server(&lab, Node::Server, &format!("[{SERVER}]:8080"), "server6");
+    let _t4 = server(&lab, Node::Server, "10.0.2.2:8080", "server4");
+    let _lo = server(&lab, Node::Router, "[::1]:3000", "router-lo6");
     let _guard = attach(&lab, mode, &["eth0", "eth1"]);
     let old = "[2001:db8:2::99]:80";
     assert!(lab.tcp_request(Node::Router, sa(old), "hi", SHORT).is_err(), "nobody is at {old} before the rule");
-    add(
-        &lab,
-        &["dnat", "--local", "-p", "tcp", "-d", "2001:db8:2::99", "--dport", "80", "--to", &format!("[{SERVER}]:8080")],
-    );
-    let r = lab.tcp_request(Node::Router, sa(old), "hi", TIMEOUT).unwrap_or_else(|e| panic!("router -> {old}: {e:#}"));
-    let r = tests::Reply::parse(&r).expect("a reply");
+    let to = format!("[{SERVER}]:8080");
+    add(&lab, &["dnat", "--local", "-p", "tcp", "-d", "2001:db8:2::99", "--dport", "80", "--to", &to]);
+    add(&lab, &["dnat", "--local", "-p", "udp", "-d", "2001:db8:2::99", "--dport", "80", "--to", &to]);
+    let (r, peer) = tcp_with_peer(&lab, Node::Router, old);
     assert_eq!((r.label.as_str(), r.port), ("server6", 8080), "{old} must reach the moved server");
+    assert_eq!(peer, sa(old), "getpeername shows the address the application connected to");
+    let (text, from) = lab.udp_request(Node::Router, sa(old), "u", TIMEOUT).expect("UDP through --local");
+    assert_eq!(tests::Reply::parse(&text).expect("reply").label, "server6");
+    assert_eq!(from, sa(old), "the UDP reply must come from the address the client sent to");
+
+    add(&lab, &["redirect", "--local", "-6", "-p", "tcp", "--dport", "1112", "--to-port", "3000"]);
+    let (r, peer) = tcp_with_peer(&lab, Node::Router, &format!("[{ROUTER_OUT}]:1112"));
+    assert_eq!((r.label.as_str(), r.port), ("router-lo6", 3000), "REDIRECT --local goes to ::1");
+    assert_eq!(peer, sa(&format!("[{ROUTER_OUT}]:1112")));
+
+    sh(&lab, Node::Router, "ip route add 198.51.100.0/24 via 10.0.2.2");
+    add(&lab, &["dnat", "--local", "-p", "tcp", "-d", "198.51.100.13", "--to", "10.0.2.2:8080"]);
+    let mapped = "[::ffff:198.51.100.13]:9000";
+    let (r, peer) = tcp_with_peer(&lab, Node::Router, mapped);
+    assert_eq!((r.label.as_str(), r.port), ("server4", 8080), "{mapped} follows the IPv4 rule");
+    assert_eq!(peer, sa(mapped));
+}
+
+/// Connects from `node` to `to`, sends a request, and returns the reply and the peer address the socket reports
+/// (getpeername).
+fn tcp_with_peer(lab: &Lab, node: Node, to: &str) -> (tests::Reply, std::net::SocketAddr) {
+    use std::io::{Read, Write};
+    let to = sa(to);
+    lab.in_ns(node, move || -> std::io::Result<(String, std::net::SocketAddr)> {
+        let mut s = std::net::TcpStream::connect_timeout(&to, TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let peer = s.peer_addr()?;
+        s.write_all(b"local")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok((out, peer))
+    })
+    .expect("entering the namespace")
+    .map(|(text, peer)| (tests::Reply::parse(&text).unwrap_or_else(|| panic!("unexpected reply {text:?}")), peer))
+    .unwrap_or_else(|e| panic!("TCP to {to} from {node:?} failed: {e}"))
 }
 
 /// Source filters with IPv6 prefixes, plain and negated.
@@ -212,35 +251,10 @@ in_both_modes!(
     dnat_to_another_host,
     dnat_and_masquerade_without_route_back,
     one_to_one_nat,
+    local_to_moved_server,
     source_filters,
     packet_too_big_reaches_the_client,
 );
-
-/// `--local` IPv6 rules in the netfilter modes; eBPF mode refuses them (`ebpf_refuses_ipv6_local_rules`).
-mod local {
-    #[test]
-    fn iptables() {
-        super::local_to_moved_server("iptables")
-    }
-    #[test]
-    fn nft() {
-        super::local_to_moved_server("nft")
-    }
-}
-
-/// eBPF mode's socket hooks translate IPv4 connections only: an IPv6 `--local` rule is refused with a message
-/// saying what to do, and nothing changes.
-#[test]
-fn ebpf_refuses_ipv6_local_rules() {
-    let lab = dual_lab("v6-ebpf");
-    let _guard = attach(&lab, "ebpf", &["eth0", "eth1"]);
-    pfwd_err(
-        &lab,
-        &["add", "dnat", "--local", "-p", "tcp", "-d", "2001:db8:2::99", "--to", &format!("[{SERVER}]:8080")],
-        &["IPv6 --local rules need --mode nft or --mode iptables", "socket hooks translate IPv4"],
-    );
-    assert_eq!(list(&lab), serde_json::json!([]), "a refused rule changes nothing");
-}
 
 /// `--mode auto` without kernel BTF falls back to nftables, where IPv6 rules work.
 #[test]

@@ -348,9 +348,8 @@ fn refresh_addresses(kernel: &Kernel, state: &Meta) -> Result<()> {
 }
 
 /// The state's rules compiled for the kernel, in their slots (which also checks them: interfaces attached, caps).
-/// In eBPF mode the kernel holds the rules of both families (an IPv6 `--local` rule is refused,
-/// [`rules::RuleError::Ipv6NotInEbpf`]); in iptables and nft modes IPv6 rules go to netfilter only, and are checked
-/// here for their interface alone.
+/// In eBPF mode the kernel holds the rules of both families; in iptables and nft modes IPv6 rules go to netfilter
+/// only, and are checked here for their interface alone.
 fn compile_state(state: &State) -> Result<rules::Compiled, rules::RuleError> {
     let lookup = ifindex_lookup(state);
     if state.mode == DataPath::Nft {

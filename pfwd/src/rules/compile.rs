@@ -208,9 +208,6 @@ pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> R
     for (_, r) in rules {
         // The index relies on "a port implies a protocol", which validate() guarantees.
         r.validate().map_err(|e| RuleError::InRule { id: r.id, error: Box::new(e) })?;
-        if r.local && r.family() == Some(Family::Ipv6) {
-            return Err(RuleError::InRule { id: r.id, error: Box::new(RuleError::Ipv6NotInEbpf) });
-        }
     }
     // The closure may be a syscall (if_nametoindex), so ask once per name.
     let mut ifindexes: HashMap<&str, u32> = HashMap::new();

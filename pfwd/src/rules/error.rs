@@ -19,11 +19,6 @@ pub enum RuleError {
     BadTo { input: String, reason: String },
     #[error("a rule translates one IP family, but {detail}: write one rule per family")]
     MixedFamilies { detail: String },
-    #[error(
-        "IPv6 --local rules need --mode nft or --mode iptables for now: pfwd's eBPF socket hooks translate IPv4 \
-         connections only (a --local rule without addresses applies to IPv4 there)"
-    )]
-    Ipv6NotInEbpf,
     #[error("IPv6 is not usable here (no IPv6 in the kernel, or no ip6tables), so this IPv6 rule cannot be applied")]
     NoIpv6Here,
     #[error("bad rule kind {input:?}: expected {KINDS}")]
