@@ -284,7 +284,7 @@ mod programs {
         // Only interfaces pfwd is attached to (and knows the address of).
         // SAFETY: plain read of a map value, which stays valid for the program's run.
         let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else { return Verdict::Pass };
-        let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, &set) else { return Verdict::Pass };
+        let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, &set, false) else { return Verdict::Pass };
         let created = if at == ct_hook::INGRESS {
             dnat::create(pkt, slot, rule, iface, &mut w.xlat)
         } else {

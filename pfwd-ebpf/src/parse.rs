@@ -266,7 +266,8 @@ pub fn parse4(ctx: &TcContext, pkt: &mut Packet<u32>) -> Option<()> {
 #[inline(always)]
 fn walk_ext(ctx: &TcContext, next: u8, start: usize, end: usize) -> Option<(u8, usize, u8, u32)> {
     let (mut next, mut off, mut frag, mut id) = (next, start, frag::WHOLE, 0u32);
-    for _ in 0..MAX_EXT_HEADERS {
+    // One pass per extension header, and one more that meets the upper layer.
+    for _ in 0..=MAX_EXT_HEADERS {
         match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
                 if off + 2 > end {

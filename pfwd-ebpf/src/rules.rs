@@ -2,44 +2,75 @@
 //! userspace, whose precedence tests run the same probe) over this program's maps, one class per `bpf_loop`
 //! iteration, so the verifier checks the probe once whatever the number of classes.
 //!
-//! The walk and its probe key live in a per-CPU scratch value, not on the stack: the callback's frame is added to
-//! its callers' against the verifier's 512-byte limit.
+//! In the tc programs the walk and its probe key live in a per-CPU scratch value, not on the stack: the callback's
+//! frame is added to its callers' against the verifier's 512-byte limit.
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::bpf_loop;
-use pfwd_common::{Addr, FlowTuple, RuleEntry, RuleSet, Walk, class_index, family, hook};
+use pfwd_common::{Addr, FlowTuple, IndexKey, RuleEntry, RuleSet, Walk, class_index, family, hook};
 
-use crate::maps::{CLASSES, INDEX, LOCAL_ADDRS, LOCAL_ADDRS6, RULES, SCRATCH};
+use crate::maps::{CLASSES, INDEX, LOCAL_ADDRS, LOCAL_ADDRS6, RULES, SCRATCH, Scratch};
 
 /// Finds the rule of `hook` (PREROUTING: DNAT/REDIRECT for a flow arriving on `ifindex`; POSTROUTING:
 /// SNAT/MASQUERADE for a flow leaving through it; OUTPUT: `--local` rules, ifindex 0) with the lowest rank among
 /// those matching `t` in the rule set `set`. Returns the rule's slot and its entry.
+///
+/// The tc programs keep the walk in this CPU's scratch value: they run with bottom halves disabled, so nothing else
+/// on the CPU uses it meanwhile. The socket hooks run in process context, where a tc program (or, preempted,
+/// another socket hook) may run on the same CPU in the middle of their walk: they keep theirs on the stack
+/// (`on_stack`), which their small frames can afford.
 #[inline(always)]
-pub fn find<A: Addr>(t: &FlowTuple<A>, ifindex: u32, hook: u8, set: &RuleSet) -> Option<(u32, &'static RuleEntry)> {
+pub fn find<A: Addr>(
+    t: &FlowTuple<A>,
+    ifindex: u32,
+    hook: u8,
+    set: &RuleSet,
+    on_stack: bool,
+) -> Option<(u32, &'static RuleEntry)> {
     let count = match hook {
         hook::PREROUTING => set.counts.pre,
         hook::POSTROUTING => set.counts.post,
         _ => set.counts.local,
     };
-    let scratch = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch value; nothing else runs on this CPU while we do.
-    unsafe { (*scratch).walk = Walk::new(t, ifindex, hook, (set.generation, set.bank)) };
-    // SAFETY: a plain helper call; the callback finds the walk in the scratch value.
-    unsafe { bpf_loop(count, probe_class as *mut c_void, core::ptr::null_mut(), 0) };
-    // SAFETY: as above.
-    let walk = unsafe { &(*scratch).walk };
-    if !walk.found {
+    let walk = Walk::new(t, ifindex, hook, (set.generation, set.bank));
+    let (slot, found) = if on_stack {
+        let mut s = Scratch { walk, key: IndexKey::default() };
+        // SAFETY: the callback only uses `s` through the context pointer while bpf_loop runs.
+        unsafe { bpf_loop(count, probe_on_stack as *mut c_void, &mut s as *mut Scratch as *mut c_void, 0) };
+        (s.walk.best_slot, s.walk.found)
+    } else {
+        let scratch = SCRATCH.get_ptr_mut(0)?;
+        // SAFETY: this CPU's scratch value; nothing else uses it while a tc program runs (see above).
+        unsafe { (*scratch).walk = walk };
+        // SAFETY: a plain helper call; the callback finds the walk in the scratch value.
+        unsafe { bpf_loop(count, probe_in_scratch as *mut c_void, core::ptr::null_mut(), 0) };
+        // SAFETY: as above.
+        let w = unsafe { &(*scratch).walk };
+        (w.best_slot, w.found)
+    };
+    if !found {
         return None;
     }
-    let slot = walk.best_slot;
     RULES.get(slot).map(|r| (slot, r))
 }
 
-/// The `bpf_loop` callback: probes class `i` of the walk's hook and bank. Returns 1 to end the loop.
-extern "C" fn probe_class(i: u32, _ctx: *mut c_void) -> i64 {
+/// The `bpf_loop` callback of the tc programs: probes class `i` with the walk in the scratch value. Returns 1 to
+/// end the loop.
+extern "C" fn probe_in_scratch(i: u32, _ctx: *mut c_void) -> i64 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return 1 };
     // SAFETY: this CPU's scratch value, which `find` filled.
-    let scratch = unsafe { &mut *scratch };
+    probe(i, unsafe { &mut *scratch })
+}
+
+/// The `bpf_loop` callback of the socket hooks: the walk is on `find`'s stack.
+extern "C" fn probe_on_stack(i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `find` passes a pointer to its Scratch, alive for the whole loop.
+    probe(i, unsafe { &mut *(ctx as *mut Scratch) })
+}
+
+/// Probes class `i` of the walk's hook and bank. Returns 1 to end the loop.
+#[inline(always)]
+fn probe(i: u32, scratch: &mut Scratch) -> i64 {
     let walk = &mut scratch.walk;
     let family = walk.family;
     let Some(class) = CLASSES.get(class_index(walk.bank as u32, walk.hook, i)) else { return 1 };

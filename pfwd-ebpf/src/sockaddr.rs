@@ -118,11 +118,11 @@ fn translate6(ctx: &SockAddrContext, sendmsg: bool) {
         // A dual-stack socket's IPv4 connection: the IPv4 rules.
         let src = if saddr[0] | saddr[1] == 0 && saddr[2] == MAPPED { saddr[3] } else { 0 };
         let t = Tuple::new(src, daddr[3], 0, dport, proto);
-        let Some((slot, rule)) = rules::find(&t, 0, hook::OUTPUT, &set) else { return };
+        let Some((slot, rule)) = rules::find(&t, 0, hook::OUTPUT, &set, true) else { return };
         (slot, rule, true)
     } else {
         let t = Tuple6::new(saddr, daddr, 0, dport, proto);
-        let Some((slot, rule)) = rules::find(&t, 0, hook::OUTPUT, &set) else { return };
+        let Some((slot, rule)) = rules::find(&t, 0, hook::OUTPUT, &set, true) else { return };
         (slot, rule, false)
     };
     let to_addr = match (rule.kind == kind::REDIRECT, mapped) {
@@ -175,7 +175,7 @@ fn translate(ctx: &SockAddrContext, sendmsg: bool) {
         _pad: 0,
         _pad2: 0,
     };
-    let Some((slot, rule)) = rules::find(&t, 0, hook::OUTPUT, &set) else { return };
+    let Some((slot, rule)) = rules::find(&t, 0, hook::OUTPUT, &set, true) else { return };
     let to_addr = if rule.kind == kind::REDIRECT { LOOPBACK } else { rule.to_addr[0] };
     let to_port = if rule.to_port != 0 { rule.to_port } else { t.dport };
     sa.user_ip4 = to_addr;

@@ -189,10 +189,18 @@ fn fmt_n(v: f64) -> String {
     out
 }
 
-/// Workloads 1 and 5: UDP over many flows, with 1 and with 10,000 rules; also the install times.
+/// The UDP workloads' group and title for `v`: IPv6 variants have their own (their frames are 20 B longer).
+fn udp_group<'t>(v: Variant, groups: [&'static str; 2], titles: &'t [String; 2]) -> (&'static str, &'t str) {
+    let i = usize::from(v.ipv6());
+    (groups[i], &titles[i])
+}
+
+/// Workloads 1 and 5: UDP over many flows, with 1 and with 10,000 rules; also the install times. And the 1-rule
+/// figures over IPv6 (plain routing and eBPF mode), interleaved with the others.
 fn udp_many(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
-    let title = format!("UDP 60 B, {} flows, {} packets", fmt_n(p.udp_flows.into()), fmt_n(p.udp_packets as f64));
-    step(&format!("bench: {title} (workloads 1 and 5), {} rounds", p.reps));
+    let what = format!("{} flows, {} packets", fmt_n(p.udp_flows.into()), fmt_n(p.udp_packets as f64));
+    let titles = [format!("UDP 60 B, {what}"), format!("UDP/IPv6 80 B (same payload), {what}")];
+    step(&format!("bench: UDP, {what}, IPv4 and IPv6 (workloads 1 and 5), {} rounds", p.reps));
     let variants = [
         Variant::Plain,
         Variant::Iptables,
@@ -202,11 +210,13 @@ fn udp_many(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
         Variant::Iptables10k,
         Variant::Ebpf10k,
         Variant::Nft10k,
+        Variant::Plain6,
+        Variant::Ebpf6,
     ];
     for rep in 0..p.reps {
         for v in variants {
             let setup = env.setup(v, RuleSet::Udp)?;
-            if let Some(a) = &setup.attach {
+            if let Some(a) = setup.attach.as_ref().filter(|_| !v.ipv6()) {
                 let ms = a.wall.as_secs_f64() * 1e3;
                 let (group, what, rss) = match v {
                     Variant::Iptables10k => ("install", "10k", "attach --config 10k rules (iptables)"),
@@ -250,18 +260,21 @@ fn udp_many(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
                 fmt_n(sent as f64),
                 if delivered * 10 < sent * 9 { ", LOSSY" } else { "" }
             );
-            r.add("udp-many", &title, v.key(), "pps", Better::Higher, pps);
+            let (group, title) = udp_group(v, ["udp-many", "udp-many6"], &titles);
+            r.add(group, title, v.key(), "pps", Better::Higher, pps);
         }
     }
     Ok(())
 }
 
-/// Workload 2: the same with one flow.
+/// Workload 2: the same with one flow, IPv4 and IPv6.
 fn udp_one(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
-    let title = format!("UDP 60 B, 1 flow, {} packets", fmt_n(p.udp_packets as f64));
-    step(&format!("bench: {title} (workload 2), {} rounds", p.reps));
+    let what = format!("1 flow, {} packets", fmt_n(p.udp_packets as f64));
+    let titles = [format!("UDP 60 B, {what}"), format!("UDP/IPv6 80 B (same payload), {what}")];
+    step(&format!("bench: UDP, {what}, IPv4 and IPv6 (workload 2), {} rounds", p.reps));
     for rep in 0..p.reps {
-        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf, Variant::EbpfFast] {
+        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf, Variant::EbpfFast, Variant::Plain6, Variant::Ebpf6]
+        {
             let setup = env.setup(v, RuleSet::Udp)?;
             let (pps, sent, delivered) = env.udp(v.target(), 1, p.udp_packets, ONE_FLOW_SPORT)?;
             drop(setup);
@@ -274,7 +287,8 @@ fn udp_one(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
                 fmt_n(delivered as f64),
                 fmt_n(sent as f64)
             );
-            r.add("udp-one", &title, v.key(), "pps", Better::Higher, pps);
+            let (group, title) = udp_group(v, ["udp-one", "udp-one6"], &titles);
+            r.add(group, title, v.key(), "pps", Better::Higher, pps);
         }
     }
     Ok(())
@@ -442,21 +456,26 @@ fn report(
          --mode iptables|ebpf` with DNAT 10.0.1.1 -> 10.0.2.2. UDP: trafgen (1 process) in the client, packets counted \
          at the server's eth0 (rx_packets) over the delivery window; a bound, unread UDP socket absorbs them. -10k = \
          9,999 non-matching `-i eth0 -p udp --dport 20000+i` rules ahead of the matching one (iptables order: \
-         matching rule last).\n",
+         matching rule last). plain6 / ebpf6: the same over IPv6 in the dual-stack lab (client 2001:db8:1::2; plain6 \
+         sends to 2001:db8:2::2, ebpf6 to 2001:db8:1::1 with DNAT to [2001:db8:2::2]:9000), \
+         80 B frames (the same 18 B UDP payload), IPv6 forwarding on in the router for the whole run; their x plain is \
+         against plain6.\n",
         p.reps
     );
     let _ = writeln!(md, "| Workload | Variant | Median | Min - max | x iptables | x plain | Runs |");
     let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
     let mut series_json = vec![];
     // Workloads in order, variants in run order within each.
-    const ORDER: [&str; 8] = ["udp-many", "udp-one", "tcp-cps", "tcp-1", "tcp-4", "attach1", "install", "import"];
+    const ORDER: [&str; 10] =
+        ["udp-many", "udp-many6", "udp-one", "udp-one6", "tcp-cps", "tcp-1", "tcp-4", "attach1", "install", "import"];
     let mut ordered: Vec<&Series> = r.series.iter().collect();
     ordered.sort_by_key(|s| ORDER.iter().position(|g| *g == s.group).unwrap_or(ORDER.len()));
     for s in ordered {
         let (med, min, max) = stats(&s.samples);
         let ipt_key = if s.variant.ends_with("-10k") { "iptables-10k" } else { "iptables" };
         let vs_ipt = r.median(s.group, ipt_key).filter(|&b| b > 0.0).map(|b| med / b);
-        let vs_plain = r.median(s.group, "plain").filter(|&b| b > 0.0).map(|b| med / b);
+        let plain_key = if s.variant.ends_with('6') { "plain6" } else { "plain" };
+        let vs_plain = r.median(s.group, plain_key).filter(|&b| b > 0.0).map(|b| med / b);
         let ratio = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{x:.2}x"));
         let num = |x: f64| if s.unit == "Gbit/s" || s.unit == "ms" { format!("{x:.2}") } else { fmt_n(x) };
         let better = if s.better == Better::Lower { " (lower is better)" } else { "" };
@@ -481,6 +500,22 @@ fn report(
         }));
     }
 
+    // The UDP workloads over IPv6 against IPv4.
+    let mut udp6_json = serde_json::Map::new();
+    let mut shown = vec![];
+    for (g4, g6, what) in [("udp-many", "udp-many6", "many flows"), ("udp-one", "udp-one6", "1 flow")] {
+        let ratio = |a: &str, b: &str| Some(r.median(g6, a)? / r.median(g4, b).filter(|&v| v > 0.0)?);
+        let (ebpf, plain) = (ratio("ebpf6", "ebpf"), ratio("plain6", "plain"));
+        if let Some(e) = ebpf {
+            let p = plain.map_or(String::new(), |p| format!(" (plain6 / plain {p:.2}x)"));
+            shown.push(format!("{what}: ebpf6 / ebpf {e:.2}x{p}"));
+        }
+        udp6_json.insert(g4.into(), json!({"ebpf6_over_ebpf": ebpf, "plain6_over_plain": plain}));
+    }
+    if !shown.is_empty() {
+        let _ = writeln!(md, "\nUDP over IPv6 against IPv4 (pps medians): {}.", shown.join("; "));
+    }
+
     // Workload 6.
     let mut by_case: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for (k, v) in &costs.samples {
@@ -495,7 +530,9 @@ fn report(
          flows have seen a reply (confirmed); the first-round-trip pair has not. A new flow \
          cannot repeat (the second run is established), so it is the median of S single runs (repeat=1), each from a \
          new source port; compare it with the empty program measured the same way (that floor includes the test-run \
-         timer overhead).\n",
+         timer overhead). IPv6 rows (6): the same cases over IPv6, interleaved with the IPv4 ones, with the mirror \
+         rules 3fff:1::/32 -> [3fff:2::2]:9000 and 3fff:2::/32 -> [3fff:1::1]:9000 (/32 destinations: the IPv4 rules' \
+         class, so either family's rule walk probes one class, as before IPv6).\n",
         p.prog_repeat, p.prog_singles
     );
     let _ = writeln!(md, "| Case | ns/packet (median) | Min - max | x empty (same method) |");
@@ -512,6 +549,19 @@ fn report(
             label.replace(" R", &format!(" {}", p.prog_repeat))
         );
         prog_json.push(json!({"case": key, "label": label, "samples": v, "median_ns": m}));
+    }
+    // IPv6 against IPv4, case by case (same method, same run).
+    let family_ratio = |k4: &str, k6: &str| Some(med(k6)? / med(k4).filter(|&v| v > 0.0)?);
+    let mut v6_json = serde_json::Map::new();
+    let mut shown = vec![];
+    for (k4, k6) in prog::FAMILY_PAIRS {
+        if let Some(x) = family_ratio(k4, k6) {
+            shown.push(format!("{k4} {x:.2}x"));
+            v6_json.insert(k4.into(), json!(x));
+        }
+    }
+    if !shown.is_empty() {
+        let _ = writeln!(md, "\nIPv6 / IPv4 (each IPv6 case's median over its IPv4 one's): {}.", shown.join(", "));
     }
     for n in &costs.notes {
         let _ = writeln!(md, "\n`{n}`");
@@ -616,6 +666,14 @@ fn report(
             verdict: "not measured".into(),
         },
     });
+    // The IPv6 issue: IPv4's per-packet cost grows by at most 10%. That compares with a pre-IPv6 build, which this
+    // run cannot measure: the figures are here for that comparison.
+    let v4 = ["no-rule", "established", "reply"].map(|k| med(k).map_or("n/a".into(), |v| format!("{k} {v:.1} ns")));
+    targets.push(Target {
+        what: "IPv4 does not pay for IPv6: no-rule, established, reply <= 1.1x a pre-IPv6 build's".into(),
+        measured: v4.join(", "),
+        verdict: "compare with a pre-IPv6 run (not measurable in one run)".into(),
+    });
     for (what, measured, met) in engine.targets() {
         let verdict = if met { "met".into() } else { "MISSED".into() };
         targets.push(Target { what, measured, verdict });
@@ -641,6 +699,7 @@ fn report(
         },
         "series": series_json,
         "prog_test_run": prog_json,
+        "ipv6_over_ipv4": {"prog_test_run": v6_json, "udp": udp6_json},
         "rule_engine": engine_json,
         "maps": costs.maps.iter().map(|(n, t, e, b)| json!({"name": n, "type": t, "max_entries": e, "bytes": b})).collect::<Vec<_>>(),
         "maps_total_bytes": total,

@@ -421,9 +421,12 @@ fn run(cli: Cli) -> Result<()> {
             } else if flows.is_empty() {
                 println!("no live translations");
             } else {
-                let t = |t: &FlowTuple| {
-                    format!("{}:{} -> {}:{}", or(t.src, "?"), or(t.sport, "null"), or(t.dst, "?"), or(t.dport, "null"))
+                // IPv6 with a port as ip6tables writes it: [ADDR]:PORT.
+                let end = |a: Option<std::net::IpAddr>, p: Option<u16>| match a {
+                    Some(std::net::IpAddr::V6(a)) => format!("[{a}]:{}", or(p, "null")),
+                    a => format!("{}:{}", or(a, "?"), or(p, "null")),
                 };
+                let t = |t: &FlowTuple| format!("{} -> {}", end(t.src, t.sport), end(t.dst, t.dport));
                 for f in &flows {
                     println!(
                         "{:<4} {:<4} {:<44} => {:<44} rule {:<5} {:<12} idle {:.0}s",

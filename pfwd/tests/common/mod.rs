@@ -14,7 +14,7 @@ use std::{
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
 use pfwd::{loader::Kernel, state::StoredRule};
-use pfwd_common::{Config, CtEntry, RuleCounters, Tuple};
+use pfwd_common::{Addr6, Config, CtEntry, CtEntry6, RuleCounters, Tuple, Tuple6};
 
 /// TCX_NEXT as the test run reports it (a u32: the programs return -1 for passed and translated packets alike).
 pub const NEXT: u32 = pfwd_common::tcx::NEXT as u32;
@@ -128,6 +128,11 @@ impl Fixture {
         self.kernel().conntrack().expect("conntrack")
     }
 
+    /// The IPv6 flow table's entries (both directions, both tables), as [`Fixture::conntrack`] is IPv4's.
+    pub fn conntrack6(&self) -> Vec<(Tuple6, CtEntry6)> {
+        self.kernel().conntrack::<Addr6>().expect("conntrack6")
+    }
+
     /// Changes the idle timeouts (keeping the rest of the config: the generation, the class counts, the tick).
     pub fn timeouts(&self, set: impl FnOnce(&mut Config)) {
         let mut cfg = self.kernel().config().expect("config");
@@ -169,4 +174,14 @@ pub fn run(prog: &SchedClassifier, pkt: &[u8]) -> Run {
 
 pub fn tuple(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> Tuple {
     Tuple { saddr: ne(src), daddr: ne(dst), sport, dport, proto, _pad: 0, _pad2: 0 }
+}
+
+/// An IPv6 address as the maps hold it: four words, each the packet's 4 bytes (network order).
+pub fn ne6(a: Ipv6Addr) -> Addr6 {
+    let o = a.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+}
+
+pub fn tuple6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, proto: u8) -> Tuple6 {
+    Tuple6 { saddr: ne6(src), daddr: ne6(dst), sport, dport, proto, _pad: 0, _pad2: 0 }
 }

@@ -3,7 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Seek, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,11 @@ use super::run::{self, Background, Finished, check_interrupted};
 
 pub const ROUTER_IN: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
 pub const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+/// The dual-stack lab's IPv6 addresses (see tests::Lab::dual_stack).
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+pub const ROUTER6_IN: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+pub const ROUTER6_OUT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+pub const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
 pub const UDP_PORT: u16 = 9000;
 pub const TCP_RATE_PORT: u16 = 9001;
 pub const IPERF_PORT: u16 = 5201;
@@ -47,6 +52,9 @@ pub enum Variant {
     Iptables10k,
     Ebpf10k,
     Nft10k,
+    /// Plain routing and eBPF mode over IPv6 (client 2001:db8:1::2, DNAT 2001:db8:1::1 -> 2001:db8:2::2).
+    Plain6,
+    Ebpf6,
 }
 
 impl Variant {
@@ -60,14 +68,16 @@ impl Variant {
             Variant::Ebpf10k => "ebpf-10k",
             Variant::Nft => "nft",
             Variant::Nft10k => "nft-10k",
+            Variant::Plain6 => "plain6",
+            Variant::Ebpf6 => "ebpf6",
         }
     }
 
     pub fn mode(self) -> Option<&'static str> {
         match self {
-            Variant::Plain => None,
+            Variant::Plain | Variant::Plain6 => None,
             Variant::Iptables | Variant::Iptables10k => Some("iptables"),
-            Variant::Ebpf | Variant::EbpfFast | Variant::Ebpf10k => Some("ebpf"),
+            Variant::Ebpf | Variant::EbpfFast | Variant::Ebpf10k | Variant::Ebpf6 => Some("ebpf"),
             Variant::Nft | Variant::Nft10k => Some("nft"),
         }
     }
@@ -76,9 +86,18 @@ impl Variant {
         matches!(self, Variant::Iptables10k | Variant::Ebpf10k | Variant::Nft10k)
     }
 
+    pub fn ipv6(self) -> bool {
+        matches!(self, Variant::Plain6 | Variant::Ebpf6)
+    }
+
     /// Where the client sends: the server itself for plain routing, else the router's DNAT address.
-    pub fn target(self) -> Ipv4Addr {
-        if self == Variant::Plain { SERVER } else { ROUTER_IN }
+    pub fn target(self) -> IpAddr {
+        match self {
+            Variant::Plain => SERVER.into(),
+            Variant::Plain6 => SERVER6.into(),
+            Variant::Ebpf6 => ROUTER6_IN.into(),
+            _ => ROUTER_IN.into(),
+        }
     }
 }
 
@@ -100,6 +119,7 @@ pub struct Env {
     /// /proc/net/tcp of the server namespace.
     server_tcp: File,
     _udp_sink: UdpSocket,
+    _udp_sink6: UdpSocket,
     _tcp_server: TcpServer,
     pub rules_extra: u32,
     router_ns_inode: u64,
@@ -109,7 +129,8 @@ impl Env {
     pub fn new(pfwd: &Path, rules_extra: u32) -> Result<Env> {
         let tmp = std::env::temp_dir().join(format!("pfwd-bench-{}", std::process::id()));
         fs::create_dir_all(&tmp)?;
-        let lab = Lab::new("pfwd-bench")?;
+        // Dual-stack for the IPv6 rows; IPv4 runs as in an IPv4-only lab (no IPv6 traffic crosses it meanwhile).
+        let lab = Lab::dual_stack("pfwd-bench")?;
         let router_ns_inode = fs::metadata(lab.ns_path(Node::Router))?.ino();
         // Permanent neighbours: no ARP resolution (and its queue drops) inside any measured window.
         // (`ip`, not /sys: nsenter keeps the host's /sys, which shows the host's devices.)
@@ -124,6 +145,19 @@ impl Env {
         lab.sh(Node::Router, &format!("ip neigh replace 10.0.1.2 lladdr {client} dev eth0 nud permanent"))?;
         lab.sh(Node::Router, &format!("ip neigh replace 10.0.2.2 lladdr {server} dev eth1 nud permanent"))?;
         lab.sh(Node::Server, &format!("ip neigh replace 10.0.2.1 lladdr {router1} dev eth0 nud permanent"))?;
+        for (node, addr, mac, dev) in [
+            (Node::Client, ROUTER6_IN, &router0, "eth0"),
+            (Node::Router, CLIENT6, &client, "eth0"),
+            (Node::Router, SERVER6, &server, "eth1"),
+            (Node::Server, ROUTER6_OUT, &router1, "eth0"),
+        ] {
+            lab.sh(node, &format!("ip -6 neigh replace {addr} lladdr {mac} dev {dev} nud permanent"))?;
+        }
+        // IPv6 forwarding on for the whole run (plain6 and ebpf6 route IPv6; IPv4 does not look at it): switching it
+        // makes the router join or leave the all-routers groups, and the MLD reports it sends for that (two, the
+        // second a few hundred ms later) reach the server's eth0, where rx_packets would count them inside a measured
+        // window. Switched here, they are long past when the IPv6 runs come; pfwd finds it on and leaves it.
+        lab.sh(Node::Router, "sysctl -qw net.ipv6.conf.all.forwarding=1")?;
         for i in 0..RATE_CLIENTS {
             let a = Ipv4Addr::new(10, 0, 1, RATE_CLIENT_BASE + i);
             lab.sh(Node::Client, &format!("ip addr add {a}/32 dev eth0"))?;
@@ -138,6 +172,7 @@ impl Env {
         let server_tcp = lab.in_ns(Node::Server, || File::open("/proc/thread-self/net/tcp"))??;
         // A bound socket nobody reads: datagrams end in its full queue instead of ICMP port unreachable.
         let udp_sink = lab.in_ns(Node::Server, || UdpSocket::bind(SocketAddrV4::new(SERVER, UDP_PORT)))??;
+        let udp_sink6 = lab.in_ns(Node::Server, || UdpSocket::bind(SocketAddrV6::new(SERVER6, UDP_PORT, 0, 0)))??;
         let tcp_server = TcpServer::start(&lab, SocketAddrV4::new(SERVER, TCP_RATE_PORT))?;
         let env = Env {
             lab,
@@ -147,6 +182,7 @@ impl Env {
             server_dev,
             server_tcp,
             _udp_sink: udp_sink,
+            _udp_sink6: udp_sink6,
             _tcp_server: tcp_server,
             rules_extra,
             router_ns_inode,
@@ -172,6 +208,7 @@ impl Env {
         };
         let udp_to = format!("{SERVER}:{UDP_PORT}");
         fs::write(self.config("udp-1.toml"), rule(1, "udp", UDP_PORT.into(), &udp_to))?;
+        fs::write(self.config("udp6-1.toml"), rule(1, "udp", UDP_PORT.into(), &format!("[{SERVER6}]:{UDP_PORT}")))?;
         // Same specificity as the matching rule, lower ids: pfwd's iptables export puts them first, so every new
         // flow walks all of them in iptables mode before it matches.
         let mut many = String::new();
@@ -206,12 +243,16 @@ impl Env {
         let mut guard = Setup { env: self, variant, attach: None };
         match variant.mode() {
             None => {
-                self.lab.sh(Node::Router, "sysctl -qw net.ipv4.ip_forward=1")?;
+                // (IPv6 forwarding is on for the whole run: see Env::new.)
+                if !variant.ipv6() {
+                    self.lab.sh(Node::Router, "sysctl -qw net.ipv4.ip_forward=1")?;
+                }
                 self.warn_if_netfilter();
             }
             Some(mode) => {
                 let cfg = match (rules, variant.many_rules()) {
                     (RuleSet::Tcp, _) => "tcp.toml",
+                    (RuleSet::Udp, _) if variant.ipv6() => "udp6-1.toml",
                     (RuleSet::Udp, false) => "udp-1.toml",
                     (RuleSet::Udp, true) => "udp-many.toml",
                 };
@@ -243,20 +284,23 @@ impl Env {
         read_dev_rx(&self.server_dev, "eth0")
     }
 
-    /// trafgen from the client: `packets` small UDP packets over `flows` source ports to `dst:9000`. Returns the
-    /// packets delivered to the server's interface per second of the delivery window, and (sent, delivered).
-    pub fn udp(&self, dst: Ipv4Addr, flows: u32, packets: u64, sport_base: u16) -> Result<(f64, u64, u64)> {
+    /// trafgen from the client: `packets` small UDP packets over `flows` source ports to `dst:9000` (IPv4 or IPv6,
+    /// from the client's address of that family). Returns the packets delivered to the server's interface per second
+    /// of the delivery window, and (sent, delivered).
+    pub fn udp(&self, dst: IpAddr, flows: u32, packets: u64, sport_base: u16) -> Result<(f64, u64, u64)> {
         ensure!(flows >= 1 && u32::from(sport_base) + flows <= 65_536, "bad flow count {flows}");
         let sport = if flows == 1 {
             sport_base.to_string()
         } else {
             format!("dinc({sport_base}, {})", u32::from(sport_base) + flows - 1)
         };
-        // 60-byte frames (the minimum without FCS); trafgen recomputes the UDP checksum for each source port.
-        let conf = format!(
-            "{{ eth(da={}), ipv4(sa=10.0.1.2, da={dst}, ttl=64), udp(sp={sport}, dp={UDP_PORT}), fill(0x41, 18) }}\n",
-            self.router_mac
-        );
+        // 60-byte frames (the minimum without FCS), 80 bytes over IPv6 (same payload); trafgen recomputes the UDP
+        // checksum for each source port.
+        let ip = match dst {
+            IpAddr::V4(dst) => format!("ipv4(sa=10.0.1.2, da={dst}, ttl=64)"),
+            IpAddr::V6(dst) => format!("ipv6(sa={CLIENT6}, da={dst}, hl=64)"),
+        };
+        let conf = format!("{{ eth(da={}), {ip}, udp(sp={sport}, dp={UDP_PORT}), fill(0x41, 18) }}\n", self.router_mac);
         let path = self.tmp.join(format!("udp-{dst}-{flows}.cfg"));
         fs::write(&path, conf)?;
         let before = self.rx_packets()?;
@@ -308,8 +352,9 @@ impl Env {
     }
 
     /// TCP connect / 1-byte request / 1-byte reply / close from `threads` client threads for `dur`.
-    pub fn tcp_rate(&self, dst: Ipv4Addr, threads: usize, dur: Duration) -> Result<f64> {
-        let to = SocketAddr::V4(SocketAddrV4::new(dst, TCP_RATE_PORT));
+    pub fn tcp_rate(&self, dst: IpAddr, threads: usize, dur: Duration) -> Result<f64> {
+        ensure!(dst.is_ipv4(), "the connection-rate workload is IPv4 only");
+        let to = SocketAddr::new(dst, TCP_RATE_PORT);
         let start = Instant::now();
         let deadline = start + dur;
         let mut handles: Vec<JoinHandle<(u64, u64, Option<String>)>> = vec![];
@@ -348,7 +393,8 @@ impl Env {
     }
 
     /// iperf3 from client to server (through `dst`), `streams` parallel streams; Gbit/s received.
-    pub fn iperf(&self, dst: Ipv4Addr, streams: u32, secs: u32) -> Result<f64> {
+    pub fn iperf(&self, dst: IpAddr, streams: u32, secs: u32) -> Result<f64> {
+        ensure!(dst.is_ipv4(), "the iperf3 workload is IPv4 only");
         let port = IPERF_PORT.to_string();
         let server = Background::spawn(
             self.lab.cmd(Node::Server, "iperf3", ["-s", "-1", "-B", &SERVER.to_string(), "-p", &port]),
@@ -385,7 +431,7 @@ impl Env {
     }
 }
 
-/// Undoes a variant's setup on drop: pfwd detach (+ conntrack flush) or ip_forward back to 0.
+/// Undoes a variant's setup on drop: pfwd detach (+ conntrack flush) or ip_forward back to 0 (IPv4 plain routing).
 pub struct Setup<'a> {
     env: &'a Env,
     variant: Variant,
@@ -397,7 +443,9 @@ impl Drop for Setup<'_> {
         let lab = &self.env.lab;
         match self.variant.mode() {
             None => {
-                let _ = lab.sh(Node::Router, "sysctl -qw net.ipv4.ip_forward=0");
+                if !self.variant.ipv6() {
+                    let _ = lab.sh(Node::Router, "sysctl -qw net.ipv4.ip_forward=0");
+                }
             }
             Some(_) => {
                 if let Err(e) = run::run(lab.cmd(Node::Router, &self.env.pfwd, ["detach"]), PFWD_TIMEOUT, false) {
