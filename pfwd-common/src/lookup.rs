@@ -98,6 +98,10 @@ impl Walk {
         if self.found && class.min_rank > self.best_rank {
             return false;
         }
+        if class.family != 0 && class.family != self.family {
+            // Rules of the other family.
+            return true;
+        }
         let t = &self.t;
         let has_ports = t.proto == PROTO_TCP || t.proto == PROTO_UDP;
         if class.flags & class_flag::PROTO != 0 && !has_ports {
@@ -114,7 +118,7 @@ impl Walk {
             port_plen: class.port_plen,
             src_plen: class.src_plen,
             dst_plen: class.dst_plen,
-            family: if class.flags & class_flag::FAMILY != 0 { self.family } else { 0 },
+            family: class.family,
         };
         let Some(entry) = index(key) else { return true };
         let len = entry.len as usize;
@@ -202,10 +206,9 @@ mod tests {
             port_plen,
             src_plen,
             dst_plen,
-            flags: if iface { class_flag::IFACE } else { 0 }
-                | if proto { class_flag::PROTO } else { 0 }
-                | if src_plen + dst_plen > 0 { class_flag::FAMILY } else { 0 },
-            _pad: [0; 2],
+            flags: if iface { class_flag::IFACE } else { 0 } | if proto { class_flag::PROTO } else { 0 },
+            family: if src_plen + dst_plen > 0 { crate::family::V4 } else { 0 },
+            _pad: 0,
         }
     }
 
@@ -252,7 +255,7 @@ mod tests {
             port_plen: c.port_plen,
             src_plen: c.src_plen,
             dst_plen: c.dst_plen,
-            family: if c.flags & class_flag::FAMILY != 0 { crate::family::V4 } else { 0 },
+            family: c.family,
         }
     }
 

@@ -264,7 +264,10 @@ pub struct Class {
     pub dst_plen: u8,
     /// [`class_flag`] bits.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// [`family`] of the class's rules, 0 for rules of both families: a packet of the other family skips the class
+    /// without looking it up (IPv6 rules cost IPv4 packets no index lookup, and the other way round).
+    pub family: u8,
+    pub _pad: u8,
 }
 
 /// `Class::flags` bits.
@@ -274,9 +277,6 @@ pub mod class_flag {
     /// The rules fix the protocol (the key holds the packet's protocol, else 0); only TCP and UDP have rules of
     /// their own.
     pub const PROTO: u8 = 1 << 1;
-    /// The rules are of one address family (the key holds the packet's [`family`](super::family), else 0): every
-    /// rule with an address, and those restricted by `-4`/`-6`.
-    pub const FAMILY: u8 = 1 << 2;
 }
 
 /// A key of the rule index: a rule's matches, or a packet's tuple masked to a [`Class`].

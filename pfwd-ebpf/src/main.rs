@@ -59,7 +59,7 @@ mod programs {
         fragment,
         maps::{CONFIG, IFACES, count, count_backend, count_rule, count_rule_drop},
         nat,
-        parse::{self, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, Packet, TCP_SYN, Work, frag, icmp, ip_off},
+        parse::{self, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, Packet, TCP_SYN, Verdict, Work, frag, icmp, ip_off},
         rules, snat,
     };
 
@@ -77,23 +77,6 @@ mod programs {
         cfg.flags & config_flag::LOG_EVENTS != 0
     }
 
-    /// What to do with a packet.
-    enum Verdict {
-        /// No flow: the packet may open one (`open`).
-        Open,
-        Pass,
-        /// A packet of a flow pfwd translates at the other hook: nothing to do here, but it may be fast-forwarded.
-        Known,
-        Drop,
-        /// Translate to `Work::xlat`.
-        Translate {
-            slot: u32,
-            new_flow: bool,
-            /// The flow's [`pfwd_common::ct_flag`] bits and direction ([`dir`]): which backend to count, if any.
-            lb: (u8, u8),
-        },
-    }
-
     /// Ingress: original direction of DNAT/REDIRECT flows (and their first packet), replies of SNAT flows.
     #[classifier]
     pub fn pfwd_ingress(ctx: TcContext) -> i32 {
@@ -106,23 +89,32 @@ mod programs {
         dispatch(&ctx, ct_hook::EGRESS)
     }
 
-    /// `run`'s answer for a packet that may open a new flow: the caller hands it to `open`.
+    /// Answers of `run` and `open` that are not a verdict yet: the packet may open a new flow (hand it to `open`),
+    /// or its verdict is in the working memory (hand it to `finish`).
     const OPEN: i32 = -1000;
+    const FINISH: i32 = -1001;
 
-    /// Each family's path is its own functions (BPF-to-BPF calls), one for the packets of known flows (`run`) and
-    /// one for the first packet of a new flow (`open`, which parses the packet again): each has its own stack frame
-    /// and none calls the other, so every call chain stays within the verifier's 512 bytes of stack.
+    /// Each family's path is three functions (BPF-to-BPF calls): `run` parses the packet and finds its flow, `open`
+    /// creates a new flow for a packet that may open one, `finish` carries out the verdict (the rewrite). The
+    /// packet and its verdict stay in the per-CPU working memory in between. None calls another, so each call chain
+    /// stays within the verifier's 512 bytes of stack, and each piece of code is in the program once per family.
     #[inline(always)]
     fn dispatch(ctx: &TcContext, at: u8) -> i32 {
         match parse::ethertype(ctx) {
-            ETH_P_IP => match run4(ctx, at) {
-                OPEN => open4(ctx, at),
-                r => r,
-            },
-            ETH_P_IPV6 => match run6(ctx, at) {
-                OPEN => open6(ctx, at),
-                r => r,
-            },
+            ETH_P_IP => {
+                let mut r = run4(ctx, at);
+                if r == OPEN {
+                    r = open4(ctx, at);
+                }
+                if r == FINISH { finish4(ctx, at) } else { r }
+            }
+            ETH_P_IPV6 => {
+                let mut r = run6(ctx, at);
+                if r == OPEN {
+                    r = open6(ctx, at);
+                }
+                if r == FINISH { finish6(ctx, at) } else { r }
+            }
             _ => NEXT,
         }
     }
@@ -147,46 +139,48 @@ mod programs {
         open::<Addr6>(ctx, at)
     }
 
-    /// This CPU's working memory with the packet parsed into it; None: the packet passes.
-    #[inline(always)]
-    fn parsed<A: Family>(ctx: &TcContext) -> Option<&'static mut Work<A>> {
-        let w = A::work()?;
-        A::parse(ctx, &mut w.pkt)?;
-        Some(w)
+    #[inline(never)]
+    fn finish4(ctx: &TcContext, at: u8) -> i32 {
+        finish::<u32>(ctx, at)
     }
 
-    /// A packet: fragments and ICMP errors have their own handling; a packet of a known flow is translated; one that
-    /// may open a flow is `OPEN`.
+    #[inline(never)]
+    fn finish6(ctx: &TcContext, at: u8) -> i32 {
+        finish::<Addr6>(ctx, at)
+    }
+
+    /// A packet: parsed into this CPU's working memory; fragments and ICMP errors have their own handling; a packet
+    /// of a known flow (or of none) gets its verdict (`FINISH`); one that may open a flow is `OPEN`.
     #[inline(always)]
     fn run<A: Family>(ctx: &TcContext, at: u8) -> i32 {
-        let Some(cfg) = CONFIG.get(0) else { return NEXT };
-        let Some(w) = parsed::<A>(ctx) else { return NEXT };
+        let (Some(cfg), Some(w)) = (CONFIG.get(0), A::work()) else { return NEXT };
+        if A::parse(ctx, &mut w.pkt).is_none() {
+            return NEXT;
+        }
         if w.pkt.frag == frag::LATER {
             return fragment::later(ctx, &w.pkt, at);
         }
         if w.pkt.icmp == icmp::ERROR {
             return icmp_error(ctx, w, at, cfg);
         }
-        match verdict(w, at, cfg) {
-            Verdict::Open => OPEN,
-            v => finish(ctx, w, at, cfg, v),
-        }
+        w.verdict = verdict(w, at, cfg);
+        if matches!(w.verdict, Verdict::Open) { OPEN } else { FINISH }
     }
 
-    /// The first packet of a new flow: its rule, if any, creates the flow.
+    /// The first packet of a new flow (parsed by `run`): its rule, if any, creates the flow.
     #[inline(always)]
     fn open<A: Family>(ctx: &TcContext, at: u8) -> i32 {
-        let Some(cfg) = CONFIG.get(0) else { return NEXT };
-        let Some(w) = parsed::<A>(ctx) else { return NEXT };
-        let v = new_flow(ctx, w, at, cfg);
-        finish(ctx, w, at, cfg, v)
+        let (Some(cfg), Some(w)) = (CONFIG.get(0), A::work()) else { return NEXT };
+        w.verdict = new_flow(ctx, w, at, cfg);
+        FINISH
     }
 
-    /// Carries out the verdict on the packet.
+    /// Carries out the verdict on the packet (both in the working memory).
     #[inline(always)]
-    fn finish<A: Family>(ctx: &TcContext, w: &mut Work<A>, at: u8, cfg: &Config, v: Verdict) -> i32 {
+    fn finish<A: Family>(ctx: &TcContext, at: u8) -> i32 {
+        let (Some(cfg), Some(w)) = (CONFIG.get(0), A::work()) else { return NEXT };
         let pkt = &w.pkt;
-        match v {
+        match w.verdict {
             Verdict::Open | Verdict::Pass => {
                 fragment::note_first(pkt, at, frag_action::PASS, &pkt.tuple, 0);
                 NEXT

@@ -90,11 +90,31 @@ pub mod frag {
 /// the stack (IPv6's are 40 bytes) spills each of their fields to a slot of its own.
 pub struct Work<A> {
     pub pkt: Packet<A>,
+    /// What to do with the packet, once worked out.
+    pub verdict: Verdict,
     /// The tuple the packet is translated to.
     pub xlat: FlowTuple<A>,
     /// ICMP errors: the embedded packet, and the outer addresses written.
     pub emb: Embedded<A>,
     pub outer: FlowTuple<A>,
+}
+
+/// What to do with a packet.
+#[derive(Clone, Copy)]
+pub enum Verdict {
+    /// No flow: the packet may open one.
+    Open,
+    Pass,
+    /// A packet of a flow pfwd translates at the other hook: nothing to do here, but it may be fast-forwarded.
+    Known,
+    Drop,
+    /// Translate to `Work::xlat`.
+    Translate {
+        slot: u32,
+        new_flow: bool,
+        /// The flow's `pfwd_common::ct_flag` bits and direction (`pfwd_common::dir`): which backend to count.
+        lb: (u8, u8),
+    },
 }
 
 /// What the NAT code needs to know about a packet.

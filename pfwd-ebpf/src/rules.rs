@@ -9,7 +9,7 @@ use core::ffi::c_void;
 use aya_ebpf::helpers::generated::bpf_loop;
 use pfwd_common::{Addr, FlowTuple, IndexKey, RuleEntry, RuleSet, Walk, class_index, family, hook};
 
-use crate::maps::{CLASSES, INDEX, LOCAL_ADDRS, LOCAL_ADDRS6, RULES, SCRATCH, Scratch};
+use crate::maps::{CLASSES, INDEX, LOCAL_ADDRS, LOCAL_ADDRS6, RULES, SCRATCH};
 
 /// Finds the rule of `hook` (PREROUTING: DNAT/REDIRECT for a flow arriving on `ifindex`; POSTROUTING:
 /// SNAT/MASQUERADE for a flow leaving through it; OUTPUT: `--local` rules, ifindex 0) with the lowest rank among
@@ -34,10 +34,10 @@ pub fn find<A: Addr>(
     };
     let walk = Walk::new(t, ifindex, hook, (set.generation, set.bank));
     let (slot, found) = if on_stack {
-        let mut s = Scratch { walk, key: IndexKey::default() };
-        // SAFETY: the callback only uses `s` through the context pointer while bpf_loop runs.
-        unsafe { bpf_loop(count, probe_on_stack as *mut c_void, &mut s as *mut Scratch as *mut c_void, 0) };
-        (s.walk.best_slot, s.walk.found)
+        let mut walk = walk;
+        // SAFETY: the callback only uses `walk` through the context pointer while bpf_loop runs.
+        unsafe { bpf_loop(count, probe_on_stack as *mut c_void, &mut walk as *mut Walk as *mut c_void, 0) };
+        (walk.best_slot, walk.found)
     } else {
         let scratch = SCRATCH.get_ptr_mut(0)?;
         // SAFETY: this CPU's scratch value; nothing else uses it while a tc program runs (see above).
@@ -59,32 +59,35 @@ pub fn find<A: Addr>(
 extern "C" fn probe_in_scratch(i: u32, _ctx: *mut c_void) -> i64 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return 1 };
     // SAFETY: this CPU's scratch value, which `find` filled.
-    probe(i, unsafe { &mut *scratch })
+    let scratch = unsafe { &mut *scratch };
+    probe(i, &mut scratch.walk, &mut scratch.key)
 }
 
-/// The `bpf_loop` callback of the socket hooks: the walk is on `find`'s stack.
+/// The `bpf_loop` callback of the socket hooks: the walk is on `find`'s stack, the probe key on the callback's own
+/// (in the caller's frame, every iteration's key would be state the verifier compares).
 extern "C" fn probe_on_stack(i: u32, ctx: *mut c_void) -> i64 {
-    // SAFETY: `find` passes a pointer to its Scratch, alive for the whole loop.
-    probe(i, unsafe { &mut *(ctx as *mut Scratch) })
+    let mut key = IndexKey::default();
+    // SAFETY: `find` passes a pointer to its Walk, alive for the whole loop.
+    probe(i, unsafe { &mut *(ctx as *mut Walk) }, &mut key)
 }
 
-/// Probes class `i` of the walk's hook and bank. Returns 1 to end the loop.
+/// Probes class `i` of the walk's hook and bank, with `key` as the probe key's memory. Returns 1 to end the loop.
 #[inline(always)]
-fn probe(i: u32, scratch: &mut Scratch) -> i64 {
-    let walk = &mut scratch.walk;
+fn probe(i: u32, walk: &mut Walk, key: &mut IndexKey) -> i64 {
     let family = walk.family;
     let Some(class) = CLASSES.get(class_index(walk.bank as u32, walk.hook, i)) else { return 1 };
     let more = walk.probe(
         class,
-        &mut scratch.key,
+        key,
         // SAFETY: plain read of a map value, which stays valid for the program's run.
         |k| unsafe { INDEX.get(k) },
         |slot| RULES.get(slot),
-        // SAFETY: plain lookups; only presence matters.
         |daddr| {
             if family == family::V4 {
+                // SAFETY: a plain lookup; only presence matters.
                 unsafe { LOCAL_ADDRS.get(&daddr[0]) }.is_some()
             } else {
+                // SAFETY: as above.
                 unsafe { LOCAL_ADDRS6.get(daddr) }.is_some()
             }
         },

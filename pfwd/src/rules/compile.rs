@@ -282,7 +282,7 @@ pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> R
         }
         let mut classes: Vec<Class> = shapes.into_iter().map(|(k, min_rank)| Class { min_rank, ..k }).collect();
         // Ties broken by shape, so the order is the same every time.
-        classes.sort_by_key(|k| (k.min_rank, k.flags, k.port_plen, k.src_plen, k.dst_plen));
+        classes.sort_by_key(|k| (k.min_rank, k.flags, k.family, k.port_plen, k.src_plen, k.dst_plen));
         c.classes[h] = classes;
     }
     Ok(c)
@@ -361,13 +361,12 @@ fn index_keys(r: &Rule, e: &RuleEntry, hook: u8) -> Vec<(IndexKey, Class)> {
 /// interface and a protocol.
 pub fn class_of(key: &IndexKey) -> Class {
     let flags = if key.ifindex != 0 { class_flag::IFACE } else { 0 }
-        | if key.proto != PROTO_ANY { class_flag::PROTO } else { 0 }
-        | if key.family != family::ANY { class_flag::FAMILY } else { 0 };
-    class_shaped(flags, key.port_plen, key.src_plen, key.dst_plen)
+        | if key.proto != PROTO_ANY { class_flag::PROTO } else { 0 };
+    class_shaped(flags, key.family, key.port_plen, key.src_plen, key.dst_plen)
 }
 
 /// The class (`min_rank` 0) with these [`class_flag`]s and prefix lengths; the masks follow from the lengths.
-pub fn class_shaped(flags: u8, port_plen: u8, src_plen: u8, dst_plen: u8) -> Class {
+pub fn class_shaped(flags: u8, family: u8, port_plen: u8, src_plen: u8, dst_plen: u8) -> Class {
     Class {
         min_rank: 0,
         src_mask: addr_mask(src_plen),
@@ -377,7 +376,8 @@ pub fn class_shaped(flags: u8, port_plen: u8, src_plen: u8, dst_plen: u8) -> Cla
         src_plen,
         dst_plen,
         flags,
-        _pad: [0; 2],
+        family,
+        _pad: 0,
     }
 }
 
@@ -496,11 +496,10 @@ mod tests {
         // family: rule 4 translates to an IPv4 address, so it is an IPv4 rule; rule 1 serves both families.
         let shapes: Vec<(u8, u8, u8, u8)> =
             c.classes[pre as usize].iter().map(|k| (k.flags, k.port_plen, k.src_plen, k.dst_plen)).collect();
-        let (i, p, f) = (class_flag::IFACE, class_flag::PROTO, class_flag::FAMILY);
-        assert_eq!(
-            shapes,
-            [(i | p | f, 16, 24, 0), (p, 16, 0, 0), (p | f, 15, 0, 0), (p | f, 16, 0, 0), (f, 0, 0, 32)]
-        );
+        let (i, p) = (class_flag::IFACE, class_flag::PROTO);
+        assert_eq!(shapes, [(i | p, 16, 24, 0), (p, 16, 0, 0), (p, 15, 0, 0), (p, 16, 0, 0), (0, 0, 0, 32)]);
+        let families: Vec<u8> = c.classes[pre as usize].iter().map(|k| k.family).collect();
+        assert_eq!(families, [family::V4, family::ANY, family::V4, family::V4, family::V4]);
         assert_eq!(c.classes[pre as usize][1].min_rank, e(0).rank);
         assert!(c.classes[1].is_empty() && c.classes[2].is_empty());
         assert_eq!(compile(&[], &ifindex).unwrap(), Compiled::default());

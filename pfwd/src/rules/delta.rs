@@ -70,6 +70,9 @@ impl Member {
 pub struct ClassKeys {
     pub hook: u8,
     pub flags: u8,
+    /// [`pfwd_common::family`] of the class's rules (0: both).
+    #[serde(default)]
+    pub family: u8,
     pub port_plen: u8,
     pub src_plen: u8,
     pub dst_plen: u8,
@@ -77,9 +80,12 @@ pub struct ClassKeys {
     pub keys: u32,
 }
 
+/// A class's shape: hook, [`pfwd_common::class_flag`]s, family and prefix lengths (port, source, destination).
+type Shape = (u8, u8, u8, u8, u8, u8);
+
 impl ClassKeys {
-    fn shape(&self) -> (u8, u8, u8, u8, u8) {
-        (self.hook, self.flags, self.port_plen, self.src_plen, self.dst_plen)
+    fn shape(&self) -> Shape {
+        (self.hook, self.flags, self.family, self.port_plen, self.src_plen, self.dst_plen)
     }
 
     /// The class of `key` with no keys yet.
@@ -88,6 +94,7 @@ impl ClassKeys {
         ClassKeys {
             hook: key.hook,
             flags: c.flags,
+            family: c.family,
             port_plen: c.port_plen,
             src_plen: c.src_plen,
             dst_plen: c.dst_plen,
@@ -98,20 +105,23 @@ impl ClassKeys {
 
     /// The kernel's class.
     fn class(&self) -> Class {
-        Class { min_rank: self.min_rank, ..class_shaped(self.flags, self.port_plen, self.src_plen, self.dst_plen) }
+        Class {
+            min_rank: self.min_rank,
+            ..class_shaped(self.flags, self.family, self.port_plen, self.src_plen, self.dst_plen)
+        }
     }
 }
 
 /// Each class of a full compile with the number of keys it holds (exact `min_rank`s).
 pub fn class_keys(c: &Compiled) -> Vec<ClassKeys> {
-    let mut out: HashMap<(u8, u8, u8, u8, u8), ClassKeys> = HashMap::new();
+    let mut out: HashMap<Shape, ClassKeys> = HashMap::new();
     for key in c.members.iter().filter(|(_, m)| !m.is_empty()).map(|(k, _)| k) {
         let ck = ClassKeys::of(key);
         out.entry(ck.shape()).or_insert(ck).keys += 1;
     }
     for (hook, classes) in c.classes.iter().enumerate() {
         for class in classes {
-            let shape = (hook as u8, class.flags, class.port_plen, class.src_plen, class.dst_plen);
+            let shape = (hook as u8, class.flags, class.family, class.port_plen, class.src_plen, class.dst_plen);
             if let Some(ck) = out.get_mut(&shape) {
                 ck.min_rank = class.min_rank;
             }
@@ -157,7 +167,7 @@ pub fn delta(
 ) -> Result<Delta, RuleError> {
     let removed: HashSet<u32> = old_changed.entries.iter().map(|(s, _)| *s).collect();
     let touched: HashSet<&IndexKey> = old_changed.members.keys().chain(new_changed.members.keys()).collect();
-    let mut counts: HashMap<(u8, u8, u8, u8, u8), ClassKeys> = classes.iter().map(|c| (c.shape(), *c)).collect();
+    let mut counts: HashMap<Shape, ClassKeys> = classes.iter().map(|c| (c.shape(), *c)).collect();
     let mut d = Delta::default();
     let c = &mut d.compiled;
     let none = Vec::new();
@@ -205,7 +215,7 @@ pub fn delta(
     if keys > INDEX_ENTRIES as usize {
         return Err(RuleError::TooManyIndexKeys { count: keys });
     }
-    kept.sort_by_key(|c| (c.min_rank, c.flags, c.port_plen, c.src_plen, c.dst_plen));
+    kept.sort_by_key(|c| (c.min_rank, c.flags, c.family, c.port_plen, c.src_plen, c.dst_plen));
     for (hook, classes) in d.compiled.classes.iter_mut().enumerate() {
         *classes = kept.iter().filter(|c| c.hook as usize == hook).map(ClassKeys::class).collect();
         if classes.len() > MAX_CLASSES as usize {
