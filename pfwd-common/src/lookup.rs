@@ -12,6 +12,12 @@ use crate::{
     class_flag, masked, rule_flag,
 };
 
+/// Whether `a` masked by `mask` is `net`, word by word (no masked copy: the kernel's stack is small).
+#[inline(always)]
+fn in_net(a: &Addr6, mask: &Addr6, net: &Addr6) -> bool {
+    a[0] & mask[0] == net[0] && a[1] & mask[1] == net[1] && a[2] & mask[2] == net[2] && a[3] & mask[3] == net[3]
+}
+
 impl RuleEntry {
     /// Whether the rule's filters (family, interface, protocol, source and destination networks, each possibly
     /// negated; `-d local`) match the packet `t` (wide form, [`Addr::wide`]) of family `family` seen on `ifindex`
@@ -23,8 +29,8 @@ impl RuleEntry {
         (self.family == crate::family::ANY || self.family == family)
             && (self.ifindex == 0 || (self.ifindex == ifindex) != not(rule_flag::NOT_IFACE))
             && (self.proto == crate::PROTO_ANY || self.proto == t.proto)
-            && (masked(&t.saddr, &self.src_mask) == self.src_net) != not(rule_flag::NOT_SRC)
-            && (masked(&t.daddr, &self.dst_mask) == self.dst_net) != not(rule_flag::NOT_DST)
+            && in_net(&t.saddr, &self.src_mask, &self.src_net) != not(rule_flag::NOT_SRC)
+            && in_net(&t.daddr, &self.dst_mask, &self.dst_net) != not(rule_flag::NOT_DST)
             && (!not(rule_flag::DST_LOCAL) || is_local(&t.daddr))
     }
 

@@ -124,10 +124,13 @@ fn confirms<A: Family>(pkt: &Packet<A>, reply: bool, state: u8) -> bool {
 /// when the confirmed table holds another flow's entry on the reply key or refuses the insert.
 #[inline(never)]
 fn promote<A: Family>(key: &FlowTuple<A>, entry: &CtEntryOf<A>, state: u8, now: u64) -> bool {
-    let peer_key = entry.xlat.reversed();
-    // One value on the stack: the other direction's entry first (built from this one, as a restore would, so an
-    // evicted peer is no obstacle), then this one.
-    let mut v = CtEntryOf {
+    // The entry and the other key in this CPU's scratch value: off the stack, which the calling chain needs.
+    let Some(s) = A::ct_scratch() else { return false };
+    s.reply_key = entry.xlat.reversed();
+    let peer_key = &s.reply_key;
+    // One value: the other direction's entry first (built from this one, as a restore would, so an evicted peer is
+    // no obstacle), then this one.
+    s.entry = CtEntryOf {
         xlat: key.reversed(),
         dir: if entry.dir == dir::REPLY { dir::ORIGINAL } else { dir::REPLY },
         hook: if entry.hook == ct_hook::INGRESS { ct_hook::EGRESS } else { ct_hook::INGRESS },
@@ -137,26 +140,27 @@ fn promote<A: Family>(key: &FlowTuple<A>, entry: &CtEntryOf<A>, state: u8, now: 
         last_seen_ns: now.wrapping_sub(REFRESH_NS),
         ..*entry
     };
-    if A::conntrack().insert(&peer_key, &v, BPF_NOEXIST as u64).is_err() {
+    let v = &mut s.entry;
+    if A::conntrack().insert(peer_key, &*v, BPF_NOEXIST as u64).is_err() {
         // Another CPU promoting the same flow is fine; another flow's entry there is not ours to overwrite.
         // SAFETY: a map value pointer from a successful lookup.
-        let same_flow = A::conntrack().get_ptr(&peer_key).is_some_and(|p| unsafe { (*p).xlat } == v.xlat);
+        let same_flow = A::conntrack().get_ptr(peer_key).is_some_and(|p| unsafe { (*p).xlat } == v.xlat);
         if !same_flow {
             return false;
         }
     }
     // Referenced before the next insert, so a full table does not evict it for its partner (see create).
-    let _ = A::conntrack().get_ptr(&peer_key);
+    let _ = A::conntrack().get_ptr(peer_key);
     v.xlat = entry.xlat;
     v.dir = entry.dir;
     v.hook = entry.hook;
-    if A::conntrack().insert(key, &v, BPF_ANY as u64).is_err() {
-        let _ = A::conntrack().remove(&peer_key);
+    if A::conntrack().insert(key, &*v, BPF_ANY as u64).is_err() {
+        let _ = A::conntrack().remove(peer_key);
         return false;
     }
     // SAFETY: as above.
-    if A::conntrack_new().get_ptr(&peer_key).is_some_and(|p| unsafe { (*p).xlat.reversed() } == *key) {
-        let _ = A::conntrack_new().remove(&peer_key);
+    if A::conntrack_new().get_ptr(peer_key).is_some_and(|p| unsafe { (*p).xlat.reversed() } == *key) {
+        let _ = A::conntrack_new().remove(peer_key);
     }
     let _ = A::conntrack_new().remove(key);
     true

@@ -11,19 +11,16 @@ use aya_ebpf::{
 };
 use pfwd_common::{
     Addr, Addr6, Config, CtEntryOf, FlowTuple, FragEntryOf, FragKeyOf, IfaceInfo, PROTO_ICMP, PROTO_ICMPV6, Tuple,
-    Tuple6, checksum,
+    Tuple6, checksum, config_flag,
 };
 
 use aya_log_ebpf::macro_support::{Argument, IpFormatter};
 
 use crate::{
     fib, forward,
-    maps::{
-        CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, CT_SCRATCH4, CT_SCRATCH6, CtScratch, FRAGS, FRAGS6,
-        WORK4, WORK6,
-    },
+    maps::{CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, CT_SCRATCH4, CT_SCRATCH6, CtScratch, FRAGS, FRAGS6},
     nat,
-    parse::{self, Embedded, Packet, Work},
+    parse::{self, Embedded},
 };
 
 /// One address family's side of the data path (implemented by `u32` for IPv4 and [`Addr6`] for IPv6).
@@ -55,13 +52,8 @@ pub trait Family: Addr {
     /// The interface's primary address of this family (REDIRECT's target; unspecified when it has none).
     fn iface_addr(iface: &IfaceInfo) -> Self;
 
-    /// This CPU's working memory for a packet of this family ([`Work`]), and for creating a flow
-    /// ([`CtScratch`]).
-    fn work() -> Option<&'static mut Work<Self>>;
+    /// This CPU's working memory for creating a flow ([`CtScratch`]).
     fn ct_scratch() -> Option<&'static mut CtScratch<Self>>;
-
-    /// Parses a packet of this family into `pkt` (None: not one pfwd can translate; it passes).
-    fn parse(ctx: &TcContext, pkt: &mut Packet<Self>) -> Option<()>;
 
     /// Parses the packet embedded in an ICMP error at `ip_off` into `emb` (`end`: the outer packet's end).
     fn embedded(ctx: &TcContext, ip_off: usize, end: usize, emb: &mut Embedded<Self>) -> Option<()>;
@@ -139,20 +131,10 @@ impl Family for u32 {
     }
 
     #[inline(always)]
-    fn work() -> Option<&'static mut Work<u32>> {
-        // SAFETY: this CPU's value; nothing else runs on this CPU while the program does.
-        WORK4.get_ptr_mut(0).map(|w| unsafe { &mut *w })
-    }
-
-    #[inline(always)]
     fn ct_scratch() -> Option<&'static mut CtScratch<u32>> {
-        // SAFETY: as above.
+        // SAFETY: this CPU's value; the tc programs, the only users, run with bottom halves disabled, so nothing
+        // else on this CPU uses it meanwhile.
         CT_SCRATCH4.get_ptr_mut(0).map(|w| unsafe { &mut *w })
-    }
-
-    #[inline(always)]
-    fn parse(ctx: &TcContext, pkt: &mut Packet<u32>) -> Option<()> {
-        parse::parse4(ctx, pkt)
     }
 
     #[inline(always)]
@@ -185,6 +167,10 @@ impl Family for u32 {
 
     #[inline(always)]
     fn forward(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i32> {
+        // Tested here, not in the (not inlined) function: without `--fast-forward` a packet pays no call.
+        if cfg.flags & config_flag::FAST_FORWARD == 0 {
+            return None;
+        }
         forward::redirect(ctx, t, cfg)
     }
 }
@@ -244,20 +230,9 @@ impl Family for Addr6 {
     }
 
     #[inline(always)]
-    fn work() -> Option<&'static mut Work<Addr6>> {
-        // SAFETY: as for IPv4.
-        WORK6.get_ptr_mut(0).map(|w| unsafe { &mut *w })
-    }
-
-    #[inline(always)]
     fn ct_scratch() -> Option<&'static mut CtScratch<Addr6>> {
         // SAFETY: as above.
         CT_SCRATCH6.get_ptr_mut(0).map(|w| unsafe { &mut *w })
-    }
-
-    #[inline(always)]
-    fn parse(ctx: &TcContext, pkt: &mut Packet<Addr6>) -> Option<()> {
-        parse::parse6(ctx, pkt)
     }
 
     #[inline(always)]

@@ -49,17 +49,16 @@ mod programs {
     };
     use aya_log_ebpf::{info, warn};
     use pfwd_common::{
-        Addr6, Config, FlowTuple, PROTO_TCP, Stat, config_flag, ct_flag, ct_hook, dir, frag_action, hook, rule_flag,
-        tcx,
+        Config, FlowTuple, PROTO_TCP, Stat, config_flag, ct_flag, ct_hook, dir, frag_action, hook, rule_flag, tcx,
     };
 
     use crate::{
         conntrack, dnat,
         family::Family,
         fragment,
-        maps::{CONFIG, IFACES, count, count_backend, count_rule, count_rule_drop},
+        maps::{CONFIG, IFACES, count, count_backend, count_rule, count_rule_drop, err_work6, work6},
         nat,
-        parse::{self, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, Packet, TCP_SYN, Verdict, Work, frag, icmp, ip_off},
+        parse::{self, ETH_P_IP, ETH_P_IPV6, ErrWork, ICMP_HLEN, Packet, TCP_SYN, Verdict, frag, icmp, ip_off},
         rules, snat,
     };
 
@@ -89,25 +88,21 @@ mod programs {
         dispatch(&ctx, ct_hook::EGRESS)
     }
 
-    /// Answers of `run` and `open` that are not a verdict yet: the packet may open a new flow (hand it to `open`),
-    /// or its verdict is in the working memory (hand it to `finish`).
-    const OPEN: i32 = -1000;
-    const FINISH: i32 = -1001;
-
-    /// Each family's path is three functions (BPF-to-BPF calls): `run` parses the packet and finds its flow, `open`
-    /// creates a new flow for a packet that may open one, `finish` carries out the verdict (the rewrite). The
-    /// packet and its verdict stay in the per-CPU working memory in between. None calls another, so each call chain
-    /// stays within the verifier's 512 bytes of stack, and each piece of code is in the program once per family.
+    /// The path of a packet: it is parsed and its flow found (`verdict`), a packet that may open a flow gets one
+    /// (`new_flow`), then the verdict is carried out (`finish`, the rewrite).
+    ///
+    /// IPv4 does it all in one function with the packet on the stack, as pfwd did before IPv6 (its ICMP errors in a
+    /// function beside it): IPv4 pays for IPv6 only the ethertype test. IPv6's 40-byte tuples do not fit the
+    /// verifier's 512 bytes of stack that way (the compiler spills each field of each copy to a slot of its own):
+    /// its working memory ([`Work`]) is a per-CPU map value, and `run6`, `open6` and `finish6` are separate
+    /// functions (BPF-to-BPF calls) that do not call each other, so each call chain stays within the limit.
     #[inline(always)]
     fn dispatch(ctx: &TcContext, at: u8) -> i32 {
         match parse::ethertype(ctx) {
-            ETH_P_IP => {
-                let mut r = run4(ctx, at);
-                if r == OPEN {
-                    r = open4(ctx, at);
-                }
-                if r == FINISH { finish4(ctx, at) } else { r }
-            }
+            ETH_P_IP => match run4(ctx, at) {
+                ICMP_ERROR => icmp_error4(ctx, at),
+                r => r,
+            },
             ETH_P_IPV6 => {
                 let mut r = run6(ctx, at);
                 if r == OPEN {
@@ -119,68 +114,82 @@ mod programs {
         }
     }
 
+    /// Answers of the functions `dispatch` calls that are not a verdict yet: hand the packet to `open6`,
+    /// `finish6`, or `icmp_error4`.
+    const OPEN: i32 = -1000;
+    const FINISH: i32 = -1001;
+    const ICMP_ERROR: i32 = -1002;
+
     #[inline(never)]
     fn run4(ctx: &TcContext, at: u8) -> i32 {
-        run::<u32>(ctx, at)
+        let Some(cfg) = CONFIG.get(0) else { return NEXT };
+        let Some(pkt) = parse::parse4(ctx) else { return NEXT };
+        if pkt.frag == frag::LATER {
+            return fragment::later(ctx, &pkt, at);
+        }
+        if pkt.icmp == icmp::ERROR {
+            return ICMP_ERROR;
+        }
+        let mut xlat = pkt.tuple;
+        let mut v = verdict(&pkt, &mut xlat, at, cfg);
+        if matches!(v, Verdict::Open) {
+            v = new_flow(ctx, &pkt, &mut xlat, at, cfg);
+        }
+        finish(ctx, at, cfg, (&pkt, &xlat), v)
+    }
+
+    /// An IPv4 ICMP error: a function beside `run4` (not called from it), parsing the packet again, so that its
+    /// working memory is not in the frame of every packet's call chain.
+    #[inline(never)]
+    fn icmp_error4(ctx: &TcContext, at: u8) -> i32 {
+        let Some(cfg) = CONFIG.get(0) else { return NEXT };
+        let Some(pkt) = parse::parse4(ctx) else { return NEXT };
+        let mut e = ErrWork::new();
+        icmp_error(ctx, &pkt, &mut e, at, cfg)
     }
 
     #[inline(never)]
     fn run6(ctx: &TcContext, at: u8) -> i32 {
-        run::<Addr6>(ctx, at)
-    }
-
-    #[inline(never)]
-    fn open4(ctx: &TcContext, at: u8) -> i32 {
-        open::<u32>(ctx, at)
-    }
-
-    #[inline(never)]
-    fn open6(ctx: &TcContext, at: u8) -> i32 {
-        open::<Addr6>(ctx, at)
-    }
-
-    #[inline(never)]
-    fn finish4(ctx: &TcContext, at: u8) -> i32 {
-        finish::<u32>(ctx, at)
-    }
-
-    #[inline(never)]
-    fn finish6(ctx: &TcContext, at: u8) -> i32 {
-        finish::<Addr6>(ctx, at)
-    }
-
-    /// A packet: parsed into this CPU's working memory; fragments and ICMP errors have their own handling; a packet
-    /// of a known flow (or of none) gets its verdict (`FINISH`); one that may open a flow is `OPEN`.
-    #[inline(always)]
-    fn run<A: Family>(ctx: &TcContext, at: u8) -> i32 {
-        let (Some(cfg), Some(w)) = (CONFIG.get(0), A::work()) else { return NEXT };
-        if A::parse(ctx, &mut w.pkt).is_none() {
+        let (Some(cfg), Some(w)) = (CONFIG.get(0), work6()) else { return NEXT };
+        if parse::parse6(ctx, &mut w.pkt).is_none() {
             return NEXT;
         }
         if w.pkt.frag == frag::LATER {
             return fragment::later(ctx, &w.pkt, at);
         }
         if w.pkt.icmp == icmp::ERROR {
-            return icmp_error(ctx, w, at, cfg);
+            return match err_work6() {
+                Some(e) => icmp_error(ctx, &w.pkt, e, at, cfg),
+                None => NEXT,
+            };
         }
-        w.verdict = verdict(w, at, cfg);
+        w.verdict = verdict(&w.pkt, &mut w.xlat, at, cfg);
         if matches!(w.verdict, Verdict::Open) { OPEN } else { FINISH }
     }
 
-    /// The first packet of a new flow (parsed by `run`): its rule, if any, creates the flow.
-    #[inline(always)]
-    fn open<A: Family>(ctx: &TcContext, at: u8) -> i32 {
-        let (Some(cfg), Some(w)) = (CONFIG.get(0), A::work()) else { return NEXT };
-        w.verdict = new_flow(ctx, w, at, cfg);
+    #[inline(never)]
+    fn open6(ctx: &TcContext, at: u8) -> i32 {
+        let (Some(cfg), Some(w)) = (CONFIG.get(0), work6()) else { return NEXT };
+        w.verdict = new_flow(ctx, &w.pkt, &mut w.xlat, at, cfg);
         FINISH
     }
 
-    /// Carries out the verdict on the packet (both in the working memory).
+    #[inline(never)]
+    fn finish6(ctx: &TcContext, at: u8) -> i32 {
+        let (Some(cfg), Some(w)) = (CONFIG.get(0), work6()) else { return NEXT };
+        finish(ctx, at, cfg, (&w.pkt, &w.xlat), w.verdict)
+    }
+
+    /// Carries out the verdict `v` on the packet `pkt` (translated to `xlat` when it says so).
     #[inline(always)]
-    fn finish<A: Family>(ctx: &TcContext, at: u8) -> i32 {
-        let (Some(cfg), Some(w)) = (CONFIG.get(0), A::work()) else { return NEXT };
-        let pkt = &w.pkt;
-        match w.verdict {
+    fn finish<A: Family>(
+        ctx: &TcContext,
+        at: u8,
+        cfg: &Config,
+        (pkt, xlat): (&Packet<A>, &FlowTuple<A>),
+        v: Verdict,
+    ) -> i32 {
+        match v {
             Verdict::Open | Verdict::Pass => {
                 fragment::note_first(pkt, at, frag_action::PASS, &pkt.tuple, 0);
                 NEXT
@@ -194,7 +203,6 @@ mod programs {
                 DROP
             }
             Verdict::Translate { slot, new_flow, lb } => {
-                let xlat = &w.xlat;
                 fragment::note_first(pkt, at, frag_action::XLATE, xlat, slot);
                 if new_flow && logging(cfg) {
                     let t = &pkt.tuple;
@@ -231,8 +239,9 @@ mod programs {
     }
 
     #[inline(always)]
-    fn verdict<A: Family>(w: &mut Work<A>, at: u8, cfg: &Config) -> Verdict {
-        let pkt = &w.pkt;
+    /// The verdict for `pkt` from its flow (its translation into `xlat`), or `Open` when it has none and may open
+    /// one.
+    fn verdict<A: Family>(pkt: &Packet<A>, xlat: &mut FlowTuple<A>, at: u8, cfg: &Config) -> Verdict {
         let now = conntrack::now_ns();
         if let Some(e) = conntrack::lookup(&pkt.tuple, now, cfg) {
             // SAFETY: map value pointer from lookup.
@@ -250,9 +259,9 @@ mod programs {
             }
             if !(closed && entry.dir == dir::ORIGINAL && pkt.can_open()) {
                 // Copied before `track`, which may move the entry to the other table.
-                w.xlat = entry.xlat;
+                *xlat = entry.xlat;
                 let (slot, lb) = (entry.rule_slot, (entry.flags, entry.dir));
-                conntrack::track(&w.pkt.tuple, e, &w.pkt, now);
+                conntrack::track(&pkt.tuple, e, pkt, now);
                 return Verdict::Translate { slot, new_flow: false, lb };
             }
             // A new connection reusing the ports of a closed one starts over with the current rules.
@@ -260,17 +269,16 @@ mod programs {
         }
         let set = cfg.active();
         let classes = if at == ct_hook::INGRESS { set.counts.pre } else { set.counts.post };
-        if classes == 0 || !w.pkt.can_open() {
+        if classes == 0 || !pkt.can_open() {
             return Verdict::Pass;
         }
         Verdict::Open
     }
 
-    /// The first packet of a flow: finds its rule and creates the flow into `w.xlat` (Translate), or finds no rule
+    /// The first packet of a flow: finds its rule and creates the flow into `xlat` (Translate), or finds no rule
     /// or cannot track the flow (Pass: it passes untranslated), or the rule refuses it (Drop).
     #[inline(always)]
-    fn new_flow<A: Family>(ctx: &TcContext, w: &mut Work<A>, at: u8, cfg: &Config) -> Verdict {
-        let pkt = &w.pkt;
+    fn new_flow<A: Family>(ctx: &TcContext, pkt: &Packet<A>, xlat: &mut FlowTuple<A>, at: u8, cfg: &Config) -> Verdict {
         let now = conntrack::now_ns();
         let set = cfg.active();
         let hook = if at == ct_hook::INGRESS { hook::PREROUTING } else { hook::POSTROUTING };
@@ -280,9 +288,9 @@ mod programs {
         let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else { return Verdict::Pass };
         let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, &set, false) else { return Verdict::Pass };
         let created = if at == ct_hook::INGRESS {
-            dnat::create(pkt, slot, rule, iface, &mut w.xlat)
+            dnat::create(pkt, slot, rule, iface, xlat)
         } else {
-            snat::allocate(ctx, pkt, slot, rule, ifindex, iface, now, cfg, &mut w.xlat)
+            snat::allocate(ctx, pkt, slot, rule, ifindex, iface, now, cfg, xlat)
         };
         match created {
             Ok(()) => {
@@ -313,16 +321,15 @@ mod programs {
     /// sent, and the outer header with it. The flow is found by the embedded packet's reply tuple. An error whose
     /// embedded packet cannot be read passes untranslated.
     #[inline(always)]
-    fn icmp_error<A: Family>(ctx: &TcContext, w: &mut Work<A>, at: u8, cfg: &Config) -> i32 {
-        let pkt = &w.pkt;
-        if A::embedded(ctx, pkt.l4_off + ICMP_HLEN, ip_off() + pkt.ip_len as usize, &mut w.emb).is_none() {
+    fn icmp_error<A: Family>(ctx: &TcContext, pkt: &Packet<A>, e: &mut ErrWork<A>, at: u8, cfg: &Config) -> i32 {
+        if A::embedded(ctx, pkt.l4_off + ICMP_HLEN, ip_off() + pkt.ip_len as usize, &mut e.emb).is_none() {
             fragment::note_first(pkt, at, frag_action::PASS, &pkt.tuple, 0);
             return NEXT;
         }
         let now = conntrack::now_ns();
         // The embedded packet's reply tuple, in `outer` until the outer addresses are worked out.
-        w.outer = w.emb.tuple.reversed();
-        let entry = match conntrack::lookup(&w.outer, now, cfg) {
+        e.outer = e.emb.tuple.reversed();
+        let entry = match conntrack::lookup(&e.outer, now, cfg) {
             // SAFETY: map value pointer from lookup.
             Some(e) if unsafe { (*e).hook } == at => unsafe { &*e },
             _ => {
@@ -330,15 +337,15 @@ mod programs {
                 return NEXT;
             }
         };
-        w.xlat = entry.xlat.reversed();
+        e.inner = entry.xlat.reversed();
         let slot = entry.rule_slot;
-        if nat::rewrite_icmp_error(ctx, pkt, &w.emb, &w.xlat, &mut w.outer).is_none() {
+        if nat::rewrite_icmp_error(ctx, pkt, &e.emb, &e.inner, &mut e.outer).is_none() {
             count(Stat::Malformed);
             fragment::note_first(pkt, at, frag_action::DROP, &pkt.tuple, 0);
             return DROP;
         }
         // An error long enough to be fragmented itself: its later fragments get the outer addresses.
-        fragment::note_first(pkt, at, frag_action::XLATE, &w.outer, slot);
+        fragment::note_first(pkt, at, frag_action::XLATE, &e.outer, slot);
         count(Stat::IcmpErrorsXlated);
         count_rule(slot, pkt.ip_len, false);
         NEXT

@@ -1,7 +1,7 @@
 //! The instance's BPF maps and the counter updates. All are pinned by name, so every pfwd command (and every program
 //! load) of one network namespace shares them through bpffs. The names must equal `pfwd_common::names` (the map
 //! attribute takes only a literal); the loader's tests check the built object has each of them.
-use crate::parse::Work;
+use crate::parse::{ErrWork, Work};
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     bindings::BPF_NOEXIST,
@@ -107,11 +107,27 @@ pub struct Scratch {
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per-CPU working memory of each family's packets (`parse::Work`). Not pinned, as `SCRATCH`.
-#[map]
-pub static WORK4: PerCpuArray<Work<u32>> = PerCpuArray::with_max_entries(1, 0);
+/// Per-CPU working memory of IPv6 packets (`parse::Work`; IPv4's is on the stack). Not pinned, as `SCRATCH`.
 #[map]
 pub static WORK6: PerCpuArray<Work<Addr6>> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static ERR_WORK6: PerCpuArray<ErrWork<Addr6>> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's IPv6 working memory.
+#[inline(always)]
+pub fn work6() -> Option<&'static mut Work<Addr6>> {
+    // SAFETY: this CPU's value; the tc programs, the only users, run with bottom halves disabled, so nothing else
+    // on this CPU uses it meanwhile.
+    WORK6.get_ptr_mut(0).map(|w| unsafe { &mut *w })
+}
+
+/// This CPU's IPv6 ICMP error working memory.
+#[inline(always)]
+pub fn err_work6() -> Option<&'static mut ErrWork<Addr6>> {
+    // SAFETY: as for `work6`.
+    ERR_WORK6.get_ptr_mut(0).map(|w| unsafe { &mut *w })
+}
 
 /// Per-CPU working memory of a new flow's creation (`conntrack::create`) and its SNAT port search: the keys and the
 /// entry, off the stack as `Work` is.

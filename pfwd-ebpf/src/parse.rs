@@ -9,7 +9,7 @@ use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use pfwd_common::{Addr6, FlowTuple, PROTO_TCP, PROTO_UDP, Stat, checksum};
+use pfwd_common::{Addr, Addr6, FlowTuple, PROTO_TCP, PROTO_UDP, Stat, checksum};
 
 use crate::{family::Family, maps::count};
 
@@ -85,18 +85,31 @@ pub mod frag {
     pub const LATER: u8 = 2;
 }
 
-/// A packet and what the programs work out about it, in per-CPU map memory (`Family::work`) rather than on the
-/// stack: the verifier allows 512 bytes of stack for a whole call chain, and a compiler keeping these tuples on
-/// the stack (IPv6's are 40 bytes) spills each of their fields to a slot of its own.
+/// An IPv6 packet and what the programs work out about it, in per-CPU map memory (`maps::work6`): the verifier
+/// allows 512 bytes of stack for a whole call chain, and a compiler keeping IPv6's 40-byte tuples on the stack spills
+/// each of their fields to a slot of its own. (IPv4 keeps the same on the stack.)
 pub struct Work<A> {
     pub pkt: Packet<A>,
     /// What to do with the packet, once worked out.
     pub verdict: Verdict,
     /// The tuple the packet is translated to.
     pub xlat: FlowTuple<A>,
-    /// ICMP errors: the embedded packet, and the outer addresses written.
+}
+
+/// An ICMP error's working memory: the embedded packet, what it becomes, and the outer addresses written.
+pub struct ErrWork<A> {
     pub emb: Embedded<A>,
+    pub inner: FlowTuple<A>,
     pub outer: FlowTuple<A>,
+}
+
+impl<A: Addr> ErrWork<A> {
+    /// A blank one (zeroed, see [`Work::new`]).
+    #[inline(always)]
+    pub fn new() -> Self {
+        let tuple = FlowTuple::default();
+        ErrWork { emb: Embedded { ip_off: 0, l4_off: 0, tuple }, inner: tuple, outer: tuple }
+    }
 }
 
 /// What to do with a packet.
@@ -247,10 +260,10 @@ fn addresses4(ip: &Ipv4Hdr) -> FlowTuple<u32> {
     FlowTuple::new(u32::from_ne_bytes(ip.src_addr), u32::from_ne_bytes(ip.dst_addr), 0, 0, ip.proto)
 }
 
-/// Parses an IPv4 packet (the caller checked the ethertype) into `pkt`. `None` means "not ours, pass untouched"
-/// (malformed). A later fragment comes back with the addresses and protocol only (ports 0, `frag::LATER`).
+/// Parses an IPv4 packet (the caller checked the ethertype). `None` means "not ours, pass untouched" (malformed). A
+/// later fragment comes back with the addresses and protocol only (ports 0, `frag::LATER`).
 #[inline(always)]
-pub fn parse4(ctx: &TcContext, pkt: &mut Packet<u32>) -> Option<()> {
+pub fn parse4(ctx: &TcContext) -> Option<Packet<u32>> {
     let l2 = ip_off();
     if !ensure_linear(ctx, l2 + Ipv4Hdr::LEN) {
         count(Stat::Malformed);
@@ -276,8 +289,10 @@ pub fn parse4(ctx: &TcContext, pkt: &mut Packet<u32>) -> Option<()> {
         frag::WHOLE
     };
     let ip_id = u16::from_be_bytes(ip.id) as u32;
-    *pkt = Packet { tuple, l4_off: l2 + ihl, tcp_flags: 0, ip_len: tot_len as u32, icmp: icmp::ABSENT, frag, ip_id };
-    transport(ctx, pkt, l2 + tot_len)
+    let mut pkt =
+        Packet { tuple, l4_off: l2 + ihl, tcp_flags: 0, ip_len: tot_len as u32, icmp: icmp::ABSENT, frag, ip_id };
+    transport(ctx, &mut pkt, l2 + tot_len)?;
+    Some(pkt)
 }
 
 /// Where an IPv6 header's extension headers end: the upper-layer protocol, its offset, and the fragment header's

@@ -714,7 +714,8 @@ fn attach_idempotent(mode: &str) {
         assert_eq!(tcx_programs(&lab, "eth1"), want, "one ingress and one egress program on eth1");
         let pins = files_in(&pin_dir(&lab));
         assert_eq!(pins.iter().filter(|p| p.starts_with("link_eth")).count(), 4, "interface link pins: {pins:?}");
-        assert_eq!(pins.iter().filter(|p| p.starts_with("link_cgroup_")).count(), 4, "socket hook pins: {pins:?}");
+        // connect, sendmsg, recvmsg and getpeername, for IPv4 and IPv6.
+        assert_eq!(pins.iter().filter(|p| p.starts_with("link_cgroup_")).count(), 8, "socket hook pins: {pins:?}");
     }
     expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
     assert_eq!(rule_of(&status(&lab), id)["flows"], 3);
