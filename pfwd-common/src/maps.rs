@@ -66,6 +66,21 @@ pub mod names {
     /// The tcx programs (`#[classifier]` functions of pfwd-ebpf).
     pub const PROG_INGRESS: &str = "pfwd_ingress";
     pub const PROG_EGRESS: &str = "pfwd_egress";
+    /// The programs they tail-call through the `TAIL` program array (slots [`super::tail`]): their IPv6 halves and
+    /// their IPv4 ICMP error handlers.
+    pub const PROG_INGRESS6: &str = "pfwd_ingress6";
+    pub const PROG_EGRESS6: &str = "pfwd_egress6";
+    pub const PROG_INGRESS_ICMP4: &str = "pfwd_ingress_icmp4";
+    pub const PROG_EGRESS_ICMP4: &str = "pfwd_egress_icmp4";
+    /// The program array (pinned by the loader as `prog_tail`, `prog_tail_l3`).
+    pub const TAIL: &str = "TAIL";
+    /// Every tail-called program, with its slot.
+    pub const TAIL_PROGRAMS: [(&str, u32); 4] = [
+        (PROG_INGRESS6, super::tail::INGRESS6),
+        (PROG_EGRESS6, super::tail::EGRESS6),
+        (PROG_INGRESS_ICMP4, super::tail::INGRESS_ICMP4),
+        (PROG_EGRESS_ICMP4, super::tail::EGRESS_ICMP4),
+    ];
     /// The cgroup socket hooks of `--local` rules (`#[cgroup_sock_addr]` functions).
     pub const PROG_CONNECT4: &str = "pfwd_connect4";
     pub const PROG_SENDMSG4: &str = "pfwd_sendmsg4";
@@ -75,6 +90,15 @@ pub mod names {
     pub const PROG_SENDMSG6: &str = "pfwd_sendmsg6";
     pub const PROG_RECVMSG6: &str = "pfwd_recvmsg6";
     pub const PROG_GETPEERNAME6: &str = "pfwd_getpeername6";
+}
+
+/// Slots of the `TAIL` program array: the programs the tc programs tail-call.
+pub mod tail {
+    pub const INGRESS6: u32 = 0;
+    pub const EGRESS6: u32 = 1;
+    pub const INGRESS_ICMP4: u32 = 2;
+    pub const EGRESS_ICMP4: u32 = 3;
+    pub const SLOTS: u32 = 4;
 }
 
 /// Rule slots (rule bodies are addressed by slot; the user-facing id is stored inside). A cap well above the 100,000

@@ -56,7 +56,9 @@ mod programs {
         conntrack, dnat,
         family::Family,
         fragment,
-        maps::{CONFIG, IFACES, count, count_backend, count_rule, count_rule_drop, err_work6, work6},
+        maps::{
+            CONFIG, IFACES, TAIL, count, count_backend, count_rule, count_rule_drop, err_work4, err_work6, tail, work6,
+        },
         nat,
         parse::{self, ETH_P_IP, ETH_P_IPV6, ErrWork, ICMP_HLEN, Packet, TCP_SYN, Verdict, frag, icmp, ip_off},
         rules, snat,
@@ -88,39 +90,70 @@ mod programs {
         dispatch(&ctx, ct_hook::EGRESS)
     }
 
+    /// The IPv6 half of `pfwd_ingress`, which tail-calls it for IPv6 packets (`TAIL`); never attached itself.
+    #[classifier]
+    pub fn pfwd_ingress6(ctx: TcContext) -> i32 {
+        path6(&ctx, ct_hook::INGRESS)
+    }
+
+    /// The IPv6 half of `pfwd_egress`.
+    #[classifier]
+    pub fn pfwd_egress6(ctx: TcContext) -> i32 {
+        path6(&ctx, ct_hook::EGRESS)
+    }
+
+    /// IPv4 ICMP errors at ingress, tail-called by `pfwd_ingress` (as the IPv6 half is): with a stack of its own.
+    #[classifier]
+    pub fn pfwd_ingress_icmp4(ctx: TcContext) -> i32 {
+        icmp_error4(&ctx, ct_hook::INGRESS)
+    }
+
+    /// IPv4 ICMP errors at egress.
+    #[classifier]
+    pub fn pfwd_egress_icmp4(ctx: TcContext) -> i32 {
+        icmp_error4(&ctx, ct_hook::EGRESS)
+    }
+
     /// The path of a packet: it is parsed and its flow found (`verdict`), a packet that may open a flow gets one
     /// (`new_flow`), then the verdict is carried out (`finish`, the rewrite).
     ///
-    /// IPv4 does it all in one function with the packet on the stack, as pfwd did before IPv6 (its ICMP errors in a
-    /// function beside it): IPv4 pays for IPv6 only the ethertype test. IPv6's 40-byte tuples do not fit the
-    /// verifier's 512 bytes of stack that way (the compiler spills each field of each copy to a slot of its own):
-    /// its working memory ([`Work`]) is a per-CPU map value, and `run6`, `open6` and `finish6` are separate
-    /// functions (BPF-to-BPF calls) that do not call each other, so each call chain stays within the limit.
+    /// IPv4 does it all here, in the attached program, with the packet on the stack, as pfwd did before IPv6 (its
+    /// ICMP errors in a function beside it): IPv4 pays for IPv6 only the ethertype test. An IPv6 packet is handed to
+    /// the program's IPv6 half by a tail call (`TAIL`), which starts afresh with a stack of its own: IPv6's
+    /// 40-byte tuples do not fit beside IPv4's frame in the verifier's 512 bytes.
     #[inline(always)]
     fn dispatch(ctx: &TcContext, at: u8) -> i32 {
         match parse::ethertype(ctx) {
             ETH_P_IP => match run4(ctx, at) {
-                ICMP_ERROR => icmp_error4(ctx, at),
+                ICMP_ERROR => {
+                    tail_call(ctx, if at == ct_hook::INGRESS { tail::INGRESS_ICMP4 } else { tail::EGRESS_ICMP4 })
+                }
                 r => r,
             },
-            ETH_P_IPV6 => {
-                let mut r = run6(ctx, at);
-                if r == OPEN {
-                    r = open6(ctx, at);
-                }
-                if r == FINISH { finish6(ctx, at) } else { r }
-            }
+            ETH_P_IPV6 => tail_call(ctx, if at == ct_hook::INGRESS { tail::INGRESS6 } else { tail::EGRESS6 }),
             _ => NEXT,
         }
     }
 
-    /// Answers of the functions `dispatch` calls that are not a verdict yet: hand the packet to `open6`,
-    /// `finish6`, or `icmp_error4`.
+    /// IPv6: its working memory ([`Work`]) is a per-CPU map value, and `run6`, `open6` and `finish6` are separate
+    /// functions (BPF-to-BPF calls) that do not call each other, so each call chain stays within the verifier's
+    /// 512 bytes of stack (the compiler spills each field of each copy of a 40-byte tuple to a slot of its own).
+    #[inline(always)]
+    fn path6(ctx: &TcContext, at: u8) -> i32 {
+        let mut r = run6(ctx, at);
+        if r == OPEN {
+            r = open6(ctx, at);
+        }
+        if r == FINISH { finish6(ctx, at) } else { r }
+    }
+
+    /// Answers of the functions the programs call that are not a verdict yet: hand the packet to `open6`,
+    /// `finish6`, or the IPv4 ICMP error program.
     const OPEN: i32 = -1000;
     const FINISH: i32 = -1001;
     const ICMP_ERROR: i32 = -1002;
 
-    #[inline(never)]
+    #[inline(always)]
     fn run4(ctx: &TcContext, at: u8) -> i32 {
         let Some(cfg) = CONFIG.get(0) else { return NEXT };
         let Some(pkt) = parse::parse4(ctx) else { return NEXT };
@@ -138,14 +171,22 @@ mod programs {
         finish(ctx, at, cfg, (&pkt, &xlat), v)
     }
 
-    /// An IPv4 ICMP error: a function beside `run4` (not called from it), parsing the packet again, so that its
-    /// working memory is not in the frame of every packet's call chain.
-    #[inline(never)]
+    /// Hands the packet to the program in slot `index` of [`TAIL`], which starts afresh with a stack of its own;
+    /// returns only when the slot is empty (a loader that did not fill it): then the packet passes untouched.
+    #[inline(always)]
+    fn tail_call(ctx: &TcContext, index: u32) -> i32 {
+        // SAFETY: a tail call into one of this object's programs.
+        unsafe { TAIL.tail_call(ctx, index) };
+        NEXT
+    }
+
+    /// An IPv4 ICMP error (its program, tail-called: the IPv4 path's frame and an error's would not fit the
+    /// verifier's 512 bytes together), parsing the packet again.
+    #[inline(always)]
     fn icmp_error4(ctx: &TcContext, at: u8) -> i32 {
-        let Some(cfg) = CONFIG.get(0) else { return NEXT };
+        let (Some(cfg), Some(e)) = (CONFIG.get(0), err_work4()) else { return NEXT };
         let Some(pkt) = parse::parse4(ctx) else { return NEXT };
-        let mut e = ErrWork::new();
-        icmp_error(ctx, &pkt, &mut e, at, cfg)
+        icmp_error(ctx, &pkt, e, at, cfg)
     }
 
     #[inline(never)]

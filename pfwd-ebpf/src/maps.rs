@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
 };
 use pfwd_common::{
     Addr6, BACKEND_COUNTER_ENTRIES, BACKEND_ENTRIES, BackendCounterKey, BackendEntry, BackendKey, CLASS_ENTRIES, Class,
@@ -107,10 +107,20 @@ pub struct Scratch {
 #[map]
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// The programs the attached tc programs tail-call: their IPv6 halves and their IPv4 ICMP error handlers
+/// (`pfwd_common::tail`); filled and pinned by the loader (each load, Ethernet and layer-3 builds, has its own).
+#[map]
+pub static TAIL: ProgramArray = ProgramArray::with_max_entries(tail::SLOTS, 0);
+
+pub use pfwd_common::tail;
+
 /// Per-CPU working memory of IPv6 packets (`parse::Work`; IPv4's is on the stack). Not pinned, as `SCRATCH`.
 #[map]
 pub static WORK6: PerCpuArray<Work<Addr6>> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU working memory of ICMP errors (`parse::ErrWork`), of each family.
+#[map]
+pub static ERR_WORK4: PerCpuArray<ErrWork<u32>> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static ERR_WORK6: PerCpuArray<ErrWork<Addr6>> = PerCpuArray::with_max_entries(1, 0);
 
@@ -122,7 +132,13 @@ pub fn work6() -> Option<&'static mut Work<Addr6>> {
     WORK6.get_ptr_mut(0).map(|w| unsafe { &mut *w })
 }
 
-/// This CPU's IPv6 ICMP error working memory.
+/// This CPU's ICMP error working memory, of each family.
+#[inline(always)]
+pub fn err_work4() -> Option<&'static mut ErrWork<u32>> {
+    // SAFETY: as for `work6`.
+    ERR_WORK4.get_ptr_mut(0).map(|w| unsafe { &mut *w })
+}
+
 #[inline(always)]
 pub fn err_work6() -> Option<&'static mut ErrWork<Addr6>> {
     // SAFETY: as for `work6`.

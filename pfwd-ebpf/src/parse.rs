@@ -9,7 +9,7 @@ use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use pfwd_common::{Addr, Addr6, FlowTuple, PROTO_TCP, PROTO_UDP, Stat, checksum};
+use pfwd_common::{Addr6, FlowTuple, PROTO_TCP, PROTO_UDP, Stat, checksum};
 
 use crate::{family::Family, maps::count};
 
@@ -101,15 +101,6 @@ pub struct ErrWork<A> {
     pub emb: Embedded<A>,
     pub inner: FlowTuple<A>,
     pub outer: FlowTuple<A>,
-}
-
-impl<A: Addr> ErrWork<A> {
-    /// A blank one (zeroed, see [`Work::new`]).
-    #[inline(always)]
-    pub fn new() -> Self {
-        let tuple = FlowTuple::default();
-        ErrWork { emb: Embedded { ip_off: 0, l4_off: 0, tuple }, inner: tuple, outer: tuple }
-    }
 }
 
 /// What to do with a packet.

@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, ProgramArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
         cgroup_sock_addr::CgroupSockAddrAttachType,
@@ -157,8 +157,31 @@ impl Kernel {
         Ok(())
     }
 
-    /// Loads and pins the tc programs of `ebpf`, built for `framing`.
+    /// Loads and pins the tc programs of `ebpf`, built for `framing`: the programs they tail-call first, into their
+    /// program array (pinned, `prog_tail[_l3]`: a program array loses its entries when no file refers to it any
+    /// more), then the attached programs.
     fn load_tc(&self, ebpf: &mut aya::Ebpf, framing: Framing) -> Result<()> {
+        let array_pin = self.prog_pin("tail", framing);
+        // A half-finished earlier load: pin again.
+        let _ = fs::remove_file(&array_pin);
+        let mut tail = vec![];
+        for (name, slot) in names::TAIL_PROGRAMS {
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
+            prog.load().with_context(|| format!("loading the {name} program (verifier, {framing:?} build)"))?;
+            tail.push((slot, name, prog.fd()?.try_clone()?));
+        }
+        {
+            let map =
+                ebpf.map_mut(names::TAIL).ok_or_else(|| anyhow!("map {} missing from the object", names::TAIL))?;
+            let mut array: ProgramArray<&mut MapData> = map.try_into()?;
+            for (slot, name, fd) in &tail {
+                array.set(*slot, fd, 0).with_context(|| format!("filling {} with {name}", names::TAIL))?;
+            }
+        }
+        // Map::pin by reference: a typed map's pin consumes it, closing the fd the programs below refer to.
+        let map = ebpf.map(names::TAIL).ok_or_else(|| anyhow!("map {} missing from the object", names::TAIL))?;
+        map.pin(&array_pin).with_context(|| format!("pinning {}", array_pin.display()))?;
         for (name, _, dir) in PROGRAMS {
             let prog: &mut SchedClassifier =
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
@@ -880,7 +903,11 @@ mod tests {
         for name in names::MAPS {
             assert!(obj.maps.contains_key(name), "map {name} missing; the object has {:?}", obj.maps.keys());
         }
-        let programs = PROGRAMS.iter().map(|p| p.0).chain(SOCK_PROGRAMS.iter().map(|p| p.0));
+        let programs = PROGRAMS
+            .iter()
+            .map(|p| p.0)
+            .chain(SOCK_PROGRAMS.iter().map(|p| p.0))
+            .chain(names::TAIL_PROGRAMS.map(|p| p.0));
         for name in programs {
             assert!(
                 obj.programs.contains_key(name),
@@ -888,7 +915,12 @@ mod tests {
                 obj.programs.keys()
             );
         }
-        assert_eq!(obj.programs.len(), PROGRAMS.len() + SOCK_PROGRAMS.len(), "a program the loader never loads");
+        assert_eq!(
+            obj.programs.len(),
+            PROGRAMS.len() + SOCK_PROGRAMS.len() + names::TAIL_PROGRAMS.len(),
+            "a program the loader never loads"
+        );
+        assert!(obj.maps.contains_key(names::TAIL), "map {} missing", names::TAIL);
         assert_eq!(obj.maps.keys().filter(|m| m.starts_with("PFWD_")).count(), names::MAPS.len());
     }
 }

@@ -540,6 +540,9 @@ fn inet_checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// How long [`line_echo_server`] waits for the next line before it gives up on the connection.
+const LONG_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A TCP server that echoes every line on a connection until the client closes (bounded by timeouts), for
 /// connections that outlive rule changes.
 pub fn line_echo_server(lab: &Lab, node: Node, addr: &str) -> thread::JoinHandle<()> {
@@ -547,7 +550,9 @@ pub fn line_echo_server(lab: &Lab, node: Node, addr: &str) -> thread::JoinHandle
     thread::spawn(move || {
         // One connection is all these tests make.
         let Ok((stream, _)) = listener.accept() else { return };
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        // Idle for as long as a test may take between two lines (an agent restart on a loaded machine takes
+        // seconds): this server must not be the one that ends the connection. Still bounded.
+        stream.set_read_timeout(Some(LONG_IDLE)).unwrap();
         let mut writer = stream.try_clone().unwrap();
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { return };
