@@ -541,7 +541,7 @@ fn inet_checksum(data: &[u8]) -> u16 {
 }
 
 /// How long [`line_echo_server`] waits for the next line before it gives up on the connection.
-const LONG_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+const LONG_IDLE: Duration = Duration::from_secs(30);
 
 /// A TCP server that echoes every line on a connection until the client closes (bounded by timeouts), for
 /// connections that outlive rule changes.
