@@ -1,7 +1,7 @@
 //! What differs between IPv4 and IPv6, behind one trait: the ICMP numbers, the flow and fragment tables, the IP
 //! header's rewrite and checksums, the route lookup. The data path (`conntrack`, `dnat`, `snat`, `nat`, `fragment`
-//! and the programs' `run`) is written once, generic over [`Family`], and compiled once per family; the programs
-//! branch on the ethertype into one or the other, so IPv4 runs exactly the code it ran before IPv6 existed.
+//! and the programs' paths) is written once, generic over [`Family`], and compiled once per family; the attached
+//! programs run IPv4's and hand IPv6 packets to their IPv6 halves (a tail call).
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 use aya_ebpf::{

@@ -1,7 +1,9 @@
 //! pfwd's kernel programs: TC (tcx) ingress and egress classifiers doing DNAT/REDIRECT (ingress, before routing) and
 //! SNAT/MASQUERADE (egress, after routing) with connection tracking.
 //!
-//! Both programs read IPv4 and IPv6; each family's path is the same code (`family`), compiled once per family.
+//! Both programs read IPv4 and IPv6; each family's path is the same code (`family`), compiled once per family. The
+//! attached programs run the IPv4 path and tail-call their IPv6 halves (`pfwd_ingress6`, `pfwd_egress6`) and IPv4
+//! ICMP error handlers (`pfwd_ingress_icmp4`, `pfwd_egress_icmp4`), each with a stack of its own.
 //!
 //! The first packet of a new flow picks a rule (`rules`, the walk shared with userspace in `pfwd_common::lookup`)
 //! and creates both conntrack entries (`dnat`, `snat`, `conntrack`); later packets only look up and rewrite (`nat`);
