@@ -185,26 +185,6 @@ fn local_to_moved_server(mode: &str) {
     assert_eq!(peer, sa(mapped));
 }
 
-/// Connects from `node` to `to`, sends a request, and returns the reply and the peer address the socket reports
-/// (getpeername).
-fn tcp_with_peer(lab: &Lab, node: Node, to: &str) -> (tests::Reply, std::net::SocketAddr) {
-    use std::io::{Read, Write};
-    let to = sa(to);
-    lab.in_ns(node, move || -> std::io::Result<(String, std::net::SocketAddr)> {
-        let mut s = std::net::TcpStream::connect_timeout(&to, TIMEOUT)?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        let peer = s.peer_addr()?;
-        s.write_all(b"local")?;
-        s.shutdown(std::net::Shutdown::Write)?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok((out, peer))
-    })
-    .expect("entering the namespace")
-    .map(|(text, peer)| (tests::Reply::parse(&text).unwrap_or_else(|| panic!("unexpected reply {text:?}")), peer))
-    .unwrap_or_else(|e| panic!("TCP to {to} from {node:?} failed: {e}"))
-}
-
 /// Source filters with IPv6 prefixes, plain and negated.
 fn source_filters(mode: &str) {
     let lab = dual_lab("v6-src");

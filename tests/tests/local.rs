@@ -7,35 +7,14 @@
 #[macro_use]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-
 use common::*;
+use std::net::SocketAddr;
 use tests::{Lab, Node, Reply, TIMEOUT};
 
 /// The router's own processes reach the "old" address 198.51.100.13 through a route (as a real moved server would
 /// be routable); without a rule nothing answers there.
 fn route_old_address(lab: &Lab) {
     sh(lab, Node::Router, "ip route add 198.51.100.0/24 via 10.0.2.2");
-}
-
-/// Connects from `node` to `to`, sends a request, and returns the reply and the peer address the socket reports
-/// (getpeername): with a --local rule it must be the address the application asked for.
-fn tcp_with_peer(lab: &Lab, node: Node, to: &str) -> (Reply, SocketAddr) {
-    let to = sa(to);
-    lab.in_ns(node, move || -> std::io::Result<(String, SocketAddr)> {
-        let mut s = TcpStream::connect_timeout(&to, TIMEOUT)?;
-        s.set_read_timeout(Some(TIMEOUT))?;
-        let peer = s.peer_addr()?;
-        s.write_all(b"local")?;
-        s.shutdown(std::net::Shutdown::Write)?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok((out, peer))
-    })
-    .expect("entering the namespace")
-    .map(|(text, peer)| (Reply::parse(&text).unwrap_or_else(|| panic!("unexpected reply {text:?}")), peer))
-    .unwrap_or_else(|e| panic!("TCP to {to} from {node:?} failed: {e}"))
 }
 
 /// A local client reaching port 1111 gets the local port-80 server (`-A OUTPUT -p tcp --dport 1111 -j DNAT

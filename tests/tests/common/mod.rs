@@ -574,3 +574,22 @@ pub fn exchange(stream: &TcpStream, line: &str) -> Result<String, String> {
         Err(e) => Err(e.to_string()),
     }
 }
+
+/// Connects from `node` to `to`, sends a request, and returns the reply and the peer address the socket reports
+/// (getpeername): with a --local rule it must be the address the application asked for.
+pub fn tcp_with_peer(lab: &Lab, node: Node, to: &str) -> (Reply, SocketAddr) {
+    let to = sa(to);
+    lab.in_ns(node, move || -> std::io::Result<(String, SocketAddr)> {
+        let mut s = TcpStream::connect_timeout(&to, TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let peer = s.peer_addr()?;
+        s.write_all(b"local")?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok((out, peer))
+    })
+    .expect("entering the namespace")
+    .map(|(text, peer)| (Reply::parse(&text).unwrap_or_else(|| panic!("unexpected reply {text:?}")), peer))
+    .unwrap_or_else(|e| panic!("TCP to {to} from {node:?} failed: {e}"))
+}
