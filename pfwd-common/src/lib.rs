@@ -13,5 +13,5 @@ pub mod lookup;
 pub mod maps;
 pub mod tcx;
 
-pub use lookup::{Walk, find_rule};
+pub use lookup::{ProbeKey, Walk, find_rule, find_rule_keyed};
 pub use maps::*;

@@ -8,8 +8,8 @@
 //! callback over their maps, userspace ([`find_rule`]) over the output of `rules::compile`, so the precedence tests
 //! test the walk the kernel runs.
 use crate::{
-    Addr, Addr6, Class, FlowTuple, INDEX_SLOTS, IndexEntry, IndexKey, PROTO_TCP, PROTO_UDP, RuleEntry, Tuple6,
-    class_flag, masked, rule_flag,
+    Addr, Addr6, Class, FlowTuple, INDEX_SLOTS, IndexEntry, IndexKey, IndexKey4, PROTO_TCP, PROTO_UDP, RuleEntry,
+    Tuple6, class_flag, masked, rule_flag,
 };
 
 /// Whether `a` masked by `mask` is `net`, word by word (no masked copy: the kernel's stack is small).
@@ -38,6 +38,53 @@ impl RuleEntry {
     #[inline(always)]
     pub fn beats(&self, rank: u64, id: u32) -> bool {
         self.rank < rank || (self.rank == rank && self.id < id)
+    }
+}
+
+/// A key of the rule index, as a walk builds it for a packet and a class: the wide [`IndexKey`] (userspace, IPv6
+/// packets), or its IPv4 form [`IndexKey4`], which the kernel's IPv4 packets probe (`IndexKey::narrow` of the
+/// same key: 20 bytes hashed instead of 44).
+pub trait ProbeKey {
+    /// Makes this the key of the walk's packet in `class`: its tuple masked to the class's shape.
+    fn fill(&mut self, walk: &Walk, class: &Class);
+}
+
+impl ProbeKey for IndexKey {
+    #[inline(always)]
+    fn fill(&mut self, walk: &Walk, class: &Class) {
+        let t = &walk.t;
+        *self = IndexKey {
+            ifindex: if class.flags & class_flag::IFACE != 0 { walk.ifindex } else { 0 },
+            saddr: masked(&t.saddr, &class.src_mask),
+            daddr: masked(&t.daddr, &class.dst_mask),
+            dport: t.dport & class.port_mask,
+            proto: if class.flags & class_flag::PROTO != 0 { t.proto } else { 0 },
+            hook: walk.hook,
+            port_plen: class.port_plen,
+            src_plen: class.src_plen,
+            dst_plen: class.dst_plen,
+            family: class.family,
+        };
+    }
+}
+
+impl ProbeKey for IndexKey4 {
+    /// Only for IPv4 walks, whose wide addresses are 0 past the first word (so this is the wide key, narrowed).
+    #[inline(always)]
+    fn fill(&mut self, walk: &Walk, class: &Class) {
+        let t = &walk.t;
+        *self = IndexKey4 {
+            ifindex: if class.flags & class_flag::IFACE != 0 { walk.ifindex } else { 0 },
+            saddr: t.saddr[0] & class.src_mask[0],
+            daddr: t.daddr[0] & class.dst_mask[0],
+            dport: t.dport & class.port_mask,
+            proto: if class.flags & class_flag::PROTO != 0 { t.proto } else { 0 },
+            hook: walk.hook,
+            port_plen: class.port_plen,
+            src_plen: class.src_plen,
+            dst_plen: class.dst_plen,
+            family: class.family,
+        };
     }
 }
 
@@ -87,16 +134,17 @@ impl Walk {
     /// over: this class (and so every later one, classes being in ascending `min_rank`) cannot beat the best. (The
     /// key is the caller's, so the kernel can keep it off its small stack.)
     #[inline(always)]
-    pub fn probe<'a, I, R, L>(
+    pub fn probe<'a, K, I, R, L>(
         &mut self,
         class: &Class,
-        key: &mut IndexKey,
+        key: &mut K,
         mut index: I,
         mut rule: R,
         mut is_local: L,
     ) -> bool
     where
-        I: FnMut(&IndexKey) -> Option<&'a IndexEntry>,
+        K: ProbeKey,
+        I: FnMut(&K) -> Option<&'a IndexEntry>,
         R: FnMut(u32) -> Option<&'a RuleEntry>,
         L: FnMut(&Addr6) -> bool,
     {
@@ -108,24 +156,13 @@ impl Walk {
             // Rules of the other family.
             return true;
         }
-        let t = &self.t;
-        let has_ports = t.proto == PROTO_TCP || t.proto == PROTO_UDP;
+        let has_ports = self.t.proto == PROTO_TCP || self.t.proto == PROTO_UDP;
         if class.flags & class_flag::PROTO != 0 && !has_ports {
             // Only TCP and UDP have rules of their own (`-p` is tcp or udp).
             return true;
         }
-        *key = IndexKey {
-            ifindex: if class.flags & class_flag::IFACE != 0 { self.ifindex } else { 0 },
-            saddr: masked(&t.saddr, &class.src_mask),
-            daddr: masked(&t.daddr, &class.dst_mask),
-            dport: t.dport & class.port_mask,
-            proto: if class.flags & class_flag::PROTO != 0 { t.proto } else { 0 },
-            hook: self.hook,
-            port_plen: class.port_plen,
-            src_plen: class.src_plen,
-            dst_plen: class.dst_plen,
-            family: class.family,
-        };
+        key.fill(self, class);
+        let t = &self.t;
         let Some(entry) = index(key) else { return true };
         let len = entry.len as usize;
         for i in 0..INDEX_SLOTS {
@@ -161,6 +198,26 @@ impl Walk {
 pub fn find_rule<'a, A, I, R, L>(
     t: &FlowTuple<A>,
     ifindex: u32,
+    at: (u8, u32),
+    classes: &[Class],
+    index: I,
+    rule: R,
+    is_local: L,
+) -> Option<(u32, &'a RuleEntry)>
+where
+    A: Addr,
+    I: FnMut(&IndexKey) -> Option<&'a IndexEntry>,
+    R: FnMut(u32) -> Option<&'a RuleEntry>,
+    L: FnMut(&Addr6) -> bool,
+{
+    find_rule_keyed(t, ifindex, at, classes, index, rule, is_local)
+}
+
+/// [`find_rule`] over an index of keys of type `K`: [`IndexKey4`] is how the kernel looks up IPv4 packets.
+#[inline(always)]
+pub fn find_rule_keyed<'a, A, K, I, R, L>(
+    t: &FlowTuple<A>,
+    ifindex: u32,
     (hook, generation): (u8, u32),
     classes: &[Class],
     mut index: I,
@@ -169,12 +226,13 @@ pub fn find_rule<'a, A, I, R, L>(
 ) -> Option<(u32, &'a RuleEntry)>
 where
     A: Addr,
-    I: FnMut(&IndexKey) -> Option<&'a IndexEntry>,
+    K: ProbeKey + Default,
+    I: FnMut(&K) -> Option<&'a IndexEntry>,
     R: FnMut(u32) -> Option<&'a RuleEntry>,
     L: FnMut(&Addr6) -> bool,
 {
     let mut walk = Walk::new(t, ifindex, hook, (generation, 0));
-    let mut key = IndexKey::default();
+    let mut key = K::default();
     for class in classes {
         if !walk.probe(class, &mut key, &mut index, &mut rule, &mut is_local) {
             break;

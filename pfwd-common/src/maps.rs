@@ -12,6 +12,9 @@ use bytemuck::{Pod, Zeroable};
 pub mod names {
     pub const RULES: &str = "PFWD_RULES";
     pub const INDEX: &str = "PFWD_INDEX";
+    /// The IPv4 form of [`INDEX`]'s keys of IPv4 and both-family rules ([`IndexKey4`](super::IndexKey4)), which
+    /// IPv4 packets probe.
+    pub const INDEX4: &str = "PFWD_INDEX4";
     pub const CLASSES: &str = "PFWD_CLASSES";
     /// Confirmed flows (see `ct_state::CONFIRMED`); a flood of new flows never evicts them.
     pub const CONNTRACK: &str = "PFWD_CT";
@@ -40,9 +43,10 @@ pub mod names {
     /// Per-backend counters ([`BackendCounterKey`](super::BackendCounterKey)).
     pub const BACKEND_COUNTERS: &str = "PFWD_BACKEND_CNT";
     /// Every map, in the order `pfwd status` reports their memory.
-    pub const MAPS: [&str; 20] = [
+    pub const MAPS: [&str; 21] = [
         RULES,
         INDEX,
+        INDEX4,
         CLASSES,
         CONNTRACK,
         CONNTRACK_NEW,
@@ -322,6 +326,45 @@ pub struct IndexKey {
     pub src_plen: u8,
     pub dst_plen: u8,
     /// [`family`]: 0 for rules of both families.
+    pub family: u8,
+}
+
+impl IndexKey {
+    /// The key's IPv4 form, for the index IPv4 packets probe ([`names::INDEX4`]); None for an IPv6 rule's key.
+    #[inline(always)]
+    pub fn narrow(&self) -> Option<IndexKey4> {
+        (self.family != family::V6).then_some(IndexKey4 {
+            ifindex: self.ifindex,
+            saddr: self.saddr[0],
+            daddr: self.daddr[0],
+            dport: self.dport,
+            proto: self.proto,
+            hook: self.hook,
+            port_plen: self.port_plen,
+            src_plen: self.src_plen,
+            dst_plen: self.dst_plen,
+            family: self.family,
+        })
+    }
+}
+
+/// An [`IndexKey`] of an IPv4 or both-family rule in IPv4 form: the same fields with 32-bit addresses, 20 bytes
+/// instead of 44. IPv4 packets probe these ([`names::INDEX4`]), so their lookups hash no more than before IPv6;
+/// the loader writes each such key to both indexes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct IndexKey4 {
+    pub ifindex: u32,
+    /// Network order, masked.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub dport: u16,
+    pub proto: u8,
+    pub hook: u8,
+    pub port_plen: u8,
+    pub src_plen: u8,
+    pub dst_plen: u8,
+    /// [`family`]: 0 or [`family::V4`], which stay apart as in [`IndexKey`].
     pub family: u8,
 }
 
@@ -765,6 +808,13 @@ impl<A: Addr> FlowTuple<A> {
         FlowTuple { saddr, daddr, sport, dport, proto, _pad: 0, _pad2: 0 }
     }
 
+    /// A copy made field by field. In the kernel build, `*a = *b` between two references may alias, and compiles
+    /// to a call of the memmove subprogram; separate loads and stores do not.
+    #[inline(always)]
+    pub fn copied(&self) -> Self {
+        FlowTuple::new(self.saddr, self.daddr, self.sport, self.dport, self.proto)
+    }
+
     /// The same flow seen from the other end.
     #[inline(always)]
     pub const fn reversed(&self) -> Self {
@@ -957,6 +1007,7 @@ mod pod {
         FragKey6,
         FragEntry6,
         IndexKey,
+        IndexKey4,
         IndexEntry,
         Class,
         RuleEntry,
@@ -987,6 +1038,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<IndexKey>(), 44);
+        assert_eq!(size_of::<IndexKey4>(), 20);
         assert_eq!(size_of::<Class>(), 48);
         assert_eq!(size_of::<ClassCounts>(), 12);
         assert_eq!(size_of::<FragKey>(), 16);

@@ -11,9 +11,9 @@ use aya_ebpf::{
 use pfwd_common::{
     Addr6, BACKEND_COUNTER_ENTRIES, BACKEND_ENTRIES, BackendCounterKey, BackendEntry, BackendKey, CLASS_ENTRIES, Class,
     Config, CtEntry, CtEntry6, CtEntryOf, DEFAULT_CT_ENTRIES, FlowTuple, FragEntry, FragEntry6, FragKey, FragKey6,
-    INDEX_ENTRIES, IfaceInfo, IndexEntry, IndexKey, MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_LOCAL_ADDRS, MAX_RULES,
-    MAX_SOCKETS, RULE_ENTRIES, RecordText, RuleCounters, RuleEntry, SockKey, SockKey6, SockOrig, SockOrig6, Stat,
-    Tuple, Tuple6, Walk, unconfirmed_ct_entries,
+    INDEX_ENTRIES, IfaceInfo, IndexEntry, IndexKey, IndexKey4, MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_LOCAL_ADDRS,
+    MAX_RULES, MAX_SOCKETS, RULE_ENTRIES, RecordText, RuleCounters, RuleEntry, SockKey, SockKey6, SockOrig, SockOrig6,
+    Stat, Tuple, Tuple6, Walk, unconfirmed_ct_entries,
 };
 
 /// Rule bodies by slot (`pfwd_common::lookup`).
@@ -24,6 +24,11 @@ pub static RULES: Array<RuleEntry> = Array::pinned(RULE_ENTRIES, 0);
 /// replace the entry whole for readers (the old one is freed after them).
 #[map(name = "PFWD_INDEX")]
 pub static INDEX: HashMap<IndexKey, IndexEntry> = HashMap::pinned(INDEX_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// `INDEX`'s keys of IPv4 and both-family rules in IPv4 form (`IndexKey::narrow`), which IPv4 packets probe: a
+/// 20-byte key hashes in less than half the time of a 44-byte one.
+#[map(name = "PFWD_INDEX4")]
+pub static INDEX4: HashMap<IndexKey4, IndexEntry> = HashMap::pinned(INDEX_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Each hook's classes (`pfwd_common::class_index`), in both class banks.
 #[map(name = "PFWD_CLASSES")]
@@ -102,6 +107,7 @@ pub static BACKEND_COUNTERS: PerCpuHashMap<BackendCounterKey, RuleCounters> =
 pub struct Scratch {
     pub walk: Walk,
     pub key: IndexKey,
+    pub key4: IndexKey4,
 }
 
 #[map]

@@ -34,8 +34,8 @@ use aya::{
 };
 use pfwd_common::{
     Addr, Addr6, BackendCounterKey, BackendEntry, BackendKey, CLASS_BANKS, Class, ClassCounts, Config, CtEntryOf,
-    FlowTuple, INDEX_SLOTS, IfaceInfo, IndexEntry, IndexKey, RecordText, RuleCounters, RuleEntry, Stat, class_index,
-    family, names,
+    FlowTuple, INDEX_SLOTS, IfaceInfo, IndexEntry, IndexKey, IndexKey4, RecordText, RuleCounters, RuleEntry, Stat,
+    class_index, family, names,
 };
 
 use crate::{
@@ -530,8 +530,8 @@ impl Kernel {
                 .collect();
             batch(names::BACKENDS)?.update(&entries)?;
         }
-        let index_map = batch(names::INDEX)?;
-        write_index(&index_map, &plan.index)?;
+        let index_maps = (batch(names::INDEX)?, batch(names::INDEX4)?);
+        write_index(&index_maps, &plan.index)?;
         let bank = plan.generation & (CLASS_BANKS - 1);
         let classes: Vec<(u32, Class)> = plan
             .classes
@@ -554,7 +554,7 @@ impl Kernel {
         }
         // Programs that read the old generation may still list the deleted rules: wait them out, then drop them.
         wait_for_readers(cfg.flipped_ns);
-        write_index(&index_map, &plan.index_after)?;
+        write_index(&index_maps, &plan.index_after)?;
         let cleared: Vec<(u32, RuleEntry)> = plan.cleared.iter().map(|(s, _)| (*s, RuleEntry::default())).collect();
         rule_map.update(&cleared)?;
         let tables: Vec<BackendKey> = plan
@@ -759,7 +759,16 @@ impl Kernel {
         for name in names::MAPS {
             let Some(want) = obj.maps.get(name) else { continue };
             let path = self.dir.join(name);
-            let Ok(data) = MapData::from_pin(&path) else { continue };
+            let Ok(data) = MapData::from_pin(&path) else {
+                if name == names::INDEX4 && self.dir.join(names::INDEX).exists() {
+                    // An instance from before the IPv4 index: its programs probe the wide index only.
+                    return Err(anyhow!(
+                        "this instance was attached by an older pfwd (it has no map {name}); \
+                         run `pfwd detach` and attach again to use this version"
+                    ));
+                }
+                continue;
+            };
             let have = data.info()?;
             let sized =
                 ![names::CONNTRACK, names::CONNTRACK_NEW, names::CONNTRACK6, names::CONNTRACK6_NEW].contains(&name);
@@ -864,13 +873,20 @@ fn changed_rules<'r>(old: &[(u32, &'r rules::Rule)], new: &[(u32, &'r rules::Rul
     )
 }
 
-/// Writes index keys with their slots; a key with none is removed.
-fn write_index(map: &Batch, writes: &[(IndexKey, Vec<u32>)]) -> Result<()> {
+/// Writes index keys with their slots; a key with none is removed. `(index, index4)`: the wide index (every key;
+/// what pfwd reads back) and its IPv4 form (the keys of IPv4 and both-family rules, `IndexKey::narrow`), which the
+/// programs probe for IPv4 packets.
+fn write_index((index, index4): &(Batch, Batch), writes: &[(IndexKey, Vec<u32>)]) -> Result<()> {
     let (gone, kept): (Vec<_>, Vec<_>) = writes.iter().partition(|(_, slots)| slots.is_empty());
     let entries: Vec<(IndexKey, IndexEntry)> =
         kept.iter().map(|(k, slots)| (*k, IndexEntry::from_slots(slots))).collect();
-    map.update(&entries)?;
-    map.delete(&gone.iter().map(|(k, _)| *k).collect::<Vec<IndexKey>>())
+    let entries4: Vec<(IndexKey4, IndexEntry)> = entries.iter().filter_map(|(k, e)| Some((k.narrow()?, *e))).collect();
+    let gone: Vec<IndexKey> = gone.iter().map(|(k, _)| *k).collect();
+    let gone4: Vec<IndexKey4> = gone.iter().filter_map(IndexKey::narrow).collect();
+    index.update(&entries)?;
+    index4.update(&entries4)?;
+    index.delete(&gone)?;
+    index4.delete(&gone4)
 }
 
 /// Readers of the generation that was left at `flipped_ns` that may still be running are waited for. tc programs

@@ -230,8 +230,18 @@ mod tests {
         let rule = |slot: u32| c.entries.get(slot as usize).map(|(_, e)| e);
         let is_local = |a: &Addr6| A::FAMILY == 4 && LOCAL.iter().any(|l| compile::wide(IpAddr::V4(*l)) == *a);
         let classes = &c.classes[at as usize];
-        pfwd_common::find_rule(&t, pkt.ifindex, (at, 0), classes, |k| index.get(k), rule, is_local)
-            .map(|(slot, _)| slot as usize)
+        let found = pfwd_common::find_rule(&t, pkt.ifindex, (at, 0), classes, |k| index.get(k), rule, is_local)
+            .map(|(slot, _)| slot as usize);
+        if A::FAMILY == family::V4 {
+            // IPv4 packets probe the IPv4 index, whose keys the loader writes as `IndexKey::narrow`: the same rule.
+            let index4: HashMap<IndexKey4, IndexEntry> =
+                index.iter().filter_map(|(k, e)| Some((k.narrow()?, *e))).collect();
+            let narrow =
+                pfwd_common::find_rule_keyed(&t, pkt.ifindex, (at, 0), classes, |k| index4.get(k), rule, is_local)
+                    .map(|(slot, _)| slot as usize);
+            assert_eq!(narrow, found, "the IPv4 index finds another rule");
+        }
+        found
     }
 
     /// This host's addresses in the brute-force test (what `-d local` matches).
