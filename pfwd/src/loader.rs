@@ -425,10 +425,11 @@ impl Kernel {
         self.apply_plan(&plan, &mut cfg)
     }
 
-    /// How many keys the rule index holds.
-    pub fn index_keys(&self) -> Result<u64> {
+    /// How many keys the rule index holds, and its IPv4 form (the keys of IPv4 and both-family rules).
+    pub fn index_keys(&self) -> Result<(u64, u64)> {
         let map: HashMap<MapData, IndexKey, IndexEntry> = self.map(names::INDEX)?;
-        Ok(map.keys().filter_map(Result::ok).count() as u64)
+        let map4: HashMap<MapData, IndexKey4, IndexEntry> = self.map(names::INDEX4)?;
+        Ok((map.keys().filter_map(Result::ok).count() as u64, map4.keys().filter_map(Result::ok).count() as u64))
     }
 
     /// The rule index and rules array, opened once for the lookups of a small change ([`IndexReader`]).

@@ -112,6 +112,9 @@ pub struct RuleEngine {
     pub max_classes: u32,
     /// Keys in the rule index (a rule has one per prefix block of its port range).
     pub index_keys: u64,
+    /// Of those, the keys of IPv4 and both-family rules, which the IPv4 form of the index (what IPv4 packets probe)
+    /// holds too.
+    pub index4_keys: u64,
 }
 
 /// Classes per hook.

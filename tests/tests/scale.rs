@@ -60,6 +60,8 @@ fn many_rules_with_ranges(mode: &str) {
         let st: serde_json::Value = serde_json::from_str(&pfwd_ok(&lab, &["status", "--json"])).unwrap();
         let engine = &st["rule_engine"];
         assert_eq!(engine["index_keys"], SAME_PORT_RULES + 6 + 13 + 6 * 16 + 1, "{engine:#}");
+        // Every rule is IPv4: the IPv4 form of the index holds every key too.
+        assert_eq!(engine["index4_keys"], engine["index_keys"], "{engine:#}");
         assert_eq!(engine["classes"]["prerouting"], 17, "{engine:#}");
         assert_eq!(engine["classes"]["postrouting"], 0, "{engine:#}");
     }
@@ -96,6 +98,7 @@ fn many_rules_with_ranges(mode: &str) {
         // Their one key, and their match shape (no source, a single port) is new.
         let before = engine_before.as_ref().unwrap();
         assert_eq!(e["index_keys"], before["index_keys"].as_u64().unwrap() + 1, "{e:#}");
+        assert_eq!(e["index4_keys"], e["index_keys"], "the small add writes the IPv4 index too: {e:#}");
         assert_eq!(e["classes"]["prerouting"], 18, "{e:#}");
     }
     pfwd_ok(&lab, &["del", first.trim()]);
@@ -105,8 +108,8 @@ fn many_rules_with_ranges(mode: &str) {
     expect_tcp(&lab, None, "10.0.1.1:8080", "port", 9002, "10.0.1.2");
     let after = engine(&lab, mode);
     assert_eq!(
-        after.as_ref().map(|e| (&e["index_keys"], &e["classes"])),
-        engine_before.as_ref().map(|e| (&e["index_keys"], &e["classes"])),
+        after.as_ref().map(|e| (&e["index_keys"], &e["index4_keys"], &e["classes"])),
+        engine_before.as_ref().map(|e| (&e["index_keys"], &e["index4_keys"], &e["classes"])),
         "the index and the shapes after the deletions"
     );
     guard.detach();

@@ -70,8 +70,9 @@ pub(super) fn print_status(s: &InstanceStatus) {
     if let Some(e) = &s.rule_engine {
         let c = &e.classes;
         println!(
-            "rule index: {} keys; match shapes (of {} per hook) prerouting {}, postrouting {}, output {}; generation {}",
-            e.index_keys, e.max_classes, c.prerouting, c.postrouting, c.output, e.generation
+            "rule index: {} keys ({} for IPv4); match shapes (of {} per hook) prerouting {}, postrouting {}, output {}; \
+             generation {}",
+            e.index_keys, e.index4_keys, e.max_classes, c.prerouting, c.postrouting, c.output, e.generation
         );
     }
     let stats: Vec<String> = s.stats.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();

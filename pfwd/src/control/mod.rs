@@ -1180,7 +1180,7 @@ pub fn status() -> Result<Status> {
                 let stats = kernel.stats()?.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
                 let set = cfg.active();
                 // An instance attached by an older pfwd has no index to show.
-                let engine = kernel.index_keys().ok().map(|index_keys| report::RuleEngine {
+                let engine = kernel.index_keys().ok().map(|(index_keys, index4_keys)| report::RuleEngine {
                     generation: set.generation,
                     classes: report::HookClasses {
                         prerouting: set.counts.pre,
@@ -1189,6 +1189,7 @@ pub fn status() -> Result<Status> {
                     },
                     max_classes: pfwd_common::MAX_CLASSES,
                     index_keys,
+                    index4_keys,
                 });
                 (rules, conntrack, stats, cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0, engine)
             }
