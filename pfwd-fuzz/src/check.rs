@@ -56,9 +56,21 @@ fn ret_name(r: u32) -> String {
 }
 
 /// Validity of the IPv4 header checksum and of the L4 checksum as etherparse computes them (None: not parsable or
-/// not checkable, e.g. UDP without checksum or a truncated datagram).
+/// not checkable, e.g. UDP without checksum or a truncated datagram). IPv6 has no header checksum (always valid
+/// here); its TCP and UDP checksums cover the IPv6 pseudo-header.
 pub fn validity(frame: &[u8]) -> Option<(bool, Option<bool>)> {
     let h = PacketHeaders::from_ethernet_slice(frame).ok()?;
+    if let Some(NetHeaders::Ipv6(ip, _)) = &h.net {
+        let payload = h.payload.slice();
+        let l4 = match &h.transport {
+            Some(TransportHeader::Tcp(t)) => t.calc_checksum_ipv6(ip, payload).ok().map(|c| c == t.checksum),
+            Some(TransportHeader::Udp(u)) if u.checksum != 0 => {
+                u.calc_checksum_ipv6(ip, payload).ok().map(|c| c == u.checksum)
+            }
+            _ => None,
+        };
+        return Some((true, l4));
+    }
     let Some(NetHeaders::Ipv4(ip, _)) = &h.net else { return None };
     let ip_ok = ip.header_checksum == ip.calc_header_checksum();
     let payload = h.payload.slice();

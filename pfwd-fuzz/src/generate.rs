@@ -3,16 +3,17 @@
 //! (hook, frame) steps so that a divergence can be replayed and minimised.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    IcmpEchoHeader, Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header, TcpHeader, UdpHeader,
+    IcmpEchoHeader, Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, TcpHeader,
+    UdpHeader,
     icmpv4::{DestUnreachableHeader, ParameterProblemHeader, TimeExceededCode},
 };
 use pfwd::rules::Rule;
 
 use crate::model::Hook;
-use crate::model::packet::{self, ETH, Frag, L4, Parsed};
+use crate::model::packet::{self, Addr, ETH, Frag, IPV6_HLEN, L4, Parsed};
 
 /// SplitMix64: small, fast, and the same stream for the same seed everywhere.
 #[derive(Clone)]
@@ -55,6 +56,21 @@ const CPORTS: [u16; 7] = [40000, 40001, 5000, 20001, 20002, 80, 1023];
 const DSTS: [Ipv4Addr; 4] = [a(10, 0, 1, 1), a(203, 0, 113, 10), a(10, 0, 2, 2), a(10, 9, 3, 4)];
 const DPORTS: [u16; 7] = [53, 80, 8080, 8081, 8000, 8002, 9000];
 const HOP: Ipv4Addr = a(198, 51, 100, 1);
+
+const fn b(x: u16, y: u16, z: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, x, y, 0, 0, 0, z)
+}
+
+/// The IPv6 pools (documentation and unique-local addresses only): 2001:db8:1::1 is lo's address.
+const CLIENTS6: [Ipv6Addr; 4] = [b(1, 0, 2), b(1, 0, 3), b(5, 0, 9), Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 7)];
+const DSTS6: [Ipv6Addr; 4] = [b(1, 0, 1), b(0xff, 0, 0x10), b(2, 0, 2), b(9, 3, 4)];
+/// Share of new conversations that are IPv6 (%).
+const IPV6_PCT: u64 = 30;
+
+/// A model address as an `IpAddr` of its family.
+fn ip_addr(a: Addr, v6: bool) -> IpAddr {
+    if v6 { IpAddr::V6(Ipv6Addr::from(a)) } else { IpAddr::V4(Ipv4Addr::from(a as u32)) }
+}
 
 /// A random valid rule set of 1 to 5 rules (3% of the time none) (ids 1..), every kind, overlapping matches.
 pub fn rules(rng: &mut Rng) -> Vec<Rule> {
@@ -102,9 +118,20 @@ pub fn changed_rules(rng: &mut Rng, current: &[Rule]) -> Vec<Rule> {
 }
 
 fn rule_text(rng: &mut Rng) -> String {
-    let kind = rng.pick(&["dnat", "dnat", "dnat", "redirect", "snat", "snat", "masquerade", "masquerade"]);
+    // The rule's family: IPv4 addresses, IPv6 addresses, or none at all (REDIRECT and MASQUERADE only, for both
+    // families unless `-4`/`-6` says one; the IPv4 kinds without -s/-d are such rules too).
+    let fam = rng.below(100);
+    let (v6, bare) = ((50..85).contains(&fam), fam >= 85);
+    let kind = if bare {
+        rng.pick(&["redirect", "masquerade"])
+    } else {
+        rng.pick(&["dnat", "dnat", "dnat", "redirect", "snat", "snat", "masquerade", "masquerade"])
+    };
     let post = kind == "snat" || kind == "masquerade";
     let mut s = kind.to_string();
+    if bare && rng.pct(30) {
+        s += rng.pick(&[" -4", " -6"]);
+    }
     // iptables' `!` now and then on -i/-o, -s and -d; `-d local` on some DNAT/REDIRECT rules.
     let bang = |rng: &mut Rng| if rng.pct(20) { " !" } else { "" };
     if rng.pct(30) {
@@ -115,19 +142,25 @@ fn rule_text(rng: &mut Rng) -> String {
     if !proto.is_empty() {
         s += &format!(" -p {proto}");
     }
-    if rng.pct(25) {
+    if !bare && rng.pct(25) {
         s += bang(rng);
-        s += &format!(" -s {}", rng.pick(&["10.0.1.0/24", "192.168.1.7", "192.168.0.0/16", "10.0.1.2", "10.0.0.0/8"]));
+        let src = if v6 {
+            rng.pick(&["2001:db8:1::/64", "2001:db8:1::2", "2001:db8::/32", "fd00::/8", "2001:db8:5::9"])
+        } else {
+            rng.pick(&["10.0.1.0/24", "192.168.1.7", "192.168.0.0/16", "10.0.1.2", "10.0.0.0/8"])
+        };
+        s += &format!(" -s {src}");
     }
     if rng.pct(10) {
         s += " --dst-type local";
     }
-    if rng.pct(30) {
+    if !bare && rng.pct(30) {
         s += bang(rng);
-        let d = if post {
-            rng.pick(&["10.0.2.2", "10.0.2.0/24", "203.0.113.10", "10.0.0.0/8"])
-        } else {
-            rng.pick(&["10.0.1.1", "203.0.113.10", "10.0.0.0/8", "10.9.0.0/16"])
+        let d = match (post, v6) {
+            (true, false) => rng.pick(&["10.0.2.2", "10.0.2.0/24", "203.0.113.10", "10.0.0.0/8"]),
+            (false, false) => rng.pick(&["10.0.1.1", "203.0.113.10", "10.0.0.0/8", "10.9.0.0/16"]),
+            (true, true) => rng.pick(&["2001:db8:2::2", "2001:db8:2::/64", "2001:db8:ff::10", "2001:db8::/32"]),
+            (false, true) => rng.pick(&["2001:db8:1::1", "2001:db8:ff::10", "2001:db8::/32", "2001:db8:9::/48"]),
         };
         s += &format!(" -d {d}");
     }
@@ -153,12 +186,24 @@ fn rule_text(rng: &mut Rng) -> String {
     let ports = ["20000-20001", "20000-20003", "40000-40002", "5000", "1000-1100", "20001-20002"];
     match kind {
         "dnat" => {
-            let to = rng.pick(&["10.0.2.2", "10.0.2.3", "127.0.0.1", "10.0.1.3"]);
+            let to = if v6 {
+                rng.pick(&["2001:db8:2::2", "2001:db8:2::3", "2001:db8:1::3", "fd00::2"])
+            } else {
+                rng.pick(&["10.0.2.2", "10.0.2.3", "127.0.0.1", "10.0.1.3"])
+            };
             let port = (!proto.is_empty() && rng.pct(50)).then(|| rng.pick(&[9000, 80, 53, 8080]));
-            let one = |to: &str, port: Option<u16>| port.map_or(to.to_string(), |p| format!("{to}:{p}"));
+            let one = |to: &str, port: Option<u16>| match port {
+                None => to.to_string(),
+                Some(p) if v6 => format!("[{to}]:{p}"),
+                Some(p) => format!("{to}:{p}"),
+            };
             if rng.pct(15) {
                 // Several backends, some weighted.
-                let list = ["10.0.2.2", "10.0.2.3", "10.0.2.4"];
+                let list = if v6 {
+                    ["2001:db8:2::2", "2001:db8:2::3", "2001:db8:2::4"]
+                } else {
+                    ["10.0.2.2", "10.0.2.3", "10.0.2.4"]
+                };
                 let n = 2 + rng.below(2) as usize;
                 let parts: Vec<String> = list[..n]
                     .iter()
@@ -171,8 +216,13 @@ fn rule_text(rng: &mut Rng) -> String {
         }
         "redirect" => s += &format!(" --to-port {}", rng.pick(&[3128, 80, 8080])),
         "snat" => {
-            let to = rng.pick(&["203.0.113.5", "10.0.2.1"]);
+            let to = if v6 {
+                rng.pick(&["2001:db8:ff::5", "2001:db8:2::1"])
+            } else {
+                rng.pick(&["203.0.113.5", "10.0.2.1"])
+            };
             if !proto.is_empty() && rng.pct(60) {
+                let to = if v6 { format!("[{to}]") } else { to.to_string() };
                 s += &format!(" --to {to}:{}", rng.pick(&ports));
             } else {
                 s += &format!(" --to {to}");
@@ -208,11 +258,11 @@ pub enum Spec {
     Gre,
 }
 
-/// An IPv4 datagram to build.
+/// An IPv4 datagram, or an IPv6 packet (TCP or UDP, no extension headers; the IPv4-only fields unused), to build.
 #[derive(Clone, Debug)]
 pub struct Pkt {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub l4: Spec,
     pub payload_len: usize,
     pub options: Vec<u8>,
@@ -224,7 +274,7 @@ pub struct Pkt {
 }
 
 impl Pkt {
-    fn new(rng: &mut Rng, src: Ipv4Addr, dst: Ipv4Addr, l4: Spec) -> Self {
+    fn new(rng: &mut Rng, src: IpAddr, dst: IpAddr, l4: Spec) -> Self {
         let mut p = Pkt {
             src,
             dst,
@@ -237,6 +287,9 @@ impl Pkt {
             mf: false,
             frag_offset: 0,
         };
+        if p.v6() {
+            return p;
+        }
         if rng.pct(8) {
             p.options = options(rng);
         }
@@ -251,16 +304,24 @@ impl Pkt {
         p
     }
 
+    pub fn v6(&self) -> bool {
+        self.src.is_ipv6()
+    }
+
     /// The IP datagram's bytes (no Ethernet header), every checksum computed by etherparse.
     pub fn ip_bytes(&self, rng_payload: u8) -> Vec<u8> {
         let payload: Vec<u8> = (0..self.payload_len).map(|i| rng_payload.wrapping_add(i as u8 * 37)).collect();
+        if let (IpAddr::V6(src), IpAddr::V6(dst)) = (self.src, self.dst) {
+            return self.ip6_bytes(src, dst, &payload);
+        }
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (self.src, self.dst) else { panic!("mixed families") };
         let (proto, hlen) = match self.l4 {
             Spec::Tcp { .. } => (IpNumber::TCP, TcpHeader::MIN_LEN),
             Spec::Udp { .. } => (IpNumber::UDP, UdpHeader::LEN),
             Spec::Echo { .. } => (IpNumber::ICMP, 8),
             Spec::Gre => (IpNumber::GRE, 4),
         };
-        let mut ip = Ipv4Header::new(0, self.ttl, proto, self.src.octets(), self.dst.octets()).expect("header");
+        let mut ip = Ipv4Header::new(0, self.ttl, proto, src.octets(), dst.octets()).expect("header");
         ip.identification = self.ident;
         ip.dont_fragment = self.df;
         ip.more_fragments = self.mf;
@@ -299,6 +360,48 @@ impl Pkt {
         out.extend_from_slice(&payload);
         out
     }
+
+    /// The IPv6 packet's bytes: the fixed header (the TTL as hop limit, the IP id as flow label), then TCP or UDP
+    /// with the checksum etherparse computes over the IPv6 pseudo-header (always present, RFC 8200 8.1).
+    fn ip6_bytes(&self, src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+        let (proto, hlen) = match self.l4 {
+            Spec::Tcp { .. } => (IpNumber::TCP, TcpHeader::MIN_LEN),
+            Spec::Udp { .. } => (IpNumber::UDP, UdpHeader::LEN),
+            other => panic!("no IPv6 {other:?} in the fuzzer"),
+        };
+        let ip = Ipv6Header {
+            traffic_class: (self.ident >> 8) as u8,
+            flow_label: Ipv6FlowLabel::try_new(self.ident as u32).expect("flow label"),
+            payload_length: (hlen + payload.len()) as u16,
+            next_header: proto,
+            hop_limit: self.ttl,
+            source: src.octets(),
+            destination: dst.octets(),
+        };
+        let mut out = Vec::with_capacity(96);
+        ip.write(&mut out).expect("write");
+        match self.l4 {
+            Spec::Tcp { sport, dport, flags } => {
+                let mut t = TcpHeader::new(sport, dport, 0x1234_5678, 29_200);
+                t.acknowledgment_number = if flags & packet::ACK != 0 { 0x0bad_cafe } else { 0 };
+                t.fin = flags & packet::FIN != 0;
+                t.syn = flags & packet::SYN != 0;
+                t.rst = flags & packet::RST != 0;
+                t.psh = flags & 0x08 != 0;
+                t.ack = flags & packet::ACK != 0;
+                t.checksum = t.calc_checksum_ipv6(&ip, payload).expect("tcp checksum");
+                out.extend_from_slice(&t.to_bytes());
+            }
+            Spec::Udp { sport, dport, .. } => {
+                let mut u = UdpHeader::without_ipv4_checksum(sport, dport, payload.len()).expect("udp");
+                u.checksum = u.calc_checksum_ipv6(&ip, payload).expect("udp checksum");
+                out.extend_from_slice(&u.to_bytes());
+            }
+            _ => unreachable!(),
+        }
+        out.extend_from_slice(payload);
+        out
+    }
 }
 
 fn options(rng: &mut Rng) -> Vec<u8> {
@@ -310,9 +413,12 @@ fn options(rng: &mut Rng) -> Vec<u8> {
     o
 }
 
+/// An Ethernet frame around the IP datagram `ip` (its ethertype by the IP version).
 pub fn eth(ip: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(ETH + ip.len());
-    f.extend_from_slice(&[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]);
+    let ty = if ip.first().is_some_and(|v| v >> 4 == 6) { packet::ETHERTYPE_IPV6 } else { packet::ETHERTYPE_IPV4 };
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&ty.to_be_bytes());
     f.extend_from_slice(ip);
     f
 }
@@ -418,7 +524,11 @@ impl Stream {
             None => self.pick(rng),
         };
         if rng.pct(12) {
-            mutate(rng, &mut s.frame);
+            if packet::be16(&s.frame, 12) == packet::ETHERTYPE_IPV6 {
+                mutate6(rng, &mut s.frame);
+            } else {
+                mutate(rng, &mut s.frame);
+            }
         }
         s
     }
@@ -444,7 +554,7 @@ impl Stream {
                     dport,
                     flags: rng.pick(&[0x10, 0x18, 0x18, 0x11, 0x04, 0x14, 0x02, 0x12, 0x03, 0x00]),
                 },
-                Spec::Udp { sport, dport, .. } => Spec::Udp { sport, dport, csum: rng.pct(85) },
+                Spec::Udp { sport, dport, .. } => Spec::Udp { sport, dport, csum: rng.pct(85) || p.v6() },
                 other => other,
             };
             p.payload_len = rng.pick(&[0, 5, 30]);
@@ -464,28 +574,32 @@ impl Stream {
                 out = later.clone();
                 quoted = "a later fragment";
             }
-            let Parsed::Ipv4(ip) = packet::parse(&out) else { return self.start(rng) };
+            let Some(ip) = packet::parse(&out).ip() else { return self.start(rng) };
             if roll < 75 {
                 let Some(t) = ip.tuple() else { return self.start(rng) };
-                let (src, dst) = (Ipv4Addr::from(t.dst), Ipv4Addr::from(t.src));
+                let (src, dst) = (ip_addr(t.dst, ip.v6), ip_addr(t.src, ip.v6));
                 let l4 = match ip.l4 {
                     L4::Tcp { .. } => Spec::Tcp {
                         sport: t.dport,
                         dport: t.sport,
                         flags: rng.pick(&[0x12, 0x12, 0x10, 0x18, 0x11, 0x14, 0x04]),
                     },
-                    L4::Udp { .. } => Spec::Udp { sport: t.dport, dport: t.sport, csum: rng.pct(85) },
+                    L4::Udp { .. } => Spec::Udp { sport: t.dport, dport: t.sport, csum: rng.pct(85) || ip.v6 },
                     L4::Echo { id, .. } => Spec::Echo { id, request: false },
                     _ => Spec::Gre,
                 };
                 let p = Pkt::new(rng, src, dst, l4);
                 return self.datagram(rng, p, hooks, Some((id, Part::Reply)), "a reply");
             }
-            // An ICMP error about the forward datagram, from its destination or a router on the way.
+            // An ICMP error about the forward datagram, from its destination or a router on the way. (Not about an
+            // IPv6 one: the model does not predict ICMPv6.)
+            if ip.v6 {
+                return self.start(rng);
+            }
             if ip.frag == Frag::First {
                 quoted = "a first fragment";
             }
-            let (src, dst) = (Ipv4Addr::from(ip.dst), Ipv4Addr::from(ip.src));
+            let (src, dst) = (Ipv4Addr::from(ip.dst as u32), Ipv4Addr::from(ip.src as u32));
             let esrc = if rng.pct(60) { src } else { HOP };
             let inner = &out[ETH..ip.end];
             let cut = if rng.pct(40) { (ip.l4_at - ETH + 8).min(inner.len()) } else { inner.len() };
@@ -498,17 +612,23 @@ impl Stream {
         let Parsed::Ipv4(ip) = packet::parse(&reply) else { return self.start(rng) };
         let inner = &reply[ETH..ip.end];
         let hooks = if c.forwarded { FORWARDED } else { LOCAL_OUT };
-        let frame = icmp_error(rng, Ipv4Addr::from(ip.dst), Ipv4Addr::from(ip.src), inner);
+        let frame = icmp_error(rng, Ipv4Addr::from(ip.dst as u32), Ipv4Addr::from(ip.src as u32), inner);
         self.error(rng, frame, hooks)
     }
 
     fn start(&mut self, rng: &mut Rng) -> Send {
-        let src = rng.pick(&CLIENTS);
-        let dst = rng.pick(&DSTS);
+        let v6 = rng.pct(IPV6_PCT);
+        let (src, dst) = if v6 {
+            (IpAddr::V6(rng.pick(&CLIENTS6)), IpAddr::V6(rng.pick(&DSTS6)))
+        } else {
+            (IpAddr::V4(rng.pick(&CLIENTS)), IpAddr::V4(rng.pick(&DSTS)))
+        };
         let (sport, dport) = (rng.pick(&CPORTS), rng.pick(&DPORTS));
-        let l4 = match rng.below(20) {
+        // IPv6: TCP and UDP only (the model does not predict ICMPv6 or other protocols over IPv6).
+        let kinds = if v6 { 15 } else { 20 };
+        let l4 = match rng.below(kinds) {
             0..=8 => Spec::Tcp { sport, dport, flags: if rng.pct(90) { packet::SYN } else { 0x10 } },
-            9..=14 => Spec::Udp { sport, dport, csum: rng.pct(80) },
+            9..=14 => Spec::Udp { sport, dport, csum: rng.pct(80) || v6 },
             15..=18 => Spec::Echo { id: rng.pick(&[0x77, 0x78, 1, 40000]), request: true },
             _ => Spec::Gre,
         };
@@ -533,7 +653,8 @@ impl Stream {
         who: &str,
     ) -> Send {
         let seed = rng.u64() as u8;
-        if p.mf || p.frag_offset != 0 || !rng.pct(FRAGMENTED_PCT) {
+        // IPv6 packets are sent whole: the model does not predict IPv6 fragments.
+        if p.v6() || p.mf || p.frag_offset != 0 || !rng.pct(FRAGMENTED_PCT) {
             return Send { frame: eth(&p.ip_bytes(seed)), hooks, conv };
         }
         p.payload_len = rng.pick(&[9, 24, 40, 64, 100, 180]);
@@ -719,6 +840,38 @@ pub fn mutate(rng: &mut Rng, f: &mut Vec<u8>) {
             // Another protocol number in the IP header (checksum kept right).
             f[ETH + 9] = rng.pick(&[0u8, 1, 6, 17, 47, 132]);
             fix_ip_checksum(f);
+        }
+    }
+}
+
+/// Breaks an IPv6 TCP/UDP frame in one of the ways the model predicts (it stays a plain IPv6 header followed by TCP
+/// or UDP, or becomes one the data path must pass untouched): bit flips in the transport header or payload, in the
+/// transport checksum, in an address; changes to traffic class, flow label or hop limit; truncation; padding.
+pub fn mutate6(rng: &mut Rng, f: &mut Vec<u8>) {
+    let l4 = ETH + IPV6_HLEN;
+    let csum = l4 + if f[ETH + 6] == packet::TCP { 16 } else { 6 };
+    match rng.below(6) {
+        0 => {
+            for _ in 0..1 + rng.below(3) {
+                let i = l4 + rng.below((f.len() - l4) as u64) as usize;
+                f[i] ^= 1 << rng.below(8);
+            }
+        }
+        1 if csum + 1 < f.len() => f[csum + rng.below(2) as usize] ^= 1 << rng.below(8),
+        2 => f[ETH + 8 + rng.below(32) as usize] ^= 1 << rng.below(8),
+        3 => f[rng.pick(&[ETH + 1, ETH + 2, ETH + 3, ETH + 7])] ^= 1 << rng.below(8),
+        4 if f.len() > l4 + 1 => {
+            // Cut short: the payload length then says more than the frame holds, or (half the time) is corrected
+            // and the transport header may be cut.
+            let n = l4 + 1 + rng.below((f.len() - l4 - 1) as u64) as usize;
+            f.truncate(n);
+            if rng.pct(50) {
+                f[ETH + 4..ETH + 6].copy_from_slice(&((n - l4) as u16).to_be_bytes());
+            }
+        }
+        _ => {
+            let n = 1 + rng.below(20) as usize;
+            f.extend((0..n).map(|_| rng.u64() as u8));
         }
     }
 }

@@ -116,8 +116,7 @@ impl Fuzzer {
             Ok(e) => e,
             Err(what) => return Ok(Err(diverge(what, None))),
         };
-        let path: String = expect.why.chars().filter(|c| !c.is_ascii_digit()).collect();
-        *self.paths.entry(path).or_default() += 1;
+        *self.paths.entry(path(&expect.why)).or_default() += 1;
         if let Err(what) = check::check(frame, &expect, out.ret, got) {
             return Ok(Err(diverge(what, Some(expect))));
         }
@@ -224,7 +223,44 @@ impl Fuzzer {
     }
 }
 
+/// The model's path for the coverage summary: its `why` without numbers (rule ids, ports, IPv4 addresses' digits)
+/// and without IPv6 addresses (in brackets), but with the family's name ("IPv6: ...").
+fn path(why: &str) -> String {
+    let (mut out, mut bracket) = (String::new(), false);
+    for (i, part) in why.split("IPv6").enumerate() {
+        if i > 0 {
+            out += "IPv6";
+        }
+        for c in part.chars() {
+            match c {
+                '[' => bracket = true,
+                ']' => bracket = false,
+                _ if bracket || c.is_ascii_digit() => continue,
+                _ => {}
+            }
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Lowercase hex of `b`.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn coverage_paths_drop_numbers_and_ipv6_addresses() {
+        assert_eq!(
+            super::path("IPv6: new flow by rule 12 (dnat) at ingress"),
+            "IPv6: new flow by rule  (dnat) at ingress"
+        );
+        assert_eq!(
+            super::path("IPv6: rule 3: reply tuple [2001:db8::1]:80 -> [fd00::2]:5 proto 6 taken"),
+            "IPv6: rule : reply tuple []: -> []: proto  taken"
+        );
+        assert_eq!(super::path("malformed: IHL below 5"), "malformed: IHL below ");
+    }
 }

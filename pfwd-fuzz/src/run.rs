@@ -1,5 +1,5 @@
 //! The real programs, through BPF_PROG_TEST_RUN: a private pfwd instance pinned under `/sys/fs/bpf/pfwd-fuzz-*`,
-//! with lo (ifindex 1, 10.0.1.1) as its only interface, as in the packet tests' fixture. Nothing is attached to any
+//! with lo (ifindex 1, 10.0.1.1 and 2001:db8:1::1) as its only interface, as in the packet tests' fixture. Nothing is attached to any
 //! interface: test runs only. The pins are removed when the instance is dropped, also on panic.
 
 use std::path::PathBuf;
@@ -12,9 +12,9 @@ use pfwd::loader::Kernel;
 use pfwd::rules::Rule;
 use pfwd::rules::delta::{ClassKeys, Member, class_keys, hidden_members};
 use pfwd::state::StoredRule;
-use pfwd_common::{Config, FragEntry, FragKey, IndexKey, names};
+use pfwd_common::{Addr6, Config, FragEntry, FragKey, IndexKey, names};
 
-use crate::model::rules::{IFACE, IFACE_ADDR};
+use crate::model::rules::{IFACE, IFACE_ADDR, IFACE_ADDR6};
 use crate::model::{FragCounters, Hook};
 
 pub const LO: u32 = 1;
@@ -93,9 +93,9 @@ impl Instance {
             ..Config::default()
         };
         pins.0.load(ct_entries, &cfg).context("loading the eBPF programs")?;
-        pins.0.set_iface(LO, Some(IFACE_ADDR), None).context("registering lo")?;
-        // This host's addresses, for `-d local`: lo's (the model's IFACE_ADDR).
-        pins.0.set_local_addrs(&[IFACE_ADDR.into()]).context("setting local addresses")?;
+        pins.0.set_iface(LO, Some(IFACE_ADDR), Some(IFACE_ADDR6)).context("registering lo")?;
+        // This host's addresses, for `-d local`: lo's (the model's IFACE_ADDR and IFACE_ADDR6).
+        pins.0.set_local_addrs(&[IFACE_ADDR.into(), IFACE_ADDR6.into()]).context("setting local addresses")?;
         let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).context("pinned ingress program")?;
         let egress = SchedClassifier::from_pin(dir.join("prog_egress")).context("pinned egress program")?;
         let frags = MapData::from_pin(dir.join(names::FRAGS)).context("pinned fragment table")?;
@@ -114,8 +114,10 @@ impl Instance {
         let k = &self.pins.0;
         let keys: Vec<_> = k.conntrack::<u32>()?.into_iter().map(|(t, _)| t).collect();
         k.conntrack_delete(&keys)?;
-        if !k.conntrack::<u32>()?.is_empty() {
-            bail!("conntrack table not empty after clearing");
+        let keys6: Vec<_> = k.conntrack::<Addr6>()?.into_iter().map(|(t, _)| t).collect();
+        k.conntrack_delete(&keys6)?;
+        if !k.conntrack::<u32>()?.is_empty() || !k.conntrack::<Addr6>()?.is_empty() {
+            bail!("conntrack tables not empty after clearing");
         }
         let keys: Vec<FragKey> = self.frags.keys().collect::<Result<_, _>>().context("listing PFWD_FRAGS")?;
         for key in &keys {

@@ -11,7 +11,8 @@ pub mod rules;
 use std::collections::HashMap;
 
 use packet::{
-    CsumField, CsumKind, ETH, FIN, Frag, Ip, L4, Parsed, RST, Rewriter, SYN, TCP, Tuple, UDP, be16, be32, csum_fields,
+    Addr, CsumField, CsumKind, ETH, FIN, Frag, Ip, L4, Parsed, RST, Rewriter, SYN, TCP, Tuple, UDP, be16, be32,
+    csum_fields,
 };
 use rules::{Action, MRule};
 
@@ -93,8 +94,8 @@ impl Flow {
 /// hook: a forwarded datagram crosses both, and is seen at the second as the first put it out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct DatagramKey {
-    src: u32,
-    dst: u32,
+    src: Addr,
+    dst: Addr,
     proto: u8,
     id: u16,
     hook: Hook,
@@ -112,8 +113,8 @@ enum Fate {
     /// Came out with these source and destination addresses (its own when it was not translated); `translated`: by
     /// a flow (its later fragments count as translated, even when no address changes).
     Out {
-        src: u32,
-        dst: u32,
+        src: Addr,
+        dst: Addr,
         translated: bool,
     },
     Dropped,
@@ -194,9 +195,22 @@ impl Model {
     /// checking such a choice.
     pub fn step(&mut self, hook: Hook, frame: &[u8], seen: &Observed) -> Result<Expect, String> {
         let ip = match packet::parse(frame) {
-            Parsed::NotIpv4 => return Ok(pass(frame, "not IPv4")),
+            Parsed::NotIp => return Ok(pass(frame, "not IP")),
+            Parsed::Malformed(why) if be16(frame, 12) == packet::ETHERTYPE_IPV6 => {
+                return Ok(pass(frame, format!("IPv6: malformed: {why}")));
+            }
             Parsed::Malformed(why) => return Ok(pass(frame, format!("malformed: {why}"))),
             Parsed::Ipv4(ip) => ip,
+            Parsed::Ipv6(ip) => {
+                // IPv6 (plain header, TCP or UDP): a flow's packet or a new flow, as IPv4 (own table per family in
+                // the kernel; one here, the addresses never clash).
+                let mut e = self.datagram(hook, frame, &ip, seen)?;
+                if matches!(&e.verdict, Verdict::Next(b) if b != frame) {
+                    e.csums = csum_fields(&ip);
+                }
+                e.why = format!("IPv6: {}", e.why);
+                return Ok(e);
+            }
         };
         let csums = csum_fields(&ip);
         let mut e = match ip.l4 {
@@ -208,7 +222,8 @@ impl Model {
             // Its later fragments get what it got: its output addresses, or the drop.
             let fate = match &e.verdict {
                 Verdict::Next(out) => {
-                    Fate::Out { src: be32(out, ETH + 12), dst: be32(out, ETH + 16), translated: e.translated }
+                    let (src, dst) = (be32(out, ETH + 12) as Addr, be32(out, ETH + 16) as Addr);
+                    Fate::Out { src, dst, translated: e.translated }
                 }
                 Verdict::Drop => Fate::Dropped,
             };
@@ -248,8 +263,8 @@ impl Model {
                 let mut out = frame.to_vec();
                 let ipc = [CsumField { at: ETH + 10, kind: CsumKind::Ip }];
                 let mut w = Rewriter { f: &mut out };
-                w.set32(ETH + 12, src, &ipc);
-                w.set32(ETH + 16, dst, &ipc);
+                w.set32(ETH + 12, src as u32, &ipc);
+                w.set32(ETH + 16, dst as u32, &ipc);
                 let why = format!("{what} at {at}: translated as its first fragment");
                 Expect { verdict: Verdict::Next(out), why, csums: vec![], translated: true }
             }
@@ -294,13 +309,13 @@ impl Model {
         if !opens_flow(ip) {
             return Ok(pass(frame, "no flow, and the packet cannot open one"));
         }
-        let Some(rule) = rules::lookup(&self.rules, hook == Hook::Egress, &t).cloned() else {
+        let Some(rule) = rules::lookup(&self.rules, hook == Hook::Egress, &t, ip.v6).cloned() else {
             return Ok(pass(frame, "no rule matches"));
         };
-        let xlat = match rule.action {
+        let xlat = match rule.action.resolve(ip.v6) {
             Action::Dnat { addr, port, backends } => {
                 // An echo's identifier is both its "ports": address-only DNAT keeps it.
-                let to = |addr: u32, port: Option<u16>| {
+                let to = |addr: Addr, port: Option<u16>| {
                     let dport = if t.proto == TCP || t.proto == UDP { port.unwrap_or(t.dport) } else { t.dport };
                     Tuple { dst: addr, dport, ..t }
                 };
@@ -331,6 +346,7 @@ impl Model {
                     });
                 }
             },
+            Action::Redirect { .. } | Action::Masquerade { .. } => unreachable!("resolved above"),
         };
         let reply_key = xlat.reversed();
         if let Some(other) = self.table.get(&reply_key).copied()
@@ -357,7 +373,11 @@ impl Model {
         // count as the original direction's FIN. (Adopted from the kernel; reported: Linux calls SYN+FIN invalid.)
         Ok(Expect {
             verdict: Verdict::Next(rewrite(frame, ip, &xlat)),
-            why: format!("new flow by rule {} at {}", rule.id, hook.name()),
+            why: if ip.v6 {
+                format!("new flow by rule {} ({}) at {}", rule.id, rule.kind(), hook.name())
+            } else {
+                format!("new flow by rule {} at {}", rule.id, hook.name())
+            },
             csums: vec![],
             translated: true,
         })
@@ -406,11 +426,11 @@ impl Model {
     fn backend(
         &self,
         t: &Tuple,
-        backends: &[(u32, Option<u16>)],
+        backends: &[(Addr, Option<u16>)],
         seen: &Observed,
-    ) -> Result<(u32, Option<u16>), String> {
-        let Parsed::Ipv4(out) = packet::parse(seen.data) else {
-            return Err("the kernel's output is not an IPv4 packet".into());
+    ) -> Result<(Addr, Option<u16>), String> {
+        let Some(out) = packet::parse(seen.data).ip() else {
+            return Err("the kernel's output is not an IP packet".into());
         };
         let got = out.tuple().ok_or("the kernel's output has no tuple")?;
         let ports = t.proto == TCP || t.proto == UDP;
@@ -424,7 +444,7 @@ impl Model {
     fn snat_port(
         &self,
         t: &Tuple,
-        addr: u32,
+        addr: Addr,
         ports: Option<(u16, u16)>,
         ip: &Ip,
         seen: &Observed,
@@ -504,8 +524,8 @@ impl Model {
             std::iter::once(inner_ip).chain(l4c.iter().copied().filter(|c| c.kind != CsumKind::Icmp)).collect();
         // The embedded datagram becomes the reverse of the translated tuple.
         let new = x.reversed();
-        w.set32(inner.ip + 12, new.src, &pseudo);
-        w.set32(inner.ip + 16, new.dst, &pseudo);
+        w.set32(inner.ip + 12, new.src as u32, &pseudo);
+        w.set32(inner.ip + 16, new.dst as u32, &pseudo);
         if inner.tuple.proto == TCP || inner.tuple.proto == UDP {
             w.set16(inner.l4, new.sport, &l4c);
             w.set16(inner.l4 + 2, new.dport, &l4c);
@@ -532,10 +552,10 @@ impl Model {
         let outer_ip = [CsumField { at: ETH + 10, kind: CsumKind::Ip }];
         // The outer addresses that are the flow's (a router on the path keeps its own source).
         if ip.src == key.src {
-            w.set32(ETH + 12, x.src, &outer_ip);
+            w.set32(ETH + 12, x.src as u32, &outer_ip);
         }
         if ip.dst == key.dst {
-            w.set32(ETH + 16, x.dst, &outer_ip);
+            w.set32(ETH + 16, x.dst as u32, &outer_ip);
         }
         let why = "ICMP error about a translated flow".into();
         Expect { verdict: Verdict::Next(out), why, csums: vec![], translated: true }
@@ -546,27 +566,41 @@ impl Model {
 fn rewrite(frame: &[u8], ip: &Ip, x: &Tuple) -> Vec<u8> {
     let mut out = frame.to_vec();
     let w = &mut Rewriter { f: &mut out };
-    let ipc = CsumField { at: ETH + 10, kind: CsumKind::Ip };
     let at = ip.l4_at;
+    if ip.v6 {
+        // IPv6: no header checksum; the TCP/UDP checksum covers the addresses through the pseudo-header (RFC 8200
+        // 8.1). (The model's IPv6 packets are TCP or UDP only.)
+        let l4c = match ip.l4 {
+            L4::Tcp { .. } => vec![CsumField { at: at + 16, kind: CsumKind::Tcp }],
+            L4::Udp { .. } => vec![CsumField { at: at + 6, kind: CsumKind::Udp }],
+            _ => vec![],
+        };
+        w.set128(ETH + 8, x.src, &l4c);
+        w.set128(ETH + 24, x.dst, &l4c);
+        w.set16(at, x.sport, &l4c);
+        w.set16(at + 2, x.dport, &l4c);
+        return out;
+    }
+    let ipc = CsumField { at: ETH + 10, kind: CsumKind::Ip };
     match ip.l4 {
         L4::Tcp { .. } | L4::Udp { .. } => {
             let l4c = match ip.l4 {
                 L4::Tcp { .. } => CsumField { at: at + 16, kind: CsumKind::Tcp },
                 _ => CsumField { at: at + 6, kind: CsumKind::Udp },
             };
-            w.set32(ETH + 12, x.src, &[ipc, l4c]);
-            w.set32(ETH + 16, x.dst, &[ipc, l4c]);
+            w.set32(ETH + 12, x.src as u32, &[ipc, l4c]);
+            w.set32(ETH + 16, x.dst as u32, &[ipc, l4c]);
             w.set16(at, x.sport, &[l4c]);
             w.set16(at + 2, x.dport, &[l4c]);
         }
         L4::Echo { .. } => {
-            w.set32(ETH + 12, x.src, &[ipc]);
-            w.set32(ETH + 16, x.dst, &[ipc]);
+            w.set32(ETH + 12, x.src as u32, &[ipc]);
+            w.set32(ETH + 16, x.dst as u32, &[ipc]);
             w.set16(at + 4, x.sport, &[CsumField { at: at + 2, kind: CsumKind::Icmp }]);
         }
         _ => {
-            w.set32(ETH + 12, x.src, &[ipc]);
-            w.set32(ETH + 16, x.dst, &[ipc]);
+            w.set32(ETH + 12, x.src as u32, &[ipc]);
+            w.set32(ETH + 16, x.dst as u32, &[ipc]);
         }
     }
     out

@@ -1,9 +1,12 @@
 //! The model's own packet parser and checksum arithmetic: plain Rust over the frame's bytes, written from the RFCs
-//! (791, 793, 768, 792, 1071, 1624), independent of pfwd-ebpf's parser and of pfwd-common's checksum code.
+//! (791, 8200, 793, 768, 792, 1071, 1624), independent of pfwd-ebpf's parser and of pfwd-common's checksum code.
 
 /// Ethernet header length; pfwd handles Ethernet-type interfaces only.
 pub const ETH: usize = 14;
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+/// IPv6 header length (RFC 8200); the fuzzer's IPv6 packets have no extension headers.
+pub const IPV6_HLEN: usize = 40;
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
 pub const ICMP: u8 = 1;
@@ -27,12 +30,17 @@ pub fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+/// An address in host order: an IPv4 address as its 32-bit value, an IPv6 address as its 128-bit value. The two
+/// never meet: the kernel keeps a table per family, and the fuzzer's IPv6 addresses (2001:db8::/32, fd00::/8) are
+/// all above 2^32, so one model table holds both families without a clash.
+pub type Addr = u128;
+
 /// A flow's 5-tuple as the model keys it. Addresses in host order. An ICMP echo's identifier stands in for both
 /// ports (README: "ICMP echo identifiers are allocated the same way" as ports); other protocols have ports 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Tuple {
-    pub src: u32,
-    pub dst: u32,
+    pub src: Addr,
+    pub dst: Addr,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -46,9 +54,20 @@ impl Tuple {
 
 impl std::fmt::Display for Tuple {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let a = |x: u32| std::net::Ipv4Addr::from(x);
-        write!(f, "{}:{} -> {}:{} proto {}", a(self.src), self.sport, a(self.dst), self.dport, self.proto)
+        write!(f, "{}:{} -> {}:{} proto {}", show(self.src), self.sport, show(self.dst), self.dport, self.proto)
     }
+}
+
+/// An address as text: IPv4 when it fits in 32 bits (see [`Addr`]), else IPv6.
+pub fn show(a: Addr) -> String {
+    match u32::try_from(a) {
+        Ok(v4) => std::net::Ipv4Addr::from(v4).to_string(),
+        Err(_) => format!("[{}]", std::net::Ipv6Addr::from(a)),
+    }
+}
+
+pub fn be128(b: &[u8], at: usize) -> u128 {
+    u128::from_be_bytes(b[at..at + 16].try_into().expect("16 bytes"))
 }
 
 /// Where a checksum field is and what it covers, for the comparison "exactly as valid as before".
@@ -112,21 +131,25 @@ pub struct Inner {
     pub l4_csum: Option<CsumField>,
 }
 
-/// A parsed IPv4 frame.
+/// A parsed IPv4 or IPv6 frame.
 #[derive(Clone, Copy, Debug)]
 pub struct Ip {
+    /// IPv6 (a plain 40-byte header, TCP or UDP after it); else IPv4.
+    pub v6: bool,
+    /// The IP header's length (40 for IPv6).
     pub ihl: usize,
     /// End of the IP datagram in the frame (14 + total length); bytes after it are Ethernet padding.
     pub end: usize,
     pub proto: u8,
-    pub src: u32,
-    pub dst: u32,
+    pub src: Addr,
+    pub dst: Addr,
     pub l4: L4,
     /// Offset of the transport header.
     pub l4_at: usize,
     /// Where the datagram sits among its fragments.
     pub frag: Frag,
-    /// The IP identification (RFC 791: with source, destination and protocol it names a datagram's fragments).
+    /// The IP identification (RFC 791: with source, destination and protocol it names a datagram's fragments); 0
+    /// for IPv6.
     pub id: u16,
 }
 
@@ -166,17 +189,31 @@ impl Ip {
 
 #[derive(Clone, Copy, Debug)]
 pub enum Parsed {
-    /// Not Ethernet + IPv4 (ARP, IPv6, VLAN, a frame too short for an Ethernet header).
-    NotIpv4,
-    /// IPv4 with a header or length that does not add up: passed untouched.
+    /// Not Ethernet + IPv4 or IPv6 (ARP, VLAN, a frame too short for an Ethernet header).
+    NotIp,
+    /// IPv4 or IPv6 with a header or length that does not add up: passed untouched.
     Malformed(&'static str),
     Ipv4(Ip),
+    Ipv6(Ip),
+}
+
+impl Parsed {
+    /// The datagram of either family.
+    pub fn ip(self) -> Option<Ip> {
+        match self {
+            Parsed::Ipv4(ip) | Parsed::Ipv6(ip) => Some(ip),
+            Parsed::NotIp | Parsed::Malformed(_) => None,
+        }
+    }
 }
 
 /// Parses an Ethernet frame the way the documented data path must see it.
 pub fn parse(f: &[u8]) -> Parsed {
+    if f.len() >= ETH && be16(f, 12) == ETHERTYPE_IPV6 {
+        return parse6(f);
+    }
     if f.len() < ETH || be16(f, 12) != ETHERTYPE_IPV4 {
-        return Parsed::NotIpv4;
+        return Parsed::NotIp;
     }
     if f.len() < ETH + 20 {
         return Parsed::Malformed("shorter than an IPv4 header");
@@ -222,22 +259,10 @@ pub fn parse(f: &[u8]) -> Parsed {
     }
     let l4 = match proto {
         _ if frag == Frag::Later => L4::Fragment,
-        TCP => {
-            if avail < 20 {
-                return Parsed::Malformed("truncated TCP header");
-            }
-            let doff = (f[at + 12] >> 4) as usize * 4;
-            if doff < 20 {
-                return Parsed::Malformed("TCP data offset below 5");
-            }
-            L4::Tcp { sport: be16(f, at), dport: be16(f, at + 2), flags: f[at + 13] }
-        }
-        UDP => {
-            if avail < 8 {
-                return Parsed::Malformed("truncated UDP header");
-            }
-            L4::Udp { sport: be16(f, at), dport: be16(f, at + 2) }
-        }
+        TCP | UDP => match ports(f, proto, at, avail) {
+            Ok(l4) => l4,
+            Err(why) => return Parsed::Malformed(why),
+        },
         ICMP => {
             if avail < 8 {
                 return Parsed::Malformed("truncated ICMP header");
@@ -253,7 +278,55 @@ pub fn parse(f: &[u8]) -> Parsed {
         }
         _ => L4::Other,
     };
-    Parsed::Ipv4(Ip { ihl, end, proto, src, dst, l4, l4_at: at, frag, id })
+    let (src, dst) = (src as Addr, dst as Addr);
+    Parsed::Ipv4(Ip { v6: false, ihl, end, proto, src, dst, l4, l4_at: at, frag, id })
+}
+
+/// The TCP or UDP header at `at` with `avail` bytes of the datagram from there (RFC 793, 768).
+fn ports(f: &[u8], proto: u8, at: usize, avail: usize) -> Result<L4, &'static str> {
+    if proto == TCP {
+        if avail < 20 {
+            return Err("truncated TCP header");
+        }
+        let doff = (f[at + 12] >> 4) as usize * 4;
+        if doff < 20 {
+            return Err("TCP data offset below 5");
+        }
+        return Ok(L4::Tcp { sport: be16(f, at), dport: be16(f, at + 2), flags: f[at + 13] });
+    }
+    if avail < 8 {
+        return Err("truncated UDP header");
+    }
+    Ok(L4::Udp { sport: be16(f, at), dport: be16(f, at + 2) })
+}
+
+/// An IPv6 frame (RFC 8200): the fixed header, then TCP or UDP. The fuzzer sends IPv6 packets without extension
+/// headers, fragments or ICMPv6 (the model does not predict those), and mutates them only in ways that keep them
+/// so (see `generate::mutate6`); anything else here is a frame the model cannot predict, and says so.
+fn parse6(f: &[u8]) -> Parsed {
+    if f.len() < ETH + IPV6_HLEN {
+        return Parsed::Malformed("shorter than an IPv6 header");
+    }
+    if f[ETH] >> 4 != 6 {
+        return Parsed::Malformed("IP version not 6");
+    }
+    // A payload length of 0 would be a jumbogram's (RFC 2675): the fuzzer makes none.
+    let payload = be16(f, ETH + 4) as usize;
+    if ETH + IPV6_HLEN + payload > f.len() {
+        return Parsed::Malformed("IPv6 payload length beyond the frame");
+    }
+    let end = ETH + IPV6_HLEN + payload;
+    let proto = f[ETH + 6];
+    let at = ETH + IPV6_HLEN;
+    let l4 = match proto {
+        TCP | UDP => match ports(f, proto, at, payload) {
+            Ok(l4) => l4,
+            Err(why) => return Parsed::Malformed(why),
+        },
+        _ => return Parsed::Malformed("IPv6 next header other than TCP or UDP: not modelled"),
+    };
+    let (src, dst) = (be128(f, ETH + 8), be128(f, ETH + 24));
+    Parsed::Ipv6(Ip { v6: true, ihl: IPV6_HLEN, end, proto, src, dst, l4, l4_at: at, frag: Frag::Whole, id: 0 })
 }
 
 /// The embedded datagram of an ICMP error at `at`, within the outer datagram ending at `end`: an IPv4 header
@@ -273,8 +346,8 @@ fn parse_inner(f: &[u8], at: usize, end: usize) -> Option<Inner> {
     }
     let l4 = at + ihl;
     let proto = f[at + 9];
-    let src = be32(f, at + 12);
-    let dst = be32(f, at + 16);
+    let src = be32(f, at + 12) as Addr;
+    let dst = be32(f, at + 16) as Addr;
     let need = |n: usize| l4 + n <= end;
     // RFC 792: the embedded IP header and at least 8 bytes of its payload, whatever the protocol.
     if !need(8) {
@@ -304,7 +377,8 @@ fn parse_inner(f: &[u8], at: usize, end: usize) -> Option<Inner> {
 
 /// The checksum fields of a parsed frame (outer IP, transport; for an ICMP error also the embedded ones).
 pub fn csum_fields(ip: &Ip) -> Vec<CsumField> {
-    let mut v = vec![CsumField { at: ETH + 10, kind: CsumKind::Ip }];
+    // IPv6 has no header checksum (RFC 8200); its addresses are in the TCP/UDP pseudo-header.
+    let mut v = if ip.v6 { vec![] } else { vec![CsumField { at: ETH + 10, kind: CsumKind::Ip }] };
     let at = ip.l4_at;
     match ip.l4 {
         L4::Tcp { .. } => v.push(CsumField { at: at + 16, kind: CsumKind::Tcp }),
@@ -402,6 +476,13 @@ impl Rewriter<'_> {
         self.f[at..at + 4].copy_from_slice(&new.to_be_bytes());
         for c in covering {
             self.csum_at(*c, old, new, true);
+        }
+    }
+
+    /// Sets the 128-bit IPv6 address at `at`, word by word (RFC 1624 per 16-bit word).
+    pub fn set128(&mut self, at: usize, new: u128, covering: &[CsumField]) {
+        for (i, w) in new.to_be_bytes().chunks_exact(2).enumerate() {
+            self.set16(at + 2 * i, u16::from_be_bytes([w[0], w[1]]), covering);
         }
     }
 

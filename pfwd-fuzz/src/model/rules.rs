@@ -1,24 +1,47 @@
 //! Rule matching and precedence as the README documents them ("Which rule wins"), over pfwd's rule type.
 
 use std::cmp::Reverse;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use pfwd::rules::{Rule, Target};
 
-use super::packet::{TCP, Tuple, UDP};
+use super::packet::{Addr, TCP, Tuple, UDP};
 
 /// The interface the fuzzer's programs see (BPF_PROG_TEST_RUN runs tc programs on lo) and its address.
 pub const IFACE: &str = "lo";
 pub const IFACE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
+/// lo's IPv6 address as the fuzzer registers it (REDIRECT's target, MASQUERADE's source, `-d local`).
+pub const IFACE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+
+/// The interface's address of a family (`v6`), as the model's [`Addr`].
+pub fn iface_addr(v6: bool) -> Addr {
+    if v6 { u128::from(IFACE_ADDR6) } else { u32::from(IFACE_ADDR) as Addr }
+}
 
 /// What a matching rule does to a new flow.
 #[derive(Clone, Debug)]
 pub enum Action {
     /// New destination; `port: None` keeps the port. With several backends (`--to a,b,...`) the destination is one
     /// of `backends`, chosen by the kernel (README: by hashing the flow's tuple); `addr`/`port` are the first.
-    Dnat { addr: u32, port: Option<u16>, backends: Vec<(u32, Option<u16>)> },
+    Dnat { addr: Addr, port: Option<u16>, backends: Vec<(Addr, Option<u16>)> },
     /// New source address; the source port is kept when free, else allocated in `ports` (default 1024-65535).
-    Snat { addr: u32, ports: Option<(u16, u16)> },
+    Snat { addr: Addr, ports: Option<(u16, u16)> },
+    /// REDIRECT: DNAT to the incoming interface's address of the packet's family (iptables and ip6tables alike).
+    Redirect { port: u16 },
+    /// MASQUERADE: SNAT to the outgoing interface's address of the packet's family. In BPF_PROG_TEST_RUN on lo the
+    /// FIB lookup yields no source for the fuzzer's destinations, so pfwd uses lo's recorded address.
+    Masquerade { ports: Option<(u16, u16)> },
+}
+
+impl Action {
+    /// The action for a packet of a family (`v6`): REDIRECT and MASQUERADE become DNAT and SNAT to lo's address.
+    pub fn resolve(&self, v6: bool) -> Action {
+        match *self {
+            Action::Redirect { port } => Action::Dnat { addr: iface_addr(v6), port: Some(port), backends: Vec::new() },
+            Action::Masquerade { ports } => Action::Snat { addr: iface_addr(v6), ports },
+            ref other => other.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -30,8 +53,12 @@ pub struct MRule {
     /// `-i`/`-o`: None matches every interface; Some(matches lo).
     pub iface: Option<bool>,
     pub proto: Option<u8>,
-    pub src: Option<(u32, u32, u8)>,
-    pub dst: Option<(u32, u32, u8)>,
+    /// The family the rule translates: Some(true) IPv6, Some(false) IPv4, None both (a rule without addresses and
+    /// without `-4`/`-6`).
+    pub v6: Option<bool>,
+    /// `-s`/`-d` as (network, mask, prefix length).
+    pub src: Option<(Addr, Addr, u8)>,
+    pub dst: Option<(Addr, Addr, u8)>,
     pub dport: Option<(u16, u16)>,
     /// iptables' `!` on -s, -d and -i/-o (README: a negated match matches what is outside it).
     pub not_src: bool,
@@ -42,41 +69,62 @@ pub struct MRule {
     pub action: Action,
 }
 
-/// The fuzzer drives the kernel's IPv4 data path: its rules have IPv4 addresses only.
-fn net(n: Option<ipnet::IpNet>) -> Option<(u32, u32, u8)> {
-    n.map(|n| match n {
-        ipnet::IpNet::V4(n) => {
-            let mask = u32::from(n.netmask());
-            (u32::from(n.addr()) & mask, mask, n.prefix_len())
+impl MRule {
+    /// The rule's kind for the coverage summary ("redirect", "masquerade without addresses", ...).
+    pub fn kind(&self) -> String {
+        let kind = match self.action {
+            Action::Dnat { .. } => "dnat",
+            Action::Snat { .. } => "snat",
+            Action::Redirect { .. } => "redirect",
+            Action::Masquerade { .. } => "masquerade",
+        };
+        let bare = self.src.is_none()
+            && self.dst.is_none()
+            && !matches!(self.action, Action::Dnat { .. } | Action::Snat { .. });
+        match (bare, self.v6) {
+            (false, _) => kind.to_string(),
+            (true, None) => format!("{kind} without addresses, both families"),
+            (true, Some(_)) => format!("{kind} without addresses, one family"),
         }
-        ipnet::IpNet::V6(_) => unreachable!("the fuzzer generates IPv4 rules"),
+    }
+}
+
+fn net(n: Option<ipnet::IpNet>) -> Option<(Addr, Addr, u8)> {
+    n.map(|n| {
+        let (addr, mask) = (addr(n.addr()), addr(n.netmask()));
+        (addr & mask, mask, n.prefix_len())
     })
 }
 
-fn v4(a: std::net::IpAddr) -> u32 {
+fn addr(a: IpAddr) -> Addr {
     match a {
-        std::net::IpAddr::V4(a) => a.into(),
-        std::net::IpAddr::V6(_) => unreachable!("the fuzzer generates IPv4 rules"),
+        IpAddr::V4(a) => u32::from(a) as Addr,
+        IpAddr::V6(a) => a.into(),
     }
+}
+
+/// The family a rule translates, by ip(6)tables' semantics: that of its addresses (`-s`, `-d`, the DNAT or SNAT
+/// address; pfwd refuses mixed ones), else its `-4`/`-6`, else both.
+fn family(r: &Rule) -> Option<bool> {
+    let target = match r.target {
+        Target::Dnat { addr, .. } | Target::Snat { addr, .. } => Some(addr),
+        Target::Redirect { .. } | Target::Masquerade { .. } => None,
+    };
+    let first = r.src.map(|n| n.addr()).or(r.dst.map(|n| n.addr())).or(target);
+    first.map(|a| a.is_ipv6()).or(r.family.map(|f| f == pfwd::rules::model::Family::Ipv6))
 }
 
 impl MRule {
     pub fn from_rule(r: &Rule) -> MRule {
         let iface = r.hook_iface().map(|i| i == IFACE);
         let action = match r.target {
-            Target::Dnat { addr, port } => {
-                let backends = r.backends.iter().map(|b| (v4(b.addr), b.port)).collect();
-                Action::Dnat { addr: v4(addr), port, backends }
+            Target::Dnat { addr: a, port } => {
+                let backends = r.backends.iter().map(|b| (addr(b.addr), b.port)).collect();
+                Action::Dnat { addr: addr(a), port, backends }
             }
-            Target::Redirect { port } => {
-                Action::Dnat { addr: IFACE_ADDR.into(), port: Some(port), backends: Vec::new() }
-            }
-            Target::Snat { addr, ports } => Action::Snat { addr: v4(addr), ports: ports.map(|p| (p.lo, p.hi)) },
-            // MASQUERADE: the address the kernel would use through the outgoing interface. In BPF_PROG_TEST_RUN on lo
-            // the FIB lookup yields no source for the fuzzer's destinations, so pfwd uses lo's recorded address.
-            Target::Masquerade { ports } => {
-                Action::Snat { addr: IFACE_ADDR.into(), ports: ports.map(|p| (p.lo, p.hi)) }
-            }
+            Target::Redirect { port } => Action::Redirect { port },
+            Target::Snat { addr: a, ports } => Action::Snat { addr: addr(a), ports: ports.map(|p| (p.lo, p.hi)) },
+            Target::Masquerade { ports } => Action::Masquerade { ports: ports.map(|p| (p.lo, p.hi)) },
         };
         MRule {
             id: r.id,
@@ -84,6 +132,7 @@ impl MRule {
             local: r.local && !r.is_postrouting(),
             iface,
             proto: r.proto.map(|p| p.code()),
+            v6: family(r),
             src: net(r.src),
             dst: net(r.dst),
             dport: r.dport.map(|p| (p.lo, p.hi)),
@@ -95,14 +144,16 @@ impl MRule {
         }
     }
 
-    fn matches(&self, t: &Tuple) -> bool {
+    /// Whether the rule matches the new flow `t` of a family (`v6`).
+    fn matches(&self, t: &Tuple, v6: bool) -> bool {
         let inside =
-            |n: Option<(u32, u32, u8)>, a: u32, not: bool| n.is_none_or(|(net, mask, _)| (a & mask == net) != not);
-        self.iface.is_none_or(|on_lo| on_lo != self.not_iface)
+            |n: Option<(Addr, Addr, u8)>, a: Addr, not: bool| n.is_none_or(|(net, mask, _)| (a & mask == net) != not);
+        self.v6.is_none_or(|f| f == v6)
+            && self.iface.is_none_or(|on_lo| on_lo != self.not_iface)
             && self.proto.is_none_or(|p| p == t.proto)
             && inside(self.src, t.src, self.not_src)
             && inside(self.dst, t.dst, self.not_dst)
-            && (!self.dst_local || t.dst == u32::from(IFACE_ADDR))
+            && (!self.dst_local || t.dst == iface_addr(v6))
             && self.dport.is_none_or(|(lo, hi)| (t.proto == TCP || t.proto == UDP) && (lo..=hi).contains(&t.dport))
     }
 
@@ -110,8 +161,8 @@ impl MRule {
     /// longer source prefix; the longer destination prefix; the older rule. A negated match counts as none;
     /// `--dst-type local` ranks just above the same -d without it.
     fn rank(&self) -> impl Ord {
-        let src = if self.not_src { 0 } else { 2 * self.src.map_or(0, |s| s.2) };
-        let dst = if self.not_dst { 0 } else { 2 * self.dst.map_or(0, |d| d.2) } + u8::from(self.dst_local);
+        let src = if self.not_src { 0 } else { 2 * self.src.map_or(0, |s| s.2 as u16) };
+        let dst = if self.not_dst { 0 } else { 2 * self.dst.map_or(0, |d| d.2 as u16) } + u16::from(self.dst_local);
         (
             self.dport.is_none(),
             self.dport.map_or(0, |(lo, hi)| hi - lo),
@@ -124,7 +175,8 @@ impl MRule {
     }
 }
 
-/// The most specific rule of the PREROUTING (`postrouting == false`) or POSTROUTING set matching a new flow.
-pub fn lookup<'a>(rules: &'a [MRule], postrouting: bool, t: &Tuple) -> Option<&'a MRule> {
-    rules.iter().filter(|r| r.postrouting == postrouting && r.matches(t)).min_by_key(|r| r.rank())
+/// The most specific rule of the PREROUTING (`postrouting == false`) or POSTROUTING set matching a new flow of a
+/// family (`v6`).
+pub fn lookup<'a>(rules: &'a [MRule], postrouting: bool, t: &Tuple, v6: bool) -> Option<&'a MRule> {
+    rules.iter().filter(|r| r.postrouting == postrouting && r.matches(t, v6)).min_by_key(|r| r.rank())
 }

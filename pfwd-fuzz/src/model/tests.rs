@@ -202,3 +202,59 @@ fn unknown_fragments_pass_without_rules_and_drops_are_remembered() {
     expect_drop(&mut m, Hook::Egress, &fragment(&other, 8, 16));
     assert_eq!(m.frag_counters, FragCounters { translated: 0, unknown_drops: 1, passed: 0 });
 }
+
+const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const ROUTER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const BACKEND6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const PUBLIC6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+
+fn tcp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16, syn: bool) -> Vec<u8> {
+    let b =
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]).ipv6(src, dst, 61).tcp(sport, dport, 7, 1000);
+    let b = if syn { b.syn() } else { b.ack(9) };
+    let mut out = Vec::new();
+    b.write(&mut out, b"hello, model").unwrap();
+    out
+}
+
+fn udp6(src: [u8; 16], sport: u16, dst: [u8; 16], dport: u16) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv6(src, dst, 61)
+        .udp(sport, dport)
+        .write(&mut out, b"datagram")
+        .unwrap();
+    out
+}
+
+#[test]
+fn ipv6_dnat_translation_by_hand() {
+    let mut m = Model::default();
+    m.reset(&[rule(1, "dnat -p tcp --dport 8080 --to [2001:db8:2::2]:9000")]);
+    let got = expect_next(&mut m, Hook::Ingress, &tcp6(CLIENT6, 40000, ROUTER6, 8080, true));
+    // The same SYN written to the backend by etherparse: every byte, the pseudo-header checksum included.
+    assert_eq!(got, tcp6(CLIENT6, 40000, BACKEND6, 9000, true));
+    let back = expect_next(&mut m, Hook::Egress, &tcp6(BACKEND6, 9000, CLIENT6, 40000, false));
+    assert_eq!(back, tcp6(ROUTER6, 8080, CLIENT6, 40000, false));
+    // The IPv4 rule set's families stay apart: an IPv4 SYN to the same port is not the IPv6 rule's.
+    let v4 = tcp(CLIENT, 40000, ROUTER, 8080, true);
+    assert_eq!(expect_next(&mut m, Hook::Ingress, &v4), v4);
+}
+
+#[test]
+fn address_less_rules_apply_to_both_families_unless_restricted() {
+    let mut m = Model::default();
+    m.reset(&[rule(1, "redirect -p udp --dport 53 --to-port 5353")]);
+    // IPv6: to lo's IPv6 address; IPv4: to lo's IPv4 address.
+    let got = expect_next(&mut m, Hook::Ingress, &udp6(CLIENT6, 5000, BACKEND6, 53));
+    assert_eq!(got, udp6(CLIENT6, 5000, ROUTER6, 5353));
+    let got = expect_next(&mut m, Hook::Ingress, &udp(CLIENT, 5000, BACKEND, 53));
+    assert_eq!(got, udp(CLIENT, 5000, ROUTER, 5353));
+    m.reset(&[rule(1, "masquerade -4")]);
+    let v6 = udp6(CLIENT6, 5000, BACKEND6, 53);
+    assert_eq!(expect_next(&mut m, Hook::Egress, &v6), v6);
+    m.reset(&[rule(1, "snat -p udp --to [2001:db8:ff::5]:20000-20001")]);
+    let got = expect_next(&mut m, Hook::Egress, &udp6(CLIENT6, 20001, BACKEND6, 53));
+    assert_eq!(got, udp6(PUBLIC6, 20001, BACKEND6, 53));
+    assert_eq!(crate::check::validity(&got), Some((true, Some(true))));
+}
