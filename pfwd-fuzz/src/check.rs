@@ -2,7 +2,7 @@
 //! by value modulo one's-complement zero, so "exactly as valid as before"), and, independently, with etherparse:
 //! every checksum that was valid in the input is valid in the output and every invalid one stays invalid.
 
-use etherparse::{Icmpv4Header, NetHeaders, PacketHeaders, TransportHeader};
+use etherparse::{Icmpv4Header, Icmpv6Header, NetHeaders, PacketHeaders, TransportHeader};
 
 use crate::model::packet::{CsumKind, be16, csum_equivalent};
 use crate::model::{Expect, Verdict};
@@ -57,7 +57,7 @@ fn ret_name(r: u32) -> String {
 
 /// Validity of the IPv4 header checksum and of the L4 checksum as etherparse computes them (None: not parsable or
 /// not checkable, e.g. UDP without checksum or a truncated datagram). IPv6 has no header checksum (always valid
-/// here); its TCP and UDP checksums cover the IPv6 pseudo-header.
+/// here); its TCP, UDP and ICMPv6 checksums cover the IPv6 pseudo-header.
 pub fn validity(frame: &[u8]) -> Option<(bool, Option<bool>)> {
     let h = PacketHeaders::from_ethernet_slice(frame).ok()?;
     if let Some(NetHeaders::Ipv6(ip, _)) = &h.net {
@@ -66,6 +66,10 @@ pub fn validity(frame: &[u8]) -> Option<(bool, Option<bool>)> {
             Some(TransportHeader::Tcp(t)) => t.calc_checksum_ipv6(ip, payload).ok().map(|c| c == t.checksum),
             Some(TransportHeader::Udp(u)) if u.checksum != 0 => {
                 u.calc_checksum_ipv6(ip, payload).ok().map(|c| c == u.checksum)
+            }
+            Some(TransportHeader::Icmpv6(i)) => {
+                let want = Icmpv6Header::with_checksum(i.icmp_type, ip.source, ip.destination, payload);
+                want.ok().map(|w| w.checksum == i.checksum)
             }
             _ => None,
         };

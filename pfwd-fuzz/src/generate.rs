@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    IcmpEchoHeader, Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, TcpHeader,
-    UdpHeader,
+    IcmpEchoHeader, Icmpv4Header, Icmpv4Type, Icmpv6Header, Icmpv6Type, IpFragOffset, IpNumber, Ipv4Header,
+    Ipv6FlowLabel, Ipv6Header, TcpHeader, UdpHeader,
     icmpv4::{DestUnreachableHeader, ParameterProblemHeader, TimeExceededCode},
 };
 use pfwd::rules::Rule;
@@ -361,13 +361,14 @@ impl Pkt {
         out
     }
 
-    /// The IPv6 packet's bytes: the fixed header (the TTL as hop limit, the IP id as flow label), then TCP or UDP
-    /// with the checksum etherparse computes over the IPv6 pseudo-header (always present, RFC 8200 8.1).
+    /// The IPv6 packet's bytes: the fixed header (the TTL as hop limit, the IP id as flow label), then TCP, UDP or
+    /// an ICMPv6 echo with the checksum etherparse computes over the IPv6 pseudo-header (always present).
     fn ip6_bytes(&self, src: Ipv6Addr, dst: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
         let (proto, hlen) = match self.l4 {
             Spec::Tcp { .. } => (IpNumber::TCP, TcpHeader::MIN_LEN),
             Spec::Udp { .. } => (IpNumber::UDP, UdpHeader::LEN),
-            other => panic!("no IPv6 {other:?} in the fuzzer"),
+            Spec::Echo { .. } => (IpNumber::IPV6_ICMP, 8),
+            Spec::Gre => panic!("no IPv6 GRE in the fuzzer"),
         };
         let ip = Ipv6Header {
             traffic_class: (self.ident >> 8) as u8,
@@ -397,7 +398,13 @@ impl Pkt {
                 u.checksum = u.calc_checksum_ipv6(&ip, payload).expect("udp checksum");
                 out.extend_from_slice(&u.to_bytes());
             }
-            _ => unreachable!(),
+            Spec::Echo { id, request } => {
+                let e = IcmpEchoHeader { id, seq: 7 };
+                let ty = if request { Icmpv6Type::EchoRequest(e) } else { Icmpv6Type::EchoReply(e) };
+                let h = Icmpv6Header::with_checksum(ty, src.octets(), dst.octets(), payload).expect("icmpv6");
+                out.extend_from_slice(&h.to_bytes());
+            }
+            Spec::Gre => unreachable!(),
         }
         out.extend_from_slice(payload);
         out
@@ -624,8 +631,8 @@ impl Stream {
             (IpAddr::V4(rng.pick(&CLIENTS)), IpAddr::V4(rng.pick(&DSTS)))
         };
         let (sport, dport) = (rng.pick(&CPORTS), rng.pick(&DPORTS));
-        // IPv6: TCP and UDP only (the model does not predict ICMPv6 or other protocols over IPv6).
-        let kinds = if v6 { 15 } else { 20 };
+        // IPv6: TCP, UDP and echo only (the model does not predict other ICMPv6 or other protocols over IPv6).
+        let kinds = if v6 { 19 } else { 20 };
         let l4 = match rng.below(kinds) {
             0..=8 => Spec::Tcp { sport, dport, flags: if rng.pct(90) { packet::SYN } else { 0x10 } },
             9..=14 => Spec::Udp { sport, dport, csum: rng.pct(80) || v6 },
@@ -844,16 +851,26 @@ pub fn mutate(rng: &mut Rng, f: &mut Vec<u8>) {
     }
 }
 
-/// Breaks an IPv6 TCP/UDP frame in one of the ways the model predicts (it stays a plain IPv6 header followed by TCP
-/// or UDP, or becomes one the data path must pass untouched): bit flips in the transport header or payload, in the
-/// transport checksum, in an address; changes to traffic class, flow label or hop limit; truncation; padding.
+/// Breaks an IPv6 TCP/UDP/echo frame in one of the ways the model predicts (it stays a plain IPv6 header followed
+/// by TCP, UDP or an echo, or becomes one the data path must pass untouched): bit flips in the transport header
+/// (never an ICMPv6 type) or payload, in the transport checksum, in an address; changes to traffic class, flow
+/// label or hop limit; truncation; padding.
 pub fn mutate6(rng: &mut Rng, f: &mut Vec<u8>) {
     let l4 = ETH + IPV6_HLEN;
-    let csum = l4 + if f[ETH + 6] == packet::TCP { 16 } else { 6 };
+    let proto = f[ETH + 6];
+    let csum = l4
+        + match proto {
+            packet::TCP => 16,
+            packet::UDP => 6,
+            _ => 2,
+        };
     match rng.below(6) {
         0 => {
             for _ in 0..1 + rng.below(3) {
-                let i = l4 + rng.below((f.len() - l4) as u64) as usize;
+                let mut i = l4 + rng.below((f.len() - l4) as u64) as usize;
+                if proto == packet::ICMPV6 && i == l4 {
+                    i += 1; // the code, not the type: another ICMPv6 message is not modelled
+                }
                 f[i] ^= 1 << rng.below(8);
             }
         }

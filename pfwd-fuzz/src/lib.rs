@@ -224,12 +224,12 @@ impl Fuzzer {
 }
 
 /// The model's path for the coverage summary: its `why` without numbers (rule ids, ports, IPv4 addresses' digits)
-/// and without IPv6 addresses (in brackets), but with the family's name ("IPv6: ...").
+/// and without IPv6 addresses (in brackets), but with the family's name ("IPv6: ...", "ICMPv6").
 fn path(why: &str) -> String {
     let (mut out, mut bracket) = (String::new(), false);
-    for (i, part) in why.split("IPv6").enumerate() {
+    for (i, part) in why.split("v6").enumerate() {
         if i > 0 {
-            out += "IPv6";
+            out += "v6";
         }
         for c in part.chars() {
             match c {
@@ -262,5 +262,6 @@ mod tests {
             "IPv6: rule : reply tuple []: -> []: proto  taken"
         );
         assert_eq!(super::path("malformed: IHL below 5"), "malformed: IHL below ");
+        assert_eq!(super::path("IPv6: malformed: truncated ICMPv6 header"), "IPv6: malformed: truncated ICMPv6 header");
     }
 }

@@ -336,7 +336,9 @@ impl Model {
                 }
             }
             Action::Snat { addr, ports } => match self.snat_port(&t, addr, ports, ip, seen)? {
-                Some(p) => Tuple { src: addr, sport: p, dport: if t.proto == packet::ICMP { p } else { t.dport }, ..t },
+                Some(p) => {
+                    Tuple { src: addr, sport: p, dport: if packet::is_icmp(t.proto) { p } else { t.dport }, ..t }
+                }
                 None => {
                     return Ok(Expect {
                         verdict: Verdict::Drop,
@@ -374,7 +376,12 @@ impl Model {
         Ok(Expect {
             verdict: Verdict::Next(rewrite(frame, ip, &xlat)),
             why: if ip.v6 {
-                format!("new flow by rule {} ({}) at {}", rule.id, rule.kind(), hook.name())
+                let l4 = match ip.l4 {
+                    L4::Tcp { .. } => "TCP",
+                    L4::Udp { .. } => "UDP",
+                    _ => "echo",
+                };
+                format!("new {l4} flow by rule {} ({}) at {}", rule.id, rule.kind(), hook.name())
             } else {
                 format!("new flow by rule {} at {}", rule.id, hook.name())
             },
@@ -449,10 +456,10 @@ impl Model {
         ip: &Ip,
         seen: &Observed,
     ) -> Result<Option<u16>, String> {
-        if t.proto != TCP && t.proto != UDP && t.proto != packet::ICMP {
+        if t.proto != TCP && t.proto != UDP && !packet::is_icmp(t.proto) {
             return Ok(Some(0)); // no ports: address only
         }
-        let echo = t.proto == packet::ICMP;
+        let echo = packet::is_icmp(t.proto);
         // Taken: a live flow already uses the reply tuple this port would give.
         let taken = |p: u16| {
             let x = Tuple { src: addr, sport: p, dport: if echo { p } else { t.dport }, ..*t };
@@ -568,17 +575,22 @@ fn rewrite(frame: &[u8], ip: &Ip, x: &Tuple) -> Vec<u8> {
     let w = &mut Rewriter { f: &mut out };
     let at = ip.l4_at;
     if ip.v6 {
-        // IPv6: no header checksum; the TCP/UDP checksum covers the addresses through the pseudo-header (RFC 8200
-        // 8.1). (The model's IPv6 packets are TCP or UDP only.)
+        // IPv6: no header checksum; the TCP, UDP and ICMPv6 checksums cover the addresses through the
+        // pseudo-header (RFC 8200 8.1, RFC 4443 2.3). (The model's IPv6 packets are TCP, UDP or echo only.)
         let l4c = match ip.l4 {
             L4::Tcp { .. } => vec![CsumField { at: at + 16, kind: CsumKind::Tcp }],
             L4::Udp { .. } => vec![CsumField { at: at + 6, kind: CsumKind::Udp }],
+            L4::Echo { .. } => vec![CsumField { at: at + 2, kind: CsumKind::Icmp }],
             _ => vec![],
         };
         w.set128(ETH + 8, x.src, &l4c);
         w.set128(ETH + 24, x.dst, &l4c);
-        w.set16(at, x.sport, &l4c);
-        w.set16(at + 2, x.dport, &l4c);
+        if let L4::Echo { .. } = ip.l4 {
+            w.set16(at + 4, x.sport, &l4c);
+        } else {
+            w.set16(at, x.sport, &l4c);
+            w.set16(at + 2, x.dport, &l4c);
+        }
         return out;
     }
     let ipc = CsumField { at: ETH + 10, kind: CsumKind::Ip };

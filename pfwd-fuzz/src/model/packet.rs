@@ -10,6 +10,12 @@ pub const IPV6_HLEN: usize = 40;
 pub const TCP: u8 = 6;
 pub const UDP: u8 = 17;
 pub const ICMP: u8 = 1;
+pub const ICMPV6: u8 = 58;
+
+/// ICMP (IPv4) or ICMPv6: an echo's identifier stands in for both ports.
+pub fn is_icmp(proto: u8) -> bool {
+    proto == ICMP || proto == ICMPV6
+}
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -300,8 +306,8 @@ fn ports(f: &[u8], proto: u8, at: usize, avail: usize) -> Result<L4, &'static st
     Ok(L4::Udp { sport: be16(f, at), dport: be16(f, at + 2) })
 }
 
-/// An IPv6 frame (RFC 8200): the fixed header, then TCP or UDP. The fuzzer sends IPv6 packets without extension
-/// headers, fragments or ICMPv6 (the model does not predict those), and mutates them only in ways that keep them
+/// An IPv6 frame (RFC 8200): the fixed header, then TCP, UDP or an ICMPv6 echo (RFC 4443). The fuzzer sends IPv6
+/// packets without extension headers, fragments or other ICMPv6 (the model does not predict those), and mutates them only in ways that keep them
 /// so (see `generate::mutate6`); anything else here is a frame the model cannot predict, and says so.
 fn parse6(f: &[u8]) -> Parsed {
     if f.len() < ETH + IPV6_HLEN {
@@ -323,7 +329,16 @@ fn parse6(f: &[u8]) -> Parsed {
             Ok(l4) => l4,
             Err(why) => return Parsed::Malformed(why),
         },
-        _ => return Parsed::Malformed("IPv6 next header other than TCP or UDP: not modelled"),
+        ICMPV6 => {
+            if payload < 8 {
+                return Parsed::Malformed("truncated ICMPv6 header");
+            }
+            match f[at] {
+                128 | 129 => L4::Echo { id: be16(f, at + 4), request: f[at] == 128 },
+                _ => return Parsed::Malformed("ICMPv6 other than echo: not modelled"),
+            }
+        }
+        _ => return Parsed::Malformed("IPv6 next header other than TCP, UDP or ICMPv6: not modelled"),
     };
     let (src, dst) = (be128(f, ETH + 8), be128(f, ETH + 24));
     Parsed::Ipv6(Ip { v6: true, ihl: IPV6_HLEN, end, proto, src, dst, l4, l4_at: at, frag: Frag::Whole, id: 0 })
