@@ -1,6 +1,6 @@
 //! The real programs, through BPF_PROG_TEST_RUN: a private pfwd instance pinned under `/sys/fs/bpf/pfwd-fuzz-*`,
-//! with lo (ifindex 1, 10.0.1.1 and 2001:db8:1::1) as its only interface, as in the packet tests' fixture. Nothing is attached to any
-//! interface: test runs only. The pins are removed when the instance is dropped, also on panic.
+//! with lo (ifindex 1, 10.0.1.1 and 2001:db8:1::1) as its only interface, as in the packet tests' fixture. Nothing
+//! is attached to any interface: test runs only. The pins are removed when the instance is dropped, also on panic.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
