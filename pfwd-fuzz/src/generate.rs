@@ -333,13 +333,7 @@ impl Pkt {
         ip.write_raw(&mut out).expect("write");
         match self.l4 {
             Spec::Tcp { sport, dport, flags } => {
-                let mut t = TcpHeader::new(sport, dport, 0x1234_5678, 29_200);
-                t.acknowledgment_number = if flags & packet::ACK != 0 { 0x0bad_cafe } else { 0 };
-                t.fin = flags & packet::FIN != 0;
-                t.syn = flags & packet::SYN != 0;
-                t.rst = flags & packet::RST != 0;
-                t.psh = flags & 0x08 != 0;
-                t.ack = flags & packet::ACK != 0;
+                let mut t = tcp_header(sport, dport, flags);
                 t.checksum = t.calc_checksum_ipv4(&ip, &payload).expect("tcp checksum");
                 out.extend_from_slice(&t.to_bytes());
             }
@@ -383,13 +377,7 @@ impl Pkt {
         ip.write(&mut out).expect("write");
         match self.l4 {
             Spec::Tcp { sport, dport, flags } => {
-                let mut t = TcpHeader::new(sport, dport, 0x1234_5678, 29_200);
-                t.acknowledgment_number = if flags & packet::ACK != 0 { 0x0bad_cafe } else { 0 };
-                t.fin = flags & packet::FIN != 0;
-                t.syn = flags & packet::SYN != 0;
-                t.rst = flags & packet::RST != 0;
-                t.psh = flags & 0x08 != 0;
-                t.ack = flags & packet::ACK != 0;
+                let mut t = tcp_header(sport, dport, flags);
                 t.checksum = t.calc_checksum_ipv6(&ip, payload).expect("tcp checksum");
                 out.extend_from_slice(&t.to_bytes());
             }
@@ -904,4 +892,17 @@ fn fix_ip_checksum(f: &mut [u8]) {
     let end = (ETH + ihl).min(f.len());
     let c = !packet::ones_sum(&f[ETH..end]);
     f[ETH + 10..ETH + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// The TCP header of a generated packet with `flags` (checksum left to the caller: it covers the family's
+/// pseudo-header).
+fn tcp_header(sport: u16, dport: u16, flags: u8) -> TcpHeader {
+    let mut t = TcpHeader::new(sport, dport, 0x1234_5678, 29_200);
+    t.acknowledgment_number = if flags & packet::ACK != 0 { 0x0bad_cafe } else { 0 };
+    t.fin = flags & packet::FIN != 0;
+    t.syn = flags & packet::SYN != 0;
+    t.rst = flags & packet::RST != 0;
+    t.psh = flags & 0x08 != 0;
+    t.ack = flags & packet::ACK != 0;
+    t
 }
