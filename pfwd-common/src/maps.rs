@@ -42,8 +42,10 @@ pub mod names {
     pub const BACKENDS: &str = "PFWD_BACKENDS";
     /// Per-backend counters ([`BackendCounterKey`](super::BackendCounterKey)).
     pub const BACKEND_COUNTERS: &str = "PFWD_BACKEND_CNT";
+    /// The interfaces the XDP fast path may send packets to (`pfwd attach --xdp`): a devmap keyed by ifindex.
+    pub const XDP_TX: &str = "PFWD_XDP_TX";
     /// Every map, in the order `pfwd status` reports their memory.
-    pub const MAPS: [&str; 21] = [
+    pub const MAPS: [&str; 22] = [
         RULES,
         INDEX,
         INDEX4,
@@ -65,11 +67,14 @@ pub mod names {
         LOCAL_ADDRS6,
         BACKENDS,
         BACKEND_COUNTERS,
+        XDP_TX,
     ];
 
     /// The tcx programs (`#[classifier]` functions of pfwd-ebpf).
     pub const PROG_INGRESS: &str = "pfwd_ingress";
     pub const PROG_EGRESS: &str = "pfwd_egress";
+    /// The XDP fast path (`#[xdp]`), attached with `pfwd attach --xdp`.
+    pub const PROG_XDP: &str = "pfwd_xdp";
     /// The programs they tail-call through the `TAIL` program array (slots [`super::tail`]): their IPv6 halves and
     /// their IPv4 ICMP error handlers.
     pub const PROG_INGRESS6: &str = "pfwd_ingress6";
@@ -573,11 +578,14 @@ pub enum Stat {
     /// A packet of an unconfirmed flow found its other entry gone, evicted from the full unconfirmed-flow table (a
     /// flood of new flows), and put it back. Flows evicted whole are not seen, so this is a lower bound.
     UnconfirmedRestored = 14,
+    /// Packets the XDP fast path (`--xdp`) translated and sent to their egress interface itself; every other
+    /// packet went on to the tc programs.
+    XdpForwarded = 15,
 }
 
 impl Stat {
     /// Entries of the stats array.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
     /// Every counter, in index order (`ALL[i] as u32 == i`).
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Unused,
@@ -595,6 +603,7 @@ impl Stat {
         Stat::FragmentsDropped,
         Stat::FlowsConfirmed,
         Stat::UnconfirmedRestored,
+        Stat::XdpForwarded,
     ];
 
     /// Index in the stats array.
@@ -621,6 +630,7 @@ impl Stat {
             Stat::FragmentsDropped => "fragments_unknown_drops",
             Stat::FlowsConfirmed => "flows_confirmed",
             Stat::UnconfirmedRestored => "unconfirmed_entries_restored",
+            Stat::XdpForwarded => "xdp_forwarded",
         }
     }
 }
@@ -1081,6 +1091,7 @@ mod tests {
                 "fragments_unknown_drops",
                 "flows_confirmed",
                 "unconfirmed_entries_restored",
+                "xdp_forwarded",
             ]
         );
     }

@@ -1,11 +1,12 @@
 //! FIB lookups (`bpf_fib_lookup`): the parameter block of either family and the call, shared by `--fast-forward`
-//! (`forward`: the next hop of a forwarded IPv4 packet) and MASQUERADE (`snat`: the source address the kernel would
-//! choose).
+//! (`forward`: the next hop of a forwarded IPv4 packet), the XDP fast path (`xdp`: next hop and neighbour) and
+//! MASQUERADE (`snat`: the source address the kernel would choose).
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::bpf_fib_lookup as fib_lookup,
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
+use core::ffi::c_void;
 
 use pfwd_common::Addr6;
 
@@ -45,8 +46,20 @@ pub fn params6(proto: u8, ifindex: u32, daddr: &Addr6) -> bpf_fib_lookup {
 /// route (BPF_FIB_LKUP_RET_SUCCESS).
 #[inline(always)]
 pub fn lookup(ctx: &TcContext, p: &mut bpf_fib_lookup, flags: u32) -> bool {
-    // SAFETY: valid context and parameter block of the size passed.
-    let rc = unsafe { fib_lookup(ctx.skb.skb as *mut _, p, size_of::<bpf_fib_lookup>() as i32, flags) };
+    lookup_in(ctx.skb.skb as *mut c_void, p, flags)
+}
+
+/// [`lookup`] from the XDP program.
+#[inline(always)]
+pub fn lookup_xdp(ctx: &XdpContext, p: &mut bpf_fib_lookup, flags: u32) -> bool {
+    lookup_in(ctx.ctx as *mut c_void, p, flags)
+}
+
+/// [`lookup`] with the program's raw context (an `__sk_buff` or an `xdp_md`).
+#[inline(always)]
+fn lookup_in(ctx: *mut c_void, p: &mut bpf_fib_lookup, flags: u32) -> bool {
+    // SAFETY: the program's valid context and a parameter block of the size passed.
+    let rc = unsafe { fib_lookup(ctx, p, size_of::<bpf_fib_lookup>() as i32, flags) };
     rc == BPF_FIB_LKUP_RET_SUCCESS as i64
 }
 

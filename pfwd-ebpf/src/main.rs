@@ -10,7 +10,8 @@
 //! replies are translated back at the opposite hook; ICMP errors about translated flows are translated in their outer
 //! and embedded headers; `--fast-forward` hands forwarded packets to their next hop (`forward`, `fib`). Everything
 //! else passes untouched (TCX_NEXT, so other programs still run). `sockaddr` holds the cgroup socket hooks of
-//! `--local` rules.
+//! `--local` rules; `xdp` the XDP fast path of `--xdp`, which forwards established flows' packets before the kernel
+//! builds an skb for them.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Map keys go to the helpers by reference on purpose: aya-ebpf's `impl Borrow<K>` would accept them by value, which
@@ -41,13 +42,15 @@ mod rules;
 mod snat;
 #[cfg(target_arch = "bpf")]
 mod sockaddr;
+#[cfg(target_arch = "bpf")]
+mod xdp;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
         bindings::tcx_action_base::{TCX_DROP, TCX_NEXT, TCX_PASS, TCX_REDIRECT},
-        macros::classifier,
-        programs::TcContext,
+        macros::{classifier, xdp},
+        programs::{TcContext, XdpContext},
     };
     use aya_log_ebpf::{info, warn};
     use pfwd_common::{
@@ -65,6 +68,12 @@ mod programs {
         parse::{self, ETH_P_IP, ETH_P_IPV6, ErrWork, ICMP_HLEN, Packet, TCP_SYN, Verdict, frag, icmp, ip_off},
         rules, snat,
     };
+
+    /// The XDP fast path (`pfwd attach --xdp`): established forwarded flows skip the skb (`crate::xdp`).
+    #[xdp]
+    pub fn pfwd_xdp(ctx: XdpContext) -> u32 {
+        crate::xdp::run(&ctx)
+    }
 
     /// Let the next program on the hook (or the stack) have the packet.
     const NEXT: i32 = TCX_NEXT;

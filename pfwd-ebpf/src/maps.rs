@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray},
 };
 use pfwd_common::{
     Addr6, BACKEND_COUNTER_ENTRIES, BACKEND_ENTRIES, BackendCounterKey, BackendEntry, BackendKey, CLASS_ENTRIES, Class,
@@ -100,6 +100,11 @@ pub static BACKENDS: HashMap<BackendKey, BackendEntry> = HashMap::pinned(BACKEND
 #[map(name = "PFWD_BACKEND_CNT")]
 pub static BACKEND_COUNTERS: PerCpuHashMap<BackendCounterKey, RuleCounters> =
     PerCpuHashMap::pinned(BACKEND_COUNTER_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// The interfaces the XDP fast path may send packets to, keyed by ifindex: those pfwd attached with `--xdp`, which
+/// can transmit redirected frames (`xdp`).
+#[map(name = "PFWD_XDP_TX")]
+pub static XDP_TX: DevMapHash = DevMapHash::pinned(MAX_IFACES, 0);
 
 /// Per-CPU working memory of a new flow's rule lookup (`rules`): kept off the BPF stack, whose 512 bytes the
 /// programs' call chains share. Not pinned: nothing outside one program run reads it.

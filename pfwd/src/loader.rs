@@ -23,9 +23,9 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, ProgramArray},
+    maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, ProgramArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         cgroup_sock_addr::CgroupSockAddrAttachType,
         links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
@@ -54,6 +54,20 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 /// The tcx programs: (program, attach type, pin suffix).
 const PROGRAMS: [(&str, TcAttachType, &str); 2] =
     [(names::PROG_INGRESS, TcAttachType::Ingress, "ingress"), (names::PROG_EGRESS, TcAttachType::Egress, "egress")];
+
+/// The XDP program's pin.
+const XDP_PIN: &str = "prog_xdp";
+
+/// How the XDP fast path runs on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpRun {
+    /// In the driver, before the kernel builds an skb (the fast one).
+    Native,
+    /// In the kernel's generic hook, after the skb exists: for drivers without XDP support; faster than the tc
+    /// path only by what it skips.
+    Generic,
+}
 
 /// The global holding the IP header's offset in the tc programs (`pfwd-ebpf/src/parse.rs`).
 const L2_LEN_GLOBAL: &str = "PFWD_L2_LEN";
@@ -146,6 +160,12 @@ impl Kernel {
             .load(OBJECT)
             .context("loading the eBPF object (maps)")?;
         self.load_tc(&mut ebpf, Framing::Ethernet)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(names::PROG_XDP)
+            .ok_or_else(|| anyhow!("program {} missing from the object", names::PROG_XDP))?
+            .try_into()?;
+        prog.load().with_context(|| format!("loading the {} program (verifier)", names::PROG_XDP))?;
+        prog.pin(self.dir.join(XDP_PIN)).with_context(|| format!("pinning {}", names::PROG_XDP))?;
         for (name, _, hook) in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr =
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
@@ -268,17 +288,73 @@ impl Kernel {
         Ok(())
     }
 
+    /// Attaches the XDP fast path to `iface` (an Ethernet-type interface the tc programs are attached to), in the
+    /// driver's native mode where it has one, else in generic mode, and lets the fast path send to it. Idempotent.
+    /// Returns the mode it runs in.
+    pub fn attach_xdp(&self, iface: &str, ifindex: u32) -> Result<XdpRun> {
+        let framing = netif::link_type(iface)?.framing().map_err(|e| anyhow!("cannot attach to {iface}: {e}"))?;
+        if framing != Framing::Ethernet {
+            return Err(anyhow!(
+                "--xdp: {iface} is a layer-3 interface (no Ethernet header): the XDP fast path forwards between \
+                 Ethernet-type interfaces; attach {iface} without --xdp"
+            ));
+        }
+        let pin = self.link_pin(iface, "xdp");
+        let run = if let Some(run) = netif::xdp_attached(iface)? {
+            if !pin.exists() {
+                return Err(anyhow!(
+                    "--xdp: {iface} already has an XDP program that is not pfwd's; pfwd will not replace it"
+                ));
+            }
+            run
+        } else {
+            let _ = fs::remove_file(&pin);
+            let mut prog = Xdp::from_pin(self.dir.join(XDP_PIN), aya_obj::programs::XdpAttachType::Interface)
+                .context("opening the pinned XDP program")?;
+            let (id, run) = match prog.attach_to_if_index(ifindex, XdpMode::Driver) {
+                Ok(id) => (id, XdpRun::Native),
+                Err(native) => {
+                    let id = prog
+                        .attach_to_if_index(ifindex, XdpMode::Skb)
+                        .with_context(|| format!("attaching XDP on {iface} (native mode failed too: {native})"))?;
+                    (id, XdpRun::Generic)
+                }
+            };
+            let link: FdLink = prog.take_link(id)?.try_into().map_err(|e| anyhow!("xdp link: {e:?}"))?;
+            link.pin(&pin).with_context(|| format!("pinning {}", pin.display()))?;
+            run
+        };
+        let mut tx: DevMapHash<MapData> = self.map(names::XDP_TX)?;
+        tx.insert(ifindex, ifindex, None, 0).with_context(|| format!("adding {iface} to {}", names::XDP_TX))?;
+        Ok(run)
+    }
+
+    /// Removes the XDP fast path from `iface`: the fast path stops sending to it, then its link goes.
+    pub fn detach_xdp(&self, iface: &str, ifindex: u32) -> Result<()> {
+        if let Ok(mut tx) = self.map::<DevMapHash<MapData>>(names::XDP_TX) {
+            let _ = tx.remove(ifindex);
+        }
+        self.remove_link(iface, "xdp")
+    }
+
+    /// Removes the link pinned for `iface` at `dir`, if any.
+    fn remove_link(&self, iface: &str, dir: &str) -> Result<()> {
+        let pin = self.link_pin(iface, dir);
+        if pin.exists() {
+            // Unpinning drops the last reference to the link, which detaches it.
+            match PinnedLink::from_pin(&pin) {
+                Ok(l) => drop(l.unpin()),
+                Err(_) => fs::remove_file(&pin)?,
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the links of `iface` (which detaches the programs from it) and forgets it.
     pub fn detach(&self, iface: &str, ifindex: u32) -> Result<()> {
+        self.detach_xdp(iface, ifindex)?;
         for (_, _, dir) in PROGRAMS {
-            let pin = self.link_pin(iface, dir);
-            if pin.exists() {
-                // Unpinning drops the last reference to the link, which detaches it.
-                match PinnedLink::from_pin(&pin) {
-                    Ok(l) => drop(l.unpin()),
-                    Err(_) => fs::remove_file(&pin)?,
-                }
-            }
+            self.remove_link(iface, dir)?;
         }
         let mut ifaces: HashMap<MapData, u32, IfaceInfo> = self.map(names::IFACES)?;
         let _ = ifaces.remove(&ifindex);
@@ -761,8 +837,8 @@ impl Kernel {
             let Some(want) = obj.maps.get(name) else { continue };
             let path = self.dir.join(name);
             let Ok(data) = MapData::from_pin(&path) else {
-                if name == names::INDEX4 && self.dir.join(names::INDEX).exists() {
-                    // An instance from before the IPv4 index: its programs probe the wide index only.
+                if [names::INDEX4, names::XDP_TX].contains(&name) && self.dir.join(names::INDEX).exists() {
+                    // An instance from before the IPv4 index (its programs probe the wide index only) or before XDP.
                     return Err(anyhow!(
                         "this instance was attached by an older pfwd (it has no map {name}); \
                          run `pfwd detach` and attach again to use this version"

@@ -131,6 +131,26 @@ impl LinkType {
     }
 }
 
+/// The mode of the XDP program attached to `name`, as the kernel reports it (`ip -details -json link`): None
+/// without one.
+pub fn xdp_attached(name: &str) -> Result<Option<crate::loader::XdpRun>> {
+    use crate::loader::XdpRun;
+    let out = std::process::Command::new("ip")
+        .args(["-details", "-json", "link", "show", "dev", name])
+        .output()
+        .map_err(|e| anyhow::anyhow!("running `ip link show dev {name}`: {e}"))?;
+    if !out.status.success() {
+        bail!("`ip link show dev {name}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    // IFLA_XDP_ATTACHED: 1 driver, 2 generic (skb), 3 offloaded, 4 several.
+    Ok(match links[0]["xdp"]["mode"].as_u64() {
+        None | Some(0) => None,
+        Some(2) => Some(XdpRun::Generic),
+        Some(_) => Some(XdpRun::Native),
+    })
+}
+
 /// The link type of `name`, from the kernel (SIOCGIFHWADDR's address family is the ARPHRD type).
 pub fn link_type(name: &str) -> Result<LinkType> {
     use std::os::fd::AsRawFd;

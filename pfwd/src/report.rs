@@ -145,6 +145,9 @@ pub struct InterfaceStatus {
     /// interface is gone).
     pub link_type: Option<String>,
     pub name: String,
+    /// The XDP fast path's mode on this interface (`native`: in the driver; `generic`: the kernel's fallback hook),
+    /// as the kernel reports it; null without `--xdp`.
+    pub xdp: Option<crate::loader::XdpRun>,
 }
 
 /// One rule as `pfwd list --json` shows it: its fields flattened, and its pfwd syntax.

@@ -107,6 +107,9 @@ pub struct SavedSysctl {
 pub struct AttachedIface {
     pub name: String,
     pub ifindex: u32,
+    /// The XDP fast path on this interface (`attach --xdp`) and the mode it runs in; absent without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp: Option<crate::loader::XdpRun>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -237,6 +237,13 @@ struct AttachArgs {
     /// tcpdump on the way in sees them, on the way out may not), which is why it is off by default. eBPF mode only.
     #[arg(long)]
     fast_forward: bool,
+    /// XDP fast path on these interfaces (eBPF mode): packets of established flows that this host forwards are
+    /// translated, routed and sent to the egress interface in XDP, before the kernel builds an skb; everything else
+    /// (new flows, local traffic, ICMP, fragments, IPv6) goes on to the tc programs. Native mode where the driver
+    /// has it, generic otherwise (`pfwd status` says which). Like --fast-forward it skips netfilter for those
+    /// packets, so it is off by default. Send-to interfaces need XDP too: attach them all with --xdp.
+    #[arg(long)]
+    xdp: bool,
 }
 
 #[derive(Args)]
@@ -271,6 +278,7 @@ fn attach_opts(a: &AttachArgs) -> AttachOptions {
         config,
         timeouts: a.ct_timeout.clone(),
         fast_forward: a.fast_forward,
+        xdp: a.xdp,
     }
 }
 
@@ -484,6 +492,7 @@ fn apply(ifaces: &[String], config: &Option<PathBuf>, dry_run: bool, mode: Mode)
             config: pfwd_common::Config::default(),
             timeouts: vec![],
             fast_forward: false,
+            xdp: false,
         };
         print_notes(&control::attach(ifaces, vec![], &opts)?);
     }

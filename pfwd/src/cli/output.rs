@@ -1,6 +1,9 @@
 //! Human output of `pfwd status` (the `--json` form is the [`crate::report`] types serialized).
 
-use crate::report::{ConntrackSummary, InstanceStatus};
+use crate::{
+    loader::XdpRun,
+    report::{ConntrackSummary, InstanceStatus},
+};
 
 /// A value that may be unknown, or what stands for it (the human output has always shown an unknown number as
 /// `null`, as the JSON does).
@@ -14,7 +17,12 @@ pub(super) fn print_status(s: &InstanceStatus) {
         .iter()
         .map(|i| {
             let v6 = i.address6.map(|a| format!("{a}, ")).unwrap_or_default();
-            format!("{} ({}, {v6}link/{})", i.name, or(i.address, "no IPv4"), or(i.link_type.as_ref(), "gone"))
+            let xdp = match i.xdp {
+                Some(XdpRun::Native) => ", XDP native",
+                Some(XdpRun::Generic) => ", XDP generic",
+                None => "",
+            };
+            format!("{} ({}, {v6}link/{}{xdp})", i.name, or(i.address, "no IPv4"), or(i.link_type.as_ref(), "gone"))
         })
         .collect();
     println!("mode:       {} ({})", s.mode, s.mode_reason);
@@ -24,6 +32,9 @@ pub(super) fn print_status(s: &InstanceStatus) {
     println!("interfaces: {}", ifaces.join(", "));
     if s.fast_forward {
         println!("fast path:  on (forwarded packets of translated flows skip the IP stack and netfilter)");
+    }
+    if s.interfaces.iter().any(|i| i.xdp.is_some()) {
+        println!("XDP path:   on (established forwarded IPv4 flows skip the skb, IP stack and netfilter)");
     }
     if s.rules.is_empty() {
         println!("rules:      none (add one with `pfwd add dnat|redirect|snat|masquerade ...`)");

@@ -20,7 +20,7 @@ use crate::{
     fallback,
     flows::{self, FlowFilter},
     instance::{self, Instance},
-    loader::Kernel,
+    loader::{Kernel, XdpRun},
     netif, nftables,
     record::Record,
     report::{
@@ -118,8 +118,11 @@ impl Backend {
                     }
                     kernel.set_config(&cfg)?;
                 }
-                for i in &state.interfaces {
+                for i in &mut state.interfaces {
                     kernel.attach(&i.name, i.ifindex)?;
+                    if i.xdp.is_some() {
+                        i.xdp = Some(kernel.attach_xdp(&i.name, i.ifindex)?);
+                    }
                 }
             }
             Backend::Iptables => {
@@ -195,6 +198,13 @@ impl Backend {
         }
     }
 
+    /// Best-effort removal of the XDP fast path from one interface (rollback).
+    fn detach_xdp(&self, name: &str, ifindex: u32) {
+        if let Backend::Ebpf(kernel) = self {
+            drop(kernel.detach_xdp(name, ifindex));
+        }
+    }
+
     /// Removes everything the data path added.
     fn unload(&self, state: Option<&State>) -> Result<()> {
         match self {
@@ -216,6 +226,8 @@ pub struct AttachOptions {
     pub timeouts: Vec<(String, u32)>,
     /// `--fast-forward` (also switched on in an existing instance).
     pub fast_forward: bool,
+    /// `--xdp`: the XDP fast path on the interfaces named (eBPF mode).
+    pub xdp: bool,
 }
 
 impl Default for AttachOptions {
@@ -226,6 +238,7 @@ impl Default for AttachOptions {
             config: Config::default(),
             timeouts: vec![],
             fast_forward: false,
+            xdp: false,
         }
     }
 }
@@ -542,10 +555,18 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
         }
     };
     let mut planned = state.clone();
+    if opts.xdp && planned.mode != DataPath::Ebpf {
+        bail!("--xdp needs eBPF mode (this instance runs in {} mode)", planned.mode);
+    }
+    // The mode is known once attached; until then any value marks the wish.
+    let xdp = opts.xdp.then_some(XdpRun::Native);
     for (name, ifindex) in &resolved {
         match planned.interfaces.iter_mut().find(|i| i.name == *name) {
-            Some(i) => i.ifindex = *ifindex,
-            None => planned.interfaces.push(AttachedIface { name: name.clone(), ifindex: *ifindex }),
+            Some(i) => {
+                i.ifindex = *ifindex;
+                i.xdp = i.xdp.or(xdp);
+            }
+            None => planned.interfaces.push(AttachedIface { name: name.clone(), ifindex: *ifindex, xdp }),
         }
     }
     let mut added = vec![];
@@ -569,6 +590,10 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
         let (path, why) = netfilter_fallback();
         planned.mode = path;
         planned.mode_reason = format!("auto: eBPF failed ({e:#}); {why}");
+        for i in &mut planned.interfaces {
+            // The XDP fast path is eBPF's: the status says the mode and why.
+            i.xdp = None;
+        }
         result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts);
     }
     let mut notes = result?;
@@ -626,8 +651,13 @@ fn bring_up_or_roll_back(
             restore_added_sysctls(planned, previous);
             planned.sysctls.retain(|s| previous.sysctls.iter().any(|p| p.key == s.key));
             let mut previous = previous.clone();
-            for i in planned.interfaces.iter().filter(|p| !previous.interfaces.contains(p)) {
-                backend.detach_iface(&i.name, i.ifindex);
+            for i in &planned.interfaces {
+                match previous.interfaces.iter().find(|p| p.name == i.name) {
+                    None => backend.detach_iface(&i.name, i.ifindex),
+                    // Attached before, without the XDP fast path this attach was adding.
+                    Some(p) if p.xdp.is_none() && i.xdp.is_some() => backend.detach_xdp(&i.name, i.ifindex),
+                    Some(_) => {}
+                }
             }
             let _ = apply(&backend, &mut previous).map(|_| lock.save(&previous));
         }
@@ -1268,6 +1298,8 @@ pub fn status() -> Result<Status> {
                 ifindex: i.ifindex,
                 link_type: netif::link_type(&i.name).ok().map(|t| t.name()),
                 name: i.name.clone(),
+                // What the kernel says now, where pfwd put the fast path.
+                xdp: i.xdp.and_then(|_| netif::xdp_attached(&i.name).ok().flatten()),
             })
             .collect(),
         mode: state.mode,

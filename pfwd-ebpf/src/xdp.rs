@@ -1,0 +1,264 @@
+//! The XDP fast path (`pfwd attach --xdp`): packets of established flows that this router forwards are translated,
+//! routed (`bpf_fib_lookup`, neighbour included) and sent to their egress interface (`XDP_REDIRECT` through the
+//! `XDP_TX` devmap) before the kernel builds an skb for them. Everything else goes on (`XDP_PASS`) to the tc
+//! programs, which stay the one place where flows are created and change state: packets of no flow or of an
+//! unconfirmed, closing or expired one, TCP SYN/FIN/RST, ICMP, fragments, IPv6, TTL about to expire, local delivery,
+//! VLAN tags, whatever the FIB cannot resolve (no route, no neighbour yet, MTU exceeded, forwarding off), and
+//! packets leaving through an interface without pfwd's XDP program.
+//!
+//! A packet gets here what the tc path gives it: the translation at ingress (its flow's entry for that hook), then
+//! the one at egress (the translated tuple's entry; without one, the check that no SNAT rule would open a flow for
+//! it there), the same rule and backend counters and the same conntrack refresh. Like `--fast-forward` it skips
+//! netfilter (FORWARD rules, the kernel's conntrack, the egress qdisc), which is why it is opt-in.
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use pfwd_common::{Addr, Config, CtEntry, PROTO_TCP, PROTO_UDP, Stat, Tuple, checksum, ct_flag, ct_hook, dir, hook};
+
+use crate::{
+    conntrack, fib,
+    maps::{CONNTRACK, CONNTRACK_NEW, XDP_TX, count, count_backend, count_rule},
+    parse::{ETH_P_IP, Packet, TCP_FIN, TCP_RST, TCP_SYN, frag, icmp},
+    rules,
+};
+
+pub const PASS: u32 = xdp_action::XDP_PASS;
+
+const ETH_LEN: usize = EthHdr::LEN;
+const IP_MF_OFFSET: u16 = 0x3fff;
+/// Offsets of the checksum in the TCP and UDP headers.
+const TCP_CHECK: usize = 16;
+const UDP_CHECK: usize = 6;
+
+/// A pointer to a `T` at `off` in the frame, if the frame holds it.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// One translation the tc path would apply to the packet, at one hook: from the entry `entry` of the flow tuple
+/// `key` (the packet's tuple as that hook sees it).
+struct Step {
+    key: Tuple,
+    entry: *mut CtEntry,
+}
+
+/// The action for the frame in `ctx`: XDP_REDIRECT when the fast path sent it, else XDP_PASS.
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    fast_path(ctx).unwrap_or(PASS)
+}
+
+/// The confirmed, live, not closing entry of `t`; None also when an unconfirmed one exists (the tc programs confirm
+/// flows). The second value says whether no entry exists at all.
+#[inline(always)]
+fn established(t: &Tuple, now: u64, cfg: &Config) -> Result<*mut CtEntry, bool> {
+    if let Some(e) = CONNTRACK.get_ptr_mut(t) {
+        // SAFETY: a map value pointer from a successful lookup.
+        let entry = unsafe { &*e };
+        if entry.expired(now, cfg) || entry.is_closed() {
+            return Err(false);
+        }
+        return Ok(e);
+    }
+    Err(CONNTRACK_NEW.get_ptr(t).is_none())
+}
+
+#[inline(always)]
+fn fast_path(ctx: &XdpContext) -> Option<u32> {
+    let cfg = crate::maps::CONFIG.get(0)?;
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return None;
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &mut *ip };
+    let ihl = (ip.vihl & 0x0f) as usize * 4;
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    let proto = ip.proto;
+    if ip.vihl >> 4 != 4
+        || ihl < Ipv4Hdr::LEN
+        || tot_len < ihl
+        || ctx.data() + ETH_LEN + tot_len > ctx.data_end()
+        || u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0
+        || ip.ttl <= 1
+        || !(proto == PROTO_TCP || proto == PROTO_UDP)
+    {
+        return None;
+    }
+    let l4_off = ETH_LEN + ihl;
+    let hdr_len = if proto == PROTO_TCP { 20 } else { 8 };
+    if tot_len < ihl + hdr_len {
+        return None;
+    }
+    let l4 = ptr_at::<[u8; 8]>(ctx, l4_off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let l4h = unsafe { *l4 };
+    let mut tcp_flags = 0;
+    if proto == PROTO_TCP {
+        let f = ptr_at::<[u8; 2]>(ctx, l4_off + 12)?;
+        // SAFETY: as above.
+        tcp_flags = unsafe { (*f)[1] };
+        // State changes are the tc programs' to record.
+        if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+            return None;
+        }
+    }
+    let t0 = Tuple::new(
+        u32::from_ne_bytes(ip.src_addr),
+        u32::from_ne_bytes(ip.dst_addr),
+        u16::from_be_bytes([l4h[0], l4h[1]]),
+        u16::from_be_bytes([l4h[2], l4h[3]]),
+        proto,
+    );
+    let now = conntrack::now_ns();
+    let e0 = established(&t0, now, cfg).ok()?;
+    // SAFETY: a map value pointer from a successful lookup.
+    let at_ingress = unsafe { (*e0).hook } == ct_hook::INGRESS;
+    // The translation at ingress (none when the flow is translated at egress only), and the tuple routed.
+    let (ingress, t1) = if at_ingress {
+        // SAFETY: as above.
+        (Some(Step { key: t0, entry: e0 }), unsafe { (*e0).xlat.copied() })
+    } else {
+        (None, t0)
+    };
+    let in_ifindex = ctx.ingress_ifindex() as u32;
+    let mut p = fib::params(proto, in_ifindex, t1.daddr);
+    p.sport = t1.sport.to_be();
+    p.dport = t1.dport.to_be();
+    p.__bindgen_anon_1.tot_len = tot_len as u16;
+    p.__bindgen_anon_3.ipv4_src = t1.saddr;
+    // Success means a forwarding route within the MTU, forwarding enabled on the way in, and a resolved neighbour.
+    if !fib::lookup_xdp(ctx, &mut p, 0) {
+        return None;
+    }
+    let out = p.ifindex;
+    XDP_TX.get_ifindex(out)?;
+    // The translation at egress: the flow's, or none when no SNAT rule would give the translated packet one.
+    let egress = if at_ingress {
+        match established(&t1, now, cfg) {
+            // SAFETY: as above.
+            Ok(e) if unsafe { (*e).hook } == ct_hook::EGRESS => Some(Step { key: t1, entry: e }),
+            Ok(_) => None,
+            Err(false) => return None,
+            // No flow at egress: a UDP packet may open one there (a TCP packet without SYN does not).
+            Err(true) => {
+                let set = cfg.active();
+                if proto == PROTO_UDP
+                    && set.counts.post != 0
+                    && rules::find(&t1, out, hook::POSTROUTING, &set, false).is_some()
+                {
+                    return None;
+                }
+                None
+            }
+        }
+    } else {
+        Some(Step { key: t0, entry: e0 })
+    };
+    let t2 = match &egress {
+        // SAFETY: as above.
+        Some(s) => unsafe { (*s.entry).xlat.copied() },
+        None => t1,
+    };
+    // What the tc programs would record and count, per hook that translates.
+    let pkt = Packet {
+        tuple: t0,
+        l4_off,
+        tcp_flags,
+        ip_len: tot_len as u32,
+        icmp: icmp::ABSENT,
+        frag: frag::WHOLE,
+        ip_id: 0,
+    };
+    for (step, to) in [(&ingress, &t1), (&egress, &t2)] {
+        if let Some(s) = step {
+            account(s, to, &pkt, now);
+        }
+    }
+    rewrite(ctx, l4_off, &t0, &t2, &p.smac, &p.dmac)?;
+    count(Stat::XdpForwarded);
+    Some(XDP_TX.redirect(out, 0).unwrap_or_else(|a| a))
+}
+
+/// Records the packet in the flow of `s` as the tc program of its hook would (refresh, counters); `to` is what the
+/// packet becomes at that hook.
+#[inline(always)]
+fn account(s: &Step, to: &Tuple, pkt: &Packet<u32>, now: u64) {
+    // SAFETY: a map value pointer from a successful lookup.
+    let (slot, flags, d) = unsafe { ((*s.entry).rule_slot, (*s.entry).flags, (*s.entry).dir) };
+    conntrack::track(&s.key, s.entry, pkt, now);
+    count_rule(slot, pkt.ip_len, false);
+    if flags & ct_flag::BACKENDS != 0 {
+        // The backend: where the original direction goes, where replies come from.
+        let (addr, port) = if d == dir::ORIGINAL { (to.daddr, to.dport) } else { (s.key.saddr, s.key.sport) };
+        count_backend(slot, &addr.wide(), port, pkt.ip_len, false);
+    }
+}
+
+/// Rewrites the frame from `from` to `to` (addresses, ports, both checksums), decrements the TTL, and gives it the
+/// next hop's link-layer addresses.
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, l4_off: usize, from: &Tuple, to: &Tuple, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &mut *ip };
+    let (s0, s1) = (u32::from_be(from.saddr), u32::from_be(to.saddr));
+    let (d0, d1) = (u32::from_be(from.daddr), u32::from_be(to.daddr));
+    // TTL and protocol share one 16-bit word of the header checksum.
+    let ttl_old = u16::from_be_bytes([ip.ttl, ip.proto]);
+    let ttl_new = u16::from_be_bytes([ip.ttl - 1, ip.proto]);
+    let mut check = checksum::replace_u16(u16::from_be_bytes(ip.check), ttl_old, ttl_new);
+    // Only what changes, as the tc path does, so both leave the same checksum bytes.
+    if s0 != s1 {
+        check = checksum::replace_u32(check, s0, s1);
+    }
+    if d0 != d1 {
+        check = checksum::replace_u32(check, d0, d1);
+    }
+    ip.ttl -= 1;
+    ip.src_addr = to.saddr.to_ne_bytes();
+    ip.dst_addr = to.daddr.to_ne_bytes();
+    ip.check = check.to_be_bytes();
+    let tcp = from.proto == PROTO_TCP;
+    let csum_off = l4_off + if tcp { TCP_CHECK } else { UDP_CHECK };
+    let c = ptr_at::<[u8; 2]>(ctx, csum_off)?;
+    // SAFETY: bounds checked by ptr_at.
+    let c = unsafe { &mut *c };
+    let mut l4 = u16::from_be_bytes(*c);
+    // A UDP checksum of 0 means none, and stays so.
+    if tcp || l4 != 0 {
+        if s0 != s1 {
+            l4 = checksum::replace_u32(l4, s0, s1);
+        }
+        if d0 != d1 {
+            l4 = checksum::replace_u32(l4, d0, d1);
+        }
+        if from.sport != to.sport {
+            l4 = checksum::replace_u16(l4, from.sport, to.sport);
+        }
+        if from.dport != to.dport {
+            l4 = checksum::replace_u16(l4, from.dport, to.dport);
+        }
+        if !tcp && l4 == 0 {
+            l4 = 0xffff;
+        }
+        *c = l4.to_be_bytes();
+    }
+    let ports = ptr_at::<[u8; 4]>(ctx, l4_off)?;
+    // SAFETY: as above.
+    let ports = unsafe { &mut *ports };
+    let (sp, dp) = (to.sport.to_be_bytes(), to.dport.to_be_bytes());
+    *ports = [sp[0], sp[1], dp[0], dp[1]];
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: as above.
+    let eth = unsafe { &mut *eth };
+    eth.dst_addr = *dmac;
+    eth.src_addr = *smac;
+    Some(())
+}
