@@ -1,10 +1,10 @@
 //! The XDP fast path (`pfwd attach --xdp`): packets of established flows that this router forwards are translated,
 //! routed (`bpf_fib_lookup`, neighbour included) and sent to their egress interface (`XDP_REDIRECT` through the
 //! `XDP_TX` devmap) before the kernel builds an skb for them. Everything else goes on (`XDP_PASS`) to the tc
-//! programs, which stay the one place where flows are created and change state: packets of no flow or of an
-//! unconfirmed, closing or expired one, TCP SYN/FIN/RST, ICMP, fragments, IPv6, TTL about to expire, local delivery,
-//! VLAN tags, whatever the FIB cannot resolve (no route, no neighbour yet, MTU exceeded, forwarding off), and
-//! packets leaving through an interface without pfwd's XDP program.
+//! programs, which stay the one place where flows are created and end: packets of no flow or of a closing or expired
+//! one, TCP SYN/FIN/RST, ICMP, fragments, IPv6, TTL about to expire, local delivery, VLAN tags, whatever the FIB
+//! cannot resolve (no route, no neighbour yet, MTU exceeded, forwarding off), and packets leaving through an
+//! interface without pfwd's XDP program.
 //!
 //! A packet gets here what the tc path gives it: the translation at ingress (its flow's entry for that hook), then
 //! the one at egress (the translated tuple's entry; without one, the check that no SNAT rule would open a flow for
@@ -52,19 +52,18 @@ pub fn run(ctx: &XdpContext) -> u32 {
     fast_path(ctx).unwrap_or(PASS)
 }
 
-/// The confirmed, live, not closing entry of `t`; None also when an unconfirmed one exists (the tc programs confirm
-/// flows). The second value says whether no entry exists at all.
+/// The live, not closing entry of `t` (confirmed or not: `conntrack::track` below records the packet in either as
+/// the tc programs would). Err(true) when `t` has no entry at all; Err(false) when its entry is expired or closing
+/// (the tc programs remove it or start a new flow).
 #[inline(always)]
-fn established(t: &Tuple, now: u64, cfg: &Config) -> Result<*mut CtEntry, bool> {
-    if let Some(e) = CONNTRACK.get_ptr_mut(t) {
-        // SAFETY: a map value pointer from a successful lookup.
-        let entry = unsafe { &*e };
-        if entry.expired(now, cfg) || entry.is_closed() {
-            return Err(false);
-        }
-        return Ok(e);
+fn live(t: &Tuple, now: u64, cfg: &Config) -> Result<*mut CtEntry, bool> {
+    let Some(e) = CONNTRACK.get_ptr_mut(t).or_else(|| CONNTRACK_NEW.get_ptr_mut(t)) else { return Err(true) };
+    // SAFETY: a map value pointer from a successful lookup.
+    let entry = unsafe { &*e };
+    if entry.expired(now, cfg) || entry.is_closed() {
+        return Err(false);
     }
-    Err(CONNTRACK_NEW.get_ptr(t).is_none())
+    Ok(e)
 }
 
 #[inline(always)]
@@ -117,7 +116,7 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
         proto,
     );
     let now = conntrack::now_ns();
-    let e0 = established(&t0, now, cfg).ok()?;
+    let e0 = live(&t0, now, cfg).ok()?;
     // SAFETY: a map value pointer from a successful lookup.
     let at_ingress = unsafe { (*e0).hook } == ct_hook::INGRESS;
     // The translation at ingress (none when the flow is translated at egress only), and the tuple routed.
@@ -141,7 +140,7 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
     XDP_TX.get_ifindex(out)?;
     // The translation at egress: the flow's, or none when no SNAT rule would give the translated packet one.
     let egress = if at_ingress {
-        match established(&t1, now, cfg) {
+        match live(&t1, now, cfg) {
             // SAFETY: as above.
             Ok(e) if unsafe { (*e).hook } == ct_hook::EGRESS => Some(Step { key: t1, entry: e }),
             Ok(_) => None,
