@@ -30,6 +30,8 @@ struct Params {
     prog_reps: usize,
     prog_repeat: u32,
     prog_singles: usize,
+    /// Live-frames runs (of `net::LIVE_BATCH` frames) per sample.
+    live_calls: u32,
     /// Rule-set sizes of the rule engine workload, `pfwd add`s per size, and flows of the backend spread.
     engine_sizes: &'static [u32],
     engine_adds: usize,
@@ -47,6 +49,7 @@ const FULL: Params = Params {
     prog_reps: 3,
     prog_repeat: 1_000_000,
     prog_singles: 20_000,
+    live_calls: 4_000,
     engine_sizes: &[10, 10_000, 100_000],
     engine_adds: 5,
     lb_flows: 100_000,
@@ -64,6 +67,7 @@ const QUICK: Params = Params {
     prog_reps: 1,
     prog_repeat: 100_000,
     prog_singles: 2_000,
+    live_calls: 400,
     engine_sizes: &[10, 10_000, 100_000],
     engine_adds: 3,
     lb_flows: 20_000,
@@ -145,6 +149,7 @@ pub fn bench(pfwd: &Path, quick: bool) -> Result<()> {
 
     udp_many(&env, p, &mut r)?;
     udp_one(&env, p, &mut r)?;
+    udp_live(&env, p, &mut r)?;
     tcp_rate(&env, p, &mut r)?;
     tcp_throughput(&env, p, &mut r)?;
     import(&env, p, &mut r)?;
@@ -206,6 +211,7 @@ fn udp_many(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
         Variant::Iptables,
         Variant::Ebpf,
         Variant::EbpfFast,
+        Variant::EbpfXdp,
         Variant::Nft,
         Variant::Iptables10k,
         Variant::Ebpf10k,
@@ -225,6 +231,7 @@ fn udp_many(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
                     Variant::Nft => ("attach1", "1", "attach, 1 rule (nft)"),
                     Variant::Ebpf => ("attach1", "1", "attach, 1 rule (eBPF)"),
                     Variant::EbpfFast => ("attach1-ff", "1", "attach, 1 rule (eBPF, --fast-forward)"),
+                    Variant::EbpfXdp => ("attach1-xdp", "1", "attach, 1 rule (eBPF, --xdp)"),
                     _ => ("attach1", "1", "attach, 1 rule (iptables)"),
                 };
                 let key = v.mode().unwrap_or("?");
@@ -273,8 +280,15 @@ fn udp_one(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
     let titles = [format!("UDP 60 B, {what}"), format!("UDP/IPv6 80 B (same payload), {what}")];
     step(&format!("bench: UDP, {what}, IPv4 and IPv6 (workload 2), {} rounds", p.reps));
     for rep in 0..p.reps {
-        for v in [Variant::Plain, Variant::Iptables, Variant::Ebpf, Variant::EbpfFast, Variant::Plain6, Variant::Ebpf6]
-        {
+        for v in [
+            Variant::Plain,
+            Variant::Iptables,
+            Variant::Ebpf,
+            Variant::EbpfFast,
+            Variant::EbpfXdp,
+            Variant::Plain6,
+            Variant::Ebpf6,
+        ] {
             let setup = env.setup(v, RuleSet::Udp)?;
             let (pps, sent, delivered) = env.udp(v.target(), 1, p.udp_packets, ONE_FLOW_SPORT)?;
             drop(setup);
@@ -289,6 +303,51 @@ fn udp_one(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
             );
             let (group, title) = udp_group(v, ["udp-one", "udp-one6"], &titles);
             r.add(group, title, v.key(), "pps", Better::Higher, pps);
+        }
+    }
+    Ok(())
+}
+
+/// Workload 2b: frames from the kernel's own generator (XDP live frames) injected at the router's eth0 as if its
+/// driver had received them: plain routing and pfwd's tc path get them from an XDP program that only passes them to
+/// the stack; `--xdp` gets them through pfwd's XDP program, which forwards them itself. The same generator, calls
+/// and frames for all three: what differs is what happens to a frame after the driver.
+fn udp_live(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
+    let frames = u64::from(p.live_calls) * u64::from(net::LIVE_BATCH);
+    let title = format!("UDP 60 B, 1 flow, {} XDP live frames at the router's eth0", fmt_n(frames as f64));
+    step(&format!("bench: {title} (workload 2b), {} rounds", p.reps));
+    let empty = prog::EmptyProg::load_xdp()?;
+    for rep in 0..p.reps {
+        for v in [Variant::Plain, Variant::Ebpf, Variant::EbpfXdp] {
+            let setup = env.setup(v, RuleSet::Udp)?;
+            let pfwd_xdp;
+            let prog = if v == Variant::EbpfXdp {
+                pfwd_xdp = aya::programs::Xdp::from_pin(
+                    env.pin_dir().join("prog_xdp"),
+                    aya_obj::programs::XdpAttachType::Interface,
+                )
+                .context("pinned prog_xdp")?;
+                &pfwd_xdp
+            } else {
+                &empty.prog
+            };
+            let dst = match v.target() {
+                std::net::IpAddr::V4(a) => a,
+                std::net::IpAddr::V6(_) => anyhow::bail!("live frames are IPv4 here"),
+            };
+            let (pps, sent, delivered) = env.udp_live(prog, dst, p.live_calls)?;
+            drop(setup);
+            println!(
+                "    [{}/{}] {:<13} {:>10} pps  (delivered {}/{}{})",
+                rep + 1,
+                p.reps,
+                v.key(),
+                fmt_n(pps),
+                fmt_n(delivered as f64),
+                fmt_n(sent as f64),
+                if delivered * 10 < sent * 9 { ", LOSSY" } else { "" }
+            );
+            r.add("udp-live", &title, v.key(), "pps", Better::Higher, pps);
         }
     }
     Ok(())
@@ -541,7 +600,13 @@ fn report(
     for (key, label) in prog::CASES {
         let Some(v) = by_case.get(key) else { continue };
         let (m, lo, hi) = stats(v);
-        let floor = if key.ends_with("-1") { med("empty-1") } else { med("empty") };
+        let floor = if key.starts_with("xdp-") {
+            med("xdp-empty-1")
+        } else if key.ends_with("-1") {
+            med("empty-1")
+        } else {
+            med("empty")
+        };
         let x = floor.filter(|&f| f > 0.0).map_or("-".into(), |f| format!("{:.2}x", m / f));
         let _ = writeln!(
             md,
@@ -615,16 +680,19 @@ fn report(
             ratio("udp-many", "ebpf-ff", "plain"),
             1.0,
         ),
-        // There is no XDP program yet: said as such, not left out.
+        at_least(
+            "UDP many flows: eBPF --xdp >= 1.0x plain routing (issue 13)",
+            ratio("udp-many", "ebpf-xdp", "plain"),
+            1.0,
+        ),
+        at_least("UDP one flow: eBPF --xdp >= 1.0x plain routing", ratio("udp-one", "ebpf-xdp", "plain"), 1.0),
+        // Live frames: the XDP_PASS baselines (plain, tc) ran at about 10k frames/s here, each 256-frame run taking
+        // about 25 ms in the stack's handling of passed live frames (not understood yet): a ratio to them would say
+        // nothing about pfwd, so the figures are reported and no target is drawn from them.
         Target {
-            what: "UDP many flows: eBPF --xdp >= 1.0x plain routing (issue 13)".into(),
-            measured: "n/a".into(),
-            verdict: "not measured: pfwd has no XDP program yet".into(),
-        },
-        Target {
-            what: "XDP established path <= 25 ns (issue 13)".into(),
-            measured: "n/a".into(),
-            verdict: "not measured: pfwd has no XDP program yet".into(),
+            what: "XDP live frames: eBPF --xdp >= 1.0x plain routing (issue 13)".into(),
+            measured: r.median("udp-live", "ebpf-xdp").map_or("n/a".into(), |v| format!("{} frames/s", fmt_n(v))),
+            verdict: "not measured: the XDP_PASS baseline of live frames is not valid here (see README)".into(),
         },
     ];
     // Issue 13's install targets: 10,000 rules in < 100 ms (eBPF) and < 1 s (iptables), attach and import alike.
@@ -681,6 +749,20 @@ fn report(
         },
         None => Target {
             what: "established flow <= 3x empty".into(),
+            measured: "n/a".into(),
+            verdict: "not measured".into(),
+        },
+    });
+    // Issue 13: the XDP established path's own cost, the empty XDP program's single run (the test-run timer and
+    // call) taken off; both are medians of single runs from the same loop.
+    targets.push(match med("xdp-established-1").zip(med("xdp-empty-1")) {
+        Some((e, z)) => Target {
+            what: "XDP established path <= 25 ns (issue 13; single runs, minus the empty XDP program's)".into(),
+            measured: format!("{:.1} ns ({e:.1} - {z:.1})", e - z),
+            verdict: if e - z <= 25.0 { "met".into() } else { format!("MISSED by {:.1} ns", e - z - 25.0) },
+        },
+        None => Target {
+            what: "XDP established path <= 25 ns (issue 13)".into(),
             measured: "n/a".into(),
             verdict: "not measured".into(),
         },

@@ -27,6 +27,9 @@ pub const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
 pub const UDP_PORT: u16 = 9000;
 pub const TCP_RATE_PORT: u16 = 9001;
 pub const IPERF_PORT: u16 = 5201;
+/// Frames per live-frames run (see `Env::udp_live`), and their source port.
+pub const LIVE_BATCH: u32 = 256;
+const LIVE_SPORT: u16 = 7_001;
 /// Extra client addresses for the connection-rate workload: one address would reuse each 4-tuple within about a
 /// second at tens of thousands of connections/s, and a SYN on a tuple whose previous connection is still in
 /// TIME_WAIT somewhere on the NAT path costs a 1 s SYN retransmit (seen in both NAT modes); real clients are many.
@@ -46,6 +49,8 @@ pub enum Variant {
     Ebpf,
     /// eBPF mode with `--fast-forward`: forwarded packets skip the router's IP stack.
     EbpfFast,
+    /// eBPF mode with `--xdp` (native XDP on the router's veths): established flows skip the skb.
+    EbpfXdp,
     /// nft mode (pfwd's nftables table).
     Nft,
     /// The mode with 9,999 non-matching rules ahead of the matching one.
@@ -64,6 +69,7 @@ impl Variant {
             Variant::Iptables => "iptables",
             Variant::Ebpf => "ebpf",
             Variant::EbpfFast => "ebpf-ff",
+            Variant::EbpfXdp => "ebpf-xdp",
             Variant::Iptables10k => "iptables-10k",
             Variant::Ebpf10k => "ebpf-10k",
             Variant::Nft => "nft",
@@ -77,7 +83,7 @@ impl Variant {
         match self {
             Variant::Plain | Variant::Plain6 => None,
             Variant::Iptables | Variant::Iptables10k => Some("iptables"),
-            Variant::Ebpf | Variant::EbpfFast | Variant::Ebpf10k | Variant::Ebpf6 => Some("ebpf"),
+            Variant::Ebpf | Variant::EbpfFast | Variant::EbpfXdp | Variant::Ebpf10k | Variant::Ebpf6 => Some("ebpf"),
             Variant::Nft | Variant::Nft10k => Some("nft"),
         }
     }
@@ -262,6 +268,12 @@ impl Env {
                 if variant == Variant::EbpfFast {
                     args.push("--fast-forward");
                 }
+                if variant == Variant::EbpfXdp {
+                    // Native XDP redirects into a veth only if its peer has NAPI: GRO on (or an XDP program). The
+                    // server's side gets it for this variant only (the guard turns it off again).
+                    self.lab.sh(Node::Server, "ethtool -K eth0 gro on >/dev/null")?;
+                    args.push("--xdp");
+                }
                 guard.attach = Some(self.pfwd(&args)?);
                 if mode == "ebpf" {
                     self.warn_if_netfilter();
@@ -349,6 +361,69 @@ impl Env {
         let Some(first) = first_at else { bail!("no packet reached the server (sent {sent})") };
         let window = (last_change - first).as_secs_f64().max(1e-3);
         Ok((delivered as f64 / window, sent, delivered))
+    }
+
+    /// The kernel's own traffic generator (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, as xdp-trafficgen
+    /// uses it): `calls` runs of [`LIVE_BATCH`] frames each, 60-byte UDP from the client to `dst:9000`, injected at
+    /// the router's eth0 as if its driver had received them, through the XDP program `prog` (which passes them to
+    /// the stack, or forwards them itself). Returns frames per second over the calls, and (frames, delivered).
+    ///
+    /// One batch per run: the generator's frames come from a page pool made per run, and a page the run gets back
+    /// (a frame delivered and freed) keeps what the program or the stack wrote into it; a NAT rewrite of it is no
+    /// longer the frame sent (measured: after two batches of one long run, nearly every frame was stale).
+    pub fn udp_live(&self, prog: &aya::programs::Xdp, dst: Ipv4Addr, calls: u32) -> Result<(f64, u64, u64)> {
+        use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
+        let mut frame = vec![];
+        let mac = parse_mac(&format!("link/ether {} ", self.router_mac))?;
+        let mac: Vec<u8> = mac.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
+        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], mac.try_into().map_err(|_| anyhow::anyhow!("MAC"))?)
+            .ipv4([10, 0, 1, 2], dst.octets(), 64)
+            .udp(LIVE_SPORT, UDP_PORT)
+            .write(&mut frame, &[0x41; 18])?;
+        // (In the namespace: `sh` runs under nsenter, whose /sys is still the host's.)
+        // SAFETY: a NUL-terminated name.
+        let ifindex = self.lab.in_ns(Node::Router, || unsafe { libc::if_nametoindex(c"eth0".as_ptr()) })?;
+        ensure!(ifindex != 0, "no eth0 in the router namespace");
+        // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let mut md = [0u8; 24];
+        md[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let run = |repeat: u32| {
+            prog.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&md),
+                repeat,
+                attrs: TestRunAttrs::new().xdp_live_frames(LIVE_BATCH),
+                ..Default::default()
+            })
+            .map(|_| ())
+            .context("BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES")
+        };
+        // The first frame makes the flow (through the tc programs), as a first packet does.
+        self.lab.in_ns(Node::Router, || run(1))??;
+        thread::sleep(Duration::from_millis(50));
+        let before = self.rx_packets()?;
+        let elapsed = self.lab.in_ns(Node::Router, || -> Result<Duration> {
+            let start = Instant::now();
+            for i in 0..calls {
+                if i % 100 == 0 {
+                    check_interrupted()?;
+                }
+                run(LIVE_BATCH)?;
+            }
+            Ok(start.elapsed())
+        })??;
+        // Delivery to the server is asynchronous (its veth's NAPI): wait until the counter settles.
+        let (mut last, mut settled) = (self.rx_packets()?, Instant::now());
+        while settled.elapsed() < Duration::from_millis(100) {
+            thread::sleep(Duration::from_millis(5));
+            let rx = self.rx_packets()?;
+            if rx != last {
+                (last, settled) = (rx, Instant::now());
+            }
+        }
+        let frames = u64::from(calls) * u64::from(LIVE_BATCH);
+        Ok((frames as f64 / elapsed.as_secs_f64(), frames, last - before))
     }
 
     /// TCP connect / 1-byte request / 1-byte reply / close from `threads` client threads for `dur`.
@@ -450,6 +525,9 @@ impl Drop for Setup<'_> {
             Some(_) => {
                 if let Err(e) = run::run(lab.cmd(Node::Router, &self.env.pfwd, ["detach"]), PFWD_TIMEOUT, false) {
                     eprintln!("    warning: pfwd detach: {e:#}");
+                }
+                if self.variant == Variant::EbpfXdp {
+                    let _ = lab.sh(Node::Server, "ethtool -K eth0 gro off >/dev/null");
                 }
                 // netfilter keeps conntrack entries (with their NAT) after the rules are gone; the next run must
                 // start from an empty table.

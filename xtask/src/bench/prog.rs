@@ -7,7 +7,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
-use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use etherparse::{PacketBuilder, SlicedPacket};
 
 use super::net::Env;
@@ -55,6 +55,8 @@ pub const CASES: &[(&str, &str)] = &[
     ("new6-1", "IPv6: new flow, repeat=1, median of S calls (distinct source ports)"),
     ("no-rule-1", "no rule matching, repeat=1, median of S calls"),
     ("no-rule6-1", "IPv6: no rule matching, repeat=1, median of S calls"),
+    ("xdp-empty-1", "XDP: empty program (r0 = XDP_PASS), repeat=1, median of S calls"),
+    ("xdp-established-1", "XDP: established flow, translated, routed and redirected, repeat=1, median of S calls"),
 ];
 
 /// (IPv4 case, its IPv6 counterpart): the report's IPv6 / IPv4 line.
@@ -192,7 +194,59 @@ pub fn measure(env: &Env, reps: usize, repeat: u32, singles: usize) -> Result<Pr
         samples.push((k4, m[0]));
         samples.push((k6, m[1]));
     }
+    samples.extend(xdp_singles(env, &dir, &a, singles)?);
     Ok(ProgCosts { samples, notes, maps })
+}
+
+/// The XDP fast path's cost: flow A's packet (established above) through `pfwd_xdp` as if received on the router's
+/// lo, translated, routed (the FIB and the permanent neighbour of the server) and redirected to eth1, which
+/// `attach --xdp` puts in the fast path's devmap; against an XDP program that only returns XDP_PASS. Single runs
+/// only: a repeated run would see its own output again, one TTL lower each time, and soon only the TTL check.
+/// The runs are made from the router namespace, where the FIB lookup looks.
+fn xdp_singles(env: &Env, dir: &Path, a: &[u8], singles: usize) -> Result<Vec<(&'static str, f64)>> {
+    env.pfwd(&["attach", "eth1", "--xdp"])?;
+    let xdp =
+        Xdp::from_pin(dir.join("prog_xdp"), aya_obj::programs::XdpAttachType::Interface).context("pinned prog_xdp")?;
+    let empty = EmptyProg::load_xdp()?;
+    // SAFETY: a NUL-terminated name.
+    let lo = env.lab.in_ns(tests::Node::Router, || unsafe { libc::if_nametoindex(c"lo".as_ptr()) })?;
+    // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let mut md = [0u8; 24];
+    md[4..8].copy_from_slice(&(a.len() as u32).to_ne_bytes());
+    md[12..16].copy_from_slice(&lo.to_ne_bytes());
+    let run_xdp = |prog: &Xdp, want: u32| -> Result<(f64, Vec<u8>)> {
+        let mut out = vec![0u8; 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(a),
+                data_out: Some(&mut out),
+                ctx_in: Some(&md),
+                repeat: 1,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN (XDP)")?;
+        ensure!(r.return_value == want, "XDP program returned {} (expected {want})", r.return_value);
+        out.truncate(r.data_size_out as usize);
+        Ok((r.duration.as_nanos() as f64, out))
+    };
+    let (est, empt) = env.lab.in_ns(tests::Node::Router, || -> Result<(f64, f64)> {
+        let (_, out) = run_xdp(&xdp, XDP_REDIRECT)?;
+        ensure!(dst_of(&out)? == SERVER, "the XDP fast path did not DNAT the test packet (dst {})", dst_of(&out)?);
+        let (mut e, mut z) = (Vec::with_capacity(singles), Vec::with_capacity(singles));
+        for i in 0..singles {
+            if i % 1000 == 0 {
+                check_interrupted()?;
+            }
+            e.push(run_xdp(&xdp, XDP_REDIRECT)?.0);
+            z.push(run_xdp(&empty.prog, XDP_PASS)?.0);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok((median(&mut e), median(&mut z)))
+    })??;
+    Ok(vec![("xdp-empty-1", empt), ("xdp-established-1", est)])
 }
 
 /// (ns per run, output packet).
@@ -288,10 +342,10 @@ impl Drop for LoSetup<'_> {
     }
 }
 
-/// A two-instruction classifier (`r0 = -1; exit`, i.e. TCX_NEXT like pfwd's pass path), pinned so aya can run it
-/// like pfwd's programs; the pin is removed on drop.
-struct EmptyProg {
-    prog: SchedClassifier,
+/// A two-instruction program (`r0 = R; exit`): a classifier returning TCX_NEXT like pfwd's pass path, or an XDP
+/// program returning XDP_PASS. Pinned so aya can run it like pfwd's programs; the pin is removed on drop.
+pub(super) struct EmptyProg<P> {
+    pub(super) prog: P,
     pin: PathBuf,
 }
 
@@ -321,14 +375,35 @@ struct ObjPinAttr {
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
 
-impl EmptyProg {
+impl EmptyProg<SchedClassifier> {
     fn load() -> Result<Self> {
         // mov64 r0, -1 (opcode 0xb7, imm -1); exit (0x95).
-        let insns: [u64; 2] = [0xffff_ffff_0000_00b7, 0x95];
+        Self::load_raw(BPF_PROG_TYPE_SCHED_CLS, 0xffff_ffff_0000_00b7, |pin| SchedClassifier::from_pin(pin))
+    }
+}
+
+impl EmptyProg<Xdp> {
+    pub(super) fn load_xdp() -> Result<Self> {
+        // mov64 r0, XDP_PASS; exit.
+        let mov = 0xb7 | (u64::from(XDP_PASS) << 32);
+        Self::load_raw(BPF_PROG_TYPE_XDP, mov, |pin| Xdp::from_pin(pin, aya_obj::programs::XdpAttachType::Interface))
+    }
+}
+
+impl<P> EmptyProg<P> {
+    fn load_raw(
+        prog_type: u32,
+        mov: u64,
+        open: impl FnOnce(&Path) -> Result<P, aya::programs::ProgramError>,
+    ) -> Result<Self> {
+        let insns: [u64; 2] = [mov, 0x95];
         let license = c"GPL";
         let mut attr = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_SCHED_CLS,
+            prog_type,
             insn_cnt: 2,
             insns: insns.as_ptr() as u64,
             license: license.as_ptr() as u64,
@@ -342,7 +417,7 @@ impl EmptyProg {
         }
         // SAFETY: a new fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let pin = PathBuf::from(format!("/sys/fs/bpf/pfwd-bench-empty-{}", std::process::id()));
+        let pin = PathBuf::from(format!("/sys/fs/bpf/pfwd-bench-empty{prog_type}-{}", std::process::id()));
         let path = CString::new(pin.to_str().context("pin path")?)?;
         let attr = ObjPinAttr {
             pathname: path.as_ptr() as u64,
@@ -354,7 +429,7 @@ impl EmptyProg {
         if rc != 0 {
             return Err(std::io::Error::last_os_error()).context("pinning the empty classifier");
         }
-        match SchedClassifier::from_pin(&pin) {
+        match open(&pin) {
             Ok(prog) => Ok(Self { prog, pin }),
             Err(e) => {
                 let _ = std::fs::remove_file(&pin);
@@ -364,7 +439,7 @@ impl EmptyProg {
     }
 }
 
-impl Drop for EmptyProg {
+impl<P> Drop for EmptyProg<P> {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.pin);
     }
