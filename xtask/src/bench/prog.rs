@@ -346,7 +346,7 @@ impl Drop for LoSetup<'_> {
 /// program returning XDP_PASS. Pinned so aya can run it like pfwd's programs; the pin is removed on drop.
 pub(super) struct EmptyProg<P> {
     pub(super) prog: P,
-    pin: PathBuf,
+    pub(super) pin: PathBuf,
 }
 
 #[repr(C)]
@@ -378,33 +378,54 @@ const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 const BPF_PROG_TYPE_XDP: u32 = 6;
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
+const EXIT: u64 = 0x95;
+const BPF_FUNC_REDIRECT_MAP: u64 = 51;
+
+/// `mov64 rD, imm` (opcode 0xb7; the destination register in the low nibble of the second byte).
+const fn mov_imm(dst: u64, imm: u32) -> u64 {
+    0xb7 | (dst << 8) | ((imm as u64) << 32)
+}
 
 impl EmptyProg<SchedClassifier> {
     fn load() -> Result<Self> {
         // mov64 r0, -1 (opcode 0xb7, imm -1); exit (0x95).
-        Self::load_raw(BPF_PROG_TYPE_SCHED_CLS, 0xffff_ffff_0000_00b7, |pin| SchedClassifier::from_pin(pin))
+        Self::load_raw(BPF_PROG_TYPE_SCHED_CLS, &[0xffff_ffff_0000_00b7, EXIT], |pin| SchedClassifier::from_pin(pin))
     }
 }
 
 impl EmptyProg<Xdp> {
     pub(super) fn load_xdp() -> Result<Self> {
         // mov64 r0, XDP_PASS; exit.
-        let mov = 0xb7 | (u64::from(XDP_PASS) << 32);
-        Self::load_raw(BPF_PROG_TYPE_XDP, mov, |pin| Xdp::from_pin(pin, aya_obj::programs::XdpAttachType::Interface))
+        Self::load_xdp_insns(&[mov_imm(0, XDP_PASS), EXIT])
+    }
+
+    /// An XDP program that sends every frame as it is to `ifindex` through the devmap `devmap` (which must hold
+    /// it; `bpf_redirect_map`, as pfwd's program does): XDP forwarding without NAT, routing or MAC rewrite, the
+    /// floor under any XDP forwarder in this lab.
+    pub(super) fn load_xdp_redirect(devmap: std::os::fd::BorrowedFd<'_>, ifindex: u32) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        let fd = devmap.as_raw_fd() as u32;
+        // r1 = map (ld_imm64, src BPF_PSEUDO_MAP_FD: two slots); r2 = ifindex; r3 = 0; call bpf_redirect_map; exit.
+        let ld_map = 0x18 | (1 << 8) | (1 << 12) | (u64::from(fd) << 32);
+        let call = 0x85 | (BPF_FUNC_REDIRECT_MAP << 32);
+        Self::load_xdp_insns(&[ld_map, 0, mov_imm(2, ifindex), mov_imm(3, 0), call, EXIT])
+    }
+
+    fn load_xdp_insns(insns: &[u64]) -> Result<Self> {
+        Self::load_raw(BPF_PROG_TYPE_XDP, insns, |pin| Xdp::from_pin(pin, aya_obj::programs::XdpAttachType::Interface))
     }
 }
 
 impl<P> EmptyProg<P> {
     fn load_raw(
         prog_type: u32,
-        mov: u64,
+        insns: &[u64],
         open: impl FnOnce(&Path) -> Result<P, aya::programs::ProgramError>,
     ) -> Result<Self> {
-        let insns: [u64; 2] = [mov, 0x95];
         let license = c"GPL";
         let mut attr = ProgLoadAttr {
             prog_type,
-            insn_cnt: 2,
+            insn_cnt: insns.len() as u32,
             insns: insns.as_ptr() as u64,
             license: license.as_ptr() as u64,
             ..Default::default()
@@ -417,7 +438,10 @@ impl<P> EmptyProg<P> {
         }
         // SAFETY: a new fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let pin = PathBuf::from(format!("/sys/fs/bpf/pfwd-bench-empty{prog_type}-{}", std::process::id()));
+        // One pin per program loaded by this process (the loads of one run can be alive together).
+        static LOADED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = LOADED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pin = PathBuf::from(format!("/sys/fs/bpf/pfwd-bench-prog{n}-{}", std::process::id()));
         let path = CString::new(pin.to_str().context("pin path")?)?;
         let attr = ObjPinAttr {
             pathname: path.as_ptr() as u64,
