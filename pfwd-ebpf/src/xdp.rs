@@ -2,9 +2,9 @@
 //! routed (`bpf_fib_lookup`, neighbour included) and sent to their egress interface (`XDP_REDIRECT` through the
 //! `XDP_TX` devmap) before the kernel builds an skb for them. Everything else goes on (`XDP_PASS`) to the tc
 //! programs, which stay the one place where flows are created and end: packets of no flow or of a closing or expired
-//! one, TCP SYN/FIN/RST, ICMP, fragments, IPv6, TTL about to expire, local delivery, VLAN tags, whatever the FIB
-//! cannot resolve (no route, no neighbour yet, MTU exceeded, forwarding off), and packets leaving through an
-//! interface without pfwd's XDP program.
+//! one, TCP SYN/FIN/RST, ICMP, fragments, IPv6, TTL about to expire, local delivery, VLAN tags, malformed headers
+//! (as tc's parser sees them), whatever the FIB cannot resolve (no route, no neighbour yet, MTU exceeded, forwarding
+//! off), and packets leaving through an interface without pfwd's XDP program.
 //!
 //! A packet gets here what the tc path gives it: the translation at ingress (its flow's entry for that hook), then
 //! the one at egress (the translated tuple's entry; without one, the check that no SNAT rule would open a flow for
@@ -102,9 +102,11 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
     if proto == PROTO_TCP {
         let f = ptr_at::<[u8; 2]>(ctx, l4_off + 12)?;
         // SAFETY: as above.
-        tcp_flags = unsafe { (*f)[1] };
-        // State changes are the tc programs' to record.
-        if tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        let [doff, flags] = unsafe { *f };
+        tcp_flags = flags;
+        // A data offset below 5 words is malformed: tc's parser passes it untranslated (and counts it), so the
+        // fast path must not translate it either. State changes are the tc programs' to record.
+        if doff >> 4 < 5 || tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
             return None;
         }
     }

@@ -1258,6 +1258,26 @@ fn truncated_and_malformed_headers_pass() {
     }
 }
 
+/// The fast path translates what tc would translate, and nothing else: a TCP header with a data offset below 5
+/// words is malformed to tc's parser, which leaves it untranslated (counted in `malformed_passed`).
+#[test]
+fn tcp_with_a_data_offset_below_five_passes_as_tc_leaves_it_untranslated() {
+    let x = Router::new(&[rule(1, DNAT_TCP)]);
+    dnat_handshake(&x);
+    for doff in [0u8, 4] {
+        let mut frame = to_dnat(ACK).payload(b"").bytes();
+        frame[14 + 20 + 12] = doff << 4;
+        let malformed = x.f.stat("malformed_passed");
+        let r = x.f.ingress(&frame);
+        assert_eq!(
+            (r.ret, &r.data, x.f.stat("malformed_passed")),
+            (NEXT, &frame, malformed + 1),
+            "tc with doff {doff}"
+        );
+        expect_pass(&x, &frame, &format!("TCP data offset {doff}"));
+    }
+}
+
 #[test]
 fn fib_failures_pass() {
     let x = Router::new(&[
