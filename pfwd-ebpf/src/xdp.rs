@@ -2,9 +2,9 @@
 //! routed (`bpf_fib_lookup`, neighbour included) and sent to their egress interface (`XDP_REDIRECT` through the
 //! `XDP_TX` devmap) before the kernel builds an skb for them. Everything else goes on (`XDP_PASS`) to the tc
 //! programs, which stay the one place where flows are created and end: packets of no flow or of a closing or expired
-//! one, TCP SYN/FIN/RST, ICMP, fragments, IPv6, TTL about to expire, local delivery, VLAN tags, malformed headers
-//! (as tc's parser sees them), whatever the FIB cannot resolve (no route, no neighbour yet, MTU exceeded, forwarding
-//! off), and packets leaving through an interface without pfwd's XDP program.
+//! one, TCP SYN/FIN/RST, ICMP, fragments, IPv6, TTL about to expire, local delivery, VLAN tags, broadcast and
+//! multicast frames, malformed headers (as tc's parser sees them), whatever the FIB cannot resolve (no route, no
+//! neighbour yet, MTU exceeded, forwarding off), and packets leaving through an interface without pfwd's XDP program.
 //!
 //! A packet gets here what the tc path gives it: the translation at ingress (its flow's entry for that hook), then
 //! the one at egress (the translated tuple's entry; without one, the check that no SNAT rule would open a flow for
@@ -71,7 +71,10 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
     let cfg = crate::maps::CONFIG.get(0)?;
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+    let (dst0, ether_type) = unsafe { ((*eth).dst_addr[0], (*eth).ether_type) };
+    // A broadcast or multicast frame (the group bit) is never forwarded by the stack (`ip_forward` wants
+    // PACKET_HOST): its fate is the stack's.
+    if dst0 & 1 != 0 || u16::from_be(ether_type) != ETH_P_IP {
         return None;
     }
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;

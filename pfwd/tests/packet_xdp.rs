@@ -1148,6 +1148,26 @@ fn vlan_tagged_frame_of_a_flow_passes() {
     expect_forward(&x, &q, &q.to(BACKEND, 5353).hop(VOUT_MAC, BACKEND_MAC), &[slot_of(1)]);
 }
 
+/// The stack forwards only frames addressed to the router: `ip_forward` drops broadcast and multicast ones
+/// (`pkt_type != PACKET_HOST`), so the fast path must leave them to it.
+#[test]
+fn broadcast_and_multicast_frames_of_a_flow_pass() {
+    let x = Router::new(&[rule(1, DNAT_UDP)]);
+    let q = Pkt::udp(CLIENT, 5555, ROUTER, 53);
+    x.tc_in(&q);
+    for (dmac, what) in [
+        ([0xff; 6], "broadcast"),
+        ([0x01, 0x00, 0x5e, 0x00, 0x00, 0x01], "IPv4 multicast MAC"),
+        ([0x33, 0x33, 0x00, 0x00, 0x00, 0x01], "IPv6 multicast MAC"),
+        ([0x03, 0, 0, 0, 1, 1], "vin's MAC with the group bit"),
+    ] {
+        let mut frame = q.clone();
+        frame.dmac = dmac;
+        expect_pass(&x, &frame.bytes(), what);
+    }
+    expect_forward(&x, &q, &q.to(BACKEND, 5353).hop(VOUT_MAC, BACKEND_MAC), &[slot_of(1)]);
+}
+
 /// A unicast frame for another host on the link (seen in promiscuous mode: tcpdump, a bridge port) is dropped by
 /// the stack (`ip_rcv`: PACKET_OTHERHOST) even when tc translated it; the fast path forwards it. It would have to know
 /// the ingress interface's MAC, which no map holds yet (`IfaceInfo` has none).
