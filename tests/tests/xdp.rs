@@ -1,0 +1,688 @@
+//! The XDP fast path (`pfwd attach --xdp`) on veth in native mode: the same traffic must give the same results as
+//! the tc path. Every scenario runs its body twice, each time in a fresh lab: attached with `--mode ebpf`, then with
+//! `--mode ebpf --xdp`; what the clients and servers saw (who answered, the peer address and port the server saw,
+//! where UDP replies came from, the echoed bytes), the rules' flow counters, the exact packet and byte counters of
+//! rules that only see UDP (request/response traffic, so deterministic), the bytes of TCP rules (within a few percent:
+//! ACK counts vary with timing) and the data path's stats must be equal. The `--xdp` run must show `"xdp": "native"`
+//! on both interfaces, and most forwarded packets must have taken the XDP path (`stats.xdp_forwarded` against the
+//! router stack's `ForwDatagrams`): the traffic is bulk TCP and long UDP exchanges on one socket, so most packets
+//! are mid-flow. After `pfwd detach` no XDP program is left on the router's interfaces.
+//!
+//! Client sockets are bound to fixed ports, so both runs make the very same flows (the same source ports kept by
+//! MASQUERADE, the same backend picked by Maglev). Native XDP redirects into a veth need the peer ready to receive
+//! them (NAPI): GRO is switched on in the client and server namespaces, for both runs alike. Checksum offloads stay
+//! off (the lab's default), so a wrong checksum written by the XDP path would lose the packet.
+//!
+//! Refusals: `--xdp` with the iptables data path (new or existing instance) and `--xdp` on a layer-3 (tun) device
+//! fail, naming the problem, and change nothing.
+//!
+//! Needs root and a built pfwd: `cargo build --release -p pfwd && PFWD_BIN=$PWD/target/release/pfwd cargo test
+//! --release -p tests --test xdp`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use tests::{Lab, Node, Reply, TIMEOUT};
+
+/// Bytes each bulk TCP request carries (the test server echoes them back; it reads at most 64 KiB).
+const BULK: usize = 48 * 1024;
+/// Datagrams exchanged on each UDP socket.
+const EXCHANGES: usize = 40;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Traffic: every helper returns a one-line summary of what the client saw, for comparing the two runs.
+
+/// A payload of `len` printable bytes without a newline.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// One TCP connection from `node`, bound to `from` (a fixed port), to `to`: sends [`BULK`] bytes, half-closes, reads
+/// the whole reply. Asserts the server echoed every byte; returns who answered and which peer it saw.
+#[track_caller]
+fn tcp_bulk(lab: &Lab, node: Node, from: &str, to: &str) -> String {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let (from, to) = (sa(from), sa(to));
+    let payload = pattern(BULK);
+    let sock = lab
+        .in_ns(node, || Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))
+        .expect("entering the namespace")
+        .expect("TCP socket");
+    let run = || -> std::io::Result<Vec<u8>> {
+        sock.set_reuse_address(true)?;
+        sock.bind(&from.into())?;
+        sock.connect_timeout(&to.into(), TIMEOUT)?;
+        let mut stream: TcpStream = sock.into();
+        stream.set_write_timeout(Some(TIMEOUT))?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.write_all(&payload)?;
+        stream.shutdown(Shutdown::Write)?;
+        let mut reply = Vec::new();
+        // Bounded: at most 128 KiB, each read at most TIMEOUT.
+        stream.take(128 * 1024).read_to_end(&mut reply)?;
+        Ok(reply)
+    };
+    let reply = run().unwrap_or_else(|e| panic!("TCP {from} -> {to}: {e}"));
+    let text = String::from_utf8_lossy(&reply);
+    let r =
+        Reply::parse(&text).unwrap_or_else(|| panic!("TCP {from} -> {to}: unparsable reply ({} bytes)", reply.len()));
+    assert!(
+        r.payload.as_bytes() == payload.as_slice(),
+        "TCP {from} -> {to}: the server echoed {} bytes, not the {BULK} sent (or not the same ones)",
+        r.payload.len()
+    );
+    format!("tcp {from} -> {to}: {} port {} saw peer {}, echoed {BULK} bytes", r.label, r.port, r.peer)
+}
+
+/// [`EXCHANGES`] datagrams from one socket in `node` bound to `from`, each answered: every reply must carry its own
+/// request, come from `to` exactly, and name the same server and peer. Returns that.
+#[track_caller]
+fn udp_series(lab: &Lab, node: Node, from: &str, to: &str) -> String {
+    let (from, to) = (sa(from), sa(to));
+    let sock = lab
+        .in_ns(node, || UdpSocket::bind(from))
+        .expect("entering the namespace")
+        .unwrap_or_else(|e| panic!("binding UDP {from}: {e}"));
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    sock.set_write_timeout(Some(TIMEOUT)).unwrap();
+    let mut seen: Option<(String, u16, SocketAddr, SocketAddr)> = None;
+    let mut buf = [0u8; 2048];
+    for i in 0..EXCHANGES {
+        let msg = format!("u{i}");
+        sock.send_to(msg.as_bytes(), to).unwrap_or_else(|e| panic!("UDP {from} -> {to} #{i}: {e}"));
+        let (n, src) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("UDP {from} -> {to} #{i}: no reply: {e}"));
+        let text = String::from_utf8_lossy(&buf[..n]);
+        let r = Reply::parse(&text).unwrap_or_else(|| panic!("UDP {from} -> {to} #{i}: unparsable reply {text:?}"));
+        assert_eq!(r.payload, msg, "UDP {from} -> {to} #{i}: the reply is not to this datagram");
+        let now = (r.label, r.port, r.peer, src);
+        match &seen {
+            None => seen = Some(now),
+            Some(first) => assert_eq!(first, &now, "UDP {from} -> {to} #{i}: answered differently mid-flow"),
+        }
+    }
+    let (label, port, peer, src) = seen.expect("at least one exchange");
+    format!("udp {from} -> {to} x{EXCHANGES}: {label} port {port} saw peer {peer}, replies from {src}")
+}
+
+/// The IP stack's count of datagrams the router forwarded (`Ip: ForwDatagrams`); the XDP path's packets skip it.
+fn forwarded_by_stack(lab: &Lab) -> u64 {
+    let snmp = sh(lab, Node::Router, "cat /proc/net/snmp");
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().expect("Ip header"), ip.next().expect("Ip values"));
+    let at = names.split_whitespace().position(|n| n == "ForwDatagrams").expect("ForwDatagrams");
+    values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The two runs and their comparison.
+
+/// What one run of a scenario showed.
+#[derive(Debug)]
+struct Outcome {
+    /// The scenario's own lines (replies as the clients saw them), then the counters that must match exactly.
+    exact: Vec<String>,
+    /// Bytes counted by each rule that sees TCP (ACK counts vary a little from run to run).
+    tcp_bytes: Vec<(String, u64)>,
+    /// Packets the XDP path forwarded, and packets the router's stack forwarded, during the scenario.
+    xdp_forwarded: u64,
+    by_stack: u64,
+}
+
+fn u64_of(v: &Value, what: &str) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("{what} missing or not a number: {v}"))
+}
+
+/// `stats.xdp_forwarded` of a status.
+fn xdp_forwarded(st: &Value) -> u64 {
+    u64_of(&st["stats"]["xdp_forwarded"], "stats.xdp_forwarded")
+}
+
+/// The interfaces' `xdp` fields of a status, by name.
+fn xdp_modes(st: &Value) -> Vec<(String, Value)> {
+    st["interfaces"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no interfaces in status: {st:#}"))
+        .iter()
+        .map(|i| (i["name"].as_str().unwrap_or("?").to_string(), i["xdp"].clone()))
+        .collect()
+}
+
+/// Whether `ip -d link show DEV` in the router shows an XDP program.
+fn has_xdp(lab: &Lab, dev: &str) -> bool {
+    sh(lab, Node::Router, &format!("ip -d link show {dev}")).contains("prog/xdp")
+}
+
+/// Runs `scenario` in a fresh lab attached `--mode ebpf` (plus `--xdp` when `xdp`); checks the XDP attachment
+/// (native on both links, gone after detach) and returns what was seen.
+fn run(prefix: &str, xdp: bool, scenario: fn(&Lab) -> Vec<String>) -> Outcome {
+    let lab = lab(&format!("{prefix}-{}", if xdp { "x" } else { "t" }));
+    // NAPI on the receiving ends of the router's veths, so native XDP redirects into them are delivered.
+    for node in [Node::Client, Node::Server] {
+        sh(&lab, node, "ethtool -K eth0 gro on >/dev/null");
+    }
+    let mut args = vec!["attach", "--mode", "ebpf", "eth0", "eth1"];
+    if xdp {
+        args.push("--xdp");
+    }
+    let guard = Detach::new(&lab);
+    pfwd_ok(&lab, &args);
+    let st = status(&lab);
+    let want = if xdp { Value::from("native") } else { Value::Null };
+    assert_eq!(
+        xdp_modes(&st),
+        [("eth0".to_string(), want.clone()), ("eth1".to_string(), want)],
+        "status after `pfwd {}`: {st:#}",
+        args.join(" ")
+    );
+    for dev in ["eth0", "eth1"] {
+        assert_eq!(has_xdp(&lab, dev), xdp, "XDP program on the router's {dev} (ip -d link show)");
+    }
+    let (xdp0, stack0) = (xdp_forwarded(&st), forwarded_by_stack(&lab));
+
+    let mut exact = scenario(&lab);
+
+    let by_stack = forwarded_by_stack(&lab) - stack0;
+    let st = status(&lab);
+    let xdp_fwd = xdp_forwarded(&st) - xdp0;
+    let mut tcp_bytes = vec![];
+    for r in st["rules"].as_array().unwrap_or_else(|| panic!("no rules in status: {st:#}")) {
+        let text = r["text"].as_str().unwrap_or("?").to_string();
+        exact.push(format!("rule {text}: {} flows", u64_of(&r["flows"], "flows")));
+        // Only UDP (one packet per datagram, each answered) is deterministic to the packet.
+        if r["proto"] == "udp" {
+            exact.push(format!("rule {text}: {} packets, {} bytes", r["packets"], r["bytes"]));
+            if let Some(bc) = r.get("backend_counters") {
+                exact.push(format!("rule {text}: backends {bc}"));
+            }
+        } else {
+            tcp_bytes.push((text.clone(), u64_of(&r["bytes"], "bytes")));
+            if let Some(bcs) = r["backend_counters"].as_array() {
+                let flows: Vec<String> =
+                    bcs.iter().map(|b| format!("{}:{} {}", b["addr"], b["port"], b["flows"])).collect();
+                exact.push(format!("rule {text}: backend flows {flows:?}"));
+            }
+        }
+    }
+    // Every other stat (new flows, confirmations, drops, ICMP errors translated) is the same on both paths.
+    let mut stats = st["stats"].clone();
+    stats.as_object_mut().unwrap_or_else(|| panic!("no stats in status: {st:#}")).remove("xdp_forwarded");
+    exact.push(format!("stats {stats}"));
+
+    guard.detach();
+    for dev in ["eth0", "eth1"] {
+        assert!(!has_xdp(&lab, dev), "XDP program left on the router's {dev} after detach");
+    }
+    Outcome { exact, tcp_bytes, xdp_forwarded: xdp_fwd, by_stack }
+}
+
+/// Runs `scenario` on the tc path, then on the XDP path, and compares. `min_xdp` is the least number of packets the
+/// XDP path must have forwarded itself.
+fn compare(prefix: &str, scenario: fn(&Lab) -> Vec<String>, min_xdp: u64) {
+    let tc = run(prefix, false, scenario);
+    let xdp = run(prefix, true, scenario);
+    eprintln!(
+        "{prefix}: tc path: {} forwarded by the stack, TCP rule bytes {:?}; xdp path: {} by XDP, {} by the stack, \
+         TCP rule bytes {:?}",
+        tc.by_stack,
+        tc.tcp_bytes.iter().map(|(_, b)| b).collect::<Vec<_>>(),
+        xdp.xdp_forwarded,
+        xdp.by_stack,
+        xdp.tcp_bytes.iter().map(|(_, b)| b).collect::<Vec<_>>()
+    );
+    assert_eq!(tc.xdp_forwarded, 0, "{prefix}: without --xdp nothing takes the XDP path");
+    assert_eq!(xdp.exact, tc.exact, "{prefix}: the XDP path (left) differs from the tc path (right)");
+    assert_eq!(
+        xdp.tcp_bytes.iter().map(|(t, _)| t).collect::<Vec<_>>(),
+        tc.tcp_bytes.iter().map(|(t, _)| t).collect::<Vec<_>>()
+    );
+    for ((text, x), (_, t)) in xdp.tcp_bytes.iter().zip(&tc.tcp_bytes) {
+        let (x, t) = (*x as f64, *t as f64);
+        assert!((x - t).abs() <= 0.05 * t, "{prefix}: rule {text} counted {x} bytes on the XDP path, {t} on tc");
+    }
+    assert!(
+        xdp.xdp_forwarded >= min_xdp,
+        "{prefix}: only {} packets took the XDP path (want >= {min_xdp}; {} went through the stack)",
+        xdp.xdp_forwarded,
+        xdp.by_stack
+    );
+    // The same traffic: what the stack forwarded alone without --xdp, XDP forwards nearly all of with it (only
+    // packets that make or end flows, and the first ones before the next hop is known, are left to the stack).
+    assert!(
+        xdp.xdp_forwarded * 100 >= 85 * tc.by_stack && xdp.by_stack * 10 <= tc.by_stack,
+        "{prefix}: with --xdp {} packets took XDP and {} the stack; without, the stack forwarded {}",
+        xdp.xdp_forwarded,
+        xdp.by_stack,
+        tc.by_stack
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 1. DNAT, TCP and UDP, to the server, which routes back through the router.
+
+fn dnat_body(lab: &Lab) -> Vec<String> {
+    let _tcp = server(lab, Node::Server, "10.0.2.2:9000", "server");
+    let _udp = udp_server(lab, Node::Server, "10.0.2.2:9000", "server");
+    add(lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    add(lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    let mut out = vec![];
+    for i in 0..3 {
+        out.push(tcp_bulk(lab, Node::Client, &format!("10.0.1.2:{}", 41000 + i), "10.0.1.1:8080"));
+        out.push(udp_series(lab, Node::Client, &format!("10.0.1.2:{}", 42000 + i), "10.0.1.1:8080"));
+    }
+    out
+}
+
+#[test]
+fn dnat() {
+    compare("xdp-dnat", dnat_body, 300);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 2. Full NAT: DNAT plus MASQUERADE out of eth1; the server has no route back to the client.
+
+fn full_nat_body(lab: &Lab) -> Vec<String> {
+    sh(lab, Node::Server, "ip route del default");
+    let _tcp = server(lab, Node::Server, "10.0.2.2:9000", "server");
+    let _udp = udp_server(lab, Node::Server, "10.0.2.2:9000", "server");
+    add(lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    add(lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    add(lab, &["masquerade", "-o", "eth1"]);
+    let mut out = vec![];
+    for i in 0..3 {
+        out.push(tcp_bulk(lab, Node::Client, &format!("10.0.1.2:{}", 41000 + i), "10.0.1.1:8080"));
+        out.push(udp_series(lab, Node::Client, &format!("10.0.1.2:{}", 42000 + i), "10.0.1.1:8080"));
+    }
+    out
+}
+
+#[test]
+fn full_nat() {
+    compare("xdp-fullnat", full_nat_body, 300);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 3. Source NAT only: the client reaches the server's own address; SNAT (UDP, to a port range) and MASQUERADE
+// (TCP) out of eth1 make the server, which has no route back, see the router.
+
+fn snat_body(lab: &Lab) -> Vec<String> {
+    sh(lab, Node::Server, "ip route del default");
+    let _tcp = server(lab, Node::Server, "10.0.2.2:9000", "server");
+    let _udp = udp_server(lab, Node::Server, "10.0.2.2:9000", "server");
+    add(lab, &["masquerade", "-o", "eth1", "-p", "tcp"]);
+    add(lab, &["snat", "-o", "eth1", "-p", "udp", "-s", "10.0.1.0/24", "--to", "10.0.2.1:30000-30099"]);
+    let mut out = vec![];
+    for i in 0..3 {
+        out.push(tcp_bulk(lab, Node::Client, &format!("10.0.1.2:{}", 41000 + i), "10.0.2.2:9000"));
+        // Outside the SNAT range: the source port is translated (to a port of the range chosen at random, so the
+        // summary keeps only the address).
+        out.push(udp_series(lab, Node::Client, &format!("10.0.1.2:{}", 42000 + i), "10.0.2.2:9000"));
+    }
+    out.into_iter().map(|l| forget_snat_port(&l)).collect()
+}
+
+/// `... saw peer 10.0.2.1:3xxxx, ...` -> `... saw peer 10.0.2.1:30000-30099, ...` for a port of the SNAT range (the
+/// port is picked at random, so it differs between runs; it must be in the range).
+fn forget_snat_port(line: &str) -> String {
+    let Some((head, rest)) = line.split_once("saw peer 10.0.2.1:") else { return line.to_string() };
+    let (port, tail) = rest.split_once(',').unwrap_or((rest, ""));
+    if !line.starts_with("udp") {
+        return line.to_string();
+    }
+    let p: u16 = port.parse().unwrap_or_else(|_| panic!("bad port in {line:?}"));
+    assert!((30000..=30099).contains(&p), "SNAT port {p} outside 30000-30099: {line}");
+    format!("{head}saw peer 10.0.2.1:30000-30099,{tail}")
+}
+
+#[test]
+fn snat_and_masquerade() {
+    compare("xdp-snat", snat_body, 300);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 4. 1:1 NAT: two public addresses, each both ways to one private address of the server.
+
+const PAIRS: [(&str, &str); 2] = [("203.0.113.11", "10.0.2.2"), ("203.0.113.12", "10.0.2.3")];
+
+fn one_to_one_body(lab: &Lab) -> Vec<String> {
+    lab.add_addr(Node::Server, "eth0", "10.0.2.3/24").unwrap_or_else(|e| panic!("{e:#}"));
+    let mut servers = vec![];
+    for (_, private) in PAIRS {
+        let label = format!("priv-{private}");
+        servers.push(server(lab, Node::Server, &format!("{private}:9000"), &label));
+        servers.push(udp_server(lab, Node::Server, &format!("{private}:9000"), &label));
+    }
+    // A server on the client, for connections the private hosts open.
+    servers.push(server(lab, Node::Client, "10.0.1.2:7000", "client"));
+    servers.push(udp_server(lab, Node::Client, "10.0.1.2:7000", "client"));
+    for (public, private) in PAIRS {
+        add(lab, &["dnat", "-i", "eth0", "-d", public, "--to", private]);
+        add(lab, &["snat", "-o", "eth0", "-s", private, "--to", public]);
+    }
+    let mut out = vec![];
+    for (i, (public, private)) in PAIRS.into_iter().enumerate() {
+        // In: the private host sees the real client.
+        out.push(tcp_bulk(lab, Node::Client, &format!("10.0.1.2:{}", 41000 + i), &format!("{public}:9000")));
+        out.push(udp_series(lab, Node::Client, &format!("10.0.1.2:{}", 42000 + i), &format!("{public}:9000")));
+        // Out: the client sees the public address.
+        out.push(tcp_bulk(lab, Node::Server, &format!("{private}:{}", 43000 + i), "10.0.1.2:7000"));
+        out.push(udp_series(lab, Node::Server, &format!("{private}:{}", 44000 + i), "10.0.1.2:7000"));
+    }
+    out
+}
+
+#[test]
+fn one_to_one_nat() {
+    compare("xdp-1to1", one_to_one_body, 400);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 5. Several backends behind one rule (Maglev: the fixed client ports pick the same backends in both runs).
+
+const BACKENDS: [&str; 3] = ["10.0.2.2", "10.0.2.3", "10.0.2.4"];
+
+fn backends_body(lab: &Lab) -> Vec<String> {
+    let mut servers = vec![];
+    for (i, b) in BACKENDS.iter().enumerate() {
+        if i > 0 {
+            lab.add_addr(Node::Server, "eth0", &format!("{b}/24")).unwrap_or_else(|e| panic!("{e:#}"));
+        }
+        servers.push(server(lab, Node::Server, &format!("{b}:9000"), &format!("b{i}")));
+        servers.push(udp_server(lab, Node::Server, &format!("{b}:9000"), &format!("b{i}")));
+    }
+    let to = BACKENDS.map(|b| format!("{b}:9000")).join(",");
+    add(lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", &to]);
+    add(lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "8080", "--to", &to]);
+    let mut out = vec![];
+    for i in 0..6 {
+        out.push(tcp_bulk(lab, Node::Client, &format!("10.0.1.2:{}", 41000 + i), "10.0.1.1:8080"));
+        out.push(udp_series(lab, Node::Client, &format!("10.0.1.2:{}", 42000 + i), "10.0.1.1:8080"));
+    }
+    let used: std::collections::BTreeSet<&str> =
+        out.iter().filter_map(|l| l.split_once(": ").map(|(_, r)| r.split(' ').next().unwrap_or(""))).collect();
+    assert!(used.len() >= 2, "12 flows all went to one backend ({used:?}): the test shows nothing about balancing");
+    out
+}
+
+#[test]
+fn several_backends() {
+    compare("xdp-lb", backends_body, 600);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 6. A packet whose TTL would expire at the router, in the middle of a flow the XDP path forwards: it goes to the
+// stack, which sends the time-exceeded error, translated back to the client's socket; the flow goes on after. Every
+// datagram before and after is decremented exactly once on the way (the server and the client see TTL 63).
+
+/// Sets an IPv4 socket option of type int.
+fn set_int_opt(sock: &UdpSocket, opt: libc::c_int, value: libc::c_int) {
+    // SAFETY: a valid socket fd and an int option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            opt,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt({opt}): {}", std::io::Error::last_os_error());
+}
+
+/// Receives one datagram on `sock` (which has IP_RECVTTL on): its bytes, its source and the TTL it arrived with.
+/// Waits at most the socket's read timeout; a queued error (IP_RECVERR) is returned as the error.
+fn recv_ttl(sock: &UdpSocket) -> std::io::Result<(String, SocketAddr, u8)> {
+    let mut buf = [0u8; 2048];
+    // u64s: aligned for cmsghdr.
+    let mut control = [0u64; 16];
+    // SAFETY: plain-old-data structures, valid when zeroed.
+    let (mut from, mut msg): (libc::sockaddr_in, libc::msghdr) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    msg.msg_name = (&mut from as *mut libc::sockaddr_in).cast();
+    msg.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&control);
+    // SAFETY: msg points at live buffers of the sizes it states.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut ttl = None;
+    // SAFETY: walking the control messages recvmsg filled in, with the libc macros made for it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_TTL {
+                ttl = Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) as u8);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    let src =
+        SocketAddr::from((std::net::Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr)), u16::from_be(from.sin_port)));
+    let ttl = ttl.ok_or_else(|| std::io::Error::other("no IP_TTL control message"))?;
+    Ok((String::from_utf8_lossy(&buf[..n as usize]).into_owned(), src, ttl))
+}
+
+/// A UDP server in the server namespace on `addr` answering each datagram with `ttl T peer P: PAYLOAD` (the TTL it
+/// arrived with); stops when `stop` is set (it polls every 50 ms).
+fn ttl_server(lab: &Lab, addr: &str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    let addr = sa(addr);
+    let sock = lab
+        .in_ns(Node::Server, || UdpSocket::bind(addr))
+        .expect("entering the server namespace")
+        .unwrap_or_else(|e| panic!("binding UDP {addr}: {e}"));
+    set_int_opt(&sock, libc::IP_RECVTTL, 1);
+    sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok((text, peer, ttl)) = recv_ttl(&sock) {
+                let _ = sock.send_to(format!("ttl {ttl} peer {peer}: {text}").as_bytes(), peer);
+            }
+        }
+    })
+}
+
+/// Stops a server thread when dropped (also while unwinding).
+struct StopOnDrop(Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        if let Some(t) = self.1.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn ttl_body(lab: &Lab) -> Vec<String> {
+    sh(lab, Node::Server, "ip route del default");
+    let stop = Arc::new(AtomicBool::new(false));
+    let _server = StopOnDrop(stop.clone(), Some(ttl_server(lab, "10.0.2.2:9000", stop)));
+    add(lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    add(lab, &["masquerade", "-o", "eth1", "-p", "udp"]);
+    let sock = lab
+        .in_ns(Node::Client, || UdpSocket::bind("10.0.1.2:42000"))
+        .expect("entering the client namespace")
+        .expect("binding the client socket");
+    sock.connect("10.0.1.1:8080").unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    set_int_opt(&sock, libc::IP_RECVERR, 1);
+    set_int_opt(&sock, libc::IP_RECVTTL, 1);
+    set_int_opt(&sock, libc::IP_TTL, 64);
+    let exchange = |msg: &str| -> std::io::Result<String> {
+        sock.send(msg.as_bytes())?;
+        let (text, src, ttl) = recv_ttl(&sock)?;
+        Ok(format!("{text} (reply from {src}, ttl {ttl})"))
+    };
+    let mut out = vec![];
+    for i in 0..EXCHANGES {
+        let got = exchange(&format!("before{i}")).unwrap_or_else(|e| panic!("exchange {i} before TTL 1: {e}"));
+        assert_eq!(got, format!("ttl 63 peer 10.0.2.1:42000: before{i} (reply from 10.0.1.1:8080, ttl 63)"));
+        out.push(got);
+    }
+    set_int_opt(&sock, libc::IP_TTL, 1);
+    let err = exchange("ttl").expect_err("a reply despite TTL 1");
+    assert_eq!(err.raw_os_error(), Some(libc::EHOSTUNREACH), "expected the time-exceeded error, got {err}");
+    out.push(format!("TTL 1: {err}"));
+    set_int_opt(&sock, libc::IP_TTL, 64);
+    for i in 0..EXCHANGES {
+        let got = exchange(&format!("after{i}")).unwrap_or_else(|e| panic!("exchange {i} after TTL 1: {e}"));
+        assert_eq!(got, format!("ttl 63 peer 10.0.2.1:42000: after{i} (reply from 10.0.1.1:8080, ttl 63)"));
+        out.push(got);
+    }
+    out
+}
+
+#[test]
+fn ttl_expiring_mid_flow_gets_time_exceeded() {
+    compare("xdp-ttl", ttl_body, 150);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 7. Changes in the middle of flows the XDP path forwards: a MASQUERADE rule added (a UDP flow gets a new source
+// NAT flow at egress, which the tc program must make; a TCP connection, which no rule may pick up mid-way, goes on
+// untranslated), `pfwd conntrack --flush` (the UDP flow starts again; the TCP connection reaches the router itself,
+// which resets it), and the rule deleted (the new flow keeps its translation).
+
+fn udp_lines(sock: &UdpSocket, tag: &str, out: &mut Vec<String>) {
+    let mut buf = [0u8; 2048];
+    let mut seen = None;
+    for i in 0..EXCHANGES / 2 {
+        let msg = format!("{tag}{i}");
+        sock.send_to(msg.as_bytes(), sa("10.0.1.1:8080")).unwrap_or_else(|e| panic!("UDP {msg}: {e}"));
+        let (n, src) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("UDP {msg}: no reply: {e}"));
+        let r = Reply::parse(&String::from_utf8_lossy(&buf[..n])).unwrap_or_else(|| panic!("UDP {msg}: bad reply"));
+        assert_eq!(r.payload, msg);
+        let now = format!("udp {tag}: {} port {} saw peer {}, reply from {src}", r.label, r.port, r.peer);
+        match &seen {
+            None => seen = Some(now),
+            Some(first) => assert_eq!(first, &now, "UDP {msg}: answered differently mid-flow"),
+        }
+    }
+    out.extend(seen);
+}
+
+fn tcp_lines(conn: &TcpStream, tag: &str, out: &mut Vec<String>) {
+    let mut result = Ok(0);
+    for i in 0..EXCHANGES / 2 {
+        // Lines of 1 KB: the XDP path carries them and their ACKs.
+        let line = format!("{tag}{i}-{}", String::from_utf8(pattern(1000)).unwrap());
+        match exchange(conn, &line) {
+            Ok(back) if back == line => result = Ok(i + 1),
+            Ok(back) => panic!("TCP {tag}{i}: echoed {} bytes, not the line", back.len()),
+            Err(e) => {
+                result = Err(format!("cut at line {i}: {e}"));
+                break;
+            }
+        }
+    }
+    out.push(format!("tcp {tag}: {result:?}"));
+}
+
+fn changes_body(lab: &Lab) -> Vec<String> {
+    let _udp = udp_server(lab, Node::Server, "10.0.2.2:9000", "server");
+    let _tcp = line_echo_server(lab, Node::Server, "10.0.2.2:9001");
+    add(lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9001"]);
+    add(lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    let udp = lab.in_ns(Node::Client, || UdpSocket::bind("10.0.1.2:42000")).unwrap().expect("binding UDP");
+    udp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let tcp = lab
+        .in_ns(Node::Client, || -> std::io::Result<TcpStream> {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            s.bind(&sa("10.0.1.2:41000").into())?;
+            s.connect_timeout(&sa("10.0.1.1:8080").into(), TIMEOUT)?;
+            Ok(s.into())
+        })
+        .unwrap()
+        .expect("TCP connection");
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    tcp.set_write_timeout(Some(TIMEOUT)).unwrap();
+    let mut out = vec![];
+    udp_lines(&udp, "dnat-only", &mut out);
+    tcp_lines(&tcp, "dnat-only", &mut out);
+    let masq = add(lab, &["masquerade", "-o", "eth1"]);
+    udp_lines(&udp, "masquerade-added", &mut out);
+    tcp_lines(&tcp, "masquerade-added", &mut out);
+    pfwd_ok(lab, &["conntrack", "--flush"]);
+    udp_lines(&udp, "flushed", &mut out);
+    tcp_lines(&tcp, "flushed", &mut out);
+    del(lab, masq);
+    udp_lines(&udp, "masquerade-deleted", &mut out);
+    out
+}
+
+#[test]
+fn rules_and_flows_changed_mid_flow() {
+    compare("xdp-change", changes_body, 100);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Refusals.
+
+/// What an attach may change on the router, to compare before and after a refused one.
+fn footprint(lab: &Lab) -> Vec<String> {
+    // A fresh veth reports its carrier asynchronously: wait (bounded) for the lab's links to be up.
+    for _ in 0..100 {
+        if !sh(lab, Node::Router, "ip -o link show eth0; ip -o link show eth1").contains("NO-CARRIER") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vec![
+        sh(lab, Node::Router, "ip -d link show"),
+        format!("{:?} {:?}", tcx_programs(lab, "eth0"), tcx_programs(lab, "eth1")),
+        sh(lab, Node::Router, "sysctl -a 2>/dev/null | grep -E 'forwarding|route_localnet' | sort"),
+        sh(lab, Node::Router, "iptables-save 2>/dev/null | grep -v '^#' || true"),
+        sh(lab, Node::Router, "nft list ruleset 2>/dev/null || true"),
+        format!("pins {}, state {}", pin_dir(lab).exists(), state_dir(lab).exists()),
+    ]
+}
+
+/// `--xdp` is eBPF's: refused with the iptables data path, for a new instance and for an existing one, naming
+/// `--xdp`, and nothing changes.
+#[test]
+fn xdp_refused_with_iptables() {
+    let lab = lab("xdp-ipt");
+    let before = footprint(&lab);
+    let guard = Detach::new(&lab);
+    pfwd_err(&lab, &["attach", "--mode", "iptables", "--xdp", "eth0", "eth1"], &["--xdp"]);
+    assert_eq!(footprint(&lab), before, "a refused attach changes nothing");
+
+    pfwd_ok(&lab, &["attach", "--mode", "iptables", "eth0", "eth1"]);
+    add(&lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    let (before, st) = (footprint(&lab), status(&lab));
+    pfwd_err(&lab, &["attach", "--xdp", "eth0", "eth1"], &["--xdp", "iptables"]);
+    assert_eq!(footprint(&lab), before, "a refused attach changes nothing");
+    assert_eq!(status(&lab)["interfaces"], st["interfaces"]);
+    guard.detach();
+}
+
+/// `--xdp` on a layer-3 device (tun: packets start at the IP header, as on WireGuard) is refused naming it, and
+/// nothing is left attached, not even to the Ethernet interface named with it.
+#[test]
+fn xdp_refused_on_a_layer3_interface() {
+    let lab = lab("xdp-l3");
+    sh(
+        &lab,
+        Node::Router,
+        "ip tuntap add dev tun0 mode tun && ip addr add 10.8.0.1/24 dev tun0 && ip link set tun0 up",
+    );
+    let before = footprint(&lab);
+    let _guard = Detach::new(&lab);
+    pfwd_err(&lab, &["attach", "--mode", "ebpf", "--xdp", "tun0"], &["--xdp", "tun0"]);
+    assert_eq!(footprint(&lab), before, "a refused attach changes nothing");
+    pfwd_err(&lab, &["attach", "--mode", "ebpf", "--xdp", "eth0", "tun0"], &["--xdp", "tun0"]);
+    assert_eq!(footprint(&lab), before, "a refused attach changes nothing");
+    assert!(!has_xdp(&lab, "eth0"), "no XDP program left on eth0");
+}
