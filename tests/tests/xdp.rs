@@ -686,3 +686,19 @@ fn xdp_refused_on_a_layer3_interface() {
     assert_eq!(footprint(&lab), before, "a refused attach changes nothing");
     assert!(!has_xdp(&lab, "eth0"), "no XDP program left on eth0");
 }
+
+/// In auto mode (no `--mode`), a refused `--xdp` is reported as such: not answered by falling back to a netfilter
+/// data path, which has no XDP fast path, and succeeding without it.
+#[test]
+fn xdp_refusal_is_not_a_netfilter_fallback_in_auto_mode() {
+    let lab = lab("xdp-auto");
+    sh(
+        &lab,
+        Node::Router,
+        "ip tuntap add dev tun0 mode tun && ip addr add 10.8.0.1/24 dev tun0 && ip link set tun0 up",
+    );
+    let before = footprint(&lab);
+    let _guard = Detach::new(&lab);
+    pfwd_err(&lab, &["attach", "--xdp", "eth0", "tun0"], &["--xdp", "tun0"]);
+    assert_eq!(footprint(&lab), before, "a refused attach changes nothing");
+}

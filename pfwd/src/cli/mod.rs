@@ -241,7 +241,8 @@ struct AttachArgs {
     /// translated, routed and sent to the egress interface in XDP, before the kernel builds an skb; everything else
     /// (new flows, local traffic, ICMP, fragments, IPv6) goes on to the tc programs. Native mode where the driver
     /// has it, generic otherwise (`pfwd status` says which). Like --fast-forward it skips netfilter for those
-    /// packets, so it is off by default. Send-to interfaces need XDP too: attach them all with --xdp.
+    /// packets, so it is off by default. Send-to interfaces need XDP too: attach them all with --xdp. With the
+    /// default --mode auto, a failure is reported, not answered by falling back to netfilter (which has no XDP).
     #[arg(long)]
     xdp: bool,
 }

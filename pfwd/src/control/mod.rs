@@ -581,19 +581,19 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
     compile_state(&planned)?;
 
     let mut result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts);
+    // With --xdp the error is the answer: netfilter has no XDP fast path (as when auto picks netfilter for lack of
+    // BTF, above), and a refusal of --xdp itself (a layer-3 interface, another XDP program) must be seen, not
+    // replaced by a data path without it.
     if let Err(e) = &result
         && fresh
         && opts.mode == Mode::Auto
         && planned.mode == DataPath::Ebpf
+        && !opts.xdp
     {
         // auto: eBPF could not be loaded or attached here; fall back to netfilter and say why.
         let (path, why) = netfilter_fallback();
         planned.mode = path;
         planned.mode_reason = format!("auto: eBPF failed ({e:#}); {why}");
-        for i in &mut planned.interfaces {
-            // The XDP fast path is eBPF's: the status says the mode and why.
-            i.xdp = None;
-        }
         result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts);
     }
     let mut notes = result?;
