@@ -1000,7 +1000,8 @@ mod tests {
             .iter()
             .map(|p| p.0)
             .chain(SOCK_PROGRAMS.iter().map(|p| p.0))
-            .chain(names::TAIL_PROGRAMS.map(|p| p.0));
+            .chain(names::TAIL_PROGRAMS.map(|p| p.0))
+            .chain([names::PROG_XDP]);
         for name in programs {
             assert!(
                 obj.programs.contains_key(name),
@@ -1010,7 +1011,7 @@ mod tests {
         }
         assert_eq!(
             obj.programs.len(),
-            PROGRAMS.len() + SOCK_PROGRAMS.len() + names::TAIL_PROGRAMS.len(),
+            PROGRAMS.len() + SOCK_PROGRAMS.len() + names::TAIL_PROGRAMS.len() + 1,
             "a program the loader never loads"
         );
         assert!(obj.maps.contains_key(names::TAIL), "map {} missing", names::TAIL);
