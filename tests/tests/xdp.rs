@@ -112,13 +112,34 @@ fn udp_series(lab: &Lab, node: Node, from: &str, to: &str) -> String {
     format!("udp {from} -> {to} x{EXCHANGES}: {label} port {port} saw peer {peer}, replies from {src}")
 }
 
-/// The IP stack's count of datagrams the router forwarded (`Ip: ForwDatagrams`); the XDP path's packets skip it.
-fn forwarded_by_stack(lab: &Lab) -> u64 {
-    let snmp = sh(lab, Node::Router, "cat /proc/net/snmp");
-    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
-    let (names, values) = (ip.next().expect("Ip header"), ip.next().expect("Ip values"));
-    let at = names.split_whitespace().position(|n| n == "ForwDatagrams").expect("ForwDatagrams");
+/// A counter of `node`'s /proc/net/snmp, e.g. `("Ip", "ForwDatagrams")`.
+fn snmp(lab: &Lab, node: Node, group: &str, name: &str) -> u64 {
+    let text = sh(lab, node, "cat /proc/net/snmp");
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (names, values) = (lines.next().expect("snmp header"), lines.next().expect("snmp values"));
+    let at = names.split_whitespace().position(|n| n == name).unwrap_or_else(|| panic!("no {group} {name} in snmp"));
     values.split_whitespace().nth(at).unwrap().parse().unwrap()
+}
+
+/// The IP stack's count of datagrams the router forwarded; the XDP path's packets skip it.
+fn forwarded_by_stack(lab: &Lab) -> u64 {
+    snmp(lab, Node::Router, "Ip", "ForwDatagrams")
+}
+
+/// Packets the client and server dropped for a bad IP header or a bad TCP/UDP checksum (the lab has checksum
+/// offloads off, so they check every packet, XDP-forwarded ones too).
+fn receive_errors(lab: &Lab) -> Vec<String> {
+    let mut out = vec![];
+    for node in [Node::Client, Node::Server] {
+        for (group, name) in [("Ip", "InHdrErrors"), ("Tcp", "InCsumErrors"), ("Udp", "InCsumErrors")] {
+            let n = snmp(lab, node, group, name);
+            if n != 0 {
+                out.push(format!("{} {group} {name} {n}", node.label()));
+            }
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -190,6 +211,8 @@ fn run(prefix: &str, xdp: bool, scenario: fn(&Lab) -> Vec<String>) -> Outcome {
     let mut exact = scenario(&lab);
 
     let by_stack = forwarded_by_stack(&lab) - stack0;
+    let errors = receive_errors(&lab);
+    assert!(errors.is_empty(), "{prefix} (xdp: {xdp}): packets dropped on receipt: {errors:?}");
     let st = status(&lab);
     let xdp_fwd = xdp_forwarded(&st) - xdp0;
     let mut tcp_bytes = vec![];
@@ -436,12 +459,22 @@ fn set_int_opt(sock: &UdpSocket, opt: libc::c_int, value: libc::c_int) {
     assert_eq!(rc, 0, "setsockopt({opt}): {}", std::io::Error::last_os_error());
 }
 
-/// Receives one datagram on `sock` (which has IP_RECVTTL on): its bytes, its source and the TTL it arrived with.
-/// Waits at most the socket's read timeout; a queued error (IP_RECVERR) is returned as the error.
-fn recv_ttl(sock: &UdpSocket) -> std::io::Result<(String, SocketAddr, u8)> {
+/// One datagram as [`recv_meta`] reads it.
+struct Received {
+    text: String,
+    src: SocketAddr,
+    /// The TTL it arrived with (IP_RECVTTL).
+    ttl: u8,
+    /// Its IP options as they arrived (IP_RECVOPTS; empty without).
+    options: Vec<u8>,
+}
+
+/// Receives one datagram on `sock` (which has IP_RECVTTL on, and IP_RECVOPTS for the options). Waits at most the
+/// socket's read timeout; a queued error (IP_RECVERR) is returned as the error.
+fn recv_meta(sock: &UdpSocket) -> std::io::Result<Received> {
     let mut buf = [0u8; 2048];
     // u64s: aligned for cmsghdr.
-    let mut control = [0u64; 16];
+    let mut control = [0u64; 32];
     // SAFETY: plain-old-data structures, valid when zeroed.
     let (mut from, mut msg): (libc::sockaddr_in, libc::msghdr) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
@@ -456,13 +489,19 @@ fn recv_ttl(sock: &UdpSocket) -> std::io::Result<(String, SocketAddr, u8)> {
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let mut ttl = None;
-    // SAFETY: walking the control messages recvmsg filled in, with the libc macros made for it.
+    let (mut ttl, mut options) = (None, vec![]);
+    // SAFETY: walking the control messages recvmsg filled in, with the libc macros made for it; each one's data is
+    // within the control buffer.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
+            let data = libc::CMSG_DATA(c);
             if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_TTL {
-                ttl = Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>()) as u8);
+                ttl = Some(std::ptr::read_unaligned(data.cast::<libc::c_int>()) as u8);
+            }
+            if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_RECVOPTS {
+                let len = (*c).cmsg_len as usize - (data as usize - c as usize);
+                options = std::slice::from_raw_parts(data, len).to_vec();
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
@@ -470,11 +509,12 @@ fn recv_ttl(sock: &UdpSocket) -> std::io::Result<(String, SocketAddr, u8)> {
     let src =
         SocketAddr::from((std::net::Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr)), u16::from_be(from.sin_port)));
     let ttl = ttl.ok_or_else(|| std::io::Error::other("no IP_TTL control message"))?;
-    Ok((String::from_utf8_lossy(&buf[..n as usize]).into_owned(), src, ttl))
+    Ok(Received { text: String::from_utf8_lossy(&buf[..n as usize]).into_owned(), src, ttl, options })
 }
 
 /// A UDP server in the server namespace on `addr` answering each datagram with `ttl T peer P: PAYLOAD` (the TTL it
-/// arrived with); stops when `stop` is set (it polls every 50 ms).
+/// arrived with), `ttl T options [..] peer P: PAYLOAD` when it carried IP options; stops when `stop` is set (it
+/// polls every 50 ms).
 fn ttl_server(lab: &Lab, addr: &str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     let addr = sa(addr);
     let sock = lab
@@ -482,11 +522,13 @@ fn ttl_server(lab: &Lab, addr: &str, stop: Arc<AtomicBool>) -> std::thread::Join
         .expect("entering the server namespace")
         .unwrap_or_else(|e| panic!("binding UDP {addr}: {e}"));
     set_int_opt(&sock, libc::IP_RECVTTL, 1);
+    set_int_opt(&sock, libc::IP_RECVOPTS, 1);
     sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
     std::thread::spawn(move || {
         while !stop.load(Ordering::Relaxed) {
-            if let Ok((text, peer, ttl)) = recv_ttl(&sock) {
-                let _ = sock.send_to(format!("ttl {ttl} peer {peer}: {text}").as_bytes(), peer);
+            if let Ok(r) = recv_meta(&sock) {
+                let opts = if r.options.is_empty() { String::new() } else { format!(" options {:?}", r.options) };
+                let _ = sock.send_to(format!("ttl {}{opts} peer {}: {}", r.ttl, r.src, r.text).as_bytes(), r.src);
             }
         }
     })
@@ -521,8 +563,8 @@ fn ttl_body(lab: &Lab) -> Vec<String> {
     set_int_opt(&sock, libc::IP_TTL, 64);
     let exchange = |msg: &str| -> std::io::Result<String> {
         sock.send(msg.as_bytes())?;
-        let (text, src, ttl) = recv_ttl(&sock)?;
-        Ok(format!("{text} (reply from {src}, ttl {ttl})"))
+        let r = recv_meta(&sock)?;
+        Ok(format!("{} (reply from {}, ttl {})", r.text, r.src, r.ttl))
     };
     let mut out = vec![];
     for i in 0..EXCHANGES {
@@ -625,6 +667,56 @@ fn changes_body(lab: &Lab) -> Vec<String> {
 #[test]
 fn rules_and_flows_changed_mid_flow() {
     compare("xdp-change", changes_body, 100);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 8. Hairpin NAT: a host on the inside (10.0.2.3, in the server namespace) reaches the backend (10.0.2.2) through
+// the router's public address; packets come in and go out on eth1 (the XDP path redirects them to the interface
+// they arrived on).
+
+fn hairpin_body(lab: &Lab) -> Vec<String> {
+    lab.add_addr(Node::Server, "eth0", "10.0.2.3/24").unwrap_or_else(|e| panic!("{e:#}"));
+    // The backend takes packets from 10.0.2.3 as from another host (see hairpin.rs).
+    sh(
+        lab,
+        Node::Server,
+        "sysctl -qw net.ipv4.conf.all.accept_local=1 net.ipv4.conf.eth0.accept_local=1 \
+         net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0",
+    );
+    let _tcp = server(lab, Node::Server, "10.0.2.2:9000", "server");
+    let _udp = udp_server(lab, Node::Server, "10.0.2.2:9000", "server");
+    for proto in ["tcp", "udp"] {
+        add(
+            lab,
+            &[
+                "dnat",
+                "-p",
+                proto,
+                "-d",
+                "10.0.1.1",
+                "--dport",
+                "8080",
+                "--to",
+                "10.0.2.2:9000",
+                "--hairpin",
+                "10.0.2.0/24",
+            ],
+        );
+    }
+    let mut out = vec![];
+    for i in 0..2 {
+        out.push(tcp_bulk(lab, Node::Server, &format!("10.0.2.3:{}", 41000 + i), "10.0.1.1:8080"));
+        out.push(udp_series(lab, Node::Server, &format!("10.0.2.3:{}", 42000 + i), "10.0.1.1:8080"));
+        // And from outside, the same rule without the masquerade.
+        out.push(tcp_bulk(lab, Node::Client, &format!("10.0.1.2:{}", 43000 + i), "10.0.1.1:8080"));
+        out.push(udp_series(lab, Node::Client, &format!("10.0.1.2:{}", 44000 + i), "10.0.1.1:8080"));
+    }
+    out
+}
+
+#[test]
+fn hairpin() {
+    compare("xdp-hairpin", hairpin_body, 400);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
