@@ -2,9 +2,10 @@
 //! routed (`bpf_fib_lookup`, neighbour included) and sent to their egress interface (`XDP_REDIRECT` through the
 //! `XDP_TX` devmap) before the kernel builds an skb for them. Everything else goes on (`XDP_PASS`) to the tc
 //! programs, which stay the one place where flows are created and end: packets of no flow or of a closing or expired
-//! one, TCP SYN/FIN/RST, ICMP, fragments, IPv6, TTL about to expire, local delivery, VLAN tags, broadcast and
-//! multicast frames, malformed headers (as tc's parser sees them), whatever the FIB cannot resolve (no route, no
-//! neighbour yet, MTU exceeded, forwarding off), and packets leaving through an interface without pfwd's XDP program.
+//! one, TCP SYN/FIN/RST, ICMP, fragments, IPv4 options (the stack acts on them: record route, source routes it
+//! refuses), IPv6, TTL about to expire, local delivery, VLAN tags, broadcast and multicast frames, malformed headers
+//! (as tc's parser sees them), whatever the FIB cannot resolve (no route, no neighbour yet, MTU exceeded, forwarding
+//! off), and packets leaving through an interface without pfwd's XDP program.
 //!
 //! A packet gets here what the tc path gives it: the translation at ingress (its flow's entry for that hook), then
 //! the one at egress (the translated tuple's entry; without one, the check that no SNAT rule would open a flow for
@@ -83,8 +84,10 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
     let ihl = (ip.vihl & 0x0f) as usize * 4;
     let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
     let proto = ip.proto;
+    // With IP options the stack has work of its own (record route, timestamps, dropping source-routed packets while
+    // accept_source_route is off): those packets take the tc path to it.
     if ip.vihl >> 4 != 4
-        || ihl < Ipv4Hdr::LEN
+        || ihl != Ipv4Hdr::LEN
         || tot_len < ihl
         || ctx.data() + ETH_LEN + tot_len > ctx.data_end()
         || u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0

@@ -720,6 +720,81 @@ fn hairpin() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// 9. IPv4 options in the middle of a flow the XDP path forwards. The router's stack acts on them: it writes its
+// address into a record-route option, and drops a source-routed datagram (accept_source_route is off on the router;
+// the server accepts them, so a datagram that gets through is answered). Datagrams with options must get the same.
+
+/// Sends one UDP datagram of the flow 10.0.1.2:42000 -> 10.0.1.1:8080 from the client, with the IPv4 `options`
+/// (a multiple of 4 bytes), built by hand on a raw socket (the kernel fills in the IP checksum; UDP checksum none).
+fn send_with_options(lab: &Lab, options: &[u8], payload: &[u8]) {
+    use socket2::{Domain, Protocol, Socket, Type};
+    assert_eq!(options.len() % 4, 0, "IPv4 options pad to 4 bytes");
+    let raw = lab
+        .in_ns(Node::Client, || {
+            Socket::new(Domain::IPV4, Type::from(libc::SOCK_RAW), Some(Protocol::from(libc::IPPROTO_RAW)))
+        })
+        .expect("entering the client namespace")
+        .expect("raw socket");
+    let ihl = (20 + options.len()) / 4;
+    let total = (20 + options.len() + 8 + payload.len()) as u16;
+    let mut pkt = vec![0x40 | ihl as u8, 0];
+    pkt.extend_from_slice(&total.to_be_bytes());
+    // Identification, no fragment flags, TTL 64, UDP, checksum (the kernel's), 10.0.1.2 -> 10.0.1.1.
+    pkt.extend_from_slice(&[0x12, 0x34, 0, 0, 64, 17, 0, 0, 10, 0, 1, 2, 10, 0, 1, 1]);
+    pkt.extend_from_slice(options);
+    pkt.extend_from_slice(&42000u16.to_be_bytes());
+    pkt.extend_from_slice(&8080u16.to_be_bytes());
+    pkt.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+    pkt.extend_from_slice(&[0, 0]);
+    pkt.extend_from_slice(payload);
+    raw.send_to(&pkt, &sa("10.0.1.1:0").into()).expect("sending the raw datagram");
+}
+
+fn ip_options_body(lab: &Lab) -> Vec<String> {
+    sh(
+        lab,
+        Node::Server,
+        "sysctl -qw net.ipv4.conf.all.accept_source_route=1 net.ipv4.conf.eth0.accept_source_route=1",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let _server = StopOnDrop(stop.clone(), Some(ttl_server(lab, "10.0.2.2:9000", stop)));
+    add(lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    let sock = lab
+        .in_ns(Node::Client, || UdpSocket::bind("10.0.1.2:42000"))
+        .expect("entering the client namespace")
+        .expect("binding the client socket");
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 2048];
+    let mut reply = |what: &str| -> String {
+        match sock.recv_from(&mut buf) {
+            Ok((n, src)) => format!("{what}: {} (from {src})", String::from_utf8_lossy(&buf[..n])),
+            Err(e) => format!("{what}: no reply ({})", e.kind()),
+        }
+    };
+    let mut out = vec![];
+    for i in 0..EXCHANGES / 2 {
+        sock.send_to(format!("plain{i}").as_bytes(), sa("10.0.1.1:8080")).unwrap();
+        out.push(reply("plain"));
+    }
+    // Record route with one empty slot (type 7, length 7, pointer 4), then end of options.
+    send_with_options(lab, &[7, 7, 4, 0, 0, 0, 0, 0], b"record-route");
+    out.push(reply("record route"));
+    // Loose source route with no address left (type 131, length 3, pointer 4), then end of options.
+    send_with_options(lab, &[131, 3, 4, 0], b"source-route");
+    out.push(reply("loose source route"));
+    for i in 0..EXCHANGES / 2 {
+        sock.send_to(format!("plain{i}").as_bytes(), sa("10.0.1.1:8080")).unwrap();
+        out.push(reply("plain"));
+    }
+    out
+}
+
+#[test]
+fn ip_options_mid_flow() {
+    compare("xdp-ipopt", ip_options_body, 70);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Refusals.
 
 /// What an attach may change on the router, to compare before and after a refused one.
