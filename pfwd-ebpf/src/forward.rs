@@ -12,7 +12,7 @@ use crate::{
 };
 
 /// Redirects the packet (whose tuple is now `t`) to its next hop if it is forwarded; None lets the stack have it
-/// (local delivery, TTL about to expire, MTU exceeded, no route, forwarding disabled, fast path off).
+/// (local delivery, TTL about to expire, IP options, MTU exceeded, no route, forwarding disabled, fast path off).
 #[inline(never)]
 pub fn redirect(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i32> {
     // bpf_redirect_neigh needs the link-layer header of an Ethernet-type device to replace; a packet that came in on
@@ -22,9 +22,15 @@ pub fn redirect(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i32> {
     }
     let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off())?;
     // SAFETY: bounds checked by ptr_at.
-    let (ttl, proto, tot_len) = unsafe { ((*ip).ttl, (*ip).proto, u16::from_be_bytes((*ip).tot_len)) };
+    let (vihl, ttl, proto, tot_len) =
+        unsafe { ((*ip).vihl, (*ip).ttl, (*ip).proto, u16::from_be_bytes((*ip).tot_len)) };
     if ttl <= 1 {
         // The stack sends the time-exceeded error.
+        return None;
+    }
+    if vihl & 0x0f != 5 {
+        // IP options: the stack acts on them (record route, timestamps, dropping source-routed packets while
+        // accept_source_route is off).
         return None;
     }
     let mut p = fib::params(t.proto, ifindex(ctx), t.daddr);
