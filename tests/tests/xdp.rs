@@ -13,8 +13,16 @@
 //! them (NAPI): GRO is switched on in the client and server namespaces, for both runs alike. Checksum offloads stay
 //! off (the lab's default), so a wrong checksum written by the XDP path would lose the packet.
 //!
-//! Refusals: `--xdp` with the iptables data path (new or existing instance) and `--xdp` on a layer-3 (tun) device
-//! fail, naming the problem, and change nothing.
+//! Scenarios: DNAT; full NAT (DNAT + MASQUERADE, no route back); SNAT and MASQUERADE alone; 1:1 NAT both ways;
+//! several backends; hairpin NAT (in and out of one interface); and, in the middle of flows the XDP path carries,
+//! a TTL-1 datagram (time exceeded), rule and flow changes (a masquerade added, `conntrack --flush`, a rule
+//! deleted), IPv4 options (which the stack acts on: the XDP path, and `--fast-forward` too, leave them to it) and a
+//! datagram over the next link's MTU (fragmentation needed with DF, fragmented by the router without). The client
+//! and server must count no IP header or TCP/UDP checksum errors in either run.
+//!
+//! Refusals: `--xdp` with the iptables data path (new or existing instance), `--xdp` on a layer-3 (tun) device, and
+//! the latter in auto mode too (no netfilter fallback without the fast path) fail, naming the problem, and change
+//! nothing.
 //!
 //! Needs root and a built pfwd: `cargo build --release -p pfwd && PFWD_BIN=$PWD/target/release/pfwd cargo test
 //! --release -p tests --test xdp`.
@@ -823,6 +831,60 @@ fn ip_options_mid_flow_fast_forward() {
     assert_eq!(ff.exact, tc.exact, "--fast-forward (left) differs from the tc path without it (right)");
     // The fast path took the plain datagrams (the stack forwarded only the odd first one).
     assert!(ff.by_stack * 10 <= tc.by_stack, "--fast-forward: the stack forwarded {} of {}", ff.by_stack, tc.by_stack);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 10. A datagram over the next link's MTU in the middle of a flow the XDP path forwards: with DF, the stack's
+// "fragmentation needed" error comes back translated; without DF the router fragments it, and the server's large
+// reply comes back in fragments. Both go through the tc path; the small datagrams around them through XDP.
+
+fn mtu_body(lab: &Lab) -> Vec<String> {
+    sh(lab, Node::Router, "ip link set eth1 mtu 1400");
+    sh(lab, Node::Server, "ip link set eth0 mtu 1400");
+    let _udp = udp_server(lab, Node::Server, "10.0.2.2:9000", "server");
+    add(lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    let sock = lab
+        .in_ns(Node::Client, || UdpSocket::bind("10.0.1.2:42000"))
+        .expect("entering the client namespace")
+        .expect("binding the client socket");
+    sock.connect("10.0.1.1:8080").unwrap();
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    set_int_opt(&sock, libc::IP_RECVERR, 1);
+    let mut buf = vec![0u8; 4096];
+    let mut exchange = |msg: &str| -> String {
+        let res = sock.send(msg.as_bytes()).and_then(|_| sock.recv(&mut buf));
+        match res {
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                let r = Reply::parse(&text).unwrap_or_else(|| panic!("unparsable reply {text:?}"));
+                assert_eq!(r.payload, msg, "a reply to another datagram");
+                format!("{} bytes sent: {} port {} saw peer {}", msg.len(), r.label, r.port, r.peer)
+            }
+            Err(e) => format!("{} bytes sent: {e}", msg.len()),
+        }
+    };
+    let big = String::from_utf8(pattern(1450)).unwrap();
+    let mut out = vec![];
+    for i in 0..EXCHANGES / 2 {
+        out.push(exchange(&format!("small{i}")));
+    }
+    set_int_opt(&sock, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO);
+    let err = exchange(&big);
+    assert!(err.ends_with("(os error 90)"), "expected EMSGSIZE from the fragmentation-needed error, got {err}");
+    out.push(err);
+    set_int_opt(&sock, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT);
+    let fragmented = exchange(&big);
+    assert!(fragmented.contains("saw peer 10.0.1.2:42000"), "the datagram fragmented by the router: {fragmented}");
+    out.push(fragmented);
+    for i in 0..EXCHANGES / 2 {
+        out.push(exchange(&format!("small{i}")));
+    }
+    out
+}
+
+#[test]
+fn mtu_exceeded_mid_flow() {
+    compare("xdp-mtu", mtu_body, 70);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
