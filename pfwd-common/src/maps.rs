@@ -645,6 +645,10 @@ pub struct IfaceInfo {
     /// Primary IPv6 address (the global one the kernel would use as a source; network order), used by REDIRECT of
     /// IPv6; :: when the interface has none.
     pub addr6: Addr6,
+    /// The link-layer address (Ethernet-type interfaces; zeros otherwise): the XDP fast path forwards only frames
+    /// sent to it, as the stack does (a frame for another host, seen in promiscuous mode, is not forwarded).
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// One fragmented datagram at one hook: the fields that identify a datagram (RFC 791: source, destination,

@@ -6,6 +6,9 @@ use aya_ebpf::{bindings::BPF_FIB_LOOKUP_SKIP_NEIGH, helpers::bpf_redirect_neigh,
 use network_types::ip::Ipv4Hdr;
 use pfwd_common::{Config, Tuple, checksum, config_flag};
 
+/// `skb->pkt_type` of a frame sent to this host's link-layer address.
+const PACKET_HOST: u32 = 0;
+
 use crate::{
     fib,
     parse::{ifindex, ip_off, ptr_at},
@@ -18,6 +21,12 @@ pub fn redirect(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i32> {
     // bpf_redirect_neigh needs the link-layer header of an Ethernet-type device to replace; a packet that came in on
     // a layer-3 device (tun, WireGuard, PPP) has none, and the kernel would drop it: the stack forwards those.
     if cfg.flags & config_flag::FAST_FORWARD == 0 || ip_off() == 0 {
+        return None;
+    }
+    // Only packets sent to this host's link-layer address: the stack forwards no broadcast, multicast or
+    // other-host frame (seen in promiscuous mode), translated or not.
+    // SAFETY: the context's __sk_buff is valid for the program's run.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
         return None;
     }
     let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off())?;

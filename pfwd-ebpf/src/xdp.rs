@@ -17,7 +17,7 @@ use pfwd_common::{Addr, Config, CtEntry, PROTO_TCP, PROTO_UDP, Stat, Tuple, chec
 
 use crate::{
     conntrack, fib,
-    maps::{CONNTRACK, CONNTRACK_NEW, XDP_TX, count, count_backend, count_rule},
+    maps::{CONNTRACK, CONNTRACK_NEW, IFACES, XDP_TX, count, count_backend, count_rule},
     parse::{ETH_P_IP, Packet, TCP_FIN, TCP_RST, TCP_SYN, frag, icmp},
     rules,
 };
@@ -135,6 +135,14 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
         (None, t0)
     };
     let in_ifindex = ctx.ingress_ifindex() as u32;
+    // Only frames sent to this interface: one for another host (seen in promiscuous mode: tcpdump, a bridge port)
+    // is dropped by the stack (PACKET_OTHERHOST), translated or not.
+    // SAFETY: plain read of a map value, which stays valid for the program's run.
+    let iface = unsafe { IFACES.get(&in_ifindex) }?;
+    // SAFETY: bounds checked by ptr_at above; the frame has not moved.
+    if unsafe { (*eth).dst_addr } != iface.mac {
+        return None;
+    }
     let mut p = fib::params(proto, in_ifindex, t1.daddr);
     p.sport = t1.sport.to_be();
     p.dport = t1.dport.to_be();

@@ -93,7 +93,7 @@ impl Instance {
             ..Config::default()
         };
         pins.0.load(ct_entries, &cfg).context("loading the eBPF programs")?;
-        pins.0.set_iface(LO, Some(IFACE_ADDR), Some(IFACE_ADDR6)).context("registering lo")?;
+        pins.0.set_iface(LO, Some(IFACE_ADDR), Some(IFACE_ADDR6), None).context("registering lo")?;
         // This host's addresses, for `-d local`: lo's (the model's IFACE_ADDR and IFACE_ADDR6).
         pins.0.set_local_addrs(&[IFACE_ADDR.into(), IFACE_ADDR6.into()]).context("setting local addresses")?;
         let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).context("pinned ingress program")?;

@@ -271,7 +271,7 @@ impl Kernel {
         if framing == Framing::Layer3 {
             self.ensure_layer3()?;
         }
-        self.set_iface(ifindex, netif::primary_ipv4(iface), netif::primary_ipv6(iface))?;
+        self.set_iface(ifindex, netif::primary_ipv4(iface), netif::primary_ipv6(iface), netif::mac(iface))?;
         for (_, attach_type, dir) in PROGRAMS {
             let pin = self.link_pin(iface, dir);
             if pin.exists() {
@@ -432,11 +432,18 @@ impl Kernel {
     }
 
     /// Registers an attached interface with its primary addresses (REDIRECT's targets; None: it has none).
-    pub fn set_iface(&self, ifindex: u32, addr: Option<Ipv4Addr>, addr6: Option<Ipv6Addr>) -> Result<()> {
+    pub fn set_iface(
+        &self,
+        ifindex: u32,
+        addr: Option<Ipv4Addr>,
+        addr6: Option<Ipv6Addr>,
+        mac: Option<[u8; 6]>,
+    ) -> Result<()> {
         let mut ifaces: HashMap<MapData, u32, IfaceInfo> = self.map(names::IFACES)?;
         let addr = addr.map_or(0, |a| CtFamily::of_ip(a.into()));
         let addr6 = addr6.map_or([0; 4], |a| CtFamily::of_ip(a.into()));
-        ifaces.insert(ifindex, IfaceInfo { addr, flags: 0, addr6 }, 0)?;
+        let info = IfaceInfo { addr, flags: 0, addr6, mac: mac.unwrap_or_default(), _pad: [0; 2] };
+        ifaces.insert(ifindex, info, 0)?;
         Ok(())
     }
 

@@ -15,6 +15,14 @@ pub fn ifindex(name: &str) -> Result<u32> {
     }
 }
 
+/// The link-layer (MAC) address of an Ethernet-type interface `name`, if it has one.
+pub fn mac(name: &str) -> Option<[u8; 6]> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        (a.interface_name == name).then_some(())?;
+        a.address?.as_link_addr()?.addr()
+    })
+}
+
 /// The first IPv4 address of `name` (the one iptables' REDIRECT uses), if any.
 pub fn primary_ipv4(name: &str) -> Option<Ipv4Addr> {
     nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {

@@ -290,7 +290,7 @@ fn redirect_goes_to_the_interface_address() {
 #[test]
 fn redirect_on_an_interface_without_address_drops() {
     let f = Fixture::new(&[rule(1, "redirect -p tcp --dport 80 --to-port 3128")]);
-    f.kernel().set_iface(LO, None, None).unwrap();
+    f.kernel().set_iface(LO, None, None, None).unwrap();
     let r = f.ingress(&Pkt::syn(ROUTER, 80).bytes());
     assert_eq!(r.ret, DROP);
     assert_eq!(f.stat("redirect_no_address_drops"), 1);

@@ -513,7 +513,7 @@ fn masquerade_udp_uses_the_interface_address() {
 
     // A changed interface address applies to new flows; the live flow keeps its address.
     let other = Ipv4Addr::new(10, 0, 1, 100);
-    f.kernel().set_iface(LO, Some(other), None).unwrap();
+    f.kernel().set_iface(LO, Some(other), None, None).unwrap();
     let new = Pkt::udp(CLIENT, 7000, BACKEND, 53);
     assert_translated(&f.egress(&new.bytes()), &new.from(other, 7000));
     assert_translated(&f.egress(&dns.bytes()), &dns.from(ROUTER, 5353));
@@ -537,7 +537,7 @@ fn masquerade_with_ports_allocates_in_range_keeping_a_zero_checksum() {
 #[test]
 fn masquerade_without_an_interface_address_drops() {
     let f = Fixture::new(&[rule(1, "masquerade -o lo")]);
-    f.kernel().set_iface(LO, None, None).unwrap();
+    f.kernel().set_iface(LO, None, None, None).unwrap();
     let r = f.egress(&Pkt::udp(CLIENT, 5353, BACKEND, 53).bytes());
     assert_eq!(r.ret, DROP);
     assert_eq!(f.counters(slot_of(1)).drops, 1);

@@ -709,7 +709,7 @@ fn redirect_goes_to_the_interface_ipv6_address() {
 
     // The interface's address as pfwd records it, for new flows.
     let other = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x100);
-    f.kernel().set_iface(LO, Some(ROUTER), Some(other)).unwrap();
+    f.kernel().set_iface(LO, Some(ROUTER), Some(other), None).unwrap();
     let syn2 = syn.from(CLIENT, CPORT + 1);
     assert_translated(&f.ingress(&syn2.bytes()), &syn2.to(other, 3000));
     // The live flow keeps its address.
@@ -717,7 +717,7 @@ fn redirect_goes_to_the_interface_ipv6_address() {
     assert_translated(&f.ingress(&ack.bytes()), &ack.to(ROUTER6, 3000));
 
     // An interface with an IPv4 address but no IPv6 one: the new flow is dropped, as iptables does.
-    f.kernel().set_iface(LO, Some(ROUTER), None).unwrap();
+    f.kernel().set_iface(LO, Some(ROUTER), None, None).unwrap();
     let r = f.ingress(&syn.from(CLIENT, CPORT + 2).bytes());
     assert_eq!(r.ret, DROP);
     assert_eq!(f.stat("redirect_no_address_drops"), 1);
@@ -813,12 +813,12 @@ fn masquerade_ipv6_uses_the_interface_address_and_leaves_ipv4_alone() {
 
     // A changed interface address applies to new flows; the live flow keeps its address.
     let other = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x100);
-    f.kernel().set_iface(LO, Some(ROUTER), Some(other)).unwrap();
+    f.kernel().set_iface(LO, Some(ROUTER), Some(other), None).unwrap();
     let new = Pkt::udp(CLIENT, 7000, BACKEND, 53);
     assert_translated(&f.egress(&new.bytes()), &new.from(other, 7000));
     assert_translated(&f.egress(&dns.bytes()), &dns.from(ROUTER6, 5353));
     // Without an IPv6 address: the new flow is dropped.
-    f.kernel().set_iface(LO, Some(ROUTER), None).unwrap();
+    f.kernel().set_iface(LO, Some(ROUTER), None, None).unwrap();
     let r = f.egress(&Pkt::udp(CLIENT, 7001, BACKEND, 53).bytes());
     assert_eq!(r.ret, DROP);
     assert_eq!(f.counters(slot_of(1)).drops, 1);

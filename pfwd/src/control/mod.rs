@@ -355,7 +355,7 @@ fn restore_added_sysctls(planned: &Meta, previous: &Meta) {
 /// change.
 fn refresh_addresses(kernel: &Kernel, state: &Meta) -> Result<()> {
     for i in &state.interfaces {
-        kernel.set_iface(i.ifindex, netif::primary_ipv4(&i.name), netif::primary_ipv6(&i.name))?;
+        kernel.set_iface(i.ifindex, netif::primary_ipv4(&i.name), netif::primary_ipv6(&i.name), netif::mac(&i.name))?;
     }
     kernel.set_local_addrs(&netif::local_addrs())
 }
@@ -888,7 +888,12 @@ pub fn follow_interfaces() -> Result<Vec<String>> {
     // addresses from LOCAL_ADDRS (netfilter finds them by itself in iptables mode).
     if let Backend::Ebpf(kernel) = &backend {
         for i in &present {
-            kernel.set_iface(i.ifindex, netif::primary_ipv4(&i.name), netif::primary_ipv6(&i.name))?;
+            kernel.set_iface(
+                i.ifindex,
+                netif::primary_ipv4(&i.name),
+                netif::primary_ipv6(&i.name),
+                netif::mac(&i.name),
+            )?;
         }
         kernel.set_local_addrs(&netif::local_addrs())?;
     }

@@ -81,7 +81,7 @@ impl Fixture {
         let dir = PathBuf::from(format!("/sys/fs/bpf/pfwd-test-{}-{n}", std::process::id()));
         let pins = Pins(Kernel::at(dir.clone()));
         pins.0.load(entries, &Config::default()).expect("loading the eBPF programs");
-        pins.0.set_iface(LO, Some(ROUTER), Some(ROUTER6)).expect("set_iface");
+        pins.0.set_iface(LO, Some(ROUTER), Some(ROUTER6), None).expect("set_iface");
         // This host's addresses, for `-d local`: lo's.
         pins.0.set_local_addrs(&[ROUTER.into(), ROUTER6.into()]).expect("set_local_addrs");
         pins.0.sync_rules(None, rules, &lo_index).expect("sync_rules");
