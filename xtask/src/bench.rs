@@ -312,7 +312,8 @@ fn udp_one(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
 /// BPF_F_TEST_XDP_LIVE_FRAMES, as xdp-trafficgen uses it) injected at the router's eth0 as if its driver had received
 /// them. Plain routing and pfwd's tc path get them from an XDP program that passes them to the stack (XDP_PASS);
 /// `--xdp` through pfwd's XDP program, which forwards them itself; and, as the floor of XDP forwarding in this lab,
-/// a bare XDP program that redirects them untouched through pfwd's devmap. The same generator and runs for all: what
+/// a bare XDP program that redirects them untouched through pfwd's devmap (those frames are addressed to the
+/// server's MAC and IP, so the server receives them as it does the others). The same generator and runs for all: what
 /// differs is what happens to a frame after the driver.
 ///
 /// A test run of a program that is not attached anywhere adds it to the kernel's XDP dispatcher and removes it
@@ -344,16 +345,16 @@ fn udp_live(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
                         aya_obj::programs::XdpAttachType::Interface,
                     )
                     .context("pinned prog_xdp")?;
-                    env.udp_live(&prog, dst, p.live_calls)?
+                    env.udp_live(&prog, dst, p.live_calls, false)?
                 }
                 "xdp-redirect" => {
                     let devmap = aya::maps::MapData::from_pin(env.pin_dir().join("PFWD_XDP_TX"))
                         .context("pinned PFWD_XDP_TX")?;
                     let bare = prog::EmptyProg::load_xdp_redirect(std::os::fd::AsFd::as_fd(devmap.fd()), eth1)?;
                     park.attach(XdpParking::PEER, &bare.pin)?;
-                    env.udp_live(&bare.prog, dst, p.live_calls)?
+                    env.udp_live(&bare.prog, dst, p.live_calls, true)?
                 }
-                _ => env.udp_live(&pass.prog, dst, p.live_calls)?,
+                _ => env.udp_live(&pass.prog, dst, p.live_calls, false)?,
             };
             drop(setup);
             println!(
@@ -392,7 +393,7 @@ impl<'e> XdpParking<'e> {
     fn attach(&self, dev: &str, pin: &Path) -> Result<()> {
         self.env
             .lab
-            .sh(tests::Node::Router, &format!("ip link set dev {dev} xdpdrv pinned {}", pin.display()))
+            .sh(tests::Node::Router, &format!("ip -force link set dev {dev} xdpdrv pinned {}", pin.display()))
             .with_context(|| format!("attaching a baseline XDP program to {dev}"))?;
         Ok(())
     }

@@ -120,6 +120,8 @@ pub struct Env {
     pub pfwd: PathBuf,
     pub tmp: PathBuf,
     router_mac: String,
+    /// The server's eth0 MAC: the live frames a bare XDP redirect sends on are addressed to it.
+    server_mac: String,
     /// /proc/net/dev of the server namespace (opened there, so reads from any thread show that namespace).
     server_dev: File,
     /// /proc/net/tcp of the server namespace.
@@ -185,6 +187,7 @@ impl Env {
             pfwd: pfwd.to_path_buf(),
             tmp,
             router_mac: router0,
+            server_mac: server.clone(),
             server_dev,
             server_tcp,
             _udp_sink: udp_sink,
@@ -366,15 +369,23 @@ impl Env {
     /// The kernel's own traffic generator (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, as xdp-trafficgen
     /// uses it): `calls` runs of [`LIVE_BATCH`] frames each, 60-byte UDP from the client to `dst:9000`, injected at
     /// the router's eth0 as if its driver had received them, through the XDP program `prog` (which passes them to
-    /// the stack, or forwards them itself). Returns frames per second over the calls, and (frames, delivered).
+    /// the stack, or forwards them itself). The frames are addressed to the router's eth0 MAC, or with `to_server`
+    /// to the server's (for a program that sends them on untouched). Returns frames per second over the calls, and
+    /// (frames, delivered).
     ///
     /// One batch per run: the generator's frames come from a page pool made per run, and a page the run gets back
     /// (a frame delivered and freed) keeps what the program or the stack wrote into it; a NAT rewrite of it is no
     /// longer the frame sent (measured: after two batches of one long run, nearly every frame was stale).
-    pub fn udp_live(&self, prog: &aya::programs::Xdp, dst: Ipv4Addr, calls: u32) -> Result<(f64, u64, u64)> {
+    pub fn udp_live(
+        &self,
+        prog: &aya::programs::Xdp,
+        dst: Ipv4Addr,
+        calls: u32,
+        to_server: bool,
+    ) -> Result<(f64, u64, u64)> {
         use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
         let mut frame = vec![];
-        let mac = parse_mac(&format!("link/ether {} ", self.router_mac))?;
+        let mac = if to_server { &self.server_mac } else { &self.router_mac };
         let mac: Vec<u8> = mac.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
         etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], mac.try_into().map_err(|_| anyhow::anyhow!("MAC"))?)
             .ipv4([10, 0, 1, 2], dst.octets(), 64)

@@ -211,6 +211,10 @@ fn xdp_singles(env: &Env, dir: &Path, a: &[u8], singles: usize) -> Result<Vec<(&
     // SAFETY: a NUL-terminated name.
     let lo = env.lab.in_ns(tests::Node::Router, || unsafe { libc::if_nametoindex(c"lo".as_ptr()) })?;
     // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    // Addressed to lo's MAC (all zeros), as the fast path forwards only frames sent to the ingress interface.
+    let mut frame = a.to_vec();
+    frame[..6].fill(0);
+    let a = &frame[..];
     let mut md = [0u8; 24];
     md[4..8].copy_from_slice(&(a.len() as u32).to_ne_bytes());
     md[12..16].copy_from_slice(&lo.to_ne_bytes());
