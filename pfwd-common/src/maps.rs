@@ -1059,7 +1059,7 @@ mod tests {
         assert_eq!(size_of::<FragEntry>(), 24);
         assert_eq!(size_of::<IndexEntry>(), 4 + 4 * INDEX_SLOTS);
         assert_eq!(size_of::<RuleEntry>(), 112);
-        assert_eq!(size_of::<IfaceInfo>(), 24);
+        assert_eq!(size_of::<IfaceInfo>(), 32);
         assert_eq!(size_of::<Tuple>(), 16);
         assert_eq!(size_of::<CtEntry>(), 40);
         assert_eq!(size_of::<Config>(), 72);
