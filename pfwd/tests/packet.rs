@@ -10,10 +10,7 @@ mod common;
 use common::*;
 use std::net::Ipv4Addr;
 
-use etherparse::{
-    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header,
-    NetHeaders, PacketBuilder, PacketHeaders, TcpHeader, TransportHeader, UdpHeader,
-};
+use etherparse::{EtherType, Ethernet2Header, Icmpv4Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
 use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, RuleCounters, Tuple, ct_state, dir};
 
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
@@ -24,28 +21,6 @@ const CPORT: u16 = 40_000;
 // ---------------------------------------------------------------------------------------------------------------
 // Packets
 // ---------------------------------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug)]
-enum L4 {
-    Tcp {
-        sport: u16,
-        dport: u16,
-        seq: u32,
-        ack: u32,
-        flags: u8,
-    },
-    /// `csum: false` sends the checksum as 0 ("no checksum").
-    Udp {
-        sport: u16,
-        dport: u16,
-        csum: bool,
-    },
-    Echo {
-        id: u16,
-        seq: u16,
-        reply: bool,
-    },
-}
 
 /// An Ethernet + IPv4 packet description; `bytes()` serializes it with every checksum computed by etherparse.
 #[derive(Clone, Debug)]
@@ -139,54 +114,14 @@ impl Pkt {
         self
     }
 
-    fn ip_header(&self, proto: IpNumber, l4_len: usize) -> Ipv4Header {
-        let mut ip = Ipv4Header::new(0, self.ttl, proto, self.src.octets(), self.dst.octets()).unwrap();
-        ip.identification = self.ident;
-        ip.dont_fragment = self.df;
-        ip.more_fragments = self.mf;
-        ip.fragment_offset = IpFragOffset::try_new(self.frag_offset).unwrap();
-        ip.options = self.options.as_slice().try_into().expect("IPv4 options: a multiple of 4, at most 40 bytes");
-        ip.set_payload_len(l4_len + self.payload.len()).unwrap();
-        ip.header_checksum = ip.calc_header_checksum();
-        ip
+    fn ip4(&self) -> Ip4<'_> {
+        let (src, dst, ttl, ident, options) = (self.src, self.dst, self.ttl, self.ident, &self.options[..]);
+        Ip4 { src, dst, ttl, ident, df: self.df, mf: self.mf, frag_offset: self.frag_offset, options }
     }
 
     fn bytes(&self) -> Vec<u8> {
-        let (proto, hdr_len) = match self.l4 {
-            L4::Tcp { .. } => (IpNumber::TCP, TcpHeader::MIN_LEN),
-            L4::Udp { .. } => (IpNumber::UDP, UdpHeader::LEN),
-            L4::Echo { .. } => (IpNumber::ICMP, 8),
-        };
-        let ip = self.ip_header(proto, hdr_len);
-        let l4: Vec<u8> = match self.l4 {
-            L4::Tcp { sport, dport, seq, ack, flags } => {
-                let mut t = TcpHeader::new(sport, dport, seq, 29_200);
-                t.acknowledgment_number = ack;
-                t.fin = flags & FIN != 0;
-                t.syn = flags & SYN != 0;
-                t.rst = flags & RST != 0;
-                t.psh = flags & PSH != 0;
-                t.ack = flags & ACK != 0;
-                t.checksum = t.calc_checksum_ipv4(&ip, &self.payload).unwrap();
-                t.to_bytes().to_vec()
-            }
-            L4::Udp { sport, dport, csum } => {
-                let mut u = UdpHeader::without_ipv4_checksum(sport, dport, self.payload.len()).unwrap();
-                if csum {
-                    u.checksum = u.calc_checksum_ipv4(&ip, &self.payload).unwrap();
-                }
-                u.to_bytes().to_vec()
-            }
-            L4::Echo { id, seq, reply } => {
-                let echo = IcmpEchoHeader { id, seq };
-                let ty = if reply { Icmpv4Type::EchoReply(echo) } else { Icmpv4Type::EchoRequest(echo) };
-                Icmpv4Header::with_checksum(ty, &self.payload).to_bytes().to_vec()
-            }
-        };
         let mut out = eth(EtherType::IPV4).to_vec();
-        ip.write_raw(&mut out).unwrap();
-        out.extend_from_slice(&l4);
-        out.extend_from_slice(&self.payload);
+        out.extend_from_slice(&self.ip4().packet(&self.l4, &self.payload));
         out
     }
 }

@@ -13,8 +13,8 @@ use common::*;
 use std::{net::Ipv4Addr, time::Duration};
 
 use etherparse::{
-    EtherType, Ethernet2Header, IcmpEchoHeader, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, Ipv4HeaderSlice,
-    NetHeaders, PacketHeaders, TcpHeader, TransportHeader, UdpHeader,
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, Ipv4HeaderSlice, NetHeaders,
+    PacketHeaders, TransportHeader,
     icmpv4::{DestUnreachableHeader, ParameterProblemHeader, TimeExceededCode},
 };
 use pfwd_common::{PROTO_ICMP, PROTO_TCP, Tuple, ct_hook, dir};
@@ -35,28 +35,6 @@ const CPORT: u16 = 40_000;
 // ---------------------------------------------------------------------------------------------------------------
 // Packets
 // ---------------------------------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug)]
-enum L4 {
-    Tcp {
-        sport: u16,
-        dport: u16,
-        seq: u32,
-        ack: u32,
-        flags: u8,
-    },
-    /// `csum: false` sends the checksum as 0 ("no checksum").
-    Udp {
-        sport: u16,
-        dport: u16,
-        csum: bool,
-    },
-    Echo {
-        id: u16,
-        seq: u16,
-        reply: bool,
-    },
-}
 
 /// An IPv4 packet description; `bytes()` serializes it (with Ethernet) with every checksum computed by etherparse.
 #[derive(Clone, Debug)]
@@ -139,44 +117,9 @@ impl Pkt {
 
     /// The IP packet (no Ethernet header).
     fn ip_bytes(&self) -> Vec<u8> {
-        let (proto, hdr_len) = match self.l4 {
-            L4::Tcp { .. } => (IpNumber::TCP, TcpHeader::MIN_LEN),
-            L4::Udp { .. } => (IpNumber::UDP, UdpHeader::LEN),
-            L4::Echo { .. } => (IpNumber::ICMP, 8),
-        };
-        let mut ip = Ipv4Header::new(0, self.ttl, proto, self.src.octets(), self.dst.octets()).unwrap();
-        ip.identification = self.ident;
-        ip.options = self.options.as_slice().try_into().expect("IPv4 options: a multiple of 4, at most 40 bytes");
-        ip.set_payload_len(hdr_len + self.payload.len()).unwrap();
-        ip.header_checksum = ip.calc_header_checksum();
-        let l4: Vec<u8> = match self.l4 {
-            L4::Tcp { sport, dport, seq, ack, flags } => {
-                let mut t = TcpHeader::new(sport, dport, seq, 29_200);
-                t.acknowledgment_number = ack;
-                t.syn = flags & SYN != 0;
-                t.psh = flags & PSH != 0;
-                t.ack = flags & ACK != 0;
-                t.checksum = t.calc_checksum_ipv4(&ip, &self.payload).unwrap();
-                t.to_bytes().to_vec()
-            }
-            L4::Udp { sport, dport, csum } => {
-                let mut u = UdpHeader::without_ipv4_checksum(sport, dport, self.payload.len()).unwrap();
-                if csum {
-                    u.checksum = u.calc_checksum_ipv4(&ip, &self.payload).unwrap();
-                }
-                u.to_bytes().to_vec()
-            }
-            L4::Echo { id, seq, reply } => {
-                let echo = IcmpEchoHeader { id, seq };
-                let ty = if reply { Icmpv4Type::EchoReply(echo) } else { Icmpv4Type::EchoRequest(echo) };
-                Icmpv4Header::with_checksum(ty, &self.payload).to_bytes().to_vec()
-            }
-        };
-        let mut out = Vec::new();
-        ip.write_raw(&mut out).unwrap();
-        out.extend_from_slice(&l4);
-        out.extend_from_slice(&self.payload);
-        out
+        let (src, dst, ttl, ident, options) = (self.src, self.dst, self.ttl, self.ident, &self.options[..]);
+        let ip = Ip4 { src, dst, ttl, ident, df: false, mf: false, frag_offset: 0, options };
+        ip.packet(&self.l4, &self.payload)
     }
 
     fn bytes(&self) -> Vec<u8> {

@@ -320,10 +320,22 @@ fn compare(prefix: &str, scenario: fn(&Lab) -> Vec<String>, min_xdp: u64) {
 // 1. DNAT, TCP and UDP, to the server, which routes back through the router.
 
 fn dnat_body(lab: &Lab) -> Vec<String> {
+    dnat_traffic(lab, false)
+}
+
+/// TCP and UDP DNAT 10.0.1.1:8080 -> 10.0.2.2:9000, and the clients' traffic through it; `full_nat` adds MASQUERADE out
+/// of eth1 and takes the server's route back away.
+fn dnat_traffic(lab: &Lab, full_nat: bool) -> Vec<String> {
+    if full_nat {
+        sh(lab, Node::Server, "ip route del default");
+    }
     let _tcp = server(lab, Node::Server, "10.0.2.2:9000", "server");
     let _udp = udp_server(lab, Node::Server, "10.0.2.2:9000", "server");
     add(lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
     add(lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    if full_nat {
+        add(lab, &["masquerade", "-o", "eth1"]);
+    }
     let mut out = vec![];
     for i in 0..3 {
         out.push(tcp_bulk(lab, Node::Client, &format!("10.0.1.2:{}", 41000 + i), "10.0.1.1:8080"));
@@ -341,18 +353,7 @@ fn dnat() {
 // 2. Full NAT: DNAT plus MASQUERADE out of eth1; the server has no route back to the client.
 
 fn full_nat_body(lab: &Lab) -> Vec<String> {
-    sh(lab, Node::Server, "ip route del default");
-    let _tcp = server(lab, Node::Server, "10.0.2.2:9000", "server");
-    let _udp = udp_server(lab, Node::Server, "10.0.2.2:9000", "server");
-    add(lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
-    add(lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
-    add(lab, &["masquerade", "-o", "eth1"]);
-    let mut out = vec![];
-    for i in 0..3 {
-        out.push(tcp_bulk(lab, Node::Client, &format!("10.0.1.2:{}", 41000 + i), "10.0.1.1:8080"));
-        out.push(udp_series(lab, Node::Client, &format!("10.0.1.2:{}", 42000 + i), "10.0.1.1:8080"));
-    }
-    out
+    dnat_traffic(lab, true)
 }
 
 #[test]

@@ -13,6 +13,7 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use etherparse::{IcmpEchoHeader, Icmpv4Header, Icmpv4Type, IpFragOffset, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
 use pfwd::{loader::Kernel, state::StoredRule};
 use pfwd_common::{Addr6, Config, CtEntry, CtEntry6, RuleCounters, Tuple, Tuple6};
 
@@ -184,4 +185,96 @@ pub fn ne6(a: Ipv6Addr) -> Addr6 {
 
 pub fn tuple6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, proto: u8) -> Tuple6 {
     Tuple6 { saddr: ne6(src), daddr: ne6(dst), sport, dport, proto, _pad: 0, _pad2: 0 }
+}
+
+/// The transport part of an IPv4 test packet (the packet test files' `Pkt`s).
+#[derive(Clone, Copy, Debug)]
+pub enum L4 {
+    Tcp {
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+    },
+    /// `csum: false` sends the checksum as 0 ("no checksum").
+    Udp {
+        sport: u16,
+        dport: u16,
+        csum: bool,
+    },
+    Echo {
+        id: u16,
+        seq: u16,
+        reply: bool,
+    },
+}
+
+/// The IPv4 header fields a test packet sets; [`Ip4::packet`] serializes it with a transport header and payload.
+pub struct Ip4<'a> {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    pub ident: u16,
+    pub df: bool,
+    pub mf: bool,
+    pub frag_offset: u16,
+    pub options: &'a [u8],
+}
+
+impl Ip4<'_> {
+    /// The header of a packet of `proto` whose payload (transport header included) is `len` bytes, its checksum
+    /// computed by etherparse.
+    pub fn header(&self, proto: IpNumber, len: usize) -> Ipv4Header {
+        let mut ip = Ipv4Header::new(0, self.ttl, proto, self.src.octets(), self.dst.octets()).unwrap();
+        ip.identification = self.ident;
+        ip.dont_fragment = self.df;
+        ip.more_fragments = self.mf;
+        ip.fragment_offset = IpFragOffset::try_new(self.frag_offset).unwrap();
+        ip.options = self.options.try_into().expect("IPv4 options: a multiple of 4, at most 40 bytes");
+        ip.set_payload_len(len).unwrap();
+        ip.header_checksum = ip.calc_header_checksum();
+        ip
+    }
+
+    /// The IP packet (no Ethernet header): this header, `l4` and `payload`, every checksum computed by etherparse.
+    pub fn packet(&self, l4: &L4, payload: &[u8]) -> Vec<u8> {
+        let (proto, hdr_len) = match l4 {
+            L4::Tcp { .. } => (IpNumber::TCP, TcpHeader::MIN_LEN),
+            L4::Udp { .. } => (IpNumber::UDP, UdpHeader::LEN),
+            L4::Echo { .. } => (IpNumber::ICMP, 8),
+        };
+        let ip = self.header(proto, hdr_len + payload.len());
+        let l4: Vec<u8> = match *l4 {
+            L4::Tcp { sport, dport, seq, ack, flags } => {
+                let mut t = TcpHeader::new(sport, dport, seq, 29_200);
+                t.acknowledgment_number = ack;
+                t.fin = flags & FIN != 0;
+                t.syn = flags & SYN != 0;
+                t.rst = flags & RST != 0;
+                t.psh = flags & PSH != 0;
+                t.ack = flags & ACK != 0;
+                t.checksum = t.calc_checksum_ipv4(&ip, payload).unwrap();
+                t.to_bytes().to_vec()
+            }
+            L4::Udp { sport, dport, csum } => {
+                let mut u = UdpHeader::without_ipv4_checksum(sport, dport, payload.len()).unwrap();
+                if csum {
+                    // A computed 0 comes back as 0xffff (RFC 768).
+                    u.checksum = u.calc_checksum_ipv4(&ip, payload).unwrap();
+                }
+                u.to_bytes().to_vec()
+            }
+            L4::Echo { id, seq, reply } => {
+                let echo = IcmpEchoHeader { id, seq };
+                let ty = if reply { Icmpv4Type::EchoReply(echo) } else { Icmpv4Type::EchoRequest(echo) };
+                Icmpv4Header::with_checksum(ty, payload).to_bytes().to_vec()
+            }
+        };
+        let mut out = Vec::new();
+        ip.write_raw(&mut out).unwrap();
+        out.extend_from_slice(&l4);
+        out.extend_from_slice(payload);
+        out
+    }
 }
