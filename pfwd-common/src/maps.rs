@@ -581,11 +581,15 @@ pub enum Stat {
     /// Packets the XDP fast path (`--xdp`) translated and sent to their egress interface itself; every other
     /// packet went on to the tc programs.
     XdpForwarded = 15,
+    /// Forwarded packets the egress program handled from what the ingress program had just found about them (the
+    /// handoff, which tc ingress leaves for egress on the same CPU), without a conntrack lookup of its own: it
+    /// applied their flow's translation as ingress handed it over, or knew it had nothing to do.
+    EgressHandoffs = 16,
 }
 
 impl Stat {
     /// Entries of the stats array.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     /// Every counter, in index order (`ALL[i] as u32 == i`).
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::Unused,
@@ -604,6 +608,7 @@ impl Stat {
         Stat::FlowsConfirmed,
         Stat::UnconfirmedRestored,
         Stat::XdpForwarded,
+        Stat::EgressHandoffs,
     ];
 
     /// Index in the stats array.
@@ -631,6 +636,7 @@ impl Stat {
             Stat::FlowsConfirmed => "flows_confirmed",
             Stat::UnconfirmedRestored => "unconfirmed_entries_restored",
             Stat::XdpForwarded => "xdp_forwarded",
+            Stat::EgressHandoffs => "egress_handoffs",
         }
     }
 }
@@ -862,6 +868,15 @@ pub mod ct_flag {
     /// The flow's rule has several backends: its packets are counted per backend too (the backend is the
     /// original direction's new destination, the reply direction's source).
     pub const BACKENDS: u8 = 1 << 0;
+    /// The packets this flow translates at ingress have more to do at egress: the tuple they are translated to is
+    /// another flow's, translated there (the second half of a full NAT: DNAT at ingress, then SNAT at egress). Set
+    /// when the flow, or that other flow, is created (`conntrack::create` looks the translated tuple up).
+    pub const EGRESS_TOO: u8 = 1 << 1;
+    /// A packet this flow translated at ingress has passed egress, which settled the flow's NAT there (a flow of its
+    /// translated tuple found or opened, or none): later ones never open a flow at egress, as netfilter settles a
+    /// connection's NAT with its first packet, and without [`EGRESS_TOO`] egress leaves them alone without a
+    /// lookup (the handoff, `pfwd-ebpf/src/handoff.rs`).
+    pub const SETTLED: u8 = 1 << 2;
 }
 
 /// Conntrack state bits (kept identical in both entries of a flow).
@@ -1096,6 +1111,7 @@ mod tests {
                 "flows_confirmed",
                 "unconfirmed_entries_restored",
                 "xdp_forwarded",
+                "egress_handoffs",
             ]
         );
     }

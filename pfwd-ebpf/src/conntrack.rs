@@ -19,7 +19,7 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, generated::bpf_jiffies64},
     maps::LruHashMap,
 };
-use pfwd_common::{Config, CtEntryOf, FlowTuple, PROTO_TCP, Stat, ct_hook, ct_state, dir};
+use pfwd_common::{Config, CtEntryOf, FlowTuple, PROTO_TCP, Stat, ct_flag, ct_hook, ct_state, dir};
 
 use crate::{
     family::Family,
@@ -259,6 +259,10 @@ pub fn create<A: Family>(
             remove_flow(reply_key, other);
         }
     }
+    // What the new flow translates at ingress goes on as `to`: if egress translates that tuple (another flow's),
+    // those packets have more to do there (`EGRESS_TOO`).
+    let to = if hook == ct_hook::INGRESS { xlat } else { &s.ours };
+    let flags = if egress_too(to) { flags | ct_flag::EGRESS_TOO } else { flags };
     // One entry value, filled for the reply direction first, then reused for the original one.
     s.entry = CtEntryOf {
         xlat: s.ours,
@@ -295,4 +299,45 @@ pub fn create<A: Family>(
         return Err(Stat::CtInsertFailed);
     }
     Ok(())
+}
+
+/// Whether `to`, a tuple a new flow translates packets to at ingress, is the key of an entry egress translates: then
+/// the new flow's packets translated to `to` have more to do at egress (`ct_flag::EGRESS_TOO`). If that entry's
+/// flow translates packets to `to` reversed at ingress (its other entry points back), that flow gets the flag too:
+/// those packets now meet the new flow's entry at egress. The two halves of a full NAT find each other this way
+/// whichever is created first. Only at flow creation: established packets read the flag, never this.
+#[inline(never)]
+fn egress_too<A: Family>(to: &FlowTuple<A>) -> bool {
+    let Some((p, _)) = find(to) else { return false };
+    // SAFETY: a map value pointer from a successful lookup.
+    let pe = unsafe { &mut *p };
+    if pe.hook != ct_hook::EGRESS {
+        return false;
+    }
+    if let Some((i, _)) = find(&pe.xlat.reversed()) {
+        // SAFETY: as above.
+        let ie = unsafe { &mut *i };
+        if ie.hook == ct_hook::INGRESS && ie.xlat.reversed() == *to {
+            ie.flags |= ct_flag::EGRESS_TOO;
+            pe.flags |= ct_flag::EGRESS_TOO;
+        }
+    }
+    true
+}
+
+/// Marks the flow whose ingress entry is `key` (translating packets to `to`) settled at egress
+/// (`ct_flag::SETTLED`), in both its entries: a packet it translated has passed egress. Once per flow.
+#[inline(never)]
+pub fn settle<A: Family>(key: &FlowTuple<A>, to: &FlowTuple<A>) {
+    let Some((i, _)) = find(key) else { return };
+    // SAFETY: a map value pointer from a successful lookup.
+    let ie = unsafe { &mut *i };
+    if ie.hook != ct_hook::INGRESS || ie.xlat != *to {
+        return;
+    }
+    ie.flags |= ct_flag::SETTLED;
+    if let Some((p, _)) = peer(key, ie) {
+        // SAFETY: as above.
+        unsafe { (*p).flags |= ct_flag::SETTLED };
+    }
 }

@@ -18,6 +18,7 @@ use aya_log_ebpf::macro_support::{Argument, IpFormatter};
 
 use crate::{
     fib, forward,
+    handoff::{HANDOFF4, Handoff},
     maps::{CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, CT_SCRATCH4, CT_SCRATCH6, CtScratch, FRAGS, FRAGS6},
     nat,
     parse::{self, Embedded},
@@ -54,6 +55,9 @@ pub trait Family: Addr {
 
     /// This CPU's working memory for creating a flow ([`CtScratch`]).
     fn ct_scratch() -> Option<&'static mut CtScratch<Self>>;
+
+    /// This CPU's handoff slot from tc ingress to tc egress (`crate::handoff`): IPv4 only, None for IPv6.
+    fn handoff() -> Option<*mut Handoff<Self>>;
 
     /// Parses the packet embedded in an ICMP error at `ip_off` into `emb` (`end`: the outer packet's end).
     fn embedded(ctx: &TcContext, ip_off: usize, end: usize, emb: &mut Embedded<Self>) -> Option<()>;
@@ -135,6 +139,11 @@ impl Family for u32 {
         // SAFETY: this CPU's value; the tc programs, the only users, run with bottom halves disabled, so nothing
         // else on this CPU uses it meanwhile.
         CT_SCRATCH4.get_ptr_mut(0).map(|w| unsafe { &mut *w })
+    }
+
+    #[inline(always)]
+    fn handoff() -> Option<*mut Handoff<u32>> {
+        HANDOFF4.get_ptr_mut(0)
     }
 
     #[inline(always)]
@@ -233,6 +242,12 @@ impl Family for Addr6 {
     fn ct_scratch() -> Option<&'static mut CtScratch<Addr6>> {
         // SAFETY: as above.
         CT_SCRATCH6.get_ptr_mut(0).map(|w| unsafe { &mut *w })
+    }
+
+    #[inline(always)]
+    fn handoff() -> Option<*mut Handoff<Addr6>> {
+        // IPv6 packets take two lookups: a slot of 40-byte tuples would cost the IPv6 path stack it has not got.
+        None
     }
 
     #[inline(always)]

@@ -31,6 +31,8 @@ mod forward;
 #[cfg(target_arch = "bpf")]
 mod fragment;
 #[cfg(target_arch = "bpf")]
+mod handoff;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
@@ -60,7 +62,7 @@ mod programs {
     use crate::{
         conntrack, dnat,
         family::Family,
-        fragment,
+        fragment, handoff,
         maps::{
             CONFIG, IFACES, TAIL, count, count_backend, count_rule, count_rule_drop, err_work4, err_work6, tail, work6,
         },
@@ -167,6 +169,8 @@ mod programs {
     #[inline(always)]
     fn run4(ctx: &TcContext, at: u8) -> i32 {
         let Some(cfg) = CONFIG.get(0) else { return NEXT };
+        // Every IPv4 packet empties this CPU's handoff slot, at either hook; egress may use what it held.
+        let Some((h, held)) = handoff::take::<u32>() else { return NEXT };
         let Some(pkt) = parse::parse4(ctx) else { return NEXT };
         if pkt.frag == frag::LATER {
             return fragment::later(ctx, &pkt, at);
@@ -175,9 +179,34 @@ mod programs {
             return ICMP_ERROR;
         }
         let mut xlat = pkt.tuple;
-        let mut v = verdict(&pkt, &mut xlat, at, cfg);
-        if matches!(v, Verdict::Open) {
+        // At egress, the packet ingress has just described (`handoff`), if it is this one.
+        let handed = at == ct_hook::EGRESS && held != handoff::NONE && handoff::describes(h, &pkt);
+        // SAFETY: this CPU's slot (see `handoff::take`).
+        let hd = unsafe { &*h };
+        // A packet ingress translated, of a flow settled at egress: it opens no flow here.
+        let settled = handed && held == handoff::TRANSLATED && hd.settled;
+        let mut v = if !handed {
+            verdict(&pkt, &mut xlat, at, cfg)
+        } else if held == handoff::KNOWN {
+            // Its flow's translation here, as ingress found it (and recorded the packet in the flow).
+            count(Stat::EgressHandoffs);
+            xlat = hd.other.copied();
+            Verdict::Translate { slot: hd.rule_slot, new_flow: false, lb: (hd.lb_flags, hd.lb_dir) }
+        } else if settled && !hd.egress_too {
+            // Nothing to do here: no lookup.
+            count(Stat::EgressHandoffs);
+            return NEXT;
+        } else {
+            // A full NAT's second flow, or the flow's first packet at egress: looked up as without a handoff.
+            verdict(&pkt, &mut xlat, at, cfg)
+        };
+        if matches!(v, Verdict::Open) && !settled {
             v = new_flow(ctx, &pkt, &mut xlat, at, cfg);
+        }
+        if handed && held == handoff::TRANSLATED && !hd.settled && !matches!(v, Verdict::Drop) {
+            // The flow's first packet through egress settles its NAT here (unless dropped, as netfilter forgets a
+            // connection whose first packet it drops).
+            conntrack::settle(&hd.other, &pkt.tuple);
         }
         finish(ctx, at, cfg, (&pkt, &xlat), v)
     }
@@ -299,7 +328,18 @@ mod programs {
             // SAFETY: map value pointer from lookup.
             let entry = unsafe { &*e };
             if entry.hook != at {
-                // A known flow, translated at the other hook.
+                // A known flow, translated at the other hook. Forwarded, it meets egress next: ingress records the
+                // packet in its flow now and hands egress the translation (unless the flow is closed: egress then
+                // decides whether the packet starts over).
+                if at == ct_hook::INGRESS
+                    && pkt.frag == frag::WHOLE
+                    && A::handoff().is_some()
+                    && !(pkt.tuple.proto == PROTO_TCP && entry.is_closed())
+                {
+                    let (slot, lb) = (entry.rule_slot, (entry.flags, entry.dir));
+                    handoff::known(pkt, &entry.xlat, slot, lb);
+                    conntrack::track(&pkt.tuple, e, pkt, now);
+                }
                 return Verdict::Known;
             }
             let closed = pkt.tuple.proto == PROTO_TCP && entry.is_closed();
@@ -315,6 +355,9 @@ mod programs {
                 // an established packet's cost).
                 *xlat = entry.xlat.copied();
                 let (slot, lb) = (entry.rule_slot, (entry.flags, entry.dir));
+                if at == ct_hook::INGRESS {
+                    handoff::translated(pkt, xlat, entry.flags);
+                }
                 conntrack::track(&pkt.tuple, e, pkt, now);
                 return Verdict::Translate { slot, new_flow: false, lb };
             }
@@ -349,6 +392,10 @@ mod programs {
         match created {
             Ok(()) => {
                 count(Stat::NewFlows);
+                if at == ct_hook::INGRESS {
+                    // Not settled: its first packet at egress is looked up there, and settles it.
+                    handoff::translated(pkt, xlat, 0);
+                }
                 let lb = if at == ct_hook::INGRESS && rule.flags & rule_flag::BACKENDS != 0 {
                     (ct_flag::BACKENDS, dir::ORIGINAL)
                 } else {

@@ -8,8 +8,8 @@
 //! off), and packets leaving through an interface without pfwd's XDP program.
 //!
 //! A packet gets here what the tc path gives it: the translation at ingress (its flow's entry for that hook), then
-//! the one at egress (the translated tuple's entry; without one, the check that no SNAT rule would open a flow for
-//! it there), the same rule and backend counters and the same conntrack refresh. Like `--fast-forward` it skips
+//! the one at egress as tc's egress would find it (see below), the same rule and backend counters and the same
+//! conntrack refresh. Like `--fast-forward` it skips
 //! netfilter (FORWARD rules, the kernel's conntrack, the egress qdisc), which is why it is opt-in.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -154,17 +154,33 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
     }
     let out = p.ifindex;
     XDP_TX.get_ifindex(out)?;
-    // The translation at egress: the flow's, or none when no SNAT rule would give the translated packet one.
-    let egress = if at_ingress {
+    // The translation at egress, as tc's egress would find it after the handoff (`crate::handoff`): once the flow is
+    // settled there, none unless the flow has more to do at egress (a full NAT), and then the translated tuple's
+    // flow, if it still has one. Before (its first packets), the translated tuple's flow, or none when no SNAT rule
+    // would open one for it (that is tc's to do); the packet then settles the flow, as tc's egress would.
+    let flags = if at_ingress {
+        // SAFETY: as above.
+        unsafe { (*e0).flags }
+    } else {
+        0
+    };
+    let settled = flags & ct_flag::SETTLED != 0;
+    let egress = if !at_ingress {
+        Some(Step { key: t0, entry: e0 })
+    } else if settled && flags & ct_flag::EGRESS_TOO == 0 {
+        None
+    } else {
         match live(&t1, now, cfg) {
             // SAFETY: as above.
             Ok(e) if unsafe { (*e).hook } == ct_hook::EGRESS => Some(Step { key: t1, entry: e }),
             Ok(_) => None,
             Err(false) => return None,
-            // No flow at egress: a UDP packet may open one there (a TCP packet without SYN does not).
+            // No flow at egress: before the flow is settled a UDP packet may open one there (a TCP packet without
+            // SYN does not).
             Err(true) => {
                 let set = cfg.active();
-                if proto == PROTO_UDP
+                if !settled
+                    && proto == PROTO_UDP
                     && set.counts.post != 0
                     && rules::find(&t1, out, hook::POSTROUTING, &set, false).is_some()
                 {
@@ -173,9 +189,10 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
                 None
             }
         }
-    } else {
-        Some(Step { key: t0, entry: e0 })
     };
+    if at_ingress && !settled {
+        conntrack::settle(&t0, &t1);
+    }
     let t2 = match &egress {
         // SAFETY: as above.
         Some(s) => unsafe { (*s.entry).xlat.copied() },

@@ -80,6 +80,13 @@ impl Instance {
             bail!("pfwd-fuzz loads eBPF programs and needs root (cargo xtask fuzz runs it through sudo)");
         }
         pfwd::instance::ensure_bpffs().context("bpffs at /sys/fs/bpf")?;
+        // The tc ingress program hands what it found about a packet to the egress program through a per-CPU slot
+        // (pfwd-ebpf/src/handoff.rs), as forwarding runs both on one CPU; the model predicts that handoff, so the
+        // test runs of one send must share a CPU too: this thread stays on the one it runs on.
+        let cpu = nix::sched::sched_getcpu().context("sched_getcpu")?;
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).context("CPU set")?;
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).context("sched_setaffinity")?;
         let n = INSTANCES.fetch_add(1, Ordering::Relaxed);
         let dir = PathBuf::from(format!("/sys/fs/bpf/pfwd-fuzz-{}-{n}", std::process::id()));
         let pins = Pins(Kernel::at(dir.clone()));

@@ -17,7 +17,7 @@ use etherparse::{
     PacketHeaders, TransportHeader,
     icmpv4::{DestUnreachableHeader, ParameterProblemHeader, TimeExceededCode},
 };
-use pfwd_common::{PROTO_ICMP, PROTO_TCP, Tuple, ct_hook, dir};
+use pfwd_common::{CtEntry, PROTO_ICMP, PROTO_TCP, Tuple, ct_flag, ct_hook, ct_state, dir, names};
 
 /// TCX_NEXT as the test run reports it (the programs return -1 for passed and translated packets alike).
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
@@ -844,4 +844,164 @@ fn full_nat_translates_both_ways_through_both_hooks() {
     let r = f.egress(&r.data);
     assert_error_translated(&r, &icmp_error(ROUTER, CLIENT, port_unreachable(), &syn.ip_bytes()), true);
     assert_eq!(f.stat("icmp_errors_translated"), 2);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The handoff: tc ingress tells tc egress what it found about the packet (pfwd-ebpf/src/handoff.rs), so that a
+// forwarded packet costs one conntrack lookup, not two. The fixture keeps each test on one CPU, as forwarding does.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The entry `key`, from whichever table holds it.
+#[track_caller]
+fn ct_entry(f: &Fixture, key: &Tuple) -> CtEntry {
+    f.conntrack().into_iter().find(|(k, _)| k == key).unwrap_or_else(|| panic!("no entry {key:?}")).1
+}
+
+/// One conntrack table, writable (to plant or remove entries between the two hooks).
+fn ct_table(f: &Fixture, name: &str) -> aya::maps::HashMap<aya::maps::MapData, Tuple, CtEntry> {
+    let data = aya::maps::MapData::from_pin(f.kernel().pin_dir().join(name)).expect("pinned conntrack map");
+    aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
+}
+
+/// A DNAT flow (client -> 10.0.1.1:8080 -> backend:80) through its handshake, each packet through both hooks.
+fn dnat_handshake(f: &Fixture) -> Pkt {
+    let syn = Pkt::tcp(CLIENT, CPORT, ROUTER, 8080, SYN);
+    for (pkt, want) in [
+        (syn.clone(), syn.to(BACKEND, 80)),
+        (Pkt::tcp(BACKEND, 80, CLIENT, CPORT, SYN | ACK), Pkt::tcp(ROUTER, 8080, CLIENT, CPORT, SYN | ACK)),
+        (syn.clone().flags(ACK), syn.to(BACKEND, 80).flags(ACK)),
+    ] {
+        let r = f.ingress(&pkt.bytes());
+        assert_translated(&f.egress(&r.data), &want);
+    }
+    syn
+}
+
+#[test]
+fn egress_takes_a_dnat_replys_translation_from_ingress_without_a_lookup() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:80")]);
+    let syn = Pkt::tcp(CLIENT, CPORT, ROUTER, 8080, SYN);
+    let r = f.ingress(&syn.bytes());
+    assert_translated(&f.egress(&r.data), &syn.to(BACKEND, 80));
+    // The flow's first packet through egress settled it there: nothing found or opened for it.
+    let key = tuple(CLIENT, CPORT, ROUTER, 8080, PROTO_TCP);
+    assert_eq!(ct_entry(&f, &key).flags & (ct_flag::SETTLED | ct_flag::EGRESS_TOO), ct_flag::SETTLED);
+    assert_eq!(f.stat("egress_handoffs"), 0, "a new flow's first packet is looked up at egress");
+
+    // The reply: ingress finds its flow (translated at egress), records it and hands the translation over. Its
+    // entry is removed between the hooks: egress translates it all the same, so it did not look it up.
+    let syn_ack = Pkt::tcp(BACKEND, 80, CLIENT, CPORT, SYN | ACK);
+    let r = f.ingress(&syn_ack.bytes());
+    assert_untouched(&r, &syn_ack.bytes());
+    assert_ne!(ct_entry(&f, &key).state & ct_state::SEEN_REPLY, 0, "ingress recorded the reply in the flow");
+    let reply_key = tuple(BACKEND, 80, CLIENT, CPORT, PROTO_TCP);
+    let reply_entry = ct_entry(&f, &reply_key);
+    assert_eq!(f.kernel().conntrack_delete(&[reply_key]).unwrap(), 1);
+    assert_translated(&f.egress(&r.data), &syn_ack.from(ROUTER, 8080));
+    assert_eq!(f.stat("egress_handoffs"), 1);
+    assert_eq!(f.counters(slot_of(1)).packets, 2);
+
+    // With the entry back: a packet ingress did not describe (another identification) is looked up at egress, and
+    // translated by the entry.
+    let table = if reply_entry.is_confirmed() { names::CONNTRACK } else { names::CONNTRACK_NEW };
+    ct_table(&f, table).insert(reply_key, reply_entry, 0).unwrap();
+    let r = f.ingress(&syn_ack.bytes());
+    let mut other = syn_ack.clone();
+    other.ident ^= 0x0101;
+    assert_translated(&f.egress(&other.bytes()), &other.from(ROUTER, 8080));
+    assert_eq!(f.stat("egress_handoffs"), 1);
+    // And every packet empties the slot: the one ingress did describe, coming after another, is looked up too.
+    let planted = CtEntry { xlat: tuple(PUBLIC, 999, CLIENT, CPORT, PROTO_TCP), ..reply_entry };
+    ct_table(&f, table).insert(reply_key, planted, 0).unwrap();
+    assert_translated(&f.egress(&r.data), &syn_ack.from(PUBLIC, 999));
+    assert_eq!(f.stat("egress_handoffs"), 1);
+}
+
+#[test]
+fn egress_leaves_a_settled_flows_packets_alone_and_looks_up_any_other() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:80")]);
+    let syn = dnat_handshake(&f);
+    let data = syn.clone().flags(ACK | PSH).payload(b"request");
+    let dnated = data.to(BACKEND, 80);
+    let r = f.ingress(&data.bytes());
+    assert_translated(&r, &dnated);
+    // An entry for the translated tuple at egress, planted between the hooks: egress, told by ingress that the flow
+    // is settled with nothing to do there, does not look it up.
+    let key = tuple(CLIENT, CPORT, ROUTER, 8080, PROTO_TCP);
+    let live = ct_entry(&f, &key);
+    assert_ne!(live.flags & ct_flag::SETTLED, 0);
+    let planted_key = tuple(CLIENT, CPORT, BACKEND, 80, PROTO_TCP);
+    let planted = CtEntry {
+        xlat: tuple(PUBLIC, 999, BACKEND, 80, PROTO_TCP),
+        hook: ct_hook::EGRESS,
+        dir: dir::ORIGINAL,
+        flags: 0,
+        ..live
+    };
+    let table = if live.is_confirmed() { names::CONNTRACK } else { names::CONNTRACK_NEW };
+    ct_table(&f, table).insert(planted_key, planted, 0).unwrap();
+    let before = f.stat("egress_handoffs");
+    assert_untouched(&f.egress(&r.data), &dnated.bytes());
+    assert_eq!(f.stat("egress_handoffs"), before + 1);
+    // The same packet with another identification is not the one ingress described: egress looks it up, and the
+    // planted entry translates it.
+    let mut other = dnated.clone();
+    other.ident ^= 0x0101;
+    assert_translated(&f.egress(&other.bytes()), &other.from(PUBLIC, 999));
+    assert_eq!(f.stat("egress_handoffs"), before + 1);
+}
+
+#[test]
+fn full_nat_flows_find_each_other_and_egress_still_looks_their_packets_up() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:80"), rule(2, "snat -o lo --to 10.0.2.1")]);
+    let syn = Pkt::tcp(CLIENT, CPORT, ROUTER, 8080, SYN);
+    let r = f.ingress(&syn.bytes());
+    assert_translated(&f.egress(&r.data), &syn.to(BACKEND, 80).from(GW, CPORT));
+    // The SNAT flow, opened at egress on the DNAT flow's translated tuple, marks both flows: packets either
+    // translates at ingress have the other's entry to meet at egress.
+    let dnat_key = tuple(CLIENT, CPORT, ROUTER, 8080, PROTO_TCP);
+    let snat_reply_key = tuple(BACKEND, 80, GW, CPORT, PROTO_TCP);
+    for k in [dnat_key, snat_reply_key] {
+        assert_ne!(ct_entry(&f, &k).flags & ct_flag::EGRESS_TOO, 0, "{k:?}");
+    }
+    assert_ne!(ct_entry(&f, &dnat_key).flags & ct_flag::SETTLED, 0);
+    // Both directions, later packets: still looked up at egress (the other flow's entry there).
+    let before = f.stat("egress_handoffs");
+    let syn_ack = Pkt::tcp(BACKEND, 80, GW, CPORT, SYN | ACK);
+    for (pkt, want) in [
+        (syn_ack.clone(), syn_ack.to(CLIENT, CPORT).from(ROUTER, 8080)),
+        (syn.clone().flags(ACK), syn.to(BACKEND, 80).from(GW, CPORT).flags(ACK)),
+        (syn_ack.clone().flags(ACK | PSH), syn_ack.to(CLIENT, CPORT).from(ROUTER, 8080).flags(ACK | PSH)),
+    ] {
+        let r = f.ingress(&pkt.bytes());
+        assert_translated(&f.egress(&r.data), &want);
+    }
+    assert_eq!(f.stat("egress_handoffs"), before, "no packet of a full NAT skips its lookup at egress");
+    assert_eq!(f.stat("new_flows"), 2);
+}
+
+#[test]
+fn a_snat_rule_added_mid_flow_does_not_apply_to_a_settled_udp_flow() {
+    // As in netfilter, a flow's NAT at egress is settled by its first packet there; a flow whose first packet never
+    // got there (lost on the way) is settled by the next.
+    let dnat = rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353");
+    let f = Fixture::new(std::slice::from_ref(&dnat));
+    let q = Pkt::udp(CLIENT, CPORT, ROUTER, 53);
+    let r = f.ingress(&q.bytes());
+    assert_translated(&f.egress(&r.data), &q.to(BACKEND, 5353));
+    let lost = Pkt::udp(CLIENT, CPORT + 1, ROUTER, 53);
+    assert_translated(&f.ingress(&lost.bytes()), &lost.to(BACKEND, 5353));
+    f.sync(&[dnat.clone(), rule(2, "masquerade -o lo -p udp")]);
+    let r = f.ingress(&q.bytes());
+    assert_untouched(&f.egress(&r.data), &q.to(BACKEND, 5353).bytes());
+    let r = f.ingress(&lost.bytes());
+    let r = f.egress(&r.data);
+    let port = u16::from_be_bytes([r.data[34], r.data[35]]);
+    assert_translated(&r, &lost.to(BACKEND, 5353).from(ROUTER, port));
+    assert_eq!(f.stat("new_flows"), 3);
+    // A new flow meets the rule.
+    let new = Pkt::udp(CLIENT, CPORT + 2, ROUTER, 53);
+    let r = f.egress(&f.ingress(&new.bytes()).data);
+    let port = u16::from_be_bytes([r.data[34], r.data[35]]);
+    assert_translated(&r, &new.to(BACKEND, 5353).from(ROUTER, port));
 }

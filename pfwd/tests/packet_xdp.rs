@@ -43,7 +43,7 @@ use etherparse::{
     PacketHeaders, TransportHeader,
 };
 use pfwd::state::StoredRule;
-use pfwd_common::{CtEntry, PROTO_TCP, PROTO_UDP, RuleCounters, Tuple, ct_state, names};
+use pfwd_common::{CtEntry, PROTO_TCP, PROTO_UDP, RuleCounters, Tuple, ct_flag, ct_state, names};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -749,7 +749,9 @@ fn unconfirmed_udp_flow_takes_the_fast_path_and_its_reply_confirms_it() {
     assert!(after.confirmed.is_empty());
     for ((k, old), (_, new)) in first.unconfirmed.iter().zip(&after.unconfirmed) {
         assert!(new.last_seen_ns > old.last_seen_ns, "entry {k:?} not refreshed: {old:?} -> {new:?}");
-        assert_eq!(CtEntry { last_seen_ns: 0, ..*new }, CtEntry { last_seen_ns: 0, ..*old }, "only the time moves");
+        // The first query went through tc ingress only: the fast path settles the flow, as tc's egress would have.
+        let settled = CtEntry { last_seen_ns: 0, flags: old.flags | ct_flag::SETTLED, ..*old };
+        assert_eq!(CtEntry { last_seen_ns: 0, ..*new }, settled, "only the time moves, and the flow is settled");
     }
     // The answer, arriving on vout: translated back, to the client; it confirms the flow.
     let answer = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
@@ -1282,30 +1284,46 @@ fn egress_interface_not_in_the_devmap_passes() {
 }
 
 #[test]
-fn udp_without_an_egress_flow_passes_while_a_snat_rule_would_open_one() {
+fn snat_rule_added_mid_flow_leaves_a_settled_udp_flow_alone() {
+    // A flow's NAT at egress is settled by its first packet there, as in netfilter: SNAT rules added later do not
+    // apply to it, on the fast path and in tc (the handoff) alike.
     let dnat = rule(1, DNAT_UDP);
     let x = Router::new(std::slice::from_ref(&dnat));
     let q = Pkt::udp(CLIENT, 5555, ROUTER, 53);
-    x.tc_in(&q);
+    let r = x.tc_in(&q);
+    assert_eq!(x.f.egress(&r).data, q.to(BACKEND, 5353).bytes());
     let plain = q.to(BACKEND, 5353).hop(VOUT_MAC, BACKEND_MAC);
     expect_forward(&x, &q, &plain, &[slot_of(1)]);
-    // Rules that would not match at vout's egress: forwarded with the DNAT only.
-    for other in
-        ["masquerade -o lo -p udp", "masquerade -p tcp", "masquerade -p udp -d 10.0.3.0/24", "masquerade -o vin"]
-    {
+    for other in [
+        "masquerade -o lo -p udp",
+        "masquerade -p tcp",
+        "masquerade -p udp -d 10.0.3.0/24",
+        "masquerade -o vin",
+        "masquerade -p udp",
+        "masquerade -o vout -p udp",
+        "snat -o vout --to 10.0.2.1",
+        "masquerade -d 10.0.2.0/24",
+    ] {
         x.sync(&[dnat.clone(), rule(2, other)]);
         expect_forward(&x, &q, &plain, &[slot_of(1)]);
+        let r = x.tc_in(&q);
+        assert_eq!(x.f.egress(&r).data, q.to(BACKEND, 5353).bytes(), "tc, with {other}");
     }
-    // Rules that match: the packet is the tc programs', whose egress makes the SNAT flow.
-    for matching in
-        ["masquerade -p udp", "masquerade -o vout -p udp", "snat -o vout --to 10.0.2.1", "masquerade -d 10.0.2.0/24"]
-    {
-        x.sync(&[dnat.clone(), rule(2, matching)]);
-        expect_pass(&x, &q.bytes(), matching);
-    }
-    // tc does: ingress translates it (the DNAT flow), egress opens the SNAT flow (in the test run it leaves on lo:
-    // the rule without interface matches there too).
-    x.sync(&[dnat.clone(), rule(2, "masquerade -p udp")]);
+    assert_eq!(x.f.stat("new_flows"), 1);
+}
+
+#[test]
+fn unsettled_udp_flow_passes_while_a_snat_rule_would_open_one() {
+    // A DNAT flow whose first packet went through tc ingress but never reached egress (dropped on the way): the
+    // next packet is the one that settles the flow at egress, where a matching SNAT rule opens a flow for it. The
+    // fast path cannot open flows: it leaves that packet to tc.
+    let dnat = rule(1, DNAT_UDP);
+    let x = Router::new(&[dnat.clone(), rule(2, "masquerade -p udp")]);
+    let q = Pkt::udp(CLIENT, 5555, ROUTER, 53);
+    x.tc_in(&q);
+    expect_pass(&x, &q.bytes(), "unsettled flow with a matching SNAT rule");
+    // tc: ingress translates it (the DNAT flow), egress opens the SNAT flow (in the test run it leaves on lo: the
+    // rule without interface matches there too) and settles the flow.
     let r = x.tc_in(&q);
     let r = x.f.egress(&r);
     assert_eq!(r.ret, NEXT);
@@ -1315,6 +1333,14 @@ fn udp_without_an_egress_flow_passes_while_a_snat_rule_would_open_one() {
     // Now both translations in one pass, both rules counted.
     let full = q.to(BACKEND, 5353).from(addr, port).hop(VOUT_MAC, BACKEND_MAC);
     expect_forward(&x, &q, &full, &[slot_of(1), slot_of(2)]);
+    // Without a matching rule the fast path settles such a flow itself, as tc's egress would.
+    let other = Pkt::udp(CLIENT, 5556, ROUTER, 53);
+    x.sync(&[dnat.clone(), rule(2, "masquerade -p tcp")]);
+    x.tc_in(&other);
+    let plain = other.to(BACKEND, 5353).hop(VOUT_MAC, BACKEND_MAC);
+    expect_forward(&x, &other, &plain, &[slot_of(1)]);
+    x.sync(&[dnat, rule(2, "masquerade -p udp")]);
+    expect_forward(&x, &other, &plain, &[slot_of(1)]);
 }
 
 #[test]

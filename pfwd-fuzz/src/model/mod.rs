@@ -81,6 +81,12 @@ struct Flow {
     fin_orig: bool,
     fin_reply: bool,
     rst: bool,
+    /// The packets this flow translates at ingress go on to another flow's entry at egress (a full NAT): README
+    /// "Connection tracking". Set when this flow or that one is created, never later.
+    egress_too: bool,
+    /// A packet this flow translated at ingress has passed egress, which settled its NAT there: later ones never
+    /// open a flow at egress, and without `egress_too` egress leaves them alone.
+    settled: bool,
 }
 
 impl Flow {
@@ -120,6 +126,50 @@ enum Fate {
     Dropped,
 }
 
+/// What tc ingress leaves for tc egress about the IPv4 packet it has just seen (the kernel's handoff slot): egress
+/// uses it only for the packet it describes, and every IPv4 packet at either hook empties it.
+#[derive(Clone, Copy, Debug)]
+struct Handoff {
+    /// The packet as it left ingress: tuple, IP identification, total length, TCP flags (0 for others).
+    tuple: Tuple,
+    id: u16,
+    len: usize,
+    flags: u8,
+    kind: Handed,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Handed {
+    /// A packet of a flow translated at egress, recorded in its flow at ingress: egress applies `xlat`.
+    Known { xlat: Tuple },
+    /// A packet ingress translated by its flow (ingress key `key`): once the flow is settled, egress does nothing
+    /// unless the flow has `egress_too`, and never opens a flow for it; before, it looks the packet up as without
+    /// a handoff and settles the flow.
+    Translated { key: Tuple, settled: bool, egress_too: bool },
+}
+
+impl Handoff {
+    fn new(ip: &Ip, tuple: Tuple, kind: Handed) -> Self {
+        Handoff { tuple, id: ip.id, len: ip.end - ETH, flags: tcp_flags(ip), kind }
+    }
+
+    fn describes(&self, ip: &Ip) -> bool {
+        !ip.v6
+            && ip.frag == Frag::Whole
+            && ip.tuple() == Some(self.tuple)
+            && ip.id == self.id
+            && ip.end - ETH == self.len
+            && tcp_flags(ip) == self.flags
+    }
+}
+
+fn tcp_flags(ip: &Ip) -> u8 {
+    match ip.l4 {
+        L4::Tcp { flags, .. } => flags,
+        _ => 0,
+    }
+}
+
 /// The model's connection-tracking table and rules.
 #[derive(Default)]
 pub struct Model {
@@ -133,6 +183,7 @@ pub struct Model {
     datagrams: HashMap<DatagramKey, Fate>,
     /// The kernel's fragment counters as they must have grown since the last reset.
     pub frag_counters: FragCounters,
+    handoff: Option<Handoff>,
 }
 
 /// The fragment counters of pfwd's stats (`pfwd status`), by their names there.
@@ -178,6 +229,7 @@ impl Model {
         self.flows.clear();
         self.datagrams.clear();
         self.frag_counters = FragCounters::default();
+        self.handoff = None;
     }
 
     /// Changes the rules in the middle of a stream (README: live flows keep their translation; new flows, and closed
@@ -194,6 +246,10 @@ impl Model {
     /// model reads from it only the free choices it allows (and checks them). An `Err` is a divergence found while
     /// checking such a choice.
     pub fn step(&mut self, hook: Hook, frame: &[u8], seen: &Observed) -> Result<Expect, String> {
+        // Every IPv4 frame empties the handoff slot, at either hook; only egress uses what it held.
+        let ipv4 = frame.len() >= ETH && be16(frame, 12) == packet::ETHERTYPE_IPV4;
+        let held = if ipv4 { self.handoff.take() } else { None };
+        let held = held.filter(|_| hook == Hook::Egress);
         let ip = match packet::parse(frame) {
             Parsed::NotIp => return Ok(pass(frame, "not IP")),
             Parsed::Malformed(why) if be16(frame, 12) == packet::ETHERTYPE_IPV6 => {
@@ -204,7 +260,7 @@ impl Model {
             Parsed::Ipv6(ip) => {
                 // IPv6 (plain header, TCP or UDP): a flow's packet or a new flow, as IPv4 (own table per family in
                 // the kernel; one here, the addresses never clash).
-                let mut e = self.datagram(hook, frame, &ip, seen)?;
+                let mut e = self.datagram(hook, frame, &ip, seen, None)?;
                 if matches!(&e.verdict, Verdict::Next(b) if b != frame) {
                     e.csums = csum_fields(&ip);
                 }
@@ -216,7 +272,7 @@ impl Model {
         let mut e = match ip.l4 {
             L4::Fragment => self.later_fragment(hook, frame, &ip),
             L4::IcmpError { inner } => self.icmp_error(hook, frame, &ip, &inner),
-            _ => self.datagram(hook, frame, &ip, seen)?,
+            _ => self.datagram(hook, frame, &ip, seen, held)?,
         };
         if ip.frag == Frag::First {
             // Its later fragments get what it got: its output addresses, or the drop.
@@ -279,10 +335,63 @@ impl Model {
         }
     }
 
-    fn datagram(&mut self, hook: Hook, frame: &[u8], ip: &Ip, seen: &Observed) -> Result<Expect, String> {
+    fn datagram(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        ip: &Ip,
+        seen: &Observed,
+        held: Option<Handoff>,
+    ) -> Result<Expect, String> {
         let t = ip.tuple().expect("a datagram with a tuple");
+        // The packet ingress has just described (README "Connection tracking", the handoff).
+        let handed = held.filter(|h| h.describes(ip)).map(|h| h.kind);
+        if let Some(Handed::Translated { key, settled: false, .. }) = handed {
+            // The flow's first packet at egress: as without a handoff, then the flow is settled (unless dropped).
+            let e = self.datagram_at(hook, frame, ip, seen, true)?;
+            if e.verdict != Verdict::Drop {
+                self.settle(&key, &t);
+            }
+            return Ok(e);
+        }
+        match handed {
+            Some(Handed::Known { xlat }) => {
+                return Ok(Expect {
+                    verdict: Verdict::Next(rewrite(frame, ip, &xlat)),
+                    why: "established flow, translated at egress as ingress handed it over".into(),
+                    csums: vec![],
+                    translated: true,
+                });
+            }
+            Some(Handed::Translated { egress_too: false, .. }) => {
+                return Ok(pass(frame, "translated at ingress by an established flow: nothing to do at egress"));
+            }
+            _ => {}
+        }
+        // A settled flow's packet never opens a flow at egress: its NAT was settled by its first packet there.
+        self.datagram_at(hook, frame, ip, seen, handed.is_none())
+    }
+
+    /// A datagram at `hook` as without a handoff; `may_open`: whether it may open a flow.
+    fn datagram_at(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        ip: &Ip,
+        seen: &Observed,
+        may_open: bool,
+    ) -> Result<Expect, String> {
+        let t = ip.tuple().expect("a datagram with a tuple");
+        let whole4 = !ip.v6 && ip.frag == Frag::Whole;
         if let Some(entry) = self.table.get(&t).copied() {
             if entry.hook != hook {
+                let closed = t.proto == TCP && self.flows[&entry.flow].closed();
+                if hook == Hook::Ingress && whole4 && !closed {
+                    // Recorded now; egress takes the translation from the handoff.
+                    self.track(&entry, ip);
+                    self.handoff = Some(Handoff::new(ip, t, Handed::Known { xlat: entry.xlat }));
+                    return Ok(pass(frame, "a flow's packet on the other hook, handed to egress"));
+                }
                 return Ok(pass(frame, "a flow's packet on the other hook"));
             }
             let closed = t.proto == TCP && self.flows[&entry.flow].closed();
@@ -296,6 +405,11 @@ impl Model {
             let reopen = closed && !entry.reply && opens_flow(ip);
             if !reopen {
                 self.track(&entry, ip);
+                if hook == Hook::Ingress && whole4 {
+                    let f = &self.flows[&entry.flow];
+                    let kind = Handed::Translated { key: t, settled: f.settled, egress_too: f.egress_too };
+                    self.handoff = Some(Handoff::new(ip, entry.xlat, kind));
+                }
                 let dir = if entry.reply { "reply" } else { "original" };
                 return Ok(Expect {
                     verdict: Verdict::Next(rewrite(frame, ip, &entry.xlat)),
@@ -308,6 +422,9 @@ impl Model {
         }
         if !opens_flow(ip) {
             return Ok(pass(frame, "no flow, and the packet cannot open one"));
+        }
+        if !may_open {
+            return Ok(pass(frame, "an established flow's packet at egress: no new flow there"));
         }
         let Some(rule) = rules::lookup(&self.rules, hook == Hook::Egress, &t, ip.v6).cloned() else {
             return Ok(pass(frame, "no rule matches"));
@@ -363,14 +480,23 @@ impl Model {
             // A closed flow's tuple is free again.
             self.remove_flow(other.flow);
         }
+        // What the new flow translates at ingress goes on as `to`: another flow's entry at egress there means more to
+        // do at egress, for this flow and (if it points back) for that one.
+        let to = if hook == Hook::Ingress { xlat } else { t.reversed() };
+        let egress_too = self.link_egress(&to);
         let id = self.next_flow;
         self.next_flow += 1;
-        let flow = Flow { orig: t, reply_key, fin_orig: false, fin_reply: false, rst: false };
+        let flow =
+            Flow { orig: t, reply_key, fin_orig: false, fin_reply: false, rst: false, egress_too, settled: false };
         self.flows.insert(id, flow);
         // In the kernel's order (conntrack::create): the reply entry, then the original one. A flow whose reply tuple
         // is its own original tuple (a self-addressed packet masqueraded to the same address) keeps the original.
         self.table.insert(reply_key, Entry { xlat: t.reversed(), hook: hook.other(), reply: true, flow: id });
         self.table.insert(t, Entry { xlat, hook, reply: false, flow: id });
+        if hook == Hook::Ingress && whole4 {
+            let kind = Handed::Translated { key: t, settled: false, egress_too };
+            self.handoff = Some(Handoff::new(ip, xlat, kind));
+        }
         // The opening packet's flags are not state: a SYN+FIN (which opens a flow: SYN without ACK or RST) does not
         // count as the original direction's FIN. (Adopted from the kernel; reported: Linux calls SYN+FIN invalid.)
         Ok(Expect {
@@ -388,6 +514,37 @@ impl Model {
             csums: vec![],
             translated: true,
         })
+    }
+
+    /// Whether `to` (a tuple a new flow translates packets to at ingress) is the key of an entry applied at egress;
+    /// that entry's flow gets `egress_too` when its ingress entry translates to `to` reversed.
+    fn link_egress(&mut self, to: &Tuple) -> bool {
+        let Some(p) = self.table.get(to).copied() else { return false };
+        if p.hook != Hook::Egress {
+            return false;
+        }
+        if let Some(i) = self.table.get(&p.xlat.reversed()).copied()
+            && i.hook == Hook::Ingress
+            && i.xlat.reversed() == *to
+        {
+            for f in [i.flow, p.flow] {
+                if let Some(f) = self.flows.get_mut(&f) {
+                    f.egress_too = true;
+                }
+            }
+        }
+        true
+    }
+
+    /// Marks the flow whose ingress entry is `key` (translating to `to`) settled at egress.
+    fn settle(&mut self, key: &Tuple, to: &Tuple) {
+        if let Some(e) = self.table.get(key).copied()
+            && e.hook == Hook::Ingress
+            && e.xlat == *to
+            && let Some(f) = self.flows.get_mut(&e.flow)
+        {
+            f.settled = true;
+        }
     }
 
     /// TCP state: FIN per direction, RST.

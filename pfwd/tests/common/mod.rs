@@ -79,6 +79,7 @@ impl Fixture {
         }
         pfwd::instance::ensure_bpffs().expect("bpffs at /sys/fs/bpf");
         let n = FIXTURES.fetch_add(1, Ordering::Relaxed);
+        pin_thread(n);
         let dir = PathBuf::from(format!("/sys/fs/bpf/pfwd-test-{}-{n}", std::process::id()));
         let pins = Pins(Kernel::at(dir.clone()));
         pins.0.load(entries, &Config::default()).expect("loading the eBPF programs");
@@ -144,6 +145,19 @@ impl Fixture {
     pub fn counters(&self, slot: u32) -> RuleCounters {
         self.kernel().rule_counters(&[slot]).expect("rule_counters")[0]
     }
+}
+
+/// Keeps the calling thread (a test's) on one CPU, the `n`th allowed one (round robin, so parallel tests spread).
+/// The tc ingress program hands what it found about a packet to the egress program through a per-CPU slot
+/// (`pfwd-ebpf/src/handoff.rs`); forwarding runs both on one CPU, and a test that runs ingress and then egress must
+/// too, or egress would (correctly, but not as the test means) look the packet up again.
+pub fn pin_thread(n: u32) {
+    use nix::{sched, unistd::Pid};
+    let allowed = sched::sched_getaffinity(Pid::from_raw(0)).expect("sched_getaffinity");
+    let cpus: Vec<usize> = (0..sched::CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false)).collect();
+    let mut set = sched::CpuSet::new();
+    set.set(cpus[n as usize % cpus.len()]).expect("CPU set");
+    sched::sched_setaffinity(Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 
 /// A rule from CLI syntax, with its id; the slot is deliberately not its list position, so the test also covers
