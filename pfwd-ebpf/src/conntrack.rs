@@ -341,3 +341,21 @@ pub fn settle<A: Family>(key: &FlowTuple<A>, to: &FlowTuple<A>) {
         unsafe { (*p).flags |= ct_flag::SETTLED };
     }
 }
+
+/// Whether `t`, a packet that is about to open a flow at egress, is what a settled flow translates packets to at
+/// ingress (`ct_flag::SETTLED`): that flow's NAT at egress was settled by an earlier packet, and this one opens no
+/// flow there. The handoff tells egress as much for the packets it describes; this catches the others (a packet that
+/// waited between the hooks). Only on the way to a new flow: after a rule matched.
+#[inline(never)]
+pub fn settled_at_egress<A: Family>(t: &FlowTuple<A>) -> bool {
+    let Some((p, _)) = find(&t.reversed()) else { return false };
+    // SAFETY: a map value pointer from a successful lookup.
+    let pe = unsafe { &*p };
+    if pe.hook != ct_hook::EGRESS {
+        return false;
+    }
+    let Some((i, _)) = find(&pe.xlat.reversed()) else { return false };
+    // SAFETY: as above.
+    let ie = unsafe { &*i };
+    ie.hook == ct_hook::INGRESS && ie.xlat == *t && ie.flags & ct_flag::SETTLED != 0
+}

@@ -384,6 +384,10 @@ mod programs {
         // SAFETY: plain read of a map value, which stays valid for the program's run.
         let Some(iface) = (unsafe { IFACES.get(&ifindex) }) else { return Verdict::Pass };
         let Some((slot, rule)) = rules::find(&pkt.tuple, ifindex, hook, &set, false) else { return Verdict::Pass };
+        if at == ct_hook::EGRESS && conntrack::settled_at_egress(&pkt.tuple) {
+            // A packet of a flow whose NAT here was settled by an earlier one (the rule came later).
+            return Verdict::Pass;
+        }
         let created = if at == ct_hook::INGRESS {
             dnat::create(pkt, slot, rule, iface, xlat)
         } else {

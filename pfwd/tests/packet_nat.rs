@@ -994,6 +994,11 @@ fn a_snat_rule_added_mid_flow_does_not_apply_to_a_settled_udp_flow() {
     f.sync(&[dnat.clone(), rule(2, "masquerade -o lo -p udp")]);
     let r = f.ingress(&q.bytes());
     assert_untouched(&f.egress(&r.data), &q.to(BACKEND, 5353).bytes());
+    // The same when egress gets the packet without the handoff (it waited between the hooks; here, another
+    // identification): looked up, and still no new flow.
+    let mut waited = q.to(BACKEND, 5353);
+    waited.ident ^= 0x0101;
+    assert_untouched(&f.egress(&waited.bytes()), &waited.bytes());
     let r = f.ingress(&lost.bytes());
     let r = f.egress(&r.data);
     let port = u16::from_be_bytes([r.data[34], r.data[35]]);

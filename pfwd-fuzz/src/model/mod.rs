@@ -429,6 +429,9 @@ impl Model {
         let Some(rule) = rules::lookup(&self.rules, hook == Hook::Egress, &t, ip.v6).cloned() else {
             return Ok(pass(frame, "no rule matches"));
         };
+        if hook == Hook::Egress && self.settled_at_egress(&t) {
+            return Ok(pass(frame, "a settled flow's packet: no new flow at egress"));
+        }
         let xlat = match rule.action.resolve(ip.v6) {
             Action::Dnat { addr, port, backends } => {
                 // An echo's identifier is both its "ports": address-only DNAT keeps it.
@@ -534,6 +537,17 @@ impl Model {
             }
         }
         true
+    }
+
+    /// Whether `t` is what a settled flow translates packets to at ingress (then it opens no flow at egress).
+    fn settled_at_egress(&self, t: &Tuple) -> bool {
+        let Some(p) = self.table.get(&t.reversed()) else { return false };
+        if p.hook != Hook::Egress {
+            return false;
+        }
+        self.table.get(&p.xlat.reversed()).is_some_and(|i| {
+            i.hook == Hook::Ingress && i.xlat == *t && self.flows.get(&i.flow).is_some_and(|f| f.settled)
+        })
     }
 
     /// Marks the flow whose ingress entry is `key` (translating to `to`) settled at egress.
