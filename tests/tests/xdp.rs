@@ -163,6 +163,8 @@ struct Outcome {
     /// Packets the XDP path forwarded, and packets the router's stack forwarded, during the scenario.
     xdp_forwarded: u64,
     by_stack: u64,
+    /// Packets tc egress handled from tc ingress's handoff (`stats.egress_handoffs`), during the scenario.
+    handoffs: u64,
 }
 
 fn u64_of(v: &Value, what: &str) -> u64 {
@@ -236,6 +238,7 @@ fn run(prefix: &str, path: Path, scenario: fn(&Lab) -> Vec<String>) -> Outcome {
         assert_eq!(has_xdp(&lab, dev), xdp, "XDP program on the router's {dev} (ip -d link show)");
     }
     let (xdp0, stack0) = (xdp_forwarded(&st), forwarded_by_stack(&lab));
+    let hand0 = u64_of(&st["stats"]["egress_handoffs"], "stats.egress_handoffs");
 
     let mut exact = scenario(&lab);
 
@@ -244,6 +247,7 @@ fn run(prefix: &str, path: Path, scenario: fn(&Lab) -> Vec<String>) -> Outcome {
     assert!(errors.is_empty(), "{prefix} (xdp: {xdp}): packets dropped on receipt: {errors:?}");
     let st = status(&lab);
     let xdp_fwd = xdp_forwarded(&st) - xdp0;
+    let handoffs = u64_of(&st["stats"]["egress_handoffs"], "stats.egress_handoffs") - hand0;
     let mut tcp_bytes = vec![];
     for r in st["rules"].as_array().unwrap_or_else(|| panic!("no rules in status: {st:#}")) {
         let text = r["text"].as_str().unwrap_or("?").to_string();
@@ -276,7 +280,7 @@ fn run(prefix: &str, path: Path, scenario: fn(&Lab) -> Vec<String>) -> Outcome {
     for dev in ["eth0", "eth1"] {
         assert!(!has_xdp(&lab, dev), "XDP program left on the router's {dev} after detach");
     }
-    Outcome { exact, tcp_bytes, xdp_forwarded: xdp_fwd, by_stack }
+    Outcome { exact, tcp_bytes, xdp_forwarded: xdp_fwd, by_stack, handoffs }
 }
 
 /// Runs `scenario` on the tc path, then on the XDP path, and compares. `min_xdp` is the least number of packets the
@@ -322,6 +326,20 @@ fn compare(prefix: &str, scenario: fn(&Lab) -> Vec<String>, min_xdp: u64) {
 
 // ---------------------------------------------------------------------------------------------------------------
 // 1. DNAT, TCP and UDP, to the server, which routes back through the router.
+
+#[test]
+fn tc_path_takes_one_conntrack_lookup_per_forwarded_packet() {
+    // Real forwarding on the tc path: tc egress handles nearly every forwarded DNAT packet from what tc ingress
+    // handed it (the handoff), without a lookup of its own. Not each flow's first packet, which egress looks up.
+    let tc = run("xdp-hand", Path::Tc, dnat_body);
+    eprintln!("tc path: {} packets forwarded by the stack, {} handed from ingress to egress", tc.by_stack, tc.handoffs);
+    assert!(
+        tc.handoffs * 100 >= 90 * tc.by_stack && tc.handoffs <= tc.by_stack,
+        "{} of {} forwarded packets handed from tc ingress to tc egress",
+        tc.handoffs,
+        tc.by_stack
+    );
+}
 
 fn dnat_body(lab: &Lab) -> Vec<String> {
     dnat_traffic(lab, false)
