@@ -326,7 +326,8 @@ impl Env {
         let args = ["--dev", "eth0", "--conf", &path, "-n", &count, "--cpus", "1", "-C", "-Q"];
         let mut sender = Background::spawn(self.lab.cmd(Node::Client, "trafgen", args), "trafgen")?;
         let start = Instant::now();
-        let deadline = start + Duration::from_secs(120);
+        // Bounded: 120 s, or longer for a long run (iptables mode with 10,000 rules forwards some 10,000 pps).
+        let deadline = start + Duration::from_secs(120.max(packets / 4_000));
         let (mut last, mut first_at, mut last_change) = (before, None, start);
         let mut exited_at = None;
         // Poll the server's counter: the window runs from its first to its last increment.

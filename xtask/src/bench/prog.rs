@@ -51,6 +51,8 @@ pub const CASES: &[(&str, &str)] = &[
     ("empty-1", "empty program, repeat=1, median of S calls"),
     ("established-1", "established flow, repeat=1, median of S calls"),
     ("established6-1", "IPv6: established flow, repeat=1, median of S calls"),
+    ("egress-handed-1", "egress of an established flow's forwarded packet, handed over by ingress, median of S calls"),
+    ("egress-lookup-1", "the same packet at egress without the handoff (looked up, as before it), median of S calls"),
     ("new-1", "new flow, repeat=1, median of S calls (distinct source ports)"),
     ("new6-1", "IPv6: new flow, repeat=1, median of S calls (distinct source ports)"),
     ("no-rule-1", "no rule matching, repeat=1, median of S calls"),
@@ -194,6 +196,7 @@ pub fn measure(env: &Env, reps: usize, repeat: u32, singles: usize) -> Result<Pr
         samples.push((k4, m[0]));
         samples.push((k6, m[1]));
     }
+    samples.extend(egress_singles(&ingress, &egress, &a, singles)?);
     samples.extend(xdp_singles(env, &dir, &a, singles)?);
     Ok(ProgCosts { samples, notes, maps })
 }
@@ -254,6 +257,47 @@ fn xdp_singles(env: &Env, dir: &Path, a: &[u8], singles: usize) -> Result<Vec<(&
 }
 
 /// (ns per run, output packet).
+/// What the handoff saves tc egress: flow A's packet through ingress, then its output through egress twice, first
+/// with the handoff ingress just left (egress has nothing to do for a settled DNAT flow), then again, the slot now
+/// empty, looked up as every forwarded packet was before the handoff. The thread stays on one CPU meanwhile, as
+/// forwarding does (the slot is per CPU).
+fn egress_singles(
+    ingress: &SchedClassifier,
+    egress: &SchedClassifier,
+    a: &[u8],
+    singles: usize,
+) -> Result<Vec<(&'static str, f64)>> {
+    // SAFETY: plain syscalls on this thread's affinity mask, restored below.
+    let saved = unsafe {
+        let mut saved: libc::cpu_set_t = std::mem::zeroed();
+        ensure!(libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut saved) == 0, "sched_getaffinity");
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(libc::sched_getcpu() as usize, &mut one);
+        ensure!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &one) == 0, "sched_setaffinity");
+        saved
+    };
+    let measured = (|| -> Result<(f64, f64)> {
+        let (mut handed, mut lookup) = (Vec::with_capacity(singles), Vec::with_capacity(singles));
+        for i in 0..singles {
+            if i % 1000 == 0 {
+                check_interrupted()?;
+            }
+            let (_, fwd) = run(ingress, a, 1)?;
+            handed.push(run(egress, &fwd, 1)?.0);
+            lookup.push(run(egress, &fwd, 1)?.0);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok((median(&mut handed), median(&mut lookup)))
+    })();
+    // SAFETY: as above.
+    unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &saved) };
+    let (handed, lookup) = measured?;
+    Ok(vec![("egress-handed-1", handed), ("egress-lookup-1", lookup)])
+}
+
 pub(super) fn run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> Result<(f64, Vec<u8>)> {
     let mut out = vec![0u8; 256];
     let r = prog
