@@ -614,6 +614,36 @@ fn detach_restores(mode: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// A connection's NAT is settled by its first packet: a MASQUERADE rule added while a DNAT-ed UDP flow is live leaves
+// it as it was (netfilter's conntrack; eBPF mode settles the flow at egress, README "One lookup per forwarded
+// packet"), and a new flow meets the rule.
+
+fn rule_added_mid_flow_leaves_a_live_flow_alone(mode: &str) {
+    let lab = lab("nat-settle");
+    let _udp = udp_server(&lab, Node::Server, "10.0.2.2:9000", "server");
+    let _guard = attach(&lab, mode, &["eth0", "eth1"]);
+    add(&lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "1111", "--to", "10.0.2.2:9000"]);
+    let to = sa("10.0.1.1:1111");
+    // The client's address as the server saw it.
+    let peer = |sock: &UdpSocket, msg: &str| -> SocketAddr {
+        let (text, src) = udp_exchange(sock, to, msg, TIMEOUT).unwrap_or_else(|e| panic!("{mode}: UDP {msg}: {e}"));
+        assert_eq!(src, to, "{mode}: UDP {msg}: the reply came from {src}");
+        Reply::parse(&text).unwrap_or_else(|| panic!("{mode}: UDP {msg}: unparsable reply {text:?}")).peer
+    };
+    let live = client_udp_socket_at(&lab, "10.0.1.2:42100");
+    for i in 0..3 {
+        assert_eq!(peer(&live, &format!("before{i}")), sa("10.0.1.2:42100"), "{mode}: DNAT only");
+    }
+    add(&lab, &["masquerade", "-o", "eth1"]);
+    for i in 0..3 {
+        let seen = peer(&live, &format!("after{i}"));
+        assert_eq!(seen, sa("10.0.1.2:42100"), "{mode}: the live flow picked up a MASQUERADE added after it began");
+    }
+    let new = client_udp_socket_at(&lab, "10.0.1.2:42101");
+    assert_eq!(peer(&new, "new").ip(), ip("10.0.2.1"), "{mode}: a new flow meets the MASQUERADE");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Mode wrappers: every scenario runs on the eBPF data path and on the iptables fallback.
 
 in_both_modes!(
@@ -625,4 +655,5 @@ in_both_modes!(
     icmp_port_unreachable_masquerade,
     icmp_time_exceeded_dnat,
     detach_restores,
+    rule_added_mid_flow_leaves_a_live_flow_alone,
 );
