@@ -394,15 +394,18 @@ fn port_exhaustion(mode: &str) {
     let to = sa("10.0.2.2:9000");
 
     let _guard = if mode == "ebpf" {
-        attach_with(&lab, mode, &["eth0", "eth1"], &["--ct-timeout", "udp=3"])
+        // Short-lived flows, but long enough for the four to outlive the fifth's 1 s wait and the status below on a
+        // slow host: a flow confirmed by its reply counts its last refresh from a second before (a 3 s timeout
+        // expired one mid-test in a CI run on a slow host).
+        attach_with(&lab, mode, &["eth0", "eth1"], &["--ct-timeout", "udp=6"])
     } else {
         let g = attach(&lab, mode, &["eth0", "eth1"]);
         // iptables mode: the flows are netfilter's, so their lifetime is netfilter's UDP timeouts (per namespace;
-        // `--ct-timeout` is eBPF-only). Unreplied and replied ("stream") UDP flows both expire after 3 s.
+        // `--ct-timeout` is eBPF-only). Unreplied and replied ("stream") UDP flows both expire after 6 s.
         sh(
             &lab,
             Node::Router,
-            "sysctl -qw net.netfilter.nf_conntrack_udp_timeout=3 net.netfilter.nf_conntrack_udp_timeout_stream=3",
+            "sysctl -qw net.netfilter.nf_conntrack_udp_timeout=6 net.netfilter.nf_conntrack_udp_timeout_stream=6",
         );
         g
     };
@@ -454,10 +457,10 @@ fn port_exhaustion(mode: &str) {
     drop(socks);
     drop(fifth);
 
-    // Once the four flows expire (3 s without traffic), their ports are free again. Bounded: 4 s quiet, then
+    // Once the four flows expire (6 s without traffic), their ports are free again. Bounded: 7 s quiet, then
     // a new flow every second for at most 6 s more.
     let quiet = Instant::now();
-    thread::sleep(Duration::from_secs(4));
+    thread::sleep(Duration::from_secs(7));
     let fresh = client_udp_socket(&lab);
     let mut last = None;
     for _ in 0..6 {
