@@ -15,7 +15,8 @@ use std::{
     collections::HashMap,
     fs::{self, File, OpenOptions},
     ops::{Deref, DerefMut},
-    os::fd::AsRawFd,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::PathBuf,
     rc::Rc,
 };
 
@@ -243,26 +244,53 @@ pub struct Lock {
     pub inst: Instance,
 }
 
+/// A namespace without an instance leaves no lock file behind. It is removed while still held, at the end of the
+/// command: a waiter that then gets it sees it gone and takes a new one ([`Lock::acquire`]).
+impl Drop for Lock {
+    fn drop(&mut self) {
+        if !self.inst.state_dir.exists()
+            && let Ok(path) = Self::path(&self.inst)
+        {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
 impl Lock {
     pub fn acquire(inst: &Instance) -> Result<Self> {
-        // One lock file for all namespaces, never removed (removing a lock file races with its waiters); the
-        // state directory itself only exists while an instance does.
-        let root = inst.state_dir.parent().context("state directory has no parent")?;
+        // One lock file per namespace, beside (not in) its state directory, which only exists while an instance
+        // does: commands in different namespaces never wait for each other (a test suite runs dozens at once).
+        let path = Self::path(inst)?;
+        let root = path.parent().context("state directory has no parent")?;
         fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-        let path = root.join(".lock");
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
-        // SAFETY: valid fd; flock blocks until the other command finishes.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("locking pfwd state");
+        loop {
+            let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+            // SAFETY: valid fd; flock blocks until the other command finishes.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(std::io::Error::last_os_error()).context("locking pfwd state");
+            }
+            // The holder before us may have removed the file (its instance went away, [`Lock::remove_state`]): a
+            // lock on a removed file locks nothing another command would see. Take the one at the path now.
+            let held = file.metadata()?.ino();
+            if fs::metadata(&path).ok().map(|m| m.ino()) != Some(held) {
+                continue;
+            }
+            // The tools pfwd runs inherit the lock (a flock belongs to the open file, shared by every process that
+            // has it): when pfwd is killed while iptables-restore still applies its rules, the next command waits
+            // for iptables-restore to end instead of reading iptables half-way through.
+            // SAFETY: valid fd; clearing FD_CLOEXEC only makes it survive exec.
+            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context("sharing the pfwd state lock with child processes");
+            }
+            return Ok(Self { store: RefCell::new(None), _file: file, inst: inst.clone() });
         }
-        // The tools pfwd runs inherit the lock (a flock belongs to the open file, shared by every process that has
-        // it): when pfwd is killed while iptables-restore still applies its rules, the next command waits for
-        // iptables-restore to end instead of reading iptables half-way through.
-        // SAFETY: valid fd; clearing FD_CLOEXEC only makes it survive exec.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("sharing the pfwd state lock with child processes");
-        }
-        Ok(Self { store: RefCell::new(None), _file: file, inst: inst.clone() })
+    }
+
+    /// `/run/pfwd/net-<inode>.lock` for the state directory `/run/pfwd/net-<inode>`.
+    fn path(inst: &Instance) -> Result<PathBuf> {
+        let name = inst.state_dir.file_name().context("state directory has no name")?;
+        Ok(inst.state_dir.with_file_name(format!("{}.lock", name.to_string_lossy())))
     }
 
     /// The instance's store, or None when there is none (no instance attached). A `state.json` left by an older
@@ -425,6 +453,51 @@ mod tests {
         // Another namespace that reused the inode number (another cookie) sees no instance.
         let reused = Instance { netns_cookie: 8, ..t.0.clone() };
         assert_eq!(Lock::acquire(&reused).unwrap().load().unwrap(), None);
+    }
+
+    /// Namespaces lock apart; a lock file removed by its holder (no instance left) is not trusted by the command
+    /// that waited on it: that one takes a new file, which the next command waits on.
+    #[test]
+    fn each_namespace_has_its_own_lock_and_a_removed_one_is_replaced() {
+        let t = TempInstance::new("lock");
+        let other = Instance { netns_inode: 2, state_dir: t.0.state_dir.with_file_name("net-2"), ..t.0.clone() };
+        let first = Lock::acquire(&t.0).unwrap();
+        // Would wait forever if both namespaces shared one lock.
+        let _other = Lock::acquire(&other).unwrap();
+        let path = Lock::path(&t.0).unwrap();
+        assert!(path.exists());
+        // A command that takes the lock, says so, and holds it until told to let go.
+        let command = |inst: Instance| {
+            let (got, got_rx) = std::sync::mpsc::channel();
+            let (release, release_rx) = std::sync::mpsc::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                let lock = Lock::acquire(&inst).unwrap();
+                got.send(()).unwrap();
+                let _ = release_rx.recv();
+                drop(lock);
+            });
+            (got_rx, release, thread)
+        };
+        let waits = |got: &std::sync::mpsc::Receiver<()>| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            got.try_recv().is_err()
+        };
+        let (second_got, second_release, second) = command(t.0.clone());
+        assert!(waits(&second_got), "the second command waits for the first");
+        // No instance here: dropping the lock removes its file.
+        drop(first);
+        second_got.recv_timeout(std::time::Duration::from_secs(5)).expect("the second command got the lock");
+        assert!(path.exists(), "the second command locks a new file at the path");
+        let (third_got, third_release, third) = command(t.0.clone());
+        assert!(waits(&third_got), "the third command waits for the second");
+        // An instance keeps its lock file.
+        fs::create_dir_all(&t.0.state_dir).unwrap();
+        second_release.send(()).unwrap();
+        third_got.recv_timeout(std::time::Duration::from_secs(5)).expect("the third command got the lock");
+        third_release.send(()).unwrap();
+        second.join().unwrap();
+        third.join().unwrap();
+        assert!(path.exists());
     }
 
     /// `state.json` and `status --json` spell the mode as they always have.
