@@ -18,7 +18,7 @@ use aya_log_ebpf::macro_support::{Argument, IpFormatter};
 
 use crate::{
     fib, forward,
-    handoff::{HANDOFF4, Handoff},
+    handoff::{HANDOFF4, HANDOFF6, Handoff},
     maps::{CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, CT_SCRATCH4, CT_SCRATCH6, CtScratch, FRAGS, FRAGS6},
     nat,
     parse::{self, Embedded},
@@ -56,7 +56,7 @@ pub trait Family: Addr {
     /// This CPU's working memory for creating a flow ([`CtScratch`]).
     fn ct_scratch() -> Option<&'static mut CtScratch<Self>>;
 
-    /// This CPU's handoff slot from tc ingress to tc egress (`crate::handoff`): IPv4 only, None for IPv6.
+    /// This CPU's handoff slot from tc ingress to tc egress (`crate::handoff`), of this family.
     fn handoff() -> Option<*mut Handoff<Self>>;
 
     /// Parses the packet embedded in an ICMP error at `ip_off` into `emb` (`end`: the outer packet's end).
@@ -246,8 +246,7 @@ impl Family for Addr6 {
 
     #[inline(always)]
     fn handoff() -> Option<*mut Handoff<Addr6>> {
-        // IPv6 packets take two lookups: a slot of 40-byte tuples would cost the IPv6 path stack it has not got.
-        None
+        HANDOFF6.get_ptr_mut(0)
     }
 
     #[inline(always)]

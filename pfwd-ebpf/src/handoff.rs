@@ -1,4 +1,4 @@
-//! The handoff from tc ingress to tc egress: one conntrack lookup per forwarded IPv4 packet, not two.
+//! The handoff from tc ingress to tc egress: one conntrack lookup per forwarded packet, not two.
 //!
 //! A forwarded packet crosses the ingress program of one interface and then the egress program of another, on the
 //! same CPU and in one go: tcx egress runs in `dev_queue_xmit`, before any qdisc, straight from the forwarding path
@@ -12,11 +12,11 @@
 //!   in netfilter. Until then egress looks the packet up, may open a flow for it, and settles the flow.
 //!
 //! A slot is only ever a hint. Egress uses it only for the very packet ingress described (same tuple, IP
-//! identification, length and TCP flags; whole datagrams only), and every IPv4 packet at either hook empties it, so
-//! a packet that waited (for its neighbour to resolve, say) while others went through finds the slot taken by
-//! another packet and is simply looked up, as before. IPv6 packets always take two lookups.
+//! identification, length and TCP flags; whole datagrams only), and every packet of its family at either hook
+//! empties it, so a packet that waited (for its neighbour to resolve, say) while others went through finds the slot
+//! taken by another packet and is simply looked up, as before. Each family has a slot of its own.
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use pfwd_common::{FlowTuple, ct_flag};
+use pfwd_common::{Addr6, FlowTuple, ct_flag};
 
 use crate::{
     family::Family,
@@ -56,6 +56,10 @@ pub struct Handoff<A> {
 /// The IPv4 slot (`Family::handoff`).
 #[map]
 pub static HANDOFF4: PerCpuArray<Handoff<u32>> = PerCpuArray::with_max_entries(1, 0);
+
+/// The IPv6 slot: a map value, as all of IPv6's working memory (`parse::Work`), never the stack.
+#[map]
+pub static HANDOFF6: PerCpuArray<Handoff<Addr6>> = PerCpuArray::with_max_entries(1, 0);
 
 /// This CPU's slot, emptied; and what it held (its kind: the rest stays readable through the pointer).
 #[inline(always)]

@@ -56,7 +56,8 @@ mod programs {
     };
     use aya_log_ebpf::{info, warn};
     use pfwd_common::{
-        Config, FlowTuple, PROTO_TCP, Stat, config_flag, ct_flag, ct_hook, dir, frag_action, hook, rule_flag, tcx,
+        Addr6, Config, FlowTuple, PROTO_TCP, Stat, config_flag, ct_flag, ct_hook, dir, frag_action, hook, rule_flag,
+        tcx,
     };
 
     use crate::{
@@ -229,9 +230,12 @@ mod programs {
         icmp_error(ctx, &pkt, e, at, cfg)
     }
 
+    /// `run4` for IPv6, up to the verdict; the handoff works the same, through IPv6's own slot.
     #[inline(never)]
     fn run6(ctx: &TcContext, at: u8) -> i32 {
         let (Some(cfg), Some(w)) = (CONFIG.get(0), work6()) else { return NEXT };
+        // Every IPv6 packet empties this CPU's IPv6 handoff slot, at either hook.
+        let Some((h, held)) = handoff::take::<Addr6>() else { return NEXT };
         if parse::parse6(ctx, &mut w.pkt).is_none() {
             return NEXT;
         }
@@ -244,8 +248,26 @@ mod programs {
                 None => NEXT,
             };
         }
-        w.verdict = verdict(&w.pkt, &mut w.xlat, at, cfg);
-        if matches!(w.verdict, Verdict::Open) { OPEN } else { FINISH }
+        let handed = at == ct_hook::EGRESS && held != handoff::NONE && handoff::describes(h, &w.pkt);
+        // SAFETY: this CPU's slot (see `handoff::take`).
+        let hd = unsafe { &*h };
+        let settled = handed && held == handoff::TRANSLATED && hd.settled;
+        w.settle = handed && held == handoff::TRANSLATED && !hd.settled;
+        if !handed {
+            w.verdict = verdict(&w.pkt, &mut w.xlat, at, cfg);
+        } else if held == handoff::KNOWN {
+            count(Stat::EgressHandoffs);
+            w.xlat = hd.other.copied();
+            w.verdict = Verdict::Translate { slot: hd.rule_slot, new_flow: false, lb: (hd.lb_flags, hd.lb_dir) };
+            return FINISH;
+        } else if settled && !hd.egress_too {
+            count(Stat::EgressHandoffs);
+            return NEXT;
+        } else {
+            w.verdict = verdict(&w.pkt, &mut w.xlat, at, cfg);
+        }
+        // A settled flow's packet opens no flow here: `Open` then passes it.
+        if matches!(w.verdict, Verdict::Open) && !settled { OPEN } else { FINISH }
     }
 
     #[inline(never)]
@@ -258,6 +280,14 @@ mod programs {
     #[inline(never)]
     fn finish6(ctx: &TcContext, at: u8) -> i32 {
         let (Some(cfg), Some(w)) = (CONFIG.get(0), work6()) else { return NEXT };
+        if w.settle && !matches!(w.verdict, Verdict::Drop) {
+            // As in `run4`: the flow's first packet through egress settles it. The slot still holds the flow's key
+            // at ingress: only its kind was cleared, and nothing else ran on this CPU since.
+            if let Some(h) = handoff::HANDOFF6.get_ptr(0) {
+                // SAFETY: this CPU's slot (see `handoff::take`).
+                conntrack::settle(unsafe { &(*h).other }, &w.pkt.tuple);
+            }
+        }
         finish(ctx, at, cfg, (&w.pkt, &w.xlat), w.verdict)
     }
 

@@ -94,6 +94,9 @@ pub struct Work<A> {
     pub verdict: Verdict,
     /// The tuple the packet is translated to.
     pub xlat: FlowTuple<A>,
+    /// At egress: the packet is the first of its flow's translated packets here, as ingress handed it over
+    /// (`crate::handoff`): once the verdict is carried out, the flow is settled (unless the packet is dropped).
+    pub settle: bool,
 }
 
 /// An ICMP error's working memory: the embedded packet, what it becomes, and the outer addresses written.

@@ -18,7 +18,7 @@ use etherparse::{
     Ipv6Header, NetHeaders, PacketBuilder, PacketHeaders, TcpHeader, TransportHeader, UdpHeader,
     icmpv6::{DestUnreachableCode, ParameterProblemCode, ParameterProblemHeader, TimeExceededCode},
 };
-use pfwd_common::{CtEntry6, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Tuple6, ct_hook, dir};
+use pfwd_common::{CtEntry6, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Tuple6, ct_flag, ct_hook, ct_state, dir, names};
 
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
 const CLIENT2: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 3);
@@ -1620,4 +1620,151 @@ fn a_rule_without_addresses_applies_to_both_families_unless_restricted() {
     assert_v4_translated(&masq.egress(&udp4(CLIENT4, 5353, BACKEND4, 53)), &udp4(ROUTER, 5353, BACKEND4, 53));
     let dns = Pkt::udp(CLIENT, 5353, BACKEND, 53);
     assert_translated(&masq.egress(&dns.bytes()), &dns.from(ROUTER6, 5353));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The handoff from ingress to egress, through IPv6's own slot (pfwd-ebpf/src/handoff.rs): a forwarded IPv6 packet
+// costs one conntrack lookup, as an IPv4 one does. The fixture keeps each test on one CPU, as forwarding does.
+// ---------------------------------------------------------------------------------------------------------------
+
+/// One IPv6 conntrack table, writable (to plant or remove entries between the two hooks).
+fn ct_table6(f: &Fixture, name: &str) -> aya::maps::HashMap<aya::maps::MapData, Tuple6, CtEntry6> {
+    let data = aya::maps::MapData::from_pin(f.kernel().pin_dir().join(name)).expect("pinned conntrack map");
+    aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(data).unwrap()).unwrap()
+}
+
+/// The table that holds `entry` (confirmed or not).
+fn table_of(entry: &CtEntry6) -> &'static str {
+    if entry.is_confirmed() { names::CONNTRACK6 } else { names::CONNTRACK6_NEW }
+}
+
+#[test]
+fn ipv6_egress_takes_a_dnat_replys_translation_from_ingress_without_a_lookup() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 80 --to [2001:db8:2::2]:8080")]);
+    let syn = Pkt::syn(ROUTER6, 80);
+    let r = f.ingress(&syn.bytes());
+    assert_translated(&f.egress(&r.data), &syn.to(BACKEND, 8080));
+    // The flow's first packet through egress settled it there.
+    let key = tuple6(CLIENT, CPORT, ROUTER6, 80, PROTO_TCP);
+    assert_eq!(ct_entry(&f, key).flags & (ct_flag::SETTLED | ct_flag::EGRESS_TOO), ct_flag::SETTLED);
+    assert_eq!(f.stat("egress_handoffs"), 0, "a new flow's first packet is looked up at egress");
+
+    // The reply: ingress records it in its flow and hands the translation over. With its entry removed between the
+    // hooks, egress translates it all the same: it did not look it up.
+    let syn_ack = Pkt::tcp(BACKEND, 8080, CLIENT, CPORT, SYN | ACK);
+    let r = f.ingress(&syn_ack.bytes());
+    assert_untouched(&r, &syn_ack.bytes());
+    assert_ne!(ct_entry(&f, key).state & ct_state::SEEN_REPLY, 0, "ingress recorded the reply in the flow");
+    let reply_key = tuple6(BACKEND, 8080, CLIENT, CPORT, PROTO_TCP);
+    let reply_entry = ct_entry(&f, reply_key);
+    assert_eq!(f.kernel().conntrack_delete(&[reply_key]).unwrap(), 1);
+    assert_translated(&f.egress(&r.data), &syn_ack.from(ROUTER6, 80));
+    assert_eq!(f.stat("egress_handoffs"), 1);
+    assert_eq!(f.counters(slot_of(1)).packets, 2);
+
+    // With the entry back: a packet ingress did not describe (another length) is looked up at egress.
+    ct_table6(&f, table_of(&reply_entry)).insert(reply_key, reply_entry, 0).unwrap();
+    let r = f.ingress(&syn_ack.bytes());
+    let other = syn_ack.clone().payload(b"longer");
+    assert_translated(&f.egress(&other.bytes()), &other.from(ROUTER6, 80));
+    assert_eq!(f.stat("egress_handoffs"), 1);
+    // Every IPv6 packet empties the slot: the one ingress did describe, coming after another, is looked up too (an
+    // entry planted for it shows which translation egress used).
+    let planted = CtEntry6 { xlat: tuple6(PUBLIC, 999, CLIENT, CPORT, PROTO_TCP), ..reply_entry };
+    ct_table6(&f, table_of(&reply_entry)).insert(reply_key, planted, 0).unwrap();
+    assert_translated(&f.egress(&r.data), &syn_ack.from(PUBLIC, 999));
+    assert_eq!(f.stat("egress_handoffs"), 1);
+
+    // Each family has its own slot: an IPv4 packet between the hooks leaves the IPv6 packet's handoff alone (the
+    // entry removed again, so only the handoff can translate it).
+    ct_table6(&f, table_of(&reply_entry)).insert(reply_key, reply_entry, 0).unwrap();
+    let r = f.ingress(&syn_ack.bytes());
+    assert_eq!(f.kernel().conntrack_delete(&[reply_key]).unwrap(), 1);
+    let v4 = udp4(CLIENT4, 5000, BACKEND4, 53);
+    assert_eq!(f.egress(&v4).data, v4);
+    assert_translated(&f.egress(&r.data), &syn_ack.from(ROUTER6, 80));
+    assert_eq!(f.stat("egress_handoffs"), 2);
+}
+
+#[test]
+fn ipv6_egress_leaves_a_settled_flows_packets_alone_and_looks_up_any_other() {
+    let f = Fixture::new(&[rule(1, "dnat -p tcp --dport 80 --to [2001:db8:2::2]:8080")]);
+    let syn = Pkt::syn(ROUTER6, 80);
+    assert_translated(&f.egress(&f.ingress(&syn.bytes()).data), &syn.to(BACKEND, 8080));
+    let data = syn.clone().flags(ACK | PSH).payload(b"request");
+    let dnated = data.to(BACKEND, 8080);
+    let r = f.ingress(&data.bytes());
+    assert_translated(&r, &dnated);
+    // An entry for the translated tuple at egress, planted between the hooks: egress, told by ingress that the flow
+    // is settled with nothing to do there, does not look it up.
+    let live = ct_entry(&f, tuple6(CLIENT, CPORT, ROUTER6, 80, PROTO_TCP));
+    assert_ne!(live.flags & ct_flag::SETTLED, 0);
+    let planted = CtEntry6 {
+        xlat: tuple6(PUBLIC, 999, BACKEND, 8080, PROTO_TCP),
+        hook: ct_hook::EGRESS,
+        dir: dir::ORIGINAL,
+        flags: 0,
+        ..live
+    };
+    ct_table6(&f, table_of(&live)).insert(tuple6(CLIENT, CPORT, BACKEND, 8080, PROTO_TCP), planted, 0).unwrap();
+    let before = f.stat("egress_handoffs");
+    assert_untouched(&f.egress(&r.data), &dnated.bytes());
+    assert_eq!(f.stat("egress_handoffs"), before + 1);
+    // Another packet of the flow that ingress did not describe is looked up: the planted entry translates it.
+    let other = syn.clone().flags(ACK | PSH).payload(b"another request").to(BACKEND, 8080);
+    assert_translated(&f.egress(&other.bytes()), &other.from(PUBLIC, 999));
+    assert_eq!(f.stat("egress_handoffs"), before + 1);
+}
+
+#[test]
+fn ipv6_full_nat_flows_find_each_other_and_egress_still_looks_their_packets_up() {
+    let f = Fixture::new(&[
+        rule(1, "dnat -p tcp --dport 80 --to [2001:db8:2::2]:8080"),
+        rule(2, "snat -o lo --to 2001:db8:ff::5"),
+    ]);
+    let syn = Pkt::syn(ROUTER6, 80);
+    assert_translated(&f.egress(&f.ingress(&syn.bytes()).data), &syn.to(BACKEND, 8080).from(PUBLIC, CPORT));
+    let dnat_key = tuple6(CLIENT, CPORT, ROUTER6, 80, PROTO_TCP);
+    for k in [dnat_key, tuple6(BACKEND, 8080, PUBLIC, CPORT, PROTO_TCP)] {
+        assert_ne!(ct_entry(&f, k).flags & ct_flag::EGRESS_TOO, 0, "{k:?}");
+    }
+    assert_ne!(ct_entry(&f, dnat_key).flags & ct_flag::SETTLED, 0);
+    let before = f.stat("egress_handoffs");
+    let syn_ack = Pkt::tcp(BACKEND, 8080, PUBLIC, CPORT, SYN | ACK);
+    for (pkt, want) in [
+        (syn_ack.clone(), syn_ack.to(CLIENT, CPORT).from(ROUTER6, 80)),
+        (syn.clone().flags(ACK), syn.to(BACKEND, 8080).from(PUBLIC, CPORT).flags(ACK)),
+        (syn_ack.clone().flags(ACK | PSH), syn_ack.to(CLIENT, CPORT).from(ROUTER6, 80).flags(ACK | PSH)),
+    ] {
+        assert_translated(&f.egress(&f.ingress(&pkt.bytes()).data), &want);
+    }
+    assert_eq!(f.stat("egress_handoffs"), before, "no packet of a full NAT skips its lookup at egress");
+    assert_eq!(f.stat("new_flows"), 2);
+}
+
+#[test]
+fn ipv6_a_masquerade_rule_added_mid_flow_does_not_apply_to_a_settled_udp_flow() {
+    // As for IPv4 (and in netfilter): a flow's NAT at egress is settled by its first packet there; a flow whose
+    // first packet never got there (lost on the way) is settled by the next.
+    let dnat = rule(1, "dnat -p udp --dport 53 --to [2001:db8:2::2]:5353");
+    let f = Fixture::new(std::slice::from_ref(&dnat));
+    let q = Pkt::udp(CLIENT, CPORT, ROUTER6, 53);
+    assert_translated(&f.egress(&f.ingress(&q.bytes()).data), &q.to(BACKEND, 5353));
+    let lost = Pkt::udp(CLIENT, CPORT + 1, ROUTER6, 53);
+    assert_translated(&f.ingress(&lost.bytes()), &lost.to(BACKEND, 5353));
+    f.sync(&[dnat.clone(), rule(2, "masquerade -o lo -p udp")]);
+    let r = f.ingress(&q.bytes());
+    assert_untouched(&f.egress(&r.data), &q.to(BACKEND, 5353).bytes());
+    // The same when egress gets the packet without the handoff (here, another length): looked up, no new flow.
+    let waited = q.clone().payload(b"a longer question").to(BACKEND, 5353);
+    assert_untouched(&f.egress(&waited.bytes()), &waited.bytes());
+    let r = f.egress(&f.ingress(&lost.bytes()).data);
+    let port = u16::from_be_bytes([r.data[L4], r.data[L4 + 1]]);
+    assert_translated(&r, &lost.to(BACKEND, 5353).from(ROUTER6, port));
+    assert_eq!(f.stat("new_flows"), 3);
+    // A new flow meets the rule.
+    let new = Pkt::udp(CLIENT, CPORT + 2, ROUTER6, 53);
+    let r = f.egress(&f.ingress(&new.bytes()).data);
+    let port = u16::from_be_bytes([r.data[L4], r.data[L4 + 1]]);
+    assert_translated(&r, &new.to(BACKEND, 5353).from(ROUTER6, port));
 }

@@ -5,7 +5,8 @@
 //! no route back, 1:1 NAT (ICMPv6 echo included), `--local` to a moved server, source filters with IPv6 prefixes, a
 //! rule without addresses serving both families, packet-too-big through a translated flow, and `auto` falling back
 //! to nftables without BTF. They run in every mode: iptables mode through ip6tables, nft mode in its inet table, eBPF
-//! mode in its programs and IPv6 socket hooks.
+//! mode in its programs and IPv6 socket hooks. One more, eBPF only: forwarded IPv6 packets take one conntrack lookup
+//! (the handoff from tc ingress to tc egress).
 //!
 //! Needs root and a built pfwd: `cargo build -p pfwd && PFWD_BIN=target/debug/pfwd cargo test -p tests --test ipv6`.
 
@@ -250,4 +251,52 @@ fn auto_mode_without_btf_takes_ipv6_rules() {
     add(&lab, &["dnat", "-i", "eth0", "-p", "tcp", "--dport", "80", "--to", &format!("[{SERVER}]:8080")]);
     expect_tcp(&lab, None, &format!("[{ROUTER_IN}]:80"), "server6", 8080, CLIENT);
     drop(guard);
+}
+
+/// A counter of a node's IPv6 stack (`/proc/net/snmp6`: one "name value" per line).
+fn snmp6(lab: &Lab, node: Node, name: &str) -> u64 {
+    let text = sh(lab, node, "cat /proc/net/snmp6");
+    let value = text.lines().find_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+        [n, v] if n == name => v.parse().ok(),
+        _ => None,
+    });
+    value.unwrap_or_else(|| panic!("no {name} in /proc/net/snmp6 of the {}", node.label()))
+}
+
+/// eBPF mode: a forwarded IPv6 packet takes one conntrack lookup, as an IPv4 one does. tc egress handles nearly
+/// every forwarded packet of a UDP DNAT flow from what tc ingress handed it (README, Connection tracking: the
+/// handoff); not the flow's first packet, which egress looks up and settles.
+#[test]
+fn ebpf_forwarded_ipv6_packets_are_handed_from_ingress_to_egress() {
+    const EXCHANGES: usize = 40;
+    let lab = dual_lab("v6-hand");
+    let _u = udp_server(&lab, Node::Server, &format!("[{SERVER}]:8080"), "server6");
+    let _guard = attach(&lab, "ebpf", &["eth0", "eth1"]);
+    add(&lab, &["dnat", "-i", "eth0", "-p", "udp", "--dport", "80", "--to", &format!("[{SERVER}]:8080")]);
+    let handoffs = |lab: &Lab| status(lab)["stats"]["egress_handoffs"].as_u64().expect("stats.egress_handoffs");
+    let (fwd0, hand0) = (snmp6(&lab, Node::Router, "Ip6OutForwDatagrams"), handoffs(&lab));
+
+    let to: std::net::SocketAddr = format!("[{ROUTER_IN}]:80").parse().unwrap();
+    let sock = lab
+        .in_ns(Node::Client, || std::net::UdpSocket::bind(format!("[{CLIENT}]:0")))
+        .expect("entering the namespace")
+        .expect("binding a UDP socket");
+    sock.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 2048];
+    for i in 0..EXCHANGES {
+        let msg = format!("u{i}");
+        sock.send_to(msg.as_bytes(), to).unwrap_or_else(|e| panic!("UDP #{i}: {e}"));
+        let (n, src) = sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("UDP #{i}: no reply: {e}"));
+        let r = tests::Reply::parse(&String::from_utf8_lossy(&buf[..n])).expect("a parsable reply");
+        assert_eq!((r.label.as_str(), r.payload.as_str(), src), ("server6", msg.as_str(), to), "UDP #{i}");
+    }
+
+    let forwarded = snmp6(&lab, Node::Router, "Ip6OutForwDatagrams") - fwd0;
+    let handed = handoffs(&lab) - hand0;
+    eprintln!("{forwarded} IPv6 packets forwarded, {handed} handed from tc ingress to tc egress");
+    assert!(forwarded >= 2 * EXCHANGES as u64, "{forwarded} packets forwarded for {EXCHANGES} exchanges");
+    assert!(handed * 100 >= 90 * forwarded && handed < forwarded, "{handed} of {forwarded} handed over");
+    for node in [Node::Client, Node::Server] {
+        assert_eq!(snmp6(&lab, node, "Udp6InCsumErrors"), 0, "{}: UDP checksum errors", node.label());
+    }
 }

@@ -126,8 +126,9 @@ enum Fate {
     Dropped,
 }
 
-/// What tc ingress leaves for tc egress about the IPv4 packet it has just seen (the kernel's handoff slot): egress
-/// uses it only for the packet it describes, and every IPv4 packet at either hook empties it.
+/// What tc ingress leaves for tc egress about the packet of a family it has just seen (the kernel's handoff slot,
+/// one per family): egress uses it only for the packet it describes, and every packet of the family at either hook
+/// empties it.
 #[derive(Clone, Copy, Debug)]
 struct Handoff {
     /// The packet as it left ingress: tuple, IP identification, total length, TCP flags (0 for others).
@@ -153,9 +154,9 @@ impl Handoff {
         Handoff { tuple, id: ip.id, len: ip.end - ETH, flags: tcp_flags(ip), kind }
     }
 
+    /// (Only ever asked of a packet of the slot's family.)
     fn describes(&self, ip: &Ip) -> bool {
-        !ip.v6
-            && ip.frag == Frag::Whole
+        ip.frag == Frag::Whole
             && ip.tuple() == Some(self.tuple)
             && ip.id == self.id
             && ip.end - ETH == self.len
@@ -183,7 +184,8 @@ pub struct Model {
     datagrams: HashMap<DatagramKey, Fate>,
     /// The kernel's fragment counters as they must have grown since the last reset.
     pub frag_counters: FragCounters,
-    handoff: Option<Handoff>,
+    /// The handoff slots: IPv4's, IPv6's.
+    handoff: [Option<Handoff>; 2],
 }
 
 /// The fragment counters of pfwd's stats (`pfwd status`), by their names there.
@@ -229,7 +231,7 @@ impl Model {
         self.flows.clear();
         self.datagrams.clear();
         self.frag_counters = FragCounters::default();
-        self.handoff = None;
+        self.handoff = [None, None];
     }
 
     /// Changes the rules in the middle of a stream (README: live flows keep their translation; new flows, and closed
@@ -246,9 +248,13 @@ impl Model {
     /// model reads from it only the free choices it allows (and checks them). An `Err` is a divergence found while
     /// checking such a choice.
     pub fn step(&mut self, hook: Hook, frame: &[u8], seen: &Observed) -> Result<Expect, String> {
-        // Every IPv4 frame empties the handoff slot, at either hook; only egress uses what it held.
-        let ipv4 = frame.len() >= ETH && be16(frame, 12) == packet::ETHERTYPE_IPV4;
-        let held = if ipv4 { self.handoff.take() } else { None };
+        // Every IPv4 or IPv6 frame empties its family's handoff slot, at either hook; only egress uses what it held.
+        let family = match (frame.len() >= ETH).then(|| be16(frame, 12)) {
+            Some(packet::ETHERTYPE_IPV4) => Some(0),
+            Some(packet::ETHERTYPE_IPV6) => Some(1),
+            _ => None,
+        };
+        let held = family.and_then(|f| self.handoff[f].take());
         let held = held.filter(|_| hook == Hook::Egress);
         let ip = match packet::parse(frame) {
             Parsed::NotIp => return Ok(pass(frame, "not IP")),
@@ -260,7 +266,7 @@ impl Model {
             Parsed::Ipv6(ip) => {
                 // IPv6 (plain header, TCP or UDP): a flow's packet or a new flow, as IPv4 (own table per family in
                 // the kernel; one here, the addresses never clash).
-                let mut e = self.datagram(hook, frame, &ip, seen, None)?;
+                let mut e = self.datagram(hook, frame, &ip, seen, held)?;
                 if matches!(&e.verdict, Verdict::Next(b) if b != frame) {
                     e.csums = csum_fields(&ip);
                 }
@@ -382,14 +388,14 @@ impl Model {
         may_open: bool,
     ) -> Result<Expect, String> {
         let t = ip.tuple().expect("a datagram with a tuple");
-        let whole4 = !ip.v6 && ip.frag == Frag::Whole;
+        let whole = ip.frag == Frag::Whole;
         if let Some(entry) = self.table.get(&t).copied() {
             if entry.hook != hook {
                 let closed = t.proto == TCP && self.flows[&entry.flow].closed();
-                if hook == Hook::Ingress && whole4 && !closed {
+                if hook == Hook::Ingress && whole && !closed {
                     // Recorded now; egress takes the translation from the handoff.
                     self.track(&entry, ip);
-                    self.handoff = Some(Handoff::new(ip, t, Handed::Known { xlat: entry.xlat }));
+                    self.handoff[ip.v6 as usize] = Some(Handoff::new(ip, t, Handed::Known { xlat: entry.xlat }));
                     return Ok(pass(frame, "a flow's packet on the other hook, handed to egress"));
                 }
                 return Ok(pass(frame, "a flow's packet on the other hook"));
@@ -405,10 +411,10 @@ impl Model {
             let reopen = closed && !entry.reply && opens_flow(ip);
             if !reopen {
                 self.track(&entry, ip);
-                if hook == Hook::Ingress && whole4 {
+                if hook == Hook::Ingress && whole {
                     let f = &self.flows[&entry.flow];
                     let kind = Handed::Translated { key: t, settled: f.settled, egress_too: f.egress_too };
-                    self.handoff = Some(Handoff::new(ip, entry.xlat, kind));
+                    self.handoff[ip.v6 as usize] = Some(Handoff::new(ip, entry.xlat, kind));
                 }
                 let dir = if entry.reply { "reply" } else { "original" };
                 return Ok(Expect {
@@ -496,9 +502,9 @@ impl Model {
         // is its own original tuple (a self-addressed packet masqueraded to the same address) keeps the original.
         self.table.insert(reply_key, Entry { xlat: t.reversed(), hook: hook.other(), reply: true, flow: id });
         self.table.insert(t, Entry { xlat, hook, reply: false, flow: id });
-        if hook == Hook::Ingress && whole4 {
+        if hook == Hook::Ingress && whole {
             let kind = Handed::Translated { key: t, settled: false, egress_too };
-            self.handoff = Some(Handoff::new(ip, xlat, kind));
+            self.handoff[ip.v6 as usize] = Some(Handoff::new(ip, xlat, kind));
         }
         // The opening packet's flags are not state: a SYN+FIN (which opens a flow: SYN without ACK or RST) does not
         // count as the original direction's FIN. (Adopted from the kernel; reported: Linux calls SYN+FIN invalid.)
