@@ -53,6 +53,8 @@ pub const CASES: &[(&str, &str)] = &[
     ("established6-1", "IPv6: established flow, repeat=1, median of S calls"),
     ("egress-handed-1", "egress of an established flow's forwarded packet, handed over by ingress, median of S calls"),
     ("egress-lookup-1", "the same packet at egress without the handoff (looked up, as before it), median of S calls"),
+    ("egress-handed6-1", "IPv6: egress of an established flow's forwarded packet, handed over, median of S calls"),
+    ("egress-lookup6-1", "IPv6: the same packet at egress without the handoff (looked up), median of S calls"),
     ("new-1", "new flow, repeat=1, median of S calls (distinct source ports)"),
     ("new6-1", "IPv6: new flow, repeat=1, median of S calls (distinct source ports)"),
     ("no-rule-1", "no rule matching, repeat=1, median of S calls"),
@@ -62,7 +64,7 @@ pub const CASES: &[(&str, &str)] = &[
 ];
 
 /// (IPv4 case, its IPv6 counterpart): the report's IPv6 / IPv4 line.
-pub const FAMILY_PAIRS: [(&str, &str); 7] = [
+pub const FAMILY_PAIRS: [(&str, &str); 9] = [
     ("no-rule", "no-rule6"),
     ("established", "established6"),
     ("unconfirmed", "unconfirmed6"),
@@ -70,6 +72,8 @@ pub const FAMILY_PAIRS: [(&str, &str); 7] = [
     ("established-1", "established6-1"),
     ("new-1", "new6-1"),
     ("no-rule-1", "no-rule6-1"),
+    ("egress-handed-1", "egress-handed6-1"),
+    ("egress-lookup-1", "egress-lookup6-1"),
 ];
 
 /// Attaches pfwd (eBPF mode, default sizes) to the router namespace's `lo` (test runs see packets on lo) and
@@ -196,7 +200,8 @@ pub fn measure(env: &Env, reps: usize, repeat: u32, singles: usize) -> Result<Pr
         samples.push((k4, m[0]));
         samples.push((k6, m[1]));
     }
-    samples.extend(egress_singles(&ingress, &egress, &a, singles)?);
+    samples.extend(egress_singles(&ingress, &egress, &a, singles, ["egress-handed-1", "egress-lookup-1"])?);
+    samples.extend(egress_singles(&ingress, &egress, &a6, singles, ["egress-handed6-1", "egress-lookup6-1"])?);
     samples.extend(xdp_singles(env, &dir, &a, singles)?);
     Ok(ProgCosts { samples, notes, maps })
 }
@@ -266,6 +271,7 @@ fn egress_singles(
     egress: &SchedClassifier,
     a: &[u8],
     singles: usize,
+    [handed_key, lookup_key]: [&'static str; 2],
 ) -> Result<Vec<(&'static str, f64)>> {
     // SAFETY: plain syscalls on this thread's affinity mask, restored below.
     let saved = unsafe {
@@ -295,7 +301,7 @@ fn egress_singles(
     // SAFETY: as above.
     unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &saved) };
     let (handed, lookup) = measured?;
-    Ok(vec![("egress-handed-1", handed), ("egress-lookup-1", lookup)])
+    Ok(vec![(handed_key, handed), (lookup_key, lookup)])
 }
 
 pub(super) fn run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> Result<(f64, Vec<u8>)> {
