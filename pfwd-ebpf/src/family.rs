@@ -36,6 +36,9 @@ pub trait Family: Addr {
     const ECHO_REPLY: u8;
     /// Whether the ICMP checksum covers the pseudo-header (ICMPv6's does, RFC 4443; ICMP's does not).
     const ICMP_PSEUDO: bool;
+    /// Whether the IP header has a checksum of its own (IPv4's; IPv6 has none), which balances a change of its
+    /// addresses in the packet's sum (skb->csum).
+    const HEADER_CHECKSUM: bool;
 
     /// Whether an ICMP message of type `ty` is an error that embeds the packet it is about.
     fn is_icmp_error(ty: u8) -> bool;
@@ -103,6 +106,7 @@ impl Family for u32 {
     const ECHO_REQUEST: u8 = ICMP_ECHO_REQUEST;
     const ECHO_REPLY: u8 = ICMP_ECHO_REPLY;
     const ICMP_PSEUDO: bool = false;
+    const HEADER_CHECKSUM: bool = true;
 
     #[inline(always)]
     fn is_icmp_error(ty: u8) -> bool {
@@ -206,6 +210,7 @@ impl Family for Addr6 {
     const ECHO_REQUEST: u8 = ICMPV6_ECHO_REQUEST;
     const ECHO_REPLY: u8 = ICMPV6_ECHO_REPLY;
     const ICMP_PSEUDO: bool = true;
+    const HEADER_CHECKSUM: bool = false;
 
     /// Neighbour discovery and router advertisements (133-137) are neither errors nor echoes: they pass untouched.
     #[inline(always)]

@@ -6,9 +6,14 @@
 //! local sockets and never leaves a UDP checksum of 0 (BPF_F_MARK_MANGLED_0: IPv4's "none" stays 0, and a result
 //! of 0 is written 0xffff, which IPv6 requires). IPv4 ICMP checksums cover no pseudo-header and are never partial:
 //! updated by hand, as are the checksums inside ICMP errors.
+//!
+//! A packet from a NIC that sums what it receives (CHECKSUM_COMPLETE) carries that sum in skb->csum, which must
+//! follow every byte changed. The helpers keep it for the checksums they update; a checksum updated by hand balances
+//! its own changes. What neither covers is kept by `packet_sum_follows`: a UDP datagram without a checksum (which
+//! stays 0) and IPv6 addresses where no checksum changes with them (a later fragment).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
+    helpers::{bpf_csum_diff, bpf_csum_update},
     programs::TcContext,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
@@ -92,7 +97,35 @@ fn rewrite_echo<A: Family>(ctx: &TcContext, off: usize, from: &FlowTuple<A>, to:
 /// Returns false if the header could not be written.
 #[inline(always)]
 pub fn rewrite_addresses<A: Family>(ctx: &TcContext, from: &FlowTuple<A>, to: &FlowTuple<A>) -> bool {
-    A::rewrite_ip(ctx, ip_off(), from, to).is_some()
+    A::rewrite_ip(ctx, ip_off(), from, to).is_some() && (A::HEADER_CHECKSUM || packet_sum_follows(ctx, from, to, false))
+}
+
+/// Keeps skb->csum (CHECKSUM_COMPLETE: the sum over the packet, from a NIC that sums what it receives) right where
+/// nothing else does: the L4 checksum left as it is (a UDP datagram without one, a later fragment), IPv6 addresses
+/// (no header checksum balances them) and, with `ports`, the ports changed. Nothing to do for other skbs: the
+/// helper refuses them, harmlessly. False only if the difference could not be computed.
+#[inline(never)]
+fn packet_sum_follows<A: Family>(ctx: &TcContext, from: &FlowTuple<A>, to: &FlowTuple<A>, ports: bool) -> bool {
+    let mut diff: i64 = 0;
+    if ports {
+        // The ports as the packet holds them (network order), both in one word.
+        let (old, new) = ([from.sport.to_be(), from.dport.to_be()], [to.sport.to_be(), to.dport.to_be()]);
+        // SAFETY: two 4-byte arrays on our stack.
+        diff = unsafe { bpf_csum_diff(old.as_ptr() as *mut u32, 4, new.as_ptr() as *mut u32, 4, 0) };
+    }
+    if !A::HEADER_CHECKSUM && diff >= 0 {
+        // Both addresses: adjacent in the tuple (#[repr(C)]).
+        let size = 2 * size_of::<A>() as u32;
+        let (old, new) = (&from.saddr as *const A as *mut u32, &to.saddr as *const A as *mut u32);
+        // SAFETY: both pointers are to `size` bytes of the tuples, saddr then daddr.
+        diff = unsafe { bpf_csum_diff(old, size, new, size, diff as u32) };
+    }
+    if diff < 0 {
+        return false;
+    }
+    // SAFETY: the program's own skb.
+    unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+    true
 }
 
 /// Rewrites the packet (whose tuple is `pkt.tuple`) so its tuple becomes `to`. Returns false if the packet could not
@@ -125,8 +158,16 @@ pub fn rewrite<A: Family>(ctx: &TcContext, pkt: &Packet<A>, to: &FlowTuple<A>) -
         }
     }
 
-    // Helpers below invalidate packet pointers: no direct access after this point.
     let Some(csum_off) = pkt.l4_csum_off() else { return true };
+    if from.proto == PROTO_UDP {
+        let Some(c) = ptr_at::<[u8; 2]>(ctx, csum_off) else { return false };
+        // SAFETY: bounds checked by ptr_at.
+        if unsafe { *c } == [0, 0] {
+            // No checksum, and none is made up: the helpers below would leave the packet, and skb->csum with it.
+            return packet_sum_follows(ctx, from, to, ports_changed);
+        }
+    }
+    // Helpers below invalidate packet pointers: no direct access after this point.
     let mangled0 = if from.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     let port_flags = mangled0 | 2;
     (!addrs_changed || A::l4_csum_addrs(ctx, csum_off, from, to, mangled0))

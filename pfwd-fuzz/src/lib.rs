@@ -49,6 +49,11 @@ pub struct Fuzzer {
 }
 
 impl Fuzzer {
+    /// Whether each run also checks skb->csum (see `run::Instance::complete`).
+    pub fn checks_packet_sum(&self) -> bool {
+        self.inst.complete
+    }
+
     pub fn new() -> Result<Self> {
         Ok(Fuzzer {
             inst: Instance::new(1 << 16)?,
@@ -103,6 +108,11 @@ impl Fuzzer {
     fn step(&mut self, hook: Hook, frame: &[u8], at: usize) -> Result<Result<Option<Vec<u8>>, Divergence>> {
         let out = match self.inst.run(hook, frame, &mut self.buf) {
             Ok(o) => o,
+            // EBADMSG (os error 74): the run of a CHECKSUM_COMPLETE skb ended with skb->csum not the packet's sum.
+            Err(e) if e.raw_os_error() == Some(74) => {
+                let what = format!("the program left skb->csum wrong for a CHECKSUM_COMPLETE packet ({e})");
+                return Ok(Err(Divergence { at, what, expected: None, ret: check::NEXT, got: vec![] }));
+            }
             Err(_) => {
                 self.refused += 1;
                 return Ok(Ok(None));

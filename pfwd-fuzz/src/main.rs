@@ -40,6 +40,14 @@ fn run(args: Args) -> Result<u64> {
     });
     println!("pfwd-fuzz: seed {seed}, {} packets (rerun: --seed {seed})", args.packets);
     let mut fz = Fuzzer::new()?;
+    println!(
+        "pfwd-fuzz: {}",
+        if fz.checks_packet_sum() {
+            "packets come CHECKSUM_COMPLETE: the kernel checks each run left skb->csum right"
+        } else {
+            "this kernel has no BPF_F_TEST_SKB_CHECKSUM_COMPLETE (6.16+): skb->csum goes unchecked"
+        }
+    );
     let mut rng = generate::Rng::new(seed);
     let (start, mut last) = (Instant::now(), Instant::now());
     let (mut packets, mut episodes, mut divergences) = (0u64, 0u64, 0u64);

@@ -55,6 +55,9 @@ pub struct Instance {
     /// count, and each key's rules behind its kernel entry.
     kept: Kept,
     pins: Pins,
+    /// Whether packets come in skbs marked CHECKSUM_COMPLETE (Linux 6.16+), whose sum the kernel checks after each
+    /// run (`pfwd::testrun`).
+    pub complete: bool,
 }
 
 /// The result of one test run; `data` is the output frame (valid up to `len`).
@@ -107,7 +110,8 @@ impl Instance {
         let egress = SchedClassifier::from_pin(dir.join("prog_egress")).context("pinned egress program")?;
         let frags = MapData::from_pin(dir.join(names::FRAGS)).context("pinned fragment table")?;
         let frags = HashMap::try_from(Map::LruHashMap(frags)).context("fragment table type")?;
-        Ok(Self { ingress, egress, frags, pins, held: Vec::new(), syncs: 0, small: 0, kept: Kept::default() })
+        let complete = pfwd::testrun::supported(&ingress);
+        Ok(Self { ingress, egress, frags, pins, held: Vec::new(), syncs: 0, small: 0, kept: Kept::default(), complete })
     }
 
     /// Replaces the rules and empties the conntrack and fragment tables: a fresh start for the next rule set.
@@ -190,15 +194,20 @@ impl Instance {
         })
     }
 
-    /// Runs `frame` through the program of `hook`; the output frame goes to `out` (at least 2048 bytes).
-    pub fn run(&self, hook: Hook, frame: &[u8], out: &mut [u8]) -> Result<Out> {
+    /// Runs `frame` through the program of `hook`; the output frame goes to `out` (at least 2048 bytes). With
+    /// CHECKSUM_COMPLETE skbs, `EBADMSG` says the program left skb->csum wrong.
+    pub fn run(&self, hook: Hook, frame: &[u8], out: &mut [u8]) -> std::io::Result<Out> {
         let prog = match hook {
             Hook::Ingress => &self.ingress,
             Hook::Egress => &self.egress,
         };
+        if self.complete {
+            let r = pfwd::testrun::run_complete(prog, frame, out)?;
+            return Ok(Out { ret: r.retval, len: r.len });
+        }
         let r = prog
             .test_run(TestRunOptions { data_in: Some(frame), data_out: Some(out), ..Default::default() })
-            .with_context(|| format!("BPF_PROG_TEST_RUN of {} bytes at {}", frame.len(), hook.name()))?;
+            .map_err(std::io::Error::other)?;
         Ok(Out { ret: r.return_value, len: r.data_size_out as usize })
     }
 }

@@ -56,6 +56,9 @@ pub struct Fixture {
     pub pins: Pins,
     /// The rules the kernel holds (what the next `sync` changes from, as `pfwd` does).
     pub held: std::sync::Mutex<Vec<StoredRule>>,
+    /// Whether its programs take Ethernet frames: then packets come CHECKSUM_COMPLETE ([`run`]). The test run sums
+    /// the packet from behind an Ethernet header, so a layer-3 build's packet (IP from byte 0) cannot be checked so.
+    pub l2: bool,
 }
 
 pub fn lo_index(name: &str) -> Option<u32> {
@@ -89,7 +92,7 @@ impl Fixture {
         pins.0.sync_rules(None, rules, &lo_index).expect("sync_rules");
         let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).expect("pinned ingress program");
         let egress = SchedClassifier::from_pin(dir.join("prog_egress")).expect("pinned egress program");
-        Self { ingress, egress, pins, held: std::sync::Mutex::new(rules.to_vec()) }
+        Self { ingress, egress, pins, held: std::sync::Mutex::new(rules.to_vec()), l2: true }
     }
 
     /// A fixture running the build of the tc programs for layer-3 interfaces (tun, WireGuard, PPP: packets start at
@@ -100,6 +103,7 @@ impl Fixture {
         f.kernel().ensure_layer3().expect("loading the layer-3 build");
         f.ingress = SchedClassifier::from_pin(dir.join("prog_ingress_l3")).expect("pinned layer-3 ingress program");
         f.egress = SchedClassifier::from_pin(dir.join("prog_egress_l3")).expect("pinned layer-3 egress program");
+        f.l2 = false;
         f
     }
 
@@ -114,11 +118,11 @@ impl Fixture {
     }
 
     pub fn ingress(&self, pkt: &[u8]) -> Run {
-        run(&self.ingress, pkt)
+        run_as(&self.ingress, pkt, self.l2)
     }
 
     pub fn egress(&self, pkt: &[u8]) -> Run {
-        run(&self.egress, pkt)
+        run_as(&self.egress, pkt, self.l2)
     }
 
     pub fn stat(&self, name: &str) -> u64 {
@@ -178,8 +182,32 @@ pub struct Run {
     pub data: Vec<u8>,
 }
 
+/// Runs `prog` once on the Ethernet frame `pkt`. Where the kernel can (Linux 6.16+), the packet comes in an skb
+/// marked CHECKSUM_COMPLETE, as from a NIC that sums what it receives, and the run fails unless the program kept
+/// skb->csum right (`pfwd::testrun`): every packet test checks that too.
 pub fn run(prog: &SchedClassifier, pkt: &[u8]) -> Run {
+    run_as(prog, pkt, true)
+}
+
+/// [`run`]; `complete`: whether the packet may come CHECKSUM_COMPLETE (see [`Fixture::l2`]).
+pub fn run_as(prog: &SchedClassifier, pkt: &[u8], complete: bool) -> Run {
     let mut out = vec![0u8; 2048];
+    static COMPLETE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let checked = *COMPLETE.get_or_init(|| {
+        let ok = pfwd::testrun::supported(prog);
+        if !ok {
+            eprintln!("this kernel has no BPF_F_TEST_SKB_CHECKSUM_COMPLETE (6.16+): skb->csum goes unchecked");
+        }
+        ok
+    });
+    if complete && checked {
+        let r = pfwd::testrun::run_complete(prog, pkt, &mut out).unwrap_or_else(|e| {
+            let why = if e.raw_os_error() == Some(libc::EBADMSG) { " (the program left skb->csum wrong)" } else { "" };
+            panic!("BPF_PROG_TEST_RUN (CHECKSUM_COMPLETE) of {} bytes {pkt:02x?}: {e}{why}", pkt.len())
+        });
+        out.truncate(r.len);
+        return Run { ret: r.retval, data: out };
+    }
     let r = prog
         .test_run(TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ..Default::default() })
         .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {} bytes {pkt:02x?}: {e}", pkt.len()));
