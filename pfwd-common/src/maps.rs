@@ -877,6 +877,9 @@ pub mod ct_flag {
     /// connection's NAT with its first packet, and without [`EGRESS_TOO`] egress leaves them alone without a
     /// lookup (the handoff, `pfwd-ebpf/src/handoff.rs`).
     pub const SETTLED: u8 = 1 << 2;
+    /// The flow was just confirmed (moved to the confirmed table): its next packet checks that both entries made it
+    /// (an insert into a full table may evict one of a pair) and restores a missing one, then clears the bit.
+    pub const UNCHECKED: u8 = 1 << 3;
 }
 
 /// Conntrack state bits (kept identical in both entries of a flow).

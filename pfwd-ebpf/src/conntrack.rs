@@ -1,6 +1,6 @@
 //! Connection tracking: two LRU-hash entries per flow (original and reply tuple), created by the first packet,
-//! refreshed lazily (confirmed flows at most once a second, or when the TCP state changes; unconfirmed ones on every
-//! packet), expired on lookup by idle time.
+//! refreshed lazily (at most once a second, or when the TCP state changes: no per-packet writes), expired on lookup
+//! by idle time. An unconfirmed flow's packets also check that its other entry is there (one lookup).
 //!
 //! Two tables, so that new flows can never push out established ones: a new flow's entries go into the unconfirmed
 //! table (`CONNTRACK_NEW`), and move to the confirmed one (`CONNTRACK`) when the flow is confirmed, like netfilter's
@@ -135,9 +135,10 @@ fn promote<A: Family>(key: &FlowTuple<A>, entry: &CtEntryOf<A>, state: u8, now: 
         dir: if entry.dir == dir::REPLY { dir::ORIGINAL } else { dir::REPLY },
         hook: if entry.hook == ct_hook::INGRESS { ct_hook::EGRESS } else { ct_hook::INGRESS },
         state,
-        // A refresh interval back: the flow's first packet in the confirmed table refreshes it and so checks that
-        // both entries made it (the inserts into a full table may evict one of a pair) and restores a missing one.
-        last_seen_ns: now.wrapping_sub(REFRESH_NS),
+        // The flow's first packet in the confirmed table refreshes it and so checks that both entries made it (the
+        // inserts into a full table may evict one of a pair) and restores a missing one.
+        flags: entry.flags | ct_flag::UNCHECKED,
+        last_seen_ns: now,
         ..*entry
     };
     let v = &mut s.entry;
@@ -192,12 +193,25 @@ pub fn track<A: Family>(key: &FlowTuple<A>, e: *mut CtEntryOf<A>, pkt: &Packet<A
         count(Stat::FlowsConfirmed);
         return;
     }
-    // An unconfirmed flow is refreshed (and its other entry checked) on every packet: its table is the one a flood
-    // evicts from, and a flow missing its reply entry must get it back before the reply comes, not a second later.
-    if state & ct_state::CONFIRMED != 0 && state == entry.state && now.saturating_sub(entry.last_seen_ns) < REFRESH_NS {
+    if state == entry.state
+        && now.saturating_sub(entry.last_seen_ns) < REFRESH_NS
+        && entry.flags & ct_flag::UNCHECKED == 0
+        // An unconfirmed flow's other entry is checked on every packet: its table is the one a flood evicts from,
+        // and a flow missing its reply entry must get it back before the reply comes, not a second later.
+        && (state & ct_state::CONFIRMED != 0 || unconfirmed_peer_present(key, entry))
+    {
         return;
     }
     refresh(key, e, state, now);
+}
+
+/// Whether the unconfirmed entry `key` -> `e` still has its other entry in the unconfirmed table, pointing back
+/// (one lookup; the peer of an unconfirmed entry lives there unless the flow is being confirmed on another CPU,
+/// which `refresh` finds). Not inlined: the reversed key stays out of the caller's frame.
+#[inline(never)]
+fn unconfirmed_peer_present<A: Family>(key: &FlowTuple<A>, e: &CtEntryOf<A>) -> bool {
+    // SAFETY: a map value pointer from a successful lookup.
+    A::conntrack_new().get_ptr(&e.xlat.reversed()).is_some_and(|p| unsafe { (*p).xlat.reversed() } == *key)
 }
 
 /// Stores `state` and the time in both entries of the flow `key` -> `e`, restoring the other entry if the LRU
@@ -209,11 +223,13 @@ fn refresh<A: Family>(key: &FlowTuple<A>, e: *mut CtEntryOf<A>, state: u8, now: 
     let reply = entry.dir == dir::REPLY;
     entry.state = state;
     entry.last_seen_ns = now;
+    entry.flags &= !ct_flag::UNCHECKED;
     if let Some((p, _)) = peer(key, entry) {
         // SAFETY: see lookup.
         let peer = unsafe { &mut *p };
         peer.state = state;
         peer.last_seen_ns = now;
+        peer.flags &= !ct_flag::UNCHECKED;
     } else {
         // The LRU evicted the other direction of this live flow (a full table): put it back, unless another flow
         // took that tuple meanwhile.

@@ -11,7 +11,7 @@ use common::*;
 use std::net::Ipv4Addr;
 
 use etherparse::{EtherType, Ethernet2Header, Icmpv4Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
-use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, RuleCounters, Tuple, ct_state, dir};
+use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, RuleCounters, Tuple, ct_flag, ct_state, dir};
 
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const BACKEND2: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
@@ -1005,6 +1005,55 @@ fn a_full_table_evicts_old_flows_and_never_corrupts_live_ones() {
     // Answered, each flow was confirmed and moved to the confirmed table, which holds 64 entries.
     let confirmed = table(&f, pfwd_common::names::CONNTRACK).len();
     assert!(confirmed <= 64 + 16, "the confirmed table grew past its size: {confirmed} entries");
+}
+
+/// Within a refresh interval a flow's packets write nothing to its entries, unconfirmed or confirmed (no cache line
+/// of the shared tables dirtied per packet), and a flow confirmed by its reply counts its idle time from then, not
+/// from a refresh interval before (it used to: a confirmed flow left idle expired a second early).
+#[test]
+fn packets_within_the_refresh_interval_write_nothing_and_confirming_keeps_the_time() {
+    let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    let query = Pkt::udp(CLIENT, 5555, ROUTER, 53);
+    let answer = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
+    // The claims below hold within a refresh interval: a host so loaded that this test's packets take longer
+    // (each takes microseconds) would see a due refresh, so those comparisons are made only when the steps took
+    // well under a second, which they do unless the test thread was held off the CPU.
+    let quick = |since: std::time::Instant| since.elapsed() < std::time::Duration::from_millis(900);
+    let start = std::time::Instant::now();
+    expect_dnat(&f, &query, BACKEND, 5353);
+    let created = table(&f, NEW_TABLE);
+    assert_eq!(created.len(), 2);
+    // Some clock ticks later (jiffies: at most 10 ms each), so that a write of the time would show.
+    let ticks = || std::thread::sleep(std::time::Duration::from_millis(50));
+    ticks();
+    for _ in 0..3 {
+        expect_dnat(&f, &query, BACKEND, 5353);
+    }
+    let unconfirmed = table(&f, NEW_TABLE);
+    if quick(start) {
+        assert_eq!(unconfirmed, created, "unconfirmed: more queries within a second rewrote an entry");
+    }
+
+    assert_translated(&f.egress(&answer.bytes()), &answer.from(ROUTER, 53));
+    let confirmed = table(&f, pfwd_common::names::CONNTRACK);
+    assert_eq!(confirmed.len(), 2, "the answer confirmed the flow");
+    let t0 = created[0].1.last_seen_ns;
+    for (k, e) in &confirmed {
+        assert!(e.last_seen_ns >= t0, "{k:?}: confirmed with its time set back: {} < {t0}", e.last_seen_ns);
+        assert_ne!(e.flags & ct_flag::UNCHECKED, 0, "{k:?}: the first packet after the move checks the pair");
+    }
+    // That first packet checks both entries and clears the mark in both; later ones write nothing.
+    expect_dnat(&f, &query, BACKEND, 5353);
+    let checked = table(&f, pfwd_common::names::CONNTRACK);
+    assert!(checked.iter().all(|(_, e)| e.flags & ct_flag::UNCHECKED == 0), "{checked:#?}");
+    let start = std::time::Instant::now();
+    ticks();
+    expect_dnat(&f, &query, BACKEND, 5353);
+    assert_translated(&f.egress(&answer.bytes()), &answer.from(ROUTER, 53));
+    let after = table(&f, pfwd_common::names::CONNTRACK);
+    if quick(start) {
+        assert_eq!(after, checked, "confirmed: packets within a second rewrote an entry");
+    }
 }
 
 /// If the table evicted just one direction of a live flow, the flow's next refresh puts it back, so its replies are

@@ -395,8 +395,8 @@ fn port_exhaustion(mode: &str) {
 
     let _guard = if mode == "ebpf" {
         // Short-lived flows, but long enough for the four to outlive the fifth's 1 s wait and the status below on a
-        // slow host: a flow confirmed by its reply counts its last refresh from a second before (a 3 s timeout
-        // expired one mid-test in a CI run on a slow host).
+        // slow host (a 3 s timeout expired one mid-test in a CI run on a slow host, back when a flow confirmed by
+        // its reply counted its idle time from a second before).
         attach_with(&lab, mode, &["eth0", "eth1"], &["--ct-timeout", "udp=6"])
     } else {
         let g = attach(&lab, mode, &["eth0", "eth1"]);
