@@ -25,7 +25,7 @@ use aya::{
     EbpfLoader,
     maps::{Array, DevMapHash, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, ProgramArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, Program, SchedClassifier, TcAttachType, Xdp, XdpMode,
         cgroup_sock_addr::CgroupSockAddrAttachType,
         links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
@@ -85,6 +85,47 @@ const SOCK_PROGRAMS: [(&str, CgroupSockAddrAttachType, &str); 8] = [
     (names::PROG_RECVMSG6, CgroupSockAddrAttachType::UDPRecvMsg6, "recvmsg6"),
     (names::PROG_GETPEERNAME6, CgroupSockAddrAttachType::GetPeerName6, "getpeername6"),
 ];
+
+/// The tc programs: the attached ones and those they tail-call.
+fn tc_programs() -> impl Iterator<Item = &'static str> {
+    PROGRAMS.into_iter().map(|(name, _, _)| name).chain(names::TAIL_PROGRAMS.map(|(name, _)| name))
+}
+
+/// Loads the programs `wanted` of `ebpf` (built for `framing`) into the kernel, several at once: the verifier's
+/// work is most of the time an instance takes to create, and the kernel verifies programs in parallel (one thread
+/// per CPU takes the next program from the list, in its order).
+fn load_programs(ebpf: &mut aya::Ebpf, wanted: &[&str], framing: Framing) -> Result<()> {
+    let mut queue: Vec<(&str, &mut Program)> = ebpf.programs_mut().filter(|(name, _)| wanted.contains(name)).collect();
+    if let Some(missing) = wanted.iter().find(|w| !queue.iter().any(|(name, _)| name == *w)) {
+        return Err(anyhow!("program {missing} missing from the object"));
+    }
+    queue.sort_by_key(|(name, _)| wanted.iter().position(|w| w == name));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(queue.len());
+    let queue = std::sync::Mutex::new(queue.into_iter());
+    let build = match framing {
+        Framing::Ethernet => "",
+        Framing::Layer3 => ", layer-3 build",
+    };
+    let load = || -> Result<()> {
+        loop {
+            let Some((name, prog)) = queue.lock().unwrap_or_else(|e| e.into_inner()).next() else { return Ok(()) };
+            let loaded = match prog {
+                Program::SchedClassifier(p) => p.load(),
+                Program::Xdp(p) => p.load(),
+                Program::CgroupSockAddr(p) => p.load(),
+                _ => return Err(anyhow!("program {name}: a program type pfwd does not load")),
+            };
+            loaded.with_context(|| format!("loading the {name} program (verifier{build})"))?;
+        }
+    };
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads).map(|_| s.spawn(load)).collect();
+        // The scope joins every worker; the first error is reported.
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().unwrap_or_else(|_| Err(anyhow!("a program loader thread panicked"))))
+    })
+}
 
 /// An address family of the flow tables, on the userspace side: `u32` (IPv4) and [`Addr6`] (IPv6).
 pub trait CtFamily: Addr + aya::Pod {
@@ -159,17 +200,17 @@ impl Kernel {
             .override_global(L2_LEN_GLOBAL, &(Framing::Ethernet.l2_len()), true)
             .load(OBJECT)
             .context("loading the eBPF object (maps)")?;
-        self.load_tc(&mut ebpf, Framing::Ethernet)?;
+        let others = [names::PROG_XDP].into_iter().chain(SOCK_PROGRAMS.map(|(name, _, _)| name));
+        load_programs(&mut ebpf, &tc_programs().chain(others).collect::<Vec<_>>(), Framing::Ethernet)?;
+        self.pin_tc(&mut ebpf, Framing::Ethernet)?;
         let prog: &mut Xdp = ebpf
             .program_mut(names::PROG_XDP)
             .ok_or_else(|| anyhow!("program {} missing from the object", names::PROG_XDP))?
             .try_into()?;
-        prog.load().with_context(|| format!("loading the {} program (verifier)", names::PROG_XDP))?;
         prog.pin(self.dir.join(XDP_PIN)).with_context(|| format!("pinning {}", names::PROG_XDP))?;
         for (name, _, hook) in SOCK_PROGRAMS {
             let prog: &mut CgroupSockAddr =
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
-            prog.load().with_context(|| format!("loading the {name} program (cgroup socket hook)"))?;
             prog.pin(self.dir.join(format!("prog_{hook}"))).with_context(|| format!("pinning {name}"))?;
         }
         // The programs' clock: jiffies times the tick (see `Config::tick_ns`).
@@ -177,10 +218,10 @@ impl Kernel {
         Ok(())
     }
 
-    /// Loads and pins the tc programs of `ebpf`, built for `framing`: the programs they tail-call first, into their
-    /// program array (pinned, `prog_tail[_l3]`: a program array loses its entries when no file refers to it any
-    /// more), then the attached programs.
-    fn load_tc(&self, ebpf: &mut aya::Ebpf, framing: Framing) -> Result<()> {
+    /// Pins the tc programs of `ebpf` (loaded by `load_programs`), built for `framing`: the programs they tail-call
+    /// go into their program array (pinned, `prog_tail[_l3]`: a program array loses its entries when no file refers
+    /// to it any more), then the attached programs are pinned.
+    fn pin_tc(&self, ebpf: &mut aya::Ebpf, framing: Framing) -> Result<()> {
         let array_pin = self.prog_pin("tail", framing);
         // A half-finished earlier load: pin again.
         let _ = fs::remove_file(&array_pin);
@@ -188,7 +229,6 @@ impl Kernel {
         for (name, slot) in names::TAIL_PROGRAMS {
             let prog: &mut SchedClassifier =
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
-            prog.load().with_context(|| format!("loading the {name} program (verifier, {framing:?} build)"))?;
             tail.push((slot, name, prog.fd()?.try_clone()?));
         }
         {
@@ -205,7 +245,6 @@ impl Kernel {
         for (name, _, dir) in PROGRAMS {
             let prog: &mut SchedClassifier =
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
-            prog.load().with_context(|| format!("loading the {name} program (verifier, {framing:?} build)"))?;
             prog.pin(self.prog_pin(dir, framing)).with_context(|| format!("pinning {name}"))?;
         }
         Ok(())
@@ -235,7 +274,8 @@ impl Kernel {
             // A half-finished earlier load: pin again.
             let _ = fs::remove_file(self.prog_pin(dir, Framing::Layer3));
         }
-        self.load_tc(&mut ebpf, Framing::Layer3)
+        load_programs(&mut ebpf, &tc_programs().collect::<Vec<_>>(), Framing::Layer3)?;
+        self.pin_tc(&mut ebpf, Framing::Layer3)
     }
 
     /// Attaches the socket hooks of `--local` rules to the cgroup2 directory `cgroup` (the root: every process).

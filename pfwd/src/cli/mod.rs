@@ -44,8 +44,8 @@ longer -s prefix, the longer -d prefix, then the older rule. The iptables export
 
 Modes: eBPF (tcx programs) by default; where eBPF cannot run, nftables rules in pfwd's own table (constant-time
 lookup; IPv4 and IPv6), or iptables rules in pfwd's own chains where nft is not usable (`--mode auto` falls back by
-itself and says why). IPv6 rules need nft or iptables mode for now. `pfwd export` and `pfwd import` convert to and
-from iptables, ip6tables and nft syntax.";
+itself and says why). IPv4 and IPv6 run in every mode. `pfwd export` and `pfwd import` convert to and from
+iptables, ip6tables and nft syntax.";
 
 #[derive(Parser)]
 #[command(
