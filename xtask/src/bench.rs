@@ -182,6 +182,83 @@ pub fn bench(pfwd: &Path, quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// Rounds of `compare`: each runs both builds once, in ABBA order.
+const COMPARE_ROUNDS: usize = 6;
+
+/// `cargo xtask bench --compare OLD`: the per-packet cost in BPF_PROG_TEST_RUN of this build (`new`) beside the pfwd
+/// binary `old`, in alternating rounds within one process, each build in a lab of its own. On a shared VM the host's
+/// speed drifts between runs by more than most changes move a case, so two separate bench runs cannot tell them
+/// apart; paired rounds let the drift fall on both builds alike. Prints each case's medians, the median of the
+/// per-round ratios and the number of rounds the new build was faster; writes target/bench/compare.md.
+pub fn compare(new: &Path, old: &Path) -> Result<()> {
+    run::install_signal_handlers();
+    let started = std::time::Instant::now();
+    step(&format!("bench: comparing {} with {} ({COMPARE_ROUNDS} paired rounds)", new.display(), old.display()));
+    let p = &FULL;
+    let envs = [Env::new(new, p.rules_extra)?, Env::new(old, p.rules_extra)?];
+    let mut samples: [BTreeMap<&'static str, Vec<f64>>; 2] = Default::default();
+    for round in 0..COMPARE_ROUNDS {
+        // ABBA: neither build always runs first.
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            println!("    round {}/{COMPARE_ROUNDS}: {}", round + 1, if i == 0 { "this build" } else { "OLD" });
+            let costs = prog::measure(&envs[i], 1, p.prog_repeat, 2_000)?;
+            for (k, v) in costs.samples {
+                samples[i].entry(k).or_default().push(v);
+            }
+        }
+    }
+    drop(envs);
+    let mut md = format!(
+        "# pfwd bench --compare: per-packet cost, this build ({}) against OLD ({})\n\n{COMPARE_ROUNDS} rounds, each \
+         running both builds once (ABBA order), in labs of their own; the cases and their methods are those of \
+         latest.md's per-packet section (repeat {}, 2,000 single runs). Ratio: the median over the rounds of this \
+         build's figure over OLD's in the same round; own cost: the same for each build's figure minus its method's \
+         empty program in that round (the floors below should stay near 1.00x: if they do not, the two labs \
+         differ by more than pfwd and the own-cost column is the one to read). Took {:.0} s.\n\n| Case | this build \
+         (ns, median) | OLD (ns, median) | this / OLD | own cost, this / OLD | rounds faster |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+        new.display(),
+        old.display(),
+        p.prog_repeat,
+        started.elapsed().as_secs_f64()
+    );
+    for (key, label) in prog::CASES {
+        let (Some(a), Some(b)) = (samples[0].get(key), samples[1].get(key)) else { continue };
+        let per_round = |f: &dyn Fn(usize, f64, f64) -> Option<f64>| -> String {
+            let r: Vec<f64> = a.iter().zip(b).enumerate().filter_map(|(i, (a, b))| f(i, *a, *b)).collect();
+            if r.is_empty() { "-".to_string() } else { format!("{:.2}x", stats(&r).0) }
+        };
+        let ratio = per_round(&|_, a, b| (b > 0.0).then(|| a / b));
+        // Each build's own cost: the case minus its method's empty program in the same round (the floor is the
+        // test run's own overhead, which moves with the host, not with pfwd).
+        let floor = prog::floor_of(key);
+        let own = match (floor, samples[0].get(floor), samples[1].get(floor)) {
+            (f, Some(fa), Some(fb)) if f != *key => per_round(&|i, a, b| {
+                let (oa, ob) = (a - fa.get(i)?, b - fb.get(i)?);
+                (ob > 0.0).then(|| oa / ob)
+            }),
+            _ => "-".to_string(),
+        };
+        let faster = a.iter().zip(b).filter(|(a, b)| a < b).count();
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {ratio} | {own} | {faster} of {} |",
+            label.replace(" R", &format!(" {}", p.prog_repeat)),
+            stats(a).0,
+            stats(b).0,
+            a.len().min(b.len())
+        );
+    }
+    let dir = crate::root().join("target").join("bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("compare.md"), &md)?;
+    crate::sudo::give_back(&[&dir, &dir.join("compare.md")])?;
+    println!("\n{md}");
+    step(&format!("bench: wrote {}", dir.join("compare.md").display()));
+    Ok(())
+}
+
 fn fmt_n(v: f64) -> String {
     let s = format!("{:.0}", v);
     let mut out = String::new();
@@ -652,13 +729,7 @@ fn report(
     for (key, label) in prog::CASES {
         let Some(v) = by_case.get(key) else { continue };
         let (m, lo, hi) = stats(v);
-        let floor = if key.starts_with("xdp-") {
-            med("xdp-empty-1")
-        } else if key.ends_with("-1") {
-            med("empty-1")
-        } else {
-            med("empty")
-        };
+        let floor = med(prog::floor_of(key));
         let x = floor.filter(|&f| f > 0.0).map_or("-".into(), |f| format!("{:.2}x", m / f));
         let _ = writeln!(
             md,

@@ -75,6 +75,10 @@ enum Cmd {
         /// Use this pfwd binary instead of building a release one.
         #[arg(long, value_name = "PATH")]
         pfwd: Option<PathBuf>,
+        /// Only the per-packet cost (BPF_PROG_TEST_RUN), of this build beside the pfwd binary OLD, in paired
+        /// rounds (the host's drift between runs falls on both); writes target/bench/compare.md.
+        #[arg(long, value_name = "OLD", conflicts_with = "quick")]
+        compare: Option<PathBuf>,
     },
     /// Install pfwd as a service: binary, systemd unit, example config (when absent), completions, man page.
     Install {
@@ -166,20 +170,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
             setup()?;
             return fuzz::fuzz(packets, seed, keep_going);
         }
-        Cmd::Bench { quick, pfwd } => {
+        Cmd::Bench { quick, pfwd, compare } => {
             setup()?;
             let bin = match pfwd {
                 Some(bin) => std::path::absolute(bin)?,
                 None => build(true)?,
             };
+            let old = compare.map(std::path::absolute).transpose()?;
+            if let Some(old) = old.as_ref().filter(|o| !o.is_file()) {
+                anyhow::bail!("--compare {}: no such pfwd binary", old.display());
+            }
             if !sudo::is_root() {
                 let mut args: Vec<OsString> = vec!["bench".into(), "--pfwd".into(), bin.into()];
                 if quick {
                     args.push("--quick".into());
                 }
+                if let Some(old) = old {
+                    args.push("--compare".into());
+                    args.push(old.into());
+                }
                 return rerun_as_root("the bench runs as root (network namespaces, BPF)", &args);
             }
-            bench::bench(&bin, quick)?;
+            match old {
+                Some(old) => bench::compare(&bin, &old)?,
+                None => bench::bench(&bin, quick)?,
+            }
         }
         Cmd::Install { prefix, root, pfwd } => {
             let bin = match pfwd {
@@ -336,6 +351,6 @@ mod tests {
         };
         assert_eq!(args, ["list", "--json"]);
         assert!(matches!(parse(&["build", "--release"]), Cmd::Build { release: true }));
-        assert!(matches!(parse(&["bench", "--quick"]), Cmd::Bench { quick: true, pfwd: None }));
+        assert!(matches!(parse(&["bench", "--quick"]), Cmd::Bench { quick: true, pfwd: None, compare: None }));
     }
 }

@@ -38,6 +38,17 @@ pub struct ProgCosts {
 }
 
 /// The cases in report order, each IPv6 case (key ending in 6, or 6-1) after its IPv4 one.
+/// The empty program measured the same way as `case` (its floor: the test run's own overhead).
+pub fn floor_of(case: &str) -> &'static str {
+    if case.starts_with("xdp-") {
+        "xdp-empty-1"
+    } else if case.ends_with("-1") {
+        "empty-1"
+    } else {
+        "empty"
+    }
+}
+
 pub const CASES: &[(&str, &str)] = &[
     ("empty", "empty program (mov r0,-1; exit), repeat R"),
     ("no-rule", "no rule matching, repeat R"),
