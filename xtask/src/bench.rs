@@ -184,6 +184,8 @@ pub fn bench(pfwd: &Path, quick: bool) -> Result<()> {
 
 /// Rounds of `compare`: each runs both builds once, in ABBA order.
 const COMPARE_ROUNDS: usize = 6;
+/// Single runs per case and round in `compare`.
+const COMPARE_SINGLES: usize = 2_000;
 
 /// `cargo xtask bench --compare OLD`: the per-packet cost in BPF_PROG_TEST_RUN of this build (`new`) beside the pfwd
 /// binary `old`, in alternating rounds within one process, each build in a lab of its own. On a shared VM the host's
@@ -202,7 +204,7 @@ pub fn compare(new: &Path, old: &Path) -> Result<()> {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             println!("    round {}/{COMPARE_ROUNDS}: {}", round + 1, if i == 0 { "this build" } else { "OLD" });
-            let costs = prog::measure(&envs[i], 1, p.prog_repeat, 2_000)?;
+            let costs = prog::measure(&envs[i], 1, p.prog_repeat, COMPARE_SINGLES)?;
             for (k, v) in costs.samples {
                 samples[i].entry(k).or_default().push(v);
             }
@@ -212,7 +214,7 @@ pub fn compare(new: &Path, old: &Path) -> Result<()> {
     let mut md = format!(
         "# pfwd bench --compare: per-packet cost, this build ({}) against OLD ({})\n\n{COMPARE_ROUNDS} rounds, each \
          running both builds once (ABBA order), in labs of their own; the cases and their methods are those of \
-         latest.md's per-packet section (repeat {}, 2,000 single runs). Ratio: the median over the rounds of this \
+         latest.md's per-packet section (repeat {}, {COMPARE_SINGLES} single runs). Ratio: the median over the rounds of this \
          build's figure over OLD's in the same round; own cost: the same for each build's figure minus its method's \
          empty program in that round (the floors below should stay near 1.00x: if they do not, the two labs \
          differ by more than pfwd and the own-cost column is the one to read). Took {:.0} s.\n\n| Case | this build \

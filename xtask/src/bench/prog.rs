@@ -37,7 +37,6 @@ pub struct ProgCosts {
     pub maps: Vec<(String, String, u64, u64)>,
 }
 
-/// The cases in report order, each IPv6 case (key ending in 6, or 6-1) after its IPv4 one.
 /// The empty program measured the same way as `case` (its floor: the test run's own overhead).
 pub fn floor_of(case: &str) -> &'static str {
     if case.starts_with("xdp-") {
@@ -49,6 +48,7 @@ pub fn floor_of(case: &str) -> &'static str {
     }
 }
 
+/// The cases in report order, each IPv6 case (key ending in 6, or 6-1) after its IPv4 one.
 pub const CASES: &[(&str, &str)] = &[
     ("empty", "empty program (mov r0,-1; exit), repeat R"),
     ("no-rule", "no rule matching, repeat R"),
