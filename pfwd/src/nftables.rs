@@ -2,9 +2,11 @@
 //! one table of its own, `inet pfwd_nat`, for IPv4 and IPv6 alike. Nothing outside that table is touched; detach
 //! deletes it, so `nft list ruleset` reads as it did before attach.
 //!
-//! Constant time: a rule with one protocol and one destination port (most port forwards) sits in a chain of its own
-//! protocol and port (`pre_tcp_80`), reached through one verdict-map lookup per packet (`meta l4proto . th dport vmap
-//! @pre_ports`); the rules with a port range or without a port follow in the hook's chain, in precedence order. A rule
+//! Constant time: a plain port forward (DNAT on one interface, protocol and port to one address and port) is an
+//! element of a translation map keyed by (interface, protocol, port) ([`translation`]); another rule with one
+//! protocol and one destination port sits in a chain of its own protocol and port (`pre_tcp_80`), reached through
+//! one verdict-map lookup per packet (`meta l4proto . th dport vmap @pre_ports`); the rules with a port range or
+//! without a port follow in the hook's chain, in precedence order. A rule
 //! with one port is more specific than any rule with a range or none (precedence rule 1), so the chain the map picks
 //! holds the best candidates, in precedence order, and when none of them matches, the packet goes on through the rest
 //! as the precedence contract wants. The rule set's size then costs new connections nothing (iptables walks it).
@@ -12,7 +14,7 @@
 //! Like iptables, netfilter consults the nat chains for a connection's first packet only; conntrack does the rest.
 //! The interfaces pfwd is attached to are the set `@ifaces`; the record ([`crate::record`]) is kept as comments in the
 //! chain `record`, which nothing jumps to.
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use anyhow::{Context, Result};
 use pfwd_common::RuleCounters;
@@ -135,16 +137,98 @@ fn layout(all: &[Rule], hook: NatHook) -> Layout {
 #[derive(Debug, PartialEq, Eq)]
 struct Model {
     maps: BTreeMap<String, Vec<String>>,
+    /// The translation maps ([`DNAT4`], [`DNAT6`]): element key -> element.
+    dnat: BTreeMap<&'static str, BTreeMap<String, Elem>>,
     base: Vec<(String, String, Vec<Line>)>,
     chains: BTreeMap<String, Vec<Line>>,
 }
 
+/// The translation map of IPv4 DNAT rules and of IPv6 ones (see [`translation`]).
+const DNAT4: &str = "pre_dnat4";
+const DNAT6: &str = "pre_dnat6";
+
+/// A translation map's type: (incoming interface, protocol, port) to (address, port); `counter` gives every element
+/// its own.
+fn dnat_map_type(map: &str) -> String {
+    let addr = if map == DNAT6 { "ipv6_addr" } else { "ipv4_addr" };
+    format!("type ifname . inet_proto . inet_service : {addr} . inet_service; counter;")
+}
+
+/// One rule in a translation map: where it translates to (`10.0.2.2 . 8080`) and its counter's comment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Elem {
+    to: String,
+    comment: String,
+}
+
+impl Elem {
+    /// The element as `nft` takes it, its count (by comment) carried over.
+    fn render(&self, key: &str, counts: &BTreeMap<String, RuleCounters>) -> String {
+        format!("{key} {} comment \"{}\" : {}", counter(counts.get(&self.comment)), self.comment, self.to)
+    }
+}
+
+/// Where a rule goes when a translation map can hold it: a DNAT on one incoming interface, of one protocol and one
+/// port, to one address and port, with nothing else to match (the common port forward). Its map, key
+/// (`"eth0" . tcp . 80`) and element. Such rules cost `nft -f` one map element each instead of a chain and a rule
+/// (10,000 of them load in a fifth of the time), and the packet one lookup.
+fn translation(r: &Rule, companion: bool) -> Option<(&'static str, String, Elem)> {
+    let Target::Dnat { addr, port: Some(to_port) } = r.target else { return None };
+    let (Some(iface), Some(p), Some(d)) = (&r.iface, r.proto, r.dport) else { return None };
+    let plain = !companion
+        && d.lo == d.hi
+        && !r.not.iface
+        && r.oface.is_none()
+        && r.src.is_none()
+        && r.dst.is_none()
+        && !r.local
+        && !r.dst_local
+        && r.hairpin.is_none()
+        && r.backends.is_empty()
+        && r.family.is_none_or(|f| f == crate::rules::model::Family::of(addr));
+    if !plain {
+        return None;
+    }
+    let map = if addr.is_ipv4() { DNAT4 } else { DNAT6 };
+    let comment = iptables::nft_comment(r.id, false);
+    Some((map, format!("\"{iface}\" . {p} . {}", d.lo), Elem { to: format!("{addr} . {to_port}"), comment }))
+}
+
+/// Takes out of `by_port` (a prerouting layout's) the ports whose rules the translation maps can all hold, each
+/// under a key of its own (rules on different interfaces or of different families: no order among them to keep),
+/// and returns their elements with each one's rule (an index into `all`). The other ports keep their chains, where
+/// the rules are tried in precedence order.
+fn take_translations(
+    all: &[Rule],
+    owners: &[Option<usize>],
+    by_port: &mut BTreeMap<(Proto, u16), Vec<usize>>,
+) -> Vec<(&'static str, String, Elem, usize)> {
+    let mut out = Vec::new();
+    by_port.retain(|_, ids| {
+        let elems: Option<Vec<_>> =
+            ids.iter().map(|&i| translation(&all[i], owners[i].is_some()).map(|(m, k, e)| (m, k, e, i))).collect();
+        let Some(elems) = elems else { return true };
+        let keys: HashSet<(&str, &String)> = elems.iter().map(|(m, k, ..)| (*m, k)).collect();
+        if keys.len() < elems.len() {
+            return true;
+        }
+        out.extend(elems);
+        false
+    });
+    out
+}
+
 fn model(rules: &[Rule]) -> Model {
     let (all, owners) = with_companions(rules);
-    let mut m = Model { maps: BTreeMap::new(), base: Vec::new(), chains: BTreeMap::new() };
+    let mut m = Model { maps: BTreeMap::new(), dnat: BTreeMap::new(), base: Vec::new(), chains: BTreeMap::new() };
     for hook in NAT_HOOKS {
         let name = hook_name(hook);
-        let Layout { by_port, rest } = layout(&all, hook);
+        let Layout { mut by_port, rest } = layout(&all, hook);
+        if hook == NatHook::Prerouting {
+            for (map, key, e, _) in take_translations(&all, &owners, &mut by_port) {
+                m.dnat.entry(map).or_default().insert(key, e);
+            }
+        }
         let (chain, priority) = match hook {
             NatHook::Prerouting => ("prerouting", "dstnat"),
             NatHook::Postrouting => ("postrouting", "srcnat"),
@@ -158,6 +242,16 @@ fn model(rules: &[Rule]) -> Model {
             NatHook::Prerouting => lines.push(Line::plain("iifname != @ifaces accept".into())),
             NatHook::Postrouting => lines.push(Line::plain("oifname != @ifaces accept".into())),
             NatHook::Output => {}
+        }
+        if hook == NatHook::Prerouting {
+            // A miss in a map ends the line (nft's break): the packet goes on to the next.
+            for (map, fam, nfproto) in [(DNAT4, "ip", "ipv4"), (DNAT6, "ip6", "ipv6")] {
+                if m.dnat.contains_key(map) {
+                    lines.push(Line::plain(format!(
+                        "meta nfproto {nfproto} dnat {fam} to iifname . meta l4proto . th dport map @{map}"
+                    )));
+                }
+            }
         }
         if !by_port.is_empty() {
             let map = format!("{name}_ports");
@@ -192,6 +286,14 @@ pub fn script(rules: &[Rule], ifaces: &[String], rec: &Record, counts: &BTreeMap
     for (map, items) in &m.maps {
         out.push_str(&format!(
             "\tmap {map} {{\n\t\ttype inet_proto . inet_service : verdict;\n\t\telements = {{ {} }};\n\t}}\n\n",
+            items.join(", ")
+        ));
+    }
+    for (map, elems) in &m.dnat {
+        let items: Vec<String> = elems.iter().map(|(k, e)| e.render(k, counts)).collect();
+        out.push_str(&format!(
+            "\tmap {map} {{\n\t\t{}\n\t\telements = {{ {} }};\n\t}}\n\n",
+            dnat_map_type(map),
             items.join(", ")
         ));
     }
@@ -267,6 +369,30 @@ fn change_script(a: &Model, b: &Model, counts: &BTreeMap<String, RuleCounters>) 
             s.push_str(&format!("add element {t} {map} {{ {} }}\n", added.join(", ")));
         }
     }
+    // New translation maps, then their new elements; an element whose translation changes is deleted and added again.
+    for (map, elems) in &b.dnat {
+        let had = a.dnat.get(*map);
+        let changed: Vec<&str> = match had {
+            None => {
+                s.push_str(&format!("add map {t} {map} {{ {} }}\n", dnat_map_type(map)));
+                Vec::new()
+            }
+            Some(had) => {
+                elems.iter().filter(|(k, e)| had.get(*k).is_some_and(|o| o != *e)).map(|(k, _)| k.as_str()).collect()
+            }
+        };
+        if !changed.is_empty() {
+            s.push_str(&format!("delete element {t} {map} {{ {} }}\n", changed.join(", ")));
+        }
+        let added: Vec<String> = elems
+            .iter()
+            .filter(|(k, e)| had.and_then(|h| h.get(*k)) != Some(*e))
+            .map(|(k, e)| e.render(k, counts))
+            .collect();
+        if !added.is_empty() {
+            s.push_str(&format!("add element {t} {map} {{ {} }}\n", added.join(", ")));
+        }
+    }
     // 3. The base chains whose lines change.
     for ((name, _, old), (_, _, lines)) in a.base.iter().zip(&b.base) {
         if old != lines {
@@ -289,6 +415,17 @@ fn change_script(a: &Model, b: &Model, counts: &BTreeMap<String, RuleCounters>) 
             s.push_str(&format!("delete element {t} {map} {{ {} }}\n", gone.join(", ")));
         }
     }
+    for (map, elems) in &a.dnat {
+        match b.dnat.get(*map) {
+            None => s.push_str(&format!("delete map {t} {map}\n")),
+            Some(keep) => {
+                let gone: Vec<&str> = elems.keys().filter(|k| !keep.contains_key(*k)).map(String::as_str).collect();
+                if !gone.is_empty() {
+                    s.push_str(&format!("delete element {t} {map} {{ {} }}\n", gone.join(", ")));
+                }
+            }
+        }
+    }
     // All flushed before any is deleted: a removed port chain may jump to a removed backend chain.
     let removed: Vec<&String> = a.chains.keys().filter(|n| !b.chains.contains_key(*n)).collect();
     for name in &removed {
@@ -304,15 +441,10 @@ fn change_script(a: &Model, b: &Model, counts: &BTreeMap<String, RuleCounters>) 
 /// counters of the rewritten chains; a change that rewrites many chains replaces the table instead ([`sync`]).
 pub fn change(old: &[Rule], new: &[Rule], ifaces: &[String], rec: &Record) -> Result<()> {
     let (a, b) = (model(old), model(new));
-    let mut rewritten: Vec<&str> =
-        b.chains.iter().filter(|(n, l)| a.chains.get(*n).is_some_and(|o| o != *l)).map(|(n, _)| n.as_str()).collect();
-    rewritten.extend(a.base.iter().zip(&b.base).filter(|(x, y)| x.2 != y.2).map(|(x, _)| x.0.as_str()));
-    if rewritten.len() > MAX_REWRITTEN {
-        return sync(new, ifaces, rec);
-    }
+    let Some(reads) = counts_to_read(&a, &b) else { return sync(new, ifaces, rec) };
     let mut counts = BTreeMap::new();
-    for chain in rewritten {
-        let listed = nft(&["-j", "list", "chain", "inet", TABLE, chain], None)?;
+    for (kind, name) in reads {
+        let listed = nft(&["-j", "list", kind, "inet", TABLE, name], None)?;
         counts.extend(parse_counters(&listed)?);
     }
     let script = change_script(&a, &b, &counts);
@@ -320,6 +452,57 @@ pub fn change(old: &[Rule], new: &[Rule], ifaces: &[String], rec: &Record) -> Re
         nft(&["-f", "-"], Some(&script)).context("changing pfwd's nftables table")?;
     }
     Ok(())
+}
+
+/// What a change from model `a` to `b` reads before it writes ([`change_script`]): the chains and maps (`("chain",
+/// name)`, `("map", name)`) that hold the counts of rules written again: the rules of rewritten chains, rules that
+/// move (between a port's chain and a translation map, as rules join or leave their port) and changed elements.
+/// None when they are so many that one full replace is cheaper.
+fn counts_to_read<'m>(a: &'m Model, b: &'m Model) -> Option<Vec<(&'static str, &'m str)>> {
+    let mut chains: BTreeSet<&str> =
+        b.chains.iter().filter(|(n, l)| a.chains.get(*n).is_some_and(|o| o != *l)).map(|(n, _)| n.as_str()).collect();
+    chains.extend(a.base.iter().zip(&b.base).filter(|(x, y)| x.2 != y.2).map(|(x, _)| x.0.as_str()));
+    let mut maps = BTreeSet::new();
+    let (was, is) = (places(a), places(b));
+    for (comment, place) in &is {
+        let Some(old) = was.get(comment) else { continue };
+        let elem_changed = match (old, place) {
+            (Place::Elem(m, k), Place::Elem(..)) => a.dnat[m].get(*k) != b.dnat.get(m).and_then(|e| e.get(*k)),
+            _ => false,
+        };
+        if old != place || elem_changed {
+            match old {
+                Place::Chain(c) => drop(chains.insert(c)),
+                Place::Elem(m, _) => drop(maps.insert(*m)),
+            }
+        }
+    }
+    let reads: Vec<_> = chains.into_iter().map(|c| ("chain", c)).chain(maps.into_iter().map(|m| ("map", m))).collect();
+    (reads.len() <= MAX_REWRITTEN).then_some(reads)
+}
+
+/// Where a counted rule sits in a model: a chain's line, or a translation map's element (map, key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place<'m> {
+    Chain(&'m str),
+    Elem(&'static str, &'m str),
+}
+
+/// Every counter's comment in `m` with its place.
+fn places(m: &Model) -> HashMap<&str, Place<'_>> {
+    let mut out = HashMap::new();
+    let chains = m.base.iter().map(|(n, _, l)| (n, l)).chain(m.chains.iter());
+    for (name, lines) in chains {
+        for c in lines.iter().filter_map(|l| l.counted.as_deref()) {
+            out.insert(c, Place::Chain(name.as_str()));
+        }
+    }
+    for (map, elems) in &m.dnat {
+        for (key, e) in elems {
+            out.insert(e.comment.as_str(), Place::Elem(map, key.as_str()));
+        }
+    }
+    out
 }
 
 /// The record's items, as the iptables record writes them (`sysctl KEY VALUE`).
@@ -391,15 +574,27 @@ fn comment_counters() -> Result<BTreeMap<String, RuleCounters>> {
 fn parse_counters(text: &str) -> Result<BTreeMap<String, RuleCounters>> {
     let json: serde_json::Value = serde_json::from_str(text).context("reading nft's JSON")?;
     let mut out: BTreeMap<String, RuleCounters> = BTreeMap::new();
-    for item in json["nftables"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        let rule = &item["rule"];
-        let Some(comment) = rule["comment"].as_str() else { continue };
-        let Some(c) = rule["expr"].as_array().and_then(|e| e.iter().find_map(|x| x.get("counter"))) else { continue };
+    let mut add = |comment: &str, c: &serde_json::Value| {
         let (packets, bytes) = (c["packets"].as_u64().unwrap_or(0), c["bytes"].as_u64().unwrap_or(0));
         let sum = out.entry(comment.to_string()).or_default();
         sum.packets += packets;
         sum.bytes += bytes;
         sum.flows += packets;
+    };
+    for item in json["nftables"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let rule = &item["rule"];
+        if let Some(comment) = rule["comment"].as_str()
+            && let Some(c) = rule["expr"].as_array().and_then(|e| e.iter().find_map(|x| x.get("counter")))
+        {
+            add(comment, c);
+        }
+        // A translation map's elements: `[{"elem": {"val": KEY, "comment": C, "counter": {..}}}, VALUE]`.
+        for pair in item["map"]["elem"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            let elem = &pair[0]["elem"];
+            if let Some(comment) = elem["comment"].as_str() {
+                add(comment, &elem["counter"]);
+            }
+        }
     }
     Ok(out)
 }
@@ -440,6 +635,7 @@ pub fn backend_counters(rules: &[Rule]) -> Result<Vec<BackendCount>> {
 mod tests {
     use super::*;
     use crate::iptables::tests::{Netns, random_rules, with_id, with_local};
+    use crate::rules::model::Family;
     use crate::rules::tests::Rng;
     use crate::rules::{PortRange, precedence_order};
 
@@ -456,6 +652,11 @@ mod tests {
             with_id(4, "dnat -p udp --dport 53 --to [2001:db8::53]"),
             with_id(5, "masquerade -o eth1 -6"),
             with_id(6, "dnat -p tcp --dport 81 --to 10.0.2.2:9000,10.0.2.3:9000@2"),
+            // Plain port forwards: in the translation maps, one per family.
+            with_id(7, "dnat -i eth0 -p udp --dport 5000 --to 10.0.2.2:5001"),
+            with_id(8, "dnat -i eth1 -p udp --dport 5000 --to [2001:db8::2]:5002"),
+            // A plain one sharing its port with one that is not: both in the port's chain, in precedence order.
+            with_id(9, "dnat -i eth1 -p tcp --dport 80 --to 10.0.2.9:80"),
         ];
         let counts: BTreeMap<String, RuleCounters> =
             [("pfwd:1".to_string(), RuleCounters { packets: 7, bytes: 420, flows: 7, drops: 0 })].into();
@@ -467,11 +668,19 @@ mod tests {
             // The single-port rules behind the map, the more specific first; the range rule after it.
             "\tmap pre_ports {\n\t\ttype inet_proto . inet_service : verdict;\n\t\telements = { tcp . 80 : jump \
              pre_tcp_80, tcp . 81 : jump pre_tcp_81, udp . 53 : jump pre_udp_53 };\n\t}\n",
-            // A rule whose only address is its --to is kept to that family.
-            "\t\tiifname != @ifaces accept\n\t\tmeta l4proto . th dport vmap @pre_ports\n\t\tmeta nfproto ipv4 tcp \
-             dport 8000-8099 counter dnat ip to 10.0.2.2 comment \"pfwd:3\"\n\t}\n",
+            "\tmap pre_dnat4 {\n\t\ttype ifname . inet_proto . inet_service : ipv4_addr . inet_service; counter;\n\t\t\
+             elements = { \"eth0\" . udp . 5000 counter comment \"pfwd:7\" : 10.0.2.2 . 5001 };\n\t}\n",
+            "\tmap pre_dnat6 {\n\t\ttype ifname . inet_proto . inet_service : ipv6_addr . inet_service; counter;\n\t\t\
+             elements = { \"eth1\" . udp . 5000 counter comment \"pfwd:8\" : 2001:db8::2 . 5002 };\n\t}\n",
+            // The maps first (a miss goes on to the next line); a rule whose only address is its --to is kept to
+            // that family.
+            "\t\tiifname != @ifaces accept\n\t\tmeta nfproto ipv4 dnat ip to iifname . meta l4proto . th dport map \
+             @pre_dnat4\n\t\tmeta nfproto ipv6 dnat ip6 to iifname . meta l4proto . th dport map @pre_dnat6\n\t\t\
+             meta l4proto . th dport vmap @pre_ports\n\t\tmeta nfproto ipv4 tcp dport 8000-8099 counter dnat ip to \
+             10.0.2.2 comment \"pfwd:3\"\n\t}\n",
             "\tchain pre_tcp_80 {\n\t\tiifname \"eth0\" ip saddr 10.0.1.0/24 tcp dport 80 counter dnat ip to \
-             10.0.2.2:8080 comment \"pfwd:2\"\n\t\ttcp dport 80 counter packets 7 bytes 420 redirect to :3000 \
+             10.0.2.2:8080 comment \"pfwd:2\"\n\t\tiifname \"eth1\" meta nfproto ipv4 tcp dport 80 counter dnat ip \
+             to 10.0.2.9:80 comment \"pfwd:9\"\n\t\ttcp dport 80 counter packets 7 bytes 420 redirect to :3000 \
              comment \"pfwd:1\"\n\t}\n",
             "\tchain pre_udp_53 {\n\t\tmeta nfproto ipv6 udp dport 53 counter dnat ip6 to 2001:db8::53 comment \
              \"pfwd:4\"\n\t}\n",
@@ -488,39 +697,92 @@ mod tests {
         }
     }
 
-    /// The map split keeps the precedence contract: for a packet of each (protocol, port), the rules nft tries (that
-    /// port's chain, then the hook's own chain) are the rules that can match it, in precedence order.
+    /// Random rule sets rich in plain port forwards (what the translation maps hold) that share interfaces, ports
+    /// and ids with each other and with the other random rules, so ports move between the maps and their chains as
+    /// rules come and go.
+    fn forward_heavy_rules(rng: &mut Rng, max: u64) -> Vec<Rule> {
+        let mut rules = random_rules(rng, max / 2);
+        for _ in 0..rng.below(max / 2 + 1) {
+            let iface = ["eth0", "wg0"][rng.below(2) as usize];
+            let proto = ["tcp", "udp"][rng.below(2) as usize];
+            let to = match rng.chance(30) {
+                true => format!("[2001:db8::{}]", 1 + rng.below(3)),
+                false => format!("10.0.2.{}", 1 + rng.below(3)),
+            };
+            let spec =
+                format!("dnat -i {iface} -p {proto} --dport {} --to {to}:{}", 79 + rng.below(4), 8000 + rng.below(3));
+            let r = with_id(rng.below(50) as u32 + 1, &spec);
+            if !rules.iter().any(|o| o.same_match_and_target(&r)) {
+                rules.push(r);
+            }
+        }
+        rules
+    }
+
+    /// The split into maps and chains keeps the precedence contract: for a packet of each (interface, family,
+    /// protocol, port), a translation map's element is the first rule in precedence order that can match it (the
+    /// element's rule matches every such packet: the map ends the search), and without one the rules nft tries
+    /// (that port's chain, then the hook's own chain) are the rules that can match it, in precedence order.
     #[test]
     fn map_chains_keep_the_precedence_order() {
         let mut rng = Rng(0x5eed_1234);
-        for _ in 0..300 {
-            let rules = random_rules(&mut rng, 30);
+        let mut hits = 0;
+        for case in 0..400 {
+            let rules = if case % 2 == 0 { random_rules(&mut rng, 30) } else { forward_heavy_rules(&mut rng, 30) };
+            let owners = vec![None; rules.len()];
             for hook in NAT_HOOKS {
-                let Layout { by_port, rest } = layout(&rules, hook);
+                let Layout { mut by_port, rest } = layout(&rules, hook);
+                let elems = match hook {
+                    NatHook::Prerouting => take_translations(&rules, &owners, &mut by_port),
+                    _ => Vec::new(),
+                };
+                // What the maps hold, as the model fills them (a later element under the same key would replace).
+                let held: BTreeMap<(&str, &str), usize> =
+                    elems.iter().map(|(m, k, _, i)| ((*m, k.as_str()), *i)).collect();
                 let order: Vec<usize> = precedence_order(&rules)
                     .into_iter()
                     .filter(|&i| iptables::hook_order(&rules, hook).contains(&i))
                     .collect();
-                let ports: Vec<(Proto, u16)> =
+                let mut ports: Vec<(Proto, u16)> =
                     by_port.keys().copied().chain([(Proto::Tcp, 1), (Proto::Udp, 65535)]).collect();
+                ports.extend(elems.iter().map(|(.., i)| (rules[*i].proto.unwrap(), rules[*i].dport.unwrap().lo)));
                 for (p, port) in ports {
-                    let can_match = |i: &usize| {
-                        let r = &rules[*i];
-                        r.proto.is_none_or(|q| q == p) && r.dport.is_none_or(|d: PortRange| d.contains(port))
-                    };
-                    let tried: Vec<usize> = by_port
-                        .get(&(p, port))
-                        .into_iter()
-                        .flatten()
-                        .chain(rest.iter())
-                        .copied()
-                        .filter(can_match)
-                        .collect();
-                    let want: Vec<usize> = order.iter().copied().filter(can_match).collect();
-                    assert_eq!(tried, want, "{p} {port}, hook {hook:?}: {rules:#?}");
+                    for (iface, family) in
+                        ["eth0", "wg0", "br_lan"].into_iter().flat_map(|i| [(i, Family::Ipv4), (i, Family::Ipv6)])
+                    {
+                        let can_match = |i: &usize| {
+                            let r = &rules[*i];
+                            r.proto.is_none_or(|q| q == p)
+                                && r.dport.is_none_or(|d: PortRange| d.contains(port))
+                                && r.iface.as_ref().is_none_or(|n| (n == iface) != r.not.iface)
+                                && r.applies_to(family)
+                        };
+                        let want: Vec<usize> = order.iter().copied().filter(can_match).collect();
+                        let map = if family == Family::Ipv4 { DNAT4 } else { DNAT6 };
+                        let key = format!("\"{iface}\" . {p} . {port}");
+                        if let Some(i) = held.get(&(map, key.as_str())) {
+                            hits += 1;
+                            assert_eq!(want.first(), Some(i), "{key} {family:?}: {rules:#?}");
+                            // Nothing about the packet beyond the key can make the rule miss it.
+                            let r = &rules[*i];
+                            let unconditional = r.src.is_none() && r.dst.is_none() && !r.dst_local;
+                            assert!(unconditional && r.backends.is_empty(), "{key} {family:?}: {r:#?}");
+                            continue;
+                        }
+                        let tried: Vec<usize> = by_port
+                            .get(&(p, port))
+                            .into_iter()
+                            .flatten()
+                            .chain(rest.iter())
+                            .copied()
+                            .filter(can_match)
+                            .collect();
+                        assert_eq!(tried, want, "{p} {port} {iface} {family:?}, hook {hook:?}: {rules:#?}");
+                    }
                 }
             }
         }
+        assert!(hits > 500, "only {hits} packets met a translation map");
     }
 
     /// `nft list table` reduced to what the rules decide: each chain's and map's lines by name (listing order follows
@@ -528,7 +790,21 @@ mod tests {
     fn normalized(listing: &str) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();
         let mut current: Option<(String, Vec<String>)> = None;
+        // An element list nft prints over several lines is read as one.
+        let mut joined: Vec<String> = Vec::new();
         for line in listing.lines().map(str::trim) {
+            match joined.last_mut() {
+                Some(open) if is_open_list(open) => {
+                    open.push(' ');
+                    open.push_str(line);
+                }
+                _ => joined.push(line.to_string()),
+            }
+        }
+        fn is_open_list(l: &str) -> bool {
+            l.starts_with("elements = {") && !l.ends_with('}')
+        }
+        for line in joined.iter().map(String::as_str) {
             if let Some(name) = line.strip_prefix("chain ").or_else(|| line.strip_prefix("map ")) {
                 current = Some((name.trim_end_matches(" {").to_string(), Vec::new()));
             } else if line == "}" {
@@ -576,7 +852,8 @@ mod tests {
             let mut next = rules.clone();
             // Drop some, keep the rest, add a few new ones (random sets reuse a small value space, so they share ports).
             next.retain(|_| rng.chance(75));
-            for r in random_rules(&mut rng, 4) {
+            let more = if step % 2 == 0 { random_rules(&mut rng, 4) } else { forward_heavy_rules(&mut rng, 8) };
+            for r in more {
                 if !next.iter().any(|o| o.same_match_and_target(&r)) {
                     next.push(r);
                 }
@@ -594,6 +871,42 @@ mod tests {
         ns.run(&["nft", "delete", "table", "inet", TABLE], "");
     }
 
+    /// A change carries the counts of rules it writes again: rules moving from a translation map into their port's
+    /// chain (a rule that is not a plain forward joins the port) and back, and an element whose translation changes.
+    #[test]
+    fn moved_rules_keep_their_counts() {
+        let Some(ns) = Netns::scratch() else { return };
+        let plain = vec![
+            with_id(5, "dnat -i eth0 -p udp --dport 80 --to 10.0.2.2:8080"),
+            with_id(7, "dnat -i eth0 -p tcp --dport 81 -s 10.9.0.0/16 --to 10.0.2.3:81"),
+        ];
+        let mut joined = plain.clone();
+        joined.push(with_id(6, "dnat -i eth0 -p udp --dport 80 -s 10.9.0.0/16 --to 10.0.2.9:80"));
+        joined[1] = with_id(7, "dnat -i eth0 -p tcp --dport 81 --to 10.0.2.3:81");
+        let mut retargeted = joined.clone();
+        retargeted[1] = with_id(7, "dnat -i eth0 -p tcp --dport 81 --to 10.0.2.4:82");
+        let counts: BTreeMap<String, RuleCounters> = [5, 7]
+            .map(|id| (format!("pfwd:{id}"), RuleCounters { packets: id, bytes: 60 * id, flows: id, drops: 0 }))
+            .into();
+        ns.run(&["nft", "-f", "-"], &script(&plain, &["eth0".into()], &rec(), &counts));
+        let read = |kind: &str, name: &str| {
+            parse_counters(&ns.run(&["nft", "-j", "list", kind, "inet", TABLE, name], "")).unwrap()
+        };
+        for (from, to) in [(&plain, &joined), (&joined, &retargeted), (&retargeted, &plain)] {
+            let (a, b) = (model(from), model(to));
+            let mut carried = BTreeMap::new();
+            for (kind, name) in counts_to_read(&a, &b).unwrap() {
+                carried.extend(read(kind, name));
+            }
+            ns.run(&["nft", "-f", "-"], &change_script(&a, &b, &carried));
+            let now = parse_counters(&ns.run(&["nft", "-j", "list", "table", "inet", TABLE], "")).unwrap();
+            for (comment, c) in &counts {
+                assert_eq!(now.get(comment).map(|n| n.packets), Some(c.packets), "{comment} after {to:#?}");
+            }
+        }
+        ns.run(&["nft", "delete", "table", "inet", TABLE], "");
+    }
+
     /// The real nft takes the script, replaces the table with it again (counters carried), and its JSON listing
     /// reads back as the counts written.
     #[test]
@@ -601,7 +914,7 @@ mod tests {
         let Some(ns) = Netns::scratch() else { return };
         let mut rng = Rng(0xfeed);
         for round in 0..20 {
-            let mut rules = random_rules(&mut rng, 25);
+            let mut rules = if round % 2 == 0 { random_rules(&mut rng, 25) } else { forward_heavy_rules(&mut rng, 25) };
             if round == 0 {
                 rules = with_local();
             }
