@@ -443,9 +443,10 @@ pub fn change(old: &[Rule], new: &[Rule], ifaces: &[String], rec: &Record) -> Re
     let (a, b) = (model(old), model(new));
     let Some(reads) = counts_to_read(&a, &b) else { return sync(new, ifaces, rec) };
     let mut counts = BTreeMap::new();
-    for (kind, name) in reads {
-        let listed = nft(&["-j", "list", kind, "inet", TABLE, name], None)?;
-        counts.extend(parse_counters(&listed)?);
+    for read in reads {
+        let argv = read.argv();
+        let out = nft(&argv.iter().map(String::as_str).collect::<Vec<_>>(), None)?;
+        counts.extend(read.parse(&out)?);
     }
     let script = change_script(&a, &b, &counts);
     if !script.is_empty() {
@@ -454,15 +455,61 @@ pub fn change(old: &[Rule], new: &[Rule], ifaces: &[String], rec: &Record) -> Re
     Ok(())
 }
 
-/// What a change from model `a` to `b` reads before it writes ([`change_script`]): the chains and maps (`("chain",
-/// name)`, `("map", name)`) that hold the counts of rules written again: the rules of rewritten chains, rules that
-/// move (between a port's chain and a translation map, as rules join or leave their port) and changed elements.
-/// None when they are so many that one full replace is cheaper.
-fn counts_to_read<'m>(a: &'m Model, b: &'m Model) -> Option<Vec<(&'static str, &'m str)>> {
+/// One read of counts before a change: a chain, or some elements of a translation map (only those: listing a map of
+/// 10,000 elements costs nft 0.4 s).
+#[derive(Debug, PartialEq, Eq)]
+enum Read<'m> {
+    Chain(&'m str),
+    Elems(&'static str, Vec<&'m str>),
+}
+
+impl Read<'_> {
+    /// nft's arguments for it.
+    fn argv(&self) -> Vec<String> {
+        match self {
+            Read::Chain(c) => ["-j", "list", "chain", "inet", TABLE, c].map(String::from).to_vec(),
+            Read::Elems(m, keys) => {
+                let keys = format!("{{ {} }}", keys.join(", "));
+                ["get", "element", "inet", TABLE, m, &keys].map(String::from).to_vec()
+            }
+        }
+    }
+
+    /// The counts (by comment) in nft's answer.
+    fn parse(&self, out: &str) -> Result<BTreeMap<String, RuleCounters>> {
+        match self {
+            Read::Chain(_) => parse_counters(out),
+            Read::Elems(..) => Ok(parse_element_counters(out)),
+        }
+    }
+}
+
+/// The counts of the elements `nft get element` prints (it has no JSON form): `KEY counter packets N bytes M comment
+/// "C" : VALUE`, several per line or one.
+fn parse_element_counters(text: &str) -> BTreeMap<String, RuleCounters> {
+    let mut out = BTreeMap::new();
+    for part in text.split("counter packets ").skip(1) {
+        let words: Vec<&str> = part.splitn(5, ' ').collect();
+        let [packets, "bytes", bytes, "comment", rest] = words.as_slice() else { continue };
+        let (Ok(packets), Ok(bytes)) = (packets.parse::<u64>(), bytes.parse::<u64>()) else { continue };
+        let Some(comment) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) else { continue };
+        let sum: &mut RuleCounters = out.entry(comment.to_string()).or_default();
+        sum.packets += packets;
+        sum.bytes += bytes;
+        sum.flows += packets;
+    }
+    out
+}
+
+/// What a change from model `a` to `b` reads before it writes ([`change_script`]): the chains and elements that hold
+/// the counts of rules written again: the rules of rewritten chains, rules that move (between a port's chain and a
+/// translation map, as rules join or leave their port) and changed elements. None when there are so many chains to
+/// read that one full replace is cheaper.
+fn counts_to_read<'m>(a: &'m Model, b: &'m Model) -> Option<Vec<Read<'m>>> {
     let mut chains: BTreeSet<&str> =
         b.chains.iter().filter(|(n, l)| a.chains.get(*n).is_some_and(|o| o != *l)).map(|(n, _)| n.as_str()).collect();
     chains.extend(a.base.iter().zip(&b.base).filter(|(x, y)| x.2 != y.2).map(|(x, _)| x.0.as_str()));
-    let mut maps = BTreeSet::new();
+    let mut elems: BTreeMap<&'static str, BTreeSet<&str>> = BTreeMap::new();
     let (was, is) = (places(a), places(b));
     for (comment, place) in &is {
         let Some(old) = was.get(comment) else { continue };
@@ -473,11 +520,12 @@ fn counts_to_read<'m>(a: &'m Model, b: &'m Model) -> Option<Vec<(&'static str, &
         if old != place || elem_changed {
             match old {
                 Place::Chain(c) => drop(chains.insert(c)),
-                Place::Elem(m, _) => drop(maps.insert(*m)),
+                Place::Elem(m, k) => drop(elems.entry(m).or_default().insert(k)),
             }
         }
     }
-    let reads: Vec<_> = chains.into_iter().map(|c| ("chain", c)).chain(maps.into_iter().map(|m| ("map", m))).collect();
+    let mut reads: Vec<Read> = chains.into_iter().map(Read::Chain).collect();
+    reads.extend(elems.into_iter().map(|(m, keys)| Read::Elems(m, keys.into_iter().collect())));
     (reads.len() <= MAX_REWRITTEN).then_some(reads)
 }
 
@@ -889,14 +937,14 @@ mod tests {
             .map(|id| (format!("pfwd:{id}"), RuleCounters { packets: id, bytes: 60 * id, flows: id, drops: 0 }))
             .into();
         ns.run(&["nft", "-f", "-"], &script(&plain, &["eth0".into()], &rec(), &counts));
-        let read = |kind: &str, name: &str| {
-            parse_counters(&ns.run(&["nft", "-j", "list", kind, "inet", TABLE, name], "")).unwrap()
-        };
         for (from, to) in [(&plain, &joined), (&joined, &retargeted), (&retargeted, &plain)] {
             let (a, b) = (model(from), model(to));
             let mut carried = BTreeMap::new();
-            for (kind, name) in counts_to_read(&a, &b).unwrap() {
-                carried.extend(read(kind, name));
+            for r in counts_to_read(&a, &b).unwrap() {
+                let argv = r.argv();
+                let mut argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                argv.insert(0, "nft");
+                carried.extend(r.parse(&ns.run(&argv, "")).unwrap());
             }
             ns.run(&["nft", "-f", "-"], &change_script(&a, &b, &carried));
             let now = parse_counters(&ns.run(&["nft", "-j", "list", "table", "inet", TABLE], "")).unwrap();
