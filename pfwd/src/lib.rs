@@ -12,6 +12,7 @@ pub mod cli;
 pub mod clock;
 pub mod control;
 pub mod fallback;
+pub mod fasthash;
 pub mod flows;
 pub mod instance;
 pub mod iptables;

@@ -41,6 +41,7 @@ use pfwd_common::{
 use crate::{
     batch::Batch,
     clock::monotonic_ns,
+    fasthash::{FastMap, FastSet},
     instance::Instance,
     netif::{self, Framing},
     record::Record,
@@ -522,8 +523,13 @@ impl Kernel {
             let old_changed = rules::compile::build(&old_changed, ifindex).ok()?;
             // The new rules are compiled already: keep the changed ones (an import of 10,000 rules compiled them
             // twice).
-            let changed: HashSet<u32> = new_changed.iter().map(|(slot, _)| *slot).collect();
-            let new_changed = new.restricted(|slot, _| changed.contains(&slot));
+            let changed: FastSet<u32> = new_changed.iter().map(|(slot, _)| *slot).collect();
+            // Every rule new (an import onto none): all of them, without a copy.
+            let new_changed = if new.entries.iter().all(|(slot, _)| changed.contains(slot)) {
+                std::borrow::Cow::Borrowed(new)
+            } else {
+                std::borrow::Cow::Owned(new.restricted(|slot, _| changed.contains(&slot)))
+            };
             rules::plan::plan_change(new, &new_changed, &old_changed, cfg.generation).ok()
         });
         if let Some(plan) = change {
@@ -986,11 +992,9 @@ fn stored_pairs<'r>(rules: &'r [StoredRule], companions: &'r [(usize, rules::Rul
 /// The rules of the slots that differ between `old` and `new`: (the old ones, the new ones).
 type Pairs<'r> = Vec<(u32, &'r rules::Rule)>;
 fn changed_rules<'r>(old: &[(u32, &'r rules::Rule)], new: &[(u32, &'r rules::Rule)]) -> (Pairs<'r>, Pairs<'r>) {
-    let old_by: std::collections::HashMap<u32, &rules::Rule> = old.iter().copied().collect();
-    let new_by: std::collections::HashMap<u32, &rules::Rule> = new.iter().copied().collect();
-    let differs = |s: &u32, r: &&rules::Rule, other: &std::collections::HashMap<u32, &rules::Rule>| {
-        other.get(s).is_none_or(|o| o != r)
-    };
+    let old_by: FastMap<u32, &rules::Rule> = old.iter().copied().collect();
+    let new_by: FastMap<u32, &rules::Rule> = new.iter().copied().collect();
+    let differs = |s: &u32, r: &&rules::Rule, other: &FastMap<u32, &rules::Rule>| other.get(s).is_none_or(|o| o != r);
     (
         old.iter().filter(|(s, r)| differs(s, r, &new_by)).copied().collect(),
         new.iter().filter(|(s, r)| differs(s, r, &old_by)).copied().collect(),

@@ -18,6 +18,7 @@ mod small;
 use crate::rules::model::Family;
 use crate::{
     fallback,
+    fasthash::{self, FastMap, FastSet},
     flows::{self, FlowFilter},
     instance::{self, Instance},
     loader::{Kernel, XdpRun},
@@ -284,25 +285,35 @@ fn ifindex_lookup(state: &Meta) -> impl Fn(&str) -> Option<u32> + '_ {
 /// Adds rules to a planned state: ids, free slots (round robin, so a freed slot is not reused at once) and
 /// duplicate detection, in constant time per rule (a config file may bring 10,000 rules at once).
 struct RuleAdder {
-    used_slots: HashSet<u32>,
-    keys: HashMap<rules::DedupKey, u32>,
+    used_slots: FastSet<u32>,
+    keys: FastMap<rules::DedupKey, u32>,
 }
 
 impl RuleAdder {
-    fn new(state: &State) -> Self {
-        Self {
-            used_slots: state.rules.iter().map(|r| r.slot).collect(),
-            keys: state.rules.iter().map(|r| (r.rule.dedup_key(), r.rule.id)).collect(),
+    /// `adding`: how many rules are about to be pushed (room is made for them up front, no rehashing on the way).
+    fn new(state: &State, adding: usize) -> Self {
+        let n = state.rules.len() + adding;
+        let mut used_slots = fasthash::set_with_capacity(n);
+        let mut keys = fasthash::map_with_capacity(n);
+        for r in &state.rules {
+            used_slots.insert(r.slot);
+            keys.insert(r.rule.dedup_key(), r.rule.id);
         }
+        Self { used_slots, keys }
     }
 
-    /// The id of an existing rule with the same match and target.
-    fn duplicate_of(&self, rule: &Rule) -> Option<u32> {
-        self.keys.get(&rule.dedup_key()).copied()
+    /// [`RuleAdder::push_keyed`] unless an existing rule has the same match and target: then `Err((its id, rule))`. The
+    /// rule's duplicate key is computed once for both.
+    fn push_new(&mut self, state: &mut State, rule: Rule) -> Result<std::result::Result<u32, (u32, Rule)>> {
+        let key = rule.dedup_key();
+        if let Some(&of) = self.keys.get(&key) {
+            return Ok(Err((of, rule)));
+        }
+        self.push_keyed(state, rule, key).map(Ok)
     }
 
-    /// Gives `rule` the next id and a free slot, and appends it to `state`.
-    fn push(&mut self, state: &mut State, mut rule: Rule) -> Result<u32> {
+    /// Gives `rule` (whose duplicate key is `key`) the next id and a free slot, and appends it to `state`.
+    fn push_keyed(&mut self, state: &mut State, mut rule: Rule, key: rules::DedupKey) -> Result<u32> {
         let max = pfwd_common::MAX_RULES;
         let slot = (0..max)
             .map(|i| (state.next_slot + i) % max)
@@ -312,7 +323,7 @@ impl RuleAdder {
         state.next_slot = (slot + 1) % max;
         rule.id = state.next_id;
         state.next_id += 1;
-        self.keys.insert(rule.dedup_key(), rule.id);
+        self.keys.insert(key, rule.id);
         let id = rule.id;
         state.rules.push(StoredRule { rule, slot });
         Ok(id)
@@ -570,11 +581,11 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
         }
     }
     let mut added = vec![];
-    let mut adder = RuleAdder::new(&planned);
+    let mut adder = RuleAdder::new(&planned, rules.len());
     for r in rules {
         r.validate()?;
-        if adder.duplicate_of(&r).is_none() {
-            added.push(adder.push(&mut planned, r)?);
+        if let Ok(id) = adder.push_new(&mut planned, r)? {
+            added.push(id);
         }
     }
     // Compile now, so a rule naming an interface that is not attached fails before anything changes.
@@ -697,7 +708,7 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
         r.validate()?;
     }
     // Each id once, in the order first asked for.
-    let mut once = HashSet::new();
+    let mut once = FastSet::default();
     let remove: &[u32] = &remove.iter().copied().filter(|id| once.insert(*id)).collect::<Vec<u32>>();
     let lock = open()?;
     let (meta, store) = lock.load_meta()?.context(NOT_ATTACHED)?;
@@ -712,7 +723,7 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     let mut state = State { meta, rules: store.rules()? };
     log::debug!("full change: {} rules removed, {} added, of {} rules", remove.len(), add.len(), state.rules.len());
     // Sets, not scans: `flush` removes every rule, and 100,000 of them made pairwise scans quadratic.
-    let present: HashSet<u32> = state.rules.iter().map(|r| r.rule.id).collect();
+    let present: FastSet<u32> = state.rules.iter().map(|r| r.rule.id).collect();
     let missing: Vec<String> = remove.iter().filter(|id| !present.contains(id)).map(u32::to_string).collect();
     if !missing.is_empty() {
         return Err(no_such_rules(&missing, &store, "changed"));
@@ -720,9 +731,9 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     let mut planned = state.clone();
     // Built from the state before the change, so no new rule takes a slot freed by this change (its counters are
     // reset below).
-    let mut adder = RuleAdder::new(&planned);
+    let mut adder = RuleAdder::new(&planned, add.len());
     // The rules removed, in the order asked for.
-    let asked: HashMap<u32, usize> = remove.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let asked: FastMap<u32, usize> = remove.iter().enumerate().map(|(i, id)| (*id, i)).collect();
     let mut removed: Vec<(usize, StoredRule)> = Vec::new();
     planned.rules.retain(|r| match asked.get(&r.rule.id) {
         Some(&i) => {
@@ -743,16 +754,20 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
         // The interrupted change's rules are the state's: applying this change applies them too.
         notes.push("an interrupted change had been left half-applied; applied it again".into());
     }
+    planned.rules.reserve(add.len());
+    added.reserve(add.len());
     for rule in add {
-        if let Some(of) = adder.duplicate_of(&rule) {
-            let e = rules::RuleError::Duplicate { of };
-            if skip_duplicates {
-                notes.push(format!("skipped `{rule}`: {e}"));
-                continue;
+        match adder.push_new(&mut planned, rule)? {
+            Ok(id) => added.push(id),
+            Err((of, rule)) => {
+                let e = rules::RuleError::Duplicate { of };
+                if skip_duplicates {
+                    notes.push(format!("skipped `{rule}`: {e}"));
+                    continue;
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
         }
-        added.push(adder.push(&mut planned, rule)?);
     }
     let compiled = compile_state(&planned).map_err(|e| rule_error(e, &state))?;
     if state.mode == DataPath::Ebpf && state.cgroup.is_none() && planned.rules.iter().any(|r| r.rule.local) {

@@ -14,6 +14,7 @@ use pfwd_common::maps::{
 use super::error::RuleError;
 use super::model::{Family, PortRange, Proto, Rule, Target, prefix_len};
 use super::precedence::rank;
+use crate::fasthash::FastMap;
 
 /// The contents of the rules array, the rule index and the class lists.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -23,13 +24,13 @@ pub struct Compiled {
     pub entries: Vec<(u32, RuleEntry)>,
     /// Every index key's rules (slots), all of them, in rank order (best first). The kernel's entry of a key lists
     /// them up to the first unconditional one ([`Compiled::index`]).
-    pub members: HashMap<IndexKey, Vec<u32>>,
+    pub members: FastMap<IndexKey, Vec<u32>>,
     /// The classes of each hook ([`hook`] PREROUTING, POSTROUTING, OUTPUT), in ascending `min_rank`.
     pub classes: [Vec<Class>; 3],
     /// `(slot, Maglev table)` of each rule with several backends ([`super::maglev::entries`]), in input order.
     pub tables: Vec<(u32, Vec<BackendEntry>)>,
     /// The position in `entries` of each slot.
-    pub positions: HashMap<u32, usize>,
+    pub positions: FastMap<u32, usize>,
 }
 
 /// Matches a rule may carry that its index keys do not hold: a rule without them matches every packet of its keys.
@@ -51,7 +52,7 @@ impl Compiled {
     /// costs a lookup).
     pub fn restricted(&self, keep: impl Fn(u32, &RuleEntry) -> bool) -> Compiled {
         let entries: Vec<(u32, RuleEntry)> = self.entries.iter().filter(|(s, e)| keep(*s, e)).copied().collect();
-        let positions: HashMap<u32, usize> = entries.iter().enumerate().map(|(i, (s, _))| (*s, i)).collect();
+        let positions: FastMap<u32, usize> = entries.iter().enumerate().map(|(i, (s, _))| (*s, i)).collect();
         let members = self
             .members
             .iter()
@@ -210,7 +211,7 @@ pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> R
         r.validate().map_err(|e| RuleError::InRule { id: r.id, error: Box::new(e) })?;
     }
     // The closure may be a syscall (if_nametoindex), so ask once per name.
-    let mut ifindexes: HashMap<&str, u32> = HashMap::new();
+    let mut ifindexes: FastMap<&str, u32> = FastMap::default();
     let mut rule_ifindex = vec![0u32; rules.len()];
     for (pos, (_, r)) in rules.iter().enumerate() {
         if let Some(name) = r.hook_iface() {
@@ -240,7 +241,7 @@ pub fn build(rules: &[(u32, &Rule)], ifindex: &dyn Fn(&str) -> Option<u32>) -> R
     c.members.reserve(rules.len());
     c.positions.reserve(rules.len());
     // Per hook, each class shape's lowest rank.
-    let mut shapes: [HashMap<Class, u64>; 3] = Default::default();
+    let mut shapes: [FastMap<Class, u64>; 3] = Default::default();
     for (pos, &(slot, r)) in rules.iter().enumerate() {
         if !r.backends.is_empty() {
             if c.tables.len() >= MAX_BACKEND_RULES as usize {

@@ -14,6 +14,7 @@ use pfwd_common::maps::{BackendEntry, Class, GEN_FOREVER, INDEX_SLOTS, IndexKey,
 
 use super::compile::{Compiled, listed};
 use super::error::RuleError;
+use crate::fasthash::FastSet;
 
 /// What the kernel holds before a change: rule entries by slot (with their generations) and the index. Either
 /// compiled from the rules of the last completed change ([`Held::from_compiled`]) or read back from the maps (after
@@ -141,7 +142,7 @@ pub fn plan_change(
         None => new.entry(s),
     };
     let rank = |s: u32| new.entry(s).or_else(|| old_changed.entry(s)).map(|e| (e.rank, e.id));
-    let keys: HashSet<&IndexKey> = new_changed.members.keys().chain(old_changed.members.keys()).collect();
+    let keys: FastSet<&IndexKey> = new_changed.members.keys().chain(old_changed.members.keys()).collect();
     let none = Vec::new();
     for key in keys {
         let now_members = new.members.get(key).unwrap_or(&none);
@@ -193,9 +194,11 @@ impl Plan {
         if old == now {
             return Ok(());
         }
-        let mut union: Vec<u32> = old.iter().chain(now).copied().collect::<HashSet<u32>>().into_iter().collect();
-        // A slot the held index lists but whose entry is unknown ranks last; it is invisible anyway.
+        let mut union: Vec<u32> = old.iter().chain(now).copied().collect();
+        // A slot the held index lists but whose entry is unknown ranks last; it is invisible anyway. The slot is part
+        // of the sort key, so a slot in both lists ends up twice in a row: dedup keeps it once (no set per key).
         union.sort_unstable_by_key(|s| (rank(*s).unwrap_or((u64::MAX, u32::MAX)), *s));
+        union.dedup();
         if union.len() > INDEX_SLOTS {
             return Err(RuleError::IndexFull { ids: String::new() });
         }
