@@ -424,24 +424,24 @@ impl Rule {
         }
     }
 
-    /// Every address the rule names, with the option that names it (for messages): what its family follows.
-    fn addresses(&self) -> Vec<(&'static str, IpAddr)> {
-        let mut out = Vec::new();
-        out.extend(self.src.map(|n| ("-s", n.addr())));
-        out.extend(self.dst.map(|n| ("-d", n.addr())));
-        out.extend(self.hairpin.map(|n| ("--hairpin", n.addr())));
-        match self.target {
-            Target::Dnat { addr, .. } | Target::Snat { addr, .. } => out.push(("--to", addr)),
-            _ => {}
-        }
-        out.extend(self.backends.iter().map(|b| ("--to", b.addr)));
-        out
+    /// Every address the rule names, with the option that names it (for messages): what its family follows. An
+    /// iterator, not a list: [`Rule::family`] asks for the first one of every rule, many times per change.
+    fn addresses(&self) -> impl Iterator<Item = (&'static str, IpAddr)> + '_ {
+        let to = match self.target {
+            Target::Dnat { addr, .. } | Target::Snat { addr, .. } => Some(("--to", addr)),
+            _ => None,
+        };
+        (self.src.map(|n| ("-s", n.addr())).into_iter())
+            .chain(self.dst.map(|n| ("-d", n.addr())))
+            .chain(self.hairpin.map(|n| ("--hairpin", n.addr())))
+            .chain(to)
+            .chain(self.backends.iter().map(|b| ("--to", b.addr)))
     }
 
     /// The one family the rule applies to, or `None` for both (a rule without addresses or `-4`/`-6`). For a rule
     /// that mixes families (refused by [`Rule::validate`]) the family of its first address.
     pub fn family(&self) -> Option<Family> {
-        self.addresses().first().map(|(_, a)| Family::of(*a)).or(self.family)
+        self.addresses().next().map(|(_, a)| Family::of(a)).or(self.family)
     }
 
     /// Whether the rule applies to packets of `family`.
@@ -451,16 +451,27 @@ impl Rule {
 
     /// A rule translates one family: its addresses (and `-4`/`-6`) must agree.
     fn check_family(&self) -> Result<(), RuleError> {
-        let addrs = self.addresses();
-        let mut named: Vec<(String, Family)> =
-            addrs.iter().map(|(opt, a)| (format!("{opt} {a}"), Family::of(*a))).collect();
-        if let Some(f) = self.family {
-            named.insert(0, (f.flag().to_string(), f));
+        // Named (formatted) only when they disagree: this runs for every rule of every change.
+        #[derive(Clone, Copy)]
+        enum Named {
+            Flag(Family),
+            Addr(&'static str, IpAddr),
         }
-        if let Some((first, f)) = named.first()
-            && let Some((other, g)) = named.iter().find(|(_, g)| g != f)
+        let family = |n: Named| match n {
+            Named::Flag(f) => f,
+            Named::Addr(_, a) => Family::of(a),
+        };
+        let name = |n: Named| match n {
+            Named::Flag(f) => f.flag().to_string(),
+            Named::Addr(opt, a) => format!("{opt} {a}"),
+        };
+        let mut named =
+            self.family.map(Named::Flag).into_iter().chain(self.addresses().map(|(o, a)| Named::Addr(o, a)));
+        if let Some(first) = named.next()
+            && let Some(other) = named.find(|n| family(*n) != family(first))
         {
-            return Err(RuleError::MixedFamilies { detail: format!("{first} is {f}, {other} is {g}") });
+            let (f, g) = (family(first), family(other));
+            return Err(RuleError::MixedFamilies { detail: format!("{} is {f}, {} is {g}", name(first), name(other)) });
         }
         Ok(())
     }
@@ -471,8 +482,9 @@ impl Rule {
         self.dst = self.dst.map(|n| n.trunc());
         self.hairpin = self.hairpin.map(|n| n.trunc());
         // `-4 -d 10.0.0.1` is `-d 10.0.0.1`: the restriction is kept only where the addresses do not say it.
-        if let Some((_, a)) = self.addresses().first()
-            && self.family == Some(Family::of(*a))
+        let first = self.addresses().next().map(|(_, a)| a);
+        if let Some(a) = first
+            && self.family == Some(Family::of(a))
         {
             self.family = None;
         }
@@ -648,7 +660,9 @@ impl Rule {
                 check_to_addr(addr)
                     .map_err(|r| RuleError::BadTo { input: self.target.to_string(), reason: r.into() })?;
                 // Every backend: `--to [2001:db8::2]:80,[::1]:80` would send some arriving connections to ::1.
-                if !self.local && self.dnat_backends().iter().any(|b| b.addr.is_ipv6() && b.addr.is_loopback()) {
+                // (check_backends made the first backend the target; no list is built for the usual one backend.)
+                let loopback6 = |a: IpAddr| a.is_ipv6() && a.is_loopback();
+                if !self.local && (loopback6(addr) || self.backends.iter().any(|b| loopback6(b.addr))) {
                     return Err(RuleError::Unsupported(
                         "--to ::1 works for --local rules only: Linux does not route arriving packets to ::1 (IPv6 \
                          has no route_localnet); use redirect --to-port PORT, which delivers them to the same local \
