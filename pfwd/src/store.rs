@@ -46,8 +46,11 @@ struct Loaded {
     rule: Rule,
 }
 
-fn encode(r: &StoredRule) -> Result<Vec<u8>> {
-    Ok(serde_json::to_vec(&Stored { slot: r.slot, rule: &r.rule })?)
+/// Into `out` (cleared first): a write of 10,000 rules reuses one buffer.
+fn encode_into(r: &StoredRule, out: &mut Vec<u8>) -> Result<()> {
+    out.clear();
+    serde_json::to_writer(&mut *out, &Stored { slot: r.slot, rule: &r.rule })?;
+    Ok(())
 }
 
 fn decode(id: u32, bytes: &[u8]) -> Result<StoredRule> {
@@ -60,8 +63,24 @@ fn decode(id: u32, bytes: &[u8]) -> Result<StoredRule> {
 /// match and do: 8 bytes a rule where the key itself takes about 200, and stable across Rust releases (std's hasher
 /// is not). Two rules with the same hash only cost a comparison.
 fn dedup_hash(r: &Rule) -> Result<u64> {
-    let bytes = serde_json::to_vec(&r.dedup_key())?;
-    Ok(bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)))
+    // The JSON is hashed as it is written, not collected first: the same bytes, so the same hash.
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    serde_json::to_writer(&mut h, &r.dedup_key())?;
+    Ok(h.0)
+}
+
+/// 64-bit FNV-1a over the bytes written to it.
+struct Fnv(u64);
+
+impl std::io::Write for Fnv {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 = buf.iter().fold(self.0, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The form of the `keys` table's hashes ([`dedup_hash`] of [`Rule::dedup_key`]), kept in `meta` as `key_format`.
@@ -212,8 +231,10 @@ impl Store {
             }
             // In key order: a B-tree fills fastest that way (10,000 rules at attach).
             let mut added: Vec<(u64, u32)> = Vec::with_capacity(w.added.len());
+            let mut buf = Vec::new();
             for r in w.added {
-                rules.insert(r.rule.id, encode(r)?.as_slice())?;
+                encode_into(r, &mut buf)?;
+                rules.insert(r.rule.id, buf.as_slice())?;
                 added.push((dedup_hash(&r.rule)?, r.rule.id));
             }
             added.sort_unstable();
