@@ -7,7 +7,7 @@ use ipnet::IpNet;
 
 use super::command::{Command, Head, NAT_TABLE, check_table, jump_of, parse_head};
 use super::lex::{check_dashes, is_counters, is_save_line, logical_lines, split_inline, tokenize, tokenize_restore};
-use super::spec::{Jump, Share, build_rules, parse_spec, statistic_share};
+use super::spec::{Jump, Share, Spec, build_rules, parse_spec, share_of, statistic_share};
 use super::{Bad, Import, ImportError, Res, bad};
 use crate::iptables::chains::{CHAINS, NAT_HOOKS, NatHook, hook_order};
 use crate::rules::model::Family;
@@ -882,7 +882,8 @@ impl<'a> Importer<'a> {
         let mut kept: Vec<&Imported> = Vec::new();
         // First line of each match and target (a hash of `dedup_key`, not a pairwise comparison: an import of
         // 10,000 lines spent most of its time comparing pairs).
-        let mut first_line: std::collections::HashMap<crate::rules::DedupKey, usize> = Default::default();
+        let mut first_line: crate::fasthash::FastMap<crate::rules::DedupKey, usize> =
+            crate::fasthash::map_with_capacity(order.len());
         for i in order {
             let Imported { rule, line_no, .. } = &self.rules[i];
             match first_line.entry(rule.dedup_key()) {
@@ -996,7 +997,10 @@ fn parse_rule(head: &Head, chain: &str) -> Res<(NatHook, Parsed)> {
     {
         return Ok((hook, Parsed::Jump));
     }
-    Ok((hook, Parsed::Rules(rules_of(hook, &head.spec, head.command_tok)?, statistic_share(&head.spec)?)))
+    // The spec parsed once for both (it was twice: a tenth of the import's time went to parsing specs).
+    let spec = parse_spec(&head.spec)?;
+    let rules = rules_of_spec(hook, &spec, head.command_tok)?;
+    Ok((hook, Parsed::Rules(rules, share_of(&spec)?)))
 }
 
 /// Whether two rules match the same packets (their targets may differ): lines of one ladder.
@@ -1026,7 +1030,11 @@ fn ladder_weights(shares: &[f64]) -> Option<Vec<u32>> {
 
 /// The pfwd rules of a nat rule's spec in `hook`, with iptables' checks.
 fn rules_of(hook: NatHook, toks: &[&str], command_tok: &str) -> Res<Vec<Rule>> {
-    let spec = parse_spec(toks)?;
+    rules_of_spec(hook, &parse_spec(toks)?, command_tok)
+}
+
+/// [`rules_of`] with the spec already parsed.
+fn rules_of_spec(hook: NatHook, spec: &Spec, command_tok: &str) -> Res<Vec<Rule>> {
     // iptables' own checks: the incoming interface is unknown after routing and for local connections, the
     // outgoing one before routing.
     match (hook, spec.iface, spec.oface) {
@@ -1035,7 +1043,7 @@ fn rules_of(hook: NatHook, toks: &[&str], command_tok: &str) -> Res<Vec<Rule>> {
         (NatHook::Prerouting, _, Some(o)) => return Err(bad(o.name, "iptables: Can't use -o with PREROUTING")),
         _ => {}
     }
-    build_rules(&spec, command_tok, hook)
+    build_rules(spec, command_tok, hook)
 }
 
 /// A name a user-defined nat chain may have: not a hook's built-in chain (in any case), nor pfwd's, nor INPUT.

@@ -59,8 +59,12 @@ pub(super) struct Share(pub(super) f64);
 
 /// The `-m statistic` share of a rule, if it has one. Only what a ladder of backends uses is accepted.
 pub(super) fn statistic_share(toks: &[&str]) -> Res<Option<Share>> {
-    let s = parse_spec(toks)?;
-    if !has_match(&s, "statistic") {
+    share_of(&parse_spec(toks)?)
+}
+
+/// [`statistic_share`] of a parsed spec.
+pub(super) fn share_of(s: &Spec) -> Res<Option<Share>> {
+    if !has_match(s, "statistic") {
         if let Some(o) = s.stat_mode.or(s.probability).or(s.every).or(s.packet) {
             return Err(bad(o.name, "needs -m statistic before it"));
         }
