@@ -45,10 +45,14 @@ impl FromStr for Proto {
     type Err = RuleError;
     /// Case-insensitive like iptables, and the protocol numbers are accepted too.
     fn from_str(s: &str) -> Result<Self, RuleError> {
-        match s.to_ascii_lowercase().as_str() {
-            "tcp" | "6" => Ok(Proto::Tcp),
-            "udp" | "17" => Ok(Proto::Udp),
-            _ => Err(RuleError::BadProto { input: s.to_string() }),
+        // Compared in place, not lowercased into a new string (every imported rule with -p comes here twice).
+        let is = |name: &str| s.eq_ignore_ascii_case(name);
+        if is("tcp") || s == "6" {
+            Ok(Proto::Tcp)
+        } else if is("udp") || s == "17" {
+            Ok(Proto::Udp)
+        } else {
+            Err(RuleError::BadProto { input: s.to_string() })
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The import's command parser: the table, the command (`-A`, `-I`, `-D`, `-F`, ...) and its chain, position or policy,
 //! found anywhere in a line's words as iptables' getopt finds them; everything else is the rule spec, left to `spec`.
 
+use std::borrow::Cow;
+
 use super::lex::{check_dashes, split_inline};
 use super::{Res, bad};
 use crate::rules::model::Family;
@@ -63,15 +65,15 @@ pub(super) struct Head<'a> {
 }
 
 /// Finds the table, the command and its positional arguments anywhere in the line, like iptables' getopt does.
-pub(super) fn parse_head<'a>(args: &'a [String], default_table: &'a str, family: Family) -> Res<Head<'a>> {
+pub(super) fn parse_head<'a>(args: &'a [Cow<'_, str>], default_table: &'a str, family: Family) -> Res<Head<'a>> {
     let mut table = default_table;
     let mut command: Option<(Command, &str)> = None;
     let (mut chain, mut position, mut policy) = (None, None, None);
     let mut spec = Vec::new();
-    let positional = |j: usize| args.get(j).map(String::as_str).filter(|v| !v.starts_with(['-', '!']));
+    let positional = |j: usize| args.get(j).map(|a| a.as_ref()).filter(|v| !v.starts_with(['-', '!']));
     let mut i = 0;
     while i < args.len() {
-        let tok = args[i].as_str();
+        let tok: &str = &args[i];
         check_dashes(tok)?;
         let (name, inline) = split_inline(tok);
         i += 1;
@@ -138,7 +140,7 @@ pub(super) fn parse_head<'a>(args: &'a [String], default_table: &'a str, family:
         }
     }
     let Some((command, command_tok)) = command else {
-        let tok = args.last().map_or("", String::as_str);
+        let tok = args.last().map_or("", |a| a.as_ref());
         return Err(bad(tok, "no command: expected -A CHAIN or -I CHAIN followed by the rule"));
     };
     match command {

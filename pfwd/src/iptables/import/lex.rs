@@ -1,6 +1,8 @@
 //! The import's lexer: `\`-continued lines joined into logical lines, each split into words like sh would (shell
 //! commands) or like iptables-restore does (iptables-save lines), and the lexical checks on a word (`iptables-save -c` counters, dashes pasted from word processors, `--opt=value`).
 
+use std::borrow::Cow;
+
 use super::{Res, bad};
 
 /// Joins `\`-continued lines; each logical line keeps the number of its first physical line.
@@ -43,21 +45,24 @@ enum Quoting {
 
 /// Splits a line like sh does for the cases that occur in iptables scripts: quotes, backslash escapes, and a `#`
 /// comment starting a word.
-pub(super) fn tokenize(line: &str) -> Res<Vec<String>> {
+pub(super) fn tokenize(line: &str) -> Res<Vec<Cow<'_, str>>> {
     split_words(line, Quoting::Shell)
 }
 
 /// Splits an `iptables-save` line the way `iptables-restore` does (see [`Quoting::Restore`]).
-pub(super) fn tokenize_restore(line: &str) -> Res<Vec<String>> {
+pub(super) fn tokenize_restore(line: &str) -> Res<Vec<Cow<'_, str>>> {
     split_words(line, Quoting::Restore)
 }
 
-fn split_words(line: &str, quoting: Quoting) -> Res<Vec<String>> {
+/// The words of a line, borrowed from it where nothing was unquoted or unescaped.
+fn split_words(line: &str, quoting: Quoting) -> Res<Vec<Cow<'_, str>>> {
     let shell = quoting == Quoting::Shell;
     // Nothing that quotes, escapes or comments (the usual iptables-save line): the words are what is between the
-    // whitespace, as the loop below would find them, without building each one a character at a time.
-    if !line.contains(['"', '\'', '\\', '#']) {
-        return Ok(line.split_whitespace().map(str::to_string).collect());
+    // whitespace, as the loop below would find them, taken from the line as they are (no copy per word).
+    if line.is_ascii() && !line.bytes().any(|b| matches!(b, b'"' | b'\'' | b'\\' | b'#')) {
+        // char::is_whitespace on ASCII: space and \t..=\r (split_ascii_whitespace leaves out \x0b).
+        let words = line.split(|c: char| c == ' ' || ('\t'..='\r').contains(&c)).filter(|w| !w.is_empty());
+        return Ok(words.map(Cow::Borrowed).collect());
     }
     let unterminated = |q: &str| bad(q, "unterminated quote");
     let mut tokens = Vec::new();
@@ -118,7 +123,7 @@ fn split_words(line: &str, quoting: Quoting) -> Res<Vec<String>> {
     if in_token {
         tokens.push(cur);
     }
-    Ok(tokens)
+    Ok(tokens.into_iter().map(Cow::Owned).collect())
 }
 
 /// Whether a line is in `iptables-save` / `iptables-restore` form (`*table`, `:CHAIN`, `COMMIT`, `-A ...`, with or
@@ -161,6 +166,10 @@ pub(super) fn check_dashes(tok: &str) -> Res<()> {
 }
 /// `--opt=value` → (`--opt`, `value`); short options never take `=`.
 pub(super) fn split_inline(tok: &str) -> (&str, Option<&str>) {
+    // Most words are no long option: no search for '=' (this runs several times for every word).
+    if !tok.starts_with("--") {
+        return (tok, None);
+    }
     match tok.split_once('=') {
         Some((name, value)) if name.starts_with("--") => (name, Some(value)),
         _ => (tok, None),

@@ -385,10 +385,13 @@ fn has_match(s: &Spec, name: &str) -> bool {
 
 /// iptables' rules for matches: `-m tcp` and `-m udp` need that protocol, `--comment` needs `-m comment`.
 fn check_matches(s: &Spec, proto: Option<Proto>) -> Res<()> {
-    let proto_name = proto.map(|p| p.to_string());
+    let proto_name = proto.map(|p| match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+    });
     for m in &s.matches {
         match m.value {
-            "tcp" | "udp" if proto_name.as_deref() != Some(m.value) => {
+            "tcp" | "udp" if proto_name != Some(m.value) => {
                 return Err(bad(m.value, format!("-m {0} needs -p {0}", m.value)));
             }
             _ => {}
