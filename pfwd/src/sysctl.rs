@@ -1,7 +1,7 @@
 //! The sysctls pfwd needs and their restoration: `route_localnet` on interfaces whose rules DNAT to 127.0.0.0/8
 //! (otherwise the stack drops such packets as martians), and `ip_forward` when a rule sends traffic to another host.
 //! Earlier values are saved in the state the first time pfwd changes them and restored when no longer needed.
-use std::{fs, net::IpAddr};
+use std::{borrow::Cow, fs, net::IpAddr};
 
 use anyhow::{Context, Result};
 
@@ -26,7 +26,7 @@ pub fn wanted<'r>(rules: impl IntoIterator<Item = &'r Rule>, ifaces: &[String]) 
         // rule was a visible share of a `pfwd add`).
         rule_wants(r, ifaces, &locals, &mut |key, reason| {
             if !out.iter().any(|(k, ..)| *k == key) {
-                out.push((key, "1".into(), reason()));
+                out.push((key.into_owned(), "1".into(), reason()));
             }
         });
     }
@@ -38,35 +38,43 @@ pub fn wanted<'r>(rules: impl IntoIterator<Item = &'r Rule>, ifaces: &[String]) 
 pub fn users<'r>(rules: impl IntoIterator<Item = &'r Rule>, ifaces: &[String]) -> Vec<(String, u32)> {
     let mut out: Vec<(String, u32)> = vec![];
     let locals = netif::local_addrs();
+    // One rule's keys, each once; reused from rule to rule (the usual key is a constant: nothing to allocate).
+    let mut keys: Vec<Cow<str>> = vec![];
     for r in rules {
-        let mut keys: Vec<String> = vec![];
+        keys.clear();
         rule_wants(r, ifaces, &locals, &mut |key, _| {
             if !keys.contains(&key) {
                 keys.push(key);
             }
         });
-        for key in keys {
+        for key in keys.drain(..) {
             match out.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, n)) => *n += 1,
-                None => out.push((key, 1)),
+                None => out.push((key.into_owned(), 1)),
             }
         }
     }
     out
 }
 
+/// What [`rule_wants`] calls with each key (borrowed where it is a constant: this runs for every rule, several
+/// times per change) and a way to get its reason.
+type Want<'w> = dyn FnMut(Cow<'static, str>, &dyn Fn() -> String) + 'w;
+
 /// Calls `want` with each sysctl rule `r` needs (key, and its reason when asked for); `locals` are this host's
 /// addresses.
-fn rule_wants(r: &Rule, ifaces: &[String], locals: &[IpAddr], want: &mut dyn FnMut(String, &dyn Fn() -> String)) {
+fn rule_wants(r: &Rule, ifaces: &[String], locals: &[IpAddr], want: &mut Want) {
     // --local rules translate sockets of this host: nothing arrives on an interface or is forwarded.
     if r.local {
         return;
     }
-    // Each backend of a DNAT rule with several, like a rule of its own.
-    let targets: Vec<Target> = match r.target {
-        Target::Dnat { .. } => r.dnat_backends().iter().map(|b| Target::Dnat { addr: b.addr, port: b.port }).collect(),
-        t => vec![t],
+    // Each backend of a DNAT rule with several, like a rule of its own (the target is the first backend).
+    let backends = match r.target {
+        Target::Dnat { .. } => &r.backends[..],
+        _ => &[],
     };
+    let targets = (backends.is_empty().then_some(r.target).into_iter())
+        .chain(backends.iter().map(|b| Target::Dnat { addr: b.addr, port: b.port }));
     // IPv6 forwarding is turned on for IPv6 rules only, not for rules without addresses: on a host that takes its
     // IPv6 address from router advertisements, forwarding=1 stops it accepting them (unless accept_ra=2).
     let forward = if r.family() == Some(Family::Ipv6) { "net/ipv6/conf/all/forwarding" } else { "net/ipv4/ip_forward" };
@@ -74,7 +82,7 @@ fn rule_wants(r: &Rule, ifaces: &[String], locals: &[IpAddr], want: &mut dyn FnM
         match target {
             Target::Dnat { addr: IpAddr::V4(addr), .. } if addr.is_loopback() => {
                 for i in ifaces.iter().filter(|i| r.iface.as_ref().is_none_or(|ri| (ri == *i) != r.not.iface)) {
-                    want(format!("net/ipv4/conf/{i}/route_localnet"), &|| {
+                    want(format!("net/ipv4/conf/{i}/route_localnet").into(), &|| {
                         format!("rule {} DNATs to loopback {addr} on {i}", r.id)
                     });
                 }

@@ -69,7 +69,7 @@ pub(super) fn parse_head<'a>(args: &'a [Cow<'_, str>], default_table: &'a str, f
     let mut table = default_table;
     let mut command: Option<(Command, &str)> = None;
     let (mut chain, mut position, mut policy) = (None, None, None);
-    let mut spec = Vec::new();
+    let mut spec = Vec::with_capacity(args.len());
     let positional = |j: usize| args.get(j).map(|a| a.as_ref()).filter(|v| !v.starts_with(['-', '!']));
     let mut i = 0;
     while i < args.len() {

@@ -59,10 +59,8 @@ fn split_words(line: &str, quoting: Quoting) -> Res<Vec<Cow<'_, str>>> {
     let shell = quoting == Quoting::Shell;
     // Nothing that quotes, escapes or comments (the usual iptables-save line): the words are what is between the
     // whitespace, as the loop below would find them, taken from the line as they are (no copy per word).
-    if line.is_ascii() && !line.bytes().any(|b| matches!(b, b'"' | b'\'' | b'\\' | b'#')) {
-        // char::is_whitespace on ASCII: space and \t..=\r (split_ascii_whitespace leaves out \x0b).
-        let words = line.split(|c: char| c == ' ' || ('\t'..='\r').contains(&c)).filter(|w| !w.is_empty());
-        return Ok(words.map(Cow::Borrowed).collect());
+    if let Some(words) = plain_words(line) {
+        return Ok(words);
     }
     let unterminated = |q: &str| bad(q, "unterminated quote");
     let mut tokens = Vec::new();
@@ -124,6 +122,31 @@ fn split_words(line: &str, quoting: Quoting) -> Res<Vec<Cow<'_, str>>> {
         tokens.push(cur);
     }
     Ok(tokens.into_iter().map(Cow::Owned).collect())
+}
+
+/// The words of a line with nothing that quotes, escapes or comments (the usual iptables-save line), borrowed
+/// from it; None for any other line. One pass over the bytes.
+fn plain_words(line: &str) -> Option<Vec<Cow<'_, str>>> {
+    let mut words = Vec::with_capacity(24);
+    let mut start = None;
+    for (i, b) in line.bytes().enumerate() {
+        match b {
+            // char::is_whitespace on ASCII: space and \t..=\r (split_ascii_whitespace leaves out \x0b).
+            b' ' | b'\t'..=b'\r' => {
+                if let Some(s) = start.take() {
+                    words.push(Cow::Borrowed(&line[s..i]));
+                }
+            }
+            b'"' | b'\'' | b'\\' | b'#' | 0x80.. => return None,
+            _ => {
+                start.get_or_insert(i);
+            }
+        }
+    }
+    if let Some(s) = start {
+        words.push(Cow::Borrowed(&line[s..]));
+    }
+    Some(words)
 }
 
 /// Whether a line is in `iptables-save` / `iptables-restore` form (`*table`, `:CHAIN`, `COMMIT`, `-A ...`, with or
