@@ -138,6 +138,8 @@ fn import_family(
     let view: Vec<Rule> =
         existing.iter().filter(|r| r.applies_to(family)).map(|r| Rule { family: None, ..r.clone() }).collect();
     let mut importer = Importer::new(&view, family);
+    // Most lines add a rule: room for them up front (the list is moved as it grows otherwise).
+    importer.rules.reserve(lines.len());
     for (line_no, line) in lines {
         importer.line(line_no, &line).map_err(|b| ImportError {
             line_no,
@@ -885,7 +887,8 @@ impl<'a> Importer<'a> {
     fn finish(mut self) -> Import {
         let order: Vec<usize> = self.chains.iter().flat_map(HookChains::order).collect();
 
-        let mut kept: Vec<&Imported> = Vec::new();
+        // Indices into `self.rules`.
+        let mut kept: Vec<usize> = Vec::with_capacity(order.len());
         // First line of each match and target (a hash of `dedup_key`, not a pairwise comparison: an import of
         // 10,000 lines spent most of its time comparing pairs).
         let mut first_line: crate::fasthash::FastMap<crate::rules::DedupKey, usize> =
@@ -899,12 +902,18 @@ impl<'a> Importer<'a> {
                 )),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(*line_no);
-                    kept.push(&self.rules[i]);
+                    kept.push(i);
                 }
             }
         }
 
-        let rules: Vec<Rule> = kept.iter().map(|k| k.rule.clone()).collect();
+        // Moved out, not copied: each index is kept once (a second one would have been a duplicate above), and
+        // only the line numbers are read from here on.
+        let rules: Vec<Rule> = kept
+            .iter()
+            .map(|&i| std::mem::replace(&mut self.rules[i].rule, Rule::new(Target::Masquerade { ports: None })))
+            .collect();
+        let kept: Vec<&Imported> = kept.iter().map(|&i| &self.rules[i]).collect();
         let mut rank = vec![0; rules.len()];
         for (pos, i) in precedence_order(&rules).into_iter().enumerate() {
             rank[i] = pos;

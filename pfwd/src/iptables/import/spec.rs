@@ -325,17 +325,19 @@ pub(super) fn build_rules(s: &Spec, command_tok: &str, hook: NatHook) -> Res<Vec
     let dports = dest_ports(s, proto)?;
     check_target_options(s, jump, proto)?;
     // The options as a rule, checked; then one rule per destination port, each validated as pfwd validates any rule.
-    let rule = rule_fields(s, jump, hook)?;
+    let mut rule = rule_fields(s, jump, hook)?;
     check_rule(s, &rule, jump, hook)?;
-    dports
-        .into_iter()
-        .map(|dport| {
-            let mut rule = Rule { dport, ..rule.clone() };
-            rule.normalize();
-            rule.validate().map_err(|e| bad(command_tok, e.to_string()))?;
-            Ok(rule)
-        })
-        .collect()
+    let mut rules = Vec::with_capacity(dports.len());
+    for (k, &dport) in dports.iter().enumerate() {
+        // A copy for each port but the last, which takes the rule itself (the usual single port: no copy).
+        let placeholder = Rule::new(rule.target);
+        let base = if k + 1 < dports.len() { rule.clone() } else { std::mem::replace(&mut rule, placeholder) };
+        let mut rule = Rule { dport, ..base };
+        rule.normalize();
+        rule.validate().map_err(|e| bad(command_tok, e.to_string()))?;
+        rules.push(rule);
+    }
+    Ok(rules)
 }
 
 /// The `-j` target, when iptables takes it in the hook's chains and pfwd converts it.
