@@ -46,11 +46,24 @@ struct Loaded {
     rule: Rule,
 }
 
-/// Into `out` (cleared first): a write of 10,000 rules reuses one buffer.
-fn encode_into(r: &StoredRule, out: &mut Vec<u8>) -> Result<()> {
-    out.clear();
-    serde_json::to_writer(&mut *out, &Stored { slot: r.slot, rule: &r.rule })?;
-    Ok(())
+/// Rules added by a write are encoded this many at a time.
+const CHUNK: usize = 256;
+
+/// Rules encoded for the `rules` table (JSON, back to back in `bytes`) with their `keys` hashes: (id, start, end,
+/// [`dedup_hash`]) each.
+struct Encoded {
+    bytes: Vec<u8>,
+    items: Vec<(u32, usize, usize, u64)>,
+}
+
+fn encode_chunk(rules: &[StoredRule]) -> Result<Encoded> {
+    let mut enc = Encoded { bytes: Vec::with_capacity(rules.len() * 256), items: Vec::with_capacity(rules.len()) };
+    for r in rules {
+        let start = enc.bytes.len();
+        serde_json::to_writer(&mut enc.bytes, &Stored { slot: r.slot, rule: &r.rule })?;
+        enc.items.push((r.rule.id, start, enc.bytes.len(), dedup_hash(&r.rule)?));
+    }
+    Ok(enc)
 }
 
 fn decode(id: u32, bytes: &[u8]) -> Result<StoredRule> {
@@ -231,11 +244,30 @@ impl Store {
             }
             // In key order: a B-tree fills fastest that way (10,000 rules at attach).
             let mut added: Vec<(u64, u32)> = Vec::with_capacity(w.added.len());
-            let mut buf = Vec::new();
-            for r in w.added {
-                encode_into(r, &mut buf)?;
-                rules.insert(r.rule.id, buf.as_slice())?;
-                added.push((dedup_hash(&r.rule)?, r.rule.id));
+            let mut insert = |enc: Encoded| -> Result<()> {
+                for &(id, start, end, hash) in &enc.items {
+                    rules.insert(id, &enc.bytes[start..end])?;
+                    added.push((hash, id));
+                }
+                Ok(())
+            };
+            if w.added.len() >= 2 * CHUNK {
+                // Encoding and hashing (JSON) are about as much work as redb's inserts: a second thread does
+                // them a few chunks ahead of this one, which inserts in order.
+                std::thread::scope(|s| -> Result<()> {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(4);
+                    s.spawn(move || {
+                        for chunk in w.added.chunks(CHUNK) {
+                            // Stops when this thread is gone (it failed on an earlier chunk).
+                            if tx.send(encode_chunk(chunk)).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    rx.into_iter().try_for_each(|enc| insert(enc?))
+                })?;
+            } else {
+                w.added.chunks(CHUNK).try_for_each(|chunk| insert(encode_chunk(chunk)?))?;
             }
             added.sort_unstable();
             for key in added {
@@ -275,6 +307,30 @@ mod tests {
         }
         let store = Store::open(&path).unwrap();
         assert_eq!(store.duplicate_of(&Rule { id: 9, ..masq.clone() }).unwrap(), Some(2));
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A write of more than two chunks (encoded on a second thread) stores every rule, in order, with its key.
+    #[test]
+    fn big_write_reads_back() {
+        let dir = std::env::temp_dir().join(format!("pfwd-store-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.redb");
+        let _ = std::fs::remove_file(&path);
+        let stored: Vec<StoredRule> = (1..=(2 * CHUNK as u32 + 7))
+            .map(|i| {
+                let rule = crate::rules::tests::ok(&format!("dnat -i eth0 -p tcp --dport {i} --to 10.0.2.2:80"));
+                StoredRule { rule: Rule { id: i, ..rule }, slot: i + 100 }
+            })
+            .collect();
+        let meta = State::new(7, DataPath::Ebpf, "test").meta;
+        let store = Store::open(&path).unwrap();
+        store.write(&meta, &Write { added: &stored, ..Default::default() }).unwrap();
+        assert_eq!(store.rules().unwrap(), stored);
+        for r in [&stored[0], &stored[CHUNK], &stored[stored.len() - 1]] {
+            assert_eq!(store.duplicate_of(&Rule { id: 0, ..r.rule.clone() }).unwrap(), Some(r.rule.id));
+        }
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
