@@ -188,6 +188,11 @@ fn address_range(lo: IpAddr, hi: IpAddr, room: usize) -> Result<Vec<IpAddr>, &'s
     if hi - lo >= room as u128 {
         return Err(TOO_MANY);
     }
+    // The usual single address: no range to walk.
+    if lo == hi {
+        let a = if v4 { IpAddr::V4(Ipv4Addr::from(lo as u32)) } else { IpAddr::V6(Ipv6Addr::from(lo)) };
+        return Ok(vec![a]);
+    }
     Ok((lo..=hi)
         .map(|a| if v4 { IpAddr::V4(Ipv4Addr::from(a as u32)) } else { IpAddr::V6(Ipv6Addr::from(a)) })
         .collect())

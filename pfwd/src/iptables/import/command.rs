@@ -8,7 +8,7 @@ use super::{Res, bad};
 use crate::rules::model::Family;
 
 pub(super) const NAT_TABLE: &str = "nat";
-const TABLES: &[&str] = &["filter", "nat", "mangle", "raw", "security"];
+pub(super) const TABLES: &[&str] = &["filter", "nat", "mangle", "raw", "security"];
 
 pub(super) fn check_table(tok: &str, table: &str) -> Res<()> {
     if TABLES.contains(&table) {

@@ -5,7 +5,7 @@
 
 use ipnet::IpNet;
 
-use super::command::{Command, Head, NAT_TABLE, check_table, jump_of, parse_head};
+use super::command::{Command, Head, NAT_TABLE, TABLES, check_table, jump_of, parse_head};
 use super::lex::{check_dashes, is_counters, is_save_line, logical_lines, split_inline, tokenize, tokenize_restore};
 use super::spec::{Jump, Share, Spec, build_rules, parse_spec, share_of, statistic_share};
 use super::{Bad, Import, ImportError, Res, bad};
@@ -319,7 +319,7 @@ struct Importer<'a> {
     /// The family of the input lines (and of the nat table they change).
     family: Family,
     /// The `*table` of an `iptables-save` section.
-    save_table: Option<String>,
+    save_table: Option<&'static str>,
     /// Imported rules in input order.
     rules: Vec<Imported>,
     /// The chains of each hook, indexed by [`NatHook`] (in [`NAT_HOOKS`] order: the order of the result).
@@ -360,12 +360,13 @@ impl<'a> Importer<'a> {
         let Some(first) = toks.first() else { return Ok(()) };
         if let Some(table) = first.strip_prefix('*') {
             check_table(first, table)?;
-            self.save_table = Some(table.to_string());
+            // One of iptables' table names (check_table): kept as a constant, not a copy of the word.
+            self.save_table = TABLES.iter().copied().find(|t| *t == table);
             return Ok(());
         }
         // Chain declarations: bookkeeping, whatever the table; a nat user chain is remembered for its jumps.
         if let Some(decl) = first.strip_prefix(':') {
-            if self.save_table.as_deref() == Some(NAT_TABLE) && is_user_chain_name(decl) {
+            if self.save_table == Some(NAT_TABLE) && is_user_chain_name(decl) {
                 self.user_chains.entry(decl.to_string()).or_default();
             }
             return Ok(());
@@ -374,10 +375,9 @@ impl<'a> Importer<'a> {
             self.save_table = None;
             return Ok(());
         }
-        let save_table = self.save_table.clone();
         let (default_table, args) = if first.starts_with(['-', '!']) || check_dashes(first).is_err() {
             // A rule line without a `*table` header is most likely a nat rule pasted from iptables-save.
-            (save_table.as_deref().unwrap_or(NAT_TABLE), toks)
+            (self.save_table.unwrap_or(NAT_TABLE), toks)
         } else {
             let mut rest = toks;
             if rest.first().is_some_and(|t| t == "sudo") {
