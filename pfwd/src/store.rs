@@ -284,14 +284,30 @@ mod tests {
     use super::*;
     use crate::state::{DataPath, State};
 
+    /// A test's own empty directory, removed on drop (also when the test fails).
+    struct Scratch(std::path::PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("pfwd-store-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// A store whose duplicate keys were written in another form (an older pfwd's: no `key_format`, other hashes)
     /// has them rebuilt when opened, so a rule already there is still found as a duplicate.
     #[test]
     fn old_duplicate_keys_are_rebuilt_on_open() {
-        let dir = std::env::temp_dir().join(format!("pfwd-store-keys-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state.redb");
-        let _ = std::fs::remove_file(&path);
+        let scratch = Scratch::new("keys");
+        let path = scratch.0.join("state.redb");
         let masq = Rule { id: 2, ..crate::rules::tests::ok("masquerade -o eth0") };
         let stored = [StoredRule { rule: masq.clone(), slot: 12 }];
         let meta = State::new(7, DataPath::Ebpf, "test").meta;
@@ -308,16 +324,13 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert_eq!(store.duplicate_of(&Rule { id: 9, ..masq.clone() }).unwrap(), Some(2));
         drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A write of more than two chunks (encoded on a second thread) stores every rule, in order, with its key.
     #[test]
     fn big_write_reads_back() {
-        let dir = std::env::temp_dir().join(format!("pfwd-store-big-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("state.redb");
-        let _ = std::fs::remove_file(&path);
+        let scratch = Scratch::new("big");
+        let path = scratch.0.join("state.redb");
         let stored: Vec<StoredRule> = (1..=(2 * CHUNK as u32 + 7))
             .map(|i| {
                 let rule = crate::rules::tests::ok(&format!("dnat -i eth0 -p tcp --dport {i} --to 10.0.2.2:80"));
@@ -332,6 +345,5 @@ mod tests {
             assert_eq!(store.duplicate_of(&Rule { id: 0, ..r.rule.clone() }).unwrap(), Some(r.rule.id));
         }
         drop(store);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
