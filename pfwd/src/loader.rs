@@ -173,6 +173,11 @@ pub struct Kernel {
     dir: PathBuf,
 }
 
+/// The writes of a rule change, planned before it is written ([`Kernel::plan_sync`]).
+pub struct PlannedSync {
+    plan: rules::plan::Plan,
+}
+
 impl Kernel {
     pub fn new(inst: &Instance) -> Self {
         Self::at(inst.pin_dir.clone())
@@ -511,28 +516,49 @@ impl Kernel {
         new: &rules::Compiled,
         ifindex: &dyn Fn(&str) -> Option<u32>,
     ) -> Result<()> {
+        let planned = match previous {
+            Some(previous) => self.plan_sync(previous, rules, new, ifindex)?,
+            None => None,
+        };
+        self.sync_planned(planned, new)
+    }
+
+    /// The first half of [`Kernel::sync_compiled`] from `previous`: plans the writes of only the slots that differ.
+    /// It reads the kernel and writes nothing, so it can run while the store is written (a change of 10,000 rules
+    /// plans for about as long as the store takes). None: the change must go the full way (see
+    /// [`Kernel::sync_planned`]).
+    pub fn plan_sync(
+        &self,
+        previous: &[StoredRule],
+        rules: &[StoredRule],
+        new: &rules::Compiled,
+        ifindex: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<Option<PlannedSync>> {
         self.check_layout()?;
+        let generation = self.config()?.generation;
         let companions = rules::compile::companions(rules.iter().map(|r| &r.rule));
         let pairs = stored_pairs(rules, &companions);
+        let old_companions = rules::compile::companions(previous.iter().map(|r| &r.rule));
+        let old_pairs = stored_pairs(previous, &old_companions);
+        let (old_changed, new_changed) = changed_rules(&old_pairs, &pairs);
+        let Ok(old_changed) = rules::compile::build(&old_changed, ifindex) else { return Ok(None) };
+        // The new rules are compiled already: keep the changed ones (an import of 10,000 rules compiled them twice).
+        let changed: FastSet<u32> = new_changed.iter().map(|(slot, _)| *slot).collect();
+        // Every rule new (an import onto none): all of them, without a copy.
+        let new_changed = if new.entries.iter().all(|(slot, _)| changed.contains(slot)) {
+            std::borrow::Cow::Borrowed(new)
+        } else {
+            std::borrow::Cow::Owned(new.restricted(|slot, _| changed.contains(&slot)))
+        };
+        Ok(rules::plan::plan_change(new, &new_changed, &old_changed, generation).ok().map(|plan| PlannedSync { plan }))
+    }
+
+    /// The second half of [`Kernel::sync_compiled`]: writes `planned` when the kernel is still where it was planned
+    /// from; else (no plan, or the generation moved) reads back what the kernel holds and writes the difference.
+    pub fn sync_planned(&self, planned: Option<PlannedSync>, new: &rules::Compiled) -> Result<()> {
+        self.check_layout()?;
         let mut cfg = self.config()?;
-        // Only the slots that differ from the previous rules, when the kernel holds those.
-        let change = previous.and_then(|prev| {
-            let old_companions = rules::compile::companions(prev.iter().map(|r| &r.rule));
-            let old_pairs = stored_pairs(prev, &old_companions);
-            let (old_changed, new_changed) = changed_rules(&old_pairs, &pairs);
-            let old_changed = rules::compile::build(&old_changed, ifindex).ok()?;
-            // The new rules are compiled already: keep the changed ones (an import of 10,000 rules compiled them
-            // twice).
-            let changed: FastSet<u32> = new_changed.iter().map(|(slot, _)| *slot).collect();
-            // Every rule new (an import onto none): all of them, without a copy.
-            let new_changed = if new.entries.iter().all(|(slot, _)| changed.contains(slot)) {
-                std::borrow::Cow::Borrowed(new)
-            } else {
-                std::borrow::Cow::Owned(new.restricted(|slot, _| changed.contains(&slot)))
-            };
-            rules::plan::plan_change(new, &new_changed, &old_changed, cfg.generation).ok()
-        });
-        if let Some(plan) = change {
+        if let Some(PlannedSync { plan }) = planned.filter(|p| p.plan.generation == cfg.generation.wrapping_add(1)) {
             return self.apply_plan(&plan, &mut cfg);
         }
         let held = self.read_held()?;

@@ -21,7 +21,7 @@ use crate::{
     fasthash::{self, FastMap, FastSet},
     flows::{self, FlowFilter},
     instance::{self, Instance},
-    loader::{Kernel, XdpRun},
+    loader::{Kernel, PlannedSync, XdpRun},
     netif, nftables,
     record::Record,
     report::{
@@ -147,7 +147,13 @@ impl Backend {
     /// iptables lines; the kernel's rules and index keys), when `previous` was fully applied (no interrupted
     /// change); else a full sync.
     /// `compiled` is the state's rules compiled ([`compile_state`]).
-    fn change_rules(&self, previous: &State, state: &State, compiled: &rules::Compiled) -> Result<()> {
+    fn change_rules(
+        &self,
+        previous: &State,
+        state: &State,
+        compiled: &rules::Compiled,
+        planned: Option<PlannedSync>,
+    ) -> Result<()> {
         match self {
             _ if previous.pending.is_some() => self.sync_rules(state).map(|_| ()),
             Backend::Iptables => fallback::change_rules(&previous.rules(), &state.rules()),
@@ -158,8 +164,24 @@ impl Backend {
             }
             Backend::Ebpf(kernel) => {
                 refresh_addresses(kernel, state)?;
-                kernel.sync_compiled(Some(&previous.rules), &state.rules, compiled, &ifindex_lookup(state))
+                let planned = match planned {
+                    Some(p) => Some(p),
+                    None => kernel.plan_sync(&previous.rules, &state.rules, compiled, &ifindex_lookup(state))?,
+                };
+                kernel.sync_planned(planned, compiled)
             }
+        }
+    }
+
+    /// The kernel writes of [`Backend::change_rules`] in eBPF mode, planned without writing anything (so it can run
+    /// while the store is written). None: nothing to plan ahead (other modes, an interrupted change, or a change
+    /// that must go the full way).
+    fn plan_change(&self, previous: &State, state: &State, compiled: &rules::Compiled) -> Option<PlannedSync> {
+        match self {
+            Backend::Ebpf(kernel) if previous.pending.is_none() => {
+                kernel.plan_sync(&previous.rules, &state.rules, compiled, &ifindex_lookup(state)).ok().flatten()
+            }
+            _ => None,
         }
     }
 
@@ -424,8 +446,9 @@ fn apply_change(
     previous: &State,
     state: &mut State,
     compiled: &rules::Compiled,
+    planned: Option<PlannedSync>,
 ) -> Result<Vec<String>> {
-    backend.change_rules(previous, state, compiled)?;
+    backend.change_rules(previous, state, compiled, planned)?;
     apply_sysctls(backend, state, Some(compiled))
 }
 
@@ -779,8 +802,15 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     planned.pending = Some(Pending::Change);
     notes.extend(record_sysctls(&mut planned)?);
     let write = Write { removed: &removed, added: &planned.rules[kept..], replace: false };
-    lock.save_change(&planned.meta, &write)?;
-    match apply_change(&backend, &state, &mut planned, &compiled) {
+    // The kernel's writes are planned while the store is written (they read the kernel and write nothing); they
+    // are made once it is.
+    let (saved, kernel_plan) = std::thread::scope(|s| {
+        let planning = s.spawn(|| backend.plan_change(&state, &planned, &compiled));
+        let saved = lock.save_change(&planned.meta, &write);
+        (saved, planning.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+    });
+    saved?;
+    match apply_change(&backend, &state, &mut planned, &compiled, kernel_plan) {
         Ok(more) => notes.extend(more),
         Err(e) => {
             restore_added_sysctls(&planned, &state);
