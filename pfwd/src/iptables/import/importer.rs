@@ -8,6 +8,8 @@ use ipnet::IpNet;
 use super::command::{Command, Head, NAT_TABLE, TABLES, check_table, jump_of, parse_head};
 use super::lex::{check_dashes, is_counters, is_save_line, logical_lines, split_inline, tokenize, tokenize_restore};
 use super::spec::{Jump, Share, Spec, build_rules, parse_spec, share_of, statistic_share};
+use std::borrow::Cow;
+
 use super::{Bad, Import, ImportError, Res, bad};
 use crate::iptables::chains::{CHAINS, NAT_HOOKS, NatHook, hook_order};
 use crate::rules::model::Family;
@@ -140,14 +142,8 @@ fn import_family(
     let mut importer = Importer::new(&view, family);
     // Most lines add a rule: room for them up front (the list is moved as it grows otherwise).
     importer.rules.reserve(lines.len());
-    for (line_no, line) in lines {
-        importer.line(line_no, &line).map_err(|b| ImportError {
-            line_no,
-            line: line.clone(),
-            token: b.token,
-            message: b.message,
-        })?;
-    }
+    let split = if lines.len() >= PARSE_AHEAD_FROM { lines.len() * 2 / 5 } else { lines.len() };
+    read_lines(&mut importer, &lines, split)?;
     importer.join_ladders().map_err(|(line_no, b)| ImportError {
         line_no,
         line: text.lines().nth(line_no.saturating_sub(1)).unwrap_or_default().to_string(),
@@ -351,55 +347,33 @@ impl<'a> Importer<'a> {
         }
     }
 
-    fn line(&mut self, line_no: usize, line: &str) -> Res<()> {
-        let tokens = if is_save_line(line) { tokenize_restore(line)? } else { tokenize(line)? };
-        let mut toks: &[std::borrow::Cow<str>] = &tokens;
-        if toks.first().is_some_and(|t| is_counters(t)) {
-            toks = &toks[1..];
-        }
-        let Some(first) = toks.first() else { return Ok(()) };
-        if let Some(table) = first.strip_prefix('*') {
-            check_table(first, table)?;
-            // One of iptables' table names (check_table): kept as a constant, not a copy of the word.
-            self.save_table = TABLES.iter().copied().find(|t| *t == table);
-            return Ok(());
-        }
-        // Chain declarations: bookkeeping, whatever the table; a nat user chain is remembered for its jumps.
-        if let Some(decl) = first.strip_prefix(':') {
-            if self.save_table == Some(NAT_TABLE) && is_user_chain_name(decl) {
-                self.user_chains.entry(decl.to_string()).or_default();
+    /// Takes one line. `ahead`: what [`parse_rule`] gives for it, when it was parsed ahead ([`parse_ahead`]).
+    fn line(&mut self, line_no: usize, line: &str, ahead: Option<Ahead>) -> Res<()> {
+        let tokens = tokens_of(line)?;
+        match classify(&tokens, self.save_table, self.family)? {
+            Step::Blank => Ok(()),
+            Step::Table(table) => {
+                self.save_table = table;
+                Ok(())
             }
-            return Ok(());
-        }
-        if first == "COMMIT" {
-            self.save_table = None;
-            return Ok(());
-        }
-        let (default_table, args) = if first.starts_with(['-', '!']) || check_dashes(first).is_err() {
-            // A rule line without a `*table` header is most likely a nat rule pasted from iptables-save.
-            (self.save_table.unwrap_or(NAT_TABLE), toks)
-        } else {
-            let mut rest = toks;
-            if rest.first().is_some_and(|t| t == "sudo") {
-                rest = &rest[1..];
-                while rest.first().is_some_and(|t| t.starts_with('-')) {
-                    rest = &rest[1..];
+            // Chain declarations: bookkeeping, whatever the table; a nat user chain is remembered for its jumps.
+            Step::Declaration(decl) => {
+                if self.save_table == Some(NAT_TABLE) && is_user_chain_name(decl) {
+                    self.user_chains.entry(decl.to_string()).or_default();
                 }
+                Ok(())
             }
-            let Some(program) = rest.first() else { return Err(bad(first, "expected an iptables command")) };
-            match program.rsplit('/').next().unwrap_or(program) {
-                "iptables" | "iptables-nft" | "iptables-legacy" | "ip6tables" | "ip6tables-nft"
-                | "ip6tables-legacy" => {}
-                _ => return Err(bad(program, "not an iptables command or an iptables-save line")),
+            Step::Commit => {
+                self.save_table = None;
+                Ok(())
             }
-            // iptables' default table.
-            ("filter", &rest[1..])
-        };
-        let head = parse_head(args, default_table, self.family)?;
-        if head.table == NAT_TABLE { self.nat_line(line_no, head) } else { self.other_table(line_no, line, head) }
+            Step::Command(head) if head.table == NAT_TABLE => self.nat_line(line_no, head, ahead),
+            Step::Command(head) => self.other_table(line_no, line, head),
+        }
     }
 
-    fn nat_line(&mut self, line_no: usize, head: Head) -> Res<()> {
+    /// A nat table line. `ahead`: what [`parse_rule`] gives for it, when it was parsed ahead.
+    fn nat_line(&mut self, line_no: usize, head: Head, ahead: Option<Ahead>) -> Res<()> {
         let tok = head.command_tok;
         match head.command {
             Command::Append | Command::Insert => {}
@@ -463,7 +437,7 @@ impl<'a> Importer<'a> {
         let user_jump = jump_of(&head.spec).filter(|j| self.user_chains.contains_key(*j));
         let (hook, parsed) = match user_jump {
             Some(target) => (hook_of(chain)?, Parsed::UserJump(target.to_string())),
-            None => parse_rule(&head, chain)?,
+            None => ahead.unwrap_or_else(|| parse_rule(&head, chain))?,
         };
         let entry = match parsed {
             Parsed::Jump => Entry::Jump,
@@ -995,6 +969,153 @@ fn hook_of(chain: &str) -> Res<NatHook> {
         .ok_or_else(|| unsupported_chain(chain))
 }
 
+/// A line's words (iptables-restore's quoting for an `iptables-save` line, the shell's otherwise).
+fn tokens_of(line: &str) -> Res<Vec<Cow<'_, str>>> {
+    if is_save_line(line) { tokenize_restore(line) } else { tokenize(line) }
+}
+
+/// What a line is, read under the `*table` of an `iptables-save` section in effect (`save_table`), before it
+/// changes anything.
+enum Step<'t> {
+    Blank,
+    /// `*table`: one of [`TABLES`].
+    Table(Option<&'static str>),
+    /// `:CHAIN POLICY [counters]`.
+    Declaration(&'t str),
+    Commit,
+    /// An iptables command or rule line.
+    Command(Head<'t>),
+}
+
+fn classify<'t>(tokens: &'t [Cow<'_, str>], save_table: Option<&'static str>, family: Family) -> Res<Step<'t>> {
+    let mut toks = tokens;
+    if toks.first().is_some_and(|t| is_counters(t)) {
+        toks = &toks[1..];
+    }
+    let Some(first) = toks.first() else { return Ok(Step::Blank) };
+    if let Some(table) = first.strip_prefix('*') {
+        check_table(first, table)?;
+        // One of iptables' table names (check_table): kept as a constant, not a copy of the word.
+        return Ok(Step::Table(TABLES.iter().copied().find(|t| *t == table)));
+    }
+    if let Some(decl) = first.strip_prefix(':') {
+        return Ok(Step::Declaration(decl));
+    }
+    if first == "COMMIT" {
+        return Ok(Step::Commit);
+    }
+    let (default_table, args) = if first.starts_with(['-', '!']) || check_dashes(first).is_err() {
+        // A rule line without a `*table` header is most likely a nat rule pasted from iptables-save.
+        (save_table.unwrap_or(NAT_TABLE), toks)
+    } else {
+        let mut rest = toks;
+        if rest.first().is_some_and(|t| t == "sudo") {
+            rest = &rest[1..];
+            while rest.first().is_some_and(|t| t.starts_with('-')) {
+                rest = &rest[1..];
+            }
+        }
+        let Some(program) = rest.first() else { return Err(bad(first, "expected an iptables command")) };
+        match program.rsplit('/').next().unwrap_or(program) {
+            "iptables" | "iptables-nft" | "iptables-legacy" | "ip6tables" | "ip6tables-nft" | "ip6tables-legacy" => {}
+            _ => return Err(bad(program, "not an iptables command or an iptables-save line")),
+        }
+        // iptables' default table.
+        ("filter", &rest[1..])
+    };
+    parse_head(args, default_table, family).map(Step::Command)
+}
+
+/// A nat rule line parsed ahead ([`parse_ahead`]): [`parse_rule`]'s result.
+type Ahead = Res<(NatHook, Parsed)>;
+
+/// Long inputs are read on two threads: the first part line by line, as always, while a second thread parses the
+/// rules of the rest ahead ([`parse_ahead`]); then the rest line by line, each rule already parsed. Parsing the
+/// rules is most of an import's reading, and the rest is what depends on the lines before.
+const PARSE_AHEAD_FROM: usize = 2_000;
+
+/// [`parse_rule`] for each nat `-A`/`-I` line of `lines`, read as [`Importer::line`] would if the `*table` in
+/// effect before the first were `save_table`. That is a guess, and a wrong one costs only work: a result is used
+/// only for a line that [`Importer::line`] also reads as a nat rule, and then both read it alike (a line's head
+/// depends on the `*table` only for its table, nat in both). Pure: nothing is changed; an error is returned where
+/// the line is taken, in its turn.
+fn parse_ahead(lines: &[(usize, String)], mut save_table: Option<&'static str>, family: Family) -> Vec<Option<Ahead>> {
+    let mut ahead = Vec::with_capacity(lines.len());
+    for (_, line) in lines {
+        let tokens = tokens_of(line);
+        let parsed = match tokens.as_deref().map(|t| classify(t, save_table, family)) {
+            Ok(Ok(Step::Table(table))) => {
+                save_table = table;
+                None
+            }
+            Ok(Ok(Step::Commit)) => {
+                save_table = None;
+                None
+            }
+            Ok(Ok(Step::Command(head)))
+                if head.table == NAT_TABLE && matches!(head.command, Command::Append | Command::Insert) =>
+            {
+                Some(parse_rule(&head, head.chain.unwrap_or_default()))
+            }
+            _ => None,
+        };
+        ahead.push(parsed);
+    }
+    ahead
+}
+
+/// Gives `lines` to `importer` in order; those from `split` on are parsed ahead on a second thread meanwhile
+/// ([`PARSE_AHEAD_FROM`]).
+fn read_lines(importer: &mut Importer, lines: &[(usize, String)], split: usize) -> Result<(), ImportError> {
+    let guess = save_table_after(&lines[..split], importer.family);
+    read_lines_guessing(importer, lines, split, guess)
+}
+
+/// [`read_lines`], the lines from `split` on parsed ahead as if `guess` were the `*table` in effect before them.
+fn read_lines_guessing(
+    importer: &mut Importer,
+    lines: &[(usize, String)],
+    split: usize,
+    guess: Option<&'static str>,
+) -> Result<(), ImportError> {
+    let fail = |line_no: usize, line: &str, b: Bad| ImportError {
+        line_no,
+        line: line.to_string(),
+        token: b.token,
+        message: b.message,
+    };
+    let (first, rest) = lines.split_at(split);
+    let family = importer.family;
+    std::thread::scope(|s| {
+        let ahead = (!rest.is_empty()).then(|| s.spawn(move || parse_ahead(rest, guess, family)));
+        for (line_no, line) in first {
+            importer.line(*line_no, line, None).map_err(|b| fail(*line_no, line, b))?;
+        }
+        let ahead = ahead.map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).unwrap_or_default();
+        for ((line_no, line), ahead) in rest.iter().zip(ahead) {
+            importer.line(*line_no, line, ahead).map_err(|b| fail(*line_no, line, b))?;
+        }
+        Ok(())
+    })
+}
+
+/// The `*table` in effect after `lines`, guessed from the last `*table` or `COMMIT` line among them (see
+/// [`parse_ahead`]: a wrong guess costs work, never a result).
+fn save_table_after(lines: &[(usize, String)], family: Family) -> Option<&'static str> {
+    for (_, line) in lines.iter().rev() {
+        let word = line.trim_start();
+        if !(word.starts_with('*') || word.starts_with("COMMIT")) {
+            continue;
+        }
+        match tokens_of(line).as_deref().map(|t| classify(t, None, family)) {
+            Ok(Ok(Step::Table(table))) => return table,
+            Ok(Ok(Step::Commit)) => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The rule of an `-A`, `-I` or `-D CHAIN <rule>` line in nat `chain`, with iptables' checks: its hook, and the pfwd
 /// rules it becomes (or the jump into pfwd's chain).
 fn parse_rule(head: &Head, chain: &str) -> Res<(NatHook, Parsed)> {
@@ -1156,6 +1277,95 @@ fn may_overlap(a: &Rule, b: &Rule) -> bool {
 mod tests {
     use super::*;
     use crate::iptables::tests::{err, ok, rule};
+
+    /// Reading ahead on a second thread ([`read_lines`]) gives what reading line by line gives, wherever the input
+    /// is split: sections of several tables, a user chain and its jump, insertions and deletions by number, rule
+    /// lines outside any section, a line that only looks like a table header, and failing lines (the same error,
+    /// naming the same line).
+    #[test]
+    fn reading_ahead_changes_nothing() {
+        let mut base = vec![
+            "# a dump, then commands".to_string(),
+            "*filter".into(),
+            ":INPUT ACCEPT [0:0]".into(),
+            "-A INPUT -p tcp --dport 22 -j ACCEPT".into(),
+            "COMMIT".into(),
+            "*nat".into(),
+            ":PREROUTING ACCEPT [0:0]".into(),
+            ":DOCKER - [0:0]".into(),
+            "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER".into(),
+            "-A DOCKER -i docker0 -j RETURN".into(),
+            "-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80".into(),
+        ];
+        for i in 0..40 {
+            base.push(format!(
+                "-A PREROUTING -i eth0 -p udp -m udp --dport {} -j DNAT --to-destination 10.0.2.2:5201",
+                20_000 + i
+            ));
+            if i % 9 == 4 {
+                base.push(format!("-I PREROUTING 2 -p tcp --dport {} -j REDIRECT --to-ports 3000", 30_000 + i));
+                base.push("-D PREROUTING 3".into());
+            }
+            if i % 13 == 6 {
+                base.push("COMMIT".into());
+                base.push("*mangle".into());
+                base.push("-A PREROUTING -p tcp --dport 1 -j MARK --set-mark 1".into());
+                base.push("COMMIT".into());
+                base.push("  *nat".into());
+            }
+        }
+        base.push("COMMIT".into());
+        base.push("-A PREROUTING -p tcp --dport 81 -j DNAT --to-destination 10.0.2.3".into());
+        base.push("iptables -t nat -A POSTROUTING -o eth1 -j MASQUERADE".into());
+        let failing = |at: usize, line: &str| {
+            let mut lines = base.clone();
+            lines.insert(at, line.to_string());
+            lines
+        };
+        let inputs = [
+            base.clone(),
+            failing(30, "-A PREROUTING -p tcp --dport 80 -j DNAT"),
+            failing(60, "-A PREROUTING -p sctp --dport 80 -j DNAT --to-destination 10.0.2.2"),
+            failing(45, "-D PREROUTING 999"),
+            failing(70, "*nosuchtable"),
+        ];
+        // `guess`: the `*table` the lines read ahead are first read under, right or wrong.
+        let read = |text: &str, split: Option<usize>, guess: Option<Option<&'static str>>| -> Result<Import, String> {
+            let lines = logical_lines(text);
+            let mut importer = Importer::new(&[], Family::Ipv4);
+            let split = split.unwrap_or(lines.len());
+            match guess {
+                None => read_lines(&mut importer, &lines, split),
+                Some(g) => read_lines_guessing(&mut importer, &lines, split, g),
+            }
+            .map_err(|e| e.to_string())?;
+            importer.join_ladders().map_err(|(n, b)| format!("{n}: {:?}: {}", b.token, b.message))?;
+            Ok(importer.finish())
+        };
+        for (k, lines) in inputs.iter().enumerate() {
+            let text = lines.join("\n");
+            let alone = read(&text, None, None);
+            assert!(alone.is_ok() == (k == 0), "input {k}: {alone:?}");
+            let n = logical_lines(&text).len();
+            for split in [0, 1, 5, 9, n / 3, n / 2, n - 2, n - 1] {
+                assert_eq!(read(&text, Some(split), None), alone, "input {k}, read ahead from line {split}");
+                for guess in [None, Some("nat"), Some("mangle"), Some("filter")] {
+                    let got = read(&text, Some(split), Some(guess));
+                    assert_eq!(got, alone, "input {k}, read ahead from line {split} under {guess:?}");
+                }
+            }
+        }
+        // Long enough to be read ahead through `import` itself.
+        let long: String = (0..PARSE_AHEAD_FROM + 10)
+            .map(|i| format!("-A PREROUTING -p udp --dport {} -j DNAT --to-destination 10.0.2.2\n", 1 + i))
+            .collect();
+        let got = import(&long).expect("the long input imports");
+        assert_eq!(got.rules.len(), PARSE_AHEAD_FROM + 10);
+        assert_eq!(
+            got.rules.last(),
+            Some(&rule(&format!("dnat -p udp --dport {} --to 10.0.2.2", PARSE_AHEAD_FROM + 10)))
+        );
+    }
 
     #[test]
     fn import_snat_masquerade() {
