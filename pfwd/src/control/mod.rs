@@ -97,12 +97,22 @@ impl Backend {
     }
 
     /// Creates the data path (programs and maps, or pfwd's chains), attaches the interfaces and applies the rules.
-    fn bring_up(&self, fresh: bool, state: &mut State, opts: &AttachOptions) -> Result<Vec<String>> {
+    /// `loaded`: a fresh instance's programs are loaded already ([`Backend::load`]). `compiled`: the state's rules
+    /// compiled, when they were (eBPF mode).
+    fn bring_up(
+        &self,
+        fresh: bool,
+        state: &mut State,
+        opts: &AttachOptions,
+        loaded: bool,
+        compiled: Option<rules::Compiled>,
+    ) -> Result<Vec<String>> {
         match self {
             Backend::Ebpf(kernel) => {
                 if fresh {
-                    let cfg = Config { netns_cookie: state.netns_cookie, ..opts.config };
-                    kernel.load(opts.ct_entries, &cfg)?;
+                    if !loaded {
+                        self.load(state, opts)?;
+                    }
                     kernel.write_record(&Record::new(&state.sysctls, &state.created_tables))?;
                     // The --local socket hooks need cgroup2; without it pfwd still works, minus --local rules.
                     if let Some(root) = instance::cgroup2_root() {
@@ -140,7 +150,18 @@ impl Backend {
             // The table, its interface set and its record are all written by the sync of `apply`.
             Backend::Nft => {}
         }
-        apply(self, state)
+        apply_compiled(self, state, compiled)
+    }
+
+    /// Loads a fresh instance's programs and maps (eBPF mode; the kernel verifies the programs, about half a
+    /// second). Nothing to do in the other modes.
+    fn load(&self, state: &State, opts: &AttachOptions) -> Result<()> {
+        match self {
+            Backend::Ebpf(kernel) => {
+                kernel.load(opts.ct_entries, &Config { netns_cookie: state.netns_cookie, ..opts.config })
+            }
+            Backend::Iptables | Backend::Nft => Ok(()),
+        }
     }
 
     /// Applies a rule change from `previous` (what the data path holds) to `state`: only what changes (the
@@ -155,7 +176,7 @@ impl Backend {
         planned: Option<PlannedSync>,
     ) -> Result<()> {
         match self {
-            _ if previous.pending.is_some() => self.sync_rules(state).map(|_| ()),
+            _ if previous.pending.is_some() => self.sync_rules(state, None).map(|_| ()),
             Backend::Iptables => fallback::change_rules(&previous.rules(), &state.rules()),
             Backend::Nft => {
                 let ifaces: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
@@ -186,11 +207,15 @@ impl Backend {
     }
 
     /// Makes the data path hold exactly the state's rules, whatever it held. Returns them compiled (eBPF).
-    fn sync_rules(&self, state: &State) -> Result<Option<rules::Compiled>> {
+    /// `compiled`: the state's rules compiled already, if they were.
+    fn sync_rules(&self, state: &State, compiled: Option<rules::Compiled>) -> Result<Option<rules::Compiled>> {
         match self {
             Backend::Ebpf(kernel) => {
                 refresh_addresses(kernel, state)?;
-                let compiled = compile_state(state)?;
+                let compiled = match compiled {
+                    Some(c) => c,
+                    None => compile_state(state)?,
+                };
                 kernel.sync_compiled(None, &state.rules, &compiled, &ifindex_lookup(state))?;
                 Ok(Some(compiled))
             }
@@ -436,7 +461,12 @@ fn remove_instance(lock: &Lock, state: &mut State) -> Result<Vec<String>> {
 
 /// Applies the state's rules and sysctls to the data path. Returns notes about sysctl changes.
 fn apply(backend: &Backend, state: &mut State) -> Result<Vec<String>> {
-    let compiled = backend.sync_rules(state)?;
+    apply_compiled(backend, state, None)
+}
+
+/// [`apply`], the state's rules compiled already when `compiled` is given.
+fn apply_compiled(backend: &Backend, state: &mut State, compiled: Option<rules::Compiled>) -> Result<Vec<String>> {
+    let compiled = backend.sync_rules(state, compiled)?;
     apply_sysctls(backend, state, compiled.as_ref())
 }
 
@@ -611,10 +641,11 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
             added.push(id);
         }
     }
-    // Compile now, so a rule naming an interface that is not attached fails before anything changes.
-    compile_state(&planned)?;
+    // Compile now, so a rule naming an interface that is not attached fails before anything changes (and once: the
+    // eBPF data path takes these).
+    let compiled = compile_state(&planned)?;
 
-    let mut result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts);
+    let mut result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts, Some(compiled));
     // With --xdp the error is the answer: netfilter has no XDP fast path (as when auto picks netfilter for lack of
     // BTF, above), and a refusal of --xdp itself (a layer-3 interface, another XDP program) must be seen, not
     // replaced by a data path without it.
@@ -628,7 +659,7 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
         let (path, why) = netfilter_fallback();
         planned.mode = path;
         planned.mode_reason = format!("auto: eBPF failed ({e:#}); {why}");
-        result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts);
+        result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts, None);
     }
     let mut notes = result?;
     notes.splice(0..0, repair_notes);
@@ -660,6 +691,7 @@ fn bring_up_or_roll_back(
     previous: &State,
     planned: &mut State,
     opts: &AttachOptions,
+    compiled: Option<rules::Compiled>,
 ) -> Result<Vec<String>> {
     let backend = Backend::of(planned, &lock.inst);
     // Intent first: what is about to be created and changed is saved before anything is.
@@ -667,8 +699,21 @@ fn bring_up_or_roll_back(
         planned.pending = Some(if fresh { Pending::Create } else { Pending::Change });
         backend.prepare(fresh, planned)?;
         let mut notes = record_sysctls(planned)?;
-        lock.save(planned)?;
-        notes.extend(backend.bring_up(fresh, planned, opts)?);
+        // A fresh instance's programs load while the state is written: loading only creates the instance's own
+        // pins, which an attach that finds them without state removes (and a failure here removes them below).
+        let loaded = fresh && matches!(backend, Backend::Ebpf(_));
+        if loaded {
+            let state: &State = planned;
+            std::thread::scope(|s| {
+                let loading = s.spawn(|| backend.load(state, opts));
+                let saved = lock.save(state);
+                let loaded = loading.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                saved.and(loaded)
+            })?;
+        } else {
+            lock.save(planned)?;
+        }
+        notes.extend(backend.bring_up(fresh, planned, opts, loaded, compiled)?);
         planned.pending = None;
         // The rules were saved with the intent.
         lock.save_meta(planned)?;
@@ -948,7 +993,7 @@ pub fn follow_interfaces() -> Result<Vec<String>> {
         if present.len() == state.interfaces.len() {
             notes.extend(apply(&backend, &mut state)?);
         } else {
-            backend.sync_rules(&state)?;
+            backend.sync_rules(&state, None)?;
             // The sysctls were not reconciled: the next change works out what it needs.
             state.meta.derived = None;
         }
