@@ -311,8 +311,8 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.cmd {
         Cmd::Attach(a) => {
-            let rules = read_config(&a.config)?;
-            print_notes(&control::attach(&a.ifaces, rules, &attach_opts(&a))?);
+            // Read once the instance is known: a new one loads its programs meanwhile.
+            print_notes(&control::attach_reading(&a.ifaces, || read_config(&a.config), &attach_opts(&a))?);
         }
         Cmd::Run(r) => run_foreground(r)?,
         Cmd::Serve(s) => crate::serve::run(s)?,

@@ -574,6 +574,17 @@ fn netfilter_fallback() -> (DataPath, String) {
 /// `pfwd attach`: creates the instance (once per namespace), attaches `ifaces`, adds `rules`.
 /// Idempotent: attaching an interface twice or adding a rule that already exists changes nothing.
 pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Result<Vec<String>> {
+    attach_reading(ifaces, move || Ok(rules), opts)
+}
+
+/// [`attach`], the rules read by `read_rules` once the instance is known: a fresh eBPF instance loads its programs
+/// meanwhile (the kernel verifies them, about half a second; reading a config of 10,000 rules takes a sixth of
+/// that). When anything fails before the programs are used, their pins are removed again: nothing is left.
+pub fn attach_reading(
+    ifaces: &[String],
+    read_rules: impl FnOnce() -> Result<Vec<Rule>>,
+    opts: &AttachOptions,
+) -> Result<Vec<String>> {
     if ifaces.is_empty() {
         bail!("name at least one interface to attach to");
     }
@@ -618,13 +629,39 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
             State::new(lock.inst.netns_cookie, mode, &reason)
         }
     };
+    let backend = Backend::of(&state, &lock.inst);
+    let preload = fresh && state.mode == DataPath::Ebpf;
+    let result = std::thread::scope(|s| {
+        let loading = preload.then(|| s.spawn(|| backend.load(&state, opts)));
+        attach_rules(&lock, fresh, &state, &resolved, read_rules, opts, loading, repair_notes)
+    });
+    if result.is_err() && preload {
+        // Pins of programs loaded ahead and never used (a rule failed its checks, say).
+        let _ = backend.unload(None);
+    }
+    result
+}
+
+/// The rest of [`attach_reading`], once the instance's state is known: reads the rules, checks them, brings the
+/// data path up. `loading`: a fresh instance's programs being loaded.
+#[allow(clippy::too_many_arguments)]
+fn attach_rules(
+    lock: &Lock,
+    fresh: bool,
+    state: &State,
+    resolved: &[(String, u32)],
+    read_rules: impl FnOnce() -> Result<Vec<Rule>>,
+    opts: &AttachOptions,
+    loading: Option<std::thread::ScopedJoinHandle<'_, Result<()>>>,
+    repair_notes: Vec<String>,
+) -> Result<Vec<String>> {
     let mut planned = state.clone();
     if opts.xdp && planned.mode != DataPath::Ebpf {
         bail!("--xdp needs eBPF mode (this instance runs in {} mode)", planned.mode);
     }
     // The mode is known once attached; until then any value marks the wish.
     let xdp = opts.xdp.then_some(XdpRun::Native);
-    for (name, ifindex) in &resolved {
+    for (name, ifindex) in resolved {
         match planned.interfaces.iter_mut().find(|i| i.name == *name) {
             Some(i) => {
                 i.ifindex = *ifindex;
@@ -633,6 +670,7 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
             None => planned.interfaces.push(AttachedIface { name: name.clone(), ifindex: *ifindex, xdp }),
         }
     }
+    let rules = read_rules()?;
     let mut added = vec![];
     let mut adder = RuleAdder::new(&planned, rules.len());
     for r in rules {
@@ -645,7 +683,7 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
     // eBPF data path takes these).
     let compiled = compile_state(&planned)?;
 
-    let mut result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts, Some(compiled));
+    let mut result = bring_up_or_roll_back(lock, fresh, state, &mut planned, opts, Some(compiled), loading);
     // With --xdp the error is the answer: netfilter has no XDP fast path (as when auto picks netfilter for lack of
     // BTF, above), and a refusal of --xdp itself (a layer-3 interface, another XDP program) must be seen, not
     // replaced by a data path without it.
@@ -659,7 +697,7 @@ pub fn attach(ifaces: &[String], rules: Vec<Rule>, opts: &AttachOptions) -> Resu
         let (path, why) = netfilter_fallback();
         planned.mode = path;
         planned.mode_reason = format!("auto: eBPF failed ({e:#}); {why}");
-        result = bring_up_or_roll_back(&lock, fresh, &state, &mut planned, opts, None);
+        result = bring_up_or_roll_back(lock, fresh, state, &mut planned, opts, None, None);
     }
     let mut notes = result?;
     notes.splice(0..0, repair_notes);
@@ -692,6 +730,7 @@ fn bring_up_or_roll_back(
     planned: &mut State,
     opts: &AttachOptions,
     compiled: Option<rules::Compiled>,
+    loading: Option<std::thread::ScopedJoinHandle<'_, Result<()>>>,
 ) -> Result<Vec<String>> {
     let backend = Backend::of(planned, &lock.inst);
     // Intent first: what is about to be created and changed is saved before anything is.
@@ -699,16 +738,22 @@ fn bring_up_or_roll_back(
         planned.pending = Some(if fresh { Pending::Create } else { Pending::Change });
         backend.prepare(fresh, planned)?;
         let mut notes = record_sysctls(planned)?;
-        // A fresh instance's programs load while the state is written: loading only creates the instance's own
-        // pins, which an attach that finds them without state removes (and a failure here removes them below).
+        // A fresh instance's programs load while the state is written (or were loading already): loading only
+        // creates the instance's own pins, which an attach that finds them without state removes (and a failure
+        // here removes them below).
         let loaded = fresh && matches!(backend, Backend::Ebpf(_));
-        if loaded {
+        let join = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
+            h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+        };
+        if let Some(loading) = loading.filter(|_| loaded) {
+            let saved = lock.save(planned);
+            saved.and(join(loading))?;
+        } else if loaded {
             let state: &State = planned;
             std::thread::scope(|s| {
                 let loading = s.spawn(|| backend.load(state, opts));
                 let saved = lock.save(state);
-                let loaded = loading.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-                saved.and(loaded)
+                saved.and(join(loading))
             })?;
         } else {
             lock.save(planned)?;
