@@ -96,23 +96,19 @@ impl Backend {
         Ok(())
     }
 
-    /// Creates the data path (programs and maps, or pfwd's chains), attaches the interfaces and applies the rules.
-    /// `loaded`: a fresh instance's programs are loaded already ([`Backend::load`]). `compiled`: the state's rules
+    /// Creates the data path (pfwd's chains; in eBPF mode a fresh instance's programs and maps are loaded already,
+    /// see [`attach_reading`]), attaches the interfaces and applies the rules. `compiled`: the state's rules
     /// compiled, when they were (eBPF mode).
     fn bring_up(
         &self,
         fresh: bool,
         state: &mut State,
         opts: &AttachOptions,
-        loaded: bool,
         compiled: Option<rules::Compiled>,
     ) -> Result<Vec<String>> {
         match self {
             Backend::Ebpf(kernel) => {
                 if fresh {
-                    if !loaded {
-                        self.load(state, opts)?;
-                    }
                     kernel.write_record(&Record::new(&state.sysctls, &state.created_tables))?;
                     // The --local socket hooks need cgroup2; without it pfwd still works, minus --local rules.
                     if let Some(root) = instance::cgroup2_root() {
@@ -153,27 +149,17 @@ impl Backend {
         apply_compiled(self, state, compiled)
     }
 
-    /// Loads a fresh instance's programs and maps (eBPF mode; the kernel verifies the programs, about half a
-    /// second). Nothing to do in the other modes.
-    fn load(&self, state: &State, opts: &AttachOptions) -> Result<()> {
-        match self {
-            Backend::Ebpf(kernel) => {
-                kernel.load(opts.ct_entries, &Config { netns_cookie: state.netns_cookie, ..opts.config })
-            }
-            Backend::Iptables | Backend::Nft => Ok(()),
-        }
-    }
-
     /// Applies a rule change from `previous` (what the data path holds) to `state`: only what changes (the
     /// iptables lines; the kernel's rules and index keys), when `previous` was fully applied (no interrupted
     /// change); else a full sync.
-    /// `compiled` is the state's rules compiled ([`compile_state`]).
+    /// `compiled` is the state's rules compiled ([`compile_state`]); `planned`, its kernel writes
+    /// ([`Backend::plan_change`]).
     fn change_rules(
         &self,
         previous: &State,
         state: &State,
         compiled: &rules::Compiled,
-        planned: Option<PlannedSync>,
+        planned: Result<Option<PlannedSync>>,
     ) -> Result<()> {
         match self {
             _ if previous.pending.is_some() => self.sync_rules(state, None).map(|_| ()),
@@ -185,24 +171,20 @@ impl Backend {
             }
             Backend::Ebpf(kernel) => {
                 refresh_addresses(kernel, state)?;
-                let planned = match planned {
-                    Some(p) => Some(p),
-                    None => kernel.plan_sync(&previous.rules, &state.rules, compiled, &ifindex_lookup(state))?,
-                };
-                kernel.sync_planned(planned, compiled)
+                kernel.sync_planned(planned?, compiled)
             }
         }
     }
 
-    /// The kernel writes of [`Backend::change_rules`] in eBPF mode, planned without writing anything (so it can run
-    /// while the store is written). None: nothing to plan ahead (other modes, an interrupted change, or a change
-    /// that must go the full way).
-    fn plan_change(&self, previous: &State, state: &State, compiled: &rules::Compiled) -> Option<PlannedSync> {
+    /// The kernel writes of [`Backend::change_rules`] in eBPF mode ([`Kernel::plan_sync`]), planned without writing
+    /// anything, so it can run while the store is written. Ok(None) in the other modes and after an interrupted
+    /// change (a full sync), and for a change that must go the full way.
+    fn plan_change(&self, previous: &State, state: &State, compiled: &rules::Compiled) -> Result<Option<PlannedSync>> {
         match self {
             Backend::Ebpf(kernel) if previous.pending.is_none() => {
-                kernel.plan_sync(&previous.rules, &state.rules, compiled, &ifindex_lookup(state)).ok().flatten()
+                kernel.plan_sync(&previous.rules, &state.rules, compiled, &ifindex_lookup(state))
             }
-            _ => None,
+            _ => Ok(None),
         }
     }
 
@@ -476,7 +458,7 @@ fn apply_change(
     previous: &State,
     state: &mut State,
     compiled: &rules::Compiled,
-    planned: Option<PlannedSync>,
+    planned: Result<Option<PlannedSync>>,
 ) -> Result<Vec<String>> {
     backend.change_rules(previous, state, compiled, planned)?;
     apply_sysctls(backend, state, Some(compiled))
@@ -629,15 +611,18 @@ pub fn attach_reading(
             State::new(lock.inst.netns_cookie, mode, &reason)
         }
     };
-    let backend = Backend::of(&state, &lock.inst);
-    let preload = fresh && state.mode == DataPath::Ebpf;
+    let kernel = Kernel::new(&lock.inst);
+    let load = fresh && state.mode == DataPath::Ebpf;
     let result = std::thread::scope(|s| {
-        let loading = preload.then(|| s.spawn(|| backend.load(&state, opts)));
+        let loading = load.then(|| {
+            let (kernel, cfg) = (&kernel, Config { netns_cookie: state.netns_cookie, ..opts.config });
+            s.spawn(move || kernel.load(opts.ct_entries, &cfg))
+        });
         attach_rules(&lock, fresh, &state, &resolved, read_rules, opts, loading, repair_notes)
     });
-    if result.is_err() && preload {
-        // Pins of programs loaded ahead and never used (a rule failed its checks, say).
-        let _ = backend.unload(None);
+    if result.is_err() && load {
+        // Pins of programs loaded and never used (a rule failed its checks, say).
+        let _ = kernel.unload();
     }
     result
 }
@@ -723,6 +708,7 @@ fn attach_rules(
 }
 
 /// Brings `planned` up and saves it; on failure restores `previous` (a fresh instance is removed entirely).
+/// `compiled`: `planned`'s rules compiled, if they were; `loading`: a fresh eBPF instance's programs being loaded.
 fn bring_up_or_roll_back(
     lock: &Lock,
     fresh: bool,
@@ -738,27 +724,15 @@ fn bring_up_or_roll_back(
         planned.pending = Some(if fresh { Pending::Create } else { Pending::Change });
         backend.prepare(fresh, planned)?;
         let mut notes = record_sysctls(planned)?;
-        // A fresh instance's programs load while the state is written (or were loading already): loading only
-        // creates the instance's own pins, which an attach that finds them without state removes (and a failure
-        // here removes them below).
-        let loaded = fresh && matches!(backend, Backend::Ebpf(_));
-        let join = |h: std::thread::ScopedJoinHandle<'_, Result<()>>| {
-            h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
-        };
-        if let Some(loading) = loading.filter(|_| loaded) {
-            let saved = lock.save(planned);
-            saved.and(join(loading))?;
-        } else if loaded {
-            let state: &State = planned;
-            std::thread::scope(|s| {
-                let loading = s.spawn(|| backend.load(state, opts));
-                let saved = lock.save(state);
-                saved.and(join(loading))
-            })?;
-        } else {
-            lock.save(planned)?;
+        // A fresh eBPF instance's programs have been loading meanwhile ([`attach_reading`]): loading only creates
+        // the instance's own pins, which an attach that finds them without state removes (and a failure here
+        // removes them below).
+        let saved = lock.save(planned);
+        if let Some(loading) = loading {
+            loading.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?;
         }
-        notes.extend(backend.bring_up(fresh, planned, opts, loaded, compiled)?);
+        saved?;
+        notes.extend(backend.bring_up(fresh, planned, opts, compiled)?);
         planned.pending = None;
         // The rules were saved with the intent.
         lock.save_meta(planned)?;
