@@ -720,6 +720,10 @@ pub mod config_flag {
     pub const LOG_PACKETS: u32 = 1 << 1;
     /// Forwarded packets of pfwd's flows skip the IP stack (FIB lookup + `bpf_redirect_neigh`); `--fast-forward`.
     pub const FAST_FORWARD: u32 = 1 << 2;
+    /// Userspace's own mark (the programs do not read it): a rule change made its writes that packets cannot see
+    /// yet (before the flip) ahead of saving its state. The flip clears it; found set, a pfwd was killed between the
+    /// two, and the next change reads the rules back from the maps instead of trusting the saved ones.
+    pub const STAGED: u32 = 1 << 3;
 }
 
 /// Single-entry array holding the instance's settings.

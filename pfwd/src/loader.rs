@@ -35,7 +35,7 @@ use aya::{
 use pfwd_common::{
     Addr, Addr6, BackendCounterKey, BackendEntry, BackendKey, CLASS_BANKS, Class, ClassCounts, Config, CtEntryOf,
     FlowTuple, INDEX_SLOTS, IfaceInfo, IndexEntry, IndexKey, IndexKey4, RecordText, RuleCounters, RuleEntry, Stat,
-    class_index, family, names,
+    class_index, config_flag, family, names,
 };
 
 use crate::{
@@ -176,6 +176,15 @@ pub struct Kernel {
 /// The writes of a rule change, planned before it is written ([`Kernel::plan_sync`]).
 pub struct PlannedSync {
     plan: rules::plan::Plan,
+    /// Its writes before the flip are made ([`Kernel::stage`]).
+    staged: bool,
+}
+
+impl PlannedSync {
+    /// Whether its writes before the flip are in the kernel already (an abandoned change must take them out).
+    pub fn is_staged(&self) -> bool {
+        self.staged
+    }
 }
 
 impl Kernel {
@@ -535,7 +544,12 @@ impl Kernel {
         ifindex: &dyn Fn(&str) -> Option<u32>,
     ) -> Result<Option<PlannedSync>> {
         self.check_layout()?;
-        let generation = self.config()?.generation;
+        let cfg = self.config()?;
+        if cfg.flags & config_flag::STAGED != 0 {
+            // A change was killed after writing ahead of its state: the kernel is not `previous`.
+            return Ok(None);
+        }
+        let generation = cfg.generation;
         let companions = rules::compile::companions(rules.iter().map(|r| &r.rule));
         let pairs = stored_pairs(rules, &companions);
         let old_companions = rules::compile::companions(previous.iter().map(|r| &r.rule));
@@ -550,16 +564,40 @@ impl Kernel {
         } else {
             std::borrow::Cow::Owned(new.restricted(|slot, _| changed.contains(&slot)))
         };
-        Ok(rules::plan::plan_change(new, &new_changed, &old_changed, generation).ok().map(|plan| PlannedSync { plan }))
+        Ok(rules::plan::plan_change(new, &new_changed, &old_changed, generation)
+            .ok()
+            .map(|plan| PlannedSync { plan, staged: false }))
     }
 
-    /// The second half of [`Kernel::sync_compiled`]: writes `planned` when the kernel is still where it was planned
-    /// from; else (no plan, or the generation moved) reads back what the kernel holds and writes the difference.
+    /// Makes the writes of `planned` that packets do not see before its flip (new rules, the keys listing old and
+    /// new, the unused class bank), so that they run while the store is written; the flip waits for
+    /// [`Kernel::sync_planned`], once the store is. The config is marked [`config_flag::STAGED`] first: a pfwd
+    /// killed before the flip leaves the mark, and the next change reads the rules back from the maps. A plan that
+    /// rewrites a live rule in place is left whole for later (packets would see that write at once).
+    pub fn stage(&self, planned: PlannedSync) -> Result<PlannedSync> {
+        let mut cfg = self.config()?;
+        let plan = &planned.plan;
+        if planned.staged
+            || plan.is_empty()
+            || !plan.rewritten.is_empty()
+            || plan.generation != cfg.generation.wrapping_add(1)
+        {
+            return Ok(planned);
+        }
+        cfg.flags |= config_flag::STAGED;
+        self.set_config(&cfg)?;
+        self.write_before_flip(plan, cfg.flipped_ns)?;
+        Ok(PlannedSync { staged: true, ..planned })
+    }
+
+    /// The second half of [`Kernel::sync_compiled`]: writes `planned` (only its flip and what follows, if it was
+    /// staged) when the kernel is still where it was planned from; else (no plan, or the generation moved) reads
+    /// back what the kernel holds and writes the difference.
     pub fn sync_planned(&self, planned: Option<PlannedSync>, new: &rules::Compiled) -> Result<()> {
         self.check_layout()?;
         let mut cfg = self.config()?;
-        if let Some(PlannedSync { plan }) = planned.filter(|p| p.plan.generation == cfg.generation.wrapping_add(1)) {
-            return self.apply_plan(&plan, &mut cfg);
+        if let Some(p) = planned.filter(|p| p.plan.generation == cfg.generation.wrapping_add(1)) {
+            return if p.staged { self.flip(&p.plan, &mut cfg) } else { self.apply_plan(&p.plan, &mut cfg) };
         }
         let held = self.read_held()?;
         let plan = match rules::plan::plan(&held, cfg.generation, new) {
@@ -600,8 +638,8 @@ impl Kernel {
     /// Plans the change from the kernel's rules to the same without `removed` and with `added` (slots and ids
     /// given) looking only at the index keys they touch ([`rules::delta`]). `classes` and `hidden` are what is kept
     /// about the other rules ([`rules::delta::ClassKeys`], and each key's rules behind its kernel entry). Ok(None):
-    /// this change must go the full way (a key would list too many rules during it, or a `--hairpin` rule, whose
-    /// companion other rules may share). Nothing is written.
+    /// this change must go the full way (a key would list too many rules during it, a `--hairpin` rule, whose
+    /// companion other rules may share, or the [`config_flag::STAGED`] mark of a killed change). Nothing is written.
     pub fn plan_small(
         &self,
         reader: &IndexReader,
@@ -612,6 +650,10 @@ impl Kernel {
         ifindex: &dyn Fn(&str) -> Option<u32>,
     ) -> Result<Option<SmallPlan>> {
         if removed.iter().chain(added).any(|r| r.rule.hairpin.is_some()) {
+            return Ok(None);
+        }
+        if self.config()?.flags & config_flag::STAGED != 0 {
+            // A change was killed after writing ahead of its state: the full way reads the kernel back.
             return Ok(None);
         }
         let new_changed = compile_stored(added, ifindex)?;
@@ -667,14 +709,26 @@ impl Kernel {
 
     /// Carries out `plan` (see [`rules::plan`]) and moves `cfg` to its generation.
     fn apply_plan(&self, plan: &rules::plan::Plan, cfg: &mut Config) -> Result<()> {
-        if plan.is_empty() {
+        if plan.is_empty() && plan.cleared.is_empty() {
+            if cfg.flags & config_flag::STAGED != 0 {
+                // Read back after an abandoned change that left nothing to undo: only the mark goes.
+                cfg.flags &= !config_flag::STAGED;
+                self.set_config(cfg)?;
+            }
             return Ok(());
         }
+        self.write_before_flip(plan, cfg.flipped_ns)?;
+        self.flip(plan, cfg)
+    }
+
+    /// The writes of `plan` before its flip, which packets do not see yet: new rules (invisible to the current
+    /// generation), deleted ones marked to go with the next, the index keys listing old and new rules, and the
+    /// class bank that is not in use. `flipped_ns`: when the current generation began.
+    fn write_before_flip(&self, plan: &rules::plan::Plan, flipped_ns: u64) -> Result<()> {
         // The class bank about to be written was the active one until the last flip.
-        wait_for_readers(cfg.flipped_ns);
+        wait_for_readers(flipped_ns);
         let batch = |name: &str| Batch::open(&self.dir.join(name));
-        let rule_map = batch(names::RULES)?;
-        rule_map.update(&plan.rules)?;
+        batch(names::RULES)?.update(&plan.rules)?;
         if !plan.tables.is_empty() {
             self.backend_tables()?;
             let entries: Vec<(BackendKey, BackendEntry)> = plan
@@ -686,8 +740,7 @@ impl Kernel {
                 .collect();
             batch(names::BACKENDS)?.update(&entries)?;
         }
-        let index_maps = (batch(names::INDEX)?, batch(names::INDEX4)?);
-        write_index(&index_maps, &plan.index)?;
+        write_index(&self.index_maps()?, &plan.index)?;
         let bank = plan.generation & (CLASS_BANKS - 1);
         let classes: Vec<(u32, Class)> = plan
             .classes
@@ -697,22 +750,33 @@ impl Kernel {
                 classes.iter().enumerate().map(move |(i, c)| (class_index(bank, h as u8, i as u32), *c))
             })
             .collect();
-        batch(names::CLASSES)?.update(&classes)?;
-        // The flip: this bank's counts and the generation in one write; the active bank's counts stay as they are,
-        // so a program that read the old generation still pairs it with the old classes.
+        batch(names::CLASSES)?.update(&classes)
+    }
+
+    fn index_maps(&self) -> Result<(Batch, Batch)> {
+        Ok((Batch::open(&self.dir.join(names::INDEX))?, Batch::open(&self.dir.join(names::INDEX4))?))
+    }
+
+    /// The flip of `plan`, once its writes before it are made: moves `cfg` to the plan's generation (clearing the
+    /// [`config_flag::STAGED`] mark), then drops the deleted rules once no program can still be using them.
+    fn flip(&self, plan: &rules::plan::Plan, cfg: &mut Config) -> Result<()> {
+        // This bank's counts and the generation in one write; the active bank's counts stay as they are, so a
+        // program that read the old generation still pairs it with the old classes.
+        let bank = plan.generation & (CLASS_BANKS - 1);
         let [pre, post, local] = plan.classes.each_ref().map(|c| c.len() as u32);
         cfg.classes[bank as usize] = ClassCounts { pre, post, local };
         cfg.generation = plan.generation;
         cfg.flipped_ns = monotonic_ns();
+        cfg.flags &= !config_flag::STAGED;
         self.set_config(cfg)?;
         if plan.index_after.is_empty() && plan.cleared.is_empty() {
             return Ok(());
         }
         // Programs that read the old generation may still list the deleted rules: wait them out, then drop them.
         wait_for_readers(cfg.flipped_ns);
-        write_index(&index_maps, &plan.index_after)?;
+        write_index(&self.index_maps()?, &plan.index_after)?;
         let cleared: Vec<(u32, RuleEntry)> = plan.cleared.iter().map(|(s, _)| (*s, RuleEntry::default())).collect();
-        rule_map.update(&cleared)?;
+        Batch::open(&self.dir.join(names::RULES))?.update(&cleared)?;
         let tables: Vec<BackendKey> = plan
             .cleared
             .iter()
@@ -720,7 +784,7 @@ impl Kernel {
             .flat_map(|(slot, _)| (0..pfwd_common::MAGLEV_SIZE).map(|index| BackendKey { rule: *slot, index }))
             .collect();
         if !tables.is_empty() {
-            batch(names::BACKENDS)?.delete(&tables)?;
+            Batch::open(&self.dir.join(names::BACKENDS))?.delete(&tables)?;
         }
         Ok(())
     }

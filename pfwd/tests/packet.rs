@@ -11,7 +11,7 @@ use common::*;
 use std::net::Ipv4Addr;
 
 use etherparse::{EtherType, Ethernet2Header, Icmpv4Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader};
-use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, RuleCounters, Tuple, ct_flag, ct_state, dir};
+use pfwd_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, RuleCounters, Tuple, config_flag, ct_flag, ct_state, dir};
 
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const BACKEND2: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
@@ -790,6 +790,38 @@ fn a_rule_change_is_atomic_for_packets() {
         packets.join().unwrap()
     });
     assert!(seen_a > 0 && seen_b > 0, "both rule sets were seen: {seen_a} / {seen_b}");
+}
+
+/// A change killed after writing ahead of its state (`Kernel::stage`, which runs while the store is written) and
+/// before its flip changes nothing for packets, and leaves a mark: the next change, planned from the saved rules,
+/// reads the kernel back instead, so it ends with exactly its own rules, none of the abandoned change's, and keeps
+/// the one the abandoned change had marked to go.
+#[test]
+fn a_change_abandoned_after_writing_ahead_is_undone_by_the_next() {
+    let a =
+        [rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000"), rule(2, "dnat -p udp --dport 53 --to 10.0.2.2:5353")];
+    let f = Fixture::new(&a);
+    let k = f.kernel();
+    // The abandoned change deletes rule 2 and adds rule 3.
+    let b = [a[0].clone(), rule(3, "dnat -p tcp --dport 8081 --to 10.0.2.3")];
+    let compiled = pfwd::loader::compile_stored(&b, &lo_index).unwrap();
+    let planned = k.plan_sync(&a, &b, &compiled, &lo_index).unwrap().expect("a planned change");
+    assert!(k.stage(planned).unwrap().is_staged());
+    let staged = k.config().unwrap();
+    assert_ne!(staged.flags & config_flag::STAGED, 0);
+    // Killed here: never flipped. Packets still see `a`.
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5555, ROUTER, 53), BACKEND, 5353);
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 8081).from(CLIENT, 40_001));
+    // The next change starts from the saved rules, `a`, and adds rule 4.
+    let c = [a[0].clone(), a[1].clone(), rule(4, "dnat -p tcp --dport 8082 --to 10.0.2.3")];
+    assert!(k.plan_sync(&a, &c, &pfwd::loader::compile_stored(&c, &lo_index).unwrap(), &lo_index).unwrap().is_none());
+    f.sync(&c);
+    let cfg = k.config().unwrap();
+    assert_eq!(cfg.flags & config_flag::STAGED, 0, "the flip clears the mark");
+    assert_ne!(cfg.generation, staged.generation);
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5556, ROUTER, 53), BACKEND, 5353);
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 8081).from(CLIENT, 40_002));
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8082).from(CLIENT, 40_003), BACKEND2, 8082);
 }
 
 #[test]

@@ -188,6 +188,15 @@ impl Backend {
         }
     }
 
+    /// Makes the writes of a planned change that packets do not see yet ([`Kernel::stage`]), so they run while
+    /// the store is written; the rest waits for [`Backend::change_rules`].
+    fn stage_change(&self, planned: Option<PlannedSync>) -> Result<Option<PlannedSync>> {
+        match (self, planned) {
+            (Backend::Ebpf(kernel), Some(p)) => kernel.stage(p).map(Some),
+            (_, planned) => Ok(planned),
+        }
+    }
+
     /// Makes the data path hold exactly the state's rules, whatever it held. Returns them compiled (eBPF).
     /// `compiled`: the state's rules compiled already, if they were.
     fn sync_rules(&self, state: &State, compiled: Option<rules::Compiled>) -> Result<Option<rules::Compiled>> {
@@ -866,14 +875,26 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     planned.pending = Some(Pending::Change);
     notes.extend(record_sysctls(&mut planned)?);
     let write = Write { removed: &removed, added: &planned.rules[kept..], replace: false };
-    // The kernel's writes are planned while the store is written (they read the kernel and write nothing); they
-    // are made once it is.
+    // While the store is written, the kernel's writes are planned and those packets cannot see yet are made
+    // (`Kernel::stage`); what packets see (the flip) comes once the store is written.
     let (saved, kernel_plan) = std::thread::scope(|s| {
-        let planning = s.spawn(|| backend.plan_change(&state, &planned, &compiled));
+        let planning =
+            s.spawn(|| backend.plan_change(&state, &planned, &compiled).and_then(|p| backend.stage_change(p)));
         let saved = lock.save_change(&planned.meta, &write);
         (saved, planning.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
     });
-    saved?;
+    if let Err(e) = saved {
+        // Written ahead, or failed on the way (maybe while writing): the kernel goes back to the state's rules. If
+        // that fails too, the kernel keeps its mark and the next change reads the rules back.
+        let written = match &kernel_plan {
+            Ok(planned) => planned.as_ref().is_some_and(PlannedSync::is_staged),
+            Err(_) => true,
+        };
+        if written {
+            let _ = backend.sync_rules(&state, None);
+        }
+        return Err(e);
+    }
     match apply_change(&backend, &state, &mut planned, &compiled, kernel_plan) {
         Ok(more) => notes.extend(more),
         Err(e) => {

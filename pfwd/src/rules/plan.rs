@@ -84,7 +84,8 @@ pub fn plan(held: &Held, generation: u32, new: &Compiled) -> Result<Plan, RuleEr
     for (slot, e) in &new.entries {
         let table = new_tables.get(slot);
         match live(*slot) {
-            Some(old) if same_rule(old, e) => {
+            // A rule a change that did not flip marked to go (`gen_until` = next) is written again to stay.
+            Some(old) if same_rule(old, e) && old.gen_until == GEN_FOREVER => {
                 if let Some(t) = table.filter(|t| held.tables.get(slot) != Some(**t)) {
                     // The same rule whose table the kernel may not have (read back after an interruption).
                     p.tables.push((*slot, (*t).clone()));
@@ -365,6 +366,28 @@ mod tests {
         let k81 = *old.members.keys().find(|k| k.dport == 81).unwrap();
         assert_eq!(p.index_after, [(k81, vec![])]);
         assert!(p.index.iter().all(|(k, _)| *k != k82), "already lists slot 1");
+    }
+
+    /// A change that deleted a rule was made up to its flip, then abandoned (its state was never saved): going
+    /// back to the rules before it keeps that rule past the next flip.
+    #[test]
+    fn a_rule_marked_to_go_by_an_abandoned_change_stays() {
+        let old = compiled(&["dnat -p tcp --dport 80 --to 10.1.0.1", "dnat -p tcp --dport 81 --to 10.1.0.2"]);
+        let mut k = Kernel::default();
+        k.apply(&plan(&Held::default(), 0, &old).unwrap(), &mut |_, _| {});
+        let port81 = || k.find(&tcp(81, [10, 0, 0, 1]), 2, hook::PREROUTING);
+        assert_eq!(port81(), Some(1));
+        // The abandoned change deleted slot 1: visible to this generation, gone from the next.
+        let marked = RuleEntry { gen_until: k.generation + 1, ..k.rules[&1] };
+        let mut held = Held::from_compiled(&old);
+        held.entries.insert(1, marked);
+        k.rules.insert(1, marked);
+        let p = plan(&held, k.generation, &old).unwrap();
+        assert_eq!(p.rules, [(1, RuleEntry { gen_until: GEN_FOREVER, ..marked })]);
+        assert!(p.cleared.is_empty());
+        k.apply(&p, &mut |k, step| {
+            assert_eq!(k.find(&tcp(81, [10, 0, 0, 1]), 2, hook::PREROUTING), Some(1), "{step}");
+        });
     }
 
     #[test]
