@@ -335,6 +335,13 @@ pub struct IndexKey {
 }
 
 impl IndexKey {
+    /// Whether the wide index ([`names::INDEX`], which IPv6 packets probe) holds this key: not for an IPv4 rule's,
+    /// which only IPv4 packets can meet (in [`names::INDEX4`]).
+    #[inline(always)]
+    pub fn in_wide_index(&self) -> bool {
+        self.family != family::V4
+    }
+
     /// The key's IPv4 form, for the index IPv4 packets probe ([`names::INDEX4`]); None for an IPv6 rule's key.
     #[inline(always)]
     pub fn narrow(&self) -> Option<IndexKey4> {
@@ -354,8 +361,8 @@ impl IndexKey {
 }
 
 /// An [`IndexKey`] of an IPv4 or both-family rule in IPv4 form: the same fields with 32-bit addresses, 20 bytes
-/// instead of 44. IPv4 packets probe these ([`names::INDEX4`]), so their lookups hash no more than before IPv6;
-/// the loader writes each such key to both indexes.
+/// instead of 44. IPv4 packets probe these ([`names::INDEX4`]), so their lookups hash no more than before IPv6.
+/// The loader writes an IPv4 rule's keys only here, a both-family rule's keys to both indexes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct IndexKey4 {
@@ -371,6 +378,25 @@ pub struct IndexKey4 {
     pub dst_plen: u8,
     /// [`family`]: 0 or [`family::V4`], which stay apart as in [`IndexKey`].
     pub family: u8,
+}
+
+impl IndexKey4 {
+    /// The [`IndexKey`] this is the IPv4 form of ([`IndexKey::narrow`] undone: IPv4 addresses are held wide with
+    /// their first word set).
+    pub fn widen(&self) -> IndexKey {
+        IndexKey {
+            ifindex: self.ifindex,
+            saddr: [self.saddr, 0, 0, 0],
+            daddr: [self.daddr, 0, 0, 0],
+            dport: self.dport,
+            proto: self.proto,
+            hook: self.hook,
+            port_plen: self.port_plen,
+            src_plen: self.src_plen,
+            dst_plen: self.dst_plen,
+            family: self.family,
+        }
+    }
 }
 
 /// The rules of one index key, in rank order (best first). Rules being added or deleted are listed here with the

@@ -824,6 +824,71 @@ fn a_change_abandoned_after_writing_ahead_is_undone_by_the_next() {
     expect_dnat(&f, &Pkt::syn(ROUTER, 8082).from(CLIENT, 40_003), BACKEND2, 8082);
 }
 
+/// An IPv4 rule's index keys are written to the IPv4 index only (IPv6 packets, which probe the wide one, never meet
+/// them), a both-family rule's to both, an IPv6 rule's to the wide one; `index_keys` still counts every key. A
+/// wide index that also holds IPv4 rules' keys (as an older pfwd wrote it) is read back without them, and a change
+/// read back from the maps ends with exactly the compiled keys.
+#[test]
+fn ipv4_rules_keys_are_in_the_ipv4_index_only() {
+    use aya::maps::{HashMap, MapData};
+    use pfwd_common::{IndexEntry, IndexKey, IndexKey4, family, names};
+    let rules = [
+        rule(1, "dnat -p tcp -d 10.0.1.1 --dport 8080 --to 10.0.2.2:9000"),
+        // No address: both families.
+        rule(2, "redirect -i lo -p udp --dport 53 --to-port 5353"),
+        rule(3, "dnat -p tcp -d 2001:db8:1::1 --dport 80 --to [2001:db8:2::2]:80"),
+    ];
+    let f = Fixture::new(&rules);
+    let k = f.kernel();
+    let dir = k.pin_dir().to_path_buf();
+    let maps = || {
+        let wide: HashMap<MapData, IndexKey, IndexEntry> =
+            HashMap::try_from(aya::maps::Map::HashMap(MapData::from_pin(dir.join(names::INDEX)).unwrap())).unwrap();
+        let narrow: HashMap<MapData, IndexKey4, IndexEntry> =
+            HashMap::try_from(aya::maps::Map::HashMap(MapData::from_pin(dir.join(names::INDEX4)).unwrap())).unwrap();
+        (wide, narrow)
+    };
+    let check = |rules: &[pfwd::state::StoredRule]| {
+        let compiled = pfwd::loader::compile_stored(rules, &lo_index).unwrap();
+        let keys: Vec<IndexKey> = compiled.index().into_keys().collect();
+        let (wide, narrow) = maps();
+        let mut in_wide: Vec<IndexKey> = wide.keys().map(Result::unwrap).filter(IndexKey::in_wide_index).collect();
+        let mut in_narrow: Vec<IndexKey> = narrow.keys().map(|k| k.unwrap().widen()).collect();
+        let sorted = |v: &mut Vec<IndexKey>| v.sort_unstable_by_key(|k| format!("{k:?}"));
+        let mut want_wide: Vec<IndexKey> = keys.iter().copied().filter(IndexKey::in_wide_index).collect();
+        let mut want_narrow: Vec<IndexKey> = keys.iter().copied().filter(|k| k.family != family::V6).collect();
+        for v in [&mut in_wide, &mut in_narrow, &mut want_wide, &mut want_narrow] {
+            sorted(v);
+        }
+        assert_eq!(in_wide, want_wide);
+        assert_eq!(in_narrow, want_narrow);
+        assert_eq!(k.index_keys().unwrap(), (keys.len() as u64, want_narrow.len() as u64));
+        let families: Vec<u8> = keys.iter().map(|k| k.family).collect();
+        assert!([family::V4, 0, family::V6].iter().all(|f| families.contains(f)), "{families:?}");
+    };
+    check(&rules);
+    assert!(
+        maps().0.keys().map(Result::unwrap).all(|k| k.family != family::V4),
+        "no IPv4 rule's key in the wide index"
+    );
+    // What an older pfwd left: the IPv4 rule's key in the wide index too.
+    let (mut wide, narrow) = maps();
+    for item in narrow.iter() {
+        let (k4, e) = item.unwrap();
+        if k4.family == family::V4 {
+            wide.insert(k4.widen(), e, 0).unwrap();
+        }
+    }
+    // A change read back from the maps: the IPv4 rule moves to another port.
+    let moved =
+        [rule(1, "dnat -p tcp -d 10.0.1.1 --dport 8081 --to 10.0.2.2:9000"), rules[1].clone(), rules[2].clone()];
+    k.sync_rules(None, &moved, &lo_index).unwrap();
+    expect_dnat(&f, &Pkt::syn(ROUTER, 8081).from(CLIENT, 40_010), BACKEND, 9000);
+    expect_no_dnat(&f, &Pkt::syn(ROUTER, 8080).from(CLIENT, 40_011));
+    expect_dnat(&f, &Pkt::udp(CLIENT, 5557, Ipv4Addr::new(203, 0, 113, 5), 53), ROUTER, 5353);
+    check(&moved);
+}
+
 #[test]
 fn closed_flow_reopens_with_the_current_rule_while_live_flows_keep_theirs() {
     let old = [rule(1, "dnat -p tcp --dport 8080 --to 10.0.2.2:9000")];

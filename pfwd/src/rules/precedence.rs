@@ -227,11 +227,19 @@ mod tests {
         // The kernel program's own walk (pfwd_common::find_rule), over the compiled maps.
         let index: HashMap<IndexKey, IndexEntry> =
             c.index().iter().map(|(k, slots)| (*k, IndexEntry::from_slots(slots))).collect();
+        let wide: HashMap<IndexKey, IndexEntry> =
+            index.iter().filter(|(k, _)| k.in_wide_index()).map(|(k, e)| (*k, *e)).collect();
         let rule = |slot: u32| c.entries.get(slot as usize).map(|(_, e)| e);
         let is_local = |a: &Addr6| A::FAMILY == 4 && LOCAL.iter().any(|l| compile::wide(IpAddr::V4(*l)) == *a);
         let classes = &c.classes[at as usize];
         let found = pfwd_common::find_rule(&t, pkt.ifindex, (at, 0), classes, |k| index.get(k), rule, is_local)
             .map(|(slot, _)| slot as usize);
+        if A::FAMILY == family::V6 {
+            // IPv6 packets probe the wide index, which the loader gives no IPv4 rule's key: the same rule.
+            let probed = pfwd_common::find_rule(&t, pkt.ifindex, (at, 0), classes, |k| wide.get(k), rule, is_local)
+                .map(|(slot, _)| slot as usize);
+            assert_eq!(probed, found, "the wide index without IPv4 rules' keys finds another rule");
+        }
         if A::FAMILY == family::V4 {
             // IPv4 packets probe the IPv4 index, whose keys the loader writes as `IndexKey::narrow`: the same rule.
             let index4: HashMap<IndexKey4, IndexEntry> =
