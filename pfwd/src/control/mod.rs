@@ -461,26 +461,38 @@ fn apply_compiled(backend: &Backend, state: &mut State, compiled: Option<rules::
     apply_sysctls(backend, state, compiled.as_ref())
 }
 
-/// [`apply`] for a rule change from `previous`, the state the data path holds (see [`Backend::change_rules`]).
+/// [`apply`] for a rule change from `previous`, the state the data path holds (see [`Backend::change_rules`]), with
+/// what its sysctls and [`Derived`] are ([`derive`], worked out while the store was written).
 fn apply_change(
     backend: &Backend,
     previous: &State,
     state: &mut State,
-    compiled: &rules::Compiled,
+    (compiled, derivation): (&rules::Compiled, Derivation),
     planned: Result<Option<PlannedSync>>,
 ) -> Result<Vec<String>> {
     backend.change_rules(previous, state, compiled, planned)?;
-    apply_sysctls(backend, state, Some(compiled))
+    apply_derivation(backend, state, derivation)
 }
 
 /// The sysctls the state's rules need, and the record kept with the data path; in eBPF mode also what a small change
 /// needs to know about all the rules ([`Derived`], from `compiled`, the rules as the kernel now holds them). Returns
 /// notes about the changes.
 fn apply_sysctls(backend: &Backend, state: &mut State, compiled: Option<&rules::Compiled>) -> Result<Vec<String>> {
+    let derivation = derive(backend, state, compiled);
+    apply_derivation(backend, state, derivation)
+}
+
+/// What [`apply_sysctls`] works out from the rules before it changes anything.
+struct Derivation {
+    wanted: Vec<(String, String, String)>,
+    derived: Option<Derived>,
+}
+
+/// The sysctls `state`'s rules want and, in eBPF mode, its [`Derived`] (reads only: it can run beside other work).
+fn derive(backend: &Backend, state: &State, compiled: Option<&rules::Compiled>) -> Derivation {
     let names: Vec<String> = state.interfaces.iter().map(|i| i.name.clone()).collect();
     let wanted = sysctl::wanted(state.rules.iter().map(|r| &r.rule), &names);
-    let notes = apply_wanted_sysctls(backend, state, &wanted)?;
-    state.meta.derived = match (backend, compiled) {
+    let derived = match (backend, compiled) {
         (Backend::Ebpf(_), Some(c)) => {
             let mut d = Derived {
                 classes: rules::delta::class_keys(c),
@@ -494,6 +506,13 @@ fn apply_sysctls(backend: &Backend, state: &mut State, compiled: Option<&rules::
         }
         _ => None,
     };
+    Derivation { wanted, derived }
+}
+
+/// Brings the sysctls to what `derivation` wants and keeps its [`Derived`] in the state.
+fn apply_derivation(backend: &Backend, state: &mut State, derivation: Derivation) -> Result<Vec<String>> {
+    let notes = apply_wanted_sysctls(backend, state, &derivation.wanted)?;
+    state.meta.derived = derivation.derived;
     Ok(notes)
 }
 
@@ -877,9 +896,12 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
     let write = Write { removed: &removed, added: &planned.rules[kept..], replace: false };
     // While the store is written, the kernel's writes are planned and those packets cannot see yet are made
     // (`Kernel::stage`); what packets see (the flip) comes once the store is written.
-    let (saved, kernel_plan) = std::thread::scope(|s| {
-        let planning =
-            s.spawn(|| backend.plan_change(&state, &planned, &compiled).and_then(|p| backend.stage_change(p)));
+    // The sysctls and what is derived from the rules are worked out there too.
+    let (saved, (kernel_plan, derivation)) = std::thread::scope(|s| {
+        let planning = s.spawn(|| {
+            let staged = backend.plan_change(&state, &planned, &compiled).and_then(|p| backend.stage_change(p));
+            (staged, derive(&backend, &planned, Some(&compiled)))
+        });
         let saved = lock.save_change(&planned.meta, &write);
         (saved, planning.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
     });
@@ -895,7 +917,7 @@ pub fn change_rules(remove: &[u32], add: Vec<Rule>, skip_duplicates: bool) -> Re
         }
         return Err(e);
     }
-    match apply_change(&backend, &state, &mut planned, &compiled, kernel_plan) {
+    match apply_change(&backend, &state, &mut planned, (&compiled, derivation), kernel_plan) {
         Ok(more) => notes.extend(more),
         Err(e) => {
             restore_added_sysctls(&planned, &state);
