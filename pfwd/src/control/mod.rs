@@ -951,6 +951,12 @@ fn rule_error(e: rules::RuleError, state: &Meta) -> anyhow::Error {
     }
 }
 
+/// `status` after a change killed between writing ahead of its state and its flip.
+const ABANDONED_CHANGE: &str = "a rule change was interrupted before its rules were saved: packets see the rules \
+                                shown, and the maps also hold the unused writes it made ahead (the rule engine's \
+                                key counts include them); the next change, `pfwd attach` or `pfwd detach` removes \
+                                them";
+
 const NO_CGROUP: &str = "--local rules need the cgroup socket hooks, and no cgroup2 is mounted (looked at \
                          /sys/fs/cgroup and /sys/fs/cgroup/unified): mount cgroup2, or use pfwd in --mode iptables";
 
@@ -1442,8 +1448,16 @@ pub fn status() -> Result<Status> {
         }
         (Err(e), None) => return Err(e),
     };
+    // A change killed after writing ahead of its state left the kernel's mark (see `Kernel::stage`).
+    let abandoned = || match Backend::of(&state, &lock.inst) {
+        Backend::Ebpf(kernel) => kernel.config().is_ok_and(|c| c.flags & pfwd_common::config_flag::STAGED != 0),
+        _ => false,
+    };
     Ok(Status::Attached(Box::new(InstanceStatus {
-        interrupted: state.pending.map(|p| p.describe().to_string()),
+        interrupted: state
+            .pending
+            .map(|p| p.describe().to_string())
+            .or_else(|| abandoned().then(|| ABANDONED_CHANGE.to_string())),
         conntrack,
         fast_forward,
         interfaces: state
