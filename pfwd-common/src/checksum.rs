@@ -55,6 +55,10 @@ pub const fn replace_u16(check: u16, old: u16, new: u16) -> u16 {
 }
 
 /// The new checksum after a 32-bit field (an IPv4 address) changes from `old` to `new` (big-endian numeric values).
+///
+/// The same call works on the fields as a little-endian machine loads them from the packet (`from_ne_bytes`,
+/// checksum included), giving the new checksum in that form: one's-complement sums do not depend on byte order
+/// (RFC 1071, section 2(B)), so the kernel programs update a header without swapping bytes.
 #[inline(always)]
 pub const fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
     let sum = (!check as u32) + (!(old >> 16) & 0xffff) + (!old & 0xffff) + (new >> 16) + (new & 0xffff);
@@ -146,6 +150,26 @@ mod tests {
             let updated = replace_u32(h.header_checksum, old, new);
             h.destination = new.to_be_bytes();
             assert_eq!(updated, h.calc_header_checksum(), "old {old:#x} new {new:#x}");
+        }
+    }
+
+    #[test]
+    fn address_update_on_fields_as_loaded_equals_recomputation() {
+        // As the kernel programs use it: header checksum and addresses read as native words, no byte swaps.
+        let mut rng = XorShift(4242);
+        for _ in 0..20_000 {
+            let mut h = ipv4_header(&mut rng);
+            let raw_check = u16::from_ne_bytes(h.header_checksum.to_be_bytes());
+            let (old_src, old_dst) = (u32::from_ne_bytes(h.source), u32::from_ne_bytes(h.destination));
+            let (new_src, new_dst) = match rng.next() % 4 {
+                0 => (0, u32::MAX),
+                1 => (old_src, rng.next() as u32),
+                _ => (rng.next() as u32, rng.next() as u32),
+            };
+            let c = replace_u32(replace_u32(raw_check, old_src, new_src), old_dst, new_dst);
+            h.source = new_src.to_ne_bytes();
+            h.destination = new_dst.to_ne_bytes();
+            assert_eq!(c.to_ne_bytes(), h.calc_header_checksum().to_be_bytes(), "src {new_src:#x} dst {new_dst:#x}");
         }
     }
 

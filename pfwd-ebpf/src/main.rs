@@ -14,6 +14,8 @@
 //! builds an skb for them.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Inline assembly (`parse::load_u32`): one 4-byte load where the backend would assemble a word from bytes.
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 // Map keys go to the helpers by reference on purpose: aya-ebpf's `impl Borrow<K>` would accept them by value, which
 // copies each key onto the 512-byte BPF stack (measured: the ingress program then no longer verifies).
 #![allow(clippy::needless_borrows_for_generic_args)]
@@ -172,7 +174,8 @@ mod programs {
         let Some(cfg) = CONFIG.get(0) else { return NEXT };
         // Every IPv4 packet empties this CPU's handoff slot, at either hook; egress may use what it held.
         let Some((h, held)) = handoff::take::<u32>() else { return NEXT };
-        let Some(pkt) = parse::parse4(ctx) else { return NEXT };
+        let Some(mut pkt) = parse::parse4(ctx) else { return NEXT };
+        parse::store_as_words(&mut pkt.tuple);
         if pkt.frag == frag::LATER {
             return fragment::later(ctx, &pkt, at);
         }

@@ -21,8 +21,13 @@ use pfwd_common::{Addr6, FlowTuple, PROTO_TCP, PROTO_UDP, Tuple, Tuple6, checksu
 
 use crate::{
     family::Family,
-    parse::{Embedded, Packet, ip_off, ptr_at},
+    parse::{Embedded, Packet, ip_off, load_u16, ptr_at, store_u16, store_u32},
 };
+
+/// Offsets of the checksum and the addresses in an IPv4 header.
+const IP4_CHECK: usize = 10;
+const IP4_SADDR: usize = 12;
+const IP4_DADDR: usize = 16;
 
 /// Offset of the identifier in an ICMP echo header, and of the ICMP checksum.
 const ICMP_ID: usize = 4;
@@ -33,21 +38,21 @@ const ICMP_CHECK: usize = 2;
 /// header is out of bounds.
 #[inline(always)]
 pub fn rewrite_ip4(ctx: &TcContext, ip_off: usize, from: &Tuple, to: &Tuple) -> Option<(u16, u16)> {
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off)?;
-    // SAFETY: bounds checked by ptr_at; nothing else aliases the packet while we run.
-    let ip = unsafe { &mut *ip };
-    let old = u16::from_be_bytes(ip.check);
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off)?.cast::<u8>();
+    // The checksum and addresses as the packet holds them, updated without byte swaps (see
+    // `checksum::replace_u32`), each read and written as one word.
+    let old = load_u16(ip.wrapping_add(IP4_CHECK));
     let mut check = old;
     if from.saddr != to.saddr {
-        check = checksum::replace_u32(check, u32::from_be(from.saddr), u32::from_be(to.saddr));
-        ip.src_addr = to.saddr.to_ne_bytes();
+        check = checksum::replace_u32(check, from.saddr, to.saddr);
+        store_u32(ip.wrapping_add(IP4_SADDR), to.saddr);
     }
     if from.daddr != to.daddr {
-        check = checksum::replace_u32(check, u32::from_be(from.daddr), u32::from_be(to.daddr));
-        ip.dst_addr = to.daddr.to_ne_bytes();
+        check = checksum::replace_u32(check, from.daddr, to.daddr);
+        store_u32(ip.wrapping_add(IP4_DADDR), to.daddr);
     }
-    ip.check = check.to_be_bytes();
-    Some((old, check))
+    store_u16(ip.wrapping_add(IP4_CHECK), check);
+    Some((u16::from_be(old), u16::from_be(check)))
 }
 
 /// An IPv6 address's packet bytes.
@@ -155,10 +160,8 @@ pub fn rewrite<A: Family>(ctx: &TcContext, pkt: &Packet<A>, to: &FlowTuple<A>) -
             unsafe { *id = to.sport.to_be_bytes() };
         } else {
             let Some(ports) = ptr_at::<[u8; 4]>(ctx, pkt.l4_off) else { return false };
-            let [s0, s1] = to.sport.to_be_bytes();
-            let [d0, d1] = to.dport.to_be_bytes();
-            // SAFETY: bounds checked by ptr_at.
-            unsafe { *ports = [s0, s1, d0, d1] };
+            // Both ports in one store: the source port's bytes are the low half (little-endian).
+            store_u32(ports.cast(), u32::from(to.sport.to_be()) | u32::from(to.dport.to_be()) << 16);
         }
     }
 

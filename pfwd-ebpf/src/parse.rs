@@ -248,10 +248,70 @@ pub fn words(b: &[u8; 16]) -> Addr6 {
     [w(0), w(4), w(8), w(12)]
 }
 
+// Packet words read and written whole. Rust has no unaligned access that the BPF backend keeps whole:
+// `read_unaligned`, `from_ne_bytes` and stores of byte arrays become byte loads and stores with shifts and ORs
+// (and spills of each byte), most of the IPv4 parser's and rewriter's instructions (measured). Packet data may be
+// accessed unaligned: the verifier allows it where the CPU does (x86 and arm64). Values are in memory order
+// (`from_ne_bytes`); the caller bounds-checked every access (the verifier checks it again).
+
+/// The 4 bytes at `p` as one word.
+#[inline(always)]
+pub fn load_u32(p: *const u8) -> u32 {
+    let v: u32;
+    // SAFETY: a 4-byte load from bounds-checked packet data.
+    unsafe {
+        core::arch::asm!("{0} = *(u32 *)({1} + 0)", out(reg) v, in(reg) p, options(readonly, nostack, preserves_flags))
+    };
+    v
+}
+
+/// The 2 bytes at `p` as one half-word.
+#[inline(always)]
+pub fn load_u16(p: *const u8) -> u16 {
+    let v: u16;
+    // SAFETY: a 2-byte load from bounds-checked packet data.
+    unsafe {
+        core::arch::asm!("{0} = *(u16 *)({1} + 0)", out(reg) v, in(reg) p, options(readonly, nostack, preserves_flags))
+    };
+    v
+}
+
+/// Writes `v` to the 4 bytes at `p`.
+#[inline(always)]
+pub fn store_u32(p: *mut u8, v: u32) {
+    // SAFETY: a 4-byte store to bounds-checked, writable packet data.
+    unsafe { core::arch::asm!("*(u32 *)({0} + 0) = {1}", in(reg) p, in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Writes `v` to the 2 bytes at `p`.
+#[inline(always)]
+pub fn store_u16(p: *mut u8, v: u16) {
+    // SAFETY: a 2-byte store to bounds-checked, writable packet data.
+    unsafe { core::arch::asm!("*(u16 *)({0} + 0) = {1}", in(reg) p, in(reg) v, options(nostack, preserves_flags)) };
+}
+
 /// The addresses and protocol of an IPv4 header as a tuple without ports.
 #[inline(always)]
 fn addresses4(ip: &Ipv4Hdr) -> FlowTuple<u32> {
-    FlowTuple::new(u32::from_ne_bytes(ip.src_addr), u32::from_ne_bytes(ip.dst_addr), 0, 0, ip.proto)
+    FlowTuple::new(load_u32(ip.src_addr.as_ptr()), load_u32(ip.dst_addr.as_ptr()), 0, 0, ip.proto)
+}
+
+/// Stores the ports and protocol of `t` again, as the two 4-byte words that map lookups (the kernel's jhash) and
+/// tuple copies read them as. The parser writes them field by field (two halves, a byte and its padding), and a
+/// 4-byte load of narrower stores still in flight cannot be forwarded from them: it waits for them to reach the
+/// cache (measured: about an eighth of an established packet's cost, at the tuple's first copy).
+#[inline(always)]
+pub fn store_as_words(t: &mut FlowTuple<u32>) {
+    const _: () = assert!(cfg!(target_endian = "little") && size_of::<FlowTuple<u32>>() == 16);
+    let ports = u32::from(t.sport) | u32::from(t.dport) << 16;
+    let proto = u32::from(t.proto);
+    let w = (t as *mut FlowTuple<u32>).cast::<u32>();
+    // SAFETY: words 2 and 3 of a 16-byte, 4-aligned repr(C) struct: sport and dport, then proto and its zero
+    // padding (little-endian). Volatile: the compiler must not merge them back into the narrower stores.
+    unsafe {
+        core::ptr::write_volatile(w.add(2), ports);
+        core::ptr::write_volatile(w.add(3), proto);
+    }
 }
 
 /// Parses an IPv4 packet (the caller checked the ethertype). `None` means "not ours, pass untouched" (malformed). A
@@ -392,10 +452,10 @@ fn transport<A: Family>(ctx: &TcContext, pkt: &mut Packet<A>, end: usize) -> Opt
             }
             // Re-derive: ensure_linear may have moved the data.
             let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
-            // SAFETY: bounds checked by ptr_at.
-            let ports = unsafe { *ports };
-            pkt.tuple.sport = u16::from_be_bytes([ports[0], ports[1]]);
-            pkt.tuple.dport = u16::from_be_bytes([ports[2], ports[3]]);
+            // Both ports in one load: the source port's bytes are the low half (little-endian).
+            let ports = load_u32(ports.cast());
+            pkt.tuple.sport = u16::from_be(ports as u16);
+            pkt.tuple.dport = u16::from_be((ports >> 16) as u16);
             if proto == PROTO_TCP {
                 let off_flags: *const [u8; 2] = ptr_at(ctx, l4_off + 12)?;
                 // SAFETY: bounds checked by ptr_at.
