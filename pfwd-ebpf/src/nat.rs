@@ -55,11 +55,12 @@ pub fn rewrite_ip4(ctx: &TcContext, ip_off: usize, from: &Tuple, to: &Tuple) -> 
     Some((u16::from_be(old), u16::from_be(check)))
 }
 
-/// An IPv6 address's packet bytes.
+/// Writes the IPv6 address `a` to the packet at `p` (bounds-checked by the caller), a word at a time.
 #[inline(always)]
-fn bytes(a: &Addr6) -> [u8; 16] {
-    let [w0, w1, w2, w3] = a.map(u32::to_ne_bytes);
-    [w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3], w3[0], w3[1], w3[2], w3[3]]
+fn store_addr6(p: *mut u8, a: &Addr6) {
+    for (i, w) in a.iter().enumerate() {
+        store_u32(p.wrapping_add(4 * i), *w);
+    }
 }
 
 /// Rewrites the addresses of the IPv6 header at `ip_off` from `from` to `to` (it has no checksum of its own: the
@@ -70,10 +71,10 @@ pub fn rewrite_ip6(ctx: &TcContext, ip_off: usize, from: &Tuple6, to: &Tuple6) -
     // SAFETY: bounds checked by ptr_at; nothing else aliases the packet while we run.
     let ip = unsafe { &mut *ip };
     if from.saddr != to.saddr {
-        ip.src_addr = bytes(&to.saddr);
+        store_addr6(ip.src_addr.as_mut_ptr(), &to.saddr);
     }
     if from.daddr != to.daddr {
-        ip.dst_addr = bytes(&to.daddr);
+        store_addr6(ip.dst_addr.as_mut_ptr(), &to.daddr);
     }
     Some((0, 0))
 }

@@ -244,8 +244,10 @@ pub fn ethertype(ctx: &TcContext) -> u16 {
 /// An IPv6 address's bytes as the maps hold them.
 #[inline(always)]
 pub fn words(b: &[u8; 16]) -> Addr6 {
-    let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    [w(0), w(4), w(8), w(12)]
+    // Four word loads (`load_u32`) where byte by byte took sixteen, with their shifts and spills. `b` is in the
+    // packet, bounds-checked with its header.
+    let p = b.as_ptr();
+    [load_u32(p), load_u32(p.wrapping_add(4)), load_u32(p.wrapping_add(8)), load_u32(p.wrapping_add(12))]
 }
 
 // Packet words read and written whole. Rust has no unaligned access that the BPF backend keeps whole:
