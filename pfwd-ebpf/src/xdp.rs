@@ -18,7 +18,7 @@ use pfwd_common::{Addr, Config, CtEntry, PROTO_TCP, PROTO_UDP, Stat, Tuple, chec
 use crate::{
     conntrack, fib,
     maps::{CONNTRACK, CONNTRACK_NEW, IFACES, XDP_TX, count, count_backend, count_rule},
-    parse::{ETH_P_IP, Packet, TCP_FIN, TCP_RST, TCP_SYN, frag, icmp},
+    parse::{ETH_P_IP, Packet, TCP_FIN, TCP_RST, TCP_SYN, frag, icmp, load_u16, load_u32, store_u16, store_u32},
     rules,
 };
 
@@ -26,6 +26,11 @@ pub const PASS: u32 = xdp_action::XDP_PASS;
 
 const ETH_LEN: usize = EthHdr::LEN;
 const IP_MF_OFFSET: u16 = 0x3fff;
+/// Offsets in the IPv4 header: TTL (with the protocol after it), header checksum, addresses.
+const IP_TTL: usize = 8;
+const IP_CHECK: usize = 10;
+const IP_SADDR: usize = 12;
+const IP_DADDR: usize = 16;
 /// Offsets of the checksum in the TCP and UDP headers.
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
@@ -102,8 +107,8 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     let l4 = ptr_at::<[u8; 8]>(ctx, l4_off)?;
-    // SAFETY: bounds checked by ptr_at.
-    let l4h = unsafe { *l4 };
+    // Both ports in one load (`parse::load_u32`): the source port's bytes are the low half (little-endian).
+    let ports = load_u32(l4.cast());
     let mut tcp_flags = 0;
     if proto == PROTO_TCP {
         let f = ptr_at::<[u8; 2]>(ctx, l4_off + 12)?;
@@ -117,10 +122,10 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
         }
     }
     let t0 = Tuple::new(
-        u32::from_ne_bytes(ip.src_addr),
-        u32::from_ne_bytes(ip.dst_addr),
-        u16::from_be_bytes([l4h[0], l4h[1]]),
-        u16::from_be_bytes([l4h[2], l4h[3]]),
+        load_u32(ip.src_addr.as_ptr()),
+        load_u32(ip.dst_addr.as_ptr()),
+        u16::from_be(ports as u16),
+        u16::from_be((ports >> 16) as u16),
         proto,
     );
     let now = conntrack::now_ns();
@@ -234,61 +239,51 @@ fn account(s: &Step, to: &Tuple, pkt: &Packet<u32>, now: u64) {
 }
 
 /// Rewrites the frame from `from` to `to` (addresses, ports, both checksums), decrements the TTL, and gives it the
-/// next hop's link-layer addresses.
+/// next hop's link-layer addresses. Fields are read and written as whole words, and checksums updated on them as
+/// loaded, without byte swaps (see `checksum::replace_u32`).
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, l4_off: usize, from: &Tuple, to: &Tuple, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()> {
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?;
-    // SAFETY: bounds checked by ptr_at.
-    let ip = unsafe { &mut *ip };
-    let (s0, s1) = (u32::from_be(from.saddr), u32::from_be(to.saddr));
-    let (d0, d1) = (u32::from_be(from.daddr), u32::from_be(to.daddr));
-    // TTL and protocol share one 16-bit word of the header checksum.
-    let ttl_old = u16::from_be_bytes([ip.ttl, ip.proto]);
-    let ttl_new = u16::from_be_bytes([ip.ttl - 1, ip.proto]);
-    let mut check = checksum::replace_u16(u16::from_be_bytes(ip.check), ttl_old, ttl_new);
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?.cast::<u8>();
+    // TTL and protocol share one 16-bit word of the header checksum: the TTL is its first byte, the low half.
+    let ttl_proto = load_u16(ip.wrapping_add(IP_TTL));
+    let mut check = checksum::replace_u16(load_u16(ip.wrapping_add(IP_CHECK)), ttl_proto, ttl_proto - 1);
     // Only what changes, as the tc path does, so both leave the same checksum bytes.
-    if s0 != s1 {
-        check = checksum::replace_u32(check, s0, s1);
+    if from.saddr != to.saddr {
+        check = checksum::replace_u32(check, from.saddr, to.saddr);
     }
-    if d0 != d1 {
-        check = checksum::replace_u32(check, d0, d1);
+    if from.daddr != to.daddr {
+        check = checksum::replace_u32(check, from.daddr, to.daddr);
     }
-    ip.ttl -= 1;
-    ip.src_addr = to.saddr.to_ne_bytes();
-    ip.dst_addr = to.daddr.to_ne_bytes();
-    ip.check = check.to_be_bytes();
+    store_u16(ip.wrapping_add(IP_TTL), ttl_proto - 1);
+    store_u32(ip.wrapping_add(IP_SADDR), to.saddr);
+    store_u32(ip.wrapping_add(IP_DADDR), to.daddr);
+    store_u16(ip.wrapping_add(IP_CHECK), check);
     let tcp = from.proto == PROTO_TCP;
-    let csum_off = l4_off + if tcp { TCP_CHECK } else { UDP_CHECK };
-    let c = ptr_at::<[u8; 2]>(ctx, csum_off)?;
-    // SAFETY: bounds checked by ptr_at.
-    let c = unsafe { &mut *c };
-    let mut l4 = u16::from_be_bytes(*c);
-    // A UDP checksum of 0 means none, and stays so.
+    let c = ptr_at::<[u8; 2]>(ctx, l4_off + if tcp { TCP_CHECK } else { UDP_CHECK })?.cast::<u8>();
+    let mut l4 = load_u16(c);
+    // A UDP checksum of 0 means none, and stays so. (0 and 0xffff read the same in either byte order.)
     if tcp || l4 != 0 {
-        if s0 != s1 {
-            l4 = checksum::replace_u32(l4, s0, s1);
+        if from.saddr != to.saddr {
+            l4 = checksum::replace_u32(l4, from.saddr, to.saddr);
         }
-        if d0 != d1 {
-            l4 = checksum::replace_u32(l4, d0, d1);
+        if from.daddr != to.daddr {
+            l4 = checksum::replace_u32(l4, from.daddr, to.daddr);
         }
         if from.sport != to.sport {
-            l4 = checksum::replace_u16(l4, from.sport, to.sport);
+            l4 = checksum::replace_u16(l4, from.sport.to_be(), to.sport.to_be());
         }
         if from.dport != to.dport {
-            l4 = checksum::replace_u16(l4, from.dport, to.dport);
+            l4 = checksum::replace_u16(l4, from.dport.to_be(), to.dport.to_be());
         }
         if !tcp && l4 == 0 {
             l4 = 0xffff;
         }
-        *c = l4.to_be_bytes();
+        store_u16(c, l4);
     }
     let ports = ptr_at::<[u8; 4]>(ctx, l4_off)?;
-    // SAFETY: as above.
-    let ports = unsafe { &mut *ports };
-    let (sp, dp) = (to.sport.to_be_bytes(), to.dport.to_be_bytes());
-    *ports = [sp[0], sp[1], dp[0], dp[1]];
+    store_u32(ports.cast(), u32::from(to.sport.to_be()) | u32::from(to.dport.to_be()) << 16);
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: as above.
+    // SAFETY: bounds checked by ptr_at.
     let eth = unsafe { &mut *eth };
     eth.dst_addr = *dmac;
     eth.src_addr = *smac;
