@@ -21,7 +21,7 @@ use pfwd_common::{Addr6, FlowTuple, PROTO_TCP, PROTO_UDP, Tuple, Tuple6, checksu
 
 use crate::{
     family::Family,
-    parse::{Embedded, Packet, ip_off, load_u16, ptr_at, store_u16, store_u32},
+    parse::{Embedded, Packet, ip_off, load_u16, ptr_at, store_ports, store_u16, store_u32},
 };
 
 /// Offsets of the checksum and the addresses in an IPv4 header.
@@ -161,8 +161,7 @@ pub fn rewrite<A: Family>(ctx: &TcContext, pkt: &Packet<A>, to: &FlowTuple<A>) -
             unsafe { *id = to.sport.to_be_bytes() };
         } else {
             let Some(ports) = ptr_at::<[u8; 4]>(ctx, pkt.l4_off) else { return false };
-            // Both ports in one store: the source port's bytes are the low half (little-endian).
-            store_u32(ports.cast(), u32::from(to.sport.to_be()) | u32::from(to.dport.to_be()) << 16);
+            store_ports(ports.cast(), to.sport, to.dport);
         }
     }
 

@@ -292,6 +292,20 @@ pub fn store_u16(p: *mut u8, v: u16) {
     unsafe { core::arch::asm!("*(u16 *)({0} + 0) = {1}", in(reg) p, in(reg) v, options(nostack, preserves_flags)) };
 }
 
+/// The source and destination ports (host order) of the TCP or UDP header at `p`, in one load: the source port's
+/// bytes are the word's low half (little-endian).
+#[inline(always)]
+pub fn load_ports(p: *const u8) -> (u16, u16) {
+    let w = load_u32(p);
+    (u16::from_be(w as u16), u16::from_be((w >> 16) as u16))
+}
+
+/// Writes the ports `sport` and `dport` (host order) to the TCP or UDP header at `p`, in one store.
+#[inline(always)]
+pub fn store_ports(p: *mut u8, sport: u16, dport: u16) {
+    store_u32(p, u32::from(sport.to_be()) | u32::from(dport.to_be()) << 16);
+}
+
 /// The addresses and protocol of an IPv4 header as a tuple without ports.
 #[inline(always)]
 fn addresses4(ip: &Ipv4Hdr) -> FlowTuple<u32> {
@@ -454,10 +468,7 @@ fn transport<A: Family>(ctx: &TcContext, pkt: &mut Packet<A>, end: usize) -> Opt
             }
             // Re-derive: ensure_linear may have moved the data.
             let ports: *const [u8; 4] = ptr_at(ctx, l4_off)?;
-            // Both ports in one load: the source port's bytes are the low half (little-endian).
-            let ports = load_u32(ports.cast());
-            pkt.tuple.sport = u16::from_be(ports as u16);
-            pkt.tuple.dport = u16::from_be((ports >> 16) as u16);
+            (pkt.tuple.sport, pkt.tuple.dport) = load_ports(ports.cast());
             if proto == PROTO_TCP {
                 let off_flags: *const [u8; 2] = ptr_at(ctx, l4_off + 12)?;
                 // SAFETY: bounds checked by ptr_at.

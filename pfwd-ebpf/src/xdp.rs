@@ -18,7 +18,10 @@ use pfwd_common::{Addr, Config, CtEntry, PROTO_TCP, PROTO_UDP, Stat, Tuple, chec
 use crate::{
     conntrack, fib,
     maps::{CONNTRACK, CONNTRACK_NEW, IFACES, XDP_TX, count, count_backend, count_rule},
-    parse::{ETH_P_IP, Packet, TCP_FIN, TCP_RST, TCP_SYN, frag, icmp, load_u16, load_u32, store_u16, store_u32},
+    parse::{
+        ETH_P_IP, Packet, TCP_FIN, TCP_RST, TCP_SYN, frag, icmp, load_ports, load_u16, load_u32, store_ports,
+        store_u16, store_u32,
+    },
     rules,
 };
 
@@ -107,8 +110,7 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     let l4 = ptr_at::<[u8; 8]>(ctx, l4_off)?;
-    // Both ports in one load (`parse::load_u32`): the source port's bytes are the low half (little-endian).
-    let ports = load_u32(l4.cast());
+    let (sport, dport) = load_ports(l4.cast());
     let mut tcp_flags = 0;
     if proto == PROTO_TCP {
         let f = ptr_at::<[u8; 2]>(ctx, l4_off + 12)?;
@@ -121,13 +123,7 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
             return None;
         }
     }
-    let t0 = Tuple::new(
-        load_u32(ip.src_addr.as_ptr()),
-        load_u32(ip.dst_addr.as_ptr()),
-        u16::from_be(ports as u16),
-        u16::from_be((ports >> 16) as u16),
-        proto,
-    );
+    let t0 = Tuple::new(load_u32(ip.src_addr.as_ptr()), load_u32(ip.dst_addr.as_ptr()), sport, dport, proto);
     let now = conntrack::now_ns();
     let e0 = live(&t0, now, cfg).ok()?;
     // SAFETY: a map value pointer from a successful lookup.
@@ -281,7 +277,7 @@ fn rewrite(ctx: &XdpContext, l4_off: usize, from: &Tuple, to: &Tuple, smac: &[u8
         store_u16(c, l4);
     }
     let ports = ptr_at::<[u8; 4]>(ctx, l4_off)?;
-    store_u32(ports.cast(), u32::from(to.sport.to_be()) | u32::from(to.dport.to_be()) << 16);
+    store_ports(ports.cast(), to.sport, to.dport);
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: bounds checked by ptr_at.
     let eth = unsafe { &mut *eth };
