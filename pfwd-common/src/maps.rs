@@ -44,8 +44,11 @@ pub mod names {
     pub const BACKEND_COUNTERS: &str = "PFWD_BACKEND_CNT";
     /// The interfaces the XDP fast path may send packets to (`pfwd attach --xdp`): a devmap keyed by ifindex.
     pub const XDP_TX: &str = "PFWD_XDP_TX";
+    /// How many entries have been inserted into [`CONNTRACK_NEW`] (index 0) and [`CONNTRACK6_NEW`] (index 1),
+    /// wrapping: see [`unconfirmed_check_inserts`](super::unconfirmed_check_inserts).
+    pub const CT_NEW_INSERTS: &str = "PFWD_CT_NEW_INS";
     /// Every map, in the order `pfwd status` reports their memory.
-    pub const MAPS: [&str; 22] = [
+    pub const MAPS: [&str; 23] = [
         RULES,
         INDEX,
         INDEX4,
@@ -68,6 +71,7 @@ pub mod names {
         BACKENDS,
         BACKEND_COUNTERS,
         XDP_TX,
+        CT_NEW_INSERTS,
     ];
 
     /// The tcx programs (`#[classifier]` functions of pfwd-ebpf).
@@ -158,6 +162,20 @@ pub const MIN_CT_NEW_ENTRIES: u32 = 256;
 pub const fn unconfirmed_ct_entries(ct_entries: u32) -> u32 {
     let quarter = ct_entries / 4;
     if quarter < MIN_CT_NEW_ENTRIES { MIN_CT_NEW_ENTRIES } else { quarter }
+}
+
+/// How many inserts into an unconfirmed-flow table of `entries` may pass before a flow in it checks its other entry
+/// again ([`CtEntryOf::checked_inserts`]): an eighth of the table.
+///
+/// The check is there because the table's LRU evicts: a one-way flow looks up only its own entry, and the other one
+/// (which its first reply needs) would be the first to go. A lookup marks an entry referenced, and an LRU evicts
+/// entries in about the order they were last referenced, so an entry referenced when its flow checked it is only
+/// evicted once most of the table has been filled by newer inserts since. An eighth leaves a wide margin for the
+/// kernel's approximate LRU (its lists are rotated and shrunk in batches). When nothing is inserted, nothing is
+/// evicted and a flow needs no check; in a flood of new flows, a flow checks on nearly every packet.
+pub const fn unconfirmed_check_inserts(entries: u32) -> u32 {
+    let eighth = entries / 8;
+    if eighth == 0 { 1 } else { eighth }
 }
 pub const MAX_IFACES: u32 = 256;
 /// This host's IPv4 addresses that `-d local` matches.
@@ -940,6 +958,10 @@ pub struct CtEntryOf<A> {
     pub hook: u8,
     /// [`ct_flag`] bits.
     pub flags: u8,
+    /// The unconfirmed-flow table's insert count (`names::CT_NEW_INSERTS`) when this entry's flow last found both
+    /// its entries there: the next check is due [`unconfirmed_check_inserts`] inserts later. Unused in the
+    /// confirmed table.
+    pub checked_inserts: u64,
     /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of creation and of the last packet (refreshed at most
     /// once a second).
     pub created_ns: u64,
@@ -952,8 +974,8 @@ pub type CtEntry6 = CtEntryOf<Addr6>;
 pod_instances!(
     Tuple = 16,
     Tuple6 = 40,
-    CtEntry = 40,
-    CtEntry6 = 64,
+    CtEntry = 48,
+    CtEntry6 = 72,
     FragKey = 16,
     FragKey6 = 40,
     FragEntry = 24,
@@ -1109,7 +1131,7 @@ mod tests {
         assert_eq!(size_of::<RuleEntry>(), 112);
         assert_eq!(size_of::<IfaceInfo>(), 32);
         assert_eq!(size_of::<Tuple>(), 16);
-        assert_eq!(size_of::<CtEntry>(), 40);
+        assert_eq!(size_of::<CtEntry>(), 48);
         assert_eq!(size_of::<Config>(), 72);
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<SockOrig>(), 8);
@@ -1167,6 +1189,13 @@ mod tests {
         assert_eq!(unconfirmed_ct_entries(4096), 1024);
         assert_eq!(unconfirmed_ct_entries(1024), MIN_CT_NEW_ENTRIES);
         assert_eq!(unconfirmed_ct_entries(64), MIN_CT_NEW_ENTRIES);
+    }
+
+    #[test]
+    fn a_check_is_due_every_eighth_of_the_unconfirmed_table() {
+        assert_eq!(unconfirmed_check_inserts(unconfirmed_ct_entries(DEFAULT_CT_ENTRIES)), 16_384);
+        assert_eq!(unconfirmed_check_inserts(MIN_CT_NEW_ENTRIES), 32);
+        assert_eq!(unconfirmed_check_inserts(4), 1);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Connection tracking: two LRU-hash entries per flow (original and reply tuple), created by the first packet,
 //! refreshed lazily (at most once a second, or when the TCP state changes: no per-packet writes), expired on lookup
-//! by idle time. An unconfirmed flow's packets also check that its other entry is there (one lookup).
+//! by idle time. An unconfirmed flow's packets also check that its other entry is there (one lookup) when enough new
+//! entries went into its table since the flow last did that something may have evicted it (`check_due`).
 //!
 //! Two tables, so that new flows can never push out established ones: a new flow's entries go into the unconfirmed
 //! table (`CONNTRACK_NEW`), and move to the confirmed one (`CONNTRACK`) when the flow is confirmed, like netfilter's
@@ -19,11 +20,14 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_coarse_ns, generated::bpf_jiffies64},
     maps::LruHashMap,
 };
-use pfwd_common::{Config, CtEntryOf, FlowTuple, PROTO_TCP, Stat, ct_flag, ct_hook, ct_state, dir};
+use pfwd_common::{
+    Config, CtEntryOf, DEFAULT_CT_ENTRIES, FlowTuple, PROTO_TCP, Stat, ct_flag, ct_hook, ct_state, dir,
+    unconfirmed_check_inserts, unconfirmed_ct_entries,
+};
 
 use crate::{
     family::Family,
-    maps::{CONFIG, count},
+    maps::{CONFIG, CT_NEW_INSERTS, count},
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -40,6 +44,42 @@ pub fn now_ns() -> u64 {
         // SAFETY: as above.
         _ => unsafe { bpf_ktime_get_coarse_ns() },
     }
+}
+
+/// Inserts into an unconfirmed table after which a flow in it checks its other entry again
+/// (`pfwd_common::unconfirmed_check_inserts` of the table's size). The loader sets it for the table it made; the
+/// global sits in a frozen read-only map, so this is a constant to the verifier.
+#[unsafe(no_mangle)]
+static PFWD_CT_NEW_CHECK: u32 = unconfirmed_check_inserts(unconfirmed_ct_entries(DEFAULT_CT_ENTRIES));
+
+#[inline(always)]
+fn check_inserts() -> u32 {
+    // SAFETY: a plain read of a global; volatile so the compiler does not fold in the default the loader overrides.
+    unsafe { core::ptr::read_volatile(&PFWD_CT_NEW_CHECK) }
+}
+
+/// Where family `A`'s unconfirmed insert count is (`CT_NEW_INSERTS`).
+#[inline(always)]
+fn new_inserts<A: Family>() -> Option<*mut u64> {
+    CT_NEW_INSERTS.get_ptr_mut(A::CT_NEW_INDEX)
+}
+
+/// The insert count at `c`.
+#[inline(always)]
+fn read_inserts(c: *mut u64) -> u64 {
+    // SAFETY: a map value pointer; other CPUs only add to it atomically, and a word load is never torn.
+    unsafe { core::ptr::read_volatile(c) }
+}
+
+/// Counts `n` inserts into family `A`'s unconfirmed table; returns the count before them.
+#[inline(always)]
+fn note_new_inserts<A: Family>(n: u64) -> u64 {
+    let Some(c) = new_inserts::<A>() else { return 0 };
+    let before = read_inserts(c);
+    // SAFETY: an atomic add (BPF_ATOMIC | BPF_ADD) to a map value; other CPUs add to it too. Rust has no atomic
+    // read-modify-write for this target, so it is spelt out.
+    unsafe { core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) c, in(reg) n, options(nostack)) };
+    before
 }
 
 /// The table an entry lives in.
@@ -196,13 +236,31 @@ pub fn track<A: Family>(key: &FlowTuple<A>, e: *mut CtEntryOf<A>, pkt: &Packet<A
     if state == entry.state
         && now.saturating_sub(entry.last_seen_ns) < REFRESH_NS
         && entry.flags & ct_flag::UNCHECKED == 0
-        // An unconfirmed flow's other entry is checked on every packet: its table is the one a flood evicts from,
-        // and a flow missing its reply entry must get it back before the reply comes, not a second later.
-        && (state & ct_state::CONFIRMED != 0 || unconfirmed_peer_present(key, entry))
+        // An unconfirmed flow's other entry is checked once its table may have evicted it: that table is the one a
+        // flood evicts from, and a flow missing its reply entry must get it back before the reply comes, not a
+        // second later.
+        && (state & ct_state::CONFIRMED != 0 || !check_due(entry) || unconfirmed_peer_present(key, entry))
     {
         return;
     }
     refresh(key, e, state, now);
+}
+
+/// Whether the unconfirmed entry `e` is due to check its other entry: since its flow last found both, the table
+/// took `check_inserts()` new entries or more. Fewer cannot have pushed out an entry that was referenced then (see
+/// `pfwd_common::unconfirmed_check_inserts`), so until then the check, a cold lookup on every packet of a one-way
+/// flow, is skipped. When due, the count it is checked at is recorded (the check follows; if it fails, `refresh`
+/// restores the entry).
+#[inline(always)]
+fn check_due<A: Family>(e: &mut CtEntryOf<A>) -> bool {
+    let Some(c) = new_inserts::<A>() else { return true };
+    let inserts = read_inserts(c);
+    // (Wrapping: an entry that outlived its counter, a reload of the maps, is due at once.)
+    if inserts.wrapping_sub(e.checked_inserts) < u64::from(check_inserts()) {
+        return false;
+    }
+    e.checked_inserts = inserts;
+    true
 }
 
 /// Whether the unconfirmed entry `key` -> `e` still has its other entry in the unconfirmed table, pointing back
@@ -224,12 +282,15 @@ fn refresh<A: Family>(key: &FlowTuple<A>, e: *mut CtEntryOf<A>, state: u8, now: 
     entry.state = state;
     entry.last_seen_ns = now;
     entry.flags &= !ct_flag::UNCHECKED;
+    let inserts = new_inserts::<A>().map_or(0, read_inserts);
+    entry.checked_inserts = inserts;
     if let Some((p, _)) = peer(key, entry) {
         // SAFETY: see lookup.
         let peer = unsafe { &mut *p };
         peer.state = state;
         peer.last_seen_ns = now;
         peer.flags &= !ct_flag::UNCHECKED;
+        peer.checked_inserts = inserts;
     } else {
         // The LRU evicted the other direction of this live flow (a full table): put it back, unless another flow
         // took that tuple meanwhile.
@@ -241,6 +302,7 @@ fn refresh<A: Family>(key: &FlowTuple<A>, e: *mut CtEntryOf<A>, state: u8, now: 
         };
         let restored = table_of(entry).insert(&entry.xlat.reversed(), &other, BPF_NOEXIST as u64).is_ok();
         if restored && !entry.is_confirmed() {
+            note_new_inserts::<A>(1);
             count(Stat::UnconfirmedRestored);
         }
     }
@@ -289,6 +351,8 @@ pub fn create<A: Family>(
         flags,
         created_ns: now,
         last_seen_ns: now,
+        // Both entries are referenced below: the flow's first check is due after `check_inserts()` more.
+        checked_inserts: note_new_inserts::<A>(2),
     };
     // NOEXIST claims the reply tuple atomically against another CPU allocating the same one; losing that race to
     // the same flow (its other packet) is fine, losing it to a different flow is a clash.

@@ -46,6 +46,8 @@ pub trait Family: Addr {
     /// The confirmed and unconfirmed flow tables (`conntrack`).
     fn conntrack() -> &'static LruHashMap<FlowTuple<Self>, CtEntryOf<Self>>;
     fn conntrack_new() -> &'static LruHashMap<FlowTuple<Self>, CtEntryOf<Self>>;
+    /// The index of `conntrack_new`'s insert count in `CT_NEW_INSERTS`.
+    const CT_NEW_INDEX: u32;
 
     /// The fragmented datagrams in flight (`fragment`).
     fn frags() -> &'static LruHashMap<FragKeyOf<Self>, FragEntryOf<Self>>;
@@ -107,6 +109,7 @@ impl Family for u32 {
     const ECHO_REPLY: u8 = ICMP_ECHO_REPLY;
     const ICMP_PSEUDO: bool = false;
     const HEADER_CHECKSUM: bool = true;
+    const CT_NEW_INDEX: u32 = 0;
 
     #[inline(always)]
     fn is_icmp_error(ty: u8) -> bool {
@@ -211,6 +214,7 @@ impl Family for Addr6 {
     const ECHO_REPLY: u8 = ICMPV6_ECHO_REPLY;
     const ICMP_PSEUDO: bool = true;
     const HEADER_CHECKSUM: bool = false;
+    const CT_NEW_INDEX: u32 = 1;
 
     /// Neighbour discovery and router advertisements (133-137) are neither errors nor echoes: they pass untouched.
     #[inline(always)]

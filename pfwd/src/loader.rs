@@ -72,6 +72,9 @@ pub enum XdpRun {
 
 /// The global holding the IP header's offset in the tc programs (`pfwd-ebpf/src/parse.rs`).
 const L2_LEN_GLOBAL: &str = "PFWD_L2_LEN";
+/// The programs' load-time constant of how many inserts into an unconfirmed-flow table pass before a flow there
+/// checks its other entry again (`pfwd_common::unconfirmed_check_inserts` of that table's size).
+const CT_NEW_CHECK_GLOBAL: &str = "PFWD_CT_NEW_CHECK";
 /// aya-log's ring buffer, pinned so both builds of the tc programs log into the one the log reader follows.
 const LOG_MAP: &str = "AYA_LOGS";
 
@@ -213,6 +216,11 @@ impl Kernel {
             .map_max_entries(names::CONNTRACK6, ct_entries)
             .map_max_entries(names::CONNTRACK6_NEW, pfwd_common::unconfirmed_ct_entries(ct_entries))
             .override_global(L2_LEN_GLOBAL, &(Framing::Ethernet.l2_len()), true)
+            .override_global(
+                CT_NEW_CHECK_GLOBAL,
+                &pfwd_common::unconfirmed_check_inserts(pfwd_common::unconfirmed_ct_entries(ct_entries)),
+                true,
+            )
             .load(OBJECT)
             .context("loading the eBPF object (maps)")?;
         let others = [names::PROG_XDP].into_iter().chain(SOCK_PROGRAMS.map(|(name, _, _)| name));
@@ -279,10 +287,13 @@ impl Kernel {
             return Ok(());
         }
         self.check_layout()?;
+        // The pinned tables' size, which may not be the default.
+        let (_, unconfirmed) = self.conntrack_capacity()?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&self.dir)
             .map_pin_path(LOG_MAP, self.dir.join(LOG_MAP))
             .override_global(L2_LEN_GLOBAL, &(Framing::Layer3.l2_len()), true)
+            .override_global(CT_NEW_CHECK_GLOBAL, &pfwd_common::unconfirmed_check_inserts(unconfirmed), true)
             .load(OBJECT)
             .context("loading the eBPF object for layer-3 interfaces")?;
         for (_, _, dir) in PROGRAMS {

@@ -1158,13 +1158,22 @@ fn packets_within_the_refresh_interval_write_nothing_and_confirming_keeps_the_ti
 /// unconfirmed flow (only the query seen) in the unconfirmed table, and for a confirmed one in the confirmed table.
 #[test]
 fn an_evicted_reply_entry_is_restored_by_the_flow() {
+    // 4096 entries: the unconfirmed table has 1024, and a flow there checks its other entry every 128 inserts.
     let f = Fixture::new(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")]);
+    let check = pfwd_common::unconfirmed_check_inserts(pfwd_common::unconfirmed_ct_entries(4096));
     let query = Pkt::udp(CLIENT, 5555, ROUTER, 53);
     let reply = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
     let reply_key = tuple(BACKEND, 5353, CLIENT, 5555, PROTO_UDP);
     expect_dnat(&f, &query, BACKEND, 5353);
     ct_map(&f, NEW_TABLE).remove(&reply_key).expect("removing the unconfirmed reply entry");
-    // The unconfirmed flow's next packet repairs it (right away: unconfirmed flows are checked on every packet).
+    // Nothing went into the table since the flow was created, so nothing can have evicted its entry: its next packet
+    // does not look (a lookup on every packet of a one-way flow is what the insert count saves).
+    expect_dnat(&f, &query, BACKEND, 5353);
+    assert_eq!(f.stat("unconfirmed_entries_restored"), 0);
+    // New flows, two inserts each, until a check is due: the flow's next packet repairs the entry.
+    for i in 0..check.div_ceil(2) as u16 {
+        expect_dnat(&f, &Pkt::udp(CLIENT, 20_000 + i, ROUTER, 53), BACKEND, 5353);
+    }
     expect_dnat(&f, &query, BACKEND, 5353);
     assert_eq!(f.stat("unconfirmed_entries_restored"), 1);
     assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, 53));
@@ -1329,6 +1338,40 @@ fn a_burst_of_new_flows_far_larger_than_the_table_leaves_confirmed_flows_intact(
     handshake(&f, Ipv4Addr::new(192, 168, 1, 8), 50_000);
     assert_eq!(keys(&f).0.len(), 42);
     assert_eq!(f.stat("flows_confirmed"), 21);
+}
+
+/// New flows cycling a tiny unconfirmed table (256 entries: a flow there checks its other entry every 32 inserts)
+/// many times over, and a one-way flow sending a packet after every 15 of them (30 inserts): it looks its reply
+/// entry up only when a check is due, and that entry is never evicted, because an entry referenced fewer inserts ago
+/// than a check interval's is safe in the LRU (`pfwd_common::unconfirmed_check_inserts`). Its reply is translated.
+#[test]
+fn a_one_way_flow_keeps_its_reply_entry_while_new_flows_cycle_the_table() {
+    let f = Fixture::with_conntrack(&[rule(1, "dnat -p udp --dport 53 --to 10.0.2.2:5353")], 64);
+    let entries = pfwd_common::unconfirmed_ct_entries(64);
+    assert_eq!(pfwd_common::unconfirmed_check_inserts(entries), 32);
+    let query = Pkt::udp(CLIENT, 5555, ROUTER, 53);
+    let reply = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
+    let reply_key = tuple(BACKEND, 5353, CLIENT, 5555, PROTO_UDP);
+    expect_dnat(&f, &query, BACKEND, 5353);
+    // 20 times the table's size in inserts.
+    let rounds = entries * 20 / 30;
+    for round in 0..rounds {
+        for i in 0..15 {
+            let n = round * 15 + i;
+            let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 51, 100, 0)) + n % 256);
+            let other = Pkt::udp(src, 1024 + (n / 256) as u16, ROUTER, 53);
+            assert_eq!(f.ingress(&other.bytes()).ret, NEXT, "new flow {n}");
+        }
+        expect_dnat(&f, &query, BACKEND, 5353);
+        // (A lookup from userspace does not mark the entry referenced.)
+        assert!(ct_map(&f, NEW_TABLE).get(&reply_key, 0).is_ok(), "round {round}: the reply entry was evicted");
+    }
+    assert_eq!(f.stat("new_flows"), u64::from(rounds * 15 + 1));
+    // The table did cycle: the first new flow's entries are long gone.
+    let first = tuple(Ipv4Addr::new(198, 51, 100, 0), 1024, ROUTER, 53, PROTO_UDP);
+    assert!(ct_map(&f, NEW_TABLE).get(&first, 0).is_err(), "the first new flow is still there");
+    assert_eq!(f.stat("unconfirmed_entries_restored"), 0);
+    assert_translated(&f.egress(&reply.bytes()), &reply.from(ROUTER, 53));
 }
 
 /// An unconfirmed TCP flow expires after the SYN timeout; a confirmed one does not.

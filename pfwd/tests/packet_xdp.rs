@@ -752,12 +752,15 @@ fn unconfirmed_udp_flow_takes_the_fast_path_and_its_reply_confirms_it() {
         let settled = CtEntry { flags: old.flags | ct_flag::SETTLED, ..*old };
         assert_eq!(*new, settled, "entry {k:?}: only settled, its time not rewritten within the refresh interval");
     }
-    // A second later the next query refreshes both entries' time, and only that.
+    // A second later the next query refreshes both entries' time, and only that (and, as the refresh found both
+    // entries, the insert count they were checked at).
     thread::sleep(Duration::from_millis(1050));
     let later = expect_forward(&x, &query, &query.to(BACKEND, 5353).hop(VOUT_MAC, BACKEND_MAC), &[slot_of(1)]);
     for ((k, old), (_, new)) in after.unconfirmed.iter().zip(&later.unconfirmed) {
         assert!(new.last_seen_ns > old.last_seen_ns, "entry {k:?} not refreshed: {old:?} -> {new:?}");
-        assert_eq!(CtEntry { last_seen_ns: 0, ..*new }, CtEntry { last_seen_ns: 0, ..*old }, "only the time moves");
+        assert_eq!(new.checked_inserts, 2, "entry {k:?}: checked after the flow's own two inserts");
+        let timeless = |e: &CtEntry| CtEntry { last_seen_ns: 0, checked_inserts: 0, ..*e };
+        assert_eq!(timeless(new), timeless(old), "only the time moves");
     }
     // The answer, arriving on vout: translated back, to the client; it confirms the flow.
     let answer = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
