@@ -958,13 +958,14 @@ pub struct CtEntryOf<A> {
     pub hook: u8,
     /// [`ct_flag`] bits.
     pub flags: u8,
-    /// The unconfirmed-flow table's insert count (`names::CT_NEW_INSERTS`) when this entry's flow last found both
-    /// its entries there: the next check is due [`unconfirmed_check_inserts`] inserts later. Unused in the
-    /// confirmed table.
-    pub checked_inserts: u64,
-    /// `bpf_ktime_get_coarse_ns` (CLOCK_MONOTONIC_COARSE) of creation and of the last packet (refreshed at most
-    /// once a second).
-    pub created_ns: u64,
+    /// The low 32 bits of the unconfirmed-flow table's insert count (`names::CT_NEW_INSERTS`) when this entry's
+    /// flow last found both its entries there: the next check is due [`unconfirmed_check_inserts`] inserts later
+    /// (differences wrap). Unused in the confirmed table.
+    pub checked_inserts: u32,
+    /// The programs' clock (CLOCK_MONOTONIC_COARSE) at creation, in whole seconds: only shown, as the flow's age
+    /// (32 bits keep the entry at 40 bytes).
+    pub created_s: u32,
+    /// The programs' clock at the last packet, in ns (refreshed at most once a second).
     pub last_seen_ns: u64,
 }
 
@@ -974,8 +975,8 @@ pub type CtEntry6 = CtEntryOf<Addr6>;
 pod_instances!(
     Tuple = 16,
     Tuple6 = 40,
-    CtEntry = 48,
-    CtEntry6 = 72,
+    CtEntry = 40,
+    CtEntry6 = 64,
     FragKey = 16,
     FragKey6 = 40,
     FragEntry = 24,
@@ -1131,7 +1132,7 @@ mod tests {
         assert_eq!(size_of::<RuleEntry>(), 112);
         assert_eq!(size_of::<IfaceInfo>(), 32);
         assert_eq!(size_of::<Tuple>(), 16);
-        assert_eq!(size_of::<CtEntry>(), 48);
+        assert_eq!(size_of::<CtEntry>(), 40);
         assert_eq!(size_of::<Config>(), 72);
         assert_eq!(size_of::<SockKey>(), 16);
         assert_eq!(size_of::<SockOrig>(), 8);

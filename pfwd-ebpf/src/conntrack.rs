@@ -71,11 +71,12 @@ fn read_inserts(c: *mut u64) -> u64 {
     unsafe { core::ptr::read_volatile(c) }
 }
 
-/// Counts `n` inserts into family `A`'s unconfirmed table; returns the count before them.
+/// Counts `n` inserts into family `A`'s unconfirmed table; returns the count before them (its low 32 bits, as
+/// entries record it).
 #[inline(always)]
-fn note_new_inserts<A: Family>(n: u64) -> u64 {
+fn note_new_inserts<A: Family>(n: u64) -> u32 {
     let Some(c) = new_inserts::<A>() else { return 0 };
-    let before = read_inserts(c);
+    let before = read_inserts(c) as u32;
     // SAFETY: an atomic add (BPF_ATOMIC | BPF_ADD) to a map value; other CPUs add to it too. Rust has no atomic
     // read-modify-write for this target, so it is spelt out.
     unsafe { core::arch::asm!("lock *(u64 *)({0} + 0) += {1}", in(reg) c, in(reg) n, options(nostack)) };
@@ -254,9 +255,8 @@ pub fn track<A: Family>(key: &FlowTuple<A>, e: *mut CtEntryOf<A>, pkt: &Packet<A
 #[inline(always)]
 fn check_due<A: Family>(e: &mut CtEntryOf<A>) -> bool {
     let Some(c) = new_inserts::<A>() else { return true };
-    let inserts = read_inserts(c);
-    // (Wrapping: an entry that outlived its counter, a reload of the maps, is due at once.)
-    if inserts.wrapping_sub(e.checked_inserts) < u64::from(check_inserts()) {
+    let inserts = read_inserts(c) as u32;
+    if inserts.wrapping_sub(e.checked_inserts) < check_inserts() {
         return false;
     }
     e.checked_inserts = inserts;
@@ -282,7 +282,7 @@ fn refresh<A: Family>(key: &FlowTuple<A>, e: *mut CtEntryOf<A>, state: u8, now: 
     entry.state = state;
     entry.last_seen_ns = now;
     entry.flags &= !ct_flag::UNCHECKED;
-    let inserts = new_inserts::<A>().map_or(0, read_inserts);
+    let inserts = new_inserts::<A>().map_or(0, read_inserts) as u32;
     entry.checked_inserts = inserts;
     if let Some((p, _)) = peer(key, entry) {
         // SAFETY: see lookup.
@@ -349,7 +349,7 @@ pub fn create<A: Family>(
         state: 0,
         hook: if hook == ct_hook::INGRESS { ct_hook::EGRESS } else { ct_hook::INGRESS },
         flags,
-        created_ns: now,
+        created_s: (now / 1_000_000_000) as u32,
         last_seen_ns: now,
         // Both entries are referenced below: the flow's first check is due after `check_inserts()` more.
         checked_inserts: note_new_inserts::<A>(2),

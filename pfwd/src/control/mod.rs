@@ -1507,7 +1507,7 @@ fn ebpf_flows<A: crate::loader::CtFamily>(
         };
         let secs = |ns: u64| ns as f64 / 1e9;
         out.push(ConntrackEntry {
-            age_s: Some(secs(now.saturating_sub(e.created_ns))),
+            age_s: Some(secs(now.saturating_sub(u64::from(e.created_s) * 1_000_000_000))),
             expires_in_s: Some(secs((e.last_seen_ns + e.timeout_ns(cfg)).saturating_sub(now))),
             idle_s: Some(secs(now.saturating_sub(e.last_seen_ns))),
             nat,
