@@ -1569,6 +1569,41 @@ fn assert_v4_translated(r: &Run, want: &[u8]) {
     assert_v4_valid(&r.data);
 }
 
+/// An unconfirmed IPv6 flow checks its other entry by IPv6's own insert count (`pfwd_common::
+/// unconfirmed_check_inserts`): new IPv4 flows, which fill only IPv4's table, do not make the check due; as many new
+/// IPv6 flows do, and the check puts back the entry the table lost.
+#[test]
+fn an_evicted_ipv6_reply_entry_is_restored_after_ipv6_inserts_only() {
+    let f = Fixture::new(&[
+        rule(1, "dnat -p udp --dport 53 --to [2001:db8:2::2]:5353"),
+        rule(2, "dnat -p udp --dport 53 --to 10.0.2.2:5353"),
+    ]);
+    // 4096 entries (the fixture's): unconfirmed tables of 1024, a check every 128 inserts.
+    let check = pfwd_common::unconfirmed_check_inserts(pfwd_common::unconfirmed_ct_entries(4096));
+    let query = Pkt::udp(CLIENT, 5555, ROUTER6, 53);
+    assert_translated(&f.ingress(&query.bytes()), &query.to(BACKEND, 5353));
+    let table = aya::maps::MapData::from_pin(f.kernel().pin_dir().join(names::CONNTRACK6_NEW)).expect("pinned map");
+    let mut table: aya::maps::HashMap<_, Tuple6, CtEntry6> =
+        aya::maps::HashMap::try_from(aya::maps::Map::from_map_data(table).unwrap()).unwrap();
+    table.remove(&tuple6(BACKEND, 5353, CLIENT, 5555, PROTO_UDP)).expect("removing the unconfirmed reply entry");
+
+    for i in 0..check.div_ceil(2) as u16 {
+        let r = f.ingress(&udp4(CLIENT4, 20_000 + i, ROUTER, 53));
+        assert_v4_translated(&r, &udp4(CLIENT4, 20_000 + i, BACKEND4, 5353));
+    }
+    assert_translated(&f.ingress(&query.bytes()), &query.to(BACKEND, 5353));
+    assert_eq!(f.stat("unconfirmed_entries_restored"), 0, "IPv4 inserts made an IPv6 check due");
+
+    for i in 0..check.div_ceil(2) as u16 {
+        let q = Pkt::udp(CLIENT, 20_000 + i, ROUTER6, 53);
+        assert_translated(&f.ingress(&q.bytes()), &q.to(BACKEND, 5353));
+    }
+    assert_translated(&f.ingress(&query.bytes()), &query.to(BACKEND, 5353));
+    assert_eq!(f.stat("unconfirmed_entries_restored"), 1);
+    let answer = Pkt::udp(BACKEND, 5353, CLIENT, 5555);
+    assert_translated(&f.egress(&answer.bytes()), &answer.from(ROUTER6, 53));
+}
+
 #[test]
 fn ipv4_and_ipv6_dnat_side_by_side() {
     let f = Fixture::new(&[
