@@ -44,8 +44,8 @@ pub mod names {
     pub const BACKEND_COUNTERS: &str = "PFWD_BACKEND_CNT";
     /// The interfaces the XDP fast path may send packets to (`pfwd attach --xdp`): a devmap keyed by ifindex.
     pub const XDP_TX: &str = "PFWD_XDP_TX";
-    /// How many entries have been inserted into [`CONNTRACK_NEW`] (index 0) and [`CONNTRACK6_NEW`] (index 1),
-    /// wrapping: see [`unconfirmed_check_inserts`](super::unconfirmed_check_inserts).
+    /// How many entries have been inserted into [`CONNTRACK_NEW`] (index 0) and [`CONNTRACK6_NEW`] (index 1): see
+    /// [`unconfirmed_check_inserts`](super::unconfirmed_check_inserts).
     pub const CT_NEW_INSERTS: &str = "PFWD_CT_NEW_INS";
     /// Every map, in the order `pfwd status` reports their memory.
     pub const MAPS: [&str; 23] = [

@@ -1,7 +1,8 @@
 //! Connection tracking: two LRU-hash entries per flow (original and reply tuple), created by the first packet,
 //! refreshed lazily (at most once a second, or when the TCP state changes: no per-packet writes), expired on lookup
-//! by idle time. An unconfirmed flow's packets also check that its other entry is there (one lookup) when enough new
-//! entries went into its table since the flow last did that something may have evicted it (`check_due`).
+//! by idle time. An unconfirmed flow's packet also checks that the flow's other entry is there (one lookup) once its
+//! table has taken enough new entries, since the flow last checked, that one of them may have evicted it
+//! (`check_due`).
 //!
 //! Two tables, so that new flows can never push out established ones: a new flow's entries go into the unconfirmed
 //! table (`CONNTRACK_NEW`), and move to the confirmed one (`CONNTRACK`) when the flow is confirmed, like netfilter's

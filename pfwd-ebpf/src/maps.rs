@@ -52,8 +52,8 @@ pub static CONNTRACK6: LruHashMap<Tuple6, CtEntry6> = LruHashMap::pinned(DEFAULT
 pub static CONNTRACK6_NEW: LruHashMap<Tuple6, CtEntry6> =
     LruHashMap::pinned(unconfirmed_ct_entries(DEFAULT_CT_ENTRIES), 0);
 
-/// How many entries have been inserted into `CONNTRACK_NEW` (0) and `CONNTRACK6_NEW` (1), wrapping: an
-/// unconfirmed flow checks its other entry again after `conntrack::check_inserts()` of them.
+/// How many entries have been inserted into `CONNTRACK_NEW` (0) and `CONNTRACK6_NEW` (1): an unconfirmed flow
+/// checks its other entry again after `conntrack::check_inserts()` of them.
 #[map(name = "PFWD_CT_NEW_INS")]
 pub static CT_NEW_INSERTS: Array<u64> = Array::pinned(2, 0);
 
