@@ -6,6 +6,7 @@
 //!
 //! Tables: `meta` (the [`Meta`] as JSON), `rules` (id → [`StoredRule`] as JSON, so ids come out in order) and
 //! `keys` (pairs of a hash of a rule's duplicate key and the rule's id; a hit is checked against the rule).
+use std::fs;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -101,6 +102,23 @@ impl std::io::Write for Fnv {
 /// keys rebuilt when opened, so duplicates are still found after an upgrade.
 const KEY_FORMAT: &[u8] = b"2";
 
+/// Whether `path` is a database file whose creation was killed before it was whole. redb sizes the new file and
+/// writes its header, and writes the header's magic number last: a file that is not empty but starts with zeros
+/// where the magic goes was never committed to (redb would refuse it as "not a redb database"), so it holds nothing
+/// and may be created again. Any other content is left alone, and redb judges it.
+fn creation_was_interrupted(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    // redb's magic number is 9 bytes long.
+    let mut magic = Vec::with_capacity(9);
+    file.by_ref().take(9).read_to_end(&mut magic).with_context(|| format!("reading {}", path.display()))?;
+    Ok(!magic.is_empty() && magic.iter().all(|b| *b == 0))
+}
+
 /// A table opened for reading, or None when it was never written (every other error is one).
 fn existing<T>(opened: Result<T, redb::TableError>) -> Result<Option<T>> {
     match opened {
@@ -111,8 +129,12 @@ fn existing<T>(opened: Result<T, redb::TableError>) -> Result<Option<T>> {
 }
 
 impl Store {
-    /// Opens the database at `path`, creating it when missing.
+    /// Opens the database at `path`, creating it when missing, or again when its creation was interrupted.
     pub fn open(path: &Path) -> Result<Store> {
+        if creation_was_interrupted(path)? {
+            log::warn!("{}: its creation was interrupted (it holds nothing yet); creating it again", path.display());
+            fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+        }
         let db = Database::create(path).with_context(|| format!("opening {}", path.display()))?;
         let store = Store { db };
         store.rebuild_keys_if_old()?;
@@ -290,16 +312,41 @@ mod tests {
     impl Scratch {
         fn new(name: &str) -> Scratch {
             let dir = std::env::temp_dir().join(format!("pfwd-store-{name}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
             Scratch(dir)
         }
     }
 
     impl Drop for Scratch {
         fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            let _ = fs::remove_dir_all(&self.0);
         }
+    }
+
+    /// A database whose creation was killed after redb wrote its header but before the magic number (what a `kill -9`
+    /// of `pfwd attach` left in CI) is created again; a file that is something else is refused and left as it was.
+    #[test]
+    fn a_database_whose_creation_was_interrupted_is_created_again() {
+        let scratch = Scratch::new("interrupted");
+        let path = scratch.0.join("state.redb");
+        drop(Database::create(&path).unwrap());
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[..9].fill(0);
+        fs::write(&path, &bytes).unwrap();
+        let refused = Database::create(&path).expect_err("redb refuses a header without its magic number");
+        assert!(refused.to_string().contains("magic number"), "{refused}");
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.meta().unwrap(), None);
+        assert!(store.rules().unwrap().is_empty());
+        drop(store);
+
+        let other = scratch.0.join("other.redb");
+        fs::write(&other, b"not a database").unwrap();
+        let err = Store::open(&other).err().expect("a file that is not a database is refused");
+        assert!(format!("{err:#}").contains("Not a redb database"), "{err:#}");
+        assert_eq!(fs::read(&other).unwrap(), b"not a database");
     }
 
     /// A store whose duplicate keys were written in another form (an older pfwd's: no `key_format`, other hashes)
