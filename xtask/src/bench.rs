@@ -885,12 +885,18 @@ fn report(
             verdict: "not measured".into(),
         },
     });
-    // Issue 13: the XDP established path's own cost, the empty XDP program's single run (the test-run timer and
-    // call) taken off; both are medians of single runs from the same loop.
-    targets.push(match med("xdp-established-1").zip(med("xdp-empty-1")) {
+    // Issue 13: the XDP established path's own cost, the empty XDP program's taken off (the test run's own
+    // overhead), measured as the tc cases are: repeated runs (warm, the syscall spread over them). The single runs'
+    // figure, which carries a cold call each time, is shown beside it.
+    let single = med("xdp-established-1").zip(med("xdp-empty-1")).map(|(e, z)| e - z);
+    targets.push(match med("xdp-established").zip(med("xdp-empty")) {
         Some((e, z)) => Target {
-            what: "XDP established path <= 25 ns (issue 13; single runs, minus the empty XDP program's)".into(),
-            measured: format!("{:.1} ns ({e:.1} - {z:.1})", e - z),
+            what: "XDP established path <= 25 ns (issue 13; repeat 200, minus the empty XDP program's)".into(),
+            measured: format!(
+                "{:.1} ns ({e:.1} - {z:.1}; single runs: {})",
+                e - z,
+                single.map_or("n/a".into(), |s| format!("{s:.1} ns"))
+            ),
             verdict: if e - z <= 25.0 { "met".into() } else { format!("MISSED by {:.1} ns", e - z - 25.0) },
         },
         None => Target {

@@ -39,8 +39,10 @@ pub struct ProgCosts {
 
 /// The empty program measured the same way as `case` (its floor: the test run's own overhead).
 pub fn floor_of(case: &str) -> &'static str {
-    if case.starts_with("xdp-") {
+    if case.starts_with("xdp-") && case.ends_with("-1") {
         "xdp-empty-1"
+    } else if case.starts_with("xdp-") {
+        "xdp-empty"
     } else if case.ends_with("-1") {
         "empty-1"
     } else {
@@ -72,6 +74,12 @@ pub const CASES: &[(&str, &str)] = &[
     ("no-rule6-1", "IPv6: no rule matching, repeat=1, median of S calls"),
     ("xdp-empty-1", "XDP: empty program (r0 = XDP_PASS), repeat=1, median of S calls"),
     ("xdp-established-1", "XDP: established flow, translated, routed and redirected, repeat=1, median of S calls"),
+    ("xdp-empty", "XDP: empty program, repeat 200, median of S/20 calls"),
+    (
+        "xdp-established",
+        "XDP: established flow, translated, routed and redirected, repeat 200 (two forwarded mirror flows, TTL 255), \
+         median of S/20 calls",
+    ),
 ];
 
 /// (IPv4 case, its IPv6 counterpart): the report's IPv6 / IPv4 line.
@@ -171,10 +179,6 @@ pub fn measure(env: &Env, reps: usize, repeat: u32, singles: usize) -> Result<Pr
         samples.push(("reply6", ns));
     }
     println!("    test run: {singles} single runs per case");
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     type Pkt<'p> = &'p dyn Fn(usize) -> Vec<u8>;
     // The median of `singles` calls for each packet maker, call by call in turn (an IPv4 case and its IPv6
     // counterpart alternate).
@@ -188,7 +192,7 @@ pub fn measure(env: &Env, reps: usize, repeat: u32, singles: usize) -> Result<Pr
                 v.push(run(prog, &pkt(i), 1)?.0);
             }
         }
-        Ok(v.iter_mut().map(median).collect())
+        Ok(v.iter_mut().map(|v| median(v)).collect())
     };
     samples.push(("empty-1", medians(&empty.prog, &[&|_| a.clone()])?[0]));
     let established = medians(&ingress, &[&|_| a.clone(), &|_| a6.clone()])?;
@@ -213,16 +217,41 @@ pub fn measure(env: &Env, reps: usize, repeat: u32, singles: usize) -> Result<Pr
     }
     samples.extend(egress_singles(&ingress, &egress, &a, singles, ["egress-handed-1", "egress-lookup-1"])?);
     samples.extend(egress_singles(&ingress, &egress, &a6, singles, ["egress-handed6-1", "egress-lookup6-1"])?);
-    samples.extend(xdp_singles(env, &dir, &a, singles)?);
+    samples.extend(xdp_costs(env, &dir, (&ingress, &egress), &a, singles)?);
     Ok(ProgCosts { samples, notes, maps })
 }
 
-/// The XDP fast path's cost: flow A's packet (established above) through `pfwd_xdp` as if received on the router's
-/// lo, translated, routed (the FIB and the permanent neighbour of the server) and redirected to eth1, which
-/// `attach --xdp` puts in the fast path's devmap; against an XDP program that only returns XDP_PASS. Single runs
-/// only: a repeated run would see its own output again, one TTL lower each time, and soon only the TTL check.
+/// Forwarded mirror addresses of the repeated XDP case: two hosts beyond eth1 whose DNAT rules send each to the
+/// other, so that every repetition translates, routes and redirects the frame again (see `xdp_costs`).
+const MIRROR_X: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 10);
+const MIRROR_Y: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 11);
+const MIRROR_PORT: u16 = 9001;
+/// Repetitions per call of the repeated XDP case: each lowers the TTL by one, from 255.
+const XDP_REPEAT: u32 = 200;
+
+/// The XDP fast path's cost: a packet of an established flow through `pfwd_xdp` as if received on the router's lo,
+/// translated, routed (the FIB and a permanent neighbour beyond eth1) and redirected to eth1, which `attach --xdp`
+/// puts in the fast path's devmap; against an XDP program that only returns XDP_PASS. Two ways:
+/// - single runs of flow A's packet (its DNAT target, the server, is the route's end);
+/// - repeated runs, as the tc cases are measured (warm caches, the syscall's cost spread over the repetitions): the
+///   rerun frame is the program's own output, so the case takes two flows that turn each frame into the other's,
+///   X -> Y and Y -> X, both beyond eth1, with neighbours whose MAC is the one lo frames are addressed to (all
+///   zeros: the fast path forwards only frames sent to the ingress interface), and a TTL of 255 for 200 routings.
+///
 /// The runs are made from the router namespace, where the FIB lookup looks.
-fn xdp_singles(env: &Env, dir: &Path, a: &[u8], singles: usize) -> Result<Vec<(&'static str, f64)>> {
+fn xdp_costs(
+    env: &Env,
+    dir: &Path,
+    (ingress, egress): (&SchedClassifier, &SchedClassifier),
+    a: &[u8],
+    singles: usize,
+) -> Result<Vec<(&'static str, f64)>> {
+    let _mirror = MirrorSetup::add(env)?;
+    // The mirror flows, created by tc ingress and confirmed by a reply each through tc egress.
+    run(ingress, &udp(CLIENT, 40_002, MIRROR_X, MIRROR_PORT), 1)?;
+    run(ingress, &udp(CLIENT, 40_002, MIRROR_Y, MIRROR_PORT), 1)?;
+    run(egress, &udp(MIRROR_Y, MIRROR_PORT, CLIENT, 40_002), 1)?;
+    run(egress, &udp(MIRROR_X, MIRROR_PORT, CLIENT, 40_002), 1)?;
     env.pfwd(&["attach", "eth1", "--xdp"])?;
     let xdp =
         Xdp::from_pin(dir.join("prog_xdp"), aya_obj::programs::XdpAttachType::Interface).context("pinned prog_xdp")?;
@@ -233,18 +262,20 @@ fn xdp_singles(env: &Env, dir: &Path, a: &[u8], singles: usize) -> Result<Vec<(&
     // Addressed to lo's MAC (all zeros), as the fast path forwards only frames sent to the ingress interface.
     let mut frame = a.to_vec();
     frame[..6].fill(0);
-    let a = &frame[..];
-    let mut md = [0u8; 24];
-    md[4..8].copy_from_slice(&(a.len() as u32).to_ne_bytes());
-    md[12..16].copy_from_slice(&lo.to_ne_bytes());
-    let run_xdp = |prog: &Xdp, want: u32| -> Result<(f64, Vec<u8>)> {
+    let mut mirror = udp(CLIENT, 40_002, MIRROR_X, MIRROR_PORT);
+    mirror[..6].fill(0);
+    set_ttl(&mut mirror, 255);
+    let run_xdp = |prog: &Xdp, data: &[u8], repeat: u32, want: u32| -> Result<(f64, Vec<u8>)> {
+        let mut md = [0u8; 24];
+        md[4..8].copy_from_slice(&(data.len() as u32).to_ne_bytes());
+        md[12..16].copy_from_slice(&lo.to_ne_bytes());
         let mut out = vec![0u8; 256];
         let r = prog
             .test_run(TestRunOptions {
-                data_in: Some(a),
+                data_in: Some(data),
                 data_out: Some(&mut out),
                 ctx_in: Some(&md),
-                repeat: 1,
+                repeat,
                 ..Default::default()
             })
             .context("BPF_PROG_TEST_RUN (XDP)")?;
@@ -252,24 +283,86 @@ fn xdp_singles(env: &Env, dir: &Path, a: &[u8], singles: usize) -> Result<Vec<(&
         out.truncate(r.data_size_out as usize);
         Ok((r.duration.as_nanos() as f64, out))
     };
-    let (est, empt) = env.lab.in_ns(tests::Node::Router, || -> Result<(f64, f64)> {
-        let (_, out) = run_xdp(&xdp, XDP_REDIRECT)?;
+    env.lab.in_ns(tests::Node::Router, || -> Result<Vec<(&'static str, f64)>> {
+        let (_, out) = run_xdp(&xdp, &frame, 1, XDP_REDIRECT)?;
         ensure!(dst_of(&out)? == SERVER, "the XDP fast path did not DNAT the test packet (dst {})", dst_of(&out)?);
+        // Proof that every repetition was forwarded: an even count ends on X again, the TTL lowered by each.
+        let (_, out) = run_xdp(&xdp, &mirror, XDP_REPEAT, XDP_REDIRECT)?;
+        ensure!(
+            dst_of(&out)? == MIRROR_X && out[22] == (255 - XDP_REPEAT) as u8,
+            "the repeated XDP case was not forwarded each time (dst {}, TTL {})",
+            dst_of(&out)?,
+            out[22]
+        );
         let (mut e, mut z) = (Vec::with_capacity(singles), Vec::with_capacity(singles));
         for i in 0..singles {
             if i % 1000 == 0 {
                 check_interrupted()?;
             }
-            e.push(run_xdp(&xdp, XDP_REDIRECT)?.0);
-            z.push(run_xdp(&empty.prog, XDP_PASS)?.0);
+            e.push(run_xdp(&xdp, &frame, 1, XDP_REDIRECT)?.0);
+            z.push(run_xdp(&empty.prog, &frame, 1, XDP_PASS)?.0);
         }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        Ok((median(&mut e), median(&mut z)))
-    })??;
-    Ok(vec![("xdp-empty-1", empt), ("xdp-established-1", est)])
+        // A repeated XDP test run puts the program into the kernel's XDP dispatcher and takes it out again, waiting
+        // for an RCU grace period each time (milliseconds, mostly idle): hence fewer calls than single runs.
+        let (mut er, mut zr) = (Vec::with_capacity(singles / 20), Vec::with_capacity(singles / 20));
+        for i in 0..singles / 20 {
+            if i % 100 == 0 {
+                check_interrupted()?;
+            }
+            er.push(run_xdp(&xdp, &mirror, XDP_REPEAT, XDP_REDIRECT)?.0);
+            zr.push(run_xdp(&empty.prog, &mirror, XDP_REPEAT, XDP_PASS)?.0);
+        }
+        Ok(vec![
+            ("xdp-empty-1", median(&mut z)),
+            ("xdp-established-1", median(&mut e)),
+            ("xdp-empty", median(&mut zr)),
+            ("xdp-established", median(&mut er)),
+        ])
+    })?
+}
+
+/// The median of `v` (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Sets an IPv4 frame's TTL (byte 22) and updates its header checksum.
+fn set_ttl(frame: &mut [u8], ttl: u8) {
+    frame[22] = ttl;
+    frame[24..26].fill(0);
+    let sum = frame[14..34].chunks(2).fold(0u32, |s, w| s + u32::from(u16::from_be_bytes([w[0], w[1]])));
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = (sum & 0xffff) + (sum >> 16);
+    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// The repeated XDP case's rules (X -> Y and Y -> X, on lo) and permanent neighbours for X and Y on eth1, with the
+/// MAC lo frames are addressed to; the neighbours are removed on drop (the rules go with the lo instance).
+struct MirrorSetup<'a>(&'a Env);
+
+impl<'a> MirrorSetup<'a> {
+    fn add(env: &'a Env) -> Result<Self> {
+        let guard = MirrorSetup(env);
+        let port = MIRROR_PORT.to_string();
+        for (d, to) in [(MIRROR_X, MIRROR_Y), (MIRROR_Y, MIRROR_X)] {
+            env.lab.sh(
+                tests::Node::Router,
+                &format!("ip neigh replace {d} lladdr 00:00:00:00:00:00 dev eth1 nud permanent"),
+            )?;
+            let (d, to) = (d.to_string(), format!("{to}:{MIRROR_PORT}"));
+            env.pfwd(&["add", "dnat", "-i", "lo", "-p", "udp", "-d", &d, "--dport", &port, "--to", &to])?;
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for MirrorSetup<'_> {
+    fn drop(&mut self) {
+        for a in [MIRROR_X, MIRROR_Y] {
+            let _ = self.0.lab.sh(tests::Node::Router, &format!("ip neigh del {a} dev eth1"));
+        }
+    }
 }
 
 /// (ns per run, output packet).
@@ -303,10 +396,6 @@ fn egress_singles(
             handed.push(run(egress, &fwd, 1)?.0);
             lookup.push(run(egress, &fwd, 1)?.0);
         }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         Ok((median(&mut handed), median(&mut lookup)))
     })();
     // SAFETY: as above.
