@@ -175,9 +175,10 @@ impl Family for u32 {
 
     #[inline(always)]
     fn route_src(ctx: &TcContext, t: &Tuple, ifindex: u32) -> Option<u32> {
-        let mut p = fib::params(t.proto, ifindex, t.daddr);
-        let found = fib::lookup(ctx, &mut p, BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC);
-        let src = fib::src(&p);
+        let mut block = fib::Block::uninit();
+        let p = fib::params(&mut block, t.proto, ifindex, t.daddr);
+        let found = fib::lookup(ctx, p, BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC);
+        let src = fib::src(p);
         (found && src != 0 && p.ifindex == ifindex).then_some(src)
     }
 
@@ -284,9 +285,10 @@ impl Family for Addr6 {
 
     #[inline(always)]
     fn route_src(ctx: &TcContext, t: &Tuple6, ifindex: u32) -> Option<Addr6> {
-        let mut p = fib::params6(t.proto, ifindex, &t.daddr);
-        let found = fib::lookup(ctx, &mut p, BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC);
-        let src = fib::src6(&p);
+        let mut block = fib::Block::uninit();
+        let p = fib::params6(&mut block, t.proto, ifindex, &t.daddr);
+        let found = fib::lookup(ctx, p, BPF_FIB_LOOKUP_OUTPUT | BPF_FIB_LOOKUP_SKIP_NEIGH | BPF_FIB_LOOKUP_SRC);
+        let src = fib::src6(p);
         (found && !src.is_unspecified() && p.ifindex == ifindex).then_some(src)
     }
 

@@ -42,13 +42,14 @@ pub fn redirect(ctx: &TcContext, t: &Tuple, cfg: &Config) -> Option<i32> {
         // accept_source_route is off).
         return None;
     }
-    let mut p = fib::params(t.proto, ifindex(ctx), t.daddr);
+    let mut block = fib::Block::uninit();
+    let p = fib::params(&mut block, t.proto, ifindex(ctx), t.daddr);
     p.sport = t.sport.to_be();
     p.dport = t.dport.to_be();
     p.__bindgen_anon_1.tot_len = tot_len;
     p.__bindgen_anon_3.ipv4_src = t.saddr;
     // Success means a forwarding route within the MTU, with forwarding enabled on the way in.
-    if !fib::lookup(ctx, &mut p, BPF_FIB_LOOKUP_SKIP_NEIGH) {
+    if !fib::lookup(ctx, p, BPF_FIB_LOOKUP_SKIP_NEIGH) {
         return None;
     }
     let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off())?;

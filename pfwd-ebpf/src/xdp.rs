@@ -144,13 +144,14 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
     if unsafe { (*eth).dst_addr } != iface.mac {
         return None;
     }
-    let mut p = fib::params(proto, in_ifindex, t1.daddr);
+    let mut block = fib::Block::uninit();
+    let p = fib::params(&mut block, proto, in_ifindex, t1.daddr);
     p.sport = t1.sport.to_be();
     p.dport = t1.dport.to_be();
     p.__bindgen_anon_1.tot_len = tot_len as u16;
     p.__bindgen_anon_3.ipv4_src = t1.saddr;
     // Success means a forwarding route within the MTU, forwarding enabled on the way in, and a resolved neighbour.
-    if !fib::lookup_xdp(ctx, &mut p, 0) {
+    if !fib::lookup_xdp(ctx, p, 0) {
         return None;
     }
     let out = p.ifindex;
