@@ -458,21 +458,21 @@ fn udp_live(env: &Env, p: &Params, r: &mut Results) -> Result<()> {
 /// An idle veth pair in the router namespace that XDP programs are attached to (natively, one per end) only so
 /// that test runs of them skip the dispatcher update (see [`udp_live`]); removed on drop, with the programs'
 /// attachments. No traffic ever crosses it.
-struct XdpParking<'e> {
+pub(crate) struct XdpParking<'e> {
     env: &'e Env,
 }
 
 impl<'e> XdpParking<'e> {
-    const DEV: &'static str = "xdppark0";
+    pub(crate) const DEV: &'static str = "xdppark0";
     const PEER: &'static str = "xdppark1";
 
-    fn new(env: &'e Env) -> Result<Self> {
+    pub(crate) fn new(env: &'e Env) -> Result<Self> {
         env.lab.sh(tests::Node::Router, &format!("ip link add {} type veth peer name {}", Self::DEV, Self::PEER))?;
         Ok(XdpParking { env })
     }
 
     /// Attaches the program pinned at `pin` natively to `dev` (one of the pair), replacing the one there.
-    fn attach(&self, dev: &str, pin: &Path) -> Result<()> {
+    pub(crate) fn attach(&self, dev: &str, pin: &Path) -> Result<()> {
         self.env
             .lab
             .sh(tests::Node::Router, &format!("ip -force link set dev {dev} xdpdrv pinned {}", pin.display()))
