@@ -267,9 +267,8 @@ fn xdp_costs(
     // Addressed to lo's MAC (all zeros), as the fast path forwards only frames sent to the ingress interface.
     let mut frame = a.to_vec();
     frame[..6].fill(0);
-    let mut mirror = udp(CLIENT, 40_002, MIRROR_X, MIRROR_PORT);
+    let mut mirror = udp_ttl(CLIENT, 40_002, MIRROR_X, MIRROR_PORT, 255);
     mirror[..6].fill(0);
-    set_ttl(&mut mirror, 255);
     let run_xdp = |prog: &Xdp, data: &[u8], repeat: u32, want: u32| -> Result<(f64, Vec<u8>)> {
         let mut md = [0u8; 24];
         md[4..8].copy_from_slice(&(data.len() as u32).to_ne_bytes());
@@ -329,16 +328,6 @@ fn xdp_costs(
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// Sets an IPv4 frame's TTL (byte 22) and updates its header checksum.
-fn set_ttl(frame: &mut [u8], ttl: u8) {
-    frame[22] = ttl;
-    frame[24..26].fill(0);
-    let sum = frame[14..34].chunks(2).fold(0u32, |s, w| s + u32::from(u16::from_be_bytes([w[0], w[1]])));
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = (sum & 0xffff) + (sum >> 16);
-    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
 
 /// The repeated XDP case's rules (X -> Y and Y -> X, on lo) and permanent neighbours for X and Y on eth1, with the
@@ -419,9 +408,13 @@ pub(super) fn run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> Result<(f6
 }
 
 pub(super) fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    udp_ttl(src, sport, dst, dport, 64)
+}
+
+fn udp_ttl(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, ttl: u8) -> Vec<u8> {
     let mut v = vec![];
     PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-        .ipv4(src.octets(), dst.octets(), 64)
+        .ipv4(src.octets(), dst.octets(), ttl)
         .udp(sport, dport)
         .write(&mut v, &[0x41; 18])
         .expect("writing to a Vec");
