@@ -23,6 +23,8 @@
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
+mod csum_state;
+#[cfg(target_arch = "bpf")]
 mod dnat;
 #[cfg(target_arch = "bpf")]
 mod family;

@@ -2,10 +2,11 @@
 //!
 //! Fields are written directly into the packet. The IPv4 header checksum is updated by hand (RFC 1624, shared with
 //! userspace tests in `pfwd-common`); IPv6 has none. TCP/UDP (and ICMPv6, whose checksum covers the pseudo-header
-//! too) checksums go through `bpf_l4_csum_replace`, which knows about partial checksums (CHECKSUM_PARTIAL) from
-//! local sockets and never leaves a UDP checksum of 0 (BPF_F_MARK_MANGLED_0: IPv4's "none" stays 0, and a result
-//! of 0 is written 0xffff, which IPv6 requires). IPv4 ICMP checksums cover no pseudo-header and are never partial:
-//! updated by hand, as are the checksums inside ICMP errors.
+//! too) checksums are updated by hand too when the skb is CHECKSUM_NONE or UNNECESSARY (`csum_state`), and otherwise
+//! go through `bpf_l4_csum_replace`, which knows about partial checksums (CHECKSUM_PARTIAL, from local sockets and
+//! GRO) and the packet's sum (CHECKSUM_COMPLETE). Neither ever leaves a UDP checksum of 0 (IPv4's "none" stays 0,
+//! and a result of 0 is written 0xffff, which IPv6 requires). IPv4 ICMP checksums cover no pseudo-header and are
+//! never partial: updated by hand, as are the checksums inside ICMP errors.
 //!
 //! A packet from a NIC that sums what it receives (CHECKSUM_COMPLETE) carries that sum in skb->csum, which must
 //! follow every byte changed. The helpers keep it for the checksums they update; a checksum updated by hand balances
@@ -20,6 +21,7 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use pfwd_common::{Addr6, FlowTuple, PROTO_TCP, PROTO_UDP, Tuple, Tuple6, checksum};
 
 use crate::{
+    csum_state,
     family::Family,
     parse::{Embedded, Packet, ip_off, load_u16, ptr_at, store_ports, store_u16, store_u32},
 };
@@ -174,6 +176,9 @@ pub fn rewrite<A: Family>(ctx: &TcContext, pkt: &Packet<A>, to: &FlowTuple<A>) -
             return packet_sum_follows(ctx, from, to, ports_changed);
         }
     }
+    if csum_state::by_hand(ctx) {
+        return l4_csum_by_hand(ctx, csum_off, from, to, echo);
+    }
     // Helpers below invalidate packet pointers: no direct access after this point.
     let mangled0 = if from.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
     let port_flags = mangled0 | 2;
@@ -183,6 +188,34 @@ pub fn rewrite<A: Family>(ctx: &TcContext, pkt: &Packet<A>, to: &FlowTuple<A>) -
         && (echo
             || from.dport == to.dport
             || ctx.l4_csum_replace(csum_off, from.dport.to_be() as u64, to.dport.to_be() as u64, port_flags).is_ok())
+}
+
+/// The L4 checksum at `csum_off` updated by hand for the change from `from` to `to` (addresses, ports; for an echo
+/// only the identifier, `sport`): what `bpf_l4_csum_replace` does to a CHECKSUM_NONE or UNNECESSARY skb, field by
+/// field, only for the fields that change. A UDP checksum is never 0 here (see `rewrite`); a result of 0 is written
+/// 0xffff (BPF_F_MARK_MANGLED_0's rule, which IPv6 requires).
+#[inline(always)]
+fn l4_csum_by_hand<A: Family>(ctx: &TcContext, csum_off: usize, from: &FlowTuple<A>, to: &FlowTuple<A>, echo: bool) -> bool {
+    let Some(c) = ptr_at::<[u8; 2]>(ctx, csum_off) else { return false };
+    let c = c.cast::<u8>();
+    let mut check = u16::from_be(load_u16(c));
+    if from.saddr != to.saddr {
+        check = A::csum_addr(check, &from.saddr, &to.saddr);
+    }
+    if from.daddr != to.daddr {
+        check = A::csum_addr(check, &from.daddr, &to.daddr);
+    }
+    if from.sport != to.sport {
+        check = checksum::replace_u16(check, from.sport, to.sport);
+    }
+    if !echo && from.dport != to.dport {
+        check = checksum::replace_u16(check, from.dport, to.dport);
+    }
+    if check == 0 && from.proto == PROTO_UDP {
+        check = 0xffff;
+    }
+    store_u16(c, check.to_be());
+    true
 }
 
 /// The pseudo-header part of an L4 checksum update for IPv4 address changes (`bpf_l4_csum_replace`, one call per

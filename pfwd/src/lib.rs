@@ -16,6 +16,8 @@ pub mod fasthash;
 pub mod flows;
 pub mod instance;
 pub mod iptables;
+pub mod kern_ctx;
+pub mod kernel_btf;
 pub mod loader;
 pub mod netif;
 pub mod nftables;

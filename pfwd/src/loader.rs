@@ -35,7 +35,9 @@ use aya::{
 use pfwd_common::{
     Addr, Addr6, BackendCounterKey, BackendEntry, BackendKey, CLASS_BANKS, Class, ClassCounts, Config, CtEntryOf,
     FlowTuple, INDEX_SLOTS, IfaceInfo, IndexEntry, IndexKey, IndexKey4, RecordText, RuleCounters, RuleEntry, Stat,
-    class_index, config_flag, family, names,
+    class_index, config_flag, family,
+    kern_ctx::{SUMMED_BYTE_GLOBAL, SUMMED_SHIFT_GLOBAL},
+    names,
 };
 
 use crate::{
@@ -43,13 +45,15 @@ use crate::{
     clock::monotonic_ns,
     fasthash::{FastMap, FastSet},
     instance::Instance,
+    kern_ctx,
     netif::{self, Framing},
     record::Record,
     rules,
     state::StoredRule,
 };
 
-/// The compiled eBPF object, embedded so the binary is self-contained.
+/// The compiled eBPF object, embedded so the binary is self-contained; loaded as `kern_ctx::object` patches it for
+/// the running kernel.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pfwd"));
 
 /// The tcx programs: (program, attach type, pin suffix).
@@ -208,6 +212,7 @@ impl Kernel {
     /// `unconfirmed_ct_entries(ct_entries)` for unconfirmed ones.
     pub fn load(&self, ct_entries: u32, cfg: &Config) -> Result<()> {
         fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        let (object, skb) = kern_ctx::object(OBJECT)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&self.dir)
             .map_pin_path(LOG_MAP, self.dir.join(LOG_MAP))
@@ -221,7 +226,9 @@ impl Kernel {
                 &pfwd_common::unconfirmed_check_inserts(pfwd_common::unconfirmed_ct_entries(ct_entries)),
                 true,
             )
-            .load(OBJECT)
+            .override_global(SUMMED_BYTE_GLOBAL, &skb.map_or(0, |a| a.summed_byte), true)
+            .override_global(SUMMED_SHIFT_GLOBAL, &skb.map_or(0, |a| a.summed_shift), true)
+            .load(object)
             .context("loading the eBPF object (maps)")?;
         let others = [names::PROG_XDP].into_iter().chain(SOCK_PROGRAMS.map(|(name, _, _)| name));
         load_programs(&mut ebpf, &tc_programs().chain(others).collect::<Vec<_>>(), Framing::Ethernet)?;
@@ -289,12 +296,15 @@ impl Kernel {
         self.check_layout()?;
         // The pinned tables' size, which may not be the default.
         let (_, unconfirmed) = self.conntrack_capacity()?;
+        let (object, skb) = kern_ctx::object(OBJECT)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&self.dir)
             .map_pin_path(LOG_MAP, self.dir.join(LOG_MAP))
             .override_global(L2_LEN_GLOBAL, &(Framing::Layer3.l2_len()), true)
             .override_global(CT_NEW_CHECK_GLOBAL, &pfwd_common::unconfirmed_check_inserts(unconfirmed), true)
-            .load(OBJECT)
+            .override_global(SUMMED_BYTE_GLOBAL, &skb.map_or(0, |a| a.summed_byte), true)
+            .override_global(SUMMED_SHIFT_GLOBAL, &skb.map_or(0, |a| a.summed_shift), true)
+            .load(object)
             .context("loading the eBPF object for layer-3 interfaces")?;
         for (_, _, dir) in PROGRAMS {
             // A half-finished earlier load: pin again.
