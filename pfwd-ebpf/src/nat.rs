@@ -195,7 +195,13 @@ pub fn rewrite<A: Family>(ctx: &TcContext, pkt: &Packet<A>, to: &FlowTuple<A>) -
 /// field, only for the fields that change. A UDP checksum is never 0 here (see `rewrite`); a result of 0 is written
 /// 0xffff (BPF_F_MARK_MANGLED_0's rule, which IPv6 requires).
 #[inline(always)]
-fn l4_csum_by_hand<A: Family>(ctx: &TcContext, csum_off: usize, from: &FlowTuple<A>, to: &FlowTuple<A>, echo: bool) -> bool {
+fn l4_csum_by_hand<A: Family>(
+    ctx: &TcContext,
+    csum_off: usize,
+    from: &FlowTuple<A>,
+    to: &FlowTuple<A>,
+    echo: bool,
+) -> bool {
     let Some(c) = ptr_at::<[u8; 2]>(ctx, csum_off) else { return false };
     let c = c.cast::<u8>();
     let mut check = u16::from_be(load_u16(c));

@@ -91,11 +91,11 @@ impl KernelBtf {
             };
             // What follows the 12-byte header, by kind (btf.rst, "Type Encoding").
             let extra = match t.kind {
-                1 | 14 | 17 => 4,                     // INT, VAR, DECL_TAG
-                3 => 12,                              // ARRAY
-                4 | 5 | 15 | 19 => 12 * t.vlen,       // STRUCT, UNION, DATASEC, ENUM64
-                6 | 13 => 8 * t.vlen,                 // ENUM, FUNC_PROTO
-                2 | 7..=12 | 16 | 18 => 0,            // PTR, FWD, TYPEDEF, modifiers, FUNC, FLOAT, TYPE_TAG
+                1 | 14 | 17 => 4,               // INT, VAR, DECL_TAG
+                3 => 12,                        // ARRAY
+                4 | 5 | 15 | 19 => 12 * t.vlen, // STRUCT, UNION, DATASEC, ENUM64
+                6 | 13 => 8 * t.vlen,           // ENUM, FUNC_PROTO
+                2 | 7..=12 | 16 | 18 => 0,      // PTR, FWD, TYPEDEF, modifiers, FUNC, FLOAT, TYPE_TAG
                 k => bail!("unknown BTF kind {k} (type {})", self.index.len() + 1),
             };
             self.index.push(t);
@@ -136,7 +136,8 @@ impl KernelBtf {
         }
         for m in 0..t.vlen {
             let at = t.at + 12 + 12 * m;
-            let (name_off, member_type, offset) = (self.word(at).ok()?, self.word(at + 4).ok()?, self.word(at + 8).ok()?);
+            let (name_off, member_type, offset) =
+                (self.word(at).ok()?, self.word(at + 4).ok()?, self.word(at + 8).ok()?);
             // With the kind flag, a member's offset word holds its bitfield width in the top byte.
             let (offset, bits) = if t.kind_flag { (offset & 0xff_ffff, offset >> 24) } else { (offset, 0) };
             let name = self.name(name_off);

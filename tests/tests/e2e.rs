@@ -149,6 +149,36 @@ fn dnat_to_server(mode: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// 3b. Packets with partial checksums (CHECKSUM_PARTIAL): the client and the server hand the router packets whose
+// L4 checksums their NICs would finish (tx checksumming on at their veths). The router translates them, and its own
+// veths (offloads off) finish each checksum in software before the packet leaves, so the receivers (rx checksumming
+// off) check it: one the translation got wrong is dropped, and the request fails. The eBPF path updates checksums
+// by hand only for other skbs, and leaves these to `bpf_l4_csum_replace`, which knows them.
+
+fn partial_checksums(mode: &str) {
+    let lab = lab("e2e-partial");
+    for node in [Node::Client, Node::Server] {
+        lab.sh(node, "ethtool -K eth0 tx on >/dev/null").unwrap();
+    }
+    let _tcp = server(&lab, Node::Server, "10.0.2.2:9000", "server");
+    let _udp = udp_server(&lab, Node::Server, "10.0.2.2:9000", "server");
+    let _guard = attach(&lab, mode, &["eth0", "eth1"]);
+    // DNAT: the destination rewritten at ingress, replies restored at egress.
+    add(&lab, &["dnat", "-p", "tcp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    add(&lab, &["dnat", "-p", "udp", "--dport", "8080", "--to", "10.0.2.2:9000"]);
+    for _ in 0..3 {
+        expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
+        expect_udp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.1.2");
+    }
+    // And MASQUERADE: the source rewritten at egress too, replies restored at ingress.
+    add(&lab, &["masquerade", "-o", "eth1"]);
+    for _ in 0..3 {
+        expect_tcp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.2.1");
+        expect_udp(&lab, None, "10.0.1.1:8080", "server", 9000, "10.0.2.1");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // 4. Source-filtered DNAT.
 
 fn source_filter(mode: &str) {
@@ -892,6 +922,7 @@ in_both_modes!(
     redirect,
     dnat_loopback,
     dnat_to_server,
+    partial_checksums,
     source_filter,
     destination_filter,
     port_ranges,
