@@ -43,7 +43,8 @@ fn run(args: Args) -> Result<u64> {
     println!(
         "pfwd-fuzz: {}",
         if fz.checks_packet_sum() {
-            "packets come CHECKSUM_COMPLETE: the kernel checks each run left skb->csum right"
+            "every other packet comes CHECKSUM_COMPLETE (the kernel checks the run left skb->csum right), the others \
+             CHECKSUM_NONE (L4 checksums updated by hand)"
         } else {
             "this kernel has no BPF_F_TEST_SKB_CHECKSUM_COMPLETE (6.16+): skb->csum goes unchecked"
         }

@@ -56,9 +56,14 @@ pub struct Fixture {
     pub pins: Pins,
     /// The rules the kernel holds (what the next `sync` changes from, as `pfwd` does).
     pub held: std::sync::Mutex<Vec<StoredRule>>,
-    /// Whether its programs take Ethernet frames: then packets come CHECKSUM_COMPLETE ([`run`]). The test run sums
-    /// the packet from behind an Ethernet header, so a layer-3 build's packet (IP from byte 0) cannot be checked so.
+    /// Whether its programs take Ethernet frames: then packets may come CHECKSUM_COMPLETE ([`run`]). The test run
+    /// sums the packet from behind an Ethernet header, so a layer-3 build's packet (IP from byte 0) cannot be checked
+    /// so.
     pub l2: bool,
+    /// How many packets it ran: they alternate between CHECKSUM_COMPLETE skbs (the first, third, ...), whose L4
+    /// checksums the programs update through `bpf_l4_csum_replace`, and CHECKSUM_NONE ones, which they update by
+    /// hand (`pfwd-ebpf/src/csum_state.rs`), so each test with more than one packet covers both ways.
+    runs: std::sync::atomic::AtomicU32,
 }
 
 pub fn lo_index(name: &str) -> Option<u32> {
@@ -92,7 +97,7 @@ impl Fixture {
         pins.0.sync_rules(None, rules, &lo_index).expect("sync_rules");
         let ingress = SchedClassifier::from_pin(dir.join("prog_ingress")).expect("pinned ingress program");
         let egress = SchedClassifier::from_pin(dir.join("prog_egress")).expect("pinned egress program");
-        Self { ingress, egress, pins, held: std::sync::Mutex::new(rules.to_vec()), l2: true }
+        Self { ingress, egress, pins, held: std::sync::Mutex::new(rules.to_vec()), l2: true, runs: Default::default() }
     }
 
     /// A fixture running the build of the tc programs for layer-3 interfaces (tun, WireGuard, PPP: packets start at
@@ -118,11 +123,16 @@ impl Fixture {
     }
 
     pub fn ingress(&self, pkt: &[u8]) -> Run {
-        run_as(&self.ingress, pkt, self.l2)
+        run_as(&self.ingress, pkt, self.complete_next())
     }
 
     pub fn egress(&self, pkt: &[u8]) -> Run {
-        run_as(&self.egress, pkt, self.l2)
+        run_as(&self.egress, pkt, self.complete_next())
+    }
+
+    /// Whether the next packet comes CHECKSUM_COMPLETE (see [`Fixture::runs`]).
+    fn complete_next(&self) -> bool {
+        self.l2 && self.runs.fetch_add(1, Ordering::Relaxed) % 2 == 0
     }
 
     pub fn stat(&self, name: &str) -> u64 {
