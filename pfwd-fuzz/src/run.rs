@@ -218,7 +218,7 @@ impl Instance {
         // (updated by hand: `pfwd-ebpf/src/csum_state.rs`), so both ways meet every kind of packet.
         let n = self.runs.get();
         self.runs.set(n + 1);
-        if self.complete && n % 2 == 0 {
+        if self.complete && n.is_multiple_of(2) {
             let r = pfwd::testrun::run_complete(prog, frame, out)?;
             return Ok(Out { ret: r.retval, len: r.len });
         }

@@ -132,7 +132,7 @@ impl Fixture {
 
     /// Whether the next packet comes CHECKSUM_COMPLETE (see [`Fixture::runs`]).
     fn complete_next(&self) -> bool {
-        self.l2 && self.runs.fetch_add(1, Ordering::Relaxed) % 2 == 0
+        self.l2 && self.runs.fetch_add(1, Ordering::Relaxed).is_multiple_of(2)
     }
 
     pub fn stat(&self, name: &str) -> u64 {
