@@ -63,7 +63,7 @@ pub struct Fixture {
     /// How many packets it ran: they alternate between CHECKSUM_COMPLETE skbs (the first, third, ...), whose L4
     /// checksums the programs update through `bpf_l4_csum_replace`, and CHECKSUM_NONE ones, which they update by
     /// hand (`pfwd-ebpf/src/csum_state.rs`), so each test with more than one packet covers both ways.
-    runs: std::sync::atomic::AtomicU32,
+    runs: AtomicU32,
 }
 
 pub fn lo_index(name: &str) -> Option<u32> {
