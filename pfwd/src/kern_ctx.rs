@@ -120,6 +120,30 @@ mod tests {
         }
     }
 
+    /// The object as a kernel without the kfunc gets it (`r0 = 0` for every placeholder) still verifies: then every
+    /// L4 checksum goes through the helper.
+    #[test]
+    fn the_programs_load_without_the_kfunc_too() {
+        use aya::programs::SchedClassifier;
+        use pfwd_common::names;
+        assert!(nix::unistd::geteuid().is_root(), "this test loads eBPF programs: run it as root (CI does)");
+        let (bytes, _) = patch(OBJECT, None).unwrap();
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(names::CONNTRACK, 1024)
+            .map_max_entries(names::CONNTRACK_NEW, 1024)
+            .map_max_entries(names::CONNTRACK6, 1024)
+            .map_max_entries(names::CONNTRACK6_NEW, 1024)
+            .load(&bytemuck::cast_slice(&words)[..bytes.len()])
+            .expect("the patched object's maps");
+        let tc = [names::PROG_INGRESS, names::PROG_EGRESS].into_iter().chain(names::TAIL_PROGRAMS.map(|(n, _)| n));
+        for name in tc {
+            let prog: &mut SchedClassifier = ebpf.program_mut(name).unwrap().try_into().unwrap();
+            prog.load().unwrap_or_else(|e| panic!("{name} without the kfunc: {e:?}"));
+        }
+    }
+
     #[test]
     fn the_running_kernel_offers_the_kfunc_and_the_field() {
         // This machine's kernel (6.18, with BTF) has both; the programs then read ip_summed.
