@@ -127,10 +127,21 @@ mod tests {
         use aya::programs::SchedClassifier;
         use pfwd_common::names;
         assert!(nix::unistd::geteuid().is_root(), "this test loads eBPF programs: run it as root (CI does)");
+        crate::instance::ensure_bpffs().expect("bpffs at /sys/fs/bpf");
+        // The object's maps are pinned by name: into a directory of this test's own, removed however it ends.
+        struct PinDir(std::path::PathBuf);
+        impl Drop for PinDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let pins = PinDir(format!("/sys/fs/bpf/pfwd-test-kern-ctx-{}", std::process::id()).into());
+        std::fs::create_dir_all(&pins.0).unwrap();
         let (bytes, _) = patch(OBJECT, None).unwrap();
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(&bytes);
         let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&pins.0)
             .map_max_entries(names::CONNTRACK, 1024)
             .map_max_entries(names::CONNTRACK_NEW, 1024)
             .map_max_entries(names::CONNTRACK6, 1024)
