@@ -217,6 +217,9 @@ pub trait Addr: Copy + Default + PartialEq + Eq + core::hash::Hash + core::fmt::
     fn is_unspecified(&self) -> bool;
     /// A 32-bit summary for [`flow_hash`]: the address itself for IPv4, its words mixed for IPv6.
     fn hash_word(&self) -> u32;
+    /// The change to a checksum covering this address when it goes from `old` to `new`, as the packet holds them
+    /// ([`crate::checksum::change_u32`] of each word).
+    fn csum_change(old: &Self, new: &Self) -> u32;
 }
 
 impl Addr for u32 {
@@ -233,6 +236,10 @@ impl Addr for u32 {
     fn hash_word(&self) -> u32 {
         *self
     }
+    #[inline(always)]
+    fn csum_change(old: &u32, new: &u32) -> u32 {
+        crate::checksum::change_u32(*old, *new)
+    }
 }
 
 impl Addr for Addr6 {
@@ -248,6 +255,11 @@ impl Addr for Addr6 {
     #[inline(always)]
     fn hash_word(&self) -> u32 {
         self[0] ^ self[1].rotate_left(8) ^ self[2].rotate_left(16) ^ self[3].rotate_left(24)
+    }
+    #[inline(always)]
+    fn csum_change(old: &Addr6, new: &Addr6) -> u32 {
+        let c = crate::checksum::change_u32;
+        c(old[0], new[0]) + c(old[1], new[1]) + c(old[2], new[2]) + c(old[3], new[3])
     }
 }
 

@@ -67,9 +67,16 @@ pub trait Family: Addr {
     /// Parses the packet embedded in an ICMP error at `ip_off` into `emb` (`end`: the outer packet's end).
     fn embedded(ctx: &TcContext, ip_off: usize, end: usize, emb: &mut Embedded<Self>) -> Option<()>;
 
-    /// Rewrites the addresses of the IP header at `ip_off` from `from`'s to `to`'s; returns the header checksum
-    /// before and after (IPv6 has none: 0 and 0).
-    fn rewrite_ip(ctx: &TcContext, ip_off: usize, from: &FlowTuple<Self>, to: &FlowTuple<Self>) -> Option<(u16, u16)>;
+    /// Rewrites the addresses of the IP header at `ip_off` from `from`'s to `to`'s (`addrs`: their
+    /// `checksum::addrs_change`, for IPv4's header checksum); returns the header checksum before and after (IPv6 has
+    /// none: 0 and 0).
+    fn rewrite_ip(
+        ctx: &TcContext,
+        ip_off: usize,
+        from: &FlowTuple<Self>,
+        to: &FlowTuple<Self>,
+        addrs: u32,
+    ) -> Option<(u16, u16)>;
 
     /// Updates the L4 checksum at `csum_off` for the pseudo-header's address change from `from` to `to`.
     fn l4_csum_addrs(
@@ -159,8 +166,8 @@ impl Family for u32 {
     }
 
     #[inline(always)]
-    fn rewrite_ip(ctx: &TcContext, ip_off: usize, from: &Tuple, to: &Tuple) -> Option<(u16, u16)> {
-        nat::rewrite_ip4(ctx, ip_off, from, to)
+    fn rewrite_ip(ctx: &TcContext, ip_off: usize, from: &Tuple, to: &Tuple, addrs: u32) -> Option<(u16, u16)> {
+        nat::rewrite_ip4(ctx, ip_off, from, to, addrs)
     }
 
     #[inline(always)]
@@ -265,8 +272,8 @@ impl Family for Addr6 {
     }
 
     #[inline(always)]
-    fn rewrite_ip(ctx: &TcContext, ip_off: usize, from: &Tuple6, to: &Tuple6) -> Option<(u16, u16)> {
-        nat::rewrite_ip6(ctx, ip_off, from, to)
+    fn rewrite_ip(ctx: &TcContext, ip_off: usize, from: &Tuple6, to: &Tuple6, addrs: u32) -> Option<(u16, u16)> {
+        nat::rewrite_ip6(ctx, ip_off, from, to, addrs)
     }
 
     #[inline(always)]

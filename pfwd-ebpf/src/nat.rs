@@ -35,22 +35,20 @@ const IP4_DADDR: usize = 16;
 const ICMP_ID: usize = 4;
 const ICMP_CHECK: usize = 2;
 
-/// Rewrites the addresses of the IPv4 header at `ip_off` from `from` to `to`, fixing its checksum. Returns the old
-/// and new header checksums (an ICMP error embedding this header must account for both changes), or None if the
-/// header is out of bounds.
+/// Rewrites the addresses of the IPv4 header at `ip_off` from `from` to `to`, fixing its checksum with `addrs`
+/// (their `checksum::addrs_change`). Returns the old and new header checksums (an ICMP error embedding this header
+/// must account for both changes), or None if the header is out of bounds.
 #[inline(always)]
-pub fn rewrite_ip4(ctx: &TcContext, ip_off: usize, from: &Tuple, to: &Tuple) -> Option<(u16, u16)> {
+pub fn rewrite_ip4(ctx: &TcContext, ip_off: usize, from: &Tuple, to: &Tuple, addrs: u32) -> Option<(u16, u16)> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off)?.cast::<u8>();
     // The checksum and addresses as the packet holds them, updated without byte swaps (see
     // `checksum::replace_u32`), each read and written as one word.
     let old = load_u16(ip.wrapping_add(IP4_CHECK));
-    let mut check = old;
+    let check = checksum::apply(old, addrs);
     if from.saddr != to.saddr {
-        check = checksum::replace_u32(check, from.saddr, to.saddr);
         store_u32(ip.wrapping_add(IP4_SADDR), to.saddr);
     }
     if from.daddr != to.daddr {
-        check = checksum::replace_u32(check, from.daddr, to.daddr);
         store_u32(ip.wrapping_add(IP4_DADDR), to.daddr);
     }
     store_u16(ip.wrapping_add(IP4_CHECK), check);
@@ -68,7 +66,7 @@ fn store_addr6(p: *mut u8, a: &Addr6) {
 /// Rewrites the addresses of the IPv6 header at `ip_off` from `from` to `to` (it has no checksum of its own: the
 /// returned old and new checksums are 0). None if the header is out of bounds.
 #[inline(always)]
-pub fn rewrite_ip6(ctx: &TcContext, ip_off: usize, from: &Tuple6, to: &Tuple6) -> Option<(u16, u16)> {
+pub fn rewrite_ip6(ctx: &TcContext, ip_off: usize, from: &Tuple6, to: &Tuple6, _addrs: u32) -> Option<(u16, u16)> {
     let ip = ptr_at::<Ipv6Hdr>(ctx, ip_off)?;
     // SAFETY: bounds checked by ptr_at; nothing else aliases the packet while we run.
     let ip = unsafe { &mut *ip };
@@ -105,7 +103,8 @@ fn rewrite_echo<A: Family>(ctx: &TcContext, off: usize, from: &FlowTuple<A>, to:
 /// Returns false if the header could not be written.
 #[inline(always)]
 pub fn rewrite_addresses<A: Family>(ctx: &TcContext, from: &FlowTuple<A>, to: &FlowTuple<A>) -> bool {
-    A::rewrite_ip(ctx, ip_off(), from, to).is_some() && (A::HEADER_CHECKSUM || packet_sum_follows(ctx, from, to, false))
+    A::rewrite_ip(ctx, ip_off(), from, to, checksum::addrs_change(from, to)).is_some()
+        && (A::HEADER_CHECKSUM || packet_sum_follows(ctx, from, to, false))
 }
 
 /// Keeps skb->csum (CHECKSUM_COMPLETE: the sum over the packet, from a NIC that sums what it receives) right where
@@ -146,7 +145,9 @@ fn packet_sum_follows<A: Family>(ctx: &TcContext, from: &FlowTuple<A>, to: &Flow
 pub fn rewrite<A: Family>(ctx: &TcContext, pkt: &Packet<A>, to: &FlowTuple<A>) -> bool {
     let from = &pkt.tuple;
     let addrs_changed = from.saddr != to.saddr || from.daddr != to.daddr;
-    if addrs_changed && A::rewrite_ip(ctx, ip_off(), from, to).is_none() {
+    // The addresses' change to a checksum, summed once for the IPv4 header and the L4 checksum.
+    let addrs = checksum::addrs_change(from, to);
+    if addrs_changed && A::rewrite_ip(ctx, ip_off(), from, to, addrs).is_none() {
         return false;
     }
     let ports_changed = from.sport != to.sport || from.dport != to.dport;
@@ -177,7 +178,7 @@ pub fn rewrite<A: Family>(ctx: &TcContext, pkt: &Packet<A>, to: &FlowTuple<A>) -
         }
     }
     if csum_state::by_hand(ctx) {
-        return l4_csum_by_hand(ctx, csum_off, from, to, echo);
+        return l4_csum_by_hand(ctx, csum_off, addrs + checksum::ports_change(from, to, !echo), from.proto);
     }
     // Helpers below invalidate packet pointers: no direct access after this point.
     let mangled0 = if from.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
@@ -190,37 +191,20 @@ pub fn rewrite<A: Family>(ctx: &TcContext, pkt: &Packet<A>, to: &FlowTuple<A>) -
             || ctx.l4_csum_replace(csum_off, from.dport.to_be() as u64, to.dport.to_be() as u64, port_flags).is_ok())
 }
 
-/// The L4 checksum at `csum_off` updated by hand for the change from `from` to `to` (addresses, ports; for an echo
-/// only the identifier, `sport`): what `bpf_l4_csum_replace` does to a CHECKSUM_NONE or UNNECESSARY skb, field by
-/// field, only for the fields that change. A UDP checksum is never 0 here (see `rewrite`); a result of 0 is written
-/// 0xffff (BPF_F_MARK_MANGLED_0's rule, which IPv6 requires).
+/// The L4 checksum at `csum_off` updated by hand for the `change` (summed by `checksum::addrs_change` and
+/// `ports_change`: for an echo only the identifier): what `bpf_l4_csum_replace` does to a CHECKSUM_NONE or
+/// UNNECESSARY skb, in one step. A UDP checksum is never 0 here (see `rewrite`); a result of 0 is written 0xffff
+/// (BPF_F_MARK_MANGLED_0's rule, which IPv6 requires). The checksum is read and written as the packet holds it, as
+/// the change is summed (see `checksum::replace_u32`); 0 and 0xffff read the same in either byte order.
 #[inline(always)]
-fn l4_csum_by_hand<A: Family>(
-    ctx: &TcContext,
-    csum_off: usize,
-    from: &FlowTuple<A>,
-    to: &FlowTuple<A>,
-    echo: bool,
-) -> bool {
+fn l4_csum_by_hand(ctx: &TcContext, csum_off: usize, change: u32, proto: u8) -> bool {
     let Some(c) = ptr_at::<[u8; 2]>(ctx, csum_off) else { return false };
     let c = c.cast::<u8>();
-    let mut check = u16::from_be(load_u16(c));
-    if from.saddr != to.saddr {
-        check = A::csum_addr(check, &from.saddr, &to.saddr);
-    }
-    if from.daddr != to.daddr {
-        check = A::csum_addr(check, &from.daddr, &to.daddr);
-    }
-    if from.sport != to.sport {
-        check = checksum::replace_u16(check, from.sport, to.sport);
-    }
-    if !echo && from.dport != to.dport {
-        check = checksum::replace_u16(check, from.dport, to.dport);
-    }
-    if check == 0 && from.proto == PROTO_UDP {
+    let mut check = checksum::apply(load_u16(c), change);
+    if check == 0 && proto == PROTO_UDP {
         check = 0xffff;
     }
-    store_u16(c, check.to_be());
+    store_u16(c, check);
     true
 }
 
@@ -285,7 +269,8 @@ pub fn rewrite_icmp_error<A: Family>(
     let mut icmp = IcmpCheck(u16::from_be_bytes(unsafe { *check }));
 
     // Embedded IP header: addresses and its checksum (IPv4) are all inside the ICMP payload.
-    let (old_check, new_check) = A::rewrite_ip(ctx, emb.ip_off, inner, new_inner)?;
+    let (old_check, new_check) =
+        A::rewrite_ip(ctx, emb.ip_off, inner, new_inner, checksum::addrs_change(inner, new_inner))?;
     icmp.addr(&inner.saddr, &new_inner.saddr);
     icmp.addr(&inner.daddr, &new_inner.daddr);
     icmp.u16(old_check, new_check);
@@ -340,7 +325,7 @@ pub fn rewrite_icmp_error<A: Family>(
     if outer.saddr == inner.daddr {
         outer.saddr = new_inner.daddr;
     }
-    A::rewrite_ip(ctx, ip_off(), &pkt.tuple, outer)?;
+    A::rewrite_ip(ctx, ip_off(), &pkt.tuple, outer, checksum::addrs_change(&pkt.tuple, outer))?;
     if A::ICMP_PSEUDO {
         icmp.addr(&pkt.tuple.saddr, &outer.saddr);
         icmp.addr(&pkt.tuple.daddr, &outer.daddr);

@@ -237,20 +237,16 @@ fn account(s: &Step, to: &Tuple, pkt: &Packet<u32>, now: u64) {
 
 /// Rewrites the frame from `from` to `to` (addresses, ports, both checksums), decrements the TTL, and gives it the
 /// next hop's link-layer addresses. Fields are read and written as whole words, and checksums updated on them as
-/// loaded, without byte swaps (see `checksum::replace_u32`).
+/// loaded, without byte swaps (see `checksum::replace_u32`), each in one step for all its fields' changes.
 #[inline(always)]
 fn rewrite(ctx: &XdpContext, l4_off: usize, from: &Tuple, to: &Tuple, smac: &[u8; 6], dmac: &[u8; 6]) -> Option<()> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_LEN)?.cast::<u8>();
     // TTL and protocol share one 16-bit word of the header checksum: the TTL is its first byte, the low half.
     let ttl_proto = load_u16(ip.wrapping_add(IP_TTL));
-    let mut check = checksum::replace_u16(load_u16(ip.wrapping_add(IP_CHECK)), ttl_proto, ttl_proto - 1);
-    // Only what changes, as the tc path does, so both leave the same checksum bytes.
-    if from.saddr != to.saddr {
-        check = checksum::replace_u32(check, from.saddr, to.saddr);
-    }
-    if from.daddr != to.daddr {
-        check = checksum::replace_u32(check, from.daddr, to.daddr);
-    }
+    // Only what changes, as the tc path does; the addresses' change serves both checksums.
+    let addrs = checksum::addrs_change(from, to);
+    let check =
+        checksum::apply(load_u16(ip.wrapping_add(IP_CHECK)), checksum::change_u16(ttl_proto, ttl_proto - 1) + addrs);
     store_u16(ip.wrapping_add(IP_TTL), ttl_proto - 1);
     store_u32(ip.wrapping_add(IP_SADDR), to.saddr);
     store_u32(ip.wrapping_add(IP_DADDR), to.daddr);
@@ -260,18 +256,7 @@ fn rewrite(ctx: &XdpContext, l4_off: usize, from: &Tuple, to: &Tuple, smac: &[u8
     let mut l4 = load_u16(c);
     // A UDP checksum of 0 means none, and stays so. (0 and 0xffff read the same in either byte order.)
     if tcp || l4 != 0 {
-        if from.saddr != to.saddr {
-            l4 = checksum::replace_u32(l4, from.saddr, to.saddr);
-        }
-        if from.daddr != to.daddr {
-            l4 = checksum::replace_u32(l4, from.daddr, to.daddr);
-        }
-        if from.sport != to.sport {
-            l4 = checksum::replace_u16(l4, from.sport.to_be(), to.sport.to_be());
-        }
-        if from.dport != to.dport {
-            l4 = checksum::replace_u16(l4, from.dport.to_be(), to.dport.to_be());
-        }
+        l4 = checksum::apply(l4, addrs + checksum::ports_change(from, to, true));
         if !tcp && l4 == 0 {
             l4 = 0xffff;
         }
