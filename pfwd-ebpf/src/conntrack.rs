@@ -40,10 +40,21 @@ const REFRESH_NS: u64 = 1_000_000_000;
 #[inline(always)]
 pub fn now_ns() -> u64 {
     match CONFIG.get(0) {
+        Some(c) => clock_ns(c),
         // SAFETY: plain helper call without arguments.
-        Some(c) if c.tick_ns != 0 => (unsafe { bpf_jiffies64() }) * c.tick_ns as u64,
+        None => unsafe { bpf_ktime_get_coarse_ns() },
+    }
+}
+
+/// [`now_ns`] for a caller that has the configuration at hand already (one map lookup fewer).
+#[inline(always)]
+pub fn clock_ns(cfg: &Config) -> u64 {
+    if cfg.tick_ns != 0 {
+        // SAFETY: plain helper call without arguments.
+        (unsafe { bpf_jiffies64() }) * cfg.tick_ns as u64
+    } else {
         // SAFETY: as above.
-        _ => unsafe { bpf_ktime_get_coarse_ns() },
+        unsafe { bpf_ktime_get_coarse_ns() }
     }
 }
 
@@ -324,7 +335,7 @@ pub fn create<A: Family>(
     flags: u8,
 ) -> Result<(), Stat> {
     let (Some(cfg), Some(s)) = (CONFIG.get(0), A::ct_scratch()) else { return Err(Stat::CtInsertFailed) };
-    let now = now_ns();
+    let now = clock_ns(cfg);
     s.reply_key = xlat.reversed();
     s.ours = orig.reversed();
     let reply_key = &s.reply_key;

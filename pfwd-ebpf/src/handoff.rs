@@ -48,8 +48,8 @@ pub struct Handoff<A> {
     pub lb_dir: u8,
     /// KNOWN: the rule slot the packet is counted on.
     pub rule_slot: u32,
-    /// KNOWN: what egress rewrites the packet to. TRANSLATED: the packet's tuple at ingress, its flow's key there
-    /// (to settle the flow).
+    /// KNOWN: what egress rewrites the packet to. TRANSLATED, of a flow not settled yet: the packet's tuple at
+    /// ingress, its flow's key there (to settle the flow); left as it was otherwise.
     pub other: FlowTuple<A>,
 }
 
@@ -113,8 +113,11 @@ pub fn known<A: Family>(pkt: &Packet<A>, xlat: &FlowTuple<A>, rule_slot: u32, lb
 #[inline(always)]
 pub fn translated<A: Family>(pkt: &Packet<A>, xlat: &FlowTuple<A>, flags: u8) {
     if let Some(h) = slot_for(pkt, xlat, TRANSLATED) {
-        h.other = pkt.tuple.copied();
         h.settled = flags & ct_flag::SETTLED != 0;
         h.egress_too = flags & ct_flag::EGRESS_TOO != 0;
+        if !h.settled {
+            // Only a flow not settled yet needs its key at ingress (egress settles it).
+            h.other = pkt.tuple.copied();
+        }
     }
 }

@@ -358,7 +358,7 @@ mod programs {
     /// The verdict for `pkt` from its flow (its translation into `xlat`), or `Open` when it has none and may open
     /// one.
     fn verdict<A: Family>(pkt: &Packet<A>, xlat: &mut FlowTuple<A>, at: u8, cfg: &Config) -> Verdict {
-        let now = conntrack::now_ns();
+        let now = conntrack::clock_ns(cfg);
         if let Some(e) = conntrack::lookup(&pkt.tuple, now, cfg) {
             // SAFETY: map value pointer from lookup.
             let entry = unsafe { &*e };
@@ -411,7 +411,7 @@ mod programs {
     /// or cannot track the flow (Pass: it passes untranslated), or the rule refuses it (Drop).
     #[inline(always)]
     fn new_flow<A: Family>(ctx: &TcContext, pkt: &Packet<A>, xlat: &mut FlowTuple<A>, at: u8, cfg: &Config) -> Verdict {
-        let now = conntrack::now_ns();
+        let now = conntrack::clock_ns(cfg);
         let set = cfg.active();
         let hook = if at == ct_hook::INGRESS { hook::PREROUTING } else { hook::POSTROUTING };
         let ifindex = parse::ifindex(ctx);
@@ -466,7 +466,7 @@ mod programs {
             fragment::note_first(pkt, at, frag_action::PASS, &pkt.tuple, 0);
             return NEXT;
         }
-        let now = conntrack::now_ns();
+        let now = conntrack::clock_ns(cfg);
         // The embedded packet's reply tuple, in `outer` until the outer addresses are worked out.
         e.outer = e.emb.tuple.reversed();
         let entry = match conntrack::lookup(&e.outer, now, cfg) {

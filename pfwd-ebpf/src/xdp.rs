@@ -124,7 +124,7 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
         }
     }
     let t0 = Tuple::new(load_u32(ip.src_addr.as_ptr()), load_u32(ip.dst_addr.as_ptr()), sport, dport, proto);
-    let now = conntrack::now_ns();
+    let now = conntrack::clock_ns(cfg);
     let e0 = live(&t0, now, cfg).ok()?;
     // SAFETY: a map value pointer from a successful lookup.
     let at_ingress = unsafe { (*e0).hook } == ct_hook::INGRESS;
