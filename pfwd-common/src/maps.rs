@@ -780,6 +780,10 @@ pub mod config_flag {
     /// yet (before the flip) ahead of saving its state. The flip clears it; found set, a pfwd was killed between the
     /// two, and the next change reads the rules back from the maps instead of trusting the saved ones.
     pub const STAGED: u32 = 1 << 3;
+    /// Userspace's record (the programs do not read it): the loader could give the programs `sk_buff.ip_summed`
+    /// (`kern_ctx`), so they update TCP/UDP checksums by hand where the skb allows; without it, every L4 checksum
+    /// goes through `bpf_l4_csum_replace`. `pfwd status` shows which.
+    pub const L4_CSUM_BY_HAND: u32 = 1 << 4;
 }
 
 /// Single-entry array holding the instance's settings.

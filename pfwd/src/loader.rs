@@ -243,8 +243,9 @@ impl Kernel {
                 ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the object"))?.try_into()?;
             prog.pin(self.dir.join(format!("prog_{hook}"))).with_context(|| format!("pinning {name}"))?;
         }
-        // The programs' clock: jiffies times the tick (see `Config::tick_ns`).
-        self.set_config(&Config { tick_ns: crate::clock::tick_ns(), ..*cfg })?;
+        // The programs' clock: jiffies times the tick (see `Config::tick_ns`); and whether they got `ip_summed`.
+        let by_hand = if skb.is_some() { config_flag::L4_CSUM_BY_HAND } else { 0 };
+        self.set_config(&Config { tick_ns: crate::clock::tick_ns(), flags: cfg.flags | by_hand, ..*cfg })?;
         Ok(())
     }
 

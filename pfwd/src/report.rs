@@ -80,6 +80,8 @@ pub struct InstanceStatus {
     pub conntrack: ConntrackSummary,
     /// `--fast-forward` is on (eBPF mode only; always false in iptables mode).
     pub fast_forward: bool,
+    /// eBPF mode: how the programs update TCP/UDP checksums (null in the netfilter modes).
+    pub l4_checksums: Option<L4Checksums>,
     pub interfaces: Vec<InterfaceStatus>,
     pub mode: DataPath,
     /// Why this mode was chosen.
@@ -99,6 +101,17 @@ pub struct InstanceStatus {
     pub stats: BTreeMap<String, u64>,
     /// The sysctls pfwd changed, with their earlier values.
     pub sysctls: Vec<SavedSysctl>,
+}
+
+/// How the eBPF programs update a translated packet's TCP/UDP (and ICMPv6) checksum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum L4Checksums {
+    /// By hand where the skb is CHECKSUM_NONE or UNNECESSARY, with `bpf_l4_csum_replace` otherwise (README, Design).
+    ByHandWhereSafe,
+    /// `bpf_l4_csum_replace` for every packet: the kernel lacks `bpf_cast_to_kern_ctx` or `sk_buff.ip_summed` in
+    /// its BTF, or the instance was attached by a pfwd from before the by-hand path.
+    Helper,
 }
 
 /// The eBPF rule index (see README, Design: Rule lookup): what a new flow's first packet walks.

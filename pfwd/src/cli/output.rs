@@ -2,7 +2,7 @@
 
 use crate::{
     loader::XdpRun,
-    report::{ConntrackSummary, InstanceStatus},
+    report::{ConntrackSummary, InstanceStatus, L4Checksums},
 };
 
 /// A value that may be unknown, or what stands for it (the human output has always shown an unknown number as
@@ -32,6 +32,17 @@ pub(super) fn print_status(s: &InstanceStatus) {
     println!("interfaces: {}", ifaces.join(", "));
     if s.fast_forward {
         println!("fast path:  on (forwarded packets of translated flows skip the IP stack and netfilter)");
+    }
+    match s.l4_checksums {
+        Some(L4Checksums::ByHandWhereSafe) => println!(
+            "checksums:  TCP/UDP updated by hand where the skb allows (CHECKSUM_NONE/UNNECESSARY), by the kernel's \
+             helper otherwise"
+        ),
+        Some(L4Checksums::Helper) => println!(
+            "checksums:  TCP/UDP updated by the kernel's helper for every packet (this kernel's BTF has no \
+             bpf_cast_to_kern_ctx or sk_buff.ip_summed, or an older pfwd attached)"
+        ),
+        None => {}
     }
     if s.interfaces.iter().any(|i| i.xdp.is_some()) {
         println!("XDP path:   on (established forwarded IPv4 flows skip the skb, IP stack and netfilter)");

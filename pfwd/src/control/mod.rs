@@ -1384,7 +1384,12 @@ pub fn status() -> Result<Status> {
                     index_keys,
                     index4_keys,
                 });
-                (rules, conntrack, stats, cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0, engine)
+                let l4 = if cfg.flags & pfwd_common::config_flag::L4_CSUM_BY_HAND != 0 {
+                    report::L4Checksums::ByHandWhereSafe
+                } else {
+                    report::L4Checksums::Helper
+                };
+                (rules, conntrack, stats, (cfg.flags & pfwd_common::config_flag::FAST_FORWARD != 0, Some(l4)), engine)
             }
             Backend::Iptables | Backend::Nft => {
                 let (counters, per_backend) = match backend {
@@ -1417,11 +1422,11 @@ pub fn status() -> Result<Status> {
                     flows: fallback::dnat_flows(),
                     note: NetfilterConntrack::NOTE,
                 });
-                (rules, conntrack, Default::default(), false, None)
+                (rules, conntrack, Default::default(), (false, None), None)
             }
         })
     };
-    let (rules, conntrack, stats, fast_forward, rule_engine) = match (read(), state.pending) {
+    let (rules, conntrack, stats, (fast_forward, l4_checksums), rule_engine) = match (read(), state.pending) {
         (Ok(r), _) => r,
         // An interrupted change may have left no data path to read (e.g. no pins yet): show the state, no counters.
         (Err(_), Some(_)) => {
@@ -1444,7 +1449,7 @@ pub fn status() -> Result<Status> {
                     note: NetfilterConntrack::NOTE,
                 }),
             };
-            (rules, conntrack, Default::default(), false, None)
+            (rules, conntrack, Default::default(), (false, None), None)
         }
         (Err(e), None) => return Err(e),
     };
@@ -1460,6 +1465,7 @@ pub fn status() -> Result<Status> {
             .or_else(|| abandoned().then(|| ABANDONED_CHANGE.to_string())),
         conntrack,
         fast_forward,
+        l4_checksums,
         interfaces: state
             .interfaces
             .iter()

@@ -261,6 +261,7 @@ mod tests {
                 note: "",
             }),
             fast_forward: false,
+            l4_checksums: None,
             interfaces: vec![],
             mode: DataPath::Iptables,
             mode_reason: "test".into(),
