@@ -342,13 +342,17 @@ pub fn parse4(ctx: &TcContext) -> Option<Packet<u32>> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l2)?;
     // SAFETY: bounds checked by ptr_at.
     let ip = unsafe { &*ip };
-    let ihl = (ip.vihl & 0x0f) as usize * 4;
-    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || l2 + tot_len > ctx.len() as usize {
+    // The header's first two words whole (version and length, identification and fragment fields), as the
+    // addresses are read: two loads, not six.
+    let (w0, w1) = (load_u32(&ip.vihl), load_u32(ip.id.as_ptr()));
+    let vihl = w0 as u8;
+    let ihl = (vihl & 0x0f) as usize * 4;
+    let tot_len = u16::from_be((w0 >> 16) as u16) as usize;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || l2 + tot_len > ctx.len() as usize {
         count(Stat::Malformed);
         return None;
     }
-    let frags = u16::from_be_bytes(ip.frags);
+    let frags = u16::from_be((w1 >> 16) as u16);
     let tuple = addresses4(ip);
     // Only the first fragment carries the L4 header.
     let frag = if frags & IP_OFFSET != 0 {
@@ -358,7 +362,7 @@ pub fn parse4(ctx: &TcContext) -> Option<Packet<u32>> {
     } else {
         frag::WHOLE
     };
-    let ip_id = u16::from_be_bytes(ip.id) as u32;
+    let ip_id = u16::from_be(w1 as u16) as u32;
     let mut pkt =
         Packet { tuple, l4_off: l2 + ihl, tcp_flags: 0, ip_len: tot_len as u32, icmp: icmp::ABSENT, frag, ip_id };
     transport(ctx, &mut pkt, l2 + tot_len)?;
