@@ -110,7 +110,8 @@ pub enum L4Checksums {
     /// By hand where the skb is CHECKSUM_NONE or UNNECESSARY, with `bpf_l4_csum_replace` otherwise (README, Design).
     ByHandWhereSafe,
     /// `bpf_l4_csum_replace` for every packet: the kernel lacks `bpf_cast_to_kern_ctx` or `sk_buff.ip_summed` in
-    /// its BTF, or the instance was attached by a pfwd from before the by-hand path.
+    /// its BTF; or the instance was attached by a pfwd older than this field (2026-12-04), whose record says
+    /// nothing either way (the one released just before it updates by hand already).
     Helper,
 }
 

@@ -40,7 +40,8 @@ pub(super) fn print_status(s: &InstanceStatus) {
         ),
         Some(L4Checksums::Helper) => println!(
             "checksums:  TCP/UDP updated by the kernel's helper for every packet (this kernel's BTF has no \
-             bpf_cast_to_kern_ctx or sk_buff.ip_summed, or an older pfwd attached)"
+             bpf_cast_to_kern_ctx or sk_buff.ip_summed; or a pfwd older than this line attached the instance: \
+             detach and attach again to be sure)"
         ),
         None => {}
     }
