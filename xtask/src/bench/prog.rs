@@ -215,8 +215,16 @@ pub fn measure(env: &Env, reps: usize, repeat: u32, singles: usize) -> Result<Pr
         samples.push((k4, m[0]));
         samples.push((k6, m[1]));
     }
-    samples.extend(egress_singles(&ingress, &egress, &a, singles, ["egress-handed-1", "egress-lookup-1"])?);
-    samples.extend(egress_singles(&ingress, &egress, &a6, singles, ["egress-handed6-1", "egress-lookup6-1"])?);
+    let (longer, longer6) =
+        (udp_sized(CLIENT, 40_000, ROUTER, PORT, 64, 19), udp6_sized(CLIENT6, 40_000, ROUTER6, PORT, 19));
+    samples.extend(egress_singles(&ingress, &egress, (&a, &longer), singles, ["egress-handed-1", "egress-lookup-1"])?);
+    samples.extend(egress_singles(
+        &ingress,
+        &egress,
+        (&a6, &longer6),
+        singles,
+        ["egress-handed6-1", "egress-lookup6-1"],
+    )?);
     samples.extend(xdp_costs(env, &dir, (&ingress, &egress), &a, singles)?);
     Ok(ProgCosts { samples, notes, maps })
 }
@@ -358,15 +366,16 @@ impl Drop for MirrorSetup<'_> {
     }
 }
 
-/// (ns per run, output packet).
-/// What the handoff saves tc egress: flow A's packet through ingress, then its output through egress twice, first
-/// with the handoff ingress just left (egress has nothing to do for a settled DNAT flow), then again, the slot now
-/// empty, looked up as every forwarded packet was before the handoff. The thread stays on one CPU meanwhile, as
-/// forwarding does (the slot is per CPU).
+/// What the handoff saves tc egress: flow A's packet `a` through ingress, then its output through egress with the
+/// handoff ingress just left (egress has nothing to do for a settled DNAT flow); and, after the same history, looked
+/// up as every forwarded packet was before the handoff: `other`, a packet of the same flow one byte longer, through
+/// ingress (the slot then describes it, not `a`'s output), then `a`'s output through egress. Both egress runs follow
+/// an ingress run of the flow, so neither finds the egress program's code warmer than the other. The thread stays on
+/// one CPU meanwhile, as forwarding does (the slot is per CPU).
 fn egress_singles(
     ingress: &SchedClassifier,
     egress: &SchedClassifier,
-    a: &[u8],
+    (a, other): (&[u8], &[u8]),
     singles: usize,
     [handed_key, lookup_key]: [&'static str; 2],
 ) -> Result<Vec<(&'static str, f64)>> {
@@ -387,6 +396,7 @@ fn egress_singles(
             }
             let (_, fwd) = run(ingress, a, 1)?;
             handed.push(run(egress, &fwd, 1)?.0);
+            run(ingress, other, 1)?;
             lookup.push(run(egress, &fwd, 1)?.0);
         }
         Ok((median(&mut handed), median(&mut lookup)))
@@ -397,6 +407,7 @@ fn egress_singles(
     Ok(vec![(handed_key, handed), (lookup_key, lookup)])
 }
 
+/// (ns per run, output packet).
 pub(super) fn run(prog: &SchedClassifier, pkt: &[u8], repeat: u32) -> Result<(f64, Vec<u8>)> {
     let mut out = vec![0u8; 256];
     let r = prog
@@ -412,21 +423,30 @@ pub(super) fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u
 }
 
 fn udp_ttl(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, ttl: u8) -> Vec<u8> {
+    udp_sized(src, sport, dst, dport, ttl, 18)
+}
+
+/// A UDP datagram with `payload` bytes.
+fn udp_sized(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, ttl: u8, payload: usize) -> Vec<u8> {
     let mut v = vec![];
     PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv4(src.octets(), dst.octets(), ttl)
         .udp(sport, dport)
-        .write(&mut v, &[0x41; 18])
+        .write(&mut v, &vec![0x41; payload])
         .expect("writing to a Vec");
     v
 }
 
 fn udp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+    udp6_sized(src, sport, dst, dport, 18)
+}
+
+fn udp6_sized(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, payload: usize) -> Vec<u8> {
     let mut v = vec![];
     PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
         .ipv6(src.octets(), dst.octets(), 64)
         .udp(sport, dport)
-        .write(&mut v, &[0x41; 18])
+        .write(&mut v, &vec![0x41; payload])
         .expect("writing to a Vec");
     v
 }
