@@ -155,7 +155,6 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
         return None;
     }
     let out = p.ifindex;
-    XDP_TX.get_ifindex(out)?;
     // The translation at egress, as tc's egress would find it after the handoff (`crate::handoff`): once the flow is
     // settled there, none unless the flow has more to do at egress (a full NAT), and then the translated tuple's
     // flow, if it still has one. Before (its first packets), the translated tuple's flow, or none when no SNAT rule
@@ -192,6 +191,10 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
             }
         }
     };
+    // The redirect's target, chosen now (the kernel acts on it when the program returns XDP_REDIRECT): an egress
+    // interface without pfwd's XDP program is not in the devmap, and the frame goes on untouched to the stack. One
+    // devmap lookup, where checking first and redirecting at the end took two.
+    let redirect = XDP_TX.redirect(out, u64::from(PASS)).ok()?;
     if at_ingress && !settled {
         conntrack::settle(&t0, &t1);
     }
@@ -217,7 +220,7 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
     }
     rewrite(ctx, l4_off, &t0, &t2, &p.smac, &p.dmac)?;
     count(Stat::XdpForwarded);
-    Some(XDP_TX.redirect(out, 0).unwrap_or_else(|a| a))
+    Some(redirect)
 }
 
 /// Records the packet in the flow of `s` as the tc program of its hook would (refresh, counters); `to` is what the
