@@ -80,6 +80,11 @@ pub const CASES: &[(&str, &str)] = &[
         "XDP: established flow, translated, routed and redirected, repeat 200 (two forwarded mirror flows, TTL 255), \
          median of S/20 calls",
     ),
+    (
+        "xdp-fib",
+        "XDP: the FIB lookup alone (bpf_fib_lookup with the parameters the fast path passes for the mirror flows), \
+         repeat 200, median of S/20 calls",
+    ),
 ];
 
 /// (IPv4 case, its IPv6 counterpart): the report's IPv6 / IPv4 line.
@@ -264,19 +269,21 @@ fn xdp_costs(
     let xdp =
         Xdp::from_pin(dir.join("prog_xdp"), aya_obj::programs::XdpAttachType::Interface).context("pinned prog_xdp")?;
     let empty = EmptyProg::load_xdp()?;
+    // SAFETY: a NUL-terminated name.
+    let lo = env.lab.in_ns(tests::Node::Router, || unsafe { libc::if_nametoindex(c"lo".as_ptr()) })?;
+    let mut mirror = udp_ttl(CLIENT, 40_002, MIRROR_X, MIRROR_PORT, 255);
+    mirror[..6].fill(0);
+    // The route the fast path looks up for the mirror frame (once translated: to Y, from the client), as it asks.
+    let fib = EmptyProg::load_xdp_fib(&fib_params(lo, (CLIENT, 40_002), (MIRROR_Y, MIRROR_PORT), ip_len(&mirror)))?;
     // A repeated test run of an XDP program that is attached nowhere puts it into the kernel's XDP dispatcher and
     // takes it out again, an RCU grace period each (see udp_live): the empty program is parked on an idle veth, as
     // pfwd's is attached to eth1.
     let park = super::XdpParking::new(env)?;
     park.attach(super::XdpParking::DEV, &empty.pin)?;
-    // SAFETY: a NUL-terminated name.
-    let lo = env.lab.in_ns(tests::Node::Router, || unsafe { libc::if_nametoindex(c"lo".as_ptr()) })?;
     // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     // Addressed to lo's MAC (all zeros), as the fast path forwards only frames sent to the ingress interface.
     let mut frame = a.to_vec();
     frame[..6].fill(0);
-    let mut mirror = udp_ttl(CLIENT, 40_002, MIRROR_X, MIRROR_PORT, 255);
-    mirror[..6].fill(0);
     let run_xdp = |prog: &Xdp, data: &[u8], repeat: u32, want: u32| -> Result<(f64, Vec<u8>)> {
         let mut md = [0u8; 24];
         md[4..8].copy_from_slice(&(data.len() as u32).to_ne_bytes());
@@ -316,20 +323,44 @@ fn xdp_costs(
         }
         // Fewer calls than single runs: each is 200 packets.
         let (mut er, mut zr) = (Vec::with_capacity(singles / 20), Vec::with_capacity(singles / 20));
+        let mut fr = Vec::with_capacity(singles / 20);
         for i in 0..singles / 20 {
             if i % 100 == 0 {
                 check_interrupted()?;
             }
             er.push(run_xdp(&xdp, &mirror, XDP_REPEAT, XDP_REDIRECT)?.0);
             zr.push(run_xdp(&empty.prog, &mirror, XDP_REPEAT, XDP_PASS)?.0);
+            // XDP_PASS only when every lookup succeeded (see `load_xdp_fib`).
+            fr.push(run_xdp(&fib.prog, &mirror, XDP_REPEAT, XDP_PASS)?.0);
         }
         Ok(vec![
             ("xdp-empty-1", median(&mut z)),
             ("xdp-established-1", median(&mut e)),
             ("xdp-empty", median(&mut zr)),
             ("xdp-established", median(&mut er)),
+            ("xdp-fib", median(&mut fr)),
         ])
     })?
+}
+
+/// The IP total length of the Ethernet frame `frame`.
+fn ip_len(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[16], frame[17]])
+}
+
+/// A `struct bpf_fib_lookup` (64 bytes) for an IPv4 UDP packet of `ip_len` bytes from `src` to `dst` (address,
+/// port) arriving on `ifindex`: the fields pfwd's fast path sets (`pfwd-ebpf/src/xdp.rs`), the rest zero.
+fn fib_params(ifindex: u32, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), ip_len: u16) -> [u8; 64] {
+    let mut p = [0u8; 64];
+    p[0] = libc::AF_INET as u8;
+    p[1] = libc::IPPROTO_UDP as u8;
+    p[2..4].copy_from_slice(&src.1.to_be_bytes());
+    p[4..6].copy_from_slice(&dst.1.to_be_bytes());
+    p[6..8].copy_from_slice(&ip_len.to_ne_bytes());
+    p[8..12].copy_from_slice(&ifindex.to_ne_bytes());
+    p[16..20].copy_from_slice(&src.0.octets());
+    p[32..36].copy_from_slice(&dst.0.octets());
+    p
 }
 
 /// The median of `v` (sorted in place).
@@ -551,6 +582,7 @@ const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const EXIT: u64 = 0x95;
 const BPF_FUNC_REDIRECT_MAP: u64 = 51;
+const BPF_FUNC_FIB_LOOKUP: u64 = 69;
 
 /// `mov64 rD, imm` (opcode 0xb7; the destination register in the low nibble of the second byte).
 const fn mov_imm(dst: u64, imm: u32) -> u64 {
@@ -580,6 +612,33 @@ impl EmptyProg<Xdp> {
         let ld_map = 0x18 | (1 << 8) | (1 << 12) | (u64::from(fd) << 32);
         let call = 0x85 | (BPF_FUNC_REDIRECT_MAP << 32);
         Self::load_xdp_insns(&[ld_map, 0, mov_imm(2, ifindex), mov_imm(3, 0), call, EXIT])
+    }
+
+    /// An XDP program that only looks up the route of `params` (a `struct bpf_fib_lookup`, copied onto its stack
+    /// on every run as pfwd's program fills its own) with `bpf_fib_lookup`, flags 0 as pfwd's fast path calls it,
+    /// and returns XDP_PASS when the lookup succeeded (XDP_ABORTED otherwise): the floor the FIB puts under the
+    /// fast path.
+    pub(super) fn load_xdp_fib(params: &[u8; 64]) -> Result<Self> {
+        // *(u32 *)(r10 + off) = imm (BPF_ST | BPF_MEM | BPF_W).
+        let st_w = |off: i16, imm: u32| 0x62 | (10 << 8) | (u64::from(off as u16) << 16) | (u64::from(imm) << 32);
+        let mut insns: Vec<u64> = params
+            .chunks_exact(4)
+            .enumerate()
+            .map(|(i, w)| st_w(-64 + 4 * i as i16, u32::from_le_bytes([w[0], w[1], w[2], w[3]])))
+            .collect();
+        insns.extend([
+            0xbf | (2 << 8) | (10 << 12),                       // r2 = r10 (r1 is still the context)
+            0x07 | (2 << 8) | (u64::from(-64i32 as u32) << 32), // r2 += -64
+            mov_imm(3, 64),
+            mov_imm(4, 0),
+            0x85 | (BPF_FUNC_FIB_LOOKUP << 32),
+            0x15 | (2 << 16), // if r0 == 0 goto +2
+            mov_imm(0, 0),    // XDP_ABORTED
+            EXIT,
+            mov_imm(0, XDP_PASS),
+            EXIT,
+        ]);
+        Self::load_xdp_insns(&insns)
     }
 
     fn load_xdp_insns(insns: &[u64]) -> Result<Self> {
