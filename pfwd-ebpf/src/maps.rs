@@ -11,9 +11,9 @@ use aya_ebpf::{
 use pfwd_common::{
     Addr6, BACKEND_COUNTER_ENTRIES, BACKEND_ENTRIES, BackendCounterKey, BackendEntry, BackendKey, CLASS_ENTRIES, Class,
     Config, CtEntry, CtEntry6, CtEntryOf, DEFAULT_CT_ENTRIES, FlowTuple, FragEntry, FragEntry6, FragKey, FragKey6,
-    INDEX_ENTRIES, IfaceInfo, IndexEntry, IndexKey, IndexKey4, MAX_FRAG_DATAGRAMS, MAX_IFACES, MAX_LOCAL_ADDRS,
-    MAX_RULES, MAX_SOCKETS, RULE_ENTRIES, RecordText, RuleCounters, RuleEntry, SockKey, SockKey6, SockOrig, SockOrig6,
-    Stat, Tuple, Tuple6, Walk, unconfirmed_ct_entries,
+    IFACE_MAC_SLOTS, INDEX_ENTRIES, IfaceInfo, IndexEntry, IndexKey, IndexKey4, MAX_FRAG_DATAGRAMS, MAX_IFACES,
+    MAX_LOCAL_ADDRS, MAX_RULES, MAX_SOCKETS, RULE_ENTRIES, RecordText, RuleCounters, RuleEntry, SockKey, SockKey6,
+    SockOrig, SockOrig6, Stat, Tuple, Tuple6, Walk, unconfirmed_ct_entries,
 };
 
 /// Rule bodies by slot (`pfwd_common::lookup`).
@@ -65,6 +65,10 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Stat::COUNT, 0);
 
 #[map(name = "PFWD_IFACES")]
 pub static IFACES: HashMap<u32, IfaceInfo> = HashMap::pinned(MAX_IFACES, 0);
+
+/// The XDP fast path's shortcut to `IFACES`' link-layer addresses (`pfwd_common::IfaceMacSlot`).
+#[map(name = "PFWD_IFACE_MACS")]
+pub static IFACE_MACS: Array<u64> = Array::pinned(IFACE_MAC_SLOTS, 0);
 
 #[map(name = "PFWD_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -13,11 +13,13 @@
 //! netfilter (FORWARD rules, the kernel's conntrack, the egress qdisc), which is why it is opt-in.
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use pfwd_common::{Addr, Config, CtEntry, PROTO_TCP, PROTO_UDP, Stat, Tuple, checksum, ct_flag, ct_hook, dir, hook};
+use pfwd_common::{
+    Addr, Config, CtEntry, IfaceMacSlot, PROTO_TCP, PROTO_UDP, Stat, Tuple, checksum, ct_flag, ct_hook, dir, hook,
+};
 
 use crate::{
     conntrack, fib,
-    maps::{CONNTRACK, CONNTRACK_NEW, IFACES, XDP_TX, count, count_backend, count_rule},
+    maps::{CONNTRACK, CONNTRACK_NEW, IFACE_MACS, IFACES, XDP_TX, count, count_backend, count_rule},
     parse::{
         ETH_P_IP, Packet, TCP_FIN, TCP_RST, TCP_SYN, frag, icmp, load_ports, load_u16, load_u32, store_ports,
         store_u16, store_u32,
@@ -138,10 +140,8 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
     let in_ifindex = ctx.ingress_ifindex() as u32;
     // Only frames sent to this interface: one for another host (seen in promiscuous mode: tcpdump, a bridge port)
     // is dropped by the stack (PACKET_OTHERHOST), translated or not.
-    // SAFETY: plain read of a map value, which stays valid for the program's run.
-    let iface = unsafe { IFACES.get(&in_ifindex) }?;
     // SAFETY: bounds checked by ptr_at above; the frame has not moved.
-    if unsafe { (*eth).dst_addr } != iface.mac {
+    if !sent_to(in_ifindex, unsafe { &(*eth).dst_addr }) {
         return None;
     }
     let mut block = fib::Block::uninit();
@@ -221,6 +221,21 @@ fn fast_path(ctx: &XdpContext) -> Option<u32> {
     rewrite(ctx, l4_off, &t0, &t2, &p.smac, &p.dmac)?;
     count(Stat::XdpForwarded);
     Some(redirect)
+}
+
+/// Whether `dst` is the link-layer address of the interface `ifindex`: from its slot in `IFACE_MACS` when it owns
+/// one, else from `IFACES` (a hash lookup). None of either: not an interface of pfwd's.
+#[inline(always)]
+fn sent_to(ifindex: u32, dst: &[u8; 6]) -> bool {
+    if let Some(tag) = IfaceMacSlot::tag(ifindex)
+        && let Some(&word) = IFACE_MACS.get(IfaceMacSlot::index(ifindex))
+        && IfaceMacSlot::owned(word, tag)
+    {
+        let dst = dst.as_ptr();
+        return word == tag | IfaceMacSlot::mac_bits_of(load_u32(dst), load_u16(dst.wrapping_add(4)));
+    }
+    // SAFETY: plain read of a map value, which stays valid for the program's run.
+    unsafe { IFACES.get(&ifindex) }.is_some_and(|i| i.mac == *dst)
 }
 
 /// Records the packet in the flow of `s` as the tc program of its hook would (refresh, counters); `to` is what the

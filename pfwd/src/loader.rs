@@ -34,8 +34,8 @@ use aya::{
 };
 use pfwd_common::{
     Addr, Addr6, BackendCounterKey, BackendEntry, BackendKey, CLASS_BANKS, Class, ClassCounts, Config, CtEntryOf,
-    FlowTuple, INDEX_SLOTS, IfaceInfo, IndexEntry, IndexKey, IndexKey4, RecordText, RuleCounters, RuleEntry, Stat,
-    class_index, config_flag, family,
+    FlowTuple, INDEX_SLOTS, IfaceInfo, IfaceMacSlot, IndexEntry, IndexKey, IndexKey4, RecordText, RuleCounters,
+    RuleEntry, Stat, class_index, config_flag, family,
     kern_ctx::{SUMMED_BYTE_GLOBAL, SUMMED_SHIFT_GLOBAL},
     names,
 };
@@ -435,7 +435,7 @@ impl Kernel {
         }
         let mut ifaces: HashMap<MapData, u32, IfaceInfo> = self.map(names::IFACES)?;
         let _ = ifaces.remove(&ifindex);
-        Ok(())
+        self.set_mac_slot(&ifaces, ifindex, None)
     }
 
     /// Removes every pin of the instance (links first, so programs detach), then the directory.
@@ -521,6 +521,35 @@ impl Kernel {
         let addr6 = addr6.map_or([0; 4], |a| CtFamily::of_ip(a.into()));
         let info = IfaceInfo { addr, flags: 0, addr6, mac: mac.unwrap_or_default(), _pad: [0; 2] };
         ifaces.insert(ifindex, info, 0)?;
+        self.set_mac_slot(&ifaces, ifindex, Some(info.mac))
+    }
+
+    /// Keeps `ifindex`'s slot in the XDP fast path's shortcut (`IfaceMacSlot`) in step with `IFACES` (`ifaces`):
+    /// `Some(mac)` after its entry there was written, None after it was removed. The slot is taken when free, ours,
+    /// or held by an interface `IFACES` no longer has; otherwise the fast path looks this interface up in `IFACES`.
+    /// An instance attached by an older pfwd has no such map, and its programs do not read one.
+    fn set_mac_slot(
+        &self,
+        ifaces: &HashMap<MapData, u32, IfaceInfo>,
+        ifindex: u32,
+        mac: Option<[u8; 6]>,
+    ) -> Result<()> {
+        let Ok(mut slots) = self.map::<Array<MapData, u64>>(names::IFACE_MACS) else { return Ok(()) };
+        let index = IfaceMacSlot::index(ifindex);
+        let held = slots.get(&index, 0)?;
+        let owner = IfaceMacSlot::owner(held, index);
+        let word = match mac {
+            Some(mac) => {
+                let free = owner.is_none_or(|o| o == ifindex || ifaces.get(&o, 0).is_err());
+                match IfaceMacSlot::word(ifindex, mac) {
+                    Some(word) if free => word,
+                    _ => return Ok(()),
+                }
+            }
+            None if owner == Some(ifindex) => 0,
+            None => return Ok(()),
+        };
+        slots.set(index, word, 0)?;
         Ok(())
     }
 

@@ -34,7 +34,7 @@ use std::{
 };
 
 use aya::{
-    maps::{DevMapHash, Map, MapData},
+    maps::{Array, DevMapHash, Map, MapData},
     programs::{TestRun, TestRunOptions, Xdp},
 };
 use aya_obj::programs::XdpAttachType;
@@ -43,7 +43,9 @@ use etherparse::{
     PacketHeaders, TransportHeader,
 };
 use pfwd::state::StoredRule;
-use pfwd_common::{CtEntry, PROTO_TCP, PROTO_UDP, RuleCounters, Tuple, ct_flag, ct_state, names};
+use pfwd_common::{
+    CtEntry, IFACE_MAC_SLOTS, IfaceMacSlot, PROTO_TCP, PROTO_UDP, RuleCounters, Tuple, ct_flag, ct_state, names,
+};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -1120,6 +1122,63 @@ fn frame_for_another_hosts_mac_passes() {
     let mut other = q.clone();
     other.dmac = NEIGHBOUR_MAC;
     expect_pass(&x, &other.bytes(), "unicast frame to another host");
+}
+
+impl Router {
+    /// The IFACE_MACS map (the fast path's shortcut to the interfaces' MACs).
+    fn mac_slots(&self) -> Array<MapData, u64> {
+        let data = MapData::from_pin(self.f.kernel().pin_dir().join(names::IFACE_MACS)).expect("pinned IFACE_MACS");
+        Map::from_map_data(data).unwrap().try_into().expect("an array of u64")
+    }
+
+    fn mac_slot(&self, ifindex: u32) -> u64 {
+        self.mac_slots().get(&IfaceMacSlot::index(ifindex), 0).expect("slot")
+    }
+
+    fn set_mac_slot(&self, ifindex: u32, word: u64) {
+        self.mac_slots().set(IfaceMacSlot::index(ifindex), word, 0).expect("slot write");
+    }
+}
+
+/// The ingress interface's MAC comes from its slot in IFACE_MACS when it owns one, and from IFACES otherwise: a
+/// slot owned by another interface (of the same index) or a free one changes nothing, in either direction (frames
+/// to vin are forwarded, frames to another host pass). And the loader keeps the slots in step with IFACES: it takes
+/// a slot whose owner IFACES no longer has, and leaves one whose owner it still has.
+#[test]
+fn ingress_mac_from_its_slot_or_from_ifaces() {
+    let x = Router::new(&[rule(1, DNAT_UDP)]);
+    let vin = x.lab.vin;
+    let q = Pkt::udp(CLIENT, 5555, ROUTER, 53);
+    x.tc_in(&q);
+    let mut other = q.clone();
+    other.dmac = NEIGHBOUR_MAC;
+    let want = q.to(BACKEND, 5353).hop(VOUT_MAC, BACKEND_MAC);
+    // As attach left it: vin owns its slot.
+    let own = x.mac_slot(vin);
+    assert_eq!(Some(own), IfaceMacSlot::word(vin, VIN_MAC), "vin's slot after set_iface");
+    // Another interface of the same index, whose MAC is the one `other` is sent to; then a free slot.
+    let stranger = vin + IFACE_MAC_SLOTS;
+    for (word, what) in [(IfaceMacSlot::word(stranger, NEIGHBOUR_MAC).unwrap(), "another interface's"), (0, "free")] {
+        x.set_mac_slot(vin, word);
+        expect_pass(&x, &other.bytes(), &format!("frame to another host, vin's slot {what}"));
+        expect_forward(&x, &q, &want, &[slot_of(1)]);
+    }
+    x.set_mac_slot(vin, own);
+    expect_pass(&x, &other.bytes(), "frame to another host, vin's own slot");
+    expect_forward(&x, &q, &want, &[slot_of(1)]);
+
+    // The loader: a slot held by an interface IFACES does not have goes back to vin when vin is registered again...
+    x.set_mac_slot(vin, IfaceMacSlot::word(stranger, NEIGHBOUR_MAC).unwrap());
+    x.f.kernel().set_iface(vin, Some(ROUTER), None, Some(VIN_MAC)).expect("set_iface vin");
+    assert_eq!(x.mac_slot(vin), own, "vin's slot, taken back from an interface IFACES does not have");
+    // ... and one held by a registered interface stays its own: the newcomer is found in IFACES.
+    x.f.kernel().set_iface(stranger, None, None, Some(NEIGHBOUR_MAC)).expect("set_iface stranger");
+    assert_eq!(x.mac_slot(vin), own, "vin's slot after another interface of its index was registered");
+    // A new MAC of vin's reaches its slot.
+    let new_mac = [0x02, 0, 0, 0, 0x77, 0x77];
+    x.f.kernel().set_iface(vin, Some(ROUTER), None, Some(new_mac)).expect("set_iface vin, new MAC");
+    assert_eq!(Some(x.mac_slot(vin)), IfaceMacSlot::word(vin, new_mac), "vin's slot after its MAC changed");
+    expect_pass(&x, &q.bytes(), "frame to vin's old MAC");
 }
 
 /// Packets with IP options go to the tc path and the stack, which acts on some of them when it forwards: a source
