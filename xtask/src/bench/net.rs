@@ -565,6 +565,10 @@ impl Drop for Env {
                 }
             }
             let _ = fs::remove_dir(&dir);
+            // As `pfwd detach` does: no empty /sys/fs/bpf/pfwd left behind (fails, harmlessly, if it is not empty).
+            if let Some(parent) = dir.parent() {
+                let _ = fs::remove_dir(parent);
+            }
         }
         let _ = fs::remove_dir_all(PathBuf::from(format!("/run/pfwd/net-{}", self.router_ns_inode)));
         let _ = fs::remove_dir_all(&self.tmp);
