@@ -756,11 +756,12 @@ impl IfaceMacSlot {
     /// `mac` in a word's address bits.
     #[inline(always)]
     pub const fn mac_bits(mac: [u8; 6]) -> u64 {
-        Self::mac_bits_of(u32::from_le_bytes([mac[0], mac[1], mac[2], mac[3]]), u16::from_le_bytes([mac[4], mac[5]]))
+        Self::mac_bits_of(u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]), u16::from_ne_bytes([mac[4], mac[5]]))
     }
 
-    /// [`mac_bits`](Self::mac_bits) of an address read as a little-endian word (its first four bytes) and
-    /// half-word (the last two): two loads where the fast path reads it from the frame (BPF is little-endian here).
+    /// [`mac_bits`](Self::mac_bits) of an address read as a word (its first four bytes) and a half-word (the last
+    /// two) in memory order: two loads where the fast path reads it from the frame. (The programs are built for the
+    /// host's byte order, so the loader's words and the program's loads agree.)
     #[inline(always)]
     pub const fn mac_bits_of(first4: u32, last2: u16) -> u64 {
         (first4 as u64 | (last2 as u64) << 32) << Self::TAG_BITS
@@ -1283,7 +1284,10 @@ mod tests {
             assert_eq!(IfaceMacSlot::index(other), i);
             assert!(!IfaceMacSlot::owned(w, IfaceMacSlot::tag(other).unwrap()));
         }
-        assert_eq!(IfaceMacSlot::mac_bits(mac), IfaceMacSlot::mac_bits_of(0x3322_1102, 0x5544));
+        assert_eq!(
+            IfaceMacSlot::mac_bits(mac),
+            IfaceMacSlot::mac_bits_of(u32::from_ne_bytes([0x02, 0x11, 0x22, 0x33]), u16::from_ne_bytes([0x44, 0x55]))
+        );
         // Every address bit is kept, none reaches the tag.
         let all = IfaceMacSlot::word(3, [0xff; 6]).unwrap();
         assert_eq!(all, 1 | (0xffff_ffff_ffff << 16));

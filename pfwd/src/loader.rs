@@ -520,8 +520,21 @@ impl Kernel {
         let addr = addr.map_or(0, |a| CtFamily::of_ip(a.into()));
         let addr6 = addr6.map_or([0; 4], |a| CtFamily::of_ip(a.into()));
         let info = IfaceInfo { addr, flags: 0, addr6, mac: mac.unwrap_or_default(), _pad: [0; 2] };
+        // A new MAC empties the interface's slot first: at no moment, nor after an interrupted change, does the slot
+        // say the old MAC while PFWD_IFACES says the new (an empty slot sends the fast path to PFWD_IFACES).
+        if self.mac_slot(ifindex).is_some_and(|w| IfaceMacSlot::word(ifindex, info.mac) != Some(w)) {
+            self.set_mac_slot(&ifaces, ifindex, None)?;
+        }
         ifaces.insert(ifindex, info, 0)?;
         self.set_mac_slot(&ifaces, ifindex, Some(info.mac))
+    }
+
+    /// The word of `ifindex`'s slot in `IFACE_MACS` when the interface owns it.
+    fn mac_slot(&self, ifindex: u32) -> Option<u64> {
+        let slots = self.map::<Array<MapData, u64>>(names::IFACE_MACS).ok()?;
+        let index = IfaceMacSlot::index(ifindex);
+        let word = slots.get(&index, 0).ok()?;
+        (IfaceMacSlot::owner(word, index) == Some(ifindex)).then_some(word)
     }
 
     /// Keeps `ifindex`'s slot in the XDP fast path's shortcut (`IfaceMacSlot`) in step with `IFACES` (`ifaces`):

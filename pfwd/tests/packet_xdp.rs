@@ -1163,8 +1163,19 @@ fn ingress_mac_from_its_slot_or_from_ifaces() {
         expect_pass(&x, &other.bytes(), &format!("frame to another host, vin's slot {what}"));
         expect_forward(&x, &q, &want, &[slot_of(1)]);
     }
+    // A slot of vin's own is what decides: with another MAC in it (never written so by the loader), a frame to that
+    // MAC is taken for vin's and one to vin's real MAC is not.
+    x.set_mac_slot(vin, IfaceMacSlot::word(vin, NEIGHBOUR_MAC).unwrap());
+    expect_pass(&x, &q.bytes(), "frame to vin's MAC, vin's slot holding another");
+    expect_forward(&x, &other, &want, &[slot_of(1)]);
     x.set_mac_slot(vin, own);
     expect_pass(&x, &other.bytes(), "frame to another host, vin's own slot");
+    // Addresses one bit away from vin's, in the first four bytes and in the last two.
+    for (byte, what) in [(1, "second byte"), (3, "fourth byte"), (4, "fifth byte"), (5, "last byte")] {
+        let mut near = q.clone();
+        near.dmac[byte] ^= 0x10;
+        expect_pass(&x, &near.bytes(), &format!("frame to vin's MAC but for its {what}"));
+    }
     expect_forward(&x, &q, &want, &[slot_of(1)]);
 
     // The loader: a slot held by an interface IFACES does not have goes back to vin when vin is registered again...
@@ -1179,6 +1190,27 @@ fn ingress_mac_from_its_slot_or_from_ifaces() {
     x.f.kernel().set_iface(vin, Some(ROUTER), None, Some(new_mac)).expect("set_iface vin, new MAC");
     assert_eq!(Some(x.mac_slot(vin)), IfaceMacSlot::word(vin, new_mac), "vin's slot after its MAC changed");
     expect_pass(&x, &q.bytes(), "frame to vin's old MAC");
+
+    // Detach frees the slot, and the next interface of its index registered takes it. (Interfaces that exist
+    // nowhere: the loader's bookkeeping needs none.)
+    let ghost = (1..IFACE_MAC_SLOTS * 2)
+        .map(|i| vin + i)
+        .find(|g| ![vin, x.lab.vout].map(IfaceMacSlot::index).contains(&IfaceMacSlot::index(*g)))
+        .unwrap();
+    let (ghost_mac, ghost2_mac) = ([0x02, 0, 0, 0, 0x88, 1], [0x02, 0, 0, 0, 0x88, 2]);
+    let ghost2 = ghost + IFACE_MAC_SLOTS;
+    x.f.kernel().set_iface(ghost, None, None, Some(ghost_mac)).expect("set_iface ghost");
+    assert_eq!(Some(x.mac_slot(ghost)), IfaceMacSlot::word(ghost, ghost_mac), "a free slot taken");
+    x.f.kernel().set_iface(ghost2, None, None, Some(ghost2_mac)).expect("set_iface ghost2");
+    assert_eq!(Some(x.mac_slot(ghost)), IfaceMacSlot::word(ghost, ghost_mac), "a registered owner's slot kept");
+    x.f.kernel().detach("pfwdghost", ghost).expect("detach ghost");
+    assert_eq!(x.mac_slot(ghost), 0, "the slot after its owner was detached");
+    x.f.kernel().set_iface(ghost2, None, None, Some(ghost2_mac)).expect("set_iface ghost2 again");
+    assert_eq!(Some(x.mac_slot(ghost)), IfaceMacSlot::word(ghost2, ghost2_mac), "a freed slot taken by the next");
+    // Detaching an interface that does not own its slot leaves the owner's alone.
+    x.f.kernel().set_iface(ghost, None, None, Some(ghost_mac)).expect("set_iface ghost again");
+    x.f.kernel().detach("pfwdghost", ghost).expect("detach ghost again");
+    assert_eq!(Some(x.mac_slot(ghost)), IfaceMacSlot::word(ghost2, ghost2_mac), "the owner's slot after another left");
 }
 
 /// Packets with IP options go to the tc path and the stack, which acts on some of them when it forwards: a source

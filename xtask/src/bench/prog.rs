@@ -276,10 +276,11 @@ fn xdp_costs(
     // The route the fast path looks up for the mirror frame (once translated: to Y, from the client), as it asks.
     let fib = EmptyProg::load_xdp_fib(&fib_params(lo, (CLIENT, 40_002), (MIRROR_Y, MIRROR_PORT), ip_len(&mirror)))?;
     // A repeated test run of an XDP program that is attached nowhere puts it into the kernel's XDP dispatcher and
-    // takes it out again, an RCU grace period each (see udp_live): the empty program is parked on an idle veth, as
-    // pfwd's is attached to eth1.
+    // takes it out again, an RCU grace period each (see udp_live): the empty program and the FIB lookup's are parked
+    // on an idle veth pair, as pfwd's is attached to eth1.
     let park = super::XdpParking::new(env)?;
     park.attach(super::XdpParking::DEV, &empty.pin)?;
+    park.attach(super::XdpParking::PEER, &fib.pin)?;
     // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     // Addressed to lo's MAC (all zeros), as the fast path forwards only frames sent to the ingress interface.
     let mut frame = a.to_vec();
