@@ -232,9 +232,10 @@ struct AttachArgs {
     /// iptables mode netfilter's own nf_conntrack_* sysctls apply.
     #[arg(long, value_name = "NAME=SECS", value_parser = control::parse_timeout)]
     ct_timeout: Vec<(String, u32)>,
-    /// Forwarded packets of translated flows skip the IP stack (FIB lookup, TTL decrement, bpf_redirect_neigh to
-    /// the next hop): routing speed with NAT. They then also skip netfilter (your FORWARD rules, conntrack,
-    /// tcpdump on the way in sees them, on the way out may not), which is why it is off by default. eBPF mode only.
+    /// Forwarded packets of translated flows skip the IP stack's forwarding (FIB lookup, TTL decrement,
+    /// bpf_redirect_neigh to the next hop): it saves the stack's work, not pfwd's (see the README's Performance).
+    /// They then also skip netfilter (your FORWARD rules, conntrack, tcpdump on the way in sees them, on the way out
+    /// may not), which is why it is off by default. eBPF mode only.
     #[arg(long)]
     fast_forward: bool,
     /// XDP fast path on these interfaces (eBPF mode): packets of established flows that this host forwards are
