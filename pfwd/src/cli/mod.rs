@@ -233,7 +233,7 @@ struct AttachArgs {
     #[arg(long, value_name = "NAME=SECS", value_parser = control::parse_timeout)]
     ct_timeout: Vec<(String, u32)>,
     /// Forwarded packets of translated flows skip the IP stack's forwarding (FIB lookup, TTL decrement,
-    /// bpf_redirect_neigh to the next hop): it saves the stack's work, not pfwd's (see the README's Performance).
+    /// bpf_redirect_neigh to the next hop): it saves the stack's work, not pfwd's (see the README's Benchmarks).
     /// They then also skip netfilter (your FORWARD rules, conntrack, tcpdump on the way in sees them, on the way out
     /// may not), which is why it is off by default. eBPF mode only.
     #[arg(long)]
