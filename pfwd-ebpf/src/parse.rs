@@ -202,16 +202,25 @@ pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
+/// How much of a packet [`ensure_linear`] makes linear when it has to pull at all (or the whole packet, when
+/// shorter): every header chain pfwd usually parses (Ethernet, IPv4 or IPv6 with options, TCP with options), so
+/// that a packet whose headers are not linear pays for one pull, not one per header. A packet socket's transmit
+/// ring, for one, leaves all but the link-layer header in page fragments.
+const PULL_AHEAD: usize = 128;
+
 /// Makes the first `len` bytes directly accessible (headers of GSO or fragmented skbs may not be linear).
 #[inline(always)]
 fn ensure_linear(ctx: &TcContext, len: usize) -> bool {
     if ctx.data() + len <= ctx.data_end() {
         return true;
     }
-    if (ctx.len() as usize) < len {
+    let total = ctx.len() as usize;
+    if total < len {
         return false;
     }
-    ctx.pull_data(len as u32).is_ok() && ctx.data() + len <= ctx.data_end()
+    // Never more than the packet holds: a pull past its end fails.
+    let ahead = if len < PULL_AHEAD { total.min(PULL_AHEAD) } else { len };
+    (ctx.pull_data(ahead as u32).is_ok() || ctx.pull_data(len as u32).is_ok()) && ctx.data() + len <= ctx.data_end()
 }
 
 /// The `N` bytes at `off`, made linear first.

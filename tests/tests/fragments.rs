@@ -1,7 +1,8 @@
 //! End-to-end tests of fragmented UDP through pfwd: datagrams larger than the path MTU (1500 on the lab's veths)
 //! leave the client's kernel as IPv4 fragments, cross the router through DNAT or MASQUERADE, and the backend's reply,
 //! as large, comes back fragmented too. Then fragments built by hand and sent from a raw socket, in orders a kernel
-//! would not use. Every scenario runs in both modes with the same assertions, except the one case where the modes
+//! would not use. Then datagrams whose headers are not in the skb's linear data (sent from a packet socket's
+//! transmit ring). Every scenario runs in both modes with the same assertions, except the one case where the modes
 //! differ by design (a fragment arriving before its datagram's first fragment), which the README documents.
 
 #[macro_use]
@@ -207,9 +208,49 @@ fn first_fragment_last(mode: &str) {
     guard.detach();
 }
 
+/// Datagrams whose headers are not in the skb's linear data: trafgen sends from a packet socket's transmit ring,
+/// whose skbs keep all but the Ethernet header in page fragments (pfwd's programs must pull the headers in before
+/// they can read or rewrite them). Each must be translated as a UDP socket's datagram is, and its reply translated
+/// back. Without the pull, or with one that leaves the headers short, none of them reaches the backend.
+fn headers_in_page_fragments(mode: &str) {
+    const COUNT: usize = 16;
+    const TEXT: &str = "pfwd: headers in page fragments";
+    let lab = lab("frag-paged");
+    let _mirror = Mirror::start(&lab);
+    let guard = attach(&lab, mode, &["eth0", "eth1"]);
+    let (sock, from, to) = raw_dnat_setup(&lab);
+    // `ip`, not /sys: nsenter enters the namespace without remounting /sys, which shows the host's interfaces.
+    let link = sh(&lab, Node::Router, "ip -br link show dev eth0");
+    let mac = link.split_whitespace().nth(2).unwrap_or_else(|| panic!("no MAC in {link:?}")).to_string();
+    // trafgen fills in the IPv4 length and checksum and the UDP length and checksum.
+    let conf = format!(
+        "{{ eth(da={mac}), ipv4(sa={}, da={}, ttl=64), udp(sp={}, dp={}), \"{TEXT}\" }}\n",
+        from.ip(),
+        to.ip(),
+        from.port(),
+        to.port()
+    );
+    let path = std::env::temp_dir().join(format!("pfwd-test-paged-{mode}-{}.cfg", std::process::id()));
+    std::fs::write(&path, conf).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    let n = COUNT.to_string();
+    let args = ["--dev", "eth0", "--conf", path.to_str().unwrap(), "-n", &n, "--cpus", "1", "-C", "-Q"];
+    let sent = run_bounded(lab.cmd(Node::Client, "trafgen", args), Duration::from_secs(30));
+    let _ = std::fs::remove_file(&path);
+    assert!(sent.success, "{}: {}\n{}", sent.shown, sent.stdout, sent.stderr);
+    for i in 0..COUNT {
+        let (got, src) = receive(&sock).unwrap_or_else(|| {
+            panic!("reply {} of {COUNT} did not come back (trafgen: {}{})", i + 1, sent.stdout, sent.stderr)
+        });
+        assert_eq!(src, SocketAddr::V4(to), "reply {}: source", i + 1);
+        assert_eq!(got, TEXT.as_bytes(), "reply {}: the datagram came back changed", i + 1);
+    }
+    guard.detach();
+}
+
 in_both_modes!(
     dnat_carries_large_datagrams,
     masquerade_carries_large_datagrams,
     out_of_order_fragments_after_the_first,
-    first_fragment_last
+    first_fragment_last,
+    headers_in_page_fragments
 );
