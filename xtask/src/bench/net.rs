@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use tests::{Lab, Node};
 
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
+
+use super::prog::EmptyProg;
 use super::run::{self, Background, Finished, check_interrupted};
 
 pub const ROUTER_IN: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 1);
@@ -45,6 +49,9 @@ const PFWD_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum Variant {
     /// Router with ip_forward=1, no NAT, no netfilter; the client sends to the server's address.
     Plain,
+    /// Plain routing with an empty tcx program (`r0 = TCX_NEXT; exit`) at each hook pfwd's tc path uses (the
+    /// router's eth0 and eth1, ingress and egress): what running any two tc programs per forwarded packet costs here.
+    PlainTc,
     Iptables,
     Ebpf,
     /// eBPF mode with `--fast-forward`: forwarded packets skip the router's IP stack.
@@ -66,6 +73,7 @@ impl Variant {
     pub fn key(self) -> &'static str {
         match self {
             Variant::Plain => "plain",
+            Variant::PlainTc => "plain-tc",
             Variant::Iptables => "iptables",
             Variant::Ebpf => "ebpf",
             Variant::EbpfFast => "ebpf-ff",
@@ -81,7 +89,7 @@ impl Variant {
 
     pub fn mode(self) -> Option<&'static str> {
         match self {
-            Variant::Plain | Variant::Plain6 => None,
+            Variant::Plain | Variant::PlainTc | Variant::Plain6 => None,
             Variant::Iptables | Variant::Iptables10k => Some("iptables"),
             Variant::Ebpf | Variant::EbpfFast | Variant::EbpfXdp | Variant::Ebpf10k | Variant::Ebpf6 => Some("ebpf"),
             Variant::Nft | Variant::Nft10k => Some("nft"),
@@ -99,7 +107,7 @@ impl Variant {
     /// Where the client sends: the server itself for plain routing, else the router's DNAT address.
     pub fn target(self) -> IpAddr {
         match self {
-            Variant::Plain => SERVER.into(),
+            Variant::Plain | Variant::PlainTc => SERVER.into(),
             Variant::Plain6 => SERVER6.into(),
             Variant::Ebpf6 => ROUTER6_IN.into(),
             _ => ROUTER_IN.into(),
@@ -249,12 +257,15 @@ impl Env {
     pub fn setup(&self, variant: Variant, rules: RuleSet) -> Result<Setup<'_>> {
         check_interrupted()?;
         // Guard first, so a half-done attach is undone too.
-        let mut guard = Setup { env: self, variant, attach: None };
+        let mut guard = Setup { env: self, variant, attach: None, empty_tc: None };
         match variant.mode() {
             None => {
                 // (IPv6 forwarding is on for the whole run: see Env::new.)
                 if !variant.ipv6() {
                     self.lab.sh(Node::Router, "sysctl -qw net.ipv4.ip_forward=1")?;
+                }
+                if variant == Variant::PlainTc {
+                    guard.empty_tc = Some(self.attach_empty_tc()?);
                 }
                 self.warn_if_netfilter();
             }
@@ -284,6 +295,22 @@ impl Env {
             }
         }
         Ok(guard)
+    }
+
+    /// An empty classifier attached (tcx) to the router's eth0 and eth1, ingress and egress, as pfwd attaches its
+    /// programs; detached when it is dropped (its links belong to it).
+    fn attach_empty_tc(&self) -> Result<EmptyProg<SchedClassifier>> {
+        let mut empty = EmptyProg::load()?;
+        self.lab.in_ns(Node::Router, || -> Result<()> {
+            for dev in ["eth0", "eth1"] {
+                for at in [TcAttachType::Ingress, TcAttachType::Egress] {
+                    let opts = TcAttachOptions::TcxOrder(LinkOrder::default());
+                    empty.prog.attach_with_options(dev, at, opts).with_context(|| format!("tcx {at:?} on {dev}"))?;
+                }
+            }
+            Ok(())
+        })??;
+        Ok(empty)
     }
 
     /// Plain routing and eBPF mode must not pay for netfilter left over from an iptables-mode run.
@@ -524,6 +551,8 @@ pub struct Setup<'a> {
     env: &'a Env,
     variant: Variant,
     pub attach: Option<Finished>,
+    /// `Variant::PlainTc`'s empty program, attached while this lives.
+    empty_tc: Option<EmptyProg<SchedClassifier>>,
 }
 
 impl Drop for Setup<'_> {

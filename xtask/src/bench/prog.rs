@@ -591,7 +591,7 @@ const fn mov_imm(dst: u64, imm: u32) -> u64 {
 }
 
 impl EmptyProg<SchedClassifier> {
-    fn load() -> Result<Self> {
+    pub(super) fn load() -> Result<Self> {
         // mov64 r0, -1 (opcode 0xb7, imm -1); exit (0x95).
         Self::load_raw(BPF_PROG_TYPE_SCHED_CLS, &[0xffff_ffff_0000_00b7, EXIT], |pin| SchedClassifier::from_pin(pin))
     }
