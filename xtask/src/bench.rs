@@ -606,7 +606,6 @@ struct Target {
     verdict: String,
 }
 
-/// `value` must be >= `min` (ratios).
 /// `t` with the control beside its figure: plain routing with empty tc programs at pfwd's hooks, against plain
 /// routing (`Variant::PlainTc`), the most any tc-hook design can reach in this lab.
 fn with_tc_floor(mut t: Target, floor: Option<f64>) -> Target {
@@ -616,6 +615,7 @@ fn with_tc_floor(mut t: Target, floor: Option<f64>) -> Target {
     t
 }
 
+/// `value` must be >= `min` (ratios).
 fn at_least(what: &str, value: Option<f64>, min: f64) -> Target {
     match value {
         None => Target { what: what.into(), measured: "n/a".into(), verdict: "not measured".into() },
@@ -657,8 +657,8 @@ fn report(
         "Lab: client 10.0.1.2 <- veth -> router <- veth -> server, offloads off, permanent neighbours. Variants run \
          interleaved, {} round(s), each run on a fresh setup (attach ... detach, conntrack flushed). plain = router \
          with ip_forward=1, no NAT, no netfilter, client sends to 10.0.2.2; plain-tc = the same with an empty tcx \
-         program (TCX_NEXT) at eth0 and eth1, ingress and egress, where pfwd attaches its own; iptables / ebpf = `pfwd attach eth0 eth1 \
-         --mode iptables|ebpf` with DNAT 10.0.1.1 -> 10.0.2.2. UDP: trafgen (1 process) in the client, packets counted \
+         program (TCX_NEXT) at eth0 and eth1, ingress and egress, where pfwd attaches its own; iptables / ebpf = \
+         `pfwd attach eth0 eth1 --mode iptables|ebpf` with DNAT 10.0.1.1 -> 10.0.2.2. UDP: trafgen (1 process) in the client, packets counted \
          at the server's eth0 (rx_packets) over the delivery window; a bound, unread UDP socket absorbs them. -10k = \
          9,999 non-matching `-i eth0 -p udp --dport 20000+i` rules ahead of the matching one (iptables order: \
          matching rule last). plain6 / ebpf6: the same over IPv6 in the dual-stack lab (client 2001:db8:1::2; plain6 \
